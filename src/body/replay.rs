@@ -1,0 +1,322 @@
+//! A request body that can be sent more than once.
+//!
+//! A chain that hops to the next link, or a balancer that retries on the next endpoint,
+//! must send the *same* request again, but a streamed body is consumed by the first send.
+//! [`ReplayBody::buffer`] reads the body up front, up to a byte limit (like nginx's
+//! `proxy_request_buffering` with `client_body_buffer_size`):
+//!
+//! | body | result |
+//! |---|---|
+//! | ends within the limit | replayable: [`ReplayBody::try_clone`] returns copies that share the bytes |
+//! | declares (`size_hint`) more than the limit | not read at all, streamed once, not replayable |
+//! | grows past the limit while reading | what was read plus the rest streamed once, not replayable |
+//!
+//! The body is never truncated and never held whole past the limit. A caller that sees
+//! `is_replayable() == false` must not retry; the layers of this crate answer with the
+//! current response instead.
+//!
+//! ```
+//! use http_body_util::{BodyExt, Full};
+//! use tower_patterns::body::ReplayBody;
+//!
+//! # tokio_test_block_on(async {
+//! let body = ReplayBody::buffer(Full::new(bytes::Bytes::from("hello")), 1024).await.unwrap();
+//! let copy = body.try_clone().expect("5 bytes fit the limit");
+//! assert_eq!(copy.collect().await.unwrap().to_bytes(), "hello");
+//! assert_eq!(body.collect().await.unwrap().to_bytes(), "hello");
+//! # });
+//! # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+//! #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+//! # }
+//! ```
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes};
+use http::{HeaderMap, Request};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+
+use crate::BoxError;
+
+/// The request body failed while it was being buffered or streamed.
+#[derive(Debug, thiserror::Error)]
+#[error("request body failed")]
+pub struct ReplayError(#[source] pub BoxError);
+
+/// Marker extension on a request whose body went over the replay limit: it can be sent
+/// only once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotReplayable;
+
+#[derive(Debug)]
+struct Buffered {
+    chunks: Vec<Bytes>,
+    trailers: Option<HeaderMap>,
+    len: u64,
+}
+
+/// A body that is either fully buffered (replayable) or a buffered prefix followed by the
+/// rest of the original stream (sent once). See the [module docs](self).
+pub struct ReplayBody<B> {
+    state: State<B>,
+}
+
+enum State<B> {
+    /// Replayable: `next` indexes the next chunk of `data` to yield.
+    Full {
+        data: Arc<Buffered>,
+        next: usize,
+        trailers_sent: bool,
+    },
+    /// Not replayable: the prefix read before the limit was hit, then the rest.
+    Once {
+        prefix: VecDeque<Frame<Bytes>>,
+        rest: Option<B>,
+    },
+}
+
+impl<B> fmt::Debug for ReplayBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.state {
+            State::Full { data, .. } => write!(f, "ReplayBody::Full({} bytes)", data.len),
+            State::Once { .. } => f.write_str("ReplayBody::Once"),
+        }
+    }
+}
+
+fn to_bytes<D: Buf>(mut d: D) -> Bytes {
+    d.copy_to_bytes(d.remaining())
+}
+
+impl<B> ReplayBody<B>
+where
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// Reads `body` up to `limit` bytes. See the [module docs](self) for what happens past
+    /// the limit. Errors only when the body itself fails while being read.
+    pub async fn buffer(mut body: B, limit: usize) -> Result<Self, ReplayError> {
+        let limit = limit as u64;
+        let hint = body.size_hint();
+        if hint.lower() > limit {
+            return Ok(Self::once(VecDeque::new(), Some(body)));
+        }
+        let mut chunks = Vec::new();
+        let mut len = 0u64;
+        let mut trailers = None;
+        loop {
+            if body.is_end_stream() {
+                break;
+            }
+            let frame = match body.frame().await {
+                None => break,
+                Some(f) => f.map_err(|e| ReplayError(e.into()))?,
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    let data = to_bytes(data);
+                    len += data.len() as u64;
+                    chunks.push(data);
+                    if len > limit {
+                        let prefix = chunks.into_iter().map(Frame::data).collect();
+                        return Ok(Self::once(prefix, Some(body)));
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(t) = frame.into_trailers() {
+                        trailers = Some(t);
+                    }
+                }
+            }
+        }
+        Ok(ReplayBody {
+            state: State::Full {
+                data: Arc::new(Buffered {
+                    chunks,
+                    trailers,
+                    len,
+                }),
+                next: 0,
+                trailers_sent: false,
+            },
+        })
+    }
+}
+
+impl<B> ReplayBody<B> {
+    fn once(prefix: VecDeque<Frame<Bytes>>, rest: Option<B>) -> Self {
+        ReplayBody {
+            state: State::Once { prefix, rest },
+        }
+    }
+
+    /// An empty, replayable body.
+    pub fn empty() -> Self {
+        ReplayBody {
+            state: State::Full {
+                data: Arc::new(Buffered {
+                    chunks: Vec::new(),
+                    trailers: None,
+                    len: 0,
+                }),
+                next: 0,
+                trailers_sent: false,
+            },
+        }
+    }
+
+    /// Whether [`try_clone`](Self::try_clone) can make copies.
+    pub fn is_replayable(&self) -> bool {
+        matches!(self.state, State::Full { .. })
+    }
+
+    /// A fresh copy from the first byte, sharing the buffered data; `None` when the body
+    /// went over the limit.
+    pub fn try_clone(&self) -> Option<Self> {
+        match &self.state {
+            State::Full { data, .. } => Some(ReplayBody {
+                state: State::Full {
+                    data: data.clone(),
+                    next: 0,
+                    trailers_sent: false,
+                },
+            }),
+            State::Once { .. } => None,
+        }
+    }
+}
+
+/// Buffers the body of `req` (see [`ReplayBody::buffer`]); a body over the limit gets the
+/// [`NotReplayable`] extension.
+pub async fn buffer_request<B>(
+    req: Request<B>,
+    limit: usize,
+) -> Result<Request<ReplayBody<B>>, ReplayError>
+where
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let (mut parts, body) = req.into_parts();
+    let body = ReplayBody::buffer(body, limit).await?;
+    if !body.is_replayable() {
+        parts.extensions.insert(NotReplayable);
+    }
+    Ok(Request::from_parts(parts, body))
+}
+
+/// A copy of `req` (method, URI, version, headers, extensions and body) to send again;
+/// `None` when its body is not replayable.
+pub fn try_clone_request<B>(req: &Request<ReplayBody<B>>) -> Option<Request<ReplayBody<B>>> {
+    let body = req.body().try_clone()?;
+    let mut copy = Request::new(body);
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    *copy.extensions_mut() = req.extensions().clone();
+    Some(copy)
+}
+
+impl<B> Body for ReplayBody<B>
+where
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = ReplayError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ReplayError>>> {
+        let this = self.get_mut();
+        match &mut this.state {
+            State::Full {
+                data,
+                next,
+                trailers_sent,
+            } => {
+                if let Some(chunk) = data.chunks.get(*next) {
+                    *next += 1;
+                    return Poll::Ready(Some(Ok(Frame::data(chunk.clone()))));
+                }
+                if !*trailers_sent {
+                    *trailers_sent = true;
+                    if let Some(t) = &data.trailers {
+                        return Poll::Ready(Some(Ok(Frame::trailers(t.clone()))));
+                    }
+                }
+                Poll::Ready(None)
+            }
+            State::Once { prefix, rest } => {
+                if let Some(f) = prefix.pop_front() {
+                    return Poll::Ready(Some(Ok(f)));
+                }
+                let Some(body) = rest.as_mut() else {
+                    return Poll::Ready(None);
+                };
+                match Pin::new(body).poll_frame(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(None) => {
+                        *rest = None;
+                        Poll::Ready(None)
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        *rest = None;
+                        Poll::Ready(Some(Err(ReplayError(e.into()))))
+                    }
+                    Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(f.map_data(to_bytes)))),
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.state {
+            State::Full {
+                data,
+                next,
+                trailers_sent,
+            } => *next >= data.chunks.len() && (*trailers_sent || data.trailers.is_none()),
+            State::Once { prefix, rest } => {
+                prefix.is_empty() && rest.as_ref().is_none_or(|b| b.is_end_stream())
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.state {
+            State::Full { data, next, .. } => {
+                let left: u64 = data.chunks[(*next).min(data.chunks.len())..]
+                    .iter()
+                    .map(|c| c.len() as u64)
+                    .sum();
+                SizeHint::with_exact(left)
+            }
+            State::Once { prefix, rest } => {
+                let pre: u64 = prefix
+                    .iter()
+                    .filter_map(|f| f.data_ref())
+                    .map(|d| d.len() as u64)
+                    .sum();
+                match rest {
+                    None => SizeHint::with_exact(pre),
+                    Some(b) => {
+                        let h = b.size_hint();
+                        let mut out = SizeHint::new();
+                        out.set_lower(h.lower() + pre);
+                        if let Some(u) = h.upper() {
+                            out.set_upper(u + pre);
+                        }
+                        out
+                    }
+                }
+            }
+        }
+    }
+}

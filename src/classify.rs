@@ -1,0 +1,606 @@
+//! Failure classification shared by every pattern.
+//!
+//! The content chain needs to know when to hop to the next link, the circuit breaker when a
+//! call failed, and the balancer when an endpoint is unhealthy. All three answer the same
+//! question — *was this response (or error) a failure?* — so it is configured once, here.
+//!
+//! The shape follows tower-http's classification: a [`Classify`] value is asked, per
+//! request, for a [`Classifier`]; that classifier is then given either the response or the
+//! error of that request and returns an [`Outcome`]:
+//!
+//! | outcome | meaning |
+//! |---|---|
+//! | [`Outcome::Success`] | counts as a success |
+//! | [`Outcome::Failure`] | counts as a failure of the given [`FailureKind`] |
+//! | [`Outcome::Ignored`] | counts as neither (e.g. a client cancellation for a breaker) |
+//!
+//! The ready-made [`Condition`] covers what STON's `<VhostLink Condition=...>` and nginx's
+//! `proxy_next_upstream` express: exact statuses, status classes, transport errors and
+//! timeouts, in any combination, and parses from the same compact text:
+//!
+//! ```
+//! use tower_patterns::classify::{Classify, Classifier, Condition, FailureKind, Outcome};
+//!
+//! let cond: Condition = "404,5xx,fail".parse().unwrap();
+//! let req = http::Request::new(());
+//! let res = http::Response::builder().status(503).body(()).unwrap();
+//! assert_eq!(
+//!     cond.classify_request(&req).classify_response(&res),
+//!     Outcome::Failure(FailureKind::Status(http::StatusCode::SERVICE_UNAVAILABLE)),
+//! );
+//! ```
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::str::FromStr;
+
+use http::{Request, Response, StatusCode};
+
+/// What kind of failure a call had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    /// The response had a status the classifier counts as a failure.
+    Status(StatusCode),
+    /// The connection could not be made or broke (refused, reset, protocol error).
+    Transport,
+    /// A connect or response timeout elapsed.
+    Timeout,
+    /// Any other error returned by the inner service.
+    Other,
+}
+
+impl fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FailureKind::Status(s) => write!(f, "status {}", s.as_u16()),
+            FailureKind::Transport => f.write_str("transport error"),
+            FailureKind::Timeout => f.write_str("timeout"),
+            FailureKind::Other => f.write_str("error"),
+        }
+    }
+}
+
+/// The result of classifying one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// The call succeeded.
+    Success,
+    /// The call failed.
+    Failure(FailureKind),
+    /// The call neither succeeded nor failed as far as the caller's statistics go.
+    Ignored,
+}
+
+impl Outcome {
+    /// `true` for [`Outcome::Failure`].
+    pub fn is_failure(&self) -> bool {
+        matches!(self, Outcome::Failure(_))
+    }
+}
+
+/// Makes a [`Classifier`] for each request (tower-http's `MakeClassifier`).
+///
+/// Per-request classifiers let the decision depend on the request, e.g. "a 404 is a failure
+/// for `GET /assets/*` only".
+pub trait Classify: Clone + Send + Sync + 'static {
+    /// The classifier for one request.
+    type Classifier: Classifier;
+    /// Look at the request before it is sent and return its classifier.
+    fn classify_request<B>(&self, req: &Request<B>) -> Self::Classifier;
+}
+
+/// Classifies the response or the error of one request.
+pub trait Classifier: Send + 'static {
+    /// Classify a response that arrived.
+    fn classify_response<B>(self, res: &Response<B>) -> Outcome;
+    /// Classify an error returned instead of a response.
+    fn classify_error(self, err: &(dyn StdError + 'static)) -> Outcome;
+}
+
+/// Finds the [`FailureKind`] of an error by walking its `source()` chain.
+///
+/// Recognises this crate's [`ForwardError`](crate::proxy::ForwardError), tower and tokio
+/// timeouts, `std::io` errors, and hyper/hyper-util client errors. Anything else is
+/// [`FailureKind::Other`].
+pub fn error_kind(err: &(dyn StdError + 'static)) -> FailureKind {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(fe) = e.downcast_ref::<crate::proxy::ForwardError>() {
+            return fe.kind();
+        }
+        if e.is::<tower::timeout::error::Elapsed>() || e.is::<tokio::time::error::Elapsed>() {
+            return FailureKind::Timeout;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return io_kind(io);
+        }
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            if h.is_timeout() {
+                return FailureKind::Timeout;
+            }
+            // Keep looking: an io::Error below may say "timed out".
+            if h.source().is_none() {
+                return FailureKind::Transport;
+            }
+        }
+        if let Some(c) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
+            if c.is_connect() {
+                // The io error below tells timeout from refusal; default to transport.
+                return match c.source() {
+                    Some(s) => match error_kind(s) {
+                        FailureKind::Timeout => FailureKind::Timeout,
+                        _ => FailureKind::Transport,
+                    },
+                    None => FailureKind::Transport,
+                };
+            }
+        }
+        cur = e.source();
+    }
+    // A hyper error with an unrecognised source is still a transport failure.
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if e.is::<hyper::Error>() || e.is::<hyper_util::client::legacy::Error>() {
+            return FailureKind::Transport;
+        }
+        cur = e.source();
+    }
+    FailureKind::Other
+}
+
+fn io_kind(io: &std::io::Error) -> FailureKind {
+    use std::io::ErrorKind::*;
+    match io.kind() {
+        TimedOut => FailureKind::Timeout,
+        ConnectionRefused | ConnectionReset | ConnectionAborted | NotConnected | BrokenPipe
+        | UnexpectedEof | AddrNotAvailable | HostUnreachable | NetworkUnreachable => {
+            FailureKind::Transport
+        }
+        _ => FailureKind::Other,
+    }
+}
+
+/// A set of status codes (100..=999) as a bitset: membership is one shift and one AND.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+struct StatusBits([u64; 16]);
+
+impl StatusBits {
+    fn insert(&mut self, code: u16) {
+        let c = code as usize;
+        self.0[c / 64] |= 1 << (c % 64);
+    }
+    fn insert_class(&mut self, class: u16) {
+        for c in class * 100..class * 100 + 100 {
+            self.insert(c);
+        }
+    }
+    fn contains(&self, code: u16) -> bool {
+        let c = code as usize;
+        c < 1024 && self.0[c / 64] & (1 << (c % 64)) != 0
+    }
+    fn is_empty(&self) -> bool {
+        self.0.iter().all(|w| *w == 0)
+    }
+    fn codes(&self) -> impl Iterator<Item = u16> + '_ {
+        (100u16..1000).filter(|c| self.contains(*c))
+    }
+}
+
+/// Which errors a [`Condition`] counts as failures.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+struct ErrorBits {
+    transport: bool,
+    timeout: bool,
+    other: bool,
+}
+
+/// A declarative failure condition: statuses, status classes, and error kinds.
+///
+/// Text form (comma separated, case-insensitive, as STON's `Condition` attribute):
+///
+/// | token | matches |
+/// |---|---|
+/// | `404` | exactly that status (100-999) |
+/// | `4xx`, `5xx` | the whole status class (1xx-9xx) |
+/// | `transport` | connection refused/reset, protocol errors |
+/// | `timeout` | connect or response timeout |
+/// | `error` | any other error of the inner service |
+/// | `fail` | `transport` + `timeout` + `error`: the hop failed without a response |
+///
+/// Statuses given to [`Condition::ignore_status`] classify as [`Outcome::Ignored`]; they win
+/// over the failure statuses. Everything else is [`Outcome::Success`].
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct Condition {
+    fail: StatusBits,
+    ignore: StatusBits,
+    errors: ErrorBits,
+}
+
+impl Condition {
+    /// A condition that matches nothing: every response and error is a success.
+    pub fn never() -> Self {
+        Self::default()
+    }
+
+    /// nginx's and Envoy's usual default: `5xx,fail`.
+    pub fn server_errors_and_failures() -> Self {
+        Self::never().status_class(5).any_error()
+    }
+
+    /// Count this exact status as a failure.
+    ///
+    /// # Panics
+    /// Never: a `StatusCode` is always 100..=999.
+    pub fn status(mut self, status: StatusCode) -> Self {
+        self.fail.insert(status.as_u16());
+        self
+    }
+
+    /// Count a whole class as failures: `status_class(5)` is `5xx`. Classes outside 1..=9
+    /// are ignored.
+    pub fn status_class(mut self, class: u8) -> Self {
+        if (1..=9).contains(&class) {
+            self.fail.insert_class(u16::from(class));
+        }
+        self
+    }
+
+    /// Classify this status as [`Outcome::Ignored`].
+    pub fn ignore_status(mut self, status: StatusCode) -> Self {
+        self.ignore.insert(status.as_u16());
+        self
+    }
+
+    /// Count transport errors (refused, reset, protocol) as failures.
+    pub fn transport_errors(mut self) -> Self {
+        self.errors.transport = true;
+        self
+    }
+
+    /// Count timeouts as failures.
+    pub fn timeouts(mut self) -> Self {
+        self.errors.timeout = true;
+        self
+    }
+
+    /// Count every error (transport, timeout, other) as a failure: STON's `fail`.
+    pub fn any_error(mut self) -> Self {
+        self.errors = ErrorBits {
+            transport: true,
+            timeout: true,
+            other: true,
+        };
+        self
+    }
+
+    /// The union of two conditions.
+    pub fn or(mut self, other: Condition) -> Self {
+        for i in 0..16 {
+            self.fail.0[i] |= other.fail.0[i];
+            self.ignore.0[i] |= other.ignore.0[i];
+        }
+        self.errors.transport |= other.errors.transport;
+        self.errors.timeout |= other.errors.timeout;
+        self.errors.other |= other.errors.other;
+        self
+    }
+
+    /// `true` when the condition matches no status and no error.
+    pub fn is_never(&self) -> bool {
+        self.fail.is_empty() && self.errors == ErrorBits::default()
+    }
+
+    /// Classify a status code directly.
+    pub fn classify_status(&self, status: StatusCode) -> Outcome {
+        let code = status.as_u16();
+        if self.ignore.contains(code) {
+            Outcome::Ignored
+        } else if self.fail.contains(code) {
+            Outcome::Failure(FailureKind::Status(status))
+        } else {
+            Outcome::Success
+        }
+    }
+
+    /// Classify an error directly (see [`error_kind`]).
+    pub fn classify_error_ref(&self, err: &(dyn StdError + 'static)) -> Outcome {
+        let kind = error_kind(err);
+        let counted = match kind {
+            FailureKind::Transport => self.errors.transport,
+            FailureKind::Timeout => self.errors.timeout,
+            FailureKind::Other | FailureKind::Status(_) => self.errors.other,
+        };
+        if counted {
+            Outcome::Failure(kind)
+        } else {
+            Outcome::Success
+        }
+    }
+}
+
+impl Classify for Condition {
+    type Classifier = Condition;
+    #[inline]
+    fn classify_request<B>(&self, _req: &Request<B>) -> Condition {
+        *self
+    }
+}
+
+impl Classifier for Condition {
+    #[inline]
+    fn classify_response<B>(self, res: &Response<B>) -> Outcome {
+        self.classify_status(res.status())
+    }
+    fn classify_error(self, err: &(dyn StdError + 'static)) -> Outcome {
+        self.classify_error_ref(err)
+    }
+}
+
+impl fmt::Debug for Condition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Condition({self})")
+    }
+}
+
+impl fmt::Display for Condition {
+    /// Prints the canonical text form; it parses back to an equal condition.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts: Vec<String> = Vec::new();
+        let mut class_done = [false; 10];
+        for class in 1u16..=9 {
+            if (class * 100..class * 100 + 100).all(|c| self.fail.contains(c)) {
+                parts.push(format!("{class}xx"));
+                class_done[class as usize] = true;
+            }
+        }
+        for c in self.fail.codes() {
+            if !class_done[(c / 100) as usize] {
+                parts.push(c.to_string());
+            }
+        }
+        let e = self.errors;
+        if e.transport && e.timeout && e.other {
+            parts.push("fail".into());
+        } else {
+            if e.transport {
+                parts.push("transport".into());
+            }
+            if e.timeout {
+                parts.push("timeout".into());
+            }
+            if e.other {
+                parts.push("error".into());
+            }
+        }
+        for c in self.ignore.codes() {
+            parts.push(format!("!{c}"));
+        }
+        f.write_str(&parts.join(","))
+    }
+}
+
+/// A [`Condition`] text that could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid condition token {token:?}: expected a status (404), a class (5xx), `fail`, `transport`, `timeout`, `error`, or `!404` to ignore a status")]
+pub struct ParseConditionError {
+    /// The token that was refused.
+    pub token: String,
+}
+
+impl FromStr for Condition {
+    type Err = ParseConditionError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut cond = Condition::never();
+        let bad = |t: &str| ParseConditionError {
+            token: t.to_string(),
+        };
+        let mut any = false;
+        for raw in s.split(',') {
+            let t = raw.trim();
+            if t.is_empty() {
+                continue;
+            }
+            any = true;
+            let lower = t.to_ascii_lowercase();
+            match lower.as_str() {
+                "fail" => cond = cond.any_error(),
+                "transport" => cond = cond.transport_errors(),
+                "timeout" => cond = cond.timeouts(),
+                "error" => cond.errors.other = true,
+                _ => {
+                    let (ignore, body) = match lower.strip_prefix('!') {
+                        Some(rest) => (true, rest),
+                        None => (false, lower.as_str()),
+                    };
+                    let b = body.as_bytes();
+                    if b.len() == 3 && b[1..] == *b"xx" && (b'1'..=b'9').contains(&b[0]) && !ignore
+                    {
+                        cond = cond.status_class(b[0] - b'0');
+                    } else {
+                        let code = StatusCode::from_str(body).map_err(|_| bad(t))?;
+                        cond = if ignore {
+                            cond.ignore_status(code)
+                        } else {
+                            cond.status(code)
+                        };
+                    }
+                }
+            }
+        }
+        if !any {
+            return Err(bad(s));
+        }
+        Ok(cond)
+    }
+}
+
+/// Adapts a closure over the request head into a per-request [`Classify`]: the condition
+/// may depend on the method, URI or headers.
+///
+/// ```
+/// use tower_patterns::classify::{classify_fn, Classify, Classifier, Condition};
+///
+/// // 404 is a failure only under /assets.
+/// let c = classify_fn(|_m: &http::Method, uri: &http::Uri, _h: &http::HeaderMap| {
+///     if uri.path().starts_with("/assets") {
+///         Condition::never().status(http::StatusCode::NOT_FOUND)
+///     } else {
+///         Condition::never()
+///     }
+/// });
+/// let req = http::Request::get("/assets/a.png").body(()).unwrap();
+/// let res = http::Response::builder().status(404).body(()).unwrap();
+/// assert!(c.classify_request(&req).classify_response(&res).is_failure());
+/// ```
+pub fn classify_fn<F>(f: F) -> ClassifyFn<F>
+where
+    F: Fn(&http::Method, &http::Uri, &http::HeaderMap) -> Condition + Clone + Send + Sync + 'static,
+{
+    ClassifyFn { f }
+}
+
+/// See [`classify_fn`].
+#[derive(Clone)]
+pub struct ClassifyFn<F> {
+    f: F,
+}
+
+impl<F> fmt::Debug for ClassifyFn<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClassifyFn")
+    }
+}
+
+impl<F> Classify for ClassifyFn<F>
+where
+    F: Fn(&http::Method, &http::Uri, &http::HeaderMap) -> Condition + Clone + Send + Sync + 'static,
+{
+    type Classifier = Condition;
+    fn classify_request<B>(&self, req: &Request<B>) -> Condition {
+        (self.f)(req.method(), req.uri(), req.headers())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn res(code: u16) -> Response<()> {
+        Response::builder().status(code).body(()).unwrap()
+    }
+
+    fn classify(c: &Condition, code: u16) -> Outcome {
+        c.classify_request(&Request::new(())).classify_response(&res(code))
+    }
+
+    #[test]
+    fn exact_status_set() {
+        let c: Condition = "403, 404".parse().unwrap();
+        assert!(classify(&c, 404).is_failure());
+        assert!(classify(&c, 403).is_failure());
+        assert_eq!(classify(&c, 405), Outcome::Success);
+        assert_eq!(classify(&c, 200), Outcome::Success);
+    }
+
+    #[test]
+    fn status_classes() {
+        let c: Condition = "4xx".parse().unwrap();
+        for code in [400, 404, 451, 499] {
+            assert!(classify(&c, code).is_failure(), "{code}");
+        }
+        assert_eq!(classify(&c, 500), Outcome::Success);
+        assert_eq!(classify(&c, 399), Outcome::Success);
+        let c: Condition = "5XX".parse().unwrap();
+        assert!(classify(&c, 503).is_failure());
+        assert_eq!(classify(&c, 404), Outcome::Success);
+    }
+
+    #[test]
+    fn ignored_wins_over_failure() {
+        let c: Condition = "5xx,!503".parse().unwrap();
+        assert_eq!(classify(&c, 503), Outcome::Ignored);
+        assert!(classify(&c, 502).is_failure());
+    }
+
+    #[test]
+    fn errors_by_kind() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let timed_out = std::io::Error::from(std::io::ErrorKind::TimedOut);
+        let other = std::io::Error::other("boom");
+        let elapsed = tower::timeout::error::Elapsed::new();
+
+        let transport_only: Condition = "transport".parse().unwrap();
+        assert_eq!(
+            transport_only.classify_error_ref(&refused),
+            Outcome::Failure(FailureKind::Transport)
+        );
+        assert_eq!(transport_only.classify_error_ref(&timed_out), Outcome::Success);
+        assert_eq!(transport_only.classify_error_ref(&elapsed), Outcome::Success);
+
+        let timeout_only: Condition = "timeout".parse().unwrap();
+        assert_eq!(
+            timeout_only.classify_error_ref(&elapsed),
+            Outcome::Failure(FailureKind::Timeout)
+        );
+        assert_eq!(
+            timeout_only.classify_error_ref(&timed_out),
+            Outcome::Failure(FailureKind::Timeout)
+        );
+        assert_eq!(timeout_only.classify_error_ref(&refused), Outcome::Success);
+
+        let fail: Condition = "fail".parse().unwrap();
+        assert_eq!(
+            fail.classify_error_ref(&other),
+            Outcome::Failure(FailureKind::Other)
+        );
+        assert!(fail.classify_error_ref(&refused).is_failure());
+        // A response is never an error.
+        assert_eq!(classify(&fail, 500), Outcome::Success);
+    }
+
+    #[test]
+    fn error_kind_walks_the_source_chain() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("wrapped")]
+        struct Wrapped(#[source] std::io::Error);
+        let e = Wrapped(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert_eq!(error_kind(&e), FailureKind::Transport);
+        let boxed: crate::BoxError = Box::new(Wrapped(std::io::ErrorKind::TimedOut.into()));
+        assert_eq!(error_kind(&*boxed), FailureKind::Timeout);
+    }
+
+    #[test]
+    fn combination_and_round_trip() {
+        let c: Condition = "404,5xx,fail".parse().unwrap();
+        assert!(classify(&c, 404).is_failure());
+        assert!(classify(&c, 500).is_failure());
+        assert_eq!(classify(&c, 403), Outcome::Success);
+        assert_eq!(c.to_string(), "5xx,404,fail");
+        let back: Condition = c.to_string().parse().unwrap();
+        assert_eq!(back, c);
+        let or = Condition::never()
+            .status(StatusCode::NOT_FOUND)
+            .or(Condition::never().timeouts());
+        assert_eq!(or.to_string(), "404,timeout");
+        assert_eq!(or, "404,timeout".parse().unwrap());
+    }
+
+    #[test]
+    fn parse_errors_name_the_token() {
+        for bad in ["", " , ", "4x", "1000", "abc", "0xx", "!4xx", "99"] {
+            let err = bad.parse::<Condition>().unwrap_err();
+            assert!(err.to_string().contains("invalid condition token"), "{bad}");
+        }
+        let err = "404,nope".parse::<Condition>().unwrap_err();
+        assert_eq!(err.token, "nope");
+    }
+
+    #[test]
+    fn never_and_defaults() {
+        assert!(Condition::never().is_never());
+        let d = Condition::server_errors_and_failures();
+        assert_eq!(d.to_string(), "5xx,fail");
+        assert!(!d.is_never());
+    }
+}

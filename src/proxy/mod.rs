@@ -1,0 +1,47 @@
+//! Forwarding a request to an upstream: the leaf service of every proxy pattern.
+//!
+//! A reverse proxy must pass a request on without letting the client steer it: the upstream
+//! address comes from configuration only, connection-level (hop-by-hop) headers are not
+//! passed through, and the upstream learns who the real client was through
+//! `X-Forwarded-For/Proto/Host`. When the upstream is down or slow, the caller gets a typed
+//! [`ForwardError`] that [`classify`](crate::classify) recognises and that maps to
+//! `502 Bad Gateway` / `504 Gateway Timeout`.
+//!
+//! [`Forward`] does this over hyper-util's pooled HTTP/1.1 client (keep-alive), so a
+//! balancer holding one `Forward` per endpoint shares one connection pool.
+//!
+//! | behaviour | nginx equivalent |
+//! |---|---|
+//! | request path appended to the upstream's path prefix | `proxy_pass http://up/prefix` |
+//! | hop-by-hop headers removed both ways (RFC 9110 §7.6.1, and any named in `Connection`) | default |
+//! | `X-Forwarded-For` appended with the client address ([`ClientAddr`]) | `$proxy_add_x_forwarded_for` |
+//! | `X-Forwarded-Proto`, `X-Forwarded-Host` set | `$scheme`, `$host` |
+//! | `Host` kept as the client sent it (or rewritten: [`ForwardBuilder::preserve_host`]) | `proxy_set_header Host $host` |
+//! | connect timeout → [`ForwardError::ConnectTimeout`] (504) | `proxy_connect_timeout` |
+//! | response-header timeout → [`ForwardError::ResponseTimeout`] (504) | `proxy_read_timeout` (first byte) |
+//! | refused / reset → [`ForwardError::Connect`] / [`ForwardError::Transport`] (502) | `502` |
+//!
+//! ```no_run
+//! use tower::{Service, ServiceExt};
+//! use tower_patterns::proxy::{Forward, ForwardBuilder};
+//!
+//! # async fn run() -> Result<(), tower_patterns::BoxError> {
+//! let mut fwd: Forward<http_body_util::Empty<bytes::Bytes>> =
+//!     ForwardBuilder::new("http://127.0.0.1:8080")
+//!         .connect_timeout(std::time::Duration::from_secs(1))
+//!         .build()?;
+//! let req = http::Request::get("/hello").body(http_body_util::Empty::new())?;
+//! let res = fwd.ready().await?.call(req).await?;
+//! println!("{}", res.status());
+//! # Ok(()) }
+//! ```
+
+mod error;
+mod future;
+pub(crate) mod headers;
+mod service;
+
+pub use error::{error_response, error_status, ForwardError};
+pub use future::ResponseFuture;
+pub use headers::strip_hop_by_hop;
+pub use service::{ClientAddr, Forward, ForwardBuilder, Upstream};

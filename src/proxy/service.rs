@@ -1,0 +1,358 @@
+use std::fmt;
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tower_service::Service;
+
+use super::error::ForwardError;
+use super::future::ResponseFuture;
+use super::headers::strip_hop_by_hop;
+use crate::BoxError;
+
+const X_FORWARDED_FOR: &str = "x-forwarded-for";
+const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+const X_FORWARDED_HOST: &str = "x-forwarded-host";
+
+/// The address of the client that sent a request, as a request extension.
+///
+/// [`crate::server::serve`] inserts it; with axum, insert it from `ConnectInfo`. [`Forward`]
+/// appends it to `X-Forwarded-For`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// A validated upstream: `http://host:port[/prefix]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Upstream {
+    scheme: Scheme,
+    authority: Authority,
+    /// Path prefix without a trailing `/`; empty for none.
+    prefix: String,
+    label: String,
+}
+
+impl Upstream {
+    /// Parses and validates an upstream URI. Only `http` is supported by the built-in
+    /// connector; a query or fragment is refused.
+    pub fn parse(uri: &str) -> Result<Self, ForwardError> {
+        let bad = |reason| ForwardError::InvalidUpstream {
+            uri: uri.to_string(),
+            reason,
+        };
+        let parsed: Uri = uri.parse().map_err(|_| bad("not a URI"))?;
+        let scheme = parsed.scheme().cloned().ok_or_else(|| bad("missing scheme"))?;
+        if scheme != Scheme::HTTP {
+            return Err(bad("only http:// upstreams are supported"));
+        }
+        let authority = parsed
+            .authority()
+            .cloned()
+            .ok_or_else(|| bad("missing host"))?;
+        if authority.as_str().contains('@') {
+            return Err(bad("credentials in the URI are not supported"));
+        }
+        if parsed.query().is_some() {
+            return Err(bad("a query is not allowed in an upstream"));
+        }
+        let prefix = parsed.path().trim_end_matches('/').to_string();
+        let label = authority.as_str().to_string();
+        Ok(Upstream {
+            scheme,
+            authority,
+            prefix,
+            label,
+        })
+    }
+
+    /// `host:port` of the upstream.
+    pub fn authority(&self) -> &str {
+        self.authority.as_str()
+    }
+
+    fn join(&self, pq: Option<&PathAndQuery>) -> Result<Uri, ForwardError> {
+        let path_and_query = match (self.prefix.is_empty(), pq) {
+            (true, Some(pq)) => pq.clone(),
+            (true, None) => PathAndQuery::from_static("/"),
+            (false, pq) => {
+                let rest = pq.map(|p| p.as_str()).unwrap_or("/");
+                let joined = format!("{}{}", self.prefix, rest);
+                PathAndQuery::try_from(joined)
+                    .map_err(|e| ForwardError::InvalidRequest(e.into()))?
+            }
+        };
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(ForwardError::InvalidRequest)
+    }
+}
+
+impl fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Upstream({}://{}{})", self.scheme, self.authority, self.prefix)
+    }
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}{}", self.scheme, self.authority, self.prefix)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Options {
+    response_timeout: Option<Duration>,
+    preserve_host: bool,
+    forwarded_proto: Option<HeaderValue>,
+    append_forwarded_for: bool,
+}
+
+/// Builds a [`Forward`].
+#[derive(Debug, Clone)]
+pub struct ForwardBuilder {
+    upstream: String,
+    connect_timeout: Option<Duration>,
+    pool_idle_timeout: Option<Duration>,
+    pool_max_idle_per_host: usize,
+    opts: Options,
+}
+
+impl ForwardBuilder {
+    /// Time allowed to open a TCP connection (default 5 s, nginx's `proxy_connect_timeout`
+    /// is 60 s; a proxy in front of local instances wants it short).
+    pub fn connect_timeout(mut self, t: Duration) -> Self {
+        self.connect_timeout = Some(t);
+        self
+    }
+
+    /// Time allowed from sending the request until the response headers arrive (default
+    /// none). The body may take longer.
+    pub fn response_timeout(mut self, t: Duration) -> Self {
+        self.opts.response_timeout = Some(t);
+        self
+    }
+
+    /// How long an idle pooled connection is kept (default 90 s).
+    pub fn pool_idle_timeout(mut self, t: Duration) -> Self {
+        self.pool_idle_timeout = Some(t);
+        self
+    }
+
+    /// Idle connections kept per upstream (default 256, like a generous nginx `keepalive`).
+    pub fn pool_max_idle_per_host(mut self, n: usize) -> Self {
+        self.pool_max_idle_per_host = n;
+        self
+    }
+
+    /// Keep the client's `Host` header (default `true`, as HAProxy and Envoy do). With
+    /// `false` the upstream's authority is sent, as nginx's default `$proxy_host`.
+    pub fn preserve_host(mut self, yes: bool) -> Self {
+        self.opts.preserve_host = yes;
+        self
+    }
+
+    /// The value of `X-Forwarded-Proto` (default: the request URI's scheme, else `http`).
+    /// Set `"https"` when TLS is terminated in front of this service.
+    pub fn forwarded_proto(mut self, proto: &'static str) -> Self {
+        self.opts.forwarded_proto = Some(HeaderValue::from_static(proto));
+        self
+    }
+
+    /// Append to an incoming `X-Forwarded-For` (default `true`, nginx's
+    /// `$proxy_add_x_forwarded_for`). With `false` an incoming value is replaced, for an
+    /// edge proxy that must not trust what clients claim.
+    pub fn append_forwarded_for(mut self, yes: bool) -> Self {
+        self.opts.append_forwarded_for = yes;
+        self
+    }
+
+    /// Builds the service, with a new connection pool.
+    pub fn build<B>(self) -> Result<Forward<B>, ForwardError>
+    where
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+    {
+        let upstream = Upstream::parse(&self.upstream)?;
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(self.connect_timeout.or(Some(Duration::from_secs(5))));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(self.pool_idle_timeout.unwrap_or(Duration::from_secs(90)))
+            .pool_max_idle_per_host(self.pool_max_idle_per_host)
+            .build(http);
+        Ok(Forward {
+            client,
+            upstream: Arc::new(upstream),
+            opts: Arc::new(self.opts),
+            _body: PhantomData,
+        })
+    }
+}
+
+/// A [`Service`] that sends each request to one configured upstream.
+///
+/// Cloning is cheap and shares the connection pool; [`Forward::to`] makes a `Forward` for
+/// another upstream that also shares it.
+pub struct Forward<B> {
+    client: Client<HttpConnector, B>,
+    upstream: Arc<Upstream>,
+    opts: Arc<Options>,
+    _body: PhantomData<fn(B)>,
+}
+
+impl<B> Clone for Forward<B> {
+    fn clone(&self) -> Self {
+        Forward {
+            client: self.client.clone(),
+            upstream: self.upstream.clone(),
+            opts: self.opts.clone(),
+            _body: PhantomData,
+        }
+    }
+}
+
+impl<B> fmt::Debug for Forward<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Forward")
+            .field("upstream", &self.upstream)
+            .field("opts", &self.opts)
+            .finish()
+    }
+}
+
+impl ForwardBuilder {
+    /// Starts a builder for `upstream` (`http://host:port[/prefix]`).
+    pub fn new(upstream: impl Into<String>) -> ForwardBuilder {
+        ForwardBuilder {
+            upstream: upstream.into(),
+            connect_timeout: None,
+            pool_idle_timeout: None,
+            pool_max_idle_per_host: 256,
+            opts: Options {
+                response_timeout: None,
+                preserve_host: true,
+                forwarded_proto: None,
+                append_forwarded_for: true,
+            },
+        }
+    }
+}
+
+impl<B> Forward<B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+{
+    /// A `Forward` with default options for `upstream`.
+    pub fn new(upstream: &str) -> Result<Self, ForwardError> {
+        ForwardBuilder::new(upstream).build()
+    }
+
+    /// The same options and connection pool, another upstream.
+    pub fn to(&self, upstream: &str) -> Result<Self, ForwardError> {
+        Ok(Forward {
+            client: self.client.clone(),
+            upstream: Arc::new(Upstream::parse(upstream)?),
+            opts: self.opts.clone(),
+            _body: PhantomData,
+        })
+    }
+}
+
+impl<B> Forward<B> {
+    /// The upstream this service sends to.
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+}
+
+fn set_forwarded(opts: &Options, headers: &mut HeaderMap, client: Option<ClientAddr>, uri: &Uri) {
+    if let Some(ClientAddr(addr)) = client {
+        let ip = addr.ip().to_string();
+        let value = match headers.get(X_FORWARDED_FOR) {
+            Some(prev) if opts.append_forwarded_for => {
+                let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
+                v.extend_from_slice(prev.as_bytes());
+                v.extend_from_slice(b", ");
+                v.extend_from_slice(ip.as_bytes());
+                HeaderValue::from_bytes(&v).ok()
+            }
+            _ => HeaderValue::from_str(&ip).ok(),
+        };
+        if let Some(v) = value {
+            headers.insert(X_FORWARDED_FOR, v);
+        }
+    } else if !opts.append_forwarded_for {
+        headers.remove(X_FORWARDED_FOR);
+    }
+    let proto = match (&opts.forwarded_proto, uri.scheme()) {
+        (Some(p), _) => p.clone(),
+        (None, Some(s)) if *s == Scheme::HTTPS => HeaderValue::from_static("https"),
+        _ => HeaderValue::from_static("http"),
+    };
+    headers.insert(X_FORWARDED_PROTO, proto);
+    let host = match headers.get(header::HOST) {
+        Some(h) => Some(h.clone()),
+        None => uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    };
+    if let Some(h) = host {
+        headers.insert(X_FORWARDED_HOST, h);
+    }
+}
+
+impl<B> Service<Request<B>> for Forward<B>
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Incoming>;
+    type Error = ForwardError;
+    type Future = ResponseFuture;
+
+    #[inline]
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // The pooled client is always ready; back-pressure belongs to a limit layer.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let (mut parts, body) = req.into_parts();
+        let uri = match self.upstream.join(parts.uri.path_and_query()) {
+            Ok(u) => u,
+            Err(e) => return ResponseFuture::failed(e),
+        };
+        strip_hop_by_hop(&mut parts.headers);
+        let client = parts.extensions.get::<ClientAddr>().copied();
+        set_forwarded(&self.opts, &mut parts.headers, client, &parts.uri);
+        if !self.opts.preserve_host {
+            parts.headers.remove(header::HOST);
+        } else if !parts.headers.contains_key(header::HOST) {
+            // HTTP/2 clients send :authority instead of Host.
+            if let Some(a) = parts.uri.authority() {
+                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                    parts.headers.insert(header::HOST, v);
+                }
+            }
+        }
+        parts.uri = uri;
+        parts.version = Version::HTTP_11;
+        let fut = self.client.request(Request::from_parts(parts, body));
+        ResponseFuture::new(fut, self.upstream.clone(), self.opts.response_timeout)
+    }
+}

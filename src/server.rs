@@ -1,0 +1,110 @@
+//! A small HTTP/1.1 accept loop for examples, tests and workers.
+//!
+//! Every example of this crate needs a server that records the client's address (for
+//! `X-Forwarded-For`) and can stop gracefully: stop accepting, let in-flight requests
+//! finish, then return — what a rolling restart needs to drain a worker. axum users can
+//! keep `axum::serve`; this helper exists so the core does not depend on axum.
+//!
+//! ```no_run
+//! use tower_patterns::server;
+//!
+//! # async fn run() -> std::io::Result<()> {
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let svc = tower::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+//!     Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+//!         bytes::Bytes::from("hi"),
+//!     )))
+//! });
+//! server::serve_with_shutdown(listener, svc, async {
+//!     let _ = tokio::signal::ctrl_c().await;
+//! })
+//! .await
+//! # }
+//! ```
+
+use std::future::Future;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+use tower_service::Service;
+
+use crate::proxy::ClientAddr;
+use crate::BoxError;
+
+/// Serves `svc` on `listener` until the process ends. See [`serve_with_shutdown`].
+pub async fn serve<S, B>(listener: TcpListener, svc: S) -> std::io::Result<()>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    serve_with_shutdown(listener, svc, std::future::pending()).await
+}
+
+/// Serves `svc` on `listener`; when `shutdown` completes, stops accepting, lets open
+/// connections finish their in-flight requests (keep-alive connections are closed after
+/// their current response), and returns.
+///
+/// Each request carries the peer address as a [`ClientAddr`] extension. Accept errors
+/// (such as running out of file descriptors) are logged and retried after a short pause
+/// instead of ending the server.
+pub async fn serve_with_shutdown<S, B, F>(
+    listener: TcpListener,
+    svc: S,
+    shutdown: F,
+) -> std::io::Result<()>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+    F: Future<Output = ()>,
+{
+    let graceful = GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = svc
+            .clone()
+            .map_request(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(ClientAddr(peer));
+                req
+            });
+        let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
