@@ -33,6 +33,7 @@
 
 pub mod body;
 pub mod classify;
+pub mod gate;
 pub mod proxy;
 pub mod server;
 
