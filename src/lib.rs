@@ -7,6 +7,7 @@
 //! | failure classification (shared) | [`classify`] | — | `docs/foundation.md` |
 //! | replayable request bodies (shared) | [`body::replay`] | — | `docs/foundation.md` |
 //! | forwarding to an upstream (shared) | [`proxy`] | `reverse_proxy_min`, `tour` | `docs/foundation.md` |
+//! | backup pipe (tee to storage) + edge cache | [`backup`], [`cache`] | `backup_pipe` | `docs/backup_tee.md`, `docs/edge_cache.md` |
 //!
 //! Every layer uses [`classify`] to decide what a failure is, so "5xx and transport errors"
 //! is configured the same way for every pattern.
@@ -31,7 +32,9 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod backup;
 pub mod body;
+pub mod cache;
 pub mod classify;
 pub mod gate;
 pub mod proxy;
