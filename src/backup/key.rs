@@ -153,12 +153,24 @@ mod tests {
 
     #[test]
     fn validation() {
-        assert_eq!(ObjectKey::from_path("/a/b.txt").unwrap().as_str(), "a/b.txt");
+        assert_eq!(
+            ObjectKey::from_path("/a/b.txt").unwrap().as_str(),
+            "a/b.txt"
+        );
         assert_eq!(ObjectKey::from_path("/a%20b").unwrap().as_str(), "a b");
         assert_eq!(ObjectKey::from_path("/"), Err(KeyError::Empty));
-        assert_eq!(ObjectKey::from_path("/a/../b"), Err(KeyError::ParentSegment));
-        assert_eq!(ObjectKey::from_path("/a/%2e%2e/b"), Err(KeyError::ParentSegment));
-        assert_eq!(ObjectKey::from_path("//etc/passwd"), Err(KeyError::Absolute));
+        assert_eq!(
+            ObjectKey::from_path("/a/../b"),
+            Err(KeyError::ParentSegment)
+        );
+        assert_eq!(
+            ObjectKey::from_path("/a/%2e%2e/b"),
+            Err(KeyError::ParentSegment)
+        );
+        assert_eq!(
+            ObjectKey::from_path("//etc/passwd"),
+            Err(KeyError::Absolute)
+        );
         assert_eq!(ObjectKey::from_path("/%2fetc"), Err(KeyError::Absolute));
         assert_eq!(ObjectKey::new("C:x"), Err(KeyError::Absolute));
         assert_eq!(ObjectKey::new("a\\b"), Err(KeyError::ForbiddenChar('\\')));

@@ -62,6 +62,8 @@ mod object_store;
 mod service;
 mod sink;
 
+#[cfg(feature = "object-store")]
+pub use self::object_store::ObjectStoreSink;
 pub use backfill::{backfill, BackfillReport};
 pub use error::{BackfillError, KeyError, SinkError};
 pub use fs::{FsSink, FsyncPolicy};
@@ -71,7 +73,5 @@ pub use layer::{
     default_predicate, BackupEvent, BackupOutcome, BackupStats, BackupStatsSnapshot, Candidate,
     TeeLayer, TeeLayerBuilder,
 };
-#[cfg(feature = "object-store")]
-pub use self::object_store::ObjectStoreSink;
 pub use service::{BackupStatus, Tee};
 pub use sink::{MemorySink, ObjectInfo, Sink, SinkWriter, StoredObject};

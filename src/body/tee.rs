@@ -364,7 +364,10 @@ impl Outlet {
             });
             return false;
         }
-        let sent = self.tx.as_ref().is_some_and(|tx| tx.clone_send(chunk.clone()));
+        let sent = self
+            .tx
+            .as_ref()
+            .is_some_and(|tx| tx.clone_send(chunk.clone()));
         self.push(sent, len)
     }
 
@@ -383,7 +386,10 @@ impl Outlet {
             self.shared.released.notified().await;
         }
         self.shared.buffered.fetch_add(len, Ordering::AcqRel);
-        let sent = self.tx.as_ref().is_some_and(|tx| tx.clone_send(chunk.clone()));
+        let sent = self
+            .tx
+            .as_ref()
+            .is_some_and(|tx| tx.clone_send(chunk.clone()));
         self.push(sent, len)
     }
 
@@ -694,7 +700,9 @@ where
         };
         match frame {
             Some(Ok(frame)) => {
-                let Ok(data) = frame.into_data() else { continue };
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
                 d.seen += data.len() as u64;
                 if d.seen - start > max_bytes {
                     break AbortReason::DrainLimit;
