@@ -364,11 +364,7 @@ impl Outlet {
             });
             return false;
         }
-        let sent = self
-            .tx
-            .as_ref()
-            .is_some_and(|tx| tx.clone_send(chunk.clone()));
-        self.push(sent, len)
+        self.push(chunk)
     }
 
     /// Queues `chunk`, waiting while the sink's buffer is full (drain mode only).
@@ -386,25 +382,31 @@ impl Outlet {
             self.shared.released.notified().await;
         }
         self.shared.buffered.fetch_add(len, Ordering::AcqRel);
-        let sent = self
-            .tx
-            .as_ref()
-            .is_some_and(|tx| tx.clone_send(chunk.clone()));
-        self.push(sent, len)
+        self.push(chunk)
     }
 
-    fn push(&mut self, sent: bool, len: usize) -> bool {
-        if sent {
-            if let Some(s) = self.shared.stats.get() {
-                s.add_buffered(len);
-            }
-            true
-        } else {
-            // The sink went away (it reports its own error).
-            self.shared.buffered.fetch_sub(len, Ordering::AcqRel);
-            self.tx = None;
-            false
+    /// Sends a chunk whose bytes were already added to `shared.buffered`. The global
+    /// count goes up before the send so the sink can never subtract first.
+    fn push(&mut self, chunk: &Bytes) -> bool {
+        let len = chunk.len();
+        let stats = self.shared.stats.get();
+        if let Some(s) = stats {
+            s.add_buffered(len);
         }
+        if self
+            .tx
+            .as_ref()
+            .is_some_and(|tx| tx.clone_send(chunk.clone()))
+        {
+            return true;
+        }
+        // The sink went away (it reports its own error).
+        if let Some(s) = stats {
+            s.sub_buffered(len);
+        }
+        self.shared.buffered.fetch_sub(len, Ordering::AcqRel);
+        self.tx = None;
+        false
     }
 
     fn end(&mut self) {
