@@ -132,7 +132,10 @@ where
                         ),
                         // Unreachable: the classifier is taken exactly once, here.
                         None => Step::Return(Err(ChainError::new(
-                            primary_hops(this.policy, HopResult::Error(crate::classify::FailureKind::Other)),
+                            primary_hops(
+                                this.policy,
+                                HopResult::Error(crate::classify::FailureKind::Other),
+                            ),
                             "fallback future polled after completion".into(),
                         ))),
                     };
@@ -155,7 +158,10 @@ where
                     let out = match hops.take() {
                         Some(prev) => after_next(prev, result, this.policy),
                         None => Err(ChainError::new(
-                            primary_hops(this.policy, HopResult::Error(crate::classify::FailureKind::Other)),
+                            primary_hops(
+                                this.policy,
+                                HopResult::Error(crate::classify::FailureKind::Other),
+                            ),
                             "fallback future polled after completion".into(),
                         )),
                     };
@@ -219,7 +225,10 @@ where
                     return Step::Return(Ok(res));
                 }
             };
-            match (hop_blocker(&spare, idempotent, false, policy.non_idempotent), spare) {
+            match (
+                hop_blocker(&spare, idempotent, false, policy.non_idempotent),
+                spare,
+            ) {
                 (None, Some(mut req)) => {
                     trace_hop(&hops, policy, &kind);
                     discard(res.into_body(), policy.drain_limit, policy.drain_timeout);
@@ -339,8 +348,7 @@ fn trace_stop<C>(
     );
 }
 
-type BufferFuture<B> =
-    Pin<Box<dyn Future<Output = Result<Req<B>, ReplayError>> + Send + 'static>>;
+type BufferFuture<B> = Pin<Box<dyn Future<Output = Result<Req<B>, ReplayError>> + Send + 'static>>;
 
 pin_project! {
     /// Response future of [`Chain`](super::Chain).
@@ -478,14 +486,27 @@ fn finish<RB>(
     result: Result<Response<RB>, BoxError>,
 ) -> Response<ChainBody<RB>> {
     let mut res = match result {
-        Ok(res) => res.map(Either::Left),
+        Ok(mut res) => {
+            if let Some(name) = &config.entry_name {
+                if res.extensions().get::<ChainHops>().is_none() {
+                    let hop = Hop::new(name.clone(), HopResult::Status(res.status()));
+                    res.extensions_mut().insert(ChainHops::new(hop));
+                }
+            }
+            res.map(Either::Left)
+        }
         Err(e) => {
             let (hops, source) = match e.downcast::<ChainError>() {
                 Ok(ce) => {
                     let (h, s) = ce.into_parts();
                     (Some(h), s)
                 }
-                Err(e) => (None, e),
+                Err(e) => {
+                    let hops = config.entry_name.as_ref().map(|name| {
+                        ChainHops::new(Hop::new(name.clone(), HopResult::Error(error_kind(&*e))))
+                    });
+                    (hops, e)
+                }
             };
             let mut res = crate::proxy::error_response(&*source).map(Either::Right);
             tracing::warn!(

@@ -241,10 +241,7 @@ mod tests {
         assert_eq!(a.names(), ["foo.com", "bar.com", "baz.com"]);
         assert_eq!(a.len(), 3);
         assert!(a.settled);
-        assert_eq!(
-            a.last().result(),
-            HopResult::Status(StatusCode::OK)
-        );
+        assert_eq!(a.last().result(), HopResult::Status(StatusCode::OK));
         a.stop(StopReason::BodyOverLimit);
         assert_eq!(
             a.header_value(),

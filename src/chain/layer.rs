@@ -144,6 +144,7 @@ impl ChainLayer {
                 hop_header: HeaderName::from_static(DEFAULT_HOP_HEADER),
                 max_hops: 8,
                 report_header: None,
+                entry_name: None,
             }),
         }
     }
@@ -169,6 +170,11 @@ impl ChainLayer {
     /// (default 8).
     pub fn max_hops(mut self, max: u32) -> Self {
         self.config_mut().max_hops = max;
+        self
+    }
+
+    pub(crate) fn entry_name(mut self, name: LinkName) -> Self {
+        self.config_mut().entry_name = Some(name);
         self
     }
 

@@ -42,6 +42,9 @@ pub(crate) struct ChainConfig {
     pub(crate) hop_header: HeaderName,
     pub(crate) max_hops: u32,
     pub(crate) report_header: Option<HeaderName>,
+    /// Trail name of the inner service when it reports no trail itself (a link table host
+    /// without a link).
+    pub(crate) entry_name: Option<LinkName>,
 }
 
 /// Request extension telling the links which header counts hops, when it is not the
@@ -239,7 +242,8 @@ where
         req.headers_mut()
             .insert(cfg.hop_header.clone(), hop_value(arrived.saturating_add(1)));
         if cfg.hop_header != DEFAULT_HOP_HEADER {
-            req.extensions_mut().insert(HopHeader(cfg.hop_header.clone()));
+            req.extensions_mut()
+                .insert(HopHeader(cfg.hop_header.clone()));
         }
         if req.body().is_end_stream() {
             // Nothing to buffer (GET, HEAD, ...): no allocation for the body future.
@@ -295,7 +299,10 @@ fn parse_hops(raw: &[u8]) -> Option<u32> {
     }
     let mut n: u32 = 0;
     for d in s {
-        n = match n.checked_mul(10).and_then(|n| n.checked_add(u32::from(d - b'0'))) {
+        n = match n
+            .checked_mul(10)
+            .and_then(|n| n.checked_add(u32::from(d - b'0')))
+        {
             Some(n) => n,
             None => return Some(u32::MAX),
         };
@@ -306,8 +313,7 @@ fn parse_hops(raw: &[u8]) -> Option<u32> {
 /// The header value for a hop count; small counts are static (no allocation).
 pub(crate) fn hop_value(n: u32) -> HeaderValue {
     const SMALL: [&str; 17] = [
-        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15",
-        "16",
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
     ];
     match SMALL.get(n as usize) {
         Some(s) => HeaderValue::from_static(s),
@@ -322,7 +328,8 @@ pub(crate) fn bump_hops<B>(req: &mut Request<B>) {
         None => HeaderName::from_static(DEFAULT_HOP_HEADER),
     };
     let n = incoming_hops(req.headers(), &name);
-    req.headers_mut().insert(name, hop_value(n.saturating_add(1)));
+    req.headers_mut()
+        .insert(name, hop_value(n.saturating_add(1)));
 }
 
 /// `true` when `err` says the request surely never reached the link (connecting failed),
@@ -361,9 +368,7 @@ where
         let drain = async {
             let mut body = std::pin::pin!(body);
             let mut read = 0u64;
-            while let Some(frame) =
-                std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await
-            {
+            while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
                 let Ok(frame) = frame else { return };
                 if let Some(d) = frame.data_ref() {
                     read += bytes::Buf::remaining(d) as u64;

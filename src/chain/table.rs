@@ -25,8 +25,7 @@ use crate::classify::Condition;
 use crate::BoxError;
 
 /// A type-erased link: what each virtual host's service is turned into.
-pub type LinkService<B> =
-    BoxCloneSyncService<Request<ReplayBody<B>>, Response<BoxBody>, BoxError>;
+pub type LinkService<B> = BoxCloneSyncService<Request<ReplayBody<B>>, Response<BoxBody>, BoxError>;
 
 /// Virtual hosts with STON-style links, routed by the `Host` header.
 ///
@@ -169,7 +168,11 @@ impl<B> fmt::Debug for LinkTableBuilder<B> {
         f.debug_struct("LinkTableBuilder")
             .field(
                 "hosts",
-                &self.hosts.iter().map(|(h, _)| h.as_str()).collect::<Vec<_>>(),
+                &self
+                    .hosts
+                    .iter()
+                    .map(|(h, _)| h.as_str())
+                    .collect::<Vec<_>>(),
             )
             .field("links", &self.links)
             .field("default", &self.default)
@@ -188,11 +191,7 @@ where
     /// [`BoxBody`] so hosts of different types can link to each other.
     pub fn vhost<S, RB>(mut self, name: impl Into<String>, service: S) -> Self
     where
-        S: Service<Request<ReplayBody<B>>, Response = Response<RB>>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
+        S: Service<Request<ReplayBody<B>>, Response = Response<RB>> + Clone + Send + Sync + 'static,
         S::Future: Send + 'static,
         S::Error: Into<BoxError>,
         RB: Body<Data = Bytes> + Send + 'static,
@@ -201,13 +200,19 @@ where
         let svc = service
             .map_response(|res: Response<RB>| res.map(boxed))
             .map_err(Into::into);
-        self.hosts.push((name.into(), BoxCloneSyncService::new(svc)));
+        self.hosts
+            .push((name.into(), BoxCloneSyncService::new(svc)));
         self
     }
 
     /// `<VhostLink Condition="...">to</VhostLink>` inside host `from`: what `from` answers
     /// matching `condition` is served by `to`.
-    pub fn link(mut self, from: impl Into<String>, condition: Condition, to: impl Into<String>) -> Self {
+    pub fn link(
+        mut self,
+        from: impl Into<String>,
+        condition: Condition,
+        to: impl Into<String>,
+    ) -> Self {
         self.links.push((from.into(), condition, to.into()));
         self
     }
@@ -293,7 +298,8 @@ where
         let default = match self.default {
             None => None,
             Some(d) => {
-                let n = valid_name(&d).map_err(|_| LinkConfigError::MissingDefault { host: d.clone() })?;
+                let n = valid_name(&d)
+                    .map_err(|_| LinkConfigError::MissingDefault { host: d.clone() })?;
                 match index.get(&n) {
                     Some(&i) => Some(i),
                     None => return Err(LinkConfigError::MissingDefault { host: n }),
@@ -341,7 +347,11 @@ where
         let chains = built
             .into_iter()
             .zip(services)
-            .map(|(b, s)| self.chain.layer(b.unwrap_or(s)))
+            .enumerate()
+            .map(|(i, (b, s))| {
+                let edge = self.chain.clone().entry_name(names[i].as_str().into());
+                edge.layer(b.unwrap_or(s))
+            })
             .collect();
         Ok(LinkTable {
             inner: Arc::new(TableInner {
@@ -359,8 +369,7 @@ fn valid_name(raw: &str) -> Result<String, LinkConfigError> {
     let n = raw.trim().trim_end_matches('.').to_ascii_lowercase();
     let ok = !n.is_empty()
         && n.len() <= 253
-        && n
-            .bytes()
+        && n.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
     if ok {
         Ok(n)
