@@ -1,0 +1,111 @@
+//! Overhead of the content chain when its first link answers, against the bare service,
+//! in-process (no sockets, so the figures are the layers' own cost).
+//!
+//! `cargo bench --bench content_chain -- --warm-up-time 1 --measurement-time 3`
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_patterns::body::ReplayBody;
+use tower_patterns::chain::{ChainLayer, FallbackLayer, LinkTable};
+use tower_patterns::classify::Condition;
+
+type Body = Full<Bytes>;
+
+fn answer<T>(_req: Request<T>) -> std::future::Ready<Result<Response<Body>, Infallible>> {
+    std::future::ready(Ok(Response::new(Full::new(Bytes::from_static(b"hello")))))
+}
+
+fn not_found<T>(_req: Request<T>) -> std::future::Ready<Result<Response<Body>, Infallible>> {
+    let mut res = Response::new(Full::new(Bytes::from_static(b"nope")));
+    *res.status_mut() = StatusCode::NOT_FOUND;
+    std::future::ready(Ok(res))
+}
+
+fn request() -> Request<Body> {
+    Request::get("/a.txt")
+        .header("host", "foo.com")
+        .header("accept", "*/*")
+        .header("user-agent", "bench")
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+async fn drive<S>(svc: &mut S)
+where
+    S: Service<Request<Body>>,
+    S::Error: std::fmt::Debug,
+{
+    let res = svc.ready().await.unwrap().call(request()).await;
+    assert!(res.is_ok());
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let cond: Condition = "404".parse().unwrap();
+    let mut g = c.benchmark_group("content_chain/first_link_answers");
+
+    let mut bare = tower::service_fn(answer::<Body>);
+    g.bench_function(BenchmarkId::from_parameter("bare"), |b| {
+        b.iter(|| rt.block_on(drive(&mut bare)))
+    });
+
+    let mut one = ServiceBuilder::new()
+        .layer(ChainLayer::new())
+        .layer(FallbackLayer::new(
+            cond,
+            tower::service_fn(answer::<ReplayBody<Body>>),
+        ))
+        .service(tower::service_fn(answer::<ReplayBody<Body>>));
+    g.bench_function(BenchmarkId::from_parameter("chain_2_links"), |b| {
+        b.iter(|| rt.block_on(drive(&mut one)))
+    });
+
+    let mut three = ServiceBuilder::new()
+        .layer(ChainLayer::new())
+        .layer(FallbackLayer::new(
+            cond,
+            tower::service_fn(answer::<ReplayBody<Body>>),
+        ))
+        .layer(FallbackLayer::new(
+            cond,
+            tower::service_fn(answer::<ReplayBody<Body>>),
+        ))
+        .service(tower::service_fn(answer::<ReplayBody<Body>>));
+    g.bench_function(BenchmarkId::from_parameter("chain_3_links"), |b| {
+        b.iter(|| rt.block_on(drive(&mut three)))
+    });
+
+    let mut table = LinkTable::<Body>::builder()
+        .vhost("foo.com", tower::service_fn(answer::<ReplayBody<Body>>))
+        .vhost("bar.com", tower::service_fn(answer::<ReplayBody<Body>>))
+        .link("foo.com", cond, "bar.com")
+        .build()
+        .unwrap();
+    g.bench_function(BenchmarkId::from_parameter("link_table_2_links"), |b| {
+        b.iter(|| rt.block_on(drive(&mut table)))
+    });
+
+    // For scale: one hop taken (first link 404, second answers).
+    let mut hop = ServiceBuilder::new()
+        .layer(ChainLayer::new())
+        .layer(FallbackLayer::new(
+            cond,
+            tower::service_fn(answer::<ReplayBody<Body>>),
+        ))
+        .service(tower::service_fn(not_found::<ReplayBody<Body>>));
+    g.bench_function(BenchmarkId::from_parameter("chain_one_hop_taken"), |b| {
+        b.iter(|| rt.block_on(drive(&mut hop)))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
