@@ -890,3 +890,57 @@ async fn skipped_body_is_dropped() {
         assert_eq!(body, "ok");
     }
 }
+
+/// One `tracing` event per hop, naming both links and the reason.
+#[tokio::test]
+async fn each_hop_emits_a_tracing_event() {
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("tower_patterns::chain=debug")
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    // The test runtime is single-threaded: servers and client run under this subscriber.
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let a = origin("a", &[]).await;
+    let b = origin("b", &[]).await;
+    let c = origin("c", &[("/f", "f from c")]).await;
+    let table = LinkTable::builder()
+        .vhost("a.com", fwd(&a.url()))
+        .vhost("b.com", fwd(&b.url()))
+        .vhost("c.com", fwd(&c.url()))
+        .link("a.com", cond("404"), "b.com")
+        .link("b.com", cond("4xx"), "c.com")
+        .build()
+        .unwrap();
+    let front = serve(table).await;
+    assert_eq!(get(front, "a.com", "/f").await.body, "f from c");
+
+    let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    let hops: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("content chain hop"))
+        .collect();
+    assert_eq!(hops.len(), 2, "{log}");
+    assert!(
+        hops[0].contains("from=a.com to=b.com reason=status 404"),
+        "{log}"
+    );
+    assert!(
+        hops[1].contains("from=b.com to=c.com reason=status 404"),
+        "{log}"
+    );
+}

@@ -49,9 +49,9 @@ pin_project! {
             spare: Option<Request<ReplayBody<B>>>,
             next: Arc<N>,
         },
+        // Boxed: only hops pay for it, and the common future stays small.
         Next {
-            #[pin]
-            fut: Oneshot<N, Request<ReplayBody<B>>>,
+            fut: Pin<Box<Oneshot<N, Request<ReplayBody<B>>>>>,
             hops: Option<ChainHops>,
         },
         Done,
@@ -147,14 +147,14 @@ where
                         Step::Hop(req, hops) => {
                             let svc = N::clone(next);
                             this.state.set(State::Next {
-                                fut: Oneshot::new(svc, req),
+                                fut: Box::pin(Oneshot::new(svc, req)),
                                 hops: Some(hops),
                             });
                         }
                     }
                 }
                 StateProj::Next { fut, hops } => {
-                    let result = ready!(fut.poll(cx));
+                    let result = ready!(fut.as_mut().poll(cx));
                     let out = match hops.take() {
                         Some(prev) => after_next(prev, result, this.policy),
                         None => Err(ChainError::new(

@@ -6,6 +6,7 @@ use http::HeaderName;
 use tower_layer::Layer;
 
 use super::hops::LinkName;
+use super::service::SharedCondition;
 use super::service::{Chain, ChainConfig, Fallback, LinkPolicy, DEFAULT_HOP_HEADER};
 use crate::classify::{Classify, Condition};
 
@@ -33,15 +34,15 @@ use crate::classify::{Classify, Condition};
 /// A link's condition applies only to the answer of the link right before it: once a link
 /// returned an answer its condition does not match, outer layers pass it on untouched.
 #[derive(Clone)]
-pub struct FallbackLayer<N, C = Condition> {
+pub struct FallbackLayer<N, C = SharedCondition> {
     next: Arc<N>,
     policy: Arc<LinkPolicy<C>>,
 }
 
-impl<N> FallbackLayer<N, Condition> {
+impl<N> FallbackLayer<N, SharedCondition> {
     /// Hop to `next` when `condition` matches the primary's answer.
     pub fn new(condition: Condition, next: N) -> Self {
-        Self::with_classify(condition, next)
+        Self::with_classify(SharedCondition::from(condition), next)
     }
 }
 

@@ -99,5 +99,5 @@ pub use error::{ChainError, LinkConfigError};
 pub use future::{ChainFuture, FallbackFuture};
 pub use hops::{ChainHops, Hop, HopResult, LinkName, StopReason};
 pub use layer::{ChainLayer, FallbackLayer};
-pub use service::{Chain, ChainBody, Fallback};
+pub use service::{Chain, ChainBody, Fallback, SharedCondition};
 pub use table::{LinkService, LinkTable, LinkTableBuilder, TableFuture};

@@ -11,10 +11,10 @@ use http_body_util::{Either, Full};
 use tower_service::Service;
 
 use super::future::{ChainFuture, FallbackFuture};
-use super::hops::{ChainHops, LinkName};
+use super::hops::{ChainHops, Hop, HopResult, LinkName};
 use crate::body::replay::{buffer_request, try_clone_request};
 use crate::body::ReplayBody;
-use crate::classify::Classify;
+use crate::classify::{Classifier, Classify, Condition, Outcome};
 use crate::BoxError;
 
 /// The default hop-count request header.
@@ -23,6 +23,43 @@ pub(crate) const DEFAULT_HOP_HEADER: &str = "x-chain-hops";
 /// The response body of a [`Chain`]: the links' body, or a short text body the chain wrote
 /// itself (`508`, `502`, `504`, `400`). No boxing: an enum of the two.
 pub type ChainBody<B> = Either<B, Full<Bytes>>;
+
+/// A [`Condition`] shared by reference: its per-request classifier is a pointer, not a
+/// copy of the condition's status bitsets (a few hundred bytes), which keeps the response
+/// future small. What [`FallbackLayer::new`](super::FallbackLayer::new) uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedCondition(Arc<Condition>);
+
+impl From<Condition> for SharedCondition {
+    fn from(c: Condition) -> Self {
+        SharedCondition(Arc::new(c))
+    }
+}
+
+impl SharedCondition {
+    /// The condition.
+    pub fn condition(&self) -> &Condition {
+        &self.0
+    }
+}
+
+impl Classify for SharedCondition {
+    type Classifier = SharedCondition;
+    #[inline]
+    fn classify_request<B>(&self, _req: &Request<B>) -> SharedCondition {
+        self.clone()
+    }
+}
+
+impl Classifier for SharedCondition {
+    #[inline]
+    fn classify_response<B>(self, res: &Response<B>) -> Outcome {
+        self.0.classify_status(res.status())
+    }
+    fn classify_error(self, err: &(dyn StdError + 'static)) -> Outcome {
+        self.0.classify_error_ref(err)
+    }
+}
 
 /// Settings of one link, shared by every clone of a [`Fallback`].
 #[derive(Clone)]
@@ -59,7 +96,7 @@ pub(crate) struct HopHeader(pub(crate) HeaderName);
 /// response type of both services must be the same (box them with
 /// [`body::boxed`](crate::body::boxed) when they differ). Errors are wrapped in a
 /// [`ChainError`](super::ChainError) that carries the trail.
-pub struct Fallback<S, N, C = crate::classify::Condition> {
+pub struct Fallback<S, N, C = SharedCondition> {
     primary: S,
     next: Arc<N>,
     policy: Arc<LinkPolicy<C>>,
@@ -133,13 +170,12 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // Only the primary: the next link is cloned and made ready if a hop happens.
         self.primary.poll_ready(cx).map_err(|e| {
-            super::ChainError::new(
-                ChainHops::new(super::hops::Hop::new(
-                    self.policy.primary_name.clone(),
-                    super::hops::HopResult::Error(crate::classify::FailureKind::Other),
-                )),
-                e.into(),
-            )
+            let e: BoxError = e.into();
+            let kind = crate::classify::error_kind(&*e);
+            let hop = Hop::new(self.policy.primary_name.clone(), HopResult::Error(kind));
+            let mut hops = ChainHops::new(hop);
+            hops.settled = true;
+            super::ChainError::new(hops, e)
         })
     }
 
