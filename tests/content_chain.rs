@@ -730,6 +730,17 @@ async fn unknown_host_is_misdirected_unless_a_default_is_set() {
     assert_eq!(r.status, StatusCode::MISDIRECTED_REQUEST);
     assert_eq!(storage.hits() + ext.hits(), 0);
 
+    // HTTP/1.0 without a Host header: nothing to route on.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut raw = tokio::net::TcpStream::connect(strict).await.unwrap();
+        raw.write_all(b"GET /a.txt HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut answer = Vec::new();
+        raw.read_to_end(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.0 400"), "{answer}");
+    }
+
     let with_default = two_links(&storage, &ext.url(), "404", |b| b.default_vhost("foo.com")).await;
     let r = get(with_default, "elsewhere.org", "/b.txt").await;
     assert_eq!(r.body, "b from origin");
