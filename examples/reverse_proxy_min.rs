@@ -35,7 +35,9 @@ async fn run_proxy(listener: TcpListener, upstream: &str) -> Result<(), BoxError
         .connect_timeout(Duration::from_secs(1))
         .response_timeout(Duration::from_secs(30))
         .build::<Incoming>()?;
-    let svc = ServiceBuilder::new().layer(ErrorResponseLayer).service(forward);
+    let svc = ServiceBuilder::new()
+        .layer(ErrorResponseLayer)
+        .service(forward);
     server::serve(listener, svc).await?;
     Ok(())
 }
@@ -70,7 +72,9 @@ async fn get(proxy: SocketAddr, path: &str) -> Result<(u16, String), BoxError> {
 }
 
 fn main() -> Result<(), BoxError> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         if std::env::args().any(|a| a == "--serve") {
             let listen = arg("--listen").unwrap_or_else(|| "127.0.0.1:8080".into());

@@ -34,3 +34,8 @@ pub mod server;
 
 /// A type-erased error, as in tower.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+// Compiles the README's snippets as doc tests so they cannot rot.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
