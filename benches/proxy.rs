@@ -1,5 +1,5 @@
 //! In-process cost of the proxy building blocks, each next to its baseline in one run:
-//! - `forward/*`: a request through `Forward` vs the bare hyper-util pooled client to the
+//! - `forward/*`: a request through `Forward` (own pool) vs the bare hyper-util pooled client to the
 //!   same local backend (what our header handling, URI join and error mapping add);
 //! - `headers/*`: hop-by-hop stripping on a typical request;
 //! - `classify/*`: classifying a response with a parsed `Condition`.
@@ -47,10 +47,11 @@ fn forward(c: &mut Criterion) {
     let mut g = c.benchmark_group("forward");
     let bare: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
         .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let uri: http::Uri = format!("{url}/x").parse().unwrap();
     g.bench_function("bare_hyper_util_client", |b| {
         b.to_async(&rt).iter(|| {
             let bare = bare.clone();
-            let uri: http::Uri = format!("{url}/x").parse().unwrap();
+            let uri = uri.clone();
             async move {
                 let res = bare.get(uri).await.unwrap();
                 res.into_body().collect().await.unwrap();

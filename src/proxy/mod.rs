@@ -39,6 +39,7 @@
 mod error;
 mod future;
 pub(crate) mod headers;
+mod pool;
 mod respond;
 mod service;
 
