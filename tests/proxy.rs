@@ -401,3 +401,85 @@ async fn end_to_end_through_a_front_server() {
         }
     }
 }
+
+#[tokio::test]
+async fn upstream_closing_after_each_response_is_handled() {
+    let (addr, conns) = one_shot_backend().await;
+    let mut fwd = Forward::<Body>::new(&format!("http://{addr}")).unwrap();
+    for _ in 0..5 {
+        let (status, _, body) = call(&mut fwd, Request::get("/").body(Body::default()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!((status, body.as_ref()), (StatusCode::OK, &b"ok"[..]));
+    }
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_each_get_a_connection() {
+    let be = echo_backend().await;
+    let fwd = Forward::<Body>::new(&be.url()).unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let mut fwd = fwd.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = Request::get(format!("/r{i}"))
+                .body(Body::default())
+                .unwrap();
+            let (status, _, body) = call(&mut fwd, req).await.unwrap();
+            assert_eq!(status, StatusCode::OK);
+            assert!(body.starts_with(format!("GET /r{i}\n").as_bytes()));
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let n = be.connections();
+    assert!((1..=64).contains(&n), "{n} connections for 64 requests");
+    // Afterwards the pool is warm: sequential requests open nothing new.
+    let mut fwd = fwd;
+    for _ in 0..10 {
+        call(&mut fwd, Request::get("/").body(Body::default()).unwrap())
+            .await
+            .unwrap();
+    }
+    assert_eq!(be.connections(), n);
+}
+
+#[tokio::test]
+async fn idle_connections_expire() {
+    let be = echo_backend().await;
+    let mut fwd: Forward<Body> = ForwardBuilder::new(be.url())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    call(&mut fwd, Request::get("/").body(Body::default()).unwrap())
+        .await
+        .unwrap();
+    call(&mut fwd, Request::get("/").body(Body::default()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(be.connections(), 1);
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(31)).await;
+    tokio::time::resume();
+    call(&mut fwd, Request::get("/").body(Body::default()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(be.connections(), 2, "the expired connection was not reused");
+}
+
+#[tokio::test]
+async fn max_idle_zero_disables_reuse() {
+    let be = echo_backend().await;
+    let mut fwd: Forward<Body> = ForwardBuilder::new(be.url())
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    for _ in 0..3 {
+        call(&mut fwd, Request::get("/").body(Body::default()).unwrap())
+            .await
+            .unwrap();
+    }
+    assert_eq!(be.connections(), 3);
+}
