@@ -1,5 +1,8 @@
-//! Overhead of the content chain when its first link answers, against the bare service,
-//! in-process (no sockets, so the figures are the layers' own cost).
+//! Overhead of the content chain when its first link answers, against the bare service:
+//! - `content_chain/first_link_answers/*`: in-process leaf services (no sockets), so the
+//!   figures are the layers' own cost;
+//! - `content_chain/over_forward/*`: the links are `Forward`s to a local HTTP backend, the
+//!   realistic case (a request through `Forward` alone vs through the chain).
 //!
 //! `cargo bench --bench content_chain -- --warm-up-time 1 --measurement-time 3`
 
@@ -110,5 +113,65 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+fn backend(rt: &tokio::runtime::Runtime) -> std::net::SocketAddr {
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_r| async {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    })
+}
+
+async fn drive_collect<S, B>(svc: &mut S)
+where
+    S: Service<Request<Body>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    use http_body_util::BodyExt;
+    let res = svc.ready().await.unwrap().call(request()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    res.into_body().collect().await.unwrap();
+}
+
+fn over_forward(c: &mut Criterion) {
+    use tower_patterns::proxy::Forward;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let first = format!("http://{}", backend(&rt));
+    let second = format!("http://{}", backend(&rt));
+    let cond: Condition = "404".parse().unwrap();
+    let mut g = c.benchmark_group("content_chain/over_forward");
+
+    let mut bare: Forward<Body> = Forward::new(&first).unwrap();
+    g.bench_function(BenchmarkId::from_parameter("bare_forward"), |b| {
+        b.iter(|| rt.block_on(drive_collect(&mut bare)))
+    });
+
+    let next: Forward<ReplayBody<Body>> = Forward::new(&second).unwrap();
+    let mut chain = ServiceBuilder::new()
+        .layer(ChainLayer::new())
+        .layer(FallbackLayer::new(cond, next))
+        .service(Forward::<ReplayBody<Body>>::new(&first).unwrap());
+    g.bench_function(BenchmarkId::from_parameter("chain_2_links"), |b| {
+        b.iter(|| rt.block_on(drive_collect(&mut chain)))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, over_forward);
 criterion_main!(benches);
