@@ -44,6 +44,10 @@ pub type LinkService<B> = BoxCloneSyncService<Request<ReplayBody<B>>, Response<B
 ///
 /// Everything else (loop guard, body replay, `502`/`504`, report header) is the
 /// [`ChainLayer`] given to [`LinkTableBuilder::chain`].
+///
+/// The table is always ready: each request clones its host's chain and waits for that
+/// chain's readiness in the response future, so a host whose service applies
+/// back-pressure does not block the other hosts.
 pub struct LinkTable<B> {
     inner: Arc<TableInner<B>>,
 }
