@@ -901,3 +901,41 @@ async fn skipped_body_is_dropped() {
         assert_eq!(body, "ok");
     }
 }
+
+/// A custom hop header is used by the edge and by every link.
+#[tokio::test]
+async fn custom_hop_header_is_counted_by_every_link() {
+    use tower::ServiceExt;
+    type Req = Request<ReplayBody<Full<Bytes>>>;
+    // Answers 404 with the hop count it saw in the body.
+    let seen = |req: Req| async move {
+        let hops = req.headers().get("x-hops").cloned();
+        let body = hops.map(|v| Bytes::copy_from_slice(v.as_bytes()));
+        let mut res = Response::new(Full::new(body.unwrap_or_default()));
+        *res.status_mut() = StatusCode::NOT_FOUND;
+        assert!(!req.headers().contains_key("x-chain-hops"));
+        Ok::<_, Infallible>(res)
+    };
+    let svc = ServiceBuilder::new()
+        .layer(
+            ChainLayer::new()
+                .hop_header(HeaderName::from_static("x-hops"))
+                .max_hops(5),
+        )
+        .layer(FallbackLayer::new(cond("404"), tower::service_fn(seen)))
+        .layer(FallbackLayer::new(cond("404"), tower::service_fn(seen)))
+        .service(tower::service_fn(seen));
+    let req = |hops: &str| {
+        Request::get("/")
+            .header("x-hops", hops)
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let res = svc.clone().oneshot(req("2")).await.unwrap();
+    let trail = res.extensions().get::<ChainHops>().unwrap().clone();
+    assert_eq!(trail.len(), 3);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "5", "third link sees 2 + 3");
+    let res = svc.oneshot(req("6")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::LOOP_DETECTED);
+}

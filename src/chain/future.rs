@@ -232,7 +232,7 @@ where
                 (None, Some(mut req)) => {
                     trace_hop(&hops, policy, &kind);
                     discard(res.into_body(), policy.drain_limit, policy.drain_timeout);
-                    bump_hops(&mut req);
+                    bump_hops(&mut req, hops.len());
                     Step::Hop(req, hops)
                 }
                 (reason, _) => {
@@ -268,7 +268,7 @@ where
             ) {
                 (None, Some(mut req)) => {
                     trace_hop(&hops, policy, &kind);
-                    bump_hops(&mut req);
+                    bump_hops(&mut req, hops.len());
                     Step::Hop(req, hops)
                 }
                 (reason, _) => {

@@ -357,15 +357,18 @@ pub(crate) fn hop_value(n: u32) -> HeaderValue {
     }
 }
 
-/// Sets the hop header of a request about to be sent to the next link: one more.
-pub(crate) fn bump_hops<B>(req: &mut Request<B>) {
+/// Sets the hop header of a request about to be sent to the next link. `req` is the copy
+/// of what the first link of this `Fallback` received; `tried` links were tried since
+/// (more than one when the primary is itself a chain), so the next one gets `+ tried`.
+pub(crate) fn bump_hops<B>(req: &mut Request<B>, tried: usize) {
     let name = match req.extensions().get::<HopHeader>() {
         Some(h) => h.0.clone(),
         None => HeaderName::from_static(DEFAULT_HOP_HEADER),
     };
     let n = incoming_hops(req.headers(), &name);
+    let tried = u32::try_from(tried).unwrap_or(u32::MAX);
     req.headers_mut()
-        .insert(name, hop_value(n.saturating_add(1)));
+        .insert(name, hop_value(n.saturating_add(tried)));
 }
 
 /// `true` when `err` says the request surely never reached the link (connecting failed),
@@ -445,14 +448,14 @@ mod tests {
     #[test]
     fn bump_uses_the_configured_header() {
         let mut req = Request::new(());
-        bump_hops(&mut req);
+        bump_hops(&mut req, 1);
         assert_eq!(req.headers()[DEFAULT_HOP_HEADER], "1");
-        bump_hops(&mut req);
-        assert_eq!(req.headers()[DEFAULT_HOP_HEADER], "2");
+        bump_hops(&mut req, 2);
+        assert_eq!(req.headers()[DEFAULT_HOP_HEADER], "3");
         let mut req = Request::new(());
         req.extensions_mut()
             .insert(HopHeader(HeaderName::from_static("x-other")));
-        bump_hops(&mut req);
+        bump_hops(&mut req, 1);
         assert_eq!(req.headers()["x-other"], "1");
         assert!(!req.headers().contains_key(DEFAULT_HOP_HEADER));
     }
