@@ -171,6 +171,11 @@ where
         // Only the primary: the next link is cloned and made ready if a hop happens.
         self.primary.poll_ready(cx).map_err(|e| {
             let e: BoxError = e.into();
+            // A nested link's readiness error is already a ChainError: pass it on.
+            let e = match e.downcast::<super::ChainError>() {
+                Ok(ce) => return *ce,
+                Err(e) => e,
+            };
             let kind = crate::classify::error_kind(&*e);
             let hop = Hop::new(self.policy.primary_name.clone(), HopResult::Error(kind));
             let mut hops = ChainHops::new(hop);
