@@ -16,6 +16,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
+use tower_patterns::body::ReplayBody;
+use tower_patterns::chain::{ChainLayer, LinkTable};
 use tower_patterns::classify::{Classifier, Classify, Condition};
 use tower_patterns::proxy::{ErrorResponseLayer, ForwardBuilder};
 use tower_patterns::{server, BoxError};
@@ -117,10 +119,41 @@ async fn foundation() -> Result<(), BoxError> {
     Ok(())
 }
 
+async fn content_chain() -> Result<(), BoxError> {
+    section("chain: STON virtual-host link, foo.com -(404)-> bar.com");
+    let storage = start(backend("storage")).await?;
+    let origin = start(backend("origin")).await?;
+    let fwd = ForwardBuilder::new(format!("http://{storage}")).build::<ReplayBody<Incoming>>()?;
+    let to_origin = fwd.to(&format!("http://{origin}"))?;
+    let table = LinkTable::builder()
+        .vhost("foo.com", fwd)
+        .vhost("bar.com", to_origin)
+        .link("foo.com", "404".parse()?, "bar.com")
+        .chain(ChainLayer::new().report_header(http::HeaderName::from_static("x-content-chain")))
+        .build()?;
+    let front = start(table).await?;
+    for path in ["/logo.png", "/missing"] {
+        let (status, body) = get(front, path, "foo.com").await?;
+        println!("  GET foo.com{path} -> {} {body:?}", status.as_u16());
+    }
+    let refused = LinkTable::<Incoming>::builder()
+        .vhost(
+            "foo.com",
+            ForwardBuilder::new(format!("http://{storage}")).build::<ReplayBody<Incoming>>()?,
+        )
+        .link("foo.com", "404".parse()?, "foo.com")
+        .build();
+    if let Err(e) = refused {
+        println!("  foo.com -> foo.com is refused: {e}");
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     println!("tower-patterns tour (all servers on 127.0.0.1, free ports)");
     foundation().await?;
+    content_chain().await?;
     println!("\ntour finished");
     Ok(())
 }
