@@ -158,7 +158,8 @@ async fn object_store_sink_against_s3s_fs() {
         .prefix("edge")
         .unwrap()
         .part_size(5 << 20);
-    let layer = TeeLayer::new(sink);
+    // The loopback origin is faster than any upload: give the sink room for the body.
+    let layer = TeeLayer::builder().sink(sink).buffer(32 << 20).build();
     let mut events = Events::new(layer.subscribe());
     let edge = edge(origin().await, layer.clone()).await;
 
@@ -209,7 +210,12 @@ async fn object_store_sink_against_s3s_fs() {
 #[tokio::test]
 async fn object_store_sink_never_stores_a_truncated_body() {
     let s3 = start_s3().await;
-    let layer = TeeLayer::new(ObjectStoreSink::new(s3.store.clone()).part_size(5 << 20));
+    // A buffer larger than what is sent: the abort must come from the truncation, not
+    // from the sink falling behind the loopback origin.
+    let layer = TeeLayer::builder()
+        .sink(ObjectStoreSink::new(s3.store.clone()).part_size(5 << 20))
+        .buffer(64 << 20)
+        .build();
     let mut events = Events::new(layer.subscribe());
     // Small (single PUT path) and large (multipart path, two parts already uploaded).
     for (declared, sent, key) in [

@@ -159,6 +159,7 @@ async fn failing_sink_is_dropped_and_others_commit() {
             aborted: aborted.clone(),
         })
         .sink(FsSink::new(dir.path()).fsync(FsyncPolicy::Never))
+        .buffer(16 << 20)
         .build();
     let mut events = Events::new(layer.subscribe());
     let stats = layer.stats().clone();
