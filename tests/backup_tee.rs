@@ -66,7 +66,7 @@ async fn edge(origin: SocketAddr, layer: TeeLayer) -> SocketAddr {
 #[tokio::test]
 async fn large_body_streams_through_with_bounded_buffers() {
     const SIZE: u64 = 256 << 20;
-    const BUFFER: usize = 1 << 20;
+    const BUFFER: usize = 4 << 20;
     let origin = origin(Arc::default()).await;
     let counting = CountingSink::default();
     let layer = TeeLayer::builder()
@@ -97,10 +97,10 @@ async fn large_body_streams_through_with_bounded_buffers() {
         "sink got wrong bytes"
     );
     let snap = stats.snapshot();
-    // Never more than the sink's buffer plus one chunk was held for it.
+    // Never more than the sink's buffer was held for it (chunks are far smaller).
     assert!(snap.tee.peak_buffered > 0);
     assert!(
-        snap.tee.peak_buffered <= BUFFER + 2 * CHUNK,
+        snap.tee.peak_buffered <= BUFFER,
         "peak {} bytes",
         snap.tee.peak_buffered
     );
@@ -117,7 +117,7 @@ async fn stalled_sink_does_not_hold_the_client_back() {
     let layer = TeeLayer::builder()
         .sink(StalledSink { gate })
         .sink(mem.clone())
-        .buffer(1 << 20)
+        .buffer(4 << 20)
         .build();
     let mut events = Events::new(layer.subscribe());
     let stats = layer.stats().clone();
@@ -140,7 +140,7 @@ async fn stalled_sink_does_not_hold_the_client_back() {
     assert!(
         matches!(
             ev.outcome,
-            BackupOutcome::Aborted(AbortReason::Overflow { limit: 1048576 })
+            BackupOutcome::Aborted(AbortReason::Overflow { limit: 4194304 })
         ),
         "{:?}",
         ev.outcome
