@@ -45,7 +45,7 @@
 
 use std::fmt;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -188,7 +188,10 @@ impl TeeStats {
 
     fn add_buffered(&self, n: usize) {
         let now = self.buffered.fetch_add(n, Ordering::Relaxed) + n;
-        self.peak_buffered.fetch_max(now, Ordering::Relaxed);
+        // A plain load first: the read-modify-write only happens on a new peak.
+        if now > self.peak_buffered.load(Ordering::Relaxed) {
+            self.peak_buffered.fetch_max(now, Ordering::Relaxed);
+        }
     }
 
     fn sub_buffered(&self, n: usize) {
@@ -207,6 +210,8 @@ struct Shared {
     buffered: AtomicUsize,
     /// Wakes a draining tee when the sink released bytes or went away.
     released: Notify,
+    /// Set when a drain may wait on `released`; until then releases skip the notify.
+    draining: AtomicBool,
     limit: usize,
     /// Set once by the tee that takes the outlet.
     stats: std::sync::OnceLock<Arc<TeeStats>>,
@@ -246,6 +251,7 @@ pub fn outlet(buffer: usize) -> (Outlet, Inlet) {
     let shared = Arc::new(Shared {
         buffered: AtomicUsize::new(0),
         released: Notify::new(),
+        draining: AtomicBool::new(false),
         limit: buffer,
         stats: std::sync::OnceLock::new(),
     });
@@ -294,11 +300,13 @@ impl Inlet {
         if n == 0 {
             return;
         }
-        self.shared.buffered.fetch_sub(n, Ordering::AcqRel);
+        self.shared.buffered.fetch_sub(n, Ordering::SeqCst);
         if let Some(s) = self.shared.stats.get() {
             s.sub_buffered(n);
         }
-        self.shared.released.notify_one();
+        if self.shared.draining.load(Ordering::SeqCst) {
+            self.shared.released.notify_one();
+        }
     }
 
     fn release_held(&mut self) {
@@ -370,12 +378,14 @@ impl Outlet {
     /// Queues `chunk`, waiting while the sink's buffer is full (drain mode only).
     async fn send_waiting(&mut self, chunk: &Bytes) -> bool {
         let len = chunk.len();
+        // Set before reading the count, so a release after the read always notifies.
+        self.shared.draining.store(true, Ordering::SeqCst);
         loop {
             if !self.is_open() {
                 self.tx = None;
                 return false;
             }
-            let cur = self.shared.buffered.load(Ordering::Acquire);
+            let cur = self.shared.buffered.load(Ordering::SeqCst);
             if cur == 0 || cur + len <= self.shared.limit {
                 break;
             }
