@@ -874,3 +874,33 @@ async fn cache_over_http_fills_through_the_tee_and_purges() {
     assert_eq!(get(edge, "/big").await.headers()["x-cache"], "MISS");
     assert_eq!(hits.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn client_disconnect_drain_time_cap_aborts() {
+    use tower_patterns::body::tee::{outlet, Next, TeeBody, TeeOptions};
+    // An upstream that sends one chunk and then stalls forever.
+    let (tx, rx) = mpsc::channel::<Bytes>(1);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let b = rx.recv().await?;
+        Some((Ok::<_, Infallible>(Frame::data(b)), rx))
+    });
+    let (out, mut inlet) = outlet(1 << 20);
+    let opts = TeeOptions {
+        expected_len: Some(1 << 20),
+        on_disconnect: DisconnectPolicy::Finish {
+            max_bytes: 1 << 30,
+            max_time: Duration::from_secs(60),
+        },
+        stats: None,
+    };
+    let mut body = TeeBody::new(StreamBody::new(stream), vec![out], &opts);
+    tx.send(Bytes::from_static(b"first")).await.unwrap();
+    assert!(body.frame().await.unwrap().unwrap().is_data());
+    drop(body); // the client leaves; a drain task takes over
+    assert_eq!(inlet.next().await, Next::Data(Bytes::from_static(b"first")));
+    // Nothing more arrives: after the 60 s cap the copy is aborted (paused clock).
+    let started = tokio::time::Instant::now();
+    assert_eq!(inlet.next().await, Next::Abort(AbortReason::DrainLimit));
+    assert_eq!(started.elapsed(), Duration::from_secs(60));
+    drop(tx);
+}
