@@ -7,6 +7,7 @@
 //! | failure classification (shared) | [`classify`] | — | `docs/foundation.md` |
 //! | replayable request bodies (shared) | [`body::replay`] | — | `docs/foundation.md` |
 //! | forwarding to an upstream (shared) | [`proxy`] | `reverse_proxy_min`, `tour` | `docs/foundation.md` |
+//! | service discovery, self-registration, path routing | [`discovery`], [`route`] | `dynamic_balancer` | `docs/discovery.md` |
 //!
 //! Every layer uses [`classify`] to decide what a failure is, so "5xx and transport errors"
 //! is configured the same way for every pattern.
@@ -33,8 +34,10 @@
 
 pub mod body;
 pub mod classify;
+pub mod discovery;
 pub mod gate;
 pub mod proxy;
+pub mod route;
 pub mod server;
 
 /// A type-erased error, as in tower.
