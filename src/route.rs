@@ -8,7 +8,6 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use tower::ServiceExt;
 //! use tower_patterns::discovery::{Instance, MemoryRegistry, Selector, Watcher};
 //! use tower_patterns::proxy::ForwardBuilder;
 //! use tower_patterns::route::{Backend, RouteTable};
@@ -24,10 +23,7 @@
 //!         let forward = forward.clone();
 //!         let discover = watcher.discover(move |i: &Instance| forward.to(&i.http_uri()));
 //!         // Any balancer over a `Discover` fits; it must be `Clone` (wrap it in a `Buffer`).
-//!         let balance = tower::balance::p2c::Balance::new(tower::load::Constant::new(
-//!             discover.map_ok(|c| c), // keep the Discover as is
-//!             1,
-//!         ));
+//!         let balance = tower::balance::p2c::Balance::new(tower::load::Constant::new(discover, 1));
 //!         Backend::new(tower::buffer::Buffer::new(balance, 1024), watcher)
 //!     })?;
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
@@ -41,7 +37,7 @@
 //! | path matches no prefix | `404 Not Found` |
 //! | service has no instance (none registered, all expired) | `502 Bad Gateway`, body names the service |
 //! | registry unreachable | the last known instances keep serving (fail-static) |
-//! | upstream error | `502` / `504` from [`error_response`](crate::proxy::error_response) |
+//! | upstream error | `502` / `504` from [`crate::proxy::error_response`] |
 
 use std::convert::Infallible;
 use std::fmt;
@@ -139,7 +135,7 @@ impl RouteTable {
             });
         }
         // Longest prefix first, so the first match is the best one.
-        routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         Ok(Router {
             routes: routes.into(),
             backends: backends.into(),

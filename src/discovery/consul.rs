@@ -489,10 +489,10 @@ async fn follow(reg: ConsulRegistry, service: String, tx: mpsc::Sender<RegistryE
                 } else {
                     new_index.max(1)
                 };
-                if fresh || new_index != index {
-                    if tx.send(RegistryEvent::Snapshot(list)).await.is_err() {
-                        return;
-                    }
+                if (fresh || new_index != index)
+                    && tx.send(RegistryEvent::Snapshot(list)).await.is_err()
+                {
+                    return;
                 }
                 fresh = false;
                 index = next;

@@ -204,6 +204,7 @@ impl<R: Registry + ?Sized> Registry for Arc<R> {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Backoff {
     next: Duration,
+    #[cfg_attr(not(any(feature = "etcd", feature = "consul")), allow(dead_code))]
     base: Duration,
     max: Duration,
 }
@@ -221,6 +222,7 @@ impl Backoff {
         self.next = (self.next * 2).min(self.max);
         d
     }
+    #[cfg_attr(not(any(feature = "etcd", feature = "consul")), allow(dead_code))]
     pub(crate) fn reset(&mut self) {
         self.next = self.base;
     }
