@@ -196,7 +196,7 @@ struct Route {
 /// [`RouteTable::build`]. Never fails: errors become `404`/`502`/`504` responses.
 ///
 /// The backend service is cloned per request (`oneshot`), so it must be `Clone`; wrap a
-/// balancer that is not in [`tower::buffer::Buffer`].
+/// balancer that is not in `tower::buffer::Buffer`.
 pub struct Router<S> {
     routes: Arc<[Route]>,
     backends: Arc<[Backend<S>]>,
