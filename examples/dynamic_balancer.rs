@@ -211,8 +211,8 @@ async fn run(registry: Arc<dyn Registry>) -> Result<(), BoxError> {
         .route("/", "webapp-service")
         .build(|service| {
             let watcher = Watcher::new(&registry, service, Selector::any().tag(service));
-            let template = template.clone();
-            let discover = watcher.discover(move |i: &Instance| template.to(&i.http_uri()));
+            // Each instance becomes a `Forward` to it, sharing the template's pool.
+            let discover = watcher.discover(template.clone());
             let (balanced, worker) = tower::buffer::Buffer::pair(RoundRobin::new(discover), 256);
             tokio::spawn(worker);
             Backend::new(balanced, watcher)

@@ -8,7 +8,7 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use tower_patterns::discovery::{Instance, MemoryRegistry, Selector, Watcher};
+//! use tower_patterns::discovery::{MemoryRegistry, Selector, Watcher};
 //! use tower_patterns::proxy::ForwardBuilder;
 //! use tower_patterns::route::{Backend, RouteTable};
 //!
@@ -20,8 +20,8 @@
 //!     .route("/", "webapp-service")
 //!     .build(|service| {
 //!         let watcher = Watcher::new(&registry, service, Selector::any());
-//!         let forward = forward.clone();
-//!         let discover = watcher.discover(move |i: &Instance| forward.to(&i.http_uri()));
+//!         // Each instance becomes a `Forward` sharing the template's connection pool.
+//!         let discover = watcher.discover(forward.clone());
 //!         // Any balancer over a `Discover` fits; it must be `Clone` (wrap it in a `Buffer`).
 //!         let balance = tower::balance::p2c::Balance::new(tower::load::Constant::new(discover, 1));
 //!         Backend::new(tower::buffer::Buffer::new(balance, 1024), watcher)

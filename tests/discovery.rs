@@ -1,7 +1,7 @@
 //! Memory registry semantics (paused time), the Discover adapter, fail-static watchers,
 //! a tower balancer following the registry, and path routing with 502.
 
-mod support;
+mod discovery_support;
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -19,7 +19,7 @@ use tower_patterns::discovery::{
 };
 use tower_patterns::route::{Backend, RouteError, RouteTable};
 
-use support::{balanced, client, get, serve, until, within};
+use discovery_support::{balanced, client, get, serve, until, within};
 
 fn inst(service: &str, id: &str, port: u16) -> Instance {
     Instance::new(service, id, "127.0.0.1", port)
@@ -365,8 +365,8 @@ async fn watcher_is_fail_static_and_reports_staleness() {
 async fn tower_balancer_follows_the_registry() {
     use tower::ServiceExt;
     let reg = MemoryRegistry::new();
-    let b1 = support::Backend::start("one").await;
-    let b2 = support::Backend::start("two").await;
+    let b1 = discovery_support::Backend::start("one").await;
+    let b2 = discovery_support::Backend::start("two").await;
     let watcher = Watcher::new(&reg, "api", Selector::any());
     let balance = balanced(&watcher);
     let router_addr = serve(tower::service_fn(move |req| balance.clone().oneshot(req))).await;
@@ -404,9 +404,9 @@ async fn tower_balancer_follows_the_registry() {
 #[tokio::test]
 async fn router_answers_502_without_instances_and_routes_by_longest_prefix() {
     let reg = MemoryRegistry::new();
-    let api = support::Backend::start("api").await;
-    let web = support::Backend::start("web").await;
-    let admin = support::Backend::start("admin").await;
+    let api = discovery_support::Backend::start("api").await;
+    let web = discovery_support::Backend::start("web").await;
+    let admin = discovery_support::Backend::start("admin").await;
     let router = RouteTable::new()
         .route("/api", "api-service")
         .route("/", "webapp-service")

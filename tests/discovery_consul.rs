@@ -5,7 +5,7 @@
 //! `X-Consul-Index`).
 #![cfg(feature = "consul")]
 
-mod support;
+mod discovery_support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -27,7 +27,7 @@ use tower_patterns::discovery::{
     ConsulRegistry, Instance, Registration, Registry, Selector, Watcher,
 };
 
-use support::{until, within};
+use discovery_support::{until, within};
 
 // ---------------------------------------------------------------------------------------
 // A local agent following Consul's documented HTTP API.

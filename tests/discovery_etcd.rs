@@ -2,7 +2,7 @@
 //! test on free ports with a temporary data directory.
 #![cfg(feature = "etcd")]
 
-mod support;
+mod discovery_support;
 
 use std::collections::HashSet;
 use std::net::TcpListener;
@@ -16,7 +16,7 @@ use tower_patterns::discovery::{
     EtcdRegistry, Instance, Registration, Registry, Selector, Watcher,
 };
 
-use support::{balanced, client, get, serve, until, within};
+use discovery_support::{balanced, client, get, serve, until, within};
 
 /// One etcd member on 127.0.0.1.
 struct Etcd {
@@ -322,8 +322,8 @@ async fn etcd_revoked_lease_is_registered_again() {
 async fn etcd_down_keeps_last_instances_and_traffic_flows() {
     let mut etcd = Etcd::start().await;
     let reg = registry(&etcd).await;
-    let b1 = support::Backend::start("one").await;
-    let b2 = support::Backend::start("two").await;
+    let b1 = discovery_support::Backend::start("one").await;
+    let b2 = discovery_support::Backend::start("two").await;
     let watcher = Watcher::new(&reg, "api-service", Selector::any());
     let balance = balanced(&watcher);
     let addr = serve(tower::service_fn(move |req| balance.clone().oneshot(req))).await;
@@ -365,8 +365,8 @@ async fn etcd_down_keeps_last_instances_and_traffic_flows() {
 async fn etcd_balancer_follows_changes() {
     let etcd = Etcd::start().await;
     let reg = registry(&etcd).await;
-    let b1 = support::Backend::start("one").await;
-    let b2 = support::Backend::start("two").await;
+    let b1 = discovery_support::Backend::start("one").await;
+    let b2 = discovery_support::Backend::start("two").await;
     let watcher = Watcher::new(&reg, "api-service", Selector::any());
     let balance = balanced(&watcher);
     let addr = serve(tower::service_fn(move |req| balance.clone().oneshot(req))).await;

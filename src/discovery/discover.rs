@@ -9,6 +9,45 @@ use futures_util::stream::{self, BoxStream, Stream, StreamExt};
 use tower::discover::Change;
 
 use super::{DiscoveryError, Instance, Watcher};
+use crate::proxy::{Forward, ForwardError};
+
+/// Makes the endpoint service for an [`Instance`].
+///
+/// Implemented for closures `FnMut(&Instance) -> Result<S, E>` and for
+/// [`Forward`] (a `Forward` to the instance's `http://address:port`, sharing the
+/// template's connection pool), which gives a nameable `ServiceDiscover<Forward<B>>`.
+pub trait MakeEndpoint {
+    /// The endpoint service.
+    type Service;
+    /// Why an endpoint could not be made (logged; the instance is left out).
+    type Error: fmt::Display;
+    /// Makes the endpoint for `instance`.
+    fn make_endpoint(&mut self, instance: &Instance) -> Result<Self::Service, Self::Error>;
+}
+
+impl<F, S, E> MakeEndpoint for F
+where
+    F: FnMut(&Instance) -> Result<S, E>,
+    E: fmt::Display,
+{
+    type Service = S;
+    type Error = E;
+    fn make_endpoint(&mut self, instance: &Instance) -> Result<S, E> {
+        self(instance)
+    }
+}
+
+impl<B> MakeEndpoint for Forward<B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+{
+    type Service = Forward<B>;
+    type Error = ForwardError;
+    fn make_endpoint(&mut self, instance: &Instance) -> Result<Forward<B>, ForwardError> {
+        self.to(&instance.http_uri())
+    }
+}
 
 /// The instances of a [`Watcher`] as a stream of [`Change`]s, i.e. a
 /// [`tower::discover::Discover`] keyed by instance id.
@@ -21,19 +60,19 @@ use super::{DiscoveryError, Instance, Watcher};
 /// out (and removed if an older version of it was in).
 ///
 /// The stream ends only if the watcher's registry stream ends.
-pub struct ServiceDiscover<F, S> {
+pub struct ServiceDiscover<M: MakeEndpoint> {
     watcher: Watcher,
     changes: BoxStream<'static, ()>,
     primed: bool,
     current: HashMap<String, Instance>,
-    pending: VecDeque<Change<String, S>>,
-    make: F,
+    pending: VecDeque<Change<String, M::Service>>,
+    make: M,
 }
 
 // Nothing is pinned structurally: the endpoint services only sit in a queue.
-impl<F, S> Unpin for ServiceDiscover<F, S> {}
+impl<M: MakeEndpoint> Unpin for ServiceDiscover<M> {}
 
-impl<F, S> fmt::Debug for ServiceDiscover<F, S> {
+impl<M: MakeEndpoint> fmt::Debug for ServiceDiscover<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServiceDiscover")
             .field("service", &self.watcher.service())
@@ -43,13 +82,9 @@ impl<F, S> fmt::Debug for ServiceDiscover<F, S> {
     }
 }
 
-impl<F, S, E> ServiceDiscover<F, S>
-where
-    F: FnMut(&Instance) -> Result<S, E>,
-    E: fmt::Display,
-{
+impl<M: MakeEndpoint> ServiceDiscover<M> {
     /// Follows `watcher`, making endpoint services with `make`.
-    pub fn new(watcher: Watcher, make: F) -> Self {
+    pub fn new(watcher: Watcher, make: M) -> Self {
         // Subscribe before the first diff so no change between them is missed.
         let rx = watcher.subscribe();
         let changes = stream::unfold(rx, |mut rx| async move {
@@ -88,7 +123,7 @@ where
             if self.current.get(&inst.id) == Some(inst) {
                 continue;
             }
-            match (self.make)(inst) {
+            match self.make.make_endpoint(inst) {
                 Ok(svc) => {
                     self.current.insert(inst.id.clone(), inst.clone());
                     self.pending.push_back(Change::Insert(inst.id.clone(), svc));
@@ -104,12 +139,8 @@ where
     }
 }
 
-impl<F, S, E> Stream for ServiceDiscover<F, S>
-where
-    F: FnMut(&Instance) -> Result<S, E>,
-    E: fmt::Display,
-{
-    type Item = Result<Change<String, S>, DiscoveryError>;
+impl<M: MakeEndpoint> Stream for ServiceDiscover<M> {
+    type Item = Result<Change<String, M::Service>, DiscoveryError>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();

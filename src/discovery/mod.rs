@@ -65,7 +65,7 @@ pub mod consul;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 
-pub use discover::ServiceDiscover;
+pub use discover::{MakeEndpoint, ServiceDiscover};
 pub use error::DiscoveryError;
 pub use instance::{Instance, Selector};
 pub use memory::MemoryRegistry;

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{Instance, Registry, RegistryEvent, Selector, ServiceDiscover};
+use super::{Instance, MakeEndpoint, Registry, RegistryEvent, Selector, ServiceDiscover};
 
 /// What a [`Watcher`] knows about a service at one moment.
 #[derive(Debug, Clone)]
@@ -193,13 +193,10 @@ impl Watcher {
     }
 
     /// A [`tower::discover::Discover`] of this service's instances: `make` turns an
-    /// [`Instance`] into the endpoint service (for example
-    /// `|i| forward.to(&i.http_uri())`). Keys are instance ids.
-    pub fn discover<F, S, E>(&self, make: F) -> ServiceDiscover<F, S>
-    where
-        F: FnMut(&Instance) -> Result<S, E>,
-        E: fmt::Display,
-    {
+    /// [`Instance`] into the endpoint service: a closure, or a
+    /// [`Forward`](crate::proxy::Forward) template (each endpoint is `template.to(instance)`).
+    /// Keys are instance ids.
+    pub fn discover<M: MakeEndpoint>(&self, make: M) -> ServiceDiscover<M> {
         ServiceDiscover::new(self.clone(), make)
     }
 }

@@ -14,7 +14,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tower_patterns::discovery::{Instance, Watcher};
+use tower_patterns::discovery::Watcher;
 use tower_patterns::proxy::{Forward, ForwardBuilder};
 use tower_patterns::BoxError;
 
@@ -103,24 +103,14 @@ pub fn forward() -> Forward<Incoming> {
 pub type Balanced = tower::buffer::Buffer<
     Request<Incoming>,
     <tower::balance::p2c::Balance<
-        tower::load::Constant<
-            tower_patterns::discovery::ServiceDiscover<MakeForward, Forward<Incoming>>,
-            usize,
-        >,
+        tower::load::Constant<tower_patterns::discovery::ServiceDiscover<Forward<Incoming>>, usize>,
         Request<Incoming>,
     > as tower::Service<Request<Incoming>>>::Future,
 >;
 
-pub type MakeForward = Box<
-    dyn FnMut(&Instance) -> Result<Forward<Incoming>, tower_patterns::proxy::ForwardError>
-        + Send
-        + Sync,
->;
-
 pub fn balanced(watcher: &Watcher) -> Balanced {
-    let template = forward();
-    let make: MakeForward = Box::new(move |i: &Instance| template.to(&i.http_uri()));
-    let discover = watcher.discover(make);
+    // Each instance becomes a `Forward` sharing the template's connection pool.
+    let discover = watcher.discover(forward());
     let balance = tower::balance::p2c::Balance::new(tower::load::Constant::new(discover, 1usize));
     tower::buffer::Buffer::new(balance, 1024)
 }
