@@ -13,18 +13,13 @@
 //! is configured the same way for every pattern.
 //!
 //! ```no_run
-//! use tower_patterns::proxy::{error_response, ForwardBuilder};
-//! use tower::ServiceExt;
+//! use tower::ServiceBuilder;
+//! use tower_patterns::proxy::{ErrorResponseLayer, ForwardBuilder};
 //!
 //! # async fn run() -> Result<(), tower_patterns::BoxError> {
 //! let forward = ForwardBuilder::new("http://127.0.0.1:3000").build::<hyper::body::Incoming>()?;
 //! // Answer 502/504 instead of dropping the connection when the upstream fails.
-//! let svc = forward.then(|res| async move {
-//!     Ok::<_, std::convert::Infallible>(match res {
-//!         Ok(res) => res.map(tower_patterns::body::boxed),
-//!         Err(e) => error_response(&e).map(tower_patterns::body::boxed),
-//!     })
-//! });
+//! let svc = ServiceBuilder::new().layer(ErrorResponseLayer).service(forward);
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
 //! tower_patterns::server::serve(listener, svc).await?;
 //! # Ok(()) }
@@ -42,3 +37,8 @@ pub mod server;
 
 /// A type-erased error, as in tower.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+// Compiles the README's snippets as doc tests so they cannot rot.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

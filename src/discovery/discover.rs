@@ -39,8 +39,9 @@ where
 
 impl<B> MakeEndpoint for Forward<B>
 where
-    B: http_body::Body + Send + 'static,
+    B: http_body::Body + Send + Unpin + 'static,
     B::Data: Send,
+    B::Error: Into<crate::BoxError>,
 {
     type Service = Forward<B>;
     type Error = ForwardError;
