@@ -402,3 +402,143 @@ async fn etcd_balancer_follows_changes() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// A registering *process*: this test binary re-executed with `--ignored --exact
+// registering_child`. It registers in etcd, prints `CHILD-READY`, waits for SIGINT/SIGTERM
+// with `shutdown_signal`, deregisters and prints `CHILD-DEREGISTERED`.
+
+const CHILD_ENV: &str = "DISCOVERY_TEST_CHILD_ETCD";
+
+#[tokio::test]
+#[ignore = "entry point of the child process used by the signal and crash tests"]
+async fn registering_child() {
+    let Ok(url) = std::env::var(CHILD_ENV) else {
+        // Only meaningful as the child of the signal/crash tests.
+        eprintln!("registering_child is started by the signal and crash tests; nothing to do");
+        return;
+    };
+    let port: u16 = std::env::var("DISCOVERY_TEST_CHILD_PORT")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let reg = EtcdRegistry::builder([url])
+        .prefix("/test/services")
+        .connect()
+        .await
+        .unwrap();
+    let ttl_ms: u64 = std::env::var("DISCOVERY_TEST_CHILD_TTL_MS")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let ttl = Duration::from_millis(ttl_ms);
+    let guard = Registration::new(reg, inst("api-service", "child", port), ttl)
+        .await
+        .unwrap();
+    let signal = tower_patterns::discovery::shutdown_signal();
+    tokio::pin!(signal);
+    // Poll once so the signal handlers are installed before the parent is told we are up.
+    tokio::select! {
+        biased;
+        () = &mut signal => unreachable!("no signal yet"),
+        () = async {} => {}
+    }
+    println!("CHILD-READY");
+    signal.await;
+    guard.deregister().await.unwrap();
+    println!("CHILD-DEREGISTERED");
+}
+
+async fn spawn_child(
+    etcd: &Etcd,
+    ttl: Duration,
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "registering_child",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(CHILD_ENV, etcd.url())
+        .env("DISCOVERY_TEST_CHILD_PORT", "8123")
+        .env("DISCOVERY_TEST_CHILD_TTL_MS", ttl.as_millis().to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    within("child registered", async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("CHILD-READY") {
+                return;
+            }
+        }
+        panic!("child exited before registering");
+    })
+    .await;
+    (child, lines)
+}
+
+#[tokio::test]
+async fn etcd_process_deregisters_on_sigterm() {
+    let etcd = Etcd::start().await;
+    let reg = registry(&etcd).await;
+    let watcher = Watcher::new(&reg, "api-service", Selector::any());
+    // A 30 s lease: only the deregistration explains a removal within the test.
+    let (mut child, mut lines) = spawn_child(&etcd, Duration::from_secs(30)).await;
+    within("listed", watcher.wait_until(|s| s.len() == 1)).await;
+
+    let pid = child.id().unwrap().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+    within("child deregistered", async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("CHILD-DEREGISTERED") {
+                return;
+            }
+        }
+        panic!("child exited without deregistering");
+    })
+    .await;
+    assert!(within("child exits", child.wait()).await.unwrap().success());
+    // Gone at once, not after the 30 s lease.
+    assert!(reg.instances("api-service").await.unwrap().is_empty());
+    within("watcher follows", watcher.wait_until(|s| s.is_empty())).await;
+}
+
+#[tokio::test]
+async fn etcd_killed_process_expires_with_its_lease() {
+    let etcd = Etcd::start().await;
+    let reg = registry(&etcd).await;
+    let watcher = Watcher::new(&reg, "api-service", Selector::any());
+    let (mut child, _lines) = spawn_child(&etcd, TTL).await;
+    within("listed", watcher.wait_until(|s| s.len() == 1)).await;
+    // SIGKILL: no deregistration, no more keepalive.
+    child.kill().await.unwrap();
+    let mut raw = etcd_client::Client::connect([etcd.url()], None)
+        .await
+        .unwrap();
+    let kv = raw
+        .get("/test/services/api-service/child", None)
+        .await
+        .unwrap();
+    let lease = kv.kvs()[0].lease();
+    assert_eq!(
+        raw.lease_time_to_live(lease, None)
+            .await
+            .unwrap()
+            .granted_ttl(),
+        2
+    );
+    // etcd removes it when the lease runs out.
+    within("lease expiry", watcher.wait_until(|s| s.is_empty())).await;
+    assert!(reg.instances("api-service").await.unwrap().is_empty());
+}
