@@ -39,7 +39,7 @@ fn route(c: &mut Criterion) {
         .route("/api", "api-service")
         .route("/api/admin", "admin-service")
         .route("/", "webapp-service")
-        .build(|_| Backend::fixed(leaf()))
+        .build(|_, _| Backend::fixed(leaf()))
         .unwrap();
     let axum = axum::Router::new()
         .nest_service("/api/admin", leaf())

@@ -31,7 +31,7 @@ use tokio::sync::oneshot;
 use tower::discover::{Change, Discover};
 use tower::Service;
 use tower_patterns::discovery::{
-    shutdown_signal, Instance, MemoryRegistry, Registration, Registry, Selector, Watcher,
+    shutdown_signal, Instance, MemoryRegistry, Registration, Registry, Watcher,
 };
 use tower_patterns::proxy::{Forward, ForwardBuilder};
 use tower_patterns::route::{Backend, RouteTable, Router};
@@ -209,8 +209,9 @@ async fn run(registry: Arc<dyn Registry>) -> Result<(), BoxError> {
     let router = RouteTable::new()
         .route("/api", "api-service")
         .route("/", "webapp-service")
-        .build(|service| {
-            let watcher = Watcher::new(&registry, service, Selector::any().tag(service));
+        .build(|service, selector| {
+            // The seed looks instances up by tag: require the service's own tag too.
+            let watcher = Watcher::new(&registry, service, selector.clone().tag(service));
             // Each instance becomes a `Forward` to it, sharing the template's pool.
             let discover = watcher.discover(template.clone());
             let (balanced, worker) = tower::buffer::Buffer::pair(RoundRobin::new(discover), 256);

@@ -18,8 +18,8 @@
 //! let router = RouteTable::new()
 //!     .route("/api", "api-service")
 //!     .route("/", "webapp-service")
-//!     .build(|service| {
-//!         let watcher = Watcher::new(&registry, service, Selector::any());
+//!     .build(|service, selector| {
+//!         let watcher = Watcher::new(&registry, service, selector.clone());
 //!         // Each instance becomes a `Forward` sharing the template's connection pool.
 //!         let discover = watcher.discover(forward.clone());
 //!         // Any balancer over a `Discover` fits; it must be `Clone` (wrap it in a `Buffer`).
@@ -35,6 +35,7 @@
 //! |---|---|
 //! | path starts with several prefixes | the longest prefix wins (nginx `location` prefix rule; plain string prefix) |
 //! | path matches no prefix | `404 Not Found` |
+//! | route with a [`Selector`] (`route_to`) | only the instances it accepts (version-aware routing) |
 //! | service has no instance (none registered, all expired) | `502 Bad Gateway`, body names the service |
 //! | registry unreachable | the last known instances keep serving (fail-static) |
 //! | upstream error | `502` / `504` from [`crate::proxy::error_response`] |
@@ -55,7 +56,7 @@ use tower::ServiceExt;
 use tower_service::Service;
 
 use crate::body::{boxed, BoxBody};
-use crate::discovery::Watcher;
+use crate::discovery::{Selector, Watcher};
 use crate::proxy::error_response;
 use crate::BoxError;
 
@@ -74,10 +75,11 @@ pub enum RouteError {
     EmptyService(String),
 }
 
-/// Prefix → service name, the routing table of the seed's `loadBalancer.js`.
+/// Prefix → service name, the routing table of the seed's `loadBalancer.js`, optionally
+/// with a [`Selector`] (version-aware routing: `/v2/` → `api-service` version 2).
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
-    routes: Vec<(String, String)>,
+    routes: Vec<(String, String, Selector)>,
 }
 
 impl RouteTable {
@@ -87,8 +89,19 @@ impl RouteTable {
     }
 
     /// Sends paths starting with `prefix` to `service`.
-    pub fn route(mut self, prefix: impl Into<String>, service: impl Into<String>) -> Self {
-        self.routes.push((prefix.into(), service.into()));
+    pub fn route(self, prefix: impl Into<String>, service: impl Into<String>) -> Self {
+        self.route_to(prefix, service, Selector::any())
+    }
+
+    /// Sends paths starting with `prefix` to the instances of `service` that `selector`
+    /// accepts (a version, tags).
+    pub fn route_to(
+        mut self,
+        prefix: impl Into<String>,
+        service: impl Into<String>,
+        selector: Selector,
+    ) -> Self {
+        self.routes.push((prefix.into(), service.into(), selector));
         self
     }
 
@@ -96,21 +109,22 @@ impl RouteTable {
     pub fn resolve(&self, path: &str) -> Option<&str> {
         self.routes
             .iter()
-            .filter(|(p, _)| path.starts_with(p.as_str()))
-            .max_by_key(|(p, _)| p.len())
-            .map(|(_, s)| s.as_str())
+            .filter(|(p, _, _)| path.starts_with(p.as_str()))
+            .max_by_key(|(p, _, _)| p.len())
+            .map(|(_, s, _)| s.as_str())
     }
 
-    /// Builds the router: `make` is called once per distinct service name and returns the
-    /// service's backend (usually a balancer over [`Watcher::discover`]).
+    /// Builds the router: `make` is called once per distinct (service, selector) and
+    /// returns its backend (usually a balancer over [`Watcher::discover`] of a watcher
+    /// made with that selector).
     pub fn build<S>(
         self,
-        mut make: impl FnMut(&str) -> Backend<S>,
+        mut make: impl FnMut(&str, &Selector) -> Backend<S>,
     ) -> Result<Router<S>, RouteError> {
-        let mut names: Vec<String> = Vec::new();
+        let mut names: Vec<(String, Selector)> = Vec::new();
         let mut backends: Vec<Backend<S>> = Vec::new();
         let mut routes: Vec<Route> = Vec::new();
-        for (prefix, service) in self.routes {
+        for (prefix, service, selector) in self.routes {
             if !prefix.starts_with('/') {
                 return Err(RouteError::InvalidPrefix(prefix));
             }
@@ -120,11 +134,14 @@ impl RouteTable {
             if routes.iter().any(|r| r.prefix == prefix) {
                 return Err(RouteError::DuplicatePrefix(prefix));
             }
-            let backend = match names.iter().position(|n| *n == service) {
+            let backend = match names
+                .iter()
+                .position(|(n, sel)| *n == service && *sel == selector)
+            {
                 Some(i) => i,
                 None => {
-                    backends.push(make(&service));
-                    names.push(service.clone());
+                    backends.push(make(&service, &selector));
+                    names.push((service.clone(), selector));
                     names.len() - 1
                 }
             };
@@ -227,7 +244,12 @@ impl<S> Router<S> {
         self.route(path).map(|r| &*r.service)
     }
 
-    /// The backend of a service name.
+    /// The backend a path is routed to.
+    pub fn backend_for(&self, path: &str) -> Option<&Backend<S>> {
+        self.route(path).map(|r| &self.backends[r.backend])
+    }
+
+    /// The backend of a service name (the first route to it).
     pub fn backend(&self, service: &str) -> Option<&Backend<S>> {
         self.routes
             .iter()

@@ -411,8 +411,8 @@ async fn router_answers_502_without_instances_and_routes_by_longest_prefix() {
         .route("/api", "api-service")
         .route("/", "webapp-service")
         .route("/api/admin", "admin-service")
-        .build(|service| {
-            let watcher = Watcher::new(&reg, service, Selector::any());
+        .build(|service, selector| {
+            let watcher = Watcher::new(&reg, service, selector.clone());
             Backend::new(balanced(&watcher), watcher)
         })
         .unwrap();
@@ -480,8 +480,8 @@ async fn router_maps_upstream_failure_to_502_and_unknown_path_to_404() {
     let reg = MemoryRegistry::new();
     let router = RouteTable::new()
         .route("/api", "api-service")
-        .build(|service| {
-            let watcher = Watcher::new(&reg, service, Selector::any());
+        .build(|service, selector| {
+            let watcher = Watcher::new(&reg, service, selector.clone());
             Backend::new(balanced(&watcher), watcher)
         })
         .unwrap();
@@ -512,9 +512,83 @@ async fn router_maps_upstream_failure_to_502_and_unknown_path_to_404() {
     assert_eq!(status, StatusCode::BAD_GATEWAY);
 }
 
+#[tokio::test]
+async fn router_routes_by_version() {
+    let reg = MemoryRegistry::new();
+    let v1 = discovery_support::Backend::start("api v1").await;
+    let v2 = discovery_support::Backend::start("api v2").await;
+    let router = RouteTable::new()
+        .route_to("/v1/", "api-service", Selector::any().version("1"))
+        .route_to("/v2/", "api-service", Selector::any().version("2"))
+        .route("/latest/", "api-service")
+        .build(|service, selector| {
+            let watcher = Watcher::new(&reg, service, selector.clone());
+            Backend::new(balanced(&watcher), watcher)
+        })
+        .unwrap();
+    let addr = serve(router.clone()).await;
+    let client = client();
+    let ttl = Duration::from_secs(10);
+    let _g2 = Registration::new(
+        reg.clone(),
+        inst("api-service", "v2", v2.port()).with_version("2.4.0"),
+        ttl,
+    )
+    .await
+    .unwrap();
+    router
+        .backend_for("/v2/")
+        .unwrap()
+        .watcher()
+        .unwrap()
+        .wait_until(|s| s.len() == 1)
+        .await;
+    // No version-1 instance yet: 502 for /v1/, even though version 2 is up.
+    assert_eq!(
+        get(&client, addr, "/v1/users").await.0,
+        StatusCode::BAD_GATEWAY
+    );
+    assert_eq!(
+        get(&client, addr, "/v2/users").await,
+        (StatusCode::OK, "api v2".into())
+    );
+
+    let _g1 = Registration::new(
+        reg.clone(),
+        inst("api-service", "v1", v1.port()).with_version("1.9.3"),
+        ttl,
+    )
+    .await
+    .unwrap();
+    router
+        .backend_for("/v1/")
+        .unwrap()
+        .watcher()
+        .unwrap()
+        .wait_until(|s| s.len() == 1)
+        .await;
+    router
+        .backend_for("/latest/")
+        .unwrap()
+        .watcher()
+        .unwrap()
+        .wait_until(|s| s.len() == 2)
+        .await;
+    for _ in 0..10 {
+        assert_eq!(
+            get(&client, addr, "/v1/users").await,
+            (StatusCode::OK, "api v1".into())
+        );
+        assert_eq!(
+            get(&client, addr, "/v2/users").await,
+            (StatusCode::OK, "api v2".into())
+        );
+    }
+}
+
 #[test]
 fn route_table_is_validated() {
-    let make = |_: &str| {
+    let make = |_: &str, _: &Selector| {
         Backend::fixed(tower::service_fn(|_: http::Request<()>| async {
             Ok::<_, Infallible>(http::Response::new(
                 http_body_util::Empty::<bytes::Bytes>::new(),
@@ -540,9 +614,9 @@ fn route_table_is_validated() {
     let router = RouteTable::new()
         .route("/a", "same")
         .route("/b", "same")
-        .build(|s| {
+        .build(|s, sel| {
             calls += 1;
-            make(s)
+            make(s, sel)
         })
         .unwrap();
     assert_eq!(calls, 1, "one backend per service");
