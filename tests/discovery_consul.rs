@@ -367,7 +367,7 @@ fn registry(agent: &Agent) -> ConsulRegistry {
         .unwrap()
 }
 
-const TTL: Duration = Duration::from_millis(600);
+const TTL: Duration = Duration::from_millis(1500);
 
 #[tokio::test]
 async fn consul_register_sends_a_ttl_check_and_lists_passing_instances() {
@@ -387,7 +387,7 @@ async fn consul_register_sends_a_ttl_check_and_lists_passing_instances() {
     assert_eq!(def["Tags"], json!(["blue"]));
     assert_eq!(def["Meta"], json!({"version": "2.1.0", "zone": "a"}));
     assert_eq!(def["Check"]["CheckID"], "service:api-1");
-    assert_eq!(def["Check"]["TTL"], "600ms");
+    assert_eq!(def["Check"]["TTL"], "1500ms");
     assert_eq!(def["Check"]["DeregisterCriticalServiceAfter"], "600ms");
 
     // The guard keeps the TTL check passing well past the TTL.
