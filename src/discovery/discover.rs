@@ -60,7 +60,8 @@ where
 /// nothing. If `make` fails for an instance, a warning is logged and the instance is left
 /// out (and removed if an older version of it was in).
 ///
-/// The stream ends only if the watcher's registry stream ends.
+/// The stream does not end: if the registry's feed stops, the last instances stay
+/// (fail-static), like while the registry is unreachable.
 pub struct ServiceDiscover<M: MakeEndpoint> {
     watcher: Watcher,
     changes: BoxStream<'static, ()>,
