@@ -8,6 +8,7 @@
 //! | replayable request bodies (shared) | [`body::replay`] | — | `docs/foundation.md` |
 //! | forwarding to an upstream (shared) | [`proxy`] | `reverse_proxy_min`, `tour` | `docs/foundation.md` |
 //! | content chain (STON virtual-host link) | [`chain`] | `content_chain` | `docs/content_chain.md` |
+//! | service discovery, self-registration, path routing | [`discovery`], [`route`] | `dynamic_balancer` | `docs/discovery.md` |
 //!
 //! Every layer uses [`classify`] to decide what a failure is, so "5xx and transport errors"
 //! is configured the same way for every pattern.
@@ -30,8 +31,10 @@
 pub mod body;
 pub mod chain;
 pub mod classify;
+pub mod discovery;
 pub mod gate;
 pub mod proxy;
+pub mod route;
 pub mod server;
 
 /// A type-erased error, as in tower.
