@@ -7,6 +7,7 @@
 //! | failure classification (shared) | [`classify`] | — | `docs/foundation.md` |
 //! | replayable request bodies (shared) | [`body::replay`] | — | `docs/foundation.md` |
 //! | forwarding to an upstream (shared) | [`proxy`] | `reverse_proxy_min`, `tour` | `docs/foundation.md` |
+//! | circuit breaker with fallback, breaker-gated endpoints | [`breaker`] | `circuit_breaker` | `docs/circuit_breaker.md` |
 //!
 //! Every layer uses [`classify`] to decide what a failure is, so "5xx and transport errors"
 //! is configured the same way for every pattern.
@@ -32,6 +33,7 @@
 #![forbid(unsafe_code)]
 
 pub mod body;
+pub mod breaker;
 pub mod classify;
 pub mod gate;
 pub mod proxy;
