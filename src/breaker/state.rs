@@ -15,7 +15,7 @@ use rand::Rng;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
-use super::config::{CircuitBreakerConfig, Window, WaitStrategy};
+use super::config::{CircuitBreakerConfig, WaitStrategy, Window};
 use super::error::{CircuitOpen, ConfigError, IllegalTransition};
 use super::window::{CountWindow, Counts, TimeWindow};
 use crate::classify::Outcome;
@@ -206,7 +206,10 @@ impl Breaker {
     pub fn new(cfg: CircuitBreakerConfig) -> Result<Self, ConfigError> {
         cfg.validate()?;
         let (window, min_calls) = match cfg.window {
-            Window::Count(n) => (Metrics::Count(CountWindow::new(n)), cfg.minimum_calls.min(n)),
+            Window::Count(n) => (
+                Metrics::Count(CountWindow::new(n)),
+                cfg.minimum_calls.min(n),
+            ),
             Window::Time(_) => (
                 Metrics::Time(TimeWindow::new(cfg.window_secs())),
                 cfg.minimum_calls,
@@ -553,10 +556,12 @@ impl Shared {
                 return; // stale, or already decided
             }
             let next = r + 1 + (u64::from(fail) << R) + (u64::from(slow) << (2 * R));
-            match self
-                .ho_results
-                .compare_exchange_weak(r, next, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match self.ho_results.compare_exchange_weak(
+                r,
+                next,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => break next,
                 Err(cur) => r = cur,
             }
@@ -639,7 +644,11 @@ impl Shared {
 
     /// Moves from `expect` (or whatever the state is, when `None`) to `to`.
     /// `Ok(false)`: nothing changed (already there, or `expect` is stale).
-    fn transition(self: &Arc<Self>, expect: Option<u64>, to: State) -> Result<bool, IllegalTransition> {
+    fn transition(
+        self: &Arc<Self>,
+        expect: Option<u64>,
+        to: State,
+    ) -> Result<bool, IllegalTransition> {
         let mut spins = 0u32;
         let (cur, busy) = loop {
             let cur = self.state.load(Ordering::Acquire);
@@ -688,7 +697,8 @@ impl Shared {
                     (ho_epoch32(word) << 32) | u64::from(self.cfg.half_open_permits),
                     Ordering::Release,
                 );
-                self.ho_results.store(ho_epoch25(word) << 39, Ordering::Release);
+                self.ho_results
+                    .store(ho_epoch25(word) << 39, Ordering::Release);
                 let deadline = match self.cfg.max_half_open_wait {
                     Some(d) => now.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
                     None => u64::MAX,

@@ -30,7 +30,9 @@ fn slot_bits(fail: bool, slow: bool) -> u8 {
 
 #[inline]
 fn packed(slot: u8) -> u64 {
-    u64::from(slot & CALL) | (u64::from((slot & FAIL) >> 1) << F) | (u64::from((slot & SLOW) >> 2) << (2 * F))
+    u64::from(slot & CALL)
+        | (u64::from((slot & FAIL) >> 1) << F)
+        | (u64::from((slot & SLOW) >> 2) << (2 * F))
 }
 
 #[inline]
