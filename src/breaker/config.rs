@@ -55,7 +55,8 @@ pub enum Mode {
 }
 
 /// Circuit breaker settings. Start from [`CircuitBreakerConfig::default`] (resilience4j's
-/// defaults) and adjust; [`build`](CircuitBreakerConfig::build) validates.
+/// defaults) and adjust; [`Breaker::new`](super::Breaker::new) and
+/// [`CircuitBreakerLayer::new`](super::CircuitBreakerLayer::new) validate it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CircuitBreakerConfig {
     pub(crate) name: String,
@@ -244,7 +245,7 @@ impl CircuitBreakerConfig {
         Ok(())
     }
 
-    /// The window length in calls for a count window (time windows use the minimum calls).
+    /// The number of one-second buckets of a time window (0 for a count window).
     pub(crate) fn window_secs(&self) -> u64 {
         match self.window {
             Window::Time(d) => d.as_secs() + u64::from(d.subsec_nanos() > 0),

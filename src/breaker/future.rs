@@ -9,14 +9,15 @@ use http::Response;
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
-use super::state::{Breaker, Permit};
+use super::service::Local;
+use super::state::Permit;
 use crate::classify::{Classifier, Outcome};
 use crate::BoxError;
 
 /// The admitted call's bookkeeping. Dropping it unfinished drops the permit, which returns
 /// a half-open probe permit without recording an outcome.
 pub(crate) struct Guard<K> {
-    pub(crate) breaker: Arc<Breaker>,
+    pub(crate) breaker: Arc<Local>,
     pub(crate) permit: Permit,
     pub(crate) classifier: K,
     pub(crate) start: Option<Instant>,

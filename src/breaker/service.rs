@@ -24,7 +24,7 @@ pub struct CircuitBreaker<S, C = Condition, F = NoFallback> {
     // Each clone of the service owns its own `Arc` around the shared handle: response
     // futures clone this one, so threads serving different connections never contend on
     // one reference count.
-    breaker: Arc<Breaker>,
+    breaker: Arc<Local>,
     classify: C,
     fallback: F,
     mode: Mode,
@@ -33,11 +33,23 @@ pub struct CircuitBreaker<S, C = Condition, F = NoFallback> {
     sleep: Option<Pin<Box<Sleep>>>,
 }
 
+/// The per-clone handle, padded to its own cache lines: clones made one after another
+/// would otherwise share a line and their reference counts would bounce between cores.
+#[repr(align(128))]
+pub(crate) struct Local(pub(crate) Breaker);
+
+impl std::ops::Deref for Local {
+    type Target = Breaker;
+    fn deref(&self) -> &Breaker {
+        &self.0
+    }
+}
+
 impl<S: Clone, C: Clone, F: Clone> Clone for CircuitBreaker<S, C, F> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
-            breaker: Arc::new((*self.breaker).clone()),
+            breaker: Arc::new(Local(self.breaker.0.clone())),
             classify: self.classify.clone(),
             fallback: self.fallback.clone(),
             mode: self.mode,
@@ -52,7 +64,7 @@ impl<S: fmt::Debug, C, F> fmt::Debug for CircuitBreaker<S, C, F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CircuitBreaker")
             .field("inner", &self.inner)
-            .field("breaker", &*self.breaker)
+            .field("breaker", &self.breaker.0)
             .field("mode", &self.mode)
             .finish()
     }
@@ -62,7 +74,7 @@ impl<S, C, F> CircuitBreaker<S, C, F> {
     pub(crate) fn new(inner: S, breaker: Breaker, classify: C, fallback: F, mode: Mode) -> Self {
         Self {
             inner,
-            breaker: Arc::new(breaker),
+            breaker: Arc::new(Local(breaker)),
             classify,
             fallback,
             mode,
