@@ -866,3 +866,64 @@ mod real {
         assert_eq!((status, fallback), (200, true));
     }
 }
+
+#[test]
+fn tracing_events_for_transitions_rejections_and_exceeded_rates() {
+    #[derive(Clone, Default)]
+    struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let out = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || out.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        let b = Breaker::new(cfg().name("orders")).unwrap();
+        run(&b, &[F; 5]);
+        assert!(b.try_acquire().is_err());
+        b.force_open();
+        b.force_open(); // same state: no second event
+    });
+    let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let find = |needle: &str| lines.iter().filter(|l| l.contains(needle)).count();
+    assert_eq!(find("failure rate exceeded threshold"), 1, "{text}");
+    assert_eq!(find("call not permitted"), 1, "{text}");
+    assert_eq!(find("circuit breaker state transition"), 2, "{text}");
+    assert_eq!(find("from=closed to=open"), 1, "{text}");
+    assert_eq!(find("from=open to=forced-open"), 1, "{text}");
+    assert!(lines
+        .iter()
+        .all(|l| !l.contains("circuit breaker") || l.contains("breaker=orders")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn back_pressure_wakes_when_an_operator_closes_a_forced_open_circuit() {
+    let layer = CircuitBreakerLayer::new(cfg())
+        .unwrap()
+        .mode(Mode::BackPressure);
+    let b = layer.breaker().clone();
+    let mut svc = ServiceBuilder::new().layer(layer).service_fn(upstream);
+    b.force_open();
+    let waiting = tokio::spawn(async move {
+        svc.ready().await.unwrap();
+        svc.call(req(200)).await.unwrap().status()
+    });
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert!(
+        !waiting.is_finished(),
+        "forced open: still waiting after an hour"
+    );
+    b.force_closed();
+    assert_eq!(waiting.await.unwrap(), 200);
+}
