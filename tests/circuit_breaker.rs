@@ -572,6 +572,11 @@ async fn back_pressure_mode_waits_in_poll_ready() {
     assert_eq!(res.status(), 200);
     assert_eq!(b.state(), State::Closed);
     assert_eq!(waiting.await.unwrap(), 200, "woken by the transition");
+    assert_eq!(
+        b.metrics().not_permitted_calls,
+        0,
+        "waiting is not a refusal"
+    );
 }
 
 #[test]
@@ -860,8 +865,11 @@ mod real {
         }
         assert_eq!(b.state(), State::Open);
         assert!(errors >= 3);
-        // A balancer holding this breaker as a gate does not pick the endpoint now.
+        // A balancer holding this breaker as a gate does not pick the endpoint now; a
+        // skipped endpoint is not a refused call.
+        let refused = b.metrics().not_permitted_calls;
         assert!(Gate::try_acquire(&b).is_none());
+        assert_eq!(b.metrics().not_permitted_calls, refused);
         let (status, _, fallback) = get(&svc).await;
         assert_eq!((status, fallback), (200, true));
     }

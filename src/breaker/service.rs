@@ -114,7 +114,8 @@ impl<S, C, F> CircuitBreaker<S, C, F> {
                 .get_or_insert_with(|| Box::pin(self.breaker.notify().clone().notified_owned()));
             // Register before looking, so a change between the look and the wait wakes us.
             notified.as_mut().enable();
-            match self.breaker.try_acquire() {
+            // Waiting is not a refusal: not counted as a call not permitted.
+            match self.breaker.try_acquire_uncounted() {
                 Ok(p) => {
                     self.reserved = Some(p);
                     self.notified = None;

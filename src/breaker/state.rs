@@ -263,10 +263,19 @@ impl Breaker {
         self.shared.cfg.slow_rate.is_some()
     }
 
-    /// Asks to send one call.
+    /// Asks to send one call. A refusal counts as a call not permitted and emits the
+    /// "call not permitted" event.
     #[inline]
     pub fn try_acquire(&self) -> Result<Permit, CircuitOpen> {
-        self.shared.try_acquire()
+        self.shared.try_acquire(true)
+    }
+
+    /// Like [`try_acquire`](Breaker::try_acquire), but a refusal is not counted: for
+    /// callers that will send the call elsewhere or wait (a balancer skipping this
+    /// endpoint, back-pressure), so the call was not refused.
+    #[inline]
+    pub fn try_acquire_uncounted(&self) -> Result<Permit, CircuitOpen> {
+        self.shared.try_acquire(false)
     }
 
     /// Reports how an admitted call ended and how long it took.
@@ -286,7 +295,8 @@ impl Breaker {
         let _ = self.shared.transition(None, State::ForcedOpen);
     }
 
-    /// Closes the circuit with an empty window.
+    /// Moves to closed, starting an empty window (no-op when already closed; see
+    /// [`reset`](Breaker::reset) to clear a closed window).
     pub fn force_closed(&self) {
         let _ = self.shared.transition(None, State::Closed);
     }
@@ -338,9 +348,10 @@ impl Breaker {
 impl Gate for Breaker {
     type Permit = Permit;
 
+    /// An endpoint skipped by the balancer is not a refused call: not counted.
     #[inline]
     fn try_acquire(&self) -> Option<Permit> {
-        self.shared.try_acquire().ok()
+        self.shared.try_acquire(false).ok()
     }
 
     #[inline]
@@ -365,19 +376,30 @@ impl Shared {
     }
 
     #[inline]
-    fn try_acquire(self: &Arc<Self>) -> Result<Permit, CircuitOpen> {
+    fn try_acquire(self: &Arc<Self>, counted: bool) -> Result<Permit, CircuitOpen> {
         let w = self.state.load(Ordering::Acquire);
         match w & 15 {
             CLOSED | DISABLED | METRICS_ONLY => Ok(Permit {
                 word: w,
                 release: None,
             }),
-            _ => self.try_acquire_slow(w),
+            _ => self.try_acquire_slow(w, counted),
         }
     }
 
     #[cold]
-    fn try_acquire_slow(self: &Arc<Self>, mut w: u64) -> Result<Permit, CircuitOpen> {
+    fn try_acquire_slow(
+        self: &Arc<Self>,
+        mut w: u64,
+        counted: bool,
+    ) -> Result<Permit, CircuitOpen> {
+        let reject = |state: State, remaining: Option<Duration>| {
+            if counted {
+                self.reject(state, remaining)
+            } else {
+                CircuitOpen { state, remaining }
+            }
+        };
         // At most: open -> half-open (lazy), half-open expired -> open: a few rounds.
         for _ in 0..4 {
             match w & 15 {
@@ -390,7 +412,7 @@ impl Shared {
                 OPEN => {
                     let now = self.now_nanos();
                     if now < self.open_until.load(Ordering::Acquire) {
-                        return Err(self.reject(State::Open, Some(self.remaining(now))));
+                        return Err(reject(State::Open, Some(self.remaining(now))));
                     }
                     let _ = self.transition(Some(w), State::HalfOpen);
                 }
@@ -405,18 +427,18 @@ impl Shared {
                                 release: Some(self.clone()),
                             });
                         }
-                        return Err(self.reject(State::HalfOpen, None));
+                        return Err(reject(State::HalfOpen, None));
                     }
                 }
-                FORCED_OPEN => return Err(self.reject(State::ForcedOpen, None)),
+                FORCED_OPEN => return Err(reject(State::ForcedOpen, None)),
                 _ => {
                     // Busy: a transition is being prepared.
-                    return Err(self.reject(State::from_bits(w), None));
+                    return Err(reject(State::from_bits(w), None));
                 }
             }
             w = self.state.load(Ordering::Acquire);
         }
-        Err(self.reject(State::from_bits(w), None))
+        Err(reject(State::from_bits(w), None))
     }
 
     fn reject(&self, state: State, remaining: Option<Duration>) -> CircuitOpen {
