@@ -796,7 +796,8 @@ mod real {
             CircuitBreakerConfig::new()
                 .window(Window::Count(10))
                 .minimum_calls(4)
-                .wait_in_open(Duration::from_millis(200))
+                // Long enough that the fallback calls below all land in the open state.
+                .wait_in_open(Duration::from_secs(1))
                 .automatic_half_open(true)
                 .half_open_permits(2),
         );

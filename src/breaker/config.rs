@@ -211,7 +211,7 @@ impl CircuitBreakerConfig {
                 })
             }
             Window::Time(d) if d.is_zero() => return Err(ConfigError::Zero("window")),
-            Window::Time(d) if d.as_secs() >= MAX_WINDOW_SECS => {
+            Window::Time(_) if self.window_secs() > MAX_WINDOW_SECS => {
                 return Err(ConfigError::TooLarge {
                     name: "window (seconds)",
                     max: MAX_WINDOW_SECS,
