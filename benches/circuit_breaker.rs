@@ -201,6 +201,10 @@ fn bench(c: &mut Criterion) {
         let mut b = ours.clone();
         bn.iter(|| gate_ours(&mut b))
     });
+    g.bench_function("tower-patterns-time-window", |bn| {
+        let mut b = Breaker::new(ours_cfg().window(Window::Time(Duration::from_secs(10)))).unwrap();
+        bn.iter(|| gate_ours(&mut b))
+    });
     g.bench_function("failsafe", |bn| {
         let mut f = fs.clone();
         bn.iter(|| gate_failsafe(&mut f))

@@ -256,6 +256,35 @@ async fn half_open_probes_decide_by_the_same_thresholds() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn slow_probes_reopen_the_circuit() {
+    let b = Breaker::new(
+        cfg()
+            .no_failure_rate()
+            .slow_call_rate_threshold(50.0)
+            .slow_call_duration(Duration::from_secs(2))
+            .half_open_permits(2),
+    )
+    .unwrap();
+    let slow = |b: &Breaker, n: usize| {
+        for _ in 0..n {
+            let p = b.try_acquire().unwrap();
+            b.complete(p, S, Duration::from_secs(3));
+        }
+    };
+    slow(&b, 5);
+    assert_eq!(b.state(), State::Open, "100% slow, all successful");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    slow(&b, 1);
+    run(&b, &[S]);
+    assert_eq!(b.state(), State::Open, "1 of 2 probes slow: 50% >= 50%");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let p = b.try_acquire().unwrap();
+    b.complete(p, S, Duration::from_millis(1_999));
+    run(&b, &[S]);
+    assert_eq!(b.state(), State::Closed, "just under the slow duration");
+}
+
+#[tokio::test(start_paused = true)]
 async fn ignored_outcomes_in_half_open_return_their_permits() {
     let layer = CircuitBreakerLayer::new(cfg().half_open_permits(2))
         .unwrap()

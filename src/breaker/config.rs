@@ -50,7 +50,10 @@ pub enum Mode {
     RejectInCall,
     /// `poll_ready` returns `Pending` until the circuit admits a call (the permit is taken
     /// in `poll_ready` and used by the next `call`): back-pressure instead of errors, for
-    /// balancers and other readiness-driven callers. The fallback is never used.
+    /// balancers and other readiness-driven callers. The fallback is never used. A service
+    /// that became ready in half-open holds a probe permit until it is called or dropped;
+    /// set [`max_half_open_wait`](CircuitBreakerConfig::max_half_open_wait) so an idle
+    /// one cannot hold the circuit half-open forever.
     BackPressure,
 }
 
