@@ -119,6 +119,9 @@ const STAMP_SHIFT: u32 = 3 * TB;
 pub(crate) struct TimeWindow {
     buckets: Box<[AtomicU64]>,
     secs: u64,
+    // The second until which the window may hold a failure or a slow call. A success
+    // before then is evaluated; after it, nothing can trip and the buckets are not summed.
+    dirty_until: AtomicU64,
 }
 
 impl TimeWindow {
@@ -126,6 +129,7 @@ impl TimeWindow {
         Self {
             buckets: (0..secs).map(|_| AtomicU64::new(0)).collect(),
             secs,
+            dirty_until: AtomicU64::new(0),
         }
     }
 
@@ -147,6 +151,8 @@ impl TimeWindow {
         c
     }
 
+    /// Records one call. Returns the window, or empty counts when the window holds no
+    /// failure and no slow call (nothing to evaluate).
     pub fn record(&self, now_s: u64, fail: bool, slow: bool) -> Counts {
         let stamp = now_s & STAMP_MASK;
         let delta = 1 | (u64::from(fail) << TB) | (u64::from(slow) << (2 * TB));
@@ -166,6 +172,12 @@ impl TimeWindow {
                 Err(cur) => w = cur,
             }
         }
+        if fail || slow {
+            self.dirty_until
+                .fetch_max(now_s + self.secs, Ordering::AcqRel);
+        } else if now_s >= self.dirty_until.load(Ordering::Acquire) {
+            return Counts::default();
+        }
         self.counts(now_s)
     }
 
@@ -173,6 +185,7 @@ impl TimeWindow {
         for b in self.buckets.iter() {
             b.store(0, Ordering::Release);
         }
+        self.dirty_until.store(0, Ordering::Release);
     }
 }
 
@@ -240,5 +253,10 @@ mod tests {
         // Same slot, newer second: replaced.
         let c = w.record(20, false, true);
         assert_eq!((c.calls, c.failures, c.slow), (1, 0, 1));
+        // Successes while the slow call is in the window are evaluated...
+        assert_eq!(w.record(29, false, false).calls, 2);
+        // ...and once it has expired, there is nothing to evaluate.
+        assert_eq!(w.record(30, false, false), Counts::default());
+        assert_eq!(w.counts(30).calls, 2);
     }
 }
