@@ -149,6 +149,7 @@ impl Permit {
 }
 
 impl Drop for Permit {
+    #[inline]
     fn drop(&mut self) {
         if let Some(shared) = self.release.take() {
             shared.release_probe(self.word);
@@ -265,7 +266,7 @@ impl Breaker {
 
     /// Asks to send one call. A refusal counts as a call not permitted and emits the
     /// "call not permitted" event.
-    #[inline]
+    #[inline(always)]
     pub fn try_acquire(&self) -> Result<Permit, CircuitOpen> {
         self.shared.try_acquire(true)
     }
@@ -279,7 +280,7 @@ impl Breaker {
     }
 
     /// Reports how an admitted call ended and how long it took.
-    #[inline]
+    #[inline(always)]
     pub fn complete(&self, permit: Permit, outcome: Outcome, elapsed: Duration) {
         self.shared.complete(permit, outcome, elapsed)
     }
@@ -375,7 +376,7 @@ impl Shared {
         Duration::from_nanos(self.open_until.load(Ordering::Acquire).saturating_sub(now))
     }
 
-    #[inline]
+    #[inline(always)]
     fn try_acquire(self: &Arc<Self>, counted: bool) -> Result<Permit, CircuitOpen> {
         let w = self.state.load(Ordering::Acquire);
         match w & 15 {
@@ -472,6 +473,7 @@ impl Shared {
         }
     }
 
+    #[cold]
     fn release_probe(&self, w: u64) {
         let ep = ho_epoch32(w);
         let mut p = self.ho_permits.load(Ordering::Acquire);
@@ -492,7 +494,7 @@ impl Shared {
         self.notify.notify_waiters();
     }
 
-    #[inline]
+    #[inline(always)]
     fn complete(self: &Arc<Self>, mut permit: Permit, outcome: Outcome, elapsed: Duration) {
         if outcome == Outcome::Ignored {
             return; // dropping the permit returns a probe permit
@@ -510,11 +512,28 @@ impl Shared {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn record_closed(self: &Arc<Self>, word: u64, fail: bool, slow: bool) {
         if self.state.load(Ordering::Relaxed) != word {
             return; // admitted in an earlier state
         }
+        if !fail && !slow {
+            // The healthy steady state: a success into a clean, full count window changes
+            // nothing. Kept small so it inlines into the caller.
+            if let Metrics::Count(w) = &self.window {
+                if w.is_full_and_clean() {
+                    if self.consecutive.load(Ordering::Relaxed) != 0 {
+                        self.consecutive.store(0, Ordering::Relaxed);
+                    }
+                    return;
+                }
+            }
+        }
+        self.record_closed_slow(word, fail, slow)
+    }
+
+    #[inline(never)]
+    fn record_closed_slow(self: &Arc<Self>, word: u64, fail: bool, slow: bool) {
         let consecutive = if fail {
             self.consecutive.fetch_add(1, Ordering::Relaxed) + 1
         } else {
@@ -569,6 +588,7 @@ impl Shared {
         None
     }
 
+    #[cold]
     fn record_probe(self: &Arc<Self>, word: u64, fail: bool, slow: bool) {
         let ep = ho_epoch25(word);
         let n = u64::from(self.cfg.half_open_permits);

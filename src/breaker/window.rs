@@ -74,6 +74,13 @@ impl CountWindow {
         unpack(self.agg.load(Ordering::Acquire), self.n)
     }
 
+    /// A full window of plain successes: another success would change nothing.
+    #[inline]
+    pub fn is_full_and_clean(&self) -> bool {
+        let c = self.counts();
+        c.calls == self.n && c.failures == 0 && c.slow == 0
+    }
+
     /// Records one call and returns the window after it.
     #[inline]
     pub fn record(&self, fail: bool, slow: bool) -> Counts {
