@@ -2,9 +2,9 @@
 //!
 //! The state lives in one `AtomicU64`: `epoch << 4 | busy << 3 | state`. Every transition
 //! bumps the epoch, so outcomes and half-open permits of an earlier state are recognised
-//! and discarded. A transition first swaps in a *busy* word (calls are refused for those
-//! few nanoseconds), prepares the new state's data, then publishes it: two racing
-//! transitions can never interleave their preparation.
+//! and discarded. A transition first swaps in a *busy* word (calls are refused while it
+//! lasts), prepares the new state's data, then publishes it: two racing transitions can
+//! never interleave their preparation.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
