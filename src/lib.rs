@@ -9,6 +9,7 @@
 //! | forwarding to an upstream (shared) | [`proxy`] | `reverse_proxy_min`, `tour` | `docs/foundation.md` |
 //! | content chain (STON virtual-host link) | [`chain`] | `content_chain` | `docs/content_chain.md` |
 //! | service discovery, self-registration, path routing | [`discovery`], [`route`] | `dynamic_balancer` | `docs/discovery.md` |
+//! | circuit breaker with fallback, breaker-gated endpoints | [`breaker`] | `circuit_breaker` | `docs/circuit_breaker.md` |
 //!
 //! Every layer uses [`classify`] to decide what a failure is, so "5xx and transport errors"
 //! is configured the same way for every pattern.
@@ -29,6 +30,7 @@
 #![forbid(unsafe_code)]
 
 pub mod body;
+pub mod breaker;
 pub mod chain;
 pub mod classify;
 pub mod discovery;
