@@ -9,6 +9,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -17,6 +18,7 @@ use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
 use tower_patterns::body::ReplayBody;
+use tower_patterns::breaker::{CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen};
 use tower_patterns::chain::{ChainLayer, LinkTable};
 use tower_patterns::classify::{Classifier, Classify, Condition};
 use tower_patterns::proxy::{ErrorResponseLayer, ForwardBuilder};
@@ -149,11 +151,69 @@ async fn content_chain() -> Result<(), BoxError> {
     Ok(())
 }
 
+async fn circuit_breaker() -> Result<(), BoxError> {
+    section("breaker: A calls B; B goes down, the circuit opens, a fallback answers");
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let b_addr = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let b = tokio::spawn(server::serve_with_shutdown(listener, backend("B"), async {
+        let _ = stopped.await;
+    }));
+    let layer = CircuitBreakerLayer::new(
+        CircuitBreakerConfig::new()
+            .name("B")
+            .failure_rate_threshold(50.0)
+            .minimum_calls(4)
+            .window(tower_patterns::breaker::Window::Count(4))
+            .wait_in_open(Duration::from_millis(300))
+            .half_open_permits(1),
+    )?
+    .fallback_fn(|_req: Request<Incoming>, why: CircuitOpen| async move {
+        let body = format!("fallback: cached answer ({why})");
+        Ok::<_, Infallible>(Response::new(tower_patterns::body::boxed(Full::new(
+            Bytes::from(body),
+        ))))
+    });
+    let breaker = layer.breaker().clone();
+    let mut states = breaker.subscribe();
+    tokio::spawn(async move {
+        while states.changed().await.is_ok() {
+            let state = *states.borrow();
+            println!("    [breaker B is now {state:?}]");
+        }
+    });
+    let to_b = ForwardBuilder::new(format!("http://{b_addr}")).build::<Incoming>()?;
+    let a = ServiceBuilder::new()
+        .layer(ErrorResponseLayer)
+        .layer(layer)
+        .map_response(|res: Response<Incoming>| res.map(tower_patterns::body::boxed))
+        .service(to_b);
+    let a = start(a).await?;
+    let (status, body) = get(a, "/data", "a.local").await?;
+    println!("  B up:   GET /data -> {} {body:?}", status.as_u16());
+    let _ = stop.send(());
+    b.await??;
+    for _ in 0..5 {
+        let (status, body) = get(a, "/data", "a.local").await?;
+        println!("  B down: GET /data -> {} {body:?}", status.as_u16());
+    }
+    let listener = TcpListener::bind(b_addr).await?;
+    tokio::spawn(server::serve(listener, backend("B")));
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    println!("  B is back; the next call is the half-open probe");
+    let (status, body) = get(a, "/data", "a.local").await?;
+    println!("  GET /data -> {} {body:?}", status.as_u16());
+    tokio::task::yield_now().await;
+    println!("  breaker state: {:?}", breaker.state());
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     println!("tower-patterns tour (all servers on 127.0.0.1, free ports)");
     foundation().await?;
     content_chain().await?;
+    circuit_breaker().await?;
     println!("\ntour finished");
     Ok(())
 }

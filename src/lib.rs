@@ -8,6 +8,8 @@
 //! | replayable request bodies (shared) | [`body::replay`] | — | `docs/foundation.md` |
 //! | forwarding to an upstream (shared) | [`proxy`] | `reverse_proxy_min`, `tour` | `docs/foundation.md` |
 //! | content chain (STON virtual-host link) | [`chain`] | `content_chain` | `docs/content_chain.md` |
+//! | service discovery, self-registration, path routing | [`discovery`], [`route`] | `dynamic_balancer` | `docs/discovery.md` |
+//! | circuit breaker with fallback, breaker-gated endpoints | [`breaker`] | `circuit_breaker` | `docs/circuit_breaker.md` |
 //! | backup pipe (tee to storage) + edge cache | [`backup`], [`cache`] | `backup_pipe` | `docs/backup_tee.md`, `docs/edge_cache.md` |
 //!
 //! Every layer uses [`classify`] to decide what a failure is, so "5xx and transport errors"
@@ -30,11 +32,14 @@
 
 pub mod backup;
 pub mod body;
+pub mod breaker;
 pub mod cache;
 pub mod chain;
 pub mod classify;
+pub mod discovery;
 pub mod gate;
 pub mod proxy;
+pub mod route;
 pub mod server;
 
 /// A type-erased error, as in tower.
