@@ -904,3 +904,78 @@ async fn client_disconnect_drain_time_cap_aborts() {
     assert_eq!(started.elapsed(), Duration::from_secs(60));
     drop(tx);
 }
+
+#[tokio::test]
+async fn one_tee_three_pipes_client_storage_cache() {
+    use tower_patterns::cache::StoreSink;
+    let hits = Arc::new(AtomicU64::new(0));
+    let origin_addr = {
+        let hits = hits.clone();
+        spawn_server(service_fn(move |req: Request<Incoming>| {
+            let hits = hits.clone();
+            async move {
+                hits.fetch_add(1, Ordering::SeqCst);
+                let cc = if req.uri().path() == "/private.txt" {
+                    "private"
+                } else {
+                    "max-age=60"
+                };
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .header(header::CACHE_CONTROL, cc)
+                        .body(pattern_body(1 << 20))
+                        .unwrap(),
+                )
+            }
+        }))
+        .await
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(MemoryStore::new(16 << 20));
+    let layer = TeeLayer::builder()
+        .sink(FsSink::new(dir.path()))
+        .sink(StoreSink::new(store.clone()))
+        .build();
+    let mut events = Events::new(layer.subscribe());
+    let cache = CacheLayer::builder(store.clone())
+        .fill_on_miss(false)
+        .build();
+    let fwd = ForwardBuilder::new(format!("http://{origin_addr}"))
+        .build::<Incoming>()
+        .unwrap();
+    // The cache in front, the backup tee (with the cache's store as a sink) behind it.
+    let edge = spawn_server(
+        ServiceBuilder::new()
+            .layer(cache.clone())
+            .layer(layer)
+            .service(fwd),
+    )
+    .await;
+
+    let body = read_all(get(edge, "/clip.bin").await).await.unwrap();
+    for sink in ["fs", "cache"] {
+        let ev = events.wait("clip.bin", sink).await;
+        assert!(
+            matches!(ev.outcome, BackupOutcome::Committed { .. }),
+            "{sink}: {:?}",
+            ev.outcome
+        );
+    }
+    assert_eq!(std::fs::read(dir.path().join("clip.bin")).unwrap(), body);
+    let res = get(edge, "/clip.bin").await;
+    assert_eq!(res.headers()["x-cache"], "HIT");
+    assert_eq!(read_all(res).await.unwrap(), body);
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+
+    // Uncacheable: stored in the backup, refused by the cache sink.
+    read_all(get(edge, "/private.txt").await).await.unwrap();
+    assert!(matches!(
+        events.wait("private.txt", "fs").await.outcome,
+        BackupOutcome::Committed { .. }
+    ));
+    assert!(matches!(
+        events.wait("private.txt", "cache").await.outcome,
+        BackupOutcome::Failed(_)
+    ));
+    assert!(store.get("/private.txt").is_none());
+}

@@ -67,6 +67,7 @@ pub(crate) struct Config {
     pub(crate) purge: Option<Arc<PurgeFn>>,
     pub(crate) default_ttl: Option<Duration>,
     pub(crate) stale_if_error: Duration,
+    pub(crate) fill: bool,
     pub(crate) stats: Arc<CacheStats>,
 }
 
@@ -94,6 +95,7 @@ pub struct CacheLayerBuilder {
     purge: Option<Arc<PurgeFn>>,
     default_ttl: Option<Duration>,
     stale_if_error: Duration,
+    fill: bool,
 }
 
 impl fmt::Debug for CacheLayerBuilder {
@@ -136,6 +138,7 @@ impl CacheLayer {
             purge: Some(Arc::new(purge_from_loopback)),
             default_ttl: None,
             stale_if_error: Duration::ZERO,
+            fill: true,
         }
     }
 
@@ -201,6 +204,14 @@ impl CacheLayerBuilder {
         self
     }
 
+    /// Whether a miss fills the store through this layer's own tee (default `true`). Turn
+    /// it off when a [`StoreSink`](super::StoreSink) behind a backup tee fills the same
+    /// store, so one tee copies to storage and cache at once.
+    pub fn fill_on_miss(mut self, yes: bool) -> Self {
+        self.fill = yes;
+        self
+    }
+
     /// Builds the layer.
     pub fn build(self) -> CacheLayer {
         CacheLayer {
@@ -210,6 +221,7 @@ impl CacheLayerBuilder {
                 purge: self.purge,
                 default_ttl: self.default_ttl,
                 stale_if_error: self.stale_if_error,
+                fill: self.fill,
                 stats: Arc::default(),
             }),
         }

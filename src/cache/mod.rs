@@ -42,6 +42,9 @@
 //! | other methods | passed through |
 //! | time | `tokio::time` (tests pause it) |
 //!
+//! [`StoreSink`] puts the same store behind a [`TeeLayer`](crate::backup::TeeLayer) as one
+//! more sink, so one download feeds the client, the storage backup and the cache at once.
+//!
 //! Not done: request coalescing (nginx `proxy_cache_lock`), revalidation with
 //! `If-None-Match`, `Vary` variants, ranges.
 
@@ -50,6 +53,7 @@ mod future;
 mod layer;
 mod policy;
 mod service;
+mod sink;
 mod store;
 
 pub use body::CacheBody;
@@ -59,4 +63,5 @@ pub use layer::{
     CacheStatsSnapshot,
 };
 pub use service::{Cache, X_CACHE};
+pub use sink::StoreSink;
 pub use store::{CachedResponse, MemoryStore, MemoryStoreStats, Store};

@@ -156,7 +156,7 @@ where
         cfg.stats.misses.fetch_add(1, Ordering::Relaxed);
         let miss = Miss {
             key,
-            fill: is_get && !policy::request_no_store(&parts.headers),
+            fill: cfg.fill && is_get && !policy::request_no_store(&parts.headers),
             head: is_head,
             stale,
             cfg: cfg.clone(),
