@@ -6,8 +6,8 @@
 //!                     └──── cache fill ◀── tee ── FsSink ◀──┘ (backup into the dir)
 //! ```
 //!
-//! The "storage first, outside on 404" step is a small inline service here; the crate's
-//! content-chain layer does the same with configurable conditions and loop detection.
+//! "Storage first, outside on 404" is the content chain (`chain::FallbackLayer`, STON's
+//! `<VhostLink Condition="404">`): the backup pipe is configured like a link.
 //!
 //! Run: `cargo run --example backup_pipe`
 
@@ -24,9 +24,10 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use tower::{service_fn, ServiceBuilder, ServiceExt};
 use tower_patterns::backup::{backfill, BackupOutcome, FsSink, TeeLayer};
-use tower_patterns::body::{boxed, BoxBody};
+use tower_patterns::body::{boxed, ReplayBody};
 use tower_patterns::cache::{CacheLayer, MemoryStore, Store};
-use tower_patterns::proxy::{error_response, ForwardBuilder};
+use tower_patterns::chain::{ChainLayer, FallbackLayer};
+use tower_patterns::proxy::{ErrorResponseLayer, ForwardBuilder};
 use tower_patterns::BoxError;
 
 const VIDEO_SIZE: usize = 3 << 20;
@@ -98,17 +99,6 @@ async fn outside_server(hits: Arc<AtomicU64>) -> SocketAddr {
     .await
 }
 
-fn copy_request(parts: &http::request::Parts) -> Request<Empty<Bytes>> {
-    let mut req = Request::new(Empty::new());
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = parts.uri.clone();
-    *req.headers_mut() = parts.headers.clone();
-    if let Some(a) = parts.extensions.get::<tower_patterns::proxy::ClientAddr>() {
-        req.extensions_mut().insert(*a);
-    }
-    req
-}
-
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let dir = tempfile::tempdir()?;
@@ -126,27 +116,20 @@ async fn main() -> Result<(), BoxError> {
         .buffer(8 << 20)
         .build();
     let mut backups = tee.subscribe();
-    let to_storage = ForwardBuilder::new(format!("http://{storage}")).build::<Empty<Bytes>>()?;
+    let to_storage =
+        ForwardBuilder::new(format!("http://{storage}")).build::<ReplayBody<Incoming>>()?;
     let to_outside = ServiceBuilder::new()
+        .map_response(|res: Response<_>| res.map(boxed))
         .layer(tee.clone())
         .service(to_storage.to(&format!("http://{outside}"))?);
 
-    // Storage first; on 404 the outside link, through the tee.
-    let chain = service_fn(move |req: Request<Incoming>| {
-        let (storage, outside) = (to_storage.clone(), to_outside.clone());
-        async move {
-            let (parts, _) = req.into_parts();
-            let res: Response<BoxBody> = match storage.oneshot(copy_request(&parts)).await {
-                Ok(res) if res.status() != StatusCode::NOT_FOUND => res.map(boxed),
-                Ok(_) => match outside.oneshot(copy_request(&parts)).await {
-                    Ok(res) => res.map(boxed),
-                    Err(e) => error_response(&e).map(boxed),
-                },
-                Err(e) => error_response(&e).map(boxed),
-            };
-            Ok::<_, Infallible>(res)
-        }
-    });
+    // Storage first; on 404 the outside link, through the tee (the content chain).
+    let chain = ServiceBuilder::new()
+        .layer(ErrorResponseLayer)
+        .layer(ChainLayer::new())
+        .layer(FallbackLayer::new("404".parse()?, to_outside).names("storage", "outside"))
+        .map_response(|res: Response<Incoming>| res.map(boxed))
+        .service(to_storage);
     let cache = CacheLayer::new(MemoryStore::new(64 << 20));
     let edge = serve(ServiceBuilder::new().layer(cache.clone()).service(chain)).await;
     println!("edge     http://{edge}\n");
