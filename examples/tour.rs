@@ -17,8 +17,10 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
+use tower_patterns::backup::{MemorySink, TeeLayer};
 use tower_patterns::body::ReplayBody;
 use tower_patterns::breaker::{CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen};
+use tower_patterns::cache::{CacheLayer, MemoryStore};
 use tower_patterns::chain::{ChainLayer, LinkTable};
 use tower_patterns::classify::{Classifier, Classify, Condition};
 use tower_patterns::proxy::{ErrorResponseLayer, ForwardBuilder};
@@ -40,7 +42,8 @@ where
     Ok(addr)
 }
 
-/// A named backend: `/missing` is 404, everything else 200 naming the backend.
+/// A named backend: `/missing` is 404, everything else 200 naming the backend; answers
+/// may be cached for a minute.
 fn backend(
     name: &'static str,
 ) -> impl tower::Service<
@@ -57,6 +60,10 @@ fn backend(
         if req.uri().path() == "/missing" {
             *res.status_mut() = StatusCode::NOT_FOUND;
         }
+        res.headers_mut().insert(
+            http::header::CACHE_CONTROL,
+            http::HeaderValue::from_static("max-age=60"),
+        );
         Ok::<_, Infallible>(res)
     })
 }
@@ -208,12 +215,70 @@ async fn circuit_breaker() -> Result<(), BoxError> {
     Ok(())
 }
 
+async fn backup_and_cache() -> Result<(), BoxError> {
+    section("backup tee + edge cache: one download feeds the client, a backup and the cache");
+    let origin = start(backend("origin")).await?;
+    let backup = MemorySink::new("backup");
+    let tee = TeeLayer::new(backup.clone());
+    let mut events = tee.subscribe();
+    let edge = ServiceBuilder::new()
+        .layer(ErrorResponseLayer)
+        .layer(CacheLayer::new(MemoryStore::new(16 << 20)))
+        .layer(tee)
+        .service(ForwardBuilder::new(format!("http://{origin}")).build::<Incoming>()?);
+    let edge = start(edge).await?;
+    for _ in 0..2 {
+        let (status, body) = get_with(edge, "/report.pdf", "x-cache").await?;
+        println!("  GET /report.pdf -> {} {body}", status.as_u16());
+    }
+    let event = events.recv().await?;
+    println!(
+        "  backup of {}: {:?}; the backup now holds {:?}",
+        event.key.as_str(),
+        event.outcome,
+        backup.keys()
+    );
+    Ok(())
+}
+
+/// GET returning the status and "`header`=value body".
+async fn get_with(
+    addr: SocketAddr,
+    path: &str,
+    header: &str,
+) -> Result<(StatusCode, String), BoxError> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut tx, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let res = tx
+        .send_request(
+            Request::get(path)
+                .header("host", "edge.local")
+                .body(Full::new(Bytes::new()))?,
+        )
+        .await?;
+    let status = res.status();
+    let value = res
+        .headers()
+        .get(header)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
+    let body = res.into_body().collect().await?.to_bytes();
+    Ok((
+        status,
+        format!("{header}={value} {:?}", String::from_utf8_lossy(&body)),
+    ))
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     println!("tower-patterns tour (all servers on 127.0.0.1, free ports)");
     foundation().await?;
     content_chain().await?;
     circuit_breaker().await?;
+    backup_and_cache().await?;
     println!("\ntour finished");
     Ok(())
 }
