@@ -1,0 +1,265 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use http::{header, Request, Response};
+use pin_project_lite::pin_project;
+use tower::util::{Oneshot, ServiceExt};
+use tower_service::Service;
+
+use super::error::BalanceError;
+use super::pick::{Miss, Picker};
+use super::retry::{clone_request, is_connect_error, CloneBody};
+use super::service::{Ep, MakeGate, Shared};
+use crate::classify::{Classifier, Classify, Outcome};
+use crate::gate::Gate;
+use crate::BoxError;
+
+/// Holds an endpoint while a request is in flight to it; the count drops with it, so a
+/// cancelled request is not counted forever.
+struct InFlight<K, S, M: MakeGate<K>>(Arc<Ep<K, S, M>>);
+
+impl<K, S, M: MakeGate<K>> Drop for InFlight<K, S, M> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+type Permit<K, M> = <<M as MakeGate<K>>::Gate as Gate>::Permit;
+
+struct Attempt<K, S, M: MakeGate<K>, C: Classify, B> {
+    shared: Arc<Shared<K, S, M, C>>,
+    endpoint: Option<InFlight<K, S, M>>,
+    permit: Option<Permit<K, M>>,
+    classifier: Option<C::Classifier>,
+    started: tokio::time::Instant,
+    first: Option<tokio::time::Instant>,
+    replay: Option<Request<B>>,
+    tries: u32,
+    tried: Vec<u64>,
+    key: Option<u64>,
+    cookie_id: Option<u64>,
+    method_ok: bool,
+    error: Option<BalanceError>,
+}
+
+pin_project! {
+    /// Response future of [`Balance`](super::Balance).
+    pub struct ResponseFuture<K, S, M, C, B>
+    where
+        S: Service<Request<B>>,
+        M: MakeGate<K>,
+        C: Classify,
+    {
+        #[pin]
+        inner: Option<Oneshot<S, Request<B>>>,
+        st: Attempt<K, S, M, C, B>,
+    }
+}
+
+impl<K, S, M, C, B> fmt::Debug for ResponseFuture<K, S, M, C, B>
+where
+    S: Service<Request<B>>,
+    M: MakeGate<K>,
+    C: Classify,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("tries", &self.st.tries)
+            .finish_non_exhaustive()
+    }
+}
+
+fn miss_error(m: Miss) -> BalanceError {
+    if m.total == 0 {
+        BalanceError::NoEndpoints
+    } else {
+        BalanceError::Unavailable {
+            total: m.total,
+            ejected: m.ejected,
+            refused: m.refused,
+        }
+    }
+}
+
+impl<K, S, M, C, B, RB> ResponseFuture<K, S, M, C, B>
+where
+    K: Clone + fmt::Debug,
+    S: Service<Request<B>, Response = Response<RB>> + Clone,
+    S::Error: Into<BoxError>,
+    M: MakeGate<K>,
+    C: Classify,
+    B: CloneBody,
+{
+    pub(crate) fn start(shared: Arc<Shared<K, S, M, C>>, req: Request<B>) -> Self {
+        let snap = shared.snapshot.load();
+        let cookie_id = shared.sticky.as_ref().and_then(|c| c.read(req.headers()));
+        let key = match &shared.picker {
+            Picker::ConsistentHash(k) => k.hash(&req),
+            _ => None,
+        };
+        let sticky = cookie_id
+            .and_then(|id| snap.index_of(id))
+            .and_then(|i| snap.admit(i, &shared.clock, &[]).map(|p| (i, p)));
+        let picked = match sticky {
+            Some(p) => Ok(p),
+            None => snap.pick(&shared.picker, key, &shared.clock, &[]),
+        };
+        let method_ok = shared.retry.method_allows(req.method());
+        let mut st = Attempt {
+            started: tokio::time::Instant::now(),
+            first: None,
+            endpoint: None,
+            permit: None,
+            classifier: None,
+            replay: None,
+            tries: 0,
+            tried: Vec::new(),
+            key,
+            cookie_id,
+            method_ok,
+            error: None,
+            shared: shared.clone(),
+        };
+        let inner = match picked {
+            Ok((i, permit)) => Some(st.dispatch(snap.endpoints[i].clone(), permit, req)),
+            Err(m) => {
+                st.error = Some(miss_error(m));
+                None
+            }
+        };
+        ResponseFuture { inner, st }
+    }
+}
+
+impl<K, S, M, C, B, RB> Attempt<K, S, M, C, B>
+where
+    K: Clone + fmt::Debug,
+    S: Service<Request<B>, Response = Response<RB>> + Clone,
+    M: MakeGate<K>,
+    C: Classify,
+    B: CloneBody,
+{
+    fn dispatch(
+        &mut self,
+        ep: Arc<Ep<K, S, M>>,
+        permit: Permit<K, M>,
+        req: Request<B>,
+    ) -> Oneshot<S, Request<B>> {
+        ep.in_flight.fetch_add(1, Relaxed);
+        ep.requests.fetch_add(1, Relaxed);
+        self.tries += 1;
+        // Copy only when another try could follow: no copy (no allocation) with tries = 1.
+        self.replay = if self.tries < self.shared.retry.tries {
+            clone_request(&req)
+        } else {
+            None
+        };
+        self.classifier = Some(self.shared.classify.classify_request(&req));
+        self.permit = Some(permit);
+        self.started = tokio::time::Instant::now();
+        if self.first.is_none() && self.shared.retry.timeout.is_some() {
+            self.first = Some(self.started);
+        }
+        let svc = ep.service.clone();
+        self.endpoint = Some(InFlight(ep));
+        svc.oneshot(req)
+    }
+
+    fn within_timeout(&self) -> bool {
+        match (self.shared.retry.timeout, self.first) {
+            (Some(t), Some(first)) => first.elapsed() < t,
+            _ => true,
+        }
+    }
+}
+
+impl<K, S, M, C, B, RB> Future for ResponseFuture<K, S, M, C, B>
+where
+    K: Clone + fmt::Debug,
+    S: Service<Request<B>, Response = Response<RB>> + Clone,
+    S::Error: Into<BoxError>,
+    M: MakeGate<K>,
+    C: Classify,
+    B: CloneBody,
+{
+    type Output = Result<Response<RB>, BalanceError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            let res = match this.inner.as_mut().as_pin_mut() {
+                Some(fut) => ready!(fut.poll(cx)),
+                None => {
+                    let e = this.st.error.take().unwrap_or(BalanceError::NoEndpoints);
+                    return Poll::Ready(Err(e));
+                }
+            };
+            this.inner.set(None);
+            let st = &mut *this.st;
+            let res = res.map_err(Into::into);
+            let Some(guard) = st.endpoint.take() else {
+                return Poll::Ready(Err(BalanceError::NoEndpoints));
+            };
+            let ep = guard.0.clone();
+            drop(guard); // in_flight counts until the response head arrived
+            let outcome = match (st.classifier.take(), &res) {
+                (Some(c), Ok(r)) => c.classify_response(r),
+                (Some(c), Err(e)) => c.classify_error(&**e),
+                (None, _) => Outcome::Ignored,
+            };
+            let shared = st.shared.clone();
+            if ep.record(outcome, &shared.health, &shared.clock) {
+                shared.try_eject(&ep);
+            }
+            if let Some(p) = st.permit.take() {
+                ep.gate.complete(p, outcome, st.started.elapsed());
+            }
+
+            let wanted = match &res {
+                Ok(r) => st.method_ok && shared.retry.on.classify_status(r.status()).is_failure(),
+                Err(e) => {
+                    is_connect_error(&**e)
+                        || (st.method_ok && shared.retry.on.classify_error_ref(&**e).is_failure())
+                }
+            };
+            if wanted && st.replay.is_some() && st.within_timeout() {
+                st.tried.push(ep.id);
+                let snap = shared.snapshot.load();
+                if let Ok((i, permit)) = snap.pick(&shared.picker, st.key, &shared.clock, &st.tried)
+                {
+                    if let Some(req) = st.replay.take() {
+                        tracing::debug!(
+                            from = ?ep.key,
+                            to = ?snap.endpoints[i].key,
+                            try_no = st.tries + 1,
+                            "retrying on the next endpoint"
+                        );
+                        let fut = st.dispatch(snap.endpoints[i].clone(), permit, req);
+                        this.inner.set(Some(fut));
+                        continue;
+                    }
+                }
+            }
+            st.replay = None;
+            return Poll::Ready(match res {
+                Ok(mut r) => {
+                    if st.cookie_id != Some(ep.id) {
+                        if let Some(c) = &ep.cookie {
+                            r.headers_mut().append(header::SET_COOKIE, c.clone());
+                        }
+                    }
+                    Ok(r)
+                }
+                Err(source) => Err(BalanceError::Upstream {
+                    tries: st.tries,
+                    source,
+                }),
+            });
+        }
+    }
+}
+
