@@ -491,7 +491,8 @@ mod tests {
     }
 
     fn classify(c: &Condition, code: u16) -> Outcome {
-        c.classify_request(&Request::new(())).classify_response(&res(code))
+        c.classify_request(&Request::new(()))
+            .classify_response(&res(code))
     }
 
     #[test]
@@ -535,8 +536,14 @@ mod tests {
             transport_only.classify_error_ref(&refused),
             Outcome::Failure(FailureKind::Transport)
         );
-        assert_eq!(transport_only.classify_error_ref(&timed_out), Outcome::Success);
-        assert_eq!(transport_only.classify_error_ref(&elapsed), Outcome::Success);
+        assert_eq!(
+            transport_only.classify_error_ref(&timed_out),
+            Outcome::Success
+        );
+        assert_eq!(
+            transport_only.classify_error_ref(&elapsed),
+            Outcome::Success
+        );
 
         let timeout_only: Condition = "timeout".parse().unwrap();
         assert_eq!(

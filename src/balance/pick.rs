@@ -80,10 +80,13 @@ impl HashKey {
                 cookie_value(req.headers(), name).map(|v| hash_bytes(v.as_bytes()))
             }
             HashKey::Path => Some(hash_bytes(req.uri().path().as_bytes())),
-            HashKey::ClientIp => req.extensions().get::<ClientAddr>().map(|a| match a.0.ip() {
-                std::net::IpAddr::V4(ip) => hash_bytes(&ip.octets()),
-                std::net::IpAddr::V6(ip) => hash_bytes(&ip.octets()),
-            }),
+            HashKey::ClientIp => req
+                .extensions()
+                .get::<ClientAddr>()
+                .map(|a| match a.0.ip() {
+                    std::net::IpAddr::V4(ip) => hash_bytes(&ip.octets()),
+                    std::net::IpAddr::V6(ip) => hash_bytes(&ip.octets()),
+                }),
             HashKey::Custom(f) => f(req.uri(), req.headers()),
         }
     }
@@ -246,12 +249,7 @@ impl<K, S, G: Gate> Snapshot<K, S, G> {
 
     /// Tries to admit endpoint `i`: not already tried, not ejected, gate open.
     #[inline]
-    pub(crate) fn admit(
-        &self,
-        i: usize,
-        clock: &Clock,
-        tried: &[u64],
-    ) -> Option<G::Permit>
+    pub(crate) fn admit(&self, i: usize, clock: &Clock, tried: &[u64]) -> Option<G::Permit>
     where
         K: fmt::Debug,
     {

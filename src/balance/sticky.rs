@@ -68,13 +68,13 @@ impl fmt::Debug for StickyCookie {
 
 fn is_token(s: &str) -> bool {
     !s.is_empty()
-        && s.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-        })
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 fn is_attr_value(s: &str) -> bool {
-    s.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b';' && b != b',')
+    s.bytes()
+        .all(|b| (0x21..0x7f).contains(&b) && b != b';' && b != b',')
 }
 
 impl StickyCookie {

@@ -65,9 +65,7 @@ impl ForwardError {
             ForwardError::ConnectTimeout { .. } | ForwardError::ResponseTimeout { .. } => {
                 FailureKind::Timeout
             }
-            ForwardError::Connect { .. } | ForwardError::Transport { .. } => {
-                FailureKind::Transport
-            }
+            ForwardError::Connect { .. } | ForwardError::Transport { .. } => FailureKind::Transport,
             ForwardError::InvalidUpstream { .. } | ForwardError::InvalidRequest(_) => {
                 FailureKind::Other
             }

@@ -34,7 +34,11 @@ enum State {
 }
 
 impl ResponseFuture {
-    pub(super) fn new(fut: ClientFuture, upstream: Arc<Upstream>, timeout: Option<Duration>) -> Self {
+    pub(super) fn new(
+        fut: ClientFuture,
+        upstream: Arc<Upstream>,
+        timeout: Option<Duration>,
+    ) -> Self {
         ResponseFuture {
             sleep: timeout.map(tokio::time::sleep),
             state: State::Running {

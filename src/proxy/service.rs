@@ -49,7 +49,10 @@ impl Upstream {
             reason,
         };
         let parsed: Uri = uri.parse().map_err(|_| bad("not a URI"))?;
-        let scheme = parsed.scheme().cloned().ok_or_else(|| bad("missing scheme"))?;
+        let scheme = parsed
+            .scheme()
+            .cloned()
+            .ok_or_else(|| bad("missing scheme"))?;
         if scheme != Scheme::HTTP {
             return Err(bad("only http:// upstreams are supported"));
         }
@@ -100,7 +103,11 @@ impl Upstream {
 
 impl fmt::Debug for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Upstream({}://{}{})", self.scheme, self.authority, self.prefix)
+        write!(
+            f,
+            "Upstream({}://{}{})",
+            self.scheme, self.authority, self.prefix
+        )
     }
 }
 
