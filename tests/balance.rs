@@ -333,21 +333,14 @@ async fn tampered_and_forged_cookies_are_ignored() {
 
 #[tokio::test]
 async fn consistent_hash_remaps_about_one_nth_of_keys() {
-    fn named(
-        n: usize,
-    ) -> tower::util::BoxCloneSyncService<Request<Full<Bytes>>, Response<String>, Infallible> {
+    fn named(n: usize) -> Flaky {
         tower::util::BoxCloneSyncService::new(tower::service_fn(
             move |_r: Request<Full<Bytes>>| async move {
                 Ok::<_, Infallible>(Response::new(format!("e{n}")))
             },
         ))
     }
-    async fn owners(
-        lb: &Balance<
-            usize,
-            tower::util::BoxCloneSyncService<Request<Full<Bytes>>, Response<String>, Infallible>,
-        >,
-    ) -> Vec<String> {
+    async fn owners(lb: &Balance<usize, Flaky>) -> Vec<String> {
         let mut out = Vec::new();
         for k in 0..2000 {
             let mut req = get("/");
