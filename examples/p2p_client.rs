@@ -29,9 +29,13 @@ async fn server(name: &'static str) -> std::io::Result<(String, tokio::sync::one
         )))))
     });
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(tower_patterns::server::serve_with_shutdown(listener, svc, async {
-        let _ = rx.await;
-    }));
+    tokio::spawn(tower_patterns::server::serve_with_shutdown(
+        listener,
+        svc,
+        async {
+            let _ = rx.await;
+        },
+    ));
     Ok((format!("http://{addr}"), tx))
 }
 

@@ -214,7 +214,10 @@ async fn run(args: Args) -> Result<(), BoxError> {
             let res = client.request(req).await?;
             let status = res.status();
             let body = res.into_body().collect().await?.to_bytes();
-            println!("request {i}: {status} {}", String::from_utf8_lossy(&body).trim());
+            println!(
+                "request {i}: {status} {}",
+                String::from_utf8_lossy(&body).trim()
+            );
         }
         for e in lb2.endpoints() {
             println!(
