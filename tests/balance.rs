@@ -746,3 +746,26 @@ async fn reverse_proxy_retries_a_buffered_post_after_a_refused_connection() {
         .unwrap();
     assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
 }
+
+#[tokio::test(start_paused = true)]
+async fn queue_timeout_waits_for_an_endpoint_to_join() {
+    let (tx, disc) = discover::channel::<&'static str, Flaky>();
+    let lb = Balance::builder()
+        .queue_timeout(Duration::from_secs(2))
+        .spawn(disc)
+        .unwrap();
+    let pending = tokio::spawn(lb.clone().oneshot(get("/")));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!pending.is_finished(), "queued while the set is empty");
+    tx.insert("late", flaky("late", Arc::default(), Arc::default()));
+    let res = pending.await.unwrap().unwrap();
+    assert_eq!(res.into_body(), "late");
+
+    // Nobody joins: after the queue timeout, the typed error.
+    tx.remove("late");
+    lb.members().wait_for(|n| *n == 0).await.unwrap();
+    let start = tokio::time::Instant::now();
+    let err = lb.clone().oneshot(get("/")).await.unwrap_err();
+    assert!(matches!(err, BalanceError::NoEndpoints));
+    assert!(start.elapsed() >= Duration::from_secs(2));
+}

@@ -4,9 +4,11 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use http::{header, Request, Response};
 use pin_project_lite::pin_project;
+use tokio::time::Instant;
 use tower::util::{Oneshot, ServiceExt};
 use tower_service::Service;
 
@@ -17,6 +19,9 @@ use super::service::{Ep, MakeGate, Shared};
 use crate::classify::{Classifier, Classify, Outcome};
 use crate::gate::Gate;
 use crate::BoxError;
+
+/// Re-pick at least this often while queued (ejections expire and gates reopen silently).
+const QUEUE_STEP: Duration = Duration::from_millis(20);
 
 /// Holds an endpoint while a request is in flight to it; the count drops with it, so a
 /// cancelled request is not counted forever.
@@ -29,21 +34,26 @@ impl<K, S, M: MakeGate<K>> Drop for InFlight<K, S, M> {
 }
 
 type Permit<K, M> = <<M as MakeGate<K>>::Gate as Gate>::Permit;
+type Wait = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-struct Attempt<K, S, M: MakeGate<K>, C: Classify, B> {
+struct Attempt<K, S, M: MakeGate<K>, C: Classify, B, R> {
     shared: Arc<Shared<K, S, M, C>>,
     endpoint: Option<InFlight<K, S, M>>,
     permit: Option<Permit<K, M>>,
     classifier: Option<C::Classifier>,
-    started: tokio::time::Instant,
-    first: Option<tokio::time::Instant>,
+    started: Instant,
+    first: Option<Instant>,
     replay: Option<Request<B>>,
     tries: u32,
     tried: Vec<u64>,
     key: Option<u64>,
     cookie_id: Option<u64>,
     method_ok: bool,
-    error: Option<BalanceError>,
+    /// Queued: the request to send once an endpoint is available, and the wait.
+    queued: Option<(Request<B>, Wait)>,
+    queue_deadline: Option<Instant>,
+    /// What to return if no endpoint turns up: the last result, or why none was picked.
+    last: Option<Result<R, BalanceError>>,
 }
 
 pin_project! {
@@ -56,7 +66,7 @@ pin_project! {
     {
         #[pin]
         inner: Option<Oneshot<S, Request<B>>>,
-        st: Attempt<K, S, M, C, B>,
+        st: Attempt<K, S, M, C, B, S::Response>,
     }
 }
 
@@ -110,7 +120,7 @@ where
         };
         let method_ok = shared.retry.method_allows(req.method());
         let mut st = Attempt {
-            started: tokio::time::Instant::now(),
+            started: Instant::now(),
             first: None,
             endpoint: None,
             permit: None,
@@ -121,13 +131,16 @@ where
             key,
             cookie_id,
             method_ok,
-            error: None,
+            queued: None,
+            queue_deadline: None,
+            last: None,
             shared: shared.clone(),
         };
         let inner = match picked {
             Ok((i, permit)) => Some(st.dispatch(snap.endpoints[i].clone(), permit, req)),
             Err(m) => {
-                st.error = Some(miss_error(m));
+                st.last = Some(Err(miss_error(m)));
+                st.queue(req);
                 None
             }
         };
@@ -135,7 +148,7 @@ where
     }
 }
 
-impl<K, S, M, C, B, RB> Attempt<K, S, M, C, B>
+impl<K, S, M, C, B, RB> Attempt<K, S, M, C, B, Response<RB>>
 where
     K: Clone + fmt::Debug,
     S: Service<Request<B>, Response = Response<RB>> + Clone,
@@ -160,7 +173,7 @@ where
         };
         self.classifier = Some(self.shared.classify.classify_request(&req));
         self.permit = Some(permit);
-        self.started = tokio::time::Instant::now();
+        self.started = Instant::now();
         if self.first.is_none() && self.shared.retry.timeout.is_some() {
             self.first = Some(self.started);
         }
@@ -173,6 +186,51 @@ where
         match (self.shared.retry.timeout, self.first) {
             (Some(t), Some(first)) => first.elapsed() < t,
             _ => true,
+        }
+    }
+
+    /// Parks `req` until the set changes or a step passes, if a queue timeout allows it.
+    /// Returns `false` (and drops `req`) when it does not.
+    fn queue(&mut self, req: Request<B>) -> bool {
+        let Some(timeout) = self.shared.queue_timeout else {
+            return false;
+        };
+        let now = Instant::now();
+        let deadline = *self.queue_deadline.get_or_insert(now + timeout);
+        if now >= deadline {
+            return false;
+        }
+        let mut members = self.shared.members.subscribe();
+        let sleep = tokio::time::sleep_until(deadline.min(now + QUEUE_STEP));
+        let wait: Wait = Box::pin(async move {
+            tokio::select! {
+                _ = members.changed() => {}
+                () = sleep => {}
+            }
+        });
+        self.queued = Some((req, wait));
+        true
+    }
+
+    /// Applies the sticky cookie to a final response.
+    fn finish(
+        &self,
+        ep: &Ep<K, S, M>,
+        res: Result<Response<RB>, BoxError>,
+    ) -> Result<Response<RB>, BalanceError> {
+        match res {
+            Ok(mut r) => {
+                if self.cookie_id != Some(ep.id) {
+                    if let Some(c) = &ep.cookie {
+                        r.headers_mut().append(header::SET_COOKIE, c.clone());
+                    }
+                }
+                Ok(r)
+            }
+            Err(source) => Err(BalanceError::Upstream {
+                tries: self.tries,
+                source,
+            }),
         }
     }
 }
@@ -191,11 +249,42 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
+            // Queued: wait for the set to change, then pick again.
+            if let Some((_, wait)) = this.st.queued.as_mut() {
+                ready!(wait.as_mut().poll(cx));
+                let st = &mut *this.st;
+                let Some((req, _)) = st.queued.take() else {
+                    continue;
+                };
+                let shared = st.shared.clone();
+                let snap = shared.snapshot.load();
+                match snap.pick(&shared.picker, st.key, &shared.clock, &st.tried) {
+                    Ok((i, permit)) => {
+                        let fut = st.dispatch(snap.endpoints[i].clone(), permit, req);
+                        this.inner.set(Some(fut));
+                    }
+                    Err(m) => {
+                        if st.tries == 0 {
+                            st.last = Some(Err(miss_error(m)));
+                        }
+                        if !st.queue(req) {
+                            let last = st.last.take().unwrap_or(Err(BalanceError::NoEndpoints));
+                            return Poll::Ready(last);
+                        }
+                        continue;
+                    }
+                }
+            }
+
             let res = match this.inner.as_mut().as_pin_mut() {
                 Some(fut) => ready!(fut.poll(cx)),
                 None => {
-                    let e = this.st.error.take().unwrap_or(BalanceError::NoEndpoints);
-                    return Poll::Ready(Err(e));
+                    let last = this
+                        .st
+                        .last
+                        .take()
+                        .unwrap_or(Err(BalanceError::NoEndpoints));
+                    return Poll::Ready(last);
                 }
             };
             this.inner.set(None);
@@ -229,36 +318,35 @@ where
             if wanted && st.replay.is_some() && st.within_timeout() {
                 st.tried.push(ep.id);
                 let snap = shared.snapshot.load();
-                if let Ok((i, permit)) = snap.pick(&shared.picker, st.key, &shared.clock, &st.tried)
-                {
-                    if let Some(req) = st.replay.take() {
-                        tracing::debug!(
-                            from = ?ep.key,
-                            to = ?snap.endpoints[i].key,
-                            try_no = st.tries + 1,
-                            "retrying on the next endpoint"
-                        );
-                        let fut = st.dispatch(snap.endpoints[i].clone(), permit, req);
-                        this.inner.set(Some(fut));
-                        continue;
+                let picked = snap.pick(&shared.picker, st.key, &shared.clock, &st.tried);
+                if let Some(req) = st.replay.take() {
+                    match picked {
+                        Ok((i, permit)) => {
+                            tracing::debug!(
+                                from = ?ep.key,
+                                to = ?snap.endpoints[i].key,
+                                try_no = st.tries + 1,
+                                "retrying on the next endpoint"
+                            );
+                            let fut = st.dispatch(snap.endpoints[i].clone(), permit, req);
+                            this.inner.set(Some(fut));
+                            continue;
+                        }
+                        Err(_) => {
+                            // Nobody left to try now; with a queue, wait for the set to change.
+                            let done = st.finish(&ep, res);
+                            st.last = Some(done);
+                            if st.queue(req) {
+                                continue;
+                            }
+                            let last = st.last.take().unwrap_or(Err(BalanceError::NoEndpoints));
+                            return Poll::Ready(last);
+                        }
                     }
                 }
             }
             st.replay = None;
-            return Poll::Ready(match res {
-                Ok(mut r) => {
-                    if st.cookie_id != Some(ep.id) {
-                        if let Some(c) = &ep.cookie {
-                            r.headers_mut().append(header::SET_COOKIE, c.clone());
-                        }
-                    }
-                    Ok(r)
-                }
-                Err(source) => Err(BalanceError::Upstream {
-                    tries: st.tries,
-                    source,
-                }),
-            });
+            return Poll::Ready(st.finish(&ep, res));
         }
     }
 }

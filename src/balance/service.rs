@@ -5,6 +5,7 @@ use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::{Request, Response};
@@ -71,6 +72,7 @@ pub(crate) struct Shared<K, S, M: MakeGate<K>, C> {
     pub(crate) picker: Picker,
     pub(crate) health: PassiveHealth,
     pub(crate) retry: Retry,
+    pub(crate) queue_timeout: Option<Duration>,
     pub(crate) sticky: Option<StickyCookie>,
     pub(crate) classify: C,
     make_gate: M,
@@ -78,7 +80,7 @@ pub(crate) struct Shared<K, S, M: MakeGate<K>, C> {
     pub(crate) clock: Clock,
     /// Serialises ejection decisions so the budget holds (cold path only).
     eject_lock: Mutex<()>,
-    members: tokio::sync::watch::Sender<usize>,
+    pub(crate) members: tokio::sync::watch::Sender<usize>,
 }
 
 impl<K, S, M, C> Shared<K, S, M, C>
@@ -126,6 +128,7 @@ pub struct BalanceBuilder<K, C = Condition, M = NoGates> {
     picker: Picker,
     health: PassiveHealth,
     retry: Retry,
+    queue_timeout: Option<Duration>,
     sticky: Option<StickyCookie>,
     classify: C,
     make_gate: M,
@@ -151,6 +154,7 @@ impl<K> Default for BalanceBuilder<K> {
             picker: Picker::default(),
             health: PassiveHealth::default(),
             retry: Retry::default(),
+            queue_timeout: None,
             sticky: None,
             classify: Condition::never().any_error(),
             make_gate: NoGates,
@@ -183,6 +187,15 @@ where
         self
     }
 
+    /// When no endpoint is available (empty set, all ejected, gates closed, all tried), wait
+    /// up to `timeout` for one instead of failing at once (nginx-plus `queue ... timeout=`,
+    /// linkerd's fail-fast timeout). The request re-picks whenever the set changes, and at
+    /// least every 20 ms. Default: fail at once, as nginx OSS and Envoy do.
+    pub fn queue_timeout(mut self, timeout: Duration) -> Self {
+        self.queue_timeout = Some(timeout);
+        self
+    }
+
     /// Sticky sessions by signed cookie.
     pub fn sticky(mut self, cookie: StickyCookie) -> Self {
         self.sticky = Some(cookie);
@@ -205,6 +218,7 @@ where
             picker: self.picker,
             health: self.health,
             retry: self.retry,
+            queue_timeout: self.queue_timeout,
             sticky: self.sticky,
             classify,
             make_gate: self.make_gate,
@@ -220,6 +234,7 @@ where
             picker: self.picker,
             health: self.health,
             retry: self.retry,
+            queue_timeout: self.queue_timeout,
             sticky: self.sticky,
             classify: self.classify,
             make_gate,
@@ -238,6 +253,7 @@ where
             picker: self.picker,
             health: self.health,
             retry: self.retry,
+            queue_timeout: self.queue_timeout,
             sticky: self.sticky,
             classify: self.classify,
             make_gate: self.make_gate,
