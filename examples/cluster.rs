@@ -209,7 +209,10 @@ impl Supervisor {
             println!("Worker {} drained and exited ({status})", info.pid);
         } else {
             self.crashes.fetch_add(1, Relaxed);
-            println!("Worker {} crashed ({status}). Starting a new worker", info.pid);
+            println!(
+                "Worker {} crashed ({status}). Starting a new worker",
+                info.pid
+            );
             let me = self.clone();
             tokio::spawn(async move { me.replace().await });
         }
@@ -268,11 +271,7 @@ struct Stats {
     longest_micros: AtomicU64,
 }
 
-async fn load(
-    addr: std::net::SocketAddr,
-    concurrency: usize,
-    duration: Duration,
-) -> Arc<Stats> {
+async fn load(addr: std::net::SocketAddr, concurrency: usize, duration: Duration) -> Arc<Stats> {
     let stats = Arc::new(Stats::default());
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.set_nodelay(true);
@@ -435,7 +434,11 @@ async fn supervise(o: Options) -> Result<(), BoxError> {
     println!("Transactions:              {total:>10} hits");
     println!(
         "Availability:              {:>10.2} %",
-        if total == 0 { 0.0 } else { ok as f64 * 100.0 / total as f64 }
+        if total == 0 {
+            0.0
+        } else {
+            ok as f64 * 100.0 / total as f64
+        }
     );
     println!("Elapsed time:              {secs:>10.2} secs");
     println!(
@@ -443,7 +446,10 @@ async fn supervise(o: Options) -> Result<(), BoxError> {
         stats.bytes.load(Relaxed) as f64 / 1e6
     );
     println!("Response time:             {avg:>10.4} secs");
-    println!("Transaction rate:          {:>10.2} trans/sec", total as f64 / secs);
+    println!(
+        "Transaction rate:          {:>10.2} trans/sec",
+        total as f64 / secs
+    );
     println!("Successful transactions:   {ok:>10}");
     println!("Failed transactions:       {failed:>10}");
     println!(

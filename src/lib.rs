@@ -7,6 +7,7 @@
 //! | failure classification (shared) | [`classify`] | — | `docs/foundation.md` |
 //! | replayable request bodies (shared) | [`body::replay`] | — | `docs/foundation.md` |
 //! | forwarding to an upstream (shared) | [`proxy`] | `reverse_proxy_min`, `tour` | `docs/foundation.md` |
+//! | load balancing: round robin, weighted, sticky, hash, passive health, retry-next; cluster | [`balance`] | `reverse_proxy`, `p2p_client`, `sticky_sessions`, `cluster` | `docs/balance.md`, `docs/cluster.md` |
 //!
 //! Every layer uses [`classify`] to decide what a failure is, so "5xx and transport errors"
 //! is configured the same way for every pattern.

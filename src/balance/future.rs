@@ -15,7 +15,7 @@ use tower_service::Service;
 use super::error::BalanceError;
 use super::pick::{Miss, Picker};
 use super::retry::{clone_request, is_connect_error, CloneBody};
-use super::service::{Ep, MakeGate, Shared};
+use super::service::{Ep, MakeGate, Shared, Snap};
 use crate::classify::{Classifier, Classify, Outcome};
 use crate::gate::Gate;
 use crate::BoxError;
@@ -41,7 +41,7 @@ struct Attempt<K, S, M: MakeGate<K>, C: Classify, B, R> {
     endpoint: Option<InFlight<K, S, M>>,
     permit: Option<Permit<K, M>>,
     classifier: Option<C::Classifier>,
-    started: Instant,
+    started: Option<Instant>,
     first: Option<Instant>,
     replay: Option<Request<B>>,
     tries: u32,
@@ -49,11 +49,40 @@ struct Attempt<K, S, M: MakeGate<K>, C: Classify, B, R> {
     key: Option<u64>,
     cookie_id: Option<u64>,
     method_ok: bool,
+    /// State of the failure and queue paths, boxed so the common future stays small
+    /// (it is moved through every layer of the stack).
+    cold: Option<Box<Cold<B, R>>>,
+}
+
+struct Cold<B, R> {
     /// Queued: the request to send once an endpoint is available, and the wait.
     queued: Option<(Request<B>, Wait)>,
     queue_deadline: Option<Instant>,
     /// What to return if no endpoint turns up: the last result, or why none was picked.
     last: Option<Result<R, BalanceError>>,
+}
+
+impl<K, S, M: MakeGate<K>, C: Classify, B, R> Attempt<K, S, M, C, B, R> {
+    fn cold(&mut self) -> &mut Cold<B, R> {
+        self.cold.get_or_insert_with(|| {
+            Box::new(Cold {
+                queued: None,
+                queue_deadline: None,
+                last: None,
+            })
+        })
+    }
+
+    fn set_last(&mut self, r: Result<R, BalanceError>) {
+        self.cold().last = Some(r);
+    }
+
+    fn take_last(&mut self) -> Result<R, BalanceError> {
+        self.cold
+            .as_mut()
+            .and_then(|c| c.last.take())
+            .unwrap_or(Err(BalanceError::NoEndpoints))
+    }
 }
 
 pin_project! {
@@ -83,7 +112,7 @@ where
     }
 }
 
-fn miss_error(m: Miss) -> BalanceError {
+pub(crate) fn miss_error(m: Miss) -> BalanceError {
     if m.total == 0 {
         BalanceError::NoEndpoints
     } else {
@@ -93,6 +122,37 @@ fn miss_error(m: Miss) -> BalanceError {
             refused: m.refused,
         }
     }
+}
+
+/// The first pick of a request: its sticky endpoint if valid and available, else the
+/// picker's choice. Also returns the cookie's endpoint id and the request's hash key.
+#[allow(clippy::type_complexity)]
+pub(crate) fn first_pick<K, S, M, C, B>(
+    shared: &Shared<K, S, M, C>,
+    snap: &Snap<K, S, M>,
+    req: &Request<B>,
+) -> (
+    Result<(usize, Permit<K, M>), Miss>,
+    Option<u64>,
+    Option<u64>,
+)
+where
+    K: fmt::Debug,
+    M: MakeGate<K>,
+{
+    let cookie_id = shared.sticky.as_ref().and_then(|c| c.read(req.headers()));
+    let key = match &shared.picker {
+        Picker::ConsistentHash(k) => k.hash(req),
+        _ => None,
+    };
+    let sticky = cookie_id
+        .and_then(|id| snap.index_of(id))
+        .and_then(|i| snap.admit(i, &shared.clock, &[]).map(|p| (i, p)));
+    let picked = match sticky {
+        Some(p) => Ok(p),
+        None => snap.pick(&shared.picker, key, &shared.clock, &[]),
+    };
+    (picked, cookie_id, key)
 }
 
 impl<K, S, M, C, B, RB> ResponseFuture<K, S, M, C, B>
@@ -106,21 +166,10 @@ where
 {
     pub(crate) fn start(shared: Arc<Shared<K, S, M, C>>, req: Request<B>) -> Self {
         let snap = shared.snapshot.load();
-        let cookie_id = shared.sticky.as_ref().and_then(|c| c.read(req.headers()));
-        let key = match &shared.picker {
-            Picker::ConsistentHash(k) => k.hash(&req),
-            _ => None,
-        };
-        let sticky = cookie_id
-            .and_then(|id| snap.index_of(id))
-            .and_then(|i| snap.admit(i, &shared.clock, &[]).map(|p| (i, p)));
-        let picked = match sticky {
-            Some(p) => Ok(p),
-            None => snap.pick(&shared.picker, key, &shared.clock, &[]),
-        };
+        let (picked, cookie_id, key) = first_pick(&shared, &snap, &req);
         let method_ok = shared.retry.method_allows(req.method());
         let mut st = Attempt {
-            started: Instant::now(),
+            started: None,
             first: None,
             endpoint: None,
             permit: None,
@@ -131,15 +180,13 @@ where
             key,
             cookie_id,
             method_ok,
-            queued: None,
-            queue_deadline: None,
-            last: None,
+            cold: None,
             shared: shared.clone(),
         };
         let inner = match picked {
             Ok((i, permit)) => Some(st.dispatch(snap.endpoints[i].clone(), permit, req)),
             Err(m) => {
-                st.last = Some(Err(miss_error(m)));
+                st.set_last(Err(miss_error(m)));
                 st.queue(req);
                 None
             }
@@ -173,9 +220,10 @@ where
         };
         self.classifier = Some(self.shared.classify.classify_request(&req));
         self.permit = Some(permit);
-        self.started = Instant::now();
+        let now = Instant::now();
+        self.started = Some(now);
         if self.first.is_none() && self.shared.retry.timeout.is_some() {
-            self.first = Some(self.started);
+            self.first = Some(now);
         }
         let svc = ep.service.clone();
         self.endpoint = Some(InFlight(ep));
@@ -196,7 +244,7 @@ where
             return false;
         };
         let now = Instant::now();
-        let deadline = *self.queue_deadline.get_or_insert(now + timeout);
+        let deadline = *self.cold().queue_deadline.get_or_insert(now + timeout);
         if now >= deadline {
             return false;
         }
@@ -208,7 +256,7 @@ where
                 () = sleep => {}
             }
         });
-        self.queued = Some((req, wait));
+        self.cold().queued = Some((req, wait));
         true
     }
 
@@ -250,10 +298,10 @@ where
         let mut this = self.project();
         loop {
             // Queued: wait for the set to change, then pick again.
-            if let Some((_, wait)) = this.st.queued.as_mut() {
+            if let Some((_, wait)) = this.st.cold.as_mut().and_then(|c| c.queued.as_mut()) {
                 ready!(wait.as_mut().poll(cx));
                 let st = &mut *this.st;
-                let Some((req, _)) = st.queued.take() else {
+                let Some((req, _)) = st.cold.as_mut().and_then(|c| c.queued.take()) else {
                     continue;
                 };
                 let shared = st.shared.clone();
@@ -265,10 +313,10 @@ where
                     }
                     Err(m) => {
                         if st.tries == 0 {
-                            st.last = Some(Err(miss_error(m)));
+                            st.set_last(Err(miss_error(m)));
                         }
                         if !st.queue(req) {
-                            let last = st.last.take().unwrap_or(Err(BalanceError::NoEndpoints));
+                            let last = st.take_last();
                             return Poll::Ready(last);
                         }
                         continue;
@@ -279,12 +327,7 @@ where
             let res = match this.inner.as_mut().as_pin_mut() {
                 Some(fut) => ready!(fut.poll(cx)),
                 None => {
-                    let last = this
-                        .st
-                        .last
-                        .take()
-                        .unwrap_or(Err(BalanceError::NoEndpoints));
-                    return Poll::Ready(last);
+                    return Poll::Ready(this.st.take_last());
                 }
             };
             this.inner.set(None);
@@ -305,7 +348,8 @@ where
                 shared.try_eject(&ep);
             }
             if let Some(p) = st.permit.take() {
-                ep.gate.complete(p, outcome, st.started.elapsed());
+                let elapsed = st.started.map(|t| t.elapsed()).unwrap_or_default();
+                ep.gate.complete(p, outcome, elapsed);
             }
 
             let wanted = match &res {
@@ -335,11 +379,11 @@ where
                         Err(_) => {
                             // Nobody left to try now; with a queue, wait for the set to change.
                             let done = st.finish(&ep, res);
-                            st.last = Some(done);
+                            st.set_last(done);
                             if st.queue(req) {
                                 continue;
                             }
-                            let last = st.last.take().unwrap_or(Err(BalanceError::NoEndpoints));
+                            let last = st.take_last();
                             return Poll::Ready(last);
                         }
                     }

@@ -384,6 +384,19 @@ where
         self.shared.members.subscribe()
     }
 
+    /// Picks an endpoint for `req` exactly as [`call`](Service::call) would (sticky
+    /// cookie, picker, health, gates; the round-robin position advances) without sending
+    /// anything: the gate's permit is released at once. For routing decisions, logging and
+    /// benchmarks (it is the pick cost alone).
+    pub fn select<B>(&self, req: &Request<B>) -> Result<K, BalanceError> {
+        let snap = self.shared.snapshot.load();
+        let (picked, _, _) = super::future::first_pick(&self.shared, &snap, req);
+        match picked {
+            Ok((i, _permit)) => Ok(snap.endpoints[i].key.clone()),
+            Err(m) => Err(super::future::miss_error(m)),
+        }
+    }
+
     /// The service of the endpoint with key `key`, if present.
     pub fn service(&self, key: &K) -> Option<S>
     where
