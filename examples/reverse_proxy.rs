@@ -8,7 +8,9 @@
 //!
 //! Flags: `--listen ADDR` (default 127.0.0.1:0), `--backends URL,URL,..` (default: four
 //! instances started in-process), `--serve` (run until killed), `--threads N` (tokio
-//! workers, default: CPUs), `--no-retry` (tries = 1: no request copy per request).
+//! workers, default: CPUs), `--no-retry` (tries = 1: no request copy per request),
+//! `--direct` (with `--serve`: the first backend through `Forward` alone, no balancer — the
+//! baseline that shows what the balancer costs).
 //!
 //! The seed's nginx configuration, and what this example builds instead:
 //! ```text
@@ -39,6 +41,7 @@ struct Args {
     serve: bool,
     threads: Option<usize>,
     retry: bool,
+    direct: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -48,6 +51,7 @@ fn parse_args() -> Result<Args, String> {
         serve: false,
         threads: None,
         retry: true,
+        direct: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -66,6 +70,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--serve" => args.serve = true,
             "--no-retry" => args.retry = false,
+            "--direct" => args.direct = true,
             "--threads" => {
                 let v = it.next().ok_or("--threads needs N")?;
                 args.threads = Some(v.parse().map_err(|e| format!("--threads {v}: {e}"))?);
@@ -165,6 +170,20 @@ async fn run(args: Args) -> Result<(), BoxError> {
         "reverse proxy on http://{addr} -> {} instances, round robin",
         backends.len()
     );
+    if args.serve && args.direct {
+        // Baseline for benchmarks: the first backend through Forward alone, no balancer.
+        let direct = first.clone().map_result(|r| {
+            Ok::<_, BoxError>(match r {
+                Ok(res) => res.map(Either::Left),
+                Err(e) => tower_patterns::proxy::error_response(&e).map(Either::Right),
+            })
+        });
+        let direct = ServiceBuilder::new()
+            .layer(ReplayLayer::new(64 * 1024))
+            .service(direct);
+        tower_patterns::server::serve(listener, direct).await?;
+        return Ok(());
+    }
     if args.serve {
         tower_patterns::server::serve(listener, proxy).await?;
         return Ok(());
