@@ -769,3 +769,50 @@ async fn queue_timeout_waits_for_an_endpoint_to_join() {
     assert!(matches!(err, BalanceError::NoEndpoints));
     assert!(start.elapsed() >= Duration::from_secs(2));
 }
+
+/// Captures formatted `tracing` output.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn ejection_and_restoration_emit_tracing_events() {
+    let out = Captured::default();
+    let writer = out.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let lb = Balance::builder()
+        .classify("5xx".parse::<Condition>().unwrap())
+        .health(PassiveHealth::new(1, Duration::from_secs(5)))
+        .retry(Retry::never())
+        .build_static([
+            (
+                "bad",
+                flaky("bad", Arc::new(AtomicBool::new(true)), Arc::default()),
+            ),
+            ("good", flaky("good", Arc::default(), Arc::default())),
+        ]);
+    lb.clone().oneshot(get("/")).await.unwrap();
+    tokio::time::advance(Duration::from_secs(6)).await;
+    lb.clone().oneshot(get("/")).await.unwrap();
+    lb.clone().oneshot(get("/")).await.unwrap();
+    let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+    let ejected = text.matches("endpoint ejected").count();
+    assert!(ejected >= 1, "{text}");
+    assert!(text.contains("endpoint=\"bad\""), "{text}");
+    assert!(text.contains("endpoint restored on probation"), "{text}");
+}
