@@ -1,1 +1,113 @@
-fn main() {}
+//! In-process cost of the proxy building blocks, each next to its baseline in one run:
+//! - `forward/*`: a request through `Forward` (own pool) vs the bare hyper-util pooled client to the
+//!   same local backend (what our header handling, URI join and error mapping add);
+//! - `headers/*`: hop-by-hop stripping on a typical request;
+//! - `classify/*`: classifying a response with a parsed `Condition`.
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tower::{Service, ServiceExt};
+use tower_patterns::classify::{Classifier, Classify, Condition};
+use tower_patterns::proxy::{strip_hop_by_hop, Forward};
+
+fn backend(rt: &tokio::runtime::Runtime) -> std::net::SocketAddr {
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_r| async {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    })
+}
+
+fn forward(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr = backend(&rt);
+    let url = format!("http://{addr}");
+    let mut g = c.benchmark_group("forward");
+    let bare: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+        .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let uri: http::Uri = format!("{url}/x").parse().unwrap();
+    g.bench_function("bare_hyper_util_client", |b| {
+        b.to_async(&rt).iter(|| {
+            let bare = bare.clone();
+            let uri = uri.clone();
+            async move {
+                let res = bare.get(uri).await.unwrap();
+                res.into_body().collect().await.unwrap();
+            }
+        })
+    });
+    let fwd = Forward::<Empty<Bytes>>::new(&url).unwrap();
+    g.bench_function("tower_patterns_forward", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut fwd = fwd.clone();
+            async move {
+                let req = Request::get("/x")
+                    .header("host", "bench")
+                    .body(Empty::new())
+                    .unwrap();
+                let res = fwd.ready().await.unwrap().call(req).await.unwrap();
+                res.into_body().collect().await.unwrap();
+            }
+        })
+    });
+    g.finish();
+}
+
+fn headers(c: &mut Criterion) {
+    let base = Request::get("/")
+        .header("host", "example.com")
+        .header("user-agent", "bench/1.0")
+        .header("accept", "*/*")
+        .header("accept-encoding", "gzip")
+        .header("connection", "keep-alive")
+        .body(())
+        .unwrap();
+    let mut g = c.benchmark_group("headers");
+    g.bench_function("clone_only", |b| b.iter(|| base.headers().clone()));
+    g.bench_function("clone_and_strip_hop_by_hop", |b| {
+        b.iter(|| {
+            let mut h = base.headers().clone();
+            strip_hop_by_hop(&mut h);
+            h
+        })
+    });
+    g.finish();
+}
+
+fn classify(c: &mut Criterion) {
+    let cond: Condition = "404,5xx,fail".parse().unwrap();
+    let req = Request::new(());
+    let res = Response::builder().status(503).body(()).unwrap();
+    c.bench_function("classify/condition_response", |b| {
+        b.iter(|| {
+            std::hint::black_box(&cond)
+                .classify_request(&req)
+                .classify_response(std::hint::black_box(&res))
+        })
+    });
+}
+
+criterion_group!(benches, forward, headers, classify);
+criterion_main!(benches);

@@ -7,24 +7,23 @@
 //! | failure classification (shared) | [`classify`] | — | `docs/foundation.md` |
 //! | replayable request bodies (shared) | [`body::replay`] | — | `docs/foundation.md` |
 //! | forwarding to an upstream (shared) | [`proxy`] | `reverse_proxy_min`, `tour` | `docs/foundation.md` |
+//! | content chain (STON virtual-host link) | [`chain`] | `content_chain` | `docs/content_chain.md` |
+//! | service discovery, self-registration, path routing | [`discovery`], [`route`] | `dynamic_balancer` | `docs/discovery.md` |
+//! | circuit breaker with fallback, breaker-gated endpoints | [`breaker`] | `circuit_breaker` | `docs/circuit_breaker.md` |
+//! | backup pipe (tee to storage) + edge cache | [`backup`], [`cache`] | `backup_pipe` | `docs/backup_tee.md`, `docs/edge_cache.md` |
 //! | load balancing: round robin, weighted, sticky, hash, passive health, retry-next; cluster | [`balance`] | `reverse_proxy`, `p2p_client`, `sticky_sessions`, `cluster` | `docs/balance.md`, `docs/cluster.md` |
 //!
 //! Every layer uses [`classify`] to decide what a failure is, so "5xx and transport errors"
 //! is configured the same way for every pattern.
 //!
 //! ```no_run
-//! use tower_patterns::proxy::{error_response, ForwardBuilder};
-//! use tower::ServiceExt;
+//! use tower::ServiceBuilder;
+//! use tower_patterns::proxy::{ErrorResponseLayer, ForwardBuilder};
 //!
 //! # async fn run() -> Result<(), tower_patterns::BoxError> {
 //! let forward = ForwardBuilder::new("http://127.0.0.1:3000").build::<hyper::body::Incoming>()?;
 //! // Answer 502/504 instead of dropping the connection when the upstream fails.
-//! let svc = forward.then(|res| async move {
-//!     Ok::<_, std::convert::Infallible>(match res {
-//!         Ok(res) => res.map(tower_patterns::body::boxed),
-//!         Err(e) => error_response(&e).map(tower_patterns::body::boxed),
-//!     })
-//! });
+//! let svc = ServiceBuilder::new().layer(ErrorResponseLayer).service(forward);
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
 //! tower_patterns::server::serve(listener, svc).await?;
 //! # Ok(()) }
@@ -32,12 +31,23 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod backup;
 pub mod balance;
 pub mod body;
+pub mod breaker;
+pub mod cache;
+pub mod chain;
 pub mod classify;
+pub mod discovery;
 pub mod gate;
 pub mod proxy;
+pub mod route;
 pub mod server;
 
 /// A type-erased error, as in tower.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+// Compiles the README's snippets as doc tests so they cannot rot.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

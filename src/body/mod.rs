@@ -2,8 +2,11 @@
 //!
 //! - [`replay`]: a request body kept (up to a limit) so the request can be sent again to
 //!   the next link of a chain or the next endpoint of a balancer.
+//! - [`tee`]: a response body that streams to the client and copies to sinks (backup,
+//!   cache) without ever waiting for them.
 
 pub mod replay;
+pub mod tee;
 
 pub use replay::{ReplayBody, ReplayError};
 

@@ -1,58 +1,54 @@
-use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::Response;
+use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::ResponseFuture as ClientFuture;
-use pin_project_lite::pin_project;
-use tokio::time::Sleep;
 
 use super::error::ForwardError;
 use super::headers::strip_hop_by_hop;
-use super::service::Upstream;
+use super::pool::HostPool;
+use crate::BoxError;
 
-pin_project! {
-    /// Response future of [`Forward`](super::Forward).
-    pub struct ResponseFuture {
-        state: State,
-        #[pin]
-        sleep: Option<Sleep>,
-    }
-}
+type Inner = Pin<Box<dyn Future<Output = Result<Response<Incoming>, ForwardError>> + Send>>;
 
-enum State {
-    Running {
-        fut: ClientFuture,
-        upstream: Arc<Upstream>,
-        timeout: Duration,
-    },
-    Failed(Option<ForwardError>),
+/// Response future of [`Forward`](super::Forward).
+pub struct ResponseFuture {
+    inner: Inner,
 }
 
 impl ResponseFuture {
-    pub(super) fn new(
-        fut: ClientFuture,
-        upstream: Arc<Upstream>,
-        timeout: Option<Duration>,
-    ) -> Self {
+    pub(super) fn new<B>(pool: Arc<HostPool<B>>, req: Request<B>, timeout: Option<Duration>) -> Self
+    where
+        B: http_body::Body + Send + Unpin + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
         ResponseFuture {
-            sleep: timeout.map(tokio::time::sleep),
-            state: State::Running {
-                fut,
-                upstream,
-                timeout: timeout.unwrap_or_default(),
-            },
+            inner: Box::pin(async move {
+                let mut res = match timeout {
+                    None => pool.send(req).await?,
+                    Some(after) => match tokio::time::timeout(after, pool.send(req)).await {
+                        Ok(res) => res?,
+                        Err(_) => {
+                            return Err(ForwardError::ResponseTimeout {
+                                upstream: pool.upstream().authority().to_string(),
+                                after,
+                            })
+                        }
+                    },
+                };
+                strip_hop_by_hop(res.headers_mut());
+                Ok(res)
+            }),
         }
     }
 
     pub(super) fn failed(e: ForwardError) -> Self {
         ResponseFuture {
-            state: State::Failed(Some(e)),
-            sleep: None,
+            inner: Box::pin(std::future::ready(Err(e))),
         }
     }
 }
@@ -63,72 +59,10 @@ impl std::fmt::Debug for ResponseFuture {
     }
 }
 
-fn is_timed_out(err: &(dyn StdError + 'static)) -> bool {
-    let mut cur = Some(err);
-    while let Some(e) = cur {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return true;
-            }
-        }
-        cur = e.source();
-    }
-    false
-}
-
-fn map_client_error(e: hyper_util::client::legacy::Error, upstream: &Upstream) -> ForwardError {
-    let upstream = upstream.authority().to_string();
-    if e.is_connect() {
-        if is_timed_out(&e) {
-            ForwardError::ConnectTimeout { upstream }
-        } else {
-            ForwardError::Connect {
-                upstream,
-                source: Box::new(e),
-            }
-        }
-    } else {
-        ForwardError::Transport {
-            upstream,
-            source: Box::new(e),
-        }
-    }
-}
-
 impl Future for ResponseFuture {
     type Output = Result<Response<Incoming>, ForwardError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        match this.state {
-            State::Failed(e) => match e.take() {
-                Some(e) => Poll::Ready(Err(e)),
-                None => panic!("ResponseFuture polled after completion"),
-            },
-            State::Running {
-                fut,
-                upstream,
-                timeout,
-            } => {
-                if let Poll::Ready(res) = Pin::new(fut).poll(cx) {
-                    return Poll::Ready(match res {
-                        Ok(mut res) => {
-                            strip_hop_by_hop(res.headers_mut());
-                            Ok(res)
-                        }
-                        Err(e) => Err(map_client_error(e, upstream)),
-                    });
-                }
-                if let Some(sleep) = this.sleep.as_pin_mut() {
-                    if sleep.poll(cx).is_ready() {
-                        return Poll::Ready(Err(ForwardError::ResponseTimeout {
-                            upstream: upstream.authority().to_string(),
-                            after: *timeout,
-                        }));
-                    }
-                }
-                Poll::Pending
-            }
-        }
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
     }
 }

@@ -39,9 +39,12 @@
 mod error;
 mod future;
 pub(crate) mod headers;
+mod pool;
+mod respond;
 mod service;
 
 pub use error::{error_response, error_status, ForwardError};
 pub use future::ResponseFuture;
 pub use headers::strip_hop_by_hop;
+pub use respond::{ErrorResponse, ErrorResponseFuture, ErrorResponseLayer};
 pub use service::{ClientAddr, Forward, ForwardBuilder, Upstream};

@@ -1,5 +1,4 @@
 use std::fmt;
-use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -9,14 +8,12 @@ use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Request, Response, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower_service::Service;
 
 use super::error::ForwardError;
 use super::future::ResponseFuture;
 use super::headers::strip_hop_by_hop;
+use super::pool::{HostPool, PoolConfig, Pools};
 use crate::BoxError;
 
 const X_FORWARDED_FOR: &str = "x-forwarded-for";
@@ -31,7 +28,7 @@ const X_FORWARDED_HOST: &str = "x-forwarded-host";
 pub struct ClientAddr(pub SocketAddr);
 
 /// A validated upstream: `http://host:port[/prefix]`.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Upstream {
     scheme: Scheme,
     authority: Authority,
@@ -81,23 +78,23 @@ impl Upstream {
         self.authority.as_str()
     }
 
+    /// The origin-form target (`/prefix/path?query`) sent on the upstream connection.
     fn join(&self, pq: Option<&PathAndQuery>) -> Result<Uri, ForwardError> {
         let path_and_query = match (self.prefix.is_empty(), pq) {
             (true, Some(pq)) => pq.clone(),
             (true, None) => PathAndQuery::from_static("/"),
             (false, pq) => {
                 let rest = pq.map(|p| p.as_str()).unwrap_or("/");
-                let joined = format!("{}{}", self.prefix, rest);
-                PathAndQuery::try_from(joined)
+                PathAndQuery::try_from(format!("{}{}", self.prefix, rest))
                     .map_err(|e| ForwardError::InvalidRequest(e.into()))?
             }
         };
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(ForwardError::InvalidRequest)
+        Ok(Uri::from(path_and_query))
+    }
+
+    /// The `Host` value naming this upstream.
+    fn host_value(&self) -> Option<HeaderValue> {
+        HeaderValue::from_str(self.authority.as_str()).ok()
     }
 }
 
@@ -187,24 +184,20 @@ impl ForwardBuilder {
     /// Builds the service, with a new connection pool.
     pub fn build<B>(self) -> Result<Forward<B>, ForwardError>
     where
-        B: http_body::Body + Send + 'static,
+        B: http_body::Body + Send + Unpin + 'static,
         B::Data: Send,
+        B::Error: Into<BoxError>,
     {
         let upstream = Upstream::parse(&self.upstream)?;
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout(self.connect_timeout.or(Some(Duration::from_secs(5))));
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(self.pool_idle_timeout.unwrap_or(Duration::from_secs(90)))
-            .pool_max_idle_per_host(self.pool_max_idle_per_host)
-            .build(http);
+        let pools = Arc::new(Pools::new(PoolConfig {
+            connect_timeout: self.connect_timeout.unwrap_or(Duration::from_secs(5)),
+            idle_timeout: self.pool_idle_timeout.unwrap_or(Duration::from_secs(90)),
+            max_idle: self.pool_max_idle_per_host,
+        }));
         Ok(Forward {
-            client,
-            upstream: Arc::new(upstream),
+            pool: pools.host(&upstream),
+            pools,
             opts: Arc::new(self.opts),
-            _body: PhantomData,
         })
     }
 }
@@ -214,19 +207,17 @@ impl ForwardBuilder {
 /// Cloning is cheap and shares the connection pool; [`Forward::to`] makes a `Forward` for
 /// another upstream that also shares it.
 pub struct Forward<B> {
-    client: Client<HttpConnector, B>,
-    upstream: Arc<Upstream>,
+    pool: Arc<HostPool<B>>,
+    pools: Arc<Pools<B>>,
     opts: Arc<Options>,
-    _body: PhantomData<fn(B)>,
 }
 
 impl<B> Clone for Forward<B> {
     fn clone(&self) -> Self {
         Forward {
-            client: self.client.clone(),
-            upstream: self.upstream.clone(),
+            pool: self.pool.clone(),
+            pools: self.pools.clone(),
             opts: self.opts.clone(),
-            _body: PhantomData,
         }
     }
 }
@@ -234,7 +225,7 @@ impl<B> Clone for Forward<B> {
 impl<B> fmt::Debug for Forward<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Forward")
-            .field("upstream", &self.upstream)
+            .field("upstream", self.pool.upstream())
             .field("opts", &self.opts)
             .finish()
     }
@@ -260,8 +251,9 @@ impl ForwardBuilder {
 
 impl<B> Forward<B>
 where
-    B: http_body::Body + Send + 'static,
+    B: http_body::Body + Send + Unpin + 'static,
     B::Data: Send,
+    B::Error: Into<BoxError>,
 {
     /// A `Forward` with default options for `upstream`.
     pub fn new(upstream: &str) -> Result<Self, ForwardError> {
@@ -270,19 +262,17 @@ where
 
     /// The same options and connection pool, another upstream.
     pub fn to(&self, upstream: &str) -> Result<Self, ForwardError> {
+        let upstream = Upstream::parse(upstream)?;
         Ok(Forward {
-            client: self.client.clone(),
-            upstream: Arc::new(Upstream::parse(upstream)?),
+            pool: self.pools.host(&upstream),
+            pools: self.pools.clone(),
             opts: self.opts.clone(),
-            _body: PhantomData,
         })
     }
-}
 
-impl<B> Forward<B> {
     /// The upstream this service sends to.
     pub fn upstream(&self) -> &Upstream {
-        &self.upstream
+        self.pool.upstream()
     }
 }
 
@@ -340,26 +330,29 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let (mut parts, body) = req.into_parts();
-        let uri = match self.upstream.join(parts.uri.path_and_query()) {
+        let uri = match self.pool.upstream().join(parts.uri.path_and_query()) {
             Ok(u) => u,
             Err(e) => return ResponseFuture::failed(e),
         };
         strip_hop_by_hop(&mut parts.headers);
         let client = parts.extensions.get::<ClientAddr>().copied();
         set_forwarded(&self.opts, &mut parts.headers, client, &parts.uri);
-        if !self.opts.preserve_host {
-            parts.headers.remove(header::HOST);
-        } else if !parts.headers.contains_key(header::HOST) {
-            // HTTP/2 clients send :authority instead of Host.
-            if let Some(a) = parts.uri.authority() {
-                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                    parts.headers.insert(header::HOST, v);
-                }
+        if !self.opts.preserve_host || !parts.headers.contains_key(header::HOST) {
+            // HTTP/2 clients send :authority instead of Host; HTTP/1.1 upstreams need Host.
+            let host = match parts.uri.authority() {
+                Some(a) if self.opts.preserve_host => HeaderValue::from_str(a.as_str()).ok(),
+                _ => self.pool.upstream().host_value(),
+            };
+            if let Some(h) = host {
+                parts.headers.insert(header::HOST, h);
             }
         }
         parts.uri = uri;
         parts.version = Version::HTTP_11;
-        let fut = self.client.request(Request::from_parts(parts, body));
-        ResponseFuture::new(fut, self.upstream.clone(), self.opts.response_timeout)
+        ResponseFuture::new(
+            self.pool.clone(),
+            Request::from_parts(parts, body),
+            self.opts.response_timeout,
+        )
     }
 }

@@ -1,0 +1,310 @@
+//! Backup tee: throughput against plain streaming of the same body, in one run, and the
+//! peak heap while a 1 GiB body is teed (a counting global allocator).
+//!
+//! `cargo bench --bench backup_tee -- --warm-up-time 1 --measurement-time 3`
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use futures_util::future::BoxFuture;
+use http::{header, Request, Response};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Empty, StreamBody};
+use hyper::body::Incoming;
+use tower::{service_fn, ServiceBuilder, ServiceExt};
+use tower_patterns::backup::{ObjectInfo, Sink, SinkError, SinkWriter, TeeLayer};
+use tower_patterns::body::tee::{outlet, Next, TeeBody, TeeOptions};
+use tower_patterns::body::{boxed, BoxBody};
+use tower_patterns::proxy::ForwardBuilder;
+
+/// Counts live heap bytes and their peak.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) };
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        let q = unsafe { System.realloc(p, l, new) };
+        if !q.is_null() {
+            if new > l.size() {
+                let now = LIVE.fetch_add(new - l.size(), Ordering::Relaxed) + new - l.size();
+                PEAK.fetch_max(now, Ordering::Relaxed);
+            } else {
+                LIVE.fetch_sub(l.size() - new, Ordering::Relaxed);
+            }
+        }
+        q
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+const CHUNK: usize = 64 * 1024;
+const BODY: usize = 64 << 20;
+
+/// `total` bytes in fresh 64 KiB chunks, yielding to the scheduler between chunks as a
+/// socket read would (so sink tasks get to run on a current-thread runtime).
+fn generated(total: usize, fresh: bool) -> BoxBody {
+    let shared = Bytes::from(vec![7u8; CHUNK]);
+    let stream = futures_util::stream::unfold(0usize, move |off| {
+        let shared = shared.clone();
+        async move {
+            if off >= total {
+                return None;
+            }
+            tokio::task::yield_now().await;
+            let n = (total - off).min(CHUNK);
+            let chunk = if fresh {
+                Bytes::from(vec![7u8; n])
+            } else {
+                shared.slice(..n)
+            };
+            Some((Ok::<_, Infallible>(Frame::data(chunk)), off + n))
+        }
+    });
+    boxed(StreamBody::new(stream))
+}
+
+async fn drain<B: Body + Unpin>(mut body: B) -> usize
+where
+    B::Error: std::fmt::Debug,
+{
+    let mut n = 0;
+    while let Some(f) = body.frame().await {
+        if let Ok(d) = f.unwrap().into_data() {
+            n += bytes::Buf::remaining(&d);
+        }
+    }
+    n
+}
+
+/// A sink that drops every chunk: measures the tee, not a disk.
+#[derive(Clone)]
+struct NullSink;
+struct NullWriter;
+
+impl Sink for NullSink {
+    fn name(&self) -> &str {
+        "null"
+    }
+    fn begin<'a>(
+        &'a self,
+        _: &'a ObjectInfo,
+    ) -> BoxFuture<'a, Result<Box<dyn SinkWriter>, SinkError>> {
+        Box::pin(async { Ok(Box::new(NullWriter) as Box<dyn SinkWriter>) })
+    }
+}
+
+impl SinkWriter for NullWriter {
+    fn write(&mut self, _: Bytes) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn commit(self: Box<Self>) -> BoxFuture<'static, Result<(), SinkError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn abort(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
+}
+
+fn in_process(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut g = c.benchmark_group("tee_in_process_64MiB");
+    g.throughput(Throughput::Bytes(BODY as u64));
+    g.sample_size(10);
+    g.bench_function("plain", |b| {
+        b.to_async(&rt)
+            .iter(|| async { drain(generated(BODY, false)).await })
+    });
+    for sinks in [1usize, 2] {
+        g.bench_with_input(BenchmarkId::new("tee", sinks), &sinks, |b, &sinks| {
+            b.to_async(&rt).iter(|| async move {
+                let mut outlets = Vec::new();
+                let mut tasks = Vec::new();
+                for _ in 0..sinks {
+                    let (o, mut inlet) = outlet(4 << 20);
+                    outlets.push(o);
+                    tasks.push(tokio::spawn(async move {
+                        loop {
+                            match inlet.next().await {
+                                Next::Data(_) => {}
+                                Next::End => return true,
+                                Next::Abort(_) => return false,
+                            }
+                        }
+                    }));
+                }
+                let body = TeeBody::new(generated(BODY, false), outlets, &TeeOptions::default());
+                let n = drain(body).await;
+                for t in tasks {
+                    assert!(t.await.unwrap(), "a sink was aborted");
+                }
+                n
+            })
+        });
+    }
+    g.finish();
+}
+
+async fn spawn<S, B>(svc: S) -> SocketAddr
+where
+    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<tower_patterns::BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<tower_patterns::BoxError>,
+{
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    tokio::spawn(tower_patterns::server::serve(l, svc));
+    a
+}
+
+fn loopback(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (plain, teed, layer) = rt.block_on(async {
+        let origin = spawn(service_fn(|_req: Request<Incoming>| async {
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .header(header::CONTENT_LENGTH, BODY)
+                    .body(generated(BODY, false))
+                    .unwrap(),
+            )
+        }))
+        .await;
+        let fwd = ForwardBuilder::new(format!("http://{origin}"))
+            .build::<Incoming>()
+            .unwrap();
+        let plain = spawn(fwd.clone()).await;
+        let layer = TeeLayer::builder().sink(NullSink).buffer(4 << 20).build();
+        let teed = spawn(ServiceBuilder::new().layer(layer.clone()).service(fwd)).await;
+        (plain, teed, layer)
+    });
+    let client = rt.block_on(async {
+        ForwardBuilder::new("http://127.0.0.1:1")
+            .build::<Empty<Bytes>>()
+            .unwrap()
+    });
+    let mut g = c.benchmark_group("tee_loopback_64MiB");
+    g.throughput(Throughput::Bytes(BODY as u64));
+    g.sample_size(10);
+    for (name, addr) in [("plain_proxy", plain), ("tee_proxy", teed)] {
+        let client = client.to(&format!("http://{addr}")).unwrap();
+        g.bench_function(name, |b| {
+            b.to_async(&rt).iter(|| {
+                let client = client.clone();
+                async move {
+                    let res = client
+                        .oneshot(Request::get("/x").body(Empty::new()).unwrap())
+                        .await
+                        .unwrap();
+                    drain(res.into_body()).await
+                }
+            })
+        });
+    }
+    g.finish();
+    let s = layer.stats().snapshot();
+    println!(
+        "loopback tee: {} copies committed, {} overflowed, peak buffered {} KiB",
+        s.committed,
+        s.tee.overflows,
+        s.tee.peak_buffered >> 10
+    );
+}
+
+/// Peak heap while 1 GiB streams through the layer with one sink, against plain streaming.
+fn peak_memory(_c: &mut Criterion) {
+    const GIB: usize = 1 << 30;
+    const BUFFER: usize = 4 << 20;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let measure = |tee: bool| {
+        rt.block_on(async move {
+            let layer = TeeLayer::builder().sink(NullSink).buffer(BUFFER).build();
+            let origin = service_fn(|_req: Request<()>| async {
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .header(header::CONTENT_LENGTH, GIB)
+                        .body(generated(GIB, true))
+                        .unwrap(),
+                )
+            });
+            let base = LIVE.load(Ordering::Relaxed);
+            PEAK.store(base, Ordering::Relaxed);
+            let start = std::time::Instant::now();
+            let n = if tee {
+                let svc = ServiceBuilder::new().layer(layer.clone()).service(origin);
+                drain(
+                    svc.oneshot(Request::get("/big").body(()).unwrap())
+                        .await
+                        .unwrap()
+                        .into_body(),
+                )
+                .await
+            } else {
+                drain(origin.oneshot(Request::new(())).await.unwrap().into_body()).await
+            };
+            assert_eq!(n, GIB);
+            for _ in 0..1000 {
+                if !tee || layer.stats().snapshot().committed == 1 {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            let secs = start.elapsed().as_secs_f64();
+            let peak = PEAK.load(Ordering::Relaxed) - base;
+            (peak, secs, layer.stats().snapshot())
+        })
+    };
+    let (plain_peak, plain_secs, _) = measure(false);
+    let (tee_peak, tee_secs, stats) = measure(true);
+    println!(
+        "1 GiB body, buffer {} KiB: peak heap plain {} KiB, tee {} KiB (tee peak buffered {} KiB); \
+         {:.0} MiB/s plain, {:.0} MiB/s tee (ratio {:.2}); committed {}, overflows {}",
+        BUFFER >> 10,
+        plain_peak >> 10,
+        tee_peak >> 10,
+        stats.tee.peak_buffered >> 10,
+        1024.0 / plain_secs,
+        1024.0 / tee_secs,
+        plain_secs / tee_secs,
+        stats.committed,
+        stats.tee.overflows,
+    );
+    assert!(
+        tee_peak < 4 * BUFFER + (16 << 20),
+        "peak heap {tee_peak} is not bounded by the buffers"
+    );
+}
+
+criterion_group!(benches, in_process, loopback, peak_memory);
+criterion_main!(benches);

@@ -1,0 +1,297 @@
+//! The M2 backup pipe (seed 000) with an edge cache (seed 004), all on 127.0.0.1.
+//!
+//! ```text
+//! client ─▶ edge: CacheLayer ─▶ storage first ──404──▶ TeeLayer ─▶ outside origin
+//!                     ▲              (a dir over HTTP)      │
+//!                     └──── cache fill ◀── tee ── FsSink ◀──┘ (backup into the dir)
+//! ```
+//!
+//! The "storage first, outside on 404" step is a small inline service here; the crate's
+//! content-chain layer does the same with configurable conditions and loop detection.
+//!
+//! Run: `cargo run --example backup_pipe`
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use tower::{service_fn, ServiceBuilder, ServiceExt};
+use tower_patterns::backup::{backfill, BackupOutcome, FsSink, TeeLayer};
+use tower_patterns::body::{boxed, BoxBody};
+use tower_patterns::cache::{CacheLayer, MemoryStore, Store};
+use tower_patterns::proxy::{error_response, ForwardBuilder};
+use tower_patterns::BoxError;
+
+const VIDEO_SIZE: usize = 3 << 20;
+
+async fn serve<S, B>(svc: S) -> SocketAddr
+where
+    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(tower_patterns::server::serve(listener, svc));
+    addr
+}
+
+/// The main storage: files of a directory over HTTP, 404 when missing.
+async fn storage_server(root: PathBuf) -> SocketAddr {
+    serve(service_fn(move |req: Request<Incoming>| {
+        let root = root.clone();
+        async move {
+            let key = req.uri().path().trim_start_matches('/').to_owned();
+            // Only plain relative keys; the tee wrote them, the same rules apply.
+            let ok = tower_patterns::backup::ObjectKey::new(&key).is_ok();
+            let res = match (ok, tokio::fs::read(root.join(&key)).await) {
+                (true, Ok(data)) => Response::builder()
+                    .header("x-served-by", "storage")
+                    .header(header::CACHE_CONTROL, "max-age=300")
+                    .body(Full::new(Bytes::from(data))),
+                _ => Response::builder()
+                    .status(StatusCode::NOT_FOUND)
+                    .header("x-served-by", "storage")
+                    .body(Full::new(Bytes::from_static(b"not in storage\n"))),
+            };
+            Ok::<_, Infallible>(res.unwrap())
+        }
+    }))
+    .await
+}
+
+/// The outside origin: a catalogue the storage does not have yet.
+async fn outside_server(hits: Arc<AtomicU64>) -> SocketAddr {
+    serve(service_fn(move |req: Request<Incoming>| {
+        let hits = hits.clone();
+        async move {
+            hits.fetch_add(1, Ordering::SeqCst);
+            let body = match req.uri().path() {
+                "/video/intro.mp4" => Some(Bytes::from(vec![7u8; VIDEO_SIZE])),
+                p @ ("/docs/a.txt" | "/docs/b.txt" | "/docs/c.txt" | "/img/logo.png") => {
+                    Some(Bytes::from(format!("outside content of {p}\n")))
+                }
+                _ => None,
+            };
+            let res = match body {
+                Some(b) => Response::builder()
+                    .header("x-served-by", "outside")
+                    .header(header::CACHE_CONTROL, "max-age=300")
+                    .body(Full::new(b)),
+                None => Response::builder()
+                    .status(StatusCode::NOT_FOUND)
+                    .body(Full::new(Bytes::new())),
+            };
+            Ok::<_, Infallible>(res.unwrap())
+        }
+    }))
+    .await
+}
+
+fn copy_request(parts: &http::request::Parts) -> Request<Empty<Bytes>> {
+    let mut req = Request::new(Empty::new());
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.headers_mut() = parts.headers.clone();
+    if let Some(a) = parts.extensions.get::<tower_patterns::proxy::ClientAddr>() {
+        req.extensions_mut().insert(*a);
+    }
+    req
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().to_path_buf();
+    std::fs::write(root.join("index.html"), "home page, already in storage\n")?;
+    let outside_hits = Arc::new(AtomicU64::new(0));
+    let storage = storage_server(root.clone()).await;
+    let outside = outside_server(outside_hits.clone()).await;
+    println!("storage  http://{storage}  (dir {})", root.display());
+    println!("outside  http://{outside}");
+
+    // The backup pipe: what comes from outside is copied into the storage directory.
+    let tee = TeeLayer::builder()
+        .sink(FsSink::new(&root))
+        .buffer(8 << 20)
+        .build();
+    let mut backups = tee.subscribe();
+    let to_storage = ForwardBuilder::new(format!("http://{storage}")).build::<Empty<Bytes>>()?;
+    let to_outside = ServiceBuilder::new()
+        .layer(tee.clone())
+        .service(to_storage.to(&format!("http://{outside}"))?);
+
+    // Storage first; on 404 the outside link, through the tee.
+    let chain = service_fn(move |req: Request<Incoming>| {
+        let (storage, outside) = (to_storage.clone(), to_outside.clone());
+        async move {
+            let (parts, _) = req.into_parts();
+            let res: Response<BoxBody> = match storage.oneshot(copy_request(&parts)).await {
+                Ok(res) if res.status() != StatusCode::NOT_FOUND => res.map(boxed),
+                Ok(_) => match outside.oneshot(copy_request(&parts)).await {
+                    Ok(res) => res.map(boxed),
+                    Err(e) => error_response(&e).map(boxed),
+                },
+                Err(e) => error_response(&e).map(boxed),
+            };
+            Ok::<_, Infallible>(res)
+        }
+    });
+    let cache = CacheLayer::new(MemoryStore::new(64 << 20));
+    let edge = serve(ServiceBuilder::new().layer(cache.clone()).service(chain)).await;
+    println!("edge     http://{edge}\n");
+
+    let client = ForwardBuilder::new(format!("http://{edge}")).build::<Empty<Bytes>>()?;
+    let fetch = |path: &'static str| {
+        let client = client.clone();
+        async move {
+            let res = client
+                .oneshot(Request::get(path).body(Empty::new())?)
+                .await?;
+            let (status, h) = (res.status(), res.headers().clone());
+            let len = res.into_body().collect().await?.to_bytes().len();
+            let get = |n: &str| {
+                h.get(n)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-")
+                    .to_owned()
+            };
+            println!(
+                "  GET {path:<18} -> {} {:>8} bytes  served-by={:<8} x-cache={:<5} age={}",
+                status.as_u16(),
+                len,
+                get("x-served-by"),
+                get("x-cache"),
+                get("age")
+            );
+            Ok::<_, BoxError>(())
+        }
+    };
+    println!("0. content already in storage is served by storage");
+    fetch("/index.html").await?;
+
+    println!(
+        "1. first request for outside content: streamed from outside, teed into storage and cache"
+    );
+    fetch("/video/intro.mp4").await?;
+    match wait_backup(&mut backups, "video/intro.mp4").await? {
+        BackupOutcome::Committed { bytes } => println!(
+            "  backup committed: {} ({bytes} bytes), peak buffered {} bytes",
+            root.join("video/intro.mp4").display(),
+            tee.stats().snapshot().tee.peak_buffered
+        ),
+        other => println!("  backup not committed: {other:?}"),
+    }
+    let cached = cache.store().get("/video/intro.mp4").is_some();
+    println!("  in edge cache: {cached}");
+
+    println!("2. PURGE the edge cache, then the second request is served from storage");
+    let purge = client
+        .clone()
+        .oneshot(
+            Request::builder()
+                .method("PURGE")
+                .uri("/video/intro.mp4")
+                .body(Empty::new())?,
+        )
+        .await?;
+    println!("  PURGE /video/intro.mp4 -> {}", purge.status().as_u16());
+    let before = outside_hits.load(Ordering::SeqCst);
+    fetch("/video/intro.mp4").await?;
+    println!(
+        "  outside requests during step 2: {}",
+        outside_hits.load(Ordering::SeqCst) - before
+    );
+
+    println!("3. and the third from the edge cache");
+    for _ in 0..100 {
+        if cache.store().get("/video/intro.mp4").is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    fetch("/video/intro.mp4").await?;
+
+    println!("4. back-fill what nobody asked for yet (concurrency 2)");
+    let keys = [
+        "docs/a.txt",
+        "docs/b.txt",
+        "docs/c.txt",
+        "img/logo.png",
+        "docs/gone.txt",
+    ];
+    let report = backfill(client.clone(), keys, 2).await;
+    println!("  report: {report}");
+    for key in &report.done {
+        println!("    done   {key}");
+    }
+    for (key, err) in &report.failed {
+        println!("    failed {key}: {err}");
+    }
+    let mut pending: Vec<String> = report.done.iter().map(|k| k.to_string()).collect();
+    while !pending.is_empty() {
+        let ev = tokio::time::timeout(Duration::from_secs(30), backups.recv()).await??;
+        pending.retain(|k| k != ev.key.as_str());
+        println!("    backup {}: {:?}", ev.key, ev.outcome);
+    }
+    let mut files: Vec<String> = Vec::new();
+    for entry in walk(&root) {
+        files.push(entry.strip_prefix(&root)?.display().to_string());
+    }
+    files.sort();
+    println!("  storage now holds: {}", files.join(", "));
+
+    println!("5. back-filled keys are now in storage (purged from the cache to show it)");
+    cache.purge("/docs/b.txt");
+    let before = outside_hits.load(Ordering::SeqCst);
+    fetch("/docs/b.txt").await?;
+    println!(
+        "  outside requests during step 5: {}",
+        outside_hits.load(Ordering::SeqCst) - before
+    );
+    let s = tee.stats().snapshot();
+    let c = cache.stats().snapshot();
+    println!(
+        "\nbackup: {} committed ({} bytes), {} aborted, {} sink errors; cache: {} hits, {} misses, {} fills, {} purges",
+        s.committed, s.committed_bytes, s.aborted, s.sink_errors, c.hits, c.misses, c.fills, c.purges
+    );
+    Ok(())
+}
+
+/// Waits for the backup outcome of `key`.
+async fn wait_backup(
+    rx: &mut tokio::sync::broadcast::Receiver<tower_patterns::backup::BackupEvent>,
+    key: &str,
+) -> Result<BackupOutcome, BoxError> {
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await??;
+        if ev.key.as_str() == key {
+            return Ok(ev.outcome);
+        }
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}

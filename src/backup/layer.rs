@@ -1,0 +1,266 @@
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use http::{HeaderMap, Method, StatusCode};
+use tokio::sync::broadcast;
+use tower_layer::Layer;
+
+use super::error::SinkError;
+use super::key::{NameRule, ObjectKey, PathKey};
+use super::service::Tee;
+use super::sink::Sink;
+use crate::body::tee::{AbortReason, DisconnectPolicy, TeeStats, TeeStatsSnapshot};
+
+/// What the backup predicate sees of a response.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Candidate<'a> {
+    /// The request method.
+    pub method: &'a Method,
+    /// The object key the response would be stored under.
+    pub key: &'a ObjectKey,
+    /// The response status.
+    pub status: StatusCode,
+    /// The response headers.
+    pub headers: &'a HeaderMap,
+    /// `Content-Length`, if present and valid.
+    pub content_length: Option<u64>,
+    /// Whether the body is known to be empty.
+    pub body_empty: bool,
+}
+
+/// The default predicate: `GET`, status `200`, a body that is not known to be empty.
+pub fn default_predicate(c: &Candidate<'_>) -> bool {
+    c.method == Method::GET && c.status == StatusCode::OK && !c.body_empty
+}
+
+type Predicate = dyn Fn(&Candidate<'_>) -> bool + Send + Sync;
+
+/// How one sink's copy of one object ended, as broadcast by [`TeeLayer::subscribe`].
+#[derive(Debug, Clone)]
+pub enum BackupOutcome {
+    /// The object is stored.
+    Committed {
+        /// Its size.
+        bytes: u64,
+    },
+    /// The copy was abandoned by the tee; nothing was stored.
+    Aborted(AbortReason),
+    /// The sink failed; nothing was stored.
+    Failed(Arc<SinkError>),
+}
+
+/// One sink's result for one object.
+#[derive(Debug, Clone)]
+pub struct BackupEvent {
+    /// The object key.
+    pub key: ObjectKey,
+    /// The sink's [`Sink::name`].
+    pub sink: Arc<str>,
+    /// What happened.
+    pub outcome: BackupOutcome,
+}
+
+/// Counters of a [`TeeLayer`] (atomics; read with [`BackupStats::snapshot`]).
+#[derive(Debug, Default)]
+pub struct BackupStats {
+    pub(crate) tee: Arc<TeeStats>,
+    pub(crate) started: AtomicU64,
+    pub(crate) committed: AtomicU64,
+    pub(crate) committed_bytes: AtomicU64,
+    pub(crate) aborted: AtomicU64,
+    pub(crate) sink_errors: AtomicU64,
+    pub(crate) rejected_keys: AtomicU64,
+}
+
+/// A point-in-time copy of [`BackupStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackupStatsSnapshot {
+    /// Sink copies started (one per sink per backed-up response).
+    pub started: u64,
+    /// Copies committed.
+    pub committed: u64,
+    /// Bytes committed.
+    pub committed_bytes: u64,
+    /// Copies abandoned by the tee (overflow, upstream error, length, client gone).
+    pub aborted: u64,
+    /// Copies that failed in the sink.
+    pub sink_errors: u64,
+    /// Responses not backed up because their key was invalid.
+    pub rejected_keys: u64,
+    /// The tee's own counters (buffer use, abort causes).
+    pub tee: TeeStatsSnapshot,
+}
+
+impl BackupStats {
+    /// Reads every counter.
+    pub fn snapshot(&self) -> BackupStatsSnapshot {
+        let r = Ordering::Relaxed;
+        BackupStatsSnapshot {
+            started: self.started.load(r),
+            committed: self.committed.load(r),
+            committed_bytes: self.committed_bytes.load(r),
+            aborted: self.aborted.load(r),
+            sink_errors: self.sink_errors.load(r),
+            rejected_keys: self.rejected_keys.load(r),
+            tee: self.tee.snapshot(),
+        }
+    }
+}
+
+pub(crate) struct Config {
+    pub(crate) sinks: Vec<(Arc<str>, Arc<dyn Sink>)>,
+    pub(crate) buffer: usize,
+    pub(crate) methods: Vec<Method>,
+    pub(crate) predicate: Arc<Predicate>,
+    pub(crate) name_rule: Arc<dyn NameRule>,
+    pub(crate) on_disconnect: DisconnectPolicy,
+    pub(crate) stats: Arc<BackupStats>,
+    pub(crate) events: broadcast::Sender<BackupEvent>,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field(
+                "sinks",
+                &self.sinks.iter().map(|(n, _)| &**n).collect::<Vec<_>>(),
+            )
+            .field("buffer", &self.buffer)
+            .field("methods", &self.methods)
+            .field("on_disconnect", &self.on_disconnect)
+            .finish()
+    }
+}
+
+/// Copies upstream response bodies to sinks while they stream to the client: the backup
+/// pipe. See the [module docs](super).
+#[derive(Clone, Debug)]
+pub struct TeeLayer {
+    pub(crate) cfg: Arc<Config>,
+}
+
+/// Builds a [`TeeLayer`].
+pub struct TeeLayerBuilder {
+    sinks: Vec<(Arc<str>, Arc<dyn Sink>)>,
+    buffer: usize,
+    methods: Vec<Method>,
+    predicate: Arc<Predicate>,
+    name_rule: Arc<dyn NameRule>,
+    on_disconnect: DisconnectPolicy,
+}
+
+impl fmt::Debug for TeeLayerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TeeLayerBuilder")
+            .field("sinks", &self.sinks.len())
+            .field("buffer", &self.buffer)
+            .finish()
+    }
+}
+
+impl TeeLayer {
+    /// A layer copying to `sink` with the defaults (see [`TeeLayerBuilder`]).
+    pub fn new(sink: impl Sink) -> Self {
+        TeeLayer::builder().sink(sink).build()
+    }
+
+    /// Starts a builder with no sink.
+    pub fn builder() -> TeeLayerBuilder {
+        TeeLayerBuilder {
+            sinks: Vec::new(),
+            buffer: 4 << 20,
+            methods: vec![Method::GET],
+            predicate: Arc::new(default_predicate),
+            name_rule: Arc::new(PathKey),
+            on_disconnect: DisconnectPolicy::default(),
+        }
+    }
+
+    /// The layer's counters (shared by every service it made).
+    pub fn stats(&self) -> &Arc<BackupStats> {
+        &self.cfg.stats
+    }
+
+    /// Receives a [`BackupEvent`] for every copy that ends. Events are only produced while
+    /// someone is subscribed; a slow receiver misses old events (`Lagged`).
+    pub fn subscribe(&self) -> broadcast::Receiver<BackupEvent> {
+        self.cfg.events.subscribe()
+    }
+}
+
+impl TeeLayerBuilder {
+    /// Adds a sink (a backup destination; any number, each with its own buffer).
+    pub fn sink(mut self, sink: impl Sink) -> Self {
+        let name: Arc<str> = Arc::from(sink.name());
+        self.sinks.push((name, Arc::new(sink)));
+        self
+    }
+
+    /// Adds a shared sink.
+    pub fn sink_arc(mut self, sink: Arc<dyn Sink>) -> Self {
+        self.sinks.push((Arc::from(sink.name()), sink));
+        self
+    }
+
+    /// Bytes each sink may fall behind the client before its copy is aborted (default
+    /// 4 MiB). This bounds the memory a response costs: `buffer` × sinks, plus one chunk.
+    pub fn buffer(mut self, bytes: usize) -> Self {
+        self.buffer = bytes;
+        self
+    }
+
+    /// Request methods considered at all (default `GET`); others pass through untouched,
+    /// without computing a key.
+    pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
+        self.methods = methods.into_iter().collect();
+        self
+    }
+
+    /// Which responses are copied (default [`default_predicate`]).
+    pub fn predicate<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&Candidate<'_>) -> bool + Send + Sync + 'static,
+    {
+        self.predicate = Arc::new(f);
+        self
+    }
+
+    /// How requests are named (default [`PathKey`]); the result is validated.
+    pub fn name_rule(mut self, rule: impl NameRule) -> Self {
+        self.name_rule = Arc::new(rule);
+        self
+    }
+
+    /// What to do when the client leaves early (default: finish within 256 MiB / 60 s).
+    pub fn on_disconnect(mut self, policy: DisconnectPolicy) -> Self {
+        self.on_disconnect = policy;
+        self
+    }
+
+    /// Builds the layer.
+    pub fn build(self) -> TeeLayer {
+        let (events, _) = broadcast::channel(1024);
+        TeeLayer {
+            cfg: Arc::new(Config {
+                sinks: self.sinks,
+                buffer: self.buffer,
+                methods: self.methods,
+                predicate: self.predicate,
+                name_rule: self.name_rule,
+                on_disconnect: self.on_disconnect,
+                stats: Arc::default(),
+                events,
+            }),
+        }
+    }
+}
+
+impl<S> Layer<S> for TeeLayer {
+    type Service = Tee<S>;
+
+    fn layer(&self, inner: S) -> Tee<S> {
+        Tee::from_parts(inner, self.cfg.clone())
+    }
+}

@@ -1,0 +1,224 @@
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, Request, Response};
+use http_body::Body;
+use tower_service::Service;
+
+use super::error::KeyError;
+use super::future::{Plan, ResponseFuture};
+use super::key::ObjectKey;
+use super::layer::{BackupEvent, BackupOutcome, Candidate, Config, TeeLayer};
+use super::sink::{ObjectInfo, Sink};
+use crate::body::tee::{outlet, Inlet, Next, TeeBody, TeeOptions};
+
+/// Whether a response is being backed up, as a response extension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackupStatus {
+    /// Copies to the sinks started under this key.
+    Started(ObjectKey),
+    /// The key derived from the request was refused: served, not backed up.
+    InvalidKey(KeyError),
+}
+
+/// The service made by [`TeeLayer`].
+#[derive(Clone)]
+pub struct Tee<S> {
+    inner: S,
+    cfg: Arc<Config>,
+}
+
+impl<S: fmt::Debug> fmt::Debug for Tee<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tee")
+            .field("inner", &self.inner)
+            .field("cfg", &self.cfg)
+            .finish()
+    }
+}
+
+impl<S> Tee<S> {
+    pub(crate) fn from_parts(inner: S, cfg: Arc<Config>) -> Self {
+        Tee { inner, cfg }
+    }
+
+    /// Wraps `inner` with the configuration of `layer`.
+    pub fn new(inner: S, layer: &TeeLayer) -> Self {
+        Tee::from_parts(inner, layer.cfg.clone())
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for Tee<S>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+{
+    type Response = Response<TeeBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        if self.cfg.sinks.is_empty() || !self.cfg.methods.contains(req.method()) {
+            return ResponseFuture::new(self.inner.call(req), Plan::None);
+        }
+        let (parts, body) = req.into_parts();
+        let plan = match self.cfg.name_rule.key(&parts) {
+            None => Plan::None,
+            Some(Ok(key)) => Plan::Backup {
+                key,
+                method: parts.method.clone(),
+                cfg: self.cfg.clone(),
+            },
+            Some(Err(e)) => {
+                self.cfg.stats.rejected_keys.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, path = parts.uri.path(), "backup skipped: invalid object key");
+                Plan::Rejected(e)
+            }
+        };
+        ResponseFuture::new(self.inner.call(Request::from_parts(parts, body)), plan)
+    }
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// Decides on a response and, if it is to be copied, starts one task per sink.
+pub(crate) fn start<B>(
+    res: Response<B>,
+    key: ObjectKey,
+    method: &http::Method,
+    cfg: &Arc<Config>,
+) -> Response<TeeBody<B>>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+{
+    let (mut parts, body) = res.into_parts();
+    let len = content_length(&parts.headers);
+    let hint = body.size_hint();
+    let candidate = Candidate {
+        method,
+        key: &key,
+        status: parts.status,
+        headers: &parts.headers,
+        content_length: len,
+        body_empty: body.is_end_stream() || hint.exact() == Some(0) || len == Some(0),
+    };
+    if !(cfg.predicate)(&candidate) || tokio::runtime::Handle::try_current().is_err() {
+        return Response::from_parts(parts, TeeBody::passthrough(body));
+    }
+    let info = Arc::new(ObjectInfo {
+        key: key.clone(),
+        status: parts.status,
+        headers: parts.headers.clone(),
+        content_length: len,
+    });
+    let mut outlets = Vec::with_capacity(cfg.sinks.len());
+    for (name, sink) in &cfg.sinks {
+        let (out, inlet) = outlet(cfg.buffer);
+        outlets.push(out);
+        cfg.stats.started.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(drive(
+            name.clone(),
+            sink.clone(),
+            info.clone(),
+            inlet,
+            cfg.clone(),
+        ));
+    }
+    parts.extensions.insert(BackupStatus::Started(key));
+    let opts = TeeOptions {
+        expected_len: len,
+        on_disconnect: cfg.on_disconnect,
+        stats: Some(cfg.stats.tee.clone()),
+    };
+    Response::from_parts(parts, TeeBody::new(body, outlets, &opts))
+}
+
+/// Feeds one sink from its inlet and records how the copy ended.
+async fn drive(
+    name: Arc<str>,
+    sink: Arc<dyn Sink>,
+    info: Arc<ObjectInfo>,
+    mut inlet: Inlet,
+    cfg: Arc<Config>,
+) {
+    let stats = &cfg.stats;
+    let outcome = match sink.begin(&info).await {
+        Err(e) => BackupOutcome::Failed(Arc::new(e)),
+        Ok(mut w) => {
+            let mut bytes = 0u64;
+            loop {
+                match inlet.next().await {
+                    Next::Data(chunk) => {
+                        let n = chunk.len() as u64;
+                        if let Err(e) = w.write(chunk).await {
+                            // Stop receiving first so the tee stops queueing for us.
+                            drop(inlet);
+                            w.abort().await;
+                            break BackupOutcome::Failed(Arc::new(e));
+                        }
+                        bytes += n;
+                    }
+                    Next::End => {
+                        drop(inlet);
+                        break match w.commit().await {
+                            Ok(()) => BackupOutcome::Committed { bytes },
+                            Err(e) => BackupOutcome::Failed(Arc::new(e)),
+                        };
+                    }
+                    Next::Abort(reason) => {
+                        drop(inlet);
+                        w.abort().await;
+                        break BackupOutcome::Aborted(reason);
+                    }
+                }
+            }
+        }
+    };
+    match &outcome {
+        BackupOutcome::Committed { bytes } => {
+            stats.committed.fetch_add(1, Ordering::Relaxed);
+            stats.committed_bytes.fetch_add(*bytes, Ordering::Relaxed);
+            tracing::info!(key = %info.key, sink = &*name, bytes, "backup committed");
+        }
+        BackupOutcome::Aborted(reason) => {
+            stats.aborted.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(key = %info.key, sink = &*name, %reason, "backup aborted");
+        }
+        BackupOutcome::Failed(e) => {
+            stats.sink_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(key = %info.key, sink = &*name, error = %e, source = ?std::error::Error::source(&**e), "backup sink failed");
+        }
+    }
+    if cfg.events.receiver_count() > 0 {
+        let _ = cfg.events.send(BackupEvent {
+            key: info.key.clone(),
+            sink: name,
+            outcome,
+        });
+    }
+}

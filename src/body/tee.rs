@@ -1,0 +1,752 @@
+//! A response body that streams to the client and copies every chunk to one or more sinks.
+//!
+//! The backup pipe splits one download into several pipes: the client, a storage backup and
+//! a cache. [`TeeBody`] is that split. The client side is the body itself: it yields the
+//! upstream's frames as they arrive, never waiting for a sink. Each sink gets an [`Outlet`]
+//! (tee side) / [`Inlet`] (sink side) pair created by [`outlet`]:
+//!
+//! | situation | client | that sink's copy |
+//! |---|---|---|
+//! | sink keeps up | streams | receives every chunk (a [`Bytes`] clone, no copy), then [`Next::End`] |
+//! | sink falls behind by more than its byte buffer | streams | [`Next::Abort`]`(`[`AbortReason::Overflow`]`)` |
+//! | sink fails (drops its [`Inlet`]) | streams | gone; the tee stops sending to it |
+//! | upstream body errors | gets the error | [`AbortReason::Upstream`] |
+//! | body ends short of / past `Content-Length` | streams what came | [`AbortReason::Truncated`] / [`AbortReason::TooLong`] |
+//! | client drops the body early, [`DisconnectPolicy::Abort`] | — | [`AbortReason::ClientGone`] |
+//! | client drops the body early, [`DisconnectPolicy::Finish`] (default) | — | a spawned task keeps pulling the upstream (within a byte and time cap), waiting for the sinks instead of overflowing them; over a cap: [`AbortReason::DrainLimit`] |
+//!
+//! A sink commits only on [`Next::End`], which the tee sends only when the whole body
+//! arrived and its length matched `Content-Length` (when there was one). Memory per sink is
+//! bounded by its buffer plus one chunk; [`TeeStats`] tracks the bytes held across sinks
+//! and their peak.
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http_body_util::{BodyExt, Full};
+//! use tower_patterns::body::tee::{outlet, Next, TeeBody, TeeOptions};
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let (out, mut inlet) = outlet(1 << 20);
+//! let body = TeeBody::new(Full::new(Bytes::from("hello")), vec![out], &TeeOptions::default());
+//! let copy = tokio::spawn(async move {
+//!     let mut got = Vec::new();
+//!     loop {
+//!         match inlet.next().await {
+//!             Next::Data(b) => got.extend_from_slice(&b),
+//!             Next::End => return Some(got),
+//!             Next::Abort(_) => return None,
+//!         }
+//!     }
+//! });
+//! assert_eq!(body.collect().await.unwrap().to_bytes(), "hello");
+//! assert_eq!(copy.await.unwrap().as_deref(), Some(&b"hello"[..]));
+//! # });
+//! ```
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::sync::{mpsc, Notify};
+
+/// Why a sink's copy was abandoned. The sink must discard what it wrote.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AbortReason {
+    /// The sink fell behind the client by more than its buffer.
+    #[error("sink fell behind by more than its {limit}-byte buffer")]
+    Overflow {
+        /// The configured buffer.
+        limit: usize,
+    },
+    /// The upstream body failed.
+    #[error("upstream body failed")]
+    Upstream,
+    /// The body ended before `Content-Length` bytes arrived.
+    #[error("body truncated: {received} of {expected} bytes")]
+    Truncated {
+        /// `Content-Length`.
+        expected: u64,
+        /// Bytes that arrived.
+        received: u64,
+    },
+    /// The body went on past `Content-Length`.
+    #[error("body longer than its Content-Length of {expected} bytes")]
+    TooLong {
+        /// `Content-Length`.
+        expected: u64,
+    },
+    /// The client went away and the policy is [`DisconnectPolicy::Abort`] (or no runtime
+    /// was available to finish the copy).
+    #[error("client disconnected")]
+    ClientGone,
+    /// The client went away and finishing the copy would pass the byte or time cap of
+    /// [`DisconnectPolicy::Finish`].
+    #[error("client disconnected and the rest exceeded the drain cap")]
+    DrainLimit,
+    /// The tee was dropped without saying why (for example a runtime shutting down).
+    #[error("tee dropped")]
+    Dropped,
+}
+
+/// What happens to the sinks when the client drops the body before its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisconnectPolicy {
+    /// Abort every sink's copy at once.
+    Abort,
+    /// Keep pulling the upstream in a spawned task so the copies complete, as long as the
+    /// remaining body is at most `max_bytes` and arrives within `max_time`; otherwise abort.
+    /// With no client to protect, the task waits for slow sinks instead of overflowing them.
+    Finish {
+        /// Bytes that may still be read after the disconnect.
+        max_bytes: u64,
+        /// Time allowed for the rest of the body after the disconnect.
+        max_time: Duration,
+    },
+}
+
+impl Default for DisconnectPolicy {
+    /// `Finish` with 256 MiB / 60 s: the download someone started is worth completing.
+    fn default() -> Self {
+        DisconnectPolicy::Finish {
+            max_bytes: 256 << 20,
+            max_time: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Options shared by the outlets of one [`TeeBody`].
+#[derive(Debug, Clone, Default)]
+pub struct TeeOptions {
+    /// `Content-Length` of the response, if any: a copy commits only if it matches.
+    pub expected_len: Option<u64>,
+    /// Client-disconnect behaviour.
+    pub on_disconnect: DisconnectPolicy,
+    /// Counters to update (a fresh, unshared set when `None`).
+    pub stats: Option<Arc<TeeStats>>,
+}
+
+/// Counters of a tee (or of every tee sharing one `Arc`): cheap atomics, read with
+/// [`TeeStats::snapshot`].
+#[derive(Debug, Default)]
+pub struct TeeStats {
+    buffered: AtomicUsize,
+    peak_buffered: AtomicUsize,
+    overflows: AtomicU64,
+    upstream_aborts: AtomicU64,
+    length_mismatches: AtomicU64,
+    client_gone_aborts: AtomicU64,
+    drains_started: AtomicU64,
+    drain_aborts: AtomicU64,
+}
+
+/// A point-in-time copy of [`TeeStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TeeStatsSnapshot {
+    /// Bytes currently queued for sinks (sent by the tee, not yet consumed).
+    pub buffered: usize,
+    /// Highest value `buffered` reached.
+    pub peak_buffered: usize,
+    /// Copies aborted because a sink fell behind.
+    pub overflows: u64,
+    /// Copies aborted because the upstream body failed.
+    pub upstream_aborts: u64,
+    /// Copies aborted because the length did not match `Content-Length`.
+    pub length_mismatches: u64,
+    /// Copies aborted because the client left (policy `Abort`).
+    pub client_gone_aborts: u64,
+    /// Background drains started after a client left (policy `Finish`).
+    pub drains_started: u64,
+    /// Background drains stopped by their byte/time cap.
+    pub drain_aborts: u64,
+}
+
+impl TeeStats {
+    /// New zeroed counters.
+    pub fn new() -> Arc<Self> {
+        Arc::new(TeeStats::default())
+    }
+
+    /// Reads every counter.
+    pub fn snapshot(&self) -> TeeStatsSnapshot {
+        let r = Ordering::Relaxed;
+        TeeStatsSnapshot {
+            buffered: self.buffered.load(r),
+            peak_buffered: self.peak_buffered.load(r),
+            overflows: self.overflows.load(r),
+            upstream_aborts: self.upstream_aborts.load(r),
+            length_mismatches: self.length_mismatches.load(r),
+            client_gone_aborts: self.client_gone_aborts.load(r),
+            drains_started: self.drains_started.load(r),
+            drain_aborts: self.drain_aborts.load(r),
+        }
+    }
+
+    fn add_buffered(&self, n: usize) {
+        let now = self.buffered.fetch_add(n, Ordering::Relaxed) + n;
+        // A plain load first: the read-modify-write only happens on a new peak.
+        if now > self.peak_buffered.load(Ordering::Relaxed) {
+            self.peak_buffered.fetch_max(now, Ordering::Relaxed);
+        }
+    }
+
+    fn sub_buffered(&self, n: usize) {
+        self.buffered.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+enum Msg {
+    Data(Bytes),
+    End,
+    Abort(AbortReason),
+}
+
+struct Shared {
+    /// Bytes sent to this sink and not yet released by it.
+    buffered: AtomicUsize,
+    /// Wakes a draining tee when the sink released bytes or went away.
+    released: Notify,
+    /// Set when a drain may wait on `released`; until then releases skip the notify.
+    draining: AtomicBool,
+    limit: usize,
+    /// Set once by the tee that takes the outlet.
+    stats: std::sync::OnceLock<Arc<TeeStats>>,
+}
+
+/// The tee side of one sink's channel. Give it to [`TeeBody::new`].
+pub struct Outlet {
+    tx: Option<mpsc::UnboundedSender<Msg>>,
+    shared: Arc<Shared>,
+}
+
+/// The sink side of one sink's channel: call [`Inlet::next`] until `End` or `Abort`.
+pub struct Inlet {
+    rx: mpsc::UnboundedReceiver<Msg>,
+    shared: Arc<Shared>,
+    /// Length of the chunk handed out last; released at the next call (the sink is done
+    /// with it by then) or on drop.
+    held: usize,
+    finished: bool,
+}
+
+/// What the sink receives next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// The next chunk of the body.
+    Data(Bytes),
+    /// The whole body arrived and its length was right: commit.
+    End,
+    /// The copy is abandoned: discard everything written so far.
+    Abort(AbortReason),
+}
+
+/// A channel for one sink whose queue may hold at most `buffer` bytes (one chunk larger than
+/// the buffer is let through when the queue is empty, so tiny buffers still work).
+pub fn outlet(buffer: usize) -> (Outlet, Inlet) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        buffered: AtomicUsize::new(0),
+        released: Notify::new(),
+        draining: AtomicBool::new(false),
+        limit: buffer,
+        stats: std::sync::OnceLock::new(),
+    });
+    (
+        Outlet {
+            tx: Some(tx),
+            shared: shared.clone(),
+        },
+        Inlet {
+            rx,
+            shared,
+            held: 0,
+            finished: false,
+        },
+    )
+}
+
+impl Inlet {
+    /// Waits for the next event. After `End` or `Abort`, returns `Abort(Dropped)` forever.
+    pub async fn next(&mut self) -> Next {
+        self.release_held();
+        if self.finished {
+            return Next::Abort(AbortReason::Dropped);
+        }
+        match self.rx.recv().await {
+            Some(Msg::Data(b)) => {
+                self.held = b.len();
+                Next::Data(b)
+            }
+            Some(Msg::End) => {
+                self.finished = true;
+                Next::End
+            }
+            Some(Msg::Abort(r)) => {
+                self.finished = true;
+                Next::Abort(r)
+            }
+            None => {
+                self.finished = true;
+                Next::Abort(AbortReason::Dropped)
+            }
+        }
+    }
+
+    fn release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.shared.buffered.fetch_sub(n, Ordering::SeqCst);
+        if let Some(s) = self.shared.stats.get() {
+            s.sub_buffered(n);
+        }
+        if self.shared.draining.load(Ordering::SeqCst) {
+            self.shared.released.notify_one();
+        }
+    }
+
+    fn release_held(&mut self) {
+        let n = std::mem::take(&mut self.held);
+        self.release(n);
+    }
+}
+
+impl Drop for Inlet {
+    fn drop(&mut self) {
+        self.release_held();
+        // Closing first makes every later send fail, so the queue can be emptied for good.
+        self.rx.close();
+        while let Ok(msg) = self.rx.try_recv() {
+            if let Msg::Data(b) = msg {
+                self.release(b.len());
+            }
+        }
+        self.shared.released.notify_one();
+    }
+}
+
+impl fmt::Debug for Inlet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Inlet")
+            .field("limit", &self.shared.limit)
+            .finish()
+    }
+}
+
+impl fmt::Debug for Outlet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Outlet")
+            .field("limit", &self.shared.limit)
+            .field("open", &self.tx.is_some())
+            .finish()
+    }
+}
+
+impl Outlet {
+    fn is_open(&self) -> bool {
+        self.tx.as_ref().is_some_and(|tx| !tx.is_closed())
+    }
+
+    /// Queues `chunk` without waiting. Returns `false` if the copy was abandoned.
+    fn try_send(&mut self, chunk: &Bytes) -> bool {
+        if self.tx.is_none() {
+            return false;
+        }
+        let len = chunk.len();
+        let prev = self.shared.buffered.fetch_add(len, Ordering::AcqRel);
+        if prev != 0 && prev + len > self.shared.limit {
+            self.shared.buffered.fetch_sub(len, Ordering::AcqRel);
+            if let Some(s) = self.shared.stats.get() {
+                s.overflows.fetch_add(1, Ordering::Relaxed);
+            }
+            tracing::warn!(
+                limit = self.shared.limit,
+                "backup copy aborted: sink fell behind its buffer"
+            );
+            self.abort(AbortReason::Overflow {
+                limit: self.shared.limit,
+            });
+            return false;
+        }
+        self.push(chunk)
+    }
+
+    /// Queues `chunk`, waiting while the sink's buffer is full (drain mode only).
+    async fn send_waiting(&mut self, chunk: &Bytes) -> bool {
+        let len = chunk.len();
+        // Set before reading the count, so a release after the read always notifies.
+        self.shared.draining.store(true, Ordering::SeqCst);
+        loop {
+            if !self.is_open() {
+                self.tx = None;
+                return false;
+            }
+            let cur = self.shared.buffered.load(Ordering::SeqCst);
+            if cur == 0 || cur + len <= self.shared.limit {
+                break;
+            }
+            self.shared.released.notified().await;
+        }
+        self.shared.buffered.fetch_add(len, Ordering::AcqRel);
+        self.push(chunk)
+    }
+
+    /// Sends a chunk whose bytes were already added to `shared.buffered`. The global
+    /// count goes up before the send so the sink can never subtract first.
+    fn push(&mut self, chunk: &Bytes) -> bool {
+        let len = chunk.len();
+        let stats = self.shared.stats.get();
+        if let Some(s) = stats {
+            s.add_buffered(len);
+        }
+        if self
+            .tx
+            .as_ref()
+            .is_some_and(|tx| tx.clone_send(chunk.clone()))
+        {
+            return true;
+        }
+        // The sink went away (it reports its own error).
+        if let Some(s) = stats {
+            s.sub_buffered(len);
+        }
+        self.shared.buffered.fetch_sub(len, Ordering::AcqRel);
+        self.tx = None;
+        false
+    }
+
+    fn end(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Msg::End);
+        }
+    }
+
+    fn abort(&mut self, reason: AbortReason) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Msg::Abort(reason));
+        }
+    }
+}
+
+trait SendExt {
+    fn clone_send(&self, b: Bytes) -> bool;
+}
+
+impl SendExt for mpsc::UnboundedSender<Msg> {
+    #[inline]
+    fn clone_send(&self, b: Bytes) -> bool {
+        self.send(Msg::Data(b)).is_ok()
+    }
+}
+
+type DrainFn<B> = fn(Pin<Box<B>>, Drain);
+
+/// State handed to the background task that finishes the copies after a disconnect.
+struct Drain {
+    outlets: Vec<Outlet>,
+    seen: u64,
+    expected: Option<u64>,
+    policy: DisconnectPolicy,
+    stats: Arc<TeeStats>,
+}
+
+/// The body returned to the client: the upstream's frames, copied to the outlets. See the
+/// [module docs](self).
+pub struct TeeBody<B> {
+    inner: Option<Pin<Box<B>>>,
+    outlets: Vec<Outlet>,
+    seen: u64,
+    expected: Option<u64>,
+    policy: DisconnectPolicy,
+    stats: Arc<TeeStats>,
+    /// Spawns the drain; a fn pointer made where `B: Send + 'static` is known, so `Drop`
+    /// needs no bounds.
+    drain: DrainFn<B>,
+}
+
+impl<B> fmt::Debug for TeeBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TeeBody")
+            .field("outlets", &self.outlets.len())
+            .field("seen", &self.seen)
+            .field("expected", &self.expected)
+            .finish()
+    }
+}
+
+impl<B> TeeBody<B>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+{
+    /// Tees `body` into `outlets`.
+    pub fn new(body: B, outlets: Vec<Outlet>, opts: &TeeOptions) -> Self {
+        let stats = opts.stats.clone().unwrap_or_default();
+        for o in &outlets {
+            let _ = o.shared.stats.set(stats.clone());
+        }
+        TeeBody {
+            inner: Some(Box::pin(body)),
+            outlets,
+            seen: 0,
+            expected: opts.expected_len,
+            policy: opts.on_disconnect,
+            stats,
+            drain: spawn_drain::<B>,
+        }
+    }
+
+    /// A body that only streams (no sink): what a layer returns for a response it does
+    /// not copy.
+    pub fn passthrough(body: B) -> Self {
+        TeeBody {
+            inner: Some(Box::pin(body)),
+            outlets: Vec::new(),
+            seen: 0,
+            expected: None,
+            policy: DisconnectPolicy::Abort,
+            stats: Arc::default(),
+            drain: spawn_drain::<B>,
+        }
+    }
+}
+
+impl<B> TeeBody<B> {
+    /// Number of sinks still receiving a copy.
+    pub fn active_sinks(&self) -> usize {
+        self.outlets.iter().filter(|o| o.tx.is_some()).count()
+    }
+
+    fn abort_all(&mut self, reason: AbortReason) {
+        for o in &mut self.outlets {
+            o.abort(reason.clone());
+        }
+        self.outlets.clear();
+    }
+
+    fn finish(&mut self) {
+        match check_len(self.expected, self.seen) {
+            Ok(()) => {
+                for o in &mut self.outlets {
+                    o.end();
+                }
+                self.outlets.clear();
+            }
+            Err(reason) => {
+                if !self.outlets.is_empty() {
+                    self.stats.length_mismatches.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%reason, "backup copies aborted");
+                }
+                self.abort_all(reason);
+            }
+        }
+    }
+}
+
+fn check_len(expected: Option<u64>, seen: u64) -> Result<(), AbortReason> {
+    match expected {
+        Some(e) if seen < e => Err(AbortReason::Truncated {
+            expected: e,
+            received: seen,
+        }),
+        Some(e) if seen > e => Err(AbortReason::TooLong { expected: e }),
+        _ => Ok(()),
+    }
+}
+
+impl<B> Body for TeeBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let res = std::task::ready!(inner.as_mut().poll_frame(cx));
+        match res {
+            Some(Ok(frame)) => {
+                // hyper stops polling once a body says it ended, so finish here too.
+                let ended = inner.is_end_stream();
+                if let Some(data) = frame.data_ref() {
+                    this.seen += data.len() as u64;
+                    if !this.outlets.is_empty() {
+                        if let Some(e) = this.expected.filter(|e| this.seen > *e) {
+                            this.stats.length_mismatches.fetch_add(1, Ordering::Relaxed);
+                            this.abort_all(AbortReason::TooLong { expected: e });
+                        } else {
+                            this.outlets.retain_mut(|o| o.try_send(data));
+                        }
+                    }
+                }
+                if ended {
+                    this.inner = None;
+                    this.finish();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => {
+                if !this.outlets.is_empty() {
+                    this.stats.upstream_aborts.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("backup copies aborted: upstream body failed");
+                }
+                this.inner = None;
+                this.abort_all(AbortReason::Upstream);
+                Poll::Ready(Some(Err(e)))
+            }
+            None => {
+                this.inner = None;
+                this.finish();
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Some(b) => b.size_hint(),
+            None => SizeHint::with_exact(0),
+        }
+    }
+}
+
+impl<B> Drop for TeeBody<B> {
+    fn drop(&mut self) {
+        if self.outlets.is_empty() {
+            return;
+        }
+        let Some(inner) = self.inner.take() else {
+            self.finish();
+            return;
+        };
+        let drain = Drain {
+            outlets: std::mem::take(&mut self.outlets),
+            seen: self.seen,
+            expected: self.expected,
+            policy: self.policy,
+            stats: self.stats.clone(),
+        };
+        (self.drain)(inner, drain);
+    }
+}
+
+/// Runs when the client dropped the body before its end (generic, so it knows `B: Body`).
+fn spawn_drain<B>(body: Pin<Box<B>>, mut d: Drain)
+where
+    B: Body<Data = Bytes> + Send + 'static,
+{
+    if body.is_end_stream() {
+        d.finish();
+        return;
+    }
+    match d.policy {
+        DisconnectPolicy::Finish { .. } if tokio::runtime::Handle::try_current().is_ok() => {
+            d.stats.drains_started.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                received = d.seen,
+                "client left; finishing backup copies in the background"
+            );
+            tokio::spawn(run_drain(body, d));
+        }
+        _ => {
+            d.stats.client_gone_aborts.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(received = d.seen, "client left; backup copies aborted");
+            d.abort(AbortReason::ClientGone);
+        }
+    }
+}
+
+impl Drain {
+    fn finish(&mut self) {
+        match check_len(self.expected, self.seen) {
+            Ok(()) => self.outlets.iter_mut().for_each(Outlet::end),
+            Err(r) => {
+                self.stats.length_mismatches.fetch_add(1, Ordering::Relaxed);
+                self.abort(r);
+            }
+        }
+    }
+
+    fn abort(&mut self, reason: AbortReason) {
+        for o in &mut self.outlets {
+            o.abort(reason.clone());
+        }
+    }
+}
+
+async fn run_drain<B>(mut body: Pin<Box<B>>, mut d: Drain)
+where
+    B: Body<Data = Bytes> + Send + 'static,
+{
+    let DisconnectPolicy::Finish {
+        max_bytes,
+        max_time,
+    } = d.policy
+    else {
+        return d.abort(AbortReason::ClientGone);
+    };
+    let deadline = tokio::time::Instant::now() + max_time;
+    let start = d.seen;
+    let reason = loop {
+        if d.outlets.iter().all(|o| !o.is_open()) {
+            return;
+        }
+        let frame = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx));
+        // The error is dropped at once: only its occurrence matters here.
+        let frame = match tokio::time::timeout_at(deadline, frame).await {
+            Ok(f) => f.map(|r| r.map_err(drop)),
+            Err(_) => break AbortReason::DrainLimit,
+        };
+        match frame {
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                d.seen += data.len() as u64;
+                if d.seen - start > max_bytes {
+                    break AbortReason::DrainLimit;
+                }
+                if let Some(e) = d.expected.filter(|e| d.seen > *e) {
+                    break AbortReason::TooLong { expected: e };
+                }
+                let sends = async {
+                    for o in &mut d.outlets {
+                        o.send_waiting(&data).await;
+                    }
+                };
+                if tokio::time::timeout_at(deadline, sends).await.is_err() {
+                    break AbortReason::DrainLimit;
+                }
+            }
+            Some(Err(_)) => break AbortReason::Upstream,
+            None => match check_len(d.expected, d.seen) {
+                Ok(()) => {
+                    d.outlets.iter_mut().for_each(Outlet::end);
+                    tracing::debug!(bytes = d.seen, "background drain finished");
+                    return;
+                }
+                Err(r) => break r,
+            },
+        }
+    };
+    match reason {
+        AbortReason::DrainLimit => d.stats.drain_aborts.fetch_add(1, Ordering::Relaxed),
+        AbortReason::Upstream => d.stats.upstream_aborts.fetch_add(1, Ordering::Relaxed),
+        _ => d.stats.length_mismatches.fetch_add(1, Ordering::Relaxed),
+    };
+    tracing::warn!(%reason, "background drain aborted the backup copies");
+    d.abort(reason);
+}

@@ -1,0 +1,120 @@
+//! The response future of [`CircuitBreaker`](super::CircuitBreaker).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::Response;
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+
+use super::service::Local;
+use super::state::Permit;
+use crate::classify::{Classifier, Outcome};
+use crate::BoxError;
+
+/// The admitted call's bookkeeping. Dropping it unfinished drops the permit, which returns
+/// a half-open probe permit without recording an outcome.
+pub(crate) struct Guard<K> {
+    pub(crate) breaker: Arc<Local>,
+    pub(crate) permit: Permit,
+    pub(crate) classifier: K,
+    pub(crate) start: Option<Instant>,
+}
+
+impl<K: Classifier> Guard<K> {
+    fn finish(self, classify: impl FnOnce(K) -> Outcome) {
+        let Guard {
+            breaker,
+            permit,
+            classifier,
+            start,
+        } = self;
+        let elapsed = start.map(|s| s.elapsed()).unwrap_or_default();
+        breaker.complete(permit, classify(classifier), elapsed);
+    }
+}
+
+pin_project! {
+    /// Resolves to the inner response, the fallback's answer, or a rejection.
+    pub struct ResponseFuture<Fut, K, FF> {
+        #[pin]
+        kind: Kind<Fut, K, FF>,
+    }
+}
+
+pin_project! {
+    #[project = Proj]
+    enum Kind<Fut, K, FF> {
+        Admitted {
+            #[pin]
+            fut: Fut,
+            guard: Option<Guard<K>>,
+        },
+        Fallback {
+            #[pin]
+            fut: FF,
+        },
+    }
+}
+
+impl<Fut, K, FF> ResponseFuture<Fut, K, FF> {
+    pub(crate) fn admitted(fut: Fut, guard: Guard<K>) -> Self {
+        Self {
+            kind: Kind::Admitted {
+                fut,
+                guard: Some(guard),
+            },
+        }
+    }
+
+    pub(crate) fn fallback(fut: FF) -> Self {
+        Self {
+            kind: Kind::Fallback { fut },
+        }
+    }
+}
+
+impl<Fut, K, FF> std::fmt::Debug for ResponseFuture<Fut, K, FF> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind {
+            Kind::Admitted { .. } => f.write_str("ResponseFuture::Admitted"),
+            Kind::Fallback { .. } => f.write_str("ResponseFuture::Fallback"),
+        }
+    }
+}
+
+impl<Fut, K, FF, B, E> Future for ResponseFuture<Fut, K, FF>
+where
+    Fut: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
+    K: Classifier,
+    FF: Future<Output = Result<Response<B>, BoxError>>,
+{
+    type Output = Result<Response<B>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            Proj::Admitted { fut, guard } => {
+                let res = std::task::ready!(fut.poll(cx));
+                match res {
+                    Ok(res) => {
+                        if let Some(g) = guard.take() {
+                            g.finish(|k| k.classify_response(&res));
+                        }
+                        Poll::Ready(Ok(res))
+                    }
+                    Err(e) => {
+                        let e: BoxError = e.into();
+                        if let Some(g) = guard.take() {
+                            g.finish(|k| k.classify_error(&*e));
+                        }
+                        Poll::Ready(Err(e))
+                    }
+                }
+            }
+            Proj::Fallback { fut } => fut.poll(cx),
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! Edge cache: serve the copy until it expires, fetch and store on a miss, purge fast.
+//!
+//! **The problem (seed 004, global CDN; seed 000's note on caching outside content).**
+//! Every request that goes to the origin — or to an outside service — costs its latency
+//! and its load. An edge cache answers the first request from the origin and stores a copy
+//! *at the same time* (through the [tee](crate::body::tee)), answers later requests from
+//! the copy until it expires, and offers a fast `PURGE` so new content is fetched at once.
+//!
+//! ```
+//! use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+//! use tower_patterns::cache::{CacheLayer, MemoryStore};
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let cache = CacheLayer::new(MemoryStore::new(64 << 20));
+//! let origin = service_fn(|_req: http::Request<()>| async {
+//!     let res = http::Response::builder()
+//!         .header("cache-control", "max-age=60")
+//!         .body(http_body_util::Full::new(bytes::Bytes::from("hello")))
+//!         .unwrap();
+//!     Ok::<_, std::convert::Infallible>(res)
+//! });
+//! let mut svc = ServiceBuilder::new().layer(cache.clone()).service(origin);
+//! let get = || http::Request::get("/a").body(()).unwrap();
+//! let first = svc.ready().await.unwrap().call(get()).await.unwrap();
+//! assert_eq!(first.headers()["x-cache"], "MISS");
+//! http_body_util::BodyExt::collect(first.into_body()).await.unwrap(); // the fill completes
+//! # tokio::task::yield_now().await;
+//! let second = svc.ready().await.unwrap().call(get()).await.unwrap();
+//! assert_eq!(second.headers()["x-cache"], "HIT");
+//! assert!(cache.purge("/a"));
+//! # });
+//! ```
+//!
+//! | request / response | behaviour |
+//! |---|---|
+//! | `GET`/`HEAD`, fresh entry | answered from the store; `Age`, `X-Cache: HIT` (`HEAD` gets headers only) |
+//! | `GET`, no entry or expired | forwarded; the response streams to the client and, if cacheable, into the store (`X-Cache: MISS`) |
+//! | lifetime | `s-maxage`, else `max-age`, else `Expires − Date`, else [`CacheLayerBuilder::default_ttl`] (default: not stored) |
+//! | never stored | `no-store`, `private`, `no-cache`, `Set-Cookie`, `Vary`, a request with `Authorization` or `Cache-Control: no-store`, other statuses than 200/203/204/300/301/308/404/405/410/414/501, a body over the store's entry limit, a truncated or failed body |
+//! | `PURGE <path>` | removes the entry: `200` (`404` if none); `403` unless allowed (default: loopback clients) — or [`CacheLayer::purge`] |
+//! | upstream error or 500/502/503/504 with an entry expired less than `stale_if_error` ago | the old entry, `X-Cache: STALE` |
+//! | other methods | passed through |
+//! | time | `tokio::time` (tests pause it) |
+//!
+//! [`StoreSink`] puts the same store behind a [`TeeLayer`](crate::backup::TeeLayer) as one
+//! more sink, so one download feeds the client, the storage backup and the cache at once.
+//!
+//! Not done: request coalescing (nginx `proxy_cache_lock`), revalidation with
+//! `If-None-Match`, `Vary` variants, ranges.
+
+mod body;
+mod future;
+mod layer;
+mod policy;
+mod service;
+mod sink;
+mod store;
+
+pub use body::CacheBody;
+pub use future::ResponseFuture;
+pub use layer::{
+    path_and_query_key, purge_from_loopback, CacheLayer, CacheLayerBuilder, CacheStats,
+    CacheStatsSnapshot,
+};
+pub use service::{Cache, X_CACHE};
+pub use sink::StoreSink;
+pub use store::{CachedResponse, MemoryStore, MemoryStoreStats, Store};

@@ -1,0 +1,270 @@
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body::Body;
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::body::CacheBody;
+use super::future::{Miss, ResponseFuture};
+use super::layer::{CacheLayer, Config};
+use super::policy;
+use super::store::CachedResponse;
+use crate::body::tee::{outlet, DisconnectPolicy, Inlet, Next, TeeBody, TeeOptions};
+
+/// The `X-Cache` response header: `HIT`, `MISS` or `STALE`.
+pub const X_CACHE: &str = "x-cache";
+
+/// Bytes a fill may trail the client by; the fill task only appends to a `Vec`, so this
+/// is hit only if the runtime starves it.
+const FILL_BUFFER: usize = 8 << 20;
+
+/// The service made by [`CacheLayer`].
+#[derive(Clone)]
+pub struct Cache<S> {
+    inner: S,
+    cfg: Arc<Config>,
+}
+
+impl<S: fmt::Debug> fmt::Debug for Cache<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cache")
+            .field("inner", &self.inner)
+            .field("cfg", &self.cfg)
+            .finish()
+    }
+}
+
+impl<S> Cache<S> {
+    pub(crate) fn from_parts(inner: S, cfg: Arc<Config>) -> Self {
+        Cache { inner, cfg }
+    }
+
+    /// Wraps `inner` with the configuration (and store) of `layer`.
+    pub fn new(inner: S, layer: &CacheLayer) -> Self {
+        Cache::from_parts(inner, layer.cfg.clone())
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+pub(crate) fn message<B>(status: StatusCode, text: &'static str) -> Response<CacheBody<B>> {
+    let mut res = Response::new(CacheBody::bytes(Bytes::from_static(text.as_bytes())));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    res
+}
+
+/// A response built from a stored entry, with `Age` and `X-Cache`.
+pub(crate) fn from_entry<B>(
+    entry: Arc<CachedResponse>,
+    head: bool,
+    label: &'static str,
+) -> Response<CacheBody<B>> {
+    let age = entry.age(Instant::now()).as_secs();
+    let mut headers = entry.headers.clone();
+    headers.insert(header::AGE, HeaderValue::from(age));
+    headers.insert(X_CACHE, HeaderValue::from_static(label));
+    let body = if head {
+        CacheBody::bytes(Bytes::new())
+    } else {
+        CacheBody::stored(entry.clone())
+    };
+    let mut res = Response::new(body);
+    *res.status_mut() = entry.status;
+    *res.headers_mut() = headers;
+    res
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for Cache<S>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+{
+    type Response = Response<CacheBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResB>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        let cfg = &self.cfg;
+        let method = req.method();
+        let is_get = method == Method::GET;
+        let is_head = method == Method::HEAD;
+        if let Some(allowed) = cfg.purge.as_ref().filter(|_| method.as_str() == "PURGE") {
+            let (parts, _) = req.into_parts();
+            if !allowed(&parts) {
+                return ResponseFuture::ready(message(
+                    StatusCode::FORBIDDEN,
+                    "purge not allowed\n",
+                ));
+            }
+            let key = (cfg.key)(&parts);
+            let removed = cfg.store.remove(&key);
+            let res = if removed {
+                cfg.stats.purges.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(key, "cache entry purged");
+                message(StatusCode::OK, "purged\n")
+            } else {
+                message(StatusCode::NOT_FOUND, "not cached\n")
+            };
+            return ResponseFuture::ready(res);
+        }
+        if !(is_get || is_head) || req.headers().contains_key(header::AUTHORIZATION) {
+            cfg.stats.bypass.fetch_add(1, Ordering::Relaxed);
+            return ResponseFuture::pass(self.inner.call(req));
+        }
+        let (parts, body) = req.into_parts();
+        let key = (cfg.key)(&parts);
+        let mut stale = None;
+        if let Some(entry) = cfg.store.get(&key) {
+            let now = Instant::now();
+            if entry.is_fresh(now) {
+                cfg.stats.hits.fetch_add(1, Ordering::Relaxed);
+                return ResponseFuture::ready(from_entry(entry, is_head, "HIT"));
+            }
+            if entry.age(now) < entry.fresh_for + cfg.stale_if_error {
+                stale = Some(entry);
+            }
+        }
+        cfg.stats.misses.fetch_add(1, Ordering::Relaxed);
+        let miss = Miss {
+            key,
+            fill: cfg.fill && is_get && !policy::request_no_store(&parts.headers),
+            head: is_head,
+            stale,
+            cfg: cfg.clone(),
+        };
+        ResponseFuture::miss(self.inner.call(Request::from_parts(parts, body)), miss)
+    }
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// Serves an upstream response on a miss, storing it when it is cacheable.
+pub(crate) fn on_response<B>(res: Response<B>, miss: Miss) -> Response<CacheBody<B>>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+{
+    let (mut parts, body) = res.into_parts();
+    let cfg = &miss.cfg;
+    let ttl = if miss.fill && policy::cacheable_status(parts.status) {
+        policy::freshness(&parts.headers, cfg.default_ttl)
+    } else {
+        None
+    };
+    let len = content_length(&parts.headers);
+    let max = cfg.store.max_entry_size();
+    parts
+        .headers
+        .insert(X_CACHE, HeaderValue::from_static("MISS"));
+    let (Some(ttl), true, Ok(_)) = (
+        ttl,
+        len.is_none_or(|l| l <= max),
+        tokio::runtime::Handle::try_current(),
+    ) else {
+        return Response::from_parts(parts, CacheBody::live(TeeBody::passthrough(body)));
+    };
+    let mut headers = parts.headers.clone();
+    headers.remove(X_CACHE);
+    let initial_age = policy::initial_age(&headers);
+    headers.remove(header::AGE);
+    let (out, inlet) = outlet(FILL_BUFFER);
+    let pending = Pending {
+        key: miss.key,
+        status: parts.status,
+        headers,
+        stored_at: Instant::now(),
+        fresh_for: ttl,
+        initial_age,
+        cfg: miss.cfg.clone(),
+    };
+    tokio::spawn(fill(pending, inlet, max));
+    let opts = TeeOptions {
+        expected_len: len,
+        on_disconnect: DisconnectPolicy::Finish {
+            max_bytes: max,
+            max_time: Duration::from_secs(60),
+        },
+        stats: Some(cfg.stats.tee.clone()),
+    };
+    Response::from_parts(parts, CacheBody::live(TeeBody::new(body, vec![out], &opts)))
+}
+
+struct Pending {
+    key: String,
+    status: StatusCode,
+    headers: HeaderMap,
+    stored_at: Instant,
+    fresh_for: Duration,
+    initial_age: Duration,
+    cfg: Arc<Config>,
+}
+
+async fn fill(p: Pending, mut inlet: Inlet, max: u64) {
+    let stats = &p.cfg.stats;
+    let mut body = Vec::new();
+    let mut len = 0u64;
+    loop {
+        match inlet.next().await {
+            Next::Data(chunk) => {
+                len += chunk.len() as u64;
+                if len > max {
+                    stats.fills_aborted.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(key = p.key, max, "cache fill abandoned: entry too large");
+                    return;
+                }
+                body.push(chunk);
+            }
+            Next::End => break,
+            Next::Abort(reason) => {
+                stats.fills_aborted.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(key = p.key, %reason, "cache fill aborted");
+                return;
+            }
+        }
+    }
+    drop(inlet);
+    let entry = CachedResponse {
+        status: p.status,
+        headers: p.headers,
+        body,
+        stored_at: p.stored_at,
+        fresh_for: p.fresh_for,
+        initial_age: p.initial_age,
+    };
+    if p.cfg.store.put(&p.key, entry) {
+        stats.fills.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(key = p.key, bytes = len, "cache filled");
+    } else {
+        stats.fills_aborted.fetch_add(1, Ordering::Relaxed);
+    }
+}

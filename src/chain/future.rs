@@ -1,0 +1,535 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::Either;
+use pin_project_lite::pin_project;
+use tower::util::Oneshot;
+use tower_service::Service;
+
+use super::error::ChainError;
+use super::hops::{ChainHops, Hop, HopResult, StopReason};
+use super::service::{
+    bump_hops, discard, is_connect_error, plain_response, ChainBody, ChainConfig, LinkPolicy,
+};
+use crate::body::{ReplayBody, ReplayError};
+use crate::classify::{error_kind, Classifier, Classify, Outcome};
+use crate::BoxError;
+
+type Req<B> = Request<ReplayBody<B>>;
+
+pin_project! {
+    /// Response future of [`Fallback`](super::Fallback).
+    pub struct FallbackFuture<F, N, C, B>
+    where
+        N: Service<Request<ReplayBody<B>>>,
+        C: Classify,
+    {
+        #[pin]
+        state: State<F, N, C::Classifier, B>,
+        policy: Arc<LinkPolicy<C>>,
+        idempotent: bool,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, N, K, B>
+    where
+        N: Service<Request<ReplayBody<B>>>,
+    {
+        Primary {
+            #[pin]
+            fut: F,
+            classifier: Option<K>,
+            spare: Option<Request<ReplayBody<B>>>,
+            next: Arc<N>,
+        },
+        // Boxed: only hops pay for it, and the common future stays small.
+        Next {
+            fut: Pin<Box<Oneshot<N, Request<ReplayBody<B>>>>>,
+            hops: Option<ChainHops>,
+        },
+        Done,
+    }
+}
+
+impl<F, N, C, B> FallbackFuture<F, N, C, B>
+where
+    N: Service<Req<B>>,
+    C: Classify,
+{
+    pub(crate) fn new(
+        fut: F,
+        classifier: C::Classifier,
+        spare: Option<Req<B>>,
+        idempotent: bool,
+        next: Arc<N>,
+        policy: Arc<LinkPolicy<C>>,
+    ) -> Self {
+        FallbackFuture {
+            state: State::Primary {
+                fut,
+                classifier: Some(classifier),
+                spare,
+                next,
+            },
+            policy,
+            idempotent,
+        }
+    }
+}
+
+impl<F, N, C, B> fmt::Debug for FallbackFuture<F, N, C, B>
+where
+    N: Service<Req<B>>,
+    C: Classify,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FallbackFuture")
+    }
+}
+
+/// What to do with the primary's answer.
+enum Step<RB, B> {
+    Return(Result<Response<RB>, ChainError>),
+    Hop(Req<B>, ChainHops),
+}
+
+impl<F, N, C, B, RB, E> Future for FallbackFuture<F, N, C, B>
+where
+    F: Future<Output = Result<Response<RB>, E>>,
+    E: Into<BoxError>,
+    N: Service<Req<B>, Response = Response<RB>> + Clone,
+    N::Error: Into<BoxError>,
+    C: Classify,
+    RB: Body + Send + 'static,
+{
+    type Output = Result<Response<RB>, ChainError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Primary {
+                    fut,
+                    classifier,
+                    spare,
+                    next,
+                } => {
+                    let result = ready!(fut.poll(cx));
+                    let step = match classifier.take() {
+                        Some(classifier) => after_primary(
+                            result,
+                            classifier,
+                            spare.take(),
+                            *this.idempotent,
+                            this.policy,
+                        ),
+                        // Unreachable: the classifier is taken exactly once, here.
+                        None => Step::Return(Err(ChainError::new(
+                            primary_hops(
+                                this.policy,
+                                HopResult::Error(crate::classify::FailureKind::Other),
+                            ),
+                            "fallback future polled after completion".into(),
+                        ))),
+                    };
+                    match step {
+                        Step::Return(out) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(out);
+                        }
+                        Step::Hop(req, hops) => {
+                            let svc = N::clone(next);
+                            this.state.set(State::Next {
+                                fut: Box::pin(Oneshot::new(svc, req)),
+                                hops: Some(hops),
+                            });
+                        }
+                    }
+                }
+                StateProj::Next { fut, hops } => {
+                    let result = ready!(fut.as_mut().poll(cx));
+                    let out = match hops.take() {
+                        Some(prev) => after_next(prev, result, this.policy),
+                        None => Err(ChainError::new(
+                            primary_hops(
+                                this.policy,
+                                HopResult::Error(crate::classify::FailureKind::Other),
+                            ),
+                            "fallback future polled after completion".into(),
+                        )),
+                    };
+                    this.state.set(State::Done);
+                    return Poll::Ready(out);
+                }
+                StateProj::Done => panic!("FallbackFuture polled after completion"),
+            }
+        }
+    }
+}
+
+fn primary_hops<C>(policy: &LinkPolicy<C>, result: HopResult) -> ChainHops {
+    ChainHops::new(Hop::new(policy.primary_name.clone(), result))
+}
+
+/// Why the request cannot go to the next link, if it cannot.
+fn hop_blocker<B>(
+    spare: &Option<Req<B>>,
+    idempotent: bool,
+    never_sent: bool,
+    non_idempotent: bool,
+) -> Option<StopReason> {
+    if spare.is_none() {
+        Some(StopReason::BodyOverLimit)
+    } else if !idempotent && !non_idempotent && !never_sent {
+        Some(StopReason::NonIdempotent)
+    } else {
+        None
+    }
+}
+
+fn after_primary<RB, E, B, C>(
+    result: Result<Response<RB>, E>,
+    classifier: C::Classifier,
+    spare: Option<Req<B>>,
+    idempotent: bool,
+    policy: &LinkPolicy<C>,
+) -> Step<RB, B>
+where
+    E: Into<BoxError>,
+    C: Classify,
+    RB: Body + Send + 'static,
+{
+    match result {
+        Ok(mut res) => {
+            // A primary that is itself a chain reports its own trail.
+            let mut hops = match res.extensions_mut().remove::<ChainHops>() {
+                Some(h) => h,
+                None => primary_hops(policy, HopResult::Status(res.status())),
+            };
+            if hops.settled {
+                res.extensions_mut().insert(hops);
+                return Step::Return(Ok(res));
+            }
+            let kind = match classifier.classify_response(&res) {
+                Outcome::Failure(kind) => kind,
+                Outcome::Success | Outcome::Ignored => {
+                    hops.settled = true;
+                    res.extensions_mut().insert(hops);
+                    return Step::Return(Ok(res));
+                }
+            };
+            match (
+                hop_blocker(&spare, idempotent, false, policy.non_idempotent),
+                spare,
+            ) {
+                (None, Some(mut req)) => {
+                    trace_hop(&hops, policy, &kind);
+                    discard(res.into_body(), policy.drain_limit, policy.drain_timeout);
+                    bump_hops(&mut req, hops.len());
+                    Step::Hop(req, hops)
+                }
+                (reason, _) => {
+                    let reason = reason.unwrap_or(StopReason::BodyOverLimit);
+                    trace_stop(&hops, policy, &kind, reason);
+                    hops.stop(reason);
+                    hops.settled = true;
+                    res.extensions_mut().insert(hops);
+                    Step::Return(Ok(res))
+                }
+            }
+        }
+        Err(e) => {
+            let e: BoxError = e.into();
+            let (mut hops, source) = match e.downcast::<ChainError>() {
+                Ok(ce) => ce.into_parts(),
+                Err(e) => (primary_hops(policy, HopResult::Error(error_kind(&*e))), e),
+            };
+            if hops.settled {
+                return Step::Return(Err(ChainError::new(hops, source)));
+            }
+            let kind = match classifier.classify_error(&*source) {
+                Outcome::Failure(kind) => kind,
+                Outcome::Success | Outcome::Ignored => {
+                    hops.settled = true;
+                    return Step::Return(Err(ChainError::new(hops, source)));
+                }
+            };
+            let never_sent = is_connect_error(&*source);
+            match (
+                hop_blocker(&spare, idempotent, never_sent, policy.non_idempotent),
+                spare,
+            ) {
+                (None, Some(mut req)) => {
+                    trace_hop(&hops, policy, &kind);
+                    bump_hops(&mut req, hops.len());
+                    Step::Hop(req, hops)
+                }
+                (reason, _) => {
+                    let reason = reason.unwrap_or(StopReason::BodyOverLimit);
+                    trace_stop(&hops, policy, &kind, reason);
+                    hops.stop(reason);
+                    hops.settled = true;
+                    Step::Return(Err(ChainError::new(hops, source)))
+                }
+            }
+        }
+    }
+}
+
+fn after_next<RB, E, C>(
+    mut prev: ChainHops,
+    result: Result<Response<RB>, E>,
+    policy: &LinkPolicy<C>,
+) -> Result<Response<RB>, ChainError>
+where
+    E: Into<BoxError>,
+{
+    match result {
+        Ok(mut res) => {
+            let later = match res.extensions_mut().remove::<ChainHops>() {
+                Some(h) => h,
+                None => ChainHops::new(Hop::new(
+                    policy.next_name.clone(),
+                    HopResult::Status(res.status()),
+                )),
+            };
+            prev.append(later);
+            res.extensions_mut().insert(prev);
+            Ok(res)
+        }
+        Err(e) => {
+            let e: BoxError = e.into();
+            let (later, source) = match e.downcast::<ChainError>() {
+                Ok(ce) => ce.into_parts(),
+                Err(e) => (
+                    ChainHops::new(Hop::new(
+                        policy.next_name.clone(),
+                        HopResult::Error(error_kind(&*e)),
+                    )),
+                    e,
+                ),
+            };
+            prev.append(later);
+            Err(ChainError::new(prev, source))
+        }
+    }
+}
+
+fn trace_hop<C>(hops: &ChainHops, policy: &LinkPolicy<C>, kind: &crate::classify::FailureKind) {
+    tracing::debug!(
+        target: "tower_patterns::chain",
+        from = %hops.last().name(),
+        to = %policy.next_name,
+        reason = %kind,
+        "content chain hop"
+    );
+}
+
+fn trace_stop<C>(
+    hops: &ChainHops,
+    policy: &LinkPolicy<C>,
+    kind: &crate::classify::FailureKind,
+    stop: StopReason,
+) {
+    tracing::debug!(
+        target: "tower_patterns::chain",
+        at = %hops.last().name(),
+        to = %policy.next_name,
+        reason = %kind,
+        stopped = %stop,
+        "content chain cannot hop, returning this link's answer"
+    );
+}
+
+type BufferFuture<B> = Pin<Box<dyn Future<Output = Result<Req<B>, ReplayError>> + Send + 'static>>;
+
+pin_project! {
+    /// Response future of [`Chain`](super::Chain).
+    pub struct ChainFuture<S, B, RB>
+    where
+        S: Service<Request<ReplayBody<B>>>,
+    {
+        #[pin]
+        state: ChainState<S, B, RB>,
+        config: Arc<ChainConfig>,
+    }
+}
+
+pin_project! {
+    #[project = ChainStateProj]
+    enum ChainState<S, B, RB>
+    where
+        S: Service<Request<ReplayBody<B>>>,
+    {
+        Ready {
+            res: Option<Response<ChainBody<RB>>>,
+        },
+        Buffering {
+            fut: BufferFuture<B>,
+            svc: Option<S>,
+        },
+        Calling {
+            #[pin]
+            fut: S::Future,
+        },
+        Done,
+    }
+}
+
+impl<S, B, RB> ChainFuture<S, B, RB>
+where
+    S: Service<Req<B>>,
+{
+    pub(crate) fn ready(
+        res: Response<http_body_util::Full<bytes::Bytes>>,
+        config: Arc<ChainConfig>,
+    ) -> Self {
+        ChainFuture {
+            state: ChainState::Ready {
+                res: Some(res.map(Either::Right)),
+            },
+            config,
+        }
+    }
+
+    pub(crate) fn calling(fut: S::Future, config: Arc<ChainConfig>) -> Self {
+        ChainFuture {
+            state: ChainState::Calling { fut },
+            config,
+        }
+    }
+
+    pub(crate) fn buffering(fut: BufferFuture<B>, svc: S, config: Arc<ChainConfig>) -> Self {
+        ChainFuture {
+            state: ChainState::Buffering {
+                fut,
+                svc: Some(svc),
+            },
+            config,
+        }
+    }
+}
+
+impl<S, B, RB> fmt::Debug for ChainFuture<S, B, RB>
+where
+    S: Service<Req<B>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ChainFuture")
+    }
+}
+
+impl<S, B, RB> Future for ChainFuture<S, B, RB>
+where
+    S: Service<Req<B>, Response = Response<RB>>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<Response<ChainBody<RB>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                ChainStateProj::Ready { res } => {
+                    let out = res.take();
+                    this.state.set(ChainState::Done);
+                    return match out {
+                        Some(res) => Poll::Ready(Ok(res)),
+                        None => Poll::Ready(Err("chain future polled after completion".into())),
+                    };
+                }
+                ChainStateProj::Buffering { fut, svc } => {
+                    let buffered = ready!(fut.as_mut().poll(cx));
+                    let res = match (buffered, svc.take()) {
+                        (Ok(req), Some(mut svc)) => {
+                            let fut = svc.call(req);
+                            this.state.set(ChainState::Calling { fut });
+                            continue;
+                        }
+                        (Err(e), _) => {
+                            tracing::debug!(
+                                target: "tower_patterns::chain",
+                                error = %e,
+                                "request body failed while buffering"
+                            );
+                            plain_response(StatusCode::BAD_REQUEST).map(Either::Right)
+                        }
+                        (Ok(_), None) => {
+                            plain_response(StatusCode::INTERNAL_SERVER_ERROR).map(Either::Right)
+                        }
+                    };
+                    this.state.set(ChainState::Done);
+                    return Poll::Ready(Ok(res));
+                }
+                ChainStateProj::Calling { fut } => {
+                    let result = ready!(fut.poll(cx)).map_err(Into::into);
+                    this.state.set(ChainState::Done);
+                    return Poll::Ready(Ok(finish(this.config, result)));
+                }
+                ChainStateProj::Done => panic!("ChainFuture polled after completion"),
+            }
+        }
+    }
+}
+
+/// Turns the links' answer into the client's response: errors become 502/504, the trail
+/// goes into the report header.
+fn finish<RB>(
+    config: &ChainConfig,
+    result: Result<Response<RB>, BoxError>,
+) -> Response<ChainBody<RB>> {
+    let mut res = match result {
+        Ok(mut res) => {
+            if let Some(name) = &config.entry_name {
+                if res.extensions().get::<ChainHops>().is_none() {
+                    let hop = Hop::new(name.clone(), HopResult::Status(res.status()));
+                    res.extensions_mut().insert(ChainHops::new(hop));
+                }
+            }
+            res.map(Either::Left)
+        }
+        Err(e) => {
+            let (hops, source) = match e.downcast::<ChainError>() {
+                Ok(ce) => {
+                    let (h, s) = ce.into_parts();
+                    (Some(h), s)
+                }
+                Err(e) => {
+                    let hops = config.entry_name.as_ref().map(|name| {
+                        ChainHops::new(Hop::new(name.clone(), HopResult::Error(error_kind(&*e))))
+                    });
+                    (hops, e)
+                }
+            };
+            let mut res = crate::proxy::error_response(&*source).map(Either::Right);
+            tracing::warn!(
+                target: "tower_patterns::chain",
+                error = %source,
+                hops = %hops.as_ref().map(|h| h.to_string()).unwrap_or_default(),
+                status = res.status().as_u16(),
+                "content chain ended with an error"
+            );
+            if let Some(h) = hops {
+                res.extensions_mut().insert(h);
+            }
+            res
+        }
+    };
+    if let Some(name) = &config.report_header {
+        let value = res
+            .extensions()
+            .get::<ChainHops>()
+            .and_then(|h| HeaderValue::try_from(h.header_value()).ok());
+        if let Some(v) = value {
+            res.headers_mut().insert(name.clone(), v);
+        }
+    }
+    res
+}

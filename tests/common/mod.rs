@@ -1,0 +1,304 @@
+//! Helpers shared by the backup tee tests: real servers on 127.0.0.1, generated bodies,
+//! and test sinks implementing the public `Sink` trait.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http::{Request, Response};
+use http_body::Frame;
+use http_body_util::{BodyExt, Empty, StreamBody};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::{broadcast, watch};
+use tower_patterns::backup::{BackupEvent, ObjectInfo, Sink, SinkError, SinkWriter};
+use tower_patterns::body::{boxed, BoxBody};
+use tower_patterns::BoxError;
+
+pub const CHUNK: usize = 64 * 1024;
+
+/// Starts `svc` on an ephemeral port.
+pub async fn spawn_server<S, B>(svc: S) -> SocketAddr
+where
+    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(tower_patterns::server::serve(listener, svc));
+    addr
+}
+
+/// The byte at `offset` of a pattern body: constant per 64 KiB block.
+pub fn pattern_byte(offset: u64) -> u8 {
+    ((offset / CHUNK as u64) % 251) as u8
+}
+
+/// A body of `total` pattern bytes, generated chunk by chunk (never held whole).
+pub fn pattern_body(total: u64) -> BoxBody {
+    let stream = futures_util::stream::unfold(0u64, move |off| async move {
+        if off >= total {
+            return None;
+        }
+        let n = (total - off).min(CHUNK as u64) as usize;
+        let chunk = Bytes::from(vec![pattern_byte(off); n]);
+        Some((Ok::<_, Infallible>(Frame::data(chunk)), off + n as u64))
+    });
+    boxed(StreamBody::new(stream))
+}
+
+/// Checks a received chunk at `offset` against the pattern (memset + memcmp per block, so
+/// hundreds of MiB check quickly even unoptimised).
+pub struct PatternCheck {
+    pub offset: u64,
+    pub ok: bool,
+    scratch: Vec<u8>,
+}
+
+impl Default for PatternCheck {
+    fn default() -> Self {
+        PatternCheck {
+            offset: 0,
+            ok: true,
+            scratch: vec![0; CHUNK],
+        }
+    }
+}
+
+impl PatternCheck {
+    pub fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let in_block = (self.offset % CHUNK as u64) as usize;
+            let n = (CHUNK - in_block).min(data.len());
+            let want = &mut self.scratch[..n];
+            want.fill(pattern_byte(self.offset));
+            if data[..n] != want[..] {
+                self.ok = false;
+            }
+            self.offset += n as u64;
+            data = &data[n..];
+        }
+    }
+}
+
+/// A pooled HTTP/1.1 client.
+pub fn client() -> Client<HttpConnector, Empty<Bytes>> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+pub async fn get(addr: SocketAddr, path: &str) -> Response<Incoming> {
+    client()
+        .request(
+            Request::get(format!("http://{addr}{path}"))
+                .body(Empty::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap()
+}
+
+pub async fn read_all(res: Response<Incoming>) -> Result<Bytes, hyper::Error> {
+    Ok(res.into_body().collect().await?.to_bytes())
+}
+
+/// Backup events, kept until asked for (events of several sinks/keys arrive in any order).
+pub struct Events {
+    rx: broadcast::Receiver<BackupEvent>,
+    pending: Vec<BackupEvent>,
+}
+
+impl Events {
+    pub fn new(rx: broadcast::Receiver<BackupEvent>) -> Self {
+        Events {
+            rx,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Waits (at most 60 s, a hang guard) for the event of `sink` about `key`.
+    pub async fn wait(&mut self, key: &str, sink: &str) -> BackupEvent {
+        let matches = |ev: &BackupEvent| ev.key.as_str() == key && &*ev.sink == sink;
+        if let Some(i) = self.pending.iter().position(matches) {
+            return self.pending.remove(i);
+        }
+        tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let ev = self.rx.recv().await.unwrap();
+                if matches(&ev) {
+                    return ev;
+                }
+                self.pending.push(ev);
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no backup event for {key} from {sink} within 60 s"))
+    }
+}
+
+/// A sink that checks the pattern and counts bytes, storing nothing.
+#[derive(Clone, Default)]
+pub struct CountingSink {
+    pub committed_bytes: Arc<AtomicU64>,
+    pub pattern_ok: Arc<AtomicBool>,
+}
+
+struct CountingWriter {
+    sink: CountingSink,
+    check: PatternCheck,
+}
+
+impl Sink for CountingSink {
+    fn name(&self) -> &str {
+        "counting"
+    }
+    fn begin<'a>(
+        &'a self,
+        _info: &'a ObjectInfo,
+    ) -> BoxFuture<'a, Result<Box<dyn SinkWriter>, SinkError>> {
+        let w: Box<dyn SinkWriter> = Box::new(CountingWriter {
+            sink: self.clone(),
+            check: PatternCheck::default(),
+        });
+        Box::pin(async move { Ok(w) })
+    }
+}
+
+impl SinkWriter for CountingWriter {
+    fn write(&mut self, chunk: Bytes) -> BoxFuture<'_, Result<(), SinkError>> {
+        self.check.feed(&chunk);
+        Box::pin(async { Ok(()) })
+    }
+    fn commit(self: Box<Self>) -> BoxFuture<'static, Result<(), SinkError>> {
+        self.sink
+            .committed_bytes
+            .store(self.check.offset, Ordering::SeqCst);
+        self.sink.pattern_ok.store(self.check.ok, Ordering::SeqCst);
+        Box::pin(async { Ok(()) })
+    }
+    fn abort(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// A sink whose writes wait until the gate opens: the slowest possible disk.
+#[derive(Clone)]
+pub struct StalledSink {
+    pub gate: watch::Receiver<bool>,
+}
+
+struct StalledWriter {
+    gate: watch::Receiver<bool>,
+}
+
+impl Sink for StalledSink {
+    fn name(&self) -> &str {
+        "stalled"
+    }
+    fn begin<'a>(
+        &'a self,
+        _info: &'a ObjectInfo,
+    ) -> BoxFuture<'a, Result<Box<dyn SinkWriter>, SinkError>> {
+        let w: Box<dyn SinkWriter> = Box::new(StalledWriter {
+            gate: self.gate.clone(),
+        });
+        Box::pin(async move { Ok(w) })
+    }
+}
+
+impl SinkWriter for StalledWriter {
+    fn write(&mut self, _chunk: Bytes) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async move {
+            let _ = self.gate.wait_for(|open| *open).await;
+            Ok(())
+        })
+    }
+    fn commit(self: Box<Self>) -> BoxFuture<'static, Result<(), SinkError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn abort(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// A sink that fails once more than `fail_after` bytes were written.
+#[derive(Clone)]
+pub struct FailingSink {
+    pub fail_after: u64,
+    pub aborted: Arc<AtomicBool>,
+}
+
+struct FailingWriter {
+    fail_after: u64,
+    written: u64,
+    aborted: Arc<AtomicBool>,
+}
+
+impl Sink for FailingSink {
+    fn name(&self) -> &str {
+        "failing"
+    }
+    fn begin<'a>(
+        &'a self,
+        _info: &'a ObjectInfo,
+    ) -> BoxFuture<'a, Result<Box<dyn SinkWriter>, SinkError>> {
+        let w: Box<dyn SinkWriter> = Box::new(FailingWriter {
+            fail_after: self.fail_after,
+            written: 0,
+            aborted: self.aborted.clone(),
+        });
+        Box::pin(async move { Ok(w) })
+    }
+}
+
+impl SinkWriter for FailingWriter {
+    fn write(&mut self, chunk: Bytes) -> BoxFuture<'_, Result<(), SinkError>> {
+        self.written += chunk.len() as u64;
+        let fail = self.written > self.fail_after;
+        Box::pin(async move {
+            if fail {
+                Err(SinkError::Io(std::io::Error::other("disk full")))
+            } else {
+                Ok(())
+            }
+        })
+    }
+    fn commit(self: Box<Self>) -> BoxFuture<'static, Result<(), SinkError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn abort(self: Box<Self>) -> BoxFuture<'static, ()> {
+        self.aborted.store(true, Ordering::SeqCst);
+        Box::pin(async {})
+    }
+}
+
+/// Every file under `dir`, relative, sorted (temporary files included).
+pub fn files_under(dir: &std::path::Path) -> Vec<String> {
+    fn walk(base: &std::path::Path, dir: &std::path::Path, out: &mut Vec<String>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(base, &p, out);
+            } else {
+                out.push(p.strip_prefix(base).unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}

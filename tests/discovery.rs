@@ -1,0 +1,625 @@
+//! Memory registry semantics (paused time), the Discover adapter, fail-static watchers,
+//! a tower balancer following the registry, and path routing with 502.
+
+mod discovery_support;
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use futures_util::stream::{self, BoxStream, StreamExt};
+use http::StatusCode;
+use tokio::sync::mpsc;
+use tower::discover::Change;
+use tower_patterns::discovery::{
+    DiscoveryError, Instance, Lease, MemoryRegistry, Registration, Registry, RegistryEvent,
+    Selector, Watcher,
+};
+use tower_patterns::route::{Backend, RouteError, RouteTable};
+
+use discovery_support::{balanced, client, get, serve, until, within};
+
+fn inst(service: &str, id: &str, port: u16) -> Instance {
+    Instance::new(service, id, "127.0.0.1", port)
+}
+
+#[tokio::test(start_paused = true)]
+async fn register_lookup_and_deregister() {
+    let reg = MemoryRegistry::new();
+    let ttl = Duration::from_secs(10);
+    let a = reg
+        .register(
+            &inst("api", "a1", 8001)
+                .with_version("1.4.0")
+                .with_tag("blue"),
+            ttl,
+        )
+        .await
+        .unwrap();
+    let _b = reg
+        .register(&inst("api", "a2", 8002).with_version("2.1.0"), ttl)
+        .await
+        .unwrap();
+    reg.register(&inst("web", "w1", 9001), ttl).await.unwrap();
+
+    let all = reg.instances("api").await.unwrap();
+    assert_eq!(
+        all.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
+        ["a1", "a2"]
+    );
+    let v2 = reg
+        .lookup("api", &Selector::any().version("2"))
+        .await
+        .unwrap();
+    assert_eq!(v2.len(), 1);
+    assert_eq!(v2[0].id, "a2");
+    let blue = reg
+        .lookup("api", &Selector::any().tag("blue"))
+        .await
+        .unwrap();
+    assert_eq!(blue[0].id, "a1");
+    assert!(reg
+        .lookup("api", &Selector::any().version("3"))
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(reg.instances("nobody").await.unwrap().is_empty());
+
+    reg.deregister(&a).await.unwrap();
+    // Deregistering twice is fine.
+    reg.deregister(&a).await.unwrap();
+    let ids: Vec<_> = reg
+        .instances("api")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(ids, ["a2"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn invalid_instances_are_refused() {
+    let reg = MemoryRegistry::new();
+    let ttl = Duration::from_secs(10);
+    for bad in [
+        inst("api", "a/1", 80),
+        inst("", "a1", 80),
+        inst("api", "a1", 0),
+        Instance::new("api", "a1", "user@host", 80),
+    ] {
+        let err = reg.register(&bad, ttl).await.unwrap_err();
+        assert!(matches!(err, DiscoveryError::InvalidInstance(_)), "{err}");
+    }
+    let err = Registration::new(reg.clone(), inst("api", "a1", 80), Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DiscoveryError::InvalidConfig(_)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn registration_without_keepalive_expires_after_ttl() {
+    let reg = MemoryRegistry::new();
+    let watcher = Watcher::new(&reg, "api", Selector::any());
+    reg.register(&inst("api", "a1", 8001), Duration::from_secs(10))
+        .await
+        .unwrap();
+    watcher.wait_until(|s| s.len() == 1).await;
+
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert_eq!(
+        reg.instances("api").await.unwrap().len(),
+        1,
+        "still inside its TTL"
+    );
+    let start = tokio::time::Instant::now();
+    watcher.wait_until(|s| s.is_empty()).await;
+    assert!(reg.instances("api").await.unwrap().is_empty());
+    // Removed at the deadline (10 s after registering), by the registry's own timer.
+    assert_eq!(start.elapsed(), Duration::from_secs(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn keepalive_refreshes_and_expired_lease_is_lost() {
+    let reg = MemoryRegistry::new();
+    let ttl = Duration::from_secs(10);
+    let lease = reg.register(&inst("api", "a1", 8001), ttl).await.unwrap();
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        reg.keep_alive(&lease).await.unwrap();
+    }
+    assert_eq!(reg.instances("api").await.unwrap().len(), 1);
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let err = reg.keep_alive(&lease).await.unwrap_err();
+    assert!(err.is_lease_lost(), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn reregistering_an_id_replaces_it_and_old_lease_cannot_remove_it() {
+    let reg = MemoryRegistry::new();
+    let ttl = Duration::from_secs(10);
+    let old = reg.register(&inst("api", "a1", 8001), ttl).await.unwrap();
+    let _new = reg.register(&inst("api", "a1", 8005), ttl).await.unwrap();
+    reg.deregister(&old).await.unwrap();
+    let list = reg.instances("api").await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].port, 8005);
+    assert!(reg.keep_alive(&old).await.unwrap_err().is_lease_lost());
+}
+
+#[tokio::test(start_paused = true)]
+async fn guard_keeps_registration_alive_and_deregisters_on_drop() {
+    let reg = MemoryRegistry::new();
+    let watcher = Watcher::new(&reg, "api", Selector::any());
+    let guard = Registration::new(reg.clone(), inst("api", "a1", 8001), Duration::from_secs(3))
+        .await
+        .unwrap();
+    // Twenty TTLs later it is still registered: the guard refreshes it.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(reg.instances("api").await.unwrap().len(), 1);
+    assert!(guard.is_registered());
+    assert_eq!(guard.registrations(), 1);
+    assert_eq!(watcher.len(), 1);
+
+    drop(guard);
+    let start = tokio::time::Instant::now();
+    watcher.wait_until(|s| s.is_empty()).await;
+    // Removed by the deregistration, not by the TTL.
+    assert!(start.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test(start_paused = true)]
+async fn explicit_deregister_waits_for_the_registry() {
+    let reg = MemoryRegistry::new();
+    let guard = Registration::new(reg.clone(), inst("api", "a1", 8001), Duration::from_secs(3))
+        .await
+        .unwrap();
+    guard.deregister().await.unwrap();
+    assert!(reg.instances("api").await.unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn crashed_instance_disappears_after_ttl() {
+    let reg = MemoryRegistry::new();
+    let watcher = Watcher::new(&reg, "api", Selector::any());
+    let guard = Registration::new(reg.clone(), inst("api", "a1", 8001), Duration::from_secs(5))
+        .await
+        .unwrap();
+    watcher.wait_until(|s| s.len() == 1).await;
+    let start = tokio::time::Instant::now();
+    guard.abandon(); // no deregistration, no more keepalive: a crash
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(watcher.len(), 1, "kept until the TTL runs out");
+    watcher.wait_until(|s| s.is_empty()).await;
+    let gone_after = start.elapsed();
+    assert!(gone_after <= Duration::from_secs(5), "{gone_after:?}");
+    assert!(gone_after > Duration::from_secs(2), "{gone_after:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn guard_registers_again_when_the_registry_lost_it() {
+    let reg = MemoryRegistry::new();
+    let watcher = Watcher::new(&reg, "api", Selector::any());
+    let guard = Registration::new(reg.clone(), inst("api", "a1", 8001), Duration::from_secs(3))
+        .await
+        .unwrap();
+    watcher.wait_until(|s| s.len() == 1).await;
+    assert!(reg.evict("api", "a1"));
+    watcher.wait_until(|s| s.is_empty()).await;
+    watcher.wait_until(|s| s.len() == 1).await;
+    until("the guard counts it", || guard.registrations() == 2).await;
+    assert!(guard.is_registered());
+}
+
+#[tokio::test(start_paused = true)]
+async fn watcher_applies_version_selector() {
+    let reg = MemoryRegistry::new();
+    let ttl = Duration::from_secs(30);
+    let v2 = Watcher::new(&reg, "api", Selector::any().version("2"));
+    let all = Watcher::new(&reg, "api", Selector::any());
+    reg.register(&inst("api", "old", 1).with_version("1.9.0"), ttl)
+        .await
+        .unwrap();
+    reg.register(&inst("api", "new", 2).with_version("2.0.1"), ttl)
+        .await
+        .unwrap();
+    reg.register(&inst("api", "newer", 3).with_version("20.0"), ttl)
+        .await
+        .unwrap();
+    all.wait_until(|s| s.len() == 3).await;
+    let snap = v2.wait_until(|s| s.len() == 1).await;
+    assert_eq!(snap.instances().next().unwrap().id, "new");
+    // The same id re-registered with another version leaves the selection.
+    reg.register(&inst("api", "new", 2).with_version("3.0"), ttl)
+        .await
+        .unwrap();
+    v2.wait_until(|s| s.is_empty()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn discover_sends_inserts_and_removes() {
+    let reg = MemoryRegistry::new();
+    let ttl = Duration::from_secs(30);
+    let a = reg.register(&inst("api", "a1", 8001), ttl).await.unwrap();
+    let watcher = Watcher::new(&reg, "api", Selector::any());
+    watcher.wait_until(|s| s.len() == 1).await;
+    let mut discover = watcher.discover(|i: &Instance| Ok::<_, Infallible>(i.port));
+
+    match discover.next().await.unwrap().unwrap() {
+        Change::Insert(k, port) => assert_eq!((k.as_str(), port), ("a1", 8001)),
+        Change::Remove(k) => panic!("unexpected remove {k}"),
+    }
+    reg.register(&inst("api", "a2", 8002), ttl).await.unwrap();
+    match discover.next().await.unwrap().unwrap() {
+        Change::Insert(k, port) => assert_eq!((k.as_str(), port), ("a2", 8002)),
+        Change::Remove(k) => panic!("unexpected remove {k}"),
+    }
+    // Moving an instance to another port replaces its endpoint under the same key.
+    reg.register(&inst("api", "a2", 8003), ttl).await.unwrap();
+    match discover.next().await.unwrap().unwrap() {
+        Change::Insert(k, port) => assert_eq!((k.as_str(), port), ("a2", 8003)),
+        Change::Remove(k) => panic!("unexpected remove {k}"),
+    }
+    reg.deregister(&a).await.unwrap();
+    match discover.next().await.unwrap().unwrap() {
+        Change::Remove(k) => assert_eq!(k, "a1"),
+        Change::Insert(k, _) => panic!("unexpected insert {k}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn discover_leaves_out_instances_it_cannot_make() {
+    let reg = MemoryRegistry::new();
+    let ttl = Duration::from_secs(30);
+    reg.register(&inst("api", "bad", 1), ttl).await.unwrap();
+    reg.register(&inst("api", "good", 2), ttl).await.unwrap();
+    let watcher = Watcher::new(&reg, "api", Selector::any());
+    watcher.wait_until(|s| s.len() == 2).await;
+    let mut discover = watcher.discover(|i: &Instance| {
+        if i.port == 1 {
+            Err("refused")
+        } else {
+            Ok(i.port)
+        }
+    });
+    match discover.next().await.unwrap().unwrap() {
+        Change::Insert(k, _) => assert_eq!(k, "good"),
+        Change::Remove(k) => panic!("unexpected remove {k}"),
+    }
+}
+
+/// A registry whose change feed the test scripts, to check the watcher's own rules
+/// (the real backends are exercised in the etcd and Consul tests).
+#[derive(Clone)]
+struct Scripted {
+    feed: Arc<std::sync::Mutex<Option<mpsc::UnboundedReceiver<RegistryEvent>>>>,
+}
+
+impl Registry for Scripted {
+    fn register<'a>(
+        &'a self,
+        i: &'a Instance,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Lease, DiscoveryError>> {
+        Box::pin(async move { Ok(Lease::new(i.clone(), 1, ttl)) })
+    }
+    fn keep_alive<'a>(&'a self, _: &'a Lease) -> BoxFuture<'a, Result<(), DiscoveryError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn deregister<'a>(&'a self, _: &'a Lease) -> BoxFuture<'a, Result<(), DiscoveryError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn instances<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Vec<Instance>, DiscoveryError>> {
+        Box::pin(async { Ok(vec![]) })
+    }
+    fn events(&self, _: &str) -> BoxStream<'static, RegistryEvent> {
+        let rx = self.feed.lock().unwrap().take().unwrap();
+        stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) }).boxed()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn watcher_is_fail_static_and_reports_staleness() {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let reg = Scripted {
+        feed: Arc::new(std::sync::Mutex::new(Some(rx))),
+    };
+    let watcher = Watcher::new(&reg, "api", Selector::any());
+    assert!(!watcher.snapshot().is_synced());
+
+    tx.send(RegistryEvent::Snapshot(vec![
+        inst("api", "a1", 1),
+        inst("api", "a2", 2),
+    ]))
+    .unwrap();
+    let snap = watcher.wait_until(|s| s.len() == 2).await;
+    assert!(snap.is_synced() && !snap.is_stale());
+
+    let down = || RegistryEvent::Unavailable(DiscoveryError::Protocol("connection refused".into()));
+    tx.send(down()).unwrap();
+    let snap = watcher.wait_until(|s| s.is_stale()).await;
+    assert_eq!(snap.len(), 2, "instances kept while the registry is down");
+    assert!(snap.last_error().unwrap().contains("connection refused"));
+    tokio::time::sleep(Duration::from_secs(42)).await;
+    tx.send(down()).unwrap();
+    let snap = watcher.snapshot();
+    assert_eq!(snap.len(), 2);
+    assert_eq!(snap.staleness(), Some(Duration::from_secs(42)));
+
+    // Back: the registry's answer decides, including an instance that went away meanwhile.
+    tx.send(RegistryEvent::Snapshot(vec![inst("api", "a2", 2)]))
+        .unwrap();
+    let snap = watcher.wait_until(|s| !s.is_stale()).await;
+    assert_eq!(snap.len(), 1);
+    assert_eq!(snap.staleness(), None);
+    // Instances of another service in the feed are ignored.
+    tx.send(RegistryEvent::Put(inst("web", "w1", 3))).unwrap();
+    tx.send(RegistryEvent::Delete("a2".into())).unwrap();
+    let snap = watcher.wait_until(|s| s.is_empty()).await;
+    assert!(snap.get("w1").is_none());
+}
+
+#[tokio::test]
+async fn tower_balancer_follows_the_registry() {
+    use tower::ServiceExt;
+    let reg = MemoryRegistry::new();
+    let b1 = discovery_support::Backend::start("one").await;
+    let b2 = discovery_support::Backend::start("two").await;
+    let watcher = Watcher::new(&reg, "api", Selector::any());
+    let balance = balanced(&watcher);
+    let router_addr = serve(tower::service_fn(move |req| balance.clone().oneshot(req))).await;
+    let client = client();
+    let ttl = Duration::from_secs(10);
+    let g1 = Registration::new(reg.clone(), inst("api", "one", b1.port()), ttl)
+        .await
+        .unwrap();
+    let g2 = Registration::new(reg.clone(), inst("api", "two", b2.port()), ttl)
+        .await
+        .unwrap();
+    watcher.wait_until(|s| s.len() == 2).await;
+
+    let mut seen = HashSet::new();
+    within("both instances answer", async {
+        while seen.len() < 2 {
+            let (status, body) = get(&client, router_addr, "/").await;
+            assert_eq!(status, StatusCode::OK);
+            seen.insert(body);
+        }
+    })
+    .await;
+
+    g1.deregister().await.unwrap();
+    watcher.wait_until(|s| s.len() == 1).await;
+    // The balancer drops the endpoint without a restart: every answer is from "two".
+    for _ in 0..20 {
+        let (status, body) = get(&client, router_addr, "/").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, "two");
+    }
+    drop(g2);
+}
+
+#[tokio::test]
+async fn router_answers_502_without_instances_and_routes_by_longest_prefix() {
+    let reg = MemoryRegistry::new();
+    let api = discovery_support::Backend::start("api").await;
+    let web = discovery_support::Backend::start("web").await;
+    let admin = discovery_support::Backend::start("admin").await;
+    let router = RouteTable::new()
+        .route("/api", "api-service")
+        .route("/", "webapp-service")
+        .route("/api/admin", "admin-service")
+        .build(|service, selector| {
+            let watcher = Watcher::new(&reg, service, selector.clone());
+            Backend::new(balanced(&watcher), watcher)
+        })
+        .unwrap();
+    assert_eq!(router.resolve("/api/admin/x"), Some("admin-service"));
+    assert_eq!(router.resolve("/api/v1"), Some("api-service"));
+    assert_eq!(router.resolve("/index.html"), Some("webapp-service"));
+    let addr = serve(router.clone()).await;
+    let client = client();
+
+    let (status, body) = get(&client, addr, "/api").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(body.contains("api-service"), "{body}");
+
+    let ttl = Duration::from_secs(10);
+    let _w = Registration::new(reg.clone(), inst("webapp-service", "w", web.port()), ttl)
+        .await
+        .unwrap();
+    router
+        .backend("webapp-service")
+        .unwrap()
+        .watcher()
+        .unwrap()
+        .wait_until(|s| s.len() == 1)
+        .await;
+    assert_eq!(
+        get(&client, addr, "/").await,
+        (StatusCode::OK, "web".into())
+    );
+    assert_eq!(
+        get(&client, addr, "/api/users").await.0,
+        StatusCode::BAD_GATEWAY
+    );
+
+    let _a = Registration::new(reg.clone(), inst("api-service", "a", api.port()), ttl)
+        .await
+        .unwrap();
+    let _m = Registration::new(reg.clone(), inst("admin-service", "m", admin.port()), ttl)
+        .await
+        .unwrap();
+    for s in ["api-service", "admin-service"] {
+        router
+            .backend(s)
+            .unwrap()
+            .watcher()
+            .unwrap()
+            .wait_until(|s| s.len() == 1)
+            .await;
+    }
+    assert_eq!(
+        get(&client, addr, "/api/users").await,
+        (StatusCode::OK, "api".into())
+    );
+    assert_eq!(
+        get(&client, addr, "/api/admin/x").await,
+        (StatusCode::OK, "admin".into())
+    );
+    assert_eq!(
+        get(&client, addr, "/about").await,
+        (StatusCode::OK, "web".into())
+    );
+}
+
+#[tokio::test]
+async fn router_maps_upstream_failure_to_502_and_unknown_path_to_404() {
+    let reg = MemoryRegistry::new();
+    let router = RouteTable::new()
+        .route("/api", "api-service")
+        .build(|service, selector| {
+            let watcher = Watcher::new(&reg, service, selector.clone());
+            Backend::new(balanced(&watcher), watcher)
+        })
+        .unwrap();
+    let addr = serve(router.clone()).await;
+    let client = client();
+    assert_eq!(get(&client, addr, "/other").await.0, StatusCode::NOT_FOUND);
+
+    // Registered, but nothing listens there: the proxy's 502, not a hang.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let _g = Registration::new(
+        reg.clone(),
+        inst("api-service", "dead", dead),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    router
+        .backend("api-service")
+        .unwrap()
+        .watcher()
+        .unwrap()
+        .wait_until(|s| s.len() == 1)
+        .await;
+    let (status, _) = get(&client, addr, "/api").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+}
+
+#[tokio::test]
+async fn router_routes_by_version() {
+    let reg = MemoryRegistry::new();
+    let v1 = discovery_support::Backend::start("api v1").await;
+    let v2 = discovery_support::Backend::start("api v2").await;
+    let router = RouteTable::new()
+        .route_to("/v1/", "api-service", Selector::any().version("1"))
+        .route_to("/v2/", "api-service", Selector::any().version("2"))
+        .route("/latest/", "api-service")
+        .build(|service, selector| {
+            let watcher = Watcher::new(&reg, service, selector.clone());
+            Backend::new(balanced(&watcher), watcher)
+        })
+        .unwrap();
+    let addr = serve(router.clone()).await;
+    let client = client();
+    let ttl = Duration::from_secs(10);
+    let _g2 = Registration::new(
+        reg.clone(),
+        inst("api-service", "v2", v2.port()).with_version("2.4.0"),
+        ttl,
+    )
+    .await
+    .unwrap();
+    router
+        .backend_for("/v2/")
+        .unwrap()
+        .watcher()
+        .unwrap()
+        .wait_until(|s| s.len() == 1)
+        .await;
+    // No version-1 instance yet: 502 for /v1/, even though version 2 is up.
+    assert_eq!(
+        get(&client, addr, "/v1/users").await.0,
+        StatusCode::BAD_GATEWAY
+    );
+    assert_eq!(
+        get(&client, addr, "/v2/users").await,
+        (StatusCode::OK, "api v2".into())
+    );
+
+    let _g1 = Registration::new(
+        reg.clone(),
+        inst("api-service", "v1", v1.port()).with_version("1.9.3"),
+        ttl,
+    )
+    .await
+    .unwrap();
+    router
+        .backend_for("/v1/")
+        .unwrap()
+        .watcher()
+        .unwrap()
+        .wait_until(|s| s.len() == 1)
+        .await;
+    router
+        .backend_for("/latest/")
+        .unwrap()
+        .watcher()
+        .unwrap()
+        .wait_until(|s| s.len() == 2)
+        .await;
+    for _ in 0..10 {
+        assert_eq!(
+            get(&client, addr, "/v1/users").await,
+            (StatusCode::OK, "api v1".into())
+        );
+        assert_eq!(
+            get(&client, addr, "/v2/users").await,
+            (StatusCode::OK, "api v2".into())
+        );
+    }
+}
+
+#[test]
+fn route_table_is_validated() {
+    let make = |_: &str, _: &Selector| {
+        Backend::fixed(tower::service_fn(|_: http::Request<()>| async {
+            Ok::<_, Infallible>(http::Response::new(
+                http_body_util::Empty::<bytes::Bytes>::new(),
+            ))
+        }))
+    };
+    assert!(matches!(
+        RouteTable::new().route("api", "a").build(make),
+        Err(RouteError::InvalidPrefix(_))
+    ));
+    assert!(matches!(
+        RouteTable::new()
+            .route("/a", "a")
+            .route("/a", "b")
+            .build(make),
+        Err(RouteError::DuplicatePrefix(_))
+    ));
+    assert!(matches!(
+        RouteTable::new().route("/a", "").build(make),
+        Err(RouteError::EmptyService(_))
+    ));
+    let mut calls = 0;
+    let router = RouteTable::new()
+        .route("/a", "same")
+        .route("/b", "same")
+        .build(|s, sel| {
+            calls += 1;
+            make(s, sel)
+        })
+        .unwrap();
+    assert_eq!(calls, 1, "one backend per service");
+    assert_eq!(router.resolve("/b"), Some("same"));
+    assert_eq!(router.resolve("/c"), None);
+}

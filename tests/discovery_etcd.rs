@@ -1,0 +1,544 @@
+//! The etcd registry against a real etcd server (Debian `etcd-server`), started by each
+//! test on free ports with a temporary data directory.
+#![cfg(feature = "etcd")]
+
+mod discovery_support;
+
+use std::collections::HashSet;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use http::StatusCode;
+use tower::ServiceExt;
+use tower_patterns::discovery::{
+    EtcdRegistry, Instance, Registration, Registry, Selector, Watcher,
+};
+
+use discovery_support::{balanced, client, get, serve, until, within};
+
+/// One etcd member on 127.0.0.1.
+struct Etcd {
+    client_port: u16,
+    peer_port: u16,
+    metrics_port: u16,
+    dir: tempfile::TempDir,
+    data: PathBuf,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Etcd {
+    async fn start() -> Etcd {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let mut etcd = Etcd {
+            client_port: free_port(),
+            peer_port: free_port(),
+            metrics_port: free_port(),
+            dir,
+            data,
+            child: None,
+        };
+        etcd.spawn().await;
+        etcd
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    async fn spawn(&mut self) {
+        std::fs::create_dir_all(&self.data).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&self.data, std::fs::Permissions::from_mode(0o700)).unwrap();
+        }
+        let c = format!("http://127.0.0.1:{}", self.client_port);
+        let p = format!("http://127.0.0.1:{}", self.peer_port);
+        let m = format!("http://127.0.0.1:{}", self.metrics_port);
+        let log = self.dir.path().join("etcd.log");
+        let child = Command::new("etcd")
+            .args(["--name", "n1", "--data-dir"])
+            .arg(&self.data)
+            .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
+            .args([
+                "--listen-peer-urls",
+                &p,
+                "--initial-advertise-peer-urls",
+                &p,
+            ])
+            .args([
+                "--initial-cluster",
+                &format!("n1={p}"),
+                "--initial-cluster-state",
+                "new",
+            ])
+            .args([
+                "--listen-metrics-urls",
+                &m,
+                "--logger",
+                "zap",
+                "--log-outputs",
+            ])
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let child = match child {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                "the `etcd` binary is not installed: these tests need a real etcd \
+                 (Debian: `apt-get install -y etcd-server`)"
+            ),
+            Err(e) => panic!("cannot start etcd: {e}"),
+        };
+        self.child = Some(child);
+        self.wait_healthy().await;
+    }
+
+    /// Polls `/health` until etcd reports `"health":"true"`.
+    async fn wait_healthy(&mut self) {
+        let client = client();
+        let addr = format!("127.0.0.1:{}", self.client_port);
+        for _ in 0..400 {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                let log =
+                    std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default();
+                panic!("etcd exited with {status}:\n{log}");
+            }
+            let req = http::Request::get(format!("http://{addr}/health"))
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            if let Ok(Ok(res)) =
+                tokio::time::timeout(Duration::from_secs(1), client.request(req)).await
+            {
+                use http_body_util::BodyExt;
+                if let Ok(body) = res.into_body().collect().await {
+                    if String::from_utf8_lossy(&body.to_bytes()).contains("\"health\":\"true\"") {
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("etcd did not become healthy");
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Restarts on the same ports with the same data.
+    async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
+    }
+
+    /// Restarts on the same ports with an empty data directory: every lease is gone.
+    async fn restart_empty(&mut self) {
+        self.stop();
+        std::fs::remove_dir_all(&self.data).unwrap();
+        self.spawn().await;
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn inst(service: &str, id: &str, port: u16) -> Instance {
+    Instance::new(service, id, "127.0.0.1", port)
+}
+
+async fn registry(etcd: &Etcd) -> EtcdRegistry {
+    EtcdRegistry::builder([etcd.url()])
+        .prefix("/test/services")
+        .request_timeout(Duration::from_secs(2))
+        .connect_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap()
+}
+
+const TTL: Duration = Duration::from_secs(2);
+
+#[tokio::test]
+async fn etcd_register_watch_and_deregister() {
+    let etcd = Etcd::start().await;
+    let reg = registry(&etcd).await;
+    let watcher = Watcher::new(&reg, "api-service", Selector::any());
+    let v2 = Watcher::new(&reg, "api-service", Selector::any().version("2"));
+    let me = inst("api-service", "api-1", 8001)
+        .with_version("2.0.1")
+        .with_tag("blue");
+    let guard = Registration::new(reg.clone(), me.clone(), TTL)
+        .await
+        .unwrap();
+    let other = Registration::new(
+        reg.clone(),
+        inst("api-service", "api-0", 8000).with_version("1.0"),
+        TTL,
+    )
+    .await
+    .unwrap();
+    within("watcher sees both", watcher.wait_until(|s| s.len() == 2)).await;
+    let snap = within("v2 watcher", v2.wait_until(|s| s.len() == 1)).await;
+    assert_eq!(snap.get("api-1"), Some(&me));
+
+    // Stored as JSON under <prefix>/<service>/<id>, attached to a lease.
+    let mut raw = etcd_client::Client::connect([etcd.url()], None)
+        .await
+        .unwrap();
+    let got = raw
+        .get("/test/services/api-service/api-1", None)
+        .await
+        .unwrap();
+    let kv = &got.kvs()[0];
+    assert_ne!(kv.lease(), 0);
+    let stored: Instance = serde_json::from_slice(kv.value()).unwrap();
+    assert_eq!(stored, me);
+    assert_eq!(
+        reg.lookup("api-service", &Selector::any().tag("blue"))
+            .await
+            .unwrap(),
+        vec![me]
+    );
+
+    // Kept alive well past the TTL.
+    tokio::time::sleep(TTL * 2).await;
+    assert_eq!(reg.instances("api-service").await.unwrap().len(), 2);
+
+    guard.deregister().await.unwrap();
+    within("deregistered", watcher.wait_until(|s| s.len() == 1)).await;
+    drop(other);
+    within(
+        "dropped guard deregisters",
+        watcher.wait_until(|s| s.is_empty()),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn etcd_lease_expires_when_keepalive_stops() {
+    let etcd = Etcd::start().await;
+    let reg = registry(&etcd).await;
+    let watcher = Watcher::new(&reg, "api-service", Selector::any());
+    let guard = Registration::new(reg.clone(), inst("api-service", "crash", 8001), TTL)
+        .await
+        .unwrap();
+    within("registered", watcher.wait_until(|s| s.len() == 1)).await;
+    // A crash: no deregistration, no more keepalive. etcd expires the lease by itself.
+    guard.abandon();
+    assert_eq!(reg.instances("api-service").await.unwrap().len(), 1);
+    within(
+        "lease expiry removes it",
+        watcher.wait_until(|s| s.is_empty()),
+    )
+    .await;
+    assert!(reg.instances("api-service").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn etcd_registration_survives_a_restart_and_comes_back_after_data_loss() {
+    let mut etcd = Etcd::start().await;
+    let reg = registry(&etcd).await;
+    let watcher = Watcher::new(&reg, "api-service", Selector::any());
+    let guard = Registration::new(reg.clone(), inst("api-service", "a1", 8001), TTL)
+        .await
+        .unwrap();
+    within("registered", watcher.wait_until(|s| s.len() == 1)).await;
+
+    // Down for longer than the TTL, then back with its data.
+    etcd.stop();
+    within("watcher notices", watcher.wait_until(|s| s.is_stale())).await;
+    tokio::time::sleep(TTL + Duration::from_secs(1)).await;
+    etcd.restart().await;
+    let snap = within(
+        "fresh again",
+        watcher.wait_until(|s| !s.is_stale() && s.len() == 1),
+    )
+    .await;
+    assert!(snap.get("a1").is_some());
+    until("guard registered", || guard.is_registered()).await;
+    let before = guard.registrations();
+
+    // Back without its data: the lease is gone, the guard registers again.
+    etcd.restart_empty().await;
+    until("registered again", || guard.registrations() > before).await;
+    within(
+        "visible again",
+        watcher.wait_until(|s| !s.is_stale() && s.len() == 1),
+    )
+    .await;
+    assert_eq!(reg.instances("api-service").await.unwrap().len(), 1);
+    // And it stays: the new lease is kept alive.
+    tokio::time::sleep(TTL * 2).await;
+    assert_eq!(reg.instances("api-service").await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn etcd_revoked_lease_is_registered_again() {
+    let etcd = Etcd::start().await;
+    let reg = registry(&etcd).await;
+    let watcher = Watcher::new(&reg, "api-service", Selector::any());
+    let guard = Registration::new(reg.clone(), inst("api-service", "a1", 8001), TTL)
+        .await
+        .unwrap();
+    within("registered", watcher.wait_until(|s| s.len() == 1)).await;
+    let mut raw = etcd_client::Client::connect([etcd.url()], None)
+        .await
+        .unwrap();
+    let kv = raw
+        .get("/test/services/api-service/a1", None)
+        .await
+        .unwrap();
+    raw.lease_revoke(kv.kvs()[0].lease()).await.unwrap();
+    within("removed", watcher.wait_until(|s| s.is_empty())).await;
+    within("back", watcher.wait_until(|s| s.len() == 1)).await;
+    until("guard counts the new registration", || {
+        guard.registrations() == 2
+    })
+    .await;
+    assert!(guard.is_registered());
+}
+
+#[tokio::test]
+async fn etcd_down_keeps_last_instances_and_traffic_flows() {
+    let mut etcd = Etcd::start().await;
+    let reg = registry(&etcd).await;
+    let b1 = discovery_support::Backend::start("one").await;
+    let b2 = discovery_support::Backend::start("two").await;
+    let watcher = Watcher::new(&reg, "api-service", Selector::any());
+    let balance = balanced(&watcher);
+    let addr = serve(tower::service_fn(move |req| balance.clone().oneshot(req))).await;
+    let _g1 = Registration::new(reg.clone(), inst("api-service", "one", b1.port()), TTL)
+        .await
+        .unwrap();
+    let _g2 = Registration::new(reg.clone(), inst("api-service", "two", b2.port()), TTL)
+        .await
+        .unwrap();
+    within("both", watcher.wait_until(|s| s.len() == 2)).await;
+
+    etcd.stop();
+    let snap = within("stale", watcher.wait_until(|s| s.is_stale())).await;
+    assert_eq!(snap.len(), 2, "fail-static: the last known instances stay");
+    assert!(snap.last_error().is_some());
+    // Longer than the TTL: the instances would have expired, but etcd is not there to say so.
+    tokio::time::sleep(TTL + Duration::from_secs(1)).await;
+    let snap = watcher.snapshot();
+    assert_eq!(snap.len(), 2);
+    assert!(snap.staleness().unwrap() >= TTL);
+    let client = client();
+    let mut seen = HashSet::new();
+    within("traffic still reaches both instances", async {
+        while seen.len() < 2 {
+            let (status, body) = get(&client, addr, "/").await;
+            assert_eq!(status, StatusCode::OK);
+            seen.insert(body);
+        }
+    })
+    .await;
+
+    etcd.restart().await;
+    let snap = within("fresh", watcher.wait_until(|s| !s.is_stale())).await;
+    assert_eq!(snap.len(), 2);
+    assert_eq!(snap.staleness(), None);
+}
+
+#[tokio::test]
+async fn etcd_balancer_follows_changes() {
+    let etcd = Etcd::start().await;
+    let reg = registry(&etcd).await;
+    let b1 = discovery_support::Backend::start("one").await;
+    let b2 = discovery_support::Backend::start("two").await;
+    let watcher = Watcher::new(&reg, "api-service", Selector::any());
+    let balance = balanced(&watcher);
+    let addr = serve(tower::service_fn(move |req| balance.clone().oneshot(req))).await;
+    let client = client();
+
+    let g1 = Registration::new(reg.clone(), inst("api-service", "one", b1.port()), TTL)
+        .await
+        .unwrap();
+    within("one", watcher.wait_until(|s| s.len() == 1)).await;
+    assert_eq!(
+        get(&client, addr, "/").await,
+        (StatusCode::OK, "one".into())
+    );
+
+    let _g2 = Registration::new(reg.clone(), inst("api-service", "two", b2.port()), TTL)
+        .await
+        .unwrap();
+    within("two", watcher.wait_until(|s| s.len() == 2)).await;
+    let mut seen = HashSet::new();
+    within("both answer", async {
+        while seen.len() < 2 {
+            seen.insert(get(&client, addr, "/").await.1);
+        }
+    })
+    .await;
+
+    g1.deregister().await.unwrap();
+    within("one left", watcher.wait_until(|s| s.len() == 1)).await;
+    for _ in 0..20 {
+        assert_eq!(
+            get(&client, addr, "/").await,
+            (StatusCode::OK, "two".into())
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A registering *process*: this test binary re-executed with `--ignored --exact
+// registering_child`. It registers in etcd, prints `CHILD-READY`, waits for SIGINT/SIGTERM
+// with `shutdown_signal`, deregisters and prints `CHILD-DEREGISTERED`.
+
+const CHILD_ENV: &str = "DISCOVERY_TEST_CHILD_ETCD";
+
+#[tokio::test]
+#[ignore = "entry point of the child process used by the signal and crash tests"]
+async fn registering_child() {
+    let Ok(url) = std::env::var(CHILD_ENV) else {
+        // Only meaningful as the child of the signal/crash tests.
+        eprintln!("registering_child is started by the signal and crash tests; nothing to do");
+        return;
+    };
+    let port: u16 = std::env::var("DISCOVERY_TEST_CHILD_PORT")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let reg = EtcdRegistry::builder([url])
+        .prefix("/test/services")
+        .connect()
+        .await
+        .unwrap();
+    let ttl_ms: u64 = std::env::var("DISCOVERY_TEST_CHILD_TTL_MS")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let ttl = Duration::from_millis(ttl_ms);
+    let guard = Registration::new(reg, inst("api-service", "child", port), ttl)
+        .await
+        .unwrap();
+    let signal = tower_patterns::discovery::shutdown_signal();
+    tokio::pin!(signal);
+    // Poll once so the signal handlers are installed before the parent is told we are up.
+    tokio::select! {
+        biased;
+        () = &mut signal => unreachable!("no signal yet"),
+        () = async {} => {}
+    }
+    println!("CHILD-READY");
+    signal.await;
+    guard.deregister().await.unwrap();
+    println!("CHILD-DEREGISTERED");
+}
+
+async fn spawn_child(
+    etcd: &Etcd,
+    ttl: Duration,
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "registering_child",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(CHILD_ENV, etcd.url())
+        .env("DISCOVERY_TEST_CHILD_PORT", "8123")
+        .env("DISCOVERY_TEST_CHILD_TTL_MS", ttl.as_millis().to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    within("child registered", async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("CHILD-READY") {
+                return;
+            }
+        }
+        panic!("child exited before registering");
+    })
+    .await;
+    (child, lines)
+}
+
+#[tokio::test]
+async fn etcd_process_deregisters_on_sigterm() {
+    let etcd = Etcd::start().await;
+    let reg = registry(&etcd).await;
+    let watcher = Watcher::new(&reg, "api-service", Selector::any());
+    // A 30 s lease: only the deregistration explains a removal within the test.
+    let (mut child, mut lines) = spawn_child(&etcd, Duration::from_secs(30)).await;
+    within("listed", watcher.wait_until(|s| s.len() == 1)).await;
+
+    let pid = child.id().unwrap().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+    within("child deregistered", async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("CHILD-DEREGISTERED") {
+                return;
+            }
+        }
+        panic!("child exited without deregistering");
+    })
+    .await;
+    assert!(within("child exits", child.wait()).await.unwrap().success());
+    // Gone at once, not after the 30 s lease.
+    assert!(reg.instances("api-service").await.unwrap().is_empty());
+    within("watcher follows", watcher.wait_until(|s| s.is_empty())).await;
+}
+
+#[tokio::test]
+async fn etcd_killed_process_expires_with_its_lease() {
+    let etcd = Etcd::start().await;
+    let reg = registry(&etcd).await;
+    let watcher = Watcher::new(&reg, "api-service", Selector::any());
+    let (mut child, _lines) = spawn_child(&etcd, TTL).await;
+    within("listed", watcher.wait_until(|s| s.len() == 1)).await;
+    // SIGKILL: no deregistration, no more keepalive.
+    child.kill().await.unwrap();
+    let mut raw = etcd_client::Client::connect([etcd.url()], None)
+        .await
+        .unwrap();
+    let kv = raw
+        .get("/test/services/api-service/child", None)
+        .await
+        .unwrap();
+    let lease = kv.kvs()[0].lease();
+    assert_eq!(
+        raw.lease_time_to_live(lease, None)
+            .await
+            .unwrap()
+            .granted_ttl(),
+        2
+    );
+    // etcd removes it when the lease runs out.
+    within("lease expiry", watcher.wait_until(|s| s.is_empty())).await;
+    assert!(reg.instances("api-service").await.unwrap().is_empty());
+}

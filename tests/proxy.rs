@@ -1,0 +1,485 @@
+//! `proxy::Forward` against real servers on 127.0.0.1.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tower::{Service, ServiceExt};
+use tower_patterns::classify::{Classifier, Classify, Condition, FailureKind, Outcome};
+use tower_patterns::proxy::{
+    error_response, error_status, ClientAddr, Forward, ForwardBuilder, ForwardError,
+};
+
+use support::*;
+
+type Body = Full<Bytes>;
+
+async fn call(
+    fwd: &mut Forward<Body>,
+    req: Request<Body>,
+) -> Result<(StatusCode, http::HeaderMap, Bytes), ForwardError> {
+    let res = fwd.ready().await?.call(req).await?;
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Ok((parts.status, parts.headers, body))
+}
+
+#[tokio::test]
+async fn forwards_method_path_query_and_body() {
+    let be = echo_backend().await;
+    let mut fwd = Forward::<Body>::new(&be.url()).unwrap();
+    let req = Request::post("/a/b?x=1&y=2")
+        .header("host", "front.example")
+        .body(Full::new(Bytes::from("payload")))
+        .unwrap();
+    let (status, _, body) = call(&mut fwd, req).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.starts_with("POST /a/b?x=1&y=2\n"), "{text}");
+    assert!(text.ends_with("\n\npayload"), "{text}");
+    let h = echoed_headers(&body);
+    assert_eq!(
+        header(&h, "host"),
+        Some("front.example"),
+        "Host is preserved by default"
+    );
+}
+
+#[tokio::test]
+async fn joins_the_upstream_path_prefix() {
+    let be = echo_backend().await;
+    let mut fwd = Forward::<Body>::new(&format!("{}/base/", be.url())).unwrap();
+    let (_, _, body) = call(
+        &mut fwd,
+        Request::get("/a?q=1").body(Body::default()).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert!(body.starts_with(b"GET /base/a?q=1\n"), "{body:?}");
+}
+
+#[tokio::test]
+async fn strips_hop_by_hop_request_headers() {
+    let be = echo_backend().await;
+    let mut fwd = Forward::<Body>::new(&be.url()).unwrap();
+    let req = Request::get("/")
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "must not pass")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-authorization", "Basic abc")
+        .header("proxy-connection", "keep-alive")
+        .header("te", "trailers")
+        .header("upgrade", "websocket")
+        .header("x-end-to-end", "passes")
+        .body(Body::default())
+        .unwrap();
+    let (_, _, body) = call(&mut fwd, req).await.unwrap();
+    let h = echoed_headers(&body);
+    for gone in [
+        "x-hop",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "upgrade",
+    ] {
+        assert_eq!(header(&h, gone), None, "{gone} reached the upstream: {h:?}");
+    }
+    assert_eq!(header(&h, "x-end-to-end"), Some("passes"));
+}
+
+#[tokio::test]
+async fn strips_hop_by_hop_response_headers() {
+    let be = echo_backend().await;
+    let mut fwd = Forward::<Body>::new(&be.url()).unwrap();
+    let (_, headers, body) = call(
+        &mut fwd,
+        Request::get("/hop-headers").body(Body::default()).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(body, "hop");
+    for gone in [
+        "connection",
+        "keep-alive",
+        "x-private",
+        "proxy-authenticate",
+    ] {
+        assert!(
+            !headers.contains_key(gone),
+            "{gone} reached the client: {headers:?}"
+        );
+    }
+    assert_eq!(headers["x-end-to-end"], "kept");
+}
+
+fn with_client(mut req: Request<Body>, ip: &str) -> Request<Body> {
+    let addr: SocketAddr = format!("{ip}:40000").parse().unwrap();
+    req.extensions_mut().insert(ClientAddr(addr));
+    req
+}
+
+#[tokio::test]
+async fn sets_x_forwarded_headers() {
+    let be = echo_backend().await;
+    let mut fwd = Forward::<Body>::new(&be.url()).unwrap();
+    let req = with_client(
+        Request::get("/")
+            .header("host", "shop.example")
+            .body(Body::default())
+            .unwrap(),
+        "10.1.2.3",
+    );
+    let (_, _, body) = call(&mut fwd, req).await.unwrap();
+    let h = echoed_headers(&body);
+    assert_eq!(header(&h, "x-forwarded-for"), Some("10.1.2.3"));
+    assert_eq!(header(&h, "x-forwarded-proto"), Some("http"));
+    assert_eq!(header(&h, "x-forwarded-host"), Some("shop.example"));
+
+    // Appends to what an earlier proxy set, like $proxy_add_x_forwarded_for.
+    let req = with_client(
+        Request::get("/")
+            .header("x-forwarded-for", "192.0.2.7")
+            .body(Body::default())
+            .unwrap(),
+        "10.1.2.3",
+    );
+    let (_, _, body) = call(&mut fwd, req).await.unwrap();
+    let h = echoed_headers(&body);
+    assert_eq!(header(&h, "x-forwarded-for"), Some("192.0.2.7, 10.1.2.3"));
+}
+
+#[tokio::test]
+async fn edge_mode_replaces_client_supplied_forwarded_for() {
+    let be = echo_backend().await;
+    let mut fwd: Forward<Body> = ForwardBuilder::new(be.url())
+        .append_forwarded_for(false)
+        .forwarded_proto("https")
+        .preserve_host(false)
+        .build()
+        .unwrap();
+    let req = with_client(
+        Request::get("/")
+            .header("host", "shop.example")
+            .header("x-forwarded-for", "1.2.3.4")
+            .body(Body::default())
+            .unwrap(),
+        "10.9.9.9",
+    );
+    let (_, _, body) = call(&mut fwd, req).await.unwrap();
+    let h = echoed_headers(&body);
+    assert_eq!(header(&h, "x-forwarded-for"), Some("10.9.9.9"));
+    assert_eq!(header(&h, "x-forwarded-proto"), Some("https"));
+    assert_eq!(header(&h, "host"), Some(be.addr.to_string().as_str()));
+    assert_eq!(header(&h, "x-forwarded-host"), Some("shop.example"));
+
+    // Without a known client address a spoofed value is dropped, not passed on.
+    let req = Request::get("/")
+        .header("x-forwarded-for", "1.2.3.4")
+        .body(Body::default())
+        .unwrap();
+    let (_, _, body) = call(&mut fwd, req).await.unwrap();
+    assert_eq!(header(&echoed_headers(&body), "x-forwarded-for"), None);
+}
+
+#[tokio::test]
+async fn the_client_cannot_choose_the_upstream() {
+    let be = echo_backend().await;
+    let other = echo_backend().await;
+    let mut fwd = Forward::<Body>::new(&be.url()).unwrap();
+    // An absolute-form URI naming another server is still sent to the configured upstream.
+    let req = Request::get(format!("{}/x", other.url()))
+        .body(Body::default())
+        .unwrap();
+    let (status, _, _) = call(&mut fwd, req).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(be.connections(), 1);
+    assert_eq!(other.connections(), 0);
+}
+
+#[tokio::test]
+async fn reuses_pooled_connections() {
+    let be = echo_backend().await;
+    let mut fwd = Forward::<Body>::new(&be.url()).unwrap();
+    for i in 0..20 {
+        let (status, _, _) = call(
+            &mut fwd,
+            Request::get(format!("/{i}")).body(Body::default()).unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert_eq!(
+        be.connections(),
+        1,
+        "sequential requests share one keep-alive connection"
+    );
+    // Forward::to shares the same pool for another upstream.
+    let be2 = echo_backend().await;
+    let mut fwd2 = fwd.to(&be2.url()).unwrap();
+    call(&mut fwd2, Request::get("/").body(Body::default()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(be2.connections(), 1);
+}
+
+#[tokio::test]
+async fn upstream_statuses_pass_through_unchanged() {
+    let be = echo_backend().await;
+    let mut fwd = Forward::<Body>::new(&be.url()).unwrap();
+    let (status, _, body) = call(
+        &mut fwd,
+        Request::get("/status/404").body(Body::default()).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body, "status 404");
+}
+
+#[tokio::test]
+async fn refused_connection_is_a_typed_transport_error() {
+    let port = closed_port().await;
+    let mut fwd = Forward::<Body>::new(&format!("http://{port}")).unwrap();
+    let err = call(&mut fwd, Request::get("/").body(Body::default()).unwrap())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ForwardError::Connect { .. }), "{err:?}");
+    assert!(err.is_connect());
+    assert_eq!(err.kind(), FailureKind::Transport);
+    assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(error_status(&err), StatusCode::BAD_GATEWAY);
+    assert_eq!(error_response(&err).status(), StatusCode::BAD_GATEWAY);
+    let cond: Condition = "transport".parse().unwrap();
+    let req = Request::new(());
+    assert_eq!(
+        cond.classify_request(&req).classify_error(&err),
+        Outcome::Failure(FailureKind::Transport)
+    );
+    // The message names the upstream but a 502 page does not.
+    assert!(err.to_string().contains(&port.to_string()));
+    let page = error_response(&err)
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes();
+    assert!(!String::from_utf8_lossy(&page).contains(&port.to_string()));
+}
+
+#[tokio::test]
+async fn a_hang_up_after_the_request_is_a_transport_error() {
+    let addr = hang_up_backend().await;
+    let mut fwd = Forward::<Body>::new(&format!("http://{addr}")).unwrap();
+    let err = call(&mut fwd, Request::get("/").body(Body::default()).unwrap())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ForwardError::Transport { .. }), "{err:?}");
+    assert!(
+        !err.is_connect(),
+        "the request was sent: not safe to resend a POST"
+    );
+    assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
+}
+
+#[tokio::test]
+async fn response_timeout_is_a_typed_timeout() {
+    let be = echo_backend().await;
+    let mut fwd: Forward<Body> = ForwardBuilder::new(be.url())
+        .response_timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    // The backend never answers /never, so only the timeout can end the call.
+    let err = call(
+        &mut fwd,
+        Request::get("/never").body(Body::default()).unwrap(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, ForwardError::ResponseTimeout { .. }),
+        "{err:?}"
+    );
+    assert_eq!(err.kind(), FailureKind::Timeout);
+    assert_eq!(error_status(&err), StatusCode::GATEWAY_TIMEOUT);
+    let cond: Condition = "timeout".parse().unwrap();
+    assert!(cond.classify_error_ref(&err).is_failure());
+    // A fast path on the same Forward still works.
+    let (status, _, _) = call(&mut fwd, Request::get("/").body(Body::default()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn connect_timeout_when_the_accept_queue_is_full() {
+    // A listener that never accepts, with its backlog filled, drops further SYNs: the
+    // connect attempt hangs until the connect timeout.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = sock.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            fillers.push(s);
+        }
+    }
+    let mut fwd: Forward<Body> = ForwardBuilder::new(format!("http://{addr}"))
+        .connect_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let err = call(&mut fwd, Request::get("/").body(Body::default()).unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ForwardError::ConnectTimeout { .. }),
+        "{err:?}"
+    );
+    assert!(err.is_connect());
+    assert_eq!(err.status(), StatusCode::GATEWAY_TIMEOUT);
+    drop(listener);
+}
+
+#[test]
+fn invalid_upstreams_are_refused() {
+    for (uri, why) in [
+        ("https://127.0.0.1:1", "only http"),
+        ("ftp://127.0.0.1:1", "only http"),
+        ("/just/a/path", "missing scheme"),
+        ("http://127.0.0.1:1/?q=1", "query"),
+        ("http://user:pw@127.0.0.1:1", "credentials"),
+        ("not a uri", "not a URI"),
+    ] {
+        let err = Forward::<Body>::new(uri).unwrap_err();
+        assert!(
+            matches!(err, ForwardError::InvalidUpstream { .. }),
+            "{uri}: {err:?}"
+        );
+        assert!(err.to_string().contains(why), "{uri}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn end_to_end_through_a_front_server() {
+    // The reverse-proxy shape: client -> server::serve -> Forward -> backend, with
+    // upstream failures answered as 502 instead of a dropped connection.
+    let be = echo_backend().await;
+    let dead = closed_port().await;
+    for (upstream, want) in [
+        (be.url(), StatusCode::OK),
+        (format!("http://{dead}"), StatusCode::BAD_GATEWAY),
+    ] {
+        let fwd = Forward::<hyper::body::Incoming>::new(&upstream).unwrap();
+        let svc = tower_patterns::proxy::ErrorResponse::new(fwd);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let front = listener.local_addr().unwrap();
+        tokio::spawn(tower_patterns::server::serve(listener, svc));
+        let (status, _, body) = send(
+            front,
+            Request::get("/hello")
+                .header("host", "x")
+                .body(Body::default())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, want);
+        if want == StatusCode::OK {
+            let h = echoed_headers(&body);
+            // The front server recorded the real peer address.
+            assert_eq!(header(&h, "x-forwarded-for"), Some("127.0.0.1"));
+        }
+    }
+}
+
+#[tokio::test]
+async fn upstream_closing_after_each_response_is_handled() {
+    let (addr, conns) = one_shot_backend().await;
+    let mut fwd = Forward::<Body>::new(&format!("http://{addr}")).unwrap();
+    for _ in 0..5 {
+        let (status, _, body) = call(&mut fwd, Request::get("/").body(Body::default()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!((status, body.as_ref()), (StatusCode::OK, &b"ok"[..]));
+    }
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_each_get_a_connection() {
+    let be = echo_backend().await;
+    let fwd = Forward::<Body>::new(&be.url()).unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let mut fwd = fwd.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = Request::get(format!("/r{i}"))
+                .body(Body::default())
+                .unwrap();
+            let (status, _, body) = call(&mut fwd, req).await.unwrap();
+            assert_eq!(status, StatusCode::OK);
+            assert!(body.starts_with(format!("GET /r{i}\n").as_bytes()));
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let n = be.connections();
+    assert!((1..=64).contains(&n), "{n} connections for 64 requests");
+    // Afterwards the pool is warm: sequential requests open nothing new.
+    let mut fwd = fwd;
+    for _ in 0..10 {
+        call(&mut fwd, Request::get("/").body(Body::default()).unwrap())
+            .await
+            .unwrap();
+    }
+    assert_eq!(be.connections(), n);
+}
+
+#[tokio::test]
+async fn idle_connections_expire() {
+    let be = echo_backend().await;
+    let mut fwd: Forward<Body> = ForwardBuilder::new(be.url())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    call(&mut fwd, Request::get("/").body(Body::default()).unwrap())
+        .await
+        .unwrap();
+    call(&mut fwd, Request::get("/").body(Body::default()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(be.connections(), 1);
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(31)).await;
+    tokio::time::resume();
+    call(&mut fwd, Request::get("/").body(Body::default()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(be.connections(), 2, "the expired connection was not reused");
+}
+
+#[tokio::test]
+async fn max_idle_zero_disables_reuse() {
+    let be = echo_backend().await;
+    let mut fwd: Forward<Body> = ForwardBuilder::new(be.url())
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    for _ in 0..3 {
+        call(&mut fwd, Request::get("/").body(Body::default()).unwrap())
+            .await
+            .unwrap();
+    }
+    assert_eq!(be.connections(), 3);
+}
