@@ -23,6 +23,12 @@ use crate::BoxError;
 /// Re-pick at least this often while queued (ejections expire and gates reopen silently).
 const QUEUE_STEP: Duration = Duration::from_millis(20);
 
+/// `false` for [`NoGate`](crate::gate::NoGate), which ignores the elapsed time; a constant
+/// after monomorphisation.
+fn gate_is_timed<K, M: MakeGate<K>>() -> bool {
+    std::any::TypeId::of::<M::Gate>() != std::any::TypeId::of::<crate::gate::NoGate>()
+}
+
 /// Holds an endpoint while a request is in flight to it; the count drops with it, so a
 /// cancelled request is not counted forever.
 struct InFlight<K, S, M: MakeGate<K>>(Arc<Ep<K, S, M>>);
@@ -220,10 +226,15 @@ where
         };
         self.classifier = Some(self.shared.classify.classify_request(&req));
         self.permit = Some(permit);
-        let now = Instant::now();
-        self.started = Some(now);
-        if self.first.is_none() && self.shared.retry.timeout.is_some() {
-            self.first = Some(now);
+        // The clock is read only for a gate that uses the elapsed time or a retry timeout:
+        // with `NoGate` and no timeout (the default) the request path never reads it.
+        let timed = self.shared.retry.timeout.is_some();
+        if gate_is_timed::<K, M>() || timed {
+            let now = Instant::now();
+            self.started = Some(now);
+            if self.first.is_none() && timed {
+                self.first = Some(now);
+            }
         }
         let svc = ep.service.clone();
         self.endpoint = Some(InFlight(ep));
