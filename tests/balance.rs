@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use tower::ServiceExt;
+use tower::{Layer, ServiceExt};
 use tower_patterns::balance::{
     discover, Balance, BalanceError, EndpointState, HashKey, PassiveHealth, Picker, Retry,
     StickyCookie,
@@ -815,4 +815,40 @@ async fn ejection_and_restoration_emit_tracing_events() {
     assert!(ejected >= 1, "{text}");
     assert!(text.contains("endpoint=\"bad\""), "{text}");
     assert!(text.contains("endpoint restored on probation"), "{text}");
+}
+
+#[tokio::test]
+async fn a_body_over_the_replay_limit_is_sent_once_and_not_retried() {
+    use tower_patterns::body::ReplayBody;
+    let live = backend("live").await;
+    let dead = closed_port().await;
+    let fwd = Forward::<ReplayBody<Full<Bytes>>>::new(&dead).unwrap();
+    let lb = Balance::builder()
+        .health(PassiveHealth::disabled())
+        .build_static([("dead", fwd.clone()), ("live", fwd.to(&live.url).unwrap())]);
+    let svc = tower_patterns::balance::ReplayLayer::new(4).layer(lb.clone());
+    // Round robin starts at "dead": a 5-byte body fits no 4-byte buffer, so no copy exists.
+    let req = Request::post("/echo")
+        .body(Full::new(Bytes::from("12345")))
+        .unwrap();
+    let err = svc.clone().oneshot(req).await.unwrap_err();
+    assert_eq!(
+        tower_patterns::balance::error_status(&*err),
+        StatusCode::BAD_GATEWAY
+    );
+    assert_eq!(live.hits.load(SeqCst), 0);
+    // Within the limit: the request that starts at "dead" is retried on "live".
+    for _ in 0..2 {
+        let req = Request::post("/echo")
+            .body(Full::new(Bytes::from("1234")))
+            .unwrap();
+        let res = svc.clone().oneshot(req).await.unwrap();
+        assert_eq!(text(res).await, "live:1234");
+    }
+    let dead = lb
+        .endpoints()
+        .into_iter()
+        .find(|e| e.key == "dead")
+        .unwrap();
+    assert_eq!(dead.requests, 2, "one over the limit, one retried");
 }
