@@ -11,6 +11,7 @@
 //! | service discovery, self-registration, path routing | [`discovery`], [`route`] | `dynamic_balancer` | `docs/discovery.md` |
 //! | circuit breaker with fallback, breaker-gated endpoints | [`breaker`] | `circuit_breaker` | `docs/circuit_breaker.md` |
 //! | backup pipe (tee to storage) + edge cache | [`backup`], [`cache`] | `backup_pipe` | `docs/backup_tee.md`, `docs/edge_cache.md` |
+//! | load balancing: round robin, weighted, sticky, hash, passive health, retry-next; cluster | [`balance`] | `reverse_proxy`, `p2p_client`, `sticky_sessions`, `cluster` | `docs/balance.md`, `docs/cluster.md` |
 //!
 //! Every layer uses [`classify`] to decide what a failure is, so "5xx and transport errors"
 //! is configured the same way for every pattern.
@@ -31,6 +32,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backup;
+pub mod balance;
 pub mod body;
 pub mod breaker;
 pub mod cache;

@@ -1,0 +1,252 @@
+//! nginx `upstream` in Rust: a reverse proxy balancing round robin over four local instances.
+//!
+//! ```text
+//! cargo run --release --example reverse_proxy              # demo: prints who answered, exits
+//! cargo run --release --example reverse_proxy -- --serve --listen 127.0.0.1:8080 \
+//!     --backends http://127.0.0.1:8081,http://127.0.0.1:8082   # runs until killed (benchmarks)
+//! ```
+//!
+//! Flags: `--listen ADDR` (default 127.0.0.1:0), `--backends URL,URL,..` (default: four
+//! instances started in-process), `--serve` (run until killed), `--threads N` (tokio
+//! workers, default: CPUs), `--no-retry` (tries = 1: no request copy per request),
+//! `--direct` (with `--serve`: the first backend through `Forward` alone, no balancer — the
+//! baseline that shows what the balancer costs).
+//!
+//! The seed's nginx configuration, and what this example builds instead:
+//! ```text
+//! upstream nodejs_design_patterns_app {          Balance::builder()               (round robin)
+//!   server 127.0.0.1:8081; ... (four)              .build_static([(name, Forward::to(url)), ..])
+//! }
+//! location / { proxy_pass http://...; }        server::serve(listener, Replay(balance))
+//! ```
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::Incoming;
+use tower::{ServiceBuilder, ServiceExt};
+use tower_patterns::balance::{self, Balance, ReplayLayer, Retry};
+use tower_patterns::body::ReplayBody;
+use tower_patterns::proxy::ForwardBuilder;
+use tower_patterns::BoxError;
+
+struct Args {
+    listen: SocketAddr,
+    backends: Vec<String>,
+    serve: bool,
+    threads: Option<usize>,
+    retry: bool,
+    direct: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        listen: "127.0.0.1:0".parse().map_err(|_| "bad default")?,
+        backends: Vec::new(),
+        serve: false,
+        threads: None,
+        retry: true,
+        direct: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--listen" => {
+                let v = it.next().ok_or("--listen needs ADDR")?;
+                args.listen = v.parse().map_err(|e| format!("--listen {v}: {e}"))?;
+            }
+            "--backends" => {
+                let v = it.next().ok_or("--backends needs URL,URL")?;
+                args.backends = v
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect();
+            }
+            "--serve" => args.serve = true,
+            "--no-retry" => args.retry = false,
+            "--direct" => args.direct = true,
+            "--threads" => {
+                let v = it.next().ok_or("--threads needs N")?;
+                args.threads = Some(v.parse().map_err(|e| format!("--threads {v}: {e}"))?);
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    Ok(args)
+}
+
+fn main() -> Result<(), BoxError> {
+    let args = parse_args()?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.threads {
+        rt.worker_threads(n.max(1));
+    }
+    rt.enable_all().build()?.block_on(run(args))
+}
+
+/// One instance of the application: answers which instance it is.
+async fn instance(n: usize, hits: Arc<AtomicUsize>) -> std::io::Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let body = Bytes::from(format!("Hello from instance {n} ({addr})\n"));
+    let svc = tower::service_fn(move |_req: Request<Incoming>| {
+        hits.fetch_add(1, Relaxed);
+        let body = body.clone();
+        async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
+    });
+    tokio::spawn(tower_patterns::server::serve(listener, svc));
+    Ok(format!("http://{addr}"))
+}
+
+type Lb = Balance<String, tower_patterns::proxy::Forward<ReplayBody<Incoming>>>;
+type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// The proxy stack. Buffer bodies so requests can go to the next instance; map errors to
+/// 502/503/504 without boxing the body (Either keeps the upstream body as is).
+fn proxy_service(
+    lb: Lb,
+) -> impl tower::Service<
+    Request<Incoming>,
+    Response = Response<ProxyBody>,
+    Error = BoxError,
+    Future = impl Send,
+> + Clone
+       + Send
+       + 'static {
+    ServiceBuilder::new()
+        .layer(ReplayLayer::new(64 * 1024))
+        .service(lb)
+        .map_result(|r: Result<Response<Incoming>, BoxError>| {
+            Ok::<_, BoxError>(match r {
+                Ok(res) => res.map(Either::Left),
+                Err(e) => balance::error_response(&*e).map(Either::Right),
+            })
+        })
+}
+
+async fn run(args: Args) -> Result<(), BoxError> {
+    // The application instances (the seed's four `forever start app.js` on 8081..8084).
+    let mut hits = Vec::new();
+    let backends = if args.backends.is_empty() {
+        let mut urls = Vec::new();
+        for n in 1..=4 {
+            let h = Arc::new(AtomicUsize::new(0));
+            urls.push(instance(n, h.clone()).await?);
+            hits.push(h);
+        }
+        urls
+    } else {
+        args.backends.clone()
+    };
+
+    // One Forward per endpoint, all sharing one keep-alive pool.
+    let first = ForwardBuilder::new(backends[0].as_str())
+        .connect_timeout(std::time::Duration::from_secs(1))
+        .build::<ReplayBody<Incoming>>()?;
+    let mut endpoints = Vec::new();
+    for url in &backends {
+        endpoints.push((url.clone(), first.to(url)?));
+    }
+    let retry = if args.retry {
+        Retry::default()
+    } else {
+        Retry::never()
+    };
+    let lb = Balance::builder().retry(retry).build_static(endpoints);
+
+    // Buffer bodies so requests can go to the next instance; map errors to 502/503/504
+    // without boxing the body (Either keeps the upstream body as is).
+    let proxy = proxy_service(lb.clone());
+
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let addr = listener.local_addr()?;
+    println!(
+        "reverse proxy on http://{addr} -> {} instances, round robin",
+        backends.len()
+    );
+    if args.serve && args.direct {
+        // Baseline for benchmarks: the first backend through Forward alone, no balancer.
+        let direct = first.clone().map_result(|r| {
+            Ok::<_, BoxError>(match r {
+                Ok(res) => res.map(Either::Left),
+                Err(e) => tower_patterns::proxy::error_response(&e).map(Either::Right),
+            })
+        });
+        let direct = ServiceBuilder::new()
+            .layer(ReplayLayer::new(64 * 1024))
+            .service(direct);
+        tower_patterns::server::serve(listener, direct).await?;
+        return Ok(());
+    }
+    if args.serve {
+        tower_patterns::server::serve(listener, proxy).await?;
+        return Ok(());
+    }
+    tokio::spawn(tower_patterns::server::serve(listener, proxy));
+
+    let client = balance::client::http_client::<Full<Bytes>>();
+    let get = |client: &hyper_util::client::legacy::Client<_, Full<Bytes>>| {
+        let req = Request::get(format!("http://{addr}/"))
+            .body(Full::default())
+            .map_err(BoxError::from);
+        let client = client.clone();
+        async move {
+            let res = client.request(req?).await?;
+            let status = res.status();
+            let body = res.into_body().collect().await?.to_bytes();
+            Ok::<_, BoxError>((status, String::from_utf8_lossy(&body).trim().to_string()))
+        }
+    };
+    for i in 1..=8 {
+        let (status, body) = get(&client).await?;
+        println!("request {i}: {status} {body}");
+    }
+    if !hits.is_empty() {
+        // Take instance 3 away by pointing its endpoint at a closed port: requests that
+        // pick it are retried on the next instance (connect error, nothing was sent).
+        println!("-- instance 3 goes down (connection refused) --");
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let dead = format!("http://{}", closed.local_addr()?);
+        drop(closed);
+        let lb2 = Balance::builder().build_static(
+            backends
+                .iter()
+                .enumerate()
+                .map(|(i, u)| {
+                    let url = if i == 2 { dead.as_str() } else { u.as_str() };
+                    first.to(url).map(|f| (url.to_string(), f))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        );
+        let proxy2 = proxy_service(lb2.clone());
+        let l2 = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr2 = l2.local_addr()?;
+        tokio::spawn(tower_patterns::server::serve(l2, proxy2));
+        for i in 1..=8 {
+            let req = Request::get(format!("http://{addr2}/")).body(Full::default())?;
+            let res = client.request(req).await?;
+            let status = res.status();
+            let body = res.into_body().collect().await?.to_bytes();
+            println!(
+                "request {i}: {status} {}",
+                String::from_utf8_lossy(&body).trim()
+            );
+        }
+        for e in lb2.endpoints() {
+            println!(
+                "  endpoint {:<24} state {:?} requests {} failures {}",
+                e.key, e.state, e.requests, e.failures
+            );
+        }
+        let counts: Vec<usize> = hits.iter().map(|h| h.load(Relaxed)).collect();
+        println!("requests served per instance: {counts:?}");
+    }
+    let _ = lb;
+    Ok(())
+}

@@ -1,0 +1,104 @@
+use std::error::Error as StdError;
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use http_body_util::Full;
+
+use crate::BoxError;
+
+/// Why the balancer could not answer a request.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BalanceError {
+    /// The endpoint set is empty (nothing discovered yet, or every instance left).
+    /// Maps to **502 Bad Gateway**, as the seed's registry balancer and nginx's
+    /// "no live upstreams" answer.
+    #[error("no endpoint in the set")]
+    NoEndpoints,
+    /// Endpoints exist but none may take the request now: ejected by passive health,
+    /// refused by their gate (circuit open), or already tried by this request.
+    /// Maps to **503 Service Unavailable**, as HAProxy's "no server available" and Envoy's
+    /// "no healthy upstream".
+    #[error("no endpoint available ({total} in the set: {ejected} ejected, {refused} refused by their gate)")]
+    Unavailable {
+        /// Endpoints in the set.
+        total: usize,
+        /// Ejected by passive health.
+        ejected: usize,
+        /// Refused by their [`Gate`](crate::gate::Gate).
+        refused: usize,
+    },
+    /// The endpoint service failed on the last try.
+    #[error("upstream failed after {tries} tries")]
+    Upstream {
+        /// How many endpoints were tried.
+        tries: u32,
+        /// The last endpoint's error.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl BalanceError {
+    /// The status a proxy answers with: 502 for an empty set, 503 when none is available,
+    /// and for an upstream error what [`crate::proxy::error_status`] gives (502, or 504 for
+    /// timeouts).
+    pub fn status(&self) -> StatusCode {
+        match self {
+            BalanceError::NoEndpoints => StatusCode::BAD_GATEWAY,
+            BalanceError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            BalanceError::Upstream { source, .. } => crate::proxy::error_status(&**source),
+        }
+    }
+}
+
+/// The status for any error of a stack containing a balancer: a [`BalanceError`] in the
+/// source chain decides, else [`crate::proxy::error_status`].
+pub fn error_status(err: &(dyn StdError + 'static)) -> StatusCode {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(b) = e.downcast_ref::<BalanceError>() {
+            return b.status();
+        }
+        cur = e.source();
+    }
+    crate::proxy::error_status(err)
+}
+
+/// A plain-text response for `err` with the status of [`error_status`]; the body names
+/// the status only, never an internal address.
+pub fn error_response(err: &(dyn StdError + 'static)) -> Response<Full<Bytes>> {
+    let status = error_status(err);
+    let reason = status.canonical_reason().unwrap_or("error");
+    let mut res = Response::new(Full::new(Bytes::from(format!("{reason}\n"))));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    res
+}
+
+/// A [`StickyCookie`](super::StickyCookie) could not be configured.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StickyError {
+    /// The cookie name is not an RFC 6265 token.
+    #[error("invalid cookie name {0:?}")]
+    InvalidName(String),
+    /// The signing secret is shorter than 16 bytes.
+    #[error("sticky cookie secret too short ({0} bytes, need at least 16)")]
+    ShortSecret(usize),
+    /// An attribute contains `;`, `,`, spaces or control characters.
+    #[error("invalid cookie {0} attribute")]
+    InvalidAttribute(&'static str),
+}
+
+/// The balancer could not be started.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// [`BalanceBuilder::spawn`](super::BalanceBuilder::spawn) was called outside a tokio runtime.
+    #[error("no tokio runtime to spawn the discovery driver on")]
+    NoRuntime,
+}

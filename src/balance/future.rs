@@ -1,0 +1,407 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use http::{header, Request, Response};
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+use tower::util::{Oneshot, ServiceExt};
+use tower_service::Service;
+
+use super::error::BalanceError;
+use super::pick::{Miss, Picker};
+use super::retry::{clone_request, is_connect_error, CloneBody};
+use super::service::{Ep, MakeGate, Shared, Snap};
+use crate::classify::{Classifier, Classify, Outcome};
+use crate::gate::Gate;
+use crate::BoxError;
+
+/// Re-pick at least this often while queued (ejections expire and gates reopen silently).
+const QUEUE_STEP: Duration = Duration::from_millis(20);
+
+/// `false` for [`NoGate`](crate::gate::NoGate), which ignores the elapsed time; a constant
+/// after monomorphisation.
+fn gate_is_timed<K, M: MakeGate<K>>() -> bool {
+    std::any::TypeId::of::<M::Gate>() != std::any::TypeId::of::<crate::gate::NoGate>()
+}
+
+/// Holds an endpoint while a request is in flight to it; the count drops with it, so a
+/// cancelled request is not counted forever.
+struct InFlight<K, S, M: MakeGate<K>>(Arc<Ep<K, S, M>>);
+
+impl<K, S, M: MakeGate<K>> Drop for InFlight<K, S, M> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+type Permit<K, M> = <<M as MakeGate<K>>::Gate as Gate>::Permit;
+type Wait = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+struct Attempt<K, S, M: MakeGate<K>, C: Classify, B, R> {
+    shared: Arc<Shared<K, S, M, C>>,
+    endpoint: Option<InFlight<K, S, M>>,
+    permit: Option<Permit<K, M>>,
+    classifier: Option<C::Classifier>,
+    started: Option<Instant>,
+    first: Option<Instant>,
+    replay: Option<Request<B>>,
+    tries: u32,
+    tried: Vec<u64>,
+    key: Option<u64>,
+    cookie_id: Option<u64>,
+    method_ok: bool,
+    /// State of the failure and queue paths, boxed so the common future stays small
+    /// (it is moved through every layer of the stack).
+    cold: Option<Box<Cold<B, R>>>,
+}
+
+struct Cold<B, R> {
+    /// Queued: the request to send once an endpoint is available, and the wait.
+    queued: Option<(Request<B>, Wait)>,
+    queue_deadline: Option<Instant>,
+    /// What to return if no endpoint turns up: the last result, or why none was picked.
+    last: Option<Result<R, BalanceError>>,
+}
+
+impl<K, S, M: MakeGate<K>, C: Classify, B, R> Attempt<K, S, M, C, B, R> {
+    fn cold(&mut self) -> &mut Cold<B, R> {
+        self.cold.get_or_insert_with(|| {
+            Box::new(Cold {
+                queued: None,
+                queue_deadline: None,
+                last: None,
+            })
+        })
+    }
+
+    fn set_last(&mut self, r: Result<R, BalanceError>) {
+        self.cold().last = Some(r);
+    }
+
+    fn take_last(&mut self) -> Result<R, BalanceError> {
+        self.cold
+            .as_mut()
+            .and_then(|c| c.last.take())
+            .unwrap_or(Err(BalanceError::NoEndpoints))
+    }
+}
+
+pin_project! {
+    /// Response future of [`Balance`](super::Balance).
+    pub struct ResponseFuture<K, S, M, C, B>
+    where
+        S: Service<Request<B>>,
+        M: MakeGate<K>,
+        C: Classify,
+    {
+        #[pin]
+        inner: Option<Oneshot<S, Request<B>>>,
+        st: Attempt<K, S, M, C, B, S::Response>,
+    }
+}
+
+impl<K, S, M, C, B> fmt::Debug for ResponseFuture<K, S, M, C, B>
+where
+    S: Service<Request<B>>,
+    M: MakeGate<K>,
+    C: Classify,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("tries", &self.st.tries)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn miss_error(m: Miss) -> BalanceError {
+    if m.total == 0 {
+        BalanceError::NoEndpoints
+    } else {
+        BalanceError::Unavailable {
+            total: m.total,
+            ejected: m.ejected,
+            refused: m.refused,
+        }
+    }
+}
+
+/// The first pick of a request: its sticky endpoint if valid and available, else the
+/// picker's choice. Also returns the cookie's endpoint id and the request's hash key.
+#[allow(clippy::type_complexity)]
+pub(crate) fn first_pick<K, S, M, C, B>(
+    shared: &Shared<K, S, M, C>,
+    snap: &Snap<K, S, M>,
+    req: &Request<B>,
+) -> (
+    Result<(usize, Permit<K, M>), Miss>,
+    Option<u64>,
+    Option<u64>,
+)
+where
+    K: fmt::Debug,
+    M: MakeGate<K>,
+{
+    let cookie_id = shared.sticky.as_ref().and_then(|c| c.read(req.headers()));
+    let key = match &shared.picker {
+        Picker::ConsistentHash(k) => k.hash(req),
+        _ => None,
+    };
+    let sticky = cookie_id
+        .and_then(|id| snap.index_of(id))
+        .and_then(|i| snap.admit(i, &shared.clock, &[]).map(|p| (i, p)));
+    let picked = match sticky {
+        Some(p) => Ok(p),
+        None => snap.pick(&shared.picker, key, &shared.clock, &[]),
+    };
+    (picked, cookie_id, key)
+}
+
+impl<K, S, M, C, B, RB> ResponseFuture<K, S, M, C, B>
+where
+    K: Clone + fmt::Debug,
+    S: Service<Request<B>, Response = Response<RB>> + Clone,
+    S::Error: Into<BoxError>,
+    M: MakeGate<K>,
+    C: Classify,
+    B: CloneBody,
+{
+    pub(crate) fn start(shared: Arc<Shared<K, S, M, C>>, req: Request<B>) -> Self {
+        let snap = shared.snapshot.load();
+        let (picked, cookie_id, key) = first_pick(&shared, &snap, &req);
+        let method_ok = shared.retry.method_allows(req.method());
+        let mut st = Attempt {
+            started: None,
+            first: None,
+            endpoint: None,
+            permit: None,
+            classifier: None,
+            replay: None,
+            tries: 0,
+            tried: Vec::new(),
+            key,
+            cookie_id,
+            method_ok,
+            cold: None,
+            shared: shared.clone(),
+        };
+        let inner = match picked {
+            Ok((i, permit)) => Some(st.dispatch(snap.endpoints[i].clone(), permit, req)),
+            Err(m) => {
+                st.set_last(Err(miss_error(m)));
+                st.queue(req);
+                None
+            }
+        };
+        ResponseFuture { inner, st }
+    }
+}
+
+impl<K, S, M, C, B, RB> Attempt<K, S, M, C, B, Response<RB>>
+where
+    K: Clone + fmt::Debug,
+    S: Service<Request<B>, Response = Response<RB>> + Clone,
+    M: MakeGate<K>,
+    C: Classify,
+    B: CloneBody,
+{
+    fn dispatch(
+        &mut self,
+        ep: Arc<Ep<K, S, M>>,
+        permit: Permit<K, M>,
+        req: Request<B>,
+    ) -> Oneshot<S, Request<B>> {
+        ep.in_flight.fetch_add(1, Relaxed);
+        ep.requests.fetch_add(1, Relaxed);
+        self.tries += 1;
+        // Copy only when another try could follow: no copy (no allocation) with tries = 1.
+        self.replay = if self.tries < self.shared.retry.tries {
+            clone_request(&req)
+        } else {
+            None
+        };
+        self.classifier = Some(self.shared.classify.classify_request(&req));
+        self.permit = Some(permit);
+        // The clock is read only for a gate that uses the elapsed time or a retry timeout:
+        // with `NoGate` and no timeout (the default) the request path never reads it.
+        let timed = self.shared.retry.timeout.is_some();
+        if gate_is_timed::<K, M>() || timed {
+            let now = Instant::now();
+            self.started = Some(now);
+            if self.first.is_none() && timed {
+                self.first = Some(now);
+            }
+        }
+        let svc = ep.service.clone();
+        self.endpoint = Some(InFlight(ep));
+        svc.oneshot(req)
+    }
+
+    fn within_timeout(&self) -> bool {
+        match (self.shared.retry.timeout, self.first) {
+            (Some(t), Some(first)) => first.elapsed() < t,
+            _ => true,
+        }
+    }
+
+    /// Parks `req` until the set changes or a step passes, if a queue timeout allows it.
+    /// Returns `false` (and drops `req`) when it does not.
+    fn queue(&mut self, req: Request<B>) -> bool {
+        let Some(timeout) = self.shared.queue_timeout else {
+            return false;
+        };
+        let now = Instant::now();
+        let deadline = *self.cold().queue_deadline.get_or_insert(now + timeout);
+        if now >= deadline {
+            return false;
+        }
+        let mut members = self.shared.members.subscribe();
+        let sleep = tokio::time::sleep_until(deadline.min(now + QUEUE_STEP));
+        let wait: Wait = Box::pin(async move {
+            tokio::select! {
+                _ = members.changed() => {}
+                () = sleep => {}
+            }
+        });
+        self.cold().queued = Some((req, wait));
+        true
+    }
+
+    /// Applies the sticky cookie to a final response.
+    fn finish(
+        &self,
+        ep: &Ep<K, S, M>,
+        res: Result<Response<RB>, BoxError>,
+    ) -> Result<Response<RB>, BalanceError> {
+        match res {
+            Ok(mut r) => {
+                if self.cookie_id != Some(ep.id) {
+                    if let Some(c) = &ep.cookie {
+                        r.headers_mut().append(header::SET_COOKIE, c.clone());
+                    }
+                }
+                Ok(r)
+            }
+            Err(source) => Err(BalanceError::Upstream {
+                tries: self.tries,
+                source,
+            }),
+        }
+    }
+}
+
+impl<K, S, M, C, B, RB> Future for ResponseFuture<K, S, M, C, B>
+where
+    K: Clone + fmt::Debug,
+    S: Service<Request<B>, Response = Response<RB>> + Clone,
+    S::Error: Into<BoxError>,
+    M: MakeGate<K>,
+    C: Classify,
+    B: CloneBody,
+{
+    type Output = Result<Response<RB>, BalanceError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            // Queued: wait for the set to change, then pick again.
+            if let Some((_, wait)) = this.st.cold.as_mut().and_then(|c| c.queued.as_mut()) {
+                ready!(wait.as_mut().poll(cx));
+                let st = &mut *this.st;
+                let Some((req, _)) = st.cold.as_mut().and_then(|c| c.queued.take()) else {
+                    continue;
+                };
+                let shared = st.shared.clone();
+                let snap = shared.snapshot.load();
+                match snap.pick(&shared.picker, st.key, &shared.clock, &st.tried) {
+                    Ok((i, permit)) => {
+                        let fut = st.dispatch(snap.endpoints[i].clone(), permit, req);
+                        this.inner.set(Some(fut));
+                    }
+                    Err(m) => {
+                        if st.tries == 0 {
+                            st.set_last(Err(miss_error(m)));
+                        }
+                        if !st.queue(req) {
+                            let last = st.take_last();
+                            return Poll::Ready(last);
+                        }
+                        continue;
+                    }
+                }
+            }
+
+            let res = match this.inner.as_mut().as_pin_mut() {
+                Some(fut) => ready!(fut.poll(cx)),
+                None => {
+                    return Poll::Ready(this.st.take_last());
+                }
+            };
+            this.inner.set(None);
+            let st = &mut *this.st;
+            let res = res.map_err(Into::into);
+            let Some(guard) = st.endpoint.take() else {
+                return Poll::Ready(Err(BalanceError::NoEndpoints));
+            };
+            let ep = guard.0.clone();
+            drop(guard); // in_flight counts until the response head arrived
+            let outcome = match (st.classifier.take(), &res) {
+                (Some(c), Ok(r)) => c.classify_response(r),
+                (Some(c), Err(e)) => c.classify_error(&**e),
+                (None, _) => Outcome::Ignored,
+            };
+            let shared = st.shared.clone();
+            if ep.record(outcome, &shared.health, &shared.clock) {
+                shared.try_eject(&ep);
+            }
+            if let Some(p) = st.permit.take() {
+                let elapsed = st.started.map(|t| t.elapsed()).unwrap_or_default();
+                ep.gate.complete(p, outcome, elapsed);
+            }
+
+            let wanted = match &res {
+                Ok(r) => st.method_ok && shared.retry.on.classify_status(r.status()).is_failure(),
+                Err(e) => {
+                    is_connect_error(&**e)
+                        || (st.method_ok && shared.retry.on.classify_error_ref(&**e).is_failure())
+                }
+            };
+            if wanted && st.replay.is_some() && st.within_timeout() {
+                st.tried.push(ep.id);
+                let snap = shared.snapshot.load();
+                let picked = snap.pick(&shared.picker, st.key, &shared.clock, &st.tried);
+                if let Some(req) = st.replay.take() {
+                    match picked {
+                        Ok((i, permit)) => {
+                            tracing::debug!(
+                                from = ?ep.key,
+                                to = ?snap.endpoints[i].key,
+                                try_no = st.tries + 1,
+                                "retrying on the next endpoint"
+                            );
+                            let fut = st.dispatch(snap.endpoints[i].clone(), permit, req);
+                            this.inner.set(Some(fut));
+                            continue;
+                        }
+                        Err(_) => {
+                            // Nobody left to try now; with a queue, wait for the set to change.
+                            let done = st.finish(&ep, res);
+                            st.set_last(done);
+                            if st.queue(req) {
+                                continue;
+                            }
+                            let last = st.take_last();
+                            return Poll::Ready(last);
+                        }
+                    }
+                }
+            }
+            st.replay = None;
+            return Poll::Ready(st.finish(&ep, res));
+        }
+    }
+}

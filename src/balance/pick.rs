@@ -1,0 +1,418 @@
+//! Pickers and the immutable per-membership snapshot they run on.
+//!
+//! A [`Snapshot`] is built once per membership change (off the request path) and swapped in
+//! atomically. Everything a picker needs per request is precomputed in it: the smooth
+//! weighted round-robin schedule, the hash ring, the id index for sticky cookies. The only
+//! mutable state on the pick path is atomics.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderName, Uri};
+
+use super::endpoint::{Clock, Endpoint};
+use super::hash::{fast_rand, hash_bytes, mix};
+use crate::gate::Gate;
+use crate::proxy::ClientAddr;
+
+/// How the balancer chooses an endpoint.
+#[derive(Clone, Default)]
+#[non_exhaustive]
+pub enum Picker {
+    /// Each endpoint in turn, ignoring weights (nginx `upstream` with equal weights).
+    #[default]
+    RoundRobin,
+    /// nginx's smooth weighted round robin: weights 5,1,1 give `a a b a c a a`, repeating.
+    WeightedRoundRobin,
+    /// Power of two choices: two random endpoints, the one with fewer requests in flight
+    /// per unit of weight (tower's `p2c`, Envoy `LEAST_REQUEST`, nginx `least_conn`).
+    LeastPending,
+    /// Consistent hashing (ketama ring, 160 points per unit of weight) of a request key:
+    /// the same key goes to the same endpoint, and adding or removing one of N endpoints
+    /// moves about 1/N of the keys. Requests without the key fall back to round robin.
+    ConsistentHash(HashKey),
+}
+
+impl fmt::Debug for Picker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Picker::RoundRobin => f.write_str("RoundRobin"),
+            Picker::WeightedRoundRobin => f.write_str("WeightedRoundRobin"),
+            Picker::LeastPending => f.write_str("LeastPending"),
+            Picker::ConsistentHash(k) => f.debug_tuple("ConsistentHash").field(k).finish(),
+        }
+    }
+}
+
+type KeyFn = dyn Fn(&Uri, &HeaderMap) -> Option<u64> + Send + Sync;
+
+/// What a [`Picker::ConsistentHash`] hashes.
+#[derive(Clone)]
+#[non_exhaustive]
+pub enum HashKey {
+    /// The value of a request header (e.g. `x-user-id`).
+    Header(HeaderName),
+    /// The value of a cookie (e.g. a session id the application sets).
+    Cookie(String),
+    /// The request path (cache affinity).
+    Path,
+    /// The client IP from the [`ClientAddr`] extension (nginx `ip_hash`, all of the address).
+    ClientIp,
+    /// Any function of the request head; return [`hash_bytes`] of what identifies the session.
+    Custom(Arc<KeyFn>),
+}
+
+impl HashKey {
+    /// A key computed by `f` from the request URI and headers.
+    pub fn custom<F>(f: F) -> Self
+    where
+        F: Fn(&Uri, &HeaderMap) -> Option<u64> + Send + Sync + 'static,
+    {
+        HashKey::Custom(Arc::new(f))
+    }
+
+    pub(crate) fn hash<B>(&self, req: &http::Request<B>) -> Option<u64> {
+        match self {
+            HashKey::Header(name) => req.headers().get(name).map(|v| hash_bytes(v.as_bytes())),
+            HashKey::Cookie(name) => {
+                cookie_value(req.headers(), name).map(|v| hash_bytes(v.as_bytes()))
+            }
+            HashKey::Path => Some(hash_bytes(req.uri().path().as_bytes())),
+            HashKey::ClientIp => req
+                .extensions()
+                .get::<ClientAddr>()
+                .map(|a| match a.0.ip() {
+                    std::net::IpAddr::V4(ip) => hash_bytes(&ip.octets()),
+                    std::net::IpAddr::V6(ip) => hash_bytes(&ip.octets()),
+                }),
+            HashKey::Custom(f) => f(req.uri(), req.headers()),
+        }
+    }
+}
+
+impl fmt::Debug for HashKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HashKey::Header(h) => f.debug_tuple("Header").field(h).finish(),
+            HashKey::Cookie(c) => f.debug_tuple("Cookie").field(c).finish(),
+            HashKey::Path => f.write_str("Path"),
+            HashKey::ClientIp => f.write_str("ClientIp"),
+            HashKey::Custom(_) => f.write_str("Custom"),
+        }
+    }
+}
+
+/// The first value of cookie `name` in the request's `Cookie` headers.
+pub(crate) fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    for h in headers.get_all(http::header::COOKIE) {
+        let Ok(s) = h.to_str() else { continue };
+        for pair in s.split(';') {
+            let pair = pair.trim_start();
+            if let Some(rest) = pair.strip_prefix(name) {
+                if let Some(v) = rest.strip_prefix('=') {
+                    return Some(v.trim_end());
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Why no endpoint could be picked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Miss {
+    pub(crate) total: usize,
+    pub(crate) ejected: usize,
+    pub(crate) refused: usize,
+}
+
+/// Upper bound on `schedule length x endpoints` work when building an SWRR schedule.
+const SWRR_BUILD_BUDGET: u64 = 20_000_000;
+/// Ring points per unit of weight (ketama uses 160).
+const RING_POINTS: u32 = 160;
+/// Weights above this are clamped for the ring only.
+const RING_MAX_WEIGHT: u32 = 100;
+
+pub(crate) struct Snapshot<K, S, G> {
+    pub(crate) endpoints: Vec<Arc<Endpoint<K, S, G>>>,
+    by_id: HashMap<u64, usize>,
+    rr: AtomicUsize,
+    /// SWRR schedule: endpoint indices in nginx order for one period.
+    schedule: Vec<u32>,
+    /// Ketama ring: (point, endpoint index), sorted by point.
+    ring: Vec<(u64, u32)>,
+}
+
+impl<K, S, G> fmt::Debug for Snapshot<K, S, G> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("endpoints", &self.endpoints.len())
+            .finish()
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// nginx's smooth weighted round robin, run for one period. Dividing all weights by their
+/// gcd leaves every comparison (and so the sequence) unchanged, and keeps the period short.
+pub(crate) fn swrr_schedule(weights: &[u32]) -> Vec<u32> {
+    if weights.is_empty() {
+        return Vec::new();
+    }
+    let g = weights.iter().fold(0u64, |g, w| gcd(g, u64::from(*w)));
+    let mut w: Vec<i64> = weights
+        .iter()
+        .map(|x| (u64::from(*x) / g.max(1)) as i64)
+        .collect();
+    let n = w.len() as u64;
+    let mut total: u64 = w.iter().map(|x| *x as u64).sum();
+    if total.saturating_mul(n) > SWRR_BUILD_BUDGET {
+        // Too long a period to precompute: scale weights down proportionally. The order
+        // stays smooth, the ratios become approximate (documented).
+        let cap = (SWRR_BUILD_BUDGET / n).max(n);
+        for x in &mut w {
+            *x = ((*x as u64 * cap) / total).max(1) as i64;
+        }
+        total = w.iter().map(|x| *x as u64).sum();
+    }
+    let total_i = total as i64;
+    let mut current = vec![0i64; w.len()];
+    let mut out = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0usize;
+        for i in 0..w.len() {
+            current[i] += w[i];
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total_i;
+        out.push(best as u32);
+    }
+    out
+}
+
+fn build_ring(ids: &[(u64, u32)]) -> Vec<(u64, u32)> {
+    let mut ring = Vec::new();
+    for (idx, (id, weight)) in ids.iter().enumerate() {
+        let points = RING_POINTS * (*weight).clamp(1, RING_MAX_WEIGHT);
+        for p in 0..points {
+            ring.push((mix(id ^ mix(u64::from(p) + 1)), idx as u32));
+        }
+    }
+    ring.sort_unstable();
+    ring
+}
+
+impl<K, S, G: Gate> Snapshot<K, S, G> {
+    pub(crate) fn new(endpoints: Vec<Arc<Endpoint<K, S, G>>>, picker: &Picker) -> Self {
+        let by_id = endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.id, i))
+            .collect();
+        let schedule = match picker {
+            Picker::WeightedRoundRobin => {
+                swrr_schedule(&endpoints.iter().map(|e| e.weight).collect::<Vec<_>>())
+            }
+            _ => Vec::new(),
+        };
+        let ring = match picker {
+            Picker::ConsistentHash(_) => build_ring(
+                &endpoints
+                    .iter()
+                    .map(|e| (e.id, e.weight))
+                    .collect::<Vec<_>>(),
+            ),
+            _ => Vec::new(),
+        };
+        Snapshot {
+            endpoints,
+            by_id,
+            rr: AtomicUsize::new(0),
+            schedule,
+            ring,
+        }
+    }
+
+    pub(crate) fn index_of(&self, id: u64) -> Option<usize> {
+        self.by_id.get(&id).copied()
+    }
+
+    /// Tries to admit endpoint `i`: not already tried, not ejected, gate open.
+    #[inline]
+    pub(crate) fn admit(&self, i: usize, clock: &Clock, tried: &[u64]) -> Option<G::Permit>
+    where
+        K: fmt::Debug,
+    {
+        let e = &self.endpoints[i];
+        if (!tried.is_empty() && tried.contains(&e.id)) || e.is_ejected(clock) {
+            return None;
+        }
+        e.gate.try_acquire()
+    }
+
+    /// Picks with `picker`; `key` is the request's hash for consistent hashing.
+    pub(crate) fn pick(
+        &self,
+        picker: &Picker,
+        key: Option<u64>,
+        clock: &Clock,
+        tried: &[u64],
+    ) -> Result<(usize, G::Permit), Miss>
+    where
+        K: fmt::Debug,
+    {
+        let n = self.endpoints.len();
+        if n == 0 {
+            return Err(Miss::default());
+        }
+        match picker {
+            Picker::RoundRobin => {}
+            Picker::WeightedRoundRobin => {
+                let len = self.schedule.len();
+                if len > 0 {
+                    let pos = self.rr.fetch_add(1, Relaxed);
+                    // Follow the schedule past unavailable endpoints for a bounded stretch.
+                    for step in 0..len.min(64) {
+                        let i = self.schedule[(pos + step) % len] as usize;
+                        if let Some(p) = self.admit(i, clock, tried) {
+                            return Ok((i, p));
+                        }
+                    }
+                }
+                return self.scan(fast_rand() as usize, clock, tried);
+            }
+            Picker::LeastPending => {
+                if n == 1 {
+                    return self.scan(0, clock, tried);
+                }
+                let r = fast_rand();
+                let a = (r as usize) % n;
+                let mut b = ((r >> 32) as usize) % (n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let (ea, eb) = (&self.endpoints[a], &self.endpoints[b]);
+                // Compare in_flight/weight without division.
+                let la = ea.in_flight.load(Relaxed) as u64 * u64::from(eb.weight);
+                let lb = eb.in_flight.load(Relaxed) as u64 * u64::from(ea.weight);
+                let (first, second) = if lb < la { (b, a) } else { (a, b) };
+                if let Some(p) = self.admit(first, clock, tried) {
+                    return Ok((first, p));
+                }
+                if let Some(p) = self.admit(second, clock, tried) {
+                    return Ok((second, p));
+                }
+                return self.scan(r.rotate_left(17) as usize, clock, tried);
+            }
+            Picker::ConsistentHash(_) => {
+                if let Some(h) = key {
+                    if !self.ring.is_empty() {
+                        return self.ring_pick(h, clock, tried);
+                    }
+                }
+            }
+        }
+        let start = self.rr.fetch_add(1, Relaxed);
+        self.scan(start, clock, tried)
+    }
+
+    /// Walks the ring clockwise from `h` to the first admissible endpoint.
+    fn ring_pick(&self, h: u64, clock: &Clock, tried: &[u64]) -> Result<(usize, G::Permit), Miss>
+    where
+        K: fmt::Debug,
+    {
+        let len = self.ring.len();
+        let start = self.ring.partition_point(|p| p.0 < h);
+        let mut last = usize::MAX;
+        let mut seen = 0usize;
+        for step in 0..len {
+            let i = self.ring[(start + step) % len].1 as usize;
+            if i == last {
+                continue;
+            }
+            last = i;
+            if let Some(p) = self.admit(i, clock, tried) {
+                return Ok((i, p));
+            }
+            seen += 1;
+            if seen > 2 * self.endpoints.len() {
+                break;
+            }
+        }
+        self.scan(start, clock, tried)
+    }
+
+    /// Every endpoint once from `start`; counts why each was refused.
+    pub(crate) fn scan(
+        &self,
+        start: usize,
+        clock: &Clock,
+        tried: &[u64],
+    ) -> Result<(usize, G::Permit), Miss>
+    where
+        K: fmt::Debug,
+    {
+        let n = self.endpoints.len();
+        let mut miss = Miss {
+            total: n,
+            ..Miss::default()
+        };
+        for k in 0..n {
+            let i = (start.wrapping_add(k)) % n;
+            let e = &self.endpoints[i];
+            if tried.contains(&e.id) {
+                continue;
+            }
+            if e.is_ejected(clock) {
+                miss.ejected += 1;
+                continue;
+            }
+            match e.gate.try_acquire() {
+                Some(p) => return Ok((i, p)),
+                None => miss.refused += 1,
+            }
+        }
+        Err(miss)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn swrr_matches_nginx() {
+        let s = swrr_schedule(&[5, 1, 1]);
+        let names: String = s.iter().map(|i| (b'a' + *i as u8) as char).collect();
+        assert_eq!(names, "aabacaa");
+        // Scaling weights keeps the sequence.
+        assert_eq!(swrr_schedule(&[10, 2, 2]), s);
+        assert_eq!(swrr_schedule(&[1, 1]), vec![0, 1]);
+    }
+
+    #[test]
+    fn huge_weights_are_scaled() {
+        let s = swrr_schedule(&[u32::MAX, 1, 7]);
+        assert!(!s.is_empty() && s.len() <= 20_000_000);
+    }
+
+    #[test]
+    fn cookie_lookup() {
+        let mut h = HeaderMap::new();
+        h.append(http::header::COOKIE, "a=1; lbx=2".parse().unwrap());
+        h.append(http::header::COOKIE, "lb=3".parse().unwrap());
+        assert_eq!(cookie_value(&h, "lb"), Some("3"));
+        assert_eq!(cookie_value(&h, "a"), Some("1"));
+        assert_eq!(cookie_value(&h, "zz"), None);
+    }
+}
