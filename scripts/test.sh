@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
 
 missing=()
-command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)   # etcd-client
+command -v cmake >/dev/null 2>&1 || missing+=(cmake)                # zlib-ng under the bench-pingora feature
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
 if [ ${#missing[@]} -gt 0 ]; then
