@@ -14,10 +14,7 @@
 //! instances first, as the seed's instances do.
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,8 +25,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tower::discover::{Change, Discover};
-use tower::Service;
+use tower::Layer;
+use tower_patterns::balance::{Balance, ReplayLayer};
+use tower_patterns::body::ReplayBody;
 use tower_patterns::discovery::{
     shutdown_signal, Instance, MemoryRegistry, Registration, Registry, Watcher,
 };
@@ -37,70 +35,10 @@ use tower_patterns::proxy::{Forward, ForwardBuilder};
 use tower_patterns::route::{Backend, RouteTable, Router};
 use tower_patterns::BoxError;
 
-/// The smallest round-robin balancer over any `Discover` (the crate's `balance` module is
-/// the full one; any balancer that takes a `Discover` plugs in the same way).
-struct RoundRobin<D: Discover> {
-    discover: D,
-    endpoints: Vec<(D::Key, D::Service)>,
-    next: usize,
-    picked: usize,
-}
-
-impl<D: Discover + Unpin> RoundRobin<D> {
-    fn new(discover: D) -> Self {
-        RoundRobin {
-            discover,
-            endpoints: Vec::new(),
-            next: 0,
-            picked: 0,
-        }
-    }
-}
-
-impl<D, Req> Service<Req> for RoundRobin<D>
-where
-    D: Discover + Unpin,
-    D::Error: Into<BoxError>,
-    D::Service: Service<Req>,
-    <D::Service as Service<Req>>::Error: Into<BoxError>,
-    <D::Service as Service<Req>>::Future: Send + 'static,
-{
-    type Response = <D::Service as Service<Req>>::Response;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        // Apply every membership change the registry sent so far.
-        while let Poll::Ready(Some(change)) = Pin::new(&mut self.discover).poll_discover(cx) {
-            match change.map_err(Into::into)? {
-                Change::Insert(key, svc) => {
-                    self.endpoints.retain(|(k, _)| *k != key);
-                    self.endpoints.push((key, svc));
-                }
-                Change::Remove(key) => self.endpoints.retain(|(k, _)| *k != key),
-            }
-        }
-        if self.endpoints.is_empty() {
-            return Poll::Pending; // the router answers 502 before we get here
-        }
-        self.picked = self.next % self.endpoints.len();
-        self.next = self.next.wrapping_add(1);
-        self.endpoints[self.picked]
-            .1
-            .poll_ready(cx)
-            .map_err(Into::into)
-    }
-
-    fn call(&mut self, req: Req) -> Self::Future {
-        let fut = self.endpoints[self.picked].1.call(req);
-        Box::pin(async move { fut.await.map_err(Into::into) })
-    }
-}
-
-type Balanced = tower::buffer::Buffer<
-    Request<Incoming>,
-    Pin<Box<dyn Future<Output = Result<Response<Incoming>, BoxError>> + Send>>,
->;
+/// One balancer per service: round robin over the registry's instances (our `balance`
+/// module fed by the watcher's `Discover`), with request bodies buffered so a refused
+/// connection can be retried on the next instance.
+type Balanced = tower_patterns::balance::Replay<Balance<String, Forward<ReplayBody<Incoming>>>>;
 
 /// One instance of a service: an HTTP server on a free port that registered itself.
 struct RunningInstance {
@@ -203,7 +141,7 @@ async fn wait_for(router: &Router<Balanced>, service: &str, n: usize) {
 
 async fn run(registry: Arc<dyn Registry>) -> Result<(), BoxError> {
     // The gateway: one round-robin balancer per service, each fed by the registry.
-    let template: Forward<Incoming> = ForwardBuilder::new("http://127.0.0.1:1")
+    let template: Forward<ReplayBody<Incoming>> = ForwardBuilder::new("http://127.0.0.1:1")
         .connect_timeout(Duration::from_secs(1))
         .build()?;
     let router = RouteTable::new()
@@ -214,9 +152,9 @@ async fn run(registry: Arc<dyn Registry>) -> Result<(), BoxError> {
             let watcher = Watcher::new(&registry, service, selector.clone().tag(service));
             // Each instance becomes a `Forward` to it, sharing the template's pool.
             let discover = watcher.discover(template.clone());
-            let (balanced, worker) = tower::buffer::Buffer::pair(RoundRobin::new(discover), 256);
-            tokio::spawn(worker);
-            Backend::new(balanced, watcher)
+            let (balance, driver) = Balance::builder().build(discover);
+            tokio::spawn(driver);
+            Backend::new(ReplayLayer::new(64 * 1024).layer(balance), watcher)
         })?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;

@@ -623,3 +623,58 @@ fn route_table_is_validated() {
     assert_eq!(router.resolve("/b"), Some("same"));
     assert_eq!(router.resolve("/c"), None);
 }
+
+#[tokio::test]
+async fn our_balancer_follows_the_registry_round_robin() {
+    use tower_patterns::balance::{Balance, ReplayLayer};
+    use tower_patterns::body::ReplayBody;
+    use tower_patterns::proxy::{Forward, ForwardBuilder};
+
+    let reg = MemoryRegistry::new();
+    let b1 = discovery_support::Backend::start("one").await;
+    let b2 = discovery_support::Backend::start("two").await;
+    let watcher = Watcher::new(&reg, "api", Selector::any());
+    let template: Forward<ReplayBody<hyper::body::Incoming>> =
+        ForwardBuilder::new("http://127.0.0.1:1").build().unwrap();
+    let (balance, driver) = Balance::builder().build(watcher.discover(template));
+    tokio::spawn(driver);
+    let members = balance.clone();
+    let front = serve(
+        tower::ServiceBuilder::new()
+            .layer(tower_patterns::proxy::ErrorResponseLayer)
+            .layer(ReplayLayer::new(1024))
+            .service(balance),
+    )
+    .await;
+    let client = client();
+    let ttl = Duration::from_secs(10);
+    let g1 = Registration::new(reg.clone(), inst("api", "one", b1.port()), ttl)
+        .await
+        .unwrap();
+    let g2 = Registration::new(reg.clone(), inst("api", "two", b2.port()), ttl)
+        .await
+        .unwrap();
+    until("the balancer has both instances", || members.len() == 2).await;
+
+    // Round robin: strictly alternating answers.
+    let mut answers = Vec::new();
+    for _ in 0..6 {
+        let (status, body) = get(&client, front, "/").await;
+        assert_eq!(status, StatusCode::OK);
+        answers.push(body);
+    }
+    for pair in answers.windows(2) {
+        assert_ne!(pair[0], pair[1], "round robin alternates: {answers:?}");
+    }
+
+    g1.deregister().await.unwrap();
+    until("the balancer dropped the instance", || members.len() == 1).await;
+    for _ in 0..10 {
+        let (status, body) = get(&client, front, "/").await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "two"));
+    }
+    g2.deregister().await.unwrap();
+    until("the balancer is empty", || members.len() == 0).await;
+    let (status, _) = get(&client, front, "/").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "no instance: 502");
+}

@@ -483,3 +483,37 @@ async fn max_idle_zero_disables_reuse() {
     }
     assert_eq!(be.connections(), 3);
 }
+
+#[test]
+fn one_status_mapping_for_every_error_of_the_crate() {
+    use tower_patterns::balance::BalanceError;
+    use tower_patterns::breaker::{CircuitOpen, State};
+    let unavailable = BalanceError::Unavailable {
+        total: 2,
+        ejected: 2,
+        refused: 0,
+    };
+    assert_eq!(error_status(&unavailable), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        error_status(&BalanceError::NoEndpoints),
+        StatusCode::BAD_GATEWAY
+    );
+    let timed_out = BalanceError::Upstream {
+        tries: 3,
+        source: Box::new(ForwardError::ConnectTimeout {
+            upstream: "127.0.0.1:1".into(),
+        }),
+    };
+    assert_eq!(error_status(&timed_out), StatusCode::GATEWAY_TIMEOUT);
+    let open = CircuitOpen {
+        state: State::Open,
+        remaining: Some(Duration::from_secs(1)),
+    };
+    assert_eq!(error_status(&open), StatusCode::SERVICE_UNAVAILABLE);
+    // Wrapped in a BoxError it is still found.
+    let boxed: tower_patterns::BoxError = Box::new(unavailable);
+    assert_eq!(
+        error_response(&*boxed).status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+}

@@ -1,8 +1,4 @@
-use std::error::Error as StdError;
-
-use bytes::Bytes;
-use http::{Response, StatusCode};
-use http_body_util::Full;
+use http::StatusCode;
 
 use crate::BoxError;
 
@@ -50,33 +46,6 @@ impl BalanceError {
             BalanceError::Upstream { source, .. } => crate::proxy::error_status(&**source),
         }
     }
-}
-
-/// The status for any error of a stack containing a balancer: a [`BalanceError`] in the
-/// source chain decides, else [`crate::proxy::error_status`].
-pub fn error_status(err: &(dyn StdError + 'static)) -> StatusCode {
-    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
-    while let Some(e) = cur {
-        if let Some(b) = e.downcast_ref::<BalanceError>() {
-            return b.status();
-        }
-        cur = e.source();
-    }
-    crate::proxy::error_status(err)
-}
-
-/// A plain-text response for `err` with the status of [`error_status`]; the body names
-/// the status only, never an internal address.
-pub fn error_response(err: &(dyn StdError + 'static)) -> Response<Full<Bytes>> {
-    let status = error_status(err);
-    let reason = status.canonical_reason().unwrap_or("error");
-    let mut res = Response::new(Full::new(Bytes::from(format!("{reason}\n"))));
-    *res.status_mut() = status;
-    res.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    res
 }
 
 /// A [`StickyCookie`](super::StickyCookie) could not be configured.

@@ -82,8 +82,9 @@ mod retry;
 mod service;
 mod sticky;
 
+pub use crate::proxy::{error_response, error_status};
 pub use endpoint::{EndpointState, EndpointStatus, PassiveHealth};
-pub use error::{error_response, error_status, BalanceError, BuildError, StickyError};
+pub use error::{BalanceError, BuildError, StickyError};
 pub use future::ResponseFuture;
 pub use hash::hash_bytes;
 pub use pick::{HashKey, Picker};

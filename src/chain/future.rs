@@ -13,11 +13,10 @@ use tower_service::Service;
 
 use super::error::ChainError;
 use super::hops::{ChainHops, Hop, HopResult, StopReason};
-use super::service::{
-    bump_hops, discard, is_connect_error, plain_response, ChainBody, ChainConfig, LinkPolicy,
-};
+use super::service::{bump_hops, discard, is_connect_error, ChainBody, ChainConfig, LinkPolicy};
 use crate::body::{ReplayBody, ReplayError};
 use crate::classify::{error_kind, Classifier, Classify, Outcome};
+use crate::proxy::status_response as plain_response;
 use crate::BoxError;
 
 type Req<B> = Request<ReplayBody<B>>;

@@ -275,7 +275,7 @@ where
                 "loop detected: hop count above the limit, not forwarding"
             );
             return ChainFuture::ready(
-                plain_response(StatusCode::LOOP_DETECTED),
+                crate::proxy::status_response(StatusCode::LOOP_DETECTED),
                 self.config.clone(),
             );
         }
@@ -298,18 +298,6 @@ where
             ChainFuture::buffering(fut, ready, self.config.clone())
         }
     }
-}
-
-/// A short text response written by the chain itself.
-pub(crate) fn plain_response(status: StatusCode) -> Response<Full<Bytes>> {
-    let reason = status.canonical_reason().unwrap_or("error");
-    let mut res = Response::new(Full::new(Bytes::from(format!("{reason}\n"))));
-    *res.status_mut() = status;
-    res.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    res
 }
 
 /// The hop count a request arrived with.

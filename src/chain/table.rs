@@ -19,9 +19,10 @@ use tower_service::Service;
 
 use super::error::LinkConfigError;
 use super::layer::{ChainLayer, FallbackLayer};
-use super::service::{plain_response, Chain, ChainBody};
+use super::service::{Chain, ChainBody};
 use crate::body::{boxed, BoxBody, ReplayBody};
 use crate::classify::Condition;
+use crate::proxy::status_response as plain_response;
 use crate::BoxError;
 
 /// A type-erased link: what each virtual host's service is turned into.

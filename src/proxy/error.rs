@@ -97,14 +97,26 @@ impl ForwardError {
     }
 }
 
-/// The status a proxy should answer for any error from a forwarding stack: the
-/// [`ForwardError`] in its source chain decides, otherwise timeouts are `504` and
-/// everything else `502`.
+/// The status a proxy should answer for any error of a stack built from this crate.
+///
+/// The first error of the crate found in the `source()` chain decides:
+/// [`ForwardError::status`]; the balancer's `NoEndpoints` → 502 and `Unavailable` → 503
+/// (an upstream failure after retries is decided by its cause); a circuit breaker's
+/// `CircuitOpen` → 503. Otherwise timeouts are `504` and everything else `502`.
 pub fn error_status(err: &(dyn StdError + 'static)) -> StatusCode {
+    use crate::balance::BalanceError;
     let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
     while let Some(e) = cur {
         if let Some(fe) = e.downcast_ref::<ForwardError>() {
             return fe.status();
+        }
+        match e.downcast_ref::<BalanceError>() {
+            Some(BalanceError::NoEndpoints) => return StatusCode::BAD_GATEWAY,
+            Some(BalanceError::Unavailable { .. }) => return StatusCode::SERVICE_UNAVAILABLE,
+            _ => {}
+        }
+        if e.is::<crate::breaker::CircuitOpen>() {
+            return StatusCode::SERVICE_UNAVAILABLE;
         }
         cur = e.source();
     }
@@ -117,7 +129,11 @@ pub fn error_status(err: &(dyn StdError + 'static)) -> StatusCode {
 /// A plain-text error response for `err` with the status of [`error_status`]. The body
 /// names the failure but not internal addresses.
 pub fn error_response(err: &(dyn StdError + 'static)) -> Response<Full<Bytes>> {
-    let status = error_status(err);
+    status_response(error_status(err))
+}
+
+/// A short plain-text response whose body is the status's reason phrase.
+pub fn status_response(status: StatusCode) -> Response<Full<Bytes>> {
     let reason = status.canonical_reason().unwrap_or("error");
     let mut res = Response::new(Full::new(Bytes::from(format!("{reason}\n"))));
     *res.status_mut() = status;

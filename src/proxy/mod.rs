@@ -43,7 +43,7 @@ mod pool;
 mod respond;
 mod service;
 
-pub use error::{error_response, error_status, ForwardError};
+pub use error::{error_response, error_status, status_response, ForwardError};
 pub use future::ResponseFuture;
 pub use headers::strip_hop_by_hop;
 pub use respond::{ErrorResponse, ErrorResponseFuture, ErrorResponseLayer};
