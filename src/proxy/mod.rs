@@ -46,5 +46,5 @@ mod service;
 pub use error::{error_response, error_status, status_response, ForwardError};
 pub use future::ResponseFuture;
 pub use headers::strip_hop_by_hop;
-pub use respond::{ErrorResponse, ErrorResponseFuture, ErrorResponseLayer};
+pub use respond::{ErrorResponse, ErrorResponseBody, ErrorResponseFuture, ErrorResponseLayer};
 pub use service::{ClientAddr, Forward, ForwardBuilder, Upstream};

@@ -5,19 +5,24 @@ use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use http::Response;
+use http_body_util::{Either, Full};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use super::error::error_response;
-use crate::body::{boxed, BoxBody};
 use crate::BoxError;
+
+/// Response body of [`ErrorResponse`]: the inner service's body, or the error page. No
+/// boxing, so the proxy path does not allocate per response for it.
+pub type ErrorResponseBody<B> = Either<B, Full<Bytes>>;
 
 /// Turns the errors of the wrapped service into `502`/`504` responses
 /// ([`error_response`]), so a front server answers instead of dropping the connection.
 ///
-/// The response body becomes [`BoxBody`]; the error type becomes [`Infallible`], which is
-/// what `axum::Router::fallback_service` and [`crate::server::serve`] want.
+/// The response body becomes [`ErrorResponseBody`] (the inner body or the error page); the
+/// error type becomes [`Infallible`], which is what `axum::Router::fallback_service` and
+/// [`crate::server::serve`] want.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ErrorResponseLayer;
 
@@ -57,10 +62,8 @@ impl<S, R, B> Service<R> for ErrorResponse<S>
 where
     S: Service<R, Response = Response<B>>,
     S::Error: Into<BoxError>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
 {
-    type Response = Response<BoxBody>;
+    type Response = Response<ErrorResponseBody<B>>;
     type Error = Infallible;
     type Future = ErrorResponseFuture<S::Future>;
 
@@ -97,18 +100,16 @@ impl<F, B, E> Future for ErrorResponseFuture<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
     E: Into<BoxError>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
 {
-    type Output = Result<Response<BoxBody>, Infallible>;
+    type Output = Result<Response<ErrorResponseBody<B>>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Poll::Ready(Ok(match ready!(self.project().inner.poll(cx)) {
-            Ok(res) => res.map(boxed),
+            Ok(res) => res.map(Either::Left),
             Err(e) => {
                 let e: BoxError = e.into();
                 tracing::debug!(error = %e, "answering with an error response");
-                error_response(&*e).map(boxed)
+                error_response(&*e).map(Either::Right)
             }
         }))
     }
