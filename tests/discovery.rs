@@ -674,7 +674,7 @@ async fn our_balancer_follows_the_registry_round_robin() {
         assert_eq!((status, body.as_str()), (StatusCode::OK, "two"));
     }
     g2.deregister().await.unwrap();
-    until("the balancer is empty", || members.len() == 0).await;
+    until("the balancer is empty", || members.is_empty()).await;
     let (status, _) = get(&client, front, "/").await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "no instance: 502");
 }
