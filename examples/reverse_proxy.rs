@@ -83,11 +83,7 @@ fn parse_args() -> Result<Args, String> {
 
 fn main() -> Result<(), BoxError> {
     let args = parse_args()?;
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = args.threads {
-        rt.worker_threads(n.max(1));
-    }
-    rt.enable_all().build()?.block_on(run(args))
+    tower_patterns::server::runtime(args.threads)?.block_on(run(args))
 }
 
 /// One instance of the application: answers which instance it is.

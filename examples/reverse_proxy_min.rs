@@ -72,10 +72,8 @@ async fn get(proxy: SocketAddr, path: &str) -> Result<(u16, String), BoxError> {
 }
 
 fn main() -> Result<(), BoxError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
+    // TOKIO_WORKER_THREADS=1: the current-thread scheduler, like one nginx worker.
+    server::runtime(None)?.block_on(async {
         if std::env::args().any(|a| a == "--serve") {
             let listen = arg("--listen").unwrap_or_else(|| "127.0.0.1:8080".into());
             let upstream = arg("--upstream").ok_or("--upstream http://host:port is required")?;

@@ -106,3 +106,28 @@ where
     graceful.shutdown().await;
     Ok(())
 }
+
+/// A tokio runtime for a proxy process with `threads` workers (default: the
+/// `TOKIO_WORKER_THREADS` environment variable, else one per CPU).
+///
+/// One worker gets the current-thread scheduler — no cross-thread wake-ups, like one nginx
+/// worker process; more get the multi-thread scheduler.
+pub fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = threads.or_else(|| {
+        std::env::var("TOKIO_WORKER_THREADS")
+            .ok()
+            .and_then(|t| t.parse().ok())
+    });
+    match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n.max(1))
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    }
+}
