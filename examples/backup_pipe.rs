@@ -28,28 +28,14 @@ use tower_patterns::body::{boxed, ReplayBody};
 use tower_patterns::cache::{CacheLayer, MemoryStore, Store};
 use tower_patterns::chain::{ChainLayer, FallbackLayer};
 use tower_patterns::proxy::{ErrorResponseLayer, ForwardBuilder};
+use tower_patterns::server::spawn_local;
 use tower_patterns::BoxError;
 
 const VIDEO_SIZE: usize = 3 << 20;
 
-async fn serve<S, B>(svc: S) -> SocketAddr
-where
-    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(tower_patterns::server::serve(listener, svc));
-    addr
-}
-
 /// The main storage: files of a directory over HTTP, 404 when missing.
-async fn storage_server(root: PathBuf) -> SocketAddr {
-    serve(service_fn(move |req: Request<Incoming>| {
+async fn storage_server(root: PathBuf) -> std::io::Result<SocketAddr> {
+    spawn_local(service_fn(move |req: Request<Incoming>| {
         let root = root.clone();
         async move {
             let key = req.uri().path().trim_start_matches('/').to_owned();
@@ -69,11 +55,12 @@ async fn storage_server(root: PathBuf) -> SocketAddr {
         }
     }))
     .await
+    .map(|server| server.addr())
 }
 
 /// The outside origin: a catalogue the storage does not have yet.
-async fn outside_server(hits: Arc<AtomicU64>) -> SocketAddr {
-    serve(service_fn(move |req: Request<Incoming>| {
+async fn outside_server(hits: Arc<AtomicU64>) -> std::io::Result<SocketAddr> {
+    spawn_local(service_fn(move |req: Request<Incoming>| {
         let hits = hits.clone();
         async move {
             hits.fetch_add(1, Ordering::SeqCst);
@@ -97,6 +84,7 @@ async fn outside_server(hits: Arc<AtomicU64>) -> SocketAddr {
         }
     }))
     .await
+    .map(|server| server.addr())
 }
 
 #[tokio::main]
@@ -105,8 +93,8 @@ async fn main() -> Result<(), BoxError> {
     let root = dir.path().to_path_buf();
     std::fs::write(root.join("index.html"), "home page, already in storage\n")?;
     let outside_hits = Arc::new(AtomicU64::new(0));
-    let storage = storage_server(root.clone()).await;
-    let outside = outside_server(outside_hits.clone()).await;
+    let storage = storage_server(root.clone()).await?;
+    let outside = outside_server(outside_hits.clone()).await?;
     println!("storage  http://{storage}  (dir {})", root.display());
     println!("outside  http://{outside}");
 
@@ -131,7 +119,9 @@ async fn main() -> Result<(), BoxError> {
         .map_response(|res: Response<Incoming>| res.map(boxed))
         .service(to_storage);
     let cache = CacheLayer::new(MemoryStore::new(64 << 20));
-    let edge = serve(ServiceBuilder::new().layer(cache.clone()).service(chain)).await;
+    let edge = spawn_local(ServiceBuilder::new().layer(cache.clone()).service(chain))
+        .await?
+        .addr();
     println!("edge     http://{edge}\n");
 
     let client = ForwardBuilder::new(format!("http://{edge}")).build::<Empty<Bytes>>()?;

@@ -34,15 +34,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Either, Full};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{ChildStdin, Command};
-use tower::{ServiceBuilder, ServiceExt};
+use tower::ServiceBuilder;
 use tower_patterns::balance::discover::{self, DiscoverSender};
 use tower_patterns::balance::{self, Balance, PassiveHealth, ReplayLayer, Retry};
 use tower_patterns::body::ReplayBody;
-use tower_patterns::proxy::{Forward, ForwardBuilder};
+use tower_patterns::proxy::{ErrorResponseLayer, Forward, ForwardBuilder};
 use tower_patterns::BoxError;
 
 fn random_u64() -> u64 {
@@ -380,14 +380,9 @@ async fn supervise(o: Options) -> Result<(), BoxError> {
     }
 
     let proxy = ServiceBuilder::new()
+        .layer(ErrorResponseLayer)
         .layer(ReplayLayer::new(64 * 1024))
-        .service(lb.clone())
-        .map_result(|r: Result<Response<Incoming>, BoxError>| {
-            Ok::<_, BoxError>(match r {
-                Ok(res) => res.map(Either::Left),
-                Err(e) => balance::error_response(&*e).map(Either::Right),
-            })
-        });
+        .service(lb.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(tower_patterns::server::serve(listener, proxy));

@@ -17,32 +17,26 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use tower::ServiceExt;
 use tower_patterns::balance::{client, Balance};
+use tower_patterns::server::{spawn_local, LocalServer};
 use tower_patterns::BoxError;
 
 /// The seed's `app.js`: answers with its own identity.
-async fn server(name: &'static str) -> std::io::Result<(String, tokio::sync::oneshot::Sender<()>)> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let svc = tower::service_fn(move |_req: Request<Incoming>| async move {
+async fn server(name: &'static str) -> std::io::Result<LocalServer> {
+    let svc = tower::service_fn(move |req: Request<Incoming>| async move {
+        let addr = req.headers().get("host").cloned();
+        let addr = addr.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("?");
         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
             "Hello from {name} ({addr})"
         )))))
     });
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(tower_patterns::server::serve_with_shutdown(
-        listener,
-        svc,
-        async {
-            let _ = rx.await;
-        },
-    ));
-    Ok((format!("http://{addr}"), tx))
+    spawn_local(svc).await
 }
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let (s1, _stop1) = server("server 1").await?;
-    let (s2, stop2) = server("server 2").await?;
+    let server1 = server("server 1").await?;
+    let server2 = server("server 2").await?;
+    let (s1, s2) = (server1.url(), server2.url());
     println!("servers: {s1} {s2}");
 
     // balancedRequest: one pooled hyper client, rotating over the servers.
@@ -64,8 +58,7 @@ async fn main() -> Result<(), BoxError> {
     }
 
     println!("-- server 2 stops --");
-    let _ = stop2.send(());
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    server2.shutdown().await?;
     for i in 0..4 {
         let req = Request::get("/").body(Empty::new())?;
         let res = request.clone().oneshot(req).await?;

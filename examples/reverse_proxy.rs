@@ -27,12 +27,12 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Either, Full};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use tower::{ServiceBuilder, ServiceExt};
+use tower::ServiceBuilder;
 use tower_patterns::balance::{self, Balance, ReplayLayer, Retry};
 use tower_patterns::body::ReplayBody;
-use tower_patterns::proxy::ForwardBuilder;
+use tower_patterns::proxy::{ErrorResponseBody, ErrorResponseLayer, ForwardBuilder};
 use tower_patterns::BoxError;
 
 struct Args {
@@ -101,29 +101,24 @@ async fn instance(n: usize, hits: Arc<AtomicUsize>) -> std::io::Result<String> {
 }
 
 type Lb = Balance<String, tower_patterns::proxy::Forward<ReplayBody<Incoming>>>;
-type ProxyBody = Either<Incoming, Full<Bytes>>;
+type ProxyBody = ErrorResponseBody<Incoming>;
 
 /// The proxy stack. Buffer bodies so requests can go to the next instance; map errors to
-/// 502/503/504 without boxing the body (Either keeps the upstream body as is).
+/// 502/503/504 without boxing the body.
 fn proxy_service(
     lb: Lb,
 ) -> impl tower::Service<
     Request<Incoming>,
     Response = Response<ProxyBody>,
-    Error = BoxError,
+    Error = Infallible,
     Future = impl Send,
 > + Clone
        + Send
        + 'static {
     ServiceBuilder::new()
+        .layer(ErrorResponseLayer)
         .layer(ReplayLayer::new(64 * 1024))
         .service(lb)
-        .map_result(|r: Result<Response<Incoming>, BoxError>| {
-            Ok::<_, BoxError>(match r {
-                Ok(res) => res.map(Either::Left),
-                Err(e) => balance::error_response(&*e).map(Either::Right),
-            })
-        })
 }
 
 async fn run(args: Args) -> Result<(), BoxError> {
@@ -156,8 +151,6 @@ async fn run(args: Args) -> Result<(), BoxError> {
     };
     let lb = Balance::builder().retry(retry).build_static(endpoints);
 
-    // Buffer bodies so requests can go to the next instance; map errors to 502/503/504
-    // without boxing the body (Either keeps the upstream body as is).
     let proxy = proxy_service(lb.clone());
 
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
@@ -168,15 +161,10 @@ async fn run(args: Args) -> Result<(), BoxError> {
     );
     if args.serve && args.direct {
         // Baseline for benchmarks: the first backend through Forward alone, no balancer.
-        let direct = first.clone().map_result(|r| {
-            Ok::<_, BoxError>(match r {
-                Ok(res) => res.map(Either::Left),
-                Err(e) => tower_patterns::proxy::error_response(&e).map(Either::Right),
-            })
-        });
         let direct = ServiceBuilder::new()
+            .layer(ErrorResponseLayer)
             .layer(ReplayLayer::new(64 * 1024))
-            .service(direct);
+            .service(first.clone());
         tower_patterns::server::serve(listener, direct).await?;
         return Ok(());
     }

@@ -17,20 +17,17 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{header, Request, Response};
-use http_body_util::{BodyExt, Either, Full};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use tower::{ServiceBuilder, ServiceExt};
+use tower::ServiceBuilder;
 use tower_patterns::balance::{self, Balance, ReplayLayer, StickyCookie};
 use tower_patterns::body::ReplayBody;
-use tower_patterns::proxy::Forward;
+use tower_patterns::proxy::{ErrorResponseLayer, Forward};
+use tower_patterns::server::{spawn_local, LocalServer};
 use tower_patterns::BoxError;
 
 /// An instance with in-memory sessions: `sid` cookie -> visits.
-async fn instance(
-    name: &'static str,
-) -> std::io::Result<(String, tokio::sync::oneshot::Sender<()>)> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
+async fn instance(name: &'static str) -> std::io::Result<LocalServer> {
     let sessions: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
     let svc = tower::service_fn(move |req: Request<Incoming>| {
         let sid = req
@@ -52,15 +49,7 @@ async fn instance(
             )))))
         }
     });
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(tower_patterns::server::serve_with_shutdown(
-        listener,
-        svc,
-        async {
-            let _ = rx.await;
-        },
-    ));
-    Ok((url, tx))
+    spawn_local(svc).await
 }
 
 /// A browser: remembers the cookies it was given.
@@ -75,27 +64,23 @@ async fn main() -> Result<(), BoxError> {
     let mut endpoints = Vec::new();
     let mut fwd: Option<Forward<ReplayBody<Incoming>>> = None;
     for name in ["instance-1", "instance-2", "instance-3"] {
-        let (url, stop) = instance(name).await?;
+        let server = instance(name).await?;
+        let url = server.url();
         let f = match &fwd {
             Some(f) => f.to(&url)?,
             None => Forward::new(&url)?,
         };
         fwd.get_or_insert_with(|| f.clone());
         endpoints.push((name, f));
-        stops.insert(name, stop);
+        stops.insert(name, server);
     }
     // In production the secret comes from configuration, identical on every balancer.
     let cookie = StickyCookie::new("lb", b"example secret: use 32 random bytes!")?;
     let lb = Balance::builder().sticky(cookie).build_static(endpoints);
     let proxy = ServiceBuilder::new()
+        .layer(ErrorResponseLayer)
         .layer(ReplayLayer::new(64 * 1024))
-        .service(lb.clone())
-        .map_result(|r: Result<Response<Incoming>, BoxError>| {
-            Ok::<_, BoxError>(match r {
-                Ok(res) => res.map(Either::Left),
-                Err(e) => balance::error_response(&*e).map(Either::Right),
-            })
-        });
+        .service(lb.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(tower_patterns::server::serve(listener, proxy));
@@ -152,10 +137,9 @@ async fn main() -> Result<(), BoxError> {
     }
 
     println!("-- {alice_home} (alice's instance) is killed --");
-    if let Some(stop) = stops.remove(alice_home.as_str()) {
-        let _ = stop.send(());
+    if let Some(server) = stops.remove(alice_home.as_str()) {
+        server.shutdown().await?;
     }
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     for round in 4..=5 {
         for b in browsers.iter_mut() {
             let (body, set) = visit(b).await?;

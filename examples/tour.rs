@@ -16,14 +16,18 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
+use tower::Layer;
 use tower::ServiceBuilder;
 use tower_patterns::backup::{MemorySink, TeeLayer};
+use tower_patterns::balance::{Balance, PassiveHealth, ReplayLayer};
 use tower_patterns::body::ReplayBody;
 use tower_patterns::breaker::{CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen};
 use tower_patterns::cache::{CacheLayer, MemoryStore};
 use tower_patterns::chain::{ChainLayer, LinkTable};
 use tower_patterns::classify::{Classifier, Classify, Condition};
+use tower_patterns::discovery::{Instance, MemoryRegistry, Registration, Selector, Watcher};
 use tower_patterns::proxy::{ErrorResponseLayer, ForwardBuilder};
+use tower_patterns::route::{Backend, RouteTable};
 use tower_patterns::{server, BoxError};
 
 /// Starts `svc` on a free local port.
@@ -36,10 +40,7 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(server::serve(listener, svc));
-    Ok(addr)
+    Ok(server::spawn_local(svc).await?.addr())
 }
 
 /// A named backend: `/missing` is 404, everything else 200 naming the backend; answers
@@ -160,12 +161,8 @@ async fn content_chain() -> Result<(), BoxError> {
 
 async fn circuit_breaker() -> Result<(), BoxError> {
     section("breaker: A calls B; B goes down, the circuit opens, a fallback answers");
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let b_addr = listener.local_addr()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let b = tokio::spawn(server::serve_with_shutdown(listener, backend("B"), async {
-        let _ = stopped.await;
-    }));
+    let b = server::spawn_local(backend("B")).await?;
+    let b_addr = b.addr();
     let layer = CircuitBreakerLayer::new(
         CircuitBreakerConfig::new()
             .name("B")
@@ -198,8 +195,7 @@ async fn circuit_breaker() -> Result<(), BoxError> {
     let a = start(a).await?;
     let (status, body) = get(a, "/data", "a.local").await?;
     println!("  B up:   GET /data -> {} {body:?}", status.as_u16());
-    let _ = stop.send(());
-    b.await??;
+    b.shutdown().await?;
     for _ in 0..5 {
         let (status, body) = get(a, "/data", "a.local").await?;
         println!("  B down: GET /data -> {} {body:?}", status.as_u16());
@@ -272,6 +268,83 @@ async fn get_with(
     ))
 }
 
+async fn balancer() -> Result<(), BoxError> {
+    section("balance: round robin over three instances, passive health, retry on the next");
+    let mut instances = Vec::new();
+    let template = ForwardBuilder::new("http://127.0.0.1:1").build::<ReplayBody<Incoming>>()?;
+    let mut endpoints = Vec::new();
+    for name in ["instance-1", "instance-2", "instance-3"] {
+        let instance = server::spawn_local(backend(name)).await?;
+        endpoints.push((name.to_string(), template.to(&instance.url())?));
+        instances.push(instance);
+    }
+    let lb = Balance::builder()
+        .health(PassiveHealth::new(1, Duration::from_secs(10)))
+        .build_static(endpoints);
+    let status = lb.clone();
+    let front = start(
+        ServiceBuilder::new()
+            .layer(ErrorResponseLayer)
+            .layer(ReplayLayer::new(64 * 1024))
+            .service(lb),
+    )
+    .await?;
+    for _ in 0..3 {
+        let (_, body) = get(front, "/", "lb.local").await?;
+        println!("  GET / -> {body:?}");
+    }
+    instances.remove(1).shutdown().await?;
+    println!("  instance-2 stopped");
+    for _ in 0..4 {
+        let (code, body) = get(front, "/", "lb.local").await?;
+        println!("  GET / -> {} {body:?}", code.as_u16());
+    }
+    for e in status.endpoints() {
+        println!("  {:<10} {:?}, {} failures", e.key, e.state, e.failures);
+    }
+    Ok(())
+}
+
+async fn discovery() -> Result<(), BoxError> {
+    section("discovery + route: instances self-register, the gateway follows the registry");
+    let registry = MemoryRegistry::new();
+    let template = ForwardBuilder::new("http://127.0.0.1:1").build::<ReplayBody<Incoming>>()?;
+    let router = RouteTable::new()
+        .route("/api", "api-service")
+        .build(|service, selector| {
+            let watcher = Watcher::new(&registry, service, selector.clone());
+            let (balance, driver) = Balance::builder().build(watcher.discover(template.clone()));
+            tokio::spawn(driver);
+            Backend::new(ReplayLayer::new(64 * 1024).layer(balance), watcher)
+        })?;
+    let watcher = Watcher::new(&registry, "api-service", Selector::any());
+    let gateway = start(router).await?;
+    let (code, body) = get(gateway, "/api/users", "gw.local").await?;
+    println!(
+        "  no instance yet:  GET /api/users -> {} {body:?}",
+        code.as_u16()
+    );
+    let addr = start(backend("api-service@1")).await?;
+    let instance = Instance::new("api-service", "api-1", addr.ip().to_string(), addr.port());
+    let registration =
+        Registration::new(registry.clone(), instance, Duration::from_secs(10)).await?;
+    watcher.wait_until(|s| s.len() == 1).await;
+    tokio::task::yield_now().await;
+    let (code, body) = get(gateway, "/api/users", "gw.local").await?;
+    println!(
+        "  api-1 registered: GET /api/users -> {} {body:?}",
+        code.as_u16()
+    );
+    registration.deregister().await?;
+    watcher.wait_until(|s| s.is_empty()).await;
+    let (code, body) = get(gateway, "/api/users", "gw.local").await?;
+    println!(
+        "  api-1 left:       GET /api/users -> {} {body:?}",
+        code.as_u16()
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     println!("tower-patterns tour (all servers on 127.0.0.1, free ports)");
@@ -279,6 +352,8 @@ async fn main() -> Result<(), BoxError> {
     content_chain().await?;
     circuit_breaker().await?;
     backup_and_cache().await?;
+    balancer().await?;
+    discovery().await?;
     println!("\ntour finished");
     Ok(())
 }

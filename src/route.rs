@@ -7,14 +7,17 @@
 //! that waits for an instance.
 //!
 //! ```no_run
-//! use std::time::Duration;
+//! use tower::Layer;
+//! use tower_patterns::balance::{Balance, ReplayLayer};
+//! use tower_patterns::body::ReplayBody;
 //! use tower_patterns::discovery::{MemoryRegistry, Selector, Watcher};
 //! use tower_patterns::proxy::ForwardBuilder;
 //! use tower_patterns::route::{Backend, RouteTable};
 //!
 //! # async fn run() -> Result<(), tower_patterns::BoxError> {
 //! let registry = MemoryRegistry::new();
-//! let forward = ForwardBuilder::new("http://127.0.0.1:1").build::<hyper::body::Incoming>()?;
+//! let forward = ForwardBuilder::new("http://127.0.0.1:1")
+//!     .build::<ReplayBody<hyper::body::Incoming>>()?;
 //! let router = RouteTable::new()
 //!     .route("/api", "api-service")
 //!     .route("/", "webapp-service")
@@ -22,9 +25,11 @@
 //!         let watcher = Watcher::new(&registry, service, selector.clone());
 //!         // Each instance becomes a `Forward` sharing the template's connection pool.
 //!         let discover = watcher.discover(forward.clone());
-//!         // Any balancer over a `Discover` fits; it must be `Clone` (wrap it in a `Buffer`).
-//!         let balance = tower::balance::p2c::Balance::new(tower::load::Constant::new(discover, 1));
-//!         Backend::new(tower::buffer::Buffer::new(balance, 1024), watcher)
+//!         // Round robin over the live instances; bodies buffered so a refused connection
+//!         // is retried on the next one. Any `Clone` balancer over a `Discover` fits.
+//!         let (balance, driver) = Balance::builder().build(discover);
+//!         tokio::spawn(driver);
+//!         Backend::new(ReplayLayer::new(64 * 1024).layer(balance), watcher)
 //!     })?;
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
 //! tower_patterns::server::serve(listener, router).await?;

@@ -131,3 +131,68 @@ pub fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtim
             .build(),
     }
 }
+
+/// A server started by [`spawn_local`]: its address, and a handle to stop it.
+#[derive(Debug)]
+pub struct LocalServer {
+    addr: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl LocalServer {
+    /// The address it listens on.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// `http://` + [`addr`](Self::addr).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting, drains in-flight requests (see [`serve_with_shutdown`]) and waits.
+    pub async fn shutdown(self) -> std::io::Result<()> {
+        let _ = self.stop.send(());
+        self.task.await.map_err(std::io::Error::other)?
+    }
+}
+
+/// Serves `svc` on a free port of 127.0.0.1 in a background task: what examples and tests
+/// need for a backend or a front server. Dropping the handle leaves the server running.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> std::io::Result<()> {
+/// let svc = tower::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+///     Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
+/// });
+/// let server = tower_patterns::server::spawn_local(svc).await?;
+/// let addr = server.addr();
+/// assert!(addr.ip().is_loopback());
+/// server.shutdown().await?;
+/// // Stopped: the port no longer accepts.
+/// assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+/// # Ok(())
+/// # }
+/// ```
+pub async fn spawn_local<S, B>(svc: S) -> std::io::Result<LocalServer>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(serve_with_shutdown(listener, svc, async {
+        // Only `shutdown()` stops it: a dropped handle (sender gone) keeps it serving.
+        if stopped.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }));
+    Ok(LocalServer { addr, stop, task })
+}

@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Full};
 use tower::{Service, ServiceExt};
 use tower_patterns::classify::{Classifier, Classify, Condition, FailureKind, Outcome};
 use tower_patterns::proxy::{
-    error_response, error_status, ClientAddr, Forward, ForwardBuilder, ForwardError,
+    error_response, error_status, ClientAddr, ErrorResponse, Forward, ForwardBuilder, ForwardError,
 };
 
 use support::*;
@@ -381,7 +381,7 @@ async fn end_to_end_through_a_front_server() {
         (format!("http://{dead}"), StatusCode::BAD_GATEWAY),
     ] {
         let fwd = Forward::<hyper::body::Incoming>::new(&upstream).unwrap();
-        let svc = tower_patterns::proxy::ErrorResponse::new(fwd);
+        let svc = ErrorResponse::new(fwd);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let front = listener.local_addr().unwrap();
         tokio::spawn(tower_patterns::server::serve(listener, svc));
@@ -516,4 +516,33 @@ fn one_status_mapping_for_every_error_of_the_crate() {
         error_response(&*boxed).status(),
         StatusCode::SERVICE_UNAVAILABLE
     );
+}
+
+#[tokio::test]
+async fn spawn_local_keeps_serving_when_the_handle_is_dropped_and_stops_on_shutdown() {
+    let be = echo_backend().await;
+    let front = tower_patterns::server::spawn_local(ErrorResponse::new(
+        Forward::<hyper::body::Incoming>::new(&be.url()).unwrap(),
+    ))
+    .await
+    .unwrap();
+    let addr = front.addr();
+    let kept = tower_patterns::server::spawn_local(ErrorResponse::new(
+        Forward::<hyper::body::Incoming>::new(&be.url()).unwrap(),
+    ))
+    .await
+    .unwrap()
+    .addr();
+    // The handle of `kept` is gone: it still answers.
+    let (status, _, _) = send(
+        kept,
+        Request::get("/")
+            .header("host", "x")
+            .body(Body::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    front.shutdown().await.unwrap();
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }

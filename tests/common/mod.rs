@@ -34,10 +34,10 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(tower_patterns::server::serve(listener, svc));
-    addr
+    tower_patterns::server::spawn_local(svc)
+        .await
+        .unwrap()
+        .addr()
 }
 
 /// The byte at `offset` of a pattern body: constant per 64 KiB block.

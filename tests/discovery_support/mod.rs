@@ -125,10 +125,10 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(tower_patterns::server::serve(listener, svc));
-    addr
+    tower_patterns::server::spawn_local(svc)
+        .await
+        .unwrap()
+        .addr()
 }
 
 /// Polls `cond` until it holds (guarded by [`within`]).
