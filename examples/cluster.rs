@@ -383,9 +383,7 @@ async fn supervise(o: Options) -> Result<(), BoxError> {
         .layer(ErrorResponseLayer)
         .layer(ReplayLayer::new(64 * 1024))
         .service(lb.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(tower_patterns::server::serve(listener, proxy));
+    let addr = tower_patterns::server::spawn_local(proxy).await?.addr();
     println!(
         "Balancer on http://{addr}; supervisor pid {} (kill -USR2 it for a rolling restart)",
         std::process::id()

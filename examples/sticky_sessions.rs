@@ -81,9 +81,7 @@ async fn main() -> Result<(), BoxError> {
         .layer(ErrorResponseLayer)
         .layer(ReplayLayer::new(64 * 1024))
         .service(lb.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(tower_patterns::server::serve(listener, proxy));
+    let addr = tower_patterns::server::spawn_local(proxy).await?.addr();
     println!("sticky proxy on http://{addr} over 3 instances (cookie `lb`, HMAC-signed)");
 
     let client = balance::client::http_client::<Full<Bytes>>();
