@@ -148,6 +148,31 @@ pub fn error_kind(err: &(dyn StdError + 'static)) -> FailureKind {
     FailureKind::Other
 }
 
+/// `true` when `err` (or its `source()` chain) shows the request surely never reached the
+/// upstream — connecting failed or timed out — so even a non-idempotent request may be sent
+/// elsewhere (nginx retries `POST` only in this case).
+///
+/// Recognises [`ForwardError`](crate::proxy::ForwardError), hyper-util client connect
+/// errors, and a refused `std::io` connection.
+pub fn is_connect_error(err: &(dyn StdError + 'static)) -> bool {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(fe) = e.downcast_ref::<crate::proxy::ForwardError>() {
+            return fe.is_connect();
+        }
+        if let Some(c) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
+            if c.is_connect() {
+                return true;
+            }
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::ConnectionRefused;
+        }
+        cur = e.source();
+    }
+    false
+}
+
 fn io_kind(io: &std::io::Error) -> FailureKind {
     use std::io::ErrorKind::*;
     match io.kind() {
@@ -601,6 +626,34 @@ mod tests {
         }
         let err = "404,nope".parse::<Condition>().unwrap_err();
         assert_eq!(err.token, "nope");
+    }
+
+    #[test]
+    fn connect_errors_are_told_from_errors_after_sending() {
+        use crate::proxy::ForwardError;
+        let refused = ForwardError::Connect {
+            upstream: "127.0.0.1:1".into(),
+            source: Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+        };
+        let timed_out = ForwardError::ConnectTimeout {
+            upstream: "127.0.0.1:1".into(),
+        };
+        let after_sending = ForwardError::Transport {
+            upstream: "127.0.0.1:1".into(),
+            source: Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+        };
+        assert!(is_connect_error(&refused));
+        assert!(is_connect_error(&timed_out));
+        assert!(!is_connect_error(&after_sending));
+        // Found through wrappers too; a bare refused io error never carried a request.
+        let boxed: crate::BoxError = Box::new(refused);
+        assert!(is_connect_error(&*boxed));
+        assert!(is_connect_error(&std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused
+        )));
+        assert!(!is_connect_error(&std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset
+        )));
     }
 
     #[test]

@@ -14,8 +14,9 @@ use tower_service::Service;
 
 use super::error::BalanceError;
 use super::pick::{Miss, Picker};
-use super::retry::{clone_request, is_connect_error, CloneBody};
+use super::retry::{clone_request, CloneBody};
 use super::service::{Ep, MakeGate, Shared, Snap};
+use crate::classify::is_connect_error;
 use crate::classify::{Classifier, Classify, Outcome};
 use crate::gate::Gate;
 use crate::BoxError;

@@ -82,6 +82,7 @@ mod retry;
 mod service;
 mod sticky;
 
+pub use crate::classify::is_connect_error;
 pub use crate::proxy::{error_response, error_status};
 pub use endpoint::{EndpointState, EndpointStatus, PassiveHealth};
 pub use error::{BalanceError, BuildError, StickyError};
@@ -89,6 +90,6 @@ pub use future::ResponseFuture;
 pub use hash::hash_bytes;
 pub use pick::{HashKey, Picker};
 pub use replay::{Replay, ReplayFuture, ReplayLayer};
-pub use retry::{is_connect_error, CloneBody, Retry};
+pub use retry::{CloneBody, Retry};
 pub use service::{Balance, BalanceBuilder, Built, Driver, MakeGate, NoGates};
 pub use sticky::{SameSite, StickyCookie};

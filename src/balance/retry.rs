@@ -1,6 +1,5 @@
 //! Retry on the next endpoint (nginx `proxy_next_upstream`).
 
-use std::error::Error as StdError;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -89,24 +88,6 @@ impl Retry {
                     | Method::DELETE
             )
     }
-}
-
-/// `true` when `err` (or its source chain) is a connect failure: the request was not sent.
-/// Recognises [`ForwardError`](crate::proxy::ForwardError) and hyper-util client errors.
-pub fn is_connect_error(err: &(dyn StdError + 'static)) -> bool {
-    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
-    while let Some(e) = cur {
-        if let Some(f) = e.downcast_ref::<crate::proxy::ForwardError>() {
-            return f.is_connect();
-        }
-        if let Some(c) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
-            if c.is_connect() {
-                return true;
-            }
-        }
-        cur = e.source();
-    }
-    false
 }
 
 /// A request body the balancer can copy before sending, so it can send it again.

@@ -364,25 +364,6 @@ pub(crate) fn bump_hops<B>(req: &mut Request<B>, tried: usize) {
         .insert(name, hop_value(n.saturating_add(tried)));
 }
 
-/// `true` when `err` says the request surely never reached the link (connecting failed),
-/// so even a non-idempotent request may go to the next one.
-pub(crate) fn is_connect_error(err: &(dyn StdError + 'static)) -> bool {
-    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
-    while let Some(e) = cur {
-        if let Some(fe) = e.downcast_ref::<crate::proxy::ForwardError>() {
-            return fe.is_connect();
-        }
-        if let Some(c) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
-            return c.is_connect();
-        }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            return io.kind() == std::io::ErrorKind::ConnectionRefused;
-        }
-        cur = e.source();
-    }
-    false
-}
-
 /// Discards the body of a link's response that the chain does not return. A short body
 /// is read to its end in the background so its keep-alive connection is reused; a long
 /// or unknown one is dropped at once (closing that connection, as nginx does).

@@ -7,8 +7,9 @@
 //! [`ForwardError`] that [`classify`](crate::classify) recognises and that maps to
 //! `502 Bad Gateway` / `504 Gateway Timeout`.
 //!
-//! [`Forward`] does this over hyper-util's pooled HTTP/1.1 client (keep-alive), so a
-//! balancer holding one `Forward` per endpoint shares one connection pool.
+//! [`Forward`] does this over its own keep-alive HTTP/1.1 connection pool per upstream
+//! (hyper's connection API; no task spawned per request), and a balancer holding one
+//! `Forward` per endpoint (made with [`Forward::to`]) shares one set of pools.
 //!
 //! | behaviour | nginx equivalent |
 //! |---|---|
