@@ -18,8 +18,8 @@ use hyper::body::Incoming;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+
+use tokio::net::TcpStream;
 use tower::{service_fn, ServiceBuilder};
 use tower_patterns::backup::{BackupOutcome, ObjectStoreSink, TeeLayer};
 use tower_patterns::body::boxed;
@@ -115,33 +115,6 @@ async fn origin() -> SocketAddr {
         Ok::<_, Infallible>(res)
     }))
     .await
-}
-
-/// Promises `declared` bytes, sends `sent`, closes.
-async fn truncating_origin(declared: u64, sent: usize) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut got = Vec::new();
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let n = s.read(&mut buf).await.unwrap();
-                    if n == 0 {
-                        return;
-                    }
-                    got.extend_from_slice(&buf[..n]);
-                }
-                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {declared}\r\n\r\n");
-                s.write_all(head.as_bytes()).await.unwrap();
-                let _ = s.write_all(&vec![b'x'; sent]).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    addr
 }
 
 async fn edge(origin: SocketAddr, layer: TeeLayer) -> SocketAddr {

@@ -15,7 +15,7 @@ use http_body::Frame;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 use tower_patterns::backup::{
@@ -188,36 +188,10 @@ async fn failing_sink_is_dropped_and_others_commit() {
     assert_eq!(stats.snapshot().sink_errors, 1);
 }
 
-/// An origin that promises `Content-Length: 100000` and sends 50000 bytes, then closes.
-async fn truncating_origin() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut got = Vec::new();
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let n = s.read(&mut buf).await.unwrap();
-                    if n == 0 {
-                        return;
-                    }
-                    got.extend_from_slice(&buf[..n]);
-                }
-                let head = "HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n";
-                s.write_all(head.as_bytes()).await.unwrap();
-                s.write_all(&vec![b'x'; 50_000]).await.unwrap();
-                s.shutdown().await.unwrap();
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test]
 async fn truncated_upstream_commits_nothing() {
-    let origin = truncating_origin().await;
+    // Promises 100000 bytes, sends 50000, closes.
+    let origin = truncating_origin(100_000, 50_000).await;
     let dir = tempfile::tempdir().unwrap();
     let mem = MemorySink::new("memory");
     let layer = TeeLayer::builder()
