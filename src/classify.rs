@@ -47,6 +47,19 @@ pub enum FailureKind {
     Timeout,
     /// Any other error returned by the inner service.
     Other,
+    /// Not the upstream's fault: the client's request body broke or was too large, or the
+    /// proxy itself ran out of a local resource (file descriptors, memory). Classified as
+    /// [`Outcome::Ignored`], so passive health, the breaker and retries never charge it to
+    /// an upstream.
+    Client,
+}
+
+impl FailureKind {
+    /// `true` when the failure says something about the upstream (everything but
+    /// [`FailureKind::Client`]).
+    pub fn is_upstream_fault(&self) -> bool {
+        !matches!(self, FailureKind::Client)
+    }
 }
 
 impl fmt::Display for FailureKind {
@@ -56,6 +69,7 @@ impl fmt::Display for FailureKind {
             FailureKind::Transport => f.write_str("transport error"),
             FailureKind::Timeout => f.write_str("timeout"),
             FailureKind::Other => f.write_str("error"),
+            FailureKind::Client => f.write_str("client or local error"),
         }
     }
 }
@@ -334,6 +348,8 @@ impl Condition {
             FailureKind::Transport => self.errors.transport,
             FailureKind::Timeout => self.errors.timeout,
             FailureKind::Other | FailureKind::Status(_) => self.errors.other,
+            // Never the upstream's fault: neither a success nor a failure of it.
+            FailureKind::Client => return Outcome::Ignored,
         };
         if counted {
             Outcome::Failure(kind)
