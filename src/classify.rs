@@ -113,14 +113,14 @@ pub trait Classifier: Send + 'static {
 
 /// Finds the [`FailureKind`] of an error by walking its `source()` chain.
 ///
-/// Recognises this crate's [`ForwardError`](crate::proxy::ForwardError), tower and tokio
+/// Recognises this crate's own errors ([`KnownFailure`](crate::error::KnownFailure)), tower and tokio
 /// timeouts, `std::io` errors, and hyper/hyper-util client errors. Anything else is
 /// [`FailureKind::Other`].
 pub fn error_kind(err: &(dyn StdError + 'static)) -> FailureKind {
     let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
     while let Some(e) = cur {
-        if let Some(fe) = e.downcast_ref::<crate::proxy::ForwardError>() {
-            return fe.kind();
+        if let Some(k) = crate::error::as_known_failure(e) {
+            return k.failure_kind();
         }
         if e.is::<tower::timeout::error::Elapsed>() || e.is::<tokio::time::error::Elapsed>() {
             return FailureKind::Timeout;
@@ -166,13 +166,13 @@ pub fn error_kind(err: &(dyn StdError + 'static)) -> FailureKind {
 /// upstream — connecting failed or timed out — so even a non-idempotent request may be sent
 /// elsewhere (nginx retries `POST` only in this case).
 ///
-/// Recognises [`ForwardError`](crate::proxy::ForwardError), hyper-util client connect
+/// Recognises this crate's own errors ([`KnownFailure::never_sent`](crate::error::KnownFailure::never_sent)), hyper-util client connect
 /// errors, and a refused `std::io` connection.
 pub fn is_connect_error(err: &(dyn StdError + 'static)) -> bool {
     let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
     while let Some(e) = cur {
-        if let Some(fe) = e.downcast_ref::<crate::proxy::ForwardError>() {
-            return fe.is_connect();
+        if let Some(k) = crate::error::as_known_failure(e) {
+            return k.never_sent();
         }
         if let Some(c) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
             if c.is_connect() {

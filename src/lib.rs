@@ -39,8 +39,10 @@ pub mod cache;
 pub mod chain;
 pub mod classify;
 pub mod discovery;
+pub mod error;
 pub mod gate;
 pub mod proxy;
+pub mod respond;
 pub mod route;
 pub mod server;
 

@@ -43,7 +43,7 @@
 //! | route with a [`Selector`] (`route_to`) | only the instances it accepts (version-aware routing) |
 //! | service has no instance (none registered, all expired) | `502 Bad Gateway`, body names the service |
 //! | registry unreachable | the last known instances keep serving (fail-static) |
-//! | upstream error | `502` / `504` from [`crate::proxy::error_response`] |
+//! | upstream error | `502` / `504` from [`crate::respond::error_response`] |
 
 use std::convert::Infallible;
 use std::fmt;
@@ -62,7 +62,7 @@ use tower_service::Service;
 
 use crate::body::{boxed, BoxBody};
 use crate::discovery::{Selector, Watcher};
-use crate::proxy::error_response;
+use crate::respond::error_response;
 use crate::BoxError;
 
 /// Errors building a [`Router`].
@@ -374,10 +374,7 @@ where
         match self.project().inner.project() {
             InnerProj::Ready { res } => match res.take() {
                 Some(r) => Poll::Ready(Ok(r)),
-                None => Poll::Ready(Ok(text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "500 Internal Server Error\n".to_string(),
-                ))),
+                None => crate::error::polled_after_completion("route::RouteFuture"),
             },
             InnerProj::Call { fut } => match fut.poll(cx) {
                 Poll::Ready(Ok(res)) => Poll::Ready(Ok(res.map(boxed))),

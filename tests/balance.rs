@@ -17,6 +17,7 @@ use tower_patterns::balance::{
     StickyCookie,
 };
 use tower_patterns::classify::{Condition, Outcome};
+use tower_patterns::error::HttpStatus;
 use tower_patterns::gate::Gate;
 use tower_patterns::proxy::Forward;
 
@@ -717,7 +718,7 @@ async fn reverse_proxy_retries_a_buffered_post_after_a_refused_connection() {
             |r: Result<Response<Incoming>, tower_patterns::BoxError>| async move {
                 Ok::<_, tower_patterns::BoxError>(match r {
                     Ok(res) => res.map(tower_patterns::body::boxed),
-                    Err(e) => tower_patterns::balance::error_response(&*e)
+                    Err(e) => tower_patterns::respond::error_response(&*e)
                         .map(tower_patterns::body::boxed),
                 })
             },
@@ -833,7 +834,7 @@ async fn a_body_over_the_replay_limit_is_sent_once_and_not_retried() {
         .unwrap();
     let err = svc.clone().oneshot(req).await.unwrap_err();
     assert_eq!(
-        tower_patterns::balance::error_status(&*err),
+        tower_patterns::error::error_status(&*err),
         StatusCode::BAD_GATEWAY
     );
     assert_eq!(live.hits.load(SeqCst), 0);

@@ -1,5 +1,6 @@
 use http::StatusCode;
 
+use crate::error::HttpStatus;
 use crate::BoxError;
 
 /// Why the balancer could not answer a request.
@@ -35,15 +36,15 @@ pub enum BalanceError {
     },
 }
 
-impl BalanceError {
-    /// The status a proxy answers with: 502 for an empty set, 503 when none is available,
-    /// and for an upstream error what [`crate::proxy::error_status`] gives (502, or 504 for
-    /// timeouts).
-    pub fn status(&self) -> StatusCode {
+/// 502 for an empty set, 503 when none is available, and for an upstream error whatever
+/// its cause stands for ([`error_status`](crate::error::error_status): 502, or 504 for
+/// timeouts).
+impl HttpStatus for BalanceError {
+    fn status(&self) -> StatusCode {
         match self {
             BalanceError::NoEndpoints => StatusCode::BAD_GATEWAY,
             BalanceError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            BalanceError::Upstream { source, .. } => crate::proxy::error_status(&**source),
+            BalanceError::Upstream { source, .. } => crate::error::error_status(&**source),
         }
     }
 }

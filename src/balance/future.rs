@@ -103,6 +103,7 @@ pin_project! {
         #[pin]
         inner: Option<Oneshot<S, Request<B>>>,
         st: Attempt<K, S, M, C, B, S::Response>,
+        done: bool,
     }
 }
 
@@ -198,7 +199,11 @@ where
                 None
             }
         };
-        ResponseFuture { inner, st }
+        ResponseFuture {
+            inner,
+            st,
+            done: false,
+        }
     }
 }
 
@@ -306,7 +311,31 @@ where
 {
     type Output = Result<Response<RB>, BalanceError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if self.done {
+            crate::error::polled_after_completion("balance::ResponseFuture");
+        }
+        let out = self.as_mut().poll_attempt(cx);
+        if out.is_ready() {
+            *self.project().done = true;
+        }
+        out
+    }
+}
+
+impl<K, S, M, C, B, RB> ResponseFuture<K, S, M, C, B>
+where
+    K: Clone + fmt::Debug,
+    S: Service<Request<B>, Response = Response<RB>> + Clone,
+    S::Error: Into<BoxError>,
+    M: MakeGate<K>,
+    C: Classify,
+    B: CloneBody,
+{
+    fn poll_attempt(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Response<RB>, BalanceError>> {
         let mut this = self.project();
         loop {
             // Queued: wait for the set to change, then pick again.

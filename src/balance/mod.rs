@@ -83,7 +83,6 @@ mod service;
 mod sticky;
 
 pub use crate::classify::is_connect_error;
-pub use crate::proxy::{error_response, error_status};
 pub use endpoint::{EndpointState, EndpointStatus, PassiveHealth};
 pub use error::{BalanceError, BuildError, StickyError};
 pub use future::ResponseFuture;

@@ -88,13 +88,21 @@ where
 {
     type Output = Result<R, BoxError>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        if let Some(f) = this.direct.as_pin_mut() {
-            return f.poll(cx).map_err(Into::into);
+        let mut this = self.project();
+        // Each branch drops its future once it is done, so a further poll lands on the
+        // one panic of the crate instead of re-polling a finished future.
+        if let Some(f) = this.direct.as_mut().as_pin_mut() {
+            let out = std::task::ready!(f.poll(cx)).map_err(Into::into);
+            this.direct.set(None);
+            return Poll::Ready(out);
         }
         match this.buffered {
-            Some(f) => f.as_mut().poll(cx),
-            None => Poll::Ready(Err("ReplayFuture polled after completion".into())),
+            Some(f) => {
+                let out = std::task::ready!(f.as_mut().poll(cx));
+                *this.buffered = None;
+                Poll::Ready(out)
+            }
+            None => crate::error::polled_after_completion("balance::ReplayFuture"),
         }
     }
 }

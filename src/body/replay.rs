@@ -48,6 +48,20 @@ use crate::BoxError;
 #[error("request body failed")]
 pub struct ReplayError(#[source] pub BoxError);
 
+/// 400 Bad Request: the client's own body broke.
+impl crate::error::HttpStatus for ReplayError {
+    fn status(&self) -> http::StatusCode {
+        http::StatusCode::BAD_REQUEST
+    }
+}
+
+/// The client's body broke: never charged to an upstream.
+impl crate::error::KnownFailure for ReplayError {
+    fn failure_kind(&self) -> crate::classify::FailureKind {
+        crate::classify::FailureKind::Client
+    }
+}
+
 /// Marker extension on a request whose body went over the replay limit: it can be sent
 /// only once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

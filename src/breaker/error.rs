@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
+use http::StatusCode;
+
 use super::State;
+use crate::error::HttpStatus;
 
 /// A call the circuit did not admit. Carried by the error of a rejected call, and put in
 /// the request extensions before a fallback runs.
@@ -14,6 +17,13 @@ pub struct CircuitOpen {
     /// Time left before the open circuit lets probes through; `None` when it is not
     /// known (forced open, half-open).
     pub remaining: Option<Duration>,
+}
+
+/// 503 Service Unavailable: the upstream is being given time to recover.
+impl HttpStatus for CircuitOpen {
+    fn status(&self) -> StatusCode {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
 }
 
 fn fmt_remaining(r: &Option<Duration>) -> String {

@@ -79,7 +79,8 @@ where
         match self.project().state.project() {
             StateProj::Ready { res } => match res.take() {
                 Some(r) => Poll::Ready(Ok(r)),
-                None => Poll::Pending,
+                // Pending here would hang the caller forever without a waker.
+                None => crate::error::polled_after_completion("cache::ResponseFuture"),
             },
             StateProj::Inner { fut, miss } => {
                 let out = std::task::ready!(fut.poll(cx));

@@ -3,6 +3,7 @@ use std::fmt;
 use http::StatusCode;
 
 use super::hops::ChainHops;
+use crate::error::HttpStatus;
 use crate::BoxError;
 
 /// A chain ended with an error instead of a response: the last link tried failed and the
@@ -11,7 +12,7 @@ use crate::BoxError;
 /// Carries the [`ChainHops`] so the trail survives the error; its
 /// [`source`](std::error::Error::source) is the link's own error, so
 /// [`classify::error_kind`](crate::classify::error_kind) and
-/// [`proxy::error_status`](crate::proxy::error_status) see through it.
+/// [`error_status`](crate::error::error_status) see through it.
 #[derive(Debug)]
 pub struct ChainError {
     hops: ChainHops,
@@ -36,11 +37,13 @@ impl ChainError {
     pub fn into_source(self) -> BoxError {
         self.source
     }
+}
 
-    /// The status a proxy should answer with (`502`/`504`, see
-    /// [`proxy::error_status`](crate::proxy::error_status)).
-    pub fn status(&self) -> StatusCode {
-        crate::proxy::error_status(&*self.source)
+/// Whatever the failed link's error stands for (`502`/`504`, see
+/// [`error_status`](crate::error::error_status)).
+impl HttpStatus for ChainError {
+    fn status(&self) -> StatusCode {
+        crate::error::error_status(&*self.source)
     }
 }
 

@@ -17,7 +17,8 @@ use super::service::{bump_hops, discard, ChainBody, ChainConfig, LinkPolicy};
 use crate::body::{ReplayBody, ReplayError};
 use crate::classify::is_connect_error;
 use crate::classify::{error_kind, Classifier, Classify, Outcome};
-use crate::proxy::status_response as plain_response;
+use crate::error::polled_after_completion;
+use crate::respond::status_response as plain_response;
 use crate::BoxError;
 
 type Req<B> = Request<ReplayBody<B>>;
@@ -130,14 +131,8 @@ where
                             *this.idempotent,
                             this.policy,
                         ),
-                        // Unreachable: the classifier is taken exactly once, here.
-                        None => Step::Return(Err(ChainError::new(
-                            primary_hops(
-                                this.policy,
-                                HopResult::Error(crate::classify::FailureKind::Other),
-                            ),
-                            "fallback future polled after completion".into(),
-                        ))),
+                        // The classifier is taken exactly once, here, and the state moves on.
+                        None => polled_after_completion("chain::FallbackFuture"),
                     };
                     match step {
                         Step::Return(out) => {
@@ -157,18 +152,12 @@ where
                     let result = ready!(fut.as_mut().poll(cx));
                     let out = match hops.take() {
                         Some(prev) => after_next(prev, result, this.policy),
-                        None => Err(ChainError::new(
-                            primary_hops(
-                                this.policy,
-                                HopResult::Error(crate::classify::FailureKind::Other),
-                            ),
-                            "fallback future polled after completion".into(),
-                        )),
+                        None => polled_after_completion("chain::FallbackFuture"),
                     };
                     this.state.set(State::Done);
                     return Poll::Ready(out);
                 }
-                StateProj::Done => panic!("FallbackFuture polled after completion"),
+                StateProj::Done => polled_after_completion("chain::FallbackFuture"),
             }
         }
     }
@@ -442,7 +431,7 @@ where
                     this.state.set(ChainState::Done);
                     return match out {
                         Some(res) => Poll::Ready(Ok(res)),
-                        None => Poll::Ready(Err("chain future polled after completion".into())),
+                        None => polled_after_completion("chain::ChainFuture"),
                     };
                 }
                 ChainStateProj::Buffering { fut, svc } => {
@@ -473,7 +462,7 @@ where
                     this.state.set(ChainState::Done);
                     return Poll::Ready(Ok(finish(this.config, result)));
                 }
-                ChainStateProj::Done => panic!("ChainFuture polled after completion"),
+                ChainStateProj::Done => polled_after_completion("chain::ChainFuture"),
             }
         }
     }
@@ -508,7 +497,7 @@ fn finish<RB>(
                     (hops, e)
                 }
             };
-            let mut res = crate::proxy::error_response(&*source).map(Either::Right);
+            let mut res = crate::respond::error_response(&*source).map(Either::Right);
             tracing::warn!(
                 target: "tower_patterns::chain",
                 error = %source,

@@ -121,7 +121,7 @@ impl<N, C> fmt::Debug for FallbackLayer<N, C> {
 ///   `508 Loop Detected`;
 /// - buffers the request body up to [`replay_limit`](Self::replay_limit) into a
 ///   [`ReplayBody`](crate::body::ReplayBody) so links can resend it;
-/// - answers a link error with `502`/`504` ([`proxy::error_status`](crate::proxy::error_status))
+/// - answers a link error with `502`/`504` ([`error_status`](crate::error::error_status))
 ///   and a failed request body with `400`;
 /// - copies the [`ChainHops`](super::ChainHops) trail into the report header, if set.
 #[derive(Clone)]

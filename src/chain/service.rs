@@ -275,7 +275,7 @@ where
                 "loop detected: hop count above the limit, not forwarding"
             );
             return ChainFuture::ready(
-                crate::proxy::status_response(StatusCode::LOOP_DETECTED),
+                crate::respond::status_response(StatusCode::LOOP_DETECTED),
                 self.config.clone(),
             );
         }

@@ -22,7 +22,7 @@ use super::layer::{ChainLayer, FallbackLayer};
 use super::service::{Chain, ChainBody};
 use crate::body::{boxed, BoxBody, ReplayBody};
 use crate::classify::Condition;
-use crate::proxy::status_response as plain_response;
+use crate::respond::status_response as plain_response;
 use crate::BoxError;
 
 /// A type-erased link: what each virtual host's service is turned into.
@@ -528,10 +528,10 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
             TableStateProj::Chain { fut } => fut.poll(cx),
-            TableStateProj::Unknown { res } => Poll::Ready(
-                res.take()
-                    .ok_or_else(|| "table future polled after completion".into()),
-            ),
+            TableStateProj::Unknown { res } => match res.take() {
+                Some(r) => Poll::Ready(Ok(r)),
+                None => crate::error::polled_after_completion("chain::TableFuture"),
+            },
         }
     }
 }

@@ -1,11 +1,9 @@
-use std::error::Error as StdError;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Response, StatusCode};
-use http_body_util::Full;
+use http::StatusCode;
 
-use crate::classify::{error_kind, FailureKind};
+use crate::classify::FailureKind;
+use crate::error::{HttpStatus, KnownFailure};
 use crate::BoxError;
 
 /// Why a request could not be forwarded.
@@ -97,49 +95,17 @@ impl ForwardError {
     }
 }
 
-/// The status a proxy should answer for any error of a stack built from this crate.
-///
-/// The first error of the crate found in the `source()` chain decides:
-/// [`ForwardError::status`]; the balancer's `NoEndpoints` → 502 and `Unavailable` → 503
-/// (an upstream failure after retries is decided by its cause); a circuit breaker's
-/// `CircuitOpen` → 503. Otherwise timeouts are `504` and everything else `502`.
-pub fn error_status(err: &(dyn StdError + 'static)) -> StatusCode {
-    use crate::balance::BalanceError;
-    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
-    while let Some(e) = cur {
-        if let Some(fe) = e.downcast_ref::<ForwardError>() {
-            return fe.status();
-        }
-        match e.downcast_ref::<BalanceError>() {
-            Some(BalanceError::NoEndpoints) => return StatusCode::BAD_GATEWAY,
-            Some(BalanceError::Unavailable { .. }) => return StatusCode::SERVICE_UNAVAILABLE,
-            _ => {}
-        }
-        if e.is::<crate::breaker::CircuitOpen>() {
-            return StatusCode::SERVICE_UNAVAILABLE;
-        }
-        cur = e.source();
+impl KnownFailure for ForwardError {
+    fn failure_kind(&self) -> FailureKind {
+        self.kind()
     }
-    match error_kind(err) {
-        FailureKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
-        _ => StatusCode::BAD_GATEWAY,
+    fn never_sent(&self) -> bool {
+        self.is_connect()
     }
 }
 
-/// A plain-text error response for `err` with the status of [`error_status`]. The body
-/// names the failure but not internal addresses.
-pub fn error_response(err: &(dyn StdError + 'static)) -> Response<Full<Bytes>> {
-    status_response(error_status(err))
-}
-
-/// A short plain-text response whose body is the status's reason phrase.
-pub fn status_response(status: StatusCode) -> Response<Full<Bytes>> {
-    let reason = status.canonical_reason().unwrap_or("error");
-    let mut res = Response::new(Full::new(Bytes::from(format!("{reason}\n"))));
-    *res.status_mut() = status;
-    res.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    res
+impl HttpStatus for ForwardError {
+    fn status(&self) -> StatusCode {
+        ForwardError::status(self)
+    }
 }

@@ -41,11 +41,15 @@ mod error;
 mod future;
 pub(crate) mod headers;
 mod pool;
-mod respond;
 mod service;
 
-pub use error::{error_response, error_status, status_response, ForwardError};
+pub use error::ForwardError;
 pub use future::ResponseFuture;
 pub use headers::strip_hop_by_hop;
-pub use respond::{ErrorResponse, ErrorResponseBody, ErrorResponseFuture, ErrorResponseLayer};
+// Kept at their old paths so existing imports compile; they live in the neutral modules.
+pub use crate::error::error_status;
+pub use crate::respond::{
+    error_response, status_response, ErrorResponse, ErrorResponseBody, ErrorResponseFuture,
+    ErrorResponseLayer,
+};
 pub use service::{ClientAddr, Forward, ForwardBuilder, Upstream};

@@ -1,3 +1,15 @@
+//! The one way every pattern of this crate mounts where `Infallible` is required.
+//!
+//! axum's `Router::layer`, `route_service`, `fallback_service` and `route_layer`, and a
+//! hyper server, want a service whose error type is [`Infallible`]: a failure must already
+//! be a response. The patterns return typed errors (so a user who wants to handle them
+//! can), and each error says its own status ([`HttpStatus`](crate::error::HttpStatus)).
+//! [`ErrorResponseLayer`] turns those errors into short plain-text responses with that
+//! status. Every layer of the crate has a `respond()` convenience that stacks it on top,
+//! and [`respond`] wraps an already-built service (a `Forward`, a `Balance`).
+//!
+//! The response body becomes [`ErrorResponseBody`], an enum of the inner body and the
+//! error page: nothing is boxed on the proxy path.
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -10,15 +22,16 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::error::error_response;
+use crate::error::error_status;
 use crate::BoxError;
 
 /// Response body of [`ErrorResponse`]: the inner service's body, or the error page. No
 /// boxing, so the proxy path does not allocate per response for it.
 pub type ErrorResponseBody<B> = Either<B, Full<Bytes>>;
 
-/// Turns the errors of the wrapped service into `502`/`504` responses
-/// ([`error_response`]), so a front server answers instead of dropping the connection.
+/// Turns the errors of the wrapped service into responses with the status each error
+/// stands for ([`error_response`]), so a front server answers instead of dropping the
+/// connection.
 ///
 /// The response body becomes [`ErrorResponseBody`] (the inner body or the error page); the
 /// error type becomes [`Infallible`], which is what `axum::Router::fallback_service` and
@@ -113,4 +126,29 @@ where
             }
         }))
     }
+}
+
+/// Wraps an already-built service (a `Forward`, a `Balance`, a `Chain`) in
+/// [`ErrorResponse`]; layers have a `respond()` method that does the same.
+pub fn respond<S>(inner: S) -> ErrorResponse<S> {
+    ErrorResponse::new(inner)
+}
+
+/// A plain-text error response for `err` with the status of
+/// [`error_status`](crate::error::error_status). The body names the failure but not
+/// internal addresses.
+pub fn error_response(err: &(dyn std::error::Error + 'static)) -> Response<Full<Bytes>> {
+    status_response(error_status(err))
+}
+
+/// A short plain-text response whose body is the status's reason phrase.
+pub fn status_response(status: http::StatusCode) -> Response<Full<Bytes>> {
+    let reason = status.canonical_reason().unwrap_or("error");
+    let mut res = Response::new(Full::new(Bytes::from(format!("{reason}\n"))));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    res
 }
