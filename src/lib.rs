@@ -38,6 +38,7 @@ pub mod breaker;
 pub mod cache;
 pub mod chain;
 pub mod classify;
+pub mod client_addr;
 pub mod discovery;
 pub mod error;
 pub mod gate;

@@ -34,7 +34,7 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 use tower_service::Service;
 
-use crate::proxy::ClientAddr;
+use crate::client_addr::ClientAddr;
 use crate::BoxError;
 
 /// Serves `svc` on `listener` until the process ends. See [`serve_with_shutdown`].

@@ -15,7 +15,6 @@ use http::{HeaderMap, HeaderName, Uri};
 use super::endpoint::{Clock, Endpoint};
 use super::hash::{fast_rand, hash_bytes, mix};
 use crate::gate::Gate;
-use crate::proxy::ClientAddr;
 
 /// How the balancer chooses an endpoint.
 #[derive(Clone, Default)]
@@ -58,7 +57,9 @@ pub enum HashKey {
     Cookie(String),
     /// The request path (cache affinity).
     Path,
-    /// The client IP from the [`ClientAddr`] extension (nginx `ip_hash`, all of the address).
+    /// The client IP ([`client_ip`](crate::client_addr::client_ip): the one a
+    /// [`ClientAddrLayer`](crate::client_addr::ClientAddrLayer) believed, else the peer;
+    /// nginx `ip_hash`, all of the address).
     ClientIp,
     /// Any function of the request head; return [`hash_bytes`] of what identifies the session.
     Custom(Arc<KeyFn>),
@@ -80,13 +81,12 @@ impl HashKey {
                 cookie_value(req.headers(), name).map(|v| hash_bytes(v.as_bytes()))
             }
             HashKey::Path => Some(hash_bytes(req.uri().path().as_bytes())),
-            HashKey::ClientIp => req
-                .extensions()
-                .get::<ClientAddr>()
-                .map(|a| match a.0.ip() {
+            HashKey::ClientIp => {
+                crate::client_addr::client_ip(req.extensions()).map(|ip| match ip {
                     std::net::IpAddr::V4(ip) => hash_bytes(&ip.octets()),
                     std::net::IpAddr::V6(ip) => hash_bytes(&ip.octets()),
-                }),
+                })
+            }
             HashKey::Custom(f) => f(req.uri(), req.headers()),
         }
     }

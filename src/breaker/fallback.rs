@@ -1,10 +1,13 @@
 //! What answers a call the circuit rejected.
 
 use std::future::Future;
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures_util::future::{ready, Ready};
+use http::{Request, Response};
+use http_body_util::Either;
 use pin_project_lite::pin_project;
 use tower::util::Oneshot;
 use tower::ServiceExt;
@@ -15,21 +18,35 @@ use crate::BoxError;
 
 /// Answers a rejected call (Hystrix's fallback method). Implemented by [`NoFallback`]
 /// (fail fast with [`CircuitOpen`]), [`ServiceFallback`] and [`FnFallback`].
-pub trait Fallback<Req, Res>: Clone {
+///
+/// A fallback answers with its own body type: the breaker's responses then carry
+/// [`Self::Body`], an enum of the inner service's body `RB` and the fallback's (no boxing),
+/// so a fallback over `Forward` never has to build a `hyper::body::Incoming`.
+pub trait Fallback<Req, RB>: Clone {
+    /// The body of every response of the breaker: `RB` itself for [`NoFallback`],
+    /// `Either<RB, FallbackBody>` for a fallback with a body of its own.
+    type Body;
     /// The answer.
-    type Future: Future<Output = Result<Res, BoxError>>;
+    type Future: Future<Output = Result<Response<Self::Body>, BoxError>>;
     /// Handles `req`, which the circuit refused for the reason in `rejected`.
     fn fallback(&self, req: Req, rejected: CircuitOpen) -> Self::Future;
+    /// Turns an admitted call's body into [`Self::Body`].
+    fn inner_body(body: RB) -> Self::Body;
 }
 
 /// No fallback: a rejected call fails with a boxed [`CircuitOpen`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoFallback;
 
-impl<Req, Res> Fallback<Req, Res> for NoFallback {
-    type Future = Ready<Result<Res, BoxError>>;
+impl<Req, RB> Fallback<Req, RB> for NoFallback {
+    type Body = RB;
+    type Future = Ready<Result<Response<RB>, BoxError>>;
     fn fallback(&self, _req: Req, rejected: CircuitOpen) -> Self::Future {
         ready(Err(Box::new(rejected)))
+    }
+    #[inline]
+    fn inner_body(body: RB) -> RB {
+        body
     }
 }
 
@@ -38,34 +55,28 @@ impl<Req, Res> Fallback<Req, Res> for NoFallback {
 #[derive(Debug, Clone)]
 pub struct ServiceFallback<T>(pub T);
 
-/// Lets a fallback see why the call was rejected.
-pub trait WithRejection {
-    /// Attaches the rejection to the request.
-    fn with_rejection(self, rejected: CircuitOpen) -> Self;
-}
-
-impl<B> WithRejection for http::Request<B> {
-    fn with_rejection(mut self, rejected: CircuitOpen) -> Self {
-        self.extensions_mut().insert(rejected);
-        self
-    }
-}
-
-impl<Req, T> Fallback<Req, T::Response> for ServiceFallback<T>
+impl<B, RB, FB, T> Fallback<Request<B>, RB> for ServiceFallback<T>
 where
-    Req: WithRejection,
-    T: Service<Req> + Clone,
+    T: Service<Request<B>, Response = Response<FB>> + Clone,
     T::Error: Into<BoxError>,
 {
-    type Future = ErrInto<Oneshot<T, Req>>;
-    fn fallback(&self, req: Req, rejected: CircuitOpen) -> Self::Future {
-        ErrInto {
-            fut: self.0.clone().oneshot(req.with_rejection(rejected)),
+    type Body = Either<RB, FB>;
+    type Future = FallbackFuture<Oneshot<T, Request<B>>, RB>;
+    fn fallback(&self, mut req: Request<B>, rejected: CircuitOpen) -> Self::Future {
+        req.extensions_mut().insert(rejected);
+        FallbackFuture {
+            fut: self.0.clone().oneshot(req),
+            _inner: PhantomData,
         }
+    }
+    #[inline]
+    fn inner_body(body: RB) -> Self::Body {
+        Either::Left(body)
     }
 }
 
-/// A closure `Fn(Req, CircuitOpen) -> impl Future<Output = Result<Res, E>>` as fallback.
+/// A closure `Fn(Request, CircuitOpen) -> impl Future<Output = Result<Response<FB>, E>>` as
+/// fallback; `FB` is the closure's own body type.
 #[derive(Clone)]
 pub struct FnFallback<F>(pub F);
 
@@ -75,36 +86,48 @@ impl<F> std::fmt::Debug for FnFallback<F> {
     }
 }
 
-impl<Req, Res, E, F, Fut> Fallback<Req, Res> for FnFallback<F>
+impl<B, RB, FB, E, F, Fut> Fallback<Request<B>, RB> for FnFallback<F>
 where
-    F: Fn(Req, CircuitOpen) -> Fut + Clone,
-    Fut: Future<Output = Result<Res, E>>,
+    F: Fn(Request<B>, CircuitOpen) -> Fut + Clone,
+    Fut: Future<Output = Result<Response<FB>, E>>,
     E: Into<BoxError>,
 {
-    type Future = ErrInto<Fut>;
-    fn fallback(&self, req: Req, rejected: CircuitOpen) -> Self::Future {
-        ErrInto {
+    type Body = Either<RB, FB>;
+    type Future = FallbackFuture<Fut, RB>;
+    fn fallback(&self, req: Request<B>, rejected: CircuitOpen) -> Self::Future {
+        FallbackFuture {
             fut: (self.0)(req, rejected),
+            _inner: PhantomData,
         }
+    }
+    #[inline]
+    fn inner_body(body: RB) -> Self::Body {
+        Either::Left(body)
     }
 }
 
 pin_project! {
-    /// Boxes the error of the inner future.
+    /// The answer of a [`ServiceFallback`] or [`FnFallback`]: its response with the body
+    /// put on the right of the breaker's body enum, its error boxed.
     #[derive(Debug)]
-    pub struct ErrInto<Fut> {
+    pub struct FallbackFuture<Fut, RB> {
         #[pin]
         fut: Fut,
+        // The inner body type only names the left side of the enum; nothing is stored.
+        _inner: PhantomData<fn() -> RB>,
     }
 }
 
-impl<Fut, T, E> Future for ErrInto<Fut>
+impl<Fut, RB, FB, E> Future for FallbackFuture<Fut, RB>
 where
-    Fut: Future<Output = Result<T, E>>,
+    Fut: Future<Output = Result<Response<FB>, E>>,
     E: Into<BoxError>,
 {
-    type Output = Result<T, BoxError>;
+    type Output = Result<Response<Either<RB, FB>>, BoxError>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.project().fut.poll(cx).map_err(Into::into)
+        self.project()
+            .fut
+            .poll(cx)
+            .map(|r| r.map(|res| res.map(Either::Right)).map_err(Into::into))
     }
 }

@@ -38,18 +38,20 @@ impl<K: Classifier> Guard<K> {
 
 pin_project! {
     /// Resolves to the inner response, the fallback's answer, or a rejection.
-    pub struct ResponseFuture<Fut, K, FF> {
+    pub struct ResponseFuture<Fut, K, FF, W> {
         #[pin]
-        kind: Kind<Fut, K, FF>,
+        kind: Kind<Fut, K, FF, W>,
     }
 }
 
 pin_project! {
     #[project = Proj]
-    enum Kind<Fut, K, FF> {
+    enum Kind<Fut, K, FF, W> {
         Admitted {
             #[pin]
             fut: Fut,
+            // Puts the inner body into the breaker's body type (identity without fallback).
+            wrap: W,
             guard: Option<Guard<K>>,
         },
         Fallback {
@@ -59,11 +61,12 @@ pin_project! {
     }
 }
 
-impl<Fut, K, FF> ResponseFuture<Fut, K, FF> {
-    pub(crate) fn admitted(fut: Fut, guard: Guard<K>) -> Self {
+impl<Fut, K, FF, W> ResponseFuture<Fut, K, FF, W> {
+    pub(crate) fn admitted(fut: Fut, wrap: W, guard: Guard<K>) -> Self {
         Self {
             kind: Kind::Admitted {
                 fut,
+                wrap,
                 guard: Some(guard),
             },
         }
@@ -76,7 +79,7 @@ impl<Fut, K, FF> ResponseFuture<Fut, K, FF> {
     }
 }
 
-impl<Fut, K, FF> std::fmt::Debug for ResponseFuture<Fut, K, FF> {
+impl<Fut, K, FF, W> std::fmt::Debug for ResponseFuture<Fut, K, FF, W> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.kind {
             Kind::Admitted { .. } => f.write_str("ResponseFuture::Admitted"),
@@ -85,25 +88,25 @@ impl<Fut, K, FF> std::fmt::Debug for ResponseFuture<Fut, K, FF> {
     }
 }
 
-impl<Fut, K, FF, B, E> Future for ResponseFuture<Fut, K, FF>
+impl<Fut, K, FF, B, OB, E> Future for ResponseFuture<Fut, K, FF, fn(B) -> OB>
 where
     Fut: Future<Output = Result<Response<B>, E>>,
     E: Into<BoxError>,
     K: Classifier,
-    FF: Future<Output = Result<Response<B>, BoxError>>,
+    FF: Future<Output = Result<Response<OB>, BoxError>>,
 {
-    type Output = Result<Response<B>, BoxError>;
+    type Output = Result<Response<OB>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            Proj::Admitted { fut, guard } => {
+            Proj::Admitted { fut, wrap, guard } => {
                 let res = std::task::ready!(fut.poll(cx));
                 match res {
                     Ok(res) => {
                         if let Some(g) = guard.take() {
                             g.finish(|k| k.classify_response(&res));
                         }
-                        Poll::Ready(Ok(res))
+                        Poll::Ready(Ok(res.map(*wrap)))
                     }
                     Err(e) => {
                         let e: BoxError = e.into();

@@ -66,7 +66,8 @@ impl<C, F> CircuitBreakerLayer<C, F> {
     }
 
     /// Rejected calls go to this service (the [`CircuitOpen`] is in the request
-    /// extensions).
+    /// extensions); its body type is its own (the breaker's body becomes
+    /// `Either<inner body, fallback body>`).
     pub fn fallback_service<T>(self, svc: T) -> CircuitBreakerLayer<C, ServiceFallback<T>> {
         CircuitBreakerLayer {
             breaker: self.breaker,
@@ -76,7 +77,8 @@ impl<C, F> CircuitBreakerLayer<C, F> {
         }
     }
 
-    /// Rejected calls go to `f(request, rejection)`.
+    /// Rejected calls go to `f(request, rejection)`, which answers with a body type of its
+    /// own (the breaker's body becomes `Either<inner body, fallback body>`).
     pub fn fallback_fn<G, Req, Fut>(self, f: G) -> CircuitBreakerLayer<C, FnFallback<G>>
     where
         G: Fn(Req, CircuitOpen) -> Fut + Clone,

@@ -35,7 +35,8 @@
 //! }
 //! assert_eq!(breaker.state(), tower_patterns::breaker::State::Open);
 //! let res = svc.oneshot(http::Request::new(String::new())).await?;
-//! assert!(res.body().starts_with("cached answer"));
+//! // The fallback's own body is on the right of the breaker's body enum.
+//! assert!(matches!(res.body(), http_body_util::Either::Right(s) if s.starts_with("cached answer")));
 //! # Ok(()) }
 //! ```
 //!
@@ -49,7 +50,7 @@
 //! | window | count-based (last N calls) or time-based (last N seconds, 1 s buckets) |
 //! | open | constant wait or exponential backoff with jitter; half-open entered by the next call (lazy) or by a timer (automatic) |
 //! | half-open | N probe permits; extra calls rejected; a cancelled or ignored probe returns its permit; the N results decide by the same thresholds; optional maximum wait, then open again |
-//! | rejection | [`CircuitOpen`] error with the remaining open time, or a [`Fallback`] (service or closure) |
+//! | rejection | [`CircuitOpen`] error with the remaining open time, or a [`Fallback`] (service or closure) answering with its own body type |
 //! | integration | reject in `call` (safe behind `Buffer`) or back-pressure in `poll_ready` ([`Mode`]); [`Breaker`] is a [`Gate`](crate::gate::Gate) for the balancer |
 //! | same-state transition | no event; half-open can only be entered from open ([`IllegalTransition`]) |
 //! | events | `tracing` (target `tower_patterns::breaker`): transition (info), failure rate exceeded (warn), call not permitted (debug); [`Breaker::subscribe`] watches the state |
@@ -71,7 +72,7 @@ pub use config::{
     MAX_WINDOW_SECS,
 };
 pub use error::{CircuitOpen, ConfigError, IllegalTransition};
-pub use fallback::{ErrInto, Fallback, FnFallback, NoFallback, ServiceFallback, WithRejection};
+pub use fallback::{Fallback, FallbackFuture, FnFallback, NoFallback, ServiceFallback};
 pub use future::ResponseFuture;
 pub use layer::CircuitBreakerLayer;
 pub use service::CircuitBreaker;

@@ -154,11 +154,11 @@ where
     S: Service<Request<B>, Response = Response<RB>>,
     S::Error: Into<BoxError>,
     C: Classify,
-    F: Fallback<Request<B>, Response<RB>>,
+    F: Fallback<Request<B>, RB>,
 {
-    type Response = Response<RB>;
+    type Response = Response<F::Body>;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future, C::Classifier, F::Future>;
+    type Future = ResponseFuture<S::Future, C::Classifier, F::Future, fn(RB) -> F::Body>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         if self.mode == Mode::BackPressure && self.reserved.is_none() {
@@ -179,6 +179,7 @@ where
                 let fut = self.inner.call(req);
                 ResponseFuture::admitted(
                     fut,
+                    F::inner_body,
                     Guard {
                         breaker: self.breaker.clone(),
                         permit,

@@ -8,7 +8,6 @@ use tower_layer::Layer;
 use super::service::Cache;
 use super::store::Store;
 use crate::body::tee::TeeStats;
-use crate::proxy::ClientAddr;
 
 type KeyFn = dyn Fn(&http::request::Parts) -> String + Send + Sync;
 type PurgeFn = dyn Fn(&http::request::Parts) -> bool + Send + Sync;
@@ -116,12 +115,11 @@ pub fn path_and_query_key(parts: &http::request::Parts) -> String {
         .unwrap_or_else(|| "/".to_owned())
 }
 
-/// The default `PURGE` permission: only clients on a loopback address ([`ClientAddr`]).
+/// The default `PURGE` permission: only clients on a loopback address
+/// ([`client_ip`](crate::client_addr::client_ip): behind a trusted proxy, the client it
+/// forwarded for, not the proxy). No known address: refused.
 pub fn purge_from_loopback(parts: &http::request::Parts) -> bool {
-    parts
-        .extensions
-        .get::<ClientAddr>()
-        .is_some_and(|a| a.0.ip().is_loopback())
+    crate::client_addr::client_ip(&parts.extensions).is_some_and(|ip| ip.is_loopback())
 }
 
 impl CacheLayer {

@@ -47,9 +47,10 @@ pub use error::ForwardError;
 pub use future::ResponseFuture;
 pub use headers::strip_hop_by_hop;
 // Kept at their old paths so existing imports compile; they live in the neutral modules.
+pub use crate::client_addr::ClientAddr;
 pub use crate::error::error_status;
 pub use crate::respond::{
     error_response, status_response, ErrorResponse, ErrorResponseBody, ErrorResponseFuture,
     ErrorResponseLayer,
 };
-pub use service::{ClientAddr, Forward, ForwardBuilder, Upstream};
+pub use service::{Forward, ForwardBuilder, Upstream};

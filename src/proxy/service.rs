@@ -1,5 +1,4 @@
 use std::fmt;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -14,18 +13,12 @@ use super::error::ForwardError;
 use super::future::ResponseFuture;
 use super::headers::strip_hop_by_hop;
 use super::pool::{HostPool, PoolConfig, Pools};
+use crate::client_addr::{joined_forwarded_for, ClientAddr};
 use crate::BoxError;
 
 const X_FORWARDED_FOR: &str = "x-forwarded-for";
 const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
 const X_FORWARDED_HOST: &str = "x-forwarded-host";
-
-/// The address of the client that sent a request, as a request extension.
-///
-/// [`crate::server::serve`] inserts it; with axum, insert it from `ConnectInfo`. [`Forward`]
-/// appends it to `X-Forwarded-For`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientAddr(pub SocketAddr);
 
 /// A validated upstream: `http://host:port[/prefix]`.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -279,10 +272,10 @@ where
 fn set_forwarded(opts: &Options, headers: &mut HeaderMap, client: Option<ClientAddr>, uri: &Uri) {
     if let Some(ClientAddr(addr)) = client {
         let ip = addr.ip().to_string();
-        let value = match headers.get(X_FORWARDED_FOR) {
-            Some(prev) if opts.append_forwarded_for => {
-                let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
-                v.extend_from_slice(prev.as_bytes());
+        // Every line of a repeated header counts: reading only the first would drop the
+        // hops the others name (RFC 9110 §5.3 combines them with ", ").
+        let value = match joined_forwarded_for(headers) {
+            Some(mut v) if opts.append_forwarded_for => {
                 v.extend_from_slice(b", ");
                 v.extend_from_slice(ip.as_bytes());
                 HeaderValue::from_bytes(&v).ok()
