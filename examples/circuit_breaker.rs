@@ -20,11 +20,10 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_patterns::body::{boxed, BoxBody};
 use tower_patterns::breaker::{
     CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen, State, WaitStrategy, Window,
 };
-use tower_patterns::proxy::{error_response, ForwardBuilder};
+use tower_patterns::proxy::ForwardBuilder;
 use tower_patterns::server;
 use tower_patterns::BoxError;
 
@@ -77,10 +76,11 @@ async fn main() -> Result<(), BoxError> {
                 Response::builder()
                     .status(StatusCode::OK)
                     .header("x-served-by", "fallback")
-                    .body(boxed(Full::new(Bytes::from(format!(
+                    // The fallback's own body type, whatever the upstream's is.
+                    .body(Full::new(Bytes::from(format!(
                         "cached answer from A (B unavailable, circuit {}, retry in {retry} ms)",
                         why.state
-                    )))))
+                    ))))
                     .unwrap(),
             )
         },
@@ -90,13 +90,9 @@ async fn main() -> Result<(), BoxError> {
         .connect_timeout(Duration::from_millis(500))
         .response_timeout(Duration::from_secs(2))
         .build::<hyper::body::Incoming>()?;
-    let a = ServiceBuilder::new()
-        .map_result(|r: Result<Response<BoxBody>, BoxError>| {
-            Ok::<_, BoxError>(r.unwrap_or_else(|e| error_response(&*e).map(boxed)))
-        })
-        .layer(layer)
-        .map_response(|r: Response<hyper::body::Incoming>| r.map(boxed))
-        .service(forward);
+    // `respond()`: rejections without a fallback and upstream errors become 502/503/504
+    // responses; no adapter between the layers.
+    let a = ServiceBuilder::new().layer(layer.respond()).service(forward);
     let a_listener = TcpListener::bind("127.0.0.1:0").await?;
     let a_addr = a_listener.local_addr()?;
     tokio::spawn(server::serve(a_listener, a));

@@ -161,6 +161,14 @@ impl fmt::Debug for TeeLayerBuilder {
 }
 
 impl TeeLayer {
+    /// This layer with [`ErrorResponseLayer`](crate::respond::ErrorResponseLayer) on top:
+    /// the `Infallible`-error form that mounts directly in axum (`Router::layer`,
+    /// `route_layer`) and in hyper; errors become responses with the status each error
+    /// stands for. See `docs/foundation.md`, "Mounting in axum".
+    pub fn respond(self) -> tower::layer::util::Stack<Self, crate::respond::ErrorResponseLayer> {
+        tower::layer::util::Stack::new(self, crate::respond::ErrorResponseLayer)
+    }
+
     /// A layer copying to `sink` with the defaults (see [`TeeLayerBuilder`]).
     pub fn new(sink: impl Sink) -> Self {
         TeeLayer::builder().sink(sink).build()

@@ -23,6 +23,14 @@ pub struct ReplayLayer {
 }
 
 impl ReplayLayer {
+    /// This layer with [`ErrorResponseLayer`](crate::respond::ErrorResponseLayer) on top:
+    /// the `Infallible`-error form that mounts directly in axum (`Router::layer`,
+    /// `route_layer`) and in hyper; errors become responses with the status each error
+    /// stands for. See `docs/foundation.md`, "Mounting in axum".
+    pub fn respond(self) -> tower::layer::util::Stack<Self, crate::respond::ErrorResponseLayer> {
+        tower::layer::util::Stack::new(self, crate::respond::ErrorResponseLayer)
+    }
+
     /// Buffers request bodies of up to `limit` bytes (nginx `client_body_buffer_size`);
     /// larger bodies are streamed once and not retried.
     pub fn new(limit: usize) -> Self {

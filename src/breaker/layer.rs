@@ -50,6 +50,14 @@ impl CircuitBreakerLayer {
 }
 
 impl<C, F> CircuitBreakerLayer<C, F> {
+    /// This layer with [`ErrorResponseLayer`](crate::respond::ErrorResponseLayer) on top:
+    /// the `Infallible`-error form that mounts directly in axum (`Router::layer`,
+    /// `route_layer`) and in hyper; errors become responses with the status each error
+    /// stands for. See `docs/foundation.md`, "Mounting in axum".
+    pub fn respond(self) -> tower::layer::util::Stack<Self, crate::respond::ErrorResponseLayer> {
+        tower::layer::util::Stack::new(self, crate::respond::ErrorResponseLayer)
+    }
+
     /// The circuit's handle: state, events, metrics, operator controls.
     pub fn breaker(&self) -> &Breaker {
         &self.breaker

@@ -123,6 +123,14 @@ pub fn purge_from_loopback(parts: &http::request::Parts) -> bool {
 }
 
 impl CacheLayer {
+    /// This layer with [`ErrorResponseLayer`](crate::respond::ErrorResponseLayer) on top:
+    /// the `Infallible`-error form that mounts directly in axum (`Router::layer`,
+    /// `route_layer`) and in hyper; errors become responses with the status each error
+    /// stands for. See `docs/foundation.md`, "Mounting in axum".
+    pub fn respond(self) -> tower::layer::util::Stack<Self, crate::respond::ErrorResponseLayer> {
+        tower::layer::util::Stack::new(self, crate::respond::ErrorResponseLayer)
+    }
+
     /// A cache over `store` with the defaults.
     pub fn new(store: impl Store) -> Self {
         CacheLayer::builder(store).build()

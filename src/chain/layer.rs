@@ -47,6 +47,14 @@ impl<N> FallbackLayer<N, SharedCondition> {
 }
 
 impl<N, C: Classify> FallbackLayer<N, C> {
+    /// This layer with [`ErrorResponseLayer`](crate::respond::ErrorResponseLayer) on top:
+    /// the `Infallible`-error form that mounts directly in axum (`Router::layer`,
+    /// `route_layer`) and in hyper; errors become responses with the status each error
+    /// stands for. See `docs/foundation.md`, "Mounting in axum".
+    pub fn respond(self) -> tower::layer::util::Stack<Self, crate::respond::ErrorResponseLayer> {
+        tower::layer::util::Stack::new(self, crate::respond::ErrorResponseLayer)
+    }
+
     /// Hop to `next` when the per-request classifier made by `classify` reports a failure
     /// (see [`classify_fn`](crate::classify::classify_fn)).
     pub fn with_classify(classify: C, next: N) -> Self {
@@ -136,6 +144,14 @@ impl Default for ChainLayer {
 }
 
 impl ChainLayer {
+    /// This layer with [`ErrorResponseLayer`](crate::respond::ErrorResponseLayer) on top:
+    /// the `Infallible`-error form that mounts directly in axum (`Router::layer`,
+    /// `route_layer`) and in hyper; errors become responses with the status each error
+    /// stands for. See `docs/foundation.md`, "Mounting in axum".
+    pub fn respond(self) -> tower::layer::util::Stack<Self, crate::respond::ErrorResponseLayer> {
+        tower::layer::util::Stack::new(self, crate::respond::ErrorResponseLayer)
+    }
+
     /// Defaults: replay limit 64 KiB, hop header `x-chain-hops`, at most 8 hops, no report
     /// header.
     pub fn new() -> Self {
