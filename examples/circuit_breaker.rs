@@ -92,7 +92,9 @@ async fn main() -> Result<(), BoxError> {
         .build::<hyper::body::Incoming>()?;
     // `respond()`: rejections without a fallback and upstream errors become 502/503/504
     // responses; no adapter between the layers.
-    let a = ServiceBuilder::new().layer(layer.respond()).service(forward);
+    let a = ServiceBuilder::new()
+        .layer(layer.respond())
+        .service(forward);
     let a_listener = TcpListener::bind("127.0.0.1:0").await?;
     let a_addr = a_listener.local_addr()?;
     tokio::spawn(server::serve(a_listener, a));
