@@ -38,9 +38,9 @@ use tower_patterns::backup::{BackupEvent, FsSink, TeeLayer};
 use tower_patterns::balance::{Balance, PassiveHealth, ReplayLayer, Retry};
 use tower_patterns::body::ReplayBody;
 use tower_patterns::breaker::{
-    Breaker, CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen, Window,
+    Circuit, CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen, Window,
 };
-use tower_patterns::chain::{ChainLayer, FallbackLayer};
+use tower_patterns::chain::{ChainLayer, LinkLayer};
 use tower_patterns::client_addr::ClientAddrLayer;
 use tower_patterns::proxy::ForwardBuilder;
 use tower_patterns::BoxError;
@@ -119,7 +119,7 @@ pub async fn start_upstreams() -> std::io::Result<Upstreams> {
 /// What the caller may watch: the `/api` circuit and the backups.
 pub struct Handles {
     /// The `/api` circuit.
-    pub breaker: Breaker,
+    pub breaker: Circuit,
     /// One event per finished backup.
     pub backups: tokio::sync::broadcast::Receiver<BackupEvent>,
 }
@@ -167,7 +167,7 @@ pub fn gateway(up: &Upstreams, downloads: PathBuf) -> Result<(Router, Handles), 
     let storage = primary.to(&format!("http://{}", up.storage))?;
     let statics = ServiceBuilder::new()
         .layer(ChainLayer::new().respond())
-        .layer(FallbackLayer::new("404".parse()?, storage))
+        .layer(LinkLayer::new("404".parse()?, storage))
         .service(primary);
 
     // /downloads/*: teed to a directory while the client downloads.

@@ -6,7 +6,7 @@
 //!                     └──── cache fill ◀── tee ── FsSink ◀──┘ (backup into the dir)
 //! ```
 //!
-//! "Storage first, outside on 404" is the content chain (`chain::FallbackLayer`, STON's
+//! "Storage first, outside on 404" is the content chain (`chain::LinkLayer`, STON's
 //! `<VhostLink Condition="404">`): the backup pipe is configured like a link.
 //!
 //! Run: `cargo run --example backup_pipe`
@@ -26,7 +26,7 @@ use tower::{service_fn, ServiceBuilder, ServiceExt};
 use tower_patterns::backup::{backfill, BackupOutcome, FsSink, TeeLayer};
 use tower_patterns::body::{boxed, ReplayBody};
 use tower_patterns::cache::{CacheLayer, MemoryStore, Store};
-use tower_patterns::chain::{ChainLayer, FallbackLayer};
+use tower_patterns::chain::{ChainLayer, LinkLayer};
 use tower_patterns::proxy::{ErrorResponseLayer, ForwardBuilder};
 use tower_patterns::server::spawn_local;
 use tower_patterns::BoxError;
@@ -115,7 +115,7 @@ async fn main() -> Result<(), BoxError> {
     let chain = ServiceBuilder::new()
         .layer(ErrorResponseLayer)
         .layer(ChainLayer::new())
-        .layer(FallbackLayer::new("404".parse()?, to_outside).names("storage", "outside"))
+        .layer(LinkLayer::new("404".parse()?, to_outside).names("storage", "outside"))
         .map_response(|res: Response<Incoming>| res.map(boxed))
         .service(to_storage);
     let cache = CacheLayer::new(MemoryStore::new(64 << 20));

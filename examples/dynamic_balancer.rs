@@ -32,7 +32,7 @@ use tower_patterns::discovery::{
     shutdown_signal, Instance, MemoryRegistry, Registration, Registry, Watcher,
 };
 use tower_patterns::proxy::{Forward, ForwardBuilder};
-use tower_patterns::route::{Backend, RouteTable, Router};
+use tower_patterns::route::{Backend, PathRouter, RouteTable};
 use tower_patterns::BoxError;
 
 /// One balancer per service: round robin over the registry's instances (our `balance`
@@ -133,7 +133,7 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> Result<String, BoxError>
     ))
 }
 
-async fn wait_for(router: &Router<Balanced>, service: &str, n: usize) {
+async fn wait_for(router: &PathRouter<Balanced>, service: &str, n: usize) {
     if let Some(w) = router.backend(service).and_then(|b| b.watcher()) {
         w.wait_until(|s| s.len() == n).await;
     }

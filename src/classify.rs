@@ -377,6 +377,27 @@ impl Classifier for Condition {
     }
 }
 
+/// One [`Condition`] shared by many layers (or many clones of one) by reference: each
+/// request's classifier is then a pointer instead of a copy of the status bitsets. The
+/// chain's links use it.
+impl Classify for std::sync::Arc<Condition> {
+    type Classifier = std::sync::Arc<Condition>;
+    #[inline]
+    fn classify_request<B>(&self, _req: &Request<B>) -> Self::Classifier {
+        self.clone()
+    }
+}
+
+impl Classifier for std::sync::Arc<Condition> {
+    #[inline]
+    fn classify_response<B>(self, res: &Response<B>) -> Outcome {
+        self.classify_status(res.status())
+    }
+    fn classify_error(self, err: &(dyn StdError + 'static)) -> Outcome {
+        self.classify_error_ref(err)
+    }
+}
+
 impl fmt::Debug for Condition {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Condition({self})")

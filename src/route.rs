@@ -65,7 +65,7 @@ use crate::discovery::{Selector, Watcher};
 use crate::respond::error_response;
 use crate::BoxError;
 
-/// Errors building a [`Router`].
+/// Errors building a [`PathRouter`].
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RouteError {
@@ -125,7 +125,7 @@ impl RouteTable {
     pub fn build<S>(
         self,
         mut make: impl FnMut(&str, &Selector) -> Backend<S>,
-    ) -> Result<Router<S>, RouteError> {
+    ) -> Result<PathRouter<S>, RouteError> {
         let mut names: Vec<(String, Selector)> = Vec::new();
         let mut backends: Vec<Backend<S>> = Vec::new();
         let mut routes: Vec<Route> = Vec::new();
@@ -158,7 +158,7 @@ impl RouteTable {
         }
         // Longest prefix first, so the first match is the best one.
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
-        Ok(Router {
+        Ok(PathRouter {
             routes: routes.into(),
             backends: backends.into(),
         })
@@ -219,21 +219,21 @@ struct Route {
 ///
 /// The backend service is cloned per request (`oneshot`), so it must be `Clone`; wrap a
 /// balancer that is not in `tower::buffer::Buffer`.
-pub struct Router<S> {
+pub struct PathRouter<S> {
     routes: Arc<[Route]>,
     backends: Arc<[Backend<S>]>,
 }
 
-impl<S> Clone for Router<S> {
+impl<S> Clone for PathRouter<S> {
     fn clone(&self) -> Self {
-        Router {
+        PathRouter {
             routes: self.routes.clone(),
             backends: self.backends.clone(),
         }
     }
 }
 
-impl<S> fmt::Debug for Router<S> {
+impl<S> fmt::Debug for PathRouter<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_map();
         for r in self.routes.iter() {
@@ -243,7 +243,7 @@ impl<S> fmt::Debug for Router<S> {
     }
 }
 
-impl<S> Router<S> {
+impl<S> PathRouter<S> {
     /// The service name a path is routed to.
     pub fn resolve(&self, path: &str) -> Option<&str> {
         self.route(path).map(|r| &*r.service)
@@ -279,7 +279,7 @@ fn text(status: StatusCode, body: String) -> Response<BoxBody> {
     res
 }
 
-impl<S, B, RB> Service<Request<B>> for Router<S>
+impl<S, B, RB> Service<Request<B>> for PathRouter<S>
 where
     S: Service<Request<B>, Response = Response<RB>> + Clone,
     S::Error: Into<BoxError>,
@@ -327,7 +327,7 @@ where
 }
 
 pin_project! {
-    /// The response future of [`Router`].
+    /// The response future of [`PathRouter`].
     pub struct RouteFuture<S, Req>
     where
         S: Service<Req>,

@@ -11,7 +11,7 @@ use http_body_util::Either;
 use tokio::time::Instant;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_patterns::breaker::{
-    Breaker, CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen, IllegalTransition, Mode,
+    Circuit, CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen, IllegalTransition, Mode,
     State, WaitStrategy, Window,
 };
 use tower_patterns::classify::{Condition, FailureKind, Outcome};
@@ -69,7 +69,7 @@ fn cfg() -> CircuitBreakerConfig {
 }
 
 /// Drives the breaker directly through the gate API.
-fn run(b: &Breaker, outcomes: &[Outcome]) {
+fn run(b: &Circuit, outcomes: &[Outcome]) {
     for o in outcomes {
         let p = b.try_acquire().expect("admitted");
         b.complete(p, *o, Duration::from_millis(1));
@@ -77,7 +77,7 @@ fn run(b: &Breaker, outcomes: &[Outcome]) {
 }
 
 /// Trips the breaker and waits out the open state; the next acquire goes half-open.
-async fn to_half_open(b: &Breaker) {
+async fn to_half_open(b: &Circuit) {
     run(b, &[F, F, F, F, F]);
     assert_eq!(b.state(), State::Open);
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -111,7 +111,7 @@ async fn min_calls_five_at_fifty_percent_opens_on_the_fifth_call() {
 
 #[tokio::test(start_paused = true)]
 async fn exactly_at_threshold_trips_and_just_below_does_not() {
-    let b = Breaker::new(cfg().minimum_calls(4)).unwrap();
+    let b = Circuit::new(cfg().minimum_calls(4)).unwrap();
     run(&b, &[F, S, S, S]);
     assert_eq!(b.state(), State::Closed, "25% < 50%");
     run(&b, &[F]);
@@ -159,14 +159,14 @@ async fn time_window_forgets_calls_older_than_the_window() {
             .minimum_calls(4)
     };
     // Control: the same calls inside one window trip.
-    let b = Breaker::new(time_cfg()).unwrap();
+    let b = Circuit::new(time_cfg()).unwrap();
     run(&b, &[F, F]);
     tokio::time::sleep(Duration::from_secs(5)).await;
     run(&b, &[S, S]);
     assert_eq!(b.state(), State::Open);
 
     // With the failures older than the window, they no longer count.
-    let b = Breaker::new(time_cfg()).unwrap();
+    let b = Circuit::new(time_cfg()).unwrap();
     run(&b, &[F, F]);
     assert_eq!(b.metrics().calls, 2);
     tokio::time::sleep(Duration::from_secs(11)).await;
@@ -182,7 +182,7 @@ async fn time_window_forgets_calls_older_than_the_window() {
 
 #[tokio::test(start_paused = true)]
 async fn consecutive_failures_trip_without_a_rate() {
-    let b = Breaker::new(
+    let b = Circuit::new(
         CircuitBreakerConfig::new()
             .no_failure_rate()
             .consecutive_failures(3)
@@ -198,7 +198,7 @@ async fn consecutive_failures_trip_without_a_rate() {
 
 #[tokio::test(start_paused = true)]
 async fn half_open_rejects_the_fifth_of_four_and_a_dropped_call_returns_its_permit() {
-    let b = Breaker::new(cfg()).unwrap();
+    let b = Circuit::new(cfg()).unwrap();
     to_half_open(&b).await;
     let mut permits: Vec<_> = (0..4)
         .map(|i| b.try_acquire().unwrap_or_else(|e| panic!("probe {i}: {e}")))
@@ -238,7 +238,7 @@ async fn dropped_response_future_returns_its_half_open_permit() {
 
 #[tokio::test(start_paused = true)]
 async fn half_open_probes_decide_by_the_same_thresholds() {
-    let b = Breaker::new(cfg()).unwrap();
+    let b = Circuit::new(cfg()).unwrap();
     to_half_open(&b).await;
     run(&b, &[F, F, S]);
     assert_eq!(
@@ -258,7 +258,7 @@ async fn half_open_probes_decide_by_the_same_thresholds() {
 
 #[tokio::test(start_paused = true)]
 async fn slow_probes_reopen_the_circuit() {
-    let b = Breaker::new(
+    let b = Circuit::new(
         cfg()
             .no_failure_rate()
             .slow_call_rate_threshold(50.0)
@@ -266,7 +266,7 @@ async fn slow_probes_reopen_the_circuit() {
             .half_open_permits(2),
     )
     .unwrap();
-    let slow = |b: &Breaker, n: usize| {
+    let slow = |b: &Circuit, n: usize| {
         for _ in 0..n {
             let p = b.try_acquire().unwrap();
             b.complete(p, S, Duration::from_secs(3));
@@ -307,7 +307,7 @@ async fn ignored_outcomes_in_half_open_return_their_permits() {
 
 #[tokio::test(start_paused = true)]
 async fn ignored_outcomes_in_closed_state_neither_count_nor_trip() {
-    let b = Breaker::new(cfg()).unwrap();
+    let b = Circuit::new(cfg()).unwrap();
     for _ in 0..20 {
         let p = b.try_acquire().unwrap();
         b.complete(p, Outcome::Ignored, Duration::ZERO);
@@ -319,7 +319,7 @@ async fn ignored_outcomes_in_closed_state_neither_count_nor_trip() {
 
 #[tokio::test(start_paused = true)]
 async fn forced_open_stays_open_after_the_wait() {
-    let b = Breaker::new(cfg()).unwrap();
+    let b = Circuit::new(cfg()).unwrap();
     let mut rx = b.subscribe();
     b.force_open();
     assert_eq!(*rx.borrow_and_update(), State::ForcedOpen);
@@ -342,7 +342,7 @@ async fn forced_open_stays_open_after_the_wait() {
 
 #[tokio::test(start_paused = true)]
 async fn same_state_transitions_emit_nothing_and_illegal_ones_are_errors() {
-    let b = Breaker::new(cfg()).unwrap();
+    let b = Circuit::new(cfg()).unwrap();
     let rx = b.subscribe();
     assert_eq!(b.transition_to(State::Closed), Ok(false));
     b.force_closed();
@@ -362,7 +362,7 @@ async fn same_state_transitions_emit_nothing_and_illegal_ones_are_errors() {
 
 #[tokio::test(start_paused = true)]
 async fn disabled_and_metrics_only() {
-    let b = Breaker::new(cfg()).unwrap();
+    let b = Circuit::new(cfg()).unwrap();
     b.disable();
     run(&b, &[F; 20]);
     assert_eq!(b.state(), State::Disabled);
@@ -384,7 +384,7 @@ async fn disabled_and_metrics_only() {
 
 #[tokio::test(start_paused = true)]
 async fn subscription_sees_every_transition() {
-    let b = Breaker::new(cfg().automatic_half_open(true)).unwrap();
+    let b = Circuit::new(cfg().automatic_half_open(true)).unwrap();
     let mut rx = b.subscribe();
     run(&b, &[F; 5]);
     rx.changed().await.unwrap();
@@ -401,7 +401,7 @@ async fn subscription_sees_every_transition() {
 
 #[tokio::test(start_paused = true)]
 async fn lazy_half_open_waits_for_a_call() {
-    let b = Breaker::new(cfg()).unwrap();
+    let b = Circuit::new(cfg()).unwrap();
     run(&b, &[F; 5]);
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(b.state(), State::Open, "nothing happens without a call");
@@ -413,7 +413,7 @@ async fn lazy_half_open_waits_for_a_call() {
 #[tokio::test(start_paused = true)]
 async fn max_half_open_wait_goes_back_to_open() {
     // Automatic: a timer reopens the circuit.
-    let b = Breaker::new(cfg().max_half_open_wait(Duration::from_secs(5))).unwrap();
+    let b = Circuit::new(cfg().max_half_open_wait(Duration::from_secs(5))).unwrap();
     to_half_open(&b).await;
     let stuck = b.try_acquire().unwrap();
     let mut rx = b.subscribe();
@@ -429,7 +429,7 @@ async fn max_half_open_wait_goes_back_to_open() {
 fn without_a_runtime_half_open_and_its_maximum_wait_are_checked_lazily() {
     // No Tokio runtime: no timers, real clock. Every check below happens after at least
     // the configured time, so it cannot race.
-    let b = Breaker::new(
+    let b = Circuit::new(
         cfg()
             .wait_in_open(Duration::from_millis(20))
             .automatic_half_open(true)
@@ -448,7 +448,7 @@ fn without_a_runtime_half_open_and_its_maximum_wait_are_checked_lazily() {
 
 #[tokio::test(start_paused = true)]
 async fn exponential_backoff_grows_caps_and_resets_on_close() {
-    let b = Breaker::new(
+    let b = Circuit::new(
         cfg()
             .half_open_permits(1)
             .wait_strategy(WaitStrategy::Exponential {
@@ -478,7 +478,7 @@ async fn exponential_backoff_grows_caps_and_resets_on_close() {
 #[tokio::test(start_paused = true)]
 async fn jitter_stays_within_its_bounds() {
     for _ in 0..20 {
-        let b = Breaker::new(cfg().wait_strategy(WaitStrategy::Exponential {
+        let b = Circuit::new(cfg().wait_strategy(WaitStrategy::Exponential {
             initial: Duration::from_secs(10),
             multiplier: 1.5,
             max: Duration::from_secs(60),
@@ -622,7 +622,7 @@ fn concurrent_callers_never_exceed_the_permits() {
         .build()
         .unwrap();
     let b = rt.block_on(async {
-        let b = Breaker::new(cfg().half_open_permits(7)).unwrap();
+        let b = Circuit::new(cfg().half_open_permits(7)).unwrap();
         to_half_open(&b).await;
         let p = b.try_acquire().unwrap();
         drop(p); // returned: 7 available in half-open
@@ -666,7 +666,7 @@ fn concurrent_callers_never_exceed_the_permits() {
 fn concurrent_closed_calls_trip_exactly_once() {
     // Exponential backoff: a second opening would double the wait, so the wait shows
     // how many times the circuit opened.
-    let b = Breaker::new(
+    let b = Circuit::new(
         cfg()
             .window(Window::Count(100))
             .minimum_calls(100)
@@ -704,23 +704,23 @@ fn concurrent_closed_calls_trip_exactly_once() {
 fn invalid_configuration_is_a_typed_error() {
     use tower_patterns::breaker::ConfigError;
     assert!(matches!(
-        Breaker::new(cfg().failure_rate_threshold(0.0)),
+        Circuit::new(cfg().failure_rate_threshold(0.0)),
         Err(ConfigError::Percent { .. })
     ));
     assert!(matches!(
-        Breaker::new(cfg().window(Window::Count(0))),
+        Circuit::new(cfg().window(Window::Count(0))),
         Err(ConfigError::Zero("window"))
     ));
     assert!(matches!(
-        Breaker::new(cfg().no_failure_rate()),
+        Circuit::new(cfg().no_failure_rate()),
         Err(ConfigError::NoTripCondition)
     ));
     assert!(matches!(
-        Breaker::new(cfg().half_open_permits(1_000_000)),
+        Circuit::new(cfg().half_open_permits(1_000_000)),
         Err(ConfigError::TooLarge { .. })
     ));
     assert!(matches!(
-        Breaker::new(cfg().wait_strategy(WaitStrategy::Exponential {
+        Circuit::new(cfg().wait_strategy(WaitStrategy::Exponential {
             initial: Duration::from_secs(1),
             multiplier: 0.5,
             max: Duration::from_secs(2),
@@ -780,7 +780,7 @@ mod real {
         cfg: CircuitBreakerConfig,
     ) -> (
         impl Service<Request<Body>, Response = Response<FallbackBody>, Error = BoxError> + Clone,
-        Breaker,
+        Circuit,
     ) {
         let forward = ForwardBuilder::new(format!("http://{addr}"))
             .connect_timeout(Duration::from_secs(2))
@@ -930,7 +930,7 @@ fn tracing_events_for_transitions_rejections_and_exceeded_rates() {
         .with_writer(move || out.clone())
         .finish();
     tracing::subscriber::with_default(subscriber, || {
-        let b = Breaker::new(cfg().name("orders")).unwrap();
+        let b = Circuit::new(cfg().name("orders")).unwrap();
         run(&b, &[F; 5]);
         assert!(b.try_acquire().is_err());
         b.force_open();

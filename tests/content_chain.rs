@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tower::ServiceBuilder;
 use tower_patterns::body::ReplayBody;
 use tower_patterns::chain::{
-    ChainHops, ChainLayer, FallbackLayer, LinkConfigError, LinkTable, StopReason,
+    ChainHops, ChainLayer, LinkConfigError, LinkLayer, LinkTable, StopReason,
 };
 use tower_patterns::classify::Condition;
 use tower_patterns::proxy::{Forward, ForwardBuilder};
@@ -755,8 +755,8 @@ async fn typed_layers_compose_with_service_builder() {
     let c = origin("c", &[("/c", "from c")]).await;
     let svc = ServiceBuilder::new()
         .layer(report_layer())
-        .layer(FallbackLayer::new(cond("5xx,404"), fwd(&c.url())).names("b", "c"))
-        .layer(FallbackLayer::new(cond("404"), fwd(&b.url())).names("a", "b"))
+        .layer(LinkLayer::new(cond("5xx,404"), fwd(&c.url())).names("b", "c"))
+        .layer(LinkLayer::new(cond("404"), fwd(&b.url())).names("a", "b"))
         .service(fwd(&a.url()));
     let front = serve(svc).await;
 
@@ -782,7 +782,7 @@ async fn trail_extension_lists_hops_with_results() {
     let ext = origin("origin", ORIGIN_FILES).await;
     let svc = ServiceBuilder::new()
         .layer(ChainLayer::new().replay_limit(8))
-        .layer(FallbackLayer::new(cond("404"), fwd(&ext.url())).names("foo.com", "bar.com"))
+        .layer(LinkLayer::new(cond("404"), fwd(&ext.url())).names("foo.com", "bar.com"))
         .service(fwd(&storage.url()));
     // Extensions do not cross the socket: record them in a wrapper on the server side.
     let seen: Arc<Mutex<Option<ChainHops>>> = Arc::default();
@@ -883,7 +883,7 @@ async fn skipped_body_is_dropped() {
         let svc = ServiceBuilder::new()
             .layer(ChainLayer::new())
             .layer(
-                FallbackLayer::new(cond("404"), next)
+                LinkLayer::new(cond("404"), next)
                     .drain(drain_limit, std::time::Duration::from_secs(1)),
             )
             .service(primary);
@@ -922,8 +922,8 @@ async fn custom_hop_header_is_counted_by_every_link() {
                 .hop_header(HeaderName::from_static("x-hops"))
                 .max_hops(5),
         )
-        .layer(FallbackLayer::new(cond("404"), tower::service_fn(seen)))
-        .layer(FallbackLayer::new(cond("404"), tower::service_fn(seen)))
+        .layer(LinkLayer::new(cond("404"), tower::service_fn(seen)))
+        .layer(LinkLayer::new(cond("404"), tower::service_fn(seen)))
         .service(tower::service_fn(seen));
     let req = |hops: &str| {
         Request::get("/")

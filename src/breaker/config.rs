@@ -1,4 +1,4 @@
-//! Breaker configuration: trip conditions, open-state wait, half-open probes.
+//! Circuit configuration: trip conditions, open-state wait, half-open probes.
 
 use std::time::Duration;
 
@@ -58,7 +58,7 @@ pub enum Mode {
 }
 
 /// Circuit breaker settings. Start from [`CircuitBreakerConfig::default`] (resilience4j's
-/// defaults) and adjust; [`Breaker::new`](super::Breaker::new) and
+/// defaults) and adjust; [`Circuit::new`](super::Circuit::new) and
 /// [`CircuitBreakerLayer::new`](super::CircuitBreakerLayer::new) validate it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CircuitBreakerConfig {

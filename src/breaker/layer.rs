@@ -8,14 +8,14 @@ use super::config::{CircuitBreakerConfig, Mode};
 use super::error::{CircuitOpen, ConfigError};
 use super::fallback::{FnFallback, NoFallback, ServiceFallback};
 use super::service::CircuitBreaker;
-use super::state::Breaker;
+use super::state::Circuit;
 use crate::classify::{Classify, Condition};
 
 /// Applies one circuit to every service it wraps: all of them share the same
-/// [`Breaker`] (one layer per upstream endpoint).
+/// [`Circuit`] (one layer per upstream endpoint).
 #[derive(Clone)]
 pub struct CircuitBreakerLayer<C = Condition, F = NoFallback> {
-    breaker: Breaker,
+    breaker: Circuit,
     classify: C,
     fallback: F,
     mode: Mode,
@@ -34,11 +34,11 @@ impl CircuitBreakerLayer {
     /// A layer with a new circuit; failures are `5xx` and every error
     /// ([`Condition::server_errors_and_failures`]); rejections fail fast.
     pub fn new(cfg: CircuitBreakerConfig) -> Result<Self, ConfigError> {
-        Ok(Self::from_breaker(Breaker::new(cfg)?))
+        Ok(Self::from_breaker(Circuit::new(cfg)?))
     }
 
     /// A layer over an existing circuit (e.g. one the balancer also uses as a gate).
-    pub fn from_breaker(breaker: Breaker) -> Self {
+    pub fn from_breaker(breaker: Circuit) -> Self {
         let mode = breaker.config().mode;
         Self {
             breaker,
@@ -59,7 +59,7 @@ impl<C, F> CircuitBreakerLayer<C, F> {
     }
 
     /// The circuit's handle: state, events, metrics, operator controls.
-    pub fn breaker(&self) -> &Breaker {
+    pub fn breaker(&self) -> &Circuit {
         &self.breaker
     }
 

@@ -51,9 +51,9 @@
 //! | open | constant wait or exponential backoff with jitter; half-open entered by the next call (lazy) or by a timer (automatic) |
 //! | half-open | N probe permits; extra calls rejected; a cancelled or ignored probe returns its permit; the N results decide by the same thresholds; optional maximum wait, then open again |
 //! | rejection | [`CircuitOpen`] error with the remaining open time, or a [`Fallback`] (service or closure) answering with its own body type |
-//! | integration | reject in `call` (safe behind `Buffer`) or back-pressure in `poll_ready` ([`Mode`]); [`Breaker`] is a [`Gate`](crate::gate::Gate) for the balancer |
+//! | integration | reject in `call` (safe behind `Buffer`) or back-pressure in `poll_ready` ([`Mode`]); [`Circuit`] is a [`Gate`](crate::gate::Gate) for the balancer |
 //! | same-state transition | no event; half-open can only be entered from open ([`IllegalTransition`]) |
-//! | events | `tracing` (target `tower_patterns::breaker`): transition (info), failure rate exceeded (warn), call not permitted (debug); [`Breaker::subscribe`] watches the state |
+//! | events | `tracing` (target `tower_patterns::breaker`): transition (info), failure rate exceeded (warn), call not permitted (debug); [`Circuit::subscribe`] watches the state |
 //! | hot path | closed state: one atomic load to admit, atomics to record, no lock, no allocation |
 //!
 //! See `docs/circuit_breaker.md` for the side-by-side table with resilience4j's options.
@@ -76,4 +76,8 @@ pub use fallback::{Fallback, FallbackFuture, FnFallback, NoFallback, ServiceFall
 pub use future::ResponseFuture;
 pub use layer::CircuitBreakerLayer;
 pub use service::CircuitBreaker;
-pub use state::{Breaker, MetricsSnapshot, Permit, State};
+pub use state::{Circuit, MetricsSnapshot, Permit, State};
+
+/// The old name of [`Circuit`], kept hidden so existing code compiles while it moves.
+#[doc(hidden)]
+pub use state::Circuit as Breaker;

@@ -13,7 +13,7 @@ use tower_service::Service;
 use super::config::Mode;
 use super::fallback::{Fallback, NoFallback};
 use super::future::{Guard, ResponseFuture};
-use super::state::{Breaker, Permit};
+use super::state::{Circuit, Permit};
 use crate::classify::{Classify, Condition};
 use crate::BoxError;
 
@@ -36,11 +36,11 @@ pub struct CircuitBreaker<S, C = Condition, F = NoFallback> {
 /// The per-clone handle, padded to its own cache lines: clones made one after another
 /// would otherwise share a line and their reference counts would bounce between cores.
 #[repr(align(128))]
-pub(crate) struct Local(pub(crate) Breaker);
+pub(crate) struct Local(pub(crate) Circuit);
 
 impl std::ops::Deref for Local {
-    type Target = Breaker;
-    fn deref(&self) -> &Breaker {
+    type Target = Circuit;
+    fn deref(&self) -> &Circuit {
         &self.0
     }
 }
@@ -71,7 +71,7 @@ impl<S: fmt::Debug, C, F> fmt::Debug for CircuitBreaker<S, C, F> {
 }
 
 impl<S, C, F> CircuitBreaker<S, C, F> {
-    pub(crate) fn new(inner: S, breaker: Breaker, classify: C, fallback: F, mode: Mode) -> Self {
+    pub(crate) fn new(inner: S, breaker: Circuit, classify: C, fallback: F, mode: Mode) -> Self {
         Self {
             inner,
             breaker: Arc::new(Local(breaker)),
@@ -85,7 +85,7 @@ impl<S, C, F> CircuitBreaker<S, C, F> {
     }
 
     /// The circuit's handle.
-    pub fn breaker(&self) -> &Breaker {
+    pub fn breaker(&self) -> &Circuit {
         &self.breaker
     }
 

@@ -1,4 +1,4 @@
-//! The state machine and the shareable [`Breaker`] handle.
+//! The state machine and the shareable [`Circuit`] handle.
 //!
 //! The state lives in one `AtomicU64`: `epoch << 4 | busy << 3 | state`. Every transition
 //! bumps the epoch, so outcomes and half-open permits of an earlier state are recognised
@@ -123,7 +123,7 @@ pub(crate) struct Shared {
     notify: Arc<Notify>,
 }
 
-/// Proof that the circuit admitted one call. Hand it back with [`Breaker::complete`];
+/// Proof that the circuit admitted one call. Hand it back with [`Circuit::complete`];
 /// dropping it instead (the call was cancelled) returns a half-open probe permit without
 /// recording anything.
 #[must_use = "a permit must be completed or dropped"]
@@ -185,24 +185,24 @@ pub struct MetricsSnapshot {
     pub half_open_available: Option<u32>,
 }
 
-/// The shareable handle of one circuit: admission ([`try_acquire`](Breaker::try_acquire) /
-/// [`complete`](Breaker::complete), also as a [`Gate`] for the balancer), operator
+/// The shareable handle of one circuit: admission ([`try_acquire`](Circuit::try_acquire) /
+/// [`complete`](Circuit::complete), also as a [`Gate`] for the balancer), operator
 /// controls, events and metrics. Cloning is cheap and every clone drives the same circuit.
 #[derive(Clone)]
-pub struct Breaker {
+pub struct Circuit {
     shared: Arc<Shared>,
 }
 
-impl fmt::Debug for Breaker {
+impl fmt::Debug for Circuit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Breaker")
+        f.debug_struct("Circuit")
             .field("name", &self.shared.name)
             .field("state", &self.state())
             .finish()
     }
 }
 
-impl Breaker {
+impl Circuit {
     /// Builds a circuit from a validated configuration.
     pub fn new(cfg: CircuitBreakerConfig) -> Result<Self, ConfigError> {
         cfg.validate()?;
@@ -271,7 +271,7 @@ impl Breaker {
         self.shared.try_acquire(true)
     }
 
-    /// Like [`try_acquire`](Breaker::try_acquire), but a refusal is not counted: for
+    /// Like [`try_acquire`](Circuit::try_acquire), but a refusal is not counted: for
     /// callers that will send the call elsewhere or wait (a balancer skipping this
     /// endpoint, back-pressure), so the call was not refused.
     #[inline]
@@ -297,7 +297,7 @@ impl Breaker {
     }
 
     /// Moves to closed, starting an empty window (no-op when already closed; see
-    /// [`reset`](Breaker::reset) to clear a closed window).
+    /// [`reset`](Circuit::reset) to clear a closed window).
     pub fn force_closed(&self) {
         let _ = self.shared.transition(None, State::Closed);
     }
@@ -346,7 +346,7 @@ impl Breaker {
     }
 }
 
-impl Gate for Breaker {
+impl Gate for Circuit {
     type Permit = Permit;
 
     /// An endpoint skipped by the balancer is not a refused call: not counted.

@@ -24,8 +24,8 @@ use crate::BoxError;
 type Req<B> = Request<ReplayBody<B>>;
 
 pin_project! {
-    /// Response future of [`Fallback`](super::Fallback).
-    pub struct FallbackFuture<F, N, C, B>
+    /// Response future of [`Link`](super::Link).
+    pub struct LinkFuture<F, N, C, B>
     where
         N: Service<Request<ReplayBody<B>>>,
         C: Classify,
@@ -59,7 +59,7 @@ pin_project! {
     }
 }
 
-impl<F, N, C, B> FallbackFuture<F, N, C, B>
+impl<F, N, C, B> LinkFuture<F, N, C, B>
 where
     N: Service<Req<B>>,
     C: Classify,
@@ -72,7 +72,7 @@ where
         next: Arc<N>,
         policy: Arc<LinkPolicy<C>>,
     ) -> Self {
-        FallbackFuture {
+        LinkFuture {
             state: State::Primary {
                 fut,
                 classifier: Some(classifier),
@@ -85,13 +85,13 @@ where
     }
 }
 
-impl<F, N, C, B> fmt::Debug for FallbackFuture<F, N, C, B>
+impl<F, N, C, B> fmt::Debug for LinkFuture<F, N, C, B>
 where
     N: Service<Req<B>>,
     C: Classify,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("FallbackFuture")
+        f.write_str("LinkFuture")
     }
 }
 
@@ -101,7 +101,7 @@ enum Step<RB, B> {
     Hop(Req<B>, ChainHops),
 }
 
-impl<F, N, C, B, RB, E> Future for FallbackFuture<F, N, C, B>
+impl<F, N, C, B, RB, E> Future for LinkFuture<F, N, C, B>
 where
     F: Future<Output = Result<Response<RB>, E>>,
     E: Into<BoxError>,
@@ -132,7 +132,7 @@ where
                             this.policy,
                         ),
                         // The classifier is taken exactly once, here, and the state moves on.
-                        None => polled_after_completion("chain::FallbackFuture"),
+                        None => polled_after_completion("chain::LinkFuture"),
                     };
                     match step {
                         Step::Return(out) => {
@@ -152,12 +152,12 @@ where
                     let result = ready!(fut.as_mut().poll(cx));
                     let out = match hops.take() {
                         Some(prev) => after_next(prev, result, this.policy),
-                        None => polled_after_completion("chain::FallbackFuture"),
+                        None => polled_after_completion("chain::LinkFuture"),
                     };
                     this.state.set(State::Done);
                     return Poll::Ready(out);
                 }
-                StateProj::Done => polled_after_completion("chain::FallbackFuture"),
+                StateProj::Done => polled_after_completion("chain::LinkFuture"),
             }
         }
     }

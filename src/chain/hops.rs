@@ -103,7 +103,7 @@ pub enum StopReason {
     /// The request body was larger than the replay limit, so it could not be sent again.
     BodyOverLimit,
     /// The method is not idempotent (POST, PATCH, ...) and the link was not configured with
-    /// [`non_idempotent`](super::FallbackLayer::non_idempotent); the request had already
+    /// [`non_idempotent`](super::LinkLayer::non_idempotent); the request had already
     /// reached the link.
     NonIdempotent,
 }
@@ -138,7 +138,7 @@ pub struct ChainHops {
     first: Hop,
     rest: Vec<Hop>,
     stopped: Option<StopReason>,
-    /// A link decided this result is final; an enclosing `Fallback` must not hop on it.
+    /// A link decided this result is final; an enclosing `Link` must not hop on it.
     pub(crate) settled: bool,
 }
 

@@ -6,8 +6,7 @@ use http::HeaderName;
 use tower_layer::Layer;
 
 use super::hops::LinkName;
-use super::service::SharedCondition;
-use super::service::{Chain, ChainConfig, Fallback, LinkPolicy, DEFAULT_HOP_HEADER};
+use super::service::{Chain, ChainConfig, Link, LinkPolicy, DEFAULT_HOP_HEADER};
 use crate::classify::{Classify, Condition};
 
 /// Wraps a service (the *primary* link) with the *next* link: when the primary's response
@@ -18,7 +17,7 @@ use crate::classify::{Classify, Condition};
 /// after the service, so `foo -> bar -> baz` reads
 ///
 /// ```
-/// # use tower_patterns::chain::{ChainLayer, FallbackLayer};
+/// # use tower_patterns::chain::{ChainLayer, LinkLayer};
 /// # use tower_patterns::classify::Condition;
 /// # fn svc(_: &'static str) -> tower::util::BoxCloneSyncService<http::Request<tower_patterns::body::ReplayBody<http_body_util::Empty<bytes::Bytes>>>, http::Response<http_body_util::Empty<bytes::Bytes>>, std::convert::Infallible> {
 /// #     tower::util::BoxCloneSyncService::new(tower::service_fn(|_| async { Ok(http::Response::new(http_body_util::Empty::new())) }))
@@ -26,27 +25,29 @@ use crate::classify::{Classify, Condition};
 /// let not_found: Condition = "404".parse().unwrap();
 /// let chain = tower::ServiceBuilder::new()
 ///     .layer(ChainLayer::new())                                           // the edge
-///     .layer(FallbackLayer::new(not_found, svc("baz")).names("bar", "baz")) // bar -> baz
-///     .layer(FallbackLayer::new(not_found, svc("bar")).names("foo", "bar")) // foo -> bar
+///     .layer(LinkLayer::new(not_found, svc("baz")).names("bar", "baz")) // bar -> baz
+///     .layer(LinkLayer::new(not_found, svc("bar")).names("foo", "bar")) // foo -> bar
 ///     .service(svc("foo"));
 /// ```
 ///
 /// A link's condition applies only to the answer of the link right before it: once a link
 /// returned an answer its condition does not match, outer layers pass it on untouched.
 #[derive(Clone)]
-pub struct FallbackLayer<N, C = SharedCondition> {
+pub struct LinkLayer<N, C = Arc<Condition>> {
     next: Arc<N>,
     policy: Arc<LinkPolicy<C>>,
 }
 
-impl<N> FallbackLayer<N, SharedCondition> {
+impl<N> LinkLayer<N, Arc<Condition>> {
     /// Hop to `next` when `condition` matches the primary's answer.
     pub fn new(condition: Condition, next: N) -> Self {
-        Self::with_classify(SharedCondition::from(condition), next)
+        // Shared by reference: the per-request classifier is a pointer, not a copy of the
+        // condition's status bitsets, which keeps the response future small.
+        Self::with_classify(Arc::new(condition), next)
     }
 }
 
-impl<N, C: Classify> FallbackLayer<N, C> {
+impl<N, C: Classify> LinkLayer<N, C> {
     /// This layer with [`ErrorResponseLayer`](crate::respond::ErrorResponseLayer) on top:
     /// the `Infallible`-error form that mounts directly in axum (`Router::layer`,
     /// `route_layer`) and in hyper; errors become responses with the status each error
@@ -58,7 +59,7 @@ impl<N, C: Classify> FallbackLayer<N, C> {
     /// Hop to `next` when the per-request classifier made by `classify` reports a failure
     /// (see [`classify_fn`](crate::classify::classify_fn)).
     pub fn with_classify(classify: C, next: N) -> Self {
-        FallbackLayer {
+        LinkLayer {
             next: Arc::new(next),
             policy: Arc::new(LinkPolicy {
                 classify,
@@ -105,17 +106,17 @@ impl<N, C: Classify> FallbackLayer<N, C> {
     }
 }
 
-impl<S, N: Clone, C: Classify> Layer<S> for FallbackLayer<N, C> {
-    type Service = Fallback<S, N, C>;
+impl<S, N: Clone, C: Classify> Layer<S> for LinkLayer<N, C> {
+    type Service = Link<S, N, C>;
 
     fn layer(&self, primary: S) -> Self::Service {
-        Fallback::from_parts(primary, self.next.clone(), self.policy.clone())
+        Link::from_parts(primary, self.next.clone(), self.policy.clone())
     }
 }
 
-impl<N, C> fmt::Debug for FallbackLayer<N, C> {
+impl<N, C> fmt::Debug for LinkLayer<N, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FallbackLayer")
+        f.debug_struct("LinkLayer")
             .field("primary", &self.policy.primary_name)
             .field("next", &self.policy.next_name)
             .field("non_idempotent", &self.policy.non_idempotent)

@@ -8,7 +8,7 @@
 //!
 //! Two ways to build one:
 //!
-//! - **typed**: [`FallbackLayer`] wraps a service with the next link; layers stack with
+//! - **typed**: [`LinkLayer`] wraps a service with the next link; layers stack with
 //!   [`ServiceBuilder`](tower::ServiceBuilder) under a [`ChainLayer`] (the edge: loop
 //!   guard, body buffering, error statuses, report header). No boxing when all links have
 //!   the same response type (e.g. several [`Forward`](crate::proxy::Forward)s).
@@ -79,7 +79,7 @@
 //! | `fail` and the link errors (refused, reset, timeout) | next link; if none, `502`/`504` from [`ChainLayer`] |
 //! | request body within the replay limit | buffered once, resent to each link |
 //! | request body over the replay limit | streamed to the first link only; **no hop**: its answer is returned as it is, [`ChainHops::stopped`] = [`StopReason::BodyOverLimit`] |
-//! | non-idempotent method (POST, PATCH, ...) | hops only with [`FallbackLayer::non_idempotent`] / [`LinkTableBuilder::non_idempotent`], or when connecting to the link failed (the request never left); else [`StopReason::NonIdempotent`] |
+//! | non-idempotent method (POST, PATCH, ...) | hops only with [`LinkLayer::non_idempotent`] / [`LinkTableBuilder::non_idempotent`], or when connecting to the link failed (the request never left); else [`StopReason::NonIdempotent`] |
 //! | request arrives with hop header (`x-chain-hops`) above [`ChainLayer::max_hops`] | `508 Loop Detected`, nothing forwarded |
 //! | hop header missing / not a number / several values | 0 / ignored / the largest; every request sent carries `arrived + links tried` |
 //! | skipped response body | short (known length ≤ 64 KiB): read to the end in the background so its connection is reused; else dropped at once |
@@ -96,8 +96,12 @@ mod service;
 mod table;
 
 pub use error::{ChainError, LinkConfigError};
-pub use future::{ChainFuture, FallbackFuture};
+pub use future::{ChainFuture, LinkFuture};
 pub use hops::{ChainHops, Hop, HopResult, LinkName, StopReason};
-pub use layer::{ChainLayer, FallbackLayer};
-pub use service::{Chain, ChainBody, Fallback, SharedCondition};
+pub use layer::{ChainLayer, LinkLayer};
+pub use service::{Chain, ChainBody, Link};
+
+/// The old name of [`LinkLayer`], kept hidden so existing code compiles while it moves.
+#[doc(hidden)]
+pub use layer::LinkLayer as FallbackLayer;
 pub use table::{LinkService, LinkTable, LinkTableBuilder, TableFuture};

@@ -1,4 +1,3 @@
-use std::error::Error as StdError;
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -10,11 +9,11 @@ use http_body::Body;
 use http_body_util::{Either, Full};
 use tower_service::Service;
 
-use super::future::{ChainFuture, FallbackFuture};
+use super::future::{ChainFuture, LinkFuture};
 use super::hops::{ChainHops, Hop, HopResult, LinkName};
 use crate::body::replay::{buffer_request, try_clone_request};
 use crate::body::ReplayBody;
-use crate::classify::{Classifier, Classify, Condition, Outcome};
+use crate::classify::{Classify, Condition};
 use crate::BoxError;
 
 /// The default hop-count request header.
@@ -24,44 +23,7 @@ pub(crate) const DEFAULT_HOP_HEADER: &str = "x-chain-hops";
 /// itself (`508`, `502`, `504`, `400`). No boxing: an enum of the two.
 pub type ChainBody<B> = Either<B, Full<Bytes>>;
 
-/// A [`Condition`] shared by reference: its per-request classifier is a pointer, not a
-/// copy of the condition's status bitsets (a few hundred bytes), which keeps the response
-/// future small. What [`FallbackLayer::new`](super::FallbackLayer::new) uses.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SharedCondition(Arc<Condition>);
-
-impl From<Condition> for SharedCondition {
-    fn from(c: Condition) -> Self {
-        SharedCondition(Arc::new(c))
-    }
-}
-
-impl SharedCondition {
-    /// The condition.
-    pub fn condition(&self) -> &Condition {
-        &self.0
-    }
-}
-
-impl Classify for SharedCondition {
-    type Classifier = SharedCondition;
-    #[inline]
-    fn classify_request<B>(&self, _req: &Request<B>) -> SharedCondition {
-        self.clone()
-    }
-}
-
-impl Classifier for SharedCondition {
-    #[inline]
-    fn classify_response<B>(self, res: &Response<B>) -> Outcome {
-        self.0.classify_status(res.status())
-    }
-    fn classify_error(self, err: &(dyn StdError + 'static)) -> Outcome {
-        self.0.classify_error_ref(err)
-    }
-}
-
-/// Settings of one link, shared by every clone of a [`Fallback`].
+/// Settings of one link, shared by every clone of a [`Link`].
 #[derive(Clone)]
 pub(crate) struct LinkPolicy<C> {
     pub(crate) classify: C,
@@ -90,21 +52,21 @@ pub(crate) struct ChainConfig {
 pub(crate) struct HopHeader(pub(crate) HeaderName);
 
 /// A link with its fallback: sends the request to the primary service and, when the
-/// condition matches its answer, to the next one. See [`FallbackLayer`](super::FallbackLayer).
+/// condition matches its answer, to the next one. See [`LinkLayer`](super::LinkLayer).
 ///
 /// Takes requests whose body is a [`ReplayBody`] (put in place by [`Chain`]); the
 /// response type of both services must be the same (box them with
 /// [`body::boxed`](crate::body::boxed) when they differ). Errors are wrapped in a
 /// [`ChainError`](super::ChainError) that carries the trail.
-pub struct Fallback<S, N, C = SharedCondition> {
+pub struct Link<S, N, C = Arc<Condition>> {
     primary: S,
     next: Arc<N>,
     policy: Arc<LinkPolicy<C>>,
 }
 
-impl<S, N, C> Fallback<S, N, C> {
+impl<S, N, C> Link<S, N, C> {
     pub(crate) fn from_parts(primary: S, next: Arc<N>, policy: Arc<LinkPolicy<C>>) -> Self {
-        Fallback {
+        Link {
             primary,
             next,
             policy,
@@ -132,9 +94,9 @@ impl<S, N, C> Fallback<S, N, C> {
     }
 }
 
-impl<S: Clone, N, C> Clone for Fallback<S, N, C> {
+impl<S: Clone, N, C> Clone for Link<S, N, C> {
     fn clone(&self) -> Self {
-        Fallback {
+        Link {
             primary: self.primary.clone(),
             next: self.next.clone(),
             policy: self.policy.clone(),
@@ -142,9 +104,9 @@ impl<S: Clone, N, C> Clone for Fallback<S, N, C> {
     }
 }
 
-impl<S: fmt::Debug, N: fmt::Debug, C> fmt::Debug for Fallback<S, N, C> {
+impl<S: fmt::Debug, N: fmt::Debug, C> fmt::Debug for Link<S, N, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Fallback")
+        f.debug_struct("Link")
             .field("primary", &self.primary)
             .field("next", &self.next)
             .field("primary_name", &self.policy.primary_name)
@@ -153,7 +115,7 @@ impl<S: fmt::Debug, N: fmt::Debug, C> fmt::Debug for Fallback<S, N, C> {
     }
 }
 
-impl<S, N, C, B, RB> Service<Request<ReplayBody<B>>> for Fallback<S, N, C>
+impl<S, N, C, B, RB> Service<Request<ReplayBody<B>>> for Link<S, N, C>
 where
     S: Service<Request<ReplayBody<B>>, Response = Response<RB>>,
     S::Error: Into<BoxError>,
@@ -164,7 +126,7 @@ where
 {
     type Response = Response<RB>;
     type Error = super::ChainError;
-    type Future = FallbackFuture<S::Future, N, C, B>;
+    type Future = LinkFuture<S::Future, N, C, B>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -190,7 +152,7 @@ where
         // The copy for the next link; None when the body went over the replay limit.
         let spare = try_clone_request(&req);
         let fut = self.primary.call(req);
-        FallbackFuture::new(
+        LinkFuture::new(
             fut,
             classifier,
             spare,
@@ -351,7 +313,7 @@ pub(crate) fn hop_value(n: u32) -> HeaderValue {
 }
 
 /// Sets the hop header of a request about to be sent to the next link. `req` is the copy
-/// of what the first link of this `Fallback` received; `tried` links were tried since
+/// of what the first link of this `Link` received; `tried` links were tried since
 /// (more than one when the primary is itself a chain), so the next one gets `+ tried`.
 pub(crate) fn bump_hops<B>(req: &mut Request<B>, tried: usize) {
     let name = match req.extensions().get::<HopHeader>() {

@@ -18,7 +18,7 @@ use tower::{Layer, ServiceExt};
 use tower_service::Service;
 
 use super::error::LinkConfigError;
-use super::layer::{ChainLayer, FallbackLayer};
+use super::layer::{ChainLayer, LinkLayer};
 use super::service::{Chain, ChainBody};
 use crate::body::{boxed, BoxBody, ReplayBody};
 use crate::classify::Condition;
@@ -236,13 +236,13 @@ where
     }
 
     /// Let non-idempotent requests (POST, PATCH, ...) follow links; see
-    /// [`FallbackLayer::non_idempotent`].
+    /// [`LinkLayer::non_idempotent`].
     pub fn non_idempotent(mut self, yes: bool) -> Self {
         self.non_idempotent = yes;
         self
     }
 
-    /// How skipped responses are discarded; see [`FallbackLayer::drain`].
+    /// How skipped responses are discarded; see [`LinkLayer::drain`].
     pub fn drain(mut self, limit: u64, timeout: Duration) -> Self {
         self.drain = Some((limit, timeout));
         self
@@ -336,7 +336,7 @@ where
                             Some(n) => n.clone(),
                             None => services[t].clone(),
                         };
-                        let mut layer = FallbackLayer::new(cond, next)
+                        let mut layer = LinkLayer::new(cond, next)
                             .names(names[h].as_str(), names[t].as_str())
                             .non_idempotent(self.non_idempotent);
                         if let Some((limit, timeout)) = self.drain {
