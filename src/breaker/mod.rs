@@ -9,7 +9,7 @@
 //! ```
 //! use std::time::Duration;
 //! use tower::{ServiceBuilder, ServiceExt};
-//! use tower_patterns::breaker::{CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen};
+//! use tower_patterns::breaker::{CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen, Window};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), tower_patterns::BoxError> {
@@ -17,6 +17,9 @@
 //!     CircuitBreakerConfig::new()
 //!         .name("b")
 //!         .failure_rate_threshold(50.0)
+//!         // The rate is taken over the window once it holds `minimum_calls` calls: set
+//!         // both (with the default 100-call window, old successes dilute new failures).
+//!         .window(Window::Count(10))
 //!         .minimum_calls(5)
 //!         .wait_in_open(Duration::from_secs(10)),
 //! )?
