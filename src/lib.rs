@@ -7,6 +7,8 @@
 //! | failure classification (shared) | [`classify`] | — | `docs/foundation.md` |
 //! | replayable request bodies (shared) | [`body::replay`] | — | `docs/foundation.md` |
 //! | forwarding to an upstream (shared) | [`proxy`] | `reverse_proxy_min`, `tour` | `docs/foundation.md` |
+//! | error → status, mounting in axum/hyper (shared) | [`error`], [`respond`] | `axum_gateway` | `docs/foundation.md` |
+//! | client address under any server, trusted proxies (shared) | [`client_addr`] | `axum_gateway` | `docs/foundation.md` |
 //! | content chain (STON virtual-host link) | [`chain`] | `content_chain` | `docs/content_chain.md` |
 //! | service discovery, self-registration, path routing | [`discovery`], [`route`] | `dynamic_balancer` | `docs/discovery.md` |
 //! | circuit breaker with fallback, breaker-gated endpoints | [`breaker`] | `circuit_breaker` | `docs/circuit_breaker.md` |
@@ -14,11 +16,15 @@
 //! | load balancing: round robin, weighted, sticky, hash, passive health, retry-next; cluster | [`balance`] | `reverse_proxy`, `p2p_client`, `sticky_sessions`, `cluster` | `docs/balance.md`, `docs/cluster.md` |
 //!
 //! Every layer uses [`classify`] to decide what a failure is, so "5xx and transport errors"
-//! is configured the same way for every pattern.
+//! is configured the same way for every pattern. Every layer has a `respond()` form whose
+//! error type is `Infallible`, so it mounts directly in axum (`Router::layer`,
+//! `route_service`, `fallback_service`) and hyper; [`respond::respond`] does the same for a
+//! built service such as [`proxy::Forward`].
 //!
 //! ```no_run
 //! use tower::ServiceBuilder;
-//! use tower_patterns::proxy::{ErrorResponseLayer, ForwardBuilder};
+//! use tower_patterns::proxy::ForwardBuilder;
+//! use tower_patterns::respond::ErrorResponseLayer;
 //!
 //! # async fn run() -> Result<(), tower_patterns::BoxError> {
 //! let forward = ForwardBuilder::new("http://127.0.0.1:3000").build::<hyper::body::Incoming>()?;
