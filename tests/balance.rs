@@ -853,3 +853,53 @@ async fn a_body_over_the_replay_limit_is_sent_once_and_not_retried() {
         .unwrap();
     assert_eq!(dead.requests, 2, "one over the limit, one retried");
 }
+
+/// The peer-to-peer client rotates over its servers on `Forward`'s pool, and each server
+/// sees its own authority as `Host` (not a stale one from the caller).
+#[tokio::test]
+async fn peer_to_peer_client_uses_forward_and_sets_host_per_server() {
+    let mut addrs = Vec::new();
+    for _ in 0..2 {
+        let svc = tower::service_fn(|req: Request<Incoming>| async move {
+            let host = req
+                .headers()
+                .get(header::HOST)
+                .map(|h| h.to_str().unwrap_or("?").to_owned())
+                .unwrap_or_default();
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(host))))
+        });
+        addrs.push(
+            tower_patterns::server::spawn_local(svc)
+                .await
+                .unwrap()
+                .addr(),
+        );
+    }
+    let servers: Vec<String> = addrs.iter().map(|a| format!("http://{a}")).collect();
+    let lb = tower_patterns::balance::client::balanced::<http_body_util::Empty<Bytes>, _, _>(
+        Balance::builder(),
+        &servers,
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let req = Request::get("/x")
+            .header(header::HOST, "caller.example")
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let res = lb.clone().oneshot(req).await.unwrap();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        seen.push(String::from_utf8(body.to_vec()).unwrap());
+    }
+    seen.sort();
+    let mut want: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+    want.sort();
+    assert_eq!(seen, want);
+    assert!(
+        tower_patterns::balance::client::balanced::<http_body_util::Empty<Bytes>, _, _>(
+            Balance::builder(),
+            ["https://127.0.0.1:1"],
+        )
+        .is_err()
+    );
+}

@@ -1,22 +1,17 @@
 //! Peer-to-peer (client-side) balancing: the seed's `balancedRequest`.
 //!
 //! The caller holds the server list and rotates over it itself, with no proxy in between.
-//! [`balanced`] wraps one pooled hyper client in a [`Balance`] of [`Origin`]s, so every
+//! [`balanced`] puts [`Origin`]s sharing one [`Forward`](crate::proxy::Forward) pool set in a [`Balance`], so every
 //! picker, passive health and retry-next of the balancer apply on the client side too.
 
-use std::fmt;
-use std::task::{Context, Poll};
-
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::{Client, ResponseFuture};
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tower_service::Service;
 
 use super::service::{Balance, BalanceBuilder, MakeGate};
 use crate::classify::Classify;
+use crate::proxy::ForwardBuilder;
+use crate::BoxError;
 
 /// A server URI could not be used as an [`Origin`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -26,88 +21,13 @@ pub struct InvalidServer {
     pub uri: String,
 }
 
-/// Sends requests to one server: the request's path and query go to `http://host:port`.
-pub struct Origin<B> {
-    client: Client<HttpConnector, B>,
-    scheme: Scheme,
-    authority: Authority,
-}
+/// Sends requests to one server: [`Forward`](crate::proxy::Forward) with `Host` set to
+/// the server called, so the client side uses the same keep-alive pool (and the same typed
+/// errors, classification and retry rules) as the proxy side.
+pub type Origin<B> = crate::proxy::Forward<B>;
 
-impl<B> Clone for Origin<B> {
-    fn clone(&self) -> Self {
-        Origin {
-            client: self.client.clone(),
-            scheme: self.scheme.clone(),
-            authority: self.authority.clone(),
-        }
-    }
-}
-
-impl<B> fmt::Debug for Origin<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Origin({}://{})", self.scheme, self.authority)
-    }
-}
-
-impl<B> Origin<B>
-where
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-{
-    /// An origin for `server` (`http://host:port`) over `client` (shared pool).
-    pub fn new(client: Client<HttpConnector, B>, server: &str) -> Result<Self, InvalidServer> {
-        let bad = || InvalidServer {
-            uri: server.to_string(),
-        };
-        let uri: Uri = server.parse().map_err(|_| bad())?;
-        let scheme = uri.scheme().cloned().ok_or_else(bad)?;
-        if scheme != Scheme::HTTP {
-            return Err(bad());
-        }
-        let authority = uri.authority().cloned().ok_or_else(bad)?;
-        Ok(Origin {
-            client,
-            scheme,
-            authority,
-        })
-    }
-}
-
-impl<B> Service<Request<B>> for Origin<B>
-where
-    B: http_body::Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    type Response = Response<Incoming>;
-    type Error = hyper_util::client::legacy::Error;
-    type Future = ResponseFuture;
-
-    #[inline]
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, mut req: Request<B>) -> ResponseFuture {
-        let pq = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
-        parts.path_and_query = Some(pq);
-        if let Ok(uri) = Uri::from_parts(parts) {
-            *req.uri_mut() = uri;
-        }
-        // Host follows the server actually called (hyper sets it from the URI when absent).
-        req.headers_mut().remove(http::header::HOST);
-        self.client.request(req)
-    }
-}
-
-/// A pooled HTTP/1.1 client suitable for [`Origin`]s.
+/// A plain pooled HTTP/1.1 client (hyper-util's), for callers that need one besides the
+/// balanced [`Origin`]s, such as health checks.
 pub fn http_client<B>() -> Client<HttpConnector, B>
 where
     B: http_body::Body + Send + 'static,
@@ -145,16 +65,31 @@ pub fn balanced<B, C, M>(
     servers: impl IntoIterator<Item = impl AsRef<str>>,
 ) -> Result<Balance<String, Origin<B>, M, C>, InvalidServer>
 where
-    B: http_body::Body + Send + 'static,
+    B: http_body::Body + Send + Unpin + 'static,
     B::Data: Send,
+    B::Error: Into<BoxError>,
     C: Classify,
     M: MakeGate<String>,
 {
-    let client = http_client::<B>();
+    let mut template: Option<Origin<B>> = None;
     let mut list = Vec::new();
     for s in servers {
         let s = s.as_ref();
-        list.push((s.to_string(), Origin::new(client.clone(), s)?));
+        let bad = |_| InvalidServer { uri: s.to_string() };
+        if !s.starts_with("http://") {
+            return Err(InvalidServer { uri: s.to_string() });
+        }
+        // The first server makes the pool set; the others share it.
+        let origin = match &template {
+            Some(t) => t.to(s).map_err(bad)?,
+            None => ForwardBuilder::new(s)
+                .preserve_host(false)
+                .connect_timeout(std::time::Duration::from_secs(2))
+                .build::<B>()
+                .map_err(bad)?,
+        };
+        template.get_or_insert_with(|| origin.clone());
+        list.push((s.to_string(), origin));
     }
     Ok(builder.build_static(list))
 }
