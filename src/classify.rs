@@ -187,6 +187,19 @@ pub fn is_connect_error(err: &(dyn StdError + 'static)) -> bool {
     false
 }
 
+/// The one rule for "may this request be sent again" (the chain's next hop, the
+/// balancer's retry on the next endpoint): an idempotent method, or one the configuration
+/// allows anyway (nginx `non_idempotent`), or a request that surely never left
+/// ([`is_connect_error`]). Whether the *body* can be sent again is the replay buffer's
+/// question, asked separately.
+pub(crate) fn may_send_again(
+    idempotent: bool,
+    allow_non_idempotent: bool,
+    never_sent: bool,
+) -> bool {
+    idempotent || allow_non_idempotent || never_sent
+}
+
 fn io_kind(io: &std::io::Error) -> FailureKind {
     use std::io::ErrorKind::*;
     match io.kind() {

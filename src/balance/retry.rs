@@ -77,16 +77,7 @@ impl Retry {
     }
 
     pub(crate) fn method_allows(&self, m: &Method) -> bool {
-        self.non_idempotent
-            || matches!(
-                *m,
-                Method::GET
-                    | Method::HEAD
-                    | Method::OPTIONS
-                    | Method::TRACE
-                    | Method::PUT
-                    | Method::DELETE
-            )
+        crate::classify::may_send_again(m.is_idempotent(), self.non_idempotent, false)
     }
 }
 

@@ -176,7 +176,7 @@ fn hop_blocker<B>(
 ) -> Option<StopReason> {
     if spare.is_none() {
         Some(StopReason::BodyOverLimit)
-    } else if !idempotent && !non_idempotent && !never_sent {
+    } else if !crate::classify::may_send_again(idempotent, non_idempotent, never_sent) {
         Some(StopReason::NonIdempotent)
     } else {
         None
