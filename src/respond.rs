@@ -135,7 +135,7 @@ pub fn respond<S>(inner: S) -> ErrorResponse<S> {
 }
 
 /// A plain-text error response for `err` with the status of
-/// [`error_status`](crate::error::error_status). The body names the failure but not
+/// [`error_status`]. The body names the failure but not
 /// internal addresses.
 pub fn error_response(err: &(dyn std::error::Error + 'static)) -> Response<Full<Bytes>> {
     status_response(error_status(err))
