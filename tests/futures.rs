@@ -94,3 +94,33 @@ async fn replay_future_panics_after_a_buffered_request() {
     let msg = second_poll_panics(replay.call(req));
     assert!(msg.contains("polled after completion"), "{msg}");
 }
+
+#[tokio::test]
+async fn cache_hit_future_panics_instead_of_hanging() {
+    use http_body_util::BodyExt;
+    use tower_patterns::cache::{CacheLayer, MemoryStore};
+    let cache = CacheLayer::new(MemoryStore::new(1 << 20));
+    let origin = tower::service_fn(|_req: Request<Full<Bytes>>| async {
+        Ok::<_, Infallible>(
+            Response::builder()
+                .header("cache-control", "public, max-age=60")
+                .body(Full::new(Bytes::from_static(b"cached")))
+                .unwrap(),
+        )
+    });
+    let mut svc = cache.clone().layer(origin);
+    let get = || Request::get("/a").body(Full::new(Bytes::new())).unwrap();
+    let first = svc.ready().await.unwrap().call(get()).await.unwrap();
+    first.into_body().collect().await.unwrap();
+    // The fill completes on its own task; wait for it, bounded.
+    for _ in 0..1000 {
+        if cache.stats().snapshot().fills == 1 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(cache.stats().snapshot().fills, 1);
+    let hit = svc.ready().await.unwrap().call(get());
+    let msg = second_poll_panics(hit);
+    assert!(msg.contains("cache::ResponseFuture polled after completion"), "{msg}");
+}
