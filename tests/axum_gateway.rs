@@ -98,3 +98,19 @@ async fn tower_http_request_ids_reach_the_client() {
     assert!(res.headers().contains_key("x-request-id"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `route_layer` takes the `respond()` form too: an open circuit is a 503 page.
+#[tokio::test]
+async fn a_breaker_mounts_with_route_layer() {
+    use tower_patterns::breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
+    let layer = CircuitBreakerLayer::new(CircuitBreakerConfig::new().name("local")).unwrap();
+    let circuit = layer.breaker().clone();
+    let app = axum::Router::new()
+        .route("/local", axum::routing::get(|| async { "local\n" }))
+        .route_layer(layer.respond());
+    let gw = serve(app).await.unwrap();
+    assert_eq!(fetch(gw, "/local").await.unwrap().1, "local\n");
+    circuit.force_open();
+    let (status, _) = fetch(gw, "/local").await.unwrap();
+    assert_eq!(status, http::StatusCode::SERVICE_UNAVAILABLE);
+}
