@@ -903,3 +903,83 @@ async fn peer_to_peer_client_uses_forward_and_sets_host_per_server() {
         .is_err()
     );
 }
+
+/// A body that records whether it was read to its end.
+struct Tracked {
+    data: Option<Bytes>,
+    ended: Arc<AtomicBool>,
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        match self.data.take() {
+            Some(d) => std::task::Poll::Ready(Some(Ok(http_body::Frame::data(d)))),
+            None => {
+                self.ended.store(true, SeqCst);
+                std::task::Poll::Ready(None)
+            }
+        }
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
+
+/// A response the balancer retries elsewhere is discarded the way the chain discards a
+/// skipped link's answer: a short body is read to its end (so its keep-alive connection
+/// is reused), not dropped.
+#[tokio::test]
+async fn a_retried_response_is_drained_like_a_skipped_chain_link() {
+    let ended = Arc::new(AtomicBool::new(false));
+    let e = ended.clone();
+    let failing = tower::service_fn(move |_r: Request<Full<Bytes>>| {
+        let e = e.clone();
+        async move {
+            let body = Tracked {
+                data: Some(Bytes::from_static(b"busy")),
+                ended: e,
+            };
+            Ok::<_, Infallible>(Response::builder().status(503).body(body).unwrap())
+        }
+    });
+    let healthy = tower::service_fn(|_r: Request<Full<Bytes>>| async {
+        let body = Tracked {
+            data: Some(Bytes::from_static(b"ok")),
+            ended: Arc::new(AtomicBool::new(false)),
+        };
+        Ok::<_, Infallible>(Response::builder().status(200).body(body).unwrap())
+    });
+    let lb = Balance::builder()
+        .retry(tower_patterns::balance::Retry::default().on("5xx".parse().unwrap()))
+        .build_static([
+            ("a", tower::util::BoxCloneSyncService::new(failing)),
+            ("b", tower::util::BoxCloneSyncService::new(healthy)),
+        ]);
+    let mut answered = 0;
+    for _ in 0..2 {
+        let res = lb
+            .clone()
+            .oneshot(Request::get("/").body(Full::new(Bytes::new())).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        answered += 1;
+    }
+    assert_eq!(answered, 2);
+    // The drain runs on its own task; wait for it, bounded.
+    for _ in 0..1000 {
+        if ended.load(SeqCst) {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        ended.load(SeqCst),
+        "the retried 503's body was dropped, not drained"
+    );
+}

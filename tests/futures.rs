@@ -122,5 +122,8 @@ async fn cache_hit_future_panics_instead_of_hanging() {
     assert_eq!(cache.stats().snapshot().fills, 1);
     let hit = svc.ready().await.unwrap().call(get());
     let msg = second_poll_panics(hit);
-    assert!(msg.contains("cache::ResponseFuture polled after completion"), "{msg}");
+    assert!(
+        msg.contains("cache::ResponseFuture polled after completion"),
+        "{msg}"
+    );
 }

@@ -308,6 +308,7 @@ where
     M: MakeGate<K>,
     C: Classify,
     B: CloneBody,
+    RB: http_body::Body + Send + 'static,
 {
     type Output = Result<Response<RB>, BalanceError>;
 
@@ -331,6 +332,7 @@ where
     M: MakeGate<K>,
     C: Classify,
     B: CloneBody,
+    RB: http_body::Body + Send + 'static,
 {
     fn poll_attempt(
         self: Pin<&mut Self>,
@@ -413,6 +415,15 @@ where
                                 try_no = st.tries + 1,
                                 "retrying on the next endpoint"
                             );
+                            // The failed answer is not returned: discarded the one way the
+                            // crate does it, keeping a short body's connection.
+                            if let Ok(r) = res {
+                                crate::body::discard(
+                                    r.into_body(),
+                                    crate::body::DISCARD_LIMIT,
+                                    crate::body::DISCARD_TIMEOUT,
+                                );
+                            }
                             let fut = st.dispatch(snap.endpoints[i].clone(), permit, req);
                             this.inner.set(Some(fut));
                             continue;

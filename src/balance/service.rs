@@ -419,6 +419,7 @@ where
     M: MakeGate<K>,
     C: Classify,
     B: CloneBody,
+    RB: http_body::Body + Send + 'static,
 {
     type Response = Response<RB>;
     type Error = BalanceError;

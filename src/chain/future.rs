@@ -13,7 +13,8 @@ use tower_service::Service;
 
 use super::error::ChainError;
 use super::hops::{ChainHops, Hop, HopResult, StopReason};
-use super::service::{bump_hops, discard, ChainBody, ChainConfig, LinkPolicy};
+use super::service::{bump_hops, ChainBody, ChainConfig, LinkPolicy};
+use crate::body::discard;
 use crate::body::{ReplayBody, ReplayError};
 use crate::classify::is_connect_error;
 use crate::classify::{error_kind, Classifier, Classify, Outcome};

@@ -66,8 +66,8 @@ impl<N, C: Classify> LinkLayer<N, C> {
                 non_idempotent: false,
                 primary_name: LinkName::from("primary"),
                 next_name: LinkName::from("next"),
-                drain_limit: 64 * 1024,
-                drain_timeout: Duration::from_secs(1),
+                drain_limit: crate::body::DISCARD_LIMIT,
+                drain_timeout: crate::body::DISCARD_TIMEOUT,
             }),
         }
     }

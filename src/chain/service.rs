@@ -326,37 +326,6 @@ pub(crate) fn bump_hops<B>(req: &mut Request<B>, tried: usize) {
         .insert(name, hop_value(n.saturating_add(tried)));
 }
 
-/// Discards the body of a link's response that the chain does not return. A short body
-/// is read to its end in the background so its keep-alive connection is reused; a long
-/// or unknown one is dropped at once (closing that connection, as nginx does).
-pub(crate) fn discard<RB>(body: RB, limit: u64, timeout: Duration)
-where
-    RB: Body + Send + 'static,
-{
-    if body.is_end_stream() || limit == 0 || body.size_hint().lower() > limit {
-        return;
-    }
-    let Ok(rt) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    rt.spawn(async move {
-        let drain = async {
-            let mut body = std::pin::pin!(body);
-            let mut read = 0u64;
-            while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
-                let Ok(frame) = frame else { return };
-                if let Some(d) = frame.data_ref() {
-                    read += bytes::Buf::remaining(d) as u64;
-                    if read > limit {
-                        return;
-                    }
-                }
-            }
-        };
-        let _ = tokio::time::timeout(timeout, drain).await;
-    });
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
