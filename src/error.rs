@@ -44,38 +44,34 @@ pub trait KnownFailure {
     }
 }
 
-/// The registered error types implementing [`HttpStatus`], tried in order.
+/// Returns the first type of the list that `$e` is, as `&dyn $trait`.
+macro_rules! registered {
+    ($e:expr, $trait:path: $($t:ty),* $(,)?) => {{
+        let e: &(dyn StdError + 'static) = $e;
+        $(if let Some(x) = e.downcast_ref::<$t>() {
+            return Some(x as &dyn $trait);
+        })*
+        None
+    }};
+}
+
+/// The crate's error types implementing [`HttpStatus`]: the one list to extend when a
+/// module adds an error that can end a request.
 fn as_http_status<'a>(e: &'a (dyn StdError + 'static)) -> Option<&'a dyn HttpStatus> {
-    macro_rules! registered {
-        ($($t:ty),* $(,)?) => {
-            $(if let Some(x) = e.downcast_ref::<$t>() {
-                return Some(x);
-            })*
-        };
-    }
-    registered!(
+    registered!(e, HttpStatus:
         crate::proxy::ForwardError,
         crate::balance::BalanceError,
         crate::breaker::CircuitOpen,
         crate::chain::ChainError,
         crate::body::ReplayError,
-    );
-    None
+    )
 }
 
-/// The registered error types implementing [`KnownFailure`].
+/// The crate's error types implementing [`KnownFailure`].
 pub(crate) fn as_known_failure<'a>(
     e: &'a (dyn StdError + 'static),
 ) -> Option<&'a dyn KnownFailure> {
-    macro_rules! registered {
-        ($($t:ty),* $(,)?) => {
-            $(if let Some(x) = e.downcast_ref::<$t>() {
-                return Some(x);
-            })*
-        };
-    }
-    registered!(crate::proxy::ForwardError, crate::body::ReplayError);
-    None
+    registered!(e, KnownFailure: crate::proxy::ForwardError, crate::body::ReplayError)
 }
 
 /// The status a proxy should answer for any error of a stack built from this crate.
