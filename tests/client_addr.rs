@@ -149,3 +149,35 @@ async fn purge_through_a_trusted_proxy_checks_the_real_client() {
     let (status, _) = send(gw, "PURGE", "/page", &["127.0.0.1, not-an-ip"]).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
+
+#[tokio::test]
+async fn under_hyper_utils_server_the_peer_is_given_per_connection() {
+    use hyper_util::rt::TokioIo;
+    use hyper_util::service::TowerToHyperService;
+    use tower::Layer;
+    let up = echo_upstream().await;
+    let forward = ForwardBuilder::new(format!("http://{up}"))
+        .build::<hyper::body::Incoming>()
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gw = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, peer)) = listener.accept().await else {
+                return;
+            };
+            // hyper-util's server hands over no address: one layer per connection.
+            let svc = ClientAddrLayer::new()
+                .peer(peer)
+                .layer(respond(forward.clone()));
+            tokio::spawn(
+                hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
+                    .into_owned(),
+            );
+        }
+    });
+    let (status, seen) = send(gw, "GET", "/", &["6.6.6.6"]).await;
+    assert_eq!(status, 200);
+    assert_eq!(seen, "127.0.0.1");
+}
