@@ -37,6 +37,7 @@
 //! # Ok(()) }
 //! ```
 
+mod body;
 mod error;
 mod future;
 pub(crate) mod headers;
@@ -44,8 +45,9 @@ mod pool;
 mod respond;
 mod service;
 
+pub use body::BodyLimits;
 pub use error::{error_response, error_status, status_response, ForwardError};
 pub use future::ResponseFuture;
-pub use headers::strip_hop_by_hop;
+pub use headers::{strip_hop_by_hop, PROTECTED_FROM_CONNECTION};
 pub use respond::{ErrorResponse, ErrorResponseBody, ErrorResponseFuture, ErrorResponseLayer};
 pub use service::{ClientAddr, Forward, ForwardBuilder, Upstream};
