@@ -682,13 +682,15 @@ async fn an_aborted_upload_is_the_clients_fault_not_the_upstreams() {
         b"POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nabc",
     )
     .await;
-    // Wait until the backend has the request (so the abort happens mid-body), then hang up.
-    let mut waited = 0;
-    while be.connections() == 0 && waited < 500 {
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        waited += 1;
-    }
+    // Hang up once the upload is under way upstream (the backend accepted the forward),
+    // so the abort happens mid-body.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while be.connections() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the request was forwarded");
     drop(s);
     let (kind, outcome, status) = tokio::time::timeout(Duration::from_secs(10), recorded.recv())
         .await

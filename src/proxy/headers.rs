@@ -17,10 +17,10 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 ///
 /// RFC 9110 §7.6.1 lets a sender mark any header hop-by-hop by naming it in `Connection`,
 /// which would let a client delete what the proxy or the layers around it rely on:
-/// credentials (`Authorization`, `Cookie`), message framing (`Host`, `Content-Length`,
-/// `Content-Type`, `Content-Encoding`), the client address chain (`X-Forwarded-*`,
-/// `Forwarded`, `X-Real-IP`, `Via`) and request tracing (`X-Request-Id`, `traceparent`,
-/// `tracestate`, `baggage`). These are kept; the fixed hop-by-hop set is still removed.
+/// credentials (`Authorization`, `Cookie`, `Set-Cookie`), message framing (`Host`,
+/// `Content-Length`, `Content-Type`, `Content-Encoding`), the client address chain
+/// (`X-Forwarded-*`, `Forwarded`, `X-Real-IP`, `Via`) and request tracing
+/// (`X-Request-Id`, `traceparent`, `tracestate`, `baggage`). These are kept; the fixed hop-by-hop set is still removed.
 /// nginx goes further and ignores the names in `Connection` altogether.
 pub const PROTECTED_FROM_CONNECTION: [&str; 17] = [
     "authorization",
@@ -31,6 +31,7 @@ pub const PROTECTED_FROM_CONNECTION: [&str; 17] = [
     "cookie",
     "forwarded",
     "host",
+    "set-cookie",
     "traceparent",
     "tracestate",
     "via",
@@ -39,7 +40,6 @@ pub const PROTECTED_FROM_CONNECTION: [&str; 17] = [
     "x-forwarded-proto",
     "x-real-ip",
     "x-request-id",
-    "set-cookie",
 ];
 
 /// Removes hop-by-hop headers: the fixed RFC 9110 set, `Keep-Alive`, `Proxy-Connection`,

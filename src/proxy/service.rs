@@ -342,8 +342,9 @@ where
     }
 }
 
-/// Refuses what a proxy must not pass on: `CONNECT` (no tunnels; `501` like Envoy without
-/// an upgrade configuration), and an ambiguous target (two `Host` headers, or a `Host`
+/// Refuses what a proxy must not pass on: `CONNECT` (this proxy does not tunnel; `501 Not
+/// Implemented`, RFC 9110 §15.6.2, rather than nginx's `405`, which would need an `Allow`
+/// list of what the upstream accepts), and an ambiguous target (two `Host` headers, or a `Host`
 /// that disagrees with an absolute-form request target: RFC 9112 §3.2 answers `400`,
 /// because two hops could read two different hosts — a cache-poisoning and routing-bypass
 /// vector).
