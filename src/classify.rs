@@ -123,6 +123,10 @@ pub fn error_kind(err: &(dyn StdError + 'static)) -> FailureKind {
         if let Some(fe) = e.downcast_ref::<crate::proxy::ForwardError>() {
             return fe.kind();
         }
+        // The client's request body failed before any upstream was involved.
+        if crate::proxy::body::client_fault_status(e).is_some() {
+            return FailureKind::Client;
+        }
         if e.is::<tower::timeout::error::Elapsed>() || e.is::<tokio::time::error::Elapsed>() {
             return FailureKind::Timeout;
         }

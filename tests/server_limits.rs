@@ -152,3 +152,75 @@ async fn at_the_connection_limit_the_next_client_waits_until_one_closes() {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     drop(second);
 }
+
+/// The README's balanced stack: bodies are buffered by a replay layer before any
+/// upstream is involved, so the server's limits must hold while buffering too.
+fn replaying_proxy_to(
+    url: &str,
+) -> ErrorResponse<
+    tower_patterns::balance::Replay<Forward<tower_patterns::body::ReplayBody<Incoming>>>,
+> {
+    use tower::Layer;
+    let fwd = Forward::new(url).unwrap();
+    ErrorResponse::new(tower_patterns::balance::ReplayLayer::new(64 * 1024).layer(fwd))
+}
+
+#[tokio::test]
+async fn a_stalled_body_is_cut_with_408_while_a_replay_layer_buffers_it() {
+    let be = echo_backend().await;
+    let front = Server::builder()
+        .body_timeout(Some(Duration::from_millis(300)))
+        .spawn_local(replaying_proxy_to(&be.url()))
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut s = raw_request(
+        front.addr(),
+        b"POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\na",
+    )
+    .await;
+    let head = read_head(&mut s, Duration::from_secs(10))
+        .await
+        .expect("an answer, not a connection held open");
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert_eq!(be.connections(), 0, "the upstream was never involved");
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_413_while_a_replay_layer_buffers_it() {
+    let be = echo_backend().await;
+    let front = Server::builder()
+        .max_body_bytes(Some(1024))
+        .spawn_local(replaying_proxy_to(&be.url()))
+        .await
+        .unwrap();
+    let mut req = b"POST /up HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..4 {
+        req.extend_from_slice(b"200\r\n");
+        req.extend_from_slice(&[b'z'; 512]);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    let mut s = raw_request(front.addr(), &req).await;
+    let head = read_head(&mut s, Duration::from_secs(10)).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert_eq!(be.connections(), 0);
+}
+
+#[tokio::test]
+async fn a_malformed_body_is_400_while_a_replay_layer_buffers_it() {
+    let be = echo_backend().await;
+    let front = Server::builder()
+        .spawn_local(replaying_proxy_to(&be.url()))
+        .await
+        .unwrap();
+    let mut s = raw_request(
+        front.addr(),
+        b"POST /up HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\nZZ\r\n",
+    )
+    .await;
+    let head = read_head(&mut s, Duration::from_secs(10)).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 400"), "was 502: {head}");
+    assert_eq!(be.connections(), 0);
+}

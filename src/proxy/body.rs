@@ -8,6 +8,7 @@
 //! response timeout when the upstream made progress, so a long but moving upload is not
 //! cut as a hung upstream.
 
+use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http::StatusCode;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
@@ -46,6 +48,37 @@ pub(crate) enum BodyFault {
     TooLarge(u64),
     #[error("no request-body data from the client for {0:?}")]
     Idle(Duration),
+}
+
+impl BodyFault {
+    fn status(&self) -> StatusCode {
+        match self {
+            BodyFault::Read(_) => StatusCode::BAD_REQUEST,
+            BodyFault::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyFault::Idle(_) => StatusCode::REQUEST_TIMEOUT,
+        }
+    }
+}
+
+/// The status for `e` when it is a failure of the client's request body met outside
+/// `Forward` (while a replay layer buffered it): a [`BodyFault`], or a
+/// [`ReplayError`](crate::body::ReplayError) — which only request bodies raise — with the
+/// fault below it if there is one. `None` for anything else.
+pub(crate) fn client_fault_status(e: &(dyn StdError + 'static)) -> Option<StatusCode> {
+    if let Some(f) = e.downcast_ref::<BodyFault>() {
+        return Some(f.status());
+    }
+    if e.is::<crate::body::ReplayError>() {
+        let mut cur = e.source();
+        while let Some(s) = cur {
+            if let Some(f) = s.downcast_ref::<BodyFault>() {
+                return Some(f.status());
+            }
+            cur = s.source();
+        }
+        return Some(StatusCode::BAD_REQUEST);
+    }
+    None
 }
 
 /// When the upstream last took a body chunk: shared by [`ClientBody`] and the response

@@ -165,7 +165,9 @@ impl ForwardError {
 /// The status a proxy should answer for any error of a stack built from this crate.
 ///
 /// The first error of the crate found in the `source()` chain decides:
-/// [`ForwardError::status`]; the balancer's `NoEndpoints` → 502 and `Unavailable` → 503
+/// [`ForwardError::status`]; a client body failure while a replay layer buffered it
+/// ([`ReplayError`](crate::body::ReplayError)) → 400, or 408/413 past the server's
+/// [`BodyLimits`](super::BodyLimits); the balancer's `NoEndpoints` → 502 and `Unavailable` → 503
 /// (an upstream failure after retries is decided by its cause); a circuit breaker's
 /// `CircuitOpen` → 503. Otherwise timeouts are `504` and everything else `502`.
 pub fn error_status(err: &(dyn StdError + 'static)) -> StatusCode {
@@ -174,6 +176,9 @@ pub fn error_status(err: &(dyn StdError + 'static)) -> StatusCode {
     while let Some(e) = cur {
         if let Some(fe) = e.downcast_ref::<ForwardError>() {
             return fe.status();
+        }
+        if let Some(status) = super::body::client_fault_status(e) {
+            return status;
         }
         match e.downcast_ref::<BalanceError>() {
             Some(BalanceError::NoEndpoints) => return StatusCode::BAD_GATEWAY,

@@ -53,7 +53,7 @@
 //! # Ok(()) }
 //! ```
 
-mod body;
+pub(crate) mod body;
 mod error;
 mod future;
 pub(crate) mod headers;
