@@ -786,3 +786,44 @@ async fn connect_is_refused_with_501_and_not_forwarded() {
     assert_eq!(kind, FailureKind::Client);
     assert_eq!(be.connections(), 0, "nothing reached the upstream");
 }
+
+#[tokio::test]
+async fn malformed_uploads_past_the_replay_limit_do_not_eject_a_healthy_backend() {
+    // Issue 10: three bad uploads used to eject a healthy backend (max_fails reached on
+    // "transport errors" that were the client's). Behind a balancer with max_fails=1, a
+    // replay limit smaller than the body, and one endpoint: the uploads get 400 and the
+    // endpoint keeps serving.
+    use tower::ServiceBuilder;
+    use tower_patterns::balance::{Balance, PassiveHealth, ReplayLayer};
+    use tower_patterns::body::ReplayBody;
+    use tower_patterns::proxy::ErrorResponseLayer;
+    let be = echo_backend().await;
+    let fwd = Forward::<ReplayBody<hyper::body::Incoming>>::new(&be.url()).unwrap();
+    let lb = Balance::builder()
+        .health(PassiveHealth::new(1, Duration::from_secs(60)))
+        .build_static(vec![(be.url(), fwd)]);
+    let svc = ServiceBuilder::new()
+        .layer(ErrorResponseLayer)
+        .layer(ReplayLayer::new(16))
+        .service(lb);
+    let front = tower_patterns::server::spawn_local(svc).await.unwrap();
+    for _ in 0..3 {
+        let mut s = raw_request(
+            front.addr(),
+            b"POST /up HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n\
+              28\r\n0123456789012345678901234567890123456789\r\nZZ\r\n",
+        )
+        .await;
+        let head = read_head(&mut s, Duration::from_secs(10)).await.unwrap();
+        assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    }
+    let (status, _, _) = send(
+        front.addr(),
+        Request::get("/")
+            .header("host", "x")
+            .body(Body::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "the healthy backend was ejected");
+}
