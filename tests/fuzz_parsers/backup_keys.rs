@@ -15,9 +15,17 @@ fn check_key(key: &ObjectKey) -> Result<(), TestCaseError> {
     let s = key.as_str();
     prop_assert!(!s.is_empty() && s.len() <= 1024, "{:?}", s);
     prop_assert!(!s.starts_with('/') && !s.starts_with('\\'), "{:?}", s);
-    prop_assert!(!s.contains('\\') && !s.chars().any(char::is_control), "{:?}", s);
+    prop_assert!(
+        !s.contains('\\') && !s.chars().any(char::is_control),
+        "{:?}",
+        s
+    );
     let b = s.as_bytes();
-    prop_assert!(!(b.len() >= 2 && b[1] == b':' && b[0].is_ascii_alphabetic()), "{:?}", s);
+    prop_assert!(
+        !(b.len() >= 2 && b[1] == b':' && b[0].is_ascii_alphabetic()),
+        "{:?}",
+        s
+    );
     for seg in key.segments() {
         prop_assert!(!matches!(seg, "" | "." | ".."), "{:?}", s);
     }
@@ -28,7 +36,12 @@ fn check_key(key: &ObjectKey) -> Result<(), TestCaseError> {
     let p = sink.path_of(key);
     prop_assert!(p.starts_with(root) && p != root, "{:?} -> {:?}", s, p);
     let rel = p.strip_prefix(root).expect("starts with root");
-    prop_assert!(rel.components().all(|c| matches!(c, Component::Normal(_))), "{:?} -> {:?}", s, p);
+    prop_assert!(
+        rel.components().all(|c| matches!(c, Component::Normal(_))),
+        "{:?} -> {:?}",
+        s,
+        p
+    );
     prop_assert_eq!(rel.components().count(), key.segments().count());
     Ok(())
 }
@@ -152,7 +165,10 @@ fn files_named_by_a_key(sink: &FsSink, root: &Path, own: &ObjectKey) -> Vec<Stri
                 continue;
             }
             let rel = p.strip_prefix(root).expect("under root");
-            let Some(s) = rel.to_str().map(|s| s.replace(std::path::MAIN_SEPARATOR, "/")) else {
+            let Some(s) = rel
+                .to_str()
+                .map(|s| s.replace(std::path::MAIN_SEPARATOR, "/"))
+            else {
                 continue;
             };
             if let Ok(k) = ObjectKey::new(&s) {

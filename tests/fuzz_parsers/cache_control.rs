@@ -19,7 +19,8 @@ use super::support::{config, header_value_bytes, number_text};
 /// Would a shared cache store a 200 with these headers? (`default_ttl` 60 s, so a response
 /// whose directives cannot be read at all would be stored unless the parser fails closed.)
 fn storable(headers: HeaderMap) -> bool {
-    let sink = StoreSink::new(Arc::new(MemoryStore::new(1 << 20))).default_ttl(Duration::from_secs(60));
+    let sink =
+        StoreSink::new(Arc::new(MemoryStore::new(1 << 20))).default_ttl(Duration::from_secs(60));
     let info = ObjectInfo {
         key: ObjectKey::new("k").expect("valid key"),
         status: StatusCode::OK,
@@ -63,7 +64,11 @@ fn forbidding() -> impl Strategy<Value = String> {
         prop::sample::select(vec!["", "=\"set-cookie\"", "=x"]),
     )
         .prop_map(|(d, upper, ws, arg)| {
-            let d = if upper { d.to_ascii_uppercase() } else { d.to_string() };
+            let d = if upper {
+                d.to_ascii_uppercase()
+            } else {
+                d.to_string()
+            };
             format!("{ws}{d}{arg}{ws}")
         })
 }
@@ -268,9 +273,18 @@ fn twice(cc: &str, age: &str, gap: u64, stale: Option<u64>) -> (String, String) 
             let req = http::Request::get("http://fuzz.test/a")
                 .body(Full::default())
                 .expect("request");
-            let res = svc.ready().await.expect("ready").call(req).await.expect("response");
+            let res = svc
+                .ready()
+                .await
+                .expect("ready")
+                .call(req)
+                .await
+                .expect("response");
             assert_eq!(res.status(), StatusCode::OK);
-            let label = res.headers().get("x-cache").map(|v| v.to_str().unwrap_or("?").to_string());
+            let label = res
+                .headers()
+                .get("x-cache")
+                .map(|v| v.to_str().unwrap_or("?").to_string());
             let body = res.into_body().collect().await.expect("body").to_bytes();
             assert_eq!(&body[..], b"hello");
             labels.push(label.unwrap_or_default());

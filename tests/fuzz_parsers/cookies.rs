@@ -33,7 +33,9 @@ fn other_cookies(non_ascii: bool) -> impl Strategy<Value = Vec<Vec<u8>>> {
         )
         .boxed()
     } else {
-        "[!#-+\\--:<-\\[\\]-~]{0,16}".prop_map(String::into_bytes).boxed()
+        "[!#-+\\--:<-\\[\\]-~]{0,16}"
+            .prop_map(String::into_bytes)
+            .boxed()
     };
     prop::collection::vec(
         ("[a-z][a-z0-9_]{0,8}", value).prop_map(|(n, v)| {
@@ -53,7 +55,10 @@ fn cookie_line(before: &[Vec<u8>], pair: &[u8], after: &[Vec<u8>]) -> HeaderMap 
     parts.extend(after.iter().map(Vec::as_slice));
     let line = parts.join(&b"; "[..]);
     let mut h = HeaderMap::new();
-    h.insert("cookie", HeaderValue::from_bytes(&line).expect("cookie bytes are valid"));
+    h.insert(
+        "cookie",
+        HeaderValue::from_bytes(&line).expect("cookie bytes are valid"),
+    );
     h
 }
 
@@ -209,7 +214,10 @@ proptest! {
 fn regression_non_ascii_cookie_hides_sticky_cookie() {
     let c = StickyCookie::new("srv", [7u8; 32]).expect("valid");
     let pair = format!("srv={}", c.value_for(42));
-    assert_eq!(c.read(&cookie_line(&[b"a=\x80".to_vec()], pair.as_bytes(), &[])), Some(42));
+    assert_eq!(
+        c.read(&cookie_line(&[b"a=\x80".to_vec()], pair.as_bytes(), &[])),
+        Some(42)
+    );
 }
 
 /// Which of eight endpoints a consistent-hash balancer keyed by cookie `sid` picks for a

@@ -44,7 +44,8 @@ fn meaning(raw: &str) -> Option<String> {
     let n = raw.trim().trim_end_matches('.').to_ascii_lowercase();
     let ok = !n.is_empty()
         && n.len() <= 253
-        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
     ok.then_some(n)
 }
 
@@ -58,12 +59,22 @@ struct TableSpec {
 fn spec() -> impl Strategy<Value = TableSpec> {
     (
         prop::collection::vec(raw_name(), 0..6),
-        prop::collection::vec((raw_name(), prop::sample::select(vec!["404", "5xx,fail", "4xx,!404", "timeout"]), raw_name()), 0..6),
+        prop::collection::vec(
+            (
+                raw_name(),
+                prop::sample::select(vec!["404", "5xx,fail", "4xx,!404", "timeout"]),
+                raw_name(),
+            ),
+            0..6,
+        ),
         prop::option::of(raw_name()),
     )
         .prop_map(|(hosts, links, default)| TableSpec {
             hosts,
-            links: links.into_iter().map(|(f, c, t)| (f, c.to_string(), t)).collect(),
+            links: links
+                .into_iter()
+                .map(|(f, c, t)| (f, c.to_string(), t))
+                .collect(),
             default,
         })
 }
@@ -81,8 +92,12 @@ fn model(s: &TableSpec) -> Result<HashMap<String, Vec<String>>, &'static str> {
     }
     let mut next: HashMap<String, String> = HashMap::new();
     for (f, _, t) in &s.links {
-        let f = meaning(f).filter(|f| names.contains(f)).ok_or("bad link source")?;
-        let t = meaning(t).filter(|t| names.contains(t)).ok_or("bad link target")?;
+        let f = meaning(f)
+            .filter(|f| names.contains(f))
+            .ok_or("bad link source")?;
+        let t = meaning(t)
+            .filter(|t| names.contains(t))
+            .ok_or("bad link target")?;
         if f == t || next.insert(f, t).is_some() {
             return Err("self or duplicate link");
         }
@@ -99,7 +114,9 @@ fn model(s: &TableSpec) -> Result<HashMap<String, Vec<String>>, &'static str> {
         routes.insert(n.clone(), route);
     }
     if let Some(d) = &s.default {
-        meaning(d).filter(|d| names.contains(d)).ok_or("missing default")?;
+        meaning(d)
+            .filter(|d| names.contains(d))
+            .ok_or("missing default")?;
     }
     Ok(routes)
 }
@@ -124,7 +141,11 @@ fn build(s: &TableSpec) -> Result<LinkTable<Full<Bytes>>, LinkConfigError> {
         b = b.vhost(h.clone(), vhost(meaning(h).unwrap_or_default()));
     }
     for (f, c, t) in &s.links {
-        b = b.link(f.clone(), c.parse::<Condition>().expect("valid condition"), t.clone());
+        b = b.link(
+            f.clone(),
+            c.parse::<Condition>().expect("valid condition"),
+            t.clone(),
+        );
     }
     if let Some(d) = &s.default {
         b = b.default_vhost(d.clone());
@@ -179,16 +200,20 @@ proptest! {
 proptest! {
     #![proptest_config(config(256))]
 
-    /// Any `Host` bytes against a built table: the named host answers (through its links),
-    /// an unknown host gets `421` (or the default host), a missing or unreadable one `400`
-    /// (or the default). Never a panic.
+    /// Any `Host` bytes (one line, two lines, none) and any request-target authority
+    /// against a built table: the authority of an absolute-form target wins over `Host`
+    /// (RFC 9112 §3.2.2, as nginx); several `Host` lines or an unreadable one are `400`;
+    /// a named host answers (through its links); an unknown host gets `421` (or the
+    /// default host); no host at all `400` (or the default). Never a panic.
     #[test]
     fn any_host_header_is_routed_or_refused(
-        host in prop_oneof![
+        host in prop::option::of(prop_oneof![
             header_value_bytes(40),
-            (prop::sample::select(vec!["a.com", "B.COM", "a.com.", "a.com:8080", " b.com ", "[::1]:80", "a.com:x", ":80", "a.com:"]))
+            (prop::sample::select(vec!["a.com", "B.COM", "a.com.", "a.com:8080", " b.com ", "[::1]:80", "a.com:x", ":80", "a.com:", "c.org"]))
                 .prop_map(|s| s.as_bytes().to_vec()),
-        ],
+        ]),
+        second_host in prop::option::of(prop::sample::select(vec!["a.com", "b.com", "c.org"])),
+        authority in prop::option::of(prop::sample::select(vec!["a.com", "B.com:8080", "c.org", "a.com.", "[::1]:80", "user@b.com"])),
         with_default in any::<bool>(),
     ) {
         let mut b = LinkTable::builder()
@@ -199,25 +224,44 @@ proptest! {
             b = b.default_vhost("b.com");
         }
         let table = b.build().expect("valid table");
-        let Ok(value) = http::HeaderValue::from_bytes(&host) else { return Ok(()) };
-        let readable = value.to_str().ok().map(str::to_owned);
-        let req = Request::get("/x").header("host", value).body(Full::default()).expect("request");
+        let uri = match authority {
+            Some(a) => format!("http://{a}/x"),
+            None => "/x".to_string(),
+        };
+        let mut req = Request::get(uri).body(Full::default()).expect("request");
+        let mut values: Vec<http::HeaderValue> = Vec::new();
+        values.extend(host.as_deref().and_then(|h| http::HeaderValue::from_bytes(h).ok()));
+        values.extend(second_host.map(http::HeaderValue::from_static));
+        for v in &values {
+            req.headers_mut().append("host", v.clone());
+        }
+        let lines = values.len();
+        let readable = values.first().and_then(|v| v.to_str().ok()).map(str::to_owned);
         let (status, body) = answer(table, req);
-        let routed = readable.as_deref().and_then(host_meaning);
-        match routed.as_deref() {
-            Some("a.com") | Some("b.com") => {
-                // a.com links to b.com on 404, so both end at b.com's answer.
-                prop_assert_eq!(status, StatusCode::NOT_FOUND);
-                prop_assert_eq!(body.as_str(), "b.com");
+
+        let served = |status: StatusCode, body: &str| status == StatusCode::NOT_FOUND && body == "b.com";
+        let (named, refused) = match authority {
+            Some(a) => (host_meaning(a.rsplit('@').next().unwrap_or(a)), None),
+            None if lines > 1 => (None, Some(StatusCode::BAD_REQUEST)),
+            None if lines == 1 => match readable.as_deref() {
+                None => (None, Some(StatusCode::BAD_REQUEST)),
+                Some(h) => (host_meaning(h), None),
+            },
+            None => (None, None),
+        };
+        match (named, refused) {
+            (_, Some(code)) => prop_assert_eq!(status, code),
+            // a.com links to b.com on 404, so both end at b.com's answer.
+            (Some(_), None) => prop_assert!(served(status, &body), "{} {:?}", status, body),
+            (None, None) if with_default => prop_assert!(served(status, &body), "{} {:?}", status, body),
+            (None, None) => {
+                let want = if authority.is_some() || lines == 1 {
+                    StatusCode::MISDIRECTED_REQUEST
+                } else {
+                    StatusCode::BAD_REQUEST
+                };
+                prop_assert_eq!(status, want);
             }
-            _ if with_default => {
-                prop_assert_eq!(status, StatusCode::NOT_FOUND);
-                prop_assert_eq!(body.as_str(), "b.com");
-            }
-            _ => prop_assert!(
-                status == StatusCode::MISDIRECTED_REQUEST || status == StatusCode::BAD_REQUEST,
-                "{:?} answered {}", readable, status
-            ),
         }
     }
 
