@@ -22,6 +22,7 @@ mod fuzz_parsers {
     pub mod condition;
     pub mod connection;
     pub mod cookies;
+    pub mod discovery;
     pub mod link_table;
     pub mod support;
 }
