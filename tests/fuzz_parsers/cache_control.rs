@@ -55,6 +55,19 @@ fn ascii_junk() -> impl Strategy<Value = Vec<u8>> {
     })
 }
 
+/// A directive list mixing real directives (forbidding or not, any case) with junk members.
+fn directive_list() -> impl Strategy<Value = Vec<u8>> {
+    let member = prop_oneof![
+        2 => prop::sample::select(vec![
+            "private", "No-Store", "no-cache", "public", "max-age=60", "s-maxage=0",
+            "must-revalidate", "max-age=18446744073709551616", "private=\"x\"", "",
+        ])
+        .prop_map(|s| s.as_bytes().to_vec()),
+        1 => junk(),
+    ];
+    prop::collection::vec(member, 1..6).prop_map(|ms| ms.join(&b", "[..]))
+}
+
 /// A forbidding directive as an origin may spell it.
 fn forbidding() -> impl Strategy<Value = String> {
     (
@@ -99,18 +112,27 @@ fn with_directive(before: &[u8], d: &str, after: &[u8], split: bool) -> HeaderMa
 proptest! {
     #![proptest_config(config(512))]
 
-    /// Any bytes in `Cache-Control`, `Age`, `Expires`, `Date`, `Set-Cookie`-free: deciding
-    /// never panics.
+    /// Any bytes in `Cache-Control`, `Age`, `Expires`, `Date`: deciding never panics, and
+    /// a list with a forbidding member is not stored.
     #[test]
     fn arbitrary_headers_never_panic(
-        cc in prop::collection::vec(header_value_bytes(64), 0..3),
+        cc in prop::collection::vec(prop_oneof![header_value_bytes(64), directive_list()], 0..3),
         age in prop::option::of(header_value_bytes(24)),
         expires in prop::option::of(header_value_bytes(40)),
         date in prop::option::of(header_value_bytes(40)),
         num in number_text(),
     ) {
         let mut h = HeaderMap::new();
+        let mut forbidden = false;
         for v in cc.iter().filter_map(|v| value(v)) {
+            // A member that is exactly a forbidding directive, in a line without quotes
+            // (which could hide it in a quoted string) and, until the byte parser lands,
+            // without non-ASCII bytes (see the ignored property below).
+            let b = v.as_bytes();
+            forbidden |= b.is_ascii() && !b.contains(&b'"') && b.split(|c| *c == b',').any(|m| {
+                let m = m.trim_ascii();
+                ["private", "no-store", "no-cache"].iter().any(|d| m.eq_ignore_ascii_case(d.as_bytes()))
+            });
             h.append("cache-control", v);
         }
         if let Some(v) = value(format!("max-age={num}, s-maxage={num}").as_bytes()) {
@@ -121,7 +143,8 @@ proptest! {
                 h.insert(name, v);
             }
         }
-        let _ = storable(h);
+        let stored = storable(h);
+        prop_assert!(!(forbidden && stored), "a forbidding directive was stored");
     }
 
     /// `private`, `no-store` or `no-cache` anywhere in the list (any case, surrounded by
@@ -226,7 +249,7 @@ proptest! {
     /// As above with any bytes a header value may hold, non-ASCII included: a directive
     /// list that cannot be read must fail closed.
     #[test]
-    #[ignore = "fixed by cache hardening branch (Cache-Control byte parsing, fail closed); fails today: `\\xe9,private,` is stored"]
+    #[ignore = "fixed by cache hardening branch (Cache-Control byte parsing, fail closed); fails today: `,private,\\x80` is stored"]
     fn forbidding_directive_with_any_junk_is_never_stored(
         before in junk(),
         d in forbidding(),
