@@ -13,7 +13,8 @@
 //! | upstream body errors | gets the error | [`AbortReason::Upstream`] |
 //! | body ends short of / past `Content-Length` | streams what came | [`AbortReason::Truncated`] / [`AbortReason::TooLong`] |
 //! | client drops the body early, [`DisconnectPolicy::Abort`] | — | [`AbortReason::ClientGone`] |
-//! | client drops the body early, [`DisconnectPolicy::Finish`] (default) | — | a spawned task keeps pulling the upstream (within a byte and time cap), waiting for the sinks instead of overflowing them; over a cap: [`AbortReason::DrainLimit`] |
+//! | client drops the body early, [`DisconnectPolicy::Finish`] (default) | — | a spawned task keeps pulling the upstream (within a byte and time cap), waiting for the sinks instead of overflowing them; over its byte/time cap or the global [`DrainBudget`] (concurrent drains and their bytes): [`AbortReason::DrainLimit`] |
+//! | every copy to one sink together passes its [`ByteBudget`] ([`outlet_in`]) | streams | [`AbortReason::BudgetExceeded`] |
 //!
 //! A sink commits only on [`Next::End`], which the tee sends only when the whole body
 //! arrived and its length matched `Content-Length` (when there was one). Memory per sink is
@@ -91,6 +92,13 @@ pub enum AbortReason {
     /// The tee was dropped without saying why (for example a runtime shutting down).
     #[error("tee dropped")]
     Dropped,
+    /// Queueing the chunk would pass the byte budget shared by every copy to this sink
+    /// (see [`ByteBudget`]): a stalled sink must not grow memory without bound.
+    #[error("sink's global {limit}-byte budget exhausted")]
+    BudgetExceeded {
+        /// The budget.
+        limit: u64,
+    },
 }
 
 /// What happens to the sinks when the client drops the body before its end.
@@ -128,6 +136,160 @@ pub struct TeeOptions {
     pub on_disconnect: DisconnectPolicy,
     /// Counters to update (a fresh, unshared set when `None`).
     pub stats: Option<Arc<TeeStats>>,
+    /// The cap on background drains this tee may join ([`DrainBudget::global`] when
+    /// `None`).
+    pub drain_budget: Option<Arc<DrainBudget>>,
+}
+
+/// A process-wide (or shared) cap on the background drains of [`DisconnectPolicy::Finish`].
+///
+/// Each client that leaves early would otherwise start its own drain of up to `max_bytes`
+/// and `max_time`, with no limit on how many run at once: ten aborted requests pulled
+/// 500 MB from an origin. A budget bounds the drains running at once and the bytes they
+/// pull together; a drain that would pass either is not started (or stopped) and its
+/// copies end with [`AbortReason::DrainLimit`]. Bytes are returned when a drain ends.
+#[derive(Debug)]
+pub struct DrainBudget {
+    max_drains: usize,
+    max_bytes: u64,
+    active: AtomicUsize,
+    bytes: AtomicU64,
+}
+
+impl DrainBudget {
+    /// At most `max_drains` drains at once, pulling at most `max_bytes` together.
+    pub fn new(max_drains: usize, max_bytes: u64) -> Arc<Self> {
+        Arc::new(DrainBudget {
+            max_drains,
+            max_bytes,
+            active: AtomicUsize::new(0),
+            bytes: AtomicU64::new(0),
+        })
+    }
+
+    /// The budget used when [`TeeOptions::drain_budget`] is `None`: 16 drains and 256 MiB
+    /// for the whole process.
+    pub fn global() -> &'static Arc<DrainBudget> {
+        static GLOBAL: std::sync::OnceLock<Arc<DrainBudget>> = std::sync::OnceLock::new();
+        GLOBAL.get_or_init(|| DrainBudget::new(16, 256 << 20))
+    }
+
+    /// Drains running now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Bytes pulled by the drains running now.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    fn try_start(self: &Arc<Self>) -> Option<DrainPermit> {
+        let max = self.max_drains;
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(DrainPermit {
+            budget: self.clone(),
+            bytes: 0,
+        })
+    }
+}
+
+/// One running drain's share of a [`DrainBudget`]; returns it on drop.
+struct DrainPermit {
+    budget: Arc<DrainBudget>,
+    bytes: u64,
+}
+
+impl DrainPermit {
+    fn try_charge(&mut self, n: u64) -> bool {
+        let max = self.budget.max_bytes;
+        let ok = self
+            .budget
+            .bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                b.checked_add(n).filter(|t| *t <= max)
+            })
+            .is_ok();
+        if ok {
+            self.bytes += n;
+        }
+        ok
+    }
+}
+
+impl Drop for DrainPermit {
+    fn drop(&mut self) {
+        self.budget.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.budget.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A byte budget shared by every copy queued for one sink (see [`outlet_in`]).
+///
+/// The per-copy buffer of [`outlet`] bounds one copy; a sink that stalls (its `begin`
+/// hangs while an object store retries) collects one such buffer per response. The budget
+/// bounds their sum: a chunk that would pass it aborts that copy with
+/// [`AbortReason::BudgetExceeded`] (the client is not slowed). Bytes are charged when
+/// queued and returned when the sink takes them; a sink that keeps chunks after taking
+/// them (a buffered upload) may keep them charged too.
+#[derive(Debug)]
+pub struct ByteBudget {
+    limit: u64,
+    used: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl ByteBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: u64) -> Arc<Self> {
+        Arc::new(ByteBudget {
+            limit,
+            used: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
+        })
+    }
+
+    /// The limit.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Bytes charged now.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// The most bytes ever charged at once (never above [`ByteBudget::limit`]).
+    pub fn peak(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    /// Charges `n` bytes if they fit; `false` (nothing charged) otherwise.
+    pub fn try_charge(&self, n: u64) -> bool {
+        let limit = self.limit;
+        match self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_add(n).filter(|t| *t <= limit)
+            }) {
+            Ok(prev) => {
+                self.peak.fetch_max(prev + n, Ordering::Relaxed);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Returns `n` bytes charged before.
+    pub fn release(&self, n: u64) {
+        if n != 0 {
+            self.used.fetch_sub(n, Ordering::AcqRel);
+        }
+    }
 }
 
 /// Counters of a tee (or of every tee sharing one `Arc`): cheap atomics, read with
@@ -142,6 +304,9 @@ pub struct TeeStats {
     client_gone_aborts: AtomicU64,
     drains_started: AtomicU64,
     drain_aborts: AtomicU64,
+    drains_refused: AtomicU64,
+    drained_bytes: AtomicU64,
+    budget_aborts: AtomicU64,
 }
 
 /// A point-in-time copy of [`TeeStats`].
@@ -161,8 +326,14 @@ pub struct TeeStatsSnapshot {
     pub client_gone_aborts: u64,
     /// Background drains started after a client left (policy `Finish`).
     pub drains_started: u64,
-    /// Background drains stopped by their byte/time cap.
+    /// Background drains stopped by their byte/time cap or the [`DrainBudget`].
     pub drain_aborts: u64,
+    /// Drains not started because the [`DrainBudget`] had no free slot (copies aborted).
+    pub drains_refused: u64,
+    /// Bytes read from upstreams by background drains.
+    pub drained_bytes: u64,
+    /// Copies aborted because their sink's [`ByteBudget`] was exhausted.
+    pub budget_aborts: u64,
 }
 
 impl TeeStats {
@@ -183,6 +354,9 @@ impl TeeStats {
             client_gone_aborts: self.client_gone_aborts.load(r),
             drains_started: self.drains_started.load(r),
             drain_aborts: self.drain_aborts.load(r),
+            drains_refused: self.drains_refused.load(r),
+            drained_bytes: self.drained_bytes.load(r),
+            budget_aborts: self.budget_aborts.load(r),
         }
     }
 
@@ -192,6 +366,12 @@ impl TeeStats {
         if now > self.peak_buffered.load(Ordering::Relaxed) {
             self.peak_buffered.fetch_max(now, Ordering::Relaxed);
         }
+    }
+
+    /// Counts a copy aborted by its sink's [`ByteBudget`] outside the tee (bytes a writer
+    /// kept after taking them).
+    pub(crate) fn count_budget_abort(&self) {
+        self.budget_aborts.fetch_add(1, Ordering::Relaxed);
     }
 
     fn sub_buffered(&self, n: usize) {
@@ -213,6 +393,8 @@ struct Shared {
     /// Set when a drain may wait on `released`; until then releases skip the notify.
     draining: AtomicBool,
     limit: usize,
+    /// The budget shared with the sink's other copies, if any.
+    budget: Option<Arc<ByteBudget>>,
     /// Set once by the tee that takes the outlet.
     stats: std::sync::OnceLock<Arc<TeeStats>>,
 }
@@ -247,12 +429,23 @@ pub enum Next {
 /// A channel for one sink whose queue may hold at most `buffer` bytes (one chunk larger than
 /// the buffer is let through when the queue is empty, so tiny buffers still work).
 pub fn outlet(buffer: usize) -> (Outlet, Inlet) {
+    make_outlet(buffer, None)
+}
+
+/// Like [`outlet`], and every queued byte is also charged to `budget`, shared with the
+/// other copies to the same sink: a chunk that does not fit aborts this copy.
+pub fn outlet_in(buffer: usize, budget: Arc<ByteBudget>) -> (Outlet, Inlet) {
+    make_outlet(buffer, Some(budget))
+}
+
+fn make_outlet(buffer: usize, budget: Option<Arc<ByteBudget>>) -> (Outlet, Inlet) {
     let (tx, rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         buffered: AtomicUsize::new(0),
         released: Notify::new(),
         draining: AtomicBool::new(false),
         limit: buffer,
+        budget,
         stats: std::sync::OnceLock::new(),
     });
     (
@@ -301,6 +494,9 @@ impl Inlet {
             return;
         }
         self.shared.buffered.fetch_sub(n, Ordering::SeqCst);
+        if let Some(b) = &self.shared.budget {
+            b.release(n as u64);
+        }
         if let Some(s) = self.shared.stats.get() {
             s.sub_buffered(n);
         }
@@ -372,7 +568,31 @@ impl Outlet {
             });
             return false;
         }
+        if !self.charge_budget(len) {
+            self.shared.buffered.fetch_sub(len, Ordering::AcqRel);
+            return false;
+        }
         self.push(chunk)
+    }
+
+    /// Charges `len` bytes to the sink's shared budget; on failure aborts this copy.
+    fn charge_budget(&mut self, len: usize) -> bool {
+        let Some(b) = &self.shared.budget else {
+            return true;
+        };
+        if b.try_charge(len as u64) {
+            return true;
+        }
+        let limit = b.limit();
+        if let Some(s) = self.shared.stats.get() {
+            s.budget_aborts.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::warn!(
+            limit,
+            "backup copy aborted: the sink's byte budget is exhausted"
+        );
+        self.abort(AbortReason::BudgetExceeded { limit });
+        false
     }
 
     /// Queues `chunk`, waiting while the sink's buffer is full (drain mode only).
@@ -390,6 +610,10 @@ impl Outlet {
                 break;
             }
             self.shared.released.notified().await;
+        }
+        // The shared budget is not waited for: other copies may hold it for long.
+        if !self.charge_budget(len) {
+            return false;
         }
         self.shared.buffered.fetch_add(len, Ordering::AcqRel);
         self.push(chunk)
@@ -413,6 +637,9 @@ impl Outlet {
         // The sink went away (it reports its own error).
         if let Some(s) = stats {
             s.sub_buffered(len);
+        }
+        if let Some(b) = &self.shared.budget {
+            b.release(len as u64);
         }
         self.shared.buffered.fetch_sub(len, Ordering::AcqRel);
         self.tx = None;
@@ -452,6 +679,7 @@ struct Drain {
     expected: Option<u64>,
     policy: DisconnectPolicy,
     stats: Arc<TeeStats>,
+    budget: Arc<DrainBudget>,
 }
 
 /// The body returned to the client: the upstream's frames, copied to the outlets. See the
@@ -463,6 +691,7 @@ pub struct TeeBody<B> {
     expected: Option<u64>,
     policy: DisconnectPolicy,
     stats: Arc<TeeStats>,
+    drain_budget: Option<Arc<DrainBudget>>,
     /// Spawns the drain; a fn pointer made where `B: Send + 'static` is known, so `Drop`
     /// needs no bounds.
     drain: DrainFn<B>,
@@ -495,6 +724,7 @@ where
             expected: opts.expected_len,
             policy: opts.on_disconnect,
             stats,
+            drain_budget: opts.drain_budget.clone(),
             drain: spawn_drain::<B>,
         }
     }
@@ -509,6 +739,7 @@ where
             expected: None,
             policy: DisconnectPolicy::Abort,
             stats: Arc::default(),
+            drain_budget: None,
             drain: spawn_drain::<B>,
         }
     }
@@ -638,6 +869,10 @@ impl<B> Drop for TeeBody<B> {
             expected: self.expected,
             policy: self.policy,
             stats: self.stats.clone(),
+            budget: self
+                .drain_budget
+                .clone()
+                .unwrap_or_else(|| DrainBudget::global().clone()),
         };
         (self.drain)(inner, drain);
     }
@@ -654,12 +889,20 @@ where
     }
     match d.policy {
         DisconnectPolicy::Finish { .. } if tokio::runtime::Handle::try_current().is_ok() => {
+            let Some(permit) = d.budget.try_start() else {
+                d.stats.drains_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    received = d.seen,
+                    "client left and the drain budget is full; backup copies aborted"
+                );
+                return d.abort(AbortReason::DrainLimit);
+            };
             d.stats.drains_started.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(
                 received = d.seen,
                 "client left; finishing backup copies in the background"
             );
-            tokio::spawn(run_drain(body, d));
+            tokio::spawn(run_drain(body, d, permit));
         }
         _ => {
             d.stats.client_gone_aborts.fetch_add(1, Ordering::Relaxed);
@@ -687,7 +930,7 @@ impl Drain {
     }
 }
 
-async fn run_drain<B>(mut body: Pin<Box<B>>, mut d: Drain)
+async fn run_drain<B>(mut body: Pin<Box<B>>, mut d: Drain, mut permit: DrainPermit)
 where
     B: Body<Data = Bytes> + Send + 'static,
 {
@@ -698,7 +941,11 @@ where
     else {
         return d.abort(AbortReason::ClientGone);
     };
-    let deadline = tokio::time::Instant::now() + max_time;
+    let now = tokio::time::Instant::now();
+    // A configured `Duration::MAX` means "no practical limit", not a panic.
+    let deadline = now
+        .checked_add(max_time)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
     let start = d.seen;
     let reason = loop {
         if d.outlets.iter().all(|o| !o.is_open()) {
@@ -715,8 +962,10 @@ where
                 let Ok(data) = frame.into_data() else {
                     continue;
                 };
-                d.seen += data.len() as u64;
-                if d.seen - start > max_bytes {
+                let n = data.len() as u64;
+                d.seen += n;
+                d.stats.drained_bytes.fetch_add(n, Ordering::Relaxed);
+                if d.seen - start > max_bytes || !permit.try_charge(n) {
                     break AbortReason::DrainLimit;
                 }
                 if let Some(e) = d.expected.filter(|e| d.seen > *e) {

@@ -30,12 +30,15 @@ pub struct CachedResponse {
 impl CachedResponse {
     /// The value of the `Age` header at `now`.
     pub fn age(&self, now: Instant) -> Duration {
-        self.initial_age + now.saturating_duration_since(self.stored_at)
+        // Saturating: `initial_age` and `fresh_for` are public fields a caller may fill
+        // with anything, and an origin's `Age` must never panic the cache.
+        self.initial_age
+            .saturating_add(now.saturating_duration_since(self.stored_at))
     }
 
     /// Whether the entry may be served without asking upstream at `now`.
     pub fn is_fresh(&self, now: Instant) -> bool {
-        now.saturating_duration_since(self.stored_at) + self.initial_age < self.fresh_for
+        self.age(now) < self.fresh_for
     }
 
     /// Body length.
