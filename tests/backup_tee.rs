@@ -960,3 +960,83 @@ async fn one_tee_three_pipes_client_storage_cache() {
     ));
     assert!(store.get("/private.txt").is_none());
 }
+
+/// Issue 10 item 8: a request naming the temporary file of a copy in progress must not
+/// replace the object being copied (with the old `.<name>.<pid>.<seq>.tmp` layout, the
+/// attacker's copy was renamed onto that temporary path and then committed as the video).
+#[tokio::test]
+async fn fs_sink_temp_files_cannot_be_targeted() {
+    const CHUNKS: usize = 4;
+    let total = (CHUNKS * CHUNK) as u64;
+    let (feeders_tx, mut feeders) = mpsc::channel::<mpsc::Sender<Bytes>>(1);
+    // `/video.mp4` streams what the test feeds; any other path answers 200 with 5 bytes.
+    let origin = spawn_server(service_fn(move |req: Request<Incoming>| {
+        let feeders_tx = feeders_tx.clone();
+        async move {
+            if req.uri().path() != "/video.mp4" {
+                return Ok::<_, Infallible>(Response::new(boxed(Full::new(Bytes::from_static(
+                    b"EVIL!",
+                )))));
+            }
+            let (tx, rx) = mpsc::channel::<Bytes>(1);
+            feeders_tx.send(tx).await.unwrap();
+            let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                let b = rx.recv().await?;
+                Some((Ok::<_, Infallible>(Frame::data(b)), rx))
+            });
+            Ok(Response::builder()
+                .header(header::CONTENT_LENGTH, total)
+                .body(boxed(StreamBody::new(stream)))
+                .unwrap())
+        }
+    }))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let layer = TeeLayer::new(FsSink::new(dir.path()).fsync(FsyncPolicy::Never));
+    let mut events = Events::new(layer.subscribe());
+    let stats = layer.stats().clone();
+    let edge = edge(origin, layer).await;
+
+    let video = tokio::spawn(async move { read_all(get(edge, "/video.mp4").await).await });
+    let feed = feeders.recv().await.unwrap();
+    feed.send(chunk(0)).await.unwrap();
+    // The copy in progress has a temporary file somewhere under the root (bounded wait:
+    // the sink creates it on the blocking pool).
+    let mut tmp = Vec::new();
+    for _ in 0..5000 {
+        tmp = files_under(dir.path());
+        if !tmp.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(tmp.len(), 1, "{tmp:?}");
+    // The attacker asks for exactly that path (the origin answers 200 for anything).
+    let evil = read_all(get(edge, &format!("/{}", tmp[0])).await)
+        .await
+        .unwrap();
+    assert_eq!(&evil[..], b"EVIL!");
+    // Its backup is refused or committed; wait for one of the two.
+    for _ in 0..5000 {
+        let s = stats.snapshot();
+        if s.rejected_keys + s.committed + s.sink_errors >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for i in 1..CHUNKS {
+        feed.send(chunk(i)).await.unwrap();
+    }
+    drop(feed);
+    let body = video.await.unwrap().unwrap();
+    assert_eq!(body.len() as u64, total);
+    let ev = events.wait("video.mp4", "fs").await;
+    assert!(
+        matches!(ev.outcome, BackupOutcome::Committed { .. }),
+        "{:?}",
+        ev.outcome
+    );
+    let stored = std::fs::read(dir.path().join("video.mp4")).unwrap();
+    assert_eq!(stored, body, "the backup of video.mp4 was replaced");
+    assert_eq!(stats.snapshot().rejected_keys, 1);
+}

@@ -43,7 +43,7 @@
 //! |---|---|
 //! | which responses | `GET` ([`TeeLayerBuilder::methods`]) whose [`Candidate`] passes the predicate: default status `200` with a non-empty body |
 //! | object key | request path, percent-decoded, leading `/` removed ([`PathKey`]); any [`NameRule`] may replace it |
-//! | bad key (`..`, absolute, control chars, empty) | served normally, not backed up; [`BackupStatus::InvalidKey`] extension, `rejected_keys` counter, `warn` event |
+//! | bad key (`..`, absolute, control chars, empty, under the reserved `.tmp/`) | served normally, not backed up; [`BackupStatus::InvalidKey`] extension, `rejected_keys` counter, `warn` event |
 //! | slow sink | the client never waits; a sink more than `buffer` bytes behind is aborted (`overflows`) |
 //! | sink error | that sink's copy ends (`sink_errors`); client and other sinks go on |
 //! | commit | only after the whole body, with the length of `Content-Length` if present |
@@ -68,7 +68,7 @@ pub use backfill::{backfill, BackfillReport};
 pub use error::{BackfillError, KeyError, SinkError};
 pub use fs::{FsSink, FsyncPolicy};
 pub use future::ResponseFuture;
-pub use key::{FnKey, NameRule, ObjectKey, PathKey};
+pub use key::{FnKey, NameRule, ObjectKey, PathKey, RESERVED_DIR};
 pub use layer::{
     default_predicate, BackupEvent, BackupOutcome, BackupStats, BackupStatsSnapshot, Candidate,
     TeeLayer, TeeLayerBuilder,
