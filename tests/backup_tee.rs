@@ -22,7 +22,7 @@ use tower_patterns::backup::{
     backfill, BackfillError, BackupOutcome, BackupStatus, FsSink, FsyncPolicy, KeyError,
     MemorySink, TeeLayer,
 };
-use tower_patterns::body::tee::{AbortReason, DisconnectPolicy};
+use tower_patterns::body::tee::{AbortReason, DisconnectPolicy, DrainBudget};
 use tower_patterns::body::{boxed, BoxBody};
 use tower_patterns::cache::{purge_from_loopback, CacheLayer, MemoryStore, Store};
 use tower_patterns::proxy::{ClientAddr, ForwardBuilder};
@@ -408,7 +408,11 @@ async fn client_disconnect_drain_cap_aborts() {
         ev.outcome
     );
     assert!(mem.is_empty());
-    assert_eq!(stats.snapshot().tee.drain_aborts, 1);
+    // The rest of the body (known from Content-Length) is past the cap: the drain is not
+    // even started, so nothing more is pulled from the origin.
+    let tee = stats.snapshot().tee;
+    assert_eq!((tee.drains_started, tee.drains_refused), (0, 1));
+    assert_eq!(tee.drained_bytes, 0);
 }
 
 #[tokio::test]
@@ -1039,4 +1043,84 @@ async fn fs_sink_temp_files_cannot_be_targeted() {
     let stored = std::fs::read(dir.path().join("video.mp4")).unwrap();
     assert_eq!(stored, body, "the backup of video.mp4 was replaced");
     assert_eq!(stats.snapshot().rejected_keys, 1);
+}
+
+/// Issue 10 item 11: clients that leave early each started a background drain of up to
+/// 256 MiB with no global cap (ten 0.3 s requests pulled 500 MB). With a budget of four
+/// drains and 20 MiB, ten aborted 8 MiB downloads pull at most the budget: two drains fit
+/// (each reserves the rest of its body), the others are refused at once.
+#[tokio::test]
+async fn aborted_requests_pull_at_most_the_drain_budget() {
+    const CLIENTS: usize = 10;
+    const PER_STREAM: usize = 128; // 8 MiB per aborted download
+    const BUDGET: u64 = 20 << 20;
+    let total = (PER_STREAM * CHUNK) as u64;
+    let (origin, mut feeders) = fed_origin(total).await;
+    let budget = DrainBudget::new(4, BUDGET);
+    let layer = TeeLayer::builder()
+        .sink(MemorySink::new("memory"))
+        .drain_budget(budget.clone())
+        .build();
+    let stats = layer.stats().clone();
+    let edge = edge(origin, layer).await;
+
+    let mut feeds = Vec::new();
+    for i in 0..CLIENTS {
+        let client = tokio::spawn(get_and_leave(edge, "/stream"));
+        let feed = feeders.recv().await.unwrap();
+        feed.send(chunk(i)).await.unwrap();
+        client.await.unwrap();
+        feeds.push(feed);
+    }
+    // Every disconnect was seen: a drain started or was refused (bounded wait).
+    for _ in 0..5000 {
+        let t = stats.snapshot().tee;
+        if t.drains_started + t.drains_refused == CLIENTS as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let t = stats.snapshot().tee;
+    assert_eq!(
+        (t.drains_started, t.drains_refused),
+        (2, CLIENTS as u64 - 2)
+    );
+    assert!(budget.bytes() <= BUDGET);
+    // Offer the whole rest of every body; the origin can only send what is read.
+    for feed in feeds {
+        for i in 1..PER_STREAM {
+            if feed.send(chunk(i)).await.is_err() {
+                break; // the edge let go of this download
+            }
+        }
+    }
+    for _ in 0..5000 {
+        if budget.active() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(budget.active(), 0);
+    assert_eq!(
+        budget.bytes(),
+        0,
+        "reservations are returned when drains end"
+    );
+    let t = stats.snapshot().tee;
+    assert!(
+        t.drained_bytes <= BUDGET,
+        "drains pulled {} bytes",
+        t.drained_bytes
+    );
+    assert_eq!(t.drained_bytes, 2 * (total - CHUNK as u64));
+    // The two admitted drains finish their copies; nothing else was pulled.
+    let mut committed = 0;
+    for _ in 0..5000 {
+        committed = stats.snapshot().committed;
+        if committed == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(committed, 2);
 }

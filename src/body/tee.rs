@@ -146,8 +146,10 @@ pub struct TeeOptions {
 /// Each client that leaves early would otherwise start its own drain of up to `max_bytes`
 /// and `max_time`, with no limit on how many run at once: ten aborted requests pulled
 /// 500 MB from an origin. A budget bounds the drains running at once and the bytes they
-/// pull together; a drain that would pass either is not started (or stopped) and its
-/// copies end with [`AbortReason::DrainLimit`]. Bytes are returned when a drain ends.
+/// may pull together. A drain reserves what is left of its body when it starts (the rest
+/// of `Content-Length`; without one it is charged chunk by chunk); a drain that does not
+/// fit is not started, one that passes its share is stopped, and its copies end with
+/// [`AbortReason::DrainLimit`]. The reservation is returned when the drain ends.
 #[derive(Debug)]
 pub struct DrainBudget {
     max_drains: usize,
@@ -184,16 +186,23 @@ impl DrainBudget {
         self.bytes.load(Ordering::Relaxed)
     }
 
-    fn try_start(self: &Arc<Self>) -> Option<DrainPermit> {
+    /// A slot for one more drain with `reserve` bytes set aside, if both fit.
+    fn try_start(self: &Arc<Self>, reserve: u64) -> Option<DrainPermit> {
         let max = self.max_drains;
         self.active
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
             .ok()?;
-        Some(DrainPermit {
+        // From here on, dropping the permit returns the slot (and what it charged).
+        let mut permit = DrainPermit {
             budget: self.clone(),
             bytes: 0,
+            reserved: 0,
+        };
+        permit.charge_global(reserve).then(|| {
+            permit.reserved = reserve;
+            permit
         })
     }
 }
@@ -201,11 +210,24 @@ impl DrainBudget {
 /// One running drain's share of a [`DrainBudget`]; returns it on drop.
 struct DrainPermit {
     budget: Arc<DrainBudget>,
+    /// Bytes charged to the budget (the reservation, plus what was pulled beyond it).
     bytes: u64,
+    /// Bytes that may still be pulled without charging more.
+    reserved: u64,
 }
 
 impl DrainPermit {
+    /// Accounts `n` pulled bytes: from the reservation first, then from the budget.
     fn try_charge(&mut self, n: u64) -> bool {
+        let from_reserve = n.min(self.reserved);
+        self.reserved -= from_reserve;
+        self.charge_global(n - from_reserve)
+    }
+
+    fn charge_global(&mut self, n: u64) -> bool {
+        if n == 0 {
+            return true;
+        }
         let max = self.budget.max_bytes;
         let ok = self
             .budget
@@ -888,8 +910,17 @@ where
         return;
     }
     match d.policy {
-        DisconnectPolicy::Finish { .. } if tokio::runtime::Handle::try_current().is_ok() => {
-            let Some(permit) = d.budget.try_start() else {
+        DisconnectPolicy::Finish { max_bytes, .. }
+            if tokio::runtime::Handle::try_current().is_ok() =>
+        {
+            // What is left of a body of known length is reserved up front, so drains
+            // that cannot all finish are not started. A rest beyond the per-drain cap
+            // would be stopped anyway: reserving it fails the same way.
+            let rest = d.expected.map_or(0, |e| e.saturating_sub(d.seen));
+            let permit = (rest <= max_bytes)
+                .then(|| d.budget.try_start(rest))
+                .flatten();
+            let Some(permit) = permit else {
                 d.stats.drains_refused.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     received = d.seen,
