@@ -30,7 +30,7 @@ pub(super) struct Shared {
     pub(super) stats: std::sync::OnceLock<Arc<TeeStats>>,
 }
 
-/// The tee side of one sink's channel. Give it to [`TeeBody::new`].
+/// The tee side of one sink's channel. Give it to [`TeeBody::new`](super::TeeBody::new).
 pub struct Outlet {
     tx: Option<mpsc::UnboundedSender<Msg>>,
     pub(super) shared: Arc<Shared>,
