@@ -120,7 +120,10 @@ async fn main() -> Result<(), BoxError> {
         .service(to_storage);
     // PURGE is refused unless configured: here, with a token header.
     let cache = CacheLayer::builder(MemoryStore::new(64 << 20))
-        .purge_token(http::HeaderName::from_static("x-purge-token"), "example-token")
+        .purge_token(
+            http::HeaderName::from_static("x-purge-token"),
+            "example-token",
+        )
         .build();
     let edge = spawn_local(ServiceBuilder::new().layer(cache.clone()).service(chain))
         .await?

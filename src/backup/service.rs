@@ -145,12 +145,14 @@ where
         // A sink that stalls collects copies that wait for it; past the limit, skip (the
         // client is never slowed, the skip is counted).
         let Some(pending) = slot.try_begin() else {
-            let n = cfg.stats.skipped.fetch_add(1, Ordering::Relaxed);
-            if n.is_power_of_two() || n == 0 {
+            // Counted always; logged on the 1st, 2nd, 4th, 8th… skip so a long stall
+            // cannot flood the log.
+            let n = cfg.stats.skipped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
                 tracing::warn!(
                     key = %info.key,
                     sink = &*slot.name,
-                    skipped = n + 1,
+                    skipped = n,
                     "backup skipped: too many copies pending on this sink"
                 );
             }
