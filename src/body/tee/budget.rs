@@ -179,3 +179,41 @@ impl ByteBudget {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_budget_never_passes_its_limit() {
+        let b = ByteBudget::new(100);
+        assert!(b.try_charge(60));
+        assert!(!b.try_charge(41), "would pass the limit: nothing charged");
+        assert!(b.try_charge(40));
+        assert_eq!((b.used(), b.peak()), (100, 100));
+        b.release(100);
+        assert_eq!(b.used(), 0);
+        assert!(!b.try_charge(u64::MAX), "no overflow on huge charges");
+        assert!(ByteBudget::new(u64::MAX).try_charge(u64::MAX));
+    }
+
+    #[test]
+    fn drain_budget_limits_slots_and_reservations() {
+        let b = DrainBudget::new(2, 100);
+        let mut first = b.try_start(70).expect("fits");
+        assert!(b.try_start(31).is_none(), "reservation does not fit");
+        assert_eq!(b.active(), 1, "a refused start returns its slot");
+        let mut second = b.try_start(0).expect("unknown length: no reservation");
+        assert!(b.try_start(0).is_none(), "no free slot");
+        // Pulled bytes come from the reservation first, then from the budget.
+        assert!(first.try_charge(70));
+        assert_eq!(b.bytes(), 70);
+        assert!(second.try_charge(30));
+        assert!(!second.try_charge(1));
+        assert!(!first.try_charge(1));
+        drop(first);
+        assert_eq!((b.active(), b.bytes()), (1, 30));
+        drop(second);
+        assert_eq!((b.active(), b.bytes()), (0, 0));
+    }
+}
