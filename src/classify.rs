@@ -113,9 +113,10 @@ pub trait Classifier: Send + 'static {
 
 /// Finds the [`FailureKind`] of an error by walking its `source()` chain.
 ///
-/// Recognises this crate's own errors ([`KnownFailure`](crate::error::KnownFailure)), tower and tokio
-/// timeouts, `std::io` errors, and hyper/hyper-util client errors. Anything else is
-/// [`FailureKind::Other`].
+/// Recognises this crate's own errors ([`KnownFailure`](crate::error::KnownFailure)), tower
+/// and tokio timeouts, `std::io` errors (local resource exhaustion such as `EMFILE` is
+/// [`FailureKind::Client`], see [`is_local_resource_error`]), and hyper/hyper-util client
+/// errors. Anything else is [`FailureKind::Other`].
 pub fn error_kind(err: &(dyn StdError + 'static)) -> FailureKind {
     let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
     while let Some(e) = cur {
@@ -200,8 +201,31 @@ pub(crate) fn may_send_again(
     idempotent || allow_non_idempotent || never_sent
 }
 
+/// `true` when `io` says the proxy itself ran out of a local resource: file descriptors
+/// (`EMFILE`, `ENFILE`), socket buffers (`ENOBUFS`) or memory (`ENOMEM`).
+///
+/// Such an error on connect or accept says nothing about the upstream or the client, so
+/// [`error_kind`] classifies it [`FailureKind::Client`] (never charged to an upstream), the
+/// proxy answers `503`, and the accept loop of [`server`](crate::server) backs off.
+pub fn is_local_resource_error(io: &std::io::Error) -> bool {
+    if io.kind() == std::io::ErrorKind::OutOfMemory {
+        return true;
+    }
+    #[cfg(unix)]
+    if let Some(code) = io.raw_os_error() {
+        return matches!(
+            code,
+            libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+        );
+    }
+    false
+}
+
 fn io_kind(io: &std::io::Error) -> FailureKind {
     use std::io::ErrorKind::*;
+    if is_local_resource_error(io) {
+        return FailureKind::Client;
+    }
     match io.kind() {
         TimedOut => FailureKind::Timeout,
         ConnectionRefused | ConnectionReset | ConnectionAborted | NotConnected | BrokenPipe
@@ -560,6 +584,23 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn local_resource_exhaustion_is_never_charged_to_an_upstream() {
+        for code in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            let io = std::io::Error::from_raw_os_error(code);
+            assert!(is_local_resource_error(&io), "{io}");
+            assert_eq!(error_kind(&io), FailureKind::Client, "{io}");
+            // Even a condition counting every error ignores it.
+            let fail: Condition = "fail".parse().unwrap();
+            assert_eq!(fail.classify_error_ref(&io), Outcome::Ignored, "{io}");
+        }
+        // Refusal stays the upstream's fault.
+        let refused = std::io::Error::from_raw_os_error(libc::ECONNREFUSED);
+        assert!(!is_local_resource_error(&refused));
+        assert_eq!(error_kind(&refused), FailureKind::Transport);
+    }
 
     fn res(code: u16) -> Response<()> {
         Response::builder().status(code).body(()).unwrap()

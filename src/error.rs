@@ -64,6 +64,7 @@ fn as_http_status<'a>(e: &'a (dyn StdError + 'static)) -> Option<&'a dyn HttpSta
         crate::breaker::CircuitOpen,
         crate::chain::ChainError,
         crate::body::ReplayError,
+        crate::proxy::body::BodyFault,
     )
 }
 
@@ -71,24 +72,39 @@ fn as_http_status<'a>(e: &'a (dyn StdError + 'static)) -> Option<&'a dyn HttpSta
 pub(crate) fn as_known_failure<'a>(
     e: &'a (dyn StdError + 'static),
 ) -> Option<&'a dyn KnownFailure> {
-    registered!(e, KnownFailure: crate::proxy::ForwardError, crate::body::ReplayError)
+    registered!(e, KnownFailure:
+        crate::proxy::ForwardError,
+        crate::body::ReplayError,
+        crate::proxy::body::BodyFault,
+    )
+}
+
+/// The status of the first error in `err`'s `source()` chain that implements
+/// [`HttpStatus`], if any.
+pub(crate) fn registered_status(err: &(dyn StdError + 'static)) -> Option<StatusCode> {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(s) = as_http_status(e) {
+            return Some(s.status());
+        }
+        cur = e.source();
+    }
+    None
 }
 
 /// The status a proxy should answer for any error of a stack built from this crate.
 ///
 /// The first error in the `source()` chain that implements [`HttpStatus`] decides (a
 /// wrapping error such as a balancer's "upstream failed after N tries" defers to its
-/// cause). Otherwise timeouts are `504` and everything else `502`.
+/// cause). Otherwise timeouts are `504`, the proxy's own resource exhaustion (an io
+/// error, [`FailureKind::Client`]) `503`, and everything else `502`.
 pub fn error_status(err: &(dyn StdError + 'static)) -> StatusCode {
-    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
-    while let Some(e) = cur {
-        if let Some(s) = as_http_status(e) {
-            return s.status();
-        }
-        cur = e.source();
+    if let Some(s) = registered_status(err) {
+        return s;
     }
     match crate::classify::error_kind(err) {
         FailureKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        FailureKind::Client => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::BAD_GATEWAY,
     }
 }
