@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tower_patterns::cache::{CacheLayer, MemoryStore};
+use tower_patterns::cache::{purge_from_loopback, CacheLayer, MemoryStore};
 use tower_patterns::client_addr::{ClientAddrLayer, TrustedProxies};
 use tower_patterns::proxy::ForwardBuilder;
 use tower_patterns::respond::respond;
@@ -123,7 +123,11 @@ async fn forward_alone_joins_repeated_forwarded_for_lines() {
 async fn cached_gateway(layer: ClientAddrLayer) -> SocketAddr {
     let app = Router::new()
         .route("/page", axum::routing::get(|| async { "page" }))
-        .layer(CacheLayer::new(MemoryStore::new(1 << 20)))
+        .layer(
+            CacheLayer::builder(MemoryStore::new(1 << 20))
+                .purge_allowed(purge_from_loopback)
+                .build(),
+        )
         .layer(layer);
     serve(app).await
 }
