@@ -114,9 +114,20 @@ pub trait Classifier: Send + 'static {
 /// Finds the [`FailureKind`] of an error by walking its `source()` chain.
 ///
 /// Recognises this crate's [`ForwardError`](crate::proxy::ForwardError), tower and tokio
-/// timeouts, `std::io` errors, and hyper/hyper-util client errors. Anything else is
-/// [`FailureKind::Other`].
+/// timeouts, `std::io` errors, and hyper/hyper-util client errors. A
+/// [`ReplayError`](crate::body::ReplayError) anywhere in the chain (the client's request
+/// body failed) is [`FailureKind::Client`]. Anything else is [`FailureKind::Other`].
 pub fn error_kind(err: &(dyn StdError + 'static)) -> FailureKind {
+    // The client's request body failed (aborted or malformed upload) somewhere below:
+    // whatever wrapped it (the HTTP client, `ForwardError::Transport`), it is not the
+    // upstream's fault.
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if e.is::<crate::body::ReplayError>() {
+            return FailureKind::Client;
+        }
+        cur = e.source();
+    }
     let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
     while let Some(e) = cur {
         if let Some(fe) = e.downcast_ref::<crate::proxy::ForwardError>() {

@@ -102,9 +102,16 @@ impl ForwardError {
 /// The first error of the crate found in the `source()` chain decides:
 /// [`ForwardError::status`]; the balancer's `NoEndpoints` → 502 and `Unavailable` → 503
 /// (an upstream failure after retries is decided by its cause); a circuit breaker's
-/// `CircuitOpen` → 503. Otherwise timeouts are `504` and everything else `502`.
+/// `CircuitOpen` → 503. Otherwise timeouts are `504` and everything else `502`. Before
+/// all that, a client-caused failure ([`FailureKind::Client`], e.g. its request body
+/// broke) is `400`.
 pub fn error_status(err: &(dyn StdError + 'static)) -> StatusCode {
     use crate::balance::BalanceError;
+    // The client's own request failed (its body broke mid-upload), whatever wrapped the
+    // error on the way up: its fault, not the gateway's.
+    if error_kind(err) == FailureKind::Client {
+        return StatusCode::BAD_REQUEST;
+    }
     let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
     while let Some(e) = cur {
         if let Some(fe) = e.downcast_ref::<ForwardError>() {
