@@ -122,7 +122,10 @@ async fn a_cancelled_trial_hands_the_trial_to_the_next_request() {
         .retry(Retry::never())
         .build_static([("hung", hung(h.clone())), ("a", named("a", Arc::default()))]);
     // Eject "hung" (its try times out; no retry: 504).
-    let err = lb.clone().oneshot(get("/")).await.unwrap_err();
+    let err = tokio::time::timeout(Duration::from_secs(60), lb.clone().oneshot(get("/")))
+        .await
+        .expect("the per-try timeout ends the request")
+        .unwrap_err();
     assert_eq!(err.status(), StatusCode::GATEWAY_TIMEOUT, "{err}");
     assert!(matches!(
         state_of(&lb, "hung"),
@@ -205,7 +208,10 @@ async fn over_real_sockets_a_hung_backend_is_retried_elsewhere_and_a_post_gets_5
             ("b", fwd.to(&b_url).unwrap()),
         ]);
     for _ in 0..20 {
-        let res = lb.clone().oneshot(get("/")).await.unwrap();
+        let res = tokio::time::timeout(Duration::from_secs(10), lb.clone().oneshot(get("/")))
+            .await
+            .expect("a hung backend must not stall the request")
+            .unwrap();
         assert_eq!(res.status(), StatusCode::OK);
     }
     assert_eq!(hung_hits.load(SeqCst), 1, "tried once, then ejected");
@@ -221,7 +227,10 @@ async fn over_real_sockets_a_hung_backend_is_retried_elsewhere_and_a_post_gets_5
     let post = Request::post("/")
         .body(Full::new(Bytes::from("x")))
         .unwrap();
-    let err = lb.clone().oneshot(post).await.unwrap_err();
+    let err = tokio::time::timeout(Duration::from_secs(10), lb.clone().oneshot(post))
+        .await
+        .expect("the per-try timeout ends the request")
+        .unwrap_err();
     assert!(
         matches!(err, BalanceError::Upstream { tries: 1, .. }),
         "{err:?}"

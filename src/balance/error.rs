@@ -1,6 +1,33 @@
+use std::time::Duration;
+
 use http::StatusCode;
 
+use crate::classify::{error_kind, FailureKind};
 use crate::BoxError;
+
+/// One try got no response head within the balancer's
+/// [per-try timeout](super::BalanceBuilder::try_timeout); the try was cancelled.
+///
+/// Classified as [`FailureKind::Timeout`] (its source is a
+/// [`tower::timeout::error::Elapsed`]), so passive health counts it, retry acts on it, and
+/// [`error_status`](crate::proxy::error_status) maps it to **504**.
+#[derive(Debug, thiserror::Error)]
+#[error("endpoint did not answer within the per-try timeout ({after:?})")]
+pub struct TryTimeout {
+    /// The per-try timeout that elapsed.
+    pub after: Duration,
+    #[source]
+    source: tower::timeout::error::Elapsed,
+}
+
+impl TryTimeout {
+    pub(crate) fn new(after: Duration) -> Self {
+        TryTimeout {
+            after,
+            source: tower::timeout::error::Elapsed::new(),
+        }
+    }
+}
 
 /// Why the balancer could not answer a request.
 #[derive(Debug, thiserror::Error)]
@@ -37,13 +64,20 @@ pub enum BalanceError {
 
 impl BalanceError {
     /// The status a proxy answers with: 502 for an empty set, 503 when none is available,
-    /// and for an upstream error what [`crate::proxy::error_status`] gives (502, or 504 for
-    /// timeouts).
+    /// 400 when the failure was the client's ([`FailureKind::Client`]: its request body
+    /// broke), and for an upstream error what [`crate::proxy::error_status`] gives (502, or
+    /// 504 for timeouts).
     pub fn status(&self) -> StatusCode {
         match self {
             BalanceError::NoEndpoints => StatusCode::BAD_GATEWAY,
             BalanceError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            BalanceError::Upstream { source, .. } => crate::proxy::error_status(&**source),
+            BalanceError::Upstream { source, .. } => {
+                if error_kind(&**source) == FailureKind::Client {
+                    StatusCode::BAD_REQUEST
+                } else {
+                    crate::proxy::error_status(&**source)
+                }
+            }
         }
     }
 }

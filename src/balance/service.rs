@@ -73,6 +73,7 @@ pub(crate) struct Shared<K, S, M: MakeGate<K>, C> {
     pub(crate) health: PassiveHealth,
     pub(crate) retry: Retry,
     pub(crate) queue_timeout: Option<Duration>,
+    pub(crate) try_timeout: Option<Duration>,
     pub(crate) sticky: Option<StickyCookie>,
     pub(crate) classify: C,
     make_gate: M,
@@ -129,6 +130,7 @@ pub struct BalanceBuilder<K, C = Condition, M = NoGates> {
     health: PassiveHealth,
     retry: Retry,
     queue_timeout: Option<Duration>,
+    try_timeout: Option<Duration>,
     sticky: Option<StickyCookie>,
     classify: C,
     make_gate: M,
@@ -136,12 +138,21 @@ pub struct BalanceBuilder<K, C = Condition, M = NoGates> {
     _key: PhantomData<fn(&K)>,
 }
 
+/// The default [per-try timeout](BalanceBuilder::try_timeout): 10 s.
+///
+/// Long enough for a slow but working endpoint (a heavy page, a cold cache: it bounds the
+/// wait for the response *head* only, never a long download), far shorter than nginx's
+/// 60 s `proxy_read_timeout`, and equal to the default `fail_timeout`, so a hung endpoint
+/// costs at most one timed-out request per ejection period.
+pub const DEFAULT_TRY_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl<K, C: fmt::Debug, M> fmt::Debug for BalanceBuilder<K, C, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BalanceBuilder")
             .field("picker", &self.picker)
             .field("health", &self.health)
             .field("retry", &self.retry)
+            .field("try_timeout", &self.try_timeout)
             .field("sticky", &self.sticky)
             .field("classify", &self.classify)
             .finish_non_exhaustive()
@@ -155,6 +166,7 @@ impl<K> Default for BalanceBuilder<K> {
             health: PassiveHealth::default(),
             retry: Retry::default(),
             queue_timeout: None,
+            try_timeout: Some(DEFAULT_TRY_TIMEOUT),
             sticky: None,
             classify: Condition::never().any_error(),
             make_gate: NoGates,
@@ -190,9 +202,27 @@ where
     /// When no endpoint is available (empty set, all ejected, gates closed, all tried), wait
     /// up to `timeout` for one instead of failing at once (nginx-plus `queue ... timeout=`,
     /// linkerd's fail-fast timeout). The request re-picks whenever the set changes, and at
-    /// least every 20 ms. Default: fail at once, as nginx OSS and Envoy do.
+    /// least every 20 ms. Default: fail at once, as nginx OSS and Envoy do. Any duration is
+    /// accepted (`Duration::MAX` saturates to a far future; it never overflows).
     pub fn queue_timeout(mut self, timeout: Duration) -> Self {
         self.queue_timeout = Some(timeout);
+        self
+    }
+
+    /// How long one try waits for the endpoint's response head (Envoy `per_try_timeout`,
+    /// nginx `proxy_read_timeout` for the head). Default [`DEFAULT_TRY_TIMEOUT`] (10 s);
+    /// `None` waits forever (for endpoints that answer long polls or server-sent events
+    /// late; a hung endpoint then stalls its requests until the client gives up).
+    ///
+    /// A try that times out is cancelled and counts as a [`FailureKind::Timeout`]
+    /// failure: passive health counts it, and it is retried on another endpoint under the
+    /// [`Retry`] rules (idempotent methods, with the default `fail` condition). If no try
+    /// answers, the error maps to **504**. Durations too large for the clock saturate.
+    /// Needs a tokio runtime with the time driver enabled (as every hyper server has).
+    ///
+    /// [`FailureKind::Timeout`]: crate::classify::FailureKind::Timeout
+    pub fn try_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.try_timeout = timeout.into();
         self
     }
 
@@ -219,6 +249,7 @@ where
             health: self.health,
             retry: self.retry,
             queue_timeout: self.queue_timeout,
+            try_timeout: self.try_timeout,
             sticky: self.sticky,
             classify,
             make_gate: self.make_gate,
@@ -235,6 +266,7 @@ where
             health: self.health,
             retry: self.retry,
             queue_timeout: self.queue_timeout,
+            try_timeout: self.try_timeout,
             sticky: self.sticky,
             classify: self.classify,
             make_gate,
@@ -254,6 +286,7 @@ where
             health: self.health,
             retry: self.retry,
             queue_timeout: self.queue_timeout,
+            try_timeout: self.try_timeout,
             sticky: self.sticky,
             classify: self.classify,
             make_gate: self.make_gate,
@@ -392,7 +425,14 @@ where
         let snap = self.shared.snapshot.load();
         let (picked, _, _) = super::future::first_pick(&self.shared, &snap, req);
         match picked {
-            Ok((i, _permit)) => Ok(snap.endpoints[i].key.clone()),
+            Ok(p) => {
+                let ep = &snap.endpoints[p.index];
+                if p.trial {
+                    // Nothing is sent: the endpoint's trial goes to the next real request.
+                    ep.release_trial();
+                }
+                Ok(ep.key.clone())
+            }
             Err(m) => Err(super::future::miss_error(m)),
         }
     }
