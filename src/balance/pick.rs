@@ -484,4 +484,17 @@ mod tests {
         assert_eq!(cookie_value(&h, "a"), Some(&b"1"[..]));
         assert_eq!(cookie_value(&h, "zz"), None);
     }
+
+    #[test]
+    fn cookie_lookup_reads_bytes() {
+        // A raw UTF-8 (or any non-ASCII) value elsewhere in the line hides nothing.
+        let mut h = HeaderMap::new();
+        h.append(
+            http::header::COOKIE,
+            http::HeaderValue::from_bytes(b"t=caf\xc3\xa9; lb=7 ;x=\xff").unwrap(),
+        );
+        assert_eq!(cookie_value(&h, "lb"), Some(&b"7"[..]));
+        assert_eq!(cookie_value(&h, "x"), Some(&b"\xff"[..]));
+        assert_eq!(cookie_value(&h, "t"), Some("café".as_bytes()));
+    }
 }
