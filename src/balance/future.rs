@@ -381,8 +381,8 @@ where
                     Poll::Pending => {
                         // A hung endpoint (accepts, never answers) gives no outcome by
                         // itself: the per-try timeout turns it into a timeout failure that
-                        // health counts and retry acts on.
-                        // The timer is armed at every dispatch when a timeout is set.
+                        // health counts and retry acts on. The timer is armed at every
+                        // dispatch when a timeout is set.
                         let fired = this
                             .timer
                             .as_mut()
@@ -407,10 +407,11 @@ where
             let ep = guard.ep.clone();
             // The outcome below resolves the trial, if this was one.
             let trial = std::mem::take(&mut guard.trial);
-            drop(guard); // in_flight counts until the response head arrived
-                         // A client-caused failure (its body broke, the proxy's own resources ran out)
-                         // says nothing about the endpoint: never charged to it, never retried,
-                         // whatever the configured classifier says.
+            // in_flight counts until the response head arrived.
+            drop(guard);
+            // A client-caused failure (its body broke, the proxy's own resources ran out)
+            // says nothing about the endpoint: never charged to it, never retried,
+            // whatever the configured classifier says.
             let client_fault = matches!(&res, Err(e) if error_kind(&**e) == FailureKind::Client);
             let outcome = match (st.classifier.take(), &res) {
                 _ if client_fault => Outcome::Ignored,

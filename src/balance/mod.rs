@@ -75,6 +75,7 @@
 //! membership changes (info) and retries (debug).
 pub mod client;
 pub mod discover;
+mod driver;
 mod endpoint;
 mod error;
 mod future;
@@ -87,6 +88,7 @@ mod sticky;
 
 pub use crate::classify::is_connect_error;
 pub use crate::proxy::{error_response, error_status};
+pub use driver::Driver;
 pub use endpoint::{EndpointState, EndpointStatus, PassiveHealth};
 pub use error::{BalanceError, BuildError, StickyError, TryTimeout};
 pub use future::ResponseFuture;
@@ -94,5 +96,5 @@ pub use hash::hash_bytes;
 pub use pick::{HashKey, Picker};
 pub use replay::{Replay, ReplayFuture, ReplayLayer};
 pub use retry::{CloneBody, Retry};
-pub use service::{Balance, BalanceBuilder, Built, Driver, MakeGate, NoGates, DEFAULT_TRY_TIMEOUT};
+pub use service::{Balance, BalanceBuilder, Built, MakeGate, NoGates, DEFAULT_TRY_TIMEOUT};
 pub use sticky::{SameSite, StickyCookie};

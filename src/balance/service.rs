@@ -1,18 +1,16 @@
 use std::fmt;
-use std::future::Future;
 use std::hash::Hash;
 use std::marker::PhantomData;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::{Request, Response};
-use pin_project_lite::pin_project;
-use tower::discover::{Change, Discover};
+use tower::discover::Discover;
 use tower_service::Service;
 
+use super::driver::Driver;
 use super::endpoint::{Clock, Endpoint, EndpointStatus, PassiveHealth};
 use super::error::{BalanceError, BuildError};
 use super::future::ResponseFuture;
@@ -60,7 +58,7 @@ type WeightFn<K> = Arc<dyn Fn(&K) -> u32 + Send + Sync>;
 
 pub(crate) type Snap<K, S, M> = Snapshot<K, S, <M as MakeGate<K>>::Gate>;
 pub(crate) type Ep<K, S, M> = Endpoint<K, S, <M as MakeGate<K>>::Gate>;
-type EpList<K, S, M> = Vec<Arc<Ep<K, S, M>>>;
+pub(crate) type EpList<K, S, M> = Vec<Arc<Ep<K, S, M>>>;
 /// What [`BalanceBuilder::build`] returns: the balancer and its discovery driver.
 pub type Built<D, M, C> = (
     Balance<<D as Discover>::Key, <D as Discover>::Service, M, C>,
@@ -108,7 +106,7 @@ where
         }
     }
 
-    fn make_endpoint(&self, key: K, service: S) -> Ep<K, S, M> {
+    pub(crate) fn make_endpoint(&self, key: K, service: S) -> Ep<K, S, M> {
         let id = key_id(&key);
         let weight = self.weight.as_ref().map_or(1, |f| f(&key));
         let gate = self.make_gate.make_gate(&key);
@@ -116,7 +114,7 @@ where
         Endpoint::new(key, id, weight, service, gate, cookie)
     }
 
-    fn publish(&self, endpoints: EpList<K, S, M>) {
+    pub(crate) fn publish(&self, endpoints: EpList<K, S, M>) {
         let n = endpoints.len();
         self.snapshot
             .store(Arc::new(Snapshot::new(endpoints, &self.picker)));
@@ -327,7 +325,7 @@ where
         let balance = Balance {
             shared: shared.clone(),
         };
-        (balance, Driver { discover, shared })
+        (balance, Driver::new(discover, shared))
     }
 
     /// [`build`](Self::build) and spawn the driver on the current tokio runtime. A
@@ -474,82 +472,5 @@ where
     #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
         ResponseFuture::start(self.shared.clone(), req)
-    }
-}
-
-pin_project! {
-    /// Applies a [`Discover`]'s changes to a [`Balance`]: spawn it, or await it next to the
-    /// server. Changes that are ready together are published as one new set. Ends when the
-    /// stream ends (`Ok`) or fails (`Err`); the last set stays in use either way.
-    pub struct Driver<D, M, C>
-    where
-        D: Discover,
-        M: MakeGate<D::Key>,
-    {
-        #[pin]
-        discover: D,
-        shared: Arc<Shared<D::Key, D::Service, M, C>>,
-    }
-}
-
-impl<D, M, C> fmt::Debug for Driver<D, M, C>
-where
-    D: Discover,
-    M: MakeGate<D::Key>,
-{
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Driver")
-    }
-}
-
-impl<D, M, C> Future for Driver<D, M, C>
-where
-    D: Discover,
-    D::Key: Clone + Eq + fmt::Debug,
-    D::Error: Into<BoxError>,
-    M: MakeGate<D::Key>,
-{
-    type Output = Result<(), BoxError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        let mut next: Option<EpList<D::Key, D::Service, M>> = None;
-        let result = loop {
-            match this.discover.as_mut().poll_discover(cx) {
-                Poll::Pending => break Poll::Pending,
-                Poll::Ready(None) => break Poll::Ready(Ok(())),
-                Poll::Ready(Some(Err(e))) => break Poll::Ready(Err(e.into())),
-                Poll::Ready(Some(Ok(change))) => {
-                    let list =
-                        next.get_or_insert_with(|| this.shared.snapshot.load().endpoints.clone());
-                    match change {
-                        Change::Insert(key, svc) => {
-                            let ep = Arc::new(this.shared.make_endpoint(key, svc));
-                            match list.iter_mut().find(|e| e.key == ep.key) {
-                                Some(slot) => {
-                                    tracing::info!(endpoint = ?ep.key, "endpoint replaced");
-                                    *slot = ep;
-                                }
-                                None => {
-                                    tracing::info!(endpoint = ?ep.key, id = ep.id, "endpoint added");
-                                    list.push(ep);
-                                }
-                            }
-                        }
-                        Change::Remove(key) => {
-                            let before = list.len();
-                            list.retain(|e| e.key != key);
-                            if list.len() != before {
-                                tracing::info!(endpoint = ?key, "endpoint removed");
-                            }
-                        }
-                    }
-                }
-            }
-        };
-        if let Some(list) = next {
-            this.shared.publish(list);
-        }
-        result
     }
 }
