@@ -118,11 +118,19 @@ async fn main() -> Result<(), BoxError> {
         .layer(FallbackLayer::new("404".parse()?, to_outside).names("storage", "outside"))
         .map_response(|res: Response<Incoming>| res.map(boxed))
         .service(to_storage);
-    let cache = CacheLayer::new(MemoryStore::new(64 << 20));
+    // PURGE is refused unless configured: here, with a token header.
+    let cache = CacheLayer::builder(MemoryStore::new(64 << 20))
+        .purge_token(
+            http::HeaderName::from_static("x-purge-token"),
+            "example-token",
+        )
+        .build();
     let edge = spawn_local(ServiceBuilder::new().layer(cache.clone()).service(chain))
         .await?
         .addr();
     println!("edge     http://{edge}\n");
+    // Cache keys hold the authority the client asked for (here the edge's address).
+    let key = |path: &str| format!("{edge}{path}");
 
     let client = ForwardBuilder::new(format!("http://{edge}")).build::<Empty<Bytes>>()?;
     let fetch = |path: &'static str| {
@@ -165,7 +173,7 @@ async fn main() -> Result<(), BoxError> {
         ),
         other => println!("  backup not committed: {other:?}"),
     }
-    let cached = cache.store().get("/video/intro.mp4").is_some();
+    let cached = cache.store().get(&key("/video/intro.mp4")).is_some();
     println!("  in edge cache: {cached}");
 
     println!("2. PURGE the edge cache, then the second request is served from storage");
@@ -175,6 +183,7 @@ async fn main() -> Result<(), BoxError> {
             Request::builder()
                 .method("PURGE")
                 .uri("/video/intro.mp4")
+                .header("x-purge-token", "example-token")
                 .body(Empty::new())?,
         )
         .await?;
@@ -188,7 +197,7 @@ async fn main() -> Result<(), BoxError> {
 
     println!("3. and the third from the edge cache");
     for _ in 0..100 {
-        if cache.store().get("/video/intro.mp4").is_some() {
+        if cache.store().get(&key("/video/intro.mp4")).is_some() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -225,7 +234,7 @@ async fn main() -> Result<(), BoxError> {
     println!("  storage now holds: {}", files.join(", "));
 
     println!("5. back-filled keys are now in storage (purged from the cache to show it)");
-    cache.purge("/docs/b.txt");
+    cache.purge(&key("/docs/b.txt"));
     let before = outside_hits.load(Ordering::SeqCst);
     fetch("/docs/b.txt").await?;
     println!(

@@ -114,24 +114,18 @@ pub trait Classifier: Send + 'static {
 /// Finds the [`FailureKind`] of an error by walking its `source()` chain.
 ///
 /// Recognises this crate's [`ForwardError`](crate::proxy::ForwardError), tower and tokio
-/// timeouts, `std::io` errors, and hyper/hyper-util client errors. A
-/// [`ReplayError`](crate::body::ReplayError) anywhere in the chain (the client's request
-/// body failed) is [`FailureKind::Client`]. Anything else is [`FailureKind::Other`].
+/// timeouts, `std::io` errors (local resource exhaustion such as `EMFILE` is
+/// [`FailureKind::Client`], see [`is_local_resource_error`]), and hyper/hyper-util client
+/// errors. Anything else is [`FailureKind::Other`].
 pub fn error_kind(err: &(dyn StdError + 'static)) -> FailureKind {
-    // The client's request body failed (aborted or malformed upload) somewhere below:
-    // whatever wrapped it (the HTTP client, `ForwardError::Transport`), it is not the
-    // upstream's fault.
-    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
-    while let Some(e) = cur {
-        if e.is::<crate::body::ReplayError>() {
-            return FailureKind::Client;
-        }
-        cur = e.source();
-    }
     let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
     while let Some(e) = cur {
         if let Some(fe) = e.downcast_ref::<crate::proxy::ForwardError>() {
             return fe.kind();
+        }
+        // The client's request body failed before any upstream was involved.
+        if crate::proxy::body::client_fault_status(e).is_some() {
+            return FailureKind::Client;
         }
         if e.is::<tower::timeout::error::Elapsed>() || e.is::<tokio::time::error::Elapsed>() {
             return FailureKind::Timeout;
@@ -198,8 +192,31 @@ pub fn is_connect_error(err: &(dyn StdError + 'static)) -> bool {
     false
 }
 
+/// `true` when `io` says the proxy itself ran out of a local resource: file descriptors
+/// (`EMFILE`, `ENFILE`), socket buffers (`ENOBUFS`) or memory (`ENOMEM`).
+///
+/// Such an error on connect or accept says nothing about the upstream or the client, so
+/// [`error_kind`] classifies it [`FailureKind::Client`] (never charged to an upstream), the
+/// proxy answers `503`, and the accept loop of [`server`](crate::server) backs off.
+pub fn is_local_resource_error(io: &std::io::Error) -> bool {
+    if io.kind() == std::io::ErrorKind::OutOfMemory {
+        return true;
+    }
+    #[cfg(unix)]
+    if let Some(code) = io.raw_os_error() {
+        return matches!(
+            code,
+            libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+        );
+    }
+    false
+}
+
 fn io_kind(io: &std::io::Error) -> FailureKind {
     use std::io::ErrorKind::*;
+    if is_local_resource_error(io) {
+        return FailureKind::Client;
+    }
     match io.kind() {
         TimedOut => FailureKind::Timeout,
         ConnectionRefused | ConnectionReset | ConnectionAborted | NotConnected | BrokenPipe
@@ -537,6 +554,23 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn local_resource_exhaustion_is_never_charged_to_an_upstream() {
+        for code in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            let io = std::io::Error::from_raw_os_error(code);
+            assert!(is_local_resource_error(&io), "{io}");
+            assert_eq!(error_kind(&io), FailureKind::Client, "{io}");
+            // Even a condition counting every error ignores it.
+            let fail: Condition = "fail".parse().unwrap();
+            assert_eq!(fail.classify_error_ref(&io), Outcome::Ignored, "{io}");
+        }
+        // Refusal stays the upstream's fault.
+        let refused = std::io::Error::from_raw_os_error(libc::ECONNREFUSED);
+        assert!(!is_local_resource_error(&refused));
+        assert_eq!(error_kind(&refused), FailureKind::Transport);
+    }
 
     fn res(code: u16) -> Response<()> {
         Response::builder().status(code).body(()).unwrap()

@@ -242,3 +242,70 @@ async fn object_store_sink_if_absent_keeps_the_first_copy() {
         .unwrap();
     assert_eq!(stored, "already here");
 }
+
+/// Issue 10 item 4: an S3 endpoint that accepts connections and never answers (what a
+/// black-holed S3 does while `object_store` waits and retries). Small objects are single
+/// `PUT`s whose writer keeps every chunk until the `PUT` succeeds: those bytes count in the
+/// sink's budget (`SinkWriter::held_bytes`), so copies past it are aborted instead of
+/// piling up, and every client still gets its whole body.
+#[tokio::test]
+async fn object_store_sink_with_a_hung_s3_holds_at_most_its_budget() {
+    const OBJECT: u64 = 100 * 1024;
+    const BUDGET: u64 = 2 << 20;
+    // Accepts and keeps every connection, never reads or answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let store = AmazonS3Builder::new()
+        .with_endpoint(format!("http://127.0.0.1:{port}"))
+        .with_allow_http(true)
+        .with_virtual_hosted_style_request(false)
+        .with_region("us-east-1")
+        .with_bucket_name("backup")
+        .with_access_key_id("AK")
+        .with_secret_access_key("SK")
+        .build()
+        .unwrap();
+    let layer = TeeLayer::builder()
+        .sink(ObjectStoreSink::new(Arc::new(store)))
+        .sink_budget(BUDGET)
+        .build();
+    let stats = layer.stats().clone();
+    let edge = edge(origin().await, layer.clone()).await;
+
+    let mut clients = Vec::new();
+    for c in 0..8 {
+        clients.push(tokio::spawn(async move {
+            for i in 0..20 {
+                let res = get(edge, &format!("/big/{OBJECT}?{c}-{i}")).await;
+                let body = read_all(res).await.unwrap();
+                assert_eq!(body.len() as u64, OBJECT);
+            }
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    // All 160 copies started; the hung PUTs hold at most the budget, the rest are aborted
+    // (their sink tasks may still be catching up: bounded wait).
+    for _ in 0..5000 {
+        if stats.snapshot().tee.budget_aborts >= 130 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let peak = layer.sink_budget_peaks()[0];
+    assert!(peak <= BUDGET, "held {peak} > {BUDGET}");
+    assert!(
+        peak >= BUDGET - OBJECT,
+        "the hung PUTs should fill the budget: {peak}"
+    );
+    let snap = stats.snapshot();
+    assert_eq!(snap.committed, 0);
+    assert!(snap.tee.budget_aborts >= 130, "{snap:?}");
+}

@@ -12,6 +12,7 @@ use tower::{Service, ServiceExt};
 use tower_patterns::classify::{Classifier, Classify, Condition, FailureKind, Outcome};
 use tower_patterns::proxy::{
     error_response, error_status, ClientAddr, ErrorResponse, Forward, ForwardBuilder, ForwardError,
+    PROTECTED_FROM_CONNECTION,
 };
 
 use support::*;
@@ -545,4 +546,284 @@ async fn spawn_local_keeps_serving_when_the_handle_is_dropped_and_stops_on_shutd
     assert_eq!(status, StatusCode::OK);
     front.shutdown().await.unwrap();
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+// ---- issue 10: defaults that bound a hung upstream (item 1) ----
+
+#[tokio::test]
+async fn a_hung_upstream_is_cut_by_the_default_response_timeout() {
+    let be = echo_backend().await;
+    let mut fwd = Forward::<Body>::new(&be.url()).unwrap();
+    assert_eq!(fwd.response_timeout(), Some(Duration::from_secs(60)));
+    assert_eq!(fwd.connect_timeout(), Some(Duration::from_secs(5)));
+    // A pooled connection first, so the timed request needs no connect: paused time
+    // cannot drive a socket handshake, but it can drive a timer on a silent connection.
+    call(&mut fwd, Request::get("/").body(Body::default()).unwrap())
+        .await
+        .unwrap();
+    tokio::time::pause();
+    let start = tokio::time::Instant::now();
+    // The backend accepts /never and never answers; without a default nothing ends it.
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(600),
+        call(
+            &mut fwd,
+            Request::get("/never").body(Body::default()).unwrap(),
+        ),
+    )
+    .await
+    .expect("a hung upstream must not hold the request for ever");
+    let err = outcome.unwrap_err();
+    assert!(
+        matches!(err, ForwardError::ResponseTimeout { after, .. } if after == Duration::from_secs(60)),
+        "{err:?}"
+    );
+    // Timers have millisecond granularity.
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_secs(60) && took < Duration::from_secs(61),
+        "{took:?}"
+    );
+    assert_eq!(error_status(&err), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(err.kind(), FailureKind::Timeout);
+}
+
+#[test]
+fn the_default_timeouts_can_be_disabled_explicitly() {
+    let fwd: Forward<Body> = ForwardBuilder::new("http://127.0.0.1:1")
+        .without_connect_timeout()
+        .without_response_timeout()
+        .without_client_body_timeout()
+        .build()
+        .unwrap();
+    assert_eq!(fwd.connect_timeout(), None);
+    assert_eq!(fwd.response_timeout(), None);
+    assert_eq!(fwd.client_body_timeout(), None);
+}
+
+#[tokio::test]
+async fn a_slow_upload_that_keeps_moving_is_not_a_response_timeout() {
+    // The response timeout restarts whenever the upstream takes a body chunk: an upload
+    // longer than the timeout is fine as long as it moves.
+    type Chunks = http_body_util::StreamBody<
+        futures_util::stream::BoxStream<'static, Result<http_body::Frame<Bytes>, std::io::Error>>,
+    >;
+    let be = echo_backend().await;
+    let mut fwd: Forward<Chunks> = ForwardBuilder::new(be.url())
+        .response_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let chunks = futures_util::stream::unfold(0u32, |i| async move {
+        if i == 6 {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Some((Ok(http_body::Frame::data(Bytes::from("x"))), i + 1))
+    });
+    let body = http_body_util::StreamBody::new(futures_util::StreamExt::boxed(chunks));
+    let req = Request::post("/up").body(body).unwrap();
+    let res = fwd.ready().await.unwrap().call(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let text = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(text.ends_with(b"\n\nxxxxxx"), "{text:?}");
+}
+
+// ---- issue 10: the client's faults are not the upstream's (item 7) ----
+
+type Recorded = tokio::sync::mpsc::UnboundedReceiver<(FailureKind, Outcome, StatusCode)>;
+
+/// A front server whose service records the kind, the `fail` classification and the
+/// status of every Forward error before answering with the error response.
+async fn recording_front(upstream: &str) -> (SocketAddr, Recorded) {
+    use http_body_util::Either;
+    let fwd = Forward::<hyper::body::Incoming>::new(upstream).unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let svc = tower::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let mut fwd = fwd.clone();
+        let tx = tx.clone();
+        async move {
+            match fwd.ready().await?.call(req).await {
+                Ok(res) => Ok::<_, ForwardError>(res.map(Either::Left)),
+                Err(e) => {
+                    let fail: Condition = "fail".parse().unwrap();
+                    let _ = tx.send((e.kind(), fail.classify_error_ref(&e), e.status()));
+                    Ok(error_response(&e).map(Either::Right))
+                }
+            }
+        }
+    });
+    let server = tower_patterns::server::spawn_local(svc).await.unwrap();
+    (server.addr(), rx)
+}
+
+#[tokio::test]
+async fn a_malformed_chunked_upload_is_a_400_not_an_upstream_failure() {
+    let be = echo_backend().await;
+    let (front, mut recorded) = recording_front(&be.url()).await;
+    let mut s = raw_request(
+        front,
+        b"POST /up HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\nZZ\r\n",
+    )
+    .await;
+    let head = read_head(&mut s, Duration::from_secs(10)).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    let (kind, outcome, status) = recorded.recv().await.unwrap();
+    assert_eq!(kind, FailureKind::Client);
+    assert_eq!(outcome, Outcome::Ignored, "never charged to the upstream");
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn an_aborted_upload_is_the_clients_fault_not_the_upstreams() {
+    let be = echo_backend().await;
+    let (front, mut recorded) = recording_front(&be.url()).await;
+    let s = raw_request(
+        front,
+        b"POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nabc",
+    )
+    .await;
+    // Hang up once the upload is under way upstream (the backend accepted the forward),
+    // so the abort happens mid-body.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while be.connections() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the request was forwarded");
+    drop(s);
+    let (kind, outcome, status) = tokio::time::timeout(Duration::from_secs(10), recorded.recv())
+        .await
+        .expect("the aborted upload ends the forward")
+        .unwrap();
+    assert_eq!(
+        kind,
+        FailureKind::Client,
+        "not a transport failure of the upstream"
+    );
+    assert_eq!(outcome, Outcome::Ignored);
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+// ---- issue 10: request hygiene (low items) ----
+
+#[tokio::test]
+async fn connection_cannot_strip_authorization_or_tracing_headers() {
+    let be = echo_backend().await;
+    let mut fwd = Forward::<Body>::new(&be.url()).unwrap();
+    let req = Request::get("/")
+        .header("host", "front")
+        .header(
+            "connection",
+            http::HeaderValue::from_bytes(
+                b"authorization, x-request-id, traceparent, caf\xe9, x-private",
+            )
+            .unwrap(),
+        )
+        .header("authorization", "Bearer t")
+        .header("x-request-id", "r1")
+        .header("traceparent", "00-1-2-01")
+        .header("x-private", "hop")
+        .body(Body::default())
+        .unwrap();
+    let (_, _, body) = call(&mut fwd, req).await.unwrap();
+    let h = echoed_headers(&body);
+    assert_eq!(header(&h, "authorization"), Some("Bearer t"));
+    assert_eq!(header(&h, "x-request-id"), Some("r1"));
+    assert_eq!(header(&h, "traceparent"), Some("00-1-2-01"));
+    assert_eq!(
+        header(&h, "x-private"),
+        None,
+        "stripped despite the non-ASCII token"
+    );
+    assert!(PROTECTED_FROM_CONNECTION.contains(&"authorization"));
+}
+
+#[tokio::test]
+async fn two_host_headers_or_a_host_disagreeing_with_the_target_are_400() {
+    let be = echo_backend().await;
+    let mut fwd = Forward::<Body>::new(&be.url()).unwrap();
+    let two = Request::get("/")
+        .header("host", "a.example")
+        .header("host", "b.example")
+        .body(Body::default())
+        .unwrap();
+    let err = call(&mut fwd, two).await.unwrap_err();
+    assert!(matches!(err, ForwardError::BadRequest { .. }), "{err:?}");
+    assert_eq!(error_status(&err), StatusCode::BAD_REQUEST);
+    assert_eq!(err.kind(), FailureKind::Client);
+    let absolute = Request::get("http://a.example/x")
+        .header("host", "b.example")
+        .body(Body::default())
+        .unwrap();
+    let err = call(&mut fwd, absolute).await.unwrap_err();
+    assert!(matches!(err, ForwardError::BadRequest { .. }), "{err:?}");
+    // Agreeing absolute form is fine (case-insensitive).
+    let agreeing = Request::get("http://A.example/x")
+        .header("host", "a.example")
+        .body(Body::default())
+        .unwrap();
+    assert_eq!(call(&mut fwd, agreeing).await.unwrap().0, StatusCode::OK);
+    assert_eq!(
+        be.connections(),
+        1,
+        "only the agreeing request was forwarded"
+    );
+}
+
+#[tokio::test]
+async fn connect_is_refused_with_501_and_not_forwarded() {
+    let be = echo_backend().await;
+    let (front, mut recorded) = recording_front(&be.url()).await;
+    let mut s = raw_request(
+        front,
+        b"CONNECT internal.example:22 HTTP/1.1\r\nhost: internal.example:22\r\n\r\n",
+    )
+    .await;
+    let head = read_head(&mut s, Duration::from_secs(10)).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 501"), "{head}");
+    let (kind, _, _) = recorded.recv().await.unwrap();
+    assert_eq!(kind, FailureKind::Client);
+    assert_eq!(be.connections(), 0, "nothing reached the upstream");
+}
+
+#[tokio::test]
+async fn malformed_uploads_past_the_replay_limit_do_not_eject_a_healthy_backend() {
+    // Issue 10: three bad uploads used to eject a healthy backend (max_fails reached on
+    // "transport errors" that were the client's). Behind a balancer with max_fails=1, a
+    // replay limit smaller than the body, and one endpoint: the uploads get 400 and the
+    // endpoint keeps serving.
+    use tower::ServiceBuilder;
+    use tower_patterns::balance::{Balance, PassiveHealth, ReplayLayer};
+    use tower_patterns::body::ReplayBody;
+    use tower_patterns::proxy::ErrorResponseLayer;
+    let be = echo_backend().await;
+    let fwd = Forward::<ReplayBody<hyper::body::Incoming>>::new(&be.url()).unwrap();
+    let lb = Balance::builder()
+        .health(PassiveHealth::new(1, Duration::from_secs(60)))
+        .build_static(vec![(be.url(), fwd)]);
+    let svc = ServiceBuilder::new()
+        .layer(ErrorResponseLayer)
+        .layer(ReplayLayer::new(16))
+        .service(lb);
+    let front = tower_patterns::server::spawn_local(svc).await.unwrap();
+    for _ in 0..3 {
+        let mut s = raw_request(
+            front.addr(),
+            b"POST /up HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n\
+              28\r\n0123456789012345678901234567890123456789\r\nZZ\r\n",
+        )
+        .await;
+        let head = read_head(&mut s, Duration::from_secs(10)).await.unwrap();
+        assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    }
+    let (status, _, _) = send(
+        front.addr(),
+        Request::get("/")
+            .header("host", "x")
+            .body(Body::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "the healthy backend was ejected");
 }

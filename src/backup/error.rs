@@ -29,6 +29,11 @@ pub enum KeyError {
     /// The path's percent-escapes are malformed or do not decode to UTF-8.
     #[error("object key is not valid percent-encoded UTF-8")]
     BadEncoding,
+    /// The first segment is the sinks' reserved directory ([`RESERVED_DIR`](super::RESERVED_DIR),
+    /// any case), where [`FsSink`](super::FsSink) keeps its temporary files: a request
+    /// must never name, and so replace, a copy in progress.
+    #[error("object key is in the reserved `.tmp` directory")]
+    Reserved,
 }
 
 /// A sink failed to start, write, or commit a copy.

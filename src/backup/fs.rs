@@ -1,7 +1,6 @@
 //! A sink that writes objects as files under a directory.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -9,7 +8,7 @@ use futures_util::future::BoxFuture;
 use tokio::io::AsyncWriteExt;
 
 use super::error::SinkError;
-use super::key::ObjectKey;
+use super::key::{ObjectKey, RESERVED_DIR};
 use super::sink::{ObjectInfo, Sink, SinkWriter};
 
 /// When [`FsSink`] calls `fsync`.
@@ -34,21 +33,24 @@ pub enum FsyncPolicy {
     FileAndDir,
 }
 
-/// Writes each object to `root/<key>`: first to a hidden temporary file in the same
-/// directory, renamed over the final name on commit, removed on abort. Readers (such as a
-/// static file server over `root`) never see a partial object; concurrent copies of one
-/// key each write their own temporary file and the last commit wins.
+/// Writes each object to `root/<key>`: first to a temporary file in `root/.tmp/`, renamed
+/// over the final name on commit, removed on abort. Readers (such as a static file server
+/// over `root`) never see a partial object; concurrent copies of one key each write their
+/// own temporary file and the last commit wins.
 ///
-/// Temporary files are named `.<name>.<pid>.<n>.tmp`; a crash can leave some behind, to be
-/// removed by the operator (they are never served as objects by this crate).
+/// Temporary files live outside the key namespace: `.tmp` is a reserved first key segment
+/// ([`KeyError::Reserved`](super::KeyError::Reserved)), so no request can name one, and
+/// their names are 128 random bits opened with `O_EXCL` (`create_new`), so none can be
+/// guessed or shared. (Before, a temporary file sat next to its object under a
+/// predictable name, and a request for that name replaced the object being copied.) A
+/// crash can leave files in `root/.tmp/`; everything there may be deleted while no copy
+/// runs.
 #[derive(Debug, Clone)]
 pub struct FsSink {
     root: Arc<PathBuf>,
     fsync: FsyncPolicy,
     buffer: usize,
 }
-
-static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 impl FsSink {
     /// A sink writing under `root` (created on first use).
@@ -105,15 +107,16 @@ impl Sink for FsSink {
     ) -> BoxFuture<'a, Result<Box<dyn SinkWriter>, SinkError>> {
         Box::pin(async move {
             let dest = self.path_of(&info.key);
-            let (Some(dir), Some(name)) = (dest.parent(), dest.file_name()) else {
+            let Some(dir) = dest.parent() else {
                 return Err(SinkError::Io(std::io::Error::other("key has no file name")));
             };
             tokio::fs::create_dir_all(dir).await?;
-            let tmp = dir.join(format!(
-                ".{}.{}.{}.tmp",
-                name.to_string_lossy(),
-                std::process::id(),
-                TMP_SEQ.fetch_add(1, Ordering::Relaxed)
+            let tmp_dir = self.root.join(RESERVED_DIR);
+            tokio::fs::create_dir_all(&tmp_dir).await?;
+            let tmp = tmp_dir.join(format!(
+                "{:016x}{:016x}",
+                rand::random::<u64>(),
+                rand::random::<u64>()
             ));
             let file = tokio::fs::OpenOptions::new()
                 .write(true)

@@ -20,6 +20,7 @@ pub(crate) enum Plan {
     Backup {
         key: ObjectKey,
         method: Method,
+        authority: Option<String>,
         cfg: Arc<Config>,
     },
 }
@@ -53,7 +54,12 @@ where
         let this = self.project();
         let res = std::task::ready!(this.inner.poll(cx))?;
         Poll::Ready(Ok(match this.plan.take() {
-            Some(Plan::Backup { key, method, cfg }) => start(res, key, &method, &cfg),
+            Some(Plan::Backup {
+                key,
+                method,
+                authority,
+                cfg,
+            }) => start(res, key, &method, authority, &cfg),
             Some(Plan::Rejected(e)) => {
                 let mut res = res.map(TeeBody::passthrough);
                 res.extensions_mut().insert(BackupStatus::InvalidKey(e));

@@ -5,11 +5,15 @@ use std::sync::Arc;
 
 use super::error::KeyError;
 
+/// The first key segment no object may use: [`FsSink`](super::FsSink) writes its
+/// temporary files there, outside the key namespace.
+pub const RESERVED_DIR: &str = ".tmp";
+
 /// A validated, relative object key such as `img/logo.png`.
 ///
 /// Guarantees: not empty, at most 1024 bytes, no leading `/` or `\` or drive letter, no
-/// `..`, `.` or empty segment, no backslash, NUL or control character. A key is therefore
-/// safe to join under a directory or bucket prefix.
+/// `..`, `.` or empty segment, no backslash, NUL or control character, not under
+/// [`RESERVED_DIR`]. A key is therefore safe to join under a directory or bucket prefix.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectKey(Arc<str>);
 
@@ -78,6 +82,11 @@ fn validate(key: &str) -> Result<(), KeyError> {
             "" | "." => return Err(KeyError::EmptySegment),
             _ => {}
         }
+    }
+    // Any case: on a case-insensitive file system `.TMP` is the same directory.
+    let first = key.split('/').next().unwrap_or(key);
+    if first.eq_ignore_ascii_case(RESERVED_DIR) {
+        return Err(KeyError::Reserved);
     }
     Ok(())
 }
@@ -181,5 +190,10 @@ mod tests {
         assert_eq!(ObjectKey::from_path("/%zz"), Err(KeyError::BadEncoding));
         assert_eq!(ObjectKey::from_path("/%ff"), Err(KeyError::BadEncoding));
         assert_eq!(ObjectKey::new(&"a".repeat(1025)), Err(KeyError::TooLong));
+        assert_eq!(ObjectKey::new(".tmp/x"), Err(KeyError::Reserved));
+        assert_eq!(ObjectKey::new(".TMP"), Err(KeyError::Reserved));
+        assert_eq!(ObjectKey::from_path("/%2eTmp/x"), Err(KeyError::Reserved));
+        assert!(ObjectKey::new("a/.tmp/x").is_ok());
+        assert!(ObjectKey::new(".tmpfile").is_ok());
     }
 }

@@ -1,5 +1,5 @@
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use http::{HeaderMap, Method, StatusCode};
@@ -10,7 +10,9 @@ use super::error::SinkError;
 use super::key::{NameRule, ObjectKey, PathKey};
 use super::service::Tee;
 use super::sink::Sink;
-use crate::body::tee::{AbortReason, DisconnectPolicy, TeeStats, TeeStatsSnapshot};
+use crate::body::tee::{
+    AbortReason, ByteBudget, DisconnectPolicy, DrainBudget, TeeStats, TeeStatsSnapshot,
+};
 
 /// What the backup predicate sees of a response.
 #[derive(Debug)]
@@ -72,6 +74,7 @@ pub struct BackupStats {
     pub(crate) aborted: AtomicU64,
     pub(crate) sink_errors: AtomicU64,
     pub(crate) rejected_keys: AtomicU64,
+    pub(crate) skipped: AtomicU64,
 }
 
 /// A point-in-time copy of [`BackupStats`].
@@ -89,6 +92,9 @@ pub struct BackupStatsSnapshot {
     pub sink_errors: u64,
     /// Responses not backed up because their key was invalid.
     pub rejected_keys: u64,
+    /// Copies not started because their sink already had
+    /// [`TeeLayerBuilder::max_pending_copies`] copies pending (a stalled sink).
+    pub skipped: u64,
     /// The tee's own counters (buffer use, abort causes).
     pub tee: TeeStatsSnapshot,
 }
@@ -104,18 +110,53 @@ impl BackupStats {
             aborted: self.aborted.load(r),
             sink_errors: self.sink_errors.load(r),
             rejected_keys: self.rejected_keys.load(r),
+            skipped: self.skipped.load(r),
             tee: self.tee.snapshot(),
         }
     }
 }
 
+/// One sink with the limits shared by all its copies.
+#[derive(Clone)]
+pub(crate) struct SinkSlot {
+    pub(crate) name: Arc<str>,
+    pub(crate) sink: Arc<dyn Sink>,
+    /// Bytes queued for (or kept by) this sink's copies, all together.
+    pub(crate) budget: Arc<ByteBudget>,
+    pending: Arc<AtomicUsize>,
+    max_pending: usize,
+}
+
+/// A copy counted as pending on its sink until dropped.
+pub(crate) struct PendingCopy(Arc<AtomicUsize>);
+
+impl Drop for PendingCopy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl SinkSlot {
+    /// Counts one more pending copy, unless `max_pending` are already running.
+    pub(crate) fn try_begin(&self) -> Option<PendingCopy> {
+        let max = self.max_pending;
+        self.pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(PendingCopy(self.pending.clone()))
+    }
+}
+
 pub(crate) struct Config {
-    pub(crate) sinks: Vec<(Arc<str>, Arc<dyn Sink>)>,
+    pub(crate) sinks: Vec<SinkSlot>,
     pub(crate) buffer: usize,
     pub(crate) methods: Vec<Method>,
     pub(crate) predicate: Arc<Predicate>,
     pub(crate) name_rule: Arc<dyn NameRule>,
     pub(crate) on_disconnect: DisconnectPolicy,
+    pub(crate) drain_budget: Option<Arc<DrainBudget>>,
     pub(crate) stats: Arc<BackupStats>,
     pub(crate) events: broadcast::Sender<BackupEvent>,
 }
@@ -125,7 +166,7 @@ impl fmt::Debug for Config {
         f.debug_struct("Config")
             .field(
                 "sinks",
-                &self.sinks.iter().map(|(n, _)| &**n).collect::<Vec<_>>(),
+                &self.sinks.iter().map(|s| &*s.name).collect::<Vec<_>>(),
             )
             .field("buffer", &self.buffer)
             .field("methods", &self.methods)
@@ -149,6 +190,9 @@ pub struct TeeLayerBuilder {
     predicate: Arc<Predicate>,
     name_rule: Arc<dyn NameRule>,
     on_disconnect: DisconnectPolicy,
+    sink_budget: u64,
+    max_pending: usize,
+    drain_budget: Option<Arc<DrainBudget>>,
 }
 
 impl fmt::Debug for TeeLayerBuilder {
@@ -175,7 +219,26 @@ impl TeeLayer {
             predicate: Arc::new(default_predicate),
             name_rule: Arc::new(PathKey),
             on_disconnect: DisconnectPolicy::default(),
+            sink_budget: 64 << 20,
+            max_pending: 256,
+            drain_budget: None,
         }
+    }
+
+    /// Bytes queued for (or held by) a sink's copies right now, per sink in the order
+    /// they were added, with each sink's budget: `(name, used, limit)`.
+    pub fn sink_budgets(&self) -> Vec<(Arc<str>, u64, u64)> {
+        self.cfg
+            .sinks
+            .iter()
+            .map(|s| (s.name.clone(), s.budget.used(), s.budget.limit()))
+            .collect()
+    }
+
+    /// The most bytes each sink's copies held at once (never above its budget), per sink
+    /// in the order they were added.
+    pub fn sink_budget_peaks(&self) -> Vec<u64> {
+        self.cfg.sinks.iter().map(|s| s.budget.peak()).collect()
     }
 
     /// The layer's counters (shared by every service it made).
@@ -239,17 +302,52 @@ impl TeeLayerBuilder {
         self
     }
 
+    /// Bytes all copies to one sink may hold together: queued behind the client plus what
+    /// a writer keeps until its commit ([`SinkWriter::held_bytes`](super::SinkWriter::held_bytes)).
+    /// A copy that would pass it is aborted ([`AbortReason::BudgetExceeded`]); the client is
+    /// never slowed. Default 64 MiB per sink.
+    pub fn sink_budget(mut self, bytes: u64) -> Self {
+        self.sink_budget = bytes;
+        self
+    }
+
+    /// Copies that may be pending on one sink at once (started, not yet committed or
+    /// aborted: a sink whose `begin` hangs collects them). Beyond it new copies to that
+    /// sink are skipped and counted ([`BackupStatsSnapshot::skipped`]). Default 256.
+    pub fn max_pending_copies(mut self, n: usize) -> Self {
+        self.max_pending = n;
+        self
+    }
+
+    /// The cap on background drains after client disconnects (default
+    /// [`DrainBudget::global`], shared by the whole process).
+    pub fn drain_budget(mut self, budget: Arc<DrainBudget>) -> Self {
+        self.drain_budget = Some(budget);
+        self
+    }
+
     /// Builds the layer.
     pub fn build(self) -> TeeLayer {
         let (events, _) = broadcast::channel(1024);
         TeeLayer {
             cfg: Arc::new(Config {
-                sinks: self.sinks,
+                sinks: self
+                    .sinks
+                    .into_iter()
+                    .map(|(name, sink)| SinkSlot {
+                        name,
+                        sink,
+                        budget: ByteBudget::new(self.sink_budget),
+                        pending: Arc::default(),
+                        max_pending: self.max_pending,
+                    })
+                    .collect(),
                 buffer: self.buffer,
                 methods: self.methods,
                 predicate: self.predicate,
                 name_rule: self.name_rule,
                 on_disconnect: self.on_disconnect,
+                drain_budget: self.drain_budget,
                 stats: Arc::default(),
                 events,
             }),

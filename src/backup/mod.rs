@@ -43,12 +43,13 @@
 //! |---|---|
 //! | which responses | `GET` ([`TeeLayerBuilder::methods`]) whose [`Candidate`] passes the predicate: default status `200` with a non-empty body |
 //! | object key | request path, percent-decoded, leading `/` removed ([`PathKey`]); any [`NameRule`] may replace it |
-//! | bad key (`..`, absolute, control chars, empty) | served normally, not backed up; [`BackupStatus::InvalidKey`] extension, `rejected_keys` counter, `warn` event |
-//! | slow sink | the client never waits; a sink more than `buffer` bytes behind is aborted (`overflows`) |
+//! | bad key (`..`, absolute, control chars, empty, under the reserved `.tmp/`) | served normally, not backed up; [`BackupStatus::InvalidKey`] extension, `rejected_keys` counter, `warn` event |
+//! | slow sink | the client never waits; a copy more than `buffer` bytes behind is aborted (`overflows`) |
+//! | stalled sink | all copies to one sink share [`TeeLayerBuilder::sink_budget`] bytes (queued + [`SinkWriter::held_bytes`]); past it a copy is aborted (`budget_aborts`); past [`TeeLayerBuilder::max_pending_copies`] new copies are skipped (`skipped`) |
 //! | sink error | that sink's copy ends (`sink_errors`); client and other sinks go on |
 //! | commit | only after the whole body, with the length of `Content-Length` if present |
 //! | truncated / failed upstream | every copy is discarded: storage never holds a partial object |
-//! | client leaves early | default: keep reading upstream in the background up to 256 MiB / 60 s, then commit; or [`DisconnectPolicy::Abort`](crate::body::tee::DisconnectPolicy::Abort) |
+//! | client leaves early | default: keep reading upstream in the background up to 256 MiB / 60 s, then commit, within the process-wide [`DrainBudget`](crate::body::tee::DrainBudget); or [`DisconnectPolicy::Abort`](crate::body::tee::DisconnectPolicy::Abort) |
 //! | observability | `tracing` events (committed / aborted / failed), [`BackupStats`], [`TeeLayer::subscribe`] |
 
 mod backfill;
@@ -68,7 +69,7 @@ pub use backfill::{backfill, BackfillReport};
 pub use error::{BackfillError, KeyError, SinkError};
 pub use fs::{FsSink, FsyncPolicy};
 pub use future::ResponseFuture;
-pub use key::{FnKey, NameRule, ObjectKey, PathKey};
+pub use key::{FnKey, NameRule, ObjectKey, PathKey, RESERVED_DIR};
 pub use layer::{
     default_predicate, BackupEvent, BackupOutcome, BackupStats, BackupStatsSnapshot, Candidate,
     TeeLayer, TeeLayerBuilder,

@@ -203,6 +203,16 @@ impl SinkWriter for StoreWriter {
         })
     }
 
+    fn held_bytes(&self) -> u64 {
+        // Single uploads keep every chunk until the `PUT` succeeds, through all of
+        // `object_store`'s retries; multipart uploads hold at most `part_size ×
+        // (concurrency + 1)` and release it as parts complete.
+        match &self.upload {
+            Upload::Single { len, .. } => *len as u64,
+            Upload::Multi(_) => 0,
+        }
+    }
+
     fn abort(self: Box<Self>) -> BoxFuture<'static, ()> {
         Box::pin(async move {
             if let Upload::Multi(w) = self.upload {

@@ -11,9 +11,10 @@ use tower_service::Service;
 use super::error::KeyError;
 use super::future::{Plan, ResponseFuture};
 use super::key::ObjectKey;
+use super::layer::SinkSlot;
 use super::layer::{BackupEvent, BackupOutcome, Candidate, Config, TeeLayer};
-use super::sink::{ObjectInfo, Sink};
-use crate::body::tee::{outlet, Inlet, Next, TeeBody, TeeOptions};
+use super::sink::ObjectInfo;
+use crate::body::tee::{outlet_in, AbortReason, ByteBudget, Inlet, Next, TeeBody, TeeOptions};
 
 /// Whether a response is being backed up, as a response extension.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +91,7 @@ where
             Some(Ok(key)) => Plan::Backup {
                 key,
                 method: parts.method.clone(),
+                authority: crate::cache::request_authority(&parts),
                 cfg: self.cfg.clone(),
             },
             Some(Err(e)) => {
@@ -111,6 +113,7 @@ pub(crate) fn start<B>(
     res: Response<B>,
     key: ObjectKey,
     method: &http::Method,
+    authority: Option<String>,
     cfg: &Arc<Config>,
 ) -> Response<TeeBody<B>>
 where
@@ -135,15 +138,32 @@ where
         status: parts.status,
         headers: parts.headers.clone(),
         content_length: len,
+        authority,
     });
     let mut outlets = Vec::with_capacity(cfg.sinks.len());
-    for (name, sink) in &cfg.sinks {
-        let (out, inlet) = outlet(cfg.buffer);
+    for slot in &cfg.sinks {
+        // A sink that stalls collects copies that wait for it; past the limit, skip (the
+        // client is never slowed, the skip is counted).
+        let Some(pending) = slot.try_begin() else {
+            // Counted always; logged on the 1st, 2nd, 4th, 8th… skip so a long stall
+            // cannot flood the log.
+            let n = cfg.stats.skipped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    key = %info.key,
+                    sink = &*slot.name,
+                    skipped = n,
+                    "backup skipped: too many copies pending on this sink"
+                );
+            }
+            continue;
+        };
+        let (out, inlet) = outlet_in(cfg.buffer, slot.budget.clone());
         outlets.push(out);
         cfg.stats.started.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(drive(
-            name.clone(),
-            sink.clone(),
+            slot.clone(),
+            pending,
             info.clone(),
             inlet,
             cfg.clone(),
@@ -154,20 +174,52 @@ where
         expected_len: len,
         on_disconnect: cfg.on_disconnect,
         stats: Some(cfg.stats.tee.clone()),
+        drain_budget: cfg.drain_budget.clone(),
     };
     Response::from_parts(parts, TeeBody::new(body, outlets, &opts))
 }
 
+/// Bytes a writer keeps after `write` ([`SinkWriter::held_bytes`](super::SinkWriter::held_bytes)),
+/// charged to the sink's budget; returned when the copy ends, however it ends.
+struct Held<'a> {
+    budget: &'a ByteBudget,
+    n: u64,
+}
+
+impl Held<'_> {
+    /// Moves the charge to `now` bytes; `false` if the budget cannot take the growth.
+    fn update(&mut self, now: u64) -> bool {
+        if now > self.n && !self.budget.try_charge(now - self.n) {
+            return false;
+        }
+        self.budget.release(self.n.saturating_sub(now));
+        self.n = now;
+        true
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.budget.release(self.n);
+    }
+}
+
 /// Feeds one sink from its inlet and records how the copy ended.
 async fn drive(
-    name: Arc<str>,
-    sink: Arc<dyn Sink>,
+    slot: SinkSlot,
+    pending: super::layer::PendingCopy,
     info: Arc<ObjectInfo>,
     mut inlet: Inlet,
     cfg: Arc<Config>,
 ) {
+    let _pending = pending;
+    let name = slot.name.clone();
     let stats = &cfg.stats;
-    let outcome = match sink.begin(&info).await {
+    let mut held = Held {
+        budget: &slot.budget,
+        n: 0,
+    };
+    let outcome = match slot.sink.begin(&info).await {
         Err(e) => BackupOutcome::Failed(Arc::new(e)),
         Ok(mut w) => {
             let mut bytes = 0u64;
@@ -180,6 +232,13 @@ async fn drive(
                             drop(inlet);
                             w.abort().await;
                             break BackupOutcome::Failed(Arc::new(e));
+                        }
+                        if !held.update(w.held_bytes()) {
+                            drop(inlet);
+                            w.abort().await;
+                            let limit = slot.budget.limit();
+                            stats.tee.count_budget_abort();
+                            break BackupOutcome::Aborted(AbortReason::BudgetExceeded { limit });
                         }
                         bytes += n;
                     }

@@ -22,6 +22,9 @@ pub struct ObjectInfo {
     pub headers: HeaderMap,
     /// `Content-Length`, when the response had one; the tee already enforces it.
     pub content_length: Option<u64>,
+    /// The request's authority (`Host` header or URI authority), lower-cased, if any:
+    /// what a sink that serves several sites (a cache) needs to keep them apart.
+    pub authority: Option<String>,
 }
 
 /// A destination for copies of response bodies: a directory, a bucket, a cache.
@@ -55,6 +58,14 @@ pub trait SinkWriter: Send {
 
     /// Discards what was written.
     fn abort(self: Box<Self>) -> BoxFuture<'static, ()>;
+
+    /// Bytes of written chunks this writer still keeps in memory (a buffered upload that
+    /// waits for its commit). They are charged to the sink's byte budget until the copy
+    /// ends, so a sink whose uploads hang cannot hold unbounded memory. Default `0`: the
+    /// writer keeps nothing after `write` returns.
+    fn held_bytes(&self) -> u64 {
+        0
+    }
 }
 
 impl<S: Sink + ?Sized> Sink for Arc<S> {

@@ -2,7 +2,6 @@ use std::time::Duration;
 
 use http::StatusCode;
 
-use crate::classify::{error_kind, FailureKind};
 use crate::BoxError;
 
 /// One try got no response head within the balancer's
@@ -64,20 +63,13 @@ pub enum BalanceError {
 
 impl BalanceError {
     /// The status a proxy answers with: 502 for an empty set, 503 when none is available,
-    /// 400 when the failure was the client's ([`FailureKind::Client`]: its request body
-    /// broke), and for an upstream error what [`crate::proxy::error_status`] gives (502, or
-    /// 504 for timeouts).
+    /// and for an upstream error what [`crate::proxy::error_status`] gives (502, 504 for
+    /// timeouts, 400/408/413 for the client's body, 503 for local resource exhaustion).
     pub fn status(&self) -> StatusCode {
         match self {
             BalanceError::NoEndpoints => StatusCode::BAD_GATEWAY,
             BalanceError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            BalanceError::Upstream { source, .. } => {
-                if error_kind(&**source) == FailureKind::Client {
-                    StatusCode::BAD_REQUEST
-                } else {
-                    crate::proxy::error_status(&**source)
-                }
-            }
+            BalanceError::Upstream { source, .. } => crate::proxy::error_status(&**source),
         }
     }
 }

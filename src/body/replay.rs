@@ -41,6 +41,8 @@ use http::{HeaderMap, Request};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 
+use crate::proxy::body::BodyFault;
+use crate::proxy::BodyLimits;
 use crate::BoxError;
 
 /// The request body failed while it was being buffered or streamed.
@@ -100,9 +102,28 @@ where
 {
     /// Reads `body` up to `limit` bytes. See the [module docs](self) for what happens past
     /// the limit. Errors only when the body itself fails while being read.
-    pub async fn buffer(mut body: B, limit: usize) -> Result<Self, ReplayError> {
+    pub async fn buffer(body: B, limit: usize) -> Result<Self, ReplayError> {
+        Self::buffer_within(body, limit, None).await
+    }
+
+    /// [`buffer`](Self::buffer), within the client's [`BodyLimits`]: buffering happens
+    /// before any upstream is involved, so it must not wait for an idle client longer
+    /// than the idle timeout, nor read past the size limit (the error's source is then
+    /// the fault, answered 408/413 by [`error_status`](crate::proxy::error_status)).
+    pub(crate) async fn buffer_within(
+        mut body: B,
+        limit: usize,
+        limits: Option<BodyLimits>,
+    ) -> Result<Self, ReplayError> {
         let limit = limit as u64;
         let hint = body.size_hint();
+        let max_bytes = limits.and_then(|l| l.max_bytes);
+        let too_large = |max| ReplayError(Box::new(BodyFault::TooLarge(max)));
+        if let Some(max) = max_bytes {
+            if hint.lower() > max {
+                return Err(too_large(max));
+            }
+        }
         if hint.lower() > limit {
             return Ok(Self::once(VecDeque::new(), Some(body)));
         }
@@ -113,7 +134,13 @@ where
             if body.is_end_stream() {
                 break;
             }
-            let frame = match body.frame().await {
+            let next = match limits.and_then(|l| l.idle_timeout) {
+                Some(idle) => tokio::time::timeout(idle, body.frame())
+                    .await
+                    .map_err(|_| ReplayError(Box::new(BodyFault::Idle(idle))))?,
+                None => body.frame().await,
+            };
+            let frame = match next {
                 None => break,
                 Some(f) => f.map_err(|e| ReplayError(e.into()))?,
             };
@@ -121,6 +148,11 @@ where
                 Ok(data) => {
                     let data = to_bytes(data);
                     len += data.len() as u64;
+                    if let Some(max) = max_bytes {
+                        if len > max {
+                            return Err(too_large(max));
+                        }
+                    }
                     chunks.push(data);
                     if len > limit {
                         let prefix = chunks.into_iter().map(Frame::data).collect();
@@ -192,7 +224,8 @@ impl<B> ReplayBody<B> {
 }
 
 /// Buffers the body of `req` (see [`ReplayBody::buffer`]); a body over the limit gets the
-/// [`NotReplayable`] extension.
+/// [`NotReplayable`] extension. The request's [`BodyLimits`] extension (inserted by
+/// [`crate::server`]) bounds the wait for an idle client and the bytes read.
 pub async fn buffer_request<B>(
     req: Request<B>,
     limit: usize,
@@ -202,7 +235,8 @@ where
     B::Error: Into<BoxError>,
 {
     let (mut parts, body) = req.into_parts();
-    let body = ReplayBody::buffer(body, limit).await?;
+    let limits = parts.extensions.get::<BodyLimits>().copied();
+    let body = ReplayBody::buffer_within(body, limit, limits).await?;
     if !body.is_replayable() {
         parts.extensions.insert(NotReplayable);
     }

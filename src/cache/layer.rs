@@ -1,4 +1,5 @@
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,10 +62,22 @@ impl CacheStats {
     }
 }
 
+/// What the layer does with a `PURGE` request.
+#[derive(Clone)]
+pub(crate) enum PurgeMode {
+    /// Not configured (the default): `405`. Anyone who can reach the cache could
+    /// otherwise empty it, and behind a proxy on the same host every client is loopback.
+    Refuse,
+    /// Allowed when every rule passes, otherwise `403`.
+    Rules(Vec<Arc<PurgeFn>>),
+    /// Not handled: passed to the inner service like any other method.
+    PassThrough,
+}
+
 pub(crate) struct Config {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) key: Arc<KeyFn>,
-    pub(crate) purge: Option<Arc<PurgeFn>>,
+    pub(crate) purge: PurgeMode,
     pub(crate) default_ttl: Option<Duration>,
     pub(crate) stale_if_error: Duration,
     pub(crate) fill: bool,
@@ -74,7 +87,7 @@ pub(crate) struct Config {
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
-            .field("purge", &self.purge.is_some())
+            .field("purge", &matches!(self.purge, PurgeMode::Rules(_)))
             .field("default_ttl", &self.default_ttl)
             .field("stale_if_error", &self.stale_if_error)
             .finish()
@@ -92,7 +105,7 @@ pub struct CacheLayer {
 pub struct CacheLayerBuilder {
     store: Arc<dyn Store>,
     key: Arc<KeyFn>,
-    purge: Option<Arc<PurgeFn>>,
+    purge: PurgeMode,
     default_ttl: Option<Duration>,
     stale_if_error: Duration,
     fill: bool,
@@ -107,7 +120,8 @@ impl fmt::Debug for CacheLayerBuilder {
     }
 }
 
-/// The default cache key: path and query (`/a?b=1`).
+/// Path and query only (`/a?b=1`): a key for a cache that fronts exactly one site. Not
+/// the default: with several virtual hosts one host's object would be served for another.
 pub fn path_and_query_key(parts: &http::request::Parts) -> String {
     parts
         .uri
@@ -116,7 +130,42 @@ pub fn path_and_query_key(parts: &http::request::Parts) -> String {
         .unwrap_or_else(|| "/".to_owned())
 }
 
-/// The default `PURGE` permission: only clients on a loopback address ([`ClientAddr`]).
+/// The default cache key: the request's authority, lower-cased, then path and query
+/// (`example.com/a?b=1`); just the path and query when the request names no authority.
+/// See [`request_authority`].
+pub fn authority_key(parts: &http::request::Parts) -> String {
+    let path = path_and_query_key(parts);
+    match request_authority(parts) {
+        Some(a) => a + &path,
+        None => path,
+    }
+}
+
+/// The authority a request is for: the URI's (absolute form, RFC 9112 §3.2.2), else the
+/// `Host` header; lower-cased, with every byte that is not visible ASCII (or is `%` or
+/// `/`) written as `%XX`, so two different hosts never give the same string and a host
+/// can never reach into the path part of a key.
+pub fn request_authority(parts: &http::request::Parts) -> Option<String> {
+    let raw: &[u8] = match parts.uri.authority() {
+        Some(a) => a.as_str().as_bytes(),
+        None => parts.headers.get(http::header::HOST)?.as_bytes(),
+    };
+    if raw.is_empty() {
+        return None;
+    }
+    let mut out = String::with_capacity(raw.len());
+    for &b in raw {
+        if b.is_ascii_graphic() && b != b'%' && b != b'/' {
+            out.push(b.to_ascii_lowercase() as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Some(out)
+}
+
+/// A `PURGE` rule for [`CacheLayerBuilder::purge_allowed`]: clients on a loopback address
+/// ([`ClientAddr`]). Only safe when no proxy on the same host forwards outside clients.
 pub fn purge_from_loopback(parts: &http::request::Parts) -> bool {
     parts
         .extensions
@@ -134,8 +183,8 @@ impl CacheLayer {
     pub fn builder(store: impl Store) -> CacheLayerBuilder {
         CacheLayerBuilder {
             store: Arc::new(store),
-            key: Arc::new(path_and_query_key),
-            purge: Some(Arc::new(purge_from_loopback)),
+            key: Arc::new(authority_key),
+            purge: PurgeMode::Refuse,
             default_ttl: None,
             stale_if_error: Duration::ZERO,
             fill: true,
@@ -147,8 +196,9 @@ impl CacheLayer {
         &self.cfg.store
     }
 
-    /// Removes the entry for `key` (as made by the key function, by default the path and
-    /// query); `true` if there was one.
+    /// Removes the entry for `key` (as made by the key function, by default
+    /// [`authority_key`]: `host/path?query`, or `/path?query` for requests without an
+    /// authority); `true` if there was one.
     pub fn purge(&self, key: &str) -> bool {
         let removed = self.cfg.store.remove(key);
         if removed {
@@ -165,8 +215,8 @@ impl CacheLayer {
 }
 
 impl CacheLayerBuilder {
-    /// Computes the cache key of a request (default [`path_and_query_key`]; add the `Host`
-    /// when one cache fronts several sites).
+    /// Computes the cache key of a request (default [`authority_key`]: host, path and
+    /// query; [`path_and_query_key`] for a cache in front of a single site).
     pub fn key<F>(mut self, f: F) -> Self
     where
         F: Fn(&http::request::Parts) -> String + Send + Sync + 'static,
@@ -175,19 +225,50 @@ impl CacheLayerBuilder {
         self
     }
 
-    /// Who may send `PURGE` (default [`purge_from_loopback`]); others get `403`.
+    /// Adds a rule a `PURGE` must pass (for example [`purge_from_loopback`]). Without
+    /// any rule `PURGE` is refused with `405`; with rules, a request that fails one gets
+    /// `403`. Rules combine: every one must pass.
     pub fn purge_allowed<F>(mut self, f: F) -> Self
     where
         F: Fn(&http::request::Parts) -> bool + Send + Sync + 'static,
     {
-        self.purge = Some(Arc::new(f));
+        let rule: Arc<PurgeFn> = Arc::new(f);
+        match &mut self.purge {
+            PurgeMode::Rules(rules) => rules.push(rule),
+            other => *other = PurgeMode::Rules(vec![rule]),
+        }
         self
+    }
+
+    /// Allows `PURGE` with the header `name` carrying exactly `token` (compared as bytes,
+    /// in time independent of where they differ). An empty token matches nothing.
+    pub fn purge_token(self, name: http::HeaderName, token: impl Into<Vec<u8>>) -> Self {
+        let token: Vec<u8> = token.into();
+        self.purge_allowed(move |parts| {
+            !token.is_empty()
+                && parts
+                    .headers
+                    .get(&name)
+                    .is_some_and(|v| constant_time_eq(v.as_bytes(), &token))
+        })
+    }
+
+    /// Allows `PURGE` only from these client addresses ([`ClientAddr`]; a request without
+    /// one is refused).
+    pub fn purge_from(self, ips: impl IntoIterator<Item = IpAddr>) -> Self {
+        let ips: Vec<IpAddr> = ips.into_iter().collect();
+        self.purge_allowed(move |parts| {
+            parts
+                .extensions
+                .get::<ClientAddr>()
+                .is_some_and(|a| ips.contains(&a.0.ip()))
+        })
     }
 
     /// Treat `PURGE` as any other method (passed through); purge with
     /// [`CacheLayer::purge`] only.
     pub fn disable_purge_method(mut self) -> Self {
-        self.purge = None;
+        self.purge = PurgeMode::PassThrough;
         self
     }
 
@@ -234,4 +315,10 @@ impl<S> Layer<S> for CacheLayer {
     fn layer(&self, inner: S) -> Cache<S> {
         Cache::from_parts(inner, self.cfg.clone())
     }
+}
+
+/// Byte equality whose time does not depend on where the inputs differ (only on their
+/// lengths), so a `PURGE` token cannot be guessed byte by byte from response times.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

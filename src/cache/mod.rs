@@ -36,8 +36,9 @@
 //! | `GET`/`HEAD`, fresh entry | answered from the store; `Age`, `X-Cache: HIT` (`HEAD` gets headers only) |
 //! | `GET`, no entry or expired | forwarded; the response streams to the client and, if cacheable, into the store (`X-Cache: MISS`) |
 //! | lifetime | `s-maxage`, else `max-age`, else `Expires − Date`, else [`CacheLayerBuilder::default_ttl`] (default: not stored) |
-//! | never stored | `no-store`, `private`, `no-cache`, `Set-Cookie`, `Vary`, a request with `Authorization` or `Cache-Control: no-store`, other statuses than 200/203/204/300/301/308/404/405/410/414/501, a body over the store's entry limit, a truncated or failed body |
-//! | `PURGE <path>` | removes the entry: `200` (`404` if none); `403` unless allowed (default: loopback clients) — or [`CacheLayer::purge`] |
+//! | never stored | `no-store`, `private`, a `Cache-Control` that cannot be read (a byte outside ASCII in a directive name: fail closed), `no-cache`, `Set-Cookie`, `Vary`, a request with `Authorization` or `Cache-Control: no-store`, other statuses than 200/203/204/300/301/308/404/405/410/414/501, a body over the store's entry limit, a truncated or failed body |
+//! | key | [`authority_key`]: host (lower-cased), path and query, so virtual hosts never share entries |
+//! | `PURGE <path>` | removes the entry: `200` (`404` if none). Refused with `405` unless configured ([`CacheLayerBuilder::purge_token`], [`CacheLayerBuilder::purge_from`], [`CacheLayerBuilder::purge_allowed`]); `403` when a configured rule fails — or [`CacheLayer::purge`] |
 //! | upstream error or 500/502/503/504 with an entry expired less than `stale_if_error` ago | the old entry, `X-Cache: STALE` |
 //! | other methods | passed through |
 //! | time | `tokio::time` (tests pause it) |
@@ -59,8 +60,8 @@ mod store;
 pub use body::CacheBody;
 pub use future::ResponseFuture;
 pub use layer::{
-    path_and_query_key, purge_from_loopback, CacheLayer, CacheLayerBuilder, CacheStats,
-    CacheStatsSnapshot,
+    authority_key, path_and_query_key, purge_from_loopback, request_authority, CacheLayer,
+    CacheLayerBuilder, CacheStats, CacheStatsSnapshot,
 };
 pub use service::{Cache, X_CACHE};
 pub use sink::StoreSink;

@@ -1,8 +1,17 @@
 //! What may be stored, and for how long (RFC 9111, shared-cache rules, simplified).
+//!
+//! Header values are read as bytes: a `Cache-Control` line holding a byte that is not
+//! visible ASCII is not skipped (that would drop a `private` next to it and fail open), it
+//! makes the whole response uncacheable. Numbers saturate at 2^31 seconds, as RFC 9111
+//! §1.2.2 asks, so no later duration arithmetic can overflow.
 
 use std::time::{Duration, SystemTime};
 
 use http::{header, HeaderMap, StatusCode};
+
+/// The largest delta-seconds value a cache uses (RFC 9111 §1.2.2): about 68 years, far
+/// below anything that could overflow an `Instant` or `Duration` sum.
+pub(crate) const MAX_DELTA_SECS: u64 = 1 << 31;
 
 /// Statuses a shared cache may store when the response gives an explicit lifetime
 /// (RFC 9110 §15.1 "heuristically cacheable", minus 206 which needs range handling).
@@ -13,44 +22,80 @@ pub(crate) fn cacheable_status(s: StatusCode) -> bool {
     )
 }
 
-fn directives(h: &HeaderMap) -> impl Iterator<Item = (String, Option<String>)> + '_ {
-    h.get_all(header::CACHE_CONTROL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|d| {
-            let d = d.trim();
-            match d.split_once('=') {
-                Some((k, v)) => (
-                    k.trim().to_ascii_lowercase(),
-                    Some(v.trim().trim_matches('"').to_owned()),
-                ),
-                None => (d.to_ascii_lowercase(), None),
+/// One `Cache-Control` directive: lower-cased name, and its value (quotes removed) if any.
+type Directive = (String, Option<Vec<u8>>);
+
+/// The directives of every `Cache-Control` line, or `None` when one of them cannot be
+/// read (a byte outside visible ASCII in a directive name, an empty name): the caller must
+/// then assume the worst (`no-store`).
+fn directives(h: &HeaderMap) -> Option<Vec<Directive>> {
+    let mut out = Vec::new();
+    for line in h.get_all(header::CACHE_CONTROL) {
+        for d in line.as_bytes().split(|b| *b == b',') {
+            let d = d.trim_ascii();
+            if d.is_empty() {
+                continue; // "a, , b" is legal list syntax (RFC 9110 §5.6.1)
             }
-        })
+            let (name, value) = match d.iter().position(|b| *b == b'=') {
+                Some(i) => (d[..i].trim_ascii(), Some(d[i + 1..].trim_ascii())),
+                None => (d, None),
+            };
+            if name.is_empty() || !name.iter().all(|b| is_tchar(*b)) {
+                return None;
+            }
+            let name = String::from_utf8_lossy(name).to_ascii_lowercase();
+            let value = value.map(|v| {
+                let v = v.strip_prefix(b"\"").unwrap_or(v);
+                v.strip_suffix(b"\"").unwrap_or(v).to_vec()
+            });
+            out.push((name, value));
+        }
+    }
+    Some(out)
 }
 
-/// Whether the request forbids storing the response (`Cache-Control: no-store`).
+/// RFC 9110 `tchar`: the bytes a token (a directive name) may hold.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Parses delta-seconds from bytes, saturating at [`MAX_DELTA_SECS`]; `None` if it is not
+/// a number.
+fn delta_seconds(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for d in v {
+        n = n.saturating_mul(10).saturating_add(u64::from(d - b'0'));
+    }
+    Some(n.min(MAX_DELTA_SECS))
+}
+
+/// Whether the request forbids storing the response (`Cache-Control: no-store`, or a
+/// `Cache-Control` that cannot be read).
 pub(crate) fn request_no_store(h: &HeaderMap) -> bool {
-    directives(h).any(|(k, _)| k == "no-store")
+    directives(h).is_none_or(|ds| ds.iter().any(|(k, _)| k == "no-store"))
 }
 
 /// How long a response stays fresh, or `None` if a shared cache must not store it.
 ///
 /// `no-store`, `private`, `no-cache`, `Set-Cookie` and `Vary` (no variant support) make it
-/// uncacheable; then `s-maxage`, `max-age`, `Expires` (relative to `Date`), and finally
-/// `default_ttl` decide the lifetime. A lifetime of zero is not stored.
+/// uncacheable, and so does a `Cache-Control` that cannot be read or a `max-age`/`s-maxage`
+/// that is not a number (RFC 9111 §4.2.1: treat as stale); then `s-maxage`, `max-age`,
+/// `Expires` (relative to `Date`), and finally `default_ttl` decide the lifetime, capped
+/// at [`MAX_DELTA_SECS`]. A lifetime of zero is not stored.
 pub(crate) fn freshness(h: &HeaderMap, default_ttl: Option<Duration>) -> Option<Duration> {
     if h.contains_key(header::SET_COOKIE) || h.contains_key(header::VARY) {
         return None;
     }
     let mut max_age = None;
     let mut s_maxage = None;
-    for (k, v) in directives(h) {
+    for (k, v) in directives(h)? {
         match k.as_str() {
             "no-store" | "private" | "no-cache" => return None,
-            "s-maxage" => s_maxage = v.and_then(|v| v.parse::<u64>().ok()),
-            "max-age" => max_age = v.and_then(|v| v.parse::<u64>().ok()),
+            "s-maxage" => s_maxage = Some(delta_seconds(v.as_deref()?)?),
+            "max-age" => max_age = Some(delta_seconds(v.as_deref()?)?),
             _ => {}
         }
     }
@@ -77,14 +122,15 @@ pub(crate) fn freshness(h: &HeaderMap, default_ttl: Option<Duration>) -> Option<
             None => default_ttl,
         },
     }?;
+    let ttl = ttl.min(Duration::from_secs(MAX_DELTA_SECS));
     (!ttl.is_zero()).then_some(ttl)
 }
 
-/// The upstream's `Age`.
+/// The upstream's `Age`, saturated at [`MAX_DELTA_SECS`]; zero when absent or unreadable
+/// (a response whose age is unknown is treated as new, as RFC 9111 §5.1 allows).
 pub(crate) fn initial_age(h: &HeaderMap) -> Duration {
     h.get(header::AGE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.trim().parse::<u64>().ok())
+        .and_then(|v| delta_seconds(v.as_bytes().trim_ascii()))
         .map(Duration::from_secs)
         .unwrap_or_default()
 }
@@ -150,5 +196,69 @@ mod tests {
             None
         );
         assert_eq!(initial_age(&h(&[("age", "7")])), s(7));
+    }
+
+    #[test]
+    fn huge_numbers_saturate() {
+        let max = Duration::from_secs(MAX_DELTA_SECS);
+        for v in [
+            "max-age=18446744073709551615",
+            "max-age=99999999999999999999999999",
+            "s-maxage=18446744073709551616",
+        ] {
+            assert_eq!(
+                freshness(&h(&[("cache-control", v)]), None),
+                Some(max),
+                "{v}"
+            );
+        }
+        assert_eq!(initial_age(&h(&[("age", "18446744073709551615")])), max);
+        assert_eq!(initial_age(&h(&[("age", "999999999999999999999999")])), max);
+        assert_eq!(
+            freshness(&h(&[]), Some(Duration::MAX)),
+            Some(max),
+            "a configured default_ttl is capped too"
+        );
+    }
+
+    fn raw(cc: &[u8]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        m.insert(header::CACHE_CONTROL, HeaderValue::from_bytes(cc).unwrap());
+        m
+    }
+
+    #[test]
+    fn unreadable_cache_control_fails_closed() {
+        // One non-ASCII byte elsewhere in the line must not hide `private`.
+        assert_eq!(
+            freshness(&raw(b"private, max-age=60, x-\xff=1"), None),
+            None
+        );
+        assert_eq!(
+            freshness(
+                &raw(b"max-age=60, \xc3\xa9t\xc3\xa9"),
+                Some(Duration::from_secs(5))
+            ),
+            None
+        );
+        assert!(request_no_store(&raw(b"max-age=0, \xff")));
+        // Non-ASCII inside a quoted value of an unknown directive is legal (obs-text): kept.
+        assert_eq!(
+            freshness(&raw(b"max-age=60, ext=\"\xe9\""), None),
+            Some(Duration::from_secs(60))
+        );
+        // A lifetime that is not a number is treated as stale, not skipped.
+        assert_eq!(
+            freshness(&raw(b"max-age=6\xff0"), Some(Duration::from_secs(5))),
+            None
+        );
+        assert_eq!(
+            freshness(&raw(b"max-age=abc"), Some(Duration::from_secs(5))),
+            None
+        );
+        assert_eq!(
+            freshness(&raw(b"max-age=60, , public"), None),
+            Some(Duration::from_secs(60))
+        );
     }
 }

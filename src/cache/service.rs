@@ -13,7 +13,7 @@ use tower_service::Service;
 
 use super::body::CacheBody;
 use super::future::{Miss, ResponseFuture};
-use super::layer::{CacheLayer, Config};
+use super::layer::{CacheLayer, Config, PurgeMode};
 use super::policy;
 use super::store::CachedResponse;
 use crate::body::tee::{outlet, DisconnectPolicy, Inlet, Next, TeeBody, TeeOptions};
@@ -117,13 +117,22 @@ where
         let method = req.method();
         let is_get = method == Method::GET;
         let is_head = method == Method::HEAD;
-        if let Some(allowed) = cfg.purge.as_ref().filter(|_| method.as_str() == "PURGE") {
+        if method.as_str() == "PURGE" && !matches!(cfg.purge, PurgeMode::PassThrough) {
             let (parts, _) = req.into_parts();
-            if !allowed(&parts) {
-                return ResponseFuture::ready(message(
-                    StatusCode::FORBIDDEN,
-                    "purge not allowed\n",
-                ));
+            match &cfg.purge {
+                PurgeMode::Rules(rules) if rules.iter().all(|r| r(&parts)) => {}
+                PurgeMode::Rules(_) => {
+                    return ResponseFuture::ready(message(
+                        StatusCode::FORBIDDEN,
+                        "purge not allowed\n",
+                    ));
+                }
+                _ => {
+                    let mut res = message(StatusCode::METHOD_NOT_ALLOWED, "purge not enabled\n");
+                    res.headers_mut()
+                        .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+                    return ResponseFuture::ready(res);
+                }
             }
             let key = (cfg.key)(&parts);
             let removed = cfg.store.remove(&key);
@@ -149,7 +158,7 @@ where
                 cfg.stats.hits.fetch_add(1, Ordering::Relaxed);
                 return ResponseFuture::ready(from_entry(entry, is_head, "HIT"));
             }
-            if entry.age(now) < entry.fresh_for + cfg.stale_if_error {
+            if entry.age(now) < entry.fresh_for.saturating_add(cfg.stale_if_error) {
                 stale = Some(entry);
             }
         }
@@ -215,6 +224,7 @@ where
             max_time: Duration::from_secs(60),
         },
         stats: Some(cfg.stats.tee.clone()),
+        drain_budget: None,
     };
     Response::from_parts(parts, CacheBody::live(TeeBody::new(body, vec![out], &opts)))
 }

@@ -15,8 +15,8 @@ use crate::backup::{ObjectInfo, Sink, SinkError, SinkWriter};
 /// storage sinks, so the one download from outside feeds the client, the storage and the
 /// edge cache at once (the seed's three pipes).
 ///
-/// The entry is stored under `/` + the object key, which is what
-/// [`path_and_query_key`](super::path_and_query_key) gives for the same request without a
+/// The entry is stored under the request's authority + `/` + the object key, which is
+/// what [`authority_key`](super::authority_key) gives for the same request without a
 /// query. Freshness comes from the response headers like in [`CacheLayer`](super::CacheLayer);
 /// an uncacheable response is not stored (the sink's copy ends with an error event).
 #[derive(Clone)]
@@ -79,7 +79,7 @@ impl Sink for StoreSink {
                 headers.remove(http::header::AGE);
                 let w: Box<dyn SinkWriter> = Box::new(StoreWriter {
                     store: self.store.clone(),
-                    key: format!("/{}", info.key),
+                    key: format!("{}/{}", info.authority.as_deref().unwrap_or(""), info.key),
                     entry: CachedResponse {
                         status: info.status,
                         headers,

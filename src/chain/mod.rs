@@ -85,6 +85,8 @@
 //! | skipped response body | short (known length ≤ 64 KiB): read to the end in the background so its connection is reused; else dropped at once |
 //! | trail | [`ChainHops`] response extension (also in [`ChainError`]), optional report header `foo.com+bar.com`, one `tracing` debug event per hop |
 //! | [`LinkTable`]: unknown `Host` | `421 Misdirected Request` (or the default host); no `Host` at all: `400` |
+//! | [`LinkTable`]: absolute-form target (`GET http://b.com/x`) | routed by its authority, `Host` ignored (RFC 9112 §3.2.2) |
+//! | [`LinkTable`]: several `Host` lines, or an unreadable one | `400`, even with a default host |
 //!
 //! See `docs/content_chain.md` for the STON configuration mapping.
 

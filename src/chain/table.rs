@@ -39,9 +39,11 @@ pub type LinkService<B> = BoxCloneSyncService<Request<ReplayBody<B>>, Response<B
 /// | request | answer |
 /// |---|---|
 /// | `Host` names a configured host (case-insensitive, port ignored, trailing dot ignored) | that host's chain |
+/// | absolute-form target (`GET http://b.com/x`) | routed by its authority; `Host` is ignored (RFC 9112 §3.2.2, as nginx) |
 /// | unknown `Host`, a default host configured | the default host's chain |
 /// | unknown `Host`, no default | `421 Misdirected Request` |
 /// | no `Host` (and no authority in the URI), no default | `400 Bad Request` |
+/// | several `Host` lines, or one that is not readable text | `400 Bad Request`, even with a default host |
 ///
 /// Everything else (loop guard, body replay, `502`/`504`, report header) is the
 /// [`ChainLayer`] given to [`LinkTableBuilder::chain`].
@@ -151,10 +153,34 @@ fn normalize_host(raw: &str) -> Option<&str> {
     }
 }
 
-fn request_host<B>(req: &Request<B>) -> Option<&str> {
-    match req.headers().get(http::header::HOST) {
-        Some(v) => v.to_str().ok(),
-        None => req.uri().authority().map(|a| a.as_str()),
+/// The host a request names, read the way every layer after the table must read it too.
+#[derive(Debug, PartialEq, Eq)]
+enum RequestHost<'a> {
+    /// Neither an absolute-form target nor a `Host` header.
+    Absent,
+    /// Several `Host` lines, or one that is not readable text: ambiguous, so refused
+    /// rather than guessed (a guess that differs from the next hop's is a routing or cache
+    /// poisoning vector).
+    Invalid,
+    /// The host (with any port) as sent.
+    Named(&'a str),
+}
+
+fn request_host<B>(req: &Request<B>) -> RequestHost<'_> {
+    // An absolute-form target (`GET http://b.com/ HTTP/1.1`) names the host itself and the
+    // `Host` header is then ignored (RFC 9112 §3.2.2), as nginx does.
+    if let Some(a) = req.uri().authority() {
+        return RequestHost::Named(a.host());
+    }
+    let mut lines = req.headers().get_all(http::header::HOST).iter();
+    match (lines.next(), lines.next()) {
+        (None, _) => RequestHost::Absent,
+        // RFC 9112 §3.2: more than one Host line is answered 400.
+        (Some(_), Some(_)) => RequestHost::Invalid,
+        (Some(v), None) => match v.to_str() {
+            Ok(h) => RequestHost::Named(h),
+            Err(_) => RequestHost::Invalid,
+        },
     }
 }
 
@@ -437,9 +463,14 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let host = request_host(&req);
-        let idx = match host {
-            Some(h) => self.lookup(h).or(self.inner.default),
-            None => self.inner.default,
+        let (idx, status) = match host {
+            RequestHost::Named(h) => (
+                self.lookup(h).or(self.inner.default),
+                StatusCode::MISDIRECTED_REQUEST,
+            ),
+            RequestHost::Absent => (self.inner.default, StatusCode::BAD_REQUEST),
+            // Not even the default host: it cannot be known which host was meant.
+            RequestHost::Invalid => (None, StatusCode::BAD_REQUEST),
         };
         match idx {
             Some(i) => TableFuture {
@@ -448,14 +479,9 @@ where
                 },
             },
             None => {
-                let status = if host.is_some() {
-                    StatusCode::MISDIRECTED_REQUEST
-                } else {
-                    StatusCode::BAD_REQUEST
-                };
                 tracing::debug!(
                     target: "tower_patterns::chain",
-                    host = host.unwrap_or(""),
+                    host = ?host,
                     status = status.as_u16(),
                     "no virtual host for request"
                 );
@@ -550,6 +576,34 @@ mod tests {
         assert_eq!(normalize_host("foo:bar"), None);
         assert_eq!(normalize_host(""), None);
         assert_eq!(normalize_host(":80"), None);
+    }
+
+    #[test]
+    fn request_host_prefers_the_target_and_refuses_ambiguity() {
+        let req = |uri: &str, hosts: &[&[u8]]| {
+            let mut r = Request::get(uri).body(()).unwrap();
+            for h in hosts {
+                r.headers_mut().append(
+                    http::header::HOST,
+                    http::HeaderValue::from_bytes(h).unwrap(),
+                );
+            }
+            r
+        };
+        // Absolute form: the authority wins over Host.
+        let r = req("http://b.com:8080/x", &[b"a.com"]);
+        assert_eq!(request_host(&r), RequestHost::Named("b.com"));
+        let r = req("/x", &[b"a.com:80"]);
+        assert_eq!(request_host(&r), RequestHost::Named("a.com:80"));
+        assert_eq!(request_host(&req("/x", &[])), RequestHost::Absent);
+        assert_eq!(
+            request_host(&req("/x", &[b"a.com", b"a.com"])),
+            RequestHost::Invalid
+        );
+        assert_eq!(
+            request_host(&req("/x", &[b"a\xe9.com"])),
+            RequestHost::Invalid
+        );
     }
 
     #[test]

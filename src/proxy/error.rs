@@ -47,6 +47,56 @@ pub enum ForwardError {
         /// The timeout that elapsed.
         after: Duration,
     },
+    /// The client's request body could not be read (aborted upload, malformed chunked
+    /// encoding): the client's fault, answered `400`, classified
+    /// [`FailureKind::Client`] so it is never charged to the upstream.
+    #[error("reading the client's request body failed")]
+    ClientBody {
+        /// The underlying error.
+        #[source]
+        source: BoxError,
+    },
+    /// The client's request body is larger than the configured limit
+    /// ([`BodyLimits::max_bytes`](super::BodyLimits::max_bytes)): `413`, [`FailureKind::Client`].
+    #[error("request body larger than {limit} bytes")]
+    ClientBodyTooLarge {
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// The client sent no body data for the idle timeout
+    /// ([`BodyLimits::idle_timeout`](super::BodyLimits::idle_timeout)): `408`,
+    /// [`FailureKind::Client`].
+    #[error("no request-body data from the client for {after:?}")]
+    ClientBodyTimeout {
+        /// The timeout that elapsed.
+        after: Duration,
+    },
+    /// The request is malformed in a way a proxy must not pass on (two `Host` headers, a
+    /// `Host` that disagrees with an absolute-form target): `400`, [`FailureKind::Client`].
+    #[error("bad request: {reason}")]
+    BadRequest {
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The method cannot be forwarded (`CONNECT`: this proxy does not tunnel): `501`,
+    /// [`FailureKind::Client`].
+    #[error("method {method} is not supported by this proxy")]
+    MethodNotSupported {
+        /// The refused method.
+        method: http::Method,
+    },
+    /// Connecting failed because the proxy itself ran out of a local resource (file
+    /// descriptors, socket buffers, memory; see
+    /// [`is_local_resource_error`](crate::classify::is_local_resource_error)): `503`,
+    /// [`FailureKind::Client`], never charged to the upstream.
+    #[error("no local resources to connect to upstream {upstream}")]
+    LocalResource {
+        /// `host:port` of the upstream.
+        upstream: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The connection broke or the upstream spoke invalid HTTP after the request was sent.
     #[error("upstream {upstream} failed while answering")]
     Transport {
@@ -69,11 +119,18 @@ impl ForwardError {
             ForwardError::InvalidUpstream { .. } | ForwardError::InvalidRequest(_) => {
                 FailureKind::Other
             }
+            ForwardError::ClientBody { .. }
+            | ForwardError::ClientBodyTooLarge { .. }
+            | ForwardError::ClientBodyTimeout { .. }
+            | ForwardError::BadRequest { .. }
+            | ForwardError::MethodNotSupported { .. }
+            | ForwardError::LocalResource { .. } => FailureKind::Client,
         }
     }
 
     /// `true` when the request surely never reached the upstream (connect failed or timed
-    /// out), so even a non-idempotent request may be sent elsewhere.
+    /// out), so even a non-idempotent request may be sent elsewhere. `false` for
+    /// [`ForwardError::LocalResource`]: another endpoint would fail the same way.
     pub fn is_connect(&self) -> bool {
         matches!(
             self,
@@ -81,15 +138,23 @@ impl ForwardError {
         )
     }
 
-    /// The status a proxy should answer with: 504 for timeouts, 502 otherwise, 500 for
-    /// configuration errors.
+    /// The status a proxy should answer with: 504 for upstream timeouts, 502 for other
+    /// upstream failures, 500 for configuration errors; for the client's faults 400, 408
+    /// (idle body), 413 (body too large), 501 (`CONNECT`); 503 when the proxy ran out of
+    /// local resources.
     pub fn status(&self) -> StatusCode {
         match self {
             ForwardError::ConnectTimeout { .. } | ForwardError::ResponseTimeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
             ForwardError::InvalidUpstream { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-            ForwardError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            ForwardError::InvalidRequest(_)
+            | ForwardError::ClientBody { .. }
+            | ForwardError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ForwardError::ClientBodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ForwardError::ClientBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            ForwardError::MethodNotSupported { .. } => StatusCode::NOT_IMPLEMENTED,
+            ForwardError::LocalResource { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ForwardError::Connect { .. } | ForwardError::Transport { .. } => {
                 StatusCode::BAD_GATEWAY
             }
@@ -100,22 +165,20 @@ impl ForwardError {
 /// The status a proxy should answer for any error of a stack built from this crate.
 ///
 /// The first error of the crate found in the `source()` chain decides:
-/// [`ForwardError::status`]; the balancer's `NoEndpoints` → 502 and `Unavailable` → 503
+/// [`ForwardError::status`]; a client body failure while a replay layer buffered it
+/// ([`ReplayError`](crate::body::ReplayError)) → 400, or 408/413 past the server's
+/// [`BodyLimits`](super::BodyLimits); the balancer's `NoEndpoints` → 502 and `Unavailable` → 503
 /// (an upstream failure after retries is decided by its cause); a circuit breaker's
-/// `CircuitOpen` → 503. Otherwise timeouts are `504` and everything else `502`. Before
-/// all that, a client-caused failure ([`FailureKind::Client`], e.g. its request body
-/// broke) is `400`.
+/// `CircuitOpen` → 503. Otherwise timeouts are `504` and everything else `502`.
 pub fn error_status(err: &(dyn StdError + 'static)) -> StatusCode {
     use crate::balance::BalanceError;
-    // The client's own request failed (its body broke mid-upload), whatever wrapped the
-    // error on the way up: its fault, not the gateway's.
-    if error_kind(err) == FailureKind::Client {
-        return StatusCode::BAD_REQUEST;
-    }
     let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
     while let Some(e) = cur {
         if let Some(fe) = e.downcast_ref::<ForwardError>() {
             return fe.status();
+        }
+        if let Some(status) = super::body::client_fault_status(e) {
+            return status;
         }
         match e.downcast_ref::<BalanceError>() {
             Some(BalanceError::NoEndpoints) => return StatusCode::BAD_GATEWAY,
@@ -129,6 +192,8 @@ pub fn error_status(err: &(dyn StdError + 'static)) -> StatusCode {
     }
     match error_kind(err) {
         FailureKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        // Outside a ForwardError only local resource exhaustion (an io error) is Client.
+        FailureKind::Client => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::BAD_GATEWAY,
     }
 }

@@ -7,6 +7,9 @@ use std::time::Duration;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
+use tokio::time::Instant;
+
+use super::body::{far_future, Progress};
 use super::error::ForwardError;
 use super::headers::strip_hop_by_hop;
 use super::pool::HostPool;
@@ -20,7 +23,12 @@ pub struct ResponseFuture {
 }
 
 impl ResponseFuture {
-    pub(super) fn new<B>(pool: Arc<HostPool<B>>, req: Request<B>, timeout: Option<Duration>) -> Self
+    pub(super) fn new<B>(
+        pool: Arc<HostPool<B>>,
+        req: Request<B>,
+        timeout: Option<Duration>,
+        progress: Option<Arc<Progress>>,
+    ) -> Self
     where
         B: http_body::Body + Send + Unpin + 'static,
         B::Data: Send,
@@ -30,15 +38,29 @@ impl ResponseFuture {
             inner: Box::pin(async move {
                 let mut res = match timeout {
                     None => pool.send(req).await?,
-                    Some(after) => match tokio::time::timeout(after, pool.send(req)).await {
-                        Ok(res) => res?,
-                        Err(_) => {
-                            return Err(ForwardError::ResponseTimeout {
-                                upstream: pool.upstream().authority().to_string(),
-                                after,
-                            })
+                    Some(after) => {
+                        let send = pool.send(req);
+                        tokio::pin!(send);
+                        let start = Instant::now();
+                        loop {
+                            // The upstream is silent for `after` since the later of the
+                            // start and its last taken body chunk.
+                            let last = progress.as_ref().map_or(start, |p| p.last().max(start));
+                            let deadline = last.checked_add(after).unwrap_or_else(far_future);
+                            tokio::select! {
+                                res = &mut send => break res?,
+                                () = tokio::time::sleep_until(deadline) => {
+                                    let moved = progress.as_ref().is_some_and(|p| p.last() > last);
+                                    if !moved {
+                                        return Err(ForwardError::ResponseTimeout {
+                                            upstream: pool.upstream().authority().to_string(),
+                                            after,
+                                        });
+                                    }
+                                }
+                            }
                         }
-                    },
+                    }
                 };
                 strip_hop_by_hop(res.headers_mut());
                 Ok(res)

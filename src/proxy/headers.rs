@@ -13,17 +13,52 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     HeaderName::from_static("proxy-connection"),
 ];
 
+/// End-to-end headers that naming in `Connection` does not remove.
+///
+/// RFC 9110 §7.6.1 lets a sender mark any header hop-by-hop by naming it in `Connection`,
+/// which would let a client delete what the proxy or the layers around it rely on:
+/// credentials (`Authorization`, `Cookie`, `Set-Cookie`), message framing (`Host`,
+/// `Content-Length`, `Content-Type`, `Content-Encoding`), the client address chain
+/// (`X-Forwarded-*`, `Forwarded`, `X-Real-IP`, `Via`) and request tracing
+/// (`X-Request-Id`, `traceparent`, `tracestate`, `baggage`). These are kept; the fixed hop-by-hop set is still removed.
+/// nginx goes further and ignores the names in `Connection` altogether.
+pub const PROTECTED_FROM_CONNECTION: [&str; 17] = [
+    "authorization",
+    "baggage",
+    "content-encoding",
+    "content-length",
+    "content-type",
+    "cookie",
+    "forwarded",
+    "host",
+    "set-cookie",
+    "traceparent",
+    "tracestate",
+    "via",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+    "x-request-id",
+];
+
 /// Removes hop-by-hop headers: the fixed RFC 9110 set, `Keep-Alive`, `Proxy-Connection`,
-/// and every header named in `Connection`.
+/// and every header named in `Connection` except the [`PROTECTED_FROM_CONNECTION`] ones.
+///
+/// `Connection` is read as bytes: a token that is not valid UTF-8 or not a header name
+/// cannot name a header present in the map and is skipped, while the other tokens of the
+/// same line are still honoured (a non-ASCII byte must not switch stripping off).
 ///
 /// ```
 /// let mut h = http::HeaderMap::new();
-/// h.insert("connection", "close, x-secret".parse().unwrap());
+/// h.insert("connection", "close, x-secret, authorization".parse().unwrap());
 /// h.insert("x-secret", "1".parse().unwrap());
+/// h.insert("authorization", "Bearer t".parse().unwrap());
 /// h.insert("accept", "*/*".parse().unwrap());
 /// tower_patterns::proxy::strip_hop_by_hop(&mut h);
-/// assert_eq!(h.len(), 1);
+/// assert_eq!(h.len(), 2);
 /// assert!(h.contains_key("accept"));
+/// assert!(h.contains_key("authorization"), "protected end-to-end header");
 /// ```
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most requests carry none or only `Connection`: one scan over what is present is
@@ -35,18 +70,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // that are not extra headers (`close`, `keep-alive`, ...) need no allocation.
     let mut listed: Vec<HeaderName> = Vec::new();
     for value in headers.get_all(header::CONNECTION) {
-        let Ok(value) = value.to_str() else { continue };
-        for token in value.split(',') {
-            let token = token.trim();
+        for token in value.as_bytes().split(|b| *b == b',') {
+            let token = token.trim_ascii();
             if token.is_empty()
-                || token.eq_ignore_ascii_case("close")
+                || token.eq_ignore_ascii_case(b"close")
                 || HOP_BY_HOP
                     .iter()
-                    .any(|h| token.eq_ignore_ascii_case(h.as_str()))
+                    .any(|h| token.eq_ignore_ascii_case(h.as_str().as_bytes()))
+                || PROTECTED_FROM_CONNECTION
+                    .iter()
+                    .any(|p| token.eq_ignore_ascii_case(p.as_bytes()))
             {
                 continue;
             }
-            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+            // A token that is no header name (a non-ASCII byte, a space) cannot name a
+            // header of the map: nothing to strip for it.
+            if let Ok(name) = HeaderName::from_bytes(token) {
                 listed.push(name);
             }
         }
@@ -85,6 +124,45 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-keep"], "3");
+    }
+
+    #[test]
+    fn a_non_ascii_byte_in_connection_does_not_disable_stripping() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            http::HeaderValue::from_bytes(b"x-secret, caf\xe9, x-other").unwrap(),
+        );
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("x-other", "2".parse().unwrap());
+        h.insert("x-keep", "3".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn connection_cannot_strip_protected_end_to_end_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            "Authorization, X-Forwarded-For, host, content-length, transfer-encoding, te, \
+             x-request-id, traceparent, cookie, x-drop"
+                .parse()
+                .unwrap(),
+        );
+        for name in PROTECTED_FROM_CONNECTION {
+            h.insert(HeaderName::from_static(name), "v".parse().unwrap());
+        }
+        h.insert("x-drop", "1".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        for name in PROTECTED_FROM_CONNECTION {
+            assert!(h.contains_key(name), "{name} was stripped");
+        }
+        assert!(!h.contains_key("x-drop"));
+        assert!(!h.contains_key("transfer-encoding"), "still hop-by-hop");
+        assert_eq!(h.len(), PROTECTED_FROM_CONNECTION.len());
     }
 
     #[test]

@@ -18,9 +18,25 @@
 //! | `X-Forwarded-For` appended with the client address ([`ClientAddr`]) | `$proxy_add_x_forwarded_for` |
 //! | `X-Forwarded-Proto`, `X-Forwarded-Host` set | `$scheme`, `$host` |
 //! | `Host` kept as the client sent it (or rewritten: [`ForwardBuilder::preserve_host`]) | `proxy_set_header Host $host` |
-//! | connect timeout → [`ForwardError::ConnectTimeout`] (504) | `proxy_connect_timeout` |
-//! | response-header timeout → [`ForwardError::ResponseTimeout`] (504) | `proxy_read_timeout` (first byte) |
+//! | connect timeout, default 5 s → [`ForwardError::ConnectTimeout`] (504) | `proxy_connect_timeout` (60 s) |
+//! | response-header timeout, default 60 s, restarted while the upstream takes body chunks → [`ForwardError::ResponseTimeout`] (504) | `proxy_read_timeout` / `proxy_send_timeout` (60 s) |
 //! | refused / reset → [`ForwardError::Connect`] / [`ForwardError::Transport`] (502) | `502` |
+//! | client body idle (default 30 s, or [`BodyLimits`] from the server) → [`ForwardError::ClientBodyTimeout`] (408) | `client_body_timeout` |
+//! | client body over [`BodyLimits::max_bytes`] → [`ForwardError::ClientBodyTooLarge`] (413) | `client_max_body_size` |
+//! | aborted or malformed client body → [`ForwardError::ClientBody`] (400) | `400` / `499` |
+//! | proxy out of fds/memory on connect → [`ForwardError::LocalResource`] (503) | — |
+//! | two `Host` headers, or `Host` ≠ absolute-form target → [`ForwardError::BadRequest`] (400) | `400` |
+//! | `CONNECT` → [`ForwardError::MethodNotSupported`] (501) | `405` (nginx); 501 here: RFC 9110 §15.6.2 "method not supported", no `Allow` list to keep |
+//! | a client naming [`PROTECTED_FROM_CONNECTION`] headers in `Connection` | kept (nginx ignores `Connection` names altogether) |
+//!
+//! Every timeout has a default and can be disabled explicitly
+//! ([`ForwardBuilder::without_response_timeout`] etc.). The client's faults, `CONNECT`,
+//! bad `Host` and local resource exhaustion are [`FailureKind::Client`]: classified
+//! [`Outcome::Ignored`], so passive health, the breaker and retries never charge them to
+//! a healthy upstream.
+//!
+//! [`FailureKind::Client`]: crate::classify::FailureKind::Client
+//! [`Outcome::Ignored`]: crate::classify::Outcome::Ignored
 //!
 //! ```no_run
 //! use tower::{Service, ServiceExt};
@@ -37,6 +53,7 @@
 //! # Ok(()) }
 //! ```
 
+pub(crate) mod body;
 mod error;
 mod future;
 pub(crate) mod headers;
@@ -44,8 +61,9 @@ mod pool;
 mod respond;
 mod service;
 
+pub use body::BodyLimits;
 pub use error::{error_response, error_status, status_response, ForwardError};
 pub use future::ResponseFuture;
-pub use headers::strip_hop_by_hop;
+pub use headers::{strip_hop_by_hop, PROTECTED_FROM_CONNECTION};
 pub use respond::{ErrorResponse, ErrorResponseBody, ErrorResponseFuture, ErrorResponseLayer};
 pub use service::{ClientAddr, Forward, ForwardBuilder, Upstream};

@@ -19,13 +19,15 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::body::BodyFault;
 use super::error::ForwardError;
 use super::service::Upstream;
+use crate::classify::is_local_resource_error;
 use crate::BoxError;
 
 #[derive(Debug, Clone)]
 pub(crate) struct PoolConfig {
-    pub connect_timeout: Duration,
+    pub connect_timeout: Option<Duration>,
     pub idle_timeout: Duration,
     pub max_idle: usize,
 }
@@ -71,6 +73,12 @@ impl<B> Pools<B> {
                 })
             })
             .clone()
+    }
+}
+
+impl<B> Pools<B> {
+    pub(crate) fn connect_timeout(&self) -> Option<Duration> {
+        self.config.connect_timeout
     }
 }
 
@@ -133,25 +141,17 @@ where
                 None => TcpStream::connect(self.upstream.authority()).await,
             }
         };
-        let stream = match tokio::time::timeout(self.config.connect_timeout, connect).await {
+        let connected = match self.config.connect_timeout {
+            Some(after) => tokio::time::timeout(after, connect).await,
+            None => Ok(connect.await),
+        };
+        let stream = match connected {
             Err(_) => {
                 return Err(ForwardError::ConnectTimeout {
                     upstream: upstream(),
                 })
             }
-            Ok(Err(e)) => {
-                let kind = e.kind();
-                return Err(if kind == std::io::ErrorKind::TimedOut {
-                    ForwardError::ConnectTimeout {
-                        upstream: upstream(),
-                    }
-                } else {
-                    ForwardError::Connect {
-                        upstream: upstream(),
-                        source: Box::new(e),
-                    }
-                });
-            }
+            Ok(Err(e)) => return Err(connect_error(upstream(), e)),
             Ok(Ok(s)) => s,
         };
         let _ = stream.set_nodelay(true);
@@ -195,10 +195,72 @@ where
         Ok(res)
     }
 
+    /// A failed exchange: the client's body fault if hyper's error chain holds one (the
+    /// client broke it, not the upstream), else a transport failure of the upstream.
     fn transport(&self, e: hyper::Error) -> ForwardError {
+        let mut cur = std::error::Error::source(&e);
+        while let Some(s) = cur {
+            match s.downcast_ref::<BodyFault>() {
+                Some(BodyFault::TooLarge(limit)) => {
+                    return ForwardError::ClientBodyTooLarge { limit: *limit }
+                }
+                Some(BodyFault::Idle(after)) => {
+                    return ForwardError::ClientBodyTimeout { after: *after }
+                }
+                Some(BodyFault::Read(_)) => {
+                    return ForwardError::ClientBody {
+                        source: Box::new(e),
+                    }
+                }
+                None => cur = s.source(),
+            }
+        }
         ForwardError::Transport {
             upstream: self.upstream.authority().to_string(),
             source: Box::new(e),
         }
+    }
+}
+
+/// The error of a failed TCP connect: the proxy's own resource exhaustion is not the
+/// upstream's fault ([`ForwardError::LocalResource`]); a timeout reported by the OS is a
+/// connect timeout; anything else a refused/unreachable upstream.
+fn connect_error(upstream: String, e: std::io::Error) -> ForwardError {
+    if is_local_resource_error(&e) {
+        ForwardError::LocalResource {
+            upstream,
+            source: e,
+        }
+    } else if e.kind() == std::io::ErrorKind::TimedOut {
+        ForwardError::ConnectTimeout { upstream }
+    } else {
+        ForwardError::Connect {
+            upstream,
+            source: Box::new(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::FailureKind;
+
+    #[cfg(unix)]
+    #[test]
+    fn emfile_on_connect_is_a_local_error_not_the_upstreams() {
+        let e = connect_error(
+            "127.0.0.1:1".into(),
+            std::io::Error::from_raw_os_error(libc::EMFILE),
+        );
+        assert!(matches!(e, ForwardError::LocalResource { .. }), "{e:?}");
+        assert_eq!(e.kind(), FailureKind::Client);
+        assert_eq!(e.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert!(!e.is_connect());
+        let refused = connect_error(
+            "127.0.0.1:1".into(),
+            std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        );
+        assert_eq!(refused.kind(), FailureKind::Transport);
     }
 }

@@ -10,6 +10,7 @@ use http::{HeaderMap, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use tower_service::Service;
 
+use super::body::{BodyLimits, ClientBody, Progress};
 use super::error::ForwardError;
 use super::future::ResponseFuture;
 use super::headers::strip_hop_by_hop;
@@ -117,12 +118,23 @@ impl fmt::Display for Upstream {
 #[derive(Debug, Clone)]
 struct Options {
     response_timeout: Option<Duration>,
+    /// Used when the request carries no [`BodyLimits`] extension.
+    client_body_timeout: Option<Duration>,
     preserve_host: bool,
     forwarded_proto: Option<HeaderValue>,
     append_forwarded_for: bool,
 }
 
 /// Builds a [`Forward`].
+///
+/// Every timeout has a default, so a hung upstream or client never holds a request
+/// forever:
+///
+/// | setting | default | disable | nginx |
+/// |---|---|---|---|
+/// | [`connect_timeout`](Self::connect_timeout) | 5 s ([`Self::DEFAULT_CONNECT_TIMEOUT`]) | [`without_connect_timeout`](Self::without_connect_timeout) | `proxy_connect_timeout` (60 s) |
+/// | [`response_timeout`](Self::response_timeout) | 60 s ([`Self::DEFAULT_RESPONSE_TIMEOUT`]) | [`without_response_timeout`](Self::without_response_timeout) | `proxy_read_timeout` (60 s) |
+/// | [`client_body_timeout`](Self::client_body_timeout) | 30 s ([`Self::DEFAULT_CLIENT_BODY_TIMEOUT`]) | [`without_client_body_timeout`](Self::without_client_body_timeout) | `client_body_timeout` (60 s) |
 #[derive(Debug, Clone)]
 pub struct ForwardBuilder {
     upstream: String,
@@ -133,6 +145,13 @@ pub struct ForwardBuilder {
 }
 
 impl ForwardBuilder {
+    /// Default of [`connect_timeout`](Self::connect_timeout).
+    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Default of [`response_timeout`](Self::response_timeout), nginx's `proxy_read_timeout`.
+    pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+    /// Default of [`client_body_timeout`](Self::client_body_timeout).
+    pub const DEFAULT_CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
     /// Time allowed to open a TCP connection (default 5 s, nginx's `proxy_connect_timeout`
     /// is 60 s; a proxy in front of local instances wants it short).
     pub fn connect_timeout(mut self, t: Duration) -> Self {
@@ -140,10 +159,41 @@ impl ForwardBuilder {
         self
     }
 
-    /// Time allowed from sending the request until the response headers arrive (default
-    /// none). The body may take longer.
+    /// No connect timeout: only the operating system ends a connect attempt.
+    pub fn without_connect_timeout(mut self) -> Self {
+        self.connect_timeout = None;
+        self
+    }
+
+    /// Time the upstream may stay silent before it is treated as hung
+    /// ([`ForwardError::ResponseTimeout`], 504): from sending the request — restarted
+    /// whenever the upstream takes a chunk of the request body — until the response
+    /// headers arrive (default 60 s, nginx's `proxy_read_timeout`). The response body may
+    /// take longer. Keep it above the client-body timeout, so that a stalled client is
+    /// reported as the client's fault first.
     pub fn response_timeout(mut self, t: Duration) -> Self {
         self.opts.response_timeout = Some(t);
+        self
+    }
+
+    /// No response timeout: a hung upstream holds the request until the connection breaks.
+    pub fn without_response_timeout(mut self) -> Self {
+        self.opts.response_timeout = None;
+        self
+    }
+
+    /// Time the client may send no request-body data
+    /// ([`ForwardError::ClientBodyTimeout`], 408; default 30 s). Applies when the request
+    /// carries no [`BodyLimits`] extension; [`crate::server`] inserts one from its
+    /// configuration.
+    pub fn client_body_timeout(mut self, t: Duration) -> Self {
+        self.opts.client_body_timeout = Some(t);
+        self
+    }
+
+    /// No client-body timeout (unless the request carries [`BodyLimits`]).
+    pub fn without_client_body_timeout(mut self) -> Self {
+        self.opts.client_body_timeout = None;
         self
     }
 
@@ -190,7 +240,7 @@ impl ForwardBuilder {
     {
         let upstream = Upstream::parse(&self.upstream)?;
         let pools = Arc::new(Pools::new(PoolConfig {
-            connect_timeout: self.connect_timeout.unwrap_or(Duration::from_secs(5)),
+            connect_timeout: self.connect_timeout,
             idle_timeout: self.pool_idle_timeout.unwrap_or(Duration::from_secs(90)),
             max_idle: self.pool_max_idle_per_host,
         }));
@@ -207,8 +257,8 @@ impl ForwardBuilder {
 /// Cloning is cheap and shares the connection pool; [`Forward::to`] makes a `Forward` for
 /// another upstream that also shares it.
 pub struct Forward<B> {
-    pool: Arc<HostPool<B>>,
-    pools: Arc<Pools<B>>,
+    pool: Arc<HostPool<ClientBody<B>>>,
+    pools: Arc<Pools<ClientBody<B>>>,
     opts: Arc<Options>,
 }
 
@@ -236,11 +286,12 @@ impl ForwardBuilder {
     pub fn new(upstream: impl Into<String>) -> ForwardBuilder {
         ForwardBuilder {
             upstream: upstream.into(),
-            connect_timeout: None,
+            connect_timeout: Some(Self::DEFAULT_CONNECT_TIMEOUT),
             pool_idle_timeout: None,
             pool_max_idle_per_host: 256,
             opts: Options {
-                response_timeout: None,
+                response_timeout: Some(Self::DEFAULT_RESPONSE_TIMEOUT),
+                client_body_timeout: Some(Self::DEFAULT_CLIENT_BODY_TIMEOUT),
                 preserve_host: true,
                 forwarded_proto: None,
                 append_forwarded_for: true,
@@ -274,6 +325,53 @@ where
     pub fn upstream(&self) -> &Upstream {
         self.pool.upstream()
     }
+
+    /// The connect timeout in effect (`None`: disabled).
+    pub fn connect_timeout(&self) -> Option<Duration> {
+        self.pools.connect_timeout()
+    }
+
+    /// The response timeout in effect (`None`: disabled).
+    pub fn response_timeout(&self) -> Option<Duration> {
+        self.opts.response_timeout
+    }
+
+    /// The client-body timeout used without a [`BodyLimits`] extension (`None`: disabled).
+    pub fn client_body_timeout(&self) -> Option<Duration> {
+        self.opts.client_body_timeout
+    }
+}
+
+/// Refuses what a proxy must not pass on: `CONNECT` (this proxy does not tunnel; `501 Not
+/// Implemented`, RFC 9110 §15.6.2, rather than nginx's `405`, which would need an `Allow`
+/// list of what the upstream accepts), and an ambiguous target (two `Host` headers, or a `Host`
+/// that disagrees with an absolute-form request target: RFC 9112 §3.2 answers `400`,
+/// because two hops could read two different hosts — a cache-poisoning and routing-bypass
+/// vector).
+fn check_request(parts: &http::request::Parts) -> Result<(), ForwardError> {
+    if parts.method == http::Method::CONNECT {
+        return Err(ForwardError::MethodNotSupported {
+            method: parts.method.clone(),
+        });
+    }
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ForwardError::BadRequest {
+            reason: "more than one Host header",
+        });
+    }
+    if let (Some(host), Some(authority)) = (host, parts.uri.authority()) {
+        if !host
+            .as_bytes()
+            .eq_ignore_ascii_case(authority.as_str().as_bytes())
+        {
+            return Err(ForwardError::BadRequest {
+                reason: "Host disagrees with the request target",
+            });
+        }
+    }
+    Ok(())
 }
 
 fn set_forwarded(opts: &Options, headers: &mut HeaderMap, client: Option<ClientAddr>, uri: &Uri) {
@@ -330,6 +428,9 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let (mut parts, body) = req.into_parts();
+        if let Err(e) = check_request(&parts) {
+            return ResponseFuture::failed(e);
+        }
         let uri = match self.pool.upstream().join(parts.uri.path_and_query()) {
             Ok(u) => u,
             Err(e) => return ResponseFuture::failed(e),
@@ -349,10 +450,26 @@ where
         }
         parts.uri = uri;
         parts.version = Version::HTTP_11;
+        let limits = parts
+            .extensions
+            .get::<BodyLimits>()
+            .copied()
+            .unwrap_or(BodyLimits {
+                max_bytes: None,
+                idle_timeout: self.opts.client_body_timeout,
+            });
+        // Progress is shared only when a body is still to come: a bodiless request pays
+        // no allocation for it.
+        let progress = match self.opts.response_timeout {
+            Some(_) if !body.is_end_stream() => Some(Progress::new()),
+            _ => None,
+        };
+        let body = ClientBody::new(body, limits, progress.clone());
         ResponseFuture::new(
             self.pool.clone(),
             Request::from_parts(parts, body),
             self.opts.response_timeout,
+            progress,
         )
     }
 }

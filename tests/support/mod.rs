@@ -179,3 +179,32 @@ pub async fn one_shot_backend() -> (SocketAddr, Arc<AtomicUsize>) {
     });
     (addr, count)
 }
+
+/// Reads a response head (up to the blank line, or EOF) from a raw connection, bounded
+/// by `limit`; `None` when nothing complete arrived in time.
+pub async fn read_head(
+    s: &mut tokio::net::TcpStream,
+    limit: std::time::Duration,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(limit, read).await.ok()?;
+    Some(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// Opens a raw connection to `addr` and writes `bytes` (a hand-made request).
+pub async fn raw_request(addr: SocketAddr, bytes: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    s
+}

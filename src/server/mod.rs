@@ -1,0 +1,446 @@
+//! A small HTTP/1.1 accept loop for examples, tests and workers.
+//!
+//! Every example of this crate needs a server that records the client's address (for
+//! `X-Forwarded-For`), can stop gracefully (stop accepting, let in-flight requests
+//! finish, then return — what a rolling restart needs to drain a worker), and holds up
+//! against slow or hostile clients: every wait has a timeout, bodies and heads have a
+//! size limit, connections have a cap, and running out of file descriptors pauses
+//! accepting instead of spinning ([`ServerConfig`]). axum users can keep `axum::serve`;
+//! this helper exists so the core does not depend on axum.
+//!
+//! ```no_run
+//! use tower_patterns::server;
+//!
+//! # async fn run() -> std::io::Result<()> {
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let svc = tower::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+//!     Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+//!         bytes::Bytes::from("hi"),
+//!     )))
+//! });
+//! server::serve_with_shutdown(listener, svc, async {
+//!     let _ = tokio::signal::ctrl_c().await;
+//! })
+//! .await
+//! # }
+//! ```
+
+mod accept;
+mod config;
+
+pub use config::ServerConfig;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response, StatusCode};
+use http_body::Body as _;
+use http_body_util::{Either, Empty};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use pin_project_lite::pin_project;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tower_service::Service;
+
+use self::accept::AcceptBackoff;
+use crate::proxy::{BodyLimits, ClientAddr};
+use crate::BoxError;
+
+/// Serves `svc` on `listener` until the process ends, with the default
+/// [`ServerConfig`]. See [`serve_with_shutdown`].
+pub async fn serve<S, B>(listener: TcpListener, svc: S) -> std::io::Result<()>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    Server::builder().serve(listener, svc).await
+}
+
+/// Serves `svc` on `listener` with the default [`ServerConfig`]; when `shutdown`
+/// completes, stops accepting, lets open connections finish their in-flight requests
+/// (keep-alive connections are closed after their current response), and returns.
+///
+/// Each request carries the peer address as a [`ClientAddr`] extension and the body
+/// limits as a [`BodyLimits`] extension. Accept errors (such as running out of file
+/// descriptors) pause accepting briefly instead of ending the server.
+pub async fn serve_with_shutdown<S, B, F>(
+    listener: TcpListener,
+    svc: S,
+    shutdown: F,
+) -> std::io::Result<()>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+    F: Future<Output = ()>,
+{
+    Server::builder()
+        .serve_with_shutdown(listener, svc, shutdown)
+        .await
+}
+
+/// An HTTP/1.1 server with the limits of a [`ServerConfig`].
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tower_patterns::server::Server;
+///
+/// # async fn run() -> std::io::Result<()> {
+/// # let svc = tower::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+/// #     Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
+/// # });
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+/// Server::builder()
+///     .max_connections(4096)
+///     .body_timeout(Some(Duration::from_secs(10)))
+///     .max_body_bytes(Some(100 * 1024 * 1024))
+///     .serve(listener, svc)
+///     .await
+/// # }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Server {
+    config: ServerConfig,
+}
+
+impl Server {
+    /// A server with the default [`ServerConfig`], to adjust with the setters.
+    pub fn builder() -> Server {
+        Server::default()
+    }
+
+    /// A server with `config`.
+    pub fn with_config(config: ServerConfig) -> Server {
+        Server { config }
+    }
+
+    /// The configuration in effect.
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    /// See [`ServerConfig::header_read_timeout`].
+    pub fn header_read_timeout(mut self, t: std::time::Duration) -> Self {
+        self.config.header_read_timeout = t;
+        self
+    }
+
+    /// See [`ServerConfig::body_timeout`].
+    pub fn body_timeout(mut self, t: Option<std::time::Duration>) -> Self {
+        self.config.body_timeout = t;
+        self
+    }
+
+    /// See [`ServerConfig::max_body_bytes`].
+    pub fn max_body_bytes(mut self, n: Option<u64>) -> Self {
+        self.config.max_body_bytes = n;
+        self
+    }
+
+    /// See [`ServerConfig::max_header_bytes`].
+    pub fn max_header_bytes(mut self, n: usize) -> Self {
+        self.config.max_header_bytes = n;
+        self
+    }
+
+    /// See [`ServerConfig::max_headers`].
+    pub fn max_headers(mut self, n: usize) -> Self {
+        self.config.max_headers = n;
+        self
+    }
+
+    /// See [`ServerConfig::max_connections`] (at least 1).
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.config.max_connections = n;
+        self
+    }
+
+    /// See [`ServerConfig::accept_backoff`].
+    pub fn accept_backoff(mut self, t: std::time::Duration) -> Self {
+        self.config.accept_backoff = t;
+        self
+    }
+
+    /// Serves `svc` on `listener` until the process ends.
+    pub async fn serve<S, B>(self, listener: TcpListener, svc: S) -> std::io::Result<()>
+    where
+        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        self.serve_with_shutdown(listener, svc, std::future::pending())
+            .await
+    }
+
+    /// Serves `svc` on `listener` until `shutdown` completes, then drains (see
+    /// [`serve_with_shutdown`]).
+    pub async fn serve_with_shutdown<S, B, F>(
+        self,
+        listener: TcpListener,
+        svc: S,
+        shutdown: F,
+    ) -> std::io::Result<()>
+    where
+        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+        F: Future<Output = ()>,
+    {
+        let config = self.config;
+        let graceful = GracefulShutdown::new();
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(config.header_read_timeout)
+            // A head larger than this, or with too many fields, is answered 431 by hyper.
+            .max_header_size(config.max_header_bytes)
+            .max_headers(config.max_headers);
+        // Each connection holds a permit; without one the loop does not call accept, so
+        // new clients wait in the kernel backlog (back-pressure) instead of being
+        // accepted and dropped.
+        let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
+        let limits = config.body_limits();
+        let mut backoff = AcceptBackoff::new(config.accept_backoff);
+        tokio::pin!(shutdown);
+        loop {
+            let permit = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break, // the semaphore is never closed
+                },
+            };
+            let (stream, peer) = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        let (pause, _) = backoff.on_error(&e);
+                        if !pause.is_zero() {
+                            tokio::select! {
+                                biased;
+                                () = &mut shutdown => break,
+                                () = tokio::time::sleep(pause) => {}
+                            }
+                        }
+                        continue;
+                    }
+                },
+            };
+            backoff.on_success();
+            let _ = stream.set_nodelay(true);
+            let svc = Limits {
+                inner: svc.clone(),
+                peer: ClientAddr(peer),
+                limits,
+            };
+            let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, %peer, "connection ended with an error");
+                }
+                drop(permit);
+            });
+        }
+        drop(listener);
+        graceful.shutdown().await;
+        Ok(())
+    }
+
+    /// Serves `svc` on a free port of 127.0.0.1 in a background task (see
+    /// [`spawn_local`]).
+    pub async fn spawn_local<S, B>(self, svc: S) -> std::io::Result<LocalServer>
+    where
+        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(self.serve_with_shutdown(listener, svc, async {
+            // Only `shutdown()` stops it: a dropped handle (sender gone) keeps it serving.
+            if stopped.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }));
+        Ok(LocalServer { addr, stop, task })
+    }
+}
+
+/// Per-connection wrapper: inserts [`ClientAddr`] and [`BodyLimits`], and answers `413`
+/// for a declared body over the limit without reading it.
+#[derive(Clone)]
+struct Limits<S> {
+    inner: S,
+    peer: ClientAddr,
+    limits: BodyLimits,
+}
+
+impl<S, B> Service<Request<Incoming>> for Limits<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>>,
+    B: http_body::Body,
+{
+    type Response = Response<Either<B, Empty<B::Data>>>;
+    type Error = S::Error;
+    type Future = LimitsFuture<S::Future, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        // hyper's size hint is the parsed Content-Length: refuse before reading a byte,
+        // and close the connection rather than drain the announced body.
+        if let Some(max) = self.limits.max_bytes {
+            if req.body().size_hint().lower() > max {
+                // An empty body: the response body type is the service's, whose data type
+                // this wrapper cannot produce text in.
+                let mut res = Response::new(Either::Right(Empty::new()));
+                *res.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+                res.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+                return LimitsFuture::Refused { res: Some(res) };
+            }
+        }
+        req.extensions_mut().insert(self.peer);
+        req.extensions_mut().insert(self.limits);
+        LimitsFuture::Inner {
+            fut: self.inner.call(req),
+        }
+    }
+}
+
+pin_project! {
+    #[project = LimitsProj]
+    enum LimitsFuture<F, B: http_body::Body> {
+        Inner { #[pin] fut: F },
+        Refused { res: Option<Response<Either<B, Empty<B::Data>>>> },
+    }
+}
+
+impl<F, B, E> Future for LimitsFuture<F, B>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: http_body::Body,
+{
+    type Output = Result<Response<Either<B, Empty<B::Data>>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            LimitsProj::Inner { fut } => fut.poll(cx).map_ok(|res| res.map(Either::Left)),
+            // Polled once: a second poll after Ready is a caller bug; stay pending.
+            LimitsProj::Refused { res } => match res.take() {
+                Some(res) => Poll::Ready(Ok(res)),
+                None => Poll::Pending,
+            },
+        }
+    }
+}
+
+/// A tokio runtime for a proxy process with `threads` workers (default: the
+/// `TOKIO_WORKER_THREADS` environment variable, else one per CPU).
+///
+/// One worker gets the current-thread scheduler — no cross-thread wake-ups, like one nginx
+/// worker process; more get the multi-thread scheduler.
+pub fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = threads.or_else(|| {
+        std::env::var("TOKIO_WORKER_THREADS")
+            .ok()
+            .and_then(|t| t.parse().ok())
+    });
+    match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n.max(1))
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    }
+}
+
+/// A server started by [`spawn_local`]: its address, and a handle to stop it.
+#[derive(Debug)]
+pub struct LocalServer {
+    addr: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl LocalServer {
+    /// The address it listens on.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// `http://` + [`addr`](Self::addr).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting, drains in-flight requests (see [`serve_with_shutdown`]) and waits.
+    pub async fn shutdown(self) -> std::io::Result<()> {
+        let _ = self.stop.send(());
+        self.task.await.map_err(std::io::Error::other)?
+    }
+}
+
+/// Serves `svc` on a free port of 127.0.0.1 in a background task: what examples and tests
+/// need for a backend or a front server. Dropping the handle leaves the server running.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> std::io::Result<()> {
+/// let svc = tower::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+///     Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
+/// });
+/// let server = tower_patterns::server::spawn_local(svc).await?;
+/// let addr = server.addr();
+/// assert!(addr.ip().is_loopback());
+/// server.shutdown().await?;
+/// // Stopped: the port no longer accepts.
+/// assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+/// # Ok(())
+/// # }
+/// ```
+pub async fn spawn_local<S, B>(svc: S) -> std::io::Result<LocalServer>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    Server::builder().spawn_local(svc).await
+}

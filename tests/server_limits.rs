@@ -1,0 +1,226 @@
+//! `server` limits against raw clients on 127.0.0.1: slow bodies, oversized bodies and
+//! heads, and the connection cap (issue 10, item 10).
+
+mod support;
+
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use tower_patterns::proxy::{ErrorResponse, Forward};
+use tower_patterns::server::{Server, ServerConfig};
+
+use support::*;
+
+fn proxy_to(url: &str) -> ErrorResponse<Forward<Incoming>> {
+    ErrorResponse::new(Forward::<Incoming>::new(url).unwrap())
+}
+
+#[test]
+fn defaults_bound_every_resource() {
+    let c = ServerConfig::default();
+    assert_eq!(c.body_timeout, Some(Duration::from_secs(30)));
+    assert_eq!(c.max_body_bytes, Some(16 * 1024 * 1024));
+    assert_eq!(c.max_header_bytes, 64 * 1024);
+    assert_eq!(c.max_connections, 10_000);
+    assert_eq!(c.header_read_timeout, Duration::from_secs(30));
+}
+
+#[tokio::test]
+async fn a_stalled_request_body_is_cut_with_408() {
+    let be = echo_backend().await;
+    let front = Server::builder()
+        .body_timeout(Some(Duration::from_millis(300)))
+        .spawn_local(proxy_to(&be.url()))
+        .await
+        .unwrap();
+    let start = Instant::now();
+    // Ten bytes announced, one sent, then silence.
+    let mut s = raw_request(
+        front.addr(),
+        b"POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\na",
+    )
+    .await;
+    let head = read_head(&mut s, Duration::from_secs(10))
+        .await
+        .expect("an answer, not a connection held open");
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_declared_200_mb_body_is_refused_with_413_before_reading_it() {
+    let be = echo_backend().await;
+    let front = Server::builder()
+        .spawn_local(proxy_to(&be.url()))
+        .await
+        .unwrap();
+    let mut s = raw_request(
+        front.addr(),
+        b"POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 209715200\r\n\r\n",
+    )
+    .await;
+    let head = read_head(&mut s, Duration::from_secs(10)).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    assert_eq!(be.connections(), 0, "nothing was forwarded");
+}
+
+#[tokio::test]
+async fn a_chunked_body_growing_past_the_limit_is_413() {
+    let be = echo_backend().await;
+    let front = Server::builder()
+        .max_body_bytes(Some(1024))
+        .spawn_local(proxy_to(&be.url()))
+        .await
+        .unwrap();
+    let mut req = b"POST /up HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..4 {
+        req.extend_from_slice(b"200\r\n");
+        req.extend_from_slice(&[b'z'; 512]);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    let mut s = raw_request(front.addr(), &req).await;
+    let head = read_head(&mut s, Duration::from_secs(10)).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+}
+
+#[tokio::test]
+async fn a_giant_header_or_too_many_headers_are_refused_with_431() {
+    let be = echo_backend().await;
+    let front = Server::builder()
+        .spawn_local(proxy_to(&be.url()))
+        .await
+        .unwrap();
+    let mut big = b"GET / HTTP/1.1\r\nhost: x\r\nx-big: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 100 * 1024));
+    big.extend_from_slice(b"\r\n\r\n");
+    let mut s = raw_request(front.addr(), &big).await;
+    let head = read_head(&mut s, Duration::from_secs(10)).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+
+    let mut many = b"GET / HTTP/1.1\r\nhost: x\r\n".to_vec();
+    for i in 0..200 {
+        many.extend_from_slice(format!("x-h{i}: v\r\n").as_bytes());
+    }
+    many.extend_from_slice(b"\r\n");
+    let mut s = raw_request(front.addr(), &many).await;
+    let head = read_head(&mut s, Duration::from_secs(10)).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+    assert_eq!(be.connections(), 0);
+}
+
+#[tokio::test]
+async fn at_the_connection_limit_the_next_client_waits_until_one_closes() {
+    let svc = tower::service_fn(|_req: Request<Incoming>| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+    });
+    let front = Server::builder()
+        .max_connections(2)
+        .spawn_local(svc)
+        .await
+        .unwrap();
+    let get = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+    let mut first = raw_request(front.addr(), get).await;
+    let mut second = raw_request(front.addr(), get).await;
+    for s in [&mut first, &mut second] {
+        let head = read_head(s, Duration::from_secs(10)).await.unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
+    // Both keep their connection open; the third client is left in the backlog.
+    let mut third = raw_request(front.addr(), get).await;
+    assert_eq!(
+        read_head(&mut third, Duration::from_millis(300)).await,
+        None,
+        "served beyond the limit"
+    );
+    drop(first);
+    let head = read_head(&mut third, Duration::from_secs(10))
+        .await
+        .expect("served once a connection closed");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    drop(second);
+}
+
+/// The README's balanced stack: bodies are buffered by a replay layer before any
+/// upstream is involved, so the server's limits must hold while buffering too.
+fn replaying_proxy_to(
+    url: &str,
+) -> ErrorResponse<
+    tower_patterns::balance::Replay<Forward<tower_patterns::body::ReplayBody<Incoming>>>,
+> {
+    use tower::Layer;
+    let fwd = Forward::new(url).unwrap();
+    ErrorResponse::new(tower_patterns::balance::ReplayLayer::new(64 * 1024).layer(fwd))
+}
+
+#[tokio::test]
+async fn a_stalled_body_is_cut_with_408_while_a_replay_layer_buffers_it() {
+    let be = echo_backend().await;
+    let front = Server::builder()
+        .body_timeout(Some(Duration::from_millis(300)))
+        .spawn_local(replaying_proxy_to(&be.url()))
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut s = raw_request(
+        front.addr(),
+        b"POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\na",
+    )
+    .await;
+    let head = read_head(&mut s, Duration::from_secs(10))
+        .await
+        .expect("an answer, not a connection held open");
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert_eq!(be.connections(), 0, "the upstream was never involved");
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_413_while_a_replay_layer_buffers_it() {
+    let be = echo_backend().await;
+    let front = Server::builder()
+        .max_body_bytes(Some(1024))
+        .spawn_local(replaying_proxy_to(&be.url()))
+        .await
+        .unwrap();
+    let mut req = b"POST /up HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..4 {
+        req.extend_from_slice(b"200\r\n");
+        req.extend_from_slice(&[b'z'; 512]);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    let mut s = raw_request(front.addr(), &req).await;
+    let head = read_head(&mut s, Duration::from_secs(10)).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert_eq!(be.connections(), 0);
+}
+
+#[tokio::test]
+async fn a_malformed_body_is_400_while_a_replay_layer_buffers_it() {
+    let be = echo_backend().await;
+    let front = Server::builder()
+        .spawn_local(replaying_proxy_to(&be.url()))
+        .await
+        .unwrap();
+    let mut s = raw_request(
+        front.addr(),
+        b"POST /up HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\nZZ\r\n",
+    )
+    .await;
+    let head = read_head(&mut s, Duration::from_secs(10)).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 400"), "was 502: {head}");
+    assert_eq!(be.connections(), 0);
+}
