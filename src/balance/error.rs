@@ -7,9 +7,9 @@ use crate::BoxError;
 /// One try got no response head within the balancer's
 /// [per-try timeout](super::BalanceBuilder::try_timeout); the try was cancelled.
 ///
-/// Classified as [`FailureKind::Timeout`] (its source is a
-/// [`tower::timeout::error::Elapsed`]), so passive health counts it, retry acts on it, and
-/// [`error_status`](crate::proxy::error_status) maps it to **504**.
+/// Classified as [`FailureKind::Timeout`](crate::classify::FailureKind::Timeout) (its
+/// source is a [`tower::timeout::error::Elapsed`]), so passive health counts it, retry acts
+/// on it, and [`error_status`](crate::proxy::error_status) maps it to **504**.
 #[derive(Debug, thiserror::Error)]
 #[error("endpoint did not answer within the per-try timeout ({after:?})")]
 pub struct TryTimeout {
