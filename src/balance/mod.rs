@@ -63,7 +63,7 @@
 //! | sticky endpoint gone, ejected, refused, or failed and retried | picked again, cookie rewritten (HAProxy `option redispatch`) |
 //! | response or error classified as failure ([`BalanceBuilder::classify`]) | counted by passive health: `max_fails` within `fail_timeout` eject for `fail_timeout`, then exactly one trial request (success restores, failure re-ejects) |
 //! | no response head within the [per-try timeout](BalanceBuilder::try_timeout) (default 10 s) | the try is cancelled and counts as a timeout failure ([`TryTimeout`]); retried under the rules below; **504** if no try answers |
-//! | client-caused failure ([`FailureKind::Client`](crate::classify::FailureKind::Client): its body broke) | neither counted nor retried; **400** |
+//! | client-caused failure ([`FailureKind::Client`](crate::classify::FailureKind::Client): its body broke, local EMFILE) | neither counted nor retried; **400** (408/413 past body limits; 503 for local resources) |
 //! | connect error (nothing sent) | retried on another endpoint, any method, if the body can be copied ([`CloneBody`]) |
 //! | other failure matching [`Retry::on`] | retried for idempotent methods only (unless [`Retry::non_idempotent`]) |
 //! | retries | bounded by [`Retry::tries`] and [`Retry::timeout`]; never the same endpoint twice per request |
