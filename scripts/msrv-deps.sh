@@ -19,6 +19,10 @@ scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 tar --exclude=./target --exclude=./.git -cf - . | tar -xf - -C "$scratch"
 rm -f "$scratch/Cargo.lock"
+# The promise is the library's (its dependencies and dev-dependencies); the unpublished bench
+# crate and its peers (pingora, criterion, ...) are left out of the resolve.
+rm -rf "$scratch/bench"
+sed -i 's/^members = \["bench"\]$/members = []/' "$scratch/Cargo.toml"
 (cd "$scratch" && CARGO_RESOLVER_INCOMPATIBLE_RUST_VERSIONS=fallback cargo generate-lockfile -q)
 
 # Every resolved package with its declared rust-version, e.g. `tonic 0.14.5 1.75`.
