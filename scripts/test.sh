@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Runs every check the project has: formatting, clippy (deny warnings), all tests with all
-# features (unit, integration over real sockets, doc tests), and the docs build.
-# Installs what the tests need when it is missing (as root: Debian packages for etcd and
-# protoc, and the s3s-fs S3 server from crates.io).
+# Runs every check the project has: formatting, clippy (deny warnings) on the library and the
+# bench crate, the library alone for every feature combination without dev-dependencies, the
+# minimum Rust version against the dependency graph, the docs as docs.rs builds them, all
+# tests with all features (unit, integration over real sockets, doc tests), and a
+# `cargo publish --dry-run`. Installs what the checks need when it is missing (as root:
+# Debian packages for etcd and protoc; from crates.io: the s3s-fs S3 server and cargo-hack).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Tools from `cargo install` land here; look there before installing them again.
+export PATH="$HOME/.cargo/bin:$PATH"
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
 
 missing=()
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)   # etcd-client
-command -v cmake >/dev/null 2>&1 || missing+=(cmake)                # zlib-ng under the bench-pingora feature
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -22,14 +25,34 @@ if ! command -v s3s-fs >/dev/null 2>&1; then
     echo "installing s3s-fs (S3 server for the backup sink tests)" >&2
     cargo install --locked s3s-fs@0.14.1 --features binary
 fi
-export PATH="$HOME/.cargo/bin:$PATH"
+if ! command -v cargo-hack >/dev/null 2>&1; then
+    echo "installing cargo-hack (feature-combination checks)" >&2
+    cargo install --locked cargo-hack@0.6.46
+fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
-echo "== cargo clippy --all-targets --all-features -D warnings" >&2
+# At the root, cargo commands without -p act on the library only (`default-members`).
+echo "== cargo clippy --all-targets --all-features -D warnings (library)" >&2
 cargo clippy --all-targets --all-features -- -D warnings
-echo "== cargo doc" >&2
-RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --all-features
+# The bench crate without its `pingora` feature (pingora needs cmake and ~10 min to build);
+# this also checks that every bench still compiles.
+echo "== cargo clippy -p tower-patterns-bench --all-targets -D warnings" >&2
+cargo clippy -p tower-patterns-bench --all-targets -- -D warnings
+# The library as a dependency sees only its own [dependencies]: dev-dependencies unify
+# features (tokio `full`) and once hid a missing `rt-multi-thread`.
+echo "== cargo hack check --lib --feature-powerset --no-dev-deps" >&2
+cargo hack check --lib --feature-powerset --exclude-features default --no-dev-deps
+echo "== rust-version against the dependency graph" >&2
+scripts/msrv-deps.sh
+# As docs.rs builds it: all features and `--cfg docsrs` (feature badges). That needs a
+# nightly rustdoc feature; RUSTC_BOOTSTRAP lets the stable toolchain here check it.
+echo "== cargo doc (as docs.rs)" >&2
+RUSTC_BOOTSTRAP=1 RUSTDOCFLAGS="--cfg docsrs -D warnings" cargo doc --no-deps --all-features
 echo "== cargo test --all-features" >&2
 cargo test --all-features
+# Packages the crate and builds it from the package, as crates.io would. `--allow-dirty`
+# only lets a local run with uncommitted edits get here; CI is a clean clone.
+echo "== cargo publish --dry-run" >&2
+cargo publish --dry-run --allow-dirty

@@ -21,6 +21,13 @@
 //! `route_service`, `fallback_service`) and hyper; [`respond::respond`] does the same for a
 //! built service such as [`proxy::Forward`].
 //!
+//! The guides in the docs column are Markdown files shipped inside the crate package (and
+//! kept in the source repository) under `docs/`; they are not part of this API
+//! documentation, so they are named rather than linked. Examples run with
+//! `cargo run --example <name>` from the package sources.
+//!
+//! Items behind a cargo feature (`etcd`, `consul`, `object-store`) are marked with it here.
+//!
 //! ```no_run
 //! use tower::ServiceBuilder;
 //! use tower_patterns::proxy::ForwardBuilder;
@@ -36,6 +43,10 @@
 //! ```
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
+// Feature badges on docs.rs (which builds with `--cfg docsrs` on nightly). Since Rust 1.92
+// `doc_cfg` also labels `#[cfg(feature = ..)]` items by itself; `doc_auto_cfg` was folded
+// into it and naming that one now fails the docs.rs build.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod backup;
 pub mod balance;

@@ -1,7 +1,7 @@
 //! One endpoint of the set: its service, gate, and lock-free counters and health state.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -12,10 +12,13 @@ use crate::classify::Outcome;
 /// `max_ejection_percent`.
 ///
 /// `max_fails` failures (as classified by the balancer's [`Classify`](crate::classify::Classify))
-/// within `fail_timeout` of the first one eject the endpoint for `fail_timeout`. After that
-/// it is picked again on *probation*: one more failure ejects it again at once, one success
-/// clears it. At most `max_ejection_percent` of the set is ejected at a time (at least one
-/// endpoint when the set has two or more), and the last endpoint is never ejected.
+/// within `fail_timeout` of the first one eject the endpoint for `fail_timeout`. When that
+/// time has passed, exactly **one** trial request is let through (nginx's single trial);
+/// until it finishes the endpoint stays out of rotation. A success puts it back, a failure
+/// ejects it for another `fail_timeout`, and a trial that ends without an outcome
+/// (cancelled, or a client-caused error) hands the trial to the next request. At most
+/// `max_ejection_percent` of the set is ejected at a time (at least one endpoint when the set
+/// has two or more), and the last endpoint is never ejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PassiveHealth {
     pub(crate) max_fails: u32,
@@ -36,6 +39,8 @@ impl Default for PassiveHealth {
 
 impl PassiveHealth {
     /// `max_fails` failures within `fail_timeout` eject the endpoint for `fail_timeout`.
+    /// Any duration is accepted: one too large for the clock saturates (the endpoint then
+    /// stays ejected for the life of the process), it never overflows.
     pub fn new(max_fails: u32, fail_timeout: Duration) -> Self {
         PassiveHealth {
             max_fails,
@@ -64,6 +69,13 @@ impl PassiveHealth {
         self.max_fails > 0
     }
 
+    /// `fail_timeout` in clock milliseconds, saturated (at least 1).
+    fn fail_timeout_ms(&self) -> u64 {
+        u64::try_from(self.fail_timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
     /// How many of `n` endpoints may be ejected at once.
     pub(crate) fn ejection_budget(&self, n: usize) -> usize {
         if n < 2 {
@@ -79,7 +91,8 @@ impl PassiveHealth {
 pub enum EndpointState {
     /// Picked normally.
     Healthy,
-    /// Back after an ejection: the next failure ejects it again, a success clears it.
+    /// The ejection is over and its single trial request is pending or in flight: still
+    /// out of rotation; the trial's success makes it `Healthy`, its failure `Ejected` again.
     Probation,
     /// Not picked until the time left has passed.
     Ejected {
@@ -130,6 +143,23 @@ impl Clock {
     }
 }
 
+/// `ejected_until` while the single trial request after an ejection is in flight.
+const TRIAL: u64 = u64::MAX;
+/// `ejected_until` of an ejection that is over and waits for its trial (any past time).
+const TRIAL_DUE: u64 = 1;
+
+/// What the health state lets a picker do with an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admission {
+    /// In rotation.
+    Open,
+    /// Ejected, or its trial is in flight: skip it.
+    Closed,
+    /// The ejection is over and this caller now holds its single trial: send one request
+    /// and report it with `trial = true`, or give it back with [`Endpoint::release_trial`].
+    Trial,
+}
+
 pub(crate) struct Endpoint<K, S, G> {
     pub(crate) key: K,
     pub(crate) id: u64,
@@ -143,9 +173,9 @@ pub(crate) struct Endpoint<K, S, G> {
     pub(crate) failures: AtomicU64,
     fails: AtomicU32,
     window_start: AtomicU64,
-    /// 0 when not ejected.
+    /// Health state in one word, so a pick costs one relaxed load: 0 in rotation,
+    /// `t` ejected until clock time `t` (then due for a trial), [`TRIAL`] trial in flight.
     ejected_until: AtomicU64,
-    probation: AtomicBool,
 }
 
 impl<K: fmt::Debug, S, G> fmt::Debug for Endpoint<K, S, G> {
@@ -155,6 +185,16 @@ impl<K: fmt::Debug, S, G> fmt::Debug for Endpoint<K, S, G> {
             .field("id", &self.id)
             .field("weight", &self.weight)
             .finish()
+    }
+}
+
+impl<K, S, G> Endpoint<K, S, G> {
+    /// Gives back a trial that produced no outcome (cancelled, refused by the gate, or a
+    /// client-caused error): the next pick takes it.
+    pub(crate) fn release_trial(&self) {
+        let _ = self
+            .ejected_until
+            .compare_exchange(TRIAL, TRIAL_DUE, Relaxed, Relaxed);
     }
 }
 
@@ -180,61 +220,85 @@ impl<K: fmt::Debug, S, G> Endpoint<K, S, G> {
             fails: AtomicU32::new(0),
             window_start: AtomicU64::new(0),
             ejected_until: AtomicU64::new(0),
-            probation: AtomicBool::new(false),
         }
     }
 
-    /// `true` while ejected. The first caller to see an expired ejection restores the
-    /// endpoint (on probation) and logs it. Costs one relaxed load when never ejected.
+    /// May a request go to this endpoint? When an ejection has just run out, exactly one
+    /// caller (the one whose compare-exchange wins) gets [`Admission::Trial`]; everyone else
+    /// keeps skipping it until the trial has an outcome. Costs one relaxed load when the
+    /// endpoint is in rotation.
     #[inline]
-    pub(crate) fn is_ejected(&self, clock: &Clock) -> bool {
+    pub(crate) fn admission(&self, clock: &Clock) -> Admission {
         let until = self.ejected_until.load(Relaxed);
         if until == 0 {
-            return false;
+            return Admission::Open;
         }
-        if clock.now_ms() < until {
-            return true;
+        if until == TRIAL || clock.now_ms() < until {
+            return Admission::Closed;
         }
-        if self
+        match self
             .ejected_until
-            .compare_exchange(until, 0, Relaxed, Relaxed)
-            .is_ok()
+            .compare_exchange(until, TRIAL, Relaxed, Relaxed)
         {
-            self.probation.store(true, Relaxed);
-            self.fails.store(0, Relaxed);
-            tracing::info!(endpoint = ?self.key, id = self.id, "endpoint restored on probation");
+            Ok(_) => {
+                tracing::info!(endpoint = ?self.key, id = self.id, "endpoint restored on probation: sending one trial request");
+                Admission::Trial
+            }
+            Err(_) => Admission::Closed,
         }
-        false
     }
 
-    /// Ejected as of `now` (does not restore).
+    /// Ejected or its trial in flight, as of `now` (does not start a trial). Counted
+    /// against the ejection budget.
     pub(crate) fn ejected_at(&self, now: u64) -> bool {
         let until = self.ejected_until.load(Relaxed);
         until != 0 && now < until
     }
 
-    /// Records an outcome. Returns `true` when the failure calls for ejection; the caller
-    /// checks the budget and calls [`eject`](Self::eject).
-    pub(crate) fn record(&self, outcome: Outcome, health: &PassiveHealth, clock: &Clock) -> bool {
+    /// Records an outcome; `trial` says whether this request was the endpoint's trial.
+    /// Returns `true` when the failure calls for ejection; the caller checks the budget and
+    /// calls [`eject`](Self::eject). A trial's failure re-ejects here directly: the
+    /// endpoint already counts against the budget.
+    pub(crate) fn record(
+        &self,
+        outcome: Outcome,
+        trial: bool,
+        health: &PassiveHealth,
+        clock: &Clock,
+    ) -> bool {
         match outcome {
             Outcome::Success => {
-                if self.probation.load(Relaxed) {
-                    self.probation.store(false, Relaxed);
+                if trial
+                    && self
+                        .ejected_until
+                        .compare_exchange(TRIAL, 0, Relaxed, Relaxed)
+                        .is_ok()
+                {
                     self.fails.store(0, Relaxed);
+                    self.window_start.store(0, Relaxed);
+                    tracing::info!(endpoint = ?self.key, id = self.id, "endpoint restored: trial request succeeded");
                 }
                 false
             }
-            Outcome::Ignored => false,
+            Outcome::Ignored => {
+                if trial {
+                    self.release_trial();
+                }
+                false
+            }
             Outcome::Failure(_) => {
                 self.failures.fetch_add(1, Relaxed);
+                if trial {
+                    // Ejected again for a full fail_timeout, whatever max_fails says
+                    // (nginx: a failed trial marks the server down again at once).
+                    self.eject(health, clock);
+                    return false;
+                }
                 if !health.enabled() {
                     return false;
                 }
-                if self.probation.load(Relaxed) {
-                    return true;
-                }
                 let now = clock.now_ms();
-                let window = health.fail_timeout.as_millis() as u64;
+                let window = health.fail_timeout_ms();
                 let start = self.window_start.load(Relaxed);
                 let fails = if start == 0 || now.saturating_sub(start) > window {
                     // A new window opens with this failure (nginx counts from the first).
@@ -242,19 +306,20 @@ impl<K: fmt::Debug, S, G> Endpoint<K, S, G> {
                     self.fails.store(1, Relaxed);
                     1
                 } else {
-                    self.fails.fetch_add(1, Relaxed) + 1
+                    self.fails.fetch_add(1, Relaxed).saturating_add(1)
                 };
                 fails >= health.max_fails
             }
         }
     }
 
-    /// Ejects for `fail_timeout` from now. Called under the balancer's ejection lock (cold path).
+    /// Ejects for `fail_timeout` from now (saturating). Called under the balancer's
+    /// ejection lock, or by the holder of the trial (cold paths).
     pub(crate) fn eject(&self, health: &PassiveHealth, clock: &Clock) {
         let now = clock.now_ms();
-        let until = now + (health.fail_timeout.as_millis() as u64).max(1);
+        // Below TRIAL so the state stays "ejected until"; a saturated value never expires.
+        let until = now.saturating_add(health.fail_timeout_ms()).min(TRIAL - 1);
         self.ejected_until.store(until, Relaxed);
-        self.probation.store(false, Relaxed);
         let fails = self.fails.swap(0, Relaxed);
         self.window_start.store(0, Relaxed);
         tracing::warn!(
@@ -272,14 +337,14 @@ impl<K: fmt::Debug, S, G> Endpoint<K, S, G> {
     {
         let now = clock.now_ms();
         let until = self.ejected_until.load(Relaxed);
-        let state = if until != 0 && now < until {
+        let state = if until == 0 {
+            EndpointState::Healthy
+        } else if until != TRIAL && now < until {
             EndpointState::Ejected {
                 remaining: Duration::from_millis(until - now),
             }
-        } else if until != 0 || self.probation.load(Relaxed) {
-            EndpointState::Probation
         } else {
-            EndpointState::Healthy
+            EndpointState::Probation
         };
         EndpointStatus {
             key: self.key.clone(),

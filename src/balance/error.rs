@@ -1,7 +1,33 @@
+use std::time::Duration;
+
 use http::StatusCode;
 
 use crate::error::HttpStatus;
 use crate::BoxError;
+
+/// One try got no response head within the balancer's
+/// [per-try timeout](super::BalanceBuilder::try_timeout); the try was cancelled.
+///
+/// Classified as [`FailureKind::Timeout`](crate::classify::FailureKind::Timeout) (its
+/// source is a [`tower::timeout::error::Elapsed`]), so passive health counts it, retry acts
+/// on it, and [`error_status`](crate::error::error_status) maps it to **504**.
+#[derive(Debug, thiserror::Error)]
+#[error("endpoint did not answer within the per-try timeout ({after:?})")]
+pub struct TryTimeout {
+    /// The per-try timeout that elapsed.
+    pub after: Duration,
+    #[source]
+    source: tower::timeout::error::Elapsed,
+}
+
+impl TryTimeout {
+    pub(crate) fn new(after: Duration) -> Self {
+        TryTimeout {
+            after,
+            source: tower::timeout::error::Elapsed::new(),
+        }
+    }
+}
 
 /// Why the balancer could not answer a request.
 #[derive(Debug, thiserror::Error)]
@@ -37,8 +63,8 @@ pub enum BalanceError {
 }
 
 /// 502 for an empty set, 503 when none is available, and for an upstream error whatever
-/// its cause stands for ([`error_status`](crate::error::error_status): 502, or 504 for
-/// timeouts).
+/// its cause stands for ([`error_status`](crate::error::error_status): 502, 504 for
+/// timeouts, 400/408/413 for the client's body, 503 for local resource exhaustion).
 impl HttpStatus for BalanceError {
     fn status(&self) -> StatusCode {
         match self {

@@ -13,11 +13,12 @@ use tower::util::{Oneshot, ServiceExt};
 use tower_service::Service;
 
 use super::error::BalanceError;
-use super::pick::{Miss, Picker};
+use super::error::TryTimeout;
+use super::pick::{Miss, Picked, Picker};
 use super::retry::{clone_request, CloneBody};
 use super::service::{Ep, MakeGate, Shared, Snap};
 use crate::classify::is_connect_error;
-use crate::classify::{Classifier, Classify, Outcome};
+use crate::classify::{error_kind, Classifier, Classify, FailureKind, Outcome};
 use crate::gate::Gate;
 use crate::BoxError;
 
@@ -31,13 +32,28 @@ fn gate_is_timed<K, M: MakeGate<K>>() -> bool {
 }
 
 /// Holds an endpoint while a request is in flight to it; the count drops with it, so a
-/// cancelled request is not counted forever.
-struct InFlight<K, S, M: MakeGate<K>>(Arc<Ep<K, S, M>>);
+/// cancelled request is not counted forever. Also holds the endpoint's single trial after
+/// an ejection, if this request got it: dropped without an outcome (cancelled), the trial
+/// is handed back, or the endpoint would stay out of rotation for good.
+struct InFlight<K, S, M: MakeGate<K>> {
+    ep: Arc<Ep<K, S, M>>,
+    trial: bool,
+}
 
 impl<K, S, M: MakeGate<K>> Drop for InFlight<K, S, M> {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Relaxed);
+        self.ep.in_flight.fetch_sub(1, Relaxed);
+        if self.trial {
+            self.ep.release_trial();
+        }
     }
+}
+
+/// `now + d`, or a far future (about 30 years, as tokio's own) when that overflows: a
+/// configured duration never panics.
+pub(crate) fn deadline_after(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30))
 }
 
 type Permit<K, M> = <<M as MakeGate<K>>::Gate as Gate>::Permit;
@@ -56,6 +72,8 @@ struct Attempt<K, S, M: MakeGate<K>, C: Classify, B, R> {
     key: Option<u64>,
     cookie_id: Option<u64>,
     method_ok: bool,
+    /// Deadline of the try just dispatched, not yet armed on the timer.
+    arm: Option<Instant>,
     /// State of the failure and queue paths, boxed so the common future stays small
     /// (it is moved through every layer of the stack).
     cold: Option<Box<Cold<B, R>>>,
@@ -102,6 +120,9 @@ pin_project! {
     {
         #[pin]
         inner: Option<Oneshot<S, Request<B>>>,
+        // The per-try timeout; one timer per request, reset for each try.
+        #[pin]
+        timer: Option<tokio::time::Sleep>,
         st: Attempt<K, S, M, C, B, S::Response>,
         done: bool,
     }
@@ -139,11 +160,7 @@ pub(crate) fn first_pick<K, S, M, C, B>(
     shared: &Shared<K, S, M, C>,
     snap: &Snap<K, S, M>,
     req: &Request<B>,
-) -> (
-    Result<(usize, Permit<K, M>), Miss>,
-    Option<u64>,
-    Option<u64>,
-)
+) -> (Result<Picked<Permit<K, M>>, Miss>, Option<u64>, Option<u64>)
 where
     K: fmt::Debug,
     M: MakeGate<K>,
@@ -155,7 +172,7 @@ where
     };
     let sticky = cookie_id
         .and_then(|id| snap.index_of(id))
-        .and_then(|i| snap.admit(i, &shared.clock, &[]).map(|p| (i, p)));
+        .and_then(|i| snap.admit(i, &shared.clock, &[]));
     let picked = match sticky {
         Some(p) => Ok(p),
         None => snap.pick(&shared.picker, key, &shared.clock, &[]),
@@ -188,11 +205,12 @@ where
             key,
             cookie_id,
             method_ok,
+            arm: None,
             cold: None,
             shared: shared.clone(),
         };
         let inner = match picked {
-            Ok((i, permit)) => Some(st.dispatch(snap.endpoints[i].clone(), permit, req)),
+            Ok(p) => Some(st.dispatch(&snap, p, req)),
             Err(m) => {
                 st.set_last(Err(miss_error(m)));
                 st.queue(req);
@@ -201,6 +219,7 @@ where
         };
         ResponseFuture {
             inner,
+            timer: None,
             st,
             done: false,
         }
@@ -217,10 +236,16 @@ where
 {
     fn dispatch(
         &mut self,
-        ep: Arc<Ep<K, S, M>>,
-        permit: Permit<K, M>,
+        snap: &Snap<K, S, M>,
+        picked: Picked<Permit<K, M>>,
         req: Request<B>,
     ) -> Oneshot<S, Request<B>> {
+        let Picked {
+            index,
+            permit,
+            trial,
+        } = picked;
+        let ep = snap.endpoints[index].clone();
         ep.in_flight.fetch_add(1, Relaxed);
         ep.requests.fetch_add(1, Relaxed);
         self.tries += 1;
@@ -235,15 +260,17 @@ where
         // The clock is read only for a gate that uses the elapsed time or a retry timeout:
         // with `NoGate` and no timeout (the default) the request path never reads it.
         let timed = self.shared.retry.timeout.is_some();
-        if gate_is_timed::<K, M>() || timed {
+        let try_timeout = self.shared.try_timeout;
+        if gate_is_timed::<K, M>() || timed || try_timeout.is_some() {
             let now = Instant::now();
             self.started = Some(now);
             if self.first.is_none() && timed {
                 self.first = Some(now);
             }
+            self.arm = try_timeout.map(|t| deadline_after(now, t));
         }
         let svc = ep.service.clone();
-        self.endpoint = Some(InFlight(ep));
+        self.endpoint = Some(InFlight { ep, trial });
         svc.oneshot(req)
     }
 
@@ -261,12 +288,15 @@ where
             return false;
         };
         let now = Instant::now();
-        let deadline = *self.cold().queue_deadline.get_or_insert(now + timeout);
+        let deadline = *self
+            .cold()
+            .queue_deadline
+            .get_or_insert_with(|| deadline_after(now, timeout));
         if now >= deadline {
             return false;
         }
         let mut members = self.shared.members.subscribe();
-        let sleep = tokio::time::sleep_until(deadline.min(now + QUEUE_STEP));
+        let sleep = tokio::time::sleep_until(deadline.min(deadline_after(now, QUEUE_STEP)));
         let wait: Wait = Box::pin(async move {
             tokio::select! {
                 _ = members.changed() => {}
@@ -350,8 +380,8 @@ where
                 let shared = st.shared.clone();
                 let snap = shared.snapshot.load();
                 match snap.pick(&shared.picker, st.key, &shared.clock, &st.tried) {
-                    Ok((i, permit)) => {
-                        let fut = st.dispatch(snap.endpoints[i].clone(), permit, req);
+                    Ok(p) => {
+                        let fut = st.dispatch(&snap, p, req);
                         this.inner.set(Some(fut));
                     }
                     Err(m) => {
@@ -367,27 +397,58 @@ where
                 }
             }
 
-            let res = match this.inner.as_mut().as_pin_mut() {
-                Some(fut) => ready!(fut.poll(cx)),
+            if let Some(deadline) = this.st.arm.take() {
+                match this.timer.as_mut().as_pin_mut() {
+                    Some(t) => t.reset(deadline),
+                    None => this.timer.set(Some(tokio::time::sleep_until(deadline))),
+                }
+            }
+            let res: Result<Response<RB>, BoxError> = match this.inner.as_mut().as_pin_mut() {
+                Some(fut) => match fut.poll(cx) {
+                    Poll::Ready(r) => r.map_err(Into::into),
+                    Poll::Pending => {
+                        // A hung endpoint (accepts, never answers) gives no outcome by
+                        // itself: the per-try timeout turns it into a timeout failure that
+                        // health counts and retry acts on. The timer is armed at every
+                        // dispatch when a timeout is set.
+                        let fired = this
+                            .timer
+                            .as_mut()
+                            .as_pin_mut()
+                            .is_some_and(|t| t.poll(cx).is_ready());
+                        if !fired {
+                            return Poll::Pending;
+                        }
+                        let after = this.st.shared.try_timeout.unwrap_or_default();
+                        Err(Box::new(TryTimeout::new(after)))
+                    }
+                },
                 None => {
                     return Poll::Ready(this.st.take_last());
                 }
             };
             this.inner.set(None);
             let st = &mut *this.st;
-            let res = res.map_err(Into::into);
-            let Some(guard) = st.endpoint.take() else {
+            let Some(mut guard) = st.endpoint.take() else {
                 return Poll::Ready(Err(BalanceError::NoEndpoints));
             };
-            let ep = guard.0.clone();
-            drop(guard); // in_flight counts until the response head arrived
+            let ep = guard.ep.clone();
+            // The outcome below resolves the trial, if this was one.
+            let trial = std::mem::take(&mut guard.trial);
+            // in_flight counts until the response head arrived.
+            drop(guard);
+            // A client-caused failure (its body broke, the proxy's own resources ran out)
+            // says nothing about the endpoint: never charged to it, never retried,
+            // whatever the configured classifier says.
+            let client_fault = matches!(&res, Err(e) if error_kind(&**e) == FailureKind::Client);
             let outcome = match (st.classifier.take(), &res) {
+                _ if client_fault => Outcome::Ignored,
                 (Some(c), Ok(r)) => c.classify_response(r),
                 (Some(c), Err(e)) => c.classify_error(&**e),
                 (None, _) => Outcome::Ignored,
             };
             let shared = st.shared.clone();
-            if ep.record(outcome, &shared.health, &shared.clock) {
+            if ep.record(outcome, trial, &shared.health, &shared.clock) {
                 shared.try_eject(&ep);
             }
             if let Some(p) = st.permit.take() {
@@ -397,6 +458,7 @@ where
 
             let wanted = match &res {
                 Ok(r) => st.method_ok && shared.retry.on.classify_status(r.status()).is_failure(),
+                Err(_) if client_fault => false,
                 Err(e) => {
                     is_connect_error(&**e)
                         || (st.method_ok && shared.retry.on.classify_error_ref(&**e).is_failure())
@@ -408,10 +470,10 @@ where
                 let picked = snap.pick(&shared.picker, st.key, &shared.clock, &st.tried);
                 if let Some(req) = st.replay.take() {
                     match picked {
-                        Ok((i, permit)) => {
+                        Ok(p) => {
                             tracing::debug!(
                                 from = ?ep.key,
-                                to = ?snap.endpoints[i].key,
+                                to = ?snap.endpoints[p.index].key,
                                 try_no = st.tries + 1,
                                 "retrying on the next endpoint"
                             );
@@ -424,7 +486,7 @@ where
                                     crate::body::DISCARD_TIMEOUT,
                                 );
                             }
-                            let fut = st.dispatch(snap.endpoints[i].clone(), permit, req);
+                            let fut = st.dispatch(&snap, p, req);
                             this.inner.set(Some(fut));
                             continue;
                         }

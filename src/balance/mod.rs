@@ -53,7 +53,7 @@
 //! | situation | behaviour |
 //! |---|---|
 //! | membership change from the `Discover` | a new immutable snapshot is built off the request path and swapped in atomically ([`arc_swap`]); endpoints that stay keep their counters and health |
-//! | picking | no lock: the snapshot is loaded, counters are atomics; see [`Picker`] |
+//! | picking | no lock: the snapshot is loaded, counters are atomics; see [`Picker`]; an unavailable endpoint's turn is split evenly among the others |
 //! | endpoint ejected or its [`Gate`](crate::gate::Gate) refuses | skipped; the picker moves on |
 //! | empty set | [`BalanceError::NoEndpoints`] → **502** (as the seed's registry balancer and nginx) |
 //! | endpoints exist, none available | [`BalanceError::Unavailable`] → **503** (as HAProxy and Envoy) |
@@ -61,7 +61,9 @@
 //! | sticky cookie valid and its endpoint available | that endpoint, no `Set-Cookie` |
 //! | sticky cookie missing, forged or tampered | ignored; picked normally and `Set-Cookie` names the endpoint |
 //! | sticky endpoint gone, ejected, refused, or failed and retried | picked again, cookie rewritten (HAProxy `option redispatch`) |
-//! | response or error classified as failure ([`BalanceBuilder::classify`]) | counted by passive health: `max_fails` within `fail_timeout` eject for `fail_timeout`, then probation |
+//! | response or error classified as failure ([`BalanceBuilder::classify`]) | counted by passive health: `max_fails` within `fail_timeout` eject for `fail_timeout`, then exactly one trial request (success restores, failure re-ejects) |
+//! | no response head within the [per-try timeout](BalanceBuilder::try_timeout) (default 10 s) | the try is cancelled and counts as a timeout failure ([`TryTimeout`]); retried under the rules below; **504** if no try answers |
+//! | client-caused failure ([`FailureKind::Client`](crate::classify::FailureKind::Client): its body broke, local EMFILE) | neither counted nor retried; **400** (408/413 past body limits; 503 for local resources) |
 //! | connect error (nothing sent) | retried on another endpoint, any method, if the body can be copied ([`CloneBody`]) |
 //! | other failure matching [`Retry::on`] | retried for idempotent methods only (unless [`Retry::non_idempotent`]) |
 //! | retries | bounded by [`Retry::tries`] and [`Retry::timeout`]; never the same endpoint twice per request |
@@ -69,9 +71,11 @@
 //!
 //! Observability: [`Balance::endpoints`] returns each endpoint's [`EndpointStatus`] (state,
 //! in flight, requests, failures); `tracing` logs `endpoint ejected` (warn), `endpoint
-//! restored on probation` (info), membership changes (info) and retries (debug).
+//! restored on probation` (info, its trial request), `endpoint restored` (info),
+//! membership changes (info) and retries (debug).
 pub mod client;
 pub mod discover;
+mod driver;
 mod endpoint;
 mod error;
 mod future;
@@ -83,12 +87,13 @@ mod service;
 mod sticky;
 
 pub use crate::classify::is_connect_error;
+pub use driver::Driver;
 pub use endpoint::{EndpointState, EndpointStatus, PassiveHealth};
-pub use error::{BalanceError, BuildError, StickyError};
+pub use error::{BalanceError, BuildError, StickyError, TryTimeout};
 pub use future::ResponseFuture;
 pub use hash::hash_bytes;
 pub use pick::{HashKey, Picker};
 pub use replay::{Replay, ReplayFuture, ReplayLayer};
 pub use retry::{CloneBody, Retry};
-pub use service::{Balance, BalanceBuilder, Built, Driver, MakeGate, NoGates};
+pub use service::{Balance, BalanceBuilder, Built, MakeGate, NoGates, DEFAULT_TRY_TIMEOUT};
 pub use sticky::{SameSite, StickyCookie};

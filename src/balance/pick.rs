@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, Uri};
 
-use super::endpoint::{Clock, Endpoint};
+use super::endpoint::{Admission, Clock, Endpoint};
 use super::hash::{fast_rand, hash_bytes, mix};
 use crate::gate::Gate;
 
@@ -77,9 +77,7 @@ impl HashKey {
     pub(crate) fn hash<B>(&self, req: &http::Request<B>) -> Option<u64> {
         match self {
             HashKey::Header(name) => req.headers().get(name).map(|v| hash_bytes(v.as_bytes())),
-            HashKey::Cookie(name) => {
-                cookie_value(req.headers(), name).map(|v| hash_bytes(v.as_bytes()))
-            }
+            HashKey::Cookie(name) => cookie_value(req.headers(), name).map(hash_bytes),
             HashKey::Path => Some(hash_bytes(req.uri().path().as_bytes())),
             HashKey::ClientIp => {
                 crate::client_addr::client_ip(req.extensions()).map(|ip| match ip {
@@ -104,15 +102,20 @@ impl fmt::Debug for HashKey {
     }
 }
 
-/// The first value of cookie `name` in the request's `Cookie` headers.
-pub(crate) fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+/// The first value of cookie `name` in the request's `Cookie` headers (all of them), as
+/// bytes.
+///
+/// Parsed from the header *bytes*, as nginx and HAProxy do: browsers send every cookie of a
+/// site in one line, and one other cookie with a raw UTF-8 (non-ASCII) value must not hide
+/// the one we look for (`HeaderValue::to_str` would refuse the whole line).
+pub(crate) fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
+    let name = name.as_bytes();
     for h in headers.get_all(http::header::COOKIE) {
-        let Ok(s) = h.to_str() else { continue };
-        for pair in s.split(';') {
-            let pair = pair.trim_start();
+        for pair in h.as_bytes().split(|b| *b == b';') {
+            let pair = pair.trim_ascii_start();
             if let Some(rest) = pair.strip_prefix(name) {
-                if let Some(v) = rest.strip_prefix('=') {
-                    return Some(v.trim_end());
+                if let Some(v) = rest.strip_prefix(b"=") {
+                    return Some(v.trim_ascii_end());
                 }
             }
         }
@@ -126,6 +129,15 @@ pub(crate) struct Miss {
     pub(crate) total: usize,
     pub(crate) ejected: usize,
     pub(crate) refused: usize,
+}
+
+/// An admitted endpoint: its index in the snapshot, its gate permit, and whether this
+/// request holds the endpoint's single trial after an ejection (see
+/// [`Endpoint::admission`]); a trial must be reported or released.
+pub(crate) struct Picked<P> {
+    pub(crate) index: usize,
+    pub(crate) permit: P,
+    pub(crate) trial: bool,
 }
 
 /// Upper bound on `schedule length x endpoints` work when building an SWRR schedule.
@@ -247,17 +259,35 @@ impl<K, S, G: Gate> Snapshot<K, S, G> {
         self.by_id.get(&id).copied()
     }
 
-    /// Tries to admit endpoint `i`: not already tried, not ejected, gate open.
+    /// Tries to admit endpoint `i`: not already tried, not ejected, gate open. May take
+    /// the endpoint's single trial (then `trial` is set).
     #[inline]
-    pub(crate) fn admit(&self, i: usize, clock: &Clock, tried: &[u64]) -> Option<G::Permit>
+    pub(crate) fn admit(&self, i: usize, clock: &Clock, tried: &[u64]) -> Option<Picked<G::Permit>>
     where
         K: fmt::Debug,
     {
         let e = &self.endpoints[i];
-        if (!tried.is_empty() && tried.contains(&e.id)) || e.is_ejected(clock) {
+        if !tried.is_empty() && tried.contains(&e.id) {
             return None;
         }
-        e.gate.try_acquire()
+        let trial = match e.admission(clock) {
+            Admission::Open => false,
+            Admission::Closed => return None,
+            Admission::Trial => true,
+        };
+        match e.gate.try_acquire() {
+            Some(permit) => Some(Picked {
+                index: i,
+                permit,
+                trial,
+            }),
+            None => {
+                if trial {
+                    e.release_trial();
+                }
+                None
+            }
+        }
     }
 
     /// Picks with `picker`; `key` is the request's hash for consistent hashing.
@@ -267,7 +297,7 @@ impl<K, S, G: Gate> Snapshot<K, S, G> {
         key: Option<u64>,
         clock: &Clock,
         tried: &[u64],
-    ) -> Result<(usize, G::Permit), Miss>
+    ) -> Result<Picked<G::Permit>, Miss>
     where
         K: fmt::Debug,
     {
@@ -280,12 +310,14 @@ impl<K, S, G: Gate> Snapshot<K, S, G> {
             Picker::WeightedRoundRobin => {
                 let len = self.schedule.len();
                 if len > 0 {
-                    let pos = self.rr.fetch_add(1, Relaxed);
-                    // Follow the schedule past unavailable endpoints for a bounded stretch.
-                    for step in 0..len.min(64) {
-                        let i = self.schedule[(pos + step) % len] as usize;
+                    // An unavailable endpoint's turn is consumed (a fresh position is
+                    // drawn), not handed to its neighbour in the schedule: the survivors
+                    // keep their relative shares (issue 10, item 15). Bounded, then a scan.
+                    for _ in 0..len.min(64) {
+                        let pos = self.rr.fetch_add(1, Relaxed);
+                        let i = self.schedule[pos % len] as usize;
                         if let Some(p) = self.admit(i, clock, tried) {
-                            return Ok((i, p));
+                            return Ok(p);
                         }
                     }
                 }
@@ -307,10 +339,10 @@ impl<K, S, G: Gate> Snapshot<K, S, G> {
                 let lb = eb.in_flight.load(Relaxed) as u64 * u64::from(ea.weight);
                 let (first, second) = if lb < la { (b, a) } else { (a, b) };
                 if let Some(p) = self.admit(first, clock, tried) {
-                    return Ok((first, p));
+                    return Ok(p);
                 }
                 if let Some(p) = self.admit(second, clock, tried) {
-                    return Ok((second, p));
+                    return Ok(p);
                 }
                 return self.scan(r.rotate_left(17) as usize, clock, tried);
             }
@@ -322,12 +354,34 @@ impl<K, S, G: Gate> Snapshot<K, S, G> {
                 }
             }
         }
-        let start = self.rr.fetch_add(1, Relaxed);
+        self.round_robin(clock, tried)
+    }
+
+    /// Round robin over the endpoints that are available now. A skipped endpoint's turn is
+    /// consumed by drawing the next position, instead of walking on to its neighbour:
+    /// walking would give the neighbour of an ejected endpoint two turns out of three
+    /// (~50 % with one of three ejected), where nginx splits evenly among the survivors.
+    /// At most `n` draws, then a scan that also counts why nothing was available.
+    fn round_robin(&self, clock: &Clock, tried: &[u64]) -> Result<Picked<G::Permit>, Miss>
+    where
+        K: fmt::Debug,
+    {
+        let n = self.endpoints.len();
+        let mut start = 0;
+        for k in 0..n {
+            let pos = self.rr.fetch_add(1, Relaxed);
+            if k == 0 {
+                start = pos;
+            }
+            if let Some(p) = self.admit(pos % n, clock, tried) {
+                return Ok(p);
+            }
+        }
         self.scan(start, clock, tried)
     }
 
     /// Walks the ring clockwise from `h` to the first admissible endpoint.
-    fn ring_pick(&self, h: u64, clock: &Clock, tried: &[u64]) -> Result<(usize, G::Permit), Miss>
+    fn ring_pick(&self, h: u64, clock: &Clock, tried: &[u64]) -> Result<Picked<G::Permit>, Miss>
     where
         K: fmt::Debug,
     {
@@ -342,7 +396,7 @@ impl<K, S, G: Gate> Snapshot<K, S, G> {
             }
             last = i;
             if let Some(p) = self.admit(i, clock, tried) {
-                return Ok((i, p));
+                return Ok(p);
             }
             seen += 1;
             if seen > 2 * self.endpoints.len() {
@@ -358,7 +412,7 @@ impl<K, S, G: Gate> Snapshot<K, S, G> {
         start: usize,
         clock: &Clock,
         tried: &[u64],
-    ) -> Result<(usize, G::Permit), Miss>
+    ) -> Result<Picked<G::Permit>, Miss>
     where
         K: fmt::Debug,
     {
@@ -373,13 +427,28 @@ impl<K, S, G: Gate> Snapshot<K, S, G> {
             if tried.contains(&e.id) {
                 continue;
             }
-            if e.is_ejected(clock) {
-                miss.ejected += 1;
-                continue;
-            }
+            let trial = match e.admission(clock) {
+                Admission::Open => false,
+                Admission::Closed => {
+                    miss.ejected += 1;
+                    continue;
+                }
+                Admission::Trial => true,
+            };
             match e.gate.try_acquire() {
-                Some(p) => return Ok((i, p)),
-                None => miss.refused += 1,
+                Some(permit) => {
+                    return Ok(Picked {
+                        index: i,
+                        permit,
+                        trial,
+                    })
+                }
+                None => {
+                    if trial {
+                        e.release_trial();
+                    }
+                    miss.refused += 1
+                }
             }
         }
         Err(miss)
@@ -411,8 +480,21 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append(http::header::COOKIE, "a=1; lbx=2".parse().unwrap());
         h.append(http::header::COOKIE, "lb=3".parse().unwrap());
-        assert_eq!(cookie_value(&h, "lb"), Some("3"));
-        assert_eq!(cookie_value(&h, "a"), Some("1"));
+        assert_eq!(cookie_value(&h, "lb"), Some(&b"3"[..]));
+        assert_eq!(cookie_value(&h, "a"), Some(&b"1"[..]));
         assert_eq!(cookie_value(&h, "zz"), None);
+    }
+
+    #[test]
+    fn cookie_lookup_reads_bytes() {
+        // A raw UTF-8 (or any non-ASCII) value elsewhere in the line hides nothing.
+        let mut h = HeaderMap::new();
+        h.append(
+            http::header::COOKIE,
+            http::HeaderValue::from_bytes(b"t=caf\xc3\xa9; lb=7 ;x=\xff").unwrap(),
+        );
+        assert_eq!(cookie_value(&h, "lb"), Some(&b"7"[..]));
+        assert_eq!(cookie_value(&h, "x"), Some(&b"\xff"[..]));
+        assert_eq!(cookie_value(&h, "t"), Some("café".as_bytes()));
     }
 }

@@ -15,6 +15,8 @@ use crate::classify::Condition;
 /// |---|---|
 /// | connect error (refused, connect timeout): nothing was sent | always, any method |
 /// | error or status matching [`on`](Retry::on) (default `fail`: transport errors and timeouts) | the method is idempotent (GET, HEAD, OPTIONS, TRACE, PUT, DELETE), or [`non_idempotent`](Retry::non_idempotent) is set |
+/// | no response head within the balancer's [per-try timeout](super::BalanceBuilder::try_timeout) (a timeout) | as the row above |
+/// | client-caused failure ([`FailureKind::Client`](crate::classify::FailureKind::Client)) | never |
 ///
 /// and in every case only if the body can be sent again ([`CloneBody`]), fewer than
 /// [`tries`](Retry::tries) endpoints were tried, the time since the first try is under

@@ -1,18 +1,16 @@
 use std::fmt;
-use std::future::Future;
 use std::hash::Hash;
 use std::marker::PhantomData;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::{Request, Response};
-use pin_project_lite::pin_project;
-use tower::discover::{Change, Discover};
+use tower::discover::Discover;
 use tower_service::Service;
 
+use super::driver::Driver;
 use super::endpoint::{Clock, Endpoint, EndpointStatus, PassiveHealth};
 use super::error::{BalanceError, BuildError};
 use super::future::ResponseFuture;
@@ -60,7 +58,7 @@ type WeightFn<K> = Arc<dyn Fn(&K) -> u32 + Send + Sync>;
 
 pub(crate) type Snap<K, S, M> = Snapshot<K, S, <M as MakeGate<K>>::Gate>;
 pub(crate) type Ep<K, S, M> = Endpoint<K, S, <M as MakeGate<K>>::Gate>;
-type EpList<K, S, M> = Vec<Arc<Ep<K, S, M>>>;
+pub(crate) type EpList<K, S, M> = Vec<Arc<Ep<K, S, M>>>;
 /// What [`BalanceBuilder::build`] returns: the balancer and its discovery driver.
 pub type Built<D, M, C> = (
     Balance<<D as Discover>::Key, <D as Discover>::Service, M, C>,
@@ -73,6 +71,7 @@ pub(crate) struct Shared<K, S, M: MakeGate<K>, C> {
     pub(crate) health: PassiveHealth,
     pub(crate) retry: Retry,
     pub(crate) queue_timeout: Option<Duration>,
+    pub(crate) try_timeout: Option<Duration>,
     pub(crate) sticky: Option<StickyCookie>,
     pub(crate) classify: C,
     make_gate: M,
@@ -107,7 +106,7 @@ where
         }
     }
 
-    fn make_endpoint(&self, key: K, service: S) -> Ep<K, S, M> {
+    pub(crate) fn make_endpoint(&self, key: K, service: S) -> Ep<K, S, M> {
         let id = key_id(&key);
         let weight = self.weight.as_ref().map_or(1, |f| f(&key));
         let gate = self.make_gate.make_gate(&key);
@@ -115,7 +114,7 @@ where
         Endpoint::new(key, id, weight, service, gate, cookie)
     }
 
-    fn publish(&self, endpoints: EpList<K, S, M>) {
+    pub(crate) fn publish(&self, endpoints: EpList<K, S, M>) {
         let n = endpoints.len();
         self.snapshot
             .store(Arc::new(Snapshot::new(endpoints, &self.picker)));
@@ -129,6 +128,7 @@ pub struct BalanceBuilder<K, C = Condition, M = NoGates> {
     health: PassiveHealth,
     retry: Retry,
     queue_timeout: Option<Duration>,
+    try_timeout: Option<Duration>,
     sticky: Option<StickyCookie>,
     classify: C,
     make_gate: M,
@@ -136,12 +136,21 @@ pub struct BalanceBuilder<K, C = Condition, M = NoGates> {
     _key: PhantomData<fn(&K)>,
 }
 
+/// The default [per-try timeout](BalanceBuilder::try_timeout): 10 s.
+///
+/// Long enough for a slow but working endpoint (a heavy page, a cold cache: it bounds the
+/// wait for the response *head* only, never a long download), far shorter than nginx's
+/// 60 s `proxy_read_timeout`, and equal to the default `fail_timeout`, so a hung endpoint
+/// costs at most one timed-out request per ejection period.
+pub const DEFAULT_TRY_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl<K, C: fmt::Debug, M> fmt::Debug for BalanceBuilder<K, C, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BalanceBuilder")
             .field("picker", &self.picker)
             .field("health", &self.health)
             .field("retry", &self.retry)
+            .field("try_timeout", &self.try_timeout)
             .field("sticky", &self.sticky)
             .field("classify", &self.classify)
             .finish_non_exhaustive()
@@ -155,6 +164,7 @@ impl<K> Default for BalanceBuilder<K> {
             health: PassiveHealth::default(),
             retry: Retry::default(),
             queue_timeout: None,
+            try_timeout: Some(DEFAULT_TRY_TIMEOUT),
             sticky: None,
             classify: Condition::never().any_error(),
             make_gate: NoGates,
@@ -190,9 +200,27 @@ where
     /// When no endpoint is available (empty set, all ejected, gates closed, all tried), wait
     /// up to `timeout` for one instead of failing at once (nginx-plus `queue ... timeout=`,
     /// linkerd's fail-fast timeout). The request re-picks whenever the set changes, and at
-    /// least every 20 ms. Default: fail at once, as nginx OSS and Envoy do.
+    /// least every 20 ms. Default: fail at once, as nginx OSS and Envoy do. Any duration is
+    /// accepted (`Duration::MAX` saturates to a far future; it never overflows).
     pub fn queue_timeout(mut self, timeout: Duration) -> Self {
         self.queue_timeout = Some(timeout);
+        self
+    }
+
+    /// How long one try waits for the endpoint's response head (Envoy `per_try_timeout`,
+    /// nginx `proxy_read_timeout` for the head). Default [`DEFAULT_TRY_TIMEOUT`] (10 s);
+    /// `None` waits forever (for endpoints that answer long polls or server-sent events
+    /// late; a hung endpoint then stalls its requests until the client gives up).
+    ///
+    /// A try that times out is cancelled and counts as a [`FailureKind::Timeout`]
+    /// failure: passive health counts it, and it is retried on another endpoint under the
+    /// [`Retry`] rules (idempotent methods, with the default `fail` condition). If no try
+    /// answers, the error maps to **504**. Durations too large for the clock saturate.
+    /// Needs a tokio runtime with the time driver enabled (as every hyper server has).
+    ///
+    /// [`FailureKind::Timeout`]: crate::classify::FailureKind::Timeout
+    pub fn try_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.try_timeout = timeout.into();
         self
     }
 
@@ -219,6 +247,7 @@ where
             health: self.health,
             retry: self.retry,
             queue_timeout: self.queue_timeout,
+            try_timeout: self.try_timeout,
             sticky: self.sticky,
             classify,
             make_gate: self.make_gate,
@@ -235,6 +264,7 @@ where
             health: self.health,
             retry: self.retry,
             queue_timeout: self.queue_timeout,
+            try_timeout: self.try_timeout,
             sticky: self.sticky,
             classify: self.classify,
             make_gate,
@@ -254,6 +284,7 @@ where
             health: self.health,
             retry: self.retry,
             queue_timeout: self.queue_timeout,
+            try_timeout: self.try_timeout,
             sticky: self.sticky,
             classify: self.classify,
             make_gate: self.make_gate,
@@ -294,7 +325,7 @@ where
         let balance = Balance {
             shared: shared.clone(),
         };
-        (balance, Driver { discover, shared })
+        (balance, Driver::new(discover, shared))
     }
 
     /// [`build`](Self::build) and spawn the driver on the current tokio runtime. A
@@ -392,7 +423,14 @@ where
         let snap = self.shared.snapshot.load();
         let (picked, _, _) = super::future::first_pick(&self.shared, &snap, req);
         match picked {
-            Ok((i, _permit)) => Ok(snap.endpoints[i].key.clone()),
+            Ok(p) => {
+                let ep = &snap.endpoints[p.index];
+                if p.trial {
+                    // Nothing is sent: the endpoint's trial goes to the next real request.
+                    ep.release_trial();
+                }
+                Ok(ep.key.clone())
+            }
             Err(m) => Err(super::future::miss_error(m)),
         }
     }
@@ -435,82 +473,5 @@ where
     #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
         ResponseFuture::start(self.shared.clone(), req)
-    }
-}
-
-pin_project! {
-    /// Applies a [`Discover`]'s changes to a [`Balance`]: spawn it, or await it next to the
-    /// server. Changes that are ready together are published as one new set. Ends when the
-    /// stream ends (`Ok`) or fails (`Err`); the last set stays in use either way.
-    pub struct Driver<D, M, C>
-    where
-        D: Discover,
-        M: MakeGate<D::Key>,
-    {
-        #[pin]
-        discover: D,
-        shared: Arc<Shared<D::Key, D::Service, M, C>>,
-    }
-}
-
-impl<D, M, C> fmt::Debug for Driver<D, M, C>
-where
-    D: Discover,
-    M: MakeGate<D::Key>,
-{
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Driver")
-    }
-}
-
-impl<D, M, C> Future for Driver<D, M, C>
-where
-    D: Discover,
-    D::Key: Clone + Eq + fmt::Debug,
-    D::Error: Into<BoxError>,
-    M: MakeGate<D::Key>,
-{
-    type Output = Result<(), BoxError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        let mut next: Option<EpList<D::Key, D::Service, M>> = None;
-        let result = loop {
-            match this.discover.as_mut().poll_discover(cx) {
-                Poll::Pending => break Poll::Pending,
-                Poll::Ready(None) => break Poll::Ready(Ok(())),
-                Poll::Ready(Some(Err(e))) => break Poll::Ready(Err(e.into())),
-                Poll::Ready(Some(Ok(change))) => {
-                    let list =
-                        next.get_or_insert_with(|| this.shared.snapshot.load().endpoints.clone());
-                    match change {
-                        Change::Insert(key, svc) => {
-                            let ep = Arc::new(this.shared.make_endpoint(key, svc));
-                            match list.iter_mut().find(|e| e.key == ep.key) {
-                                Some(slot) => {
-                                    tracing::info!(endpoint = ?ep.key, "endpoint replaced");
-                                    *slot = ep;
-                                }
-                                None => {
-                                    tracing::info!(endpoint = ?ep.key, id = ep.id, "endpoint added");
-                                    list.push(ep);
-                                }
-                            }
-                        }
-                        Change::Remove(key) => {
-                            let before = list.len();
-                            list.retain(|e| e.key != key);
-                            if list.len() != before {
-                                tracing::info!(endpoint = ?key, "endpoint removed");
-                            }
-                        }
-                    }
-                }
-            }
-        };
-        if let Some(list) = next {
-            this.shared.publish(list);
-        }
-        result
     }
 }

@@ -202,23 +202,24 @@ impl StickyCookie {
     }
 
     /// The endpoint id named by a valid cookie in `headers`; `None` when absent or when the
-    /// value is malformed or its signature does not verify.
+    /// value is malformed or its signature does not verify. The `Cookie` headers are read
+    /// as bytes: other cookies with non-ASCII values do not hide this one.
     pub fn read(&self, headers: &HeaderMap) -> Option<u64> {
-        self.verify(cookie_value(headers, &self.name)?)
+        self.verify_bytes(cookie_value(headers, &self.name)?)
     }
 
     /// Verifies one cookie value (constant-time tag comparison).
     pub fn verify(&self, value: &str) -> Option<u64> {
-        let v = value.as_bytes();
+        self.verify_bytes(value.as_bytes())
+    }
+
+    /// [`verify`](Self::verify) on raw bytes (a cookie value need not be UTF-8).
+    pub fn verify_bytes(&self, v: &[u8]) -> Option<u64> {
         if v.len() != VALUE_LEN || v[16] != b'.' {
             return None;
         }
-        let id = u64::from_str_radix(value.get(..16)?, 16).ok()?;
-        let mut tag = [0u8; TAG_LEN];
-        for (i, out) in tag.iter_mut().enumerate() {
-            let hex = value.get(17 + 2 * i..19 + 2 * i)?;
-            *out = u8::from_str_radix(hex, 16).ok()?;
-        }
+        let id = u64::from_be_bytes(hex_decode::<8>(&v[..16])?);
+        let tag = hex_decode::<TAG_LEN>(&v[17..])?;
         let mut mac = self.mac.clone();
         mac.update(self.name.as_bytes());
         mac.update(&[0]);
@@ -226,6 +227,26 @@ impl StickyCookie {
         mac.verify_truncated_left(&tag).ok()?;
         Some(id)
     }
+}
+
+/// Lower- or upper-case hex of exactly `2 * N` bytes.
+fn hex_decode<const N: usize>(hex: &[u8]) -> Option<[u8; N]> {
+    fn nibble(b: u8) -> Option<u8> {
+        match b {
+            b'0'..=b'9' => Some(b - b'0'),
+            b'a'..=b'f' => Some(b - b'a' + 10),
+            b'A'..=b'F' => Some(b - b'A' + 10),
+            _ => None,
+        }
+    }
+    if hex.len() != 2 * N {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (o, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        *o = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+    }
+    Some(out)
 }
 
 #[cfg(test)]

@@ -125,7 +125,7 @@ where
     /// [`buffer`](Self::buffer), within the client's [`BodyLimits`]: buffering happens
     /// before any upstream is involved, so it must not wait for an idle client longer
     /// than the idle timeout, nor read past the size limit (the error's source is then
-    /// the fault, answered 408/413 by [`error_status`](crate::proxy::error_status)).
+    /// the fault, answered 408/413 by [`error_status`](crate::error::error_status)).
     pub(crate) async fn buffer_within(
         mut body: B,
         limit: usize,

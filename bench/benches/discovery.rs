@@ -3,7 +3,7 @@
 //! - `instances_read`: `Watcher::len` (ArcSwap) vs a `tokio::sync::watch` borrow (RwLock).
 //! - `discover_change`: applying one membership change among 100 instances (no peer).
 //!
-//! `cargo bench --bench discovery -- --warm-up-time 1 --measurement-time 3`
+//! `cargo bench -p tower-patterns-bench --bench discovery -- --warm-up-time 1 --measurement-time 3`
 
 use std::convert::Infallible;
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! - `content_chain/over_forward/*`: the links are `Forward`s to a local HTTP backend, the
 //!   realistic case (a request through `Forward` alone vs through the chain).
 //!
-//! `cargo bench --bench content_chain -- --warm-up-time 1 --measurement-time 3`
+//! `cargo bench -p tower-patterns-bench --bench content_chain -- --warm-up-time 1 --measurement-time 3`
 
 use std::convert::Infallible;
 

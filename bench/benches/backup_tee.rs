@@ -1,7 +1,7 @@
 //! Backup tee: throughput against plain streaming of the same body, in one run, and the
 //! peak heap while a 1 GiB body is teed (a counting global allocator).
 //!
-//! `cargo bench --bench backup_tee -- --warm-up-time 1 --measurement-time 3`
+//! `cargo bench -p tower-patterns-bench --bench backup_tee -- --warm-up-time 1 --measurement-time 3`
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;

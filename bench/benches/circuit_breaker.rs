@@ -11,7 +11,7 @@
 //! (`2t`, time per call per thread; the tower services are then driven by one
 //! current-thread Tokio runtime per thread).
 //!
-//! `cargo bench --bench circuit_breaker -- --warm-up-time 1 --measurement-time 3`
+//! `cargo bench -p tower-patterns-bench --bench circuit_breaker -- --warm-up-time 1 --measurement-time 3`
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -1,8 +1,8 @@
 //! Pick cost of the balancer's pickers vs tower's p2c and pingora-load-balancing.
 //!
 //! ```text
-//! cargo bench --bench balance -- --warm-up-time 1 --measurement-time 3
-//! cargo bench --bench balance --features bench-pingora -- --warm-up-time 1 --measurement-time 3
+//! cargo bench -p tower-patterns-bench --bench balance -- --warm-up-time 1 --measurement-time 3
+//! cargo bench -p tower-patterns-bench --bench balance --features pingora -- --warm-up-time 1 --measurement-time 3
 //! ```
 //!
 //! - `select/*`: choosing an endpoint, nothing sent (`Balance::select` vs pingora's
@@ -74,7 +74,7 @@ fn pickers() -> Vec<(&'static str, Picker)> {
     ]
 }
 
-#[cfg(feature = "bench-pingora")]
+#[cfg(feature = "pingora")]
 mod peer {
     use pingora_load_balancing::selection::{Consistent, Random, RoundRobin};
     use pingora_load_balancing::LoadBalancer;
@@ -131,7 +131,7 @@ fn select(c: &mut Criterion) {
                 })
             });
         }
-        #[cfg(feature = "bench-pingora")]
+        #[cfg(feature = "pingora")]
         for (name, lb) in peer::all(n) {
             let keys: Vec<String> = (0..1024).map(|i| format!("user-{i}")).collect();
             let mut i = 0usize;
@@ -176,7 +176,7 @@ fn select_2threads(c: &mut Criterion) {
                 b.iter_custom(|iters| two_threads(iters, &op))
             });
         }
-        #[cfg(feature = "bench-pingora")]
+        #[cfg(feature = "pingora")]
         for (name, lb) in peer::all(n) {
             let keys: Vec<String> = (0..1024).map(|i| format!("user-{i}")).collect();
             let op = move |i: usize| {
