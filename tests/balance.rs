@@ -17,7 +17,6 @@ use tower_patterns::balance::{
     StickyCookie,
 };
 use tower_patterns::classify::{Condition, Outcome};
-use tower_patterns::error::HttpStatus;
 use tower_patterns::gate::Gate;
 use tower_patterns::proxy::Forward;
 

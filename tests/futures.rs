@@ -72,8 +72,8 @@ fn chain_future_panics_in_its_calling_state() {
     assert!(msg.contains("ChainFuture polled after completion"), "{msg}");
 }
 
-#[test]
-fn balance_future_panics_instead_of_inventing_no_endpoints() {
+#[tokio::test]
+async fn balance_future_panics_instead_of_inventing_no_endpoints() {
     let mut lb = Balance::builder().build_static([("a", ok_service())]);
     let req = Request::get("/").body(Full::new(Bytes::new())).unwrap();
     let msg = second_poll_panics(lb.call(req));

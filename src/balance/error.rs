@@ -62,6 +62,13 @@ pub enum BalanceError {
     },
 }
 
+impl BalanceError {
+    /// The status a proxy answers with ([`HttpStatus`], callable without importing it).
+    pub fn status(&self) -> StatusCode {
+        HttpStatus::status(self)
+    }
+}
+
 /// 502 for an empty set, 503 when none is available, and for an upstream error whatever
 /// its cause stands for ([`error_status`](crate::error::error_status): 502, 504 for
 /// timeouts, 400/408/413 for the client's body, 503 for local resource exhaustion).

@@ -87,6 +87,9 @@ mod service;
 mod sticky;
 
 pub use crate::classify::is_connect_error;
+// Kept at their old paths so existing imports compile; they live in the neutral modules.
+pub use crate::error::error_status;
+pub use crate::respond::error_response;
 pub use driver::Driver;
 pub use endpoint::{EndpointState, EndpointStatus, PassiveHealth};
 pub use error::{BalanceError, BuildError, StickyError, TryTimeout};

@@ -39,6 +39,13 @@ impl ChainError {
     }
 }
 
+impl ChainError {
+    /// The status a proxy answers with ([`HttpStatus`], callable without importing it).
+    pub fn status(&self) -> StatusCode {
+        HttpStatus::status(self)
+    }
+}
+
 /// Whatever the failed link's error stands for (`502`/`504`, see
 /// [`error_status`](crate::error::error_status)).
 impl HttpStatus for ChainError {
