@@ -542,3 +542,45 @@ async fn etcd_killed_process_expires_with_its_lease() {
     within("lease expiry", watcher.wait_until(|s| s.is_empty())).await;
     assert!(reg.instances("api-service").await.unwrap().is_empty());
 }
+
+/// Issue 10 item 6: a default-configured etcd (`--grpc-keepalive-min-time` 5 s) must not
+/// cut the client. With 2 s pings kept up while idle, etcd answered the third early ping
+/// with `GOAWAY too_many_pings` and every watcher re-listed about every 8 s. Here an idle
+/// watch (nothing changes, so nothing but pings crosses the connection) runs for 30 s, the
+/// window the issue names: at least three cut cycles of the old client, and three ping
+/// intervals of the new one.
+#[tokio::test]
+async fn etcd_default_server_never_cuts_an_idle_watch() {
+    let etcd = Etcd::start().await;
+    // Registered through another client, so the watcher's connection stays idle.
+    let writer = registry(&etcd).await;
+    let _g = Registration::new(
+        writer,
+        inst("api-service", "a1", 8001),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    let reg = registry(&etcd).await;
+    let watcher = Watcher::new(&reg, "api-service", Selector::any());
+    within("listed", watcher.wait_until(|s| s.len() == 1)).await;
+    let mut changes = watcher.subscribe();
+    let window = tokio::time::sleep(Duration::from_secs(30));
+    tokio::pin!(window);
+    loop {
+        tokio::select! {
+            () = &mut window => break,
+            r = changes.changed() => {
+                r.unwrap();
+                let snap = watcher.snapshot();
+                assert!(
+                    !snap.is_stale(),
+                    "the watch was interrupted: {:?}",
+                    snap.last_error()
+                );
+            }
+        }
+    }
+    assert_eq!(reg.interruptions(), 0, "reconnects within 30 s");
+    assert_eq!(watcher.len(), 1);
+}

@@ -8,6 +8,7 @@
 //! list again.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +23,16 @@ use super::{Backoff, DiscoveryError, Instance, Lease, Registry, RegistryEvent};
 
 const NAME: &str = "etcd";
 
+/// Default HTTP/2 keep-alive ping interval. etcd refuses pings closer together than its
+/// `--grpc-keepalive-min-time` (default 5 s): after three such pings it sends
+/// `GOAWAY too_many_pings` and cuts the connection, so a faster client is disconnected
+/// every few seconds by a perfectly healthy etcd. 10 s stays well above that minimum.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a ping may stay unanswered before the connection is considered dead.
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// etcd's default `--grpc-keepalive-min-time`.
+const ETCD_MIN_PING_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Builds an [`EtcdRegistry`].
 #[derive(Debug, Clone)]
 pub struct EtcdRegistryBuilder {
@@ -29,6 +40,7 @@ pub struct EtcdRegistryBuilder {
     prefix: String,
     request_timeout: Duration,
     connect_timeout: Duration,
+    keep_alive: (Duration, Duration),
     user: Option<(String, String)>,
 }
 
@@ -51,6 +63,16 @@ impl EtcdRegistryBuilder {
         self
     }
 
+    /// HTTP/2 keep-alive pings: `interval` between pings on a connection that has open
+    /// streams (a watch), `timeout` for the answer (defaults 10 s and 5 s). Pings are not
+    /// sent on an idle connection, and the interval is raised to at least 5 s, etcd's
+    /// default `--grpc-keepalive-min-time`: etcd answers faster pings with
+    /// `GOAWAY too_many_pings` and drops the connection.
+    pub fn keep_alive(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.keep_alive = (interval.max(ETCD_MIN_PING_INTERVAL), timeout);
+        self
+    }
+
     /// Authenticates with etcd's user/password auth.
     pub fn user(mut self, name: impl Into<String>, password: impl Into<String>) -> Self {
         self.user = Some((name.into(), password.into()));
@@ -70,11 +92,15 @@ impl EtcdRegistryBuilder {
                 self.prefix
             )));
         }
+        let (interval, timeout) = self.keep_alive;
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(self.connect_timeout)
-            // HTTP/2 pings notice a dead etcd that did not close the connection.
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-            .with_keep_alive_while_idle(true);
+            // HTTP/2 pings notice a dead etcd that did not close the connection. Only
+            // while a stream (a watch) is open: etcd enforces its keep-alive policy
+            // without `PermitWithoutStream`, so any ping on an idle connection within
+            // two hours of the previous one counts as a strike.
+            .with_keep_alive(interval, timeout)
+            .with_keep_alive_while_idle(false);
         if let Some((name, password)) = self.user {
             opts = opts.with_user(name, password);
         }
@@ -85,6 +111,7 @@ impl EtcdRegistryBuilder {
             client,
             prefix: prefix.into(),
             request_timeout: self.request_timeout,
+            interruptions: Arc::new(AtomicU64::new(0)),
         })
     }
 }
@@ -95,6 +122,7 @@ pub struct EtcdRegistry {
     client: Client,
     prefix: Arc<str>,
     request_timeout: Duration,
+    interruptions: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for EtcdRegistry {
@@ -117,6 +145,7 @@ impl EtcdRegistry {
             prefix: "/services".into(),
             request_timeout: Duration::from_secs(3),
             connect_timeout: Duration::from_secs(2),
+            keep_alive: (KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT),
             user: None,
         }
     }
@@ -128,6 +157,14 @@ impl EtcdRegistry {
         E: Into<String>,
     {
         Self::builder(endpoints).connect().await
+    }
+
+    /// How many times a watcher's list or watch stream failed and had to be made again
+    /// (connection cut, etcd unreachable, request timed out), summed over all watchers of
+    /// this client and its clones. A healthy etcd leaves it at 0; a steadily growing count
+    /// means the connection is being cut (e.g. pings refused by etcd's keep-alive policy).
+    pub fn interruptions(&self) -> u64 {
+        self.interruptions.load(Ordering::Relaxed)
     }
 
     /// The key of an instance: `<prefix>/<service>/<id>`.
@@ -352,6 +389,7 @@ async fn follow(reg: EtcdRegistry, service: String, tx: mpsc::Sender<RegistryEve
             Err(e) => Some(e),
         };
         if let Some(e) = error {
+            reg.interruptions.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(service = %service, error = %e, "etcd watch interrupted");
             if tx.send(RegistryEvent::Unavailable(e)).await.is_err() {
                 return;
