@@ -510,8 +510,16 @@ async fn backoff_resets_on_every_close_not_only_half_open_to_closed() {
             },
             None,
         ),
-        ("force_closed from forced-open", |b| b.force_closed(), Some(|b| b.force_open())),
-        ("force_closed from disabled", |b| b.force_closed(), Some(|b| b.disable())),
+        (
+            "force_closed from forced-open",
+            |b| b.force_closed(),
+            Some(|b| b.force_open()),
+        ),
+        (
+            "force_closed from disabled",
+            |b| b.force_closed(),
+            Some(|b| b.disable()),
+        ),
         (
             "force_closed from metrics-only",
             |b| b.force_closed(),

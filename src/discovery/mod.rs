@@ -70,7 +70,7 @@ pub use error::DiscoveryError;
 pub use instance::{Instance, Selector};
 pub use memory::MemoryRegistry;
 pub use registration::{shutdown_signal, Registration};
-pub use watch::{Snapshot, Watcher};
+pub use watch::{Snapshot, Watcher, WatcherConfig};
 
 #[cfg(feature = "consul")]
 pub use consul::ConsulRegistry;
