@@ -541,6 +541,104 @@ async fn huge_watcher_holds_saturate() {
     assert_eq!(watcher.len(), 2, "held, and the watcher task is alive");
 }
 
+/// A memory registry whose refreshes fail while `down` is set, as if it were unreachable.
+#[derive(Clone)]
+struct Flaky {
+    inner: MemoryRegistry,
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Registry for Flaky {
+    fn register<'a>(
+        &'a self,
+        i: &'a Instance,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Lease, DiscoveryError>> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Box::pin(async { Err(DiscoveryError::Protocol("unreachable".into())) });
+        }
+        self.inner.register(i, ttl)
+    }
+    fn keep_alive<'a>(&'a self, l: &'a Lease) -> BoxFuture<'a, Result<(), DiscoveryError>> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Box::pin(async {
+                Err(DiscoveryError::Unavailable {
+                    registry: "flaky",
+                    source: "connection refused".into(),
+                })
+            });
+        }
+        self.inner.keep_alive(l)
+    }
+    fn deregister<'a>(&'a self, l: &'a Lease) -> BoxFuture<'a, Result<(), DiscoveryError>> {
+        self.inner.deregister(l)
+    }
+    fn instances<'a>(&'a self, s: &'a str) -> BoxFuture<'a, Result<Vec<Instance>, DiscoveryError>> {
+        self.inner.instances(s)
+    }
+    fn events(&self, s: &str) -> BoxStream<'static, RegistryEvent> {
+        self.inner.events(s)
+    }
+}
+
+/// Issue 10 item 5: after an outage longer than the TTL the registration must come back
+/// as soon as the registry answers, not at the next TTL/3 refresh (up to 10 s here, while
+/// watchers had already applied the expiry).
+#[tokio::test(start_paused = true)]
+async fn guard_registers_again_as_soon_as_the_registry_is_back() {
+    use std::sync::atomic::Ordering;
+    let reg = Flaky {
+        inner: MemoryRegistry::new(),
+        down: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    };
+    let ttl = Duration::from_secs(30); // refreshed every 10 s
+    let guard = Registration::new(reg.clone(), inst("api", "a1", 8001), ttl)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    reg.down.store(true, Ordering::SeqCst);
+    // The lease (last refreshed at 0 s) expires at 30 s; the registry is back at 41 s.
+    tokio::time::sleep(Duration::from_secs(36)).await;
+    assert!(reg.inner.instances("api").await.unwrap().is_empty());
+    reg.down.store(false, Ordering::SeqCst);
+    let back = tokio::time::Instant::now();
+    let registered = tokio::time::timeout(Duration::from_secs(60), async {
+        while reg.inner.instances("api").await.unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    registered.await.unwrap();
+    let took = back.elapsed();
+    assert!(
+        took <= Duration::from_secs(1),
+        "registered again after {took:?}"
+    );
+    assert_eq!(guard.registrations(), 2);
+    assert!(guard.is_registered());
+}
+
+/// Configured durations saturate: a TTL of `Duration::MAX` never panics (issue 10 item 2).
+#[tokio::test(start_paused = true)]
+async fn huge_ttls_saturate() {
+    let reg = MemoryRegistry::new();
+    let watcher = Watcher::new(&reg, "api", Selector::any());
+    let lease = reg
+        .register(&inst("api", "a1", 8001), Duration::MAX)
+        .await
+        .unwrap();
+    reg.keep_alive(&lease).await.unwrap();
+    let guard = Registration::new(reg.clone(), inst("api", "a2", 8002), Duration::MAX)
+        .await
+        .unwrap();
+    watcher.wait_until(|s| s.len() == 2).await;
+    tokio::time::sleep(Duration::from_secs(86_400 * 365)).await;
+    assert_eq!(reg.instances("api").await.unwrap().len(), 2);
+    assert!(guard.is_registered());
+    guard.deregister().await.unwrap();
+    watcher.wait_until(|s| s.len() == 1).await;
+    reg.deregister(&lease).await.unwrap();
+}
+
 #[tokio::test]
 async fn tower_balancer_follows_the_registry() {
     use tower::ServiceExt;

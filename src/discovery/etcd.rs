@@ -187,6 +187,19 @@ impl EtcdRegistry {
     }
 }
 
+/// etcd's largest lease TTL (`MaxLeaseTTL`, about 285 years); it refuses a larger one.
+const MAX_LEASE_TTL_SECS: i64 = 9_000_000_000;
+
+/// A TTL as etcd lease seconds: whole seconds rounded up (never shorter than asked), at
+/// least 1, saturated at etcd's maximum instead of overflowing or being refused.
+fn lease_ttl_secs(ttl: Duration) -> i64 {
+    let secs = ttl
+        .as_secs()
+        .saturating_add(u64::from(ttl.subsec_nanos() > 0))
+        .max(1);
+    i64::try_from(secs).map_or(MAX_LEASE_TTL_SECS, |s| s.min(MAX_LEASE_TTL_SECS))
+}
+
 fn lease_not_found(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::LeaseKeepAliveError(m) => m.contains("not found"),
@@ -226,10 +239,7 @@ impl Registry for EtcdRegistry {
             instance.validate()?;
             let value = serde_json::to_vec(instance)
                 .map_err(|e| DiscoveryError::InvalidInstance(e.to_string()))?;
-            // etcd leases have whole seconds; round up so the TTL is never shorter.
-            let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
-            let secs = i64::try_from(secs.max(1))
-                .map_err(|_| DiscoveryError::InvalidConfig("ttl too large".into()))?;
+            let secs = lease_ttl_secs(ttl);
             let mut client = self.client.clone();
             let lease = self.timed(client.lease_grant(secs, None)).await?.id();
             let put = self
@@ -306,6 +316,27 @@ impl Registry for EtcdRegistry {
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(follow(self.clone(), service.to_string(), tx));
         stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) }).boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_ttls_round_up_and_saturate() {
+        assert_eq!(lease_ttl_secs(Duration::ZERO), 1);
+        assert_eq!(lease_ttl_secs(Duration::from_millis(1500)), 2);
+        assert_eq!(lease_ttl_secs(Duration::from_secs(10)), 10);
+        assert_eq!(
+            lease_ttl_secs(Duration::from_secs(u64::MAX)),
+            MAX_LEASE_TTL_SECS
+        );
+        assert_eq!(lease_ttl_secs(Duration::MAX), MAX_LEASE_TTL_SECS);
+        assert_eq!(
+            lease_ttl_secs(Duration::from_secs(i64::MAX as u64 + 7)),
+            MAX_LEASE_TTL_SECS
+        );
     }
 }
 

@@ -200,11 +200,18 @@ impl<R: Registry + ?Sized> Registry for Arc<R> {
     }
 }
 
+/// `now + d`, saturating far in the future instead of panicking on overflow: TTLs and
+/// other durations come from configuration (`Duration::MAX` means "never").
+pub(crate) fn saturating_deadline(now: tokio::time::Instant, d: Duration) -> tokio::time::Instant {
+    // About 30 years: "never" for a registry, and far from any platform's Instant limit.
+    const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
+    now.checked_add(d.min(FAR)).unwrap_or(now)
+}
+
 /// Retry delays for registry clients: doubles from `base` up to `max`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Backoff {
     next: Duration,
-    #[cfg_attr(not(any(feature = "etcd", feature = "consul")), allow(dead_code))]
     base: Duration,
     max: Duration,
 }
@@ -219,10 +226,9 @@ impl Backoff {
     }
     pub(crate) fn next_delay(&mut self) -> Duration {
         let d = self.next;
-        self.next = (self.next * 2).min(self.max);
+        self.next = self.next.saturating_mul(2).min(self.max);
         d
     }
-    #[cfg_attr(not(any(feature = "etcd", feature = "consul")), allow(dead_code))]
     pub(crate) fn reset(&mut self) {
         self.next = self.base;
     }

@@ -288,12 +288,7 @@ struct View {
     grace_until: Option<Instant>,
 }
 
-/// `now + d`, saturating: configured durations never panic.
-fn deadline(now: Instant, d: Duration) -> Instant {
-    // About 30 years: "never" for a watcher, and far from any platform's Instant limit.
-    const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
-    now.checked_add(d.min(FAR)).unwrap_or(now)
-}
+use super::saturating_deadline as deadline;
 
 impl View {
     fn published(&self) -> BTreeMap<String, Instance> {
