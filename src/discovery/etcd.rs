@@ -30,6 +30,8 @@ const NAME: &str = "etcd";
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// How long a ping may stay unanswered before the connection is considered dead.
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a watcher checks that etcd still answers while its watch is silent.
+const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 /// etcd's default `--grpc-keepalive-min-time`.
 const ETCD_MIN_PING_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -371,10 +373,25 @@ async fn follow(reg: EtcdRegistry, service: String, tx: mpsc::Sender<RegistryEve
                 match watch {
                     Ok(mut stream) => {
                         backoff.reset();
+                        let mut probe_at = tokio::time::Instant::now() + PROBE_INTERVAL;
                         loop {
                             let msg = tokio::select! {
                                 _ = tx.closed() => return,
                                 m = stream.message() => m,
+                                () = tokio::time::sleep_until(probe_at) => {
+                                    // A paused or wedged etcd keeps the connection open
+                                    // and the watch silent; when it resumes it expires
+                                    // every lease at once. Noticing the outage makes the
+                                    // watcher hold those removals (reconnect grace).
+                                    let probe = GetOptions::new().with_prefix().with_count_only();
+                                    match reg.timed(client.get(prefix.clone(), Some(probe))).await {
+                                        Ok(_) => {
+                                            probe_at = tokio::time::Instant::now() + PROBE_INTERVAL;
+                                            continue;
+                                        }
+                                        Err(e) => break Some(e),
+                                    }
+                                }
                             };
                             match msg {
                                 Ok(Some(resp)) if resp.canceled() => {
