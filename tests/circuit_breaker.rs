@@ -544,6 +544,42 @@ async fn backoff_resets_on_every_close_not_only_half_open_to_closed() {
     }
 }
 
+/// Configured durations saturate (issue 10): `Duration::MAX` anywhere is refused with a
+/// typed error or means "practically never", and never panics.
+#[tokio::test(start_paused = true)]
+async fn huge_configured_durations_saturate() {
+    let err = Breaker::new(cfg().window(Window::Time(Duration::MAX))).unwrap_err();
+    assert!(err.to_string().contains("window"), "{err}");
+    for wait in [
+        WaitStrategy::Constant(Duration::MAX),
+        WaitStrategy::Exponential {
+            initial: Duration::MAX,
+            multiplier: 2.0,
+            max: Duration::MAX,
+            jitter: 0.5,
+        },
+    ] {
+        let b = Breaker::new(
+            cfg()
+                .half_open_permits(1)
+                .wait_strategy(wait)
+                .slow_call_duration(Duration::MAX)
+                .max_half_open_wait(Duration::MAX),
+        )
+        .unwrap();
+        run(&b, &[F; 5]);
+        assert_eq!(b.state(), State::Open);
+        assert!(b.open_remaining().unwrap() > Duration::from_secs(86_400 * 365));
+        tokio::time::sleep(Duration::from_secs(86_400)).await;
+        assert!(b.try_acquire().is_err(), "still open");
+        b.transition_to(State::HalfOpen).unwrap();
+        let p = b.try_acquire().unwrap();
+        b.complete(p, F, Duration::MAX);
+        assert_eq!(b.state(), State::Open);
+        let _ = b.metrics();
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn jitter_stays_within_its_bounds() {
     for _ in 0..20 {

@@ -16,7 +16,8 @@
 //!   [`shutdown_signal`].
 //! - [`Watcher`]: the current instances of a service matching a [`Selector`] (version, tags),
 //!   **fail-static**: when the registry is unreachable it keeps the last known instances and
-//!   says how stale they are.
+//!   says how stale they are; when the registry comes back having expired every lease, or
+//!   every instance disappears at once, it keeps them for a bounded time ([`WatcherConfig`]).
 //! - [`ServiceDiscover`]: a watcher as a [`tower::discover::Discover`], so any balancer that
 //!   takes a `Discover` (ours or `tower::balance::p2c::Balance`) follows the registry.
 //! - [`route`](crate::route): path-prefix routing to services, `502` when a service has no
@@ -52,6 +53,8 @@
 //! | change feed | in-process | prefix watch from the listed revision | blocking queries (`index`, `wait`) |
 //! | registry lost the registration | re-registered | re-registered when etcd is back | re-registered when the agent forgot it |
 //! | registry unreachable | — | watchers keep the last instances, marked stale | same |
+//! | registry back after an outage | — | removals held for the reconnect grace ([`WatcherConfig`]) | same |
+//! | every instance gone in one update | kept for a bounded time ([`WatcherConfig`]) | same | same |
 
 mod discover;
 mod error;

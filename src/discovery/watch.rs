@@ -115,7 +115,10 @@ impl Drop for Task {
 /// **Fail-static**: while the registry is unreachable the last known instances are kept
 /// (never an empty list because the registry is down) and the [`Snapshot`] says since when
 /// it is stale. A registry that answers decides: instances that expired or deregistered are
-/// removed.
+/// removed, except right after an outage and when every instance disappears at once: those
+/// removals are held for a bounded time ([`WatcherConfig`]), so a registry that expired
+/// every lease while it was away does not empty the service before the instances register
+/// again.
 ///
 /// Reading is lock-free ([`ArcSwap`]). Clones share one background task, which stops when
 /// the last clone (or the last [`ServiceDiscover`] made from it) is dropped.
