@@ -321,27 +321,6 @@ impl Registry for EtcdRegistry {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lease_ttls_round_up_and_saturate() {
-        assert_eq!(lease_ttl_secs(Duration::ZERO), 1);
-        assert_eq!(lease_ttl_secs(Duration::from_millis(1500)), 2);
-        assert_eq!(lease_ttl_secs(Duration::from_secs(10)), 10);
-        assert_eq!(
-            lease_ttl_secs(Duration::from_secs(u64::MAX)),
-            MAX_LEASE_TTL_SECS
-        );
-        assert_eq!(lease_ttl_secs(Duration::MAX), MAX_LEASE_TTL_SECS);
-        assert_eq!(
-            lease_ttl_secs(Duration::from_secs(i64::MAX as u64 + 7)),
-            MAX_LEASE_TTL_SECS
-        );
-    }
-}
-
 /// Lists then watches `service`, again and again, until the receiver is dropped.
 async fn follow(reg: EtcdRegistry, service: String, tx: mpsc::Sender<RegistryEvent>) {
     let prefix = reg.service_prefix(&service);
@@ -447,5 +426,26 @@ async fn follow(reg: EtcdRegistry, service: String, tx: mpsc::Sender<RegistryEve
                 _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_ttls_round_up_and_saturate() {
+        assert_eq!(lease_ttl_secs(Duration::ZERO), 1);
+        assert_eq!(lease_ttl_secs(Duration::from_millis(1500)), 2);
+        assert_eq!(lease_ttl_secs(Duration::from_secs(10)), 10);
+        assert_eq!(
+            lease_ttl_secs(Duration::from_secs(u64::MAX)),
+            MAX_LEASE_TTL_SECS
+        );
+        assert_eq!(lease_ttl_secs(Duration::MAX), MAX_LEASE_TTL_SECS);
+        assert_eq!(
+            lease_ttl_secs(Duration::from_secs(i64::MAX as u64 + 7)),
+            MAX_LEASE_TTL_SECS
+        );
     }
 }
