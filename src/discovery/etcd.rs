@@ -356,7 +356,11 @@ async fn follow(reg: EtcdRegistry, service: String, tx: mpsc::Sender<RegistryEve
                         loop {
                             let msg = tokio::select! {
                                 _ = tx.closed() => return,
-                                m = stream.message() => m,
+                                m = stream.message() => {
+                                    // etcd answered: no probe needed for a while.
+                                    probe_at = tokio::time::Instant::now() + PROBE_INTERVAL;
+                                    m
+                                }
                                 () = tokio::time::sleep_until(probe_at) => {
                                     // A paused or wedged etcd keeps the connection open
                                     // and the watch silent; when it resumes it expires
