@@ -475,6 +475,112 @@ async fn exponential_backoff_grows_caps_and_resets_on_close() {
     assert_eq!(b.open_remaining(), Some(Duration::from_secs(1)), "reset");
 }
 
+/// Issue 10 item 13: an operator close (from open, forced-open, disabled, metrics-only)
+/// is a close too, so the next opening starts again from the initial wait.
+#[tokio::test(start_paused = true)]
+async fn backoff_resets_on_every_close_not_only_half_open_to_closed() {
+    let exp = || {
+        Breaker::new(
+            cfg()
+                .half_open_permits(1)
+                .wait_strategy(WaitStrategy::Exponential {
+                    initial: Duration::from_secs(1),
+                    multiplier: 2.0,
+                    max: Duration::from_secs(60),
+                    jitter: 0.0,
+                }),
+        )
+        .unwrap()
+    };
+    // Grows the backoff to 4 s (three openings: 1, 2, 4), leaving the breaker open.
+    async fn grow(b: &Breaker) {
+        run(b, &[F; 5]);
+        for _ in 0..2 {
+            tokio::time::sleep(b.open_remaining().unwrap()).await;
+            run(b, &[F]);
+        }
+        assert_eq!(b.open_remaining(), Some(Duration::from_secs(4)));
+    }
+    type Close = fn(&Breaker);
+    let closes: [(&str, Close, Option<Close>); 5] = [
+        ("force_closed from open", |b| b.force_closed(), None),
+        (
+            "transition_to(Closed) from open",
+            |b| {
+                b.transition_to(State::Closed).unwrap();
+            },
+            None,
+        ),
+        (
+            "force_closed from forced-open",
+            |b| b.force_closed(),
+            Some(|b| b.force_open()),
+        ),
+        (
+            "force_closed from disabled",
+            |b| b.force_closed(),
+            Some(|b| b.disable()),
+        ),
+        (
+            "force_closed from metrics-only",
+            |b| b.force_closed(),
+            Some(|b| b.metrics_only()),
+        ),
+    ];
+    for (what, close, before) in closes {
+        let b = exp();
+        grow(&b).await;
+        if let Some(before) = before {
+            before(&b);
+        }
+        close(&b);
+        assert_eq!(b.state(), State::Closed, "{what}");
+        run(&b, &[F; 5]);
+        assert_eq!(b.state(), State::Open, "{what}");
+        assert_eq!(
+            b.open_remaining(),
+            Some(Duration::from_secs(1)),
+            "{what}: the backoff restarts after a close"
+        );
+    }
+}
+
+/// Configured durations saturate (issue 10): `Duration::MAX` anywhere is refused with a
+/// typed error or means "practically never", and never panics.
+#[tokio::test(start_paused = true)]
+async fn huge_configured_durations_saturate() {
+    let err = Breaker::new(cfg().window(Window::Time(Duration::MAX))).unwrap_err();
+    assert!(err.to_string().contains("window"), "{err}");
+    for wait in [
+        WaitStrategy::Constant(Duration::MAX),
+        WaitStrategy::Exponential {
+            initial: Duration::MAX,
+            multiplier: 2.0,
+            max: Duration::MAX,
+            jitter: 0.5,
+        },
+    ] {
+        let b = Breaker::new(
+            cfg()
+                .half_open_permits(1)
+                .wait_strategy(wait)
+                .slow_call_duration(Duration::MAX)
+                .max_half_open_wait(Duration::MAX),
+        )
+        .unwrap();
+        run(&b, &[F; 5]);
+        assert_eq!(b.state(), State::Open);
+        assert!(b.open_remaining().unwrap() > Duration::from_secs(86_400 * 365));
+        tokio::time::sleep(Duration::from_secs(86_400)).await;
+        assert!(b.try_acquire().is_err(), "still open");
+        b.transition_to(State::HalfOpen).unwrap();
+        let p = b.try_acquire().unwrap();
+        b.complete(p, F, Duration::MAX);
+        assert_eq!(b.state(), State::Open);
+        let _ = b.metrics();
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn jitter_stays_within_its_bounds() {
     for _ in 0..20 {

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tower::discover::Change;
 use tower_patterns::discovery::{
     DiscoveryError, Instance, Lease, MemoryRegistry, Registration, Registry, RegistryEvent,
-    Selector, Watcher,
+    Selector, Watcher, WatcherConfig,
 };
 use tower_patterns::route::{Backend, RouteError, RouteTable};
 
@@ -348,17 +348,295 @@ async fn watcher_is_fail_static_and_reports_staleness() {
     assert_eq!(snap.len(), 2);
     assert_eq!(snap.staleness(), Some(Duration::from_secs(42)));
 
-    // Back: the registry's answer decides, including an instance that went away meanwhile.
+    // Back: the registry's answer decides, including an instance that went away meanwhile,
+    // once the reconnect grace (default 10 s) has given it time to register again.
     tx.send(RegistryEvent::Snapshot(vec![inst("api", "a2", 2)]))
         .unwrap();
     let snap = watcher.wait_until(|s| !s.is_stale()).await;
-    assert_eq!(snap.len(), 1);
+    assert_eq!(snap.len(), 2, "a1 held during the reconnect grace");
+    assert_eq!(snap.held(), 1);
     assert_eq!(snap.staleness(), None);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let snap = watcher.wait_until(|s| s.held() == 0).await;
+    assert_eq!(snap.len(), 1);
+    assert!(snap.get("a2").is_some());
     // Instances of another service in the feed are ignored.
     tx.send(RegistryEvent::Put(inst("web", "w1", 3))).unwrap();
     tx.send(RegistryEvent::Delete("a2".into())).unwrap();
     let snap = watcher.wait_until(|s| s.is_empty()).await;
     assert!(snap.get("w1").is_none());
+}
+
+fn scripted() -> (mpsc::UnboundedSender<RegistryEvent>, Scripted) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let reg = Scripted {
+        feed: Arc::new(std::sync::Mutex::new(Some(rx))),
+    };
+    (tx, reg)
+}
+
+/// A bound on paused-time waits: without the hold they would wait forever.
+async fn soon<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(3600), fut)
+        .await
+        .unwrap_or_else(|_| panic!("never happened: {what}"))
+}
+
+fn unavailable() -> RegistryEvent {
+    RegistryEvent::Unavailable(DiscoveryError::Protocol("connection refused".into()))
+}
+
+/// Issue 10 item 5: etcd back after an outage longer than the TTL expires every lease at
+/// once, before the instances register again. The watcher holds those removals for the
+/// reconnect grace; an instance that registers again ends its hold, one that does not is
+/// removed when the grace ends.
+#[tokio::test(start_paused = true)]
+async fn removals_right_after_a_reconnect_are_held_for_the_grace() {
+    let (tx, reg) = scripted();
+    let watcher = Watcher::new(&reg, "api", Selector::any());
+    let all = || {
+        vec![
+            inst("api", "a1", 1),
+            inst("api", "a2", 2),
+            inst("api", "a3", 3),
+        ]
+    };
+    tx.send(RegistryEvent::Snapshot(all())).unwrap();
+    watcher.wait_until(|s| s.len() == 3).await;
+
+    tx.send(unavailable()).unwrap();
+    watcher.wait_until(|s| s.is_stale()).await;
+    // Back: the listed set still has the instances, then the lease expiries arrive one by
+    // one (separate etcd revisions).
+    tx.send(RegistryEvent::Snapshot(all())).unwrap();
+    let mut rx = watcher.subscribe();
+    for id in ["a1", "a2", "a3"] {
+        tx.send(RegistryEvent::Delete(id.into())).unwrap();
+    }
+    let snap = soon(
+        "removals held",
+        watcher.wait_until(|s| !s.is_stale() && s.held() == 3),
+    )
+    .await;
+    assert_eq!(snap.len(), 3, "nothing removed during the grace");
+    // Re-registrations end the hold.
+    tx.send(RegistryEvent::Put(inst("api", "a1", 1))).unwrap();
+    tx.send(RegistryEvent::Put(inst("api", "a2", 2))).unwrap();
+    let snap = watcher.wait_until(|s| s.held() == 1).await;
+    assert_eq!(snap.len(), 3);
+    // Every published snapshot had all three instances.
+    while rx.has_changed().unwrap() {
+        rx.borrow_and_update();
+        assert_eq!(watcher.snapshot().len(), 3);
+    }
+    // a3 never came back: removed when its grace ends, not before.
+    let start = tokio::time::Instant::now();
+    let snap = watcher.wait_until(|s| s.len() == 2).await;
+    assert_eq!(start.elapsed(), Duration::from_secs(10));
+    assert_eq!(snap.held(), 0);
+    assert!(snap.get("a3").is_none());
+
+    // After the grace, a removal is applied at once again.
+    tx.send(RegistryEvent::Delete("a2".into())).unwrap();
+    let start = tokio::time::Instant::now();
+    watcher.wait_until(|s| s.len() == 1).await;
+    assert_eq!(start.elapsed(), Duration::ZERO);
+}
+
+/// Issue 10 item 5: every instance disappearing in one registry update (a registry
+/// restarted without its data, a mass lease expiry) keeps the last set for `empty_hold`.
+#[tokio::test(start_paused = true)]
+async fn all_instances_gone_at_once_are_kept_for_a_bounded_time() {
+    let (tx, reg) = scripted();
+    let watcher = Watcher::new(&reg, "api", Selector::any());
+    tx.send(RegistryEvent::Snapshot(vec![
+        inst("api", "a1", 1),
+        inst("api", "a2", 2),
+    ]))
+    .unwrap();
+    watcher.wait_until(|s| s.len() == 2).await;
+    // No outage was seen: only the "all gone at once" rule applies.
+    tx.send(RegistryEvent::Snapshot(vec![])).unwrap();
+    let snap = soon("all held", watcher.wait_until(|s| s.held() == 2)).await;
+    assert_eq!(snap.len(), 2, "never empty because of a mass expiry");
+    tx.send(RegistryEvent::Put(inst("api", "a1", 1))).unwrap();
+    let snap = watcher.wait_until(|s| s.held() == 1).await;
+    assert_eq!(snap.len(), 2);
+    // Bounded: a2 goes after the default 30 s.
+    let start = tokio::time::Instant::now();
+    let snap = watcher.wait_until(|s| s.len() == 1).await;
+    assert_eq!(start.elapsed(), Duration::from_secs(30));
+    assert!(snap.get("a1").is_some());
+
+    // The same with the rule disabled: applied at once.
+    let (tx, reg) = scripted();
+    let watcher = Watcher::with_config(
+        &reg,
+        "api",
+        Selector::any(),
+        WatcherConfig::new().empty_hold(Duration::ZERO),
+    );
+    tx.send(RegistryEvent::Snapshot(vec![
+        inst("api", "a1", 1),
+        inst("api", "a2", 2),
+    ]))
+    .unwrap();
+    watcher.wait_until(|s| s.len() == 2).await;
+    tx.send(RegistryEvent::Snapshot(vec![])).unwrap();
+    let start = tokio::time::Instant::now();
+    watcher.wait_until(|s| s.is_empty()).await;
+    assert_eq!(start.elapsed(), Duration::ZERO);
+}
+
+/// Deregistering instances one by one (a scale-down, a deploy) still empties a service at
+/// once: only a single update that removes several instances is held.
+#[tokio::test(start_paused = true)]
+async fn instances_deregistered_one_by_one_leave_at_once() {
+    let reg = MemoryRegistry::new();
+    let watcher = Watcher::new(&reg, "api", Selector::any());
+    let ttl = Duration::from_secs(10);
+    let g1 = Registration::new(reg.clone(), inst("api", "a1", 1), ttl)
+        .await
+        .unwrap();
+    let g2 = Registration::new(reg.clone(), inst("api", "a2", 2), ttl)
+        .await
+        .unwrap();
+    watcher.wait_until(|s| s.len() == 2).await;
+    let start = tokio::time::Instant::now();
+    g1.deregister().await.unwrap();
+    watcher.wait_until(|s| s.len() == 1).await;
+    g2.deregister().await.unwrap();
+    let snap = watcher.wait_until(|s| s.is_empty()).await;
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert_eq!(snap.held(), 0);
+}
+
+/// Configured durations saturate instead of panicking (issue 10: `Duration::MAX`).
+#[tokio::test(start_paused = true)]
+async fn huge_watcher_holds_saturate() {
+    let (tx, reg) = scripted();
+    let watcher = Watcher::with_config(
+        &reg,
+        "api",
+        Selector::any(),
+        WatcherConfig::new()
+            .reconnect_grace(Duration::MAX)
+            .empty_hold(Duration::MAX),
+    );
+    tx.send(RegistryEvent::Snapshot(vec![
+        inst("api", "a1", 1),
+        inst("api", "a2", 2),
+    ]))
+    .unwrap();
+    watcher.wait_until(|s| s.len() == 2).await;
+    tx.send(RegistryEvent::Snapshot(vec![])).unwrap();
+    watcher.wait_until(|s| s.held() == 2).await;
+    tx.send(unavailable()).unwrap();
+    tx.send(RegistryEvent::Snapshot(vec![inst("api", "a1", 1)]))
+        .unwrap();
+    tx.send(RegistryEvent::Delete("a1".into())).unwrap();
+    let snap = watcher.wait_until(|s| !s.is_stale()).await;
+    assert_eq!(snap.len(), 2);
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert_eq!(watcher.len(), 2, "held, and the watcher task is alive");
+}
+
+/// A memory registry whose refreshes fail while `down` is set, as if it were unreachable.
+#[derive(Clone)]
+struct Flaky {
+    inner: MemoryRegistry,
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Registry for Flaky {
+    fn register<'a>(
+        &'a self,
+        i: &'a Instance,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Lease, DiscoveryError>> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Box::pin(async { Err(DiscoveryError::Protocol("unreachable".into())) });
+        }
+        self.inner.register(i, ttl)
+    }
+    fn keep_alive<'a>(&'a self, l: &'a Lease) -> BoxFuture<'a, Result<(), DiscoveryError>> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Box::pin(async {
+                Err(DiscoveryError::Unavailable {
+                    registry: "flaky",
+                    source: "connection refused".into(),
+                })
+            });
+        }
+        self.inner.keep_alive(l)
+    }
+    fn deregister<'a>(&'a self, l: &'a Lease) -> BoxFuture<'a, Result<(), DiscoveryError>> {
+        self.inner.deregister(l)
+    }
+    fn instances<'a>(&'a self, s: &'a str) -> BoxFuture<'a, Result<Vec<Instance>, DiscoveryError>> {
+        self.inner.instances(s)
+    }
+    fn events(&self, s: &str) -> BoxStream<'static, RegistryEvent> {
+        self.inner.events(s)
+    }
+}
+
+/// Issue 10 item 5: after an outage longer than the TTL the registration must come back
+/// as soon as the registry answers, not at the next TTL/3 refresh (up to 10 s here, while
+/// watchers had already applied the expiry).
+#[tokio::test(start_paused = true)]
+async fn guard_registers_again_as_soon_as_the_registry_is_back() {
+    use std::sync::atomic::Ordering;
+    let reg = Flaky {
+        inner: MemoryRegistry::new(),
+        down: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    };
+    let ttl = Duration::from_secs(30); // refreshed every 10 s
+    let guard = Registration::new(reg.clone(), inst("api", "a1", 8001), ttl)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    reg.down.store(true, Ordering::SeqCst);
+    // The lease (last refreshed at 0 s) expires at 30 s; the registry is back at 41 s.
+    tokio::time::sleep(Duration::from_secs(36)).await;
+    assert!(reg.inner.instances("api").await.unwrap().is_empty());
+    reg.down.store(false, Ordering::SeqCst);
+    let back = tokio::time::Instant::now();
+    let registered = tokio::time::timeout(Duration::from_secs(60), async {
+        while reg.inner.instances("api").await.unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    registered.await.unwrap();
+    let took = back.elapsed();
+    assert!(
+        took <= Duration::from_secs(1),
+        "registered again after {took:?}"
+    );
+    assert_eq!(guard.registrations(), 2);
+    assert!(guard.is_registered());
+}
+
+/// Configured durations saturate: a TTL of `Duration::MAX` never panics (issue 10 item 2).
+#[tokio::test(start_paused = true)]
+async fn huge_ttls_saturate() {
+    let reg = MemoryRegistry::new();
+    let watcher = Watcher::new(&reg, "api", Selector::any());
+    let lease = reg
+        .register(&inst("api", "a1", 8001), Duration::MAX)
+        .await
+        .unwrap();
+    reg.keep_alive(&lease).await.unwrap();
+    let guard = Registration::new(reg.clone(), inst("api", "a2", 8002), Duration::MAX)
+        .await
+        .unwrap();
+    watcher.wait_until(|s| s.len() == 2).await;
+    tokio::time::sleep(Duration::from_secs(86_400 * 365)).await;
+    assert_eq!(reg.instances("api").await.unwrap().len(), 2);
+    assert!(guard.is_registered());
+    guard.deregister().await.unwrap();
+    watcher.wait_until(|s| s.len() == 1).await;
+    reg.deregister(&lease).await.unwrap();
 }
 
 #[tokio::test]

@@ -530,3 +530,53 @@ async fn consul_bad_address_and_bad_instance_are_typed_errors() {
     let down = ConsulRegistry::new(format!("http://127.0.0.1:{port}")).unwrap();
     assert!(down.instances("api").await.unwrap_err().is_unavailable());
 }
+
+/// Issue 10 item 5, Consul: an agent back without its state lists nothing until the
+/// instances register again; the watcher holds the removals for the reconnect grace, so
+/// the service is never empty, and the instances are listed by the agent again.
+#[tokio::test]
+async fn consul_agent_back_without_state_never_empties_the_service() {
+    use std::sync::atomic::AtomicBool;
+    let mut agent = Agent::start().await;
+    let reg = registry(&agent);
+    let watcher = Watcher::new(&reg, "api-service", Selector::any());
+    let g1 = Registration::new(reg.clone(), inst("api-service", "a1", 8001), TTL)
+        .await
+        .unwrap();
+    let g2 = Registration::new(reg.clone(), inst("api-service", "a2", 8002), TTL)
+        .await
+        .unwrap();
+    within("both", watcher.wait_until(|s| s.len() == 2)).await;
+    let emptied = Arc::new(AtomicBool::new(false));
+    let observer = {
+        let (watcher, emptied) = (watcher.clone(), emptied.clone());
+        tokio::spawn(async move {
+            let mut rx = watcher.subscribe();
+            while rx.changed().await.is_ok() {
+                if watcher.is_empty() {
+                    emptied.store(true, Ordering::SeqCst);
+                }
+            }
+        })
+    };
+
+    agent.stop().await;
+    within("stale", watcher.wait_until(|s| s.is_stale())).await;
+    agent.forget_all();
+    agent.resume().await;
+    until("both registered again", || {
+        g1.registrations() == 2 && g2.registrations() == 2 && agent.service_count() == 2
+    })
+    .await;
+    let snap = within(
+        "listed again, nothing held",
+        watcher.wait_until(|s| !s.is_stale() && s.held() == 0 && s.len() == 2),
+    )
+    .await;
+    assert!(snap.get("a1").is_some() && snap.get("a2").is_some());
+    observer.abort();
+    assert!(
+        !emptied.load(Ordering::SeqCst),
+        "the watched set became empty"
+    );
+}

@@ -251,7 +251,7 @@ impl CircuitBreakerConfig {
     /// The number of one-second buckets of a time window (0 for a count window).
     pub(crate) fn window_secs(&self) -> u64 {
         match self.window {
-            Window::Time(d) => d.as_secs() + u64::from(d.subsec_nanos() > 0),
+            Window::Time(d) => d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0)),
             Window::Count(_) => 0,
         }
     }

@@ -749,7 +749,11 @@ impl Shared {
             }
             State::Closed | State::MetricsOnly => {
                 self.reset_window();
-                if to == State::Closed && from == State::HalfOpen {
+                // Every close restarts the backoff, not only a successful half-open probe:
+                // an operator's `force_closed()` / `transition_to(Closed)` from open,
+                // forced-open, disabled or metrics-only is a close too (resilience4j
+                // resets its interval function on any transition to closed).
+                if to == State::Closed {
                     self.open_attempts.store(0, Ordering::Relaxed);
                 }
             }

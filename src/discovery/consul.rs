@@ -297,7 +297,8 @@ impl ConsulRegistry {
                     duration(wait)
                 ),
                 // Consul adds up to wait/16 of jitter.
-                wait + wait / 16 + self.inner.request_timeout,
+                wait.saturating_add(wait / 16)
+                    .saturating_add(self.inner.request_timeout),
             )
         };
         let (status, new_index, body) = self.send(Method::GET, &pq, None, timeout).await?;

@@ -8,6 +8,7 @@
 //! list again.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +23,18 @@ use super::{Backoff, DiscoveryError, Instance, Lease, Registry, RegistryEvent};
 
 const NAME: &str = "etcd";
 
+/// Default HTTP/2 keep-alive ping interval. etcd refuses pings closer together than its
+/// `--grpc-keepalive-min-time` (default 5 s): after three such pings it sends
+/// `GOAWAY too_many_pings` and cuts the connection, so a faster client is disconnected
+/// every few seconds by a perfectly healthy etcd. 10 s stays well above that minimum.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a ping may stay unanswered before the connection is considered dead.
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a watcher checks that etcd still answers while its watch is silent.
+const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+/// etcd's default `--grpc-keepalive-min-time`.
+const ETCD_MIN_PING_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Builds an [`EtcdRegistry`].
 #[derive(Debug, Clone)]
 pub struct EtcdRegistryBuilder {
@@ -29,6 +42,7 @@ pub struct EtcdRegistryBuilder {
     prefix: String,
     request_timeout: Duration,
     connect_timeout: Duration,
+    keep_alive: (Duration, Duration),
     user: Option<(String, String)>,
 }
 
@@ -51,6 +65,16 @@ impl EtcdRegistryBuilder {
         self
     }
 
+    /// HTTP/2 keep-alive pings: `interval` between pings on a connection that has open
+    /// streams (a watch), `timeout` for the answer (defaults 10 s and 5 s). Pings are not
+    /// sent on an idle connection, and the interval is raised to at least 5 s, etcd's
+    /// default `--grpc-keepalive-min-time`: etcd answers faster pings with
+    /// `GOAWAY too_many_pings` and drops the connection.
+    pub fn keep_alive(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.keep_alive = (interval.max(ETCD_MIN_PING_INTERVAL), timeout);
+        self
+    }
+
     /// Authenticates with etcd's user/password auth.
     pub fn user(mut self, name: impl Into<String>, password: impl Into<String>) -> Self {
         self.user = Some((name.into(), password.into()));
@@ -70,11 +94,15 @@ impl EtcdRegistryBuilder {
                 self.prefix
             )));
         }
+        let (interval, timeout) = self.keep_alive;
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(self.connect_timeout)
-            // HTTP/2 pings notice a dead etcd that did not close the connection.
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-            .with_keep_alive_while_idle(true);
+            // HTTP/2 pings notice a dead etcd that did not close the connection. Only
+            // while a stream (a watch) is open: etcd enforces its keep-alive policy
+            // without `PermitWithoutStream`, so any ping on an idle connection within
+            // two hours of the previous one counts as a strike.
+            .with_keep_alive(interval, timeout)
+            .with_keep_alive_while_idle(false);
         if let Some((name, password)) = self.user {
             opts = opts.with_user(name, password);
         }
@@ -85,6 +113,7 @@ impl EtcdRegistryBuilder {
             client,
             prefix: prefix.into(),
             request_timeout: self.request_timeout,
+            interruptions: Arc::new(AtomicU64::new(0)),
         })
     }
 }
@@ -95,6 +124,7 @@ pub struct EtcdRegistry {
     client: Client,
     prefix: Arc<str>,
     request_timeout: Duration,
+    interruptions: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for EtcdRegistry {
@@ -117,6 +147,7 @@ impl EtcdRegistry {
             prefix: "/services".into(),
             request_timeout: Duration::from_secs(3),
             connect_timeout: Duration::from_secs(2),
+            keep_alive: (KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT),
             user: None,
         }
     }
@@ -128,6 +159,14 @@ impl EtcdRegistry {
         E: Into<String>,
     {
         Self::builder(endpoints).connect().await
+    }
+
+    /// How many times a watcher's list or watch stream failed and had to be made again
+    /// (connection cut, etcd unreachable, request timed out), summed over all watchers of
+    /// this client and its clones. A healthy etcd leaves it at 0; a steadily growing count
+    /// means the connection is being cut (e.g. pings refused by etcd's keep-alive policy).
+    pub fn interruptions(&self) -> u64 {
+        self.interruptions.load(Ordering::Relaxed)
     }
 
     /// The key of an instance: `<prefix>/<service>/<id>`.
@@ -148,6 +187,19 @@ impl EtcdRegistry {
             Err(_) => Err(DiscoveryError::unavailable(NAME, "request timed out")),
         }
     }
+}
+
+/// etcd's largest lease TTL (`MaxLeaseTTL`, about 285 years); it refuses a larger one.
+const MAX_LEASE_TTL_SECS: i64 = 9_000_000_000;
+
+/// A TTL as etcd lease seconds: whole seconds rounded up (never shorter than asked), at
+/// least 1, saturated at etcd's maximum instead of overflowing or being refused.
+fn lease_ttl_secs(ttl: Duration) -> i64 {
+    let secs = ttl
+        .as_secs()
+        .saturating_add(u64::from(ttl.subsec_nanos() > 0))
+        .max(1);
+    i64::try_from(secs).map_or(MAX_LEASE_TTL_SECS, |s| s.min(MAX_LEASE_TTL_SECS))
 }
 
 fn lease_not_found(e: &etcd_client::Error) -> bool {
@@ -189,10 +241,7 @@ impl Registry for EtcdRegistry {
             instance.validate()?;
             let value = serde_json::to_vec(instance)
                 .map_err(|e| DiscoveryError::InvalidInstance(e.to_string()))?;
-            // etcd leases have whole seconds; round up so the TTL is never shorter.
-            let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
-            let secs = i64::try_from(secs.max(1))
-                .map_err(|_| DiscoveryError::InvalidConfig("ttl too large".into()))?;
+            let secs = lease_ttl_secs(ttl);
             let mut client = self.client.clone();
             let lease = self.timed(client.lease_grant(secs, None)).await?.id();
             let put = self
@@ -303,10 +352,29 @@ async fn follow(reg: EtcdRegistry, service: String, tx: mpsc::Sender<RegistryEve
                 match watch {
                     Ok(mut stream) => {
                         backoff.reset();
+                        let mut probe_at = tokio::time::Instant::now() + PROBE_INTERVAL;
                         loop {
                             let msg = tokio::select! {
                                 _ = tx.closed() => return,
-                                m = stream.message() => m,
+                                m = stream.message() => {
+                                    // etcd answered: no probe needed for a while.
+                                    probe_at = tokio::time::Instant::now() + PROBE_INTERVAL;
+                                    m
+                                }
+                                () = tokio::time::sleep_until(probe_at) => {
+                                    // A paused or wedged etcd keeps the connection open
+                                    // and the watch silent; when it resumes it expires
+                                    // every lease at once. Noticing the outage makes the
+                                    // watcher hold those removals (reconnect grace).
+                                    let probe = GetOptions::new().with_prefix().with_count_only();
+                                    match reg.timed(client.get(prefix.clone(), Some(probe))).await {
+                                        Ok(_) => {
+                                            probe_at = tokio::time::Instant::now() + PROBE_INTERVAL;
+                                            continue;
+                                        }
+                                        Err(e) => break Some(e),
+                                    }
+                                }
                             };
                             match msg {
                                 Ok(Some(resp)) if resp.canceled() => {
@@ -352,6 +420,7 @@ async fn follow(reg: EtcdRegistry, service: String, tx: mpsc::Sender<RegistryEve
             Err(e) => Some(e),
         };
         if let Some(e) = error {
+            reg.interruptions.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(service = %service, error = %e, "etcd watch interrupted");
             if tx.send(RegistryEvent::Unavailable(e)).await.is_err() {
                 return;
@@ -361,5 +430,26 @@ async fn follow(reg: EtcdRegistry, service: String, tx: mpsc::Sender<RegistryEve
                 _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_ttls_round_up_and_saturate() {
+        assert_eq!(lease_ttl_secs(Duration::ZERO), 1);
+        assert_eq!(lease_ttl_secs(Duration::from_millis(1500)), 2);
+        assert_eq!(lease_ttl_secs(Duration::from_secs(10)), 10);
+        assert_eq!(
+            lease_ttl_secs(Duration::from_secs(u64::MAX)),
+            MAX_LEASE_TTL_SECS
+        );
+        assert_eq!(lease_ttl_secs(Duration::MAX), MAX_LEASE_TTL_SECS);
+        assert_eq!(
+            lease_ttl_secs(Duration::from_secs(i64::MAX as u64 + 7)),
+            MAX_LEASE_TTL_SECS
+        );
     }
 }

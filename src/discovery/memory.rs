@@ -11,7 +11,7 @@ use futures_util::stream::{self, BoxStream, StreamExt};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
-use super::{DiscoveryError, Instance, Lease, Registry, RegistryEvent};
+use super::{saturating_deadline, DiscoveryError, Instance, Lease, Registry, RegistryEvent};
 
 /// An in-process registry: the embedded default for examples, tests and services that
 /// discover each other inside one process.
@@ -187,7 +187,7 @@ impl Registry for MemoryRegistry {
                     Entry {
                         instance: instance.clone(),
                         lease,
-                        expires: Instant::now() + ttl,
+                        expires: saturating_deadline(Instant::now(), ttl),
                     },
                 );
                 svc.publish();
@@ -209,7 +209,7 @@ impl Registry for MemoryRegistry {
                 .filter(|e| e.lease == lease.id());
             match entry {
                 Some(e) => {
-                    e.expires = Instant::now() + lease.ttl();
+                    e.expires = saturating_deadline(Instant::now(), lease.ttl());
                     Ok(())
                 }
                 None => Err(DiscoveryError::LeaseLost(lease.instance().id.clone())),

@@ -16,7 +16,8 @@
 //!   [`shutdown_signal`].
 //! - [`Watcher`]: the current instances of a service matching a [`Selector`] (version, tags),
 //!   **fail-static**: when the registry is unreachable it keeps the last known instances and
-//!   says how stale they are.
+//!   says how stale they are; when the registry comes back having expired every lease, or
+//!   every instance disappears at once, it keeps them for a bounded time ([`WatcherConfig`]).
 //! - [`ServiceDiscover`]: a watcher as a [`tower::discover::Discover`], so any balancer that
 //!   takes a `Discover` (ours or `tower::balance::p2c::Balance`) follows the registry.
 //! - [`route`](crate::route): path-prefix routing to services, `502` when a service has no
@@ -52,6 +53,8 @@
 //! | change feed | in-process | prefix watch from the listed revision | blocking queries (`index`, `wait`) |
 //! | registry lost the registration | re-registered | re-registered when etcd is back | re-registered when the agent forgot it |
 //! | registry unreachable | — | watchers keep the last instances, marked stale | same |
+//! | registry back after an outage | — | removals held for the reconnect grace ([`WatcherConfig`]) | same |
+//! | every instance gone in one update | kept for a bounded time ([`WatcherConfig`]) | same | same |
 
 mod discover;
 mod error;
@@ -70,7 +73,7 @@ pub use error::DiscoveryError;
 pub use instance::{Instance, Selector};
 pub use memory::MemoryRegistry;
 pub use registration::{shutdown_signal, Registration};
-pub use watch::{Snapshot, Watcher};
+pub use watch::{Snapshot, Watcher, WatcherConfig};
 
 #[cfg(feature = "consul")]
 pub use consul::ConsulRegistry;
@@ -200,11 +203,18 @@ impl<R: Registry + ?Sized> Registry for Arc<R> {
     }
 }
 
+/// `now + d`, saturating far in the future instead of panicking on overflow: TTLs and
+/// other durations come from configuration (`Duration::MAX` means "never").
+pub(crate) fn saturating_deadline(now: tokio::time::Instant, d: Duration) -> tokio::time::Instant {
+    // About 30 years: "never" for a registry, and far from any platform's Instant limit.
+    const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
+    now.checked_add(d.min(FAR)).unwrap_or(now)
+}
+
 /// Retry delays for registry clients: doubles from `base` up to `max`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Backoff {
     next: Duration,
-    #[cfg_attr(not(any(feature = "etcd", feature = "consul")), allow(dead_code))]
     base: Duration,
     max: Duration,
 }
@@ -219,10 +229,9 @@ impl Backoff {
     }
     pub(crate) fn next_delay(&mut self) -> Duration {
         let d = self.next;
-        self.next = (self.next * 2).min(self.max);
+        self.next = self.next.saturating_mul(2).min(self.max);
         d
     }
-    #[cfg_attr(not(any(feature = "etcd", feature = "consul")), allow(dead_code))]
     pub(crate) fn reset(&mut self) {
         self.next = self.base;
     }

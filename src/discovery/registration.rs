@@ -14,6 +14,9 @@ type Reply = oneshot::Sender<Result<(), DiscoveryError>>;
 /// How long a deregistration may take when the guard stops.
 const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The longest wait between refresh attempts while the registry does not answer.
+const UNREACHABLE_RETRY_MAX: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Default)]
 struct Status {
     registrations: AtomicU64,
@@ -137,13 +140,24 @@ async fn keep<R: Registry>(
     mut stop: oneshot::Receiver<Reply>,
 ) {
     let interval = ttl / 3;
+    // While the registry does not answer, ask again much sooner than the next regular
+    // refresh: when it comes back after an outage longer than the TTL it has expired the
+    // lease, and every moment until the instance registers again is a moment watchers may
+    // see it gone. Bounded by the refresh interval, so a short TTL is not slowed down.
+    let retry_cap = interval.min(UNREACHABLE_RETRY_MAX);
+    let mut retry = Backoff::new(Duration::from_millis(100).min(retry_cap), retry_cap);
     let mut unreachable = false;
     let stopped = loop {
         // Refresh the lease every third of the TTL, so two refreshes may fail in a row.
+        let wait = if unreachable {
+            retry.next_delay()
+        } else {
+            interval
+        };
         tokio::select! {
             biased;
             s = &mut stop => break s.map_or(Stop::Abandon, Stop::Deregister),
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
         let result = tokio::select! {
             biased;
@@ -152,6 +166,7 @@ async fn keep<R: Registry>(
         };
         match result {
             Ok(Ok(())) => {
+                retry.reset();
                 if unreachable {
                     tracing::info!(instance = %lease.instance(), "registry reachable again; lease kept");
                     unreachable = false;
@@ -164,6 +179,7 @@ async fn keep<R: Registry>(
                     Ok(l) => {
                         lease = l;
                         unreachable = false;
+                        retry.reset();
                         status.registrations.fetch_add(1, Ordering::Relaxed);
                         status.registered.store(true, Ordering::Release);
                         tracing::info!(instance = %lease.instance(), "registered again");
