@@ -480,7 +480,7 @@ async fn exponential_backoff_grows_caps_and_resets_on_close() {
 #[tokio::test(start_paused = true)]
 async fn backoff_resets_on_every_close_not_only_half_open_to_closed() {
     let exp = || {
-        Breaker::new(
+        Circuit::new(
             cfg()
                 .half_open_permits(1)
                 .wait_strategy(WaitStrategy::Exponential {
@@ -493,7 +493,7 @@ async fn backoff_resets_on_every_close_not_only_half_open_to_closed() {
         .unwrap()
     };
     // Grows the backoff to 4 s (three openings: 1, 2, 4), leaving the breaker open.
-    async fn grow(b: &Breaker) {
+    async fn grow(b: &Circuit) {
         run(b, &[F; 5]);
         for _ in 0..2 {
             tokio::time::sleep(b.open_remaining().unwrap()).await;
@@ -501,7 +501,7 @@ async fn backoff_resets_on_every_close_not_only_half_open_to_closed() {
         }
         assert_eq!(b.open_remaining(), Some(Duration::from_secs(4)));
     }
-    type Close = fn(&Breaker);
+    type Close = fn(&Circuit);
     let closes: [(&str, Close, Option<Close>); 5] = [
         ("force_closed from open", |b| b.force_closed(), None),
         (
@@ -549,7 +549,7 @@ async fn backoff_resets_on_every_close_not_only_half_open_to_closed() {
 /// typed error or means "practically never", and never panics.
 #[tokio::test(start_paused = true)]
 async fn huge_configured_durations_saturate() {
-    let err = Breaker::new(cfg().window(Window::Time(Duration::MAX))).unwrap_err();
+    let err = Circuit::new(cfg().window(Window::Time(Duration::MAX))).unwrap_err();
     assert!(err.to_string().contains("window"), "{err}");
     for wait in [
         WaitStrategy::Constant(Duration::MAX),
@@ -560,7 +560,7 @@ async fn huge_configured_durations_saturate() {
             jitter: 0.5,
         },
     ] {
-        let b = Breaker::new(
+        let b = Circuit::new(
             cfg()
                 .half_open_permits(1)
                 .wait_strategy(wait)
