@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
+use super::flight::Flights;
 use super::service::Cache;
 use super::store::Store;
 use crate::body::tee::TeeStats;
@@ -24,6 +25,8 @@ pub struct CacheStats {
     pub(crate) fills: AtomicU64,
     pub(crate) fills_aborted: AtomicU64,
     pub(crate) purges: AtomicU64,
+    pub(crate) coalesced: AtomicU64,
+    pub(crate) lock_timeouts: AtomicU64,
     pub(crate) tee: Arc<TeeStats>,
 }
 
@@ -44,6 +47,11 @@ pub struct CacheStatsSnapshot {
     pub fills_aborted: u64,
     /// Entries removed by `PURGE` or [`CacheLayer::purge`].
     pub purges: u64,
+    /// Misses that followed another request's origin fetch instead of making their own
+    /// (request coalescing).
+    pub coalesced: u64,
+    /// Followers that waited past the lock timeout and went to the origin themselves.
+    pub lock_timeouts: u64,
 }
 
 impl CacheStats {
@@ -58,6 +66,8 @@ impl CacheStats {
             fills: self.fills.load(r),
             fills_aborted: self.fills_aborted.load(r),
             purges: self.purges.load(r),
+            coalesced: self.coalesced.load(r),
+            lock_timeouts: self.lock_timeouts.load(r),
         }
     }
 }
@@ -81,6 +91,9 @@ pub(crate) struct Config {
     pub(crate) default_ttl: Option<Duration>,
     pub(crate) stale_if_error: Duration,
     pub(crate) fill: bool,
+    /// Request coalescing: `None` when off, else the lock timeout.
+    pub(crate) coalesce: Option<Duration>,
+    pub(crate) flights: Arc<Flights>,
     pub(crate) stats: Arc<CacheStats>,
 }
 
@@ -109,7 +122,11 @@ pub struct CacheLayerBuilder {
     default_ttl: Option<Duration>,
     stale_if_error: Duration,
     fill: bool,
+    coalesce: Option<Duration>,
 }
+
+/// The default lock timeout of request coalescing: nginx's `proxy_cache_lock_timeout`.
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl fmt::Debug for CacheLayerBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -188,6 +205,7 @@ impl CacheLayer {
             default_ttl: None,
             stale_if_error: Duration::ZERO,
             fill: true,
+            coalesce: Some(DEFAULT_LOCK_TIMEOUT),
         }
     }
 
@@ -211,6 +229,11 @@ impl CacheLayer {
     /// The counters.
     pub fn stats(&self) -> &Arc<CacheStats> {
         &self.cfg.stats
+    }
+
+    /// Origin fetches that other requests are following right now (request coalescing).
+    pub fn flights_in_progress(&self) -> usize {
+        self.cfg.flights.len()
     }
 }
 
@@ -293,6 +316,22 @@ impl CacheLayerBuilder {
         self
     }
 
+    /// Request coalescing (default on, like nginx `proxy_cache_lock`): concurrent misses
+    /// for one key make one origin request and the others stream its response. A follower
+    /// waits at most `lock_timeout` for the response head (default
+    /// [`DEFAULT_LOCK_TIMEOUT`], 5 s), then goes to the origin itself without storing.
+    /// Only applies when this layer fills the store ([`Self::fill_on_miss`]).
+    pub fn lock_timeout(mut self, lock_timeout: Duration) -> Self {
+        self.coalesce = Some(lock_timeout);
+        self
+    }
+
+    /// Turns request coalescing off: every miss goes to the origin.
+    pub fn no_coalescing(mut self) -> Self {
+        self.coalesce = None;
+        self
+    }
+
     /// Builds the layer.
     pub fn build(self) -> CacheLayer {
         CacheLayer {
@@ -303,6 +342,8 @@ impl CacheLayerBuilder {
                 default_ttl: self.default_ttl,
                 stale_if_error: self.stale_if_error,
                 fill: self.fill,
+                coalesce: self.coalesce,
+                flights: Arc::default(),
                 stats: Arc::default(),
             }),
         }

@@ -50,6 +50,7 @@
 //! `If-None-Match`, `Vary` variants, ranges.
 
 mod body;
+mod flight;
 mod future;
 mod layer;
 mod policy;
@@ -57,11 +58,12 @@ mod service;
 mod sink;
 mod store;
 
-pub use body::CacheBody;
+pub use body::{CacheBody, CacheBodyError};
+pub use flight::FillFailed;
 pub use future::ResponseFuture;
 pub use layer::{
     authority_key, path_and_query_key, purge_from_loopback, request_authority, CacheLayer,
-    CacheLayerBuilder, CacheStats, CacheStatsSnapshot,
+    CacheLayerBuilder, CacheStats, CacheStatsSnapshot, DEFAULT_LOCK_TIMEOUT,
 };
 pub use service::{Cache, X_CACHE};
 pub use sink::StoreSink;

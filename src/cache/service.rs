@@ -12,13 +12,15 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::body::CacheBody;
+use super::flight::{Lead, Role, Wait};
 use super::future::{Miss, ResponseFuture};
 use super::layer::{CacheLayer, Config, PurgeMode};
 use super::policy;
 use super::store::CachedResponse;
 use crate::body::tee::{outlet, DisconnectPolicy, Inlet, Next, TeeBody, TeeOptions};
 
-/// The `X-Cache` response header: `HIT`, `MISS` or `STALE`.
+/// The `X-Cache` response header: `HIT`, `MISS`, `STALE`, or `COALESCED` (a miss that
+/// streamed another request's origin response).
 pub const X_CACHE: &str = "x-cache";
 
 /// Bytes a fill may trail the client by; the fill task only appends to a `Vec`, so this
@@ -100,12 +102,12 @@ pub(crate) fn from_entry<B>(
 
 impl<S, ReqB, ResB> Service<Request<ReqB>> for Cache<S>
 where
-    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone,
     ResB: Body<Data = Bytes> + Send + 'static,
 {
     type Response = Response<CacheBody<ResB>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResB>;
+    type Future = ResponseFuture<S::Future, ResB, S, Request<ReqB>>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -162,16 +164,48 @@ where
                 stale = Some(entry);
             }
         }
-        cfg.stats.misses.fetch_add(1, Ordering::Relaxed);
-        let miss = Miss {
+        let fill = cfg.fill && is_get && !policy::request_no_store(&parts.headers);
+        let mut miss = Miss {
             key,
-            fill: cfg.fill && is_get && !policy::request_no_store(&parts.headers),
+            fill,
             head: is_head,
             stale,
+            lead: None,
             cfg: cfg.clone(),
         };
+        if let (true, Some(lock_timeout)) = (fill, cfg.coalesce) {
+            match cfg.flights.join(&miss.key) {
+                Role::Follow(flight) => {
+                    cfg.stats.coalesced.fetch_add(1, Ordering::Relaxed);
+                    // The follower may still have to call the origin (released, or lock
+                    // timeout): it takes the service made ready for this call.
+                    let clone = self.inner.clone();
+                    let svc = std::mem::replace(&mut self.inner, clone);
+                    let wait = Wait::new(flight, lock_timeout);
+                    return ResponseFuture::follow(
+                        wait,
+                        svc,
+                        Request::from_parts(parts, body),
+                        miss,
+                    );
+                }
+                Role::Lead(lead) => {
+                    // A flight that just finished stored its entry before leaving the map.
+                    if let Some(entry) = fresh(cfg.store.get(&miss.key)) {
+                        cfg.stats.hits.fetch_add(1, Ordering::Relaxed);
+                        return ResponseFuture::ready(from_entry(entry, is_head, "HIT"));
+                    }
+                    miss.lead = Some(lead);
+                }
+            }
+        }
+        cfg.stats.misses.fetch_add(1, Ordering::Relaxed);
         ResponseFuture::miss(self.inner.call(Request::from_parts(parts, body)), miss)
     }
+}
+
+fn fresh(entry: Option<Arc<CachedResponse>>) -> Option<Arc<CachedResponse>> {
+    entry.filter(|e| e.is_fresh(Instant::now()))
 }
 
 fn content_length(h: &HeaderMap) -> Option<u64> {
@@ -204,6 +238,10 @@ where
     };
     let mut headers = parts.headers.clone();
     headers.remove(X_CACHE);
+    if let Some(lead) = &miss.lead {
+        // Followers get the head now, with the origin's `Age` as it came.
+        lead.share(parts.status, headers.clone());
+    }
     let initial_age = policy::initial_age(&headers);
     headers.remove(header::AGE);
     let (out, inlet) = outlet(FILL_BUFFER);
@@ -215,6 +253,7 @@ where
         fresh_for: ttl,
         initial_age,
         cfg: miss.cfg.clone(),
+        lead: miss.lead,
     };
     tokio::spawn(fill(pending, inlet, max));
     let opts = TeeOptions {
@@ -237,6 +276,9 @@ struct Pending {
     fresh_for: Duration,
     initial_age: Duration,
     cfg: Arc<Config>,
+    /// Followers of this fill: they get each chunk; dropping it without `finish`
+    /// (every early return below) fails their bodies.
+    lead: Option<Lead>,
 }
 
 async fn fill(p: Pending, mut inlet: Inlet, max: u64) {
@@ -251,6 +293,9 @@ async fn fill(p: Pending, mut inlet: Inlet, max: u64) {
                     stats.fills_aborted.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(key = p.key, max, "cache fill abandoned: entry too large");
                     return;
+                }
+                if let Some(lead) = &p.lead {
+                    lead.push(chunk.clone());
                 }
                 body.push(chunk);
             }
@@ -276,5 +321,10 @@ async fn fill(p: Pending, mut inlet: Inlet, max: u64) {
         tracing::debug!(key = p.key, bytes = len, "cache filled");
     } else {
         stats.fills_aborted.fetch_add(1, Ordering::Relaxed);
+    }
+    // After the store: a request that no longer finds the flight finds the entry. The
+    // body was complete either way, so followers end cleanly.
+    if let Some(lead) = p.lead {
+        lead.finish();
     }
 }
