@@ -40,6 +40,8 @@ enum Phase {
     Failed,
     /// The leader's response is not shared: followers go to the origin.
     Released,
+    /// The leader refreshed the stored entry (a `304`): followers read the store.
+    Stored,
 }
 
 struct FlightState {
@@ -153,6 +155,12 @@ impl Lead {
         self.flight.update(|s| s.chunks.push(chunk));
     }
 
+    /// The entry was refreshed in the store without a body (revalidation): followers
+    /// answer from the store.
+    pub(crate) fn stored(self) {
+        self.flight.update(|s| s.phase = Phase::Stored);
+    }
+
     /// The whole body arrived. Call after storing the entry, so that a request that no
     /// longer finds the flight finds the entry.
     pub(crate) fn finish(self) {
@@ -188,6 +196,8 @@ pub(crate) enum Joined {
     Head(StatusCode, HeaderMap, FlightBody),
     /// Go to the origin; `fill`: whether the follower may store what it gets.
     Origin { fill: bool },
+    /// The entry in the store was refreshed: answer from it.
+    Stored,
 }
 
 /// A follower waiting for the leader's head, up to the lock timeout.
@@ -215,6 +225,7 @@ impl Wait {
                     s.wakers.insert(self.id, cx.waker().clone());
                 }
                 Phase::Released => return Poll::Ready(Joined::Origin { fill: true }),
+                Phase::Stored => return Poll::Ready(Joined::Stored),
                 Phase::Streaming | Phase::Done | Phase::Failed => {
                     let head = (s.status, s.headers.clone());
                     drop(s);
@@ -268,7 +279,9 @@ impl FlightBody {
         match s.phase {
             Phase::Done => Poll::Ready(None),
             // Pending/Released cannot follow a head; anything but Done is a failure.
-            Phase::Failed | Phase::Released | Phase::Pending => Poll::Ready(Some(Err(FillFailed))),
+            Phase::Failed | Phase::Released | Phase::Pending | Phase::Stored => {
+                Poll::Ready(Some(Err(FillFailed)))
+            }
             Phase::Streaming => {
                 s.wakers.insert(self.id, cx.waker().clone());
                 Poll::Pending

@@ -14,7 +14,7 @@ use tower_service::Service;
 use super::body::CacheBody;
 use super::flight::{Joined, Lead, Wait};
 use super::layer::Config;
-use super::service::{from_entry, on_response, X_CACHE};
+use super::service::{from_entry, on_response, refresh, X_CACHE};
 use super::store::CachedResponse;
 use crate::body::tee::TeeBody;
 
@@ -25,6 +25,8 @@ pub(crate) struct Miss {
     pub(crate) head: bool,
     /// An expired entry still inside the stale-if-error window.
     pub(crate) stale: Option<Arc<CachedResponse>>,
+    /// A stale entry being revalidated (the request carries its validators).
+    pub(crate) revalidate: Option<Arc<CachedResponse>>,
     /// This miss leads a coalesced flight: followers wait on it.
     pub(crate) lead: Option<Lead>,
     pub(crate) cfg: Arc<Config>,
@@ -120,6 +122,19 @@ where
                         *res.headers_mut() = headers;
                         return Poll::Ready(Ok(res));
                     }
+                    Joined::Stored => {
+                        // The leader refreshed the entry (a 304): serve it if it is fresh.
+                        let m = miss.take();
+                        let hit = m.as_ref().and_then(|m| {
+                            let e = m.cfg.store.get(&m.key)?;
+                            e.is_fresh(tokio::time::Instant::now()).then(|| (e, m.head))
+                        });
+                        if let Some((entry, head)) = hit {
+                            return Poll::Ready(Ok(from_entry(entry, head, "REVALIDATED")));
+                        }
+                        let (svc, req) = (svc.take(), req.take());
+                        state.set(State::Call { svc, req, miss: m });
+                    }
                     Joined::Origin { fill } => {
                         let mut m = miss.take();
                         if let Some(m) = m.as_mut() {
@@ -165,6 +180,13 @@ where
                         tracing::info!(key = m.key, "upstream failed; serving stale entry");
                         // Dropping `m` releases any followers: they try the origin themselves.
                         return Poll::Ready(Ok(from_entry(entry, m.head, "STALE")));
+                    }
+                    if let Ok(r) = &out {
+                        if r.status() == http::StatusCode::NOT_MODIFIED {
+                            if let Some(old) = m.revalidate.take() {
+                                return Poll::Ready(Ok(refresh(r.headers(), old, m)));
+                            }
+                        }
                     }
                     return Poll::Ready(out.map(|r| on_response(r, m)));
                 }

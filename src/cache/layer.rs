@@ -27,6 +27,7 @@ pub struct CacheStats {
     pub(crate) purges: AtomicU64,
     pub(crate) coalesced: AtomicU64,
     pub(crate) lock_timeouts: AtomicU64,
+    pub(crate) revalidated: AtomicU64,
     pub(crate) tee: Arc<TeeStats>,
 }
 
@@ -52,6 +53,8 @@ pub struct CacheStatsSnapshot {
     pub coalesced: u64,
     /// Followers that waited past the lock timeout and went to the origin themselves.
     pub lock_timeouts: u64,
+    /// Stale entries the origin confirmed with `304` (refreshed without a body).
+    pub revalidated: u64,
 }
 
 impl CacheStats {
@@ -68,6 +71,7 @@ impl CacheStats {
             purges: self.purges.load(r),
             coalesced: self.coalesced.load(r),
             lock_timeouts: self.lock_timeouts.load(r),
+            revalidated: self.revalidated.load(r),
         }
     }
 }

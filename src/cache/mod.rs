@@ -50,6 +50,7 @@
 //! `If-None-Match`, `Vary` variants, ranges.
 
 mod body;
+mod conditional;
 mod flight;
 mod future;
 mod layer;

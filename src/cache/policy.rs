@@ -78,6 +78,30 @@ pub(crate) fn request_no_store(h: &HeaderMap) -> bool {
     directives(h).is_none_or(|ds| ds.iter().any(|(k, _)| k == "no-store"))
 }
 
+/// Whether the request asks not to be answered from the cache without asking the origin
+/// (`no-cache`, `max-age=0`; an unreadable `Cache-Control` counts, failing closed).
+pub(crate) fn request_no_cache(h: &HeaderMap) -> bool {
+    directives(h).is_none_or(|ds| {
+        ds.iter().any(|(k, v)| {
+            k == "no-cache" || (k == "max-age" && v.as_deref().and_then(delta_seconds) == Some(0))
+        })
+    })
+}
+
+/// Whether a stored response may not be served stale, even when the origin fails
+/// (RFC 9111 §5.2.2.2 `must-revalidate`, §5.2.2.8 `proxy-revalidate`, §5.2.2.10
+/// `s-maxage` implies it for a shared cache). Unreadable counts as yes.
+pub(crate) fn must_revalidate(h: &HeaderMap) -> bool {
+    directives(h).is_none_or(|ds| {
+        ds.iter().any(|(k, _)| {
+            matches!(
+                k.as_str(),
+                "must-revalidate" | "proxy-revalidate" | "s-maxage"
+            )
+        })
+    })
+}
+
 /// How long a response stays fresh, or `None` if a shared cache must not store it.
 ///
 /// `no-store`, `private`, `no-cache`, `Set-Cookie` and `Vary` (no variant support) make it

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::body::CacheBody;
+use super::conditional;
 use super::flight::{Lead, Role, Wait};
 use super::future::{Miss, ResponseFuture};
 use super::layer::{CacheLayer, Config, PurgeMode};
@@ -151,25 +152,40 @@ where
             cfg.stats.bypass.fetch_add(1, Ordering::Relaxed);
             return ResponseFuture::pass(self.inner.call(req));
         }
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let key = (cfg.key)(&parts);
+        let fill = cfg.fill && is_get && !policy::request_no_store(&parts.headers);
         let mut stale = None;
+        let mut revalidate = None;
+        let no_cache = policy::request_no_cache(&parts.headers);
         if let Some(entry) = cfg.store.get(&key) {
             let now = Instant::now();
-            if entry.is_fresh(now) {
+            if entry.is_fresh(now) && !no_cache {
                 cfg.stats.hits.fetch_add(1, Ordering::Relaxed);
-                return ResponseFuture::ready(from_entry(entry, is_head, "HIT"));
+                return ResponseFuture::ready(answer(entry, &parts.headers, is_head, "HIT"));
             }
-            if entry.age(now) < entry.fresh_for.saturating_add(cfg.stale_if_error) {
-                stale = Some(entry);
+            let must_revalidate = policy::must_revalidate(&entry.headers);
+            if !must_revalidate
+                && entry.age(now) < entry.fresh_for.saturating_add(cfg.stale_if_error)
+            {
+                stale = Some(entry.clone());
+            }
+            // Ask the origin whether our copy is still good, unless the client brought
+            // conditions of its own (then its request goes through as it is).
+            if fill
+                && conditional::has_validator(&entry.headers)
+                && !conditional::has_conditionals(&parts.headers)
+            {
+                conditional::add_validators(&mut parts.headers, &entry.headers);
+                revalidate = Some(entry);
             }
         }
-        let fill = cfg.fill && is_get && !policy::request_no_store(&parts.headers);
         let mut miss = Miss {
             key,
             fill,
             head: is_head,
             stale,
+            revalidate,
             lead: None,
             cfg: cfg.clone(),
         };
@@ -191,9 +207,17 @@ where
                 }
                 Role::Lead(lead) => {
                     // A flight that just finished stored its entry before leaving the map.
-                    if let Some(entry) = fresh(cfg.store.get(&miss.key)) {
+                    // (Not when this request must reach the origin anyway, and never once
+                    // our own validators were added to its headers.)
+                    let recheck = !no_cache && miss.revalidate.is_none();
+                    if let Some(entry) = fresh(cfg.store.get(&miss.key)).filter(|_| recheck) {
                         cfg.stats.hits.fetch_add(1, Ordering::Relaxed);
-                        return ResponseFuture::ready(from_entry(entry, is_head, "HIT"));
+                        return ResponseFuture::ready(answer(
+                            entry,
+                            &parts.headers,
+                            is_head,
+                            "HIT",
+                        ));
                     }
                     miss.lead = Some(lead);
                 }
@@ -202,6 +226,65 @@ where
         cfg.stats.misses.fetch_add(1, Ordering::Relaxed);
         ResponseFuture::miss(self.inner.call(Request::from_parts(parts, body)), miss)
     }
+}
+
+/// A response from a stored entry for a request with `headers`: `304` when the client's
+/// own conditions match (RFC 9110 §13.2.2), else the entry.
+pub(crate) fn answer<B>(
+    entry: Arc<CachedResponse>,
+    headers: &HeaderMap,
+    head: bool,
+    label: &'static str,
+) -> Response<CacheBody<B>> {
+    if !conditional::not_modified(headers, &entry.headers) {
+        return from_entry(entry, head, label);
+    }
+    let age = entry.age(Instant::now()).as_secs();
+    let mut res = Response::new(CacheBody::bytes(Bytes::new()));
+    *res.status_mut() = StatusCode::NOT_MODIFIED;
+    *res.headers_mut() = conditional::not_modified_headers(&entry.headers);
+    res.headers_mut()
+        .insert(header::AGE, HeaderValue::from(age));
+    res.headers_mut()
+        .insert(X_CACHE, HeaderValue::from_static(label));
+    res
+}
+
+/// The origin answered our revalidation with `304`: the stored entry is refreshed (headers
+/// merged, a new lifetime from them) without a body transfer, and served.
+pub(crate) fn refresh<B>(
+    not_modified: &HeaderMap,
+    old: Arc<CachedResponse>,
+    mut miss: Miss,
+) -> Response<CacheBody<B>> {
+    let cfg = &miss.cfg;
+    let mut headers = conditional::merge_304(&old.headers, not_modified);
+    let initial_age = policy::initial_age(not_modified);
+    headers.remove(header::AGE);
+    cfg.stats.revalidated.fetch_add(1, Ordering::Relaxed);
+    let Some(ttl) = policy::freshness(&headers, cfg.default_ttl) else {
+        // Now uncacheable: this client still gets the validated copy, nobody else.
+        cfg.store.remove(&miss.key);
+        let entry = Arc::new(CachedResponse {
+            headers,
+            ..(*old).clone()
+        });
+        return from_entry(entry, miss.head, "REVALIDATED");
+    };
+    let entry = CachedResponse {
+        status: old.status,
+        headers,
+        body: old.body.clone(),
+        stored_at: Instant::now(),
+        fresh_for: ttl,
+        initial_age,
+    };
+    cfg.store.put(&miss.key, entry.clone());
+    if let Some(lead) = miss.lead.take() {
+        lead.stored();
+    }
+    tracing::debug!(key = miss.key, "cache entry revalidated");
+    from_entry(Arc::new(entry), miss.head, "REVALIDATED")
 }
 
 fn fresh(entry: Option<Arc<CachedResponse>>) -> Option<Arc<CachedResponse>> {
