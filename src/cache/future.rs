@@ -19,7 +19,16 @@ use super::store::CachedResponse;
 use crate::body::tee::TeeBody;
 
 pub(crate) struct Miss {
+    /// The key looked up: the plain key, or a variant key when a `Vary` marker was found.
     pub(crate) key: String,
+    /// The plain key (without variant).
+    pub(crate) base: String,
+    /// The `Vary` names of the marker found under `base`, if any.
+    pub(crate) variant_of: Option<Vec<http::HeaderName>>,
+    /// The request's headers, to pick the variant a `Vary` response names (when filling).
+    pub(crate) req_headers: http::HeaderMap,
+    /// The request carried `Authorization`: stored only if the response allows it.
+    pub(crate) authorized: bool,
     /// The request allows storing (GET, no `no-store`).
     pub(crate) fill: bool,
     pub(crate) head: bool,

@@ -252,6 +252,38 @@ impl CacheLayerBuilder {
         self
     }
 
+    /// Keys on the authority, the path and only the query parameters named in `keep`
+    /// (sorted by name, then value, so `?b=2&a=1` and `?a=1&b=2` share an entry; every
+    /// other parameter — tracking ids, cache busters — is ignored). Parameters are
+    /// compared as sent (not percent-decoded).
+    pub fn key_query_params<I, P>(self, keep: I) -> Self
+    where
+        I: IntoIterator<Item = P>,
+        P: Into<String>,
+    {
+        let keep: Vec<String> = keep.into_iter().map(Into::into).collect();
+        self.key(move |parts| {
+            let mut kept: Vec<&str> = parts
+                .uri
+                .query()
+                .unwrap_or("")
+                .split('&')
+                .filter(|p| {
+                    let name = p.split('=').next().unwrap_or("");
+                    keep.iter().any(|k| k == name)
+                })
+                .collect();
+            kept.sort_unstable();
+            let mut key = request_authority(parts).unwrap_or_default();
+            key.push_str(parts.uri.path());
+            if !kept.is_empty() {
+                key.push('?');
+                key.push_str(&kept.join("&"));
+            }
+            key
+        })
+    }
+
     /// Adds a rule a `PURGE` must pass (for example [`purge_from_loopback`]). Without
     /// any rule `PURGE` is refused with `405`; with rules, a request that fails one gets
     /// `403`. Rules combine: every one must pass.

@@ -58,6 +58,7 @@ mod policy;
 mod service;
 mod sink;
 mod store;
+mod vary;
 
 pub use body::{CacheBody, CacheBodyError};
 pub use flight::FillFailed;

@@ -110,7 +110,25 @@ pub(crate) fn must_revalidate(h: &HeaderMap) -> bool {
 /// `Expires` (relative to `Date`), and finally `default_ttl` decide the lifetime, capped
 /// at [`MAX_DELTA_SECS`]. A lifetime of zero is not stored.
 pub(crate) fn freshness(h: &HeaderMap, default_ttl: Option<Duration>) -> Option<Duration> {
-    if h.contains_key(header::SET_COOKIE) || h.contains_key(header::VARY) {
+    if h.contains_key(header::VARY) {
+        return None;
+    }
+    lifetime(h, default_ttl)
+}
+
+/// Whether a response to a request with `Authorization` may be stored and shared
+/// (RFC 9111 §3.5: only with `public`, `s-maxage` or `must-revalidate`). Unreadable: no.
+pub(crate) fn shareable_with_authorization(h: &HeaderMap) -> bool {
+    directives(h).is_some_and(|ds| {
+        ds.iter()
+            .any(|(k, _)| matches!(k.as_str(), "public" | "s-maxage" | "must-revalidate"))
+    })
+}
+
+/// [`freshness`] for a cache that stores `Vary` variants (the layer): the same rules,
+/// `Vary` left to the caller.
+pub(crate) fn lifetime(h: &HeaderMap, default_ttl: Option<Duration>) -> Option<Duration> {
+    if h.contains_key(header::SET_COOKIE) {
         return None;
     }
     let mut max_age = None;

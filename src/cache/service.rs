@@ -18,6 +18,7 @@ use super::future::{Miss, ResponseFuture};
 use super::layer::{CacheLayer, Config, PurgeMode};
 use super::policy;
 use super::store::CachedResponse;
+use super::vary::{self, Vary};
 use crate::body::tee::{outlet, DisconnectPolicy, Inlet, Next, TeeBody, TeeOptions};
 
 /// The `X-Cache` response header: `HIT`, `MISS`, `STALE`, or `COALESCED` (a miss that
@@ -148,17 +149,36 @@ where
             };
             return ResponseFuture::ready(res);
         }
-        if !(is_get || is_head) || req.headers().contains_key(header::AUTHORIZATION) {
+        if !(is_get || is_head) {
             cfg.stats.bypass.fetch_add(1, Ordering::Relaxed);
             return ResponseFuture::pass(self.inner.call(req));
         }
         let (mut parts, body) = req.into_parts();
-        let key = (cfg.key)(&parts);
+        let base = (cfg.key)(&parts);
+        // A request with credentials is never answered from the cache and never joins
+        // another request's fetch; its response is stored only if it says it may be
+        // shared (RFC 9111 §3.5).
+        let authorized = parts.headers.contains_key(header::AUTHORIZATION);
         let fill = cfg.fill && is_get && !policy::request_no_store(&parts.headers);
         let mut stale = None;
         let mut revalidate = None;
-        let no_cache = policy::request_no_cache(&parts.headers);
-        if let Some(entry) = cfg.store.get(&key) {
+        let no_cache = authorized || policy::request_no_cache(&parts.headers);
+        // A `Vary` marker under the plain key names the headers that pick the variant.
+        let mut found = if authorized {
+            None
+        } else {
+            cfg.store.get(&base)
+        };
+        let mut key = base.clone();
+        let mut variant_of = None;
+        if let Some(marker) = found.take_if(|e| vary::is_marker(e)) {
+            if let vary::Vary::Names(names) = vary::parse(&marker.headers) {
+                key = vary::variant_key(&base, &names, &parts.headers);
+                found = cfg.store.get(&key);
+                variant_of = Some(names);
+            }
+        }
+        if let Some(entry) = found.filter(|_| !authorized) {
             let now = Instant::now();
             if entry.is_fresh(now) && !no_cache {
                 cfg.stats.hits.fetch_add(1, Ordering::Relaxed);
@@ -182,6 +202,14 @@ where
         }
         let mut miss = Miss {
             key,
+            base,
+            variant_of,
+            req_headers: if fill {
+                parts.headers.clone()
+            } else {
+                HeaderMap::new()
+            },
+            authorized,
             fill,
             head: is_head,
             stale,
@@ -189,7 +217,7 @@ where
             lead: None,
             cfg: cfg.clone(),
         };
-        if let (true, Some(lock_timeout)) = (fill, cfg.coalesce) {
+        if let (true, false, Some(lock_timeout)) = (fill, authorized, cfg.coalesce) {
             match cfg.flights.join(&miss.key) {
                 Role::Follow(flight) => {
                     cfg.stats.coalesced.fetch_add(1, Ordering::Relaxed);
@@ -262,7 +290,10 @@ pub(crate) fn refresh<B>(
     let initial_age = policy::initial_age(not_modified);
     headers.remove(header::AGE);
     cfg.stats.revalidated.fetch_add(1, Ordering::Relaxed);
-    let Some(ttl) = policy::freshness(&headers, cfg.default_ttl) else {
+    // A `Vary` line appearing on a plain-key entry would turn it into a marker: not kept.
+    let varies_now = miss.variant_of.is_none() && vary::parse(&headers) != Vary::None;
+    let ttl = policy::lifetime(&headers, cfg.default_ttl).filter(|_| !varies_now);
+    let Some(ttl) = ttl else {
         // Now uncacheable: this client still gets the validated copy, nobody else.
         cfg.store.remove(&miss.key);
         let entry = Arc::new(CachedResponse {
@@ -301,12 +332,32 @@ where
     B: Body<Data = Bytes> + Send + 'static,
 {
     let (mut parts, body) = res.into_parts();
+    let mut miss = miss;
     let cfg = &miss.cfg;
-    let ttl = if miss.fill && policy::cacheable_status(parts.status) {
-        policy::freshness(&parts.headers, cfg.default_ttl)
+    let vary = vary::parse(&parts.headers);
+    let ttl = if miss.fill
+        && policy::cacheable_status(parts.status)
+        && vary != Vary::Uncacheable
+        && (!miss.authorized || policy::shareable_with_authorization(&parts.headers))
+    {
+        policy::lifetime(&parts.headers, cfg.default_ttl)
     } else {
         None
     };
+    // Where it is stored: under a variant key (and a marker under the plain key) when the
+    // response varies.
+    let (key, marker) = match &vary {
+        Vary::Names(names) => (
+            vary::variant_key(&miss.base, names, &miss.req_headers),
+            Some(names.clone()),
+        ),
+        _ => (miss.base.clone(), None),
+    };
+    if marker.is_some() && marker != miss.variant_of {
+        // The followers joined under another key or set of names: they may want another
+        // variant, so they ask the origin themselves.
+        miss.lead = None;
+    }
     let len = content_length(&parts.headers);
     let max = cfg.store.max_entry_size();
     parts
@@ -329,7 +380,8 @@ where
     headers.remove(header::AGE);
     let (out, inlet) = outlet(FILL_BUFFER);
     let pending = Pending {
-        key: miss.key,
+        key,
+        marker: marker.map(|names| (miss.base.clone(), names)),
         status: parts.status,
         headers,
         stored_at: Instant::now(),
@@ -353,6 +405,8 @@ where
 
 struct Pending {
     key: String,
+    /// The plain key and the `Vary` names, for the marker stored after the variant.
+    marker: Option<(String, Vec<http::HeaderName>)>,
     status: StatusCode,
     headers: HeaderMap,
     stored_at: Instant,
@@ -400,6 +454,9 @@ async fn fill(p: Pending, mut inlet: Inlet, max: u64) {
         initial_age: p.initial_age,
     };
     if p.cfg.store.put(&p.key, entry) {
+        if let Some((base, names)) = &p.marker {
+            p.cfg.store.put(base, vary::marker(names, p.fresh_for));
+        }
         stats.fills.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(key = p.key, bytes = len, "cache filled");
     } else {
