@@ -14,11 +14,13 @@ use tower_service::Service;
 use super::body::CacheBody;
 use super::flight::{Joined, Lead, Wait};
 use super::layer::Config;
-use super::service::{from_entry, on_response, refresh, X_CACHE};
+use super::service::{from_entry, on_response, refresh, with_range, X_CACHE};
 use super::store::CachedResponse;
 use crate::body::tee::TeeBody;
 
 pub(crate) struct Miss {
+    /// The client's `Range`/`If-Range`, taken off the origin request (empty if none).
+    pub(crate) range: http::HeaderMap,
     /// The key looked up: the plain key, or a variant key when a `Vary` marker was found.
     pub(crate) key: String,
     /// The plain key (without variant).
@@ -129,7 +131,11 @@ where
                         let mut res = Response::new(CacheBody::flight(body));
                         *res.status_mut() = status;
                         *res.headers_mut() = headers;
-                        return Poll::Ready(Ok(res));
+                        let range = miss.as_ref().map(|m| &m.range);
+                        return Poll::Ready(Ok(match range {
+                            Some(r) => with_range(r, res, None),
+                            None => res,
+                        }));
                     }
                     Joined::Stored => {
                         // The leader refreshed the entry (a 304): serve it if it is fresh.
@@ -138,8 +144,9 @@ where
                             let e = m.cfg.store.get(&m.key)?;
                             e.is_fresh(tokio::time::Instant::now()).then(|| (e, m.head))
                         });
-                        if let Some((entry, head)) = hit {
-                            return Poll::Ready(Ok(from_entry(entry, head, "REVALIDATED")));
+                        if let (Some((entry, head)), Some(m)) = (hit, m.as_ref()) {
+                            let res = from_entry(entry.clone(), head, "REVALIDATED");
+                            return Poll::Ready(Ok(with_range(&m.range, res, Some(&entry))));
                         }
                         let (svc, req) = (svc.take(), req.take());
                         state.set(State::Call { svc, req, miss: m });
@@ -188,7 +195,8 @@ where
                         m.cfg.stats.stale.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(key = m.key, "upstream failed; serving stale entry");
                         // Dropping `m` releases any followers: they try the origin themselves.
-                        return Poll::Ready(Ok(from_entry(entry, m.head, "STALE")));
+                        let res = from_entry(entry.clone(), m.head, "STALE");
+                        return Poll::Ready(Ok(with_range(&m.range, res, Some(&entry))));
                     }
                     if let Ok(r) = &out {
                         if r.status() == http::StatusCode::NOT_MODIFIED {
@@ -197,7 +205,8 @@ where
                             }
                         }
                     }
-                    return Poll::Ready(out.map(|r| on_response(r, m)));
+                    let range = std::mem::take(&mut m.range);
+                    return Poll::Ready(out.map(|r| with_range(&range, on_response(r, m), None)));
                 }
             }
         }

@@ -55,6 +55,7 @@ mod flight;
 mod future;
 mod layer;
 mod policy;
+mod range;
 mod service;
 mod sink;
 mod store;
@@ -67,6 +68,7 @@ pub use layer::{
     authority_key, path_and_query_key, purge_from_loopback, request_authority, CacheLayer,
     CacheLayerBuilder, CacheStats, CacheStatsSnapshot, DEFAULT_LOCK_TIMEOUT,
 };
+pub use range::{parse_range, Ranges, MAX_RANGES};
 pub use service::{Cache, X_CACHE};
 pub use sink::StoreSink;
 pub use store::{CachedResponse, MemoryStore, MemoryStoreStats, Store};

@@ -17,6 +17,7 @@ use super::flight::{Lead, Role, Wait};
 use super::future::{Miss, ResponseFuture};
 use super::layer::{CacheLayer, Config, PurgeMode};
 use super::policy;
+use super::range;
 use super::store::CachedResponse;
 use super::vary::{self, Vary};
 use crate::body::tee::{outlet, DisconnectPolicy, Inlet, Next, TeeBody, TeeOptions};
@@ -200,7 +201,18 @@ where
                 revalidate = Some(entry);
             }
         }
+        // A range is answered from the whole object, which is what the origin is asked
+        // for (and what is stored); see `range`.
+        let mut range = HeaderMap::new();
+        if fill {
+            for name in [header::RANGE, header::IF_RANGE] {
+                if let Some(v) = parts.headers.remove(&name) {
+                    range.insert(name, v);
+                }
+            }
+        }
         let mut miss = Miss {
+            range,
             key,
             base,
             variant_of,
@@ -265,7 +277,11 @@ pub(crate) fn answer<B>(
     label: &'static str,
 ) -> Response<CacheBody<B>> {
     if !conditional::not_modified(headers, &entry.headers) {
-        return from_entry(entry, head, label);
+        if head {
+            return from_entry(entry, head, label);
+        }
+        let res = from_entry(entry.clone(), head, label);
+        return range::apply(headers, res, Some(entry.body_len()), Some(&entry));
     }
     let age = entry.age(Instant::now()).as_secs();
     let mut res = Response::new(CacheBody::bytes(Bytes::new()));
@@ -315,7 +331,25 @@ pub(crate) fn refresh<B>(
         lead.stored();
     }
     tracing::debug!(key = miss.key, "cache entry revalidated");
-    from_entry(Arc::new(entry), miss.head, "REVALIDATED")
+    let entry = Arc::new(entry);
+    let res = from_entry(entry.clone(), miss.head, "REVALIDATED");
+    with_range(&miss.range, res, Some(&entry))
+}
+
+/// Applies the client's `Range` (kept in `miss.range`) to a response on the miss path.
+pub(crate) fn with_range<B>(
+    range: &HeaderMap,
+    res: Response<CacheBody<B>>,
+    entry: Option<&CachedResponse>,
+) -> Response<CacheBody<B>> {
+    if range.is_empty() {
+        return res;
+    }
+    let len = match entry {
+        Some(e) => Some(e.body_len()),
+        None => content_length(res.headers()),
+    };
+    range::apply(range, res, len, entry)
 }
 
 fn fresh(entry: Option<Arc<CachedResponse>>) -> Option<Arc<CachedResponse>> {
