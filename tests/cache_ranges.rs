@@ -111,7 +111,11 @@ async fn a_miss_with_range_stores_the_whole_object() {
     assert_eq!(got.content_range, format!("bytes 1000-1999/{LEN}"));
     assert_eq!(&got.body[..], &object()[1000..2000]);
     filled(&cache).await;
-    assert_eq!(*seen.lock().unwrap(), [None], "the origin was asked for everything");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [None],
+        "the origin was asked for everything"
+    );
     let full = send(e, &[]).await;
     assert_eq!((full.status, full.x_cache.as_str()), (200, "HIT"));
     assert_eq!(&full.body[..], &object()[..]);
@@ -138,12 +142,18 @@ async fn hits_answer_ranges() {
     ] {
         let got = send(e, &[("range", range)]).await;
         assert_eq!((got.status, got.x_cache.as_str()), (206, "HIT"), "{range}");
-        assert_eq!(got.content_range, format!("bytes {}-{}/{LEN}", from, to - 1));
+        assert_eq!(
+            got.content_range,
+            format!("bytes {}-{}/{LEN}", from, to - 1)
+        );
         assert_eq!(&got.body[..], &obj[from..to], "{range}");
     }
     // Unsatisfiable: 416 with the length.
     let got = send(e, &[("range", "bytes=200000-")]).await;
-    assert_eq!((got.status, got.content_range.as_str()), (416, "bytes */102400"));
+    assert_eq!(
+        (got.status, got.content_range.as_str()),
+        (416, "bytes */102400")
+    );
     assert!(got.body.is_empty());
     // Malformed, another unit, too many ranges: ignored, the full 200.
     let many = format!("bytes={}", vec!["1-2"; 17].join(","));
@@ -195,7 +205,10 @@ async fn multiple_ranges_are_multipart_byteranges() {
     for (part, (a, b)) in parts[1..].iter().zip(expect) {
         let split = find(part, b"\r\n\r\n").unwrap();
         let head = std::str::from_utf8(&part[..split]).unwrap();
-        assert!(head.contains(&format!("Content-Range: bytes {a}-{b}/{LEN}")), "{head}");
+        assert!(
+            head.contains(&format!("Content-Range: bytes {a}-{b}/{LEN}")),
+            "{head}"
+        );
         assert!(head.contains("Content-Type: application/octet-stream"));
         assert_eq!(&part[split + 4..], &obj[a..=b]);
     }
