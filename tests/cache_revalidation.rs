@@ -329,3 +329,78 @@ async fn expired_entries_are_revalidated_and_must_revalidate_is_never_served_sta
         }
     }
 }
+
+/// Yields until `f` holds (bounded: a hang guard, not a timing assumption).
+async fn until(what: &str, f: impl Fn() -> bool) {
+    for _ in 0..10_000 {
+        if f() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("never happened: {what}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn stale_while_revalidate_serves_stale_during_one_background_refresh() {
+    let calls = Arc::new(AtomicU64::new(0));
+    let (gate, gate_rx) = tokio::sync::watch::channel(true);
+    let c = calls.clone();
+    let origin = service_fn(move |req: Request<()>| {
+        let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut gate_rx = gate_rx.clone();
+        async move {
+            gate_rx.wait_for(|open| *open).await.unwrap();
+            let cc = "max-age=60, stale-while-revalidate=30";
+            let res = if req
+                .headers()
+                .get(header::IF_NONE_MATCH)
+                .is_some_and(|v| v == "\"v1\"")
+            {
+                Response::builder()
+                    .status(304)
+                    .header(header::CACHE_CONTROL, cc)
+                    .body(Full::default())
+            } else {
+                Response::builder()
+                    .header(header::ETAG, "\"v1\"")
+                    .header(header::CACHE_CONTROL, cc)
+                    .body(Full::new(Bytes::from(format!("v{n}"))))
+            };
+            Ok::<_, Infallible>(res.unwrap())
+        }
+    });
+    let cache = CacheLayer::new(MemoryStore::new(1 << 20));
+    let mut svc = ServiceBuilder::new().layer(cache.clone()).service(origin);
+    assert_eq!(get(&mut svc).await.1, "MISS");
+    tokio::time::advance(Duration::from_secs(61)).await;
+    gate.send_replace(false); // hold the refresh at the origin
+    for _ in 0..10 {
+        let (s, xc, body) = get(&mut svc).await;
+        assert_eq!(
+            (s, xc.as_str(), &body[..]),
+            (StatusCode::OK, "STALE", &b"v1"[..])
+        );
+    }
+    until("refresh at the origin", || {
+        calls.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "one background refresh for ten stale hits"
+    );
+    gate.send_replace(true);
+    until("refreshed", || cache.stats().snapshot().revalidated == 1).await;
+    let (_, xc, body) = get(&mut svc).await;
+    assert_eq!(
+        (xc.as_str(), &body[..]),
+        ("HIT", &b"v1"[..]),
+        "refreshed by the 304"
+    );
+    // Past the window (60 s fresh + 30 s): revalidated before answering, not stale.
+    tokio::time::advance(Duration::from_secs(91)).await;
+    assert_eq!(get(&mut svc).await.1, "REVALIDATED");
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+}

@@ -102,6 +102,20 @@ pub(crate) fn must_revalidate(h: &HeaderMap) -> bool {
     })
 }
 
+/// The `stale-while-revalidate` window of a stored response (RFC 5861 §3): how long past
+/// its expiry it may be served while one background request refreshes it. Zero when
+/// absent, not a number, or the list cannot be read.
+pub(crate) fn stale_while_revalidate(h: &HeaderMap) -> Duration {
+    directives(h)
+        .and_then(|ds| {
+            ds.iter().find_map(|(k, v)| {
+                (k == "stale-while-revalidate").then(|| v.as_deref().and_then(delta_seconds))?
+            })
+        })
+        .map(Duration::from_secs)
+        .unwrap_or_default()
+}
+
 /// How long a response stays fresh, or `None` if a shared cache must not store it.
 ///
 /// `no-store`, `private`, `no-cache`, `Set-Cookie` and `Vary` (no variant support) make it

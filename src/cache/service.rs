@@ -105,7 +105,9 @@ pub(crate) fn from_entry<B>(
 
 impl<S, ReqB, ResB> Service<Request<ReqB>> for Cache<S>
 where
-    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone,
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ReqB: Send + 'static,
     ResB: Body<Data = Bytes> + Send + 'static,
 {
     type Response = Response<CacheBody<ResB>>;
@@ -186,6 +188,53 @@ where
                 return ResponseFuture::ready(answer(entry, &parts.headers, is_head, "HIT"));
             }
             let must_revalidate = policy::must_revalidate(&entry.headers);
+            let swr = policy::stale_while_revalidate(&entry.headers);
+            if fill
+                && !no_cache
+                && !must_revalidate
+                && entry.age(now) < entry.fresh_for.saturating_add(swr)
+            {
+                // stale-while-revalidate: this client gets the stale copy now; one
+                // request in the background (this one, without the client's own
+                // conditions) refreshes the entry.
+                cfg.stats.stale.fetch_add(1, Ordering::Relaxed);
+                let res = answer(entry.clone(), &parts.headers, is_head, "STALE");
+                if let Role::Lead(lead) = cfg.flights.join(&key) {
+                    for name in [
+                        header::RANGE,
+                        header::IF_RANGE,
+                        header::IF_NONE_MATCH,
+                        header::IF_MODIFIED_SINCE,
+                        header::IF_MATCH,
+                        header::IF_UNMODIFIED_SINCE,
+                    ] {
+                        parts.headers.remove(name);
+                    }
+                    let validated = conditional::has_validator(&entry.headers);
+                    if validated {
+                        conditional::add_validators(&mut parts.headers, &entry.headers);
+                    }
+                    let miss = Miss {
+                        range: HeaderMap::new(),
+                        req_headers: parts.headers.clone(),
+                        key: key.clone(),
+                        base: base.clone(),
+                        variant_of,
+                        authorized: false,
+                        fill: true,
+                        head: false,
+                        stale: None,
+                        revalidate: validated.then_some(entry),
+                        lead: Some(lead),
+                        cfg: cfg.clone(),
+                    };
+                    let clone = self.inner.clone();
+                    let svc = std::mem::replace(&mut self.inner, clone);
+                    let req = Request::from_parts(parts, body);
+                    tokio::spawn(background_refresh(svc, req, miss));
+                }
+                return ResponseFuture::ready(res);
+            }
             if !must_revalidate
                 && entry.age(now) < entry.fresh_for.saturating_add(cfg.stale_if_error)
             {
@@ -265,6 +314,45 @@ where
         }
         cfg.stats.misses.fetch_add(1, Ordering::Relaxed);
         ResponseFuture::miss(self.inner.call(Request::from_parts(parts, body)), miss)
+    }
+}
+
+/// How long a `stale-while-revalidate` refresh may take before it is given up.
+const BACKGROUND_REFRESH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The background request of `stale-while-revalidate`: calls the origin, refreshes or
+/// refills the entry, and reads the body so the fill completes. Bounded in time; a failure
+/// leaves the stale entry as it was.
+async fn background_refresh<S, ReqB, ResB>(mut svc: S, req: Request<ReqB>, mut miss: Miss)
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+{
+    let key = miss.key.clone();
+    let work = async move {
+        // Errors are dropped at once (not held across an await: they need not be `Send`).
+        let ready = tower::ServiceExt::ready(&mut svc).await.is_ok();
+        if !ready {
+            return None;
+        }
+        let res = svc.call(req).await.ok()?;
+        let res = match miss.revalidate.take() {
+            Some(old) if res.status() == StatusCode::NOT_MODIFIED => {
+                refresh(res.headers(), old, miss)
+            }
+            _ => on_response(res, miss),
+        };
+        let mut body = std::pin::pin!(res.into_body());
+        while let Some(Ok(_)) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {}
+        Some(())
+    };
+    if tokio::time::timeout(BACKGROUND_REFRESH_TIMEOUT, work)
+        .await
+        .ok()
+        .flatten()
+        .is_none()
+    {
+        tracing::debug!(key, "stale-while-revalidate refresh failed or timed out");
     }
 }
 
