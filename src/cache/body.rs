@@ -7,20 +7,20 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
-use super::flight::{FillFailed, FlightBody};
+use super::flight::FlightBody;
 use super::store::CachedResponse;
 use crate::body::tee::TeeBody;
+use crate::BoxError;
 
-/// The error of a [`CacheBody`].
-#[derive(Debug, thiserror::Error)]
-pub enum CacheBodyError<E> {
-    /// The upstream body failed (on a miss).
-    #[error("upstream body failed")]
-    Upstream(#[source] E),
+/// The errors a [`CacheBody`] makes itself (upstream body errors pass through as they
+/// are, boxed). Either one means the body is incomplete: the server aborts the response
+/// instead of ending it cleanly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CacheBodyError {
     /// The response was shared from another request's origin fetch (request coalescing)
-    /// and that fetch failed mid-way: the body is incomplete.
-    #[error(transparent)]
-    Coalesced(#[from] FillFailed),
+    /// and that fetch failed mid-way.
+    #[error("the shared origin response this body followed failed mid-way")]
+    FillFailed,
     /// A body answering a `Range` ended before the range did.
     #[error("body ended before the requested range")]
     Truncated,
@@ -103,11 +103,9 @@ impl<B> fmt::Debug for CacheBody<B> {
 impl<B> CacheBody<B>
 where
     B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
 {
-    fn poll_inner(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, CacheBodyError<B::Error>>>> {
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.kind {
             Kind::Stored { entry, next } => {
                 let chunk = entry.body.get(*next).cloned();
@@ -115,11 +113,11 @@ where
                 Poll::Ready(chunk.map(|c| Ok(Frame::data(c))))
             }
             Kind::Chunks(c) => Poll::Ready(c.pop_front().map(|b| Ok(Frame::data(b)))),
-            Kind::Live(b) => Pin::new(b).poll_frame(cx).map_err(CacheBodyError::Upstream),
+            Kind::Live(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             Kind::Flight(b) => b
                 .poll_chunk(cx)
                 .map_ok(Frame::data)
-                .map_err(CacheBodyError::Coalesced),
+                .map_err(|e| Box::new(e) as BoxError),
         }
     }
 }
@@ -127,9 +125,10 @@ where
 impl<B> Body for CacheBody<B>
 where
     B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
 {
     type Data = Bytes;
-    type Error = CacheBodyError<B::Error>;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -146,7 +145,7 @@ where
             let frame = match std::task::ready!(this.poll_inner(cx)) {
                 Some(Ok(f)) => f,
                 // Ended before the range did: an error, never a short body.
-                None => return Poll::Ready(Some(Err(CacheBodyError::Truncated))),
+                None => return Poll::Ready(Some(Err(Box::new(CacheBodyError::Truncated)))),
                 Some(Err(e)) => return Poll::Ready(Some(Err(e))),
             };
             let Ok(mut data) = frame.into_data() else {

@@ -27,6 +27,8 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use tokio::time::Sleep;
 
+use super::body::CacheBodyError;
+
 /// Where a flight is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -253,11 +255,6 @@ impl Drop for Wait {
     }
 }
 
-/// Why a coalesced body ended early.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the shared origin response this body followed failed mid-way")]
-pub struct FillFailed;
-
 /// A follower's body: the fill's chunks as they arrive.
 pub(crate) struct FlightBody {
     flight: Arc<Flight>,
@@ -269,7 +266,7 @@ impl FlightBody {
     pub(crate) fn poll_chunk(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Bytes, FillFailed>>> {
+    ) -> Poll<Option<Result<Bytes, CacheBodyError>>> {
         let mut s = self.flight.lock();
         if let Some(c) = s.chunks.get(self.next) {
             let c = c.clone();
@@ -280,7 +277,7 @@ impl FlightBody {
             Phase::Done => Poll::Ready(None),
             // Pending/Released cannot follow a head; anything but Done is a failure.
             Phase::Failed | Phase::Released | Phase::Pending | Phase::Stored => {
-                Poll::Ready(Some(Err(FillFailed)))
+                Poll::Ready(Some(Err(CacheBodyError::FillFailed)))
             }
             Phase::Streaming => {
                 s.wakers.insert(self.id, cx.waker().clone());

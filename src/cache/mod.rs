@@ -62,7 +62,6 @@ mod store;
 mod vary;
 
 pub use body::{CacheBody, CacheBodyError};
-pub use flight::FillFailed;
 pub use future::ResponseFuture;
 pub use layer::{
     authority_key, path_and_query_key, purge_from_loopback, request_authority, CacheLayer,

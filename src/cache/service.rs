@@ -109,6 +109,7 @@ where
     S::Future: Send + 'static,
     ReqB: Send + 'static,
     ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<crate::BoxError>,
 {
     type Response = Response<CacheBody<ResB>>;
     type Error = S::Error;
@@ -327,6 +328,7 @@ async fn background_refresh<S, ReqB, ResB>(mut svc: S, req: Request<ReqB>, mut m
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
     ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<crate::BoxError>,
 {
     let key = miss.key.clone();
     let work = async move {
