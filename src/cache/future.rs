@@ -142,7 +142,8 @@ where
                         let m = miss.take();
                         let hit = m.as_ref().and_then(|m| {
                             let e = m.cfg.store.get(&m.key)?;
-                            e.is_fresh(tokio::time::Instant::now()).then(|| (e, m.head))
+                            e.is_fresh(tokio::time::Instant::now())
+                                .then_some((e, m.head))
                         });
                         if let (Some((entry, head)), Some(m)) = (hit, m.as_ref()) {
                             let res = from_entry(entry.clone(), head, "REVALIDATED");
