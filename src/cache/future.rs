@@ -12,9 +12,10 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::body::CacheBody;
+use super::fill::{on_response, refresh};
 use super::flight::{Joined, Lead, Wait};
 use super::layer::Config;
-use super::service::{from_entry, on_response, refresh, with_range, X_CACHE};
+use super::service::{from_entry, with_range, X_CACHE};
 use super::store::CachedResponse;
 use crate::body::tee::TeeBody;
 

@@ -55,6 +55,7 @@
 
 mod body;
 mod conditional;
+mod fill;
 mod flight;
 mod future;
 mod layer;
