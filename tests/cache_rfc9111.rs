@@ -270,3 +270,23 @@ async fn key_can_keep_chosen_query_parameters() {
     assert_eq!(send(e, "/q?v=2&lang=en", &[]).await.0, "MISS");
     assert_eq!(o.requests.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test]
+async fn purge_reaches_every_variant() {
+    let (o, cache, e) = setup(store()).await;
+    let ann = [("x-user", "ann")];
+    let bob = [("x-user", "bob")];
+    send(e, "/vary-user", &ann).await;
+    filled(&cache, 1).await;
+    send(e, "/vary-user", &bob).await;
+    filled(&cache, 2).await;
+    assert!(cache.purge(&format!("{e}/vary-user")));
+    // Ann's refill writes a new marker: bob's variant from before the purge is gone too.
+    assert_eq!(send(e, "/vary-user", &ann).await.0, "MISS");
+    filled(&cache, 3).await;
+    assert_eq!(
+        send(e, "/vary-user", &bob).await,
+        ("MISS".into(), "page of bob".into())
+    );
+    assert_eq!(o.requests.load(Ordering::SeqCst), 4);
+}

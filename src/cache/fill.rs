@@ -137,14 +137,21 @@ where
     };
     // Where it is stored: under a variant key (and a marker under the plain key) when the
     // response varies.
+    // The marker's generation is kept while the names stay the same; a new marker (first
+    // fill, after a purge, other names) gets a new one.
+    let known = miss.variant_of.as_ref();
     let (key, marker) = match &vary {
-        Vary::Names(names) => (
-            vary::variant_key(&miss.base, names, &miss.req_headers),
-            Some(names.clone()),
-        ),
+        Vary::Names(names) => {
+            let generation = match known {
+                Some((n, g)) if n == names => *g,
+                _ => rand::random::<u64>(),
+            };
+            let key = vary::variant_key(&miss.base, generation, names, &miss.req_headers);
+            (key, Some((names.clone(), generation)))
+        }
         _ => (miss.base.clone(), None),
     };
-    if marker.is_some() && marker != miss.variant_of {
+    if marker.is_some() && marker.as_ref() != known {
         // The followers joined under another key or set of names: they may want another
         // variant, so they ask the origin themselves.
         miss.lead = None;
@@ -172,7 +179,7 @@ where
     let (out, inlet) = outlet(FILL_BUFFER);
     let pending = Pending {
         key,
-        marker: marker.map(|names| (miss.base.clone(), names)),
+        marker: marker.map(|(names, generation)| (miss.base.clone(), names, generation)),
         status: parts.status,
         headers,
         stored_at: Instant::now(),
@@ -196,8 +203,9 @@ where
 
 struct Pending {
     key: String,
-    /// The plain key and the `Vary` names, for the marker stored after the variant.
-    marker: Option<(String, Vec<http::HeaderName>)>,
+    /// The plain key, the `Vary` names and the generation, for the marker stored after
+    /// the variant.
+    marker: Option<(String, Vec<http::HeaderName>, u64)>,
     status: StatusCode,
     headers: HeaderMap,
     stored_at: Instant,
@@ -245,8 +253,10 @@ async fn fill(p: Pending, mut inlet: Inlet, max: u64) {
         initial_age: p.initial_age,
     };
     if p.cfg.store.put(&p.key, entry) {
-        if let Some((base, names)) = &p.marker {
-            p.cfg.store.put(base, vary::marker(names, p.fresh_for));
+        if let Some((base, names, generation)) = &p.marker {
+            p.cfg
+                .store
+                .put(base, vary::marker(names, *generation, p.fresh_for));
         }
         stats.fills.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(key = p.key, bytes = len, "cache filled");

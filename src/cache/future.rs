@@ -26,8 +26,8 @@ pub(crate) struct Miss {
     pub(crate) key: String,
     /// The plain key (without variant).
     pub(crate) base: String,
-    /// The `Vary` names of the marker found under `base`, if any.
-    pub(crate) variant_of: Option<Vec<http::HeaderName>>,
+    /// The `Vary` names and generation of the marker found under `base`, if any.
+    pub(crate) variant_of: Option<(Vec<http::HeaderName>, u64)>,
     /// The request's headers, to pick the variant a `Vary` response names (when filling).
     pub(crate) req_headers: http::HeaderMap,
     /// The request carried `Authorization`: stored only if the response allows it.

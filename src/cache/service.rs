@@ -172,9 +172,10 @@ where
         let mut variant_of = None;
         if let Some(marker) = found.take_if(|e| vary::is_marker(e)) {
             if let vary::Vary::Names(names) = vary::parse(&marker.headers) {
-                key = vary::variant_key(&base, &names, &parts.headers);
+                let generation = vary::generation(&marker);
+                key = vary::variant_key(&base, generation, &names, &parts.headers);
                 found = cfg.store.get(&key);
-                variant_of = Some(names);
+                variant_of = Some((names, generation));
             }
         }
         if let Some(entry) = found.filter(|_| !authorized) {

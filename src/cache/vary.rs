@@ -2,9 +2,12 @@
 //!
 //! A response with `Vary: Accept-Encoding, Accept-Language` is stored under a *variant key*:
 //! the cache key, then a `0x00` byte (which [`authority_key`](super::authority_key) never
-//! produces), then each named request header's normalised value. Under the plain key the
-//! cache keeps a small *marker* (no body, just the `Vary` line), which tells a later lookup
-//! which headers to read. `Vary: *` or a `Vary` line that cannot be read is never stored.
+//! produces), the marker's generation, then each named request header's normalised value.
+//! Under the plain key the cache keeps a small *marker* (no body, the `Vary` line and a
+//! random generation), which tells a later lookup which headers to read. Purging the plain
+//! key removes the marker; the next fill makes a marker of a new generation, so variants
+//! stored before the purge are never reachable again (they age out of the LRU).
+//! `Vary: *` or a `Vary` line that cannot be read is never stored.
 //!
 //! `Accept-Encoding` is normalised (codings lower-cased, `q=0` dropped, sorted,
 //! de-duplicated) so `gzip, br` and `br,gzip` share a variant; other headers are compared
@@ -58,9 +61,16 @@ pub(crate) fn parse(h: &HeaderMap) -> Vary {
 }
 
 /// The key of the variant of `base` that a request with `req` headers selects.
-pub(crate) fn variant_key(base: &str, names: &[HeaderName], req: &HeaderMap) -> String {
-    let mut key = String::with_capacity(base.len() + 32);
+pub(crate) fn variant_key(
+    base: &str,
+    generation: u64,
+    names: &[HeaderName],
+    req: &HeaderMap,
+) -> String {
+    let mut key = String::with_capacity(base.len() + 48);
     key.push_str(base);
+    key.push('\0');
+    key.push_str(&format!("{generation:016x}"));
     key.push('\0');
     for name in names {
         key.push_str(name.as_str());
@@ -128,8 +138,23 @@ fn escape_into(key: &mut String, value: &[u8]) {
     }
 }
 
-/// The marker stored under the plain key: no body, the `Vary` line, the variant's lifetime.
-pub(crate) fn marker(names: &[HeaderName], fresh_for: Duration) -> CachedResponse {
+/// The header of a marker that holds its generation (markers are never served).
+const GENERATION: &str = "x-cache-vary-generation";
+
+/// The generation of a marker (0 if unreadable: that only risks reaching variants of an
+/// older marker with the same unreadable value, which a marker this cache wrote never has).
+pub(crate) fn generation(marker: &CachedResponse) -> u64 {
+    marker
+        .headers
+        .get(GENERATION)
+        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+        .and_then(|s| u64::from_str_radix(s, 16).ok())
+        .unwrap_or(0)
+}
+
+/// The marker stored under the plain key: no body, the `Vary` line, its generation, the
+/// variant's lifetime.
+pub(crate) fn marker(names: &[HeaderName], generation: u64, fresh_for: Duration) -> CachedResponse {
     let list = names
         .iter()
         .map(HeaderName::as_str)
@@ -138,6 +163,9 @@ pub(crate) fn marker(names: &[HeaderName], fresh_for: Duration) -> CachedRespons
     let mut headers = HeaderMap::new();
     if let Ok(v) = HeaderValue::from_str(&list) {
         headers.insert(header::VARY, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("{generation:x}")) {
+        headers.insert(GENERATION, v);
     }
     CachedResponse {
         status: StatusCode::OK,
@@ -193,8 +221,12 @@ mod tests {
         );
         let names = [HeaderName::from_static("x-user")];
         assert_ne!(
-            variant_key("/a", &names, &h(&[("x-user", "ann")])),
-            variant_key("/a", &names, &h(&[("x-user", "bob")]))
+            variant_key("/a", 1, &names, &h(&[("x-user", "ann")])),
+            variant_key("/a", 1, &names, &h(&[("x-user", "bob")]))
+        );
+        assert_ne!(
+            variant_key("/a", 1, &names, &h(&[("x-user", "ann")])),
+            variant_key("/a", 2, &names, &h(&[("x-user", "ann")]))
         );
     }
 }
