@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
+
 use bytes::Bytes;
 use common::*;
 use http::{header, Request, Response};
@@ -25,6 +27,9 @@ use tower_patterns::proxy::ForwardBuilder;
 use tower_patterns::BoxError;
 
 const BODY_LEN: u64 = 256 * 1024;
+/// Larger than loopback socket buffers can hold, so a client that does not read blocks
+/// whoever is paced by it.
+const BIG_LEN: u64 = 32 << 20;
 
 /// The origin. Every request waits for `gate` to hold `true` (except `/fast`), then:
 /// `/obj` answers `BODY_LEN` pattern bytes (`max-age=60`) in 64 KiB chunks; `/cut`
@@ -55,8 +60,9 @@ async fn origin() -> Origin {
             if n == 0 {
                 rx.wait_for(|open| *open).await.unwrap();
             }
+            let total = if path == "/big" { BIG_LEN } else { BODY_LEN };
             let res = Response::builder()
-                .header(header::CONTENT_LENGTH, BODY_LEN)
+                .header(header::CONTENT_LENGTH, total)
                 .header(header::CACHE_CONTROL, "max-age=60");
             let body: BoxBody = match path.as_str() {
                 "/cut" => {
@@ -76,7 +82,7 @@ async fn origin() -> Origin {
                         .header(header::CONTENT_LENGTH, BODY_LEN);
                     return Ok::<_, Infallible>(res.body(pattern_body(BODY_LEN)).unwrap());
                 }
-                _ => pattern_body(BODY_LEN),
+                _ => pattern_body(total),
             };
             Ok::<_, Infallible>(res.body(body).unwrap())
         }
@@ -284,4 +290,40 @@ async fn no_coalescing_sends_every_miss_to_the_origin() {
         assert!(is_pattern(&c.await.unwrap().2.unwrap()));
     }
     assert_eq!(cache.stats().snapshot().coalesced, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_never_reads_does_not_stall_its_followers() {
+    let o = origin().await;
+    let cache = CacheLayer::new(MemoryStore::new(256 << 20));
+    let e = edge(o.addr, cache.clone()).await;
+    // The leader sends its request and never reads a byte of the answer.
+    let mut leader = tokio::net::TcpStream::connect(e).await.unwrap();
+    leader
+        .write_all(format!("GET /big HTTP/1.1\r\nHost: {e}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    until("leader at the origin", || {
+        o.requests.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let followers: Vec<_> = (0..20).map(|_| tokio::spawn(fetch(e, "/big"))).collect();
+    until("20 followers", || cache.stats().snapshot().coalesced == 20).await;
+    o.gate.send_replace(true);
+    for f in followers {
+        let (status, xc, body) = tokio::time::timeout(Duration::from_secs(60), f)
+            .await
+            .expect("a follower stalled behind the leader")
+            .unwrap();
+        assert_eq!((status, xc.as_str()), (200, "COALESCED"));
+        let body = body.unwrap();
+        assert_eq!(body.len() as u64, BIG_LEN);
+        assert!(body
+            .iter()
+            .enumerate()
+            .all(|(i, b)| *b == pattern_byte(i as u64)));
+    }
+    until("stored", || cache.stats().snapshot().fills == 1).await;
+    assert_eq!(o.requests.load(Ordering::SeqCst), 1);
+    drop(leader);
 }

@@ -176,6 +176,13 @@ where
     }
     let initial_age = policy::initial_age(&headers);
     headers.remove(header::AGE);
+    // With a length known (and within the entry limit), a coalesced fill is driven by a
+    // task of its own and the leader's client follows the flight like the others: a
+    // client that reads slowly (or not at all) cannot stall everyone who joined it.
+    let leader_body = match (&miss.lead, len) {
+        (Some(lead), Some(_)) => Some(lead.follow()),
+        _ => None,
+    };
     let (out, inlet) = outlet(FILL_BUFFER);
     let pending = Pending {
         key,
@@ -189,6 +196,17 @@ where
         lead: miss.lead,
     };
     tokio::spawn(fill(pending, inlet, max));
+    if let Some(leader_body) = leader_body {
+        let opts = TeeOptions {
+            expected_len: len,
+            // Dropped by `drive` only on an idle origin: abort, the fill is incomplete.
+            on_disconnect: DisconnectPolicy::Abort,
+            stats: Some(cfg.stats.tee.clone()),
+            drain_budget: None,
+        };
+        tokio::spawn(drive(TeeBody::new(body, vec![out], &opts)));
+        return Response::from_parts(parts, CacheBody::flight(leader_body));
+    }
     let opts = TeeOptions {
         expected_len: len,
         on_disconnect: DisconnectPolicy::Finish {
@@ -199,6 +217,30 @@ where
         drain_budget: None,
     };
     Response::from_parts(parts, CacheBody::live(TeeBody::new(body, vec![out], &opts)))
+}
+
+/// How long a driven fill waits for the origin's next chunk before giving up.
+const FILL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Reads a coalesced fill's origin body to its end (the tee copies it to the fill task);
+/// gives up after [`FILL_IDLE_TIMEOUT`] without a chunk.
+async fn drive<B>(tee: TeeBody<B>)
+where
+    B: Body<Data = Bytes> + Send + 'static,
+{
+    let mut tee = std::pin::pin!(tee);
+    loop {
+        let next = std::future::poll_fn(|cx| tee.as_mut().poll_frame(cx));
+        match tokio::time::timeout(FILL_IDLE_TIMEOUT, next).await {
+            Ok(Some(Ok(_))) => {}
+            // End, or an upstream error: the tee already ended or aborted the fill.
+            Ok(None) | Ok(Some(Err(_))) => return,
+            Err(_) => {
+                tracing::debug!("coalesced fill: origin idle; abandoned");
+                return;
+            }
+        }
+    }
 }
 
 struct Pending {

@@ -153,6 +153,16 @@ impl Lead {
         });
     }
 
+    /// A body for the leader's own client that follows the flight like any follower, so
+    /// the origin download is paced by the origin, not by the leader's client.
+    pub(crate) fn follow(&self) -> FlightBody {
+        FlightBody {
+            id: self.flight.register(),
+            flight: self.flight.clone(),
+            next: 0,
+        }
+    }
+
     pub(crate) fn push(&self, chunk: Bytes) {
         self.flight.update(|s| s.chunks.push(chunk));
     }
