@@ -24,5 +24,6 @@ mod fuzz_parsers {
     pub mod cookies;
     pub mod discovery;
     pub mod link_table;
+    pub mod range;
     pub mod support;
 }

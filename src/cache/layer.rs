@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
+use super::flight::Flights;
 use super::service::Cache;
 use super::store::Store;
 use crate::body::tee::TeeStats;
@@ -23,6 +24,9 @@ pub struct CacheStats {
     pub(crate) fills: AtomicU64,
     pub(crate) fills_aborted: AtomicU64,
     pub(crate) purges: AtomicU64,
+    pub(crate) coalesced: AtomicU64,
+    pub(crate) lock_timeouts: AtomicU64,
+    pub(crate) revalidated: AtomicU64,
     pub(crate) tee: Arc<TeeStats>,
 }
 
@@ -43,6 +47,13 @@ pub struct CacheStatsSnapshot {
     pub fills_aborted: u64,
     /// Entries removed by `PURGE` or [`CacheLayer::purge`].
     pub purges: u64,
+    /// Misses that followed another request's origin fetch instead of making their own
+    /// (request coalescing).
+    pub coalesced: u64,
+    /// Followers that waited past the lock timeout and went to the origin themselves.
+    pub lock_timeouts: u64,
+    /// Stale entries the origin confirmed with `304` (refreshed without a body).
+    pub revalidated: u64,
 }
 
 impl CacheStats {
@@ -57,6 +68,9 @@ impl CacheStats {
             fills: self.fills.load(r),
             fills_aborted: self.fills_aborted.load(r),
             purges: self.purges.load(r),
+            coalesced: self.coalesced.load(r),
+            lock_timeouts: self.lock_timeouts.load(r),
+            revalidated: self.revalidated.load(r),
         }
     }
 }
@@ -80,6 +94,9 @@ pub(crate) struct Config {
     pub(crate) default_ttl: Option<Duration>,
     pub(crate) stale_if_error: Duration,
     pub(crate) fill: bool,
+    /// Request coalescing: `None` when off, else the lock timeout.
+    pub(crate) coalesce: Option<Duration>,
+    pub(crate) flights: Arc<Flights>,
     pub(crate) stats: Arc<CacheStats>,
 }
 
@@ -108,7 +125,11 @@ pub struct CacheLayerBuilder {
     default_ttl: Option<Duration>,
     stale_if_error: Duration,
     fill: bool,
+    coalesce: Option<Duration>,
 }
+
+/// The default lock timeout of request coalescing: nginx's `proxy_cache_lock_timeout`.
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl fmt::Debug for CacheLayerBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -194,6 +215,7 @@ impl CacheLayer {
             default_ttl: None,
             stale_if_error: Duration::ZERO,
             fill: true,
+            coalesce: Some(DEFAULT_LOCK_TIMEOUT),
         }
     }
 
@@ -218,6 +240,11 @@ impl CacheLayer {
     pub fn stats(&self) -> &Arc<CacheStats> {
         &self.cfg.stats
     }
+
+    /// Origin fetches that other requests are following right now (request coalescing).
+    pub fn flights_in_progress(&self) -> usize {
+        self.cfg.flights.len()
+    }
 }
 
 impl CacheLayerBuilder {
@@ -229,6 +256,38 @@ impl CacheLayerBuilder {
     {
         self.key = Arc::new(f);
         self
+    }
+
+    /// Keys on the authority, the path and only the query parameters named in `keep`
+    /// (sorted by name, then value, so `?b=2&a=1` and `?a=1&b=2` share an entry; every
+    /// other parameter — tracking ids, cache busters — is ignored). Parameters are
+    /// compared as sent (not percent-decoded).
+    pub fn key_query_params<I, P>(self, keep: I) -> Self
+    where
+        I: IntoIterator<Item = P>,
+        P: Into<String>,
+    {
+        let keep: Vec<String> = keep.into_iter().map(Into::into).collect();
+        self.key(move |parts| {
+            let mut kept: Vec<&str> = parts
+                .uri
+                .query()
+                .unwrap_or("")
+                .split('&')
+                .filter(|p| {
+                    let name = p.split('=').next().unwrap_or("");
+                    keep.iter().any(|k| k == name)
+                })
+                .collect();
+            kept.sort_unstable();
+            let mut key = request_authority(parts).unwrap_or_default();
+            key.push_str(parts.uri.path());
+            if !kept.is_empty() {
+                key.push('?');
+                key.push_str(&kept.join("&"));
+            }
+            key
+        })
     }
 
     /// Adds a rule a `PURGE` must pass (for example [`purge_from_loopback`]). Without
@@ -298,6 +357,22 @@ impl CacheLayerBuilder {
         self
     }
 
+    /// Request coalescing (default on, like nginx `proxy_cache_lock`): concurrent misses
+    /// for one key make one origin request and the others stream its response. A follower
+    /// waits at most `lock_timeout` for the response head (default
+    /// [`DEFAULT_LOCK_TIMEOUT`], 5 s), then goes to the origin itself without storing.
+    /// Only applies when this layer fills the store ([`Self::fill_on_miss`]).
+    pub fn lock_timeout(mut self, lock_timeout: Duration) -> Self {
+        self.coalesce = Some(lock_timeout);
+        self
+    }
+
+    /// Turns request coalescing off: every miss goes to the origin.
+    pub fn no_coalescing(mut self) -> Self {
+        self.coalesce = None;
+        self
+    }
+
     /// Builds the layer.
     pub fn build(self) -> CacheLayer {
         CacheLayer {
@@ -308,6 +383,8 @@ impl CacheLayerBuilder {
                 default_ttl: self.default_ttl,
                 stale_if_error: self.stale_if_error,
                 fill: self.fill,
+                coalesce: self.coalesce,
+                flights: Arc::default(),
                 stats: Arc::default(),
             }),
         }

@@ -33,36 +33,46 @@
 //!
 //! | request / response | behaviour |
 //! |---|---|
-//! | `GET`/`HEAD`, fresh entry | answered from the store; `Age`, `X-Cache: HIT` (`HEAD` gets headers only) |
+//! | `GET`/`HEAD`, fresh entry | answered from the store; `Age`, `X-Cache: HIT` (`HEAD` gets headers only); the client's `If-None-Match`/`If-Modified-Since` answered `304`; `Range` answered `206` |
 //! | `GET`, no entry or expired | forwarded; the response streams to the client and, if cacheable, into the store (`X-Cache: MISS`) |
-//! | lifetime | `s-maxage`, else `max-age`, else `Expires − Date`, else [`CacheLayerBuilder::default_ttl`] (default: not stored) |
-//! | never stored | `no-store`, `private`, a `Cache-Control` that cannot be read (a byte outside ASCII in a directive name: fail closed), `no-cache`, `Set-Cookie`, `Vary`, a request with `Authorization` or `Cache-Control: no-store`, other statuses than 200/203/204/300/301/308/404/405/410/414/501, a body over the store's entry limit, a truncated or failed body |
-//! | key | [`authority_key`]: host (lower-cased), path and query, so virtual hosts never share entries |
+//! | concurrent misses for one key | **coalesced**: one origin request, the others stream it (`X-Cache: COALESCED`); a follower waits at most [`CacheLayerBuilder::lock_timeout`] (5 s) for the head, then goes to the origin itself; a fill that fails mid-body errors every follower's body |
+//! | expired entry with `ETag`/`Last-Modified` (or a client's `no-cache`/`max-age=0`) | **revalidated** with `If-None-Match`/`If-Modified-Since`; a `304` refreshes the entry (headers merged, new lifetime) without a body (`X-Cache: REVALIDATED`) |
+//! | expired within `stale-while-revalidate` | the stale copy (`X-Cache: STALE`) while one background request refreshes it |
+//! | lifetime | `s-maxage`, else `max-age`, else `Expires − Date`, else [`CacheLayerBuilder::default_ttl`] (default: not stored; only for the heuristically cacheable statuses) |
+//! | never stored | `no-store`, `private`, a `Cache-Control` that cannot be read (fail closed), `no-cache`, `Set-Cookie`, `Vary: *` or an unreadable `Vary`, a request with `Cache-Control: no-store`, a response to a request with `Authorization` unless it says `public`/`s-maxage`/`must-revalidate`, other statuses than 200/203/204/300/301/308/404/405/410/414/501, a body over the store's entry limit, a truncated or failed body |
+//! | `Vary` | one entry per variant (the named request headers, `Accept-Encoding` normalised) |
+//! | `Authorization` | never answered from the cache, never coalesced |
+//! | key | [`authority_key`]: host (lower-cased), path and query; [`CacheLayerBuilder::key_query_params`] keeps chosen query parameters only |
 //! | `PURGE <path>` | removes the entry: `200` (`404` if none). Refused with `405` unless configured ([`CacheLayerBuilder::purge_token`], [`CacheLayerBuilder::purge_from`], [`CacheLayerBuilder::purge_allowed`]); `403` when a configured rule fails — or [`CacheLayer::purge`] |
-//! | upstream error or 500/502/503/504 with an entry expired less than `stale_if_error` ago | the old entry, `X-Cache: STALE` |
+//! | upstream error or 500/502/503/504 with an entry expired less than `stale_if_error` ago (and not `must-revalidate`/`proxy-revalidate`/`s-maxage`) | the old entry, `X-Cache: STALE` |
 //! | other methods | passed through |
 //! | time | `tokio::time` (tests pause it) |
 //!
 //! [`StoreSink`] puts the same store behind a [`TeeLayer`](crate::backup::TeeLayer) as one
 //! more sink, so one download feeds the client, the storage backup and the cache at once.
 //!
-//! Not done: request coalescing (nginx `proxy_cache_lock`), revalidation with
-//! `If-None-Match`, `Vary` variants, ranges.
+//! Not done: a disk tier, fleet-wide purge, sibling lookup (issue 15, later parts).
 
 mod body;
+mod conditional;
+mod fill;
+mod flight;
 mod future;
 mod layer;
 mod policy;
+mod range;
 mod service;
 mod sink;
 mod store;
+mod vary;
 
-pub use body::CacheBody;
+pub use body::{CacheBody, CacheBodyError};
 pub use future::ResponseFuture;
 pub use layer::{
     authority_key, path_and_query_key, purge_from_loopback, request_authority, CacheLayer,
-    CacheLayerBuilder, CacheStats, CacheStatsSnapshot,
+    CacheLayerBuilder, CacheStats, CacheStatsSnapshot, DEFAULT_LOCK_TIMEOUT,
 };
+pub use range::{parse_range, Ranges, MAX_RANGES};
 pub use service::{Cache, X_CACHE};
 pub use sink::StoreSink;
 pub use store::{CachedResponse, MemoryStore, MemoryStoreStats, Store};

@@ -78,6 +78,44 @@ pub(crate) fn request_no_store(h: &HeaderMap) -> bool {
     directives(h).is_none_or(|ds| ds.iter().any(|(k, _)| k == "no-store"))
 }
 
+/// Whether the request asks not to be answered from the cache without asking the origin
+/// (`no-cache`, `max-age=0`; an unreadable `Cache-Control` counts, failing closed).
+pub(crate) fn request_no_cache(h: &HeaderMap) -> bool {
+    directives(h).is_none_or(|ds| {
+        ds.iter().any(|(k, v)| {
+            k == "no-cache" || (k == "max-age" && v.as_deref().and_then(delta_seconds) == Some(0))
+        })
+    })
+}
+
+/// Whether a stored response may not be served stale, even when the origin fails
+/// (RFC 9111 §5.2.2.2 `must-revalidate`, §5.2.2.8 `proxy-revalidate`, §5.2.2.10
+/// `s-maxage` implies it for a shared cache). Unreadable counts as yes.
+pub(crate) fn must_revalidate(h: &HeaderMap) -> bool {
+    directives(h).is_none_or(|ds| {
+        ds.iter().any(|(k, _)| {
+            matches!(
+                k.as_str(),
+                "must-revalidate" | "proxy-revalidate" | "s-maxage"
+            )
+        })
+    })
+}
+
+/// The `stale-while-revalidate` window of a stored response (RFC 5861 §3): how long past
+/// its expiry it may be served while one background request refreshes it. Zero when
+/// absent, not a number, or the list cannot be read.
+pub(crate) fn stale_while_revalidate(h: &HeaderMap) -> Duration {
+    directives(h)
+        .and_then(|ds| {
+            ds.iter().find_map(|(k, v)| {
+                (k == "stale-while-revalidate").then(|| v.as_deref().and_then(delta_seconds))?
+            })
+        })
+        .map(Duration::from_secs)
+        .unwrap_or_default()
+}
+
 /// How long a response stays fresh, or `None` if a shared cache must not store it.
 ///
 /// `no-store`, `private`, `no-cache`, `Set-Cookie` and `Vary` (no variant support) make it
@@ -86,7 +124,25 @@ pub(crate) fn request_no_store(h: &HeaderMap) -> bool {
 /// `Expires` (relative to `Date`), and finally `default_ttl` decide the lifetime, capped
 /// at [`MAX_DELTA_SECS`]. A lifetime of zero is not stored.
 pub(crate) fn freshness(h: &HeaderMap, default_ttl: Option<Duration>) -> Option<Duration> {
-    if h.contains_key(header::SET_COOKIE) || h.contains_key(header::VARY) {
+    if h.contains_key(header::VARY) {
+        return None;
+    }
+    lifetime(h, default_ttl)
+}
+
+/// Whether a response to a request with `Authorization` may be stored and shared
+/// (RFC 9111 §3.5: only with `public`, `s-maxage` or `must-revalidate`). Unreadable: no.
+pub(crate) fn shareable_with_authorization(h: &HeaderMap) -> bool {
+    directives(h).is_some_and(|ds| {
+        ds.iter()
+            .any(|(k, _)| matches!(k.as_str(), "public" | "s-maxage" | "must-revalidate"))
+    })
+}
+
+/// [`freshness`] for a cache that stores `Vary` variants (the layer): the same rules,
+/// `Vary` left to the caller.
+pub(crate) fn lifetime(h: &HeaderMap, default_ttl: Option<Duration>) -> Option<Duration> {
+    if h.contains_key(header::SET_COOKIE) {
         return None;
     }
     let mut max_age = None;

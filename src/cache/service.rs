@@ -2,7 +2,6 @@ use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -12,18 +11,19 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::body::CacheBody;
+use super::conditional;
+use super::fill::{background_refresh, content_length};
+use super::flight::{Role, Wait};
 use super::future::{Miss, ResponseFuture};
 use super::layer::{CacheLayer, Config, PurgeMode};
 use super::policy;
+use super::range;
 use super::store::CachedResponse;
-use crate::body::tee::{outlet, DisconnectPolicy, Inlet, Next, TeeBody, TeeOptions};
+use super::vary;
 
-/// The `X-Cache` response header: `HIT`, `MISS` or `STALE`.
+/// The `X-Cache` response header: `HIT`, `MISS`, `STALE`, or `COALESCED` (a miss that
+/// streamed another request's origin response).
 pub const X_CACHE: &str = "x-cache";
-
-/// Bytes a fill may trail the client by; the fill task only appends to a `Vec`, so this
-/// is hit only if the runtime starves it.
-const FILL_BUFFER: usize = 8 << 20;
 
 /// The service made by [`CacheLayer`].
 #[derive(Clone)]
@@ -100,12 +100,15 @@ pub(crate) fn from_entry<B>(
 
 impl<S, ReqB, ResB> Service<Request<ReqB>> for Cache<S>
 where
-    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ReqB: Send + 'static,
     ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<crate::BoxError>,
 {
     type Response = Response<CacheBody<ResB>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResB>;
+    type Future = ResponseFuture<S::Future, ResB, S, Request<ReqB>>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -145,136 +148,214 @@ where
             };
             return ResponseFuture::ready(res);
         }
-        if !(is_get || is_head) || req.headers().contains_key(header::AUTHORIZATION) {
+        if !(is_get || is_head) {
             cfg.stats.bypass.fetch_add(1, Ordering::Relaxed);
             return ResponseFuture::pass(self.inner.call(req));
         }
-        let (parts, body) = req.into_parts();
-        let key = (cfg.key)(&parts);
+        let (mut parts, body) = req.into_parts();
+        let base = (cfg.key)(&parts);
+        // A request with credentials is never answered from the cache and never joins
+        // another request's fetch; its response is stored only if it says it may be
+        // shared (RFC 9111 §3.5).
+        let authorized = parts.headers.contains_key(header::AUTHORIZATION);
+        let fill = cfg.fill && is_get && !policy::request_no_store(&parts.headers);
         let mut stale = None;
-        if let Some(entry) = cfg.store.get(&key) {
-            let now = Instant::now();
-            if entry.is_fresh(now) {
-                cfg.stats.hits.fetch_add(1, Ordering::Relaxed);
-                return ResponseFuture::ready(from_entry(entry, is_head, "HIT"));
+        let mut revalidate = None;
+        let no_cache = authorized || policy::request_no_cache(&parts.headers);
+        // A `Vary` marker under the plain key names the headers that pick the variant.
+        let mut found = if authorized {
+            None
+        } else {
+            cfg.store.get(&base)
+        };
+        let mut key = base.clone();
+        let mut variant_of = None;
+        if let Some(marker) = found.take_if(|e| vary::is_marker(e)) {
+            if let vary::Vary::Names(names) = vary::parse(&marker.headers) {
+                let generation = vary::generation(&marker);
+                key = vary::variant_key(&base, generation, &names, &parts.headers);
+                found = cfg.store.get(&key);
+                variant_of = Some((names, generation));
             }
-            if entry.age(now) < entry.fresh_for.saturating_add(cfg.stale_if_error) {
-                stale = Some(entry);
+        }
+        if let Some(entry) = found.filter(|_| !authorized) {
+            let now = Instant::now();
+            if entry.is_fresh(now) && !no_cache {
+                cfg.stats.hits.fetch_add(1, Ordering::Relaxed);
+                return ResponseFuture::ready(answer(entry, &parts.headers, is_head, "HIT"));
+            }
+            let must_revalidate = policy::must_revalidate(&entry.headers);
+            let swr = policy::stale_while_revalidate(&entry.headers);
+            if fill
+                && !no_cache
+                && !must_revalidate
+                && entry.age(now) < entry.fresh_for.saturating_add(swr)
+            {
+                // stale-while-revalidate: this client gets the stale copy now; one
+                // request in the background (this one, without the client's own
+                // conditions) refreshes the entry.
+                cfg.stats.stale.fetch_add(1, Ordering::Relaxed);
+                let res = answer(entry.clone(), &parts.headers, is_head, "STALE");
+                if let Role::Lead(lead) = cfg.flights.join(&key) {
+                    for name in [
+                        header::RANGE,
+                        header::IF_RANGE,
+                        header::IF_NONE_MATCH,
+                        header::IF_MODIFIED_SINCE,
+                        header::IF_MATCH,
+                        header::IF_UNMODIFIED_SINCE,
+                    ] {
+                        parts.headers.remove(name);
+                    }
+                    let validated = conditional::has_validator(&entry.headers);
+                    if validated {
+                        conditional::add_validators(&mut parts.headers, &entry.headers);
+                    }
+                    let miss = Miss {
+                        range: HeaderMap::new(),
+                        req_headers: parts.headers.clone(),
+                        key: key.clone(),
+                        base: base.clone(),
+                        variant_of,
+                        authorized: false,
+                        fill: true,
+                        head: false,
+                        stale: None,
+                        revalidate: validated.then_some(entry),
+                        lead: Some(lead),
+                        cfg: cfg.clone(),
+                    };
+                    let clone = self.inner.clone();
+                    let svc = std::mem::replace(&mut self.inner, clone);
+                    let req = Request::from_parts(parts, body);
+                    tokio::spawn(background_refresh(svc, req, miss));
+                }
+                return ResponseFuture::ready(res);
+            }
+            if !must_revalidate
+                && entry.age(now) < entry.fresh_for.saturating_add(cfg.stale_if_error)
+            {
+                stale = Some(entry.clone());
+            }
+            // Ask the origin whether our copy is still good, unless the client brought
+            // conditions of its own (then its request goes through as it is).
+            if fill
+                && conditional::has_validator(&entry.headers)
+                && !conditional::has_conditionals(&parts.headers)
+            {
+                conditional::add_validators(&mut parts.headers, &entry.headers);
+                revalidate = Some(entry);
+            }
+        }
+        // A range is answered from the whole object, which is what the origin is asked
+        // for (and what is stored); see `range`.
+        let mut range = HeaderMap::new();
+        if fill {
+            for name in [header::RANGE, header::IF_RANGE] {
+                if let Some(v) = parts.headers.remove(&name) {
+                    range.insert(name, v);
+                }
+            }
+        }
+        let mut miss = Miss {
+            range,
+            key,
+            base,
+            variant_of,
+            req_headers: if fill {
+                parts.headers.clone()
+            } else {
+                HeaderMap::new()
+            },
+            authorized,
+            fill,
+            head: is_head,
+            stale,
+            revalidate,
+            lead: None,
+            cfg: cfg.clone(),
+        };
+        if let (true, false, Some(lock_timeout)) = (fill, authorized, cfg.coalesce) {
+            match cfg.flights.join(&miss.key) {
+                Role::Follow(flight) => {
+                    cfg.stats.coalesced.fetch_add(1, Ordering::Relaxed);
+                    // The follower may still have to call the origin (released, or lock
+                    // timeout): it takes the service made ready for this call.
+                    let clone = self.inner.clone();
+                    let svc = std::mem::replace(&mut self.inner, clone);
+                    let wait = Wait::new(flight, lock_timeout);
+                    return ResponseFuture::follow(
+                        wait,
+                        svc,
+                        Request::from_parts(parts, body),
+                        miss,
+                    );
+                }
+                Role::Lead(lead) => {
+                    // A flight that just finished stored its entry before leaving the map.
+                    // (Not when this request must reach the origin anyway, and never once
+                    // our own validators were added to its headers.)
+                    let recheck = !no_cache && miss.revalidate.is_none();
+                    if let Some(entry) = fresh(cfg.store.get(&miss.key)).filter(|_| recheck) {
+                        cfg.stats.hits.fetch_add(1, Ordering::Relaxed);
+                        return ResponseFuture::ready(answer(
+                            entry,
+                            &parts.headers,
+                            is_head,
+                            "HIT",
+                        ));
+                    }
+                    miss.lead = Some(lead);
+                }
             }
         }
         cfg.stats.misses.fetch_add(1, Ordering::Relaxed);
-        let miss = Miss {
-            key,
-            fill: cfg.fill && is_get && !policy::request_no_store(&parts.headers),
-            head: is_head,
-            stale,
-            cfg: cfg.clone(),
-        };
         ResponseFuture::miss(self.inner.call(Request::from_parts(parts, body)), miss)
     }
 }
 
-fn content_length(h: &HeaderMap) -> Option<u64> {
-    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
-}
-
-/// Serves an upstream response on a miss, storing it when it is cacheable.
-pub(crate) fn on_response<B>(res: Response<B>, miss: Miss) -> Response<CacheBody<B>>
-where
-    B: Body<Data = Bytes> + Send + 'static,
-{
-    let (mut parts, body) = res.into_parts();
-    let cfg = &miss.cfg;
-    let ttl = if miss.fill && policy::cacheable_status(parts.status) {
-        policy::freshness(&parts.headers, cfg.default_ttl)
-    } else {
-        None
-    };
-    let len = content_length(&parts.headers);
-    let max = cfg.store.max_entry_size();
-    parts
-        .headers
-        .insert(X_CACHE, HeaderValue::from_static("MISS"));
-    let (Some(ttl), true, Ok(_)) = (
-        ttl,
-        len.is_none_or(|l| l <= max),
-        tokio::runtime::Handle::try_current(),
-    ) else {
-        return Response::from_parts(parts, CacheBody::live(TeeBody::passthrough(body)));
-    };
-    let mut headers = parts.headers.clone();
-    headers.remove(X_CACHE);
-    let initial_age = policy::initial_age(&headers);
-    headers.remove(header::AGE);
-    let (out, inlet) = outlet(FILL_BUFFER);
-    let pending = Pending {
-        key: miss.key,
-        status: parts.status,
-        headers,
-        stored_at: Instant::now(),
-        fresh_for: ttl,
-        initial_age,
-        cfg: miss.cfg.clone(),
-    };
-    tokio::spawn(fill(pending, inlet, max));
-    let opts = TeeOptions {
-        expected_len: len,
-        on_disconnect: DisconnectPolicy::Finish {
-            max_bytes: max,
-            max_time: Duration::from_secs(60),
-        },
-        stats: Some(cfg.stats.tee.clone()),
-        drain_budget: None,
-    };
-    Response::from_parts(parts, CacheBody::live(TeeBody::new(body, vec![out], &opts)))
-}
-
-struct Pending {
-    key: String,
-    status: StatusCode,
-    headers: HeaderMap,
-    stored_at: Instant,
-    fresh_for: Duration,
-    initial_age: Duration,
-    cfg: Arc<Config>,
-}
-
-async fn fill(p: Pending, mut inlet: Inlet, max: u64) {
-    let stats = &p.cfg.stats;
-    let mut body = Vec::new();
-    let mut len = 0u64;
-    loop {
-        match inlet.next().await {
-            Next::Data(chunk) => {
-                len += chunk.len() as u64;
-                if len > max {
-                    stats.fills_aborted.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(key = p.key, max, "cache fill abandoned: entry too large");
-                    return;
-                }
-                body.push(chunk);
-            }
-            Next::End => break,
-            Next::Abort(reason) => {
-                stats.fills_aborted.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(key = p.key, %reason, "cache fill aborted");
-                return;
-            }
+/// A response from a stored entry for a request with `headers`: `304` when the client's
+/// own conditions match (RFC 9110 §13.2.2), else the entry.
+pub(crate) fn answer<B>(
+    entry: Arc<CachedResponse>,
+    headers: &HeaderMap,
+    head: bool,
+    label: &'static str,
+) -> Response<CacheBody<B>> {
+    if !conditional::not_modified(headers, &entry.headers) {
+        if head {
+            return from_entry(entry, head, label);
         }
+        let res = from_entry(entry.clone(), head, label);
+        return range::apply(headers, res, Some(entry.body_len()), Some(&entry));
     }
-    drop(inlet);
-    let entry = CachedResponse {
-        status: p.status,
-        headers: p.headers,
-        body,
-        stored_at: p.stored_at,
-        fresh_for: p.fresh_for,
-        initial_age: p.initial_age,
+    let age = entry.age(Instant::now()).as_secs();
+    let mut res = Response::new(CacheBody::bytes(Bytes::new()));
+    *res.status_mut() = StatusCode::NOT_MODIFIED;
+    *res.headers_mut() = conditional::not_modified_headers(&entry.headers);
+    res.headers_mut()
+        .insert(header::AGE, HeaderValue::from(age));
+    res.headers_mut()
+        .insert(X_CACHE, HeaderValue::from_static(label));
+    res
+}
+
+/// Applies the client's `Range` (kept in `miss.range`) to a response on the miss path.
+pub(crate) fn with_range<B>(
+    range: &HeaderMap,
+    res: Response<CacheBody<B>>,
+    entry: Option<&CachedResponse>,
+) -> Response<CacheBody<B>> {
+    if range.is_empty() {
+        return res;
+    }
+    let len = match entry {
+        Some(e) => Some(e.body_len()),
+        None => content_length(res.headers()),
     };
-    if p.cfg.store.put(&p.key, entry) {
-        stats.fills.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(key = p.key, bytes = len, "cache filled");
-    } else {
-        stats.fills_aborted.fetch_add(1, Ordering::Relaxed);
-    }
+    range::apply(range, res, len, entry)
+}
+
+fn fresh(entry: Option<Arc<CachedResponse>>) -> Option<Arc<CachedResponse>> {
+    entry.filter(|e| e.is_fresh(Instant::now()))
 }
