@@ -25,7 +25,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use http::{Request, Response};
 use tower::Service;
 use tower_layer::Layer;
-use tower_patterns::breaker::{Breaker, CircuitBreakerConfig, CircuitBreakerLayer, Window};
+use tower_patterns::breaker::{Circuit, CircuitBreakerConfig, CircuitBreakerLayer, Window};
 use tower_patterns::classify::{Classifier, Classify, FailureKind, Outcome};
 
 fn ours_cfg() -> CircuitBreakerConfig {
@@ -178,7 +178,7 @@ impl Classifier for Small {
     }
 }
 
-fn gate_ours(b: &mut Breaker) {
+fn gate_ours(b: &mut Circuit) {
     let p = b.try_acquire().unwrap();
     b.complete(p, Outcome::Success, Duration::ZERO);
 }
@@ -192,7 +192,7 @@ fn gate_recloser(r: &mut Arc<recloser::Recloser>) {
 }
 
 fn bench(c: &mut Criterion) {
-    let ours = Breaker::new(ours_cfg()).unwrap();
+    let ours = Circuit::new(ours_cfg()).unwrap();
     let fs = failsafe_cb();
     let rc = Arc::new(recloser_cb());
 
@@ -202,7 +202,7 @@ fn bench(c: &mut Criterion) {
         bn.iter(|| gate_ours(&mut b))
     });
     g.bench_function("tower-patterns-time-window", |bn| {
-        let mut b = Breaker::new(ours_cfg().window(Window::Time(Duration::from_secs(10)))).unwrap();
+        let mut b = Circuit::new(ours_cfg().window(Window::Time(Duration::from_secs(10)))).unwrap();
         bn.iter(|| gate_ours(&mut b))
     });
     g.bench_function("failsafe", |bn| {

@@ -14,7 +14,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_patterns::body::ReplayBody;
-use tower_patterns::chain::{ChainLayer, FallbackLayer, LinkTable};
+use tower_patterns::chain::{ChainLayer, LinkLayer, LinkTable};
 use tower_patterns::classify::Condition;
 
 type Body = Full<Bytes>;
@@ -65,7 +65,7 @@ fn bench(c: &mut Criterion) {
 
     let mut one = ServiceBuilder::new()
         .layer(ChainLayer::new())
-        .layer(FallbackLayer::new(
+        .layer(LinkLayer::new(
             cond,
             tower::service_fn(answer::<ReplayBody<Body>>),
         ))
@@ -76,11 +76,11 @@ fn bench(c: &mut Criterion) {
 
     let mut three = ServiceBuilder::new()
         .layer(ChainLayer::new())
-        .layer(FallbackLayer::new(
+        .layer(LinkLayer::new(
             cond,
             tower::service_fn(answer::<ReplayBody<Body>>),
         ))
-        .layer(FallbackLayer::new(
+        .layer(LinkLayer::new(
             cond,
             tower::service_fn(answer::<ReplayBody<Body>>),
         ))
@@ -102,7 +102,7 @@ fn bench(c: &mut Criterion) {
     // For scale: one hop taken (first link 404, second answers).
     let mut hop = ServiceBuilder::new()
         .layer(ChainLayer::new())
-        .layer(FallbackLayer::new(
+        .layer(LinkLayer::new(
             cond,
             tower::service_fn(answer::<ReplayBody<Body>>),
         ))
@@ -165,7 +165,7 @@ fn over_forward(c: &mut Criterion) {
     let next: Forward<ReplayBody<Body>> = Forward::new(&second).unwrap();
     let mut chain = ServiceBuilder::new()
         .layer(ChainLayer::new())
-        .layer(FallbackLayer::new(cond, next))
+        .layer(LinkLayer::new(cond, next))
         .service(Forward::<ReplayBody<Body>>::new(&first).unwrap());
     g.bench_function(BenchmarkId::from_parameter("chain_2_links"), |b| {
         b.iter(|| rt.block_on(drive_collect(&mut chain)))

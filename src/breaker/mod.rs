@@ -81,6 +81,3 @@ pub use layer::CircuitBreakerLayer;
 pub use service::CircuitBreaker;
 pub use state::{Circuit, MetricsSnapshot, Permit, State};
 
-/// The old name of [`Circuit`], kept hidden so existing code compiles while it moves.
-#[doc(hidden)]
-pub use state::Circuit as Breaker;

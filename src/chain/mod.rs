@@ -103,7 +103,4 @@ pub use hops::{ChainHops, Hop, HopResult, LinkName, StopReason};
 pub use layer::{ChainLayer, LinkLayer};
 pub use service::{Chain, ChainBody, Link};
 
-/// The old name of [`LinkLayer`], kept hidden so existing code compiles while it moves.
-#[doc(hidden)]
-pub use layer::LinkLayer as FallbackLayer;
 pub use table::{LinkService, LinkTable, LinkTableBuilder, TableFuture};
