@@ -27,8 +27,12 @@
 
 mod accept;
 mod config;
+mod listen;
+mod workers;
 
 pub use config::ServerConfig;
+pub use listen::{Accept, PlainTcp};
+pub use workers::{WorkerId, Workers, WorkersHandle};
 
 use std::future::Future;
 use std::pin::Pin;
@@ -167,6 +171,12 @@ impl Server {
         self
     }
 
+    /// See [`ServerConfig::drain_timeout`].
+    pub fn drain_timeout(mut self, t: std::time::Duration) -> Self {
+        self.config.drain_timeout = t;
+        self
+    }
+
     /// See [`ServerConfig::accept_backoff`].
     pub fn accept_backoff(mut self, t: std::time::Duration) -> Self {
         self.config.accept_backoff = t;
@@ -204,67 +214,7 @@ impl Server {
         B::Error: Into<BoxError>,
         F: Future<Output = ()>,
     {
-        let config = self.config;
-        let graceful = GracefulShutdown::new();
-        let mut http = hyper::server::conn::http1::Builder::new();
-        http.timer(TokioTimer::new())
-            .header_read_timeout(config.header_read_timeout)
-            // A head larger than this, or with too many fields, is answered 431 by hyper.
-            .max_header_size(config.max_header_bytes)
-            .max_headers(config.max_headers);
-        // Each connection holds a permit; without one the loop does not call accept, so
-        // new clients wait in the kernel backlog (back-pressure) instead of being
-        // accepted and dropped.
-        let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
-        let limits = config.body_limits();
-        let mut backoff = AcceptBackoff::new(config.accept_backoff);
-        tokio::pin!(shutdown);
-        loop {
-            let permit = tokio::select! {
-                biased;
-                () = &mut shutdown => break,
-                p = permits.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break, // the semaphore is never closed
-                },
-            };
-            let (stream, peer) = tokio::select! {
-                biased;
-                () = &mut shutdown => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        let (pause, _) = backoff.on_error(&e);
-                        if !pause.is_zero() {
-                            tokio::select! {
-                                biased;
-                                () = &mut shutdown => break,
-                                () = tokio::time::sleep(pause) => {}
-                            }
-                        }
-                        continue;
-                    }
-                },
-            };
-            backoff.on_success();
-            let _ = stream.set_nodelay(true);
-            let svc = Limits {
-                inner: svc.clone(),
-                peer: ClientAddr(peer),
-                limits,
-            };
-            let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, %peer, "connection ended with an error");
-                }
-                drop(permit);
-            });
-        }
-        drop(listener);
-        graceful.shutdown().await;
-        Ok(())
+        serve_loop(self.config, listener, svc, Arc::new(PlainTcp), shutdown).await
     }
 
     /// Serves `svc` on a free port of 127.0.0.1 in a background task (see
@@ -288,6 +238,172 @@ impl Server {
             }
         }));
         Ok(LocalServer { addr, stop, task })
+    }
+}
+
+/// The accept loop shared by [`Server`] and every [`Workers`] worker: the same limits,
+/// whatever runtime it runs on and whatever [`Accept`] turns a TCP stream into.
+pub(crate) async fn serve_loop<S, B, A, F>(
+    config: ServerConfig,
+    listener: TcpListener,
+    svc: S,
+    acceptor: Arc<A>,
+    shutdown: F,
+) -> std::io::Result<()>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+    A: Accept,
+    F: Future<Output = ()>,
+{
+    let graceful = GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        // A head larger than this, or with too many fields, is answered 431 by hyper.
+        .max_header_size(config.max_header_bytes)
+        .max_headers(config.max_headers);
+    let conns = Conns {
+        http,
+        acceptor,
+        limits: config.body_limits(),
+        // Past the drain timeout, connections still open are closed by this signal.
+        force: tokio::sync::watch::channel(false),
+    };
+    // Each connection holds a permit; without one the loop does not call accept, so
+    // new clients wait in the kernel backlog (back-pressure) instead of being
+    // accepted and dropped.
+    let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let mut backoff = AcceptBackoff::new(config.accept_backoff);
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break, // the semaphore is never closed
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    let (pause, _) = backoff.on_error(&e);
+                    if !pause.is_zero() {
+                        tokio::select! {
+                            biased;
+                            () = &mut shutdown => break,
+                            () = tokio::time::sleep(pause) => {}
+                        }
+                    }
+                    continue;
+                }
+            },
+        };
+        backoff.on_success();
+        conns.serve(&graceful, stream, peer, Some(permit), &svc);
+    }
+    // Connections the kernel already completed but this loop has not accepted yet would
+    // be reset by closing the listener: serve them too (at most the listen backlog, so
+    // without a permit when the cap is reached), then close.
+    match listener.into_std() {
+        Ok(std_listener) => {
+            while let Ok((stream, peer)) = std_listener.accept() {
+                let stream = stream
+                    .set_nonblocking(true)
+                    .and_then(|()| tokio::net::TcpStream::from_std(stream));
+                if let Ok(stream) = stream {
+                    conns.serve(
+                        &graceful,
+                        stream,
+                        peer,
+                        permits.clone().try_acquire_owned().ok(),
+                        &svc,
+                    );
+                }
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "listener not drained before closing"),
+    }
+    if tokio::time::timeout(config.drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            timeout = ?config.drain_timeout,
+            "drain timeout: closing connections with requests still in flight"
+        );
+        let _ = conns.force.0.send(true);
+    }
+    Ok(())
+}
+
+/// What every accepted connection is served with.
+struct Conns<A> {
+    http: hyper::server::conn::http1::Builder,
+    acceptor: Arc<A>,
+    limits: BodyLimits,
+    force: (
+        tokio::sync::watch::Sender<bool>,
+        tokio::sync::watch::Receiver<bool>,
+    ),
+}
+
+impl<A: Accept> Conns<A> {
+    fn serve<S, B>(
+        &self,
+        graceful: &GracefulShutdown,
+        stream: tokio::net::TcpStream,
+        peer: std::net::SocketAddr,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+        svc: &S,
+    ) where
+        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let _ = stream.set_nodelay(true);
+        let svc = Limits {
+            inner: svc.clone(),
+            peer: ClientAddr(peer),
+            limits: self.limits,
+        };
+        let http = self.http.clone();
+        let watcher = graceful.watcher();
+        let acceptor = self.acceptor.clone();
+        let mut force = self.force.1.clone();
+        tokio::spawn(async move {
+            let served = async move {
+                // The acceptor's handshake (TLS, later) runs here, off the accept loop.
+                let io = match acceptor.accept(stream, peer).await {
+                    Ok(io) => io,
+                    Err(e) => {
+                        tracing::debug!(error = %e, %peer, "handshake failed");
+                        return;
+                    }
+                };
+                let conn =
+                    http.serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
+                if let Err(e) = watcher.watch(conn).await {
+                    tracing::debug!(error = %e, %peer, "connection ended with an error");
+                }
+            };
+            tokio::select! {
+                () = served => {}
+                _ = force.wait_for(|f| *f) => {}
+            }
+            drop(permit);
+        });
     }
 }
 
