@@ -243,20 +243,27 @@ async fn a_second_server_takes_the_port_over_without_a_failed_request() {
     let stop = Arc::new(AtomicBool::new(false));
     let served: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
     let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    // Which step of the handover a failure happened in, for the report.
+    let phase = Arc::new(AtomicUsize::new(0));
     // Four clients keep sending, each request on a fresh connection: the case where a
     // connection can land in the accept queue of a listener that is about to close.
     let mut clients = Vec::new();
     for _ in 0..4 {
         let (stop, served, failures) = (stop.clone(), served.clone(), failures.clone());
+        let phase = phase.clone();
         clients.push(tokio::spawn(async move {
             while !stop.load(SeqCst) {
+                let at = phase.load(SeqCst);
                 match get_once(addr, Duration::from_secs(10)).await {
                     Ok((200, body)) => {
                         let tag = body.split(' ').next().unwrap_or("").to_string();
                         *served.lock().unwrap().entry(tag).or_default() += 1;
                     }
-                    Ok((status, body)) => failures.lock().unwrap().push(format!("{status} {body}")),
-                    Err(e) => failures.lock().unwrap().push(e),
+                    Ok((status, body)) => failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("phase {at}: {status} {body}")),
+                    Err(e) => failures.lock().unwrap().push(format!("phase {at}: {e}")),
                 }
             }
         }));
@@ -272,26 +279,35 @@ async fn a_second_server_takes_the_port_over_without_a_failed_request() {
         .take_over(2)
         .spawn(addr, |id| tagged("new", id))
         .unwrap();
+    phase.store(1, SeqCst);
     assert_eq!(new.local_addr(), addr);
     until("the new server to serve", Duration::from_secs(10), || {
         count("new") >= 100
     })
     .await;
+    phase.store(2, SeqCst);
     tokio::time::timeout(Duration::from_secs(10), old.shutdown_and_wait())
         .await
         .expect("the old server drained")
         .unwrap();
+    phase.store(3, SeqCst);
     let after = count("new");
-    until("the new server to serve alone", Duration::from_secs(10), || {
-        count("new") >= after + 200
-    })
+    until(
+        "the new server to serve alone",
+        Duration::from_secs(10),
+        || count("new") >= after + 200,
+    )
     .await;
     stop.store(true, SeqCst);
     for c in clients {
         c.await.unwrap();
     }
     let failures = failures.lock().unwrap().clone();
-    assert!(failures.is_empty(), "{} failed: {failures:?}", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} failed: {failures:?}",
+        failures.len()
+    );
     new.shutdown_and_wait().await.unwrap();
 }
 
@@ -313,7 +329,9 @@ async fn the_limits_apply_on_every_worker() {
     for _ in 0..8 {
         // Keep-alive connections: each holds its worker's only slot once served.
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
         let mut buf = vec![0u8; 4096];
         match tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => {
@@ -347,4 +365,36 @@ async fn the_limits_apply_on_every_worker() {
         assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     }
     handle.shutdown_and_wait().await.unwrap();
+}
+
+#[tokio::test]
+async fn requests_sent_just_before_shutdown_are_answered() {
+    // Connections the server has not accepted yet, or accepted without reading their
+    // request yet: hyper alone would close them unanswered on a graceful shutdown.
+    let ok = tower::service_fn(|_req: Request<Incoming>| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+    });
+    let server = Server::builder().spawn_local(ok).await.unwrap();
+    let addr = server.addr();
+    let mut conns = Vec::new();
+    for _ in 0..32 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        conns.push(s);
+    }
+    tokio::time::timeout(Duration::from_secs(10), server.shutdown())
+        .await
+        .expect("drained")
+        .unwrap();
+    for mut s in conns {
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+            .await
+            .expect("closed after the answer")
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+    }
 }

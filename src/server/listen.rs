@@ -47,7 +47,10 @@ impl Accept for PlainTcp {
 
 /// A non-blocking listener on `addr` with `SO_REUSEPORT` (and `SO_REUSEADDR`), so other
 /// sockets — this process's other workers, or the next process — can bind it too.
-pub(crate) fn reuseport_listener(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
+pub(crate) fn reuseport_listener(
+    addr: SocketAddr,
+    backlog: i32,
+) -> io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;

@@ -28,6 +28,7 @@
 mod accept;
 mod config;
 mod listen;
+mod serve;
 mod workers;
 
 pub use config::ServerConfig;
@@ -35,24 +36,14 @@ pub use listen::{Accept, PlainTcp};
 pub use workers::{WorkerId, Workers, WorkersHandle};
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use http::{Request, Response, StatusCode};
-use http_body::Body as _;
-use http_body_util::{Either, Empty};
+use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
-use pin_project_lite::pin_project;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tower_service::Service;
 
-use self::accept::AcceptBackoff;
-use crate::proxy::{BodyLimits, ClientAddr};
+use self::serve::serve_loop;
 use crate::BoxError;
 
 /// Serves `svc` on `listener` until the process ends, with the default
@@ -238,245 +229,6 @@ impl Server {
             }
         }));
         Ok(LocalServer { addr, stop, task })
-    }
-}
-
-/// The accept loop shared by [`Server`] and every [`Workers`] worker: the same limits,
-/// whatever runtime it runs on and whatever [`Accept`] turns a TCP stream into.
-pub(crate) async fn serve_loop<S, B, A, F>(
-    config: ServerConfig,
-    listener: TcpListener,
-    svc: S,
-    acceptor: Arc<A>,
-    shutdown: F,
-) -> std::io::Result<()>
-where
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-    A: Accept,
-    F: Future<Output = ()>,
-{
-    let graceful = GracefulShutdown::new();
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
-        // A head larger than this, or with too many fields, is answered 431 by hyper.
-        .max_header_size(config.max_header_bytes)
-        .max_headers(config.max_headers);
-    let conns = Conns {
-        http,
-        acceptor,
-        limits: config.body_limits(),
-        // Past the drain timeout, connections still open are closed by this signal.
-        force: tokio::sync::watch::channel(false),
-    };
-    // Each connection holds a permit; without one the loop does not call accept, so
-    // new clients wait in the kernel backlog (back-pressure) instead of being
-    // accepted and dropped.
-    let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
-    let mut backoff = AcceptBackoff::new(config.accept_backoff);
-    tokio::pin!(shutdown);
-    loop {
-        let permit = tokio::select! {
-            biased;
-            () = &mut shutdown => break,
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break, // the semaphore is never closed
-            },
-        };
-        let (stream, peer) = tokio::select! {
-            biased;
-            () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    let (pause, _) = backoff.on_error(&e);
-                    if !pause.is_zero() {
-                        tokio::select! {
-                            biased;
-                            () = &mut shutdown => break,
-                            () = tokio::time::sleep(pause) => {}
-                        }
-                    }
-                    continue;
-                }
-            },
-        };
-        backoff.on_success();
-        conns.serve(&graceful, stream, peer, Some(permit), &svc);
-    }
-    // Connections the kernel already completed but this loop has not accepted yet would
-    // be reset by closing the listener: serve them too (at most the listen backlog, so
-    // without a permit when the cap is reached), then close.
-    match listener.into_std() {
-        Ok(std_listener) => {
-            while let Ok((stream, peer)) = std_listener.accept() {
-                let stream = stream
-                    .set_nonblocking(true)
-                    .and_then(|()| tokio::net::TcpStream::from_std(stream));
-                if let Ok(stream) = stream {
-                    conns.serve(
-                        &graceful,
-                        stream,
-                        peer,
-                        permits.clone().try_acquire_owned().ok(),
-                        &svc,
-                    );
-                }
-            }
-        }
-        Err(e) => tracing::debug!(error = %e, "listener not drained before closing"),
-    }
-    if tokio::time::timeout(config.drain_timeout, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            timeout = ?config.drain_timeout,
-            "drain timeout: closing connections with requests still in flight"
-        );
-        let _ = conns.force.0.send(true);
-    }
-    Ok(())
-}
-
-/// What every accepted connection is served with.
-struct Conns<A> {
-    http: hyper::server::conn::http1::Builder,
-    acceptor: Arc<A>,
-    limits: BodyLimits,
-    force: (
-        tokio::sync::watch::Sender<bool>,
-        tokio::sync::watch::Receiver<bool>,
-    ),
-}
-
-impl<A: Accept> Conns<A> {
-    fn serve<S, B>(
-        &self,
-        graceful: &GracefulShutdown,
-        stream: tokio::net::TcpStream,
-        peer: std::net::SocketAddr,
-        permit: Option<tokio::sync::OwnedSemaphorePermit>,
-        svc: &S,
-    ) where
-        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: http_body::Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
-    {
-        let _ = stream.set_nodelay(true);
-        let svc = Limits {
-            inner: svc.clone(),
-            peer: ClientAddr(peer),
-            limits: self.limits,
-        };
-        let http = self.http.clone();
-        let watcher = graceful.watcher();
-        let acceptor = self.acceptor.clone();
-        let mut force = self.force.1.clone();
-        tokio::spawn(async move {
-            let served = async move {
-                // The acceptor's handshake (TLS, later) runs here, off the accept loop.
-                let io = match acceptor.accept(stream, peer).await {
-                    Ok(io) => io,
-                    Err(e) => {
-                        tracing::debug!(error = %e, %peer, "handshake failed");
-                        return;
-                    }
-                };
-                let conn =
-                    http.serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
-                if let Err(e) = watcher.watch(conn).await {
-                    tracing::debug!(error = %e, %peer, "connection ended with an error");
-                }
-            };
-            tokio::select! {
-                () = served => {}
-                _ = force.wait_for(|f| *f) => {}
-            }
-            drop(permit);
-        });
-    }
-}
-
-/// Per-connection wrapper: inserts [`ClientAddr`] and [`BodyLimits`], and answers `413`
-/// for a declared body over the limit without reading it.
-#[derive(Clone)]
-struct Limits<S> {
-    inner: S,
-    peer: ClientAddr,
-    limits: BodyLimits,
-}
-
-impl<S, B> Service<Request<Incoming>> for Limits<S>
-where
-    S: Service<Request<Incoming>, Response = Response<B>>,
-    B: http_body::Body,
-{
-    type Response = Response<Either<B, Empty<B::Data>>>;
-    type Error = S::Error;
-    type Future = LimitsFuture<S::Future, B>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
-        // hyper's size hint is the parsed Content-Length: refuse before reading a byte,
-        // and close the connection rather than drain the announced body.
-        if let Some(max) = self.limits.max_bytes {
-            if req.body().size_hint().lower() > max {
-                // An empty body: the response body type is the service's, whose data type
-                // this wrapper cannot produce text in.
-                let mut res = Response::new(Either::Right(Empty::new()));
-                *res.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
-                res.headers_mut().insert(
-                    http::header::CONNECTION,
-                    http::HeaderValue::from_static("close"),
-                );
-                return LimitsFuture::Refused { res: Some(res) };
-            }
-        }
-        req.extensions_mut().insert(self.peer);
-        req.extensions_mut().insert(self.limits);
-        LimitsFuture::Inner {
-            fut: self.inner.call(req),
-        }
-    }
-}
-
-pin_project! {
-    #[project = LimitsProj]
-    enum LimitsFuture<F, B: http_body::Body> {
-        Inner { #[pin] fut: F },
-        Refused { res: Option<Response<Either<B, Empty<B::Data>>>> },
-    }
-}
-
-impl<F, B, E> Future for LimitsFuture<F, B>
-where
-    F: Future<Output = Result<Response<B>, E>>,
-    B: http_body::Body,
-{
-    type Output = Result<Response<Either<B, Empty<B::Data>>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            LimitsProj::Inner { fut } => fut.poll(cx).map_ok(|res| res.map(Either::Left)),
-            // Polled once: a second poll after Ready is a caller bug; stay pending.
-            LimitsProj::Refused { res } => match res.take() {
-                Some(res) => Poll::Ready(Ok(res)),
-                None => Poll::Pending,
-            },
-        }
     }
 }
 

@@ -33,11 +33,13 @@ use tokio::sync::watch;
 use tower_service::Service;
 
 use super::listen::{reuseport_listener, steer_to_newest, Accept, PlainTcp};
-use super::{serve_loop, Server, ServerConfig};
+use super::serve::serve_loop;
+use super::{Server, ServerConfig};
 use crate::BoxError;
 
-/// Which worker a service instance is built for: `0..workers`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// Which worker a service instance is built for: `0..workers` (`default()` is worker 0,
+/// for code shared with a single-runtime [`Server`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct WorkerId(usize);
 
 impl WorkerId {
