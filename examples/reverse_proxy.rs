@@ -117,29 +117,29 @@ fn main() -> Result<(), BoxError> {
 }
 
 /// The proxy stack of one worker: its own `Forward`s (so its own keep-alive pool, on its
-/// own thread) behind its own balancer, or `Forward` alone with `--direct`.
+/// own thread) behind its own balancer, or with `--direct` one `Forward` alone (no replay
+/// layer either: the single-upstream baseline, like `reverse_proxy_min`).
 fn worker_stack(
     backends: &[String],
     retry: bool,
     direct: bool,
 ) -> Result<
     tower::util::Either<
-        ErrorResponse<Replay<tower_patterns::proxy::Forward<ReplayBody<Incoming>>>>,
+        ErrorResponse<tower_patterns::proxy::Forward<Incoming>>,
         ErrorResponse<Replay<Lb>>,
     >,
     BoxError,
 > {
-    let first = ForwardBuilder::new(backends[0].as_str())
-        .connect_timeout(std::time::Duration::from_secs(1))
-        .build::<ReplayBody<Incoming>>()?;
+    let connect_timeout = std::time::Duration::from_secs(1);
     if direct {
-        return Ok(tower::util::Either::Left(
-            ServiceBuilder::new()
-                .layer(ErrorResponseLayer)
-                .layer(ReplayLayer::new(64 * 1024))
-                .service(first),
-        ));
+        let forward = ForwardBuilder::new(backends[0].as_str())
+            .connect_timeout(connect_timeout)
+            .build::<Incoming>()?;
+        return Ok(tower::util::Either::Left(ErrorResponse::new(forward)));
     }
+    let first = ForwardBuilder::new(backends[0].as_str())
+        .connect_timeout(connect_timeout)
+        .build::<ReplayBody<Incoming>>()?;
     let mut endpoints = Vec::new();
     for url in backends {
         endpoints.push((url.clone(), first.to(url)?));

@@ -8,6 +8,13 @@
 //! accepting instead of spinning ([`ServerConfig`]). axum users can keep `axum::serve`;
 //! this helper exists so the core does not depend on axum.
 //!
+//! Two ways to run it: [`Server`] on whatever tokio runtime calls it (one multi-thread
+//! runtime: [`runtime`]), or [`Workers`], thread-per-core — one current-thread runtime,
+//! `SO_REUSEPORT` listener and service instance per worker thread, the model of nginx's
+//! worker processes, with restarts that hand the port over ([`Workers::take_over`]).
+//! Both run the same accept loop with the same limits; an [`Accept`] implementation plugs
+//! TLS in later.
+//!
 //! ```no_run
 //! use tower_patterns::server;
 //!

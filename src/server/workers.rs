@@ -184,7 +184,7 @@ impl<A: Accept> Workers<A> {
             let acceptor = self.acceptor.clone();
             let make_service = make_service.clone();
             let shutdown = shutdown_signal(stopped.clone());
-            let thread = std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name(id.to_string())
                 .spawn(move || {
                     let rt = tokio::runtime::Builder::new_current_thread()
@@ -196,8 +196,15 @@ impl<A: Accept> Workers<A> {
                         serve_loop(config, listener, svc, acceptor, shutdown).await
                     })
                     // Dropping the runtime ends what the drain timeout left running.
-                })?;
-            threads.push(thread);
+                });
+            match spawned {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    // Stop the workers already started rather than leave them unowned.
+                    stop.send_replace(true);
+                    return Err(e);
+                }
+            }
         }
         Ok(WorkersHandle {
             addr,
