@@ -43,9 +43,17 @@ need haproxy haproxy
 need wrk wrk
 need python3 python3
 
-pin() { # cores-or-empty cmd...
+ulimit -n 65536 2>/dev/null || true
+
+pin() { # cores-or-empty cmd... (foreground)
     local cores=$1; shift
     if [ -n "$cores" ]; then taskset -c "$cores" "$@"; else "$@"; fi
+}
+# In the background (`spawn_pinned ... &`): `exec` so that `$!` is the program itself
+# (killed on exit, its CPU counted), not a subshell around it.
+spawn_pinned() {
+    local cores=$1; shift
+    if [ -n "$cores" ]; then exec taskset -c "$cores" "$@"; else exec "$@"; fi
 }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -70,7 +78,8 @@ wait_port() {
     exit 1
 }
 
-# CPU ticks (utime+stime) of a process and its children (nginx workers).
+# CPU ticks (utime+stime) of a process and its children (nginx workers); threads are
+# included in a process's own figures.
 ticks() {
     local t=0 p
     for p in $1 $(pgrep -P "$1" 2>/dev/null || true); do
@@ -98,19 +107,21 @@ http {
     $3
 }
 CONF
-    pin "${4:-}" nginx -c "$work/$1/nginx.conf" -e "$work/$1/error.log" &
+    spawn_pinned "${4:-}" nginx -c "$work/$1/nginx.conf" -e "$work/$1/error.log" &
     pids+=($!)
     last_pid=$!
 }
 
 # The headers our Forward sets, the same way: X-Forwarded-For appended, -Proto and -Host
-# set, Host as the client sent it, hop-by-hop Connection removed (keep-alive upstream).
+# set (Host as sent, port included), Host kept, hop-by-hop Connection removed (keep-alive
+# upstream). Checked against an echo backend: the three send the same values (HAProxy
+# appends its X-Forwarded-For as a second header line, which means the same).
 NGINX_PROXY='proxy_pass http://be; proxy_http_version 1.1;
         proxy_set_header Connection "";
         proxy_set_header Host $http_host;
         proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
         proxy_set_header X-Forwarded-Proto $scheme;
-        proxy_set_header X-Forwarded-Host $host;'
+        proxy_set_header X-Forwarded-Host $http_host;'
 
 haproxy_start() { # name workers port servers...
     local name=$1 workers=$2 port=$3; shift 3
@@ -118,7 +129,7 @@ haproxy_start() { # name workers port servers...
         cat <<CONF
 global
     nbthread $workers
-    maxconn 20000
+    maxconn 8000
 defaults
     mode http
     timeout connect 5s
@@ -137,7 +148,7 @@ CONF
         local i=0
         for s in "$@"; do i=$((i + 1)); echo "    server s$i $s"; done
     } > "$work/$name.cfg"
-    pin "${PX_CORES:-}" haproxy -f "$work/$name.cfg" -q &
+    spawn_pinned "${PX_CORES:-}" haproxy -f "$work/$name.cfg" -q &
     pids+=($!)
     last_pid=$!
 }
@@ -156,11 +167,11 @@ declare -A rps_all p99_all cpu_all err_all
 start_proxies() { # workers
     local w=$1
     port[ours-fwd]=$(free_port)
-    pin "${PX_CORES:-}" $OURS --serve --direct --workers "$w" --listen "127.0.0.1:${port[ours-fwd]}" \
+    spawn_pinned "${PX_CORES:-}" $OURS --serve --direct --workers "$w" --listen "127.0.0.1:${port[ours-fwd]}" \
         --backends "http://127.0.0.1:$B1" >/dev/null 2>&1 &
     pids+=($!); pid[ours-fwd]=$!
     port[ours-bal]=$(free_port)
-    pin "${PX_CORES:-}" $OURS --serve --workers "$w" --listen "127.0.0.1:${port[ours-bal]}" \
+    spawn_pinned "${PX_CORES:-}" $OURS --serve --workers "$w" --listen "127.0.0.1:${port[ours-bal]}" \
         --backends "http://127.0.0.1:$B1,http://127.0.0.1:$B2" >/dev/null 2>&1 &
     pids+=($!); pid[ours-bal]=$!
     port[nginx-fwd]=$(free_port)
