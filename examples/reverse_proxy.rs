@@ -116,20 +116,16 @@ fn main() -> Result<(), BoxError> {
     tower_patterns::server::runtime(args.threads)?.block_on(run(args))
 }
 
+/// `--direct` (Forward alone) or the balanced stack.
+type WorkerStack = tower::util::Either<
+    ErrorResponse<tower_patterns::proxy::Forward<Incoming>>,
+    ErrorResponse<Replay<Lb>>,
+>;
+
 /// The proxy stack of one worker: its own `Forward`s (so its own keep-alive pool, on its
 /// own thread) behind its own balancer, or with `--direct` one `Forward` alone (no replay
 /// layer either: the single-upstream baseline, like `reverse_proxy_min`).
-fn worker_stack(
-    backends: &[String],
-    retry: bool,
-    direct: bool,
-) -> Result<
-    tower::util::Either<
-        ErrorResponse<tower_patterns::proxy::Forward<Incoming>>,
-        ErrorResponse<Replay<Lb>>,
-    >,
-    BoxError,
-> {
+fn worker_stack(backends: &[String], retry: bool, direct: bool) -> Result<WorkerStack, BoxError> {
     let connect_timeout = std::time::Duration::from_secs(1);
     if direct {
         let forward = ForwardBuilder::new(backends[0].as_str())

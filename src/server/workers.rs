@@ -22,7 +22,6 @@
 //! sockets first.
 
 use std::fmt;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -215,11 +214,9 @@ impl<A: Accept> Workers<A> {
 }
 
 /// Completes when the handle signals shutdown; a dropped handle leaves workers serving.
-fn shutdown_signal(mut stopped: watch::Receiver<bool>) -> impl Future<Output = ()> {
-    async move {
-        if stopped.wait_for(|s| *s).await.is_err() {
-            std::future::pending::<()>().await;
-        }
+async fn shutdown_signal(mut stopped: watch::Receiver<bool>) {
+    if stopped.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
