@@ -9,7 +9,12 @@
 //!
 //! Flags: `--duration SECS` (10), `--concurrency N` (200 clients, as `siege -c200 -t10s`),
 //! `--workers N` (default: CPUs), `--rolling-restart-at SECS` (the supervisor sends itself
-//! SIGUSR2 then), `--no-crash` (workers do not crash).
+//! SIGUSR2 then), `--no-crash` (workers do not crash), `--proxy-workers N` (the balancer in
+//! front runs thread-per-core on [`server::Workers`]: N threads, each with its own
+//! listener, connection pool and balancer fed the same membership changes; default: one
+//! multi-thread runtime as before; `--workers` keeps meaning the app's worker processes).
+//!
+//! [`server::Workers`]: tower_patterns::server::Workers
 //!
 //! | Node.js `cluster` (seed) | here |
 //! |---|---|
@@ -40,9 +45,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{ChildStdin, Command};
 use tower::ServiceBuilder;
 use tower_patterns::balance::discover::{self, DiscoverSender};
-use tower_patterns::balance::{self, Balance, PassiveHealth, ReplayLayer, Retry};
+use tower_patterns::balance::{self, Balance, BalanceBuilder, PassiveHealth, ReplayLayer, Retry};
 use tower_patterns::body::ReplayBody;
 use tower_patterns::proxy::{ErrorResponseLayer, Forward, ForwardBuilder};
+use tower_patterns::server::Workers;
 use tower_patterns::BoxError;
 
 fn random_u64() -> u64 {
@@ -100,6 +106,109 @@ struct Options {
     workers: usize,
     rolling_restart_at: Option<Duration>,
     crash: bool,
+    proxy_workers: Option<usize>,
+}
+
+type Fwd = Forward<ReplayBody<Incoming>>;
+type Lb = Balance<u64, Fwd>;
+
+/// Where membership changes go: the one balancer, or every per-core proxy worker (each
+/// makes its own `Forward` from the URL, so its connections stay on its thread).
+enum Members {
+    One {
+        tx: DiscoverSender<u64, Fwd>,
+        forward: Fwd,
+    },
+    PerWorker(Vec<tokio::sync::mpsc::UnboundedSender<Change>>),
+}
+
+enum Change {
+    Insert(u64, String),
+    Remove(u64),
+}
+
+impl Members {
+    fn insert(&self, key: u64, url: &str) -> Result<(), BoxError> {
+        match self {
+            Members::One { tx, forward } => {
+                let _ = tx.insert(key, forward.to(url)?);
+            }
+            Members::PerWorker(txs) => {
+                for tx in txs {
+                    let _ = tx.send(Change::Insert(key, url.to_string()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn remove(&self, key: u64) {
+        match self {
+            Members::One { tx, .. } => {
+                let _ = tx.remove(key);
+            }
+            Members::PerWorker(txs) => {
+                for tx in txs {
+                    let _ = tx.send(Change::Remove(key));
+                }
+            }
+        }
+    }
+}
+
+fn balancer() -> BalanceBuilder<u64> {
+    Balance::builder()
+        .retry(Retry::default().tries(4))
+        .health(PassiveHealth::new(1, Duration::from_secs(2)))
+        .queue_timeout(Duration::from_secs(2))
+}
+
+fn forward() -> Result<Fwd, BoxError> {
+    Ok(ForwardBuilder::new("http://127.0.0.1:1")
+        .connect_timeout(Duration::from_secs(1))
+        .build::<ReplayBody<Incoming>>()?)
+}
+
+/// One per-core proxy worker: its own balancer and pool, following `changes`.
+fn proxy_worker(
+    mut changes: tokio::sync::mpsc::UnboundedReceiver<Change>,
+    lbs: &Mutex<Vec<Lb>>,
+) -> Result<
+    impl tower::Service<
+            Request<Incoming>,
+            Response = Response<tower_patterns::proxy::ErrorResponseBody<Incoming>>,
+            Error = Infallible,
+            Future = impl Send,
+        > + Clone
+        + Send
+        + 'static,
+    BoxError,
+> {
+    let (tx, disc) = discover::channel();
+    let lb = balancer().spawn(disc)?;
+    let forward = forward()?;
+    tokio::spawn(async move {
+        while let Some(change) = changes.recv().await {
+            match change {
+                Change::Insert(key, url) => match forward.to(&url) {
+                    Ok(f) => {
+                        let _ = tx.insert(key, f);
+                    }
+                    Err(e) => eprintln!("worker {key} at {url}: {e}"),
+                },
+                Change::Remove(key) => {
+                    let _ = tx.remove(key);
+                }
+            }
+        }
+    });
+    lbs.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(lb.clone());
+    Ok(ServiceBuilder::new()
+        .layer(ErrorResponseLayer)
+        .layer(ReplayLayer::new(64 * 1024))
+        .service(lb))
 }
 
 struct WorkerInfo {
@@ -113,8 +222,7 @@ struct Supervisor {
     crash: bool,
     next_serial: AtomicU64,
     workers: Mutex<HashMap<u64, WorkerInfo>>,
-    members: DiscoverSender<u64, Forward<ReplayBody<Incoming>>>,
-    forward: Forward<ReplayBody<Incoming>>,
+    members: Members,
     health: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
         Full<Bytes>,
@@ -179,7 +287,7 @@ impl Supervisor {
                 retiring: false,
             },
         );
-        self.members.insert(serial, self.forward.to(&url)?);
+        self.members.insert(serial, &url)?;
         let exits = self.exits.clone();
         tokio::spawn(async move {
             let _keep_stdout_open = reader;
@@ -330,6 +438,7 @@ fn parse_options() -> Result<Options, String> {
         workers: cpus,
         rolling_restart_at: None,
         crash: true,
+        proxy_workers: None,
     };
     let mut it = std::env::args().skip(1);
     let num = |v: Option<String>, flag: &str| -> Result<f64, String> {
@@ -345,6 +454,7 @@ fn parse_options() -> Result<Options, String> {
                 o.rolling_restart_at = Some(Duration::from_secs_f64(num(it.next(), &a)?.max(0.0)))
             }
             "--no-crash" => o.crash = false,
+            "--proxy-workers" => o.proxy_workers = Some(num(it.next(), &a)?.max(1.0) as usize),
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -352,23 +462,56 @@ fn parse_options() -> Result<Options, String> {
 }
 
 async fn supervise(o: Options) -> Result<(), BoxError> {
-    let (tx, disc) = discover::channel();
-    let lb = Balance::builder()
-        .retry(Retry::default().tries(4))
-        .health(PassiveHealth::new(1, Duration::from_secs(2)))
-        .queue_timeout(Duration::from_secs(2))
-        .spawn(disc)?;
-    let forward = ForwardBuilder::new("http://127.0.0.1:1")
-        .connect_timeout(Duration::from_secs(1))
-        .build::<ReplayBody<Incoming>>()?;
+    // The balancers whose endpoint stats are printed at the end.
+    let lbs: Arc<Mutex<Vec<Lb>>> = Arc::default();
+    let mut per_core = None;
+    let proxy_addr: std::net::SocketAddr;
+    let members = match o.proxy_workers {
+        None => {
+            let (tx, disc) = discover::channel();
+            let lb = balancer().spawn(disc)?;
+            lbs.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(lb.clone());
+            let proxy = ServiceBuilder::new()
+                .layer(ErrorResponseLayer)
+                .layer(ReplayLayer::new(64 * 1024))
+                .service(lb);
+            let server = tower_patterns::server::spawn_local(proxy).await?;
+            proxy_addr = server.addr();
+            Members::One {
+                tx,
+                forward: forward()?,
+            }
+        }
+        Some(n) => {
+            let (txs, rxs): (Vec<_>, Vec<_>) = (0..n)
+                .map(|_| tokio::sync::mpsc::unbounded_channel())
+                .unzip();
+            // Each worker takes its own receiver when it builds its stack.
+            let rxs = Mutex::new(rxs.into_iter().map(Some).collect::<Vec<_>>());
+            let lbs2 = lbs.clone();
+            let handle = Workers::new(n).spawn(
+                "127.0.0.1:0".parse()?,
+                move |id: tower_patterns::server::WorkerId| {
+                    let rx = rxs.lock().unwrap_or_else(|e| e.into_inner())[id.index()]
+                        .take()
+                        .expect("one receiver per worker, taken once");
+                    proxy_worker(rx, &lbs2).expect("a balancer and a pool for this worker")
+                },
+            )?;
+            proxy_addr = handle.local_addr();
+            per_core = Some(handle);
+            Members::PerWorker(txs)
+        }
+    };
     let (exit_tx, mut exit_rx) = tokio::sync::mpsc::unbounded_channel();
     let sup = Arc::new(Supervisor {
         exe: std::env::current_exe()?,
         crash: o.crash,
         next_serial: AtomicU64::new(0),
         workers: Mutex::new(HashMap::new()),
-        members: tx,
-        forward,
+        members,
         health: balance::client::http_client(),
         exits: exit_tx,
         crashes: AtomicU64::new(0),
@@ -379,13 +522,12 @@ async fn supervise(o: Options) -> Result<(), BoxError> {
         sup.start_worker().await?;
     }
 
-    let proxy = ServiceBuilder::new()
-        .layer(ErrorResponseLayer)
-        .layer(ReplayLayer::new(64 * 1024))
-        .service(lb.clone());
-    let addr = tower_patterns::server::spawn_local(proxy).await?.addr();
+    let addr = proxy_addr;
     println!(
-        "Balancer on http://{addr}; supervisor pid {} (kill -USR2 it for a rolling restart)",
+        "Balancer on http://{addr}{}; supervisor pid {} (kill -USR2 it for a rolling restart)",
+        o.proxy_workers
+            .map(|n| format!(" ({n} per-core proxy workers)"))
+            .unwrap_or_default(),
         std::process::id()
     );
     println!(
@@ -454,11 +596,21 @@ async fn supervise(o: Options) -> Result<(), BoxError> {
         sup.crashes.load(Relaxed)
     );
     println!("Workers rolled (SIGUSR2):  {replaced:>10}");
-    for e in lb.endpoints() {
-        println!(
-            "  worker #{:<3} {:?}: {} requests, {} failures",
-            e.key, e.state, e.requests, e.failures
-        );
+    for (i, lb) in lbs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .enumerate()
+    {
+        if o.proxy_workers.is_some() {
+            println!("  proxy worker {i}:");
+        }
+        for e in lb.endpoints() {
+            println!(
+                "  worker #{:<3} {:?}: {} requests, {} failures",
+                e.key, e.state, e.requests, e.failures
+            );
+        }
     }
     // Let the drained workers exit before we do (kill_on_drop covers the rest).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
@@ -467,6 +619,9 @@ async fn supervise(o: Options) -> Result<(), BoxError> {
             Some((serial, status)) = exit_rx.recv() => sup.on_exit(serial, status),
             () = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
+    }
+    if let Some(handle) = per_core {
+        handle.shutdown_and_wait().await?;
     }
     Ok(())
 }

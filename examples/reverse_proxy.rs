@@ -12,6 +12,16 @@
 //! `--direct` (with `--serve`: the first backend through `Forward` alone, no balancer — the
 //! baseline that shows what the balancer costs).
 //!
+//! `--workers N` (with `--serve` and `--backends`): thread-per-core instead of one tokio
+//! runtime — N threads, each with its own current-thread runtime, `SO_REUSEPORT` listener,
+//! upstream connection pool and balancer ([`server::Workers`]; like N nginx worker
+//! processes, each worker round-robins and tracks health on its own). `SIGTERM`/Ctrl-C
+//! drains every worker. `--take-over N`: bind next to a running instance with N workers on
+//! the same `--listen` port and take its new connections, for a restart without a failed
+//! request (start the new one, then `SIGTERM` the old one).
+//!
+//! [`server::Workers`]: tower_patterns::server::Workers
+//!
 //! The seed's nginx configuration, and what this example builds instead:
 //! ```text
 //! upstream nodejs_design_patterns_app {          Balance::builder()               (round robin)
@@ -30,9 +40,11 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tower::ServiceBuilder;
+use tower_patterns::balance::Replay;
 use tower_patterns::balance::{self, Balance, ReplayLayer, Retry};
 use tower_patterns::body::ReplayBody;
-use tower_patterns::proxy::{ErrorResponseBody, ErrorResponseLayer, ForwardBuilder};
+use tower_patterns::proxy::{ErrorResponse, ErrorResponseBody, ErrorResponseLayer, ForwardBuilder};
+use tower_patterns::server::Workers;
 use tower_patterns::BoxError;
 
 struct Args {
@@ -42,6 +54,8 @@ struct Args {
     threads: Option<usize>,
     retry: bool,
     direct: bool,
+    workers: Option<usize>,
+    take_over: Option<usize>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -52,6 +66,8 @@ fn parse_args() -> Result<Args, String> {
         threads: None,
         retry: true,
         direct: false,
+        workers: None,
+        take_over: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -75,6 +91,14 @@ fn parse_args() -> Result<Args, String> {
                 let v = it.next().ok_or("--threads needs N")?;
                 args.threads = Some(v.parse().map_err(|e| format!("--threads {v}: {e}"))?);
             }
+            "--workers" => {
+                let v = it.next().ok_or("--workers needs N")?;
+                args.workers = Some(v.parse().map_err(|e| format!("--workers {v}: {e}"))?);
+            }
+            "--take-over" => {
+                let v = it.next().ok_or("--take-over needs N")?;
+                args.take_over = Some(v.parse().map_err(|e| format!("--take-over {v}: {e}"))?);
+            }
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -83,7 +107,98 @@ fn parse_args() -> Result<Args, String> {
 
 fn main() -> Result<(), BoxError> {
     let args = parse_args()?;
+    if let Some(workers) = args.workers {
+        if !args.serve || args.backends.is_empty() {
+            return Err("--workers needs --serve and --backends".into());
+        }
+        return serve_per_core(&args, workers);
+    }
     tower_patterns::server::runtime(args.threads)?.block_on(run(args))
+}
+
+/// `--direct` (Forward alone) or the balanced stack.
+type WorkerStack = tower::util::Either<
+    ErrorResponse<tower_patterns::proxy::Forward<Incoming>>,
+    ErrorResponse<Replay<Lb>>,
+>;
+
+/// The proxy stack of one worker: its own `Forward`s (so its own keep-alive pool, on its
+/// own thread) behind its own balancer, or with `--direct` one `Forward` alone (no replay
+/// layer either: the single-upstream baseline, like `reverse_proxy_min`).
+fn worker_stack(backends: &[String], retry: bool, direct: bool) -> Result<WorkerStack, BoxError> {
+    let connect_timeout = std::time::Duration::from_secs(1);
+    if direct {
+        let forward = ForwardBuilder::new(backends[0].as_str())
+            .connect_timeout(connect_timeout)
+            .build::<Incoming>()?;
+        return Ok(tower::util::Either::Left(ErrorResponse::new(forward)));
+    }
+    let first = ForwardBuilder::new(backends[0].as_str())
+        .connect_timeout(connect_timeout)
+        .build::<ReplayBody<Incoming>>()?;
+    let mut endpoints = Vec::new();
+    for url in backends {
+        endpoints.push((url.clone(), first.to(url)?));
+    }
+    let retry = if retry {
+        Retry::default()
+    } else {
+        Retry::never()
+    };
+    let lb = Balance::builder().retry(retry).build_static(endpoints);
+    Ok(tower::util::Either::Right(
+        ServiceBuilder::new()
+            .layer(ErrorResponseLayer)
+            .layer(ReplayLayer::new(64 * 1024))
+            .service(lb),
+    ))
+}
+
+/// `--workers N`: thread-per-core serving until SIGTERM/Ctrl-C, then a drain.
+fn serve_per_core(args: &Args, workers: usize) -> Result<(), BoxError> {
+    // Built once here so a bad URL is an error before any worker starts; the workers'
+    // own builds of the same URLs then cannot fail.
+    worker_stack(&args.backends, args.retry, args.direct)?;
+    let (backends, retry, direct) = (args.backends.clone(), args.retry, args.direct);
+    let mut builder = Workers::new(workers);
+    if let Some(previous) = args.take_over {
+        builder = builder.take_over(previous);
+    }
+    let handle = builder.spawn(args.listen, move |_id| {
+        worker_stack(&backends, retry, direct).expect("validated before the workers started")
+    })?;
+    println!(
+        "reverse proxy on http://{} -> {} backends, {workers} workers{}",
+        handle.local_addr(),
+        args.backends.len(),
+        if args.direct {
+            " (Forward alone)"
+        } else {
+            ", round robin"
+        }
+    );
+    // The main thread only waits for the signal that starts the drain.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(stop_signal())?;
+    handle.shutdown();
+    handle.join()?;
+    Ok(())
+}
+
+async fn stop_signal() -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r,
+            _ = term.recv() => Ok(()),
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await
 }
 
 /// One instance of the application: answers which instance it is.

@@ -27,6 +27,7 @@ fn defaults_bound_every_resource() {
     assert_eq!(c.max_header_bytes, 64 * 1024);
     assert_eq!(c.max_connections, 10_000);
     assert_eq!(c.header_read_timeout, Duration::from_secs(30));
+    assert_eq!(c.drain_timeout, Duration::from_secs(30));
 }
 
 #[tokio::test]

@@ -1,5 +1,5 @@
-//! The limits of a server, in one value that every accept loop (this one, or a future
-//! worker per core) applies the same way.
+//! The limits of a server, in one value that every accept loop (the [`Server`](super::Server)
+//! on any runtime, or each of the per-core [`Workers`](super::Workers)) applies the same way.
 
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use crate::proxy::BodyLimits;
 /// | `max_header_bytes` | 64 KiB (request line + headers) | `431` | `large_client_header_buffers` (4 × 8 KiB) |
 /// | `max_headers` | 100 | `431` | — |
 /// | `max_connections` | 10 000 | stop accepting until one closes | `worker_connections` |
+/// | `drain_timeout` | 30 s | connections still busy after shutdown are closed | `worker_shutdown_timeout` |
 /// | `accept_backoff` | 100 ms | pause accepting on `EMFILE`/`ENFILE`/`ENOBUFS`/`ENOMEM` | `accept_mutex_delay` |
 ///
 /// The body limits travel with each request as a [`BodyLimits`] extension and are
@@ -47,6 +48,9 @@ pub struct ServerConfig {
     /// Most connections served at once; at the limit the server stops accepting (new
     /// clients wait in the kernel's backlog) instead of accepting and dropping.
     pub max_connections: usize,
+    /// After a shutdown signal, how long in-flight requests may take to finish before
+    /// their connections are closed anyway (a stuck client cannot hold a restart).
+    pub drain_timeout: Duration,
     /// Pause before accepting again after the process ran out of file descriptors or
     /// memory: gives closing connections time to free them instead of spinning.
     pub accept_backoff: Duration,
@@ -61,6 +65,7 @@ impl Default for ServerConfig {
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             max_connections: 10_000,
+            drain_timeout: Duration::from_secs(30),
             accept_backoff: Duration::from_millis(100),
         }
     }

@@ -8,6 +8,13 @@
 //! accepting instead of spinning ([`ServerConfig`]). axum users can keep `axum::serve`;
 //! this helper exists so the core does not depend on axum.
 //!
+//! Two ways to run it: [`Server`] on whatever tokio runtime calls it (one multi-thread
+//! runtime: [`runtime`]), or [`Workers`], thread-per-core — one current-thread runtime,
+//! `SO_REUSEPORT` listener and service instance per worker thread, the model of nginx's
+//! worker processes, with restarts that hand the port over ([`Workers::take_over`]).
+//! Both run the same accept loop with the same limits; an [`Accept`] implementation plugs
+//! TLS in later.
+//!
 //! ```no_run
 //! use tower_patterns::server;
 //!
@@ -27,28 +34,23 @@
 
 mod accept;
 mod config;
+mod listen;
+mod serve;
+mod workers;
 
 pub use config::ServerConfig;
+pub use listen::{Accept, PlainTcp};
+pub use workers::{WorkerId, Workers, WorkersHandle};
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use http::{Request, Response, StatusCode};
-use http_body::Body as _;
-use http_body_util::{Either, Empty};
+use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
-use pin_project_lite::pin_project;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tower_service::Service;
 
-use self::accept::AcceptBackoff;
-use crate::proxy::{BodyLimits, ClientAddr};
+use self::serve::serve_loop;
 use crate::BoxError;
 
 /// Serves `svc` on `listener` until the process ends, with the default
@@ -69,8 +71,8 @@ where
 /// completes, stops accepting, lets open connections finish their in-flight requests
 /// (keep-alive connections are closed after their current response), and returns.
 ///
-/// Each request carries the peer address as a [`ClientAddr`] extension and the body
-/// limits as a [`BodyLimits`] extension. Accept errors (such as running out of file
+/// Each request carries the peer address as a [`ClientAddr`](crate::proxy::ClientAddr) extension and the body
+/// limits as a [`BodyLimits`](crate::proxy::BodyLimits) extension. Accept errors (such as running out of file
 /// descriptors) pause accepting briefly instead of ending the server.
 pub async fn serve_with_shutdown<S, B, F>(
     listener: TcpListener,
@@ -167,6 +169,12 @@ impl Server {
         self
     }
 
+    /// See [`ServerConfig::drain_timeout`].
+    pub fn drain_timeout(mut self, t: std::time::Duration) -> Self {
+        self.config.drain_timeout = t;
+        self
+    }
+
     /// See [`ServerConfig::accept_backoff`].
     pub fn accept_backoff(mut self, t: std::time::Duration) -> Self {
         self.config.accept_backoff = t;
@@ -204,67 +212,7 @@ impl Server {
         B::Error: Into<BoxError>,
         F: Future<Output = ()>,
     {
-        let config = self.config;
-        let graceful = GracefulShutdown::new();
-        let mut http = hyper::server::conn::http1::Builder::new();
-        http.timer(TokioTimer::new())
-            .header_read_timeout(config.header_read_timeout)
-            // A head larger than this, or with too many fields, is answered 431 by hyper.
-            .max_header_size(config.max_header_bytes)
-            .max_headers(config.max_headers);
-        // Each connection holds a permit; without one the loop does not call accept, so
-        // new clients wait in the kernel backlog (back-pressure) instead of being
-        // accepted and dropped.
-        let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
-        let limits = config.body_limits();
-        let mut backoff = AcceptBackoff::new(config.accept_backoff);
-        tokio::pin!(shutdown);
-        loop {
-            let permit = tokio::select! {
-                biased;
-                () = &mut shutdown => break,
-                p = permits.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break, // the semaphore is never closed
-                },
-            };
-            let (stream, peer) = tokio::select! {
-                biased;
-                () = &mut shutdown => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        let (pause, _) = backoff.on_error(&e);
-                        if !pause.is_zero() {
-                            tokio::select! {
-                                biased;
-                                () = &mut shutdown => break,
-                                () = tokio::time::sleep(pause) => {}
-                            }
-                        }
-                        continue;
-                    }
-                },
-            };
-            backoff.on_success();
-            let _ = stream.set_nodelay(true);
-            let svc = Limits {
-                inner: svc.clone(),
-                peer: ClientAddr(peer),
-                limits,
-            };
-            let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, %peer, "connection ended with an error");
-                }
-                drop(permit);
-            });
-        }
-        drop(listener);
-        graceful.shutdown().await;
-        Ok(())
+        serve_loop(self.config, listener, svc, Arc::new(PlainTcp), shutdown).await
     }
 
     /// Serves `svc` on a free port of 127.0.0.1 in a background task (see
@@ -288,79 +236,6 @@ impl Server {
             }
         }));
         Ok(LocalServer { addr, stop, task })
-    }
-}
-
-/// Per-connection wrapper: inserts [`ClientAddr`] and [`BodyLimits`], and answers `413`
-/// for a declared body over the limit without reading it.
-#[derive(Clone)]
-struct Limits<S> {
-    inner: S,
-    peer: ClientAddr,
-    limits: BodyLimits,
-}
-
-impl<S, B> Service<Request<Incoming>> for Limits<S>
-where
-    S: Service<Request<Incoming>, Response = Response<B>>,
-    B: http_body::Body,
-{
-    type Response = Response<Either<B, Empty<B::Data>>>;
-    type Error = S::Error;
-    type Future = LimitsFuture<S::Future, B>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
-        // hyper's size hint is the parsed Content-Length: refuse before reading a byte,
-        // and close the connection rather than drain the announced body.
-        if let Some(max) = self.limits.max_bytes {
-            if req.body().size_hint().lower() > max {
-                // An empty body: the response body type is the service's, whose data type
-                // this wrapper cannot produce text in.
-                let mut res = Response::new(Either::Right(Empty::new()));
-                *res.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
-                res.headers_mut().insert(
-                    http::header::CONNECTION,
-                    http::HeaderValue::from_static("close"),
-                );
-                return LimitsFuture::Refused { res: Some(res) };
-            }
-        }
-        req.extensions_mut().insert(self.peer);
-        req.extensions_mut().insert(self.limits);
-        LimitsFuture::Inner {
-            fut: self.inner.call(req),
-        }
-    }
-}
-
-pin_project! {
-    #[project = LimitsProj]
-    enum LimitsFuture<F, B: http_body::Body> {
-        Inner { #[pin] fut: F },
-        Refused { res: Option<Response<Either<B, Empty<B::Data>>>> },
-    }
-}
-
-impl<F, B, E> Future for LimitsFuture<F, B>
-where
-    F: Future<Output = Result<Response<B>, E>>,
-    B: http_body::Body,
-{
-    type Output = Result<Response<Either<B, Empty<B::Data>>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            LimitsProj::Inner { fut } => fut.poll(cx).map_ok(|res| res.map(Either::Left)),
-            // Polled once: a second poll after Ready is a caller bug; stay pending.
-            LimitsProj::Refused { res } => match res.take() {
-                Some(res) => Poll::Ready(Ok(res)),
-                None => Poll::Pending,
-            },
-        }
     }
 }
 

@@ -1,0 +1,334 @@
+//! The accept loop and per-connection serving shared by [`Server`](super::Server) and each
+//! of the per-core [`Workers`](super::Workers): the same limits, the same drain on
+//! shutdown, whatever runtime runs it and whatever [`Accept`] makes of a TCP stream.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use http_body::Body as _;
+use http_body_util::{Either, Empty};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use pin_project_lite::pin_project;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify, Semaphore};
+use tower_service::Service;
+
+use super::accept::AcceptBackoff;
+use super::{Accept, ServerConfig};
+use crate::proxy::{BodyLimits, ClientAddr};
+use crate::BoxError;
+
+/// Phases of a server, sent to its connections.
+const RUN: u8 = 0;
+const DRAIN: u8 = 1;
+const CLOSE: u8 = 2;
+
+/// At most this long, a connection accepted just before a shutdown may take to start its
+/// first request (bounded further by the header read timeout and the drain timeout).
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
+/// The accept loop shared by [`Server`] and every [`Workers`] worker: the same limits,
+/// whatever runtime it runs on and whatever [`Accept`] turns a TCP stream into.
+pub(crate) async fn serve_loop<S, B, A, F>(
+    config: ServerConfig,
+    listener: TcpListener,
+    svc: S,
+    acceptor: Arc<A>,
+    shutdown: F,
+) -> std::io::Result<()>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+    A: Accept,
+    F: Future<Output = ()>,
+{
+    // One channel tells connections to drain (1) or close now (2); each connection
+    // holds a receiver, so "all receivers gone" means every connection has ended.
+    let (phase, phase_rx) = watch::channel(RUN);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        // A head larger than this, or with too many fields, is answered 431 by hyper.
+        .max_header_size(config.max_header_bytes)
+        .max_headers(config.max_headers);
+    let conns = Conns {
+        http,
+        acceptor,
+        limits: config.body_limits(),
+        phase: phase_rx,
+        first_request_grace: config.header_read_timeout.min(FIRST_REQUEST_GRACE),
+    };
+    // Each connection holds a permit; without one the loop does not call accept, so
+    // new clients wait in the kernel backlog (back-pressure) instead of being
+    // accepted and dropped.
+    let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let mut backoff = AcceptBackoff::new(config.accept_backoff);
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break, // the semaphore is never closed
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    let (pause, _) = backoff.on_error(&e);
+                    if !pause.is_zero() {
+                        tokio::select! {
+                            biased;
+                            () = &mut shutdown => break,
+                            () = tokio::time::sleep(pause) => {}
+                        }
+                    }
+                    continue;
+                }
+            },
+        };
+        backoff.on_success();
+        conns.serve(stream, peer, Some(permit), &svc);
+    }
+    // Connections the kernel already completed but this loop has not accepted yet would
+    // be reset by closing the listener: serve them too (at most the listen backlog, so
+    // without a permit when the cap is reached), then close.
+    match listener.into_std() {
+        Ok(std_listener) => {
+            while let Ok((stream, peer)) = std_listener.accept() {
+                let stream = stream
+                    .set_nonblocking(true)
+                    .and_then(|()| tokio::net::TcpStream::from_std(stream));
+                if let Ok(stream) = stream {
+                    conns.serve(stream, peer, permits.clone().try_acquire_owned().ok(), &svc);
+                }
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "listener not drained before closing"),
+    }
+    drop(conns);
+    phase.send_replace(DRAIN);
+    if tokio::time::timeout(config.drain_timeout, phase.closed())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            timeout = ?config.drain_timeout,
+            "drain timeout: closing connections with requests still in flight"
+        );
+        phase.send_replace(CLOSE);
+    }
+    Ok(())
+}
+
+/// What every accepted connection is served with.
+struct Conns<A> {
+    http: hyper::server::conn::http1::Builder,
+    acceptor: Arc<A>,
+    limits: BodyLimits,
+    phase: watch::Receiver<u8>,
+    first_request_grace: Duration,
+}
+
+impl<A: Accept> Conns<A> {
+    fn serve<S, B>(
+        &self,
+        stream: tokio::net::TcpStream,
+        peer: std::net::SocketAddr,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+        svc: &S,
+    ) where
+        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let _ = stream.set_nodelay(true);
+        let started = Arc::new(Started::default());
+        let svc = Limits {
+            inner: svc.clone(),
+            peer: ClientAddr(peer),
+            limits: self.limits,
+            started: started.clone(),
+        };
+        let http = self.http.clone();
+        let acceptor = self.acceptor.clone();
+        let mut phase = self.phase.clone();
+        let mut drain_phase = self.phase.clone();
+        let grace = self.first_request_grace;
+        tokio::spawn(async move {
+            let served = async {
+                // The acceptor's handshake (TLS, later) runs here, off the accept loop.
+                let io = match acceptor.accept(stream, peer).await {
+                    Ok(io) => io,
+                    Err(e) => {
+                        tracing::debug!(error = %e, %peer, "handshake failed");
+                        return;
+                    }
+                };
+                let conn = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
+                let ended = drain(conn, &mut drain_phase, &started, grace).await;
+                if let Err(e) = ended {
+                    tracing::debug!(error = %e, %peer, "connection ended with an error");
+                }
+            };
+            tokio::select! {
+                () = served => {}
+                _ = phase.wait_for(|p| *p == CLOSE) => {}
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Serves `conn` until it ends; on the drain signal, lets its in-flight request finish
+/// and closes it.
+///
+/// hyper closes an idle connection at once on `graceful_shutdown`, and a connection
+/// accepted a moment ago counts as idle even when its first request is already in the
+/// socket: the client would see the connection closed without an answer. A connection
+/// that has not started a request yet gets `grace` to start one (the request is then
+/// served, with `Connection: close`).
+async fn drain<C>(
+    conn: C,
+    phase: &mut watch::Receiver<u8>,
+    started: &Started,
+    grace: Duration,
+) -> Result<(), hyper::Error>
+where
+    C: Future<Output = Result<(), hyper::Error>> + GracefulConnection,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        biased;
+        r = conn.as_mut() => return r,
+        _ = phase.wait_for(|p| *p != RUN) => {}
+    }
+    if !started.0.load(Ordering::Acquire) {
+        tokio::select! {
+            biased;
+            r = conn.as_mut() => return r,
+            () = started.1.notified() => {}
+            () = tokio::time::sleep(grace) => {}
+        }
+    }
+    conn.as_mut().graceful_shutdown();
+    conn.await
+}
+
+/// hyper's server connections, which can be asked to finish and close.
+trait GracefulConnection {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S> GracefulConnection for hyper::server::conn::http1::Connection<I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S: hyper::service::HttpService<Incoming>,
+    S::ResBody: http_body::Body + 'static,
+    <S::ResBody as http_body::Body>::Error: Into<BoxError>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http1::Connection::graceful_shutdown(self);
+    }
+}
+
+/// Whether a connection has started its first request, and a wake-up when it does.
+#[derive(Default)]
+struct Started(AtomicBool, Notify);
+
+/// Per-connection wrapper: inserts [`ClientAddr`] and [`BodyLimits`], and answers `413`
+/// for a declared body over the limit without reading it.
+#[derive(Clone)]
+struct Limits<S> {
+    inner: S,
+    peer: ClientAddr,
+    limits: BodyLimits,
+    started: Arc<Started>,
+}
+
+impl<S, B> Service<Request<Incoming>> for Limits<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>>,
+    B: http_body::Body,
+{
+    type Response = Response<Either<B, Empty<B::Data>>>;
+    type Error = S::Error;
+    type Future = LimitsFuture<S::Future, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        // Only the first request of a connection pays more than this uncontended load.
+        if !self.started.0.load(Ordering::Relaxed) {
+            self.started.0.store(true, Ordering::Release);
+            self.started.1.notify_one();
+        }
+        // hyper's size hint is the parsed Content-Length: refuse before reading a byte,
+        // and close the connection rather than drain the announced body.
+        if let Some(max) = self.limits.max_bytes {
+            if req.body().size_hint().lower() > max {
+                // An empty body: the response body type is the service's, whose data type
+                // this wrapper cannot produce text in.
+                let mut res = Response::new(Either::Right(Empty::new()));
+                *res.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+                res.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+                return LimitsFuture::Refused { res: Some(res) };
+            }
+        }
+        req.extensions_mut().insert(self.peer);
+        req.extensions_mut().insert(self.limits);
+        LimitsFuture::Inner {
+            fut: self.inner.call(req),
+        }
+    }
+}
+
+pin_project! {
+    #[project = LimitsProj]
+    enum LimitsFuture<F, B: http_body::Body> {
+        Inner { #[pin] fut: F },
+        Refused { res: Option<Response<Either<B, Empty<B::Data>>>> },
+    }
+}
+
+impl<F, B, E> Future for LimitsFuture<F, B>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: http_body::Body,
+{
+    type Output = Result<Response<Either<B, Empty<B::Data>>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            LimitsProj::Inner { fut } => fut.poll(cx).map_ok(|res| res.map(Either::Left)),
+            // Polled once: a second poll after Ready is a caller bug; stay pending.
+            LimitsProj::Refused { res } => match res.take() {
+                Some(res) => Poll::Ready(Ok(res)),
+                None => Poll::Pending,
+            },
+        }
+    }
+}

@@ -1,0 +1,400 @@
+//! The thread-per-core `server::Workers` over real sockets on 127.0.0.1 (issue 12): every
+//! worker serves, shutdown drains in-flight requests on every worker (bounded by the drain
+//! timeout), a second server takes the port over with `SO_REUSEPORT` without a failed
+//! request, and the limits hold per worker.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Semaphore;
+use tower_patterns::server::{Server, WorkerId, Workers};
+
+const LOCAL: &str = "127.0.0.1:0";
+
+/// Answers `<tag> <worker index> <thread name>`.
+fn tagged(
+    tag: &'static str,
+    id: WorkerId,
+) -> impl tower::Service<
+    Request<Incoming>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
+       + Send
+       + 'static {
+    let thread = std::thread::current().name().unwrap_or("?").to_string();
+    let body = Bytes::from(format!("{tag} {} {thread}", id.index()));
+    tower::service_fn(move |_req: Request<Incoming>| {
+        let body = body.clone();
+        async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
+    })
+}
+
+/// One request on a fresh connection (`connection: close`): the status and body, or why
+/// it failed. Bounded by `limit`.
+async fn get_once(addr: SocketAddr, limit: Duration) -> Result<(u16, String), String> {
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let status = text
+            .get(9..12)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("no status line in {text:?}"))?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((status, body))
+    };
+    tokio::time::timeout(limit, exchange)
+        .await
+        .map_err(|_| "timed out".to_string())?
+}
+
+/// Polls `cond` every 10 ms until it holds; panics with `what` after `limit`.
+async fn until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn every_worker_serves_on_its_own_thread() {
+    let handle = Workers::new(4)
+        .spawn(LOCAL.parse().unwrap(), |id| tagged("w", id))
+        .unwrap();
+    assert_eq!(handle.workers(), 4);
+    let addr = handle.local_addr();
+    // Fresh connections from 8 concurrent clients; the kernel hashes each to a worker.
+    let seen = Arc::new(Mutex::new(BTreeMap::<usize, String>::new()));
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let seen = seen.clone();
+        clients.push(tokio::spawn(async move {
+            for _ in 0..32 {
+                let (status, body) = get_once(addr, Duration::from_secs(10)).await.unwrap();
+                assert_eq!(status, 200, "{body}");
+                let mut parts = body.split(' ');
+                let (tag, id, thread) = (parts.next(), parts.next(), parts.next());
+                assert_eq!(tag, Some("w"));
+                let id: usize = id.unwrap().parse().unwrap();
+                seen.lock().unwrap().insert(id, thread.unwrap().to_string());
+            }
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen.keys().copied().collect::<Vec<_>>(),
+        vec![0, 1, 2, 3],
+        "256 connections reached every worker: {seen:?}"
+    );
+    // Each service instance was built on its worker's own thread.
+    let threads: BTreeSet<_> = seen.values().cloned().collect();
+    assert_eq!(threads.len(), 4, "{seen:?}");
+    assert!(threads.iter().all(|t| t.starts_with("worker-")), "{seen:?}");
+    handle.shutdown_and_wait().await.unwrap();
+}
+
+/// A service that holds every request until `gate` gets permits, counting in-flight
+/// requests per worker.
+fn held(
+    id: WorkerId,
+    gate: Arc<Semaphore>,
+    in_flight: Arc<[AtomicUsize; 2]>,
+) -> impl tower::Service<
+    Request<Incoming>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
+       + Send
+       + 'static {
+    tower::service_fn(move |_req: Request<Incoming>| {
+        let gate = gate.clone();
+        let in_flight = in_flight.clone();
+        async move {
+            in_flight[id.index()].fetch_add(1, SeqCst);
+            let _permit = gate.acquire().await;
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
+                "done {}",
+                id.index()
+            )))))
+        }
+    })
+}
+
+#[tokio::test]
+async fn shutdown_drains_in_flight_requests_on_every_worker() {
+    let gate = Arc::new(Semaphore::new(0));
+    let in_flight = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+    let (g, f) = (gate.clone(), in_flight.clone());
+    let handle = Workers::new(2)
+        .spawn(LOCAL.parse().unwrap(), move |id| {
+            held(id, g.clone(), f.clone())
+        })
+        .unwrap();
+    let addr = handle.local_addr();
+    // Requests on fresh connections until both workers hold at least one.
+    let mut requests = Vec::new();
+    for _ in 0..64 {
+        requests.push(tokio::spawn(get_once(addr, Duration::from_secs(20))));
+        let f = in_flight.clone();
+        let n = requests.len();
+        until("the request to arrive", Duration::from_secs(10), || {
+            f[0].load(SeqCst) + f[1].load(SeqCst) == n
+        })
+        .await;
+        if in_flight.iter().all(|n| n.load(SeqCst) > 0) {
+            break;
+        }
+    }
+    assert!(
+        in_flight.iter().all(|n| n.load(SeqCst) > 0),
+        "both workers hold a request"
+    );
+
+    handle.shutdown();
+    let stopped = tokio::spawn(handle.shutdown_and_wait());
+    // Both stop accepting while their requests are still held.
+    let closed = Arc::new(AtomicBool::new(false));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !closed.load(SeqCst) {
+        assert!(Instant::now() < deadline, "still accepting after shutdown");
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            closed.store(true, SeqCst);
+        } else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    assert!(!stopped.is_finished(), "returned before draining");
+
+    gate.add_permits(1000);
+    for r in requests {
+        let (status, body) = r.await.unwrap().expect("an in-flight request finished");
+        assert_eq!(status, 200);
+        assert!(body.starts_with("done "), "{body}");
+    }
+    tokio::time::timeout(Duration::from_secs(10), stopped)
+        .await
+        .expect("every worker stopped after draining")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_drain_timeout_bounds_a_request_that_never_finishes() {
+    let gate = Arc::new(Semaphore::new(0)); // never opened
+    let in_flight = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+    let (g, f) = (gate.clone(), in_flight.clone());
+    let handle = Workers::new(2)
+        .server(Server::builder().drain_timeout(Duration::from_millis(300)))
+        .spawn(LOCAL.parse().unwrap(), move |id| {
+            held(id, g.clone(), f.clone())
+        })
+        .unwrap();
+    let stuck = tokio::spawn(get_once(handle.local_addr(), Duration::from_secs(20)));
+    let f = in_flight.clone();
+    until("the request to arrive", Duration::from_secs(10), || {
+        f[0].load(SeqCst) + f[1].load(SeqCst) == 1
+    })
+    .await;
+    let start = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), handle.shutdown_and_wait())
+        .await
+        .expect("shutdown bounded by the drain timeout")
+        .unwrap();
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+    // The stuck request's connection was closed, not left open.
+    let r = stuck.await.unwrap();
+    assert!(r.is_err(), "{r:?}");
+}
+
+#[tokio::test]
+async fn a_second_server_takes_the_port_over_without_a_failed_request() {
+    let old = Workers::new(2)
+        .spawn(LOCAL.parse().unwrap(), |id| tagged("old", id))
+        .unwrap();
+    let addr = old.local_addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let served: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    // Which step of the handover a failure happened in, for the report.
+    let phase = Arc::new(AtomicUsize::new(0));
+    // Four clients keep sending, each request on a fresh connection: the case where a
+    // connection can land in the accept queue of a listener that is about to close.
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (stop, served, failures) = (stop.clone(), served.clone(), failures.clone());
+        let phase = phase.clone();
+        clients.push(tokio::spawn(async move {
+            while !stop.load(SeqCst) {
+                let at = phase.load(SeqCst);
+                match get_once(addr, Duration::from_secs(10)).await {
+                    Ok((200, body)) => {
+                        let tag = body.split(' ').next().unwrap_or("").to_string();
+                        *served.lock().unwrap().entry(tag).or_default() += 1;
+                    }
+                    Ok((status, body)) => failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("phase {at}: {status} {body}")),
+                    Err(e) => failures.lock().unwrap().push(format!("phase {at}: {e}")),
+                }
+            }
+        }));
+    }
+    let count = |tag: &str| served.lock().unwrap().get(tag).copied().unwrap_or(0);
+    until("the old server to serve", Duration::from_secs(10), || {
+        count("old") >= 100
+    })
+    .await;
+
+    // The new process binds the same port next to the old one and takes new connections.
+    let new = Workers::new(2)
+        .take_over(2)
+        .spawn(addr, |id| tagged("new", id))
+        .unwrap();
+    phase.store(1, SeqCst);
+    assert_eq!(new.local_addr(), addr);
+    until("the new server to serve", Duration::from_secs(10), || {
+        count("new") >= 100
+    })
+    .await;
+    phase.store(2, SeqCst);
+    tokio::time::timeout(Duration::from_secs(10), old.shutdown_and_wait())
+        .await
+        .expect("the old server drained")
+        .unwrap();
+    phase.store(3, SeqCst);
+    let after = count("new");
+    until(
+        "the new server to serve alone",
+        Duration::from_secs(10),
+        || count("new") >= after + 200,
+    )
+    .await;
+    stop.store(true, SeqCst);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    assert!(
+        failures.is_empty(),
+        "{} failed: {failures:?}",
+        failures.len()
+    );
+    new.shutdown_and_wait().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_limits_apply_on_every_worker() {
+    // A total cap of 2 over two workers: one connection each.
+    let handle = Workers::new(2)
+        .server(
+            Server::builder()
+                .max_connections(2)
+                .max_body_bytes(Some(1024)),
+        )
+        .spawn(LOCAL.parse().unwrap(), |id| tagged("w", id))
+        .unwrap();
+    let addr = handle.local_addr();
+    let mut open = Vec::new();
+    let mut served = BTreeMap::<String, usize>::new();
+    let mut waiting = 0;
+    for _ in 0..8 {
+        // Keep-alive connections: each holds its worker's only slot once served.
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        match tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+                let id = text.rsplit("\r\n\r\n").next().unwrap_or("").to_string();
+                *served.entry(id).or_default() += 1;
+            }
+            _ => waiting += 1,
+        }
+        open.push(s);
+    }
+    assert!(
+        served.values().all(|&n| n == 1),
+        "a worker served past its cap of 1: {served:?}"
+    );
+    assert!(served.len() <= 2 && waiting >= 6, "{served:?} {waiting}");
+    drop(open);
+    // The body limit too, whichever worker gets the connection.
+    for _ in 0..8 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 2048\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    }
+    handle.shutdown_and_wait().await.unwrap();
+}
+
+#[tokio::test]
+async fn requests_sent_just_before_shutdown_are_answered() {
+    // Connections the server has not accepted yet, or accepted without reading their
+    // request yet: hyper alone would close them unanswered on a graceful shutdown.
+    let ok = tower::service_fn(|_req: Request<Incoming>| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+    });
+    let server = Server::builder().spawn_local(ok).await.unwrap();
+    let addr = server.addr();
+    let mut conns = Vec::new();
+    for _ in 0..32 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        conns.push(s);
+    }
+    tokio::time::timeout(Duration::from_secs(10), server.shutdown())
+        .await
+        .expect("drained")
+        .unwrap();
+    for mut s in conns {
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+            .await
+            .expect("closed after the answer")
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+    }
+}
