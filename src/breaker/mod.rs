@@ -80,4 +80,3 @@ pub use future::ResponseFuture;
 pub use layer::CircuitBreakerLayer;
 pub use service::CircuitBreaker;
 pub use state::{Circuit, MetricsSnapshot, Permit, State};
-
