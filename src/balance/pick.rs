@@ -224,6 +224,10 @@ fn build_ring(ids: &[(u64, u32)]) -> Vec<(u64, u32)> {
     ring
 }
 
+/// In-flight requests below which round robin never skips an endpoint for load (see
+/// `Snapshot::overloaded`): light load keeps the pick at one relaxed load.
+const BOUNDED_LOAD_MIN: usize = 4;
+
 impl<K, S, G: Gate> Snapshot<K, S, G> {
     pub(crate) fn new(endpoints: Vec<Arc<Endpoint<K, S, G>>>, picker: &Picker) -> Self {
         let by_id = endpoints
@@ -373,11 +377,41 @@ impl<K, S, G: Gate> Snapshot<K, S, G> {
             if k == 0 {
                 start = pos;
             }
+            if self.overloaded(pos % n) {
+                continue;
+            }
             if let Some(p) = self.admit(pos % n, clock, tried) {
                 return Ok(p);
             }
         }
+        // Every draw refused or overloaded: the scan ignores load, so an overloaded
+        // endpoint still serves when it is the only one left.
         self.scan(start, clock, tried)
+    }
+
+    /// Round robin with bounded load (the idea of Mirrokni et al.'s consistent hashing
+    /// with bounded loads, factor 2): an endpoint holding more requests in flight than
+    /// twice the mean of the others, plus one, loses its turn. A backend that accepts
+    /// requests and never answers (SIGSTOP, deadlock, GC pause) collects in-flight requests
+    /// until its per-try timeout fires; without this bound, closed-loop keep-alive clients
+    /// all end up waiting on it and throughput drops to zero for that whole timeout. With
+    /// balanced load nothing is skipped, so the rotation stays plain round robin. Below
+    /// `BOUNDED_LOAD_MIN` requests in flight the check costs one relaxed load.
+    #[inline]
+    fn overloaded(&self, i: usize) -> bool {
+        let n = self.endpoints.len();
+        let mine = self.endpoints[i].in_flight.load(Relaxed);
+        if mine < BOUNDED_LOAD_MIN || n < 2 {
+            return false;
+        }
+        let total: usize = self
+            .endpoints
+            .iter()
+            .map(|e| e.in_flight.load(Relaxed))
+            .fold(0usize, usize::saturating_add);
+        let others = total.saturating_sub(mine);
+        // mine > 2 * others / (n - 1) + 1, without division.
+        mine.saturating_mul(n - 1) > others.saturating_mul(2).saturating_add(n - 1)
     }
 
     /// Walks the ring clockwise from `h` to the first admissible endpoint.
@@ -496,5 +530,34 @@ mod tests {
         assert_eq!(cookie_value(&h, "lb"), Some(&b"7"[..]));
         assert_eq!(cookie_value(&h, "x"), Some(&b"\xff"[..]));
         assert_eq!(cookie_value(&h, "t"), Some("café".as_bytes()));
+    }
+
+    #[test]
+    fn bounded_load_skips_only_an_endpoint_far_above_the_others() {
+        use crate::gate::NoGate;
+        let eps: Vec<_> = (0..3u64)
+            .map(|i| Arc::new(Endpoint::new(i, i, 1, (), NoGate, None)))
+            .collect();
+        let snap = Snapshot::new(eps.clone(), &Picker::RoundRobin);
+        let set = |loads: [usize; 3]| {
+            for (e, l) in eps.iter().zip(loads) {
+                e.in_flight.store(l, Relaxed);
+            }
+        };
+        // Light load: never skipped, whatever the spread.
+        set([3, 0, 0]);
+        assert!(!snap.overloaded(0));
+        // Balanced load: round robin stays plain.
+        set([40, 40, 40]);
+        assert!(!(0..3).any(|i| snap.overloaded(i)));
+        // A hung endpoint collecting requests: skipped past 2x the others' mean + 1.
+        set([5, 3, 2]); // 5 <= 2 * 2.5 + 1
+        assert!(!snap.overloaded(0));
+        set([7, 3, 2]); // 7 > 2 * 2.5 + 1
+        assert!(snap.overloaded(0));
+        assert!(!snap.overloaded(1));
+        // Extreme counts saturate instead of overflowing.
+        set([usize::MAX, usize::MAX, 1]);
+        let _ = snap.overloaded(0);
     }
 }
