@@ -67,6 +67,16 @@ unsafe impl GlobalAlloc for Counting {
     }
 }
 
+/// A `/proc/self/status` field in KiB (`VmRSS:` now, `VmHWM:` the peak so far).
+fn proc_status_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("field in /proc/self/status")
+}
+
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
@@ -138,6 +148,7 @@ async fn budget_bounds_the_heap_with_many_small_entries() {
     assert_eq!(store.stats().entries, 0);
     let baseline = LIVE.load(Ordering::Relaxed);
     PEAK.store(baseline, Ordering::Relaxed);
+    let rss_baseline = proc_status_kib("VmRSS:");
 
     run("obj", objects).await;
     // Let the last fills land (bounded).
@@ -145,6 +156,19 @@ async fn budget_bounds_the_heap_with_many_small_entries() {
         tokio::task::yield_now().await;
     }
     let stats = store.stats();
+    // Resident memory too (what the operator saw: 1.12 GB RSS for a 64 MiB budget):
+    // the process's peak RSS over its RSS after the warm-up, allocator overhead included.
+    let rss_peak_over = proc_status_kib("VmHWM:").saturating_sub(rss_baseline);
+    eprintln!(
+        "peak RSS over baseline: {rss_peak_over} KiB (budget {} KiB)",
+        BUDGET >> 10
+    );
+    // 1.5× the budget plus 8 MiB for the runtime's in-flight buffers and allocator slack.
+    assert!(
+        rss_peak_over <= (BUDGET * 3 / 2 + (8 << 20)) >> 10,
+        "peak RSS {rss_peak_over} KiB over baseline for a {} KiB budget",
+        BUDGET >> 10
+    );
     let live = LIVE.load(Ordering::Relaxed);
     let peak = PEAK.load(Ordering::Relaxed);
     let over = |b: usize| b.saturating_sub(baseline) as u64;
