@@ -77,6 +77,18 @@ async fn a_declared_200_mb_body_is_refused_with_413_before_reading_it() {
     assert_eq!(be.connections(), 0, "nothing was forwarded");
 }
 
+/// A chunked POST of four 512-byte chunks (2 KiB, past a 1 KiB limit), whole.
+fn chunked_upload_of_2_kib() -> Vec<u8> {
+    let mut req = b"POST /up HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..4 {
+        req.extend_from_slice(b"200\r\n");
+        req.extend_from_slice(&[b'z'; 512]);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    req
+}
+
 #[tokio::test]
 async fn a_chunked_body_growing_past_the_limit_is_413() {
     let be = echo_backend().await;
@@ -85,14 +97,7 @@ async fn a_chunked_body_growing_past_the_limit_is_413() {
         .spawn_local(proxy_to(&be.url()))
         .await
         .unwrap();
-    let mut req = b"POST /up HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
-    for _ in 0..4 {
-        req.extend_from_slice(b"200\r\n");
-        req.extend_from_slice(&[b'z'; 512]);
-        req.extend_from_slice(b"\r\n");
-    }
-    req.extend_from_slice(b"0\r\n\r\n");
-    let mut s = raw_request(front.addr(), &req).await;
+    let mut s = raw_request(front.addr(), &chunked_upload_of_2_kib()).await;
     let head = read_head(&mut s, Duration::from_secs(10)).await.unwrap();
     assert!(head.starts_with("HTTP/1.1 413"), "{head}");
 }
@@ -196,14 +201,7 @@ async fn a_body_over_the_limit_is_413_while_a_replay_layer_buffers_it() {
         .spawn_local(replaying_proxy_to(&be.url()))
         .await
         .unwrap();
-    let mut req = b"POST /up HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
-    for _ in 0..4 {
-        req.extend_from_slice(b"200\r\n");
-        req.extend_from_slice(&[b'z'; 512]);
-        req.extend_from_slice(b"\r\n");
-    }
-    req.extend_from_slice(b"0\r\n\r\n");
-    let mut s = raw_request(front.addr(), &req).await;
+    let mut s = raw_request(front.addr(), &chunked_upload_of_2_kib()).await;
     let head = read_head(&mut s, Duration::from_secs(10)).await.unwrap();
     assert!(head.starts_with("HTTP/1.1 413"), "{head}");
     assert_eq!(be.connections(), 0);
