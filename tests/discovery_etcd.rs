@@ -28,22 +28,26 @@ struct Etcd {
     child: Option<Child>,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Three distinct free ports. The listeners are held until all three are chosen: dropped
+/// one by one, the kernel could hand the same port out twice (seen: etcd's peer and client
+/// URLs on one port, "address already in use").
+fn free_ports() -> [u16; 3] {
+    let ls: Vec<TcpListener> = (0..3)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let port = |i: usize| ls[i].local_addr().unwrap().port();
+    [port(0), port(1), port(2)]
 }
 
 impl Etcd {
     async fn start() -> Etcd {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
+        let [client_port, peer_port, metrics_port] = free_ports();
         let mut etcd = Etcd {
-            client_port: free_port(),
-            peer_port: free_port(),
-            metrics_port: free_port(),
+            client_port,
+            peer_port,
+            metrics_port,
             dir,
             data,
             child: None,
