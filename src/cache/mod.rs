@@ -56,12 +56,15 @@
 mod body;
 mod conditional;
 mod fill;
+mod fleet;
 mod flight;
 mod future;
 mod layer;
 mod policy;
+pub mod purge;
 mod range;
 mod service;
+pub mod sibling;
 mod sink;
 mod store;
 mod vary;
@@ -76,3 +79,7 @@ pub use range::{parse_range, Ranges, MAX_RANGES};
 pub use service::{Cache, X_CACHE};
 pub use sink::StoreSink;
 pub use store::{CachedResponse, MemoryStore, MemoryStoreStats, Store};
+// Fleet purge and sibling lookup (issue 15).
+pub use fleet::{Fleet, FleetBuilder, PeerError, DEFAULT_PEER_TIMEOUT, DEFAULT_SIBLING_TIMEOUT};
+pub use purge::CatchUp;
+pub use sibling::{Sibling, SiblingBody, SiblingLayer};

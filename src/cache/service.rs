@@ -17,7 +17,9 @@ use super::flight::{Role, Wait};
 use super::future::{Miss, ResponseFuture};
 use super::layer::{CacheLayer, Config, PurgeMode};
 use super::policy;
+use super::purge;
 use super::range;
+use super::sibling;
 use super::store::CachedResponse;
 use super::vary;
 
@@ -137,16 +139,11 @@ where
                     return ResponseFuture::ready(res);
                 }
             }
-            let key = (cfg.key)(&parts);
-            let removed = cfg.store.remove(&key);
-            let res = if removed {
-                cfg.stats.purges.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(key, "cache entry purged");
-                message(StatusCode::OK, "purged\n")
-            } else {
-                message(StatusCode::NOT_FOUND, "not cached\n")
+            // Key, prefix or surrogate key; fanned out to the fleet (see `purge`).
+            return match purge::handle(cfg, &parts) {
+                purge::Handled::Now(res) => ResponseFuture::ready(res),
+                purge::Handled::Later(fut) => ResponseFuture::boxed(fut),
             };
-            return ResponseFuture::ready(res);
         }
         if !(is_get || is_head) {
             cfg.stats.bypass.fetch_add(1, Ordering::Relaxed);
@@ -177,6 +174,18 @@ where
                 found = cfg.store.get(&key);
                 variant_of = Some((names, generation));
             }
+        }
+        // A sibling's lookup (or a client's `only-if-cached`): a fresh entry or `504`,
+        // never the origin — a sibling request is never forwarded (the hop guard).
+        if sibling::only_if_cached(&parts.headers) {
+            let hit = found.filter(|e| !authorized && !no_cache && e.is_fresh(Instant::now()));
+            return ResponseFuture::ready(match hit {
+                Some(entry) => {
+                    cfg.stats.hits.fetch_add(1, Ordering::Relaxed);
+                    answer(entry, &parts.headers, is_head, "HIT")
+                }
+                None => message(StatusCode::GATEWAY_TIMEOUT, "not cached\n"),
+            });
         }
         if let Some(entry) = found.filter(|_| !authorized) {
             let now = Instant::now();

@@ -117,6 +117,18 @@ pub trait Store: Send + Sync + 'static {
     fn max_entry_size(&self) -> u64 {
         u64::MAX
     }
+
+    // --- Fleet purge (issue 15): purge by prefix and by surrogate key. ---
+
+    /// Removes every entry for which `pred(key, entry)` is true and returns how many;
+    /// `None` when the store cannot enumerate its entries. A prefix or surrogate-key
+    /// `PURGE` needs it: on a store without it such a purge answers `501` rather than
+    /// report success it did not achieve. Called rarely (a `PURGE`), so a full scan is
+    /// acceptable.
+    fn remove_where(&self, pred: &mut dyn FnMut(&str, &CachedResponse) -> bool) -> Option<u64> {
+        let _ = pred;
+        None
+    }
 }
 
 /// Counters of a [`MemoryStore`].
@@ -269,6 +281,21 @@ impl Store for MemoryStore {
     fn max_entry_size(&self) -> u64 {
         self.max_entry
     }
+
+    // --- Fleet purge (issue 15). ---
+    fn remove_where(&self, pred: &mut dyn FnMut(&str, &CachedResponse) -> bool) -> Option<u64> {
+        let mut lru = self.lock();
+        let doomed: Vec<Arc<str>> = lru
+            .map
+            .iter()
+            .filter(|(k, slot)| pred(k, &slot.entry))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &doomed {
+            lru.take(key);
+        }
+        Some(doomed.len() as u64)
+    }
 }
 
 impl<S: Store + ?Sized> Store for Arc<S> {
@@ -283,5 +310,8 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     }
     fn max_entry_size(&self) -> u64 {
         (**self).max_entry_size()
+    }
+    fn remove_where(&self, pred: &mut dyn FnMut(&str, &CachedResponse) -> bool) -> Option<u64> {
+        (**self).remove_where(pred)
     }
 }
