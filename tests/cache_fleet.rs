@@ -343,7 +343,7 @@ async fn a_node_down_during_a_purge_catches_up_when_it_returns() {
     )
     .await;
     wait_for_peers(&[&a, &b], 1).await;
-    for p in ["/a", "/tagged/1", "/keep"] {
+    for p in ["/a", "/tagged/1", "/images/1", "/keep"] {
         fill(a.addr(), p).await;
         fill(b.addr(), p).await;
     }
@@ -355,6 +355,7 @@ async fn a_node_down_during_a_purge_catches_up_when_it_returns() {
     assert!(json.contains("\"edge-b\":{\"error\""), "{json}");
     let (s, _) = purge(a.addr(), "/", &[("surrogate-key", "product-42")]).await;
     assert_eq!(s, 202);
+    assert_eq!(purge(a.addr(), "/images/*", &[]).await.0, 202);
 
     // B restarts: a new process (new layer, empty log) over the surviving store.
     let b2 = serve(
@@ -370,10 +371,11 @@ async fn a_node_down_during_a_purge_catches_up_when_it_returns() {
     assert_eq!(get(b2.addr(), "/keep").await.0, "HIT");
     assert!(b_store.contains(&format!("{HOST}/a")));
     let r = b2.cache.catch_up().await;
-    assert_eq!((r.peers, r.answered, r.applied, r.cleared), (1, 1, 2, false));
+    assert_eq!((r.peers, r.answered, r.applied, r.cleared), (1, 1, 3, false));
     let (xc, _, body) = get(b2.addr(), "/a").await;
     assert_eq!((xc.as_str(), body.as_str()), ("MISS", "/a v3"));
     assert_eq!(get(b2.addr(), "/tagged/1").await.0, "MISS");
+    assert_eq!(get(b2.addr(), "/images/1").await.0, "MISS");
     assert_eq!(get(b2.addr(), "/keep").await.0, "HIT", "only the purged keys");
     // Caught up: a second round applies nothing.
     assert_eq!(b2.cache.catch_up().await.applied, 0);

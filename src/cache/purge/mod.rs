@@ -22,7 +22,7 @@
 pub(crate) mod index;
 pub(crate) mod log;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -185,6 +185,39 @@ pub(crate) fn apply(cfg: &Config, target: &Target) -> Option<u64> {
     Some(n)
 }
 
+/// Applies many purges at once (a catch-up): exact keys one by one, every prefix and tag
+/// in a single pass over the store — a node back from a long absence may have thousands
+/// to apply, and one scan each would hold the store's lock thousands of times.
+fn apply_batch(cfg: &Config, targets: &[&Target]) {
+    let mut prefixes: Vec<&str> = Vec::new();
+    let mut tags: Vec<String> = Vec::new();
+    let mut n = 0u64;
+    for t in targets {
+        match t {
+            Target::Key(k) => n += u64::from(cfg.store.remove(k)),
+            Target::Prefix(p) => prefixes.push(p),
+            Target::Tags(t) => tags.extend(t.iter().cloned()),
+        }
+    }
+    if prefixes.is_empty() && !tags.is_empty() {
+        n += cfg.purger.index.purge(&*cfg.store, &tags).unwrap_or(0);
+    } else if !prefixes.is_empty() {
+        let tags: HashSet<&str> = tags.iter().map(String::as_str).collect();
+        let scanned = cfg.store.remove_where(&mut |key, entry| {
+            prefixes.iter().any(|p| key.starts_with(p))
+                || (!tags.is_empty()
+                    && index::tags(&entry.headers)
+                        .iter()
+                        .any(|t| tags.contains(t.as_str())))
+        });
+        n += scanned.unwrap_or_else(|| {
+            tracing::error!("purge catch-up: the store cannot purge by prefix or tag");
+            0
+        });
+    }
+    cfg.stats.purges.fetch_add(n, Ordering::Relaxed);
+}
+
 fn local_answer<B>(target: &Target, removed: Option<u64>) -> Response<CacheBody<B>> {
     match (target, removed) {
         (_, None) => message(
@@ -266,6 +299,8 @@ pub(crate) fn handle<B: Send + 'static>(cfg: &Arc<Config>, parts: &http::request
     }
     let own = local_answer::<B>(&target, removed).status();
     Handled::Later(Box::pin(async move {
+        // A node that just started may not have heard from the registry yet.
+        fleet.synced(fleet.inner.peer_timeout).await;
         let peers = fleet.peers();
         let sends = peers.iter().map(|peer| {
             let mut r = req_clone(&req);
@@ -428,12 +463,14 @@ pub(crate) async fn catch_up(cfg: &Arc<Config>) -> CatchUp {
             cfg.purger.index.clear();
             out.cleared = true;
         }
-        for (origin, target) in &page.records {
-            if cfg.purger.log.record_remote(origin, target) {
-                apply(cfg, target);
-                out.applied += 1;
-            }
-        }
+        let new: Vec<&Target> = page
+            .records
+            .iter()
+            .filter(|(origin, target)| cfg.purger.log.record_remote(origin, target))
+            .map(|(_, t)| t)
+            .collect();
+        out.applied += new.len() as u64;
+        apply_batch(cfg, &new);
         cfg.purger
             .cursors
             .lock()
