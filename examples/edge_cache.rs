@@ -91,7 +91,12 @@ async fn edge(
     Ok((cache, addr))
 }
 
-type Answer = (u16, Option<http::HeaderValue>, Option<http::HeaderValue>, Bytes);
+type Answer = (
+    u16,
+    Option<http::HeaderValue>,
+    Option<http::HeaderValue>,
+    Bytes,
+);
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {

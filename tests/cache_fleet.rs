@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use tower::{service_fn, ServiceBuilder};
 use tower_patterns::cache::{CacheLayer, Fleet, MemoryStore};
-use tower_patterns::client_addr::TrustedProxies;
+use tower_patterns::client_addr::{ClientAddrLayer, TrustedProxies};
 use tower_patterns::discovery::{Instance, MemoryRegistry, Registry, Selector, Watcher};
 use tower_patterns::proxy::ForwardBuilder;
 use tower_patterns::server::{spawn_local, LocalServer};
@@ -98,7 +98,10 @@ async fn serve(
             .unwrap()
     };
     let me = Instance::new("edge", id, "127.0.0.1", server.addr().port());
-    registry.register(&me, Duration::from_secs(600)).await.unwrap();
+    registry
+        .register(&me, Duration::from_secs(600))
+        .await
+        .unwrap();
     Node {
         id: id.to_owned(),
         cache,
@@ -159,7 +162,12 @@ async fn send(
     };
     let (status, xc, peer) = (res.status().as_u16(), h("x-cache"), h("x-cache-peer"));
     let body = res.into_body().collect().await.unwrap().to_bytes();
-    (status, xc, peer, String::from_utf8_lossy(&body).into_owned())
+    (
+        status,
+        xc,
+        peer,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
 }
 
 async fn get(addr: SocketAddr, path: &str) -> (String, String, String) {
@@ -233,6 +241,29 @@ async fn purge_without_authorisation_is_refused() {
         .build();
     let listed = serve(&registry, o.addr(), "edge-c", cache, false).await;
     assert_eq!(send(listed.addr(), "PURGE", "/a", &[]).await.0, 404);
+
+    // Behind a trusted proxy (here: loopback) the client it forwarded for is judged, not
+    // the proxy: loopback alone never authorises.
+    let cache = CacheLayer::builder(MemoryStore::new(16 << 20))
+        .purge_from_nets("10.0.0.0/8".parse::<TrustedProxies>().unwrap())
+        .build();
+    let fwd = ForwardBuilder::new(format!("http://{}", o.addr()))
+        .build::<Incoming>()
+        .unwrap();
+    let proxied = spawn_local(
+        ServiceBuilder::new()
+            .layer(ClientAddrLayer::new().trust(TrustedProxies::loopback()))
+            .layer(cache)
+            .service(fwd),
+    )
+    .await
+    .unwrap();
+    let xff = |ip: &'static str| [("x-forwarded-for", ip)];
+    assert_eq!(send(proxied.addr(), "PURGE", "/a", &[]).await.0, 403);
+    assert_eq!(send(proxied.addr(), "PURGE", "/a", &xff("192.168.1.9")).await.0, 403);
+    assert_eq!(send(proxied.addr(), "PURGE", "/a", &xff("10.1.2.3")).await.0, 404);
+    // An unreadable element fails closed (the client is `0.0.0.0`, on no list).
+    assert_eq!(send(proxied.addr(), "PURGE", "/a", &xff("10.1.2.3, bogus")).await.0, 403);
 }
 
 #[tokio::test]
@@ -264,8 +295,14 @@ async fn prefix_and_surrogate_key_purges() {
     assert_eq!(get(a, "/tagged/3").await.0, "HIT");
     // `Cache-Tag` (comma-separated) purges the same way; an unknown tag purges nothing.
     fill(a, "/tagged/1").await;
-    assert_eq!(purge(a, "/", &[("cache-tag", "nope,all")]).await.1, "purged 1\n");
-    assert_eq!(purge(a, "/", &[("cache-tag", "nope")]).await.1, "purged 0\n");
+    assert_eq!(
+        purge(a, "/", &[("cache-tag", "nope,all")]).await.1,
+        "purged 1\n"
+    );
+    assert_eq!(
+        purge(a, "/", &[("cache-tag", "nope")]).await.1,
+        "purged 0\n"
+    );
     assert_eq!(purge(a, "/", &[("surrogate-key", " ")]).await.0, 400);
     assert_eq!(count(&counts, "/tagged/3"), 1);
 }
@@ -290,7 +327,10 @@ async fn one_purge_reaches_every_node_in_the_registry() {
     let (s, json) = purge(nodes[1].addr(), "/a", &[]).await;
     assert_eq!(s, 200, "{json}");
     for n in &nodes {
-        assert!(json.contains(&format!("\"{}\":{{\"status\":200}}", n.id)), "{json}");
+        assert!(
+            json.contains(&format!("\"{}\":{{\"status\":200}}", n.id)),
+            "{json}"
+        );
     }
     for n in &nodes {
         assert_eq!(get(n.addr(), "/a").await.0, "MISS", "{}", n.id);
@@ -371,12 +411,19 @@ async fn a_node_down_during_a_purge_catches_up_when_it_returns() {
     assert_eq!(get(b2.addr(), "/keep").await.0, "HIT");
     assert!(b_store.contains(&format!("{HOST}/a")));
     let r = b2.cache.catch_up().await;
-    assert_eq!((r.peers, r.answered, r.applied, r.cleared), (1, 1, 3, false));
+    assert_eq!(
+        (r.peers, r.answered, r.applied, r.cleared),
+        (1, 1, 3, false)
+    );
     let (xc, _, body) = get(b2.addr(), "/a").await;
     assert_eq!((xc.as_str(), body.as_str()), ("MISS", "/a v3"));
     assert_eq!(get(b2.addr(), "/tagged/1").await.0, "MISS");
     assert_eq!(get(b2.addr(), "/images/1").await.0, "MISS");
-    assert_eq!(get(b2.addr(), "/keep").await.0, "HIT", "only the purged keys");
+    assert_eq!(
+        get(b2.addr(), "/keep").await.0,
+        "HIT",
+        "only the purged keys"
+    );
     // Caught up: a second round applies nothing.
     assert_eq!(b2.cache.catch_up().await.applied, 0);
 
@@ -413,7 +460,14 @@ async fn a_catch_up_past_the_end_of_a_peers_log_empties_the_store() {
     )
     .await;
     let b_store = Arc::new(MemoryStore::new(16 << 20));
-    let b = serve(&registry, o.addr(), "edge-b", small_log("edge-b", b_store.clone()), false).await;
+    let b = serve(
+        &registry,
+        o.addr(),
+        "edge-b",
+        small_log("edge-b", b_store.clone()),
+        false,
+    )
+    .await;
     wait_for_peers(&[&a, &b], 1).await;
     fill(b.addr(), "/unrelated").await;
     // 50 purges while B is away overflow A's 1 KiB log.
@@ -421,7 +475,14 @@ async fn a_catch_up_past_the_end_of_a_peers_log_empties_the_store() {
     for i in 0..50 {
         purge(a.addr(), &format!("/gone/{i}"), &[]).await;
     }
-    let b2 = serve(&registry, o.addr(), "edge-b", small_log("edge-b", b_store.clone()), false).await;
+    let b2 = serve(
+        &registry,
+        o.addr(),
+        "edge-b",
+        small_log("edge-b", b_store.clone()),
+        false,
+    )
+    .await;
     wait_for_peers(&[&a, &b2], 1).await;
     let r = b2.cache.catch_up().await;
     assert!(r.cleared, "{r:?}");
@@ -433,7 +494,10 @@ fn path_owned_by(asker: &Node, owner: &str, prefix: &str) -> String {
     let f = asker.cache.fleet().unwrap();
     (0..10_000)
         .map(|i| format!("{prefix}{i}"))
-        .find(|p| f.owner(&format!("{HOST}{p}")).is_some_and(|i| i.id == owner))
+        .find(|p| {
+            f.owner(&format!("{HOST}{p}"))
+                .is_some_and(|i| i.id == owner)
+        })
         .expect("some key hashes to the owner")
 }
 
@@ -462,7 +526,12 @@ async fn a_miss_is_served_by_the_sibling_that_owns_the_key() {
 
     let p = path_owned_by(&b, "edge-a", "/s/");
     // The owner asks nobody: a is the home of `p`, so it goes to the origin.
-    assert!(a.cache.fleet().unwrap().owner(&format!("{HOST}{p}")).is_none());
+    assert!(a
+        .cache
+        .fleet()
+        .unwrap()
+        .owner(&format!("{HOST}{p}"))
+        .is_none());
     fill(a.addr(), &p).await;
     assert_eq!(count(&counts, &p), 1);
     // B's miss is served from A, stored on B, no origin request.
@@ -522,7 +591,10 @@ async fn a_sibling_that_is_down_or_hangs_falls_back_to_the_origin() {
     let (xc, _, body) = get(b.addr(), &p).await;
     assert_eq!((xc.as_str(), body), ("MISS", format!("{p} v1")));
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(200) && took < Duration::from_secs(2), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(200) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
 
     // A sibling whose port is closed: connection refused, straight to the origin.
     registry

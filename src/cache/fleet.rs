@@ -192,8 +192,8 @@ impl Fleet {
 
     /// Waits (at most `timeout`) until the registry has answered once.
     pub(crate) async fn synced(&self, timeout: Duration) {
-        let _ = tokio::time::timeout(timeout, self.inner.watcher.wait_until(|s| s.is_synced()))
-            .await;
+        let _ =
+            tokio::time::timeout(timeout, self.inner.watcher.wait_until(|s| s.is_synced())).await;
     }
 }
 

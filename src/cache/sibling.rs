@@ -165,11 +165,15 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let (parts, body) = req.into_parts();
-        let ask = self.fleet.as_ref().filter(|f| f.inner.sibling).and_then(|f| {
-            let owner = f.owner(&(self.key)(&parts))?;
-            let req = sibling_request(&parts, f.self_id())?;
-            Some((f.clone(), owner, req))
-        });
+        let ask = self
+            .fleet
+            .as_ref()
+            .filter(|f| f.inner.sibling)
+            .and_then(|f| {
+                let owner = f.owner(&(self.key)(&parts))?;
+                let req = sibling_request(&parts, f.self_id())?;
+                Some((f.clone(), owner, req))
+            });
         Box::pin(async move {
             if let Some((fleet, owner, sreq)) = ask {
                 match fleet.send(&owner, sreq, fleet.inner.sibling_timeout).await {

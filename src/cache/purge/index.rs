@@ -126,7 +126,11 @@ impl TagIndex {
                 *i = Index::default();
                 return;
             }
-            if i.by_tag.entry(t.as_str().into()).or_default().insert(key.clone()) {
+            if i.by_tag
+                .entry(t.as_str().into())
+                .or_default()
+                .insert(key.clone())
+            {
                 i.bytes += cost;
             }
         }
@@ -181,7 +185,11 @@ impl TagIndex {
                         break;
                     }
                     rebuilt.bytes += cost;
-                    rebuilt.by_tag.entry(tag.into()).or_default().insert(key.clone());
+                    rebuilt
+                        .by_tag
+                        .entry(tag.into())
+                        .or_default()
+                        .insert(key.clone());
                 }
             }
             false
@@ -252,9 +260,15 @@ mod tests {
     fn tags_are_split_escaped_and_bounded() {
         let mut h = HeaderMap::new();
         h.insert("surrogate-key", HeaderValue::from_static("a  b,c"));
-        h.append("cache-tag", HeaderValue::from_bytes(b"caf\xc3\xa9,a").unwrap());
+        h.append(
+            "cache-tag",
+            HeaderValue::from_bytes(b"caf\xc3\xa9,a").unwrap(),
+        );
         assert_eq!(tags(&h), ["a", "b", "c", "caf%C3%A9"]);
-        let many = (0..500).map(|i| format!("t{i}")).collect::<Vec<_>>().join(" ");
+        let many = (0..500)
+            .map(|i| format!("t{i}"))
+            .collect::<Vec<_>>()
+            .join(" ");
         h.insert("surrogate-key", HeaderValue::from_str(&many).unwrap());
         assert_eq!(tags(&h).len(), MAX_TAGS_PER_ENTRY);
     }

@@ -190,7 +190,10 @@ mod tests {
         let later = parse_page(&log.page(Some((log.boot(), 2)))).unwrap();
         assert_eq!(later.records.len(), 1);
         // Another boot id: everything.
-        assert_eq!(parse_page(&log.page(Some((7, 2)))).unwrap().records.len(), 3);
+        assert_eq!(
+            parse_page(&log.page(Some((7, 2)))).unwrap().records.len(),
+            3
+        );
     }
 
     #[test]

@@ -1,0 +1,123 @@
+//! Catch-up: read every peer's purge log past our cursor and apply what we missed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Empty, Limited};
+
+use super::super::layer::Config;
+use super::{apply_batch, log, Target, MAX_PAGE_BYTES, X_PURGE_LOG_SINCE};
+
+/// What one [`CacheLayer::catch_up`](super::CacheLayer::catch_up) did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CatchUp {
+    /// Peers the registry listed.
+    pub peers: usize,
+    /// Peers whose log was read.
+    pub answered: usize,
+    /// Purges applied here for the first time.
+    pub applied: u64,
+    /// A peer had dropped records this node never saw, so the store was emptied (fail
+    /// closed: an origin fetch instead of a purged object).
+    pub cleared: bool,
+}
+
+/// Reads every peer's log past our cursor and applies what we have not applied yet.
+pub(crate) async fn catch_up(cfg: &Arc<Config>) -> CatchUp {
+    let mut out = CatchUp::default();
+    let Some(fleet) = cfg.purger.fleet.clone() else {
+        return out;
+    };
+    fleet.synced(fleet.inner.peer_timeout).await;
+    let peers = fleet.peers();
+    out.peers = peers.len();
+    let reads = peers.iter().map(|peer| {
+        let since = cfg
+            .purger
+            .cursors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&peer.id)
+            .copied();
+        let fleet = fleet.clone();
+        async move {
+            let mut r = Request::new(Empty::<Bytes>::new());
+            *r.method_mut() = Method::from_bytes(b"PURGE").unwrap_or(Method::DELETE);
+            *r.uri_mut() = http::Uri::from_static("/");
+            let s = match since {
+                Some((b, s)) => format!("{b:016x}-{s}"),
+                None => "-".into(),
+            };
+            if let Ok(v) = HeaderValue::from_str(&s) {
+                r.headers_mut().insert(X_PURGE_LOG_SINCE, v);
+            }
+            if let Some(b) = fleet.bearer() {
+                r.headers_mut().insert(header::AUTHORIZATION, b);
+            }
+            let t = fleet.inner.peer_timeout;
+            let page = async {
+                let res = fleet.send(peer, r, t).await.ok()?;
+                if res.status() != StatusCode::OK {
+                    return None;
+                }
+                let body = tokio::time::timeout(
+                    t,
+                    Limited::new(res.into_body(), MAX_PAGE_BYTES).collect(),
+                )
+                .await
+                .ok()?
+                .ok()?
+                .to_bytes();
+                log::parse_page(std::str::from_utf8(&body).ok()?)
+            }
+            .await;
+            if page.is_none() {
+                tracing::warn!(peer = peer.id, "purge catch-up: no readable log from peer");
+            }
+            (peer.id.clone(), since, page)
+        }
+    });
+    for (id, since, page) in futures_util::future::join_all(reads).await {
+        let Some(page) = page else { continue };
+        out.answered += 1;
+        let seen = match since {
+            Some((boot, seq)) if boot == page.boot => seq,
+            _ => 0,
+        };
+        if page.dropped > seen && !out.cleared {
+            tracing::warn!(peer = id, "purge catch-up: the peer's log no longer reaches back far enough; emptying the store");
+            cfg.store.remove_where(&mut |_, _| true);
+            cfg.purger.index.clear();
+            out.cleared = true;
+        }
+        let new: Vec<&Target> = page
+            .records
+            .iter()
+            .filter(|(origin, target)| cfg.purger.log.record_remote(origin, target))
+            .map(|(_, t)| t)
+            .collect();
+        out.applied += new.len() as u64;
+        apply_batch(cfg, &new);
+        cfg.purger
+            .cursors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, (page.boot, page.last));
+    }
+    out
+}
+
+/// Runs [`catch_up`] now and then every `every`.
+pub(crate) async fn catch_up_every(cfg: Arc<Config>, every: Duration) {
+    let every = every.max(Duration::from_millis(100));
+    loop {
+        let r = catch_up(&cfg).await;
+        if r.applied > 0 || r.cleared {
+            tracing::info!(applied = r.applied, cleared = r.cleared, "purge catch-up");
+        }
+        tokio::time::sleep(every).await;
+    }
+}
