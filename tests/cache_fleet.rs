@@ -1,9 +1,12 @@
 //! Issue 15, fleet part: PURGE authorisation, prefix and surrogate-key purges, fan-out
 //! to every edge node in the registry, catch-up of a node that was down, and sibling
 //! lookup — over real sockets on 127.0.0.1 (origin, edge nodes, a hyper client), with
-//! the in-memory registry.
+//! the in-memory registry, and (feature `etcd`) fan-out and sibling lookup through a real
+//! etcd.
 
 mod common;
+#[cfg(feature = "etcd")]
+mod discovery_support;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -77,7 +80,7 @@ impl Node {
 /// Serves `cache` (over `siblings` when asked) in front of the origin and registers it as
 /// `id` of service `edge`.
 async fn serve(
-    registry: &MemoryRegistry,
+    registry: &dyn Registry,
     origin: SocketAddr,
     id: &str,
     cache: CacheLayer,
@@ -109,7 +112,7 @@ async fn serve(
     }
 }
 
-fn fleet_cache(registry: &MemoryRegistry, id: &str, store: Arc<MemoryStore>) -> CacheLayer {
+fn fleet_cache(registry: &dyn Registry, id: &str, store: Arc<MemoryStore>) -> CacheLayer {
     let watcher = Watcher::new(registry, "edge", Selector::any());
     let fleet = Fleet::builder(watcher, id)
         .token(TOKEN)
@@ -260,10 +263,25 @@ async fn purge_without_authorisation_is_refused() {
     .unwrap();
     let xff = |ip: &'static str| [("x-forwarded-for", ip)];
     assert_eq!(send(proxied.addr(), "PURGE", "/a", &[]).await.0, 403);
-    assert_eq!(send(proxied.addr(), "PURGE", "/a", &xff("192.168.1.9")).await.0, 403);
-    assert_eq!(send(proxied.addr(), "PURGE", "/a", &xff("10.1.2.3")).await.0, 404);
+    assert_eq!(
+        send(proxied.addr(), "PURGE", "/a", &xff("192.168.1.9"))
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        send(proxied.addr(), "PURGE", "/a", &xff("10.1.2.3"))
+            .await
+            .0,
+        404
+    );
     // An unreadable element fails closed (the client is `0.0.0.0`, on no list).
-    assert_eq!(send(proxied.addr(), "PURGE", "/a", &xff("10.1.2.3, bogus")).await.0, 403);
+    assert_eq!(
+        send(proxied.addr(), "PURGE", "/a", &xff("10.1.2.3, bogus"))
+            .await
+            .0,
+        403
+    );
 }
 
 #[tokio::test]
@@ -615,4 +633,44 @@ async fn a_sibling_that_is_down_or_hangs_falls_back_to_the_origin() {
     let q = path_owned_by(&b, "edge-z", "/r/");
     assert_eq!(get(b.addr(), &q).await.0, "MISS");
     assert_eq!(count(&counts, &q), 1);
+}
+
+/// The same fleet, found through a real etcd (started by the test): one purge reaches
+/// both nodes, and a miss is served by the owning sibling.
+#[cfg(feature = "etcd")]
+#[tokio::test]
+async fn fleet_purge_and_sibling_lookup_through_etcd() {
+    use discovery_support::etcd::Etcd;
+    use tower_patterns::discovery::EtcdRegistry;
+
+    let etcd = Etcd::start().await;
+    let registry = EtcdRegistry::builder([etcd.url()])
+        .prefix("/test/edge")
+        .request_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap();
+    let counts = Counts::default();
+    let o = origin(counts.clone()).await;
+    let mut nodes = Vec::new();
+    for id in ["edge-a", "edge-b"] {
+        let cache = fleet_cache(&registry, id, Arc::new(MemoryStore::new(16 << 20)));
+        nodes.push(serve(&registry, o.addr(), id, cache, true).await);
+    }
+    wait_for_peers(&nodes.iter().collect::<Vec<_>>(), 1).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+
+    let p = path_owned_by(b, "edge-a", "/e/");
+    fill(a.addr(), &p).await;
+    let (xc, peer, _) = get(b.addr(), &p).await;
+    assert_eq!((xc.as_str(), peer.as_str()), ("MISS", "edge-a"));
+    assert_eq!(count(&counts, &p), 1);
+    fill(b.addr(), &p).await;
+
+    let (s, json) = purge(b.addr(), &p, &[]).await;
+    assert_eq!(s, 200, "{json}");
+    assert!(json.contains("\"edge-a\":{\"status\":200}"), "{json}");
+    assert!(json.contains("\"edge-b\":{\"status\":200}"), "{json}");
+    assert_eq!(get(a.addr(), &p).await.0, "MISS");
+    assert_eq!(count(&counts, &p), 2);
 }
