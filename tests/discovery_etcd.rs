@@ -5,7 +5,7 @@
 mod discovery_support;
 
 use std::collections::HashSet;
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use http::StatusCode;
