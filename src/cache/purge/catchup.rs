@@ -8,8 +8,10 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Limited};
 
+use super::super::fleet::Fleet;
 use super::super::layer::Config;
 use super::{apply_batch, log, Target, MAX_PAGE_BYTES, X_PURGE_LOG_SINCE};
+use crate::discovery::Instance;
 
 /// What one [`CacheLayer::catch_up`](super::CacheLayer::catch_up) did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -26,15 +28,19 @@ pub struct CatchUp {
 }
 
 /// Reads every peer's log past our cursor and applies what we have not applied yet.
+///
+/// One peer at a time, and one catch-up at a time per layer: what is buffered (one
+/// page, at most `MAX_PAGE_BYTES`) stays bounded however many peers there are.
 pub(crate) async fn catch_up(cfg: &Arc<Config>) -> CatchUp {
     let mut out = CatchUp::default();
     let Some(fleet) = cfg.purger.fleet.clone() else {
         return out;
     };
+    let _one_at_a_time = cfg.purger.catching_up.lock().await;
     fleet.synced(fleet.inner.peer_timeout).await;
     let peers = fleet.peers();
     out.peers = peers.len();
-    let reads = peers.iter().map(|peer| {
+    for peer in &peers {
         let since = cfg
             .purger
             .cursors
@@ -42,53 +48,20 @@ pub(crate) async fn catch_up(cfg: &Arc<Config>) -> CatchUp {
             .unwrap_or_else(|e| e.into_inner())
             .get(&peer.id)
             .copied();
-        let fleet = fleet.clone();
-        async move {
-            let mut r = Request::new(Empty::<Bytes>::new());
-            *r.method_mut() = Method::from_bytes(b"PURGE").unwrap_or(Method::DELETE);
-            *r.uri_mut() = http::Uri::from_static("/");
-            let s = match since {
-                Some((b, s)) => format!("{b:016x}-{s}"),
-                None => "-".into(),
-            };
-            if let Ok(v) = HeaderValue::from_str(&s) {
-                r.headers_mut().insert(X_PURGE_LOG_SINCE, v);
-            }
-            if let Some(b) = fleet.bearer() {
-                r.headers_mut().insert(header::AUTHORIZATION, b);
-            }
-            let t = fleet.inner.peer_timeout;
-            let page = async {
-                let res = fleet.send(peer, r, t).await.ok()?;
-                if res.status() != StatusCode::OK {
-                    return None;
-                }
-                let body = tokio::time::timeout(
-                    t,
-                    Limited::new(res.into_body(), MAX_PAGE_BYTES).collect(),
-                )
-                .await
-                .ok()?
-                .ok()?
-                .to_bytes();
-                log::parse_page(std::str::from_utf8(&body).ok()?)
-            }
-            .await;
-            if page.is_none() {
-                tracing::warn!(peer = peer.id, "purge catch-up: no readable log from peer");
-            }
-            (peer.id.clone(), since, page)
-        }
-    });
-    for (id, since, page) in futures_util::future::join_all(reads).await {
-        let Some(page) = page else { continue };
+        let Some(page) = read_page(&fleet, peer, since).await else {
+            tracing::warn!(peer = peer.id, "purge catch-up: no readable log from peer");
+            continue;
+        };
         out.answered += 1;
         let seen = match since {
             Some((boot, seq)) if boot == page.boot => seq,
             _ => 0,
         };
         if page.dropped > seen && !out.cleared {
-            tracing::warn!(peer = id, "purge catch-up: the peer's log no longer reaches back far enough; emptying the store");
+            tracing::warn!(
+                peer = peer.id,
+                "purge catch-up: the peer's log no longer reaches back far enough; emptying the store"
+            );
             cfg.store.remove_where(&mut |_, _| true);
             cfg.purger.index.clear();
             out.cleared = true;
@@ -105,9 +78,37 @@ pub(crate) async fn catch_up(cfg: &Arc<Config>) -> CatchUp {
             .cursors
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id, (page.boot, page.last));
+            .insert(peer.id.clone(), (page.boot, page.last));
     }
     out
+}
+
+/// `PURGE /` with `x-purge-log-since`: the peer's log past `since`, within the peer
+/// timeout (head and body each) and `MAX_PAGE_BYTES`.
+async fn read_page(fleet: &Fleet, peer: &Instance, since: Option<(u64, u64)>) -> Option<log::Page> {
+    let mut r = Request::new(Empty::<Bytes>::new());
+    *r.method_mut() = Method::from_bytes(b"PURGE").unwrap_or(Method::DELETE);
+    *r.uri_mut() = http::Uri::from_static("/");
+    let s = match since {
+        Some((b, s)) => format!("{b:016x}-{s}"),
+        None => "-".into(),
+    };
+    r.headers_mut()
+        .insert(X_PURGE_LOG_SINCE, HeaderValue::from_str(&s).ok()?);
+    if let Some(b) = fleet.bearer() {
+        r.headers_mut().insert(header::AUTHORIZATION, b);
+    }
+    let t = fleet.inner.peer_timeout;
+    let res = fleet.send(peer, r, t).await.ok()?;
+    if res.status() != StatusCode::OK {
+        return None;
+    }
+    let body = tokio::time::timeout(t, Limited::new(res.into_body(), MAX_PAGE_BYTES).collect())
+        .await
+        .ok()?
+        .ok()?
+        .to_bytes();
+    log::parse_page(std::str::from_utf8(&body).ok()?)
 }
 
 /// Runs [`catch_up`] now and then every `every`.

@@ -157,6 +157,8 @@ pub(crate) struct Purger {
     pub(crate) log: PurgeLog,
     /// Per peer id: the (boot, seq) of its log we have read up to.
     cursors: Mutex<HashMap<String, (u64, u64)>>,
+    /// Held by a running catch-up (one at a time).
+    catching_up: tokio::sync::Mutex<()>,
     pub(crate) fleet: Option<Fleet>,
 }
 
@@ -166,6 +168,7 @@ impl Purger {
             index,
             log: PurgeLog::new(log_bytes),
             cursors: Mutex::default(),
+            catching_up: tokio::sync::Mutex::new(()),
             fleet,
         }
     }
