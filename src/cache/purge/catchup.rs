@@ -13,7 +13,7 @@ use super::super::layer::Config;
 use super::{apply_batch, log, Target, MAX_PAGE_BYTES, X_PURGE_LOG_SINCE};
 use crate::discovery::Instance;
 
-/// What one [`CacheLayer::catch_up`](super::CacheLayer::catch_up) did.
+/// What one [`CacheLayer::catch_up`](crate::cache::CacheLayer::catch_up) did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CatchUp {
     /// Peers the registry listed.

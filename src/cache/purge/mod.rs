@@ -11,13 +11,14 @@
 //!   every key with that prefix (its `Vary` variants too); `PURGE /` with
 //!   `Surrogate-Key: a b` (or `Cache-Tag: a,b`) every entry stored with one of those tags
 //!   in its response's `Surrogate-Key`/`Cache-Tag` — found through a bounded index built
-//!   at store time ([`index`]).
-//! - **Fan-out**: with a [`Fleet`](super::Fleet), a client's `PURGE` is applied here and
-//!   sent to every other instance the registry lists, each within the peer timeout,
+//!   at store time.
+//! - **Fan-out**: with a [`Fleet`], a client's `PURGE` is applied here and sent to
+//!   every other instance the registry lists, each within the peer timeout,
 //!   carrying `x-purge-origin` (the hop guard: a node never fans out a purge that has it)
 //!   and the fleet's bearer token. The answer is JSON, node id → status.
-//! - **Catch-up**: every node logs every purge it applied ([`log`]); a node that was away
-//!   asks its peers for what it missed ([`CacheLayer::catch_up`](super::CacheLayer::catch_up)).
+//! - **Catch-up**: every node logs every purge it applied (`purge/log.rs` says why a
+//!   log and not a TTL-bounded memory); a node that was away asks its peers for what it
+//!   missed ([`CacheLayer::catch_up`](super::CacheLayer::catch_up)).
 
 mod auth;
 mod catchup;
