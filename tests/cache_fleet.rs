@@ -453,7 +453,7 @@ async fn a_node_down_during_a_purge_catches_up_when_it_returns() {
     assert_eq!(s, 202);
     let r = a_cache.catch_up().await;
     assert_eq!((r.answered, r.applied), (1, 1));
-    assert!(!a_cache.store().get(&format!("{HOST}/keep")).is_some());
+    assert!(a_cache.store().get(&format!("{HOST}/keep")).is_none());
 }
 
 #[tokio::test]
@@ -565,7 +565,7 @@ async fn a_miss_is_served_by_the_sibling_that_owns_the_key() {
     let (xc, peer, _) = get(b.addr(), &q).await;
     assert_eq!((xc.as_str(), peer.as_str()), ("MISS", ""));
     assert_eq!(count(&counts, &q), 1);
-    assert!(!a.cache.store().get(&format!("{HOST}{q}")).is_some());
+    assert!(a.cache.store().get(&format!("{HOST}{q}")).is_none());
 
     // A client's `only-if-cached` gets the same treatment as a sibling's.
     let r = path_owned_by(&a, "edge-b", "/u/");

@@ -140,10 +140,7 @@ where
                 }
             }
             // Key, prefix or surrogate key; fanned out to the fleet (see `purge`).
-            return match purge::handle(cfg, &parts) {
-                purge::Handled::Now(res) => ResponseFuture::ready(res),
-                purge::Handled::Later(fut) => ResponseFuture::boxed(fut),
-            };
+            return purge::handle(cfg, &parts);
         }
         if !(is_get || is_head) {
             cfg.stats.bypass.fetch_add(1, Ordering::Relaxed);

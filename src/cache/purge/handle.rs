@@ -9,6 +9,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Empty;
 
 use super::super::body::CacheBody;
+use super::super::future::ResponseFuture;
 use super::super::layer::Config;
 use super::super::service::message;
 use super::{apply, index, Target, MAX_ORIGIN_LEN, X_PURGE_LOG_SINCE, X_PURGE_ORIGIN};
@@ -37,21 +38,15 @@ fn text<B>(status: StatusCode, body: String, ctype: &'static str) -> Response<Ca
     res
 }
 
-/// What [`handle`] decided.
-pub(crate) enum Handled<B> {
-    Now(Response<CacheBody<B>>),
-    Later(std::pin::Pin<Box<dyn std::future::Future<Output = Response<CacheBody<B>>> + Send>>),
-}
-
 /// An authorised `PURGE`: a catch-up request, a purge fanned out to us, or a client's
 /// purge (fanned out when a fleet is configured).
-pub(crate) fn handle<B: Send + 'static>(
+pub(crate) fn handle<F, B: Send + 'static, S, R>(
     cfg: &Arc<Config>,
     parts: &http::request::Parts,
-) -> Handled<B> {
+) -> ResponseFuture<F, B, S, R> {
     let p = &cfg.purger;
     if let Some(since) = parts.headers.get(X_PURGE_LOG_SINCE) {
-        return Handled::Now(match parse_since(since.as_bytes()) {
+        return ResponseFuture::ready(match parse_since(since.as_bytes()) {
             Some(since) => text(
                 StatusCode::OK,
                 p.log.page(since),
@@ -62,7 +57,7 @@ pub(crate) fn handle<B: Send + 'static>(
     }
     let target = match Target::of(parts, cfg) {
         Ok(t) => t,
-        Err(why) => return Handled::Now(message(StatusCode::BAD_REQUEST, why)),
+        Err(why) => return ResponseFuture::ready(message(StatusCode::BAD_REQUEST, why)),
     };
     if let Some(origin) = parts.headers.get(X_PURGE_ORIGIN) {
         let o = origin.as_bytes();
@@ -71,20 +66,20 @@ pub(crate) fn handle<B: Send + 'static>(
             .filter(|o| !o.is_empty() && o.len() <= MAX_ORIGIN_LEN)
             .filter(|o| o.bytes().all(|b| b.is_ascii_graphic()))
         else {
-            return Handled::Now(message(StatusCode::BAD_REQUEST, "bad x-purge-origin\n"));
+            return ResponseFuture::ready(message(StatusCode::BAD_REQUEST, "bad x-purge-origin\n"));
         };
         if !p.log.record_remote(origin, &target) {
-            return Handled::Now(message(StatusCode::OK, "already applied\n"));
+            return ResponseFuture::ready(message(StatusCode::OK, "already applied\n"));
         }
-        return Handled::Now(local_answer(&target, apply(cfg, &target)));
+        return ResponseFuture::ready(local_answer(&target, apply(cfg, &target)));
     }
     let origin = p.log.record_local(&target);
     let removed = apply(cfg, &target);
     let Some(fleet) = p.fleet.clone() else {
-        return Handled::Now(local_answer(&target, removed));
+        return ResponseFuture::ready(local_answer(&target, removed));
     };
     if removed.is_none() {
-        return Handled::Now(local_answer(&target, removed));
+        return ResponseFuture::ready(local_answer(&target, removed));
     }
     // What the peers need to compute the same target: path, authority, tag headers.
     let mut req = Request::builder()
@@ -104,7 +99,7 @@ pub(crate) fn handle<B: Send + 'static>(
         }
     }
     let own = local_answer::<B>(&target, removed).status();
-    Handled::Later(Box::pin(async move {
+    ResponseFuture::boxed(async move {
         // A node that just started may not have heard from the registry yet.
         fleet.synced(fleet.inner.peer_timeout).await;
         let peers = fleet.peers();
@@ -156,7 +151,7 @@ pub(crate) fn handle<B: Send + 'static>(
             StatusCode::ACCEPTED
         };
         text(status, json, "application/json")
-    }))
+    })
 }
 
 fn req_clone(r: &http::request::Builder) -> Request<Empty<Bytes>> {

@@ -28,7 +28,7 @@ pub(crate) mod log;
 
 pub use catchup::CatchUp;
 pub(crate) use catchup::{catch_up, catch_up_every};
-pub(crate) use handle::{handle, Handled};
+pub(crate) use handle::handle;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -113,7 +113,7 @@ impl Target {
             }
             return Ok(Target::Tags(tags));
         }
-        let key = (cfg.key)(&parts);
+        let key = (cfg.key)(parts);
         Ok(match key.strip_suffix('*') {
             Some(prefix) => Target::Prefix(prefix.to_owned()),
             None => Target::Key(key),
