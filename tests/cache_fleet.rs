@@ -507,6 +507,50 @@ async fn a_catch_up_past_the_end_of_a_peers_log_empties_the_store() {
     assert_eq!(b_store.stats().entries, 0, "fails closed");
 }
 
+#[tokio::test]
+async fn a_long_catch_up_is_read_page_by_page() {
+    let o = origin(Counts::default()).await;
+    let registry = MemoryRegistry::new();
+    let a = serve(
+        &registry,
+        o.addr(),
+        "edge-a",
+        fleet_cache(&registry, "edge-a", Arc::new(MemoryStore::new(16 << 20))),
+        false,
+    )
+    .await;
+    let b_store = Arc::new(MemoryStore::new(16 << 20));
+    let mut b = serve(
+        &registry,
+        o.addr(),
+        "edge-b",
+        fleet_cache(&registry, "edge-b", b_store.clone()),
+        false,
+    )
+    .await;
+    wait_for_peers(&[&a, &b], 1).await;
+    fill(b.addr(), "/last").await;
+    b.server.take().unwrap().shutdown().await.unwrap();
+    // 150 purges of 8 KiB keys: about 1.2 MiB of log, more than one page (1 MiB).
+    let long = "x".repeat(8 << 10);
+    for i in 0..150 {
+        assert_eq!(purge(a.addr(), &format!("/{long}/{i}"), &[]).await.0, 202);
+    }
+    assert_eq!(purge(a.addr(), "/last", &[]).await.0, 202);
+    let b2 = serve(
+        &registry,
+        o.addr(),
+        "edge-b",
+        fleet_cache(&registry, "edge-b", b_store.clone()),
+        false,
+    )
+    .await;
+    wait_for_peers(&[&a, &b2], 1).await;
+    let r = b2.cache.catch_up().await;
+    assert_eq!((r.answered, r.applied, r.cleared), (1, 151, false));
+    assert_eq!(get(b2.addr(), "/last").await.0, "MISS");
+}
+
 /// A path whose key `asker`'s fleet says `owner` owns.
 fn path_owned_by(asker: &Node, owner: &str, prefix: &str) -> String {
     let f = asker.cache.fleet().unwrap();

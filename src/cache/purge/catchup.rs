@@ -29,8 +29,9 @@ pub struct CatchUp {
 
 /// Reads every peer's log past our cursor and applies what we have not applied yet.
 ///
-/// One peer at a time, and one catch-up at a time per layer: what is buffered (one
-/// page, at most `MAX_PAGE_BYTES`) stays bounded however many peers there are.
+/// One peer at a time, one page at a time, one catch-up at a time per layer: what is
+/// buffered (one page, at most `MAX_PAGE_BYTES`) stays bounded however many peers and
+/// purges there are.
 pub(crate) async fn catch_up(cfg: &Arc<Config>) -> CatchUp {
     let mut out = CatchUp::default();
     let Some(fleet) = cfg.purger.fleet.clone() else {
@@ -41,44 +42,58 @@ pub(crate) async fn catch_up(cfg: &Arc<Config>) -> CatchUp {
     let peers = fleet.peers();
     out.peers = peers.len();
     for peer in &peers {
-        let since = cfg
+        let mut since = cfg
             .purger
             .cursors
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&peer.id)
             .copied();
-        let Some(page) = read_page(&fleet, peer, since).await else {
-            tracing::warn!(peer = peer.id, "purge catch-up: no readable log from peer");
-            continue;
-        };
-        out.answered += 1;
-        let seen = match since {
-            Some((boot, seq)) if boot == page.boot => seq,
-            _ => 0,
-        };
-        if page.dropped > seen && !out.cleared {
-            tracing::warn!(
-                peer = peer.id,
-                "purge catch-up: the peer's log no longer reaches back far enough; emptying the store"
-            );
-            cfg.store.remove_where(&mut |_, _| true);
-            cfg.purger.index.clear();
-            out.cleared = true;
+        let mut read_any = false;
+        // Page by page until the peer's last record; each page moves the cursor, so a
+        // peer that stops answering half-way is resumed there next time.
+        while let Some(page) = read_page(&fleet, peer, since).await {
+            read_any = true;
+            let seen = match since {
+                Some((boot, seq)) if boot == page.boot => seq,
+                _ => 0,
+            };
+            if page.dropped > seen && !out.cleared {
+                tracing::warn!(
+                    peer = peer.id,
+                    "purge catch-up: the peer's log no longer reaches back far enough; emptying the store"
+                );
+                if cfg.store.remove_where(&mut |_, _| true).is_none() {
+                    tracing::error!("purge catch-up: the store cannot be emptied (no remove_where); it may serve purged objects");
+                }
+                cfg.purger.index.clear();
+                out.cleared = true;
+            }
+            let new: Vec<&Target> = page
+                .records
+                .iter()
+                .filter(|(origin, target)| cfg.purger.log.record_remote(origin, target))
+                .map(|(_, t)| t)
+                .collect();
+            out.applied += new.len() as u64;
+            apply_batch(cfg, &new);
+            let next = (page.boot, page.until.max(seen));
+            cfg.purger
+                .cursors
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(peer.id.clone(), next);
+            // Done, or a page that did not advance (a misbehaving peer): stop.
+            if page.until >= page.last || since == Some(next) {
+                break;
+            }
+            since = Some(next);
         }
-        let new: Vec<&Target> = page
-            .records
-            .iter()
-            .filter(|(origin, target)| cfg.purger.log.record_remote(origin, target))
-            .map(|(_, t)| t)
-            .collect();
-        out.applied += new.len() as u64;
-        apply_batch(cfg, &new);
-        cfg.purger
-            .cursors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(peer.id.clone(), (page.boot, page.last));
+        if read_any {
+            out.answered += 1;
+        } else {
+            tracing::warn!(peer = peer.id, "purge catch-up: no readable log from peer");
+        }
     }
     out
 }

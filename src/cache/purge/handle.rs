@@ -73,14 +73,12 @@ pub(crate) fn handle<F, B: Send + 'static, S, R>(
         }
         return ResponseFuture::ready(local_answer(&target, apply(cfg, &target)));
     }
-    let origin = p.log.record_local(&target);
     let removed = apply(cfg, &target);
-    let Some(fleet) = p.fleet.clone() else {
+    let (Some(fleet), Some(_)) = (p.fleet.clone(), removed) else {
+        // No fleet, or this store cannot do it (`501`: not logged, not sent on).
         return ResponseFuture::ready(local_answer(&target, removed));
     };
-    if removed.is_none() {
-        return ResponseFuture::ready(local_answer(&target, removed));
-    }
+    let origin = p.log.record_local(&target);
     // What the peers need to compute the same target: path, authority, tag headers.
     let mut req = Request::builder()
         .method(Method::from_bytes(b"PURGE").unwrap_or(Method::DELETE))

@@ -14,9 +14,11 @@
 //! by fan-out and again by catch-up — is applied once.
 //!
 //! Wire format of a catch-up answer (`text/plain`, one record a line):
-//! `tower-patterns-purge-log 1 <boot hex> <dropped up to> <last seq>` then
+//! `tower-patterns-purge-log 1 <boot hex> <dropped up to> <last in page> <last seq>` then
 //! `<seq> <origin> k|p|t <escaped argument(s)>` (key, prefix, or space-separated tags;
-//! bytes outside visible ASCII, `%` and space as `%XX`).
+//! bytes outside visible ASCII, `%` and space as `%XX`). A page holds at most
+//! [`PAGE_BYTES`] (and at least one record): the asker reads pages until `last in page`
+//! reaches `last seq`, so neither side ever buffers a whole log for one request.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,6 +29,8 @@ use super::Target;
 const MAGIC: &str = "tower-patterns-purge-log 1";
 /// Per-record bytes besides its strings (deque slot, `Arc`, set entry).
 const RECORD_OVERHEAD: usize = 96;
+/// Most bytes of records in one catch-up page (one record more if a single one is larger).
+pub(crate) const PAGE_BYTES: usize = 1 << 20;
 /// Default byte bound of the log.
 pub(crate) const DEFAULT_LOG_BYTES: usize = 8 << 20;
 
@@ -66,6 +70,8 @@ pub(crate) struct PurgeLog {
 pub(crate) struct Page {
     pub(crate) boot: u64,
     pub(crate) dropped: u64,
+    /// Sequence number of the page's last record (where the asker's cursor moves).
+    pub(crate) until: u64,
     pub(crate) last: u64,
     pub(crate) records: Vec<(Arc<str>, Target)>,
 }
@@ -136,11 +142,21 @@ impl PurgeLog {
             _ => 0,
         };
         let i = self.lock();
-        let mut out = format!("{MAGIC} {:016x} {} {}\n", self.boot, i.dropped, i.last);
-        for r in i.records.iter().filter(|r| r.seq > from) {
-            out.push_str(&format!("{} {} {}\n", r.seq, r.origin, r.target.encode()));
+        let mut body = String::new();
+        let mut until = from.max(i.dropped).min(i.last);
+        // Records are in sequence order: skip to the first one past `from`.
+        let start = i.records.partition_point(|r| r.seq <= from);
+        for r in i.records.range(start..) {
+            if !body.is_empty() && body.len() >= PAGE_BYTES {
+                break;
+            }
+            body.push_str(&format!("{} {} {}\n", r.seq, r.origin, r.target.encode()));
+            until = r.seq;
         }
-        out
+        format!(
+            "{MAGIC} {:016x} {} {until} {}\n{body}",
+            self.boot, i.dropped, i.last
+        )
     }
 }
 
@@ -151,6 +167,7 @@ pub(crate) fn parse_page(text: &str) -> Option<Page> {
     let mut h = head.split_ascii_whitespace();
     let boot = u64::from_str_radix(h.next()?, 16).ok()?;
     let dropped = h.next()?.parse().ok()?;
+    let until = h.next()?.parse().ok()?;
     let last = h.next()?.parse().ok()?;
     let mut records = Vec::new();
     for line in lines.filter(|l| !l.is_empty()) {
@@ -166,6 +183,7 @@ pub(crate) fn parse_page(text: &str) -> Option<Page> {
     Some(Page {
         boot,
         dropped,
+        until,
         last,
         records,
     })
@@ -184,7 +202,7 @@ mod tests {
         log.record_local(&Target::Prefix("h/img/".into()));
         let page = parse_page(&log.page(None)).unwrap();
         assert_eq!(page.boot, log.boot());
-        assert_eq!((page.dropped, page.last), (0, 3));
+        assert_eq!((page.dropped, page.until, page.last), (0, 3, 3));
         assert_eq!(page.records[0], (a, Target::Key("h/a b".into())));
         assert_eq!(page.records[2].1, Target::Prefix("h/img/".into()));
         let later = parse_page(&log.page(Some((log.boot(), 2)))).unwrap();
@@ -204,8 +222,33 @@ mod tests {
         }
         let page = parse_page(&log.page(None)).unwrap();
         assert!(page.records.len() <= 4);
-        assert_eq!(page.last, 100);
+        assert_eq!((page.until, page.last), (100, 100));
         assert_eq!(page.dropped, 100 - page.records.len() as u64);
+    }
+
+    #[test]
+    fn pages_are_bounded_and_resume_where_they_stopped() {
+        let log = PurgeLog::new(64 << 20);
+        let key = "k".repeat(100_000);
+        for _ in 0..25 {
+            log.record_local(&Target::Key(key.clone()));
+        }
+        let mut since = None;
+        let mut seen = 0;
+        for _ in 0..10 {
+            let text = log.page(since);
+            assert!(text.len() <= PAGE_BYTES + 200_000, "{}", text.len());
+            let page = parse_page(&text).unwrap();
+            seen += page.records.len();
+            since = Some((page.boot, page.until));
+            if page.until == page.last {
+                break;
+            }
+        }
+        assert_eq!(seen, 25);
+        // Up to date: an empty page that says so.
+        let page = parse_page(&log.page(since)).unwrap();
+        assert_eq!((page.records.len(), page.until, page.last), (0, 25, 25));
     }
 
     #[test]
@@ -213,9 +256,10 @@ mod tests {
         for bad in [
             "",
             "hello",
-            "tower-patterns-purge-log 1 zz 0 0",
-            "tower-patterns-purge-log 1 1 0 1\n1 o q x",
-            "tower-patterns-purge-log 1 1 0 1\nx o k a",
+            "tower-patterns-purge-log 1 zz 0 0 0",
+            "tower-patterns-purge-log 1 1 0 1",
+            "tower-patterns-purge-log 1 1 0 1 1\n1 o q x",
+            "tower-patterns-purge-log 1 1 0 1 1\nx o k a",
         ] {
             assert!(parse_page(bad).is_none(), "{bad:?}");
         }

@@ -46,9 +46,10 @@ pub const X_PURGE_ORIGIN: &str = "x-purge-origin";
 /// [`CacheLayer::catch_up`](super::CacheLayer::catch_up).
 pub const X_PURGE_LOG_SINCE: &str = "x-purge-log-since";
 
-/// Largest catch-up answer read from a peer (a peer's log is bounded by its own byte
-/// budget; this bounds what we buffer whatever the peer sends).
-pub(super) const MAX_PAGE_BYTES: usize = 32 << 20;
+/// Largest catch-up page read from a peer: a page holds about `log::PAGE_BYTES` (one
+/// record more at most, and a record is bounded by the request-line limit); this bounds
+/// what we buffer whatever the peer sends.
+pub(super) const MAX_PAGE_BYTES: usize = 4 << 20;
 /// Largest origin id accepted in `x-purge-origin`.
 pub(super) const MAX_ORIGIN_LEN: usize = 64;
 
