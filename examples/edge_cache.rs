@@ -88,6 +88,9 @@ async fn edge(
     let addr = spawn_local(svc).await?.addr();
     let me = Instance::new("edge", id, "127.0.0.1", addr.port());
     registry.register(&me, Duration::from_secs(60)).await?;
+    // A node that was down reads the purges it missed from its peers' logs: at start and
+    // every 10 s (abort the returned handle to stop it).
+    cache.spawn_catch_up(Duration::from_secs(10));
     Ok((cache, addr))
 }
 
