@@ -618,6 +618,56 @@ async fn a_miss_is_served_by_the_sibling_that_owns_the_key() {
     assert_eq!(count(&counts, &r), 0);
 }
 
+/// A purge must not be undone by a sibling that has not applied it yet: B purges, the
+/// owner A missed the purge (down during it, back before its catch-up), and B's next
+/// miss must not take A's old copy.
+#[tokio::test]
+async fn a_sibling_that_missed_a_purge_does_not_bring_the_old_object_back() {
+    let counts = Counts::default();
+    let o = origin(counts.clone()).await;
+    let registry = MemoryRegistry::new();
+    let a_cache = fleet_cache(&registry, "edge-a", Arc::new(MemoryStore::new(16 << 20)));
+    let mut a = serve(&registry, o.addr(), "edge-a", a_cache.clone(), true).await;
+    let b = serve(
+        &registry,
+        o.addr(),
+        "edge-b",
+        fleet_cache(&registry, "edge-b", Arc::new(MemoryStore::new(16 << 20))),
+        true,
+    )
+    .await;
+    wait_for_peers(&[&a, &b], 1).await;
+    let p = path_owned_by(&b, "edge-a", "/p/");
+    fill(a.addr(), &p).await;
+    assert_eq!(get(b.addr(), &p).await.1, "edge-a");
+
+    // A is away while B purges; it comes back (same cache) before catching up.
+    a.server.take().unwrap().shutdown().await.unwrap();
+    assert_eq!(purge(b.addr(), &p, &[]).await.0, 202);
+    let _a2 = serve(&registry, o.addr(), "edge-a", a_cache.clone(), true).await;
+    let f = b.cache.fleet().unwrap().clone();
+    let a2_port = _a2.addr().port();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while f.peers().first().map(|i| i.port) != Some(a2_port) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        a_cache.store().get(&format!("{HOST}{p}")).is_some(),
+        "A still has v1"
+    );
+
+    let (xc, peer, body) = get(b.addr(), &p).await;
+    assert_eq!(
+        (xc.as_str(), peer.as_str(), body),
+        ("MISS", "", format!("{p} v2")),
+        "B went to the origin, not to A's pre-purge copy"
+    );
+    assert_eq!(count(&counts, &p), 2);
+}
+
 #[tokio::test]
 async fn a_sibling_that_is_down_or_hangs_falls_back_to_the_origin() {
     let counts = Counts::default();

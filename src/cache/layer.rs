@@ -271,6 +271,7 @@ impl CacheLayer {
         super::SiblingLayer {
             fleet: self.cfg.purger.fleet.clone(),
             key: self.cfg.key.clone(),
+            purger: self.cfg.purger.clone(),
         }
     }
 

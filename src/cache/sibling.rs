@@ -30,6 +30,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::fleet::Fleet;
+use super::purge::Purger;
 use super::service::X_CACHE;
 
 /// Hop guard of a sibling lookup (its value: the asking node's id). A request with it is
@@ -54,11 +55,18 @@ pub(crate) fn only_if_cached(h: &http::HeaderMap) -> bool {
         })
 }
 
+/// A response's `Age` (`None` when absent or not a number: unknown, so treated as old).
+fn age(h: &http::HeaderMap) -> Option<std::time::Duration> {
+    let v = std::str::from_utf8(h.get(header::AGE)?.as_bytes()).ok()?;
+    v.trim().parse().ok().map(std::time::Duration::from_secs)
+}
+
 /// Makes [`Sibling`]; from [`CacheLayer::siblings`](super::CacheLayer::siblings).
 #[derive(Clone)]
 pub struct SiblingLayer {
     pub(crate) fleet: Option<Fleet>,
     pub(crate) key: Arc<KeyFn>,
+    pub(crate) purger: Arc<Purger>,
 }
 
 impl std::fmt::Debug for SiblingLayer {
@@ -76,6 +84,7 @@ impl<S> Layer<S> for SiblingLayer {
             inner,
             fleet: self.fleet.clone(),
             key: self.key.clone(),
+            purger: self.purger.clone(),
         }
     }
 }
@@ -86,6 +95,7 @@ pub struct Sibling<S> {
     inner: S,
     fleet: Option<Fleet>,
     key: Arc<KeyFn>,
+    purger: Arc<Purger>,
 }
 
 impl<S: std::fmt::Debug> std::fmt::Debug for Sibling<S> {
@@ -170,13 +180,30 @@ where
             .as_ref()
             .filter(|f| f.inner.sibling)
             .and_then(|f| {
-                let owner = f.owner(&(self.key)(&parts))?;
+                let key = (self.key)(&parts);
+                let owner = f.owner(&key)?;
                 let req = sibling_request(&parts, f.self_id())?;
-                Some((f.clone(), owner, req))
+                Some((f.clone(), owner, req, key))
             });
+        let purger = self.purger.clone();
         Box::pin(async move {
-            if let Some((fleet, owner, sreq)) = ask {
+            if let Some((fleet, owner, sreq, key)) = ask {
                 match fleet.send(&owner, sreq, fleet.inner.sibling_timeout).await {
+                    // The owner may not have applied a purge applied here: its older
+                    // copy would undo it.
+                    Ok(res)
+                        if purger.sibling_copy_is_purged(
+                            &key,
+                            res.headers(),
+                            age(res.headers()),
+                        ) =>
+                    {
+                        tracing::debug!(
+                            peer = owner.id,
+                            key,
+                            "sibling copy predates a purge; asking the origin"
+                        );
+                    }
                     Ok(mut res)
                         if res.status() != StatusCode::GATEWAY_TIMEOUT
                             && res.headers().contains_key(X_CACHE) =>

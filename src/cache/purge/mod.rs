@@ -30,9 +30,12 @@ pub use catchup::CatchUp;
 pub(crate) use catchup::{catch_up, catch_up_every};
 pub(crate) use handle::handle;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::Duration;
+
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use tokio::time::Instant;
 
 use super::fleet::Fleet;
 use super::layer::Config;
@@ -161,6 +164,9 @@ pub(crate) struct Purger {
     cursors: Mutex<HashMap<String, (u64, u64)>>,
     /// Held by a running catch-up (one at a time).
     catching_up: tokio::sync::Mutex<()>,
+    /// The purges applied here in the last [`RECENT_WINDOW`] (at most [`RECENT_MAX`]),
+    /// with when: a sibling's copy older than a matching one is refused.
+    recent: Mutex<VecDeque<(Instant, Target)>>,
     pub(crate) fleet: Option<Fleet>,
 }
 
@@ -171,14 +177,66 @@ impl Purger {
             log: PurgeLog::new(log_bytes),
             cursors: Mutex::default(),
             catching_up: tokio::sync::Mutex::new(()),
+            recent: Mutex::default(),
             fleet,
         }
+    }
+}
+
+/// How long a purge is remembered to judge sibling answers: the time every peer has to
+/// apply it (fan-out takes at most the peer timeout; a node back from an outage should
+/// catch up before it serves).
+pub(crate) const RECENT_WINDOW: Duration = Duration::from_secs(60);
+/// At most this many recent purges are remembered (a burst beyond it: the oldest go).
+const RECENT_MAX: usize = 4096;
+
+impl Purger {
+    fn remember(&self, target: &Target) {
+        let now = Instant::now();
+        let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        while r
+            .front()
+            .is_some_and(|(t, _)| now.saturating_duration_since(*t) > RECENT_WINDOW)
+            || r.len() >= RECENT_MAX
+        {
+            r.pop_front();
+        }
+        r.push_back((now, target.clone()));
+    }
+
+    /// Whether a copy of `key` with response `headers`, which a sibling says is `age`
+    /// old, may predate a purge applied here: then it must not be taken — the sibling
+    /// may not have applied that purge yet, and storing its copy would undo it.
+    pub(crate) fn sibling_copy_is_purged(
+        &self,
+        key: &str,
+        headers: &http::HeaderMap,
+        age: Option<Duration>,
+    ) -> bool {
+        let r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if r.is_empty() {
+            return false;
+        }
+        // `Age` counts whole seconds: the copy may be up to a second older than it says.
+        // Unreadable: as old as can be.
+        let stored =
+            age.and_then(|a| Instant::now().checked_sub(a.saturating_add(Duration::from_secs(1))));
+        let tags = index::tags(headers);
+        r.iter().any(|(at, target)| {
+            stored.is_none_or(|s| s <= *at)
+                && match target {
+                    Target::Key(k) => k == key,
+                    Target::Prefix(p) => key.starts_with(p.as_str()),
+                    Target::Tags(t) => t.iter().any(|t| tags.contains(t)),
+                }
+        })
     }
 }
 
 /// Removes what `target` names from the store; `None` when the store cannot do it (no
 /// `Store::remove_where`).
 pub(crate) fn apply(cfg: &Config, target: &Target) -> Option<u64> {
+    cfg.purger.remember(target);
     let n = match target {
         Target::Key(k) => Some(u64::from(cfg.store.remove(k))),
         Target::Prefix(p) => cfg
@@ -199,6 +257,7 @@ pub(super) fn apply_batch(cfg: &Config, targets: &[&Target]) {
     let mut tags: Vec<String> = Vec::new();
     let mut n = 0u64;
     for t in targets {
+        cfg.purger.remember(t);
         match t {
             Target::Key(k) => n += u64::from(cfg.store.remove(k)),
             Target::Prefix(p) => prefixes.push(p),
