@@ -80,20 +80,22 @@ pub(crate) fn handle<F, B: Send + 'static, S, R>(
     };
     let origin = p.log.record_local(&target);
     // What the peers need to compute the same target: path, authority, tag headers.
-    let mut req = Request::builder()
-        .method(Method::from_bytes(b"PURGE").unwrap_or(Method::DELETE))
-        .uri(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
+    let uri = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| http::Uri::from_static("/"), |p| p.clone().into());
+    let mut headers = http::HeaderMap::new();
     if let Some(host) = parts
         .uri
         .authority()
         .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         .or_else(|| parts.headers.get(header::HOST).cloned())
     {
-        req = req.header(header::HOST, host);
+        headers.insert(header::HOST, host);
     }
     for name in index::TAG_HEADERS {
         for v in parts.headers.get_all(name) {
-            req = req.header(name, v.clone());
+            headers.append(name, v.clone());
         }
     }
     let own = local_answer::<B>(&target, removed).status();
@@ -102,7 +104,10 @@ pub(crate) fn handle<F, B: Send + 'static, S, R>(
         fleet.synced(fleet.inner.peer_timeout).await;
         let peers = fleet.peers();
         let sends = peers.iter().map(|peer| {
-            let mut r = req_clone(&req);
+            let mut r = Request::new(Empty::<Bytes>::new());
+            *r.method_mut() = Method::from_bytes(b"PURGE").unwrap_or(Method::DELETE);
+            *r.uri_mut() = uri.clone();
+            *r.headers_mut() = headers.clone();
             if let Some(b) = fleet.bearer() {
                 r.headers_mut().insert(header::AUTHORIZATION, b);
             }
@@ -150,18 +155,6 @@ pub(crate) fn handle<F, B: Send + 'static, S, R>(
         };
         text(status, json, "application/json")
     })
-}
-
-fn req_clone(r: &http::request::Builder) -> Request<Empty<Bytes>> {
-    let mut out = Request::new(Empty::new());
-    *out.method_mut() = r.method_ref().cloned().unwrap_or_default();
-    if let Some(u) = r.uri_ref() {
-        *out.uri_mut() = u.clone();
-    }
-    if let Some(h) = r.headers_ref() {
-        *out.headers_mut() = h.clone();
-    }
-    out
 }
 
 /// A JSON string literal.
