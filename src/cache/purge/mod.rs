@@ -287,6 +287,39 @@ pub(super) fn apply_batch(cfg: &Config, targets: &[&Target]) {
 mod tests {
     use super::*;
 
+    #[tokio::test(start_paused = true)]
+    async fn a_sibling_copy_older_than_a_recent_purge_is_refused() {
+        let p = Purger::new(Arc::new(TagIndex::new(1 << 20)), 1 << 20, None);
+        let h = http::HeaderMap::new();
+        let secs = |n| Some(Duration::from_secs(n));
+        assert!(
+            !p.sibling_copy_is_purged("h/a", &h, secs(0)),
+            "no purge yet"
+        );
+        tokio::time::advance(Duration::from_secs(10)).await;
+        p.remember(&Target::Key("h/a".into()));
+        p.remember(&Target::Prefix("h/img/".into()));
+        p.remember(&Target::Tags(vec!["t1".into()]));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        // Stored 6 s ago (5 + the second `Age` may hide): before the purge.
+        assert!(p.sibling_copy_is_purged("h/a", &h, secs(5)));
+        assert!(p.sibling_copy_is_purged("h/img/x", &h, secs(9)));
+        assert!(
+            p.sibling_copy_is_purged("h/a", &h, None),
+            "unknown age: old"
+        );
+        // Stored after the purge, or another key: taken.
+        assert!(!p.sibling_copy_is_purged("h/a", &h, secs(3)));
+        assert!(!p.sibling_copy_is_purged("h/b", &h, secs(9)));
+        let mut tagged = http::HeaderMap::new();
+        tagged.insert("cache-tag", http::HeaderValue::from_static("t0,t1"));
+        assert!(p.sibling_copy_is_purged("h/b", &tagged, secs(9)));
+        // Past the window the purge is forgotten (every peer has applied it by then).
+        tokio::time::advance(RECENT_WINDOW).await;
+        p.remember(&Target::Key("h/other".into()));
+        assert!(!p.sibling_copy_is_purged("h/a", &h, secs(100)));
+    }
+
     #[test]
     fn targets_round_trip_on_the_wire() {
         for t in [
