@@ -54,13 +54,16 @@
 //! ```
 
 pub(crate) mod body;
+mod connect;
 mod error;
 mod future;
+mod h2;
 pub(crate) mod headers;
 mod pool;
 mod service;
 
 pub use body::BodyLimits;
+pub use connect::Protocol;
 pub use error::ForwardError;
 pub use future::ResponseFuture;
 pub use headers::{strip_hop_by_hop, PROTECTED_FROM_CONNECTION};

@@ -10,8 +10,10 @@ use hyper::body::Incoming;
 use tower_service::Service;
 
 use super::body::{BodyLimits, ClientBody, Progress};
+use super::connect::Protocol;
 use super::error::ForwardError;
 use super::future::ResponseFuture;
+use super::h2::{asks_for_trailers, TeTrailers};
 use super::headers::strip_hop_by_hop;
 use super::pool::{HostPool, PoolConfig, Pools};
 use crate::client_addr::{joined_forwarded_for, ClientAddr};
@@ -32,8 +34,9 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Parses and validates an upstream URI. Only `http` is supported by the built-in
-    /// connector; a query or fragment is refused.
+    /// Parses and validates an upstream URI: `http://`, or `https://` with the `tls`
+    /// feature (without it, an `https://` upstream is refused here rather than spoken to in
+    /// plaintext); a query or fragment is refused.
     pub fn parse(uri: &str) -> Result<Self, ForwardError> {
         let bad = |reason| ForwardError::InvalidUpstream {
             uri: uri.to_string(),
@@ -44,8 +47,14 @@ impl Upstream {
             .scheme()
             .cloned()
             .ok_or_else(|| bad("missing scheme"))?;
-        if scheme != Scheme::HTTP {
-            return Err(bad("only http:// upstreams are supported"));
+        if scheme == Scheme::HTTPS && !cfg!(feature = "tls") {
+            // No silent plaintext fallback: without TLS support the upstream is refused.
+            return Err(bad(
+                "https:// upstreams need the `tls` feature of tower-patterns",
+            ));
+        }
+        if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+            return Err(bad("only http:// and https:// upstreams are supported"));
         }
         let authority = parsed
             .authority()
@@ -70,6 +79,43 @@ impl Upstream {
     /// `host:port` of the upstream.
     pub fn authority(&self) -> &str {
         self.authority.as_str()
+    }
+
+    /// `true` for an `https://` upstream.
+    pub fn is_https(&self) -> bool {
+        self.scheme == Scheme::HTTPS
+    }
+
+    /// The host without port (and without the brackets of an IPv6 address): the TLS
+    /// server name.
+    #[cfg(feature = "tls")]
+    pub(crate) fn host(&self) -> &str {
+        let host = self.authority.host();
+        host.strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host)
+    }
+
+    pub(crate) fn scheme(&self) -> &Scheme {
+        &self.scheme
+    }
+
+    pub(crate) fn authority_ref(&self) -> &Authority {
+        &self.authority
+    }
+
+    /// `scheme://authority`: what identifies a connection pool.
+    pub(crate) fn origin(&self) -> String {
+        format!("{}://{}", self.scheme, self.authority)
+    }
+
+    /// `host:port` to dial, with the scheme's default port (80, 443) when none is given.
+    pub(crate) fn dial_target(&self) -> String {
+        match self.authority.port_u16() {
+            Some(_) => self.authority.as_str().to_string(),
+            None if self.is_https() => format!("{}:443", self.authority.host()),
+            None => format!("{}:80", self.authority.host()),
+        }
     }
 
     /// The origin-form target (`/prefix/path?query`) sent on the upstream connection.
@@ -134,6 +180,9 @@ pub struct ForwardBuilder {
     connect_timeout: Option<Duration>,
     pool_idle_timeout: Option<Duration>,
     pool_max_idle_per_host: usize,
+    protocol: Protocol,
+    #[cfg(feature = "tls")]
+    tls: Option<crate::tls::ClientTls>,
     opts: Options,
 }
 
@@ -224,6 +273,31 @@ impl ForwardBuilder {
         self
     }
 
+    /// The HTTP version spoken to the upstreams (default [`Protocol::Auto`]: HTTP/1.1 in
+    /// cleartext, the upstream's ALPN choice of `h2` or `http/1.1` over TLS).
+    /// [`Protocol::Http2`] speaks h2c with prior knowledge to an `http://` upstream (a
+    /// gRPC backend) and multiplexes all requests over one connection.
+    pub fn protocol(mut self, protocol: Protocol) -> Self {
+        self.protocol = protocol;
+        self
+    }
+
+    /// Shorthand for [`protocol`](Self::protocol)`(Protocol::Http2)` (`true`) or
+    /// `(Protocol::Auto)` (`false`).
+    pub fn http2_only(self, yes: bool) -> Self {
+        self.protocol(if yes { Protocol::Http2 } else { Protocol::Auto })
+    }
+
+    /// How `https://` upstreams are verified and which client certificate is shown
+    /// (default [`ClientTls::webpki_roots`](crate::tls::ClientTls::webpki_roots)). All
+    /// upstreams of this builder's `Forward`s ([`Forward::to`] included) share it, and with
+    /// it rustls's session cache, so reconnects resume their TLS sessions.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: crate::tls::ClientTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Builds the service, with a new connection pool.
     pub fn build<B>(self) -> Result<Forward<B>, ForwardError>
     where
@@ -234,11 +308,15 @@ impl ForwardBuilder {
         let upstream = Upstream::parse(&self.upstream)?;
         let pools = Arc::new(Pools::new(PoolConfig {
             connect_timeout: self.connect_timeout,
+            protocol: self.protocol,
+            #[cfg(feature = "tls")]
+            tls: self.tls,
             idle_timeout: self.pool_idle_timeout.unwrap_or(Duration::from_secs(90)),
             max_idle: self.pool_max_idle_per_host,
         }));
         Ok(Forward {
-            pool: pools.host(&upstream),
+            pool: pools.host(&upstream)?,
+            upstream: Arc::new(upstream),
             pools,
             opts: Arc::new(self.opts),
         })
@@ -251,6 +329,9 @@ impl ForwardBuilder {
 /// another upstream that also shares it.
 pub struct Forward<B> {
     pool: Arc<HostPool<ClientBody<B>>>,
+    /// This `Forward`'s upstream: its path prefix may differ from the pool's (one pool
+    /// per origin).
+    upstream: Arc<Upstream>,
     pools: Arc<Pools<ClientBody<B>>>,
     opts: Arc<Options>,
 }
@@ -259,6 +340,7 @@ impl<B> Clone for Forward<B> {
     fn clone(&self) -> Self {
         Forward {
             pool: self.pool.clone(),
+            upstream: self.upstream.clone(),
             pools: self.pools.clone(),
             opts: self.opts.clone(),
         }
@@ -268,7 +350,7 @@ impl<B> Clone for Forward<B> {
 impl<B> fmt::Debug for Forward<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Forward")
-            .field("upstream", self.pool.upstream())
+            .field("upstream", &self.upstream)
             .field("opts", &self.opts)
             .finish()
     }
@@ -282,6 +364,9 @@ impl ForwardBuilder {
             connect_timeout: Some(Self::DEFAULT_CONNECT_TIMEOUT),
             pool_idle_timeout: None,
             pool_max_idle_per_host: 256,
+            protocol: Protocol::Auto,
+            #[cfg(feature = "tls")]
+            tls: None,
             opts: Options {
                 response_timeout: Some(Self::DEFAULT_RESPONSE_TIMEOUT),
                 client_body_timeout: Some(Self::DEFAULT_CLIENT_BODY_TIMEOUT),
@@ -308,7 +393,8 @@ where
     pub fn to(&self, upstream: &str) -> Result<Self, ForwardError> {
         let upstream = Upstream::parse(upstream)?;
         Ok(Forward {
-            pool: self.pools.host(&upstream),
+            pool: self.pools.host(&upstream)?,
+            upstream: Arc::new(upstream),
             pools: self.pools.clone(),
             opts: self.opts.clone(),
         })
@@ -316,7 +402,7 @@ where
 
     /// The upstream this service sends to.
     pub fn upstream(&self) -> &Upstream {
-        self.pool.upstream()
+        &self.upstream
     }
 
     /// The connect timeout in effect (`None`: disabled).
@@ -424,10 +510,14 @@ where
         if let Err(e) = check_request(&parts) {
             return ResponseFuture::failed(e);
         }
-        let uri = match self.pool.upstream().join(parts.uri.path_and_query()) {
+        let uri = match self.upstream.join(parts.uri.path_and_query()) {
             Ok(u) => u,
             Err(e) => return ResponseFuture::failed(e),
         };
+        // HTTP/2 upstreams get `TE: trailers` back (gRPC needs it); hop-by-hop otherwise.
+        if asks_for_trailers(&parts.headers) {
+            parts.extensions.insert(TeTrailers);
+        }
         strip_hop_by_hop(&mut parts.headers);
         let client = parts.extensions.get::<ClientAddr>().copied();
         set_forwarded(&self.opts, &mut parts.headers, client, &parts.uri);
@@ -435,7 +525,7 @@ where
             // HTTP/2 clients send :authority instead of Host; HTTP/1.1 upstreams need Host.
             let host = match parts.uri.authority() {
                 Some(a) if self.opts.preserve_host => HeaderValue::from_str(a.as_str()).ok(),
-                _ => self.pool.upstream().host_value(),
+                _ => self.upstream.host_value(),
             };
             if let Some(h) = host {
                 parts.headers.insert(header::HOST, h);
