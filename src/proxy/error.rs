@@ -111,15 +111,18 @@ pub enum ForwardError {
     },
     /// The HTTP/2 upstream reset the stream or closed the connection (`RST_STREAM` or
     /// `GOAWAY` with an error code, flow-control violations included): `502`,
-    /// [`FailureKind::Transport`]. With `REFUSED_STREAM` the upstream guarantees it did
-    /// not process the request ([`is_refused_stream`](Self::is_refused_stream)), so it
-    /// counts as never sent and may be sent again whatever the method.
+    /// [`FailureKind::Transport`]. With `REFUSED_STREAM`, or a graceful `GOAWAY`
+    /// (`NO_ERROR`) that left the stream out, the upstream guarantees it did not process
+    /// the request (RFC 9113 §8.7, §6.8; [`is_refused_stream`](Self::is_refused_stream)),
+    /// so it counts as never sent and may be sent again whatever the method.
     #[error("upstream {upstream} reset the HTTP/2 stream (error code {code:#x})")]
     StreamReset {
         /// `host:port` of the upstream.
         upstream: String,
         /// The HTTP/2 error code (RFC 9113 §7), e.g. `0x7` for `REFUSED_STREAM`.
         code: u32,
+        /// The upstream did not process the stream.
+        refused: bool,
         /// The underlying error.
         #[source]
         source: BoxError,
@@ -170,10 +173,11 @@ impl ForwardError {
         )
     }
 
-    /// `true` for an HTTP/2 `REFUSED_STREAM`: the upstream did not process the request
-    /// (RFC 9113 §8.7), so it may be sent again like a failed connect.
+    /// `true` when an HTTP/2 upstream refused the stream (`REFUSED_STREAM`, or a graceful
+    /// `GOAWAY` that left it out): it did not process the request (RFC 9113 §8.7), so it
+    /// may be sent again like a failed connect.
     pub fn is_refused_stream(&self) -> bool {
-        matches!(self, ForwardError::StreamReset { code, .. } if *code == u32::from(h2::Reason::REFUSED_STREAM))
+        matches!(self, ForwardError::StreamReset { refused: true, .. })
     }
 
     /// The status a proxy should answer with: 504 for upstream timeouts, 502 for other

@@ -54,14 +54,19 @@ pub(crate) fn to_h2<B>(req: &mut Request<B>, scheme: &Scheme, upstream: &Authori
     }
 }
 
-/// The HTTP/2 error code of a stream reset or connection error (`RST_STREAM`, `GOAWAY`
-/// with an error code) found in `e`'s chain.
-fn stream_reset(e: &(dyn std::error::Error + 'static)) -> Option<u32> {
+/// The HTTP/2 error code of a stream reset or connection error (`RST_STREAM`, `GOAWAY`)
+/// found in `e`'s chain, and whether it says the stream was not processed.
+fn stream_reset(e: &(dyn std::error::Error + 'static)) -> Option<(u32, bool)> {
     let mut cur = Some(e);
     while let Some(s) = cur {
         if let Some(h2e) = s.downcast_ref::<h2::Error>() {
+            let reason = h2e.reason()?;
+            // A stream fails with a graceful GOAWAY's NO_ERROR only when it was above the
+            // GOAWAY's last stream id: not processed (RFC 9113 §6.8).
+            let refused = reason == h2::Reason::REFUSED_STREAM
+                || (h2e.is_go_away() && h2e.is_remote() && reason == h2::Reason::NO_ERROR);
             if h2e.is_reset() || h2e.is_go_away() {
-                return h2e.reason().map(u32::from);
+                return Some((u32::from(reason), refused));
             }
             return None;
         }
@@ -73,9 +78,10 @@ fn stream_reset(e: &(dyn std::error::Error + 'static)) -> Option<u32> {
 /// [`ForwardError::StreamReset`] for `e` when it is one.
 pub(crate) fn reset_error(upstream: &str, e: hyper::Error) -> Result<ForwardError, hyper::Error> {
     match stream_reset(&e) {
-        Some(code) => Ok(ForwardError::StreamReset {
+        Some((code, refused)) => Ok(ForwardError::StreamReset {
             upstream: upstream.to_string(),
             code,
+            refused,
             source: Box::new(e),
         }),
         None => Err(e),
