@@ -12,7 +12,7 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use rustls::CertificateError;
 use tower::{Service, ServiceExt};
-use tower_patterns::classify::{is_connect_error, FailureKind};
+use tower_patterns::classify::{is_connect_error, Condition, FailureKind, Outcome};
 use tower_patterns::proxy::{error_status, Forward, ForwardBuilder, ForwardError, Protocol};
 use tower_patterns::tls::ClientTls;
 
@@ -68,6 +68,12 @@ fn assert_tls_failure(e: &ForwardError) -> &rustls::Error {
     assert!(
         is_connect_error(e),
         "a refused handshake never sent the request"
+    );
+    // What the balancer's passive health and the breaker see: a failure of the upstream.
+    let cond: Condition = "5xx,fail".parse().unwrap();
+    assert_eq!(
+        cond.classify_error_ref(e),
+        Outcome::Failure(FailureKind::Transport)
     );
     rustls_cause(e).unwrap_or_else(|| panic!("no rustls cause in {e:?}"))
 }
