@@ -13,7 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 use super::error::ForwardError;
-use super::service::Upstream;
+use super::upstream::Upstream;
 use crate::classify::is_local_resource_error;
 use crate::BoxError;
 

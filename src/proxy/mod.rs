@@ -66,6 +66,7 @@ mod h2;
 pub(crate) mod headers;
 mod pool;
 mod service;
+mod upstream;
 
 pub use body::BodyLimits;
 pub use connect::Protocol;
@@ -79,4 +80,5 @@ pub use crate::respond::{
     error_response, status_response, ErrorResponse, ErrorResponseBody, ErrorResponseFuture,
     ErrorResponseLayer,
 };
-pub use service::{Forward, ForwardBuilder, Upstream};
+pub use service::{Forward, ForwardBuilder};
+pub use upstream::Upstream;

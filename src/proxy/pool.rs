@@ -30,7 +30,7 @@ use super::body::BodyFault;
 use super::connect::{Conn, Connector, Protocol};
 use super::error::ForwardError;
 use super::h2::{reset_error, to_h2};
-use super::service::Upstream;
+use super::upstream::Upstream;
 use crate::BoxError;
 
 #[derive(Debug, Clone)]
