@@ -389,3 +389,19 @@ async fn an_unreachable_h2_upstream_fails_every_waiting_request_alike() {
         assert!(is_connect_error(&e));
     }
 }
+
+#[tokio::test]
+async fn a_large_body_streams_through_http2_flow_control_both_ways() {
+    let srv = h2c_server(Arc::new(tokio::sync::Barrier::new(1))).await;
+    let mut fwd: Forward<Body> = h2_forward(srv.addr);
+    // 8 MiB: far past the default 64 KiB stream and connection windows.
+    let payload: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let req = Request::post("/trailers")
+        .body(Body::from(payload.clone()))
+        .unwrap();
+    let res = fwd.ready().await.unwrap().call(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body.len(), payload.len());
+    assert!(body == payload, "echoed bytes differ");
+}

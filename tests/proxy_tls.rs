@@ -442,3 +442,24 @@ fn client_tls_rejects_bad_pem() {
         .unwrap_err();
     assert!(matches!(e, ClientTlsError::Config(_)), "{e:?}");
 }
+
+#[tokio::test]
+async fn a_tls_upstream_that_accepts_and_stalls_is_a_connect_timeout() {
+    // Accepts TCP connections and never answers the ClientHello.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let mut fwd: Forward<Body> = ForwardBuilder::new(format!("https://{addr}"))
+        .connect_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let e = get(&mut fwd, "/").await.unwrap_err();
+    assert!(matches!(e, ForwardError::ConnectTimeout { .. }), "{e:?}");
+    assert_eq!(e.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(is_connect_error(&e));
+}
