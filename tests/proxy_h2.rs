@@ -405,3 +405,43 @@ async fn a_large_body_streams_through_http2_flow_control_both_ways() {
     assert_eq!(body.len(), payload.len());
     assert!(body == payload, "echoed bytes differ");
 }
+
+/// A raw h2 server that takes one request and then stops reading its connection: no
+/// answer, not even to `PING`, but the socket stays open (a peer that vanished).
+async fn frozen_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            let Ok(mut conn) = h2::server::handshake(s).await else {
+                continue;
+            };
+            if let Some(Ok(req)) = conn.accept().await {
+                held.push((conn, req));
+            }
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn keep_alive_pings_close_a_frozen_h2_connection() {
+    let (addr, _task) = frozen_server().await;
+    let mut fwd: Forward<Body> = ForwardBuilder::new(format!("http://{addr}"))
+        .http2_only(true)
+        .http2_keep_alive(Duration::from_millis(100), Duration::from_millis(200))
+        .response_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let e = get(&mut fwd, Request::get("/").body(Body::default()).unwrap())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ForwardError::Transport { .. }), "{e:?}");
+    assert_eq!(e.status(), StatusCode::BAD_GATEWAY);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "closed by the missing PING answer, not the 30 s response timeout"
+    );
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use hyper::client::conn::{http1, http2};
 use hyper::rt::{Read, Write};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::error::ForwardError;
@@ -55,6 +55,9 @@ pub(crate) struct Connector {
     addr: Option<SocketAddr>,
     timeout: Option<Duration>,
     protocol: Protocol,
+    /// HTTP/2 `PING` every `.0` while streams are open; no answer within `.1` closes the
+    /// connection.
+    h2_keep_alive: Option<(Duration, Duration)>,
     #[cfg(feature = "tls")]
     tls: Option<TlsTarget>,
 }
@@ -74,6 +77,7 @@ impl Connector {
         upstream: &Upstream,
         timeout: Option<Duration>,
         protocol: Protocol,
+        h2_keep_alive: Option<(Duration, Duration)>,
         #[cfg(feature = "tls")] tls: Option<&crate::tls::ClientTls>,
     ) -> Result<Self, ForwardError> {
         let target = upstream.dial_target();
@@ -94,6 +98,7 @@ impl Connector {
             target,
             timeout,
             protocol,
+            h2_keep_alive,
             #[cfg(feature = "tls")]
             tls,
         })
@@ -173,9 +178,14 @@ impl Connector {
             source: Box::new(e),
         };
         if h2 {
-            let (tx, conn) = http2::handshake(TokioExecutor::new(), io)
-                .await
-                .map_err(failed)?;
+            let mut builder = http2::Builder::new(TokioExecutor::new());
+            if let Some((interval, timeout)) = self.h2_keep_alive {
+                builder
+                    .timer(TokioTimer::new())
+                    .keep_alive_interval(interval)
+                    .keep_alive_timeout(timeout);
+            }
+            let (tx, conn) = builder.handshake(io).await.map_err(failed)?;
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");

@@ -39,6 +39,7 @@ pub(crate) struct PoolConfig {
     pub idle_timeout: Duration,
     pub max_idle: usize,
     pub protocol: Protocol,
+    pub h2_keep_alive: Option<(Duration, Duration)>,
     #[cfg(feature = "tls")]
     pub tls: Option<crate::tls::ClientTls>,
 }
@@ -129,6 +130,7 @@ impl<B> Pools<B> {
             upstream,
             self.config.connect_timeout,
             self.config.protocol,
+            self.config.h2_keep_alive,
             #[cfg(feature = "tls")]
             tls,
         )?;

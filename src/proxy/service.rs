@@ -51,6 +51,7 @@ pub struct ForwardBuilder {
     pool_idle_timeout: Option<Duration>,
     pool_max_idle_per_host: usize,
     protocol: Protocol,
+    h2_keep_alive: Option<(Duration, Duration)>,
     #[cfg(feature = "tls")]
     tls: Option<crate::tls::ClientTls>,
     opts: Options,
@@ -158,6 +159,19 @@ impl ForwardBuilder {
         self.protocol(if yes { Protocol::Http2 } else { Protocol::Auto })
     }
 
+    /// HTTP/2 `PING` keep-alive (default off): while requests are open on an h2 upstream
+    /// connection, a `PING` every `interval`; no answer within `timeout` closes the
+    /// connection and fails its requests as [`ForwardError::Transport`] (502), so one
+    /// upstream that vanished without closing cannot hold all its requests until the
+    /// response timeout. Off by default because gRPC servers answer pings more frequent
+    /// than their policy (5 min in grpc-go) with `GOAWAY too_many_pings`. Zero durations
+    /// are raised to 1 ms.
+    pub fn http2_keep_alive(mut self, interval: Duration, timeout: Duration) -> Self {
+        let at_least = |d: Duration| d.max(Duration::from_millis(1));
+        self.h2_keep_alive = Some((at_least(interval), at_least(timeout)));
+        self
+    }
+
     /// How `https://` upstreams are verified and which client certificate is shown
     /// (default [`ClientTls::webpki_roots`](crate::tls::ClientTls::webpki_roots)). All
     /// upstreams of this builder's `Forward`s ([`Forward::to`] included) share it, and with
@@ -179,6 +193,7 @@ impl ForwardBuilder {
         let pools = Arc::new(Pools::new(PoolConfig {
             connect_timeout: self.connect_timeout,
             protocol: self.protocol,
+            h2_keep_alive: self.h2_keep_alive,
             #[cfg(feature = "tls")]
             tls: self.tls,
             idle_timeout: self.pool_idle_timeout.unwrap_or(Duration::from_secs(90)),
@@ -235,6 +250,7 @@ impl ForwardBuilder {
             pool_idle_timeout: None,
             pool_max_idle_per_host: 256,
             protocol: Protocol::Auto,
+            h2_keep_alive: None,
             #[cfg(feature = "tls")]
             tls: None,
             opts: Options {
