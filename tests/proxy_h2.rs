@@ -445,3 +445,30 @@ async fn keep_alive_pings_close_a_frozen_h2_connection() {
         "closed by the missing PING answer, not the 30 s response timeout"
     );
 }
+
+#[tokio::test]
+async fn an_http1_client_through_the_front_server_to_an_h2_upstream() {
+    // client (HTTP/1.1, keep-alive) -> server::serve -> Forward (h2c) -> hyper h2 server.
+    let srv = h2c_server(Arc::new(tokio::sync::Barrier::new(1))).await;
+    let fwd: Forward<Incoming> = h2_forward(srv.addr);
+    let svc = tower_patterns::proxy::ErrorResponse::new(fwd);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let front = listener.local_addr().unwrap();
+    tokio::spawn(tower_patterns::server::serve(listener, svc));
+    let client =
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<Body>();
+    for i in 0..5 {
+        let req = Request::get(format!("http://{front}/{i}"))
+            .header("host", "shop.example")
+            .body(Body::default())
+            .unwrap();
+        let res = client.request(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.version(), http::Version::HTTP_11);
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8_lossy(&body);
+        assert!(text.starts_with("HTTP/2.0 http shop.example\n"), "{text}");
+        assert!(text.contains("x-forwarded-for: 127.0.0.1\n"), "{text}");
+    }
+    assert_eq!(srv.tcp.load(Ordering::SeqCst), 1);
+}
