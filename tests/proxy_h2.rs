@@ -472,3 +472,25 @@ async fn an_http1_client_through_the_front_server_to_an_h2_upstream() {
     }
     assert_eq!(srv.tcp.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn an_h2_connection_idle_past_the_pool_idle_timeout_is_replaced() {
+    let srv = h2c_server(Arc::new(tokio::sync::Barrier::new(1))).await;
+    // No timers of ours run while the clock is paused, so it moves only when told.
+    let mut fwd: Forward<Body> = ForwardBuilder::new(format!("http://{}", srv.addr))
+        .http2_only(true)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .without_response_timeout()
+        .without_connect_timeout()
+        .build()
+        .unwrap();
+    tokio::time::pause();
+    let req = || Request::get("/").body(Body::default()).unwrap();
+    get(&mut fwd, req()).await.unwrap();
+    tokio::time::advance(Duration::from_secs(60)).await;
+    get(&mut fwd, req()).await.unwrap();
+    assert_eq!(srv.tcp.load(Ordering::SeqCst), 1, "60 s idle: kept");
+    tokio::time::advance(Duration::from_secs(91)).await;
+    get(&mut fwd, req()).await.unwrap();
+    assert_eq!(srv.tcp.load(Ordering::SeqCst), 2, "91 s idle: replaced");
+}

@@ -71,6 +71,9 @@ type SharedConnect<B> = Shared<BoxFuture<'static, Result<Opened<B>, Arc<ForwardE
 struct H2Slot<B> {
     conn: Option<http2::SendRequest<B>>,
     connecting: Option<SharedConnect<B>>,
+    /// When a request last started on `conn`: an h2 connection unused for the pool's idle
+    /// timeout is replaced (a NAT or firewall may have dropped it silently meanwhile).
+    last_used: Instant,
 }
 
 /// What the upstream spoke on its last new connection.
@@ -141,6 +144,7 @@ impl<B> Pools<B> {
             h2: Mutex::new(H2Slot {
                 conn: None,
                 connecting: None,
+                last_used: Instant::now(),
             }),
             learned: AtomicU8::new(UNKNOWN),
             config: self.config.clone(),
@@ -272,8 +276,19 @@ where
     }
 
     fn live_h2(&self) -> Option<http2::SendRequest<B>> {
-        let slot = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
-        slot.conn.as_ref().filter(|tx| !tx.is_closed()).cloned()
+        let mut slot = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        let idle = now.saturating_duration_since(slot.last_used) > self.config.idle_timeout;
+        slot.last_used = now;
+        match &slot.conn {
+            Some(tx) if !idle && !tx.is_closed() => Some(tx.clone()),
+            // Dropping this handle lets the old connection close once its open streams
+            // are done; the next request opens a new one.
+            _ => {
+                slot.conn = None;
+                None
+            }
+        }
     }
 
     /// Makes `tx` the shared HTTP/2 connection (unless a live one is there already).
@@ -282,6 +297,7 @@ where
         let mut slot = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
         if slot.conn.as_ref().is_none_or(|c| c.is_closed()) {
             slot.conn = Some(tx.clone());
+            slot.last_used = Instant::now();
         }
         tx
     }
@@ -318,6 +334,7 @@ where
                 slot.connecting = None;
                 if let Ok(Opened::H2(tx)) = &res {
                     slot.conn = Some(tx.clone());
+                    slot.last_used = Instant::now();
                     self.learned.store(SPOKE_H2, Ordering::Relaxed);
                 }
             }

@@ -110,7 +110,8 @@ impl ForwardBuilder {
         self
     }
 
-    /// How long an idle pooled connection is kept (default 90 s).
+    /// How long an idle pooled connection is kept (default 90 s); an HTTP/2 connection
+    /// no request started on for this long is replaced by a new one.
     pub fn pool_idle_timeout(mut self, t: Duration) -> Self {
         self.pool_idle_timeout = Some(t);
         self
