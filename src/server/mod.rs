@@ -34,12 +34,13 @@
 
 mod accept;
 mod config;
+mod detect;
 mod listen;
 mod serve;
 mod workers;
 
 pub use config::ServerConfig;
-pub use listen::{Accept, PlainTcp};
+pub use listen::{Accept, PlainTcp, Protocol};
 pub use workers::{WorkerId, Workers, WorkersHandle};
 
 use std::future::Future;
@@ -178,6 +179,30 @@ impl Server {
     /// See [`ServerConfig::accept_backoff`].
     pub fn accept_backoff(mut self, t: std::time::Duration) -> Self {
         self.config.accept_backoff = t;
+        self
+    }
+
+    /// See [`ServerConfig::http2`].
+    pub fn http2(mut self, enabled: bool) -> Self {
+        self.config.http2 = enabled;
+        self
+    }
+
+    /// See [`ServerConfig::h2_max_concurrent_streams`].
+    pub fn h2_max_concurrent_streams(mut self, n: u32) -> Self {
+        self.config.h2_max_concurrent_streams = n;
+        self
+    }
+
+    /// See [`ServerConfig::h2_keep_alive_interval`] and
+    /// [`ServerConfig::h2_keep_alive_timeout`].
+    pub fn h2_keep_alive(
+        mut self,
+        interval: Option<std::time::Duration>,
+        timeout: std::time::Duration,
+    ) -> Self {
+        self.config.h2_keep_alive_interval = interval;
+        self.config.h2_keep_alive_timeout = timeout;
         self
     }
 
