@@ -237,7 +237,31 @@ impl Server {
         B::Error: Into<BoxError>,
         F: Future<Output = ()>,
     {
-        serve_loop(self.config, listener, svc, Arc::new(PlainTcp), shutdown).await
+        self.serve_with_acceptor(listener, PlainTcp, svc, shutdown)
+            .await
+    }
+
+    /// Like [`serve_with_shutdown`](Self::serve_with_shutdown), with `acceptor` turning
+    /// each accepted connection into the stream HTTP is spoken over (TLS:
+    /// `tls::ServerTls`, feature `tls`).
+    pub async fn serve_with_acceptor<A, S, B, F>(
+        self,
+        listener: TcpListener,
+        acceptor: A,
+        svc: S,
+        shutdown: F,
+    ) -> std::io::Result<()>
+    where
+        A: Accept,
+        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+        F: Future<Output = ()>,
+    {
+        serve_loop(self.config, listener, svc, Arc::new(acceptor), shutdown).await
     }
 
     /// Serves `svc` on a free port of 127.0.0.1 in a background task (see
