@@ -1,4 +1,4 @@
-//! A small HTTP/1.1 accept loop for examples, tests and workers.
+//! A small HTTP/1.1 and HTTP/2 accept loop for examples, tests and workers.
 //!
 //! Every example of this crate needs a server that records the client's address (for
 //! `X-Forwarded-For`), can stop gracefully (stop accepting, let in-flight requests
@@ -12,8 +12,10 @@
 //! runtime: [`runtime`]), or [`Workers`], thread-per-core — one current-thread runtime,
 //! `SO_REUSEPORT` listener and service instance per worker thread, the model of nginx's
 //! worker processes, with restarts that hand the port over ([`Workers::take_over`]).
-//! Both run the same accept loop with the same limits; an [`Accept`] implementation plugs
-//! TLS in later.
+//! Both run the same accept loop with the same limits, and serve HTTP/1.1 and HTTP/2 (h2c
+//! prior knowledge, or h2 by TLS ALPN) on one port; an [`Accept`] implementation plugs
+//! TLS in (`tls::ServerTls`, feature `tls`; [`Server::serve_with_acceptor`],
+//! [`Workers::acceptor`]). See `docs/protocols.md`.
 //!
 //! ```no_run
 //! use tower_patterns::server;
@@ -94,7 +96,7 @@ where
         .await
 }
 
-/// An HTTP/1.1 server with the limits of a [`ServerConfig`].
+/// An HTTP/1.1 and HTTP/2 server with the limits of a [`ServerConfig`].
 ///
 /// ```no_run
 /// use std::time::Duration;
