@@ -345,3 +345,27 @@ fn workers_serve_h2c() {
     handle.shutdown();
     handle.join().unwrap();
 }
+
+/// hyper gives HTTP/2 connections no idle timeout: the server closes one (GOAWAY) once a
+/// whole header read timeout passes without a new stream, as HTTP/1 keep-alive is.
+#[tokio::test]
+async fn an_idle_h2_connection_is_closed_after_the_header_read_timeout() {
+    let server = Server::builder()
+        .header_read_timeout(Duration::from_millis(200))
+        .spawn_local(echo_version())
+        .await
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+    let (mut send, conn) = h2::client::handshake(tcp).await.expect("h2c handshake");
+    let conn = tokio::spawn(conn);
+    let req = Request::builder()
+        .uri("http://localhost/")
+        .body(())
+        .unwrap();
+    let (res, _) = send.send_request(req, true).unwrap();
+    assert_eq!(res.await.unwrap().status(), StatusCode::OK);
+    // Nothing more is sent: the server ends the connection (the client task completes).
+    let ended = tokio::time::timeout(LIMIT, conn).await;
+    assert!(ended.is_ok(), "idle connection closed by the server");
+    server.shutdown().await.unwrap();
+}

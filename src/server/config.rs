@@ -24,7 +24,8 @@ use crate::proxy::BodyLimits;
 ///
 /// On HTTP/2, `max_header_bytes` bounds the decoded header list (`SETTINGS_MAX_HEADER_LIST_SIZE`,
 /// a larger one is answered `431`), `max_headers` does not apply (the list size bounds it),
-/// and the header read timeout bounds only the connection preface; streams are bounded by
+/// and the header read timeout bounds the connection preface and idleness (a whole period
+/// without a new stream: GOAWAY, open streams finish); streams are bounded by
 /// `h2_max_concurrent_streams` and hyper's flow-control windows (1 MiB per connection).
 ///
 /// The body limits travel with each request as a [`BodyLimits`] extension and are

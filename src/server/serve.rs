@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -138,7 +138,8 @@ struct Protocols {
     h2: hyper::server::conn::http2::Builder<TokioExecutor>,
     http2: bool,
     /// Bounds telling h2 prior knowledge from HTTP/1.1 (the first request head's own
-    /// timeout starts after it, so a head gets at most twice this).
+    /// timeout starts after it, so a head gets at most twice this), and an HTTP/2
+    /// connection's idle time (the header read timeout's role on HTTP/1).
     detect_timeout: Duration,
 }
 
@@ -254,11 +255,13 @@ impl<A: Accept> Conns<A> {
                 let svc = TowerToHyperService::new(svc);
                 let ended = if h2 {
                     let conn = http.h2.serve_connection(io, svc);
-                    drain(conn, &mut drain_phase, &started, grace).await
+                    let idle = Some(http.detect_timeout);
+                    drain(conn, &mut drain_phase, &started, grace, idle).await
                 } else {
                     // Upgrades (WebSocket) hand the connection over to the service.
                     let conn = http.h1.serve_connection(io, svc).with_upgrades();
-                    drain(conn, &mut drain_phase, &started, grace).await
+                    // hyper's header read timeout bounds an idle HTTP/1 connection.
+                    drain(conn, &mut drain_phase, &started, grace, None).await
                 };
                 if let Err(e) = ended {
                     tracing::debug!(error = %e, %peer, "connection ended with an error");
@@ -281,20 +284,40 @@ impl<A: Accept> Conns<A> {
 /// socket: the client would see the connection closed without an answer. A connection
 /// that has not started a request yet gets `grace` to start one (the request is then
 /// served, with `Connection: close`).
+///
+/// `idle` (HTTP/2, which hyper gives no idle timeout): when a whole period passes without
+/// a new stream, the connection is shut down gracefully (GOAWAY: streams still open,
+/// such as a long download, finish; the client opens a new connection for its next
+/// request), so idle clients cannot hold connection slots forever.
 async fn drain<C>(
     conn: C,
     phase: &mut watch::Receiver<u8>,
     started: &Started,
     grace: Duration,
+    idle: Option<Duration>,
 ) -> Result<(), hyper::Error>
 where
     C: Future<Output = Result<(), hyper::Error>> + GracefulConnection,
 {
     tokio::pin!(conn);
-    tokio::select! {
-        biased;
-        r = conn.as_mut() => return r,
-        _ = phase.wait_for(|p| *p != RUN) => {}
+    let mut seen = started.2.load(Ordering::Relaxed);
+    loop {
+        let idle_check = tokio::select! {
+            biased;
+            r = conn.as_mut() => return r,
+            _ = phase.wait_for(|p| *p != RUN) => false,
+            () = tokio::time::sleep(idle.unwrap_or(Duration::MAX)), if idle.is_some() => true,
+        };
+        if !idle_check {
+            break;
+        }
+        let now = started.2.load(Ordering::Relaxed);
+        if now == seen {
+            tracing::debug!("idle HTTP/2 connection: GOAWAY");
+            conn.as_mut().graceful_shutdown();
+            return conn.await;
+        }
+        seen = now;
     }
     if !started.0.load(Ordering::Acquire) {
         tokio::select! {
@@ -340,9 +363,10 @@ where
     }
 }
 
-/// Whether a connection has started its first request, and a wake-up when it does.
+/// Whether a connection has started its first request, a wake-up when it does, and how
+/// many HTTP/2 streams it has started (for the idle timeout; HTTP/1 does not count).
 #[derive(Default)]
-struct Started(AtomicBool, Notify);
+struct Started(AtomicBool, Notify, AtomicU64);
 
 /// Per-connection wrapper: inserts [`ClientAddr`] and [`BodyLimits`], and answers `413`
 /// for a declared body over the limit without reading it.
@@ -372,6 +396,9 @@ where
         if !self.started.0.load(Ordering::Relaxed) {
             self.started.0.store(true, Ordering::Release);
             self.started.1.notify_one();
+        }
+        if req.version() == http::Version::HTTP_2 {
+            self.started.2.fetch_add(1, Ordering::Relaxed);
         }
         // hyper's size hint is the parsed Content-Length: refuse before reading a byte,
         // and close the connection rather than drain the announced body.
