@@ -1,35 +1,6 @@
-//! TLS termination for [`server::Server`](crate::server::Server) and the per-core
-//! [`Workers`](crate::server::Workers): a proxy that faces browsers or other companies'
-//! clients must speak HTTPS, pick HTTP/2 or HTTP/1.1 by ALPN, and renew its certificate
-//! (every 60–90 days with ACME) without dropping connections or restarting.
-//!
-//! [`ServerTls`] is an [`Accept`]: the handshake runs in the connection's own task under a
-//! timeout (a client that stalls it holds one connection slot for at most that long, never
-//! the accept loop), and the negotiated ALPN protocol chooses h2 or HTTP/1.1 serving. The
-//! certificate is read from PEM files and checked at start-up (missing file, no
-//! certificate, no key, a key that does not match the certificate: a typed
-//! [`ServerTlsError`]); [`ServerTls::reload`] or [`ServerTls::watch_files`] swap it for new
-//! handshakes while connections already open keep theirs. A failed reload keeps the old
-//! certificate. Clones share the certificate, so one reload reaches every worker.
-//!
-//! ```no_run
-//! use tower_patterns::server::Workers;
-//! use tower_patterns::tls::ServerTls;
-//!
-//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let tls = ServerTls::from_pem_files("cert.pem", "key.pem")?;
-//! let _watch = tls.watch_files(std::time::Duration::from_secs(30));
-//! let handle = Workers::new(2).acceptor(tls).spawn("0.0.0.0:443".parse()?, |_id| {
-//!     tower::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
-//!         Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
-//!             bytes::Bytes::from("hi"),
-//!         )))
-//!     })
-//! })?;
-//! handle.join()?;
-//! # Ok(())
-//! # }
-//! ```
+//! HTTPS on the server side: a proxy facing browsers must terminate TLS, pick h2 or
+//! HTTP/1.1 by ALPN, and renew certificates without a restart — [`ServerTls`] (whose docs
+//! hold the details; this module is private).
 
 use std::future::Future;
 use std::io;
@@ -37,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -118,9 +89,38 @@ pub enum ServerTlsError {
     Config(#[from] rustls::Error),
 }
 
-/// A TLS listener's configuration: an [`Accept`] for [`Server`](crate::server::Server) and
-/// [`Workers`](crate::server::Workers), with ALPN `h2` and `http/1.1`, a handshake
-/// timeout and a reloadable certificate. See the [module docs](self).
+/// TLS termination for [`Server`](crate::server::Server) and the per-core
+/// [`Workers`](crate::server::Workers): a proxy that faces browsers or other companies'
+/// clients must speak HTTPS, pick HTTP/2 or HTTP/1.1 by ALPN, and renew its certificate
+/// (every 60–90 days with ACME) without dropping connections or restarting.
+///
+/// [`ServerTls`] is an [`Accept`]: the handshake runs in the connection's own task under a
+/// timeout (a client that stalls it holds one connection slot for at most that long, never
+/// the accept loop), and the negotiated ALPN protocol chooses h2 or HTTP/1.1 serving. The
+/// certificate is read from PEM files and checked at start-up (missing file, no
+/// certificate, no key, a key that does not match the certificate: a typed
+/// [`ServerTlsError`]); [`ServerTls::reload`] or [`ServerTls::watch_files`] swap it for new
+/// handshakes while connections already open keep theirs. A failed reload keeps the old
+/// certificate. Clones share the certificate, so one reload reaches every worker.
+///
+/// ```no_run
+/// use tower_patterns::server::Workers;
+/// use tower_patterns::tls::ServerTls;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let tls = ServerTls::from_pem_files("cert.pem", "key.pem")?;
+/// let _watch = tls.watch_files(std::time::Duration::from_secs(30));
+/// let handle = Workers::new(2).acceptor(tls).spawn("0.0.0.0:443".parse()?, |_id| {
+///     tower::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+///         Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+///             bytes::Bytes::from("hi"),
+///         )))
+///     })
+/// })?;
+/// handle.join()?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct ServerTls {
     acceptor: tokio_rustls::TlsAcceptor,
@@ -133,6 +133,9 @@ struct Shared {
     resolver: Arc<Resolver>,
     provider: Arc<CryptoProvider>,
     files: Option<(PathBuf, PathBuf)>,
+    /// The files' stamps taken just before the last load attempt (before reading, so a
+    /// change during the read is seen as a change at the next check, never missed).
+    stamps: Mutex<Stamps>,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -153,8 +156,9 @@ impl ServerTls {
     ) -> Result<ServerTls, ServerTlsError> {
         let (cert, key) = (cert.as_ref().to_path_buf(), key.as_ref().to_path_buf());
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let stamps = (stamp(&cert), stamp(&key));
         let certified = load_files(&cert, &key, &provider)?;
-        ServerTls::build(certified, provider, Some((cert, key)))
+        ServerTls::build(certified, provider, Some((cert, key)), stamps)
     }
 
     /// Like [`from_pem_files`](Self::from_pem_files), from PEM bytes (no
@@ -163,13 +167,14 @@ impl ServerTls {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let memory = Path::new("(in memory)");
         let certified = certified_key(cert_pem, memory, key_pem, memory, &provider)?;
-        ServerTls::build(certified, provider, None)
+        ServerTls::build(certified, provider, None, (None, None))
     }
 
     fn build(
         certified: CertifiedKey,
         provider: Arc<CryptoProvider>,
         files: Option<(PathBuf, PathBuf)>,
+        stamps: Stamps,
     ) -> Result<ServerTls, ServerTlsError> {
         let resolver = Arc::new(Resolver {
             current: ArcSwap::from_pointee(certified),
@@ -188,6 +193,7 @@ impl ServerTls {
                 resolver,
                 provider,
                 files,
+                stamps: Mutex::new(stamps),
             }),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
         })
@@ -206,6 +212,7 @@ impl ServerTls {
         let Some((cert, key)) = &self.shared.files else {
             return Err(ServerTlsError::NotFromFiles);
         };
+        *lock(&self.shared.stamps) = (stamp(cert), stamp(key));
         let certified = load_files(cert, key, &self.shared.provider)?;
         self.shared.resolver.current.store(Arc::new(certified));
         tracing::info!(cert = %cert.display(), "TLS certificate reloaded");
@@ -235,14 +242,13 @@ impl ServerTls {
                 let Some((cert, key)) = tls.shared.files.clone() else {
                     return;
                 };
-                let mut seen = (stamp(&cert), stamp(&key));
                 // `recv_timeout` is the pause, and returns at once when the handle drops.
                 while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
-                    let now = (stamp(&cert), stamp(&key));
-                    if now == seen {
+                    // Compared with the stamps of the last load (by anyone), taken before
+                    // it read the files: a change since then is never missed.
+                    if (stamp(&cert), stamp(&key)) == *lock(&tls.shared.stamps) {
                         continue;
                     }
-                    seen = now;
                     if let Err(e) = tls.reload() {
                         tracing::warn!(error = %e, "TLS certificate reload failed; keeping the old one");
                     }
@@ -277,10 +283,26 @@ impl FileWatch {
     }
 }
 
-/// Modification time and size of `path` (`None` while it is missing, e.g. mid-rename).
-fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+/// What tells a changed file: modification time, size and (Unix) inode, which a
+/// replacement by rename changes even within one timestamp tick.
+type Stamp = (SystemTime, u64, u64);
+type Stamps = (Option<Stamp>, Option<Stamp>);
+
+/// `path`'s [`Stamp`] (`None` while it is missing, e.g. mid-rename).
+fn stamp(path: &Path) -> Option<Stamp> {
     let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+    #[cfg(not(unix))]
+    let inode = 0;
+    Some((meta.modified().ok()?, meta.len(), inode))
+}
+
+/// The stamps stay usable after a panic elsewhere (they are plain values).
+fn lock(stamps: &Mutex<Stamps>) -> std::sync::MutexGuard<'_, Stamps> {
+    stamps
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn load_files(
