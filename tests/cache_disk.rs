@@ -37,13 +37,23 @@ async fn origin(count: Arc<AtomicU64>) -> SocketAddr {
         let count = count.clone();
         async move {
             count.fetch_add(1, Ordering::SeqCst);
-            Ok::<_, Infallible>(
-                Response::builder()
-                    .header(header::CACHE_CONTROL, "public, max-age=3600")
-                    .header(header::ETAG, "\"v1\"")
-                    .body(Full::new(body_of(req.uri().path())))
-                    .unwrap(),
-            )
+            let res = Response::builder()
+                .header(header::CACHE_CONTROL, "public, max-age=3600")
+                .header(header::ETAG, "\"v1\"");
+            // `/vary`: one body per `Accept-Language`.
+            let (res, body) = if req.uri().path() == "/vary" {
+                let lang = req
+                    .headers()
+                    .get(header::ACCEPT_LANGUAGE)
+                    .map(|v| v.as_bytes().to_vec())
+                    .unwrap_or_default();
+                let mut b = b"lang=".to_vec();
+                b.extend(lang);
+                (res.header(header::VARY, "accept-language"), Bytes::from(b))
+            } else {
+                (res, body_of(req.uri().path()))
+            };
+            Ok::<_, Infallible>(res.body(Full::new(body)).unwrap())
         }
     }))
     .await
@@ -270,4 +280,45 @@ async fn purge_removes_the_entry_from_disk_too() {
     assert!(!store2.disk().contains(&k));
     let (_, x, _) = fetch(addr, "/gone").await;
     assert_eq!(x, "MISS");
+}
+
+#[tokio::test]
+async fn vary_variants_come_back_from_disk_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let count = Arc::new(AtomicU64::new(0));
+    let origin = origin(count.clone()).await;
+    let (first, store) = edge(origin, dir.path(), 64 << 20).await;
+    let host = format!("127.0.0.1:{}", first.port());
+    let ask = |edge: SocketAddr, lang: &'static str| {
+        let host = host.clone();
+        async move {
+            let res = client()
+                .request(
+                    Request::get(format!("http://{edge}/vary"))
+                        .header(header::HOST, host)
+                        .header(header::ACCEPT_LANGUAGE, lang)
+                        .body(http_body_util::Empty::new())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let x = res.headers()["x-cache"].to_str().unwrap().to_owned();
+            (x, read_all(res).await.unwrap())
+        }
+    };
+    for lang in ["de", "fr"] {
+        let (x, body) = ask(first, lang).await;
+        assert_eq!(x, "MISS");
+        assert_eq!(body, format!("lang={lang}"));
+    }
+    // The marker under the plain key and both variants.
+    until("written", || store.disk().stats().entries == 3).await;
+    let (second, _store2) = edge(origin, dir.path(), 64 << 20).await;
+    // Two reads from disk for each (the marker, then the variant), each the right body.
+    for lang in ["fr", "de"] {
+        let (x, body) = ask(second, lang).await;
+        assert_eq!(x, "HIT", "{lang}");
+        assert_eq!(body, format!("lang={lang}"));
+    }
+    assert_eq!(count.load(Ordering::SeqCst), 2);
 }

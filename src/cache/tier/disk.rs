@@ -270,10 +270,11 @@ impl DiskStore {
     /// Writes `entry` under `key` in the background (blocking pool). `false` if it is
     /// not written: too large, or too many bytes already waiting.
     pub fn put(&self, key: &str, entry: Arc<CachedResponse>) -> bool {
-        let Some(bytes) = encode(key, &entry) else {
+        // The length is known without encoding: the copy and the checksum are work for
+        // the blocking pool, not for the runtime thread that finished the fill.
+        let Some(size) = encoded_len(key, &entry) else {
             return false;
         };
-        let size = bytes.len() as u64;
         if size > self.inner.max_entry {
             return false;
         }
@@ -292,7 +293,7 @@ impl DiskStore {
         };
         let inner = self.inner.clone();
         let key = key.to_owned();
-        blocking(move || write_entry(&inner, key, seq, bytes));
+        blocking(move || write_entry(&inner, key, seq, size, &entry));
         true
     }
 
@@ -382,13 +383,17 @@ fn remove_entry(inner: &Inner, key: &str) {
     let _ = fs::remove_file(inner.path(key));
 }
 
-fn write_entry(inner: &Inner, key: String, seq: u64, bytes: Vec<u8>) {
-    let size = bytes.len() as u64;
+fn write_entry(inner: &Inner, key: String, seq: u64, size: u64, entry: &CachedResponse) {
+    let bytes = encode(&key, entry).unwrap_or_default();
     let path = inner.path(&key);
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("entry");
     let tmp = inner.dir.join("tmp").join(format!("{name}.{seq}"));
     let parent = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let mut written = write_tmp(&tmp, &bytes).and_then(|()| fs::create_dir_all(&parent));
+    let mut written = if bytes.len() as u64 == size {
+        write_tmp(&tmp, &bytes).and_then(|()| fs::create_dir_all(&parent))
+    } else {
+        Err(corrupt("encoded length differs from the computed one"))
+    };
     let mut victims = Vec::new();
     let renamed = {
         let mut index = inner.lock();
@@ -441,6 +446,19 @@ fn hex(bytes: &[u8]) -> String {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The length of `encode`'s output, without encoding (`None` if a field is too long for
+/// the format).
+fn encoded_len(key: &str, e: &CachedResponse) -> Option<u64> {
+    let mut meta = 4 + key.len() + 2 + 8 + 8 + 8 + 4;
+    for (name, value) in &e.headers {
+        meta += 2 + name.as_str().len() + 4 + value.len();
+    }
+    if u32::try_from(meta).ok()? > MAX_META {
+        return None;
+    }
+    Some((PREFIX + meta) as u64 + e.body_len())
 }
 
 fn encode(key: &str, e: &CachedResponse) -> Option<Vec<u8>> {
@@ -640,7 +658,9 @@ mod tests {
     fn round_trip_and_every_truncation_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("e");
-        let bytes = encode("k", &entry("hello world")).unwrap();
+        let e = entry("hello world");
+        let bytes = encode("k", &e).unwrap();
+        assert_eq!(Some(bytes.len() as u64), encoded_len("k", &e));
         fs::write(&path, &bytes).unwrap();
         let back = read_entry(&path, "k").unwrap();
         assert_eq!(back.body, vec![Bytes::from_static(b"hello world")]);
