@@ -138,9 +138,17 @@ impl Inner {
     }
 }
 
-/// A byte-bounded store of cache entries on disk. Usually the second tier behind a
-/// [`MemoryStore`](super::memory::MemoryStore) in a [`TieredStore`](super::TieredStore);
-/// see the [module docs](self) for the format and its guarantees.
+/// A byte-bounded store of cache entries on disk that survives a restart. Usually the
+/// second tier behind a [`MemoryStore`](super::memory::MemoryStore) in a
+/// [`TieredStore`](super::TieredStore).
+///
+/// One file per key (named by the key's SHA-256), carrying its length and a SHA-256 of
+/// its content: written under `tmp/`, `fsync`ed and renamed into place, so a crash leaves
+/// the old file, the new one or none; a torn or corrupted file is a miss and is deleted,
+/// never served. Least recently used entries are evicted (files deleted) to stay within
+/// the budget. Writes, reads and deletions run on tokio's blocking pool; the index is in
+/// memory, so a key the disk does not hold costs no I/O. See `docs/edge_cache.md`,
+/// "Tiers", for the format and why not `foyer` or `cacache`.
 #[derive(Clone)]
 pub struct DiskStore {
     inner: Arc<Inner>,

@@ -108,6 +108,10 @@ impl Expiry<Arc<str>, Slot> for Lifetime {
 /// does not push out a popular one), or `stale_grace` after it stops being fresh (never
 /// by time if it has a validator: it can still be revalidated with a `304`).
 ///
+/// moka evicts in batches, so its own size can pass its capacity between them; this store
+/// counts the bytes it holds and, when a `put` takes the count over the budget, has moka
+/// evict at once: after every `put` returns the entries weigh at most the budget.
+///
 /// Clones are handles to the same cache.
 #[derive(Clone)]
 pub struct MemoryStore {
