@@ -324,4 +324,27 @@ mod tests {
             }
         );
     }
+
+    #[test]
+    fn lifetime_is_freshness_plus_grace_unless_revalidatable() {
+        let life = Lifetime {
+            grace: Duration::from_secs(100),
+        };
+        let mut e = entry(10);
+        e.initial_age = Duration::from_secs(20);
+        let slot = |e: CachedResponse| Slot {
+            entry: Arc::new(e),
+            weight: 1,
+        };
+        let ttl = life.of(&slot(e.clone())).unwrap();
+        // 60 s fresh, 20 s old: 40 s left, plus the grace.
+        assert!(ttl <= Duration::from_secs(140) && ttl > Duration::from_secs(139));
+        // An absurd lifetime saturates instead of overflowing.
+        e.fresh_for = Duration::MAX;
+        assert_eq!(life.of(&slot(e.clone())), Some(Duration::MAX));
+        // With a validator: no time limit (a 304 can refresh it).
+        e.headers
+            .insert(http::header::ETAG, http::HeaderValue::from_static("\"v\""));
+        assert_eq!(life.of(&slot(e)), None);
+    }
 }
