@@ -120,24 +120,38 @@ async fn an_entry_survives_a_restart_without_an_origin_fetch() {
         "the index was rebuilt from the folder"
     );
     assert!(!store2.memory().contains(&k));
-    let res = client()
-        .request(
-            Request::get(format!("http://{second}/logo.png"))
-                .header(header::HOST, format!("127.0.0.1:{}", first.port()))
-                .body(http_body_util::Empty::new())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    assert_eq!(res.headers()["x-cache"], "HIT");
-    assert_eq!(res.headers()[header::ETAG], "\"v1\"");
-    assert_eq!(read_all(res).await.unwrap(), body_of("/logo.png"));
+    // 20 clients at once: every one a HIT, the file read once (concurrent loads share
+    // the read; later ones find the promoted entry in memory).
+    let host = format!("127.0.0.1:{}", first.port());
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            let host = host.clone();
+            tokio::spawn(async move {
+                let res = client()
+                    .request(
+                        Request::get(format!("http://{second}/logo.png"))
+                            .header(header::HOST, host)
+                            .body(http_body_util::Empty::new())
+                            .unwrap(),
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(res.status(), 200);
+                assert_eq!(res.headers()["x-cache"], "HIT");
+                assert_eq!(res.headers()[header::ETAG], "\"v1\"");
+                assert_eq!(read_all(res).await.unwrap(), body_of("/logo.png"));
+            })
+        })
+        .collect();
+    for c in clients {
+        c.await.unwrap();
+    }
     assert_eq!(
         count.load(Ordering::SeqCst),
         1,
         "the origin was asked again"
     );
+    assert_eq!(store2.disk().stats().reads, 1);
     // Promoted: the next hit comes from memory.
     assert!(store2.memory().contains(&k));
 }

@@ -73,13 +73,16 @@ mod tiered {
 
         fn load(&self, key: &str) -> Option<StoreLoad> {
             let read = self.disk.load(key)?;
-            let memory = self.memory.clone();
+            let (memory, disk) = (self.memory.clone(), self.disk.clone());
             let key = key.to_owned();
             Some(Box::pin(async move {
                 let entry = read.await?;
                 // Promoted: the next hit is a memory hit. (An entry over the memory
-                // tier's limit is served from this read only.)
-                memory.put_compact(&key, entry.clone());
+                // tier's limit is served from this read only.) Not if it was purged
+                // while the file was read: memory must not bring it back.
+                if disk.contains(&key) && !memory.contains(&key) {
+                    memory.put_compact(&key, entry.clone());
+                }
                 Some(entry)
             }))
         }

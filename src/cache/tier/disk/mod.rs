@@ -27,11 +27,15 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs::{self, File};
+use std::future::Future;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::UNIX_EPOCH;
+
+use futures_util::future::{FutureExt, Shared};
 
 use sha2::{Digest, Sha256};
 
@@ -55,6 +59,8 @@ pub struct DiskStoreStats {
     /// Entries not written because the bytes waiting to be written were over
     /// [`DiskStore::max_pending`], or the write failed.
     pub write_skipped: u64,
+    /// Files read (concurrent loads of one key share one read).
+    pub reads: u64,
 }
 
 struct Slot {
@@ -74,7 +80,11 @@ struct Index {
     pending: HashMap<String, u64>,
     pending_bytes: u64,
     seq: u64,
+    /// Reads in flight, shared by concurrent loads of one key.
+    reads: HashMap<String, Shared<ReadFuture>>,
 }
+
+type ReadFuture = Pin<Box<dyn Future<Output = Option<Arc<CachedResponse>>> + Send>>;
 
 impl Index {
     fn take(&mut self, key: &str) -> Option<Slot> {
@@ -119,6 +129,7 @@ struct Inner {
     evictions: AtomicU64,
     corrupt: AtomicU64,
     write_skipped: AtomicU64,
+    reads_made: AtomicU64,
 }
 
 impl Inner {
@@ -208,6 +219,7 @@ impl DiskStore {
                 evictions: AtomicU64::new(0),
                 corrupt: AtomicU64::new(0),
                 write_skipped: AtomicU64::new(0),
+                reads_made: AtomicU64::new(0),
             }),
         };
         let mut victims = Vec::new();
@@ -257,6 +269,7 @@ impl DiskStore {
             evictions: self.inner.evictions.load(Ordering::Relaxed),
             corrupt: self.inner.corrupt.load(Ordering::Relaxed),
             write_skipped: self.inner.write_skipped.load(Ordering::Relaxed),
+            reads: self.inner.reads_made.load(Ordering::Relaxed),
         }
     }
 
@@ -308,21 +321,25 @@ impl DiskStore {
         key: &str,
     ) -> Option<impl std::future::Future<Output = Option<Arc<CachedResponse>>> + Send + 'static>
     {
-        {
-            let mut index = self.inner.lock();
-            if !index.map.contains_key(key) {
-                return None;
-            }
-            index.touch(key);
+        let mut index = self.inner.lock();
+        if !index.map.contains_key(key) {
+            return None;
+        }
+        index.touch(key);
+        // Concurrent misses on one key share one read of its file.
+        if let Some(read) = index.reads.get(key) {
+            return Some(read.clone());
         }
         let inner = self.inner.clone();
-        let key = key.to_owned();
-        Some(async move {
+        let owned = key.to_owned();
+        let read: ReadFuture = Box::pin(async move {
+            let key = owned;
+            inner.reads_made.fetch_add(1, Ordering::Relaxed);
             let read = {
                 let (inner, key) = (inner.clone(), key.clone());
                 tokio::task::spawn_blocking(move || read_entry(&inner.path(&key), &key))
             };
-            match read.await {
+            let out = match read.await {
                 Ok(Ok(entry)) => Some(Arc::new(entry)),
                 Ok(Err(e)) => {
                     if e.kind() != io::ErrorKind::NotFound {
@@ -333,8 +350,13 @@ impl DiskStore {
                     None
                 }
                 Err(_) => None,
-            }
-        })
+            };
+            inner.lock().reads.remove(&key);
+            out
+        });
+        let read = read.shared();
+        index.reads.insert(key.to_owned(), read.clone());
+        Some(read)
     }
 
     /// Removes `key` (the file is deleted in the background); `true` if it was indexed
