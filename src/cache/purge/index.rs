@@ -234,6 +234,9 @@ impl Store for Indexed {
     fn remove_where(&self, pred: &mut dyn FnMut(&str, &CachedResponse) -> bool) -> Option<u64> {
         self.inner.remove_where(pred)
     }
+    fn load(&self, key: &str) -> Option<super::super::store::StoreLoad> {
+        self.inner.load(key)
+    }
 }
 
 #[cfg(test)]
