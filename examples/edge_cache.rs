@@ -1,7 +1,7 @@
 //! Two edge nodes in front of an origin, all on 127.0.0.1 (seed 004's CDN edge, issue 15):
 //! request coalescing, `304` revalidation, a range request, a miss served by the sibling
-//! that owns the key, and one `PURGE` reaching both nodes — with the origin's own count of
-//! requests printed after each step.
+//! that owns the key, a restart that keeps the disk tier, and one `PURGE` reaching both
+//! nodes — with the origin's own count of requests printed after each step.
 //!
 //! ```text
 //!                  ┌─▶ edge-a: CacheLayer ─▶ Sibling ─┐
@@ -10,7 +10,8 @@
 //!   both registered as `edge` in a MemoryRegistry (etcd/Consul work the same way)
 //! ```
 //!
-//! Run: `cargo run --example edge_cache`
+//! Run: `cargo run --example edge_cache --features disk-cache` (without the feature, the
+//! restart step is skipped: the nodes keep memory tiers only).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -25,10 +26,10 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tower::{service_fn, ServiceBuilder};
-use tower_patterns::cache::{CacheLayer, Fleet, MemoryStore};
+use tower_patterns::cache::{CacheLayer, Fleet, MemoryStore, Store};
 use tower_patterns::discovery::{Instance, MemoryRegistry, Registry, Selector, Watcher};
 use tower_patterns::proxy::ForwardBuilder;
-use tower_patterns::server::spawn_local;
+use tower_patterns::server::{spawn_local, LocalServer};
 use tower_patterns::BoxError;
 
 const SIZE: usize = 1 << 20;
@@ -66,17 +67,36 @@ async fn origin(requests: Arc<AtomicU64>) -> std::io::Result<SocketAddr> {
     .addr())
 }
 
-/// One edge node: a cache in the fleet of `edge` instances, sibling lookup under it,
-/// registered under `id` once it listens.
+/// A node's store: with `--features disk-cache`, memory in front of a disk tier in
+/// `dir` (it survives a restart); else memory only.
+/// Also returns whether a key's file is written.
+#[cfg(feature = "disk-cache")]
+fn store(dir: &std::path::Path) -> Result<(Arc<dyn Store>, OnDisk), BoxError> {
+    use tower_patterns::cache::{DiskStore, TieredStore};
+    let disk = DiskStore::open(dir, 256 << 20)?;
+    let on_disk = disk.clone();
+    let tiered = TieredStore::new(MemoryStore::new(64 << 20), disk);
+    Ok((Arc::new(tiered), Box::new(move |k| on_disk.contains(k))))
+}
+#[cfg(not(feature = "disk-cache"))]
+fn store(_dir: &std::path::Path) -> Result<(Arc<dyn Store>, OnDisk), BoxError> {
+    Ok((Arc::new(MemoryStore::new(64 << 20)), Box::new(|_| false)))
+}
+
+type OnDisk = Box<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// One edge node: a cache over `store` in the fleet of `edge` instances, sibling lookup
+/// under it, registered under `id` once it listens.
 async fn edge(
     registry: &MemoryRegistry,
     origin: SocketAddr,
     id: &str,
-) -> Result<(CacheLayer, SocketAddr), BoxError> {
+    store: Arc<dyn Store>,
+) -> Result<(CacheLayer, LocalServer), BoxError> {
     let fleet = Fleet::builder(Watcher::new(registry, "edge", Selector::any()), id)
         .token(TOKEN)
         .build();
-    let cache = CacheLayer::builder(MemoryStore::new(64 << 20))
+    let cache = CacheLayer::builder(store)
         .purge_bearer(TOKEN)
         .fleet(fleet)
         .build();
@@ -85,13 +105,14 @@ async fn edge(
         .layer(cache.clone())
         .layer(cache.siblings())
         .service(forward);
-    let addr = spawn_local(svc).await?.addr();
-    let me = Instance::new("edge", id, "127.0.0.1", addr.port());
+    let server = spawn_local(svc).await?;
+    let me = Instance::new("edge", id, "127.0.0.1", server.addr().port());
     registry.register(&me, Duration::from_secs(60)).await?;
-    // A node that was down reads the purges it missed from its peers' logs: at start and
-    // every 10 s (abort the returned handle to stop it).
+    // A node that was down reads the purges it missed from its peers' logs (its disk
+    // tier may hold purged objects) before it serves, then every 10 s.
+    cache.catch_up().await;
     cache.spawn_catch_up(Duration::from_secs(10));
-    Ok((cache, addr))
+    Ok((cache, server))
 }
 
 type Answer = (
@@ -106,8 +127,12 @@ async fn main() -> Result<(), BoxError> {
     let requests = Arc::new(AtomicU64::new(0));
     let origin = origin(requests.clone()).await?;
     let registry = MemoryRegistry::new();
-    let (cache_a, addr_a) = edge(&registry, origin, "edge-a").await?;
-    let (cache_b, addr_b) = edge(&registry, origin, "edge-b").await?;
+    let dirs = [tempfile::tempdir()?, tempfile::tempdir()?];
+    let (store_a, on_disk_a) = store(dirs[0].path())?;
+    let (store_b, on_disk_b) = store(dirs[1].path())?;
+    let (cache_a, server_a) = edge(&registry, origin, "edge-a", store_a).await?;
+    let (cache_b, server_b) = edge(&registry, origin, "edge-b", store_b).await?;
+    let (addr_a, addr_b) = (server_a.addr(), server_b.addr());
     for c in [&cache_a, &cache_b] {
         let fleet = c.fleet().expect("configured");
         while fleet.peers().is_empty() {
@@ -117,11 +142,23 @@ async fn main() -> Result<(), BoxError> {
     // The object's home on the consistent-hash ring: the herd goes there, the other node
     // then finds it on its sibling.
     let key = format!("{HOST}/video.mp4");
-    let (home, home_id, other, other_id) = match cache_a.fleet().and_then(|f| f.owner(&key)) {
-        None => (addr_a, "edge-a", addr_b, "edge-b"),
-        Some(_) => (addr_b, "edge-b", addr_a, "edge-a"),
+    let a_is_home = cache_a.fleet().and_then(|f| f.owner(&key)).is_none();
+    let (home, home_id, other_id) = if a_is_home {
+        (addr_a, "edge-a", "edge-b")
+    } else {
+        (addr_b, "edge-b", "edge-a")
     };
-    let home_cache = if home == addr_a { &cache_a } else { &cache_b };
+    let (home_cache, other_cache) = if a_is_home {
+        (&cache_a, cache_b.clone())
+    } else {
+        (&cache_b, cache_a.clone())
+    };
+    let (other_server, other_dir, on_disk) = if a_is_home {
+        (server_b, dirs[1].path(), on_disk_b)
+    } else {
+        (server_a, dirs[0].path(), on_disk_a)
+    };
+    let mut other = other_server.addr();
 
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
     let send = move |edge: SocketAddr, method: &'static str, headers: &[(&'static str, &str)]| {
@@ -190,7 +227,30 @@ async fn main() -> Result<(), BoxError> {
     let (_, x_cache, _, _) = send(other, "GET", &[]).await?;
     println!("   {other_id} again: {x_cache:?} (stored locally)");
 
-    // 5. (A restart that keeps the disk tier: with the disk tier of the `tiers` work.)
+    // 5. The other node restarts: a new process would find its disk tier as it left it.
+    if cfg!(feature = "disk-cache") {
+        // The disk write runs in the background: wait (at most 5 s) until it landed.
+        for _ in 0..500 {
+            if on_disk(&key) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        other_server.shutdown().await?;
+        drop((other_cache, on_disk));
+        let (reopened, _) = store(other_dir)?;
+        let (_, server) = edge(&registry, origin, other_id, reopened).await?;
+        other = server.addr();
+        let (status, x_cache, _, body) = send(other, "GET", &[]).await?;
+        println!(
+            "5. {other_id} restarted (new memory tier, same disk): {status} {x_cache:?}, {} bytes, origin requests still {}",
+            body.len(),
+            origin_requests()
+        );
+    } else {
+        println!("5. (a restart keeping the disk tier: run with --features disk-cache)");
+        let _ = (other_server, other_dir, on_disk); // keeps serving
+    }
 
     // 6. One PURGE, sent to one node, reaches every node of the registry.
     let bearer = format!("Bearer {TOKEN}");
