@@ -192,7 +192,10 @@ where
     pub(crate) fn start(shared: Arc<Shared<K, S, M, C>>, req: Request<B>) -> Self {
         let snap = shared.snapshot.load();
         let (picked, cookie_id, key) = first_pick(&shared, &snap, &req);
-        let method_ok = shared.retry.method_allows(req.method());
+        // An upgrade (WebSocket) is never replayed once an upstream has seen it: only a
+        // connect failure (nothing sent) moves it to another endpoint.
+        let method_ok =
+            shared.retry.method_allows(req.method()) && !crate::proxy::is_upgrade_request(&req);
         let mut st = Attempt {
             started: None,
             first: None,
@@ -332,8 +335,8 @@ where
 
 impl<K, S, M, C, B, RB> Future for ResponseFuture<K, S, M, C, B>
 where
-    K: Clone + fmt::Debug,
-    S: Service<Request<B>, Response = Response<RB>> + Clone,
+    K: Clone + fmt::Debug + Send + Sync + 'static,
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + Sync + 'static,
     S::Error: Into<BoxError>,
     M: MakeGate<K>,
     C: Classify,
@@ -356,8 +359,8 @@ where
 
 impl<K, S, M, C, B, RB> ResponseFuture<K, S, M, C, B>
 where
-    K: Clone + fmt::Debug,
-    S: Service<Request<B>, Response = Response<RB>> + Clone,
+    K: Clone + fmt::Debug + Send + Sync + 'static,
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + Sync + 'static,
     S::Error: Into<BoxError>,
     M: MakeGate<K>,
     C: Classify,
@@ -435,8 +438,17 @@ where
             let ep = guard.ep.clone();
             // The outcome below resolves the trial, if this was one.
             let trial = std::mem::take(&mut guard.trial);
-            // in_flight counts until the response head arrived.
-            drop(guard);
+            // in_flight counts until the response head arrived, or for an upgraded
+            // connection (WebSocket) until its tunnel closes.
+            match &res {
+                Ok(r) if r.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
+                    match r.extensions().get::<crate::proxy::Tunnel>() {
+                        Some(t) => t.hold(guard),
+                        None => drop(guard),
+                    }
+                }
+                _ => drop(guard),
+            }
             // A client-caused failure (its body broke, the proxy's own resources ran out)
             // says nothing about the endpoint: never charged to it, never retried,
             // whatever the configured classifier says.

@@ -59,6 +59,7 @@ mod future;
 pub(crate) mod headers;
 mod pool;
 mod service;
+mod upgrade;
 
 pub use body::BodyLimits;
 pub use error::ForwardError;
@@ -72,3 +73,5 @@ pub use crate::respond::{
     ErrorResponseLayer,
 };
 pub use service::{Forward, ForwardBuilder, Upstream};
+pub(crate) use upgrade::is_upgrade_request;
+pub use upgrade::Tunnel;

@@ -225,7 +225,7 @@ where
 /// The error of a failed TCP connect: the proxy's own resource exhaustion is not the
 /// upstream's fault ([`ForwardError::LocalResource`]); a timeout reported by the OS is a
 /// connect timeout; anything else a refused/unreachable upstream.
-fn connect_error(upstream: String, e: std::io::Error) -> ForwardError {
+pub(crate) fn connect_error(upstream: String, e: std::io::Error) -> ForwardError {
     if is_local_resource_error(&e) {
         ForwardError::LocalResource {
             upstream,

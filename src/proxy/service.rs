@@ -7,6 +7,7 @@ use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Request, Response, Uri, Version};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use tower_service::Service;
 
 use super::body::{BodyLimits, ClientBody, Progress};
@@ -14,6 +15,7 @@ use super::error::ForwardError;
 use super::future::ResponseFuture;
 use super::headers::strip_hop_by_hop;
 use super::pool::{HostPool, PoolConfig, Pools};
+use super::upgrade;
 use crate::client_addr::{joined_forwarded_for, ClientAddr};
 use crate::BoxError;
 
@@ -67,6 +69,11 @@ impl Upstream {
         })
     }
 
+    /// `true` for a plaintext `http://` upstream (the only kind an upgrade is tunnelled to).
+    pub(crate) fn is_plain_http(&self) -> bool {
+        self.scheme == Scheme::HTTP
+    }
+
     /// `host:port` of the upstream.
     pub fn authority(&self) -> &str {
         self.authority.as_str()
@@ -116,6 +123,9 @@ struct Options {
     preserve_host: bool,
     forwarded_proto: Option<HeaderValue>,
     append_forwarded_for: bool,
+    /// Tunnel HTTP/1.1 upgrades (WebSocket); see [`super::upgrade`].
+    upgrades: bool,
+    upgrade_idle_timeout: Option<Duration>,
 }
 
 /// Builds a [`Forward`].
@@ -144,6 +154,8 @@ impl ForwardBuilder {
     pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
     /// Default of [`client_body_timeout`](Self::client_body_timeout).
     pub const DEFAULT_CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Default of [`upgrade_idle_timeout`](Self::upgrade_idle_timeout).
+    pub const DEFAULT_UPGRADE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
     /// Time allowed to open a TCP connection (default 5 s, nginx's `proxy_connect_timeout`
     /// is 60 s; a proxy in front of local instances wants it short).
@@ -224,6 +236,28 @@ impl ForwardBuilder {
         self
     }
 
+    /// Tunnel HTTP/1.1 upgrades such as WebSocket (default `true`): a request with
+    /// `Connection: upgrade` and `Upgrade` keeps both headers, and an upstream's `101` joins
+    /// the two connections. With `false` both headers are stripped as hop-by-hop and the
+    /// upstream sees a plain request. Only `http://` upstreams are tunnelled.
+    pub fn upgrades(mut self, yes: bool) -> Self {
+        self.opts.upgrades = yes;
+        self
+    }
+
+    /// Time an upgraded tunnel may carry no byte in either direction before both sides are
+    /// closed (default 60 s, like nginx's `proxy_read_timeout` on a WebSocket).
+    pub fn upgrade_idle_timeout(mut self, t: Duration) -> Self {
+        self.opts.upgrade_idle_timeout = Some(t);
+        self
+    }
+
+    /// No idle timeout on upgraded tunnels: a silent tunnel stays open until a side closes.
+    pub fn without_upgrade_idle_timeout(mut self) -> Self {
+        self.opts.upgrade_idle_timeout = None;
+        self
+    }
+
     /// Builds the service, with a new connection pool.
     pub fn build<B>(self) -> Result<Forward<B>, ForwardError>
     where
@@ -288,6 +322,8 @@ impl ForwardBuilder {
                 preserve_host: true,
                 forwarded_proto: None,
                 append_forwarded_for: true,
+                upgrades: true,
+                upgrade_idle_timeout: Some(Self::DEFAULT_UPGRADE_IDLE_TIMEOUT),
             },
         }
     }
@@ -428,7 +464,20 @@ where
             Ok(u) => u,
             Err(e) => return ResponseFuture::failed(e),
         };
-        strip_hop_by_hop(&mut parts.headers);
+        // A real upgrade request whose client connection can be taken over keeps its
+        // `Upgrade`/`Connection` headers and goes through the tunnel path.
+        let upgrade = match self.opts.upgrades
+            && self.pool.upstream().is_plain_http()
+            && upgrade::requested(&parts.method, parts.version, &parts.headers)
+        {
+            true => parts.extensions.remove::<OnUpgrade>(),
+            false => None,
+        };
+        if upgrade.is_some() {
+            upgrade::strip_keeping_upgrade(&mut parts.headers);
+        } else {
+            strip_hop_by_hop(&mut parts.headers);
+        }
         let client = parts.extensions.get::<ClientAddr>().copied();
         set_forwarded(&self.opts, &mut parts.headers, client, &parts.uri);
         if !self.opts.preserve_host || !parts.headers.contains_key(header::HOST) {
@@ -458,6 +507,17 @@ where
             _ => None,
         };
         let body = ClientBody::new(body, limits, progress.clone());
+        if let Some(client) = upgrade {
+            let call = upgrade::UpgradeCall {
+                upstream: self.pool.upstream().clone(),
+                connect_timeout: self.pools.connect_timeout(),
+                response_timeout: self.opts.response_timeout,
+                idle_timeout: self.opts.upgrade_idle_timeout,
+                client,
+            };
+            let req = Request::from_parts(parts, body);
+            return ResponseFuture::boxed(upgrade::forward(call, req));
+        }
         ResponseFuture::new(
             self.pool.clone(),
             Request::from_parts(parts, body),

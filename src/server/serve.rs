@@ -183,7 +183,10 @@ impl<A: Accept> Conns<A> {
                         return;
                     }
                 };
-                let conn = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
+                // `with_upgrades`: a WebSocket that `Forward` tunnels takes the connection over.
+                let conn = http
+                    .serve_connection(TokioIo::new(io), TowerToHyperService::new(svc))
+                    .with_upgrades();
                 let ended = drain(conn, &mut drain_phase, &started, grace).await;
                 if let Err(e) = ended {
                     tracing::debug!(error = %e, %peer, "connection ended with an error");
@@ -247,6 +250,18 @@ where
 {
     fn graceful_shutdown(self: Pin<&mut Self>) {
         hyper::server::conn::http1::Connection::graceful_shutdown(self);
+    }
+}
+
+impl<I, S> GracefulConnection for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming>,
+    S::ResBody: http_body::Body + 'static,
+    <S::ResBody as http_body::Body>::Error: Into<BoxError>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(self);
     }
 }
 
