@@ -18,7 +18,9 @@ use super::pick::{Miss, Picked, Picker};
 use super::retry::{clone_request, CloneBody};
 use super::service::{Ep, MakeGate, Shared, Snap};
 use crate::classify::is_connect_error;
-use crate::classify::{error_kind, Classifier, Classify, FailureKind, Outcome};
+use crate::classify::{
+    error_kind, Classifier, Classify, FailureKind, LateOutcomes, Outcome, StreamEnd,
+};
 use crate::gate::Gate;
 use crate::BoxError;
 
@@ -43,6 +45,46 @@ struct InFlight<K, S, M: MakeGate<K>> {
 impl<K, S, M: MakeGate<K>> Drop for InFlight<K, S, M> {
     fn drop(&mut self) {
         self.ep.in_flight.fetch_sub(1, Relaxed);
+        if self.trial {
+            self.ep.release_trial();
+        }
+    }
+}
+
+/// An outcome waiting for the end of a gRPC response body. Dropped unfinished (the body
+/// was not read to its end), it records nothing and hands a trial back, as a cancelled
+/// request does.
+struct Deferred<K, S, M: MakeGate<K>, C: Classify> {
+    ep: Arc<Ep<K, S, M>>,
+    shared: Arc<Shared<K, S, M, C>>,
+    trial: bool,
+    permit: Option<Permit<K, M>>,
+    started: Option<Instant>,
+    classifier: Option<C::Classifier>,
+}
+
+impl<K: fmt::Debug, S, M: MakeGate<K>, C: Classify> Deferred<K, S, M, C> {
+    fn finish(mut self, end: StreamEnd<'_>) {
+        let Some(c) = self.classifier.take() else {
+            return;
+        };
+        let outcome = c.classify_end(end);
+        let trial = std::mem::take(&mut self.trial);
+        if self
+            .ep
+            .record(outcome, trial, &self.shared.health, &self.shared.clock)
+        {
+            self.shared.try_eject(&self.ep);
+        }
+        if let Some(p) = self.permit.take() {
+            let elapsed = self.started.map(|t| t.elapsed()).unwrap_or_default();
+            self.ep.gate.complete(p, outcome, elapsed);
+        }
+    }
+}
+
+impl<K, S, M: MakeGate<K>, C: Classify> Drop for Deferred<K, S, M, C> {
+    fn drop(&mut self) {
         if self.trial {
             self.ep.release_trial();
         }
@@ -406,7 +448,7 @@ where
                     None => this.timer.set(Some(tokio::time::sleep_until(deadline))),
                 }
             }
-            let res: Result<Response<RB>, BoxError> = match this.inner.as_mut().as_pin_mut() {
+            let mut res: Result<Response<RB>, BoxError> = match this.inner.as_mut().as_pin_mut() {
                 Some(fut) => match fut.poll(cx) {
                     Poll::Ready(r) => r.map_err(Into::into),
                     Poll::Pending => {
@@ -453,6 +495,26 @@ where
             // says nothing about the endpoint: never charged to it, never retried,
             // whatever the configured classifier says.
             let client_fault = matches!(&res, Err(e) if error_kind(&**e) == FailureKind::Client);
+            // A gRPC answer whose status comes in the trailers: health and the gate learn
+            // the outcome when the body ends (`classify::TrailersLayer` runs it). Such a
+            // response is already the answer: never retried.
+            let defer =
+                matches!((&st.classifier, &res), (Some(c), Ok(r)) if c.defers_to_trailers(r));
+            if defer {
+                if let (Some(c), Ok(r)) = (st.classifier.take(), res.as_mut()) {
+                    let deferred = Deferred {
+                        ep: ep.clone(),
+                        shared: st.shared.clone(),
+                        trial,
+                        permit: st.permit.take(),
+                        started: st.started,
+                        classifier: Some(c),
+                    };
+                    LateOutcomes::of(r).push(move |end| deferred.finish(end));
+                }
+                st.replay = None;
+                return Poll::Ready(st.finish(&ep, res));
+            }
             let outcome = match (st.classifier.take(), &res) {
                 _ if client_fault => Outcome::Ignored,
                 (Some(c), Ok(r)) => c.classify_response(r),
@@ -469,7 +531,14 @@ where
             }
 
             let wanted = match &res {
-                Ok(r) => st.method_ok && shared.retry.on.classify_status(r.status()).is_failure(),
+                Ok(r) => {
+                    st.method_ok
+                        && shared
+                            .retry
+                            .on
+                            .classify_head(r.status(), r.headers())
+                            .is_failure()
+                }
                 Err(_) if client_fault => false,
                 Err(e) => {
                     is_connect_error(&**e)

@@ -1,12 +1,15 @@
 use http::header::{self, HeaderMap, HeaderName};
 
 /// Hop-by-hop headers of RFC 9110 §7.6.1 plus the legacy ones proxies also drop.
-const HOP_BY_HOP: [HeaderName; 9] = [
+///
+/// `Trailer` is not among them: it is end to end (RFC 9110 §6.6.2; RFC 2616's list named a
+/// "Trailers" header that does not exist), and over HTTP/1.1 hyper sends only the trailer
+/// fields a response declares in it, so stripping it would drop a gRPC status on the way.
+const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     HeaderName::from_static("keep-alive"),
@@ -98,6 +101,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// `true` when `TE` names `trailers` (read as bytes, case-insensitive): the client takes
+/// trailer fields. `TE` is hop-by-hop, but `Forward` takes trailers from the upstream and
+/// passes them on, so it sends its own `TE: trailers` then — a gRPC server (and hyper's)
+/// sends trailers only to a request that says so.
+pub(crate) fn te_trailers(headers: &HeaderMap) -> bool {
+    headers.get_all(header::TE).iter().any(|v| {
+        v.as_bytes().split(|b| *b == b',').any(|t| {
+            let name = t.split(|b| *b == b';').next().unwrap_or_default();
+            name.trim_ascii().eq_ignore_ascii_case(b"trailers")
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,7 +128,6 @@ mod tests {
             ("proxy-connection", "keep-alive"),
             ("proxy-authorization", "Basic x"),
             ("te", "trailers"),
-            ("trailer", "x-t"),
             ("transfer-encoding", "chunked"),
             ("upgrade", "websocket"),
             ("x-foo", "1"),
@@ -124,6 +139,16 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-keep"], "3");
+    }
+
+    #[test]
+    fn trailer_is_end_to_end() {
+        let mut h = HeaderMap::new();
+        h.insert(header::TRAILER, "grpc-status".parse().unwrap());
+        h.insert(header::TE, "trailers".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h[header::TRAILER], "grpc-status");
     }
 
     #[test]
@@ -163,6 +188,16 @@ mod tests {
         assert!(!h.contains_key("x-drop"));
         assert!(!h.contains_key("transfer-encoding"), "still hop-by-hop");
         assert_eq!(h.len(), PROTECTED_FROM_CONNECTION.len());
+    }
+
+    #[test]
+    fn te_trailers_is_read_from_any_token() {
+        let mut h = HeaderMap::new();
+        assert!(!te_trailers(&h));
+        h.insert(header::TE, "gzip, Trailers".parse().unwrap());
+        assert!(te_trailers(&h));
+        h.insert(header::TE, "gzip;q=0.5".parse().unwrap());
+        assert!(!te_trailers(&h));
     }
 
     #[test]

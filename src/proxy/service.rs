@@ -13,7 +13,7 @@ use tower_service::Service;
 use super::body::{BodyLimits, ClientBody, Progress};
 use super::error::ForwardError;
 use super::future::ResponseFuture;
-use super::headers::strip_hop_by_hop;
+use super::headers::{strip_hop_by_hop, te_trailers};
 use super::pool::{HostPool, PoolConfig, Pools};
 use super::upgrade;
 use crate::client_addr::{joined_forwarded_for, ClientAddr};
@@ -473,10 +473,17 @@ where
             true => parts.extensions.remove::<OnUpgrade>(),
             false => None,
         };
+        let trailers = te_trailers(&parts.headers);
         if upgrade.is_some() {
             upgrade::strip_keeping_upgrade(&mut parts.headers);
         } else {
             strip_hop_by_hop(&mut parts.headers);
+        }
+        if trailers {
+            // Our own hop's `TE`: trailers reach the client (gRPC status), see te_trailers.
+            parts
+                .headers
+                .insert(header::TE, HeaderValue::from_static("trailers"));
         }
         let client = parts.extensions.get::<ClientAddr>().copied();
         set_forwarded(&self.opts, &mut parts.headers, client, &parts.uri);
