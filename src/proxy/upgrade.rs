@@ -95,8 +95,11 @@ pub(crate) fn strip_keeping_upgrade(headers: &mut HeaderMap) {
 /// an open WebSocket as load on its endpoint.
 #[derive(Clone, Default)]
 pub struct Tunnel {
-    held: Arc<Mutex<Option<Vec<Box<dyn Send>>>>>,
+    held: Arc<Mutex<Held>>,
 }
+
+/// Guards kept while the tunnel is open; `None` once it has closed.
+type Held = Option<Vec<Box<dyn Send>>>;
 
 impl Tunnel {
     fn new() -> Self {
