@@ -101,19 +101,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// `true` when `TE` names `trailers` (read as bytes, case-insensitive): the client takes
-/// trailer fields. `TE` is hop-by-hop, but `Forward` takes trailers from the upstream and
-/// passes them on, so it sends its own `TE: trailers` then — a gRPC server (and hyper's)
-/// sends trailers only to a request that says so.
-pub(crate) fn te_trailers(headers: &HeaderMap) -> bool {
-    headers.get_all(header::TE).iter().any(|v| {
-        v.as_bytes().split(|b| *b == b',').any(|t| {
-            let name = t.split(|b| *b == b';').next().unwrap_or_default();
-            name.trim_ascii().eq_ignore_ascii_case(b"trailers")
-        })
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,16 +175,6 @@ mod tests {
         assert!(!h.contains_key("x-drop"));
         assert!(!h.contains_key("transfer-encoding"), "still hop-by-hop");
         assert_eq!(h.len(), PROTECTED_FROM_CONNECTION.len());
-    }
-
-    #[test]
-    fn te_trailers_is_read_from_any_token() {
-        let mut h = HeaderMap::new();
-        assert!(!te_trailers(&h));
-        h.insert(header::TE, "gzip, Trailers".parse().unwrap());
-        assert!(te_trailers(&h));
-        h.insert(header::TE, "gzip;q=0.5".parse().unwrap());
-        assert!(!te_trailers(&h));
     }
 
     #[test]

@@ -32,8 +32,8 @@ use tokio::net::TcpStream;
 use super::body::{far_future, Progress};
 use super::error::ForwardError;
 use super::headers::strip_hop_by_hop;
-use super::pool::connect_error;
-use super::service::Upstream;
+use super::connect::connect_error;
+use super::upstream::Upstream;
 use crate::BoxError;
 
 /// `true` when the request asks for a protocol upgrade a proxy can tunnel: HTTP/1.1 (an
