@@ -11,9 +11,9 @@
 //!
 //! The stack, outermost first: `classify::TrailersLayer` (records outcomes that only the
 //! trailers tell), `ErrorResponseLayer`, `Balance` whose endpoint gates are `breaker::Circuit`s.
-//! The upstream hop is a hyper HTTP/2 client per endpoint and the proxy is served by
-//! hyper-util's auto builder (h2c); `Forward` over h2 and the crate's h2c server can take
-//! their places.
+//! The upstream hop is `Forward` over h2c (`ForwardBuilder::http2_only`); the proxy is
+//! served by hyper-util's auto builder (h2c), which the crate's server can replace once it
+//! serves h2c.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -25,9 +25,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::PathAndQuery;
-use http::{Request, Response, Uri};
+use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
@@ -36,7 +35,7 @@ use tower::ServiceBuilder;
 use tower_patterns::balance::{Balance, PassiveHealth, Picker};
 use tower_patterns::breaker::{Circuit, CircuitBreakerConfig};
 use tower_patterns::classify::{Condition, TrailersLayer};
-use tower_patterns::proxy::ErrorResponseLayer;
+use tower_patterns::proxy::{ErrorResponseLayer, Forward, ForwardBuilder, ForwardError};
 use tower_patterns::BoxError;
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -119,25 +118,12 @@ async fn grpc_server(name: &'static str, down: Arc<AtomicBool>) -> SocketAddr {
     serve_h2c(svc).await
 }
 
-type Upstream = tower::util::BoxCloneSyncService<Request<Incoming>, Response<Incoming>, BoxError>;
-
-/// The proxy's hop to one endpoint: HTTP/2 (prior knowledge) to `addr`.
-fn h2_endpoint(addr: SocketAddr) -> Upstream {
-    let client = Client::builder(TokioExecutor::new())
+/// `Forward` speaking HTTP/2 with prior knowledge (h2c) to a gRPC server: every call
+/// multiplexed over one connection.
+fn h2c(addr: SocketAddr) -> Result<Forward<Incoming>, ForwardError> {
+    ForwardBuilder::new(format!("http://{addr}"))
         .http2_only(true)
-        .build_http::<Incoming>();
-    tower::util::BoxCloneSyncService::new(tower::service_fn(move |mut req: Request<Incoming>| {
-        let client = client.clone();
-        async move {
-            let pq = req
-                .uri()
-                .path_and_query()
-                .map_or("/", PathAndQuery::as_str)
-                .to_string();
-            *req.uri_mut() = format!("http://{addr}{pq}").parse::<Uri>()?;
-            Ok::<_, BoxError>(client.request(req).await?)
-        }
-    }))
+        .build()
 }
 
 async fn say(
@@ -185,7 +171,7 @@ async fn main() -> Result<(), BoxError> {
         .health(PassiveHealth::disabled())
         .classify("fail,grpc:5xx".parse::<Condition>()?)
         .gates(move |k: &&'static str| gates[*k].clone())
-        .build_static([("a", h2_endpoint(a)), ("b", h2_endpoint(b))]);
+        .build_static([("a", h2c(a)?), ("b", h2c(b)?)]);
     let proxy = serve_h2c(
         ServiceBuilder::new()
             .layer(TrailersLayer)

@@ -3,9 +3,8 @@
 //! servers. A server answering `UNAVAILABLE` trips its endpoint's breaker (the HTTP status
 //! is `200`: only the gRPC status says it failed), and calls keep succeeding on the other.
 //!
-//! The proxy's upstream hop here is a plain hyper HTTP/2 client per endpoint, and the
-//! proxy is served by hyper-util's auto builder: `Forward` speaking h2 and the crate's
-//! server serving h2c arrive with their own work, and then replace these two pieces.
+//! The upstream hop is `Forward` over h2c (`http2_only`). The proxy is served by
+//! hyper-util's auto builder until the crate's server serves h2c.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -17,9 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::PathAndQuery;
-use http::{Request, Response, Uri};
+use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
@@ -29,7 +27,7 @@ use tower::ServiceBuilder;
 use tower_patterns::balance::{Balance, PassiveHealth, Picker};
 use tower_patterns::breaker::{Circuit, CircuitBreakerConfig, State};
 use tower_patterns::classify::{Condition, TrailersLayer};
-use tower_patterns::proxy::ErrorResponseLayer;
+use tower_patterns::proxy::{ErrorResponseLayer, Forward, ForwardBuilder, ForwardError};
 use tower_patterns::BoxError;
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -112,25 +110,12 @@ async fn grpc_server(name: &'static str, down: Arc<AtomicBool>) -> SocketAddr {
     serve_h2c(svc).await
 }
 
-type Upstream = tower::util::BoxCloneSyncService<Request<Incoming>, Response<Incoming>, BoxError>;
-
-/// The proxy's hop to one endpoint: HTTP/2 (prior knowledge) to `addr`.
-fn h2_endpoint(addr: SocketAddr) -> Upstream {
-    let client = Client::builder(TokioExecutor::new())
+/// `Forward` speaking HTTP/2 with prior knowledge (h2c) to a gRPC server: every call
+/// multiplexed over one connection.
+fn h2c(addr: SocketAddr) -> Result<Forward<Incoming>, ForwardError> {
+    ForwardBuilder::new(format!("http://{addr}"))
         .http2_only(true)
-        .build_http::<Incoming>();
-    tower::util::BoxCloneSyncService::new(tower::service_fn(move |mut req: Request<Incoming>| {
-        let client = client.clone();
-        async move {
-            let pq = req
-                .uri()
-                .path_and_query()
-                .map_or("/", PathAndQuery::as_str)
-                .to_string();
-            *req.uri_mut() = format!("http://{addr}{pq}").parse::<Uri>()?;
-            Ok::<_, BoxError>(client.request(req).await?)
-        }
-    }))
+        .build()
 }
 
 async fn say(
@@ -179,7 +164,7 @@ async fn tonic_echo_through_the_balancer_and_unavailable_trips_the_breaker() {
         .health(PassiveHealth::disabled())
         .classify(cond)
         .gates(move |k: &&'static str| gates[*k].clone())
-        .build_static([("a", h2_endpoint(a)), ("b", h2_endpoint(b))]);
+        .build_static([("a", h2c(a).unwrap()), ("b", h2c(b).unwrap())]);
     let proxy = serve_h2c(
         ServiceBuilder::new()
             .layer(TrailersLayer)

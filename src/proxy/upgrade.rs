@@ -30,9 +30,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::body::{far_future, Progress};
+use super::connect::connect_error;
 use super::error::ForwardError;
 use super::headers::strip_hop_by_hop;
-use super::connect::connect_error;
 use super::upstream::Upstream;
 use crate::BoxError;
 
