@@ -11,9 +11,8 @@
 //!
 //! The stack, outermost first: `classify::TrailersLayer` (records outcomes that only the
 //! trailers tell), `ErrorResponseLayer`, `Balance` whose endpoint gates are `breaker::Circuit`s.
-//! The upstream hop is `Forward` over h2c (`ForwardBuilder::http2_only`); the proxy is
-//! served by hyper-util's auto builder (h2c), which the crate's server can replace once it
-//! serves h2c.
+//! The upstream hop is `Forward` over h2c (`ForwardBuilder::http2_only`); the proxy and the
+//! tonic servers are served by the crate's server (h2c beside HTTP/1.1 on one port).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -27,10 +26,6 @@ use std::time::Duration;
 use http::uri::PathAndQuery;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
 use tower::ServiceBuilder;
 use tower_patterns::balance::{Balance, PassiveHealth, Picker};
 use tower_patterns::breaker::{Circuit, CircuitBreakerConfig};
@@ -78,7 +73,8 @@ impl tonic::server::UnaryService<EchoRequest> for Say {
     }
 }
 
-/// Serves `svc` over h2c (and HTTP/1.1) on a free port of 127.0.0.1.
+/// Serves `svc` with the crate's server on a free port of 127.0.0.1: HTTP/1.1 and h2c
+/// (prior knowledge, what a tonic client speaks) on the same port.
 async fn serve_h2c<S, B>(svc: S) -> SocketAddr
 where
     S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
@@ -88,19 +84,10 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let svc = TowerToHyperService::new(svc.clone());
-            tokio::spawn(async move {
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
+    tower_patterns::server::spawn_local(svc)
+        .await
+        .expect("bind 127.0.0.1")
+        .addr()
 }
 
 /// A tonic server with the `Say` method.

@@ -3,8 +3,8 @@
 //! servers. A server answering `UNAVAILABLE` trips its endpoint's breaker (the HTTP status
 //! is `200`: only the gRPC status says it failed), and calls keep succeeding on the other.
 //!
-//! The upstream hop is `Forward` over h2c (`http2_only`). The proxy is served by
-//! hyper-util's auto builder until the crate's server serves h2c.
+//! The upstream hop is `Forward` over h2c (`http2_only`); the proxy and the tonic servers
+//! are served by the crate's server (h2c beside HTTP/1.1).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -18,10 +18,6 @@ use std::time::Duration;
 use http::uri::PathAndQuery;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
 use tonic::Code;
 use tower::ServiceBuilder;
 use tower_patterns::balance::{Balance, PassiveHealth, Picker};
@@ -70,7 +66,8 @@ impl tonic::server::UnaryService<EchoRequest> for Say {
     }
 }
 
-/// Serves `svc` over h2c (and HTTP/1.1) on a free port of 127.0.0.1.
+/// Serves `svc` with the crate's server on a free port of 127.0.0.1: HTTP/1.1 and h2c
+/// (prior knowledge, what a tonic client speaks) on the same port.
 async fn serve_h2c<S, B>(svc: S) -> SocketAddr
 where
     S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
@@ -80,19 +77,10 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let svc = TowerToHyperService::new(svc.clone());
-            tokio::spawn(async move {
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
+    tower_patterns::server::spawn_local(svc)
+        .await
+        .expect("bind 127.0.0.1")
+        .addr()
 }
 
 /// A tonic server with the `Say` method.
