@@ -48,6 +48,8 @@
 // into it and naming that one now fails the docs.rs build.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "auth")]
+pub mod auth;
 pub mod backup;
 pub mod balance;
 pub mod body;
