@@ -62,6 +62,8 @@ pub mod discovery;
 pub mod error;
 pub mod gate;
 pub mod proxy;
+#[cfg(feature = "rate-limit")]
+pub mod ratelimit;
 pub mod respond;
 pub mod route;
 pub mod server;
