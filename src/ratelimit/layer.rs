@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tower_layer::Layer;
 
 use super::key::KeyExtractor;
+use super::limiter::Limiter;
 use super::service::RateLimit;
 
 /// Limits the requests of the services it wraps per key: `K` picks the key
@@ -27,7 +28,7 @@ impl<K: Clone, L> Clone for RateLimitLayer<K, L> {
     }
 }
 
-impl<K: KeyExtractor, L> RateLimitLayer<K, L> {
+impl<K: KeyExtractor, L: Limiter<K::Key>> RateLimitLayer<K, L> {
     /// Counts each request under `key(request)` with `limiter`.
     pub fn new(key: K, limiter: L) -> Self {
         RateLimitLayer {
