@@ -3,7 +3,8 @@
 //! the same run.
 //!
 //! - `governor/*`: governor's keyed limiter (`check_key`, its own dashmap store) and its
-//!   direct (one bucket) limiter: the floor our layer builds on.
+//!   direct (one bucket) limiter: the floor our layer builds on; `ours_limiter_*` is our
+//!   `LocalLimiter::decide` (governor's GCRA over our bounded store) on the same keys.
 //! - `tower/*`: a `tower::Service` around an always-ready inner service, polled once with a
 //!   no-op waker: `baseline` (no limiter), `tower_limit` (tower's one-bucket `RateLimit`,
 //!   no keys), `ours_1key` and `ours_10k_keys` (`RateLimitLayer` + `ClientIpKey` +
@@ -102,6 +103,17 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             i = i.wrapping_add(1);
             black_box(keyed.check_key(&ip(i)).is_ok())
+        })
+    });
+    // Our LocalLimiter alone (bounded store over governor's GCRA), same keys.
+    let ours: LocalLimiter<IpAddr> = LocalLimiter::new(quota());
+    g.bench_function("ours_limiter_1key", |b| b.iter(|| black_box(ours.decide(Some(&ip(0))))));
+    let ours: LocalLimiter<IpAddr> = LocalLimiter::new(quota());
+    let mut i = 0u32;
+    g.bench_function("ours_limiter_10k_keys", |b| {
+        b.iter(|| {
+            i = i.wrapping_add(1);
+            black_box(ours.decide(Some(&ip(i))))
         })
     });
     let direct = RateLimiter::direct(quota());
