@@ -71,7 +71,8 @@ fn ip(i: u32) -> IpAddr {
 /// `ClientAddrLayer` sets), so the baseline pays the request construction too.
 fn request(i: u32) -> Request<()> {
     let mut req = Request::new(());
-    req.extensions_mut().insert(ClientAddr(SocketAddr::new(ip(i), 40000)));
+    req.extensions_mut()
+        .insert(ClientAddr(SocketAddr::new(ip(i), 40000)));
     req
 }
 
@@ -91,12 +92,17 @@ where
 }
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let _guard = rt.enter();
 
     let mut g = c.benchmark_group("ratelimit/governor");
     let keyed = RateLimiter::dashmap(quota());
-    g.bench_function("keyed_1key", |b| b.iter(|| black_box(keyed.check_key(&ip(0)).is_ok())));
+    g.bench_function("keyed_1key", |b| {
+        b.iter(|| black_box(keyed.check_key(&ip(0)).is_ok()))
+    });
     let keyed = RateLimiter::dashmap(quota());
     let mut i = 0u32;
     g.bench_function("keyed_10k_keys", |b| {
@@ -107,7 +113,9 @@ fn bench(c: &mut Criterion) {
     });
     // Our LocalLimiter alone (bounded store over governor's GCRA), same keys.
     let ours: LocalLimiter<IpAddr> = LocalLimiter::new(quota());
-    g.bench_function("ours_limiter_1key", |b| b.iter(|| black_box(ours.decide(Some(&ip(0))))));
+    g.bench_function("ours_limiter_1key", |b| {
+        b.iter(|| black_box(ours.decide(Some(&ip(0)))))
+    });
     let ours: LocalLimiter<IpAddr> = LocalLimiter::new(quota());
     let mut i = 0u32;
     g.bench_function("ours_limiter_10k_keys", |b| {
@@ -129,11 +137,15 @@ fn bench(c: &mut Criterion) {
     let mut svc = Ready;
     g.bench_function("baseline", |b| b.iter(|| drive(&mut svc, request(next()))));
     let mut svc = tower::limit::RateLimitLayer::new(u64::MAX, Duration::from_secs(1)).layer(Ready);
-    g.bench_function("tower_limit", |b| b.iter(|| drive(&mut svc, request(next()))));
+    g.bench_function("tower_limit", |b| {
+        b.iter(|| drive(&mut svc, request(next())))
+    });
     let mut svc = RateLimitLayer::new(ClientIpKey::new(), LocalLimiter::new(quota())).layer(Ready);
     g.bench_function("ours_1key", |b| b.iter(|| drive(&mut svc, request(0))));
     let mut svc = RateLimitLayer::new(ClientIpKey::new(), LocalLimiter::new(quota())).layer(Ready);
-    g.bench_function("ours_10k_keys", |b| b.iter(|| drive(&mut svc, request(next()))));
+    g.bench_function("ours_10k_keys", |b| {
+        b.iter(|| drive(&mut svc, request(next())))
+    });
     g.finish();
 }
 

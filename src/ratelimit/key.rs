@@ -14,7 +14,7 @@ use http::Request;
 /// Keys must come from a bounded or verified source (a client address, a verified
 /// identity, a route template), never from raw client input such as a path or an
 /// unverified header: every distinct key is state (bounded anyway by
-/// [`LocalLimiter::max_keys`](super::LocalLimiter::max_keys)).
+/// [`LocalLimiterBuilder::max_keys`](super::LocalLimiterBuilder::max_keys)).
 pub trait KeyExtractor: Clone + Send + Sync + 'static {
     /// The key. `Display` names it in Redis.
     type Key: Hash + Eq + Clone + fmt::Display + Send + Sync + 'static;

@@ -12,9 +12,9 @@ use governor::{Quota, RateLimiter};
 use super::limiter::{Check, Decision, Limiter};
 use super::store::BoundedStore;
 
-/// Default of [`LocalLimiter::max_keys`].
+/// Default of [`LocalLimiterBuilder::max_keys`].
 pub const DEFAULT_MAX_KEYS: usize = 100_000;
-/// Default of [`LocalLimiter::evict_every`].
+/// Default of [`LocalLimiterBuilder::evict_every`].
 pub const DEFAULT_EVICT_EVERY: Duration = Duration::from_secs(60);
 
 type Inner<K, C> =
@@ -23,10 +23,10 @@ type Inner<K, C> =
 /// GCRA rate limiting per key, in this process ([`governor`]).
 ///
 /// - state is one 8-byte atomic per key in a sharded map, updated without a lock;
-/// - at most [`max_keys`](Self::max_keys) keys (default [`DEFAULT_MAX_KEYS`]); new keys
+/// - at most [`max_keys`](LocalLimiterBuilder::max_keys) keys (default [`DEFAULT_MAX_KEYS`]); new keys
 ///   beyond it share one overflow bucket;
 /// - idle keys (whose bucket is full again, so forgetting them changes nothing) are evicted
-///   every [`evict_every`](Self::evict_every) (default 60 s) by a tokio task that stops with
+///   every [`evict_every`](LocalLimiterBuilder::evict_every) (default 60 s) by a tokio task that stops with
 ///   the last clone, or on demand with [`evict_idle`](Self::evict_idle).
 ///
 /// The clock is governor's `QuantaClock`; [`TokioClock`](super::TokioClock) follows

@@ -40,7 +40,7 @@ impl<K: Hash + Eq + Clone> BoundedStore<K> {
 /// The theoretical arrival time stored in `state`, read without changing it (governor's
 /// own reader is private: an `Err` from the closure leaves the state as it is).
 fn tat(state: &InMemoryState) -> Option<Nanos> {
-    match state.measure_and_replace(&NotKeyed::NonKey, |t| Err::<((), Nanos), _>(t)) {
+    match state.measure_and_replace(&NotKeyed::NonKey, Err::<((), Nanos), _>) {
         Err(t) => t,
         Ok(()) => None,
     }
