@@ -115,8 +115,10 @@ impl Rsa {
         let public_pem = run(&["pkey", "-in", key_s, "-pubout"]);
         let modulus = String::from_utf8(run(&["rsa", "-in", key_s, "-noout", "-modulus"])).unwrap();
         let modulus = hex(modulus.trim().strip_prefix("Modulus=").unwrap());
+        // PKCS#1 DER, what ring signs with (jsonwebtoken's PEM reader is not compiled in).
+        let private_der = run(&["rsa", "-in", key_s, "-outform", "DER", "-traditional"]);
         Rsa {
-            enc: EncodingKey::from_rsa_pem(&std::fs::read(&key).unwrap()).unwrap(),
+            enc: EncodingKey::from_rsa_der(&private_der),
             public_pem,
             modulus,
         }
@@ -683,6 +685,11 @@ async fn keys_keep_their_algorithm_and_bad_configuration_is_refused_at_build() {
     let k = JwtKey::new(Algorithm::ES256, DecodingKey::from_secret(b"x")).with_kid("k");
     assert_eq!((k.algorithm(), k.kid()), (Algorithm::ES256, Some("k")));
     assert!(JwtKey::rs256_pem(b"not a pem").is_err());
+    // A P-256 key is not an RSA key, and the other way round.
+    let ec = Ec::new();
+    assert!(JwtKey::rs256_pem(ec.pem().as_bytes()).is_err());
+    assert!(JwtKey::es256_pem(&Rsa::new().public_pem).is_err());
+    assert!(JwtKey::es256_pem(ec.pem().as_bytes()).is_ok());
     assert!(AuthConfig::new().build().is_err());
     assert!(AuthConfig::new()
         .jwt(Jwt::new().key(JwtKey::hs256(b"s")))

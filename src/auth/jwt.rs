@@ -55,8 +55,9 @@ impl JwtKey {
 
     /// An RS256 public key in PEM (`BEGIN PUBLIC KEY` or `BEGIN RSA PUBLIC KEY`).
     pub fn rs256_pem(pem: &[u8]) -> Result<Self, AuthConfigError> {
-        let key =
-            DecodingKey::from_rsa_pem(pem).map_err(|e| AuthConfigError::Key(e.to_string()))?;
+        let der = super::pem::public_key(pem, super::pem::Kind::Rsa)
+            .map_err(|e| AuthConfigError::Key(e.into()))?;
+        let key = DecodingKey::from_rsa_der(&der);
         Ok(JwtKey {
             kid: None,
             alg: Algorithm::RS256,
@@ -66,7 +67,9 @@ impl JwtKey {
 
     /// An ES256 (P-256) public key in PEM (`BEGIN PUBLIC KEY`).
     pub fn es256_pem(pem: &[u8]) -> Result<Self, AuthConfigError> {
-        let key = DecodingKey::from_ec_pem(pem).map_err(|e| AuthConfigError::Key(e.to_string()))?;
+        let der = super::pem::public_key(pem, super::pem::Kind::EcP256)
+            .map_err(|e| AuthConfigError::Key(e.into()))?;
+        let key = DecodingKey::from_ec_der(&der);
         Ok(JwtKey {
             kid: None,
             alg: Algorithm::ES256,

@@ -51,6 +51,7 @@ mod identity;
 mod jwks;
 mod jwt;
 mod layer;
+mod pem;
 mod service;
 
 pub use api_key::ApiKeys;
