@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use governor::clock::{Clock, QuantaClock};
 use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 
 use super::limiter::{Check, Decision, Limiter};
@@ -17,8 +18,15 @@ pub const DEFAULT_MAX_KEYS: usize = 100_000;
 /// Default of [`LocalLimiterBuilder::evict_every`].
 pub const DEFAULT_EVICT_EVERY: Duration = Duration::from_secs(60);
 
-type Inner<K, C> =
-    RateLimiter<Option<K>, BoundedStore<Option<K>>, C, NoOpMiddleware<<C as Clock>::Instant>>;
+type Keyed<K, C> = RateLimiter<K, BoundedStore<K>, C, NoOpMiddleware<<C as Clock>::Instant>>;
+type Unkeyed<C> = RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as Clock>::Instant>>;
+
+/// The keyed buckets, and the one bucket shared by requests without a key (kept apart so
+/// the keyed path hashes and borrows the key as it is: no `Option` wrapper, no clone).
+struct Inner<K: Hash + Eq + Clone, C: Clock> {
+    keyed: Keyed<K, C>,
+    unkeyed: Unkeyed<C>,
+}
 
 /// GCRA rate limiting per key, in this process ([`governor`]).
 ///
@@ -46,7 +54,7 @@ impl<K: Hash + Eq + Clone, C: Clock> Clone for LocalLimiter<K, C> {
 impl<K: Hash + Eq + Clone, C: Clock> fmt::Debug for LocalLimiter<K, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LocalLimiter")
-            .field("keys", &self.inner.len())
+            .field("keys", &self.inner.keyed.len())
             .finish_non_exhaustive()
     }
 }
@@ -107,13 +115,16 @@ impl<C> LocalLimiterBuilder<C> {
     pub fn build<K>(self) -> LocalLimiter<K, C>
     where
         K: Hash + Eq + Clone + Send + Sync + 'static,
-        C: Clock + Send + Sync + 'static,
+        C: Clock + Clone + Send + Sync + 'static,
     {
-        let inner = Arc::new(RateLimiter::new(
-            self.quota,
-            BoundedStore::new(self.max_keys),
-            self.clock,
-        ));
+        let inner = Arc::new(Inner {
+            keyed: RateLimiter::new(
+                self.quota,
+                BoundedStore::new(self.max_keys),
+                self.clock.clone(),
+            ),
+            unkeyed: RateLimiter::direct_with_clock(self.quota, self.clock),
+        });
         if let (Some(every), Ok(rt)) = (self.evict_every, tokio::runtime::Handle::try_current()) {
             rt.spawn(evict_loop(Arc::downgrade(&inner), every));
         }
@@ -132,39 +143,41 @@ where
     loop {
         tick.tick().await;
         let Some(inner) = weak.upgrade() else { return };
-        inner.retain_recent();
-        inner.shrink_to_fit();
+        inner.keyed.retain_recent();
+        inner.keyed.shrink_to_fit();
     }
 }
 
 impl<K: Hash + Eq + Clone, C: Clock> LocalLimiter<K, C> {
     /// Counts one request of `key` now.
     pub fn decide(&self, key: Option<&K>) -> Decision {
-        // The store is keyed by `Option<K>`; a borrowed key has to be cloned into it only
-        // for the lookup (cheap for addresses and `Arc<str>`).
-        match self.inner.check_key(&key.cloned()) {
+        let checked = match key {
+            Some(k) => self.inner.keyed.check_key(k),
+            None => self.inner.unkeyed.check(),
+        };
+        match checked {
             Ok(()) => Decision::Allow,
             Err(not_until) => Decision::Deny {
-                retry_after: not_until.wait_time_from(self.inner.clock().now()),
+                retry_after: not_until.wait_time_from(self.inner.keyed.clock().now()),
             },
         }
     }
 
     /// Drops the keys whose bucket is full again; returns how many keys remain.
     pub fn evict_idle(&self) -> usize {
-        self.inner.retain_recent();
-        self.inner.shrink_to_fit();
-        self.inner.len()
+        self.inner.keyed.retain_recent();
+        self.inner.keyed.shrink_to_fit();
+        self.inner.keyed.len()
     }
 
     /// Keys with their own state now.
     pub fn len(&self) -> usize {
-        self.inner.len()
+        self.inner.keyed.len()
     }
 
     /// `true` when no key has state.
     pub fn is_empty(&self) -> bool {
-        self.inner.is_empty()
+        self.inner.keyed.is_empty()
     }
 }
 
