@@ -76,8 +76,11 @@ fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
 }
 
-/// `(algorithm OID, curve OID if any, key bits)` of a SubjectPublicKeyInfo.
-fn spki(der: &[u8]) -> Option<(&[u8], Option<&[u8]>, &[u8])> {
+/// The parts of a SubjectPublicKeyInfo: algorithm OID, curve OID if any, key bits.
+type Spki<'a> = (&'a [u8], Option<&'a [u8]>, &'a [u8]);
+
+/// The [`Spki`] parts of `der`.
+fn spki(der: &[u8]) -> Option<Spki<'_>> {
     let (0x30, spki, _) = tlv(der)? else {
         return None;
     };
