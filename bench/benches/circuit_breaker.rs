@@ -272,5 +272,115 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// One breaker plus this thread's call counter: call `i` fails when `i % every == 0`
+/// (`every == 0`: never), so each thread sees the same deterministic mix.
+#[derive(Clone)]
+struct Mixed<B> {
+    b: B,
+    i: u64,
+    every: u64,
+}
+
+impl<B> Mixed<B> {
+    #[inline]
+    fn next_fails(&mut self) -> bool {
+        self.i = self.i.wrapping_add(1);
+        self.every != 0 && self.i % self.every == 0
+    }
+}
+
+fn mixed_ours(m: &mut Mixed<Circuit>) {
+    let fail = m.next_fails();
+    let p = m.b.try_acquire().unwrap();
+    let outcome = if fail {
+        Outcome::Failure(FailureKind::Other)
+    } else {
+        Outcome::Success
+    };
+    m.b.complete(p, outcome, Duration::ZERO);
+}
+
+fn mixed_recloser(m: &mut Mixed<Arc<recloser::Recloser>>) {
+    let fail = m.next_fails();
+    black_box(m.b.call(|| if fail { Err(()) } else { Ok(()) }).is_ok());
+}
+
+fn mixed_failsafe<C: failsafe::CircuitBreaker>(m: &mut Mixed<C>) {
+    let fail = m.next_fails();
+    black_box(m.b.call(|| if fail { Err(()) } else { Ok(()) }).is_ok());
+}
+
+/// Mixed outcomes (0 %, 2 %, 10 % failures, all below the 50 % threshold so nobody trips),
+/// like-for-like windows: our count window against recloser's (a count ring), our time
+/// window against failsafe's (a time window; recloser has none). `2t`: two threads on one
+/// breaker, time per call per thread (the same unit as `1t`).
+fn bench_mixed(c: &mut Criterion) {
+    for (pct, every) in [(0u32, 0u64), (2, 50), (10, 10)] {
+        for threads in [1u32, 2] {
+            let mut g =
+                c.benchmark_group(format!("circuit_breaker_mixed/count_{pct}pct_{threads}t"));
+            let ours = Mixed {
+                b: Circuit::new(ours_cfg()).unwrap(),
+                i: 0,
+                every,
+            };
+            let rc = Mixed {
+                b: Arc::new(recloser_cb()),
+                i: 0,
+                every,
+            };
+            if threads == 1 {
+                g.bench_function("tower-patterns", |bn| {
+                    let mut m = ours.clone();
+                    bn.iter(|| mixed_ours(&mut m))
+                });
+                g.bench_function("recloser", |bn| {
+                    let mut m = rc.clone();
+                    bn.iter(|| mixed_recloser(&mut m))
+                });
+            } else {
+                g.bench_function("tower-patterns", |bn| {
+                    bn.iter_custom(|n| two_threads(n, ours.clone(), mixed_ours))
+                });
+                g.bench_function("recloser", |bn| {
+                    bn.iter_custom(|n| two_threads(n, rc.clone(), mixed_recloser))
+                });
+            }
+            g.finish();
+
+            let mut g =
+                c.benchmark_group(format!("circuit_breaker_mixed/time_{pct}pct_{threads}t"));
+            let ours = Mixed {
+                b: Circuit::new(ours_cfg().window(Window::Time(Duration::from_secs(10)))).unwrap(),
+                i: 0,
+                every,
+            };
+            let fs = Mixed {
+                b: failsafe_cb(),
+                i: 0,
+                every,
+            };
+            if threads == 1 {
+                g.bench_function("tower-patterns", |bn| {
+                    let mut m = ours.clone();
+                    bn.iter(|| mixed_ours(&mut m))
+                });
+                g.bench_function("failsafe", |bn| {
+                    let mut m = fs.clone();
+                    bn.iter(|| mixed_failsafe(&mut m))
+                });
+            } else {
+                g.bench_function("tower-patterns", |bn| {
+                    bn.iter_custom(|n| two_threads(n, ours.clone(), mixed_ours))
+                });
+                g.bench_function("failsafe", |bn| {
+                    bn.iter_custom(|n| two_threads(n, fs.clone(), mixed_failsafe))
+                });
+            }
+            g.finish();
+        }
+    }
+}
+
+criterion_group!(benches, bench, bench_mixed);
 criterion_main!(benches);
