@@ -63,6 +63,7 @@ pub mod proxy;
 pub mod respond;
 pub mod route;
 pub mod server;
+mod stripe;
 
 /// A type-erased error, as in tower.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
