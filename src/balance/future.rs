@@ -38,11 +38,24 @@ fn gate_is_timed<K, M: MakeGate<K>>() -> bool {
 struct InFlight<K, S, M: MakeGate<K>> {
     ep: Arc<Ep<K, S, M>>,
     trial: bool,
+    /// Still counted in the endpoint's `in_flight`.
+    counted: bool,
+}
+
+impl<K, S, M: MakeGate<K>> InFlight<K, S, M> {
+    /// The response head arrived: no longer in flight. The guard keeps the endpoint (no
+    /// second reference-count round trip just to look at it while recording the outcome).
+    #[inline]
+    fn answered(&mut self) {
+        if std::mem::take(&mut self.counted) {
+            self.ep.in_flight.fetch_sub(1, Relaxed);
+        }
+    }
 }
 
 impl<K, S, M: MakeGate<K>> Drop for InFlight<K, S, M> {
     fn drop(&mut self) {
-        self.ep.in_flight.fetch_sub(1, Relaxed);
+        self.answered();
         if self.trial {
             self.ep.release_trial();
         }
@@ -270,7 +283,11 @@ where
             self.arm = try_timeout.map(|t| deadline_after(now, t));
         }
         let svc = ep.service.clone();
-        self.endpoint = Some(InFlight { ep, trial });
+        self.endpoint = Some(InFlight {
+            ep,
+            trial,
+            counted: true,
+        });
         svc.oneshot(req)
     }
 
@@ -432,11 +449,11 @@ where
             let Some(mut guard) = st.endpoint.take() else {
                 return Poll::Ready(Err(BalanceError::NoEndpoints));
             };
-            let ep = guard.ep.clone();
             // The outcome below resolves the trial, if this was one.
             let trial = std::mem::take(&mut guard.trial);
             // in_flight counts until the response head arrived.
-            drop(guard);
+            guard.answered();
+            let ep = &guard.ep;
             // A client-caused failure (its body broke, the proxy's own resources ran out)
             // says nothing about the endpoint: never charged to it, never retried,
             // whatever the configured classifier says.
@@ -447,24 +464,30 @@ where
                 (Some(c), Err(e)) => c.classify_error(&**e),
                 (None, _) => Outcome::Ignored,
             };
-            let shared = st.shared.clone();
-            if ep.record(outcome, trial, &shared.health, &shared.clock) {
-                shared.try_eject(&ep);
+            if ep.record(outcome, trial, &st.shared.health, &st.shared.clock) {
+                st.shared.try_eject(ep);
             }
             if let Some(p) = st.permit.take() {
                 let elapsed = st.started.map(|t| t.elapsed()).unwrap_or_default();
                 ep.gate.complete(p, outcome, elapsed);
             }
 
-            let wanted = match &res {
-                Ok(r) => st.method_ok && shared.retry.on.classify_status(r.status()).is_failure(),
-                Err(_) if client_fault => false,
-                Err(e) => {
-                    is_connect_error(&**e)
-                        || (st.method_ok && shared.retry.on.classify_error_ref(&**e).is_failure())
-                }
-            };
-            if wanted && st.replay.is_some() && st.within_timeout() {
+            // Without a kept copy of the request no retry is possible: skip the retry
+            // classification (and the shared-state reference) altogether.
+            let wanted = st.replay.is_some()
+                && match &res {
+                    Ok(r) => {
+                        st.method_ok && st.shared.retry.on.classify_status(r.status()).is_failure()
+                    }
+                    Err(_) if client_fault => false,
+                    Err(e) => {
+                        is_connect_error(&**e)
+                            || (st.method_ok
+                                && st.shared.retry.on.classify_error_ref(&**e).is_failure())
+                    }
+                };
+            if wanted && st.within_timeout() {
+                let shared = st.shared.clone();
                 st.tried.push(ep.id);
                 let snap = shared.snapshot.load();
                 let picked = snap.pick(&shared.picker, st.key, &shared.clock, &st.tried);
@@ -492,7 +515,7 @@ where
                         }
                         Err(_) => {
                             // Nobody left to try now; with a queue, wait for the set to change.
-                            let done = st.finish(&ep, res);
+                            let done = st.finish(ep, res);
                             st.set_last(done);
                             if st.queue(req) {
                                 continue;
@@ -504,7 +527,7 @@ where
                 }
             }
             st.replay = None;
-            return Poll::Ready(st.finish(&ep, res));
+            return Poll::Ready(st.finish(ep, res));
         }
     }
 }
