@@ -11,6 +11,9 @@
 //! (`2t`, time per call per thread; the tower services are then driven by one
 //! current-thread Tokio runtime per thread).
 //!
+//! `circuit_breaker_mixed/*` runs mixed outcomes (0, 2, 10 % failures) with like-for-like
+//! windows; `BENCH_CLOCK=cpu` times them in thread CPU time (see `util/cpuclock.rs`).
+//!
 //! `cargo bench -p tower-patterns-bench --bench circuit_breaker -- --warm-up-time 1 --measurement-time 3`
 
 use std::convert::Infallible;
@@ -94,6 +97,18 @@ where
     black_box(res.is_ok());
 }
 
+#[path = "util/cpuclock.rs"]
+mod cpuclock;
+
+/// Runs `op` `iters` times on this thread (see `cpuclock` for `BENCH_CLOCK=cpu`).
+fn one_thread<T>(iters: u64, st: &mut T, op: fn(&mut T)) -> Duration {
+    cpuclock::measure(|| {
+        for _ in 0..iters {
+            op(st);
+        }
+    })
+}
+
 /// Runs `op` on two threads at once, `iters` times each; the time per call per thread.
 fn two_threads<T: Send + Clone>(iters: u64, state: T, op: fn(&mut T)) -> Duration {
     let barrier = Arc::new(Barrier::new(2));
@@ -104,11 +119,7 @@ fn two_threads<T: Send + Clone>(iters: u64, state: T, op: fn(&mut T)) -> Duratio
                 let mut st = state.clone();
                 s.spawn(move || {
                     barrier.wait();
-                    let start = Instant::now();
-                    for _ in 0..iters {
-                        op(&mut st);
-                    }
-                    start.elapsed()
+                    one_thread(iters, &mut st, op)
                 })
             })
             .collect();
@@ -332,11 +343,11 @@ fn bench_mixed(c: &mut Criterion) {
             if threads == 1 {
                 g.bench_function("tower-patterns", |bn| {
                     let mut m = ours.clone();
-                    bn.iter(|| mixed_ours(&mut m))
+                    bn.iter_custom(|n| one_thread(n, &mut m, mixed_ours))
                 });
                 g.bench_function("recloser", |bn| {
                     let mut m = rc.clone();
-                    bn.iter(|| mixed_recloser(&mut m))
+                    bn.iter_custom(|n| one_thread(n, &mut m, mixed_recloser))
                 });
             } else {
                 g.bench_function("tower-patterns", |bn| {
@@ -363,11 +374,11 @@ fn bench_mixed(c: &mut Criterion) {
             if threads == 1 {
                 g.bench_function("tower-patterns", |bn| {
                     let mut m = ours.clone();
-                    bn.iter(|| mixed_ours(&mut m))
+                    bn.iter_custom(|n| one_thread(n, &mut m, mixed_ours))
                 });
                 g.bench_function("failsafe", |bn| {
                     let mut m = fs.clone();
-                    bn.iter(|| mixed_failsafe(&mut m))
+                    bn.iter_custom(|n| one_thread(n, &mut m, mixed_failsafe))
                 });
             } else {
                 g.bench_function("tower-patterns", |bn| {

@@ -220,7 +220,8 @@ where
             method_ok,
             arm: None,
             cold: None,
-            shared: shared.clone(),
+            // Moved, not cloned: one reference-count round trip per request is enough.
+            shared,
         };
         let inner = match picked {
             Ok(p) => Some(st.dispatch(&snap, p, req)),
