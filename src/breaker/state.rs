@@ -121,7 +121,7 @@ pub(crate) struct Shared {
     pub(super) notify: Arc<Notify>,
 }
 
-/// Proof that the circuit admitted one call. Hand it back with [`Circuit::complete`];
+/// Proof that the circuit admitted one call. Hand it back with [`Circuit::complete`](super::Circuit::complete);
 /// dropping it instead (the call was cancelled) returns a half-open probe permit without
 /// recording anything.
 #[must_use = "a permit must be completed or dropped"]
