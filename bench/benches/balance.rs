@@ -220,6 +220,13 @@ fn dispatch(c: &mut Criterion) {
     use tower::discover::ServiceList;
     use tower::load::{CompleteOnResponse, PendingRequestsDiscover};
 
+    // The balancer's per-try timeout (default 10 s) needs a Tokio timer when a try is
+    // pending: run inside a runtime, as a server does.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _rt = rt.enter();
     let mut g = c.benchmark_group("dispatch");
     for n in SIZES {
         for (name, picker, retry) in [

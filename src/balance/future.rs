@@ -85,8 +85,10 @@ struct Attempt<K, S, M: MakeGate<K>, C: Classify, B, R> {
     key: Option<u64>,
     cookie_id: Option<u64>,
     method_ok: bool,
-    /// Deadline of the try just dispatched, not yet armed on the timer.
-    arm: Option<Instant>,
+    /// Per-try timeout of the try just dispatched, not yet armed on the timer: armed only
+    /// once the try is pending, so an answer ready at the first poll costs no clock read
+    /// and no timer registration.
+    arm: Option<Duration>,
     /// State of the failure and queue paths, boxed so the common future stays small
     /// (it is moved through every layer of the stack).
     cold: Option<Box<Cold<B, R>>>,
@@ -271,18 +273,18 @@ where
         };
         self.classifier = Some(self.shared.classify.classify_request(&req));
         self.permit = Some(permit);
-        // The clock is read only for a gate that uses the elapsed time or a retry timeout:
-        // with `NoGate` and no timeout (the default) the request path never reads it.
+        // The clock is read here only for a gate that uses the elapsed time or a retry
+        // timeout; the per-try timeout reads it when the try first turns out pending.
         let timed = self.shared.retry.timeout.is_some();
-        let try_timeout = self.shared.try_timeout;
-        if gate_is_timed::<K, M>() || timed || try_timeout.is_some() {
+        self.started = None;
+        if gate_is_timed::<K, M>() || timed {
             let now = Instant::now();
             self.started = Some(now);
             if self.first.is_none() && timed {
                 self.first = Some(now);
             }
-            self.arm = try_timeout.map(|t| deadline_after(now, t));
         }
+        self.arm = self.shared.try_timeout;
         let svc = ep.service.clone();
         self.endpoint = Some(InFlight {
             ep,
@@ -415,16 +417,21 @@ where
                 }
             }
 
-            if let Some(deadline) = this.st.arm.take() {
-                match this.timer.as_mut().as_pin_mut() {
-                    Some(t) => t.reset(deadline),
-                    None => this.timer.set(Some(tokio::time::sleep_until(deadline))),
-                }
-            }
             let res: Result<Response<RB>, BoxError> = match this.inner.as_mut().as_pin_mut() {
                 Some(fut) => match fut.poll(cx) {
-                    Poll::Ready(r) => r.map_err(Into::into),
+                    Poll::Ready(r) => {
+                        this.st.arm = None;
+                        r.map_err(Into::into)
+                    }
                     Poll::Pending => {
+                        if let Some(after) = this.st.arm.take() {
+                            let base = this.st.started.unwrap_or_else(Instant::now);
+                            let deadline = deadline_after(base, after);
+                            match this.timer.as_mut().as_pin_mut() {
+                                Some(t) => t.reset(deadline),
+                                None => this.timer.set(Some(tokio::time::sleep_until(deadline))),
+                            }
+                        }
                         // A hung endpoint (accepts, never answers) gives no outcome by
                         // itself: the per-try timeout turns it into a timeout failure that
                         // health counts and retry acts on. The timer is armed at every
