@@ -70,6 +70,7 @@ pub mod ratelimit;
 pub mod respond;
 pub mod route;
 pub mod server;
+mod stripe;
 #[cfg(feature = "tls")]
 pub mod tls;
 

@@ -16,7 +16,9 @@ use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::Incoming;
 use tower::{service_fn, ServiceBuilder, ServiceExt};
-use tower_patterns::backup::{ObjectInfo, Sink, SinkError, SinkWriter, TeeLayer};
+use tower_patterns::backup::{
+    FsSink, FsyncPolicy, ObjectInfo, Sink, SinkError, SinkWriter, TeeLayer,
+};
 use tower_patterns::body::tee::{outlet, Next, TeeBody, TeeOptions};
 use tower_patterns::body::{boxed, BoxBody};
 use tower_patterns::proxy::ForwardBuilder;
@@ -188,7 +190,8 @@ fn loopback(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let (plain, teed, layer) = rt.block_on(async {
+    let dir = std::env::temp_dir().join(format!("tee-bench-fs-{}", std::process::id()));
+    let (plain, teed, layer, fs_teed, fs_layer) = rt.block_on(async {
         let origin = spawn(service_fn(|_req: Request<Incoming>| async {
             Ok::<_, Infallible>(
                 Response::builder()
@@ -203,8 +206,20 @@ fn loopback(c: &mut Criterion) {
             .unwrap();
         let plain = spawn(fwd.clone()).await;
         let layer = TeeLayer::builder().sink(NullSink).buffer(4 << 20).build();
-        let teed = spawn(ServiceBuilder::new().layer(layer.clone()).service(fwd)).await;
-        (plain, teed, layer)
+        let teed = spawn(
+            ServiceBuilder::new()
+                .layer(layer.clone())
+                .service(fwd.clone()),
+        )
+        .await;
+        // A real disk sink with the defaults (4 MiB buffer), no fsync: does the backup keep
+        // up with the client?
+        let fs_layer = TeeLayer::builder()
+            .sink(FsSink::new(&dir).fsync(FsyncPolicy::Never))
+            .buffer(4 << 20)
+            .build();
+        let fs_teed = spawn(ServiceBuilder::new().layer(fs_layer.clone()).service(fwd)).await;
+        (plain, teed, layer, fs_teed, fs_layer)
     });
     let client = rt.block_on(async {
         ForwardBuilder::new("http://127.0.0.1:1")
@@ -214,7 +229,11 @@ fn loopback(c: &mut Criterion) {
     let mut g = c.benchmark_group("tee_loopback_64MiB");
     g.throughput(Throughput::Bytes(BODY as u64));
     g.sample_size(10);
-    for (name, addr) in [("plain_proxy", plain), ("tee_proxy", teed)] {
+    for (name, addr) in [
+        ("plain_proxy", plain),
+        ("tee_proxy", teed),
+        ("tee_fs_proxy", fs_teed),
+    ] {
         let client = client.to(&format!("http://{addr}")).unwrap();
         g.bench_function(name, |b| {
             b.to_async(&rt).iter(|| {
@@ -230,13 +249,17 @@ fn loopback(c: &mut Criterion) {
         });
     }
     g.finish();
-    let s = layer.stats().snapshot();
-    println!(
-        "loopback tee: {} copies committed, {} overflowed, peak buffered {} KiB",
-        s.committed,
-        s.tee.overflows,
-        s.tee.peak_buffered >> 10
-    );
+    for (name, layer) in [("null sink", &layer), ("fs sink", &fs_layer)] {
+        let s = layer.stats().snapshot();
+        println!(
+            "loopback tee, {name}: {} copies started, {} committed, {} overflowed, peak buffered {} KiB",
+            s.started,
+            s.committed,
+            s.tee.overflows,
+            s.tee.peak_buffered >> 10
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Peak heap while 1 GiB streams through the layer with one sink, against plain streaming.

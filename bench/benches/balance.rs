@@ -12,6 +12,8 @@
 //!   always-ready endpoint service: ours vs `tower::balance::p2c` (with pending-request load).
 //!   `ours-rr` has retries on (the default: each dispatch copies the request head so it can
 //!   be sent again); the `-noretry` variants do what tower's p2c does (no copy).
+//! - `BENCH_CLOCK=cpu` times `select_2threads` and `dispatch` in thread CPU time (see
+//!   `util/cpuclock.rs`), for a machine shared with other work.
 
 use std::convert::Infallible;
 use std::future::{ready, Ready};
@@ -146,9 +148,32 @@ fn select(c: &mut Criterion) {
     g.finish();
 }
 
-/// Runs `op` `iters` times split over two threads; returns the wall time.
+#[path = "util/cpuclock.rs"]
+mod cpuclock;
+
+/// Runs `op` `iters` times split over two threads; returns the wall time (with
+/// `BENCH_CLOCK=cpu`: the larger of the two threads' CPU times, see `util/cpuclock.rs`).
 fn two_threads<F: Fn(usize) + Sync>(iters: u64, op: &F) -> Duration {
     let half = (iters / 2).max(1) as usize;
+    if cpuclock::cpu_clock() {
+        return std::thread::scope(|s| {
+            let hs: Vec<_> = (0..2)
+                .map(|t| {
+                    s.spawn(move || {
+                        cpuclock::measure(|| {
+                            for i in 0..half {
+                                op(i.wrapping_mul(2) + t);
+                            }
+                        })
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap())
+                .max()
+                .unwrap_or_default()
+        });
+    }
     let start = Instant::now();
     std::thread::scope(|s| {
         for t in 0..2 {
@@ -195,6 +220,13 @@ fn dispatch(c: &mut Criterion) {
     use tower::discover::ServiceList;
     use tower::load::{CompleteOnResponse, PendingRequestsDiscover};
 
+    // The balancer's per-try timeout (default 10 s) needs a Tokio timer when a try is
+    // pending: run inside a runtime, as a server does.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _rt = rt.enter();
     let mut g = c.benchmark_group("dispatch");
     for n in SIZES {
         for (name, picker, retry) in [
@@ -207,20 +239,28 @@ fn dispatch(c: &mut Criterion) {
                 .retry(retry)
                 .build_static((0..n).map(|i| (i, Ok200)));
             g.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
-                b.iter(|| {
-                    let req = Request::get("/").body(String::new()).unwrap();
-                    let fut = lb.ready().now_or_never().unwrap().unwrap().call(req);
-                    black_box(fut.now_or_never().unwrap().unwrap())
+                b.iter_custom(|iters| {
+                    cpuclock::measure(|| {
+                        for _ in 0..iters {
+                            let req = Request::get("/").body(String::new()).unwrap();
+                            let fut = lb.ready().now_or_never().unwrap().unwrap().call(req);
+                            black_box(fut.now_or_never().unwrap().unwrap());
+                        }
+                    })
                 })
             });
         }
         // Baseline: the same request and response without any balancer.
         let mut direct = Ok200;
         g.bench_with_input(BenchmarkId::new("no-balancer", n), &n, |b, _| {
-            b.iter(|| {
-                let req = Request::get("/").body(String::new()).unwrap();
-                let fut = direct.ready().now_or_never().unwrap().unwrap().call(req);
-                black_box(fut.now_or_never().unwrap().unwrap())
+            b.iter_custom(|iters| {
+                cpuclock::measure(|| {
+                    for _ in 0..iters {
+                        let req = Request::get("/").body(String::new()).unwrap();
+                        let fut = direct.ready().now_or_never().unwrap().unwrap().call(req);
+                        black_box(fut.now_or_never().unwrap().unwrap());
+                    }
+                })
             })
         });
         let list = ServiceList::new((0..n).map(|_| Ok200).collect::<Vec<_>>());
@@ -231,10 +271,14 @@ fn dispatch(c: &mut Criterion) {
         // The first poll_ready takes the endpoints from the discover stream.
         let _ = tp.ready().now_or_never();
         g.bench_with_input(BenchmarkId::new("tower-p2c", n), &n, |b, _| {
-            b.iter(|| {
-                let req = Request::get("/").body(String::new()).unwrap();
-                let fut = tp.ready().now_or_never().unwrap().unwrap().call(req);
-                black_box(fut.now_or_never().unwrap().unwrap())
+            b.iter_custom(|iters| {
+                cpuclock::measure(|| {
+                    for _ in 0..iters {
+                        let req = Request::get("/").body(String::new()).unwrap();
+                        let fut = tp.ready().now_or_never().unwrap().unwrap().call(req);
+                        black_box(fut.now_or_never().unwrap().unwrap());
+                    }
+                })
             })
         });
     }

@@ -11,6 +11,9 @@
 //! (`2t`, time per call per thread; the tower services are then driven by one
 //! current-thread Tokio runtime per thread).
 //!
+//! `circuit_breaker_mixed/*` runs mixed outcomes (0, 2, 10 % failures) with like-for-like
+//! windows; `BENCH_CLOCK=cpu` times them in thread CPU time (see `util/cpuclock.rs`).
+//!
 //! `cargo bench -p tower-patterns-bench --bench circuit_breaker -- --warm-up-time 1 --measurement-time 3`
 
 use std::convert::Infallible;
@@ -94,6 +97,18 @@ where
     black_box(res.is_ok());
 }
 
+#[path = "util/cpuclock.rs"]
+mod cpuclock;
+
+/// Runs `op` `iters` times on this thread (see `cpuclock` for `BENCH_CLOCK=cpu`).
+fn one_thread<T>(iters: u64, st: &mut T, op: fn(&mut T)) -> Duration {
+    cpuclock::measure(|| {
+        for _ in 0..iters {
+            op(st);
+        }
+    })
+}
+
 /// Runs `op` on two threads at once, `iters` times each; the time per call per thread.
 fn two_threads<T: Send + Clone>(iters: u64, state: T, op: fn(&mut T)) -> Duration {
     let barrier = Arc::new(Barrier::new(2));
@@ -104,11 +119,7 @@ fn two_threads<T: Send + Clone>(iters: u64, state: T, op: fn(&mut T)) -> Duratio
                 let mut st = state.clone();
                 s.spawn(move || {
                     barrier.wait();
-                    let start = Instant::now();
-                    for _ in 0..iters {
-                        op(&mut st);
-                    }
-                    start.elapsed()
+                    one_thread(iters, &mut st, op)
                 })
             })
             .collect();
@@ -272,5 +283,124 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// One breaker plus this thread's countdown: every `every`-th call fails (`every == 0`:
+/// none), so each thread sees the same deterministic mix. A countdown, not `i % every`: a
+/// 64-bit division costs about as much as the fastest breaker call and would flatten the
+/// ratios.
+#[derive(Clone)]
+struct Mixed<B> {
+    b: B,
+    i: u64,
+    every: u64,
+}
+
+impl<B> Mixed<B> {
+    #[inline]
+    fn next_fails(&mut self) -> bool {
+        if self.every == 0 {
+            return false;
+        }
+        self.i += 1;
+        if self.i == self.every {
+            self.i = 0;
+            return true;
+        }
+        false
+    }
+}
+
+fn mixed_ours(m: &mut Mixed<Circuit>) {
+    let fail = m.next_fails();
+    let p = m.b.try_acquire().unwrap();
+    let outcome = if fail {
+        Outcome::Failure(FailureKind::Other)
+    } else {
+        Outcome::Success
+    };
+    m.b.complete(p, outcome, Duration::ZERO);
+}
+
+fn mixed_recloser(m: &mut Mixed<Arc<recloser::Recloser>>) {
+    let fail = m.next_fails();
+    black_box(m.b.call(|| if fail { Err(()) } else { Ok(()) }).is_ok());
+}
+
+fn mixed_failsafe<C: failsafe::CircuitBreaker>(m: &mut Mixed<C>) {
+    let fail = m.next_fails();
+    black_box(m.b.call(|| if fail { Err(()) } else { Ok(()) }).is_ok());
+}
+
+/// Mixed outcomes (0 %, 2 %, 10 % failures, all below the 50 % threshold so nobody trips),
+/// like-for-like windows: our count window against recloser's (a count ring), our time
+/// window against failsafe's (a time window; recloser has none). `2t`: two threads on one
+/// breaker, time per call per thread (the same unit as `1t`).
+fn bench_mixed(c: &mut Criterion) {
+    for (pct, every) in [(0u32, 0u64), (2, 50), (10, 10)] {
+        for threads in [1u32, 2] {
+            let mut g =
+                c.benchmark_group(format!("circuit_breaker_mixed/count_{pct}pct_{threads}t"));
+            let ours = Mixed {
+                b: Circuit::new(ours_cfg()).unwrap(),
+                i: 0,
+                every,
+            };
+            let rc = Mixed {
+                b: Arc::new(recloser_cb()),
+                i: 0,
+                every,
+            };
+            if threads == 1 {
+                g.bench_function("tower-patterns", |bn| {
+                    let mut m = ours.clone();
+                    bn.iter_custom(|n| one_thread(n, &mut m, mixed_ours))
+                });
+                g.bench_function("recloser", |bn| {
+                    let mut m = rc.clone();
+                    bn.iter_custom(|n| one_thread(n, &mut m, mixed_recloser))
+                });
+            } else {
+                g.bench_function("tower-patterns", |bn| {
+                    bn.iter_custom(|n| two_threads(n, ours.clone(), mixed_ours))
+                });
+                g.bench_function("recloser", |bn| {
+                    bn.iter_custom(|n| two_threads(n, rc.clone(), mixed_recloser))
+                });
+            }
+            g.finish();
+
+            let mut g =
+                c.benchmark_group(format!("circuit_breaker_mixed/time_{pct}pct_{threads}t"));
+            let ours = Mixed {
+                b: Circuit::new(ours_cfg().window(Window::Time(Duration::from_secs(10)))).unwrap(),
+                i: 0,
+                every,
+            };
+            let fs = Mixed {
+                b: failsafe_cb(),
+                i: 0,
+                every,
+            };
+            if threads == 1 {
+                g.bench_function("tower-patterns", |bn| {
+                    let mut m = ours.clone();
+                    bn.iter_custom(|n| one_thread(n, &mut m, mixed_ours))
+                });
+                g.bench_function("failsafe", |bn| {
+                    let mut m = fs.clone();
+                    bn.iter_custom(|n| one_thread(n, &mut m, mixed_failsafe))
+                });
+            } else {
+                g.bench_function("tower-patterns", |bn| {
+                    bn.iter_custom(|n| two_threads(n, ours.clone(), mixed_ours))
+                });
+                g.bench_function("failsafe", |bn| {
+                    bn.iter_custom(|n| two_threads(n, fs.clone(), mixed_failsafe))
+                });
+            }
+            g.finish();
+        }
+    }
+}
+
+criterion_group!(benches, bench, bench_mixed);
 criterion_main!(benches);

@@ -1,11 +1,11 @@
 //! A sink that writes objects as files under a directory.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use tokio::io::AsyncWriteExt;
 
 use super::error::SinkError;
 use super::key::{ObjectKey, RESERVED_DIR};
@@ -50,7 +50,15 @@ pub struct FsSink {
     root: Arc<PathBuf>,
     fsync: FsyncPolicy,
     buffer: usize,
+    in_flight: usize,
 }
+
+/// Default coalesced write: 1 MiB. A 1 GiB download over loopback arrives at ~2.5 GB/s; one
+/// 256 KiB write in flight at a time (the old `BufWriter` over `tokio::fs::File`, which
+/// also copied every chunk twice) wrote ~1.4 GB/s and lost the copy to overflow.
+const DEFAULT_BATCH: usize = 1 << 20;
+/// Default writes in flight at once.
+const DEFAULT_IN_FLIGHT: usize = 2;
 
 impl FsSink {
     /// A sink writing under `root` (created on first use).
@@ -58,7 +66,8 @@ impl FsSink {
         FsSink {
             root: Arc::new(root.into()),
             fsync: FsyncPolicy::default(),
-            buffer: 256 * 1024,
+            buffer: DEFAULT_BATCH,
+            in_flight: DEFAULT_IN_FLIGHT,
         }
     }
 
@@ -68,9 +77,20 @@ impl FsSink {
         self
     }
 
-    /// Size of the write buffer in front of the file (default 256 KiB).
+    /// Bytes of chunks gathered into one write (default 1 MiB, at least 4 KiB). Chunks are
+    /// not copied: the gathered [`Bytes`] are written one after the other by a blocking
+    /// thread, at their offsets.
     pub fn write_buffer(mut self, bytes: usize) -> Self {
         self.buffer = bytes.max(4096);
+        self
+    }
+
+    /// Gathered writes that may run at once, on Tokio's blocking threads (default 2, at
+    /// least 1). Each writes its own range of the file (positional writes), so while one
+    /// waits for the disk the next is already under way. The bytes they hold count as
+    /// [`SinkWriter::held_bytes`], against the sink's byte budget.
+    pub fn writes_in_flight(mut self, n: usize) -> Self {
+        self.in_flight = n.max(1);
         self
     }
 
@@ -89,11 +109,23 @@ impl FsSink {
     }
 }
 
+type Job = tokio::task::JoinHandle<std::io::Result<()>>;
+
 struct FsWriter {
-    file: Option<tokio::io::BufWriter<tokio::fs::File>>,
+    file: Option<Arc<std::fs::File>>,
     tmp: PathBuf,
     dest: PathBuf,
     fsync: FsyncPolicy,
+    batch: usize,
+    max_in_flight: usize,
+    /// Chunks gathered for the next write, and their length.
+    pending: Vec<Bytes>,
+    pending_len: usize,
+    /// Where the next write starts.
+    offset: u64,
+    /// Writes under way, oldest first, with their lengths.
+    in_flight: VecDeque<(Job, usize)>,
+    in_flight_len: usize,
 }
 
 impl Sink for FsSink {
@@ -122,37 +154,128 @@ impl Sink for FsSink {
                 .write(true)
                 .create_new(true)
                 .open(&tmp)
-                .await?;
+                .await?
+                .into_std()
+                .await;
             let w: Box<dyn SinkWriter> = Box::new(FsWriter {
-                file: Some(tokio::io::BufWriter::with_capacity(self.buffer, file)),
+                file: Some(Arc::new(file)),
                 tmp,
                 dest,
                 fsync: self.fsync,
+                batch: self.buffer,
+                max_in_flight: self.in_flight,
+                pending: Vec::new(),
+                pending_len: 0,
+                offset: 0,
+                in_flight: VecDeque::new(),
+                in_flight_len: 0,
             });
             Ok(w)
         })
     }
 }
 
+fn closed() -> SinkError {
+    SinkError::Io(std::io::Error::other("writer closed"))
+}
+
+/// Writes `chunks` one after the other from `offset`.
+fn write_chunks_at(file: &std::fs::File, chunks: &[Bytes], mut offset: u64) -> std::io::Result<()> {
+    for c in chunks {
+        write_all_at(file, c, offset)?;
+        offset += c.len() as u64;
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn write_all_at(file: &std::fs::File, buf: &[u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(file, buf, offset)
+}
+
+#[cfg(windows)]
+fn write_all_at(file: &std::fs::File, mut buf: &[u8], mut offset: u64) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        match std::os::windows::fs::FileExt::seek_write(file, buf, offset) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                buf = &buf[n..];
+                offset += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+impl FsWriter {
+    /// Waits for the oldest write. Cancel-safe: the job stays queued until it finished.
+    async fn wait_oldest(&mut self) -> Result<(), SinkError> {
+        let Some((job, _)) = self.in_flight.front_mut() else {
+            return Ok(());
+        };
+        let res = job.await;
+        if let Some((_, len)) = self.in_flight.pop_front() {
+            self.in_flight_len -= len;
+        }
+        match res {
+            Ok(r) => Ok(r?),
+            Err(e) => Err(SinkError::Io(std::io::Error::other(e))),
+        }
+    }
+
+    /// Starts a write of the gathered chunks, once fewer than the maximum are under way.
+    async fn flush_pending(&mut self) -> Result<(), SinkError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        while self.in_flight.len() >= self.max_in_flight {
+            self.wait_oldest().await?;
+        }
+        let file = self.file.clone().ok_or_else(closed)?;
+        let chunks = std::mem::take(&mut self.pending);
+        let len = std::mem::take(&mut self.pending_len);
+        let offset = self.offset;
+        self.offset += len as u64;
+        let job = tokio::task::spawn_blocking(move || write_chunks_at(&file, &chunks, offset));
+        self.in_flight.push_back((job, len));
+        self.in_flight_len += len;
+        Ok(())
+    }
+}
+
 impl SinkWriter for FsWriter {
     fn write(&mut self, chunk: Bytes) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(async move {
-            match self.file.as_mut() {
-                Some(f) => Ok(f.write_all(&chunk).await?),
-                None => Err(SinkError::Io(std::io::Error::other("writer closed"))),
+            if self.file.is_none() {
+                return Err(closed());
             }
+            self.pending_len += chunk.len();
+            self.pending.push(chunk);
+            if self.pending_len >= self.batch {
+                self.flush_pending().await?;
+            }
+            Ok(())
         })
+    }
+
+    fn held_bytes(&self) -> u64 {
+        (self.pending_len + self.in_flight_len) as u64
     }
 
     fn commit(mut self: Box<Self>) -> BoxFuture<'static, Result<(), SinkError>> {
         Box::pin(async move {
-            let Some(mut f) = self.file.take() else {
-                return Err(SinkError::Io(std::io::Error::other("writer closed")));
-            };
-            f.flush().await?;
-            let file = f.into_inner();
+            self.flush_pending().await?;
+            while !self.in_flight.is_empty() {
+                self.wait_oldest().await?;
+            }
+            let file = self.file.take().ok_or_else(closed)?;
             if self.fsync != FsyncPolicy::Never {
-                file.sync_all().await?;
+                let f = file.clone();
+                tokio::task::spawn_blocking(move || f.sync_all())
+                    .await
+                    .map_err(|e| SinkError::Io(std::io::Error::other(e)))??;
             }
             drop(file);
             tokio::fs::rename(&self.tmp, &self.dest).await?;
@@ -170,6 +293,8 @@ impl SinkWriter for FsWriter {
     fn abort(mut self: Box<Self>) -> BoxFuture<'static, ()> {
         Box::pin(async move {
             drop(self.file.take());
+            // Writes under way finish on their own threads into the unlinked file.
+            self.pending.clear();
             let tmp = std::mem::take(&mut self.tmp);
             if let Err(e) = tokio::fs::remove_file(&tmp).await {
                 tracing::warn!(error = %e, path = %tmp.display(), "could not remove partial backup");

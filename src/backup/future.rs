@@ -22,6 +22,8 @@ pub(crate) enum Plan {
         method: Method,
         authority: Option<String>,
         cfg: Arc<Config>,
+        /// A back-fill fetch ([`BackfillFetch`](super::BackfillFetch)): read at the sinks' pace.
+        paced: bool,
     },
 }
 
@@ -59,7 +61,8 @@ where
                 method,
                 authority,
                 cfg,
-            }) => start(res, key, &method, authority, &cfg),
+                paced,
+            }) => start(res, key, &method, authority, &cfg, paced),
             Some(Plan::Rejected(e)) => {
                 let mut res = res.map(TeeBody::passthrough);
                 res.extensions_mut().insert(BackupStatus::InvalidKey(e));

@@ -6,6 +6,7 @@ use http::{HeaderMap, Method, StatusCode};
 use tokio::sync::broadcast;
 use tower_layer::Layer;
 
+use super::backfill::BackfillQueue;
 use super::error::SinkError;
 use super::key::{NameRule, ObjectKey, PathKey};
 use super::service::Tee;
@@ -75,6 +76,7 @@ pub struct BackupStats {
     pub(crate) sink_errors: AtomicU64,
     pub(crate) rejected_keys: AtomicU64,
     pub(crate) skipped: AtomicU64,
+    pub(crate) handed_to_backfill: AtomicU64,
 }
 
 /// A point-in-time copy of [`BackupStats`].
@@ -95,6 +97,9 @@ pub struct BackupStatsSnapshot {
     /// Copies not started because their sink already had
     /// [`TeeLayerBuilder::max_pending_copies`] copies pending (a stalled sink).
     pub skipped: u64,
+    /// Copies lost to a sink too slow for the client (overflow, byte budget) whose key was
+    /// queued for a paced back-fill ([`TeeLayerBuilder::backfill_queue`]).
+    pub handed_to_backfill: u64,
     /// The tee's own counters (buffer use, abort causes).
     pub tee: TeeStatsSnapshot,
 }
@@ -111,6 +116,7 @@ impl BackupStats {
             sink_errors: self.sink_errors.load(r),
             rejected_keys: self.rejected_keys.load(r),
             skipped: self.skipped.load(r),
+            handed_to_backfill: self.handed_to_backfill.load(r),
             tee: self.tee.snapshot(),
         }
     }
@@ -159,6 +165,7 @@ pub(crate) struct Config {
     pub(crate) drain_budget: Option<Arc<DrainBudget>>,
     pub(crate) stats: Arc<BackupStats>,
     pub(crate) events: broadcast::Sender<BackupEvent>,
+    pub(crate) backfill: Option<BackfillQueue>,
 }
 
 impl fmt::Debug for Config {
@@ -193,6 +200,7 @@ pub struct TeeLayerBuilder {
     sink_budget: u64,
     max_pending: usize,
     drain_budget: Option<Arc<DrainBudget>>,
+    backfill: Option<BackfillQueue>,
 }
 
 impl fmt::Debug for TeeLayerBuilder {
@@ -230,6 +238,7 @@ impl TeeLayer {
             sink_budget: 64 << 20,
             max_pending: 256,
             drain_budget: None,
+            backfill: None,
         }
     }
 
@@ -334,6 +343,15 @@ impl TeeLayerBuilder {
         self
     }
 
+    /// Where the keys of copies lost to a sink too slow for the client go (overflow of
+    /// the buffer or the sink's byte budget): instead of only being counted as aborted,
+    /// each is queued (and counted in [`BackupStatsSnapshot::handed_to_backfill`]) for
+    /// [`backfill`](super::backfill()), which re-fetches at the sink's pace. Default: none.
+    pub fn backfill_queue(mut self, queue: BackfillQueue) -> Self {
+        self.backfill = Some(queue);
+        self
+    }
+
     /// Builds the layer.
     pub fn build(self) -> TeeLayer {
         let (events, _) = broadcast::channel(1024);
@@ -358,6 +376,7 @@ impl TeeLayerBuilder {
                 drain_budget: self.drain_budget,
                 stats: Arc::default(),
                 events,
+                backfill: self.backfill,
             }),
         }
     }

@@ -44,7 +44,7 @@
 //! | which responses | `GET` ([`TeeLayerBuilder::methods`]) whose [`Candidate`] passes the predicate: default status `200` with a non-empty body |
 //! | object key | request path, percent-decoded, leading `/` removed ([`PathKey`]); any [`NameRule`] may replace it |
 //! | bad key (`..`, absolute, control chars, empty, under the reserved `.tmp/`) | served normally, not backed up; [`BackupStatus::InvalidKey`] extension, `rejected_keys` counter, `warn` event |
-//! | slow sink | the client never waits; a copy more than `buffer` bytes behind is aborted (`overflows`) |
+//! | slow sink | the client never waits; a copy more than `buffer` bytes behind is aborted (`overflows`) and, with a [`BackfillQueue`], its key queued for a [`backfill`](backfill()) that reads at the sink's pace (`handed_to_backfill`) |
 //! | stalled sink | all copies to one sink share [`TeeLayerBuilder::sink_budget`] bytes (queued + [`SinkWriter::held_bytes`]); past it a copy is aborted (`budget_aborts`); past [`TeeLayerBuilder::max_pending_copies`] new copies are skipped (`skipped`) |
 //! | sink error | that sink's copy ends (`sink_errors`); client and other sinks go on |
 //! | commit | only after the whole body, with the length of `Content-Length` if present |
@@ -65,7 +65,7 @@ mod sink;
 
 #[cfg(feature = "object-store")]
 pub use self::object_store::ObjectStoreSink;
-pub use backfill::{backfill, BackfillReport};
+pub use backfill::{backfill, BackfillFetch, BackfillQueue, BackfillReport};
 pub use error::{BackfillError, KeyError, SinkError};
 pub use fs::{FsSink, FsyncPolicy};
 pub use future::ResponseFuture;

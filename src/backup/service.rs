@@ -93,6 +93,7 @@ where
                 method: parts.method.clone(),
                 authority: crate::cache::request_authority(&parts),
                 cfg: self.cfg.clone(),
+                paced: parts.extensions.get::<super::BackfillFetch>().is_some(),
             },
             Some(Err(e)) => {
                 self.cfg.stats.rejected_keys.fetch_add(1, Ordering::Relaxed);
@@ -115,6 +116,7 @@ pub(crate) fn start<B>(
     method: &http::Method,
     authority: Option<String>,
     cfg: &Arc<Config>,
+    paced: bool,
 ) -> Response<TeeBody<B>>
 where
     B: Body<Data = Bytes> + Send + 'static,
@@ -176,7 +178,7 @@ where
         stats: Some(cfg.stats.tee.clone()),
         drain_budget: cfg.drain_budget.clone(),
     };
-    Response::from_parts(parts, TeeBody::new(body, outlets, &opts))
+    Response::from_parts(parts, TeeBody::new(body, outlets, &opts).paced(paced))
 }
 
 /// Bytes a writer keeps after `write` ([`SinkWriter::held_bytes`](super::SinkWriter::held_bytes)),
@@ -267,6 +269,20 @@ async fn drive(
         BackupOutcome::Aborted(reason) => {
             stats.aborted.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(key = %info.key, sink = &*name, %reason, "backup aborted");
+            // The sink could not keep up with the client: not lost, re-fetched later at
+            // the sink's pace, when a back-fill queue is configured.
+            let too_slow = matches!(
+                reason,
+                AbortReason::Overflow { .. } | AbortReason::BudgetExceeded { .. }
+            );
+            if too_slow {
+                if let Some(q) = &cfg.backfill {
+                    if q.push(info.key.clone()) {
+                        stats.handed_to_backfill.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(key = %info.key, sink = &*name, "backup handed to back-fill");
+                    }
+                }
+            }
         }
         BackupOutcome::Failed(e) => {
             stats.sink_errors.fetch_add(1, Ordering::Relaxed);

@@ -40,11 +40,24 @@ fn gate_is_timed<K, M: MakeGate<K>>() -> bool {
 struct InFlight<K, S, M: MakeGate<K>> {
     ep: Arc<Ep<K, S, M>>,
     trial: bool,
+    /// Still counted in the endpoint's `in_flight`.
+    counted: bool,
+}
+
+impl<K, S, M: MakeGate<K>> InFlight<K, S, M> {
+    /// The response head arrived: no longer in flight. The guard keeps the endpoint (no
+    /// second reference-count round trip just to look at it while recording the outcome).
+    #[inline]
+    fn answered(&mut self) {
+        if std::mem::take(&mut self.counted) {
+            self.ep.in_flight.fetch_sub(1, Relaxed);
+        }
+    }
 }
 
 impl<K, S, M: MakeGate<K>> Drop for InFlight<K, S, M> {
     fn drop(&mut self) {
-        self.ep.in_flight.fetch_sub(1, Relaxed);
+        self.answered();
         if self.trial {
             self.ep.release_trial();
         }
@@ -114,8 +127,10 @@ struct Attempt<K, S, M: MakeGate<K>, C: Classify, B, R> {
     key: Option<u64>,
     cookie_id: Option<u64>,
     method_ok: bool,
-    /// Deadline of the try just dispatched, not yet armed on the timer.
-    arm: Option<Instant>,
+    /// Per-try timeout of the try just dispatched, not yet armed on the timer: armed only
+    /// once the try is pending, so an answer ready at the first poll costs no clock read
+    /// and no timer registration.
+    arm: Option<Duration>,
     /// State of the failure and queue paths, boxed so the common future stays small
     /// (it is moved through every layer of the stack).
     cold: Option<Box<Cold<B, R>>>,
@@ -252,7 +267,8 @@ where
             method_ok,
             arm: None,
             cold: None,
-            shared: shared.clone(),
+            // Moved, not cloned: one reference-count round trip per request is enough.
+            shared,
         };
         let inner = match picked {
             Ok(p) => Some(st.dispatch(&snap, p, req)),
@@ -302,20 +318,24 @@ where
         };
         self.classifier = Some(self.shared.classify.classify_request(&req));
         self.permit = Some(permit);
-        // The clock is read only for a gate that uses the elapsed time or a retry timeout:
-        // with `NoGate` and no timeout (the default) the request path never reads it.
+        // The clock is read here only for a gate that uses the elapsed time or a retry
+        // timeout; the per-try timeout reads it when the try first turns out pending.
         let timed = self.shared.retry.timeout.is_some();
-        let try_timeout = self.shared.try_timeout;
-        if gate_is_timed::<K, M>() || timed || try_timeout.is_some() {
+        self.started = None;
+        if gate_is_timed::<K, M>() || timed {
             let now = Instant::now();
             self.started = Some(now);
             if self.first.is_none() && timed {
                 self.first = Some(now);
             }
-            self.arm = try_timeout.map(|t| deadline_after(now, t));
         }
+        self.arm = self.shared.try_timeout;
         let svc = ep.service.clone();
-        self.endpoint = Some(InFlight { ep, trial });
+        self.endpoint = Some(InFlight {
+            ep,
+            trial,
+            counted: true,
+        });
         svc.oneshot(req)
     }
 
@@ -442,16 +462,21 @@ where
                 }
             }
 
-            if let Some(deadline) = this.st.arm.take() {
-                match this.timer.as_mut().as_pin_mut() {
-                    Some(t) => t.reset(deadline),
-                    None => this.timer.set(Some(tokio::time::sleep_until(deadline))),
-                }
-            }
             let mut res: Result<Response<RB>, BoxError> = match this.inner.as_mut().as_pin_mut() {
                 Some(fut) => match fut.poll(cx) {
-                    Poll::Ready(r) => r.map_err(Into::into),
+                    Poll::Ready(r) => {
+                        this.st.arm = None;
+                        r.map_err(Into::into)
+                    }
                     Poll::Pending => {
+                        if let Some(after) = this.st.arm.take() {
+                            let base = this.st.started.unwrap_or_else(Instant::now);
+                            let deadline = deadline_after(base, after);
+                            match this.timer.as_mut().as_pin_mut() {
+                                Some(t) => t.reset(deadline),
+                                None => this.timer.set(Some(tokio::time::sleep_until(deadline))),
+                            }
+                        }
                         // A hung endpoint (accepts, never answers) gives no outcome by
                         // itself: the per-try timeout turns it into a timeout failure that
                         // health counts and retry acts on. The timer is armed at every
@@ -477,20 +502,27 @@ where
             let Some(mut guard) = st.endpoint.take() else {
                 return Poll::Ready(Err(BalanceError::NoEndpoints));
             };
-            let ep = guard.ep.clone();
             // The outcome below resolves the trial, if this was one.
             let trial = std::mem::take(&mut guard.trial);
             // in_flight counts until the response head arrived, or for an upgraded
-            // connection (WebSocket) until its tunnel closes.
-            match &res {
-                Ok(r) if r.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
-                    match r.extensions().get::<crate::proxy::Tunnel>() {
-                        Some(t) => t.hold(guard),
-                        None => drop(guard),
+            // connection (WebSocket) until its tunnel closes: the tunnel holds the guard.
+            let ep_held;
+            let ep = match &res {
+                Ok(r)
+                    if r.status() == http::StatusCode::SWITCHING_PROTOCOLS
+                        && r.extensions().get::<crate::proxy::Tunnel>().is_some() =>
+                {
+                    ep_held = guard.ep.clone();
+                    if let Some(t) = r.extensions().get::<crate::proxy::Tunnel>() {
+                        t.hold(guard);
                     }
+                    &ep_held
                 }
-                _ => drop(guard),
-            }
+                _ => {
+                    guard.answered();
+                    &guard.ep
+                }
+            };
             // A client-caused failure (its body broke, the proxy's own resources ran out)
             // says nothing about the endpoint: never charged to it, never retried,
             // whatever the configured classifier says.
@@ -521,31 +553,36 @@ where
                 (Some(c), Err(e)) => c.classify_error(&**e),
                 (None, _) => Outcome::Ignored,
             };
-            let shared = st.shared.clone();
-            if ep.record(outcome, trial, &shared.health, &shared.clock) {
-                shared.try_eject(&ep);
+            if ep.record(outcome, trial, &st.shared.health, &st.shared.clock) {
+                st.shared.try_eject(ep);
             }
             if let Some(p) = st.permit.take() {
                 let elapsed = st.started.map(|t| t.elapsed()).unwrap_or_default();
                 ep.gate.complete(p, outcome, elapsed);
             }
 
-            let wanted = match &res {
-                Ok(r) => {
-                    st.method_ok
-                        && shared
-                            .retry
-                            .on
-                            .classify_head(r.status(), r.headers())
-                            .is_failure()
-                }
-                Err(_) if client_fault => false,
-                Err(e) => {
-                    is_connect_error(&**e)
-                        || (st.method_ok && shared.retry.on.classify_error_ref(&**e).is_failure())
-                }
-            };
-            if wanted && st.replay.is_some() && st.within_timeout() {
+            // Without a kept copy of the request no retry is possible: skip the retry
+            // classification (and the shared-state reference) altogether.
+            let wanted = st.replay.is_some()
+                && match &res {
+                    Ok(r) => {
+                        st.method_ok
+                            && st
+                                .shared
+                                .retry
+                                .on
+                                .classify_head(r.status(), r.headers())
+                                .is_failure()
+                    }
+                    Err(_) if client_fault => false,
+                    Err(e) => {
+                        is_connect_error(&**e)
+                            || (st.method_ok
+                                && st.shared.retry.on.classify_error_ref(&**e).is_failure())
+                    }
+                };
+            if wanted && st.within_timeout() {
+                let shared = st.shared.clone();
                 st.tried.push(ep.id);
                 let snap = shared.snapshot.load();
                 let picked = snap.pick(&shared.picker, st.key, &shared.clock, &st.tried);
@@ -573,7 +610,7 @@ where
                         }
                         Err(_) => {
                             // Nobody left to try now; with a queue, wait for the set to change.
-                            let done = st.finish(&ep, res);
+                            let done = st.finish(ep, res);
                             st.set_last(done);
                             if st.queue(req) {
                                 continue;
@@ -585,7 +622,7 @@ where
                 }
             }
             st.replay = None;
-            return Poll::Ready(st.finish(&ep, res));
+            return Poll::Ready(st.finish(ep, res));
         }
     }
 }

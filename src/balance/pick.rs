@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, Uri};
@@ -15,6 +15,7 @@ use http::{HeaderMap, HeaderName, Uri};
 use super::endpoint::{Admission, Clock, Endpoint};
 use super::hash::{fast_rand, hash_bytes, mix};
 use crate::gate::Gate;
+use crate::stripe::{bump, default_cells, my_cell, total_cells, Padded};
 
 /// How the balancer chooses an endpoint.
 #[derive(Clone, Default)]
@@ -150,7 +151,12 @@ const RING_MAX_WEIGHT: u32 = 100;
 pub(crate) struct Snapshot<K, S, G> {
     pub(crate) endpoints: Vec<Arc<Endpoint<K, S, G>>>,
     by_id: HashMap<u64, usize>,
-    rr: AtomicUsize,
+    /// Round-robin positions, one per thread (see [`crate::stripe`]): one shared counter
+    /// made every pick a contended read-modify-write, so two threads picked no faster than
+    /// one. Each thread walks the rotation on its own, all from position 0 (as each nginx
+    /// worker does); over many requests every endpoint still gets its share.
+    rr: Box<[Padded]>,
+    rr_exclusive: usize,
     /// SWRR schedule: endpoint indices in nginx order for one period.
     schedule: Vec<u32>,
     /// Ketama ring: (point, endpoint index), sorted by point.
@@ -253,10 +259,20 @@ impl<K, S, G: Gate> Snapshot<K, S, G> {
         Snapshot {
             endpoints,
             by_id,
-            rr: AtomicUsize::new(0),
+            rr: (0..total_cells(default_cells()))
+                .map(|_| Padded::default())
+                .collect(),
+            rr_exclusive: default_cells(),
             schedule,
             ring,
         }
+    }
+
+    /// This thread's next round-robin position.
+    #[inline]
+    fn next_rr(&self) -> usize {
+        let (i, exclusive) = my_cell(self.rr_exclusive);
+        bump(&self.rr[i].0, 1, exclusive).wrapping_sub(1) as usize
     }
 
     pub(crate) fn index_of(&self, id: u64) -> Option<usize> {
@@ -318,7 +334,7 @@ impl<K, S, G: Gate> Snapshot<K, S, G> {
                     // drawn), not handed to its neighbour in the schedule: the survivors
                     // keep their relative shares (issue 10, item 15). Bounded, then a scan.
                     for _ in 0..len.min(64) {
-                        let pos = self.rr.fetch_add(1, Relaxed);
+                        let pos = self.next_rr();
                         let i = self.schedule[pos % len] as usize;
                         if let Some(p) = self.admit(i, clock, tried) {
                             return Ok(p);
@@ -373,7 +389,7 @@ impl<K, S, G: Gate> Snapshot<K, S, G> {
         let n = self.endpoints.len();
         let mut start = 0;
         for k in 0..n {
-            let pos = self.rr.fetch_add(1, Relaxed);
+            let pos = self.next_rr();
             if k == 0 {
                 start = pos;
             }

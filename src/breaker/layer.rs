@@ -4,11 +4,11 @@ use std::fmt;
 
 use tower_layer::Layer;
 
+use super::circuit::Circuit;
 use super::config::{CircuitBreakerConfig, Mode};
 use super::error::{CircuitOpen, ConfigError};
 use super::fallback::{FnFallback, NoFallback, ServiceFallback};
 use super::service::CircuitBreaker;
-use super::state::Circuit;
 use crate::classify::{Classify, Condition};
 
 /// Applies one circuit to every service it wraps: all of them share the same

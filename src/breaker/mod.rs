@@ -61,15 +61,19 @@
 //!
 //! See `docs/circuit_breaker.md` for the side-by-side table with resilience4j's options.
 
+mod circuit;
 mod config;
 mod error;
 mod fallback;
 mod future;
 mod layer;
+mod record;
 mod service;
 mod state;
+mod transition;
 mod window;
 
+pub use circuit::Circuit;
 pub use config::{
     CircuitBreakerConfig, Mode, WaitStrategy, Window, MAX_HALF_OPEN_PERMITS, MAX_WINDOW_CALLS,
     MAX_WINDOW_SECS,
@@ -79,4 +83,4 @@ pub use fallback::{Fallback, FallbackFuture, FnFallback, NoFallback, ServiceFall
 pub use future::ResponseFuture;
 pub use layer::CircuitBreakerLayer;
 pub use service::CircuitBreaker;
-pub use state::{Circuit, MetricsSnapshot, Permit, State};
+pub use state::{MetricsSnapshot, Permit, State};

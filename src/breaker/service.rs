@@ -10,10 +10,11 @@ use tokio::sync::futures::OwnedNotified;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
+use super::circuit::Circuit;
 use super::config::Mode;
 use super::fallback::{Fallback, NoFallback};
 use super::future::{Guard, ResponseFuture};
-use super::state::{Circuit, Permit};
+use super::state::Permit;
 use crate::classify::{Classify, Condition};
 use crate::BoxError;
 

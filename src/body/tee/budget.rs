@@ -165,7 +165,11 @@ impl ByteBudget {
                 u.checked_add(n).filter(|t| *t <= limit)
             }) {
             Ok(prev) => {
-                self.peak.fetch_max(prev + n, Ordering::Relaxed);
+                // A plain load first: the read-modify-write only on a new peak (this runs
+                // for every chunk of every copy).
+                if prev + n > self.peak.load(Ordering::Relaxed) {
+                    self.peak.fetch_max(prev + n, Ordering::Relaxed);
+                }
                 true
             }
             Err(_) => false,

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use tokio::sync::{mpsc, Notify};
 
 use super::{AbortReason, ByteBudget, TeeStats};
@@ -21,8 +22,11 @@ pub(super) struct Shared {
     pub(super) buffered: AtomicUsize,
     /// Wakes a draining tee when the sink released bytes or went away.
     pub(super) released: Notify,
-    /// Set when a drain may wait on `released`; until then releases skip the notify.
+    /// Set when a drain may wait on `released` (or a paced tee on `room`); until then
+    /// releases skip the wake-ups.
     pub(super) draining: AtomicBool,
+    /// Wakes a paced tee ([`TeeOptions::paced`](super::TeeOptions::paced)) waiting for room.
+    pub(super) room: AtomicWaker,
     pub(super) limit: usize,
     /// The budget shared with the sink's other copies, if any.
     pub(super) budget: Option<Arc<ByteBudget>>,
@@ -75,6 +79,7 @@ fn make_outlet(buffer: usize, budget: Option<Arc<ByteBudget>>) -> (Outlet, Inlet
         buffered: AtomicUsize::new(0),
         released: Notify::new(),
         draining: AtomicBool::new(false),
+        room: AtomicWaker::new(),
         limit: buffer,
         budget,
         stats: std::sync::OnceLock::new(),
@@ -133,6 +138,7 @@ impl Inlet {
         }
         if self.shared.draining.load(Ordering::SeqCst) {
             self.shared.released.notify_one();
+            self.shared.room.wake();
         }
     }
 
@@ -153,6 +159,7 @@ impl Drop for Inlet {
             }
         }
         self.shared.released.notify_one();
+        self.shared.room.wake();
     }
 }
 
@@ -183,14 +190,31 @@ impl Outlet {
         self.tx.as_ref().is_some_and(|tx| !tx.is_closed())
     }
 
-    /// Queues `chunk` without waiting. Returns `false` if the copy was abandoned.
-    pub(super) fn try_send(&mut self, chunk: &Bytes) -> bool {
+    /// Paced mode: whether the sink has room for another chunk (at most half its buffer
+    /// queued); otherwise registers `cx` to be woken when it releases bytes or goes away.
+    /// A paced tee queues at most half the buffer plus one chunk, so it never overflows.
+    pub(super) fn poll_room(&self, cx: &mut std::task::Context<'_>) -> bool {
+        let sh = &self.shared;
+        let roomy = || sh.buffered.load(Ordering::SeqCst) <= sh.limit / 2 || !self.is_open();
+        if roomy() {
+            return true;
+        }
+        sh.room.register(cx.waker());
+        // Set before the second read, so a release after it always wakes us.
+        sh.draining.store(true, Ordering::SeqCst);
+        roomy()
+    }
+
+    /// Queues `chunk` without waiting. Returns `false` if the copy was abandoned. `paced`:
+    /// the caller waited for room ([`poll_room`](Self::poll_room)), so the buffer limit is
+    /// not checked again (the byte budget still is).
+    pub(super) fn try_send(&mut self, chunk: &Bytes, paced: bool) -> bool {
         if self.tx.is_none() {
             return false;
         }
         let len = chunk.len();
         let prev = self.shared.buffered.fetch_add(len, Ordering::AcqRel);
-        if prev != 0 && prev + len > self.shared.limit {
+        if !paced && prev != 0 && prev + len > self.shared.limit {
             self.shared.buffered.fetch_sub(len, Ordering::AcqRel);
             if let Some(s) = self.shared.stats.get() {
                 s.overflows.fetch_add(1, Ordering::Relaxed);

@@ -161,6 +161,7 @@ pub struct TeeBody<B> {
     policy: DisconnectPolicy,
     stats: Arc<TeeStats>,
     drain_budget: Option<Arc<DrainBudget>>,
+    paced: bool,
     /// Spawns the drain; a fn pointer made where `B: Send + 'static` is known, so `Drop`
     /// needs no bounds.
     drain: DrainFn<B>,
@@ -194,8 +195,18 @@ where
             policy: opts.on_disconnect,
             stats,
             drain_budget: opts.drain_budget.clone(),
+            paced: false,
             drain: spawn_drain::<B>,
         }
+    }
+
+    /// Reads the upstream no faster than the slowest sink writes: before each frame the
+    /// tee waits until every sink has at most half its buffer queued, so no copy
+    /// overflows. The reader then waits for the sinks: for back-fill fetches (see
+    /// [`backfill`](crate::backup::backfill())), never for real clients.
+    pub fn paced(mut self, paced: bool) -> Self {
+        self.paced = paced;
+        self
     }
 
     /// A body that only streams (no sink): what a layer returns for a response it does
@@ -209,6 +220,7 @@ where
             policy: DisconnectPolicy::Abort,
             stats: Arc::default(),
             drain_budget: None,
+            paced: false,
             drain: spawn_drain::<B>,
         }
     }
@@ -272,6 +284,9 @@ where
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
+        if this.paced && !this.outlets.iter().all(|o| o.poll_room(cx)) {
+            return Poll::Pending;
+        }
         let res = std::task::ready!(inner.as_mut().poll_frame(cx));
         match res {
             Some(Ok(frame)) => {
@@ -284,7 +299,8 @@ where
                             this.stats.length_mismatches.fetch_add(1, Ordering::Relaxed);
                             this.abort_all(AbortReason::TooLong { expected: e });
                         } else {
-                            this.outlets.retain_mut(|o| o.try_send(data));
+                            let paced = this.paced;
+                            this.outlets.retain_mut(|o| o.try_send(data, paced));
                         }
                     }
                 }

@@ -1,0 +1,318 @@
+//! Admission and recording in closed and half-open state: the per-call path.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::error::CircuitOpen;
+use super::state::{
+    ho_epoch25, ho_epoch32, rate, Metrics, Permit, Shared, State, CLOSED, DISABLED, FORCED_OPEN,
+    HALF_OPEN, METRICS_ONLY, OPEN, R, RMASK, TARGET,
+};
+use super::window::Counts;
+use crate::classify::Outcome;
+
+impl Shared {
+    /// Whole seconds since the circuit was built: the time window's bucket clock.
+    #[inline]
+    pub(super) fn now_secs(&self) -> u64 {
+        Instant::now()
+            .saturating_duration_since(self.base)
+            .as_secs()
+    }
+
+    #[inline]
+    pub(super) fn now_nanos(&self) -> u64 {
+        let d = Instant::now().saturating_duration_since(self.base);
+        u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    pub(super) fn remaining(&self, now: u64) -> Duration {
+        Duration::from_nanos(self.open_until.load(Ordering::Acquire).saturating_sub(now))
+    }
+
+    #[inline(always)]
+    pub(super) fn try_acquire(self: &Arc<Self>, counted: bool) -> Result<Permit, CircuitOpen> {
+        let w = self.state.load(Ordering::Acquire);
+        match w & 15 {
+            CLOSED | DISABLED | METRICS_ONLY => Ok(Permit {
+                word: w,
+                release: None,
+            }),
+            _ => self.try_acquire_slow(w, counted),
+        }
+    }
+
+    #[cold]
+    pub(super) fn try_acquire_slow(
+        self: &Arc<Self>,
+        mut w: u64,
+        counted: bool,
+    ) -> Result<Permit, CircuitOpen> {
+        let reject = |state: State, remaining: Option<Duration>| {
+            if counted {
+                self.reject(state, remaining)
+            } else {
+                CircuitOpen { state, remaining }
+            }
+        };
+        // At most: open -> half-open (lazy), half-open expired -> open: a few rounds.
+        for _ in 0..4 {
+            match w & 15 {
+                CLOSED | DISABLED | METRICS_ONLY => {
+                    return Ok(Permit {
+                        word: w,
+                        release: None,
+                    })
+                }
+                OPEN => {
+                    let now = self.now_nanos();
+                    if now < self.open_until.load(Ordering::Acquire) {
+                        return Err(reject(State::Open, Some(self.remaining(now))));
+                    }
+                    let _ = self.transition(Some(w), State::HalfOpen);
+                }
+                HALF_OPEN => {
+                    if self.ho_deadline.load(Ordering::Acquire) <= self.now_nanos() {
+                        tracing::debug!(target: TARGET, breaker = %self.name, "half-open probes did not decide in time");
+                        let _ = self.transition(Some(w), State::Open);
+                    } else {
+                        if self.take_probe(w) {
+                            return Ok(Permit {
+                                word: w,
+                                release: Some(self.clone()),
+                            });
+                        }
+                        return Err(reject(State::HalfOpen, None));
+                    }
+                }
+                FORCED_OPEN => return Err(reject(State::ForcedOpen, None)),
+                _ => {
+                    // Busy: a transition is being prepared.
+                    return Err(reject(State::from_bits(w), None));
+                }
+            }
+            w = self.state.load(Ordering::Acquire);
+        }
+        Err(reject(State::from_bits(w), None))
+    }
+
+    pub(super) fn reject(&self, state: State, remaining: Option<Duration>) -> CircuitOpen {
+        self.not_permitted.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            target: TARGET,
+            breaker = %self.name,
+            state = %state,
+            remaining_ms = remaining.map(|d| d.as_millis() as u64),
+            "call not permitted"
+        );
+        CircuitOpen { state, remaining }
+    }
+
+    pub(super) fn take_probe(&self, w: u64) -> bool {
+        let ep = ho_epoch32(w);
+        let mut p = self.ho_permits.load(Ordering::Acquire);
+        loop {
+            if p >> 32 != ep || p & 0xFFFF_FFFF == 0 {
+                return false;
+            }
+            match self.ho_permits.compare_exchange_weak(
+                p,
+                p - 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(cur) => p = cur,
+            }
+        }
+    }
+
+    #[cold]
+    pub(super) fn release_probe(&self, w: u64) {
+        let ep = ho_epoch32(w);
+        let mut p = self.ho_permits.load(Ordering::Acquire);
+        loop {
+            if p >> 32 != ep {
+                return; // a later state: this permit no longer exists
+            }
+            match self.ho_permits.compare_exchange_weak(
+                p,
+                p + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break,
+                Err(cur) => p = cur,
+            }
+        }
+        self.notify.notify_waiters();
+    }
+
+    #[inline(always)]
+    pub(super) fn complete(
+        self: &Arc<Self>,
+        mut permit: Permit,
+        outcome: Outcome,
+        elapsed: Duration,
+    ) {
+        if outcome == Outcome::Ignored {
+            return; // dropping the permit returns a probe permit
+        }
+        permit.release = None;
+        let fail = outcome.is_failure();
+        let slow = match self.cfg.slow_rate {
+            Some(_) => elapsed >= self.cfg.slow_duration,
+            None => false,
+        };
+        match permit.word & 15 {
+            CLOSED | METRICS_ONLY => self.record_closed(permit.word, fail, slow),
+            HALF_OPEN => self.record_probe(permit.word, fail, slow),
+            _ => {}
+        }
+    }
+
+    #[inline(always)]
+    pub(super) fn record_closed(self: &Arc<Self>, word: u64, fail: bool, slow: bool) {
+        if self.state.load(Ordering::Relaxed) != word {
+            return; // admitted in an earlier state
+        }
+        if fail {
+            return self.record_failure(word, slow);
+        }
+        // A success: in the common case one load here and at most a bump of this thread's
+        // own counter cell in the window, so it inlines into the caller.
+        if self.consecutive.load(Ordering::Relaxed) != 0 {
+            self.consecutive.store(0, Ordering::Relaxed);
+        }
+        let c = match &self.window {
+            Metrics::Count(w) => w.record(false, slow),
+            Metrics::Time(w) => w.record(self.now_secs(), false, slow),
+        };
+        if let Some(c) = c {
+            self.evaluate(word, c, 0);
+        }
+    }
+
+    #[inline(never)]
+    fn record_failure(self: &Arc<Self>, word: u64, slow: bool) {
+        let consecutive = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
+        let c = match &self.window {
+            Metrics::Count(w) => w.record(true, slow),
+            Metrics::Time(w) => w.record(self.now_secs(), true, slow),
+        };
+        self.evaluate(word, c.unwrap_or_default(), consecutive);
+    }
+
+    #[inline(never)]
+    fn evaluate(self: &Arc<Self>, word: u64, c: Counts, consecutive: u32) {
+        if c.failures == 0 && c.slow == 0 && consecutive == 0 {
+            return;
+        }
+        if let Some(reason) = self.trip_reason(c, consecutive, self.min_calls) {
+            if word & 15 == METRICS_ONLY {
+                return;
+            }
+            tracing::warn!(
+                target: TARGET,
+                breaker = %self.name,
+                failure_rate = rate(c.failures, c.calls.max(1)),
+                slow_call_rate = rate(c.slow, c.calls.max(1)),
+                consecutive_failures = consecutive,
+                calls = c.calls,
+                reason,
+                "failure rate exceeded threshold"
+            );
+            let _ = self.transition(Some(word), State::Open);
+        }
+    }
+
+    pub(super) fn trip_reason(
+        &self,
+        c: Counts,
+        consecutive: u32,
+        min_calls: u32,
+    ) -> Option<&'static str> {
+        if let Some(k) = self.cfg.consecutive_failures {
+            if consecutive >= k {
+                return Some("consecutive failures");
+            }
+        }
+        if c.calls >= min_calls && c.calls > 0 {
+            if let Some(t) = self.cfg.failure_rate {
+                if rate(c.failures, c.calls) >= t {
+                    return Some("failure rate");
+                }
+            }
+            if let Some(t) = self.cfg.slow_rate {
+                if rate(c.slow, c.calls) >= t {
+                    return Some("slow-call rate");
+                }
+            }
+        }
+        None
+    }
+
+    #[cold]
+    pub(super) fn record_probe(self: &Arc<Self>, word: u64, fail: bool, slow: bool) {
+        let ep = ho_epoch25(word);
+        let n = u64::from(self.cfg.half_open_permits);
+        let mut r = self.ho_results.load(Ordering::Acquire);
+        let next = loop {
+            if r >> 39 != ep || r & RMASK >= n {
+                return; // stale, or already decided
+            }
+            let next = r + 1 + (u64::from(fail) << R) + (u64::from(slow) << (2 * R));
+            match self.ho_results.compare_exchange_weak(
+                r,
+                next,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break next,
+                Err(cur) => r = cur,
+            }
+        };
+        if next & RMASK < n {
+            return;
+        }
+        let c = Counts {
+            calls: (next & RMASK) as u32,
+            failures: ((next >> R) & RMASK) as u32,
+            slow: ((next >> (2 * R)) & RMASK) as u32,
+        };
+        // Probes decide by the same rates; consecutive failures count as "all probes
+        // failed up to k".
+        let consecutive = if self.cfg.consecutive_failures.is_some() {
+            c.failures
+        } else {
+            0
+        };
+        let to = match self.probe_trip(c, consecutive) {
+            Some(reason) => {
+                tracing::warn!(
+                    target: TARGET,
+                    breaker = %self.name,
+                    failure_rate = rate(c.failures, c.calls),
+                    slow_call_rate = rate(c.slow, c.calls),
+                    reason,
+                    "half-open probes exceeded threshold"
+                );
+                State::Open
+            }
+            None => State::Closed,
+        };
+        let _ = self.transition(Some(word), to);
+    }
+
+    pub(super) fn probe_trip(&self, c: Counts, failures: u32) -> Option<&'static str> {
+        if let Some(k) = self.cfg.consecutive_failures {
+            if failures >= k.min(c.calls) {
+                return Some("consecutive failures");
+            }
+        }
+        self.trip_reason(c, 0, c.calls)
+    }
+}

@@ -1,0 +1,201 @@
+//! Per-thread striped counters for hot shared state (breaker windows, round robin).
+//!
+//! One counter that every thread bumps puts a contended atomic read-modify-write on every
+//! call: two threads bumping one cache line cost 50-150 ns per call instead of ~1 ns. Here
+//! each thread gets a small id, unique among the threads alive now (an exiting thread hands
+//! its id back), and a counter keeps cache-line-padded cells: `E` exclusive ones, one per
+//! id below `E`, bumped by their owner with a plain load and store (no `lock` prefix, no
+//! line bouncing), then `E / 2` shared ones that threads with larger ids pick by modulo
+//! and bump with `fetch_add`. Readers sum the cells, which is exact once writers pause.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+/// Ids handed back by exited threads, reused first so ids stay small.
+static FREE: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// Marks a thread-local id as not yet taken.
+const UNSET: usize = usize::MAX;
+
+struct Slot(Cell<usize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let id = self.0.get();
+        if id != UNSET {
+            // A poisoned lock only means another thread panicked while pushing: the list
+            // itself is still a valid Vec, so keep using it.
+            let mut free = FREE.lock().unwrap_or_else(|e| e.into_inner());
+            free.push(id);
+        }
+    }
+}
+
+thread_local! {
+    static ID: Slot = const { Slot(Cell::new(UNSET)) };
+}
+
+#[cold]
+fn take_id() -> usize {
+    let reused = FREE.lock().unwrap_or_else(|e| e.into_inner()).pop();
+    reused.unwrap_or_else(|| NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// This thread's id: small, and unique among the live threads. During thread teardown
+/// (the id already handed back) a shared id is returned instead, which is still correct,
+/// only not exclusive.
+#[inline]
+pub(crate) fn thread_id() -> usize {
+    ID.try_with(|s| {
+        let id = s.0.get();
+        if id != UNSET {
+            return id;
+        }
+        let id = take_id();
+        s.0.set(id);
+        id
+    })
+    .unwrap_or(UNSET)
+}
+
+/// Exclusive cells per striped counter: the machine's parallelism rounded up to a power of two,
+/// between 4 and 16 (16 cells of 64 bytes is 1 KiB per counter; beyond 16 threads cells are
+/// shared, which stays correct and only brings back some contention).
+pub(crate) fn default_cells() -> usize {
+    static CELLS: OnceLock<usize> = OnceLock::new();
+    *CELLS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(4)
+            .next_power_of_two()
+            .clamp(4, 16)
+    })
+}
+
+/// A cache line holding one cell.
+#[repr(align(64))]
+#[derive(Default)]
+pub(crate) struct Padded(pub(crate) AtomicU64);
+
+/// Shared cells after `exclusive` exclusive ones.
+#[inline]
+fn shared_cells(exclusive: usize) -> usize {
+    (exclusive / 2).max(1)
+}
+
+/// Cells (exclusive + shared) for `exclusive` exclusive ones.
+pub(crate) fn total_cells(exclusive: usize) -> usize {
+    exclusive + shared_cells(exclusive)
+}
+
+/// The calling thread's cell index in a layout of [`total_cells`]`(exclusive)` cells, and
+/// whether it owns that cell exclusively. A thread without an exclusive cell never touches
+/// one: its owner writes it without atomicity.
+#[inline]
+pub(crate) fn my_cell(exclusive: usize) -> (usize, bool) {
+    let id = thread_id();
+    if id < exclusive {
+        (id, true)
+    } else {
+        (exclusive + id % shared_cells(exclusive), false)
+    }
+}
+
+/// Adds `v` to `cell`; a plain load and store when this thread owns it, else `fetch_add`.
+/// Returns the cell's new value.
+#[inline]
+pub(crate) fn bump(cell: &AtomicU64, v: u64, exclusive: bool) -> u64 {
+    if exclusive {
+        // Only this thread writes this cell (its id is unique among live threads), so the
+        // read-modify-write needs no atomicity; readers see either value.
+        let n = cell.load(Ordering::Relaxed).wrapping_add(v);
+        cell.store(n, Ordering::Release);
+        n
+    } else {
+        cell.fetch_add(v, Ordering::AcqRel).wrapping_add(v)
+    }
+}
+
+/// A counter striped over per-thread cells.
+pub(crate) struct StripedCounter {
+    cells: Box<[Padded]>,
+    exclusive: usize,
+}
+
+impl StripedCounter {
+    pub(crate) fn new() -> Self {
+        Self::with_cells(default_cells())
+    }
+
+    /// A counter with `n` exclusive cells (and their shared overflow cells).
+    pub(crate) fn with_cells(n: usize) -> Self {
+        Self {
+            cells: (0..total_cells(n.max(1)))
+                .map(|_| Padded::default())
+                .collect(),
+            exclusive: n.max(1),
+        }
+    }
+
+    /// Adds `v` to this thread's cell and returns that cell's new value (not the total).
+    #[inline]
+    pub(crate) fn add(&self, v: u64) -> u64 {
+        let (i, exclusive) = my_cell(self.exclusive);
+        bump(&self.cells[i].0, v, exclusive)
+    }
+
+    /// The sum of all cells.
+    pub(crate) fn sum(&self) -> u64 {
+        self.cells
+            .iter()
+            .fold(0u64, |s, c| s.wrapping_add(c.0.load(Ordering::Acquire)))
+    }
+
+    /// Sets every cell to zero (racing writers may add a call or two back).
+    pub(crate) fn reset(&self) {
+        for c in self.cells.iter() {
+            c.0.store(0, Ordering::Release);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn ids_are_unique_among_live_threads_and_reused() {
+        let mine = thread_id();
+        assert_eq!(thread_id(), mine, "stable within a thread");
+        let other = std::thread::spawn(thread_id).join().unwrap();
+        assert_ne!(other, mine);
+        // The exited thread's id is handed back and can be taken again.
+        let again = std::thread::spawn(thread_id).join().unwrap();
+        assert_ne!(again, mine);
+    }
+
+    #[test]
+    fn striped_sum_is_exact_after_concurrent_adds() {
+        let c = Arc::new(StripedCounter::with_cells(2));
+        let hs: Vec<_> = (0..6)
+            .map(|_| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..10_000 {
+                        c.add(1);
+                    }
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap();
+        }
+        // 6 threads on 2 cells: shared cells must use fetch_add, or this loses counts.
+        assert_eq!(c.sum(), 60_000);
+        c.reset();
+        assert_eq!(c.sum(), 0);
+    }
+}
