@@ -63,6 +63,8 @@ pub mod proxy;
 pub mod respond;
 pub mod route;
 pub mod server;
+pub mod telemetry;
+pub mod trace;
 
 /// A type-erased error, as in tower.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

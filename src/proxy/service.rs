@@ -431,6 +431,11 @@ where
         strip_hop_by_hop(&mut parts.headers);
         let client = parts.extensions.get::<ClientAddr>().copied();
         set_forwarded(&self.opts, &mut parts.headers, client, &parts.uri);
+        crate::trace::on_upstream_call(
+            &mut parts.headers,
+            &parts.extensions,
+            self.pool.upstream().authority(),
+        );
         if !self.opts.preserve_host || !parts.headers.contains_key(header::HOST) {
             // HTTP/2 clients send :authority instead of Host; HTTP/1.1 upstreams need Host.
             let host = match parts.uri.authority() {

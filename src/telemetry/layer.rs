@@ -1,0 +1,65 @@
+//! The [`MetricsLayer`].
+
+use std::sync::Arc;
+
+use tower_layer::Layer;
+
+use super::service::{Handles, Metrics};
+use crate::classify::{Classify, Condition};
+
+/// Records requests, failures, latency and in-flight calls of the wrapped service under one
+/// configured route name (see the [module docs](super)).
+///
+/// ```
+/// use tower_patterns::telemetry::MetricsLayer;
+/// // Install the exporter first: the handles are registered here.
+/// let layer = MetricsLayer::new("orders").classify("5xx,fail".parse().unwrap());
+/// # let _ = layer;
+/// ```
+#[derive(Clone, Debug)]
+pub struct MetricsLayer<C = Condition> {
+    handles: Arc<Handles>,
+    classify: C,
+}
+
+impl MetricsLayer {
+    /// A layer recording under the label `route = name`; failures are `5xx` and every error
+    /// ([`Condition::server_errors_and_failures`], the breaker's and balancer's default).
+    ///
+    /// `name` must be a configured constant (a route template such as `/api/orders/{id}`,
+    /// a service name), never a value taken from a request.
+    pub fn new(name: impl Into<String>) -> Self {
+        MetricsLayer {
+            handles: Arc::new(Handles::register(name.into())),
+            classify: Condition::server_errors_and_failures(),
+        }
+    }
+}
+
+impl<C> MetricsLayer<C> {
+    /// What counts as a failure: pass the same [`Classify`] as the breaker and balancer.
+    pub fn classify<C2: Classify>(self, classify: C2) -> MetricsLayer<C2> {
+        MetricsLayer {
+            handles: self.handles,
+            classify,
+        }
+    }
+
+    /// The route name this layer records under.
+    pub fn name(&self) -> &str {
+        &self.handles.name
+    }
+
+    /// This layer with [`ErrorResponseLayer`](crate::respond::ErrorResponseLayer) on top:
+    /// the `Infallible` form for axum and hyper (`docs/foundation.md`, "Mounting in axum").
+    pub fn respond(self) -> tower::layer::util::Stack<Self, crate::respond::ErrorResponseLayer> {
+        tower::layer::util::Stack::new(self, crate::respond::ErrorResponseLayer)
+    }
+}
+
+impl<S, C: Clone> Layer<S> for MetricsLayer<C> {
+    type Service = Metrics<S, C>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Metrics::new(inner, self.handles.clone(), self.classify.clone())
+    }
+}
