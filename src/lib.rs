@@ -52,6 +52,7 @@ pub mod backup;
 pub mod balance;
 pub mod body;
 pub mod breaker;
+pub mod bulkhead;
 pub mod cache;
 pub mod chain;
 pub mod classify;
