@@ -57,6 +57,8 @@ pub mod cache;
 pub mod chain;
 pub mod classify;
 pub mod client_addr;
+#[cfg(feature = "compose")]
+pub mod compose;
 pub mod discovery;
 pub mod error;
 pub mod gate;
