@@ -13,6 +13,7 @@
 //! | service discovery, self-registration, path routing | [`discovery`], [`route`] | `dynamic_balancer` | `docs/discovery.md` |
 //! | circuit breaker with fallback, breaker-gated endpoints | [`breaker`] | `circuit_breaker` | `docs/circuit_breaker.md` |
 //! | backup pipe (tee to storage) + edge cache | [`backup`], [`cache`] | `backup_pipe` | `docs/backup_tee.md`, `docs/edge_cache.md` |
+//! | gateway metrics (feature `metrics`), request tracing + access log, bulkhead, composition (feature `compose`) | [`telemetry`], [`trace`], [`bulkhead`], `compose` | `api_gateway` | `docs/api_gateway.md` |
 //! | load balancing: round robin, weighted, sticky, hash, passive health, retry-next; cluster | [`balance`] | `reverse_proxy`, `p2p_client`, `sticky_sessions`, `cluster` | `docs/balance.md`, `docs/cluster.md` |
 //!
 //! Every layer uses [`classify`] to decide what a failure is, so "5xx and transport errors"
@@ -26,7 +27,7 @@
 //! documentation, so they are named rather than linked. Examples run with
 //! `cargo run --example <name>` from the package sources.
 //!
-//! Items behind a cargo feature (`etcd`, `consul`, `object-store`) are marked with it here.
+//! Items behind a cargo feature (`etcd`, `consul`, `object-store`, `metrics`, `compose`) are marked with it here.
 //!
 //! ```no_run
 //! use tower::ServiceBuilder;

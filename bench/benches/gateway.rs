@@ -1,0 +1,136 @@
+//! The gateway layers' cost, each next to its baseline in one run:
+//! - `gateway/*`: a request over loopback through bare `Forward` vs the gateway stack over
+//!   the same `Forward` (request trace + access log, metrics with a Prometheus recorder
+//!   installed, bulkhead, circuit breaker, balancer) — the bar is ≤ 1.15x;
+//! - `bulkhead/*`: one call through `Bulkhead` vs `tower::limit::ConcurrencyLimit` around
+//!   an immediate service (the limit's own cost).
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::rt::TokioIo;
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_patterns::balance::{Balance, PassiveHealth, Retry};
+use tower_patterns::breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
+use tower_patterns::bulkhead::BulkheadLayer;
+use tower_patterns::proxy::Forward;
+use tower_patterns::telemetry::MetricsLayer;
+use tower_patterns::trace::RequestTraceLayer;
+
+fn backend(rt: &tokio::runtime::Runtime) -> std::net::SocketAddr {
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_r| async {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    })
+}
+
+fn request() -> Request<Empty<Bytes>> {
+    Request::get("/x")
+        .header("host", "bench")
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .body(Empty::new())
+        .unwrap()
+}
+
+fn gateway(c: &mut Criterion) {
+    // Handles register with the installed recorder: install it before building layers.
+    let _prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = format!("http://{}", backend(&rt));
+    let fwd = Forward::<Empty<Bytes>>::new(&url).unwrap();
+    let mut g = c.benchmark_group("gateway");
+    g.bench_function("bare_forward", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut fwd = fwd.clone();
+            async move {
+                let res = fwd.ready().await.unwrap().call(request()).await.unwrap();
+                res.into_body().collect().await.unwrap();
+            }
+        })
+    });
+    let stack = {
+        let _guard = rt.enter();
+        let balance = Balance::builder()
+            .health(PassiveHealth::default())
+            .retry(Retry::default())
+            .build_static([("a", fwd.clone())]);
+        ServiceBuilder::new()
+            .layer(RequestTraceLayer::new("/x"))
+            .layer(MetricsLayer::new("/x"))
+            .layer(BulkheadLayer::new("x", 1024))
+            .layer(CircuitBreakerLayer::new(CircuitBreakerConfig::new().name("x")).unwrap())
+            .service(balance)
+    };
+    g.bench_function("gateway_stack", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut svc = stack.clone();
+            async move {
+                let res = svc.ready().await.unwrap().call(request()).await.unwrap();
+                res.into_body().collect().await.unwrap();
+            }
+        })
+    });
+    g.finish();
+}
+
+fn bulkhead(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let inner =
+        tower::service_fn(|_r: Request<()>| async { Ok::<_, Infallible>(Response::new(())) });
+    let mut g = c.benchmark_group("bulkhead");
+    let limit = ServiceBuilder::new()
+        .concurrency_limit(64)
+        .service(inner.clone());
+    g.bench_function("tower_concurrency_limit", |b| {
+        b.to_async(&rt).iter(|| {
+            let svc = limit.clone();
+            async move { svc.oneshot(Request::new(())).await.unwrap() }
+        })
+    });
+    let bh = ServiceBuilder::new()
+        .layer(
+            BulkheadLayer::new("b", 64)
+                .max_queue(64)
+                .max_wait(Duration::from_millis(10)),
+        )
+        .service(inner);
+    g.bench_function("tower_patterns_bulkhead", |b| {
+        b.to_async(&rt).iter(|| {
+            let svc = bh.clone();
+            async move { svc.oneshot(Request::new(())).await.unwrap() }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, gateway, bulkhead);
+criterion_main!(benches);
