@@ -259,3 +259,52 @@ async fn an_oversized_or_unprintable_request_id_is_replaced() {
         .iter()
         .all(|(_, h)| h["x-request-id"] == answered.as_str()));
 }
+
+#[tokio::test]
+async fn each_chain_hop_is_a_child_span_of_the_same_trace() {
+    use tower_patterns::chain::{ChainLayer, LinkLayer};
+    log();
+    let seen = Seen::default();
+    let primary = upstream("primary", StatusCode::NOT_FOUND, seen.clone()).await;
+    let storage = upstream("storage", StatusCode::OK, seen.clone()).await;
+    let first = ForwardBuilder::new(format!("http://{primary}"))
+        .build::<ReplayBody<Body>>()
+        .unwrap();
+    let second = first.to(&format!("http://{storage}")).unwrap();
+    let statics = ServiceBuilder::new()
+        .layer(RequestTraceLayer::new("/static/{*rest}").respond())
+        .layer(ChainLayer::new().respond())
+        .layer(LinkLayer::new("404".parse().unwrap(), second))
+        .service(first);
+    let gw = serve(Router::new().route_service("/static/{*rest}", statics)).await;
+    let res = get(
+        gw,
+        "/static/a.png",
+        &[("traceparent", PARENT), ("x-request-id", "hop-1")],
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let seen = seen.lock().unwrap();
+    let names: Vec<&str> = seen.iter().map(|(n, _)| *n).collect();
+    assert_eq!(names, ["primary", "storage"]);
+    let p: Vec<TraceParent> = seen
+        .iter()
+        .map(|(_, h)| TraceParent::parse(h["traceparent"].as_bytes()).unwrap())
+        .collect();
+    assert_eq!(p[0].trace_id, p[1].trace_id);
+    assert_eq!(
+        p[0].trace_id.to_string(),
+        "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
+    assert_ne!(p[0].parent_id, p[1].parent_id, "one span per hop");
+    assert!(seen.iter().all(|(_, h)| h["x-request-id"] == "hop-1"));
+    drop(seen);
+    let lines = access_lines("hop-1");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("attempts=2"), "{}", lines[0]);
+    assert!(
+        lines[0].contains(&format!("upstream=\"{storage}\"")),
+        "{}",
+        lines[0]
+    );
+}

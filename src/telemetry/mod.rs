@@ -6,7 +6,7 @@
 //! so "error rate" means one thing everywhere — and (b) never grow with client input: a
 //! label built from a raw path lets any client create unbounded time series.
 //!
-//! [`MetricsLayer`] (feature `metrics`) records, per configured route name:
+//! `MetricsLayer` (feature `metrics`) records, per configured route name:
 //!
 //! | metric | kind | labels |
 //! |---|---|---|
