@@ -32,12 +32,13 @@ use tower_patterns::balance::{Balance, PassiveHealth, ReplayLayer, Retry};
 use tower_patterns::body::ReplayBody;
 use tower_patterns::breaker::{Circuit, CircuitBreakerConfig, CircuitBreakerLayer, Window};
 use tower_patterns::bulkhead::BulkheadLayer;
+use tower_patterns::classify::Condition;
 use tower_patterns::compose::{Call, Composite, Part, PartResult, IDEMPOTENCY_KEY};
 use tower_patterns::discovery::{
     Instance, MemoryRegistry, Registration, Registry, Selector, Watcher,
 };
 use tower_patterns::proxy::{Forward, ForwardBuilder};
-use tower_patterns::telemetry::MetricsLayer;
+use tower_patterns::telemetry::{metered, Metrics, MetricsLayer};
 use tower_patterns::trace::{RequestTraceLayer, TraceContext, TraceId};
 use tower_patterns::BoxError;
 
@@ -265,9 +266,12 @@ fn breaker(name: &str) -> Result<Circuit, BoxError> {
     )?)
 }
 
-/// A balancer over the registered instances of `service` (round robin, passive health,
-/// retry on the next instance).
-fn balance<B>(watcher: &Watcher, template: &Forward<B>) -> Balance<String, Forward<B>>
+/// A balancer over the registered instances of a service (round robin, passive health,
+/// retry on the next instance); each endpoint measured under its instance id.
+fn balance<B>(
+    watcher: &Watcher,
+    template: &Forward<B>,
+) -> Balance<String, Metrics<Forward<B>, Condition>>
 where
     B: http_body::Body + Send + Unpin + 'static,
     B::Data: Send,
@@ -277,7 +281,7 @@ where
     let (lb, driver) = Balance::builder()
         .health(PassiveHealth::new(3, Duration::from_secs(2)))
         .retry(Retry::default())
-        .build(watcher.discover(template.clone()));
+        .build(watcher.discover(metered(watcher.service(), template.clone())));
     tokio::spawn(driver);
     lb
 }

@@ -255,3 +255,31 @@ async fn bulkhead_rejections_are_counted() {
         3
     );
 }
+
+#[tokio::test]
+async fn metered_endpoints_are_labelled_by_instance_id() {
+    use tower_patterns::discovery::{Instance, MakeEndpoint};
+    let recorder = DebuggingRecorder::new();
+    let snap = recorder.snapshotter();
+    let upstream = serve(Router::new().route("/x", get(|| async { "ok" }))).await;
+    let template = ForwardBuilder::new("http://127.0.0.1:1")
+        .build::<http_body_util::Empty<bytes::Bytes>>()
+        .unwrap();
+    let mut make = tower_patterns::telemetry::metered("orders", template);
+    let instance = Instance::new("orders", "orders-7", "127.0.0.1", upstream.port());
+    let endpoint =
+        metrics::with_local_recorder(&recorder, || make.make_endpoint(&instance)).unwrap();
+    let res = endpoint
+        .oneshot(Request::get("/x").body(Default::default()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let m = read(&snap);
+    assert_eq!(
+        counter(
+            &m,
+            &format!("Counter:{REQUESTS}{{endpoint=orders-7,route=orders}}")
+        ),
+        1
+    );
+}

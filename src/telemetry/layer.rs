@@ -30,7 +30,19 @@ impl MetricsLayer {
     /// a service name), never a value taken from a request.
     pub fn new(name: impl Into<String>) -> Self {
         MetricsLayer {
-            handles: Arc::new(Handles::register(name.into())),
+            handles: Arc::new(Handles::register(name.into(), None)),
+            classify: Condition::server_errors_and_failures(),
+        }
+    }
+
+    /// A layer for one endpoint of a service: labels `route = service`, `endpoint = id`
+    /// (an instance id from the registry or configuration, never client input). A
+    /// registry whose instances come and go creates series for each; let the exporter
+    /// expire idle ones (`metrics-exporter-prometheus`'s `idle_timeout`).
+    /// [`metered`](super::metered) makes these for every endpoint a balancer discovers.
+    pub fn endpoint(service: impl Into<String>, id: &str) -> Self {
+        MetricsLayer {
+            handles: Arc::new(Handles::register(service.into(), Some(id))),
             classify: Condition::server_errors_and_failures(),
         }
     }
@@ -61,5 +73,34 @@ impl<S, C: Clone> Layer<S> for MetricsLayer<C> {
     type Service = Metrics<S, C>;
     fn layer(&self, inner: S) -> Self::Service {
         Metrics::new(inner, self.handles.clone(), self.classify.clone())
+    }
+}
+
+/// Wraps the endpoints a [`MakeEndpoint`](crate::discovery::MakeEndpoint) makes (e.g. the
+/// `Forward` template of [`Watcher::discover`](crate::discovery::Watcher::discover)) in a
+/// per-endpoint [`MetricsLayer`] labelled `route = service`, `endpoint = instance id`.
+pub fn metered<M>(service: impl Into<String>, make: M) -> Metered<M> {
+    Metered {
+        service: service.into(),
+        make,
+    }
+}
+
+/// See [`metered`].
+#[derive(Clone, Debug)]
+pub struct Metered<M> {
+    service: String,
+    make: M,
+}
+
+impl<M: crate::discovery::MakeEndpoint> crate::discovery::MakeEndpoint for Metered<M> {
+    type Service = Metrics<M::Service, Condition>;
+    type Error = M::Error;
+    fn make_endpoint(
+        &mut self,
+        instance: &crate::discovery::Instance,
+    ) -> Result<Self::Service, Self::Error> {
+        let svc = self.make.make_endpoint(instance)?;
+        Ok(MetricsLayer::endpoint(self.service.clone(), &instance.id).layer(svc))
     }
 }

@@ -16,7 +16,9 @@
 //! | [`IN_FLIGHT`] | gauge | `route` |
 //!
 //! Labels are the name given to the layer and a fixed set of kinds, never a path, a header
-//! or a status received from a client. The handles are registered once when the layer is
+//! or a status received from a client. Per endpoint, `MetricsLayer::endpoint` adds an
+//! `endpoint` label (the instance id), and `metered` wraps every endpoint a
+//! registry-fed balancer makes. The handles are registered once when the layer is
 //! built, so the per-request cost is a few atomic operations and no label hashing; install
 //! the recorder (exporter) before building the layers.
 //!
@@ -40,6 +42,8 @@ mod service;
 pub use future::ResponseFuture;
 #[cfg(feature = "metrics")]
 pub use layer::MetricsLayer;
+#[cfg(feature = "metrics")]
+pub use layer::{metered, Metered};
 #[cfg(feature = "metrics")]
 pub use service::Metrics;
 

@@ -25,13 +25,21 @@ pub(crate) struct Handles {
 }
 
 impl Handles {
-    pub(crate) fn register(name: String) -> Self {
-        let route = name.clone();
-        let failure = |kind: &'static str| metrics::counter!(FAILURES, "route" => route.clone(), "kind" => kind);
+    /// `endpoint`: the extra `endpoint` label of a per-endpoint layer.
+    pub(crate) fn register(name: String, endpoint: Option<&str>) -> Self {
+        let mut labels = vec![metrics::Label::new("route", name.clone())];
+        if let Some(e) = endpoint {
+            labels.push(metrics::Label::new("endpoint", e.to_owned()));
+        }
+        let failure = |kind: &'static str| {
+            let mut l = labels.clone();
+            l.push(metrics::Label::new("kind", kind));
+            metrics::counter!(FAILURES, l)
+        };
         Handles {
-            requests: metrics::counter!(REQUESTS, "route" => route.clone()),
-            in_flight: metrics::gauge!(IN_FLIGHT, "route" => route.clone()),
-            duration: metrics::histogram!(DURATION, "route" => route.clone()),
+            requests: metrics::counter!(REQUESTS, labels.clone()),
+            in_flight: metrics::gauge!(IN_FLIGHT, labels.clone()),
+            duration: metrics::histogram!(DURATION, labels.clone()),
             failures: [
                 failure("status"),
                 failure("transport"),
