@@ -308,3 +308,32 @@ async fn each_chain_hop_is_a_child_span_of_the_same_trace() {
         lines[0]
     );
 }
+
+#[tokio::test]
+async fn stacks_under_tower_https_request_id_and_trace_layers() {
+    use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+    log();
+    let seen = Seen::default();
+    let good = upstream("good", StatusCode::OK, seen.clone()).await;
+    let forward = ForwardBuilder::new(format!("http://{good}"))
+        .build::<Body>()
+        .unwrap();
+    let x_request_id = http::HeaderName::from_static("x-request-id");
+    let api = ServiceBuilder::new()
+        .layer(SetRequestIdLayer::new(
+            x_request_id.clone(),
+            MakeRequestUuid,
+        ))
+        .layer(PropagateRequestIdLayer::new(x_request_id))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(RequestTraceLayer::new("/api/{*rest}").respond())
+        .service(forward);
+    let gw = serve(Router::new().route_service("/api/{*rest}", api)).await;
+    let res = get(gw, "/api/x", &[]).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let id = res.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(id.len(), 36, "tower-http's UUID kept: {id}");
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen[0].1["x-request-id"], id.as_str());
+    assert!(TraceParent::parse(seen[0].1["traceparent"].as_bytes()).is_some());
+}
