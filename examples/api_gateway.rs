@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use bytes::Bytes;
@@ -388,6 +388,9 @@ async fn cart_view(
     Path(user): Path<String>,
     Extension(cx): Extension<TraceContext>,
 ) -> Response {
+    if !valid_user(&user) {
+        return StatusCode::BAD_REQUEST.into_response();
+    }
     let mut answer = Composite::new();
     let cart = bff
         .cart
@@ -430,6 +433,9 @@ async fn checkout_flow(
     Extension(cx): Extension<TraceContext>,
     headers: HeaderMap,
 ) -> Response {
+    if !valid_user(&user) {
+        return StatusCode::BAD_REQUEST.into_response();
+    }
     let order = key(&headers)
         .filter(|k| !k.is_empty() && k.len() <= 64)
         .unwrap_or_else(|| TraceId::random().to_string());
@@ -511,6 +517,16 @@ async fn checkout_flow(
         answer.status(StatusCode::MULTI_STATUS);
     }
     json_response(&answer)
+}
+
+/// A user id goes into upstream paths: letters, digits, `-` and `_` only (axum decodes
+/// `%2F`, and `../product/update` must not reach another endpoint of the service).
+fn valid_user(user: &str) -> bool {
+    !user.is_empty()
+        && user.len() <= 64
+        && user
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 fn json_response(answer: &Composite) -> Response {

@@ -141,3 +141,22 @@ async fn a_declined_payment_changes_nothing_and_answers_502() {
     assert!(up.store.carts.lock().unwrap().contains_key("u5"));
     assert_eq!(up.store.stock("p1"), 100);
 }
+
+#[tokio::test]
+async fn a_user_id_cannot_reach_other_upstream_paths() {
+    let (up, gw) = start().await;
+    let (status, _) = fetch(gw, "GET", "/bff/cart/..%2Fproduct%2Fp1", &[])
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = fetch(
+        gw,
+        "POST",
+        "/bff/checkout/u1%3Fx",
+        &[("idempotency-key", "k")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(up.store.pay_calls.load(Ordering::SeqCst), 0);
+}
