@@ -67,3 +67,88 @@ pub fn bulkhead_rejected(name: &str, reason: &'static str) {
     #[cfg(not(feature = "metrics"))]
     let _ = (name, reason);
 }
+
+/// Breaker state changes (counter; labels `breaker`, `to`).
+pub const BREAKER_TRANSITIONS: &str = "tower_patterns_breaker_transitions_total";
+/// A breaker's current state (gauge; label `breaker`): 0 closed, 1 open, 2 half-open,
+/// 3 forced open, 4 disabled, 5 metrics only.
+pub const BREAKER_STATE: &str = "tower_patterns_breaker_state";
+/// Endpoints ejected by passive health (counter; label `endpoint`).
+pub const EJECTIONS: &str = "tower_patterns_endpoint_ejections_total";
+/// Requests sent again to another endpoint by the balancer (counter).
+pub const RETRIES: &str = "tower_patterns_retries_total";
+/// Content chain hops to the next link (counter).
+pub const CHAIN_HOPS: &str = "tower_patterns_chain_hops_total";
+/// Backup copies by outcome (counter; label `outcome`: `committed`, `aborted`, `failed`).
+pub const BACKUPS: &str = "tower_patterns_backups_total";
+/// Edge cache answers by result (counter; label `result`, the `X-Cache` value in lower
+/// case: `hit`, `miss`, `stale`, ...).
+pub const CACHE: &str = "tower_patterns_cache_requests_total";
+
+/// Records a breaker transition (rare: the name label is copied).
+#[inline]
+pub fn breaker_transition(name: &str, to: crate::breaker::State) {
+    #[cfg(feature = "metrics")]
+    {
+        let (label, code) = state_label(to);
+        ::metrics::counter!(BREAKER_TRANSITIONS, "breaker" => name.to_owned(), "to" => label)
+            .increment(1);
+        ::metrics::gauge!(BREAKER_STATE, "breaker" => name.to_owned()).set(code);
+    }
+    #[cfg(not(feature = "metrics"))]
+    let _ = (name, to);
+}
+
+#[cfg(feature = "metrics")]
+fn state_label(s: crate::breaker::State) -> (&'static str, f64) {
+    use crate::breaker::State;
+    match s {
+        State::Closed => ("closed", 0.0),
+        State::Open => ("open", 1.0),
+        State::HalfOpen => ("half_open", 2.0),
+        State::ForcedOpen => ("forced_open", 3.0),
+        State::Disabled => ("disabled", 4.0),
+        State::MetricsOnly => ("metrics_only", 5.0),
+    }
+}
+
+/// Records an endpoint ejection (rare: the key is copied).
+#[inline]
+pub fn endpoint_ejected(endpoint: &dyn std::fmt::Debug) {
+    #[cfg(feature = "metrics")]
+    ::metrics::counter!(EJECTIONS, "endpoint" => format!("{endpoint:?}")).increment(1);
+    #[cfg(not(feature = "metrics"))]
+    let _ = endpoint;
+}
+
+/// Records a balancer retry (no label: no allocation on the request path).
+#[inline]
+pub fn retry() {
+    #[cfg(feature = "metrics")]
+    ::metrics::counter!(RETRIES).increment(1);
+}
+
+/// Records a content chain hop (no label: no allocation on the request path).
+#[inline]
+pub fn chain_hop() {
+    #[cfg(feature = "metrics")]
+    ::metrics::counter!(CHAIN_HOPS).increment(1);
+}
+
+/// Records the end of one backup copy (`outcome` from a fixed set).
+#[inline]
+pub fn backup(outcome: &'static str) {
+    #[cfg(feature = "metrics")]
+    ::metrics::counter!(BACKUPS, "outcome" => outcome).increment(1);
+    #[cfg(not(feature = "metrics"))]
+    let _ = outcome;
+}
+
+/// Records one edge cache answer (`result` from a fixed set).
+#[inline]
+pub fn cache(result: &'static str) {
+    #[cfg(feature = "metrics")]
+    ::metrics::counter!(CACHE, "result" => result).increment(1);
+    #[cfg(not(feature = "metrics"))]
+    let _ = result;
+}
