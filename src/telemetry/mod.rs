@@ -47,7 +47,7 @@ pub use layer::{metered, Metered};
 #[cfg(feature = "metrics")]
 pub use service::Metrics;
 
-/// Requests seen by a [`MetricsLayer`] (counter; label `route`).
+/// Requests seen by a `MetricsLayer` (counter; label `route`).
 pub const REQUESTS: &str = "tower_patterns_requests_total";
 /// Requests the layer's classifier counted as failures (counter; labels `route`, `kind`).
 pub const FAILURES: &str = "tower_patterns_request_failures_total";

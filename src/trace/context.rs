@@ -157,7 +157,7 @@ pub(crate) struct Calls {
     upstream: Mutex<Option<Arc<str>>>,
 }
 
-/// The trace context of one request, in its extensions; [`TraceLayer`](super::TraceLayer)
+/// The trace context of one request, in its extensions; [`RequestTraceLayer`](super::RequestTraceLayer)
 /// puts it there, and [`Forward`](crate::proxy::Forward) sends a child of it on every
 /// upstream call (each retry attempt and chain hop gets its own span id).
 #[derive(Clone, Debug)]
