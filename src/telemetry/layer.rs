@@ -11,9 +11,12 @@ use crate::classify::{Classify, Condition};
 /// configured route name (see the [module docs](super)).
 ///
 /// ```
+/// use tower_patterns::classify::Condition;
 /// use tower_patterns::telemetry::MetricsLayer;
-/// // Install the exporter first: the handles are registered here.
-/// let layer = MetricsLayer::new("orders").classify("5xx,fail".parse().unwrap());
+/// // Install the exporter first: the handles are registered here. Pass the breaker's and
+/// // balancer's condition, so a failure means the same thing in all three.
+/// let failures: Condition = "5xx,fail".parse().unwrap();
+/// let layer = MetricsLayer::new("/api/orders/{id}").classify(failures);
 /// # let _ = layer;
 /// ```
 #[derive(Clone, Debug)]
