@@ -78,6 +78,15 @@ impl fmt::Debug for SpanId {
     }
 }
 
+/// Writes `bytes` as lower-case hex into `out` (twice as long).
+fn hex_into(out: &mut [u8], bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0xf)];
+    }
+}
+
 /// Lower-case hex only: the W3C grammar (`HEXDIGLC`) refuses upper case.
 fn hex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
     if s.len() != 2 * N {
@@ -204,8 +213,9 @@ impl TraceContext {
             })
             .cloned()
             .unwrap_or_else(|| {
-                HeaderValue::try_from(TraceId::random().to_string())
-                    .unwrap_or(HeaderValue::from_static("0"))
+                let mut b = [0u8; 32];
+                hex_into(&mut b, &TraceId::random().0);
+                HeaderValue::from_bytes(&b).unwrap_or(HeaderValue::from_static("0"))
             });
         TraceContext {
             trace_id,
@@ -220,9 +230,13 @@ impl TraceContext {
 
     /// The `traceparent` value naming `span` as the parent.
     pub fn traceparent(&self, span: SpanId) -> HeaderValue {
-        let s = format!("00-{}-{}-{:02x}", self.trace_id, span, self.flags);
+        // Written into a fixed buffer (it is made once per upstream call): no formatter.
+        let mut b = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        hex_into(&mut b[3..35], &self.trace_id.0);
+        hex_into(&mut b[36..52], &span.0);
+        hex_into(&mut b[53..55], &[self.flags]);
         // Only hex digits and dashes: always a valid header value.
-        HeaderValue::try_from(s).unwrap_or(HeaderValue::from_static(""))
+        HeaderValue::from_bytes(&b).unwrap_or(HeaderValue::from_static(""))
     }
 
     /// How many upstream calls this request made so far (retries and chain hops count).
