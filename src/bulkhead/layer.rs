@@ -12,7 +12,9 @@ pub const DEFAULT_MAX_WAIT: Duration = Duration::from_millis(100);
 
 /// One bulkhead shared by every service it wraps and by the layer's clones (one layer per
 /// protected service, as with the breaker). Configure it before wrapping services: each
-/// setter starts a new, empty bulkhead.
+/// setter starts a new, empty bulkhead. Errors are [`BoxError`](crate::BoxError)s: the
+/// service's own, or a [`BulkheadFull`](super::BulkheadFull) (use
+/// [`respond`](Self::respond) for axum).
 #[derive(Clone, Debug)]
 pub struct BulkheadLayer {
     shared: Arc<Shared>,

@@ -8,7 +8,8 @@ use super::service::{Handles, Metrics};
 use crate::classify::{Classify, Condition};
 
 /// Records requests, failures, latency and in-flight calls of the wrapped service under one
-/// configured route name (see the [module docs](super)).
+/// configured route name (see the [module docs](super)). The service's errors pass through
+/// unchanged as a [`BoxError`](crate::BoxError) (use [`respond`](Self::respond) for axum).
 ///
 /// ```
 /// use tower_patterns::classify::Condition;

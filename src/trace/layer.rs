@@ -7,7 +7,8 @@ use tower_layer::Layer;
 use super::service::RequestTrace;
 
 /// Trace context, request id and access log for every request of the wrapped service (see
-/// the [module docs](super)).
+/// the [module docs](super)). The service's errors pass through unchanged as a
+/// [`BoxError`](crate::BoxError) (use [`respond`](Self::respond) for axum).
 ///
 /// ```
 /// use tower_patterns::trace::RequestTraceLayer;
