@@ -1,7 +1,8 @@
 //! The gateway layers' cost, each next to its baseline in one run:
-//! - `gateway/*`: a request over loopback through bare `Forward` vs the gateway stack over
+//! - `gateway/*` (CPU time per request, see [`cpu_now`]): a request over loopback through bare `Forward` vs the gateway stack over
 //!   the same `Forward` (request trace + access log, metrics with a Prometheus recorder
-//!   installed, bulkhead, circuit breaker, balancer) — the bar is ≤ 1.15x;
+//!   installed, bulkhead, circuit breaker, balancer) — the bar is ≤ 1.15x — and
+//!   the breaker + balancer alone (what routing costs without this layers);
 //! - `bulkhead/*`: one call through `Bulkhead` vs `tower::limit::ConcurrencyLimit` around
 //!   an immediate service (the limit's own cost).
 
@@ -42,6 +43,42 @@ fn backend(rt: &tokio::runtime::Runtime) -> std::net::SocketAddr {
     })
 }
 
+/// CPU time of this thread (`CLOCK_THREAD_CPUTIME_ID`). Everything of a `gateway/*` bench
+/// — client, proxy stack, backend — runs on the current-thread runtime of this thread, so
+/// this is the CPU per request, which other processes on a shared machine do not inflate as
+/// they do wall time.
+fn cpu_now() -> Duration {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .expect("thread CPU clock");
+    Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32)
+}
+
+/// Benches `svc` by the CPU time its requests cost.
+fn bench_cpu<S>(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+    svc: S,
+) where
+    S: Service<Request<Empty<Bytes>>, Response = Response<hyper::body::Incoming>> + Clone,
+    S::Error: std::fmt::Debug,
+{
+    g.bench_function(name, |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let svc = svc.clone();
+            async move {
+                let start = cpu_now();
+                for _ in 0..iters {
+                    let mut svc = svc.clone();
+                    let res = svc.ready().await.unwrap().call(request()).await.unwrap();
+                    res.into_body().collect().await.unwrap();
+                }
+                cpu_now().saturating_sub(start)
+            }
+        })
+    });
+}
+
 fn request() -> Request<Empty<Bytes>> {
     Request::get("/x")
         .header("host", "bench")
@@ -65,15 +102,7 @@ fn gateway(c: &mut Criterion) {
     let url = format!("http://{}", backend(&rt));
     let fwd = Forward::<Empty<Bytes>>::new(&url).unwrap();
     let mut g = c.benchmark_group("gateway");
-    g.bench_function("bare_forward", |b| {
-        b.to_async(&rt).iter(|| {
-            let mut fwd = fwd.clone();
-            async move {
-                let res = fwd.ready().await.unwrap().call(request()).await.unwrap();
-                res.into_body().collect().await.unwrap();
-            }
-        })
-    });
+    bench_cpu(&mut g, &rt, "bare_forward", fwd.clone());
     let stack = {
         let _guard = rt.enter();
         let balance = Balance::builder()
@@ -87,15 +116,19 @@ fn gateway(c: &mut Criterion) {
             .layer(CircuitBreakerLayer::new(CircuitBreakerConfig::new().name("x")).unwrap())
             .service(balance)
     };
-    g.bench_function("gateway_stack", |b| {
-        b.to_async(&rt).iter(|| {
-            let mut svc = stack.clone();
-            async move {
-                let res = svc.ready().await.unwrap().call(request()).await.unwrap();
-                res.into_body().collect().await.unwrap();
-            }
-        })
-    });
+    // The routing part alone (breaker + balancer), to tell it from this layers.
+    let routing = {
+        let _guard = rt.enter();
+        let balance = Balance::builder()
+            .health(PassiveHealth::default())
+            .retry(Retry::default())
+            .build_static([("a", fwd.clone())]);
+        ServiceBuilder::new()
+            .layer(CircuitBreakerLayer::new(CircuitBreakerConfig::new().name("y")).unwrap())
+            .service(balance)
+    };
+    bench_cpu(&mut g, &rt, "breaker_balance", routing);
+    bench_cpu(&mut g, &rt, "gateway_stack", stack);
     g.finish();
 }
 

@@ -254,11 +254,17 @@ impl TraceContext {
     pub fn inject(&self, headers: &mut HeaderMap, upstream: &str) -> SpanId {
         let child = SpanId::random();
         headers.insert(TRACEPARENT, self.traceparent(child));
-        match &self.tracestate {
-            Some(s) => headers.insert(TRACESTATE, s.clone()),
-            None => headers.remove(TRACESTATE),
-        };
-        headers.insert(X_REQUEST_ID, self.request_id.clone());
+        // The edge layer already left the request's own `tracestate` and `x-request-id`
+        // right (kept, replaced or removed); a request built inside the gateway (a
+        // composition's call) gets them here.
+        if let Some(s) = &self.tracestate {
+            if !headers.contains_key(TRACESTATE) {
+                headers.insert(TRACESTATE, s.clone());
+            }
+        }
+        if !headers.contains_key(X_REQUEST_ID) {
+            headers.insert(X_REQUEST_ID, self.request_id.clone());
+        }
         self.calls.attempts.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut u) = self.calls.upstream.lock() {
             if u.as_deref() != Some(upstream) {

@@ -26,6 +26,10 @@ pub(crate) struct Access {
 
 impl Access {
     fn log(&self, status: u16) {
+        // The fields cost a lock and an Arc clone: only when someone listens.
+        if !tracing::enabled!(target: "tower_patterns::access", tracing::Level::INFO) {
+            return;
+        }
         let upstream = self.cx.upstream();
         tracing::info!(
             target: "tower_patterns::access",

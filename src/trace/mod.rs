@@ -14,7 +14,9 @@
 //! - puts a [`TraceContext`] in the request extensions. [`Forward`](crate::proxy::Forward)
 //!   turns it into a **child** `traceparent` on every upstream call, so each balancer retry
 //!   attempt and each chain hop is its own span of the same trace, and records the call
-//!   (attempt count, endpoint);
+//!   (attempt count, endpoint). Code inside the gateway reads the context from the
+//!   extensions: the request's `traceparent` header stays the caller's until `Forward`
+//!   writes the child (one header write per upstream call, none at the edge);
 //! - emits one `tracing` event per request, target `tower_patterns::access`, level info,
 //!   with `method`, `route` (the configured name, never the raw path), `status`,
 //!   `upstream` (`host:port` of the last call or `-`), `attempts`, `duration_ms`,

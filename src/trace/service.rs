@@ -7,7 +7,7 @@ use http::{Request, Response};
 use tokio::time::Instant;
 use tower_service::Service;
 
-use super::context::{TraceContext, TRACEPARENT, TRACESTATE, X_REQUEST_ID};
+use super::context::{TraceContext, TRACESTATE, X_REQUEST_ID};
 use super::future::{Access, ResponseFuture};
 use crate::BoxError;
 
@@ -51,15 +51,16 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let start = Instant::now();
         let cx = TraceContext::from_headers(req.headers(), self.sampled);
-        // Handlers and non-`Forward` clients see the gateway's span as the parent and the
-        // request id; `Forward` replaces the parent with a child per upstream call.
+        // `Forward` writes a child `traceparent` per upstream call; here only what the
+        // upstream must not see is fixed: a `tracestate` of a refused parent, and an absent
+        // or refused request id.
         let headers = req.headers_mut();
-        headers.insert(TRACEPARENT, cx.traceparent(cx.span_id));
-        match &cx.tracestate {
-            Some(s) => headers.insert(TRACESTATE, s.clone()),
-            None => headers.remove(TRACESTATE),
-        };
-        headers.insert(X_REQUEST_ID, cx.request_id.clone());
+        if cx.tracestate.is_none() && headers.contains_key(TRACESTATE) {
+            headers.remove(TRACESTATE);
+        }
+        if headers.get(X_REQUEST_ID) != Some(&cx.request_id) {
+            headers.insert(X_REQUEST_ID, cx.request_id.clone());
+        }
         let access = Access {
             method: req.method().clone(),
             route: self.route.clone(),
