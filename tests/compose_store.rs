@@ -1,8 +1,8 @@
-//! `compose` over real sockets: the Node.js chapter's store as `examples/api_gateway.rs`
+//! `compose` over real sockets: the Node.js chapter's store as `examples/api_gateway/`
 //! builds it (included here): the cart read composition and the checkout orchestration,
 //! including a step that fails after the payment succeeded.
 
-#[path = "../examples/api_gateway.rs"]
+#[path = "../examples/api_gateway/main.rs"]
 #[allow(dead_code)]
 mod gateway;
 

@@ -30,7 +30,7 @@
 //! caller's problem and is not retried. A response body over [`Part::max_body`] is an error
 //! (bounded memory whatever an upstream sends).
 //!
-//! `tests/compose_store.rs` and `examples/api_gateway.rs` rebuild the Node.js chapter's
+//! `tests/compose_store.rs` and `examples/api_gateway/` rebuild the Node.js chapter's
 //! store: the cart read composition and the checkout orchestration, with its outcome when
 //! a step after the payment fails (see `docs/api_gateway.md`).
 

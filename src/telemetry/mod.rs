@@ -27,7 +27,7 @@
 //! without the `metrics` feature.
 //!
 //! The user chooses the exporter (`metrics-exporter-prometheus`, statsd, ...);
-//! `examples/api_gateway.rs` serves the Prometheus text format.
+//! `examples/api_gateway/` serves the Prometheus text format.
 //!
 //! [`Classify`]: crate::classify::Classify
 
