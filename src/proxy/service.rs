@@ -434,7 +434,7 @@ where
         crate::trace::on_upstream_call(
             &mut parts.headers,
             &parts.extensions,
-            self.pool.upstream().authority(),
+            &self.pool.upstream().authority,
         );
         if !self.opts.preserve_host || !parts.headers.contains_key(header::HOST) {
             // HTTP/2 clients send :authority instead of Host; HTTP/1.1 upstreams need Host.

@@ -5,6 +5,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
+use http::uri::Authority;
 use http::{Extensions, HeaderMap, HeaderName, HeaderValue};
 
 /// `traceparent` (W3C Trace Context).
@@ -162,8 +163,9 @@ fn valid_tracestate(v: &HeaderValue) -> bool {
 #[derive(Debug, Default)]
 pub(crate) struct Calls {
     attempts: AtomicU32,
-    /// The endpoint of the latest attempt (`host:port`, from configuration).
-    upstream: Mutex<Option<Arc<str>>>,
+    /// The endpoint of the latest attempt (`host:port`, from configuration; cloning it is
+    /// a reference count, not an allocation).
+    upstream: Mutex<Option<Authority>>,
 }
 
 /// The trace context of one request, in its extensions; [`RequestTraceLayer`](super::RequestTraceLayer)
@@ -245,13 +247,13 @@ impl TraceContext {
     }
 
     /// The endpoint (`host:port`) of the latest upstream call.
-    pub fn upstream(&self) -> Option<Arc<str>> {
+    pub fn upstream(&self) -> Option<Authority> {
         self.calls.upstream.lock().ok().and_then(|u| u.clone())
     }
 
     /// Writes the trace headers for one upstream call with a new child span id, and
     /// records the call. Returns the child span id.
-    pub fn inject(&self, headers: &mut HeaderMap, upstream: &str) -> SpanId {
+    pub fn inject(&self, headers: &mut HeaderMap, upstream: &Authority) -> SpanId {
         let child = SpanId::random();
         headers.insert(TRACEPARENT, self.traceparent(child));
         // The edge layer already left the request's own `tracestate` and `x-request-id`
@@ -267,15 +269,15 @@ impl TraceContext {
         }
         self.calls.attempts.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut u) = self.calls.upstream.lock() {
-            if u.as_deref() != Some(upstream) {
-                *u = Some(Arc::from(upstream));
+            if u.as_ref() != Some(upstream) {
+                *u = Some(upstream.clone());
             }
         }
         tracing::debug!(
             target: "tower_patterns::trace",
             trace_id = %self.trace_id,
             span_id = %child,
-            upstream,
+            upstream = upstream.as_str(),
             "upstream call"
         );
         child
@@ -286,7 +288,7 @@ impl TraceContext {
 /// [`TraceContext`], its headers get a child `traceparent` for this call (a no-op
 /// otherwise: a bare proxy passes the client's headers through).
 #[inline]
-pub(crate) fn on_upstream_call(headers: &mut HeaderMap, ext: &Extensions, upstream: &str) {
+pub(crate) fn on_upstream_call(headers: &mut HeaderMap, ext: &Extensions, upstream: &Authority) {
     if let Some(cx) = ext.get::<TraceContext>() {
         cx.inject(headers, upstream);
     }
@@ -353,15 +355,15 @@ mod tests {
         let cx = TraceContext::from_headers(&HeaderMap::new(), true);
         let mut a = HeaderMap::new();
         let mut b = HeaderMap::new();
-        let sa = cx.inject(&mut a, "127.0.0.1:1");
-        let sb = cx.inject(&mut b, "127.0.0.1:2");
+        let sa = cx.inject(&mut a, &Authority::from_static("127.0.0.1:1"));
+        let sb = cx.inject(&mut b, &Authority::from_static("127.0.0.1:2"));
         assert_ne!(sa, sb);
         let pa = TraceParent::parse(a[TRACEPARENT].as_bytes()).unwrap();
         let pb = TraceParent::parse(b[TRACEPARENT].as_bytes()).unwrap();
         assert_eq!(pa.trace_id, cx.trace_id);
         assert_eq!(pb.trace_id, cx.trace_id);
         assert_eq!(cx.attempts(), 2);
-        assert_eq!(cx.upstream().as_deref(), Some("127.0.0.1:2"));
+        assert_eq!(cx.upstream().unwrap().as_str(), "127.0.0.1:2");
         assert_eq!(a[X_REQUEST_ID], cx.request_id);
     }
 }

@@ -36,7 +36,7 @@ impl Access {
             method = %self.method,
             route = &*self.route,
             status,
-            upstream = upstream.as_deref().unwrap_or("-"),
+            upstream = upstream.as_ref().map_or("-", |a| a.as_str()),
             attempts = self.cx.attempts(),
             duration_ms = self.start.elapsed().as_secs_f64() * 1000.0,
             trace_id = %self.cx.trace_id,
