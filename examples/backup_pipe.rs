@@ -10,6 +10,13 @@
 //! `<VhostLink Condition="404">`): the backup pipe is configured like a link.
 //!
 //! Run: `cargo run --example backup_pipe`
+//!
+//! With a real outside origin instead of the local one (HTTPS needs the `tls` feature;
+//! certificates are verified against the webpki roots):
+//! `ORIGIN_URL=https://www.rust-lang.org ORIGIN_PATH=/static/images/rust-logo-blk.svg
+//! cargo run --example backup_pipe --features tls` — steps 0–3 then use `ORIGIN_PATH`
+//! (default `/robots.txt`), and the back-fill steps, which need the local catalogue, are
+//! skipped. `ORIGIN_CA=ca.pem` trusts that CA instead (a private origin).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -87,6 +94,21 @@ async fn outside_server(hits: Arc<AtomicU64>) -> std::io::Result<SocketAddr> {
     .map(|server| server.addr())
 }
 
+/// The builder for the outside origin; with the `tls` feature, `ORIGIN_CA` (a PEM file)
+/// names the CA to trust instead of the webpki roots (a private origin).
+fn origin_builder(url: &str) -> Result<ForwardBuilder, BoxError> {
+    let builder = ForwardBuilder::new(url);
+    #[cfg(feature = "tls")]
+    if let Ok(path) = std::env::var("ORIGIN_CA") {
+        let pem = std::fs::read(path)?;
+        let tls = tower_patterns::tls::ClientTls::builder()
+            .ca_pem(&pem)?
+            .build()?;
+        return Ok(builder.tls(tls));
+    }
+    Ok(builder)
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let dir = tempfile::tempdir()?;
@@ -94,9 +116,18 @@ async fn main() -> Result<(), BoxError> {
     std::fs::write(root.join("index.html"), "home page, already in storage\n")?;
     let outside_hits = Arc::new(AtomicU64::new(0));
     let storage = storage_server(root.clone()).await?;
-    let outside = outside_server(outside_hits.clone()).await?;
+    // A real origin from the environment, or the local catalogue.
+    let external = std::env::var("ORIGIN_URL").ok();
+    let outside = match &external {
+        Some(url) => url.trim_end_matches('/').to_string(),
+        None => format!("http://{}", outside_server(outside_hits.clone()).await?),
+    };
+    let video: String = match &external {
+        Some(_) => std::env::var("ORIGIN_PATH").unwrap_or_else(|_| "/robots.txt".into()),
+        None => "/video/intro.mp4".into(),
+    };
     println!("storage  http://{storage}  (dir {})", root.display());
-    println!("outside  http://{outside}");
+    println!("outside  {outside}");
 
     // The backup pipe: what comes from outside is copied into the storage directory.
     let tee = TeeLayer::builder()
@@ -106,10 +137,16 @@ async fn main() -> Result<(), BoxError> {
     let mut backups = tee.subscribe();
     let to_storage =
         ForwardBuilder::new(format!("http://{storage}")).build::<ReplayBody<Incoming>>()?;
+    // The outside origin gets its own name as `Host` (a CDN or S3 routes by it), not the
+    // edge's address the client used.
     let to_outside = ServiceBuilder::new()
         .map_response(|res: Response<_>| res.map(boxed))
         .layer(tee.clone())
-        .service(to_storage.to(&format!("http://{outside}"))?);
+        .service(
+            origin_builder(&outside)?
+                .preserve_host(false)
+                .build::<ReplayBody<Incoming>>()?,
+        );
 
     // Storage first; on 404 the outside link, through the tee (the content chain).
     let chain = ServiceBuilder::new()
@@ -133,11 +170,12 @@ async fn main() -> Result<(), BoxError> {
     let key = |path: &str| format!("{edge}{path}");
 
     let client = ForwardBuilder::new(format!("http://{edge}")).build::<Empty<Bytes>>()?;
-    let fetch = |path: &'static str| {
+    let fetch = |path: &str| {
         let client = client.clone();
+        let path = path.to_string();
         async move {
             let res = client
-                .oneshot(Request::get(path).body(Empty::new())?)
+                .oneshot(Request::get(path.as_str()).body(Empty::new())?)
                 .await?;
             let (status, h) = (res.status(), res.headers().clone());
             let len = res.into_body().collect().await?.to_bytes().len();
@@ -164,16 +202,17 @@ async fn main() -> Result<(), BoxError> {
     println!(
         "1. first request for outside content: streamed from outside, teed into storage and cache"
     );
-    fetch("/video/intro.mp4").await?;
-    match wait_backup(&mut backups, "video/intro.mp4").await? {
+    fetch(&video).await?;
+    let video_key = video.trim_start_matches('/');
+    match wait_backup(&mut backups, video_key).await? {
         BackupOutcome::Committed { bytes } => println!(
             "  backup committed: {} ({bytes} bytes), peak buffered {} bytes",
-            root.join("video/intro.mp4").display(),
+            root.join(video_key).display(),
             tee.stats().snapshot().tee.peak_buffered
         ),
         other => println!("  backup not committed: {other:?}"),
     }
-    let cached = cache.store().get(&key("/video/intro.mp4")).is_some();
+    let cached = cache.store().get(&key(&video)).is_some();
     println!("  in edge cache: {cached}");
 
     println!("2. PURGE the edge cache, then the second request is served from storage");
@@ -182,14 +221,14 @@ async fn main() -> Result<(), BoxError> {
         .oneshot(
             Request::builder()
                 .method("PURGE")
-                .uri("/video/intro.mp4")
+                .uri(video.as_str())
                 .header("x-purge-token", "example-token")
                 .body(Empty::new())?,
         )
         .await?;
-    println!("  PURGE /video/intro.mp4 -> {}", purge.status().as_u16());
+    println!("  PURGE {video} -> {}", purge.status().as_u16());
     let before = outside_hits.load(Ordering::SeqCst);
-    fetch("/video/intro.mp4").await?;
+    fetch(&video).await?;
     println!(
         "  outside requests during step 2: {}",
         outside_hits.load(Ordering::SeqCst) - before
@@ -197,12 +236,16 @@ async fn main() -> Result<(), BoxError> {
 
     println!("3. and the third from the edge cache");
     for _ in 0..100 {
-        if cache.store().get(&key("/video/intro.mp4")).is_some() {
+        if cache.store().get(&key(&video)).is_some() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    fetch("/video/intro.mp4").await?;
+    fetch(&video).await?;
+    if external.is_some() {
+        // The back-fill below asks for the local catalogue's keys.
+        return Ok(());
+    }
 
     println!("4. back-fill what nobody asked for yet (concurrency 2)");
     let keys = [

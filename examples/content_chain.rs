@@ -8,6 +8,12 @@
 //! prints who served each and the hops, then shows the three configurations STON refuses.
 //!
 //! Run: `cargo run --example content_chain`
+//!
+//! With a real external origin for `bar.com` (HTTPS needs the `tls` feature; certificates
+//! are verified against the webpki roots):
+//! `ORIGIN_URL=https://www.rust-lang.org ORIGIN_PATH=/robots.txt cargo run --example
+//! content_chain --features tls` — the second request then asks for `ORIGIN_PATH`.
+//! `ORIGIN_CA=ca.pem` trusts that CA instead (a private origin).
 
 use std::convert::Infallible;
 
@@ -54,6 +60,21 @@ fn refused(table: Result<LinkTable<Incoming>, tower_patterns::chain::LinkConfigE
     }
 }
 
+/// The builder for the outside origin; with the `tls` feature, `ORIGIN_CA` (a PEM file)
+/// names the CA to trust instead of the webpki roots (a private origin).
+fn origin_builder(url: &str) -> Result<ForwardBuilder, tower_patterns::BoxError> {
+    let builder = ForwardBuilder::new(url);
+    #[cfg(feature = "tls")]
+    if let Ok(path) = std::env::var("ORIGIN_CA") {
+        let pem = std::fs::read(path)?;
+        let tls = tower_patterns::tls::ClientTls::builder()
+            .ca_pem(&pem)?
+            .build()?;
+        return Ok(builder.tls(tls));
+    }
+    Ok(builder)
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), tower_patterns::BoxError> {
     let storage = file_server(
@@ -61,14 +82,24 @@ async fn main() -> Result<(), tower_patterns::BoxError> {
         &[("/logo.png", "<logo bytes>"), ("/index.html", "<html>")],
     )
     .await?;
-    let origin = file_server(
-        "external-origin",
-        &[
-            ("/logo.png", "<old logo>"),
-            ("/videos/intro.mp4", "<video bytes>"),
-        ],
-    )
-    .await?;
+    let external = std::env::var("ORIGIN_URL").ok();
+    let origin = match &external {
+        Some(url) => url.trim_end_matches('/').to_string(),
+        None => {
+            file_server(
+                "external-origin",
+                &[
+                    ("/logo.png", "<old logo>"),
+                    ("/videos/intro.mp4", "<video bytes>"),
+                ],
+            )
+            .await?
+        }
+    };
+    let origin_path = match &external {
+        Some(_) => std::env::var("ORIGIN_PATH").unwrap_or_else(|_| "/robots.txt".into()),
+        None => "/videos/intro.mp4".into(),
+    };
     println!("storage (foo.com) on {storage}, external origin (bar.com) on {origin}");
 
     let report = HeaderName::from_static("x-content-chain");
@@ -79,7 +110,10 @@ async fn main() -> Result<(), tower_patterns::BoxError> {
         )
         .vhost(
             "bar.com",
-            ForwardBuilder::new(&origin).build::<ReplayBody<Incoming>>()?,
+            // A real origin routes by its own name, not the client's `foo.com`.
+            origin_builder(&origin)?
+                .preserve_host(external.is_none())
+                .build::<ReplayBody<Incoming>>()?,
         )
         .link("foo.com", "404".parse()?, "bar.com")
         .chain(ChainLayer::new().report_header(report.clone()))
@@ -90,7 +124,7 @@ async fn main() -> Result<(), tower_patterns::BoxError> {
     println!("content chain on http://{edge}: foo.com -(404)-> bar.com\n");
 
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-    for path in ["/logo.png", "/videos/intro.mp4", "/missing.txt"] {
+    for path in ["/logo.png", origin_path.as_str(), "/missing.txt"] {
         let req = Request::get(format!("http://{edge}{path}"))
             .header("host", "foo.com")
             .body(Empty::new())?;
@@ -102,7 +136,11 @@ async fn main() -> Result<(), tower_patterns::BoxError> {
         println!(
             "GET foo.com{path:<18} -> {:<14} served by {served_by:<16} hops {hops:<16} body {:?}",
             status.to_string(),
+            // A real origin's page can be long: the first 60 characters tell who answered.
             String::from_utf8_lossy(&body)
+                .chars()
+                .take(60)
+                .collect::<String>()
         );
     }
 

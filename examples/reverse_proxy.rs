@@ -20,6 +20,21 @@
 //! the same `--listen` port and take its new connections, for a restart without a failed
 //! request (start the new one, then `SIGTERM` the old one).
 //!
+//! `--tls-cert PEM --tls-key PEM` (with `--serve`; needs `--features tls`): HTTPS on
+//! `--listen` instead of plain HTTP — ALPN offers `h2` and `http/1.1`, plain-text h2c
+//! prior knowledge is served too without TLS. The files are checked at start-up (a missing
+//! file or a key that does not match the certificate stops it with a clear error) and
+//! re-read when they change (checked every 30 s), without a restart: new connections get
+//! the new certificate. The environment variables `TLS_CERT`/`TLS_KEY` do the same.
+//!
+//! ```text
+//! openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
+//!     -subj /CN=localhost -keyout key.pem -out cert.pem
+//! cargo run --release --features tls --example reverse_proxy -- --serve --workers 2 \
+//!     --listen 127.0.0.1:8443 --backends http://127.0.0.1:8081 --tls-cert cert.pem --tls-key key.pem
+//! curl -k https://127.0.0.1:8443/
+//! ```
+//!
 //! [`server::Workers`]: tower_patterns::server::Workers
 //!
 //! The seed's nginx configuration, and what this example builds instead:
@@ -56,6 +71,7 @@ struct Args {
     direct: bool,
     workers: Option<usize>,
     take_over: Option<usize>,
+    tls: Option<(String, String)>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -68,7 +84,12 @@ fn parse_args() -> Result<Args, String> {
         direct: false,
         workers: None,
         take_over: None,
+        tls: None,
     };
+    let (mut cert, mut key) = (
+        std::env::var("TLS_CERT").ok(),
+        std::env::var("TLS_KEY").ok(),
+    );
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -84,6 +105,8 @@ fn parse_args() -> Result<Args, String> {
                     .map(str::to_string)
                     .collect();
             }
+            "--tls-cert" => cert = Some(it.next().ok_or("--tls-cert needs PEM")?),
+            "--tls-key" => key = Some(it.next().ok_or("--tls-key needs PEM")?),
             "--serve" => args.serve = true,
             "--no-retry" => args.retry = false,
             "--direct" => args.direct = true,
@@ -102,7 +125,38 @@ fn parse_args() -> Result<Args, String> {
             other => return Err(format!("unknown argument {other}")),
         }
     }
+    args.tls = match (cert, key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        _ => return Err("--tls-cert and --tls-key go together".into()),
+    };
+    if args.tls.is_some() && !args.serve {
+        return Err("--tls-cert/--tls-key need --serve".into());
+    }
     Ok(args)
+}
+
+/// The TLS listener of `--tls-cert`/`--tls-key`, watching its files for renewals.
+#[cfg(feature = "tls")]
+fn tls_acceptor(
+    files: &(String, String),
+) -> Result<
+    (
+        tower_patterns::tls::ServerTls,
+        tower_patterns::tls::FileWatch,
+    ),
+    BoxError,
+> {
+    let tls = tower_patterns::tls::ServerTls::from_pem_files(&files.0, &files.1)?;
+    let watch = tls.watch_files(std::time::Duration::from_secs(30));
+    Ok((tls, watch))
+}
+
+#[cfg(not(feature = "tls"))]
+fn tls_acceptor(
+    _files: &(String, String),
+) -> Result<(tower_patterns::server::PlainTcp, ()), BoxError> {
+    Err("--tls-cert/--tls-key: built without the `tls` feature (--features tls)".into())
 }
 
 fn main() -> Result<(), BoxError> {
@@ -116,6 +170,16 @@ fn main() -> Result<(), BoxError> {
     tower_patterns::server::runtime(args.threads)?.block_on(run(args))
 }
 
+/// `X-Forwarded-Proto: https` behind our TLS listener (an HTTP/1.1 request line does not
+/// carry the scheme); otherwise `Forward`'s default.
+fn behind(builder: ForwardBuilder, proto: &'static str) -> ForwardBuilder {
+    if proto == "https" {
+        builder.forwarded_proto(proto)
+    } else {
+        builder
+    }
+}
+
 /// `--direct` (Forward alone) or the balanced stack.
 type WorkerStack = tower::util::Either<
     ErrorResponse<tower_patterns::proxy::Forward<Incoming>>,
@@ -125,15 +189,20 @@ type WorkerStack = tower::util::Either<
 /// The proxy stack of one worker: its own `Forward`s (so its own keep-alive pool, on its
 /// own thread) behind its own balancer, or with `--direct` one `Forward` alone (no replay
 /// layer either: the single-upstream baseline, like `reverse_proxy_min`).
-fn worker_stack(backends: &[String], retry: bool, direct: bool) -> Result<WorkerStack, BoxError> {
+fn worker_stack(
+    backends: &[String],
+    retry: bool,
+    direct: bool,
+    proto: &'static str,
+) -> Result<WorkerStack, BoxError> {
     let connect_timeout = std::time::Duration::from_secs(1);
     if direct {
-        let forward = ForwardBuilder::new(backends[0].as_str())
+        let forward = behind(ForwardBuilder::new(backends[0].as_str()), proto)
             .connect_timeout(connect_timeout)
             .build::<Incoming>()?;
         return Ok(tower::util::Either::Left(ErrorResponse::new(forward)));
     }
-    let first = ForwardBuilder::new(backends[0].as_str())
+    let first = behind(ForwardBuilder::new(backends[0].as_str()), proto)
         .connect_timeout(connect_timeout)
         .build::<ReplayBody<Incoming>>()?;
     let mut endpoints = Vec::new();
@@ -158,17 +227,26 @@ fn worker_stack(backends: &[String], retry: bool, direct: bool) -> Result<Worker
 fn serve_per_core(args: &Args, workers: usize) -> Result<(), BoxError> {
     // Built once here so a bad URL is an error before any worker starts; the workers'
     // own builds of the same URLs then cannot fail.
-    worker_stack(&args.backends, args.retry, args.direct)?;
+    let proto = if args.tls.is_some() { "https" } else { "http" };
+    worker_stack(&args.backends, args.retry, args.direct, proto)?;
     let (backends, retry, direct) = (args.backends.clone(), args.retry, args.direct);
     let mut builder = Workers::new(workers);
     if let Some(previous) = args.take_over {
         builder = builder.take_over(previous);
     }
-    let handle = builder.spawn(args.listen, move |_id| {
-        worker_stack(&backends, retry, direct).expect("validated before the workers started")
-    })?;
+    let make = move |_id| {
+        worker_stack(&backends, retry, direct, proto).expect("validated before the workers started")
+    };
+    let (handle, _watch) = match &args.tls {
+        None => (builder.spawn(args.listen, make)?, None),
+        Some(files) => {
+            let (tls, watch) = tls_acceptor(files)?;
+            (builder.acceptor(tls).spawn(args.listen, make)?, Some(watch))
+        }
+    };
     println!(
-        "reverse proxy on http://{} -> {} backends, {workers} workers{}",
+        "reverse proxy on {}://{} -> {} backends, {workers} workers{}",
+        if args.tls.is_some() { "https" } else { "http" },
         handle.local_addr(),
         args.backends.len(),
         if args.direct {
@@ -252,7 +330,10 @@ async fn run(args: Args) -> Result<(), BoxError> {
     };
 
     // One Forward per endpoint, all sharing one keep-alive pool.
-    let first = ForwardBuilder::new(backends[0].as_str())
+    // Behind our own TLS listener the client's scheme is https (an HTTP/1.1 request line
+    // does not say so).
+    let proto = if args.tls.is_some() { "https" } else { "http" };
+    let first = behind(ForwardBuilder::new(backends[0].as_str()), proto)
         .connect_timeout(std::time::Duration::from_secs(1))
         .build::<ReplayBody<Incoming>>()?;
     let mut endpoints = Vec::new();
@@ -270,6 +351,29 @@ async fn run(args: Args) -> Result<(), BoxError> {
 
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
+    if let Some(files) = &args.tls {
+        let (tls, _watch) = tls_acceptor(files)?;
+        println!(
+            "reverse proxy on https://{addr} -> {} instances",
+            backends.len()
+        );
+        let server = tower_patterns::server::Server::builder();
+        let forever = std::future::pending();
+        if args.direct {
+            let direct = ServiceBuilder::new()
+                .layer(ErrorResponseLayer)
+                .layer(ReplayLayer::new(64 * 1024))
+                .service(first.clone());
+            server
+                .serve_with_acceptor(listener, tls, direct, forever)
+                .await?;
+        } else {
+            server
+                .serve_with_acceptor(listener, tls, proxy, forever)
+                .await?;
+        }
+        return Ok(());
+    }
     println!(
         "reverse proxy on http://{addr} -> {} instances, round robin",
         backends.len()

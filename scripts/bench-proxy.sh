@@ -5,6 +5,7 @@
 #   scripts/bench-proxy.sh                       # WORKER_SET="1 2", 3 rounds of 5 s
 #   WORKER_SET="1" ROUNDS=5 DURATION=10s scripts/bench-proxy.sh
 #   RESULTS=bench.txt scripts/bench-proxy.sh      # also write the report to a file
+#   TLS=1 scripts/bench-proxy.sh                  # HTTPS termination (issue 13), see below
 #
 # Fairness (issue 12):
 # - Same work: nginx and HAProxy add the X-Forwarded-For/-Proto/-Host headers our
@@ -20,6 +21,12 @@
 # - CPU: each proxy's utime+stime (itself and its child processes, from /proc/<pid>/stat)
 #   over the measured interval, per 100k requests.
 #
+# TLS=1: HTTPS termination in front of the plaintext backend, single upstream only — ours
+# (`reverse_proxy --direct --tls-cert/--tls-key`, rustls with ring), nginx `listen ... ssl`,
+# HAProxy `bind ... ssl crt`, all with the same P-256 certificate made here by the openssl
+# CLI, ALPN h2/http1.1 offered, X-Forwarded-Proto https. wrk speaks HTTP/1.1 over TLS with
+# keep-alive, so the figures are mostly record encryption, not handshakes.
+#
 # Optional pinning as in ../shared/bench/many-core/run.sh: WRK_CORES, BE_CORES, PX_CORES
 # (taskset lists). On a 2-core machine leave them unset and run it only when the machine
 # is otherwise idle (load average well under 1): wrk, backend and proxy share the cores,
@@ -34,6 +41,7 @@ CONNS_PER_WORKER=${CONNS_PER_WORKER:-64}
 WRK_THREADS=${WRK_THREADS:-1}
 BE_WORKERS=${BE_WORKERS:-1}
 RESULTS=${RESULTS:-/dev/null}
+TLS=${TLS:-0}
 
 need() {
     command -v "$1" >/dev/null 2>&1 || { echo "missing $1 (Debian: apt-get install -y $2)" >&2; exit 1; }
@@ -42,6 +50,7 @@ need nginx nginx-light
 need haproxy haproxy
 need wrk wrk
 need python3 python3
+[ "$TLS" = 1 ] && need openssl openssl
 
 ulimit -n 65536 2>/dev/null || true
 
@@ -138,8 +147,8 @@ defaults
     http-reuse always
     option forwardfor
 frontend fe
-    bind 127.0.0.1:$port
-    http-request set-header X-Forwarded-Proto http
+    bind 127.0.0.1:$port$HAP_SSL
+    http-request set-header X-Forwarded-Proto $SCHEME
     http-request set-header X-Forwarded-Host %[req.hdr(host)]
     default_backend be
 backend be
@@ -158,8 +167,24 @@ nginx_start backend "$BE_WORKERS" "server { listen 127.0.0.1:$B1 reuseport; list
 wait_port "$B1"; wait_port "$B2"
 
 echo "building the release example..." >&2
-cargo build --release -q --example reverse_proxy
+if [ "$TLS" = 1 ]; then
+    cargo build --release -q --features tls --example reverse_proxy
+else
+    cargo build --release -q --example reverse_proxy
+fi
 OURS=target/release/examples/reverse_proxy
+
+SCHEME=http OURS_TLS=() NGX_SSL='' NGINX_TLS='' HAP_SSL=''
+if [ "$TLS" = 1 ]; then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+        -subj /CN=localhost -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+    cat "$work/cert.pem" "$work/key.pem" > "$work/haproxy.pem"
+    SCHEME=https
+    OURS_TLS=(--tls-cert "$work/cert.pem" --tls-key "$work/key.pem")
+    NGX_SSL=' ssl http2'
+    NGINX_TLS="ssl_certificate $work/cert.pem; ssl_certificate_key $work/key.pem; ssl_session_cache shared:SSL:10m;"
+    HAP_SSL=" ssl crt $work/haproxy.pem alpn h2,http/1.1"
+fi
 
 declare -A port pid
 declare -A rps_all p99_all cpu_all err_all
@@ -168,23 +193,27 @@ start_proxies() { # workers
     local w=$1
     port[ours-fwd]=$(free_port)
     spawn_pinned "${PX_CORES:-}" $OURS --serve --direct --workers "$w" --listen "127.0.0.1:${port[ours-fwd]}" \
-        --backends "http://127.0.0.1:$B1" >/dev/null 2>&1 &
+        --backends "http://127.0.0.1:$B1" "${OURS_TLS[@]}" >/dev/null 2>&1 &
     pids+=($!); pid[ours-fwd]=$!
+    port[nginx-fwd]=$(free_port)
+    nginx_start "ngx-fwd-$w" "$w" "upstream be { server 127.0.0.1:$B1; keepalive 256; }
+    server { listen 127.0.0.1:${port[nginx-fwd]}$NGX_SSL reuseport; $NGINX_TLS location / { $NGINX_PROXY } }" "${PX_CORES:-}"
+    pid[nginx-fwd]=$last_pid
+    port[haproxy-fwd]=$(free_port)
+    haproxy_start "hap-fwd-$w" "$w" "${port[haproxy-fwd]}" "127.0.0.1:$B1"
+    pid[haproxy-fwd]=$last_pid
+    if [ "$TLS" = 1 ]; then
+        for n in "${!port[@]}"; do wait_port "${port[$n]}"; done
+        return
+    fi
     port[ours-bal]=$(free_port)
     spawn_pinned "${PX_CORES:-}" $OURS --serve --workers "$w" --listen "127.0.0.1:${port[ours-bal]}" \
         --backends "http://127.0.0.1:$B1,http://127.0.0.1:$B2" >/dev/null 2>&1 &
     pids+=($!); pid[ours-bal]=$!
-    port[nginx-fwd]=$(free_port)
-    nginx_start "ngx-fwd-$w" "$w" "upstream be { server 127.0.0.1:$B1; keepalive 256; }
-    server { listen 127.0.0.1:${port[nginx-fwd]} reuseport; location / { $NGINX_PROXY } }" "${PX_CORES:-}"
-    pid[nginx-fwd]=$last_pid
     port[nginx-bal]=$(free_port)
     nginx_start "ngx-bal-$w" "$w" "upstream be { server 127.0.0.1:$B1; server 127.0.0.1:$B2; keepalive 256; }
     server { listen 127.0.0.1:${port[nginx-bal]} reuseport; location / { $NGINX_PROXY } }" "${PX_CORES:-}"
     pid[nginx-bal]=$last_pid
-    port[haproxy-fwd]=$(free_port)
-    haproxy_start "hap-fwd-$w" "$w" "${port[haproxy-fwd]}" "127.0.0.1:$B1"
-    pid[haproxy-fwd]=$last_pid
     port[haproxy-bal]=$(free_port)
     haproxy_start "hap-bal-$w" "$w" "${port[haproxy-bal]}" "127.0.0.1:$B1" "127.0.0.1:$B2"
     pid[haproxy-bal]=$last_pid
@@ -199,7 +228,7 @@ stop_proxies() {
 to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) { sub(/us/,"",v); print v/1000 } else if (v ~ /ms$/) { sub(/ms/,"",v); print v } else { sub(/s/,"",v); print v*1000 } }'; }
 
 bench() { # name workers conns
-    local name=$1 w=$2 conns=$3 url="http://127.0.0.1:${port[$1]}/"
+    local name=$1 w=$2 conns=$3 url="$SCHEME://127.0.0.1:${port[$1]}/"
     pin "${WRK_CORES:-}" wrk -t"$WRK_THREADS" -c"$conns" -d1s "$url" >/dev/null 2>&1 # warm the pools
     local t0 t1 out
     t0=$(ticks "${pid[$name]}")
@@ -224,7 +253,10 @@ stats() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{ v[NR] = $1 } END
     m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; print m, v[1], v[NR] }'; }
 
 NAMES=(ours-fwd nginx-fwd haproxy-fwd ours-bal nginx-bal haproxy-bal)
-log "bench-proxy: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $ROUNDS rounds x $DURATION, $CONNS_PER_WORKER conns per worker, backend nginx x$BE_WORKERS"
+KINDS=(fwd bal)
+[ "$TLS" = 1 ] && NAMES=(ours-fwd nginx-fwd haproxy-fwd) KINDS=(fwd)
+MODE=""; [ "$TLS" = 1 ] && MODE=" (TLS termination)"
+log "bench-proxy$MODE: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $ROUNDS rounds x $DURATION, $CONNS_PER_WORKER conns per worker, backend nginx x$BE_WORKERS"
 for w in $WORKER_SET; do
     start_proxies "$w"
     conns=$((CONNS_PER_WORKER * w))
@@ -247,7 +279,7 @@ for w in $WORKER_SET; do
             "$n" "$rm" "$rl" "$rh" "$pm" "$pl" "$ph" "$cm" "$cl" "$ch" "${err_all[$n,$w]:+ errors: ${err_all[$n,$w]}}")"
     done
     log "ratios of medians (ours / peer; req/s higher is better, p99 and CPU lower is better):"
-    for kind in fwd bal; do
+    for kind in "${KINDS[@]}"; do
         read -r orps _ <<<"$(stats "${rps_all[ours-$kind,$w]}")"
         read -r op99 _ <<<"$(stats "${p99_all[ours-$kind,$w]}")"
         read -r ocpu _ <<<"$(stats "${cpu_all[ours-$kind,$w]}")"

@@ -68,6 +68,8 @@ pub mod respond;
 pub mod route;
 pub mod server;
 pub mod telemetry;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod trace;
 
 /// A type-erased error, as in tower.

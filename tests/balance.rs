@@ -38,6 +38,9 @@ impl Backend {
     }
 }
 
+mod support;
+use support::{silent_url, Silence};
+
 /// A real HTTP server answering its name; `/echo` echoes the body.
 async fn backend(name: &'static str) -> Backend {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -81,37 +84,6 @@ async fn closed_port() -> String {
     let url = format!("http://{}", l.local_addr().unwrap());
     drop(l);
     url
-}
-
-/// Reads one request head and closes the connection without answering: a failure after
-/// the request was sent.
-async fn hang_up_server() -> (String, Arc<AtomicUsize>) {
-    use tokio::io::AsyncReadExt;
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", l.local_addr().unwrap());
-    let hits = Arc::new(AtomicUsize::new(0));
-    let h = hits.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let h = h.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut seen = Vec::new();
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                    seen.extend_from_slice(&buf[..n]);
-                    if seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                        h.fetch_add(1, SeqCst);
-                        break;
-                    }
-                }
-                drop(s);
-            });
-        }
-    });
-    (url, hits)
 }
 
 fn get(path: &str) -> Request<Full<Bytes>> {
@@ -555,7 +527,7 @@ async fn retries_the_next_endpoint_when_the_connection_is_refused() {
 #[tokio::test]
 async fn post_is_not_retried_after_it_was_sent_by_default() {
     let live = backend("live").await;
-    let (hangup, hangup_hits) = hang_up_server().await;
+    let (hangup, hangup_hits) = silent_url(Silence::HangUp).await;
     let build = |retry: Retry| {
         Balance::builder()
             .retry(retry)

@@ -26,6 +26,9 @@ const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
 
 type Svc = tower::util::BoxCloneSyncService<Request<Full<Bytes>>, Response<String>, BoxError>;
 
+mod support;
+use support::{silent_url, Silence};
+
 /// An in-process endpoint answering its name (500 while `fail` is set), counting hits.
 fn named(name: &'static str, hits: Arc<AtomicUsize>) -> Svc {
     tower::util::BoxCloneSyncService::new(tower::service_fn(move |_r: Request<Full<Bytes>>| {
@@ -147,35 +150,6 @@ async fn a_cancelled_trial_hands_the_trial_to_the_next_request() {
     assert_eq!(h.load(SeqCst), 3);
 }
 
-/// Accepts connections and reads requests but never answers.
-async fn hung_server() -> (String, Arc<AtomicUsize>) {
-    use tokio::io::AsyncReadExt;
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", l.local_addr().unwrap());
-    let hits = Arc::new(AtomicUsize::new(0));
-    let h = hits.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let h = h.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut seen = Vec::new();
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                    seen.extend_from_slice(&buf[..n]);
-                    while let Some(p) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                        h.fetch_add(1, SeqCst);
-                        seen.drain(..p + 4);
-                    }
-                }
-            });
-        }
-    });
-    (url, hits)
-}
-
 /// A real HTTP server answering `name`; request bodies are read and dropped (errors too).
 async fn live_server(name: &'static str) -> (String, Arc<AtomicUsize>) {
     let hits = Arc::new(AtomicUsize::new(0));
@@ -196,7 +170,7 @@ async fn live_server(name: &'static str) -> (String, Arc<AtomicUsize>) {
 
 #[tokio::test]
 async fn over_real_sockets_a_hung_backend_is_retried_elsewhere_and_a_post_gets_504() {
-    let (hung_url, hung_hits) = hung_server().await;
+    let (hung_url, hung_hits) = silent_url(Silence::Hang).await;
     let (a_url, _) = live_server("a").await;
     let (b_url, _) = live_server("b").await;
     let fwd = Forward::<Full<Bytes>>::new(&hung_url).unwrap();

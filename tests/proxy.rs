@@ -354,9 +354,15 @@ async fn connect_timeout_when_the_accept_queue_is_full() {
 
 #[test]
 fn invalid_upstreams_are_refused() {
+    // Without the `tls` feature an https:// upstream is refused, never spoken to in
+    // plaintext (with it: tests/proxy_tls.rs).
+    #[cfg(not(feature = "tls"))]
+    {
+        let err = Forward::<Body>::new("https://127.0.0.1:1").unwrap_err();
+        assert!(err.to_string().contains("need the `tls` feature"), "{err}");
+    }
     for (uri, why) in [
-        ("https://127.0.0.1:1", "only http"),
-        ("ftp://127.0.0.1:1", "only http"),
+        ("ftp://127.0.0.1:1", "only http:// and https://"),
         ("/just/a/path", "missing scheme"),
         ("http://127.0.0.1:1/?q=1", "query"),
         ("http://user:pw@127.0.0.1:1", "credentials"),

@@ -1,6 +1,9 @@
 //! In-process cost of the proxy building blocks, each next to its baseline in one run:
 //! - `forward/*`: a request through `Forward` (own pool) vs the bare hyper-util pooled client to the
 //!   same local backend (what our header handling, URI join and error mapping add);
+//! - `h2_upstream/*`: 64 concurrent requests through one `Forward` to an upstream speaking
+//!   HTTP/1.1 (the keep-alive pool opens up to 64 connections) vs HTTP/2 (h2c prior knowledge,
+//!   all 64 multiplexed over one connection); same backend (hyper's auto server), same run;
 //! - `headers/*`: hop-by-hop stripping on a typical request;
 //! - `classify/*`: classifying a response with a parsed `Condition`.
 
@@ -14,7 +17,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tower::{Service, ServiceExt};
 use tower_patterns::classify::{Classifier, Classify, Condition};
-use tower_patterns::proxy::{strip_hop_by_hop, Forward};
+use tower_patterns::proxy::{strip_hop_by_hop, Forward, ForwardBuilder, Protocol};
 
 fn backend(rt: &tokio::runtime::Runtime) -> std::net::SocketAddr {
     rt.block_on(async {
@@ -75,6 +78,65 @@ fn forward(c: &mut Criterion) {
     g.finish();
 }
 
+/// A backend answering HTTP/1.1 and h2c prior knowledge on one port (hyper's auto server).
+fn auto_backend(rt: &tokio::runtime::Runtime) -> std::net::SocketAddr {
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                let _ = s.set_nodelay(true);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_r| async {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    })
+}
+
+/// 64 concurrent clients, each one request per iteration: the h1 pool against one h2
+/// connection. Criterion reports the time per batch of 64.
+fn h2_upstream(c: &mut Criterion) {
+    const CLIENTS: usize = 64;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr = auto_backend(&rt);
+    let mut g = c.benchmark_group("h2_upstream");
+    g.throughput(criterion::Throughput::Elements(CLIENTS as u64));
+    for (name, protocol) in [("h1_pool_64", Protocol::Http1), ("h2_64", Protocol::Http2)] {
+        let fwd: Forward<Empty<Bytes>> = ForwardBuilder::new(format!("http://{addr}"))
+            .protocol(protocol)
+            .build()
+            .unwrap();
+        g.bench_function(name, |b| {
+            b.to_async(&rt).iter(|| {
+                let calls = (0..CLIENTS).map(|_| {
+                    let mut fwd = fwd.clone();
+                    async move {
+                        let req = Request::get("/x")
+                            .header("host", "bench")
+                            .body(Empty::new())
+                            .unwrap();
+                        let res = fwd.ready().await.unwrap().call(req).await.unwrap();
+                        res.into_body().collect().await.unwrap();
+                    }
+                });
+                futures_util::future::join_all(calls)
+            })
+        });
+    }
+    g.finish();
+}
+
 fn headers(c: &mut Criterion) {
     let base = Request::get("/")
         .header("host", "example.com")
@@ -109,5 +171,5 @@ fn classify(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, forward, headers, classify);
+criterion_group!(benches, forward, h2_upstream, headers, classify);
 criterion_main!(benches);

@@ -16,7 +16,7 @@ use super::fill::{on_response, refresh};
 use super::flight::{Joined, Lead, Wait};
 use super::layer::Config;
 use super::service::{from_entry, with_range, X_CACHE};
-use super::store::CachedResponse;
+use super::store::{CachedResponse, StoreLoad};
 use crate::body::tee::TeeBody;
 
 pub(crate) struct Miss {
@@ -44,6 +44,10 @@ pub(crate) struct Miss {
     pub(crate) cfg: Arc<Config>,
 }
 
+/// What a request does once its entry was read from the slow tier.
+pub(crate) type Then<F, B, S, R> =
+    Box<dyn FnOnce(Option<Arc<CachedResponse>>) -> ResponseFuture<F, B, S, R> + Send>;
+
 pin_project! {
     #[project = StateProj]
     enum State<F, B, S, R> {
@@ -54,6 +58,8 @@ pin_project! {
         Follow { wait: Wait, svc: Option<S>, req: Option<R>, miss: Option<Miss> },
         // Released follower: waiting for `svc` to be ready.
         Call { svc: Option<S>, req: Option<R>, miss: Option<Miss> },
+        // Reading the entry from the store's slow tier; `then` handles the request again.
+        Load { read: StoreLoad, then: Option<Then<F, B, S, R>> },
     }
 }
 
@@ -83,6 +89,15 @@ impl<F, B, S, R> ResponseFuture<F, B, S, R> {
             state: State::Inner {
                 fut,
                 miss: Some(miss),
+            },
+        }
+    }
+
+    pub(crate) fn load(read: StoreLoad, then: Then<F, B, S, R>) -> Self {
+        ResponseFuture {
+            state: State::Load {
+                read,
+                then: Some(then),
             },
         }
     }
@@ -169,6 +184,13 @@ where
                         state.set(State::Call { svc, req, miss: m });
                     }
                 },
+                StateProj::Load { read, then } => {
+                    let entry = std::task::ready!(read.as_mut().poll(cx));
+                    let Some(then) = then.take() else {
+                        crate::error::polled_after_completion("cache::ResponseFuture");
+                    };
+                    state.set(then(entry).state);
+                }
                 StateProj::Call { svc, req, miss } => {
                     let (Some(s), Some(_)) = (svc.as_mut(), req.as_ref()) else {
                         crate::error::polled_after_completion("cache::ResponseFuture");

@@ -51,7 +51,9 @@
 //! [`StoreSink`] puts the same store behind a [`TeeLayer`](crate::backup::TeeLayer) as one
 //! more sink, so one download feeds the client, the storage backup and the cache at once.
 //!
-//! Not done: a disk tier, fleet-wide purge, sibling lookup (issue 15, later parts).
+//! Storage: [`MemoryStore`] (moka, TinyLFU admission, a byte budget that holds) and, with
+//! the `disk-cache` feature, `DiskStore` behind it in a `TieredStore` (survives a restart,
+//! crash-safe writes, checksummed reads). See `docs/edge_cache.md`, "Tiers".
 
 mod body;
 mod conditional;
@@ -64,6 +66,7 @@ mod range;
 mod service;
 mod sink;
 mod store;
+mod tier;
 mod vary;
 
 pub use body::{CacheBody, CacheBodyError};
@@ -75,4 +78,9 @@ pub use layer::{
 pub use range::{parse_range, Ranges, MAX_RANGES};
 pub use service::{Cache, X_CACHE};
 pub use sink::StoreSink;
-pub use store::{CachedResponse, MemoryStore, MemoryStoreStats, Store};
+pub use store::{CachedResponse, Store, StoreLoad};
+#[cfg(feature = "disk-cache")]
+pub use tier::disk::{DiskStore, DiskStoreStats, DEFAULT_MAX_PENDING};
+pub use tier::memory::{MemoryStore, MemoryStoreStats, DEFAULT_STALE_GRACE};
+#[cfg(feature = "disk-cache")]
+pub use tier::TieredStore;

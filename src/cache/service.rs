@@ -18,7 +18,7 @@ use super::future::{Miss, ResponseFuture};
 use super::layer::{CacheLayer, Config, PurgeMode};
 use super::policy;
 use super::range;
-use super::store::CachedResponse;
+use super::store::{CachedResponse, StoreLoad};
 use super::vary;
 
 /// The `X-Cache` response header: `HIT`, `MISS`, `STALE`, or `COALESCED` (a miss that
@@ -116,6 +116,76 @@ where
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        self.call_with(req, Vec::new())
+    }
+}
+
+/// Entries read from a store's slower tier for one request (its plain key, then perhaps
+/// a variant key), so the request is looked at again with them at hand.
+type Loaded = Vec<(String, Option<Arc<CachedResponse>>)>;
+
+enum Lookup {
+    Found(Option<Arc<CachedResponse>>),
+    Slow(StoreLoad),
+}
+
+/// The entry under `key`: the store's fast tier, what this request already read from the
+/// slow one, or a read of the slow one to wait for.
+fn lookup(cfg: &Config, loaded: &Loaded, key: &str) -> Lookup {
+    if let Some(e) = cfg.store.get(key) {
+        return Lookup::Found(Some(e));
+    }
+    if let Some((_, e)) = loaded.iter().find(|(k, _)| k == key) {
+        return Lookup::Found(e.clone());
+    }
+    match cfg.store.load(key) {
+        Some(read) => Lookup::Slow(read),
+        None => Lookup::Found(None),
+    }
+}
+
+impl<S> Cache<S> {
+    /// Waits for `read` from the slow tier (off the runtime's threads, see `Store::load`),
+    /// then handles `req` again with the result at hand. Takes the service made ready for
+    /// this call.
+    fn after_load<ReqB, ResB>(
+        &mut self,
+        read: StoreLoad,
+        key: String,
+        mut loaded: Loaded,
+        req: Request<ReqB>,
+    ) -> ResponseFuture<S::Future, ResB, S, Request<ReqB>>
+    where
+        S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        ReqB: Send + 'static,
+        ResB: Body<Data = Bytes> + Send + 'static,
+        ResB::Error: Into<crate::BoxError>,
+    {
+        let clone = self.inner.clone();
+        let mut next =
+            Cache::from_parts(std::mem::replace(&mut self.inner, clone), self.cfg.clone());
+        ResponseFuture::load(
+            read,
+            Box::new(move |entry| {
+                loaded.push((key, entry));
+                next.call_with(req, loaded)
+            }),
+        )
+    }
+
+    fn call_with<ReqB, ResB>(
+        &mut self,
+        req: Request<ReqB>,
+        loaded: Loaded,
+    ) -> ResponseFuture<S::Future, ResB, S, Request<ReqB>>
+    where
+        S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        ReqB: Send + 'static,
+        ResB: Body<Data = Bytes> + Send + 'static,
+        ResB::Error: Into<crate::BoxError>,
+    {
         let cfg = &self.cfg;
         let method = req.method();
         let is_get = method == Method::GET;
@@ -163,18 +233,29 @@ where
         let mut revalidate = None;
         let no_cache = authorized || policy::request_no_cache(&parts.headers);
         // A `Vary` marker under the plain key names the headers that pick the variant.
-        let mut found = if authorized {
-            None
-        } else {
-            cfg.store.get(&base)
-        };
+        let mut found = None;
+        if !authorized {
+            match lookup(cfg, &loaded, &base) {
+                Lookup::Found(e) => found = e,
+                Lookup::Slow(read) => {
+                    let req = Request::from_parts(parts, body);
+                    return self.after_load(read, base, loaded, req);
+                }
+            }
+        }
         let mut key = base.clone();
         let mut variant_of = None;
         if let Some(marker) = found.take_if(|e| vary::is_marker(e)) {
             if let vary::Vary::Names(names) = vary::parse(&marker.headers) {
                 let generation = vary::generation(&marker);
                 key = vary::variant_key(&base, generation, &names, &parts.headers);
-                found = cfg.store.get(&key);
+                match lookup(cfg, &loaded, &key) {
+                    Lookup::Found(e) => found = e,
+                    Lookup::Slow(read) => {
+                        let req = Request::from_parts(parts, body);
+                        return self.after_load(read, key, loaded, req);
+                    }
+                }
                 variant_of = Some((names, generation));
             }
         }

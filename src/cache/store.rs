@@ -1,9 +1,7 @@
-//! Where cached responses live: the `Store` trait and a byte-budgeted LRU in memory.
+//! What the cache stores ([`CachedResponse`]) and where ([`Store`]); the tiers that
+//! implement it are in `tier/`.
 
-use std::collections::{BTreeMap, HashMap};
-use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,7 +15,7 @@ pub struct CachedResponse {
     pub status: StatusCode,
     /// Its headers.
     pub headers: HeaderMap,
-    /// Its body. A [`MemoryStore`] keeps it as one compact chunk (see
+    /// Its body. A [`MemoryStore`](super::MemoryStore) keeps it as one compact chunk (see
     /// [`CachedResponse::compact`]), shared with every hit.
     pub body: Vec<Bytes>,
     /// When the response was received (tokio time, so tests can pause it).
@@ -117,159 +115,19 @@ pub trait Store: Send + Sync + 'static {
     fn max_entry_size(&self) -> u64 {
         u64::MAX
     }
-}
-
-/// Counters of a [`MemoryStore`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct MemoryStoreStats {
-    /// Entries held.
-    pub entries: usize,
-    /// Bytes accounted (see [`CachedResponse::weight`]).
-    pub used: u64,
-    /// Entries evicted to make room.
-    pub evictions: u64,
-}
-
-struct Slot {
-    entry: Arc<CachedResponse>,
-    tick: u64,
-    weight: u64,
-}
-
-#[derive(Default)]
-struct Lru {
-    map: HashMap<Arc<str>, Slot>,
-    /// Recency order: smallest tick = least recently used.
-    order: BTreeMap<u64, Arc<str>>,
-    tick: u64,
-    used: u64,
-}
-
-impl Lru {
-    fn take(&mut self, key: &str) -> Option<Slot> {
-        let slot = self.map.remove(key)?;
-        self.order.remove(&slot.tick);
-        self.used -= slot.weight;
-        Some(slot)
+    /// For a store with a slower tier (a disk): called after `get` missed, a future that
+    /// reads `key` from that tier off the runtime's threads (and promotes it to the fast
+    /// one). `None` (the default) when no slower tier holds `key`: deciding that must
+    /// cost no I/O, since the layer asks on every miss.
+    fn load(&self, key: &str) -> Option<StoreLoad> {
+        let _ = key;
+        None
     }
 }
 
-/// An in-memory [`Store`] with a byte budget: when full, the least recently used entries
-/// are evicted. Entries are stored [compacted](CachedResponse::compact) and weighed with
-/// their overhead, so the budget bounds the real memory (within about 1.5×; measured by
-/// `tests/cache_memory.rs`). One short critical section per call (a lookup and a recency
-/// bump); a hit shares the stored body, no copy under the lock.
-pub struct MemoryStore {
-    lru: Mutex<Lru>,
-    budget: u64,
-    max_entry: u64,
-    evictions: AtomicU64,
-}
-
-impl fmt::Debug for MemoryStore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MemoryStore")
-            .field("budget", &self.budget)
-            .field("max_entry", &self.max_entry)
-            .field("stats", &self.stats())
-            .finish()
-    }
-}
-
-impl MemoryStore {
-    /// A store of at most `budget` bytes; one entry may take at most a quarter of it.
-    pub fn new(budget: u64) -> Self {
-        MemoryStore {
-            lru: Mutex::default(),
-            budget,
-            max_entry: budget / 4,
-            evictions: AtomicU64::new(0),
-        }
-    }
-
-    /// The largest single entry (default: a quarter of the budget, capped by it).
-    pub fn max_entry(mut self, bytes: u64) -> Self {
-        self.max_entry = bytes.min(self.budget);
-        self
-    }
-
-    /// Current counters.
-    pub fn stats(&self) -> MemoryStoreStats {
-        let lru = self.lock();
-        MemoryStoreStats {
-            entries: lru.map.len(),
-            used: lru.used,
-            evictions: self.evictions.load(Ordering::Relaxed),
-        }
-    }
-
-    /// Whether `key` is present (fresh or not), without touching its recency.
-    pub fn contains(&self, key: &str) -> bool {
-        self.lock().map.contains_key(key)
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Lru> {
-        // Every update leaves the maps consistent before it can panic.
-        self.lru.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl Store for MemoryStore {
-    fn get(&self, key: &str) -> Option<Arc<CachedResponse>> {
-        let mut lru = self.lock();
-        lru.tick += 1;
-        let tick = lru.tick;
-        let slot = lru.map.get_mut(key)?;
-        let old = std::mem::replace(&mut slot.tick, tick);
-        let entry = slot.entry.clone();
-        if let Some(k) = lru.order.remove(&old) {
-            lru.order.insert(tick, k);
-        }
-        Some(entry)
-    }
-
-    fn put(&self, key: &str, entry: CachedResponse) -> bool {
-        let weight = entry.weight().saturating_add(key.len() as u64);
-        if weight > self.max_entry || weight > self.budget {
-            return false;
-        }
-        // Copied before taking the lock: the copy is the slow part.
-        let entry = entry.compact();
-        let mut lru = self.lock();
-        lru.take(key);
-        while lru.used + weight > self.budget {
-            let Some((_, victim)) = lru.order.pop_first() else {
-                break;
-            };
-            if let Some(slot) = lru.map.remove(&victim) {
-                lru.used -= slot.weight;
-                self.evictions.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        lru.tick += 1;
-        let tick = lru.tick;
-        let key: Arc<str> = Arc::from(key);
-        lru.order.insert(tick, key.clone());
-        lru.used += weight;
-        lru.map.insert(
-            key,
-            Slot {
-                entry: Arc::new(entry),
-                tick,
-                weight,
-            },
-        );
-        true
-    }
-
-    fn remove(&self, key: &str) -> bool {
-        self.lock().take(key).is_some()
-    }
-
-    fn max_entry_size(&self) -> u64 {
-        self.max_entry
-    }
-}
+/// A read from a store's slower tier (see [`Store::load`]).
+pub type StoreLoad =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Option<Arc<CachedResponse>>> + Send>>;
 
 impl<S: Store + ?Sized> Store for Arc<S> {
     fn get(&self, key: &str) -> Option<Arc<CachedResponse>> {
@@ -283,5 +141,26 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     }
     fn max_entry_size(&self) -> u64 {
         (**self).max_entry_size()
+    }
+    fn load(&self, key: &str) -> Option<StoreLoad> {
+        (**self).load(key)
+    }
+}
+
+impl<S: Store + ?Sized> Store for Box<S> {
+    fn get(&self, key: &str) -> Option<Arc<CachedResponse>> {
+        (**self).get(key)
+    }
+    fn put(&self, key: &str, entry: CachedResponse) -> bool {
+        (**self).put(key, entry)
+    }
+    fn remove(&self, key: &str) -> bool {
+        (**self).remove(key)
+    }
+    fn max_entry_size(&self) -> u64 {
+        (**self).max_entry_size()
+    }
+    fn load(&self, key: &str) -> Option<StoreLoad> {
+        (**self).load(key)
     }
 }

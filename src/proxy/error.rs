@@ -95,6 +95,38 @@ pub enum ForwardError {
         #[source]
         source: std::io::Error,
     },
+    /// The TLS handshake with an `https://` upstream failed: its certificate does not
+    /// verify (unknown issuer, expired, wrong name), it asked for a client certificate we
+    /// do not have, or it speaks no TLS. `502`, [`FailureKind::Transport`], and like
+    /// [`ForwardError::Connect`] the request never left. There is no plaintext fallback.
+    /// The source is the `rustls::Error` when rustls gave one (find it with
+    /// `source()`/`downcast_ref`), else the I/O error.
+    #[error("TLS handshake with upstream {upstream} failed")]
+    Tls {
+        /// `host:port` of the upstream.
+        upstream: String,
+        /// The underlying error.
+        #[source]
+        source: BoxError,
+    },
+    /// The HTTP/2 upstream reset the stream or closed the connection (`RST_STREAM` or
+    /// `GOAWAY` with an error code, flow-control violations included): `502`,
+    /// [`FailureKind::Transport`]. With `REFUSED_STREAM`, or a graceful `GOAWAY`
+    /// (`NO_ERROR`) that left the stream out, the upstream guarantees it did not process
+    /// the request (RFC 9113 §8.7, §6.8; [`is_refused_stream`](Self::is_refused_stream)),
+    /// so it counts as never sent and may be sent again whatever the method.
+    #[error("upstream {upstream} reset the HTTP/2 stream (error code {code:#x})")]
+    StreamReset {
+        /// `host:port` of the upstream.
+        upstream: String,
+        /// The HTTP/2 error code (RFC 9113 §7), e.g. `0x7` for `REFUSED_STREAM`.
+        code: u32,
+        /// The upstream did not process the stream.
+        refused: bool,
+        /// The underlying error.
+        #[source]
+        source: BoxError,
+    },
     /// The connection broke or the upstream spoke invalid HTTP after the request was sent.
     #[error("upstream {upstream} failed while answering")]
     Transport {
@@ -113,7 +145,10 @@ impl ForwardError {
             ForwardError::ConnectTimeout { .. } | ForwardError::ResponseTimeout { .. } => {
                 FailureKind::Timeout
             }
-            ForwardError::Connect { .. } | ForwardError::Transport { .. } => FailureKind::Transport,
+            ForwardError::Connect { .. }
+            | ForwardError::Tls { .. }
+            | ForwardError::StreamReset { .. }
+            | ForwardError::Transport { .. } => FailureKind::Transport,
             ForwardError::InvalidUpstream { .. } | ForwardError::InvalidRequest(_) => {
                 FailureKind::Other
             }
@@ -132,8 +167,17 @@ impl ForwardError {
     pub fn is_connect(&self) -> bool {
         matches!(
             self,
-            ForwardError::Connect { .. } | ForwardError::ConnectTimeout { .. }
+            ForwardError::Connect { .. }
+                | ForwardError::ConnectTimeout { .. }
+                | ForwardError::Tls { .. }
         )
+    }
+
+    /// `true` when an HTTP/2 upstream refused the stream (`REFUSED_STREAM`, or a graceful
+    /// `GOAWAY` that left it out): it did not process the request (RFC 9113 §8.7), so it
+    /// may be sent again like a failed connect.
+    pub fn is_refused_stream(&self) -> bool {
+        matches!(self, ForwardError::StreamReset { refused: true, .. })
     }
 
     /// The status a proxy should answer with: 504 for upstream timeouts, 502 for other
@@ -153,9 +197,10 @@ impl ForwardError {
             ForwardError::ClientBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ForwardError::MethodNotSupported { .. } => StatusCode::NOT_IMPLEMENTED,
             ForwardError::LocalResource { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ForwardError::Connect { .. } | ForwardError::Transport { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
+            ForwardError::Connect { .. }
+            | ForwardError::Tls { .. }
+            | ForwardError::StreamReset { .. }
+            | ForwardError::Transport { .. } => StatusCode::BAD_GATEWAY,
         }
     }
 }
@@ -165,7 +210,7 @@ impl KnownFailure for ForwardError {
         self.kind()
     }
     fn never_sent(&self) -> bool {
-        self.is_connect()
+        self.is_connect() || self.is_refused_stream()
     }
 }
 

@@ -8,8 +8,11 @@
 //! `502 Bad Gateway` / `504 Gateway Timeout`.
 //!
 //! [`Forward`] does this over its own keep-alive HTTP/1.1 connection pool per upstream
-//! (hyper's connection API; no task spawned per request), and a balancer holding one
-//! `Forward` per endpoint (made with [`Forward::to`]) shares one set of pools.
+//! (hyper's connection API; no task spawned per request), or one multiplexed HTTP/2
+//! connection ([`Protocol`]), and a balancer holding one `Forward` per endpoint (made with
+//! [`Forward::to`]) shares one set of pools. `https://` upstreams need the `tls` feature
+//! (rustls; see `tls::ClientTls`): certificates are always verified, a failure is
+//! [`ForwardError::Tls`] (502), never a plaintext fallback. Details: `docs/protocols.md`.
 //!
 //! | behaviour | nginx equivalent |
 //! |---|---|
@@ -21,6 +24,8 @@
 //! | connect timeout, default 5 s → [`ForwardError::ConnectTimeout`] (504) | `proxy_connect_timeout` (60 s) |
 //! | response-header timeout, default 60 s, restarted while the upstream takes body chunks → [`ForwardError::ResponseTimeout`] (504) | `proxy_read_timeout` / `proxy_send_timeout` (60 s) |
 //! | refused / reset → [`ForwardError::Connect`] / [`ForwardError::Transport`] (502) | `502` |
+//! | certificate does not verify / client certificate refused → [`ForwardError::Tls`] (502, never sent) | `proxy_ssl_verify on` |
+//! | HTTP/2 stream reset → [`ForwardError::StreamReset`] (502; `REFUSED_STREAM` never sent) | `502` |
 //! | client body idle (default 30 s, or [`BodyLimits`] from the server) → [`ForwardError::ClientBodyTimeout`] (408) | `client_body_timeout` |
 //! | client body over [`BodyLimits::max_bytes`] → [`ForwardError::ClientBodyTooLarge`] (413) | `client_max_body_size` |
 //! | aborted or malformed client body → [`ForwardError::ClientBody`] (400) | `400` / `499` |
@@ -54,13 +59,17 @@
 //! ```
 
 pub(crate) mod body;
+mod connect;
 mod error;
 mod future;
+mod h2;
 pub(crate) mod headers;
 mod pool;
 mod service;
+mod upstream;
 
 pub use body::BodyLimits;
+pub use connect::Protocol;
 pub use error::ForwardError;
 pub use future::ResponseFuture;
 pub use headers::{strip_hop_by_hop, PROTECTED_FROM_CONNECTION};
@@ -71,4 +80,5 @@ pub use crate::respond::{
     error_response, status_response, ErrorResponse, ErrorResponseBody, ErrorResponseFuture,
     ErrorResponseLayer,
 };
-pub use service::{Forward, ForwardBuilder, Upstream};
+pub use service::{Forward, ForwardBuilder};
+pub use upstream::Upstream;

@@ -4,109 +4,25 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::Scheme;
 use http::{HeaderMap, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use tower_service::Service;
 
 use super::body::{BodyLimits, ClientBody, Progress};
+use super::connect::Protocol;
 use super::error::ForwardError;
 use super::future::ResponseFuture;
+use super::h2::{asks_for_trailers, TeTrailers};
 use super::headers::strip_hop_by_hop;
 use super::pool::{HostPool, PoolConfig, Pools};
+use super::upstream::Upstream;
 use crate::client_addr::{joined_forwarded_for, ClientAddr};
 use crate::BoxError;
 
 const X_FORWARDED_FOR: &str = "x-forwarded-for";
 const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
 const X_FORWARDED_HOST: &str = "x-forwarded-host";
-
-/// A validated upstream: `http://host:port[/prefix]`.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct Upstream {
-    scheme: Scheme,
-    authority: Authority,
-    /// Path prefix without a trailing `/`; empty for none.
-    prefix: String,
-    label: String,
-}
-
-impl Upstream {
-    /// Parses and validates an upstream URI. Only `http` is supported by the built-in
-    /// connector; a query or fragment is refused.
-    pub fn parse(uri: &str) -> Result<Self, ForwardError> {
-        let bad = |reason| ForwardError::InvalidUpstream {
-            uri: uri.to_string(),
-            reason,
-        };
-        let parsed: Uri = uri.parse().map_err(|_| bad("not a URI"))?;
-        let scheme = parsed
-            .scheme()
-            .cloned()
-            .ok_or_else(|| bad("missing scheme"))?;
-        if scheme != Scheme::HTTP {
-            return Err(bad("only http:// upstreams are supported"));
-        }
-        let authority = parsed
-            .authority()
-            .cloned()
-            .ok_or_else(|| bad("missing host"))?;
-        if authority.as_str().contains('@') {
-            return Err(bad("credentials in the URI are not supported"));
-        }
-        if parsed.query().is_some() {
-            return Err(bad("a query is not allowed in an upstream"));
-        }
-        let prefix = parsed.path().trim_end_matches('/').to_string();
-        let label = authority.as_str().to_string();
-        Ok(Upstream {
-            scheme,
-            authority,
-            prefix,
-            label,
-        })
-    }
-
-    /// `host:port` of the upstream.
-    pub fn authority(&self) -> &str {
-        self.authority.as_str()
-    }
-
-    /// The origin-form target (`/prefix/path?query`) sent on the upstream connection.
-    fn join(&self, pq: Option<&PathAndQuery>) -> Result<Uri, ForwardError> {
-        let path_and_query = match (self.prefix.is_empty(), pq) {
-            (true, Some(pq)) => pq.clone(),
-            (true, None) => PathAndQuery::from_static("/"),
-            (false, pq) => {
-                let rest = pq.map(|p| p.as_str()).unwrap_or("/");
-                PathAndQuery::try_from(format!("{}{}", self.prefix, rest))
-                    .map_err(|e| ForwardError::InvalidRequest(e.into()))?
-            }
-        };
-        Ok(Uri::from(path_and_query))
-    }
-
-    /// The `Host` value naming this upstream.
-    fn host_value(&self) -> Option<HeaderValue> {
-        HeaderValue::from_str(self.authority.as_str()).ok()
-    }
-}
-
-impl fmt::Debug for Upstream {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "Upstream({}://{}{})",
-            self.scheme, self.authority, self.prefix
-        )
-    }
-}
-
-impl fmt::Display for Upstream {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}://{}{}", self.scheme, self.authority, self.prefix)
-    }
-}
 
 #[derive(Debug, Clone)]
 struct Options {
@@ -134,6 +50,10 @@ pub struct ForwardBuilder {
     connect_timeout: Option<Duration>,
     pool_idle_timeout: Option<Duration>,
     pool_max_idle_per_host: usize,
+    protocol: Protocol,
+    h2_keep_alive: Option<(Duration, Duration)>,
+    #[cfg(feature = "tls")]
+    tls: Option<crate::tls::ClientTls>,
     opts: Options,
 }
 
@@ -190,7 +110,8 @@ impl ForwardBuilder {
         self
     }
 
-    /// How long an idle pooled connection is kept (default 90 s).
+    /// How long an idle pooled connection is kept (default 90 s); an HTTP/2 connection
+    /// no request started on for this long is replaced by a new one.
     pub fn pool_idle_timeout(mut self, t: Duration) -> Self {
         self.pool_idle_timeout = Some(t);
         self
@@ -224,6 +145,44 @@ impl ForwardBuilder {
         self
     }
 
+    /// The HTTP version spoken to the upstreams (default [`Protocol::Auto`]: HTTP/1.1 in
+    /// cleartext, the upstream's ALPN choice of `h2` or `http/1.1` over TLS).
+    /// [`Protocol::Http2`] speaks h2c with prior knowledge to an `http://` upstream (a
+    /// gRPC backend) and multiplexes all requests over one connection.
+    pub fn protocol(mut self, protocol: Protocol) -> Self {
+        self.protocol = protocol;
+        self
+    }
+
+    /// Shorthand for [`protocol`](Self::protocol)`(Protocol::Http2)` (`true`) or
+    /// `(Protocol::Auto)` (`false`).
+    pub fn http2_only(self, yes: bool) -> Self {
+        self.protocol(if yes { Protocol::Http2 } else { Protocol::Auto })
+    }
+
+    /// HTTP/2 `PING` keep-alive (default off): while requests are open on an h2 upstream
+    /// connection, a `PING` every `interval`; no answer within `timeout` closes the
+    /// connection and fails its requests as [`ForwardError::Transport`] (502), so one
+    /// upstream that vanished without closing cannot hold all its requests until the
+    /// response timeout. Off by default because gRPC servers answer pings more frequent
+    /// than their policy (5 min in grpc-go) with `GOAWAY too_many_pings`. Zero durations
+    /// are raised to 1 ms.
+    pub fn http2_keep_alive(mut self, interval: Duration, timeout: Duration) -> Self {
+        let at_least = |d: Duration| d.max(Duration::from_millis(1));
+        self.h2_keep_alive = Some((at_least(interval), at_least(timeout)));
+        self
+    }
+
+    /// How `https://` upstreams are verified and which client certificate is shown
+    /// (default [`ClientTls::webpki_roots`](crate::tls::ClientTls::webpki_roots)). All
+    /// upstreams of this builder's `Forward`s ([`Forward::to`] included) share it, and with
+    /// it rustls's session cache, so reconnects resume their TLS sessions.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: crate::tls::ClientTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Builds the service, with a new connection pool.
     pub fn build<B>(self) -> Result<Forward<B>, ForwardError>
     where
@@ -234,11 +193,16 @@ impl ForwardBuilder {
         let upstream = Upstream::parse(&self.upstream)?;
         let pools = Arc::new(Pools::new(PoolConfig {
             connect_timeout: self.connect_timeout,
+            protocol: self.protocol,
+            h2_keep_alive: self.h2_keep_alive,
+            #[cfg(feature = "tls")]
+            tls: self.tls,
             idle_timeout: self.pool_idle_timeout.unwrap_or(Duration::from_secs(90)),
             max_idle: self.pool_max_idle_per_host,
         }));
         Ok(Forward {
-            pool: pools.host(&upstream),
+            pool: pools.host(&upstream)?,
+            upstream: Arc::new(upstream),
             pools,
             opts: Arc::new(self.opts),
         })
@@ -251,6 +215,9 @@ impl ForwardBuilder {
 /// another upstream that also shares it.
 pub struct Forward<B> {
     pool: Arc<HostPool<ClientBody<B>>>,
+    /// This `Forward`'s upstream: its path prefix may differ from the pool's (one pool
+    /// per origin).
+    upstream: Arc<Upstream>,
     pools: Arc<Pools<ClientBody<B>>>,
     opts: Arc<Options>,
 }
@@ -259,6 +226,7 @@ impl<B> Clone for Forward<B> {
     fn clone(&self) -> Self {
         Forward {
             pool: self.pool.clone(),
+            upstream: self.upstream.clone(),
             pools: self.pools.clone(),
             opts: self.opts.clone(),
         }
@@ -268,7 +236,7 @@ impl<B> Clone for Forward<B> {
 impl<B> fmt::Debug for Forward<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Forward")
-            .field("upstream", self.pool.upstream())
+            .field("upstream", &self.upstream)
             .field("opts", &self.opts)
             .finish()
     }
@@ -282,6 +250,10 @@ impl ForwardBuilder {
             connect_timeout: Some(Self::DEFAULT_CONNECT_TIMEOUT),
             pool_idle_timeout: None,
             pool_max_idle_per_host: 256,
+            protocol: Protocol::Auto,
+            h2_keep_alive: None,
+            #[cfg(feature = "tls")]
+            tls: None,
             opts: Options {
                 response_timeout: Some(Self::DEFAULT_RESPONSE_TIMEOUT),
                 client_body_timeout: Some(Self::DEFAULT_CLIENT_BODY_TIMEOUT),
@@ -308,7 +280,8 @@ where
     pub fn to(&self, upstream: &str) -> Result<Self, ForwardError> {
         let upstream = Upstream::parse(upstream)?;
         Ok(Forward {
-            pool: self.pools.host(&upstream),
+            pool: self.pools.host(&upstream)?,
+            upstream: Arc::new(upstream),
             pools: self.pools.clone(),
             opts: self.opts.clone(),
         })
@@ -316,7 +289,7 @@ where
 
     /// The upstream this service sends to.
     pub fn upstream(&self) -> &Upstream {
-        self.pool.upstream()
+        &self.upstream
     }
 
     /// The connect timeout in effect (`None`: disabled).
@@ -424,23 +397,27 @@ where
         if let Err(e) = check_request(&parts) {
             return ResponseFuture::failed(e);
         }
-        let uri = match self.pool.upstream().join(parts.uri.path_and_query()) {
+        let uri = match self.upstream.join(parts.uri.path_and_query()) {
             Ok(u) => u,
             Err(e) => return ResponseFuture::failed(e),
         };
+        // HTTP/2 upstreams get `TE: trailers` back (gRPC needs it); hop-by-hop otherwise.
+        if asks_for_trailers(&parts.headers) {
+            parts.extensions.insert(TeTrailers);
+        }
         strip_hop_by_hop(&mut parts.headers);
         let client = parts.extensions.get::<ClientAddr>().copied();
         set_forwarded(&self.opts, &mut parts.headers, client, &parts.uri);
         crate::trace::on_upstream_call(
             &mut parts.headers,
             &parts.extensions,
-            &self.pool.upstream().authority,
+            self.pool.upstream().authority_ref(),
         );
         if !self.opts.preserve_host || !parts.headers.contains_key(header::HOST) {
             // HTTP/2 clients send :authority instead of Host; HTTP/1.1 upstreams need Host.
             let host = match parts.uri.authority() {
                 Some(a) if self.opts.preserve_host => HeaderValue::from_str(a.as_str()).ok(),
-                _ => self.pool.upstream().host_value(),
+                _ => self.upstream.host_value(),
             };
             if let Some(h) = host {
                 parts.headers.insert(header::HOST, h);

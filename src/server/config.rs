@@ -18,6 +18,15 @@ use crate::proxy::BodyLimits;
 /// | `max_connections` | 10 000 | stop accepting until one closes | `worker_connections` |
 /// | `drain_timeout` | 30 s | connections still busy after shutdown are closed | `worker_shutdown_timeout` |
 /// | `accept_backoff` | 100 ms | pause accepting on `EMFILE`/`ENFILE`/`ENOBUFS`/`ENOMEM` | `accept_mutex_delay` |
+/// | `http2` | on | h2c prior knowledge / ALPN `h2` refused: HTTP/1.1 only | `http2` |
+/// | `h2_max_concurrent_streams` | 128 | further streams refused (`REFUSED_STREAM`) | `http2_max_concurrent_streams` (128) |
+/// | `h2_keep_alive_interval` | 60 s | an unanswered ping closes the connection after `h2_keep_alive_timeout` (20 s) | — |
+///
+/// On HTTP/2, `max_header_bytes` bounds the decoded header list (`SETTINGS_MAX_HEADER_LIST_SIZE`,
+/// a larger one is answered `431`), `max_headers` does not apply (the list size bounds it),
+/// and the header read timeout bounds the connection preface and idleness (a whole period
+/// without a new stream: GOAWAY, open streams finish); streams are bounded by
+/// `h2_max_concurrent_streams` and hyper's flow-control windows (1 MiB per connection).
 ///
 /// The body limits travel with each request as a [`BodyLimits`] extension and are
 /// enforced by whatever reads the body ([`Forward`](crate::proxy::Forward) does); only a
@@ -54,6 +63,15 @@ pub struct ServerConfig {
     /// Pause before accepting again after the process ran out of file descriptors or
     /// memory: gives closing connections time to free them instead of spinning.
     pub accept_backoff: Duration,
+    /// Serve HTTP/2 besides HTTP/1.1: h2c prior knowledge on plain TCP (detected from the
+    /// connection preface) and `h2` when TLS ALPN picks it. Off: HTTP/1.1 only.
+    pub http2: bool,
+    /// Most concurrent streams one HTTP/2 connection may open.
+    pub h2_max_concurrent_streams: u32,
+    /// Interval of HTTP/2 keep-alive pings, which find dead peers; `None` for none.
+    pub h2_keep_alive_interval: Option<Duration>,
+    /// How long a keep-alive ping may go unanswered before the connection is closed.
+    pub h2_keep_alive_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -67,6 +85,10 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             drain_timeout: Duration::from_secs(30),
             accept_backoff: Duration::from_millis(100),
+            http2: true,
+            h2_max_concurrent_streams: 128,
+            h2_keep_alive_interval: Some(Duration::from_secs(60)),
+            h2_keep_alive_timeout: Duration::from_secs(20),
         }
     }
 }

@@ -6,7 +6,8 @@
 //! process bind the port while the old one still serves, for restarts without downtime.
 //!
 //! [`Accept`] is the extension point for TLS (and, with it, HTTP/2 by ALPN): it turns an
-//! accepted TCP stream into the byte stream HTTP is spoken over.
+//! accepted TCP stream into the byte stream HTTP is spoken over, and says which HTTP
+//! version was agreed on it ([`Protocol`]).
 
 use std::future::{ready, Future, Ready};
 use std::io;
@@ -15,13 +16,13 @@ use std::net::SocketAddr;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-/// Turns an accepted TCP connection into the stream the server speaks HTTP/1.1 over.
+/// Turns an accepted TCP connection into the stream the server speaks HTTP over.
 ///
 /// [`PlainTcp`] is the identity. A TLS acceptor returns its TLS stream after the
 /// handshake; the future runs in the connection's own task, so a slow handshake never
 /// holds up the accept loop, and it stays under the connection cap and the drain of a
-/// shutdown like any connection. (An HTTP/2 acceptor would also choose the protocol by
-/// ALPN; the connection builder is the one place in `serve_loop` that then changes.)
+/// shutdown like any connection. After the handshake, [`protocol`](Self::protocol) tells
+/// the server which HTTP version to speak (TLS: the ALPN result).
 pub trait Accept: Send + Sync + 'static {
     /// The stream HTTP is spoken over.
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
@@ -30,6 +31,26 @@ pub trait Accept: Send + Sync + 'static {
 
     /// Starts serving `stream`, accepted from `peer`.
     fn accept(&self, stream: TcpStream, peer: SocketAddr) -> Self::Future;
+
+    /// Which HTTP version to serve on `io`, known once [`accept`](Self::accept) is done.
+    /// The default, [`Protocol::Detect`], reads the first bytes: the HTTP/2 connection
+    /// preface means h2 (h2c "prior knowledge" on plain TCP), anything else HTTP/1.1.
+    fn protocol(&self, _io: &Self::Io) -> Protocol {
+        Protocol::Detect
+    }
+}
+
+/// The HTTP version a connection is served with, as agreed by its [`Accept`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Protocol {
+    /// HTTP/1.1 (or 1.0), with upgrades (`Upgrade: websocket`).
+    Http1,
+    /// HTTP/2 (TLS ALPN `h2`).
+    Http2,
+    /// Not agreed beforehand: the client's first bytes decide (the HTTP/2 preface, or
+    /// HTTP/1.1). Bounded by the header read timeout like a request head.
+    Detect,
 }
 
 /// Plain TCP: HTTP/1.1 on the accepted stream as it is.

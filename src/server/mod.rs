@@ -1,4 +1,4 @@
-//! A small HTTP/1.1 accept loop for examples, tests and workers.
+//! A small HTTP/1.1 and HTTP/2 accept loop for examples, tests and workers.
 //!
 //! Every example of this crate needs a server that records the client's address (for
 //! `X-Forwarded-For`), can stop gracefully (stop accepting, let in-flight requests
@@ -12,8 +12,10 @@
 //! runtime: [`runtime`]), or [`Workers`], thread-per-core — one current-thread runtime,
 //! `SO_REUSEPORT` listener and service instance per worker thread, the model of nginx's
 //! worker processes, with restarts that hand the port over ([`Workers::take_over`]).
-//! Both run the same accept loop with the same limits; an [`Accept`] implementation plugs
-//! TLS in later.
+//! Both run the same accept loop with the same limits, and serve HTTP/1.1 and HTTP/2 (h2c
+//! prior knowledge, or h2 by TLS ALPN) on one port; an [`Accept`] implementation plugs
+//! TLS in (`tls::ServerTls`, feature `tls`; [`Server::serve_with_acceptor`],
+//! [`Workers::acceptor`]). See `docs/protocols.md`.
 //!
 //! ```no_run
 //! use tower_patterns::server;
@@ -34,12 +36,13 @@
 
 mod accept;
 mod config;
+mod detect;
 mod listen;
 mod serve;
 mod workers;
 
 pub use config::ServerConfig;
-pub use listen::{Accept, PlainTcp};
+pub use listen::{Accept, PlainTcp, Protocol};
 pub use workers::{WorkerId, Workers, WorkersHandle};
 
 use std::future::Future;
@@ -93,7 +96,7 @@ where
         .await
 }
 
-/// An HTTP/1.1 server with the limits of a [`ServerConfig`].
+/// An HTTP/1.1 and HTTP/2 server with the limits of a [`ServerConfig`].
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -181,6 +184,30 @@ impl Server {
         self
     }
 
+    /// See [`ServerConfig::http2`].
+    pub fn http2(mut self, enabled: bool) -> Self {
+        self.config.http2 = enabled;
+        self
+    }
+
+    /// See [`ServerConfig::h2_max_concurrent_streams`].
+    pub fn h2_max_concurrent_streams(mut self, n: u32) -> Self {
+        self.config.h2_max_concurrent_streams = n;
+        self
+    }
+
+    /// See [`ServerConfig::h2_keep_alive_interval`] and
+    /// [`ServerConfig::h2_keep_alive_timeout`].
+    pub fn h2_keep_alive(
+        mut self,
+        interval: Option<std::time::Duration>,
+        timeout: std::time::Duration,
+    ) -> Self {
+        self.config.h2_keep_alive_interval = interval;
+        self.config.h2_keep_alive_timeout = timeout;
+        self
+    }
+
     /// Serves `svc` on `listener` until the process ends.
     pub async fn serve<S, B>(self, listener: TcpListener, svc: S) -> std::io::Result<()>
     where
@@ -212,7 +239,31 @@ impl Server {
         B::Error: Into<BoxError>,
         F: Future<Output = ()>,
     {
-        serve_loop(self.config, listener, svc, Arc::new(PlainTcp), shutdown).await
+        self.serve_with_acceptor(listener, PlainTcp, svc, shutdown)
+            .await
+    }
+
+    /// Like [`serve_with_shutdown`](Self::serve_with_shutdown), with `acceptor` turning
+    /// each accepted connection into the stream HTTP is spoken over (TLS:
+    /// `tls::ServerTls`, feature `tls`).
+    pub async fn serve_with_acceptor<A, S, B, F>(
+        self,
+        listener: TcpListener,
+        acceptor: A,
+        svc: S,
+        shutdown: F,
+    ) -> std::io::Result<()>
+    where
+        A: Accept,
+        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+        F: Future<Output = ()>,
+    {
+        serve_loop(self.config, listener, svc, Arc::new(acceptor), shutdown).await
     }
 
     /// Serves `svc` on a free port of 127.0.0.1 in a background task (see

@@ -4,16 +4,17 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use pin_project_lite::pin_project;
 use tokio::net::TcpListener;
@@ -21,7 +22,8 @@ use tokio::sync::{watch, Notify, Semaphore};
 use tower_service::Service;
 
 use super::accept::AcceptBackoff;
-use super::{Accept, ServerConfig};
+use super::detect::{sniff, Prefixed};
+use super::{Accept, Protocol, ServerConfig};
 use crate::proxy::{BodyLimits, ClientAddr};
 use crate::BoxError;
 
@@ -56,14 +58,8 @@ where
     // One channel tells connections to drain (1) or close now (2); each connection
     // holds a receiver, so "all receivers gone" means every connection has ended.
     let (phase, phase_rx) = watch::channel(RUN);
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
-        // A head larger than this, or with too many fields, is answered 431 by hyper.
-        .max_header_size(config.max_header_bytes)
-        .max_headers(config.max_headers);
     let conns = Conns {
-        http,
+        http: Arc::new(Protocols::new(&config)),
         acceptor,
         limits: config.body_limits(),
         phase: phase_rx,
@@ -136,9 +132,46 @@ where
     Ok(())
 }
 
+/// The HTTP/1.1 and HTTP/2 connection settings, built once per accept loop.
+struct Protocols {
+    h1: hyper::server::conn::http1::Builder,
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    http2: bool,
+    /// Bounds telling h2 prior knowledge from HTTP/1.1 (the first request head's own
+    /// timeout starts after it, so a head gets at most twice this), and an HTTP/2
+    /// connection's idle time (the header read timeout's role on HTTP/1).
+    detect_timeout: Duration,
+}
+
+impl Protocols {
+    fn new(config: &ServerConfig) -> Self {
+        let mut h1 = hyper::server::conn::http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(config.header_read_timeout)
+            // A head larger than this, or with too many fields, is answered 431 by hyper.
+            .max_header_size(config.max_header_bytes)
+            .max_headers(config.max_headers);
+        // Stream tasks are spawned on the connection's own runtime: with `Workers`, the
+        // worker's thread.
+        let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(config.h2_max_concurrent_streams)
+            // The decoded header list; a larger one is answered 431 by hyper.
+            .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
+            .keep_alive_interval(config.h2_keep_alive_interval)
+            .keep_alive_timeout(config.h2_keep_alive_timeout);
+        Protocols {
+            h1,
+            h2,
+            http2: config.http2,
+            detect_timeout: config.header_read_timeout,
+        }
+    }
+}
+
 /// What every accepted connection is served with.
 struct Conns<A> {
-    http: hyper::server::conn::http1::Builder,
+    http: Arc<Protocols>,
     acceptor: Arc<A>,
     limits: BodyLimits,
     phase: watch::Receiver<u8>,
@@ -175,16 +208,61 @@ impl<A: Accept> Conns<A> {
         let grace = self.first_request_grace;
         tokio::spawn(async move {
             let served = async {
-                // The acceptor's handshake (TLS, later) runs here, off the accept loop.
-                let io = match acceptor.accept(stream, peer).await {
+                // The acceptor's handshake (TLS) runs here, off the accept loop.
+                let mut io = match acceptor.accept(stream, peer).await {
                     Ok(io) => io,
                     Err(e) => {
                         tracing::debug!(error = %e, %peer, "handshake failed");
                         return;
                     }
                 };
-                let conn = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
-                let ended = drain(conn, &mut drain_phase, &started, grace).await;
+                let (h2, prefix) = match acceptor.protocol(&io) {
+                    Protocol::Http2 if http.http2 => (true, Bytes::new()),
+                    Protocol::Http2 => {
+                        tracing::debug!(%peer, "h2 agreed but HTTP/2 is off; closing");
+                        return;
+                    }
+                    Protocol::Http1 => (false, Bytes::new()),
+                    Protocol::Detect if !http.http2 => (false, Bytes::new()),
+                    Protocol::Detect => {
+                        // Bounded like a request head, and cut short by a drain like a
+                        // connection that has not started a request.
+                        let draining = async {
+                            let _ = drain_phase.wait_for(|p| *p != RUN).await;
+                            tokio::time::sleep(grace).await;
+                        };
+                        tokio::select! {
+                            biased;
+                            sniffed = tokio::time::timeout(http.detect_timeout, sniff(&mut io)) => {
+                                match sniffed {
+                                    Ok(Ok(Some(sniffed))) => sniffed,
+                                    Ok(Ok(None)) => return,
+                                    Ok(Err(e)) => {
+                                        tracing::debug!(error = %e, %peer, "connection failed before a request");
+                                        return;
+                                    }
+                                    Err(_) => {
+                                        tracing::debug!(%peer, "no request within the header read timeout");
+                                        return;
+                                    }
+                                }
+                            }
+                            () = draining => return,
+                        }
+                    }
+                };
+                let io = TokioIo::new(Prefixed::new(prefix, io));
+                let svc = TowerToHyperService::new(svc);
+                let ended = if h2 {
+                    let conn = http.h2.serve_connection(io, svc);
+                    let idle = Some(http.detect_timeout);
+                    drain(conn, &mut drain_phase, &started, grace, idle).await
+                } else {
+                    // Upgrades (WebSocket) hand the connection over to the service.
+                    let conn = http.h1.serve_connection(io, svc).with_upgrades();
+                    // hyper's header read timeout bounds an idle HTTP/1 connection.
+                    drain(conn, &mut drain_phase, &started, grace, None).await
+                };
                 if let Err(e) = ended {
                     tracing::debug!(error = %e, %peer, "connection ended with an error");
                 }
@@ -206,20 +284,40 @@ impl<A: Accept> Conns<A> {
 /// socket: the client would see the connection closed without an answer. A connection
 /// that has not started a request yet gets `grace` to start one (the request is then
 /// served, with `Connection: close`).
+///
+/// `idle` (HTTP/2, which hyper gives no idle timeout): when a whole period passes without
+/// a new stream, the connection is shut down gracefully (GOAWAY: streams still open,
+/// such as a long download, finish; the client opens a new connection for its next
+/// request), so idle clients cannot hold connection slots forever.
 async fn drain<C>(
     conn: C,
     phase: &mut watch::Receiver<u8>,
     started: &Started,
     grace: Duration,
+    idle: Option<Duration>,
 ) -> Result<(), hyper::Error>
 where
     C: Future<Output = Result<(), hyper::Error>> + GracefulConnection,
 {
     tokio::pin!(conn);
-    tokio::select! {
-        biased;
-        r = conn.as_mut() => return r,
-        _ = phase.wait_for(|p| *p != RUN) => {}
+    let mut seen = started.2.load(Ordering::Relaxed);
+    loop {
+        let idle_check = tokio::select! {
+            biased;
+            r = conn.as_mut() => return r,
+            _ = phase.wait_for(|p| *p != RUN) => false,
+            () = tokio::time::sleep(idle.unwrap_or(Duration::MAX)), if idle.is_some() => true,
+        };
+        if !idle_check {
+            break;
+        }
+        let now = started.2.load(Ordering::Relaxed);
+        if now == seen {
+            tracing::debug!("idle HTTP/2 connection: GOAWAY");
+            conn.as_mut().graceful_shutdown();
+            return conn.await;
+        }
+        seen = now;
     }
     if !started.0.load(Ordering::Acquire) {
         tokio::select! {
@@ -238,21 +336,37 @@ trait GracefulConnection {
     fn graceful_shutdown(self: Pin<&mut Self>);
 }
 
-impl<I, S> GracefulConnection for hyper::server::conn::http1::Connection<I, S>
+impl<I, S> GracefulConnection for hyper::server::conn::http1::UpgradeableConnection<I, S>
 where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: hyper::service::HttpService<Incoming>,
     S::ResBody: http_body::Body + 'static,
     <S::ResBody as http_body::Body>::Error: Into<BoxError>,
 {
     fn graceful_shutdown(self: Pin<&mut Self>) {
-        hyper::server::conn::http1::Connection::graceful_shutdown(self);
+        hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(self);
     }
 }
 
-/// Whether a connection has started its first request, and a wake-up when it does.
+/// HTTP/2: sends GOAWAY; streams already open finish, new ones are refused.
+impl<I, S, B> GracefulConnection for hyper::server::conn::http2::Connection<I, S, TokioExecutor>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + 'static,
+    B::Error: Into<BoxError>,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http2::Connection::graceful_shutdown(self);
+    }
+}
+
+/// Whether a connection has started its first request, a wake-up when it does, and how
+/// many HTTP/2 streams it has started (for the idle timeout; HTTP/1 does not count).
 #[derive(Default)]
-struct Started(AtomicBool, Notify);
+struct Started(AtomicBool, Notify, AtomicU64);
 
 /// Per-connection wrapper: inserts [`ClientAddr`] and [`BodyLimits`], and answers `413`
 /// for a declared body over the limit without reading it.
@@ -283,6 +397,9 @@ where
             self.started.0.store(true, Ordering::Release);
             self.started.1.notify_one();
         }
+        if req.version() == http::Version::HTTP_2 {
+            self.started.2.fetch_add(1, Ordering::Relaxed);
+        }
         // hyper's size hint is the parsed Content-Length: refuse before reading a byte,
         // and close the connection rather than drain the announced body.
         if let Some(max) = self.limits.max_bytes {
@@ -291,10 +408,14 @@ where
                 // this wrapper cannot produce text in.
                 let mut res = Response::new(Either::Right(Empty::new()));
                 *res.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
-                res.headers_mut().insert(
-                    http::header::CONNECTION,
-                    http::HeaderValue::from_static("close"),
-                );
+                // HTTP/2 has no `Connection` header (the stream is reset instead of the
+                // body read); HTTP/1 closes rather than drain the announced body.
+                if req.version() < http::Version::HTTP_2 {
+                    res.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
                 return LimitsFuture::Refused { res: Some(res) };
             }
         }

@@ -111,8 +111,9 @@ impl<A: Accept> Workers<A> {
         self.config(config)
     }
 
-    /// How accepted connections are turned into the stream HTTP is spoken over (TLS,
-    /// later); [`PlainTcp`] by default.
+    /// How accepted connections are turned into the stream HTTP is spoken over (TLS:
+    /// `tls::ServerTls`, whose clones share one reloadable certificate); [`PlainTcp`] by
+    /// default.
     pub fn acceptor<B: Accept>(self, acceptor: B) -> Workers<B> {
         Workers {
             workers: self.workers,

@@ -96,24 +96,56 @@ pub async fn closed_port() -> SocketAddr {
     addr
 }
 
-/// A server that reads a request and closes the connection without answering.
-pub async fn hang_up_backend() -> SocketAddr {
+/// What a [`silent_backend`] does once it has read a request head.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Silence {
+    /// Closes the connection without answering: a failure after the request was sent.
+    HangUp,
+    /// Keeps the connection open and reads on, never answering: a hung backend.
+    Hang,
+}
+
+/// A server that never answers; counts the request heads it read.
+pub async fn silent_backend(kind: Silence) -> (SocketAddr, Arc<AtomicUsize>) {
     use tokio::io::AsyncReadExt;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(AtomicUsize::new(0));
+    let h = heads.clone();
     tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                continue;
-            };
+        while let Ok((mut s, _)) = listener.accept().await {
+            let h = h.clone();
             tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                drop(s);
+                let mut buf = vec![0u8; 4096];
+                let mut seen = Vec::new();
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    while let Some(p) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        h.fetch_add(1, Ordering::SeqCst);
+                        seen.drain(..p + 4);
+                        if kind == Silence::HangUp {
+                            return;
+                        }
+                    }
+                }
             });
         }
     });
-    addr
+    (addr, heads)
+}
+
+/// [`silent_backend`] as a base URL.
+pub async fn silent_url(kind: Silence) -> (String, Arc<AtomicUsize>) {
+    let (addr, heads) = silent_backend(kind).await;
+    (format!("http://{addr}"), heads)
+}
+
+/// A server that reads a request and closes the connection without answering.
+pub async fn hang_up_backend() -> SocketAddr {
+    silent_backend(Silence::HangUp).await.0
 }
 
 /// Sends a request with a plain hyper client and returns status, headers and body.

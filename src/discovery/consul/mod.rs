@@ -28,9 +28,11 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+mod wire;
+
+use self::wire::{check_id, duration, CheckBody, HealthEntry, RegisterBody};
 use super::{Backoff, DiscoveryError, Instance, Lease, Registry, RegistryEvent};
 
 const NAME: &str = "consul";
@@ -136,70 +138,6 @@ impl fmt::Debug for ConsulRegistry {
             .field("wait", &self.inner.wait)
             .finish_non_exhaustive()
     }
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "PascalCase")]
-struct RegisterBody<'a> {
-    #[serde(rename = "ID")]
-    id: &'a str,
-    name: &'a str,
-    tags: &'a [String],
-    address: &'a str,
-    port: u16,
-    meta: BTreeMap<&'a str, &'a str>,
-    check: CheckBody,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "PascalCase")]
-struct CheckBody {
-    #[serde(rename = "CheckID")]
-    check_id: String,
-    name: String,
-    #[serde(rename = "TTL")]
-    ttl: String,
-    status: &'static str,
-    deregister_critical_service_after: String,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct HealthEntry {
-    #[serde(default)]
-    node: Option<NodeEntry>,
-    service: ServiceEntry,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct NodeEntry {
-    #[serde(default)]
-    address: String,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct ServiceEntry {
-    #[serde(rename = "ID")]
-    id: String,
-    service: String,
-    #[serde(default)]
-    tags: Option<Vec<String>>,
-    #[serde(default)]
-    address: String,
-    port: u16,
-    #[serde(default)]
-    meta: Option<BTreeMap<String, String>>,
-}
-
-/// Consul durations: whole milliseconds, at least 1 ms.
-fn duration(d: Duration) -> String {
-    format!("{}ms", d.as_millis().max(1))
-}
-
-fn check_id(instance: &Instance) -> String {
-    format!("service:{}", instance.id)
 }
 
 impl ConsulRegistry {

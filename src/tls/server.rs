@@ -1,0 +1,422 @@
+//! HTTPS on the server side: a proxy facing browsers must terminate TLS, pick h2 or
+//! HTTP/1.1 by ALPN, and renew certificates without a restart — [`ServerTls`] (whose docs
+//! hold the details; this module is private).
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpStream;
+
+use crate::server::{Accept, Protocol};
+
+/// Default bound on a TLS handshake (nginx: `client_header_timeout`, 60 s, covers it;
+/// HAProxy: `timeout client`).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a certificate could not be loaded (at start-up or on reload).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerTlsError {
+    /// A PEM file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The PEM data is malformed.
+    #[error("malformed PEM in {path}: {source}")]
+    Pem {
+        /// The file (or `(in memory)`).
+        path: PathBuf,
+        /// Why.
+        source: rustls_pki_types::pem::Error,
+    },
+    /// The certificate file holds no certificate.
+    #[error("no certificate in {path}")]
+    NoCertificate {
+        /// The file (or `(in memory)`).
+        path: PathBuf,
+    },
+    /// The key file holds no private key.
+    #[error("no private key in {path}")]
+    NoKey {
+        /// The file (or `(in memory)`).
+        path: PathBuf,
+    },
+    /// The private key is of a kind the crypto provider cannot sign with.
+    #[error("unsupported private key in {path}: {source}")]
+    Key {
+        /// The file (or `(in memory)`).
+        path: PathBuf,
+        /// Why.
+        source: rustls::Error,
+    },
+    /// The first certificate of the chain cannot be parsed.
+    #[error("invalid certificate in {path}: {source}")]
+    Certificate {
+        /// The file (or `(in memory)`).
+        path: PathBuf,
+        /// Why.
+        source: rustls::Error,
+    },
+    /// The private key is not the one of the (first) certificate.
+    #[error("the private key in {key} does not match the certificate in {cert}")]
+    KeyMismatch {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+    },
+    /// [`ServerTls::reload`] on a configuration not made from files.
+    #[error("nothing to reload: the certificate was not loaded from files")]
+    NotFromFiles,
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// TLS termination for [`Server`](crate::server::Server) and the per-core
+/// [`Workers`](crate::server::Workers): a proxy that faces browsers or other companies'
+/// clients must speak HTTPS, pick HTTP/2 or HTTP/1.1 by ALPN, and renew its certificate
+/// (every 60–90 days with ACME) without dropping connections or restarting.
+///
+/// [`ServerTls`] is an [`Accept`]: the handshake runs in the connection's own task under a
+/// timeout (a client that stalls it holds one connection slot for at most that long, never
+/// the accept loop), and the negotiated ALPN protocol chooses h2 or HTTP/1.1 serving. The
+/// certificate is read from PEM files and checked at start-up (missing file, no
+/// certificate, no key, a key that does not match the certificate: a typed
+/// [`ServerTlsError`]); [`ServerTls::reload`] or [`ServerTls::watch_files`] swap it for new
+/// handshakes while connections already open keep theirs. A failed reload keeps the old
+/// certificate. Clones share the certificate, so one reload reaches every worker.
+///
+/// ```no_run
+/// use tower_patterns::server::Workers;
+/// use tower_patterns::tls::ServerTls;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let tls = ServerTls::from_pem_files("cert.pem", "key.pem")?;
+/// let _watch = tls.watch_files(std::time::Duration::from_secs(30));
+/// let handle = Workers::new(2).acceptor(tls).spawn("0.0.0.0:443".parse()?, |_id| {
+///     tower::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+///         Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+///             bytes::Bytes::from("hi"),
+///         )))
+///     })
+/// })?;
+/// handle.join()?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct ServerTls {
+    acceptor: tokio_rustls::TlsAcceptor,
+    shared: Arc<Shared>,
+    handshake_timeout: Duration,
+}
+
+/// What clones share: the served certificate and where it comes from.
+struct Shared {
+    resolver: Arc<Resolver>,
+    provider: Arc<CryptoProvider>,
+    files: Option<(PathBuf, PathBuf)>,
+    /// The files' stamps taken just before the last load attempt (before reading, so a
+    /// change during the read is seen as a change at the next check, never missed).
+    stamps: Mutex<Stamps>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("files", &self.shared.files)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerTls {
+    /// Loads the certificate chain (leaf first) and its private key (PKCS#8, PKCS#1 or
+    /// SEC1) from PEM files, and checks that they belong together.
+    pub fn from_pem_files(
+        cert: impl AsRef<Path>,
+        key: impl AsRef<Path>,
+    ) -> Result<ServerTls, ServerTlsError> {
+        let (cert, key) = (cert.as_ref().to_path_buf(), key.as_ref().to_path_buf());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let stamps = (stamp(&cert), stamp(&key));
+        let certified = load_files(&cert, &key, &provider)?;
+        ServerTls::build(certified, provider, Some((cert, key)), stamps)
+    }
+
+    /// Like [`from_pem_files`](Self::from_pem_files), from PEM bytes (no
+    /// [`reload`](Self::reload); [`replace_pem`](Self::replace_pem) instead).
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<ServerTls, ServerTlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let memory = Path::new("(in memory)");
+        let certified = certified_key(cert_pem, memory, key_pem, memory, &provider)?;
+        ServerTls::build(certified, provider, None, (None, None))
+    }
+
+    fn build(
+        certified: CertifiedKey,
+        provider: Arc<CryptoProvider>,
+        files: Option<(PathBuf, PathBuf)>,
+        stamps: Stamps,
+    ) -> Result<ServerTls, ServerTlsError> {
+        let resolver = Arc::new(Resolver {
+            current: ArcSwap::from_pointee(certified),
+        });
+        let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(resolver.clone());
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // Stateless resumption (TLS 1.3 tickets, rotated keys) besides the default
+        // in-memory session cache: a returning client skips the key exchange's signature.
+        config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+        Ok(ServerTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            shared: Arc::new(Shared {
+                resolver,
+                provider,
+                files,
+                stamps: Mutex::new(stamps),
+            }),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+        })
+    }
+
+    /// How long a client may take to complete the handshake (default 10 s).
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// Re-reads the PEM files and serves the new certificate to new handshakes;
+    /// connections already open keep theirs (and so do sessions a client resumes: they
+    /// were authenticated with the old one). On error the old certificate stays.
+    pub fn reload(&self) -> Result<(), ServerTlsError> {
+        let Some((cert, key)) = &self.shared.files else {
+            return Err(ServerTlsError::NotFromFiles);
+        };
+        *lock(&self.shared.stamps) = (stamp(cert), stamp(key));
+        let certified = load_files(cert, key, &self.shared.provider)?;
+        self.shared.resolver.current.store(Arc::new(certified));
+        tracing::info!(cert = %cert.display(), "TLS certificate reloaded");
+        Ok(())
+    }
+
+    /// Serves a new certificate and key from PEM bytes (see [`reload`](Self::reload)).
+    pub fn replace_pem(&self, cert_pem: &[u8], key_pem: &[u8]) -> Result<(), ServerTlsError> {
+        let memory = Path::new("(in memory)");
+        let certified = certified_key(cert_pem, memory, key_pem, memory, &self.shared.provider)?;
+        self.shared.resolver.current.store(Arc::new(certified));
+        Ok(())
+    }
+
+    /// Checks the PEM files every `every` on a background thread and
+    /// [`reload`](Self::reload)s when either changed (modification time or size; symbolic
+    /// links followed, as certbot's `live/` directory uses). A failed reload is logged,
+    /// keeps the old certificate, and is retried at the next change. Stops when the
+    /// returned handle is dropped. Without files (made by [`from_pem`](Self::from_pem)),
+    /// the thread ends at once.
+    pub fn watch_files(&self, every: Duration) -> FileWatch {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let tls = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("tls-cert-watch".into())
+            .spawn(move || {
+                let Some((cert, key)) = tls.shared.files.clone() else {
+                    return;
+                };
+                // `recv_timeout` is the pause, and returns at once when the handle drops.
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
+                    // Compared with the stamps of the last load (by anyone), taken before
+                    // it read the files: a change since then is never missed.
+                    if (stamp(&cert), stamp(&key)) == *lock(&tls.shared.stamps) {
+                        continue;
+                    }
+                    if let Err(e) = tls.reload() {
+                        tracing::warn!(error = %e, "TLS certificate reload failed; keeping the old one");
+                    }
+                }
+            });
+        if let Err(e) = &spawned {
+            tracing::warn!(error = %e, "cannot start the TLS certificate watch");
+        }
+        FileWatch {
+            _stop: stop,
+            thread: spawned.ok(),
+        }
+    }
+
+    /// The certificate chain served to new handshakes (leaf first).
+    pub fn certificate_chain(&self) -> Vec<CertificateDer<'static>> {
+        self.shared.resolver.current.load().cert.clone()
+    }
+}
+
+/// Stops [`ServerTls::watch_files`]' thread when dropped.
+#[derive(Debug)]
+pub struct FileWatch {
+    _stop: mpsc::Sender<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FileWatch {
+    /// Whether the watch thread runs.
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+}
+
+/// What tells a changed file: modification time, size and (Unix) inode, which a
+/// replacement by rename changes even within one timestamp tick.
+type Stamp = (SystemTime, u64, u64);
+type Stamps = (Option<Stamp>, Option<Stamp>);
+
+/// `path`'s [`Stamp`] (`None` while it is missing, e.g. mid-rename).
+fn stamp(path: &Path) -> Option<Stamp> {
+    let meta = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+    #[cfg(not(unix))]
+    let inode = 0;
+    Some((meta.modified().ok()?, meta.len(), inode))
+}
+
+/// The stamps stay usable after a panic elsewhere (they are plain values).
+fn lock(stamps: &Mutex<Stamps>) -> std::sync::MutexGuard<'_, Stamps> {
+    stamps
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn load_files(
+    cert: &Path,
+    key: &Path,
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, ServerTlsError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| ServerTlsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let (cert_pem, key_pem) = (read(cert)?, read(key)?);
+    certified_key(&cert_pem, cert, &key_pem, key, provider)
+}
+
+/// Parses and checks a chain and key: at least one certificate, a key the provider can
+/// sign with, and the key being the leaf certificate's.
+fn certified_key(
+    cert_pem: &[u8],
+    cert_path: &Path,
+    key_pem: &[u8],
+    key_path: &Path,
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, ServerTlsError> {
+    use rustls_pki_types::pem::Error as PemError;
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| ServerTlsError::Pem {
+            path: cert_path.to_path_buf(),
+            source,
+        })?;
+    if chain.is_empty() {
+        return Err(ServerTlsError::NoCertificate {
+            path: cert_path.to_path_buf(),
+        });
+    }
+    let key = match PrivateKeyDer::from_pem_slice(key_pem) {
+        Ok(key) => key,
+        Err(PemError::NoItemsFound) => {
+            return Err(ServerTlsError::NoKey {
+                path: key_path.to_path_buf(),
+            })
+        }
+        Err(source) => {
+            return Err(ServerTlsError::Pem {
+                path: key_path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let signing = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|source| ServerTlsError::Key {
+            path: key_path.to_path_buf(),
+            source,
+        })?;
+    let certified = CertifiedKey::new(chain, signing);
+    match certified.keys_match() {
+        // ring's keys all expose their public key; `Unknown` would be a provider that
+        // cannot tell, which is no evidence of a mismatch.
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {
+            Ok(certified)
+        }
+        Err(rustls::Error::InconsistentKeys(_)) => Err(ServerTlsError::KeyMismatch {
+            cert: cert_path.to_path_buf(),
+            key: key_path.to_path_buf(),
+        }),
+        Err(source) => Err(ServerTlsError::Certificate {
+            path: cert_path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Hands every handshake the current certificate; a reload swaps it atomically, without a
+/// lock on the handshake path.
+#[derive(Debug)]
+struct Resolver {
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+impl Accept for ServerTls {
+    type Io = tokio_rustls::server::TlsStream<TcpStream>;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Io>> + Send>>;
+
+    fn accept(&self, stream: TcpStream, _peer: SocketAddr) -> Self::Future {
+        let handshake = self.acceptor.accept(stream);
+        let timeout = self.handshake_timeout;
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, handshake).await {
+                Ok(done) => done,
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "TLS handshake timed out",
+                )),
+            }
+        })
+    }
+
+    fn protocol(&self, io: &Self::Io) -> Protocol {
+        match io.get_ref().1.alpn_protocol() {
+            Some(b"h2") => Protocol::Http2,
+            Some(_) => Protocol::Http1,
+            // No ALPN: the client's first bytes decide, as on plain TCP.
+            None => Protocol::Detect,
+        }
+    }
+}
