@@ -283,3 +283,129 @@ async fn metered_endpoints_are_labelled_by_instance_id() {
         1
     );
 }
+
+/// The patterns' own counters (one call into `telemetry` at each site): breaker
+/// transitions, retries, ejections, chain hops, cache answers. Current-thread runtime: every
+/// event happens on this thread, where the recorder is the default.
+#[tokio::test(flavor = "current_thread")]
+async fn breaker_balancer_chain_and_cache_report_through_the_facade() {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use tower_patterns::balance::{Balance, PassiveHealth, Retry};
+    use tower_patterns::body::ReplayBody;
+    use tower_patterns::breaker::{CircuitBreakerConfig, CircuitBreakerLayer, Window};
+    use tower_patterns::cache::{CacheLayer, MemoryStore};
+    use tower_patterns::chain::{ChainLayer, LinkService, LinkTable};
+    use tower_patterns::telemetry::{
+        BREAKER_STATE, BREAKER_TRANSITIONS, CACHE, CHAIN_HOPS, EJECTIONS, RETRIES,
+    };
+
+    let recorder = DebuggingRecorder::new();
+    let snap = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let answer = |status: u16| {
+        tower::service_fn(move |_req: Request<Full<Bytes>>| async move {
+            let mut res = http::Response::new(Full::new(Bytes::from_static(b"x")));
+            *res.status_mut() = StatusCode::from_u16(status).unwrap();
+            Ok::<_, std::convert::Infallible>(res)
+        })
+    };
+
+    // Breaker: two 503s in a window of two trip it.
+    let breaker = CircuitBreakerLayer::new(
+        CircuitBreakerConfig::new()
+            .name("pay")
+            .window(Window::Count(2))
+            .minimum_calls(2),
+    )
+    .unwrap();
+    let svc = ServiceBuilder::new().layer(breaker).service(answer(503));
+    for _ in 0..2 {
+        let _ = svc.clone().oneshot(Request::new(Full::default())).await;
+    }
+
+    // Balancer: "bad" answers 503, is retried on "good" and ejected (max_fails 1).
+    let lb = Balance::builder()
+        .classify(
+            "5xx,fail"
+                .parse::<tower_patterns::classify::Condition>()
+                .unwrap(),
+        )
+        .health(PassiveHealth::default())
+        .retry(Retry::default().on("503".parse().unwrap()))
+        .build_static([("bad", answer(503)), ("good", answer(200))]);
+    for _ in 0..2 {
+        let res = lb
+            .clone()
+            .oneshot(Request::new(Full::default()))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+
+    // Chain: a.com answers 404, hops to b.com.
+    type Req = Request<ReplayBody<Full<Bytes>>>;
+    let link = |status: u16| {
+        let svc = tower::service_fn(move |_req: Req| async move {
+            let mut res = http::Response::new(Full::new(Bytes::from_static(b"x")));
+            *res.status_mut() = StatusCode::from_u16(status).unwrap();
+            Ok::<_, std::convert::Infallible>(res)
+        });
+        LinkService::new(
+            svc.map_response(|r| r.map(tower_patterns::body::boxed))
+                .map_err(Into::into),
+        )
+    };
+    let table = LinkTable::builder()
+        .vhost("a.com", link(404))
+        .vhost("b.com", link(200))
+        .link("a.com", "404".parse().unwrap(), "b.com")
+        .chain(ChainLayer::new())
+        .build()
+        .unwrap();
+    let req = Request::get("/f")
+        .header("host", "a.com")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(table.oneshot(req).await.unwrap().status(), StatusCode::OK);
+
+    // Cache: a miss, then a hit.
+    let cache = CacheLayer::new(MemoryStore::new(1 << 20));
+    let origin = tower::service_fn(|_req: Request<()>| async {
+        let res = http::Response::builder()
+            .header("cache-control", "max-age=60")
+            .body(Full::new(Bytes::from("hello")))
+            .unwrap();
+        Ok::<_, std::convert::Infallible>(res)
+    });
+    let svc = ServiceBuilder::new().layer(cache).service(origin);
+    let get = || Request::get("/a").body(()).unwrap();
+    let first = svc.clone().oneshot(get()).await.unwrap();
+    http_body_util::BodyExt::collect(first.into_body())
+        .await
+        .unwrap();
+    tokio::task::yield_now().await;
+    let second = svc.clone().oneshot(get()).await.unwrap();
+    assert_eq!(second.headers()["x-cache"], "HIT");
+
+    let m = read(&snap);
+    assert_eq!(
+        counter(
+            &m,
+            &format!("Counter:{BREAKER_TRANSITIONS}{{breaker=pay,to=open}}")
+        ),
+        1
+    );
+    assert_eq!(
+        gauge(&m, &format!("Gauge:{BREAKER_STATE}{{breaker=pay}}")),
+        1.0
+    );
+    assert_eq!(counter(&m, &format!("Counter:{RETRIES}{{}}")), 1);
+    assert_eq!(
+        counter(&m, &format!("Counter:{EJECTIONS}{{endpoint=bad}}")),
+        1
+    );
+    assert_eq!(counter(&m, &format!("Counter:{CHAIN_HOPS}{{}}")), 1);
+    assert_eq!(counter(&m, &format!("Counter:{CACHE}{{result=MISS}}")), 1);
+    assert_eq!(counter(&m, &format!("Counter:{CACHE}{{result=HIT}}")), 1);
+}

@@ -81,8 +81,8 @@ pub const RETRIES: &str = "tower_patterns_retries_total";
 pub const CHAIN_HOPS: &str = "tower_patterns_chain_hops_total";
 /// Backup copies by outcome (counter; label `outcome`: `committed`, `aborted`, `failed`).
 pub const BACKUPS: &str = "tower_patterns_backups_total";
-/// Edge cache answers by result (counter; label `result`, the `X-Cache` value in lower
-/// case: `hit`, `miss`, `stale`, ...).
+/// Edge cache answers by result (counter; label `result`, the `X-Cache` value: `HIT`,
+/// `MISS`, `STALE`, `REVALIDATED`, `COALESCED`).
 pub const CACHE: &str = "tower_patterns_cache_requests_total";
 
 /// Records a breaker transition (rare: the name label is copied).
@@ -116,7 +116,12 @@ fn state_label(s: crate::breaker::State) -> (&'static str, f64) {
 #[inline]
 pub fn endpoint_ejected(endpoint: &dyn std::fmt::Debug) {
     #[cfg(feature = "metrics")]
-    ::metrics::counter!(EJECTIONS, "endpoint" => format!("{endpoint:?}")).increment(1);
+    {
+        // The key's Debug form, without the quotes a string key gets.
+        let key = format!("{endpoint:?}");
+        let key = key.trim_matches('"').to_owned();
+        ::metrics::counter!(EJECTIONS, "endpoint" => key).increment(1);
+    }
     #[cfg(not(feature = "metrics"))]
     let _ = endpoint;
 }
@@ -135,16 +140,25 @@ pub fn chain_hop() {
     ::metrics::counter!(CHAIN_HOPS).increment(1);
 }
 
-/// Records the end of one backup copy (`outcome` from a fixed set).
+/// Records the end of one backup copy: `committed`, `aborted` (the tee gave up: a sink
+/// buffer overflowed, the client or upstream went away) or `failed` (the sink failed).
 #[inline]
-pub fn backup(outcome: &'static str) {
+pub fn backup(outcome: &crate::backup::BackupOutcome) {
     #[cfg(feature = "metrics")]
-    ::metrics::counter!(BACKUPS, "outcome" => outcome).increment(1);
+    {
+        use crate::backup::BackupOutcome;
+        let label = match outcome {
+            BackupOutcome::Committed { .. } => "committed",
+            BackupOutcome::Aborted(_) => "aborted",
+            BackupOutcome::Failed(_) => "failed",
+        };
+        ::metrics::counter!(BACKUPS, "outcome" => label).increment(1);
+    }
     #[cfg(not(feature = "metrics"))]
     let _ = outcome;
 }
 
-/// Records one edge cache answer (`result` from a fixed set).
+/// Records one edge cache answer (`result`: the `X-Cache` value, a fixed set).
 #[inline]
 pub fn cache(result: &'static str) {
     #[cfg(feature = "metrics")]
