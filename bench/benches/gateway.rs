@@ -142,7 +142,7 @@ fn bulkhead(c: &mut Criterion) {
     let mut g = c.benchmark_group("bulkhead");
     let limit = ServiceBuilder::new()
         .concurrency_limit(64)
-        .service(inner.clone());
+        .service(inner);
     g.bench_function("tower_concurrency_limit", |b| {
         b.to_async(&rt).iter(|| {
             let svc = limit.clone();
