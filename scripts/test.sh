@@ -4,7 +4,7 @@
 # minimum Rust version against the dependency graph, the docs as docs.rs builds them, all
 # tests with all features (unit, integration over real sockets, doc tests), and a
 # `cargo publish --dry-run`. Installs what the checks need when it is missing (as root:
-# Debian packages for etcd and protoc; from crates.io: the s3s-fs S3 server and cargo-hack).
+# Debian packages for etcd, protoc, redis-server and openssl; from crates.io: the s3s-fs S3 server and cargo-hack).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +16,8 @@ missing=()
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)   # etcd-client
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)   # ratelimit::RedisLimiter tests
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)   # RS256 test keys (tests/gateway_auth)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]}" >&2
     as_root apt-get update -qq

@@ -34,7 +34,15 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::str::FromStr;
 
-use http::{Request, Response, StatusCode};
+use http::{HeaderMap, Request, Response, StatusCode};
+
+mod grpc;
+
+use grpc::GrpcBits;
+pub use grpc::{
+    grpc_code_name, grpc_status, LateOutcomes, StreamEnd, Trailers, TrailersBody, TrailersFuture,
+    TrailersLayer, GRPC_CODE_NAMES, GRPC_INTERNAL, GRPC_UNKNOWN,
+};
 
 /// What kind of failure a call had.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -47,6 +55,9 @@ pub enum FailureKind {
     Timeout,
     /// Any other error returned by the inner service.
     Other,
+    /// A gRPC call ended with this `grpc-status` code (see [`grpc_code_name`]), from the
+    /// response head or its trailers.
+    Grpc(u8),
     /// Not the upstream's fault: the client's request body broke or was too large, or the
     /// proxy itself ran out of a local resource (file descriptors, memory). Classified as
     /// [`Outcome::Ignored`], so passive health, the breaker and retries never charge it to
@@ -69,6 +80,10 @@ impl fmt::Display for FailureKind {
             FailureKind::Transport => f.write_str("transport error"),
             FailureKind::Timeout => f.write_str("timeout"),
             FailureKind::Other => f.write_str("error"),
+            FailureKind::Grpc(c) => match grpc_code_name(*c) {
+                Some(name) => write!(f, "grpc status {c} ({name})"),
+                None => write!(f, "grpc status {c}"),
+            },
             FailureKind::Client => f.write_str("client or local error"),
         }
     }
@@ -109,6 +124,22 @@ pub trait Classifier: Send + 'static {
     fn classify_response<B>(self, res: &Response<B>) -> Outcome;
     /// Classify an error returned instead of a response.
     fn classify_error(self, err: &(dyn StdError + 'static)) -> Outcome;
+
+    /// `true` when this response's outcome is known only at the end of its body (a gRPC
+    /// response whose `grpc-status` comes in the trailers). The caller then does not call
+    /// [`classify_response`](Self::classify_response) but waits for the end (see
+    /// [`LateOutcomes`]) and calls [`classify_end`](Self::classify_end). Default: never.
+    fn defers_to_trailers<B>(&self, _res: &Response<B>) -> bool {
+        false
+    }
+
+    /// Classify a deferred response at the end of its body. Default: a success.
+    fn classify_end(self, _end: StreamEnd<'_>) -> Outcome
+    where
+        Self: Sized,
+    {
+        Outcome::Success
+    }
 }
 
 /// Finds the [`FailureKind`] of an error by walking its `source()` chain.
@@ -282,6 +313,14 @@ struct ErrorBits {
 /// | `timeout` | connect or response timeout |
 /// | `error` | any other error of the inner service |
 /// | `fail` | `transport` + `timeout` + `error`: the hop failed without a response |
+/// | `grpc:unavailable`, `grpc:14` | that gRPC status (by name or number), from `grpc-status` in the head or the trailers |
+/// | `grpc:5xx` | the gRPC codes that map to a 5xx: `unknown`, `deadline_exceeded`, `unimplemented`, `internal`, `unavailable`, `data_loss` |
+///
+/// A gRPC status in the response head (a trailers-only answer) is classified at once; in
+/// the trailers, the classification is deferred to the end of the body
+/// ([`Classifier::defers_to_trailers`], run by [`TrailersLayer`]). A gRPC stream that ends
+/// without a status counts as `internal`, an unreadable status as `unknown`, as a gRPC
+/// client reports them.
 ///
 /// Statuses given to [`Condition::ignore_status`] classify as [`Outcome::Ignored`]; they win
 /// over the failure statuses. Everything else is [`Outcome::Success`].
@@ -290,6 +329,7 @@ pub struct Condition {
     fail: StatusBits,
     ignore: StatusBits,
     errors: ErrorBits,
+    grpc: GrpcBits,
 }
 
 impl Condition {
@@ -327,6 +367,54 @@ impl Condition {
         self
     }
 
+    /// Count the gRPC status `code` (0-16; see [`GRPC_CODE_NAMES`]) as a failure.
+    pub fn grpc_code(mut self, code: u8) -> Self {
+        self.grpc.insert(code);
+        self
+    }
+
+    /// Count the gRPC codes that map to a 5xx as failures (`grpc:5xx`).
+    pub fn grpc_server_errors(mut self) -> Self {
+        self.grpc.0 |= grpc::SERVER_CODES.0;
+        self
+    }
+
+    /// Classify a response head: its status, then (when the condition names gRPC codes) a
+    /// `grpc-status` header of a trailers-only gRPC answer.
+    pub fn classify_head(&self, status: StatusCode, headers: &HeaderMap) -> Outcome {
+        let by_status = self.classify_status(status);
+        if by_status != Outcome::Success || self.grpc.is_empty() {
+            return by_status;
+        }
+        match grpc_status(headers) {
+            Some(code) if self.grpc.contains(code) => Outcome::Failure(FailureKind::Grpc(code)),
+            _ => Outcome::Success,
+        }
+    }
+
+    /// `true` when this condition must wait for the trailers of `res`: it names gRPC
+    /// codes, and `res` is a gRPC `200` without `grpc-status` in its head.
+    pub fn defers_to_trailers_of(&self, status: StatusCode, headers: &HeaderMap) -> bool {
+        !self.grpc.is_empty()
+            && status == StatusCode::OK
+            && grpc::is_grpc(headers)
+            && !headers.contains_key("grpc-status")
+    }
+
+    /// Classify the end of a deferred gRPC response body.
+    pub fn classify_stream_end(&self, end: StreamEnd<'_>) -> Outcome {
+        let code = match end {
+            StreamEnd::Error(e) => return self.classify_error_ref(e),
+            StreamEnd::Trailers(t) => grpc_status(t).unwrap_or(GRPC_INTERNAL),
+            StreamEnd::NoTrailers => GRPC_INTERNAL,
+        };
+        if self.grpc.contains(code) {
+            Outcome::Failure(FailureKind::Grpc(code))
+        } else {
+            Outcome::Success
+        }
+    }
+
     /// Count transport errors (refused, reset, protocol) as failures.
     pub fn transport_errors(mut self) -> Self {
         self.errors.transport = true;
@@ -358,12 +446,13 @@ impl Condition {
         self.errors.transport |= other.errors.transport;
         self.errors.timeout |= other.errors.timeout;
         self.errors.other |= other.errors.other;
+        self.grpc.0 |= other.grpc.0;
         self
     }
 
     /// `true` when the condition matches no status and no error.
     pub fn is_never(&self) -> bool {
-        self.fail.is_empty() && self.errors == ErrorBits::default()
+        self.fail.is_empty() && self.errors == ErrorBits::default() && self.grpc.is_empty()
     }
 
     /// Classify a status code directly.
@@ -384,7 +473,7 @@ impl Condition {
         let counted = match kind {
             FailureKind::Transport => self.errors.transport,
             FailureKind::Timeout => self.errors.timeout,
-            FailureKind::Other | FailureKind::Status(_) => self.errors.other,
+            FailureKind::Other | FailureKind::Status(_) | FailureKind::Grpc(_) => self.errors.other,
             // Never the upstream's fault: neither a success nor a failure of it.
             FailureKind::Client => return Outcome::Ignored,
         };
@@ -407,10 +496,17 @@ impl Classify for Condition {
 impl Classifier for Condition {
     #[inline]
     fn classify_response<B>(self, res: &Response<B>) -> Outcome {
-        self.classify_status(res.status())
+        self.classify_head(res.status(), res.headers())
     }
     fn classify_error(self, err: &(dyn StdError + 'static)) -> Outcome {
         self.classify_error_ref(err)
+    }
+    #[inline]
+    fn defers_to_trailers<B>(&self, res: &Response<B>) -> bool {
+        self.defers_to_trailers_of(res.status(), res.headers())
+    }
+    fn classify_end(self, end: StreamEnd<'_>) -> Outcome {
+        self.classify_stream_end(end)
     }
 }
 
@@ -428,10 +524,17 @@ impl Classify for std::sync::Arc<Condition> {
 impl Classifier for std::sync::Arc<Condition> {
     #[inline]
     fn classify_response<B>(self, res: &Response<B>) -> Outcome {
-        self.classify_status(res.status())
+        self.classify_head(res.status(), res.headers())
     }
     fn classify_error(self, err: &(dyn StdError + 'static)) -> Outcome {
         self.classify_error_ref(err)
+    }
+    #[inline]
+    fn defers_to_trailers<B>(&self, res: &Response<B>) -> bool {
+        self.defers_to_trailers_of(res.status(), res.headers())
+    }
+    fn classify_end(self, end: StreamEnd<'_>) -> Outcome {
+        self.classify_stream_end(end)
     }
 }
 
@@ -471,6 +574,7 @@ impl fmt::Display for Condition {
                 parts.push("error".into());
             }
         }
+        parts.extend(self.grpc.tokens());
         for c in self.ignore.codes() {
             parts.push(format!("!{c}"));
         }
@@ -480,7 +584,7 @@ impl fmt::Display for Condition {
 
 /// A [`Condition`] text that could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid condition token {token:?}: expected a status (404), a class (5xx), `fail`, `transport`, `timeout`, `error`, or `!404` to ignore a status")]
+#[error("invalid condition token {token:?}: expected a status (404), a class (5xx), `fail`, `transport`, `timeout`, `error`, `grpc:<code name or number>`, `grpc:5xx`, or `!404` to ignore a status")]
 pub struct ParseConditionError {
     /// The token that was refused.
     pub token: String,
@@ -507,6 +611,11 @@ impl FromStr for Condition {
                 "transport" => cond = cond.transport_errors(),
                 "timeout" => cond = cond.timeouts(),
                 "error" => cond.errors.other = true,
+                _ if lower.starts_with("grpc:") => {
+                    let bits =
+                        GrpcBits::parse_token(&lower["grpc:".len()..]).ok_or_else(|| bad(t))?;
+                    cond.grpc.0 |= bits.0;
+                }
                 _ => {
                     let (ignore, body) = match lower.strip_prefix('!') {
                         Some(rest) => (true, rest),

@@ -14,6 +14,8 @@
 //! | circuit breaker with fallback, breaker-gated endpoints | [`breaker`] | `circuit_breaker` | `docs/circuit_breaker.md` |
 //! | backup pipe (tee to storage) + edge cache | [`backup`], [`cache`] | `backup_pipe` | `docs/backup_tee.md`, `docs/edge_cache.md` |
 //! | gateway metrics (feature `metrics`), request tracing + access log, bulkhead, composition (feature `compose`) | [`telemetry`], [`trace`], [`bulkhead`], `compose` | `api_gateway` | `docs/api_gateway.md` |
+//! | authentication: API keys, JWT (HS/RS/ES, JWKS), scopes (feature `auth`) | `auth` | — | `docs/auth.md` |
+//! | rate limiting per key, GCRA, local or Redis (features `rate-limit`, `redis`) | `ratelimit` | — | `docs/rate_limit.md` |
 //! | load balancing: round robin, weighted, sticky, hash, passive health, retry-next; cluster | [`balance`] | `reverse_proxy`, `p2p_client`, `sticky_sessions`, `cluster` | `docs/balance.md`, `docs/cluster.md` |
 //!
 //! Every layer uses [`classify`] to decide what a failure is, so "5xx and transport errors"
@@ -27,7 +29,8 @@
 //! documentation, so they are named rather than linked. Examples run with
 //! `cargo run --example <name>` from the package sources.
 //!
-//! Items behind a cargo feature (`etcd`, `consul`, `object-store`, `metrics`, `compose`) are marked with it here.
+//! Items behind a cargo feature (`etcd`, `consul`, `object-store`, `auth`, `rate-limit`,
+//! `redis`, `metrics`, `compose`) are marked with it here.
 //!
 //! ```no_run
 //! use tower::ServiceBuilder;
@@ -49,6 +52,8 @@
 // into it and naming that one now fails the docs.rs build.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "auth")]
+pub mod auth;
 pub mod backup;
 pub mod balance;
 pub mod body;
@@ -64,6 +69,8 @@ pub mod discovery;
 pub mod error;
 pub mod gate;
 pub mod proxy;
+#[cfg(feature = "rate-limit")]
+pub mod ratelimit;
 pub mod respond;
 pub mod route;
 pub mod server;
@@ -79,3 +86,12 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
+
+// The usage snippets of docs/auth.md and docs/rate_limit.md, compiled the same way.
+#[doc = include_str!("../docs/auth.md")]
+#[cfg(all(doctest, feature = "auth", feature = "rate-limit", feature = "axum"))]
+pub struct AuthDocDoctests;
+
+#[doc = include_str!("../docs/rate_limit.md")]
+#[cfg(all(doctest, feature = "redis"))]
+pub struct RateLimitDocDoctests;

@@ -152,3 +152,56 @@ pub fn status_response(status: http::StatusCode) -> Response<Full<Bytes>> {
     );
     res
 }
+
+pin_project! {
+    /// Response future of a layer that may answer a request itself instead of calling the
+    /// wrapped service (authentication's `401`/`403`, rate limiting's `429`): the inner
+    /// service's future, or the layer's own answer. A refusal is an answer, not a failure,
+    /// so it carries its own headers (`WWW-Authenticate`, `Retry-After`) and the error type
+    /// stays the inner service's.
+    #[project = AnswerProj]
+    #[derive(Debug)]
+    // pin-project-lite takes no docs on variant fields: the future and the answer.
+    #[allow(missing_docs)]
+    pub enum AnswerFuture<F> {
+        /// Calling the wrapped service.
+        Inner {
+            #[pin]
+            fut: F,
+        },
+        /// The layer's own answer.
+        Answered {
+            res: Option<Response<Full<Bytes>>>,
+        },
+    }
+}
+
+impl<F> AnswerFuture<F> {
+    /// The wrapped service's future.
+    pub fn inner(fut: F) -> Self {
+        AnswerFuture::Inner { fut }
+    }
+    /// The layer's own answer.
+    pub fn answered(res: Response<Full<Bytes>>) -> Self {
+        AnswerFuture::Answered { res: Some(res) }
+    }
+}
+
+impl<F, B, E> Future for AnswerFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<ErrorResponseBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            AnswerProj::Inner { fut } => {
+                Poll::Ready(ready!(fut.poll(cx)).map(|r| r.map(Either::Left)))
+            }
+            AnswerProj::Answered { res } => match res.take() {
+                Some(r) => Poll::Ready(Ok(r.map(Either::Right))),
+                None => crate::error::polled_after_completion("AnswerFuture"),
+            },
+        }
+    }
+}

@@ -1129,3 +1129,58 @@ async fn aborted_requests_pull_at_most_the_drain_budget() {
     }
     assert_eq!(committed, 2);
 }
+
+/// Trailers pass through the tee to the client unchanged; the backup copy stores the body
+/// only (an object has no trailers), and commits as usual.
+#[tokio::test]
+async fn trailers_reach_the_client_and_the_copy_is_the_body() {
+    let svc = service_fn(|_req: Request<Incoming>| async {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-checksum", "abc123".parse().unwrap());
+        let frames = futures_util::stream::iter(vec![
+            Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"part1,"))),
+            Ok(Frame::data(Bytes::from_static(b"part2"))),
+            Ok(Frame::trailers(trailers)),
+        ]);
+        Ok::<_, Infallible>(
+            Response::builder()
+                // HTTP/1.1 sends only declared trailer fields.
+                .header("trailer", "x-checksum")
+                .body(StreamBody::new(frames))
+                .unwrap(),
+        )
+    });
+    let origin = spawn_server(svc).await;
+    let mem = MemorySink::new("memory");
+    let layer = TeeLayer::builder().sink(mem.clone()).build();
+    let mut events = Events::new(layer.subscribe());
+    let edge = edge(origin, layer).await;
+
+    let stream = TcpStream::connect(edge).await.unwrap();
+    let (mut tx, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("/with-trailers")
+        .header("host", "edge")
+        .header("te", "trailers")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let res = tx.send_request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let collected = res.into_body().collect().await.unwrap();
+    assert_eq!(
+        collected.trailers().expect("trailers passed through")["x-checksum"],
+        "abc123"
+    );
+    assert_eq!(collected.to_bytes(), "part1,part2");
+
+    let ev = events.wait("with-trailers", "memory").await;
+    assert!(
+        matches!(ev.outcome, BackupOutcome::Committed { bytes: 11 }),
+        "{:?}",
+        ev.outcome
+    );
+    assert_eq!(mem.get("with-trailers").unwrap().to_bytes(), "part1,part2");
+}

@@ -73,7 +73,7 @@ async fn strips_hop_by_hop_request_headers() {
         .header("keep-alive", "timeout=5")
         .header("proxy-authorization", "Basic abc")
         .header("proxy-connection", "keep-alive")
-        .header("te", "trailers")
+        .header("te", "gzip")
         .header("upgrade", "websocket")
         .header("x-end-to-end", "passes")
         .body(Body::default())
@@ -91,6 +91,15 @@ async fn strips_hop_by_hop_request_headers() {
         assert_eq!(header(&h, gone), None, "{gone} reached the upstream: {h:?}");
     }
     assert_eq!(header(&h, "x-end-to-end"), Some("passes"));
+
+    // A client taking trailers (gRPC): Forward takes them too and says so on its own hop,
+    // with `trailers` only (the client's other TE codings are the client's hop's).
+    let req = Request::get("/")
+        .header("te", "gzip, trailers")
+        .body(Body::default())
+        .unwrap();
+    let (_, _, body) = call(&mut fwd, req).await.unwrap();
+    assert_eq!(header(&echoed_headers(&body), "te"), Some("trailers"));
 }
 
 #[tokio::test]

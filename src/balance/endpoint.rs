@@ -112,7 +112,8 @@ pub struct EndpointStatus<K> {
     pub weight: u32,
     /// Health state.
     pub state: EndpointState,
-    /// Requests sent and not yet answered (headers).
+    /// Requests sent and not yet answered (headers), plus open upgraded tunnels
+    /// (WebSocket) to it.
     pub in_flight: usize,
     /// Requests sent to it since it joined the set.
     pub requests: u64,

@@ -18,7 +18,9 @@ use super::pick::{Miss, Picked, Picker};
 use super::retry::{clone_request, CloneBody};
 use super::service::{Ep, MakeGate, Shared, Snap};
 use crate::classify::is_connect_error;
-use crate::classify::{error_kind, Classifier, Classify, FailureKind, Outcome};
+use crate::classify::{
+    error_kind, Classifier, Classify, FailureKind, LateOutcomes, Outcome, StreamEnd,
+};
 use crate::gate::Gate;
 use crate::BoxError;
 
@@ -43,6 +45,46 @@ struct InFlight<K, S, M: MakeGate<K>> {
 impl<K, S, M: MakeGate<K>> Drop for InFlight<K, S, M> {
     fn drop(&mut self) {
         self.ep.in_flight.fetch_sub(1, Relaxed);
+        if self.trial {
+            self.ep.release_trial();
+        }
+    }
+}
+
+/// An outcome waiting for the end of a gRPC response body. Dropped unfinished (the body
+/// was not read to its end), it records nothing and hands a trial back, as a cancelled
+/// request does.
+struct Deferred<K, S, M: MakeGate<K>, C: Classify> {
+    ep: Arc<Ep<K, S, M>>,
+    shared: Arc<Shared<K, S, M, C>>,
+    trial: bool,
+    permit: Option<Permit<K, M>>,
+    started: Option<Instant>,
+    classifier: Option<C::Classifier>,
+}
+
+impl<K: fmt::Debug, S, M: MakeGate<K>, C: Classify> Deferred<K, S, M, C> {
+    fn finish(mut self, end: StreamEnd<'_>) {
+        let Some(c) = self.classifier.take() else {
+            return;
+        };
+        let outcome = c.classify_end(end);
+        let trial = std::mem::take(&mut self.trial);
+        if self
+            .ep
+            .record(outcome, trial, &self.shared.health, &self.shared.clock)
+        {
+            self.shared.try_eject(&self.ep);
+        }
+        if let Some(p) = self.permit.take() {
+            let elapsed = self.started.map(|t| t.elapsed()).unwrap_or_default();
+            self.ep.gate.complete(p, outcome, elapsed);
+        }
+    }
+}
+
+impl<K, S, M: MakeGate<K>, C: Classify> Drop for Deferred<K, S, M, C> {
+    fn drop(&mut self) {
         if self.trial {
             self.ep.release_trial();
         }
@@ -192,7 +234,10 @@ where
     pub(crate) fn start(shared: Arc<Shared<K, S, M, C>>, req: Request<B>) -> Self {
         let snap = shared.snapshot.load();
         let (picked, cookie_id, key) = first_pick(&shared, &snap, &req);
-        let method_ok = shared.retry.method_allows(req.method());
+        // An upgrade (WebSocket) is never replayed once an upstream has seen it: only a
+        // connect failure (nothing sent) moves it to another endpoint.
+        let method_ok =
+            shared.retry.method_allows(req.method()) && !crate::proxy::is_upgrade_request(&req);
         let mut st = Attempt {
             started: None,
             first: None,
@@ -332,8 +377,8 @@ where
 
 impl<K, S, M, C, B, RB> Future for ResponseFuture<K, S, M, C, B>
 where
-    K: Clone + fmt::Debug,
-    S: Service<Request<B>, Response = Response<RB>> + Clone,
+    K: Clone + fmt::Debug + Send + Sync + 'static,
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + Sync + 'static,
     S::Error: Into<BoxError>,
     M: MakeGate<K>,
     C: Classify,
@@ -356,8 +401,8 @@ where
 
 impl<K, S, M, C, B, RB> ResponseFuture<K, S, M, C, B>
 where
-    K: Clone + fmt::Debug,
-    S: Service<Request<B>, Response = Response<RB>> + Clone,
+    K: Clone + fmt::Debug + Send + Sync + 'static,
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + Sync + 'static,
     S::Error: Into<BoxError>,
     M: MakeGate<K>,
     C: Classify,
@@ -403,7 +448,7 @@ where
                     None => this.timer.set(Some(tokio::time::sleep_until(deadline))),
                 }
             }
-            let res: Result<Response<RB>, BoxError> = match this.inner.as_mut().as_pin_mut() {
+            let mut res: Result<Response<RB>, BoxError> = match this.inner.as_mut().as_pin_mut() {
                 Some(fut) => match fut.poll(cx) {
                     Poll::Ready(r) => r.map_err(Into::into),
                     Poll::Pending => {
@@ -435,12 +480,41 @@ where
             let ep = guard.ep.clone();
             // The outcome below resolves the trial, if this was one.
             let trial = std::mem::take(&mut guard.trial);
-            // in_flight counts until the response head arrived.
-            drop(guard);
+            // in_flight counts until the response head arrived, or for an upgraded
+            // connection (WebSocket) until its tunnel closes.
+            match &res {
+                Ok(r) if r.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
+                    match r.extensions().get::<crate::proxy::Tunnel>() {
+                        Some(t) => t.hold(guard),
+                        None => drop(guard),
+                    }
+                }
+                _ => drop(guard),
+            }
             // A client-caused failure (its body broke, the proxy's own resources ran out)
             // says nothing about the endpoint: never charged to it, never retried,
             // whatever the configured classifier says.
             let client_fault = matches!(&res, Err(e) if error_kind(&**e) == FailureKind::Client);
+            // A gRPC answer whose status comes in the trailers: health and the gate learn
+            // the outcome when the body ends (`classify::TrailersLayer` runs it). Such a
+            // response is already the answer: never retried.
+            let defer =
+                matches!((&st.classifier, &res), (Some(c), Ok(r)) if c.defers_to_trailers(r));
+            if defer {
+                if let (Some(c), Ok(r)) = (st.classifier.take(), res.as_mut()) {
+                    let deferred = Deferred {
+                        ep: ep.clone(),
+                        shared: st.shared.clone(),
+                        trial,
+                        permit: st.permit.take(),
+                        started: st.started,
+                        classifier: Some(c),
+                    };
+                    LateOutcomes::of(r).push(move |end| deferred.finish(end));
+                }
+                st.replay = None;
+                return Poll::Ready(st.finish(&ep, res));
+            }
             let outcome = match (st.classifier.take(), &res) {
                 _ if client_fault => Outcome::Ignored,
                 (Some(c), Ok(r)) => c.classify_response(r),
@@ -457,7 +531,14 @@ where
             }
 
             let wanted = match &res {
-                Ok(r) => st.method_ok && shared.retry.on.classify_status(r.status()).is_failure(),
+                Ok(r) => {
+                    st.method_ok
+                        && shared
+                            .retry
+                            .on
+                            .classify_head(r.status(), r.headers())
+                            .is_failure()
+                }
                 Err(_) if client_fault => false,
                 Err(e) => {
                     is_connect_error(&**e)

@@ -96,6 +96,8 @@ pub use error::{BalanceError, BuildError, StickyError, TryTimeout};
 pub use future::ResponseFuture;
 pub use hash::hash_bytes;
 pub use pick::{HashKey, Picker};
+// The ketama ring, shared with the edge cache's sibling lookup (one ring in the crate).
+pub(crate) use pick::build_ring;
 pub use replay::{Replay, ReplayFuture, ReplayLayer};
 pub use retry::{CloneBody, Retry};
 pub use service::{Balance, BalanceBuilder, Built, MakeGate, NoGates, DEFAULT_TRY_TIMEOUT};

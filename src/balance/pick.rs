@@ -212,7 +212,7 @@ pub(crate) fn swrr_schedule(weights: &[u32]) -> Vec<u32> {
     out
 }
 
-fn build_ring(ids: &[(u64, u32)]) -> Vec<(u64, u32)> {
+pub(crate) fn build_ring(ids: &[(u64, u32)]) -> Vec<(u64, u32)> {
     let mut ring = Vec::new();
     for (idx, (id, weight)) in ids.iter().enumerate() {
         let points = RING_POINTS * (*weight).clamp(1, RING_MAX_WEIGHT);

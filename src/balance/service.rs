@@ -452,7 +452,8 @@ where
 impl<K, S, M, C, B, RB> Service<Request<B>> for Balance<K, S, M, C>
 where
     K: Clone + Eq + Hash + fmt::Debug + Send + Sync + 'static,
-    S: Service<Request<B>, Response = Response<RB>> + Clone,
+    // Send + Sync + 'static: an upgraded response's tunnel task holds the endpoint.
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + Sync + 'static,
     S::Error: Into<BoxError>,
     M: MakeGate<K>,
     C: Classify,

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::service::Local;
 use super::state::Permit;
-use crate::classify::{Classifier, Outcome};
+use crate::classify::{Classifier, LateOutcomes, Outcome};
 use crate::BoxError;
 
 /// The admitted call's bookkeeping. Dropping it unfinished drops the permit, which returns
@@ -102,9 +102,17 @@ where
             Proj::Admitted { fut, wrap, guard } => {
                 let res = std::task::ready!(fut.poll(cx));
                 match res {
-                    Ok(res) => {
+                    Ok(mut res) => {
                         if let Some(g) = guard.take() {
-                            g.finish(|k| k.classify_response(&res));
+                            if g.classifier.defers_to_trailers(&res) {
+                                // gRPC status in the trailers: recorded when the body ends
+                                // (`classify::TrailersLayer`); a body dropped before its
+                                // end drops the permit, like a cancelled call.
+                                LateOutcomes::of(&mut res)
+                                    .push(move |end| g.finish(|k| k.classify_end(end)));
+                            } else {
+                                g.finish(|k| k.classify_response(&res));
+                            }
                         }
                         Poll::Ready(Ok(res.map(*wrap)))
                     }

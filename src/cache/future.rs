@@ -60,6 +60,8 @@ pin_project! {
         Call { svc: Option<S>, req: Option<R>, miss: Option<Miss> },
         // Reading the entry from the store's slow tier; `then` handles the request again.
         Load { read: StoreLoad, then: Option<Then<F, B, S, R>> },
+        // An answer the layer computes itself asynchronously (a fleet `PURGE`).
+        Boxed { fut: Pin<Box<dyn Future<Output = Response<CacheBody<B>>> + Send>> },
     }
 }
 
@@ -75,6 +77,14 @@ impl<F, B, S, R> ResponseFuture<F, B, S, R> {
     pub(crate) fn ready(res: Response<CacheBody<B>>) -> Self {
         ResponseFuture {
             state: State::Ready { res: Some(res) },
+        }
+    }
+
+    pub(crate) fn boxed(
+        fut: impl Future<Output = Response<CacheBody<B>>> + Send + 'static,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Boxed { fut: Box::pin(fut) },
         }
     }
 
@@ -136,6 +146,9 @@ where
                         // Pending here would hang the caller forever without a waker.
                         None => crate::error::polled_after_completion("cache::ResponseFuture"),
                     };
+                }
+                StateProj::Boxed { fut } => {
+                    return fut.as_mut().poll(cx).map(Ok);
                 }
                 StateProj::Follow {
                     wait,

@@ -6,7 +6,11 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
+use super::fleet::Fleet;
 use super::flight::Flights;
+use super::purge::index::{Indexed, TagIndex, DEFAULT_INDEX_BYTES};
+use super::purge::log::DEFAULT_LOG_BYTES;
+use super::purge::{CatchUp, Purger};
 use super::service::Cache;
 use super::store::Store;
 use crate::body::tee::TeeStats;
@@ -98,6 +102,8 @@ pub(crate) struct Config {
     pub(crate) coalesce: Option<Duration>,
     pub(crate) flights: Arc<Flights>,
     pub(crate) stats: Arc<CacheStats>,
+    /// Fleet purge: tag index, purge log, peers (see `purge`).
+    pub(crate) purger: Arc<Purger>,
 }
 
 impl fmt::Debug for Config {
@@ -126,6 +132,9 @@ pub struct CacheLayerBuilder {
     stale_if_error: Duration,
     fill: bool,
     coalesce: Option<Duration>,
+    fleet: Option<Fleet>,
+    index_bytes: usize,
+    log_bytes: usize,
 }
 
 /// The default lock timeout of request coalescing: nginx's `proxy_cache_lock_timeout`.
@@ -216,10 +225,14 @@ impl CacheLayer {
             stale_if_error: Duration::ZERO,
             fill: true,
             coalesce: Some(DEFAULT_LOCK_TIMEOUT),
+            fleet: None,
+            index_bytes: DEFAULT_INDEX_BYTES,
+            log_bytes: DEFAULT_LOG_BYTES,
         }
     }
 
-    /// The store.
+    /// The store (wrapped so that what is stored reaches the surrogate-key index: give
+    /// this one, not the store passed to the builder, to a [`StoreSink`](super::StoreSink)).
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.cfg.store
     }
@@ -234,6 +247,37 @@ impl CacheLayer {
             tracing::info!(key, "cache entry purged");
         }
         removed
+    }
+
+    /// Asks every peer of the [fleet](CacheLayerBuilder::fleet) for the purges in its
+    /// log that this node has not applied yet, and applies them: run it when a node
+    /// starts (its disk tier may hold objects purged while it was down) or comes back
+    /// from a partition; [`CacheLayer::spawn_catch_up`] does it periodically. Without a
+    /// fleet it does nothing.
+    pub async fn catch_up(&self) -> CatchUp {
+        super::purge::catch_up(&self.cfg).await
+    }
+
+    /// Spawns a task that runs [`CacheLayer::catch_up`] now and then every `every`
+    /// (at least 100 ms); abort the handle to stop it.
+    pub fn spawn_catch_up(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(super::purge::catch_up_every(self.cfg.clone(), every))
+    }
+
+    /// The [sibling lookup](super::sibling) layer for this cache: put it *under* the
+    /// cache (`.layer(cache.clone()).layer(cache.siblings())`), so a miss asks the node
+    /// owning the key before the origin. Without a fleet it passes every request on.
+    pub fn siblings(&self) -> super::SiblingLayer {
+        super::SiblingLayer {
+            fleet: self.cfg.purger.fleet.clone(),
+            key: self.cfg.key.clone(),
+            purger: self.cfg.purger.clone(),
+        }
+    }
+
+    /// The fleet, if one was configured.
+    pub fn fleet(&self) -> Option<&Fleet> {
+        self.cfg.purger.fleet.as_ref()
     }
 
     /// The counters.
@@ -318,6 +362,28 @@ impl CacheLayerBuilder {
         })
     }
 
+    /// Joins a fleet of edge nodes (see [`Fleet`]): a client's `PURGE` is fanned out to
+    /// every other instance, purges are logged for [`CacheLayer::catch_up`], and
+    /// [`CacheLayer::siblings`] asks the node owning a key before the origin.
+    pub fn fleet(mut self, fleet: Fleet) -> Self {
+        self.fleet = Some(fleet);
+        self
+    }
+
+    /// Bound of the surrogate-key index (default 16 MiB). Past it, tag purges scan the
+    /// store instead (and the scan rebuilds the index when it fits again).
+    pub fn surrogate_key_index_bytes(mut self, bytes: usize) -> Self {
+        self.index_bytes = bytes;
+        self
+    }
+
+    /// Bound of the purge log (default 8 MiB, tens of thousands of purges). A node that
+    /// missed more than a peer's log holds empties its store when it catches up.
+    pub fn purge_log_bytes(mut self, bytes: usize) -> Self {
+        self.log_bytes = bytes;
+        self
+    }
+
     /// Allows `PURGE` only from these client addresses
     /// ([`client_ip`](crate::client_addr::client_ip): behind a trusted proxy of a
     /// [`ClientAddrLayer`](crate::client_addr::ClientAddrLayer), the client it forwarded
@@ -375,9 +441,15 @@ impl CacheLayerBuilder {
 
     /// Builds the layer.
     pub fn build(self) -> CacheLayer {
+        let index = Arc::new(TagIndex::new(self.index_bytes));
+        let store: Arc<dyn Store> = Arc::new(Indexed {
+            inner: self.store,
+            index: index.clone(),
+        });
         CacheLayer {
             cfg: Arc::new(Config {
-                store: self.store,
+                purger: Arc::new(Purger::new(index, self.log_bytes, self.fleet)),
+                store,
                 key: self.key,
                 purge: self.purge,
                 default_ttl: self.default_ttl,
@@ -401,6 +473,6 @@ impl<S> Layer<S> for CacheLayer {
 
 /// Byte equality whose time does not depend on where the inputs differ (only on their
 /// lengths), so a `PURGE` token cannot be guessed byte by byte from response times.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

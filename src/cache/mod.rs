@@ -43,7 +43,10 @@
 //! | `Vary` | one entry per variant (the named request headers, `Accept-Encoding` normalised) |
 //! | `Authorization` | never answered from the cache, never coalesced |
 //! | key | [`authority_key`]: host (lower-cased), path and query; [`CacheLayerBuilder::key_query_params`] keeps chosen query parameters only |
-//! | `PURGE <path>` | removes the entry: `200` (`404` if none). Refused with `405` unless configured ([`CacheLayerBuilder::purge_token`], [`CacheLayerBuilder::purge_from`], [`CacheLayerBuilder::purge_allowed`]); `403` when a configured rule fails — or [`CacheLayer::purge`] |
+//! | `PURGE <path>` | removes the entry: `200` (`404` if none). Refused with `405` unless configured ([`CacheLayerBuilder::purge_bearer`], [`CacheLayerBuilder::purge_from_nets`], [`CacheLayerBuilder::purge_token`], [`CacheLayerBuilder::purge_from`], [`CacheLayerBuilder::purge_allowed`]); `403` when a configured rule fails — or [`CacheLayer::purge`] |
+//! | `PURGE /images/*`, `PURGE /` with `Surrogate-Key`/`Cache-Tag` | every key with that prefix; every entry stored with one of the tags (bounded index) — see [`purge`] |
+//! | a [`Fleet`] ([`CacheLayerBuilder::fleet`]) | a client's `PURGE` reaches every instance in the registry (hop guard `x-purge-origin`, JSON answer node → status); [`CacheLayer::catch_up`] reads the peers' purge logs so a node that was down misses no purge; [`CacheLayer::siblings`] asks the key's owner node before the origin ([`sibling`]) |
+//! | `Cache-Control: only-if-cached` (and sibling lookups) | a fresh entry or `504`, never the origin |
 //! | upstream error or 500/502/503/504 with an entry expired less than `stale_if_error` ago (and not `must-revalidate`/`proxy-revalidate`/`s-maxage`) | the old entry, `X-Cache: STALE` |
 //! | other methods | passed through |
 //! | time | `tokio::time` (tests pause it) |
@@ -58,12 +61,15 @@
 mod body;
 mod conditional;
 mod fill;
+mod fleet;
 mod flight;
 mod future;
 mod layer;
 mod policy;
+pub mod purge;
 mod range;
 mod service;
+pub mod sibling;
 mod sink;
 mod store;
 mod tier;
@@ -84,3 +90,7 @@ pub use tier::disk::{DiskStore, DiskStoreStats, DEFAULT_MAX_PENDING};
 pub use tier::memory::{MemoryStore, MemoryStoreStats, DEFAULT_STALE_GRACE};
 #[cfg(feature = "disk-cache")]
 pub use tier::TieredStore;
+// Fleet purge and sibling lookup (issue 15).
+pub use fleet::{Fleet, FleetBuilder, PeerError, DEFAULT_PEER_TIMEOUT, DEFAULT_SIBLING_TIMEOUT};
+pub use purge::CatchUp;
+pub use sibling::{Sibling, SiblingBody, SiblingLayer};

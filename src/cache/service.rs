@@ -17,7 +17,9 @@ use super::flight::{Role, Wait};
 use super::future::{Miss, ResponseFuture};
 use super::layer::{CacheLayer, Config, PurgeMode};
 use super::policy;
+use super::purge;
 use super::range;
+use super::sibling;
 use super::store::{CachedResponse, StoreLoad};
 use super::vary;
 
@@ -208,16 +210,8 @@ impl<S> Cache<S> {
                     return ResponseFuture::ready(res);
                 }
             }
-            let key = (cfg.key)(&parts);
-            let removed = cfg.store.remove(&key);
-            let res = if removed {
-                cfg.stats.purges.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(key, "cache entry purged");
-                message(StatusCode::OK, "purged\n")
-            } else {
-                message(StatusCode::NOT_FOUND, "not cached\n")
-            };
-            return ResponseFuture::ready(res);
+            // Key, prefix or surrogate key; fanned out to the fleet (see `purge`).
+            return purge::handle(cfg, &parts);
         }
         if !(is_get || is_head) {
             cfg.stats.bypass.fetch_add(1, Ordering::Relaxed);
@@ -259,6 +253,18 @@ impl<S> Cache<S> {
                 }
                 variant_of = Some((names, generation));
             }
+        }
+        // A sibling's lookup (or a client's `only-if-cached`): a fresh entry or `504`,
+        // never the origin — a sibling request is never forwarded (the hop guard).
+        if sibling::only_if_cached(&parts.headers) {
+            let hit = found.filter(|e| !authorized && !no_cache && e.is_fresh(Instant::now()));
+            return ResponseFuture::ready(match hit {
+                Some(entry) => {
+                    cfg.stats.hits.fetch_add(1, Ordering::Relaxed);
+                    answer(entry, &parts.headers, is_head, "HIT")
+                }
+                None => message(StatusCode::GATEWAY_TIMEOUT, "not cached\n"),
+            });
         }
         if let Some(entry) = found.filter(|_| !authorized) {
             let now = Instant::now();

@@ -115,6 +115,19 @@ pub trait Store: Send + Sync + 'static {
     fn max_entry_size(&self) -> u64 {
         u64::MAX
     }
+
+    // --- Fleet purge (issue 15): purge by prefix and by surrogate key. ---
+
+    /// Removes every entry for which `pred(key, entry)` is true and returns how many;
+    /// `None` when the store cannot enumerate its entries. A prefix or surrogate-key
+    /// `PURGE` needs it: on a store without it such a purge answers `501` rather than
+    /// report success it did not achieve. Called rarely (a `PURGE`), so a full scan is
+    /// acceptable.
+    fn remove_where(&self, pred: &mut dyn FnMut(&str, &CachedResponse) -> bool) -> Option<u64> {
+        let _ = pred;
+        None
+    }
+
     /// For a store with a slower tier (a disk): called after `get` missed, a future that
     /// reads `key` from that tier off the runtime's threads (and promotes it to the fast
     /// one). `None` (the default) when no slower tier holds `key`: deciding that must
@@ -145,6 +158,9 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     fn load(&self, key: &str) -> Option<StoreLoad> {
         (**self).load(key)
     }
+    fn remove_where(&self, pred: &mut dyn FnMut(&str, &CachedResponse) -> bool) -> Option<u64> {
+        (**self).remove_where(pred)
+    }
 }
 
 impl<S: Store + ?Sized> Store for Box<S> {
@@ -162,5 +178,8 @@ impl<S: Store + ?Sized> Store for Box<S> {
     }
     fn load(&self, key: &str) -> Option<StoreLoad> {
         (**self).load(key)
+    }
+    fn remove_where(&self, pred: &mut dyn FnMut(&str, &CachedResponse) -> bool) -> Option<u64> {
+        (**self).remove_where(pred)
     }
 }

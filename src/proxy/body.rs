@@ -90,7 +90,7 @@ impl Progress {
         })
     }
 
-    fn touch(&self) {
+    pub(crate) fn touch(&self) {
         // Saturating: u64 nanoseconds last 584 years.
         let n = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.nanos.store(n, Ordering::Relaxed);

@@ -68,6 +68,13 @@ impl ResponseFuture {
         }
     }
 
+    /// A response future from any boxed exchange (the upgrade path).
+    pub(super) fn boxed(
+        f: impl Future<Output = Result<Response<Incoming>, ForwardError>> + Send + 'static,
+    ) -> Self {
+        ResponseFuture { inner: Box::pin(f) }
+    }
+
     pub(super) fn failed(e: ForwardError) -> Self {
         ResponseFuture {
             inner: Box::pin(std::future::ready(Err(e))),

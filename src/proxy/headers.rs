@@ -1,12 +1,15 @@
 use http::header::{self, HeaderMap, HeaderName};
 
 /// Hop-by-hop headers of RFC 9110 §7.6.1 plus the legacy ones proxies also drop.
-const HOP_BY_HOP: [HeaderName; 9] = [
+///
+/// `Trailer` is not among them: it is end to end (RFC 9110 §6.6.2; RFC 2616's list named a
+/// "Trailers" header that does not exist), and over HTTP/1.1 hyper sends only the trailer
+/// fields a response declares in it, so stripping it would drop a gRPC status on the way.
+const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     HeaderName::from_static("keep-alive"),
@@ -112,7 +115,6 @@ mod tests {
             ("proxy-connection", "keep-alive"),
             ("proxy-authorization", "Basic x"),
             ("te", "trailers"),
-            ("trailer", "x-t"),
             ("transfer-encoding", "chunked"),
             ("upgrade", "websocket"),
             ("x-foo", "1"),
@@ -124,6 +126,16 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-keep"], "3");
+    }
+
+    #[test]
+    fn trailer_is_end_to_end() {
+        let mut h = HeaderMap::new();
+        h.insert(header::TRAILER, "grpc-status".parse().unwrap());
+        h.insert(header::TE, "trailers".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h[header::TRAILER], "grpc-status");
     }
 
     #[test]

@@ -33,6 +33,8 @@
 //! | two `Host` headers, or `Host` ≠ absolute-form target → [`ForwardError::BadRequest`] (400) | `400` |
 //! | `CONNECT` → [`ForwardError::MethodNotSupported`] (501) | `405` (nginx); 501 here: RFC 9110 §15.6.2 "method not supported", no `Allow` list to keep |
 //! | a client naming [`PROTECTED_FROM_CONNECTION`] headers in `Connection` | kept (nginx ignores `Connection` names altogether) |
+//! | WebSocket / HTTP/1.1 upgrade (`Connection: upgrade` + `Upgrade`) → tunnelled on a connection of its own, idle timeout 60 s ([`ForwardBuilder::upgrade_idle_timeout`]), [`Tunnel`] in the `101`'s extensions | `proxy_set_header Upgrade $http_upgrade` + `Connection "upgrade"` |
+//! | trailers passed to the client; `TE: trailers` sent when the client sent it; `Trailer` kept (end to end) | `grpc_pass` |
 //!
 //! Every timeout has a default and can be disabled explicitly
 //! ([`ForwardBuilder::without_response_timeout`] etc.). The client's faults, `CONNECT`,
@@ -66,6 +68,7 @@ mod h2;
 pub(crate) mod headers;
 mod pool;
 mod service;
+mod upgrade;
 mod upstream;
 
 pub use body::BodyLimits;
@@ -81,4 +84,6 @@ pub use crate::respond::{
     ErrorResponseLayer,
 };
 pub use service::{Forward, ForwardBuilder};
+pub(crate) use upgrade::is_upgrade_request;
+pub use upgrade::Tunnel;
 pub use upstream::Upstream;

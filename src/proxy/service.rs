@@ -7,6 +7,7 @@ use http::header::{self, HeaderValue};
 use http::uri::Scheme;
 use http::{HeaderMap, Request, Response, Uri, Version};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use tower_service::Service;
 
 use super::body::{BodyLimits, ClientBody, Progress};
@@ -16,6 +17,7 @@ use super::future::ResponseFuture;
 use super::h2::{asks_for_trailers, TeTrailers};
 use super::headers::strip_hop_by_hop;
 use super::pool::{HostPool, PoolConfig, Pools};
+use super::upgrade;
 use super::upstream::Upstream;
 use crate::client_addr::{joined_forwarded_for, ClientAddr};
 use crate::BoxError;
@@ -32,6 +34,9 @@ struct Options {
     preserve_host: bool,
     forwarded_proto: Option<HeaderValue>,
     append_forwarded_for: bool,
+    /// Tunnel HTTP/1.1 upgrades (WebSocket); see [`super::upgrade`].
+    upgrades: bool,
+    upgrade_idle_timeout: Option<Duration>,
 }
 
 /// Builds a [`Forward`].
@@ -64,6 +69,8 @@ impl ForwardBuilder {
     pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
     /// Default of [`client_body_timeout`](Self::client_body_timeout).
     pub const DEFAULT_CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Default of [`upgrade_idle_timeout`](Self::upgrade_idle_timeout).
+    pub const DEFAULT_UPGRADE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
     /// Time allowed to open a TCP connection (default 5 s, nginx's `proxy_connect_timeout`
     /// is 60 s; a proxy in front of local instances wants it short).
@@ -142,6 +149,28 @@ impl ForwardBuilder {
     /// edge proxy that must not trust what clients claim.
     pub fn append_forwarded_for(mut self, yes: bool) -> Self {
         self.opts.append_forwarded_for = yes;
+        self
+    }
+
+    /// Tunnel HTTP/1.1 upgrades such as WebSocket (default `true`): a request with
+    /// `Connection: upgrade` and `Upgrade` keeps both headers, and an upstream's `101` joins
+    /// the two connections. With `false` both headers are stripped as hop-by-hop and the
+    /// upstream sees a plain request. Only `http://` upstreams are tunnelled.
+    pub fn upgrades(mut self, yes: bool) -> Self {
+        self.opts.upgrades = yes;
+        self
+    }
+
+    /// Time an upgraded tunnel may carry no byte in either direction before both sides are
+    /// closed (default 60 s, like nginx's `proxy_read_timeout` on a WebSocket).
+    pub fn upgrade_idle_timeout(mut self, t: Duration) -> Self {
+        self.opts.upgrade_idle_timeout = Some(t);
+        self
+    }
+
+    /// No idle timeout on upgraded tunnels: a silent tunnel stays open until a side closes.
+    pub fn without_upgrade_idle_timeout(mut self) -> Self {
+        self.opts.upgrade_idle_timeout = None;
         self
     }
 
@@ -260,6 +289,8 @@ impl ForwardBuilder {
                 preserve_host: true,
                 forwarded_proto: None,
                 append_forwarded_for: true,
+                upgrades: true,
+                upgrade_idle_timeout: Some(Self::DEFAULT_UPGRADE_IDLE_TIMEOUT),
             },
         }
     }
@@ -401,11 +432,32 @@ where
             Ok(u) => u,
             Err(e) => return ResponseFuture::failed(e),
         };
-        // HTTP/2 upstreams get `TE: trailers` back (gRPC needs it); hop-by-hop otherwise.
-        if asks_for_trailers(&parts.headers) {
+        // A real upgrade request whose client connection can be taken over keeps its
+        // `Upgrade`/`Connection` headers and goes through the tunnel path.
+        let upgrade = match self.opts.upgrades
+            && !self.upstream.is_https()
+            && upgrade::requested(&parts.method, parts.version, &parts.headers)
+        {
+            true => parts.extensions.remove::<OnUpgrade>(),
+            false => None,
+        };
+        // `TE` is hop-by-hop, but a client that takes trailers (gRPC) gets them through
+        // Forward, so Forward asks for them on its own hop: HTTP/1.1 servers (hyper's) send
+        // trailers only then, and HTTP/2 allows `TE: trailers` alone (see `h2::to_h2`).
+        let trailers = asks_for_trailers(&parts.headers);
+        if trailers {
             parts.extensions.insert(TeTrailers);
         }
-        strip_hop_by_hop(&mut parts.headers);
+        if upgrade.is_some() {
+            upgrade::strip_keeping_upgrade(&mut parts.headers);
+        } else {
+            strip_hop_by_hop(&mut parts.headers);
+        }
+        if trailers {
+            parts
+                .headers
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         let client = parts.extensions.get::<ClientAddr>().copied();
         set_forwarded(&self.opts, &mut parts.headers, client, &parts.uri);
         crate::trace::on_upstream_call(
@@ -440,6 +492,17 @@ where
             _ => None,
         };
         let body = ClientBody::new(body, limits, progress.clone());
+        if let Some(client) = upgrade {
+            let call = upgrade::UpgradeCall {
+                upstream: (*self.upstream).clone(),
+                connect_timeout: self.pools.connect_timeout(),
+                response_timeout: self.opts.response_timeout,
+                idle_timeout: self.opts.upgrade_idle_timeout,
+                client,
+            };
+            let req = Request::from_parts(parts, body);
+            return ResponseFuture::boxed(upgrade::forward(call, req));
+        }
         ResponseFuture::new(
             self.pool.clone(),
             Request::from_parts(parts, body),

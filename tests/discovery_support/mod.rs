@@ -1,6 +1,9 @@
 //! Helpers shared by the discovery tests: real HTTP backends and a client.
 #![allow(dead_code)]
 
+#[cfg(feature = "etcd")]
+pub mod etcd;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;

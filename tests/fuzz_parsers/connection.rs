@@ -10,12 +10,12 @@ use tower_patterns::proxy::strip_hop_by_hop;
 use super::support::{config, header_value_bytes};
 
 /// Always removed, whatever `Connection` says (RFC 9110 §7.6.1 and the legacy ones).
-const FIXED: [&str; 9] = [
+/// `Trailer` is end to end (RFC 9110 §6.6.2): not here.
+const FIXED: [&str; 8] = [
     "connection",
     "proxy-authenticate",
     "proxy-authorization",
     "te",
-    "trailer",
     "transfer-encoding",
     "upgrade",
     "keep-alive",

@@ -252,6 +252,18 @@ impl Store for MemoryStore {
     fn max_entry_size(&self) -> u64 {
         self.max_entry
     }
+
+    // --- Fleet purge (issue 15): prefix and surrogate-key purges scan the entries. ---
+    fn remove_where(&self, pred: &mut dyn FnMut(&str, &CachedResponse) -> bool) -> Option<u64> {
+        let doomed: Vec<Arc<str>> = self
+            .cache
+            .iter()
+            .filter(|(k, slot)| pred(k, &slot.entry))
+            .map(|(k, _)| Arc::clone(&*k))
+            .collect();
+        let n = doomed.iter().filter(|k| self.remove(k)).count();
+        Some(n as u64)
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,388 @@
+//! [`AuthConfig`] and the [`Authenticator`] it builds: one per gateway, shared by the
+//! [`AuthLayer`](super::AuthLayer)s of its routes.
+
+use std::fmt;
+use std::sync::Arc;
+
+use http::{header, HeaderMap, HeaderName, HeaderValue};
+
+use super::api_key::ApiKeys;
+use super::error::{AuthConfigError, AuthError};
+use super::identity::{AuthMethod, Identity, Requirements};
+use super::jwt::{scopes_of, Jwt, Verifier};
+use super::layer::AuthLayer;
+
+/// Default of [`AuthConfig::max_credential_len`]: 8 KiB, larger than any sane JWT.
+pub const DEFAULT_MAX_CREDENTIAL_LEN: usize = 8 * 1024;
+
+/// What a gateway accepts as credentials and how the verified identity travels upstream.
+///
+/// | setting | default |
+/// |---|---|
+/// | API keys | none; header `x-api-key` ([`api_key_header`](Self::api_key_header)) |
+/// | JWT bearer tokens | none ([`jwt`](Self::jwt)); from `Authorization: Bearer` |
+/// | identity headers sent upstream | `x-auth-subject`, `x-auth-scopes` (space-separated), `x-auth-method`; plus [`forward_claim`](Self::forward_claim) |
+/// | client-sent copies of those headers | always removed first, on every request |
+/// | credential length | at most [`DEFAULT_MAX_CREDENTIAL_LEN`] bytes, longer is `401` |
+/// | credentials sent upstream | yes ([`hide_credentials`](Self::hide_credentials) removes them) |
+/// | challenge realm | `api` |
+pub struct AuthConfig {
+    api_keys: Option<ApiKeys>,
+    api_key_header: String,
+    jwt: Option<Jwt>,
+    subject_header: Option<String>,
+    scopes_header: Option<String>,
+    method_header: Option<String>,
+    claim_headers: Vec<(String, String)>,
+    max_credential_len: usize,
+    hide_credentials: bool,
+    realm: String,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("api_keys", &self.api_keys)
+            .field("jwt", &self.jwt)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuthConfig {
+    /// The defaults of the table above, with no credentials yet.
+    pub fn new() -> Self {
+        AuthConfig {
+            api_keys: None,
+            api_key_header: "x-api-key".into(),
+            jwt: None,
+            subject_header: Some("x-auth-subject".into()),
+            scopes_header: Some("x-auth-scopes".into()),
+            method_header: Some("x-auth-method".into()),
+            claim_headers: Vec::new(),
+            max_credential_len: DEFAULT_MAX_CREDENTIAL_LEN,
+            hide_credentials: false,
+            realm: "api".into(),
+        }
+    }
+    /// Accepts these API keys.
+    pub fn api_keys(mut self, keys: ApiKeys) -> Self {
+        self.api_keys = Some(keys);
+        self
+    }
+    /// The header API keys come in.
+    pub fn api_key_header(mut self, name: &str) -> Self {
+        self.api_key_header = name.into();
+        self
+    }
+    /// Accepts JWT bearer tokens verified by `jwt`.
+    pub fn jwt(mut self, jwt: Jwt) -> Self {
+        self.jwt = Some(jwt);
+        self
+    }
+    /// The header carrying the subject upstream (`None`: neither sent nor stripped).
+    pub fn subject_header(mut self, name: Option<&str>) -> Self {
+        self.subject_header = name.map(Into::into);
+        self
+    }
+    /// The header carrying the scopes upstream, space-separated (`None`: not sent).
+    pub fn scopes_header(mut self, name: Option<&str>) -> Self {
+        self.scopes_header = name.map(Into::into);
+        self
+    }
+    /// The header carrying `api-key` or `jwt` upstream (`None`: not sent).
+    pub fn method_header(mut self, name: Option<&str>) -> Self {
+        self.method_header = name.map(Into::into);
+        self
+    }
+    /// Also sends the token's claim `claim` upstream in `header` (strings as they are,
+    /// other values as JSON; absent claim: no header). Client-sent copies are removed.
+    pub fn forward_claim(mut self, claim: &str, header: &str) -> Self {
+        self.claim_headers.push((claim.into(), header.into()));
+        self
+    }
+    /// Longest `Authorization` / API key header accepted, in bytes.
+    pub fn max_credential_len(mut self, n: usize) -> Self {
+        self.max_credential_len = n;
+        self
+    }
+    /// Removes the credential (the `Authorization` or API key header) before the request
+    /// goes upstream, so upstreams see only the identity headers.
+    pub fn hide_credentials(mut self, yes: bool) -> Self {
+        self.hide_credentials = yes;
+        self
+    }
+    /// The `realm` of the `WWW-Authenticate` challenge (visible ASCII without `"` or `\`;
+    /// other characters are dropped).
+    pub fn realm(mut self, realm: &str) -> Self {
+        self.realm = realm.into();
+        self
+    }
+
+    /// Checks the configuration and builds the shared [`Authenticator`].
+    pub fn build(self) -> Result<Authenticator, AuthConfigError> {
+        let name = |s: &str| {
+            HeaderName::try_from(s).map_err(|_| AuthConfigError::HeaderName(s.to_owned()))
+        };
+        let has_keys = self.api_keys.as_ref().is_some_and(|k| !k.is_empty());
+        let has_jwt = self.jwt.as_ref().is_some_and(Jwt::has_keys);
+        if !has_keys && !has_jwt {
+            return Err(AuthConfigError::NoCredentials);
+        }
+        let opt = |s: &Option<String>| s.as_deref().map(name).transpose();
+        let claim_headers = self
+            .claim_headers
+            .iter()
+            .map(|(c, h)| Ok((c.clone(), name(h)?)))
+            .collect::<Result<Vec<_>, AuthConfigError>>()?;
+        let subject_header = opt(&self.subject_header)?;
+        let scopes_header = opt(&self.scopes_header)?;
+        let method_header = opt(&self.method_header)?;
+        let mut stripped: Vec<HeaderName> = [&subject_header, &scopes_header, &method_header]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        stripped.extend(claim_headers.iter().map(|(_, h)| h.clone()));
+        let realm: String = self
+            .realm
+            .chars()
+            .filter(|c| c.is_ascii_graphic() && *c != '"' && *c != '\\' || *c == ' ')
+            .collect();
+        let challenge = |error: Option<&str>| {
+            let v = match error {
+                None => format!("Bearer realm=\"{realm}\""),
+                Some(e) => format!("Bearer realm=\"{realm}\", error=\"{e}\""),
+            };
+            // Only visible ASCII went in.
+            HeaderValue::try_from(v).unwrap_or_else(|_| HeaderValue::from_static("Bearer"))
+        };
+        Ok(Authenticator {
+            inner: Arc::new(Inner {
+                api_keys: self.api_keys.filter(|k| !k.is_empty()),
+                api_key_header: name(&self.api_key_header)?,
+                jwt: self.jwt.filter(Jwt::has_keys).map(Jwt::build),
+                subject_header,
+                scopes_header,
+                method_header,
+                claim_headers,
+                stripped,
+                max_credential_len: self.max_credential_len,
+                hide_credentials: self.hide_credentials,
+                challenge_missing: challenge(None),
+                challenge_invalid: challenge(Some("invalid_token")),
+                challenge_scope: challenge(Some("insufficient_scope")),
+            }),
+        })
+    }
+}
+
+pub(crate) struct Inner {
+    api_keys: Option<ApiKeys>,
+    api_key_header: HeaderName,
+    jwt: Option<Verifier>,
+    subject_header: Option<HeaderName>,
+    scopes_header: Option<HeaderName>,
+    method_header: Option<HeaderName>,
+    claim_headers: Vec<(String, HeaderName)>,
+    /// Every identity header: removed from each incoming request before anything else.
+    stripped: Vec<HeaderName>,
+    max_credential_len: usize,
+    hide_credentials: bool,
+    challenge_missing: HeaderValue,
+    challenge_invalid: HeaderValue,
+    challenge_scope: HeaderValue,
+}
+
+/// The built, shared authentication of a gateway; cheap to clone. [`Authenticator::layer`]
+/// makes the per-route [`AuthLayer`]s.
+#[derive(Clone)]
+pub struct Authenticator {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("api_keys", &self.inner.api_keys)
+            .field("jwt", &self.inner.jwt.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which credential a request carried.
+enum Credential<'a> {
+    ApiKey(&'a [u8]),
+    Bearer(&'a str),
+}
+
+impl Authenticator {
+    /// A layer requiring a valid credential and nothing more (add scopes/claims with
+    /// [`AuthLayer::require_scopes`] / [`AuthLayer::require_claim`]).
+    pub fn layer(&self) -> AuthLayer {
+        AuthLayer::new(self.clone())
+    }
+
+    /// The identity of `headers`' credential: `Ok(None)` when there is none.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Option<Identity>, AuthError> {
+        let inner = &*self.inner;
+        let Some(cred) = self.credential(headers)? else {
+            return Ok(None);
+        };
+        match cred {
+            Credential::ApiKey(key) => {
+                let Some(keys) = &inner.api_keys else {
+                    return Err(AuthError::Malformed("API keys are not accepted here"));
+                };
+                let (name, scopes) = keys.find(key).ok_or(AuthError::UnknownApiKey)?;
+                Ok(Some(Identity {
+                    subject: name,
+                    scopes,
+                    method: AuthMethod::ApiKey,
+                    claims: None,
+                }))
+            }
+            Credential::Bearer(token) => {
+                let verifier = inner.jwt.as_ref().ok_or(AuthError::JwtNotConfigured)?;
+                let claims = verifier.verify(token)?;
+                let subject = match claims.get("sub") {
+                    Some(serde_json::Value::String(s)) if !s.is_empty() => {
+                        Arc::<str>::from(s.as_str())
+                    }
+                    _ => return Err(AuthError::InvalidToken("no string sub".into())),
+                };
+                Ok(Some(Identity {
+                    subject,
+                    scopes: scopes_of(&claims).into(),
+                    method: AuthMethod::Jwt,
+                    claims: Some(Arc::new(claims)),
+                }))
+            }
+        }
+    }
+
+    /// Reads the one credential of the request from the header *bytes*. Anything
+    /// ambiguous fails closed: two `Authorization` headers, two API key headers, both
+    /// kinds at once, a non-`Bearer` scheme, non-ASCII, over the length limit.
+    fn credential<'a>(&self, headers: &'a HeaderMap) -> Result<Option<Credential<'a>>, AuthError> {
+        let inner = &*self.inner;
+        let one = |name: &HeaderName| -> Result<Option<&'a HeaderValue>, AuthError> {
+            let mut it = headers.get_all(name).iter();
+            let first = it.next();
+            if it.next().is_some() {
+                return Err(AuthError::Malformed("repeated credential header"));
+            }
+            if let Some(v) = first {
+                if v.len() > inner.max_credential_len {
+                    return Err(AuthError::Malformed("credential too long"));
+                }
+            }
+            Ok(first)
+        };
+        let key = one(&inner.api_key_header)?;
+        let authz = one(&header::AUTHORIZATION)?;
+        match (key, authz) {
+            (None, None) => Ok(None),
+            (Some(_), Some(_)) => Err(AuthError::Malformed("both an API key and Authorization")),
+            (Some(k), None) => {
+                let k = k.as_bytes().trim_ascii();
+                if k.is_empty() || !k.iter().all(u8::is_ascii_graphic) {
+                    return Err(AuthError::Malformed("API key not visible ASCII"));
+                }
+                Ok(Some(Credential::ApiKey(k)))
+            }
+            (None, Some(a)) => {
+                let a = a.as_bytes();
+                // RFC 9110 §11.1: the scheme is case-insensitive.
+                let Some((scheme, token)) = a.split_first_chunk::<7>() else {
+                    return Err(AuthError::Malformed("not a Bearer credential"));
+                };
+                if !scheme.eq_ignore_ascii_case(b"bearer ") {
+                    return Err(AuthError::Malformed("not a Bearer credential"));
+                }
+                let token = token.trim_ascii();
+                // base64url segments and dots only: anything else is not a JWS.
+                if token.is_empty()
+                    || !token.iter().all(|b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'=')
+                    })
+                {
+                    return Err(AuthError::Malformed("token characters"));
+                }
+                let token = std::str::from_utf8(token)
+                    .map_err(|_| AuthError::Malformed("token characters"))?;
+                Ok(Some(Credential::Bearer(token)))
+            }
+        }
+    }
+
+    /// Removes every client-sent copy of the identity headers.
+    pub(crate) fn strip(&self, headers: &mut HeaderMap) {
+        for h in &self.inner.stripped {
+            // `remove` drops every value of the name, not only the first.
+            headers.remove(h);
+        }
+    }
+
+    /// Removes the credential headers when configured to.
+    pub(crate) fn hide(&self, headers: &mut HeaderMap) {
+        if self.inner.hide_credentials {
+            headers.remove(&self.inner.api_key_header);
+            headers.remove(header::AUTHORIZATION);
+        }
+    }
+
+    /// Writes the identity headers; an identity that cannot be written exactly fails the
+    /// request (the upstream must not see a different subject than the verified one).
+    pub(crate) fn write_identity(
+        &self,
+        id: &Identity,
+        headers: &mut HeaderMap,
+    ) -> Result<(), AuthError> {
+        let inner = &*self.inner;
+        let value =
+            |s: &str| HeaderValue::from_str(s).map_err(|_| AuthError::UnforwardableIdentity);
+        if let Some(h) = &inner.subject_header {
+            headers.insert(h.clone(), value(id.subject())?);
+        }
+        if let Some(h) = &inner.scopes_header {
+            headers.insert(h.clone(), value(&id.scopes().join(" "))?);
+        }
+        if let Some(h) = &inner.method_header {
+            headers.insert(h.clone(), HeaderValue::from_static(id.method().as_str()));
+        }
+        for (claim, h) in &inner.claim_headers {
+            match id.claim(claim) {
+                None | Some(serde_json::Value::Null) => {}
+                Some(serde_json::Value::String(s)) => {
+                    headers.insert(h.clone(), value(s)?);
+                }
+                Some(other) => {
+                    headers.insert(h.clone(), value(&other.to_string())?);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn challenge(&self, err: &AuthError) -> HeaderValue {
+        match err.bearer_error() {
+            None => self.inner.challenge_missing.clone(),
+            Some("insufficient_scope") => self.inner.challenge_scope.clone(),
+            Some(_) => self.inner.challenge_invalid.clone(),
+        }
+    }
+
+    pub(crate) fn check(&self, id: &Identity, req: &Requirements) -> Result<(), AuthError> {
+        if req.is_empty() || req.met_by(id) {
+            Ok(())
+        } else {
+            Err(AuthError::InsufficientScope)
+        }
+    }
+}

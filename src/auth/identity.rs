@@ -1,0 +1,87 @@
+//! The verified identity of a request.
+
+use std::sync::Arc;
+
+use super::jwt::Claims;
+
+/// How a request authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum AuthMethod {
+    /// A configured API key ([`ApiKeys`](super::ApiKeys)); the subject is the key's name.
+    ApiKey,
+    /// A verified JWT bearer token; the subject is its `sub`.
+    Jwt,
+}
+
+impl AuthMethod {
+    /// `"api-key"` or `"jwt"`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            AuthMethod::ApiKey => "api-key",
+            AuthMethod::Jwt => "jwt",
+        }
+    }
+}
+
+/// Who a request is, once [`Auth`](super::Auth) verified it: a request extension for the
+/// layers after it (the rate limiter keys on it) and the source of the identity headers
+/// sent upstream.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub(crate) subject: Arc<str>,
+    pub(crate) scopes: Arc<[String]>,
+    pub(crate) method: AuthMethod,
+    pub(crate) claims: Option<Arc<Claims>>,
+}
+
+impl Identity {
+    /// The API key's configured name, or the token's `sub`.
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+    /// Granted scopes.
+    pub fn scopes(&self) -> &[String] {
+        &self.scopes
+    }
+    /// `true` if `scope` was granted.
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scopes.iter().any(|s| s == scope)
+    }
+    /// API key or JWT.
+    pub fn method(&self) -> AuthMethod {
+        self.method
+    }
+    /// All claims of the token (none for an API key).
+    pub fn claims(&self) -> Option<&Claims> {
+        self.claims.as_deref()
+    }
+    /// One claim of the token.
+    pub fn claim(&self, name: &str) -> Option<&serde_json::Value> {
+        self.claims.as_deref().and_then(|c| c.get(name))
+    }
+}
+
+/// What a route requires of an authenticated identity; a miss is `403 insufficient_scope`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Requirements {
+    pub(crate) scopes: Vec<String>,
+    pub(crate) claims: Vec<(String, serde_json::Value)>,
+}
+
+impl Requirements {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.scopes.is_empty() && self.claims.is_empty()
+    }
+
+    /// Every scope granted, and every claim equal to (or, for an array claim, containing)
+    /// the required value.
+    pub(crate) fn met_by(&self, id: &Identity) -> bool {
+        self.scopes.iter().all(|s| id.has_scope(s))
+            && self.claims.iter().all(|(name, want)| match id.claim(name) {
+                Some(serde_json::Value::Array(have)) => have.contains(want),
+                Some(have) => have == want,
+                None => false,
+            })
+    }
+}

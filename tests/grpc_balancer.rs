@@ -1,0 +1,214 @@
+//! tonic through the balancer with a circuit breaker per endpoint, over real sockets: a
+//! tonic client → h2c proxy (`TrailersLayer` + `Balance` gated by `Circuit`s) → two tonic
+//! servers. A server answering `UNAVAILABLE` trips its endpoint's breaker (the HTTP status
+//! is `200`: only the gRPC status says it failed), and calls keep succeeding on the other.
+//!
+//! The upstream hop is `Forward` over h2c (`http2_only`); the proxy and the tonic servers
+//! are served by the crate's server (h2c beside HTTP/1.1).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::PathAndQuery;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tonic::Code;
+use tower::ServiceBuilder;
+use tower_patterns::balance::{Balance, PassiveHealth, Picker};
+use tower_patterns::breaker::{Circuit, CircuitBreakerConfig, State};
+use tower_patterns::classify::{Condition, TrailersLayer};
+use tower_patterns::proxy::{ErrorResponseLayer, Forward, ForwardBuilder, ForwardError};
+use tower_patterns::BoxError;
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct EchoRequest {
+    #[prost(string, tag = "1")]
+    message: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct EchoReply {
+    #[prost(string, tag = "1")]
+    message: String,
+}
+
+const SAY: &str = "/echo.Echo/Say";
+
+/// The unary `Say` method: `name: message`, or `UNAVAILABLE` while `down` is set.
+#[derive(Clone)]
+struct Say {
+    name: &'static str,
+    down: Arc<AtomicBool>,
+}
+
+type UnaryFuture =
+    Pin<Box<dyn Future<Output = Result<tonic::Response<EchoReply>, tonic::Status>> + Send>>;
+
+impl tonic::server::UnaryService<EchoRequest> for Say {
+    type Response = EchoReply;
+    type Future = UnaryFuture;
+
+    fn call(&mut self, req: tonic::Request<EchoRequest>) -> Self::Future {
+        let reply = if self.down.load(SeqCst) {
+            Err(tonic::Status::unavailable("draining"))
+        } else {
+            Ok(tonic::Response::new(EchoReply {
+                message: format!("{}: {}", self.name, req.into_inner().message),
+            }))
+        };
+        Box::pin(std::future::ready(reply))
+    }
+}
+
+/// Serves `svc` with the crate's server on a free port of 127.0.0.1: HTTP/1.1 and h2c
+/// (prior knowledge, what a tonic client speaks) on the same port.
+async fn serve_h2c<S, B>(svc: S) -> SocketAddr
+where
+    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    tower_patterns::server::spawn_local(svc)
+        .await
+        .expect("bind 127.0.0.1")
+        .addr()
+}
+
+/// A tonic server with the `Say` method.
+async fn grpc_server(name: &'static str, down: Arc<AtomicBool>) -> SocketAddr {
+    let svc = tower::service_fn(move |req: Request<Incoming>| {
+        let say = Say {
+            name,
+            down: down.clone(),
+        };
+        async move {
+            let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
+            Ok::<_, Infallible>(grpc.unary(say, req).await)
+        }
+    });
+    serve_h2c(svc).await
+}
+
+/// `Forward` speaking HTTP/2 with prior knowledge (h2c) to a gRPC server: every call
+/// multiplexed over one connection.
+fn h2c(addr: SocketAddr) -> Result<Forward<Incoming>, ForwardError> {
+    ForwardBuilder::new(format!("http://{addr}"))
+        .http2_only(true)
+        .build()
+}
+
+async fn say(
+    client: &mut tonic::client::Grpc<tonic::transport::Channel>,
+    message: &str,
+) -> Result<String, tonic::Status> {
+    client
+        .ready()
+        .await
+        .map_err(|e| tonic::Status::unknown(e.to_string()))?;
+    let req = tonic::Request::new(EchoRequest {
+        message: message.to_string(),
+    });
+    let res: tonic::Response<EchoReply> = client
+        .unary(
+            req,
+            PathAndQuery::from_static(SAY),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await?;
+    Ok(res.into_inner().message)
+}
+
+#[tokio::test]
+async fn tonic_echo_through_the_balancer_and_unavailable_trips_the_breaker() {
+    let down_b = Arc::new(AtomicBool::new(false));
+    let a = grpc_server("a", Arc::default()).await;
+    let b = grpc_server("b", down_b.clone()).await;
+
+    let cfg = CircuitBreakerConfig::new()
+        .consecutive_failures(3)
+        .no_failure_rate()
+        .wait_in_open(Duration::from_secs(60));
+    let circuits: Arc<HashMap<&'static str, Circuit>> = Arc::new(
+        [
+            ("a", Circuit::new(cfg.clone().name("a")).unwrap()),
+            ("b", Circuit::new(cfg.name("b")).unwrap()),
+        ]
+        .into_iter()
+        .collect(),
+    );
+    let gates = circuits.clone();
+    let cond: Condition = "fail,grpc:5xx".parse().unwrap();
+    let lb = Balance::builder()
+        .picker(Picker::RoundRobin)
+        .health(PassiveHealth::disabled())
+        .classify(cond)
+        .gates(move |k: &&'static str| gates[*k].clone())
+        .build_static([("a", h2c(a).unwrap()), ("b", h2c(b).unwrap())]);
+    let proxy = serve_h2c(
+        ServiceBuilder::new()
+            .layer(TrailersLayer)
+            .layer(ErrorResponseLayer)
+            .service(lb.clone()),
+    )
+    .await;
+
+    let channel = tonic::transport::Channel::from_shared(format!("http://{proxy}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = tonic::client::Grpc::new(channel);
+
+    // Both answer; replies carry grpc-status 0 in the trailers, through the proxy.
+    let mut seen = Vec::new();
+    for i in 0..4 {
+        let reply = say(&mut client, &format!("m{i}")).await.unwrap();
+        seen.push(reply[..1].to_string());
+    }
+    seen.sort();
+    assert_eq!(seen, ["a", "a", "b", "b"]);
+    assert_eq!(circuits["a"].state(), State::Closed);
+    assert_eq!(circuits["b"].state(), State::Closed);
+
+    // b answers UNAVAILABLE (HTTP 200): three in a row open its breaker.
+    down_b.store(true, SeqCst);
+    let mut unavailable = 0;
+    for i in 0..6 {
+        match say(&mut client, &format!("n{i}")).await {
+            Ok(reply) => assert!(reply.starts_with("a: "), "{reply}"),
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                unavailable += 1;
+            }
+        }
+    }
+    assert_eq!(unavailable, 3);
+    assert_eq!(circuits["b"].state(), State::Open);
+    assert_eq!(circuits["a"].state(), State::Closed);
+
+    // With b's breaker open, every call goes to a.
+    for i in 0..6 {
+        let reply = say(&mut client, &format!("o{i}")).await.unwrap();
+        assert_eq!(reply, format!("a: o{i}"));
+    }
+    let b_requests = lb
+        .endpoints()
+        .into_iter()
+        .find(|e| e.key == "b")
+        .unwrap()
+        .requests;
+    assert_eq!(
+        b_requests,
+        2 + 3,
+        "no call reached b after its breaker opened"
+    );
+}
