@@ -212,7 +212,7 @@ async fn requests_failures_latency_and_in_flight_per_route_with_bounded_labels()
             .all(|k| !k.contains("/orders") && !k.contains("q=")),
         "{keys:?}"
     );
-    assert_eq!(keys.len(), 2 * (3 + 4), "{keys:?}");
+    assert_eq!(keys.len(), 2 * (3 + 5), "{keys:?}");
 }
 
 #[tokio::test(flavor = "current_thread")]

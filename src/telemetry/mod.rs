@@ -11,7 +11,7 @@
 //! | metric | kind | labels |
 //! |---|---|---|
 //! | [`REQUESTS`] | counter | `route` |
-//! | [`FAILURES`] | counter | `route`, `kind` (`status`, `transport`, `timeout`, `other`) |
+//! | [`FAILURES`] | counter | `route`, `kind` (`status`, `transport`, `timeout`, `other`, `grpc`) |
 //! | [`DURATION`] | histogram, seconds to the response head | `route` |
 //! | [`IN_FLIGHT`] | gauge | `route` |
 //!

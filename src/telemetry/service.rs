@@ -20,8 +20,8 @@ pub(crate) struct Handles {
     pub(crate) requests: Counter,
     pub(crate) in_flight: Gauge,
     pub(crate) duration: Histogram,
-    /// By failure kind: status, transport, timeout, other.
-    failures: [Counter; 4],
+    /// By failure kind: status, transport, timeout, other, grpc.
+    failures: [Counter; 5],
 }
 
 impl Handles {
@@ -45,6 +45,7 @@ impl Handles {
                 failure("transport"),
                 failure("timeout"),
                 failure("other"),
+                failure("grpc"),
             ],
             name,
         }
@@ -56,6 +57,7 @@ impl Handles {
             FailureKind::Transport => 1,
             FailureKind::Timeout => 2,
             FailureKind::Other => 3,
+            FailureKind::Grpc(_) => 4,
             // Classifiers answer `Ignored` for it; a custom one that does not is still
             // not charged to the route.
             FailureKind::Client => return,
