@@ -9,7 +9,7 @@ mod gateway;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
-use gateway::{fetch, gateway, serve, start_upstreams, Upstreams};
+use gateway::{fetch, gateway, serve, start_upstreams, Upstreams, API_KEY};
 use http::StatusCode;
 use serde_json::Value;
 
@@ -63,7 +63,7 @@ async fn cart_view_falls_back_per_product_when_the_product_service_fails() {
 #[tokio::test]
 async fn checkout_pays_then_empties_the_cart_and_updates_the_stock() {
     let (up, gw) = start().await;
-    let key = [("idempotency-key", "order-1")];
+    let key = [("idempotency-key", "order-1"), ("x-api-key", API_KEY)];
     let (status, body) = fetch(gw, "POST", "/bff/checkout/u2", &key).await.unwrap();
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["order"], "order-1");
@@ -80,9 +80,14 @@ async fn checkout_pays_then_empties_the_cart_and_updates_the_stock() {
 async fn a_step_failing_once_after_payment_is_retried_with_the_same_key() {
     let (up, gw) = start().await;
     up.store.fail_updates.store(1, Ordering::SeqCst);
-    let (status, body) = fetch(gw, "POST", "/bff/checkout/u3", &[("idempotency-key", "o2")])
-        .await
-        .unwrap();
+    let (status, body) = fetch(
+        gw,
+        "POST",
+        "/bff/checkout/u3",
+        &[("idempotency-key", "o2"), ("x-api-key", API_KEY)],
+    )
+    .await
+    .unwrap();
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["parts"]["product/update"]["attempts"], 2, "{body}");
     assert_eq!(up.store.stock("p1"), 99, "updated once");
@@ -92,7 +97,7 @@ async fn a_step_failing_once_after_payment_is_retried_with_the_same_key() {
 async fn a_step_failing_after_payment_answers_207_and_a_resend_completes_without_charging_twice() {
     let (up, gw) = start().await;
     up.store.fail_updates.store(100, Ordering::SeqCst);
-    let key = [("idempotency-key", "o3")];
+    let key = [("idempotency-key", "o3"), ("x-api-key", API_KEY)];
     let (status, body) = fetch(gw, "POST", "/bff/checkout/u4", &key).await.unwrap();
     assert_eq!(status, StatusCode::MULTI_STATUS, "{body}");
     assert_eq!(body["complete"], false);
@@ -126,9 +131,14 @@ async fn a_step_failing_after_payment_answers_207_and_a_resend_completes_without
 async fn a_declined_payment_changes_nothing_and_answers_502() {
     let (up, gw) = start().await;
     up.store.payment_declined.store(true, Ordering::SeqCst);
-    let (status, body) = fetch(gw, "POST", "/bff/checkout/u5", &[("idempotency-key", "o4")])
-        .await
-        .unwrap();
+    let (status, body) = fetch(
+        gw,
+        "POST",
+        "/bff/checkout/u5",
+        &[("idempotency-key", "o4"), ("x-api-key", API_KEY)],
+    )
+    .await
+    .unwrap();
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
     assert_eq!(body["payment"], "not charged");
     assert_eq!(body["parts"]["checkout/pay"]["status"], 402);
@@ -153,10 +163,39 @@ async fn a_user_id_cannot_reach_other_upstream_paths() {
         gw,
         "POST",
         "/bff/checkout/u1%3Fx",
-        &[("idempotency-key", "k")],
+        &[("idempotency-key", "k"), ("x-api-key", API_KEY)],
     )
     .await
     .unwrap();
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(up.store.pay_calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn checkout_needs_the_api_key() {
+    let (up, gw) = start().await;
+    let (status, _) = fetch(gw, "POST", "/bff/checkout/u6", &[("idempotency-key", "o6")])
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = fetch(
+        gw,
+        "POST",
+        "/bff/checkout/u6",
+        &[
+            ("idempotency-key", "o6"),
+            ("x-api-key", "wrong-key-0123456789abcdef"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        up.store.pay_calls.load(Ordering::SeqCst),
+        0,
+        "nothing reached the services"
+    );
+    // The cart view needs none.
+    let (status, _) = fetch(gw, "GET", "/bff/cart/u6", &[]).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
 }

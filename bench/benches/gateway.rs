@@ -140,9 +140,7 @@ fn bulkhead(c: &mut Criterion) {
     let inner =
         tower::service_fn(|_r: Request<()>| async { Ok::<_, Infallible>(Response::new(())) });
     let mut g = c.benchmark_group("bulkhead");
-    let limit = ServiceBuilder::new()
-        .concurrency_limit(64)
-        .service(inner);
+    let limit = ServiceBuilder::new().concurrency_limit(64).service(inner);
     g.bench_function("tower_concurrency_limit", |b| {
         b.to_async(&rt).iter(|| {
             let svc = limit.clone();
