@@ -15,10 +15,12 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
 use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_patterns::auth::{ApiKeys, AuthConfig};
 use tower_patterns::balance::{Balance, PassiveHealth, Retry};
 use tower_patterns::breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
 use tower_patterns::bulkhead::BulkheadLayer;
 use tower_patterns::proxy::Forward;
+use tower_patterns::ratelimit::{LocalLimiter, Quota, RateLimitLayer, RouteKey};
 use tower_patterns::telemetry::MetricsLayer;
 use tower_patterns::trace::RequestTraceLayer;
 
@@ -54,14 +56,16 @@ fn cpu_now() -> Duration {
 }
 
 /// Benches `svc` by the CPU time its requests cost.
-fn bench_cpu<S>(
+fn bench_cpu<S, RB>(
     g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     rt: &tokio::runtime::Runtime,
     name: &str,
     svc: S,
 ) where
-    S: Service<Request<Empty<Bytes>>, Response = Response<hyper::body::Incoming>> + Clone,
+    S: Service<Request<Empty<Bytes>>, Response = Response<RB>> + Clone,
     S::Error: std::fmt::Debug,
+    RB: http_body::Body,
+    RB::Error: std::fmt::Debug,
 {
     g.bench_function(name, |b| {
         b.to_async(rt).iter_custom(|iters| {
@@ -71,6 +75,8 @@ fn bench_cpu<S>(
                 for _ in 0..iters {
                     let mut svc = svc.clone();
                     let res = svc.ready().await.unwrap().call(request()).await.unwrap();
+                    // A refusal (401/429) would measure the wrong path.
+                    assert_eq!(res.status(), http::StatusCode::OK);
                     res.into_body().collect().await.unwrap();
                 }
                 cpu_now().saturating_sub(start)
@@ -79,9 +85,12 @@ fn bench_cpu<S>(
     });
 }
 
+const KEY: &str = "bench-key-0123456789abcdef0123456789abcdef";
+
 fn request() -> Request<Empty<Bytes>> {
     Request::get("/x")
         .header("host", "bench")
+        .header("x-api-key", KEY)
         .header(
             "traceparent",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
@@ -116,6 +125,22 @@ fn gateway(c: &mut Criterion) {
             .layer(CircuitBreakerLayer::new(CircuitBreakerConfig::new().name("x")).unwrap())
             .service(balance)
     };
+    // The whole gateway of issue 14: API key, rate limit, then the stack above.
+    let full = {
+        let auth = AuthConfig::new()
+            .api_keys(ApiKeys::new().key("bench", KEY, ["x"]).unwrap())
+            .build()
+            .unwrap();
+        let n = |n| std::num::NonZeroU32::new(n).unwrap();
+        let quota = Quota::per_second(n(1_000_000)).allow_burst(n(1_000_000));
+        ServiceBuilder::new()
+            .layer(RateLimitLayer::new(
+                RouteKey::new("x"),
+                LocalLimiter::new(quota),
+            ))
+            .layer(auth.layer().require_scopes(["x"]))
+            .service(stack.clone())
+    };
     // The routing part alone (breaker + balancer), to tell it from this issue's layers.
     let routing = {
         let _guard = rt.enter();
@@ -129,6 +154,7 @@ fn gateway(c: &mut Criterion) {
     };
     bench_cpu(&mut g, &rt, "breaker_balance", routing);
     bench_cpu(&mut g, &rt, "gateway_stack", stack);
+    bench_cpu(&mut g, &rt, "gateway_stack_auth_ratelimit", full);
     g.finish();
 }
 
