@@ -65,6 +65,7 @@ fn as_http_status<'a>(e: &'a (dyn StdError + 'static)) -> Option<&'a dyn HttpSta
         crate::chain::ChainError,
         crate::body::ReplayError,
         crate::proxy::body::BodyFault,
+        crate::bulkhead::BulkheadFull,
     )
 }
 
@@ -76,6 +77,7 @@ pub(crate) fn as_known_failure<'a>(
         crate::proxy::ForwardError,
         crate::body::ReplayError,
         crate::proxy::body::BodyFault,
+        crate::bulkhead::BulkheadFull,
     )
 }
 

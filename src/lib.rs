@@ -13,6 +13,7 @@
 //! | service discovery, self-registration, path routing | [`discovery`], [`route`] | `dynamic_balancer` | `docs/discovery.md` |
 //! | circuit breaker with fallback, breaker-gated endpoints | [`breaker`] | `circuit_breaker` | `docs/circuit_breaker.md` |
 //! | backup pipe (tee to storage) + edge cache | [`backup`], [`cache`] | `backup_pipe` | `docs/backup_tee.md`, `docs/edge_cache.md` |
+//! | gateway metrics (feature `metrics`), request tracing + access log, bulkhead, composition (feature `compose`) | [`telemetry`], [`trace`], [`bulkhead`], `compose` | `api_gateway` | `docs/api_gateway.md` |
 //! | authentication: API keys, JWT (HS/RS/ES, JWKS), scopes (feature `auth`) | `auth` | — | `docs/auth.md` |
 //! | rate limiting per key, GCRA, local or Redis (features `rate-limit`, `redis`) | `ratelimit` | — | `docs/rate_limit.md` |
 //! | load balancing: round robin, weighted, sticky, hash, passive health, retry-next; cluster | [`balance`] | `reverse_proxy`, `p2p_client`, `sticky_sessions`, `cluster` | `docs/balance.md`, `docs/cluster.md` |
@@ -29,7 +30,7 @@
 //! `cargo run --example <name>` from the package sources.
 //!
 //! Items behind a cargo feature (`etcd`, `consul`, `object-store`, `auth`, `rate-limit`,
-//! `redis`) are marked with it here.
+//! `redis`, `metrics`, `compose`) are marked with it here.
 //!
 //! ```no_run
 //! use tower::ServiceBuilder;
@@ -57,10 +58,13 @@ pub mod backup;
 pub mod balance;
 pub mod body;
 pub mod breaker;
+pub mod bulkhead;
 pub mod cache;
 pub mod chain;
 pub mod classify;
 pub mod client_addr;
+#[cfg(feature = "compose")]
+pub mod compose;
 pub mod discovery;
 pub mod error;
 pub mod gate;
@@ -71,8 +75,10 @@ pub mod respond;
 pub mod route;
 pub mod server;
 mod stripe;
+pub mod telemetry;
 #[cfg(feature = "tls")]
 pub mod tls;
+pub mod trace;
 
 /// A type-erased error, as in tower.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -260,6 +260,7 @@ async fn drive(
             }
         }
     };
+    crate::telemetry::backup(&outcome);
     match &outcome {
         BackupOutcome::Committed { bytes } => {
             stats.committed.fetch_add(1, Ordering::Relaxed);

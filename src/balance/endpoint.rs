@@ -323,6 +323,7 @@ impl<K: fmt::Debug, S, G> Endpoint<K, S, G> {
         self.ejected_until.store(until, Relaxed);
         let fails = self.fails.swap(0, Relaxed);
         self.window_start.store(0, Relaxed);
+        crate::telemetry::endpoint_ejected(&self.key);
         tracing::warn!(
             endpoint = ?self.key,
             id = self.id,

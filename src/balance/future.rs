@@ -589,6 +589,7 @@ where
                 if let Some(req) = st.replay.take() {
                     match picked {
                         Ok(p) => {
+                            crate::telemetry::retry();
                             tracing::debug!(
                                 from = ?ep.key,
                                 to = ?snap.endpoints[p.index].key,

@@ -127,6 +127,7 @@ impl Shared {
         }
         self.state.store(word, Ordering::Release);
 
+        crate::telemetry::breaker_transition(&self.name, to);
         tracing::info!(
             target: TARGET,
             breaker = %self.name,

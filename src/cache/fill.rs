@@ -158,6 +158,7 @@ where
     }
     let len = content_length(&parts.headers);
     let max = cfg.store.max_entry_size();
+    crate::telemetry::cache("MISS");
     parts
         .headers
         .insert(X_CACHE, HeaderValue::from_static("MISS"));

@@ -157,6 +157,7 @@ where
                     miss,
                 } => match std::task::ready!(wait.poll(cx)) {
                     Joined::Head(status, mut headers, body) => {
+                        crate::telemetry::cache("COALESCED");
                         headers.insert(X_CACHE, HeaderValue::from_static("COALESCED"));
                         let mut res = Response::new(CacheBody::flight(body));
                         *res.status_mut() = status;

@@ -88,6 +88,7 @@ pub(crate) fn from_entry<B>(
     let age = entry.age(Instant::now()).as_secs();
     let mut headers = entry.headers.clone();
     headers.insert(header::AGE, HeaderValue::from(age));
+    crate::telemetry::cache(label);
     headers.insert(X_CACHE, HeaderValue::from_static(label));
     let body = if head {
         CacheBody::bytes(Bytes::new())
@@ -422,6 +423,7 @@ pub(crate) fn answer<B>(
     *res.headers_mut() = conditional::not_modified_headers(&entry.headers);
     res.headers_mut()
         .insert(header::AGE, HeaderValue::from(age));
+    crate::telemetry::cache(label);
     res.headers_mut()
         .insert(X_CACHE, HeaderValue::from_static(label));
     res

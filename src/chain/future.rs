@@ -313,6 +313,7 @@ where
 }
 
 fn trace_hop<C>(hops: &ChainHops, policy: &LinkPolicy<C>, kind: &crate::classify::FailureKind) {
+    crate::telemetry::chain_hop();
     tracing::debug!(
         target: "tower_patterns::chain",
         from = %hops.last().name(),

@@ -460,6 +460,11 @@ where
         }
         let client = parts.extensions.get::<ClientAddr>().copied();
         set_forwarded(&self.opts, &mut parts.headers, client, &parts.uri);
+        crate::trace::on_upstream_call(
+            &mut parts.headers,
+            &parts.extensions,
+            self.pool.upstream().authority_ref(),
+        );
         if !self.opts.preserve_host || !parts.headers.contains_key(header::HOST) {
             // HTTP/2 clients send :authority instead of Host; HTTP/1.1 upstreams need Host.
             let host = match parts.uri.authority() {

@@ -1,0 +1,159 @@
+//! The response future of [`Bulkhead`](super::Bulkhead).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use pin_project_lite::pin_project;
+use tokio::sync::OwnedSemaphorePermit;
+use tower_service::Service;
+
+use super::error::{BulkheadFull, Rejection};
+use super::service::Shared;
+use crate::BoxError;
+
+/// A place in the queue, given back when dropped (admitted, timed out or cancelled).
+pub(crate) struct QueueSlot(pub(crate) Arc<Shared>);
+
+impl Drop for QueueSlot {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+type Wait = Pin<Box<dyn Future<Output = Option<OwnedSemaphorePermit>> + Send>>;
+
+pin_project! {
+    /// Waits for a slot if queued, then resolves to the inner response; the slot is held
+    /// until this future completes or is dropped.
+    pub struct ResponseFuture<S, R>
+    where
+        S: Service<R>,
+    {
+        #[pin]
+        state: State<S, R>,
+    }
+}
+
+pin_project! {
+    #[project = Proj]
+    enum State<S, R>
+    where
+        S: Service<R>,
+    {
+        Running {
+            #[pin]
+            fut: S::Future,
+            permit: Option<OwnedSemaphorePermit>,
+        },
+        Queued {
+            wait: Wait,
+            svc: Option<S>,
+            req: Option<R>,
+            slot: Option<QueueSlot>,
+        },
+        Rejected {
+            err: Option<BulkheadFull>,
+        },
+    }
+}
+
+impl<S: Service<R>, R> ResponseFuture<S, R> {
+    pub(crate) fn running(fut: S::Future, permit: OwnedSemaphorePermit) -> Self {
+        ResponseFuture {
+            state: State::Running {
+                fut,
+                permit: Some(permit),
+            },
+        }
+    }
+
+    pub(crate) fn queued(svc: S, req: R, slot: QueueSlot) -> Self {
+        let slots = slot.0.slots.clone();
+        let max_wait = slot.0.max_wait;
+        // Allocates only on the queued path.
+        let wait: Wait = Box::pin(async move {
+            match tokio::time::timeout(max_wait, slots.acquire_owned()).await {
+                Ok(Ok(permit)) => Some(permit),
+                // Timed out (the semaphore is never closed).
+                _ => None,
+            }
+        });
+        ResponseFuture {
+            state: State::Queued {
+                wait,
+                svc: Some(svc),
+                req: Some(req),
+                slot: Some(slot),
+            },
+        }
+    }
+
+    pub(crate) fn rejected(err: BulkheadFull) -> Self {
+        ResponseFuture {
+            state: State::Rejected { err: Some(err) },
+        }
+    }
+}
+
+impl<S: Service<R>, R> std::fmt::Debug for ResponseFuture<S, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("bulkhead::ResponseFuture")
+    }
+}
+
+impl<S, R> Future for ResponseFuture<S, R>
+where
+    S: Service<R>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        loop {
+            match state.as_mut().project() {
+                Proj::Running { fut, permit } => {
+                    let out = ready!(fut.poll(cx));
+                    // The slot is free as soon as the answer (head) is here.
+                    drop(permit.take());
+                    return Poll::Ready(out.map_err(Into::into));
+                }
+                Proj::Queued {
+                    wait,
+                    svc,
+                    req,
+                    slot,
+                } => {
+                    let permit = ready!(wait.as_mut().poll(cx));
+                    let Some(slot) = slot.take() else {
+                        crate::error::polled_after_completion("bulkhead::ResponseFuture")
+                    };
+                    let Some(permit) = permit else {
+                        let err = slot.0.reject(Rejection::QueueTimeout);
+                        drop(slot);
+                        state.set(State::Rejected { err: Some(err) });
+                        continue;
+                    };
+                    drop(slot);
+                    let (Some(mut svc), Some(req)) = (svc.take(), req.take()) else {
+                        crate::error::polled_after_completion("bulkhead::ResponseFuture")
+                    };
+                    let fut = svc.call(req);
+                    state.set(State::Running {
+                        fut,
+                        permit: Some(permit),
+                    });
+                }
+                Proj::Rejected { err } => {
+                    return match err.take() {
+                        Some(e) => Poll::Ready(Err(Box::new(e))),
+                        None => crate::error::polled_after_completion("bulkhead::ResponseFuture"),
+                    };
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! W3C trace context (`traceparent`, `tracestate`): strict parsing, child ids, and the
+//! hook through which every upstream call carries it.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use http::uri::Authority;
+use http::{Extensions, HeaderMap, HeaderName, HeaderValue};
+
+/// `traceparent` (W3C Trace Context).
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+/// `tracestate` (W3C Trace Context).
+pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+/// `x-request-id`.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// `tracestate` may hold 32 list members of at most 256 bytes each; longer is dropped
+/// rather than truncated (a cut entry would be corrupt).
+const MAX_TRACESTATE: usize = 32 * 257;
+
+/// A trace id (16 bytes, never all zero).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TraceId(pub [u8; 16]);
+
+/// A span id (8 bytes, never all zero).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SpanId(pub [u8; 8]);
+
+impl TraceId {
+    /// A random, non-zero trace id.
+    pub fn random() -> Self {
+        loop {
+            let id: u128 = rand::random();
+            if id != 0 {
+                return TraceId(id.to_be_bytes());
+            }
+        }
+    }
+}
+
+impl SpanId {
+    /// A random, non-zero span id.
+    pub fn random() -> Self {
+        loop {
+            let id: u64 = rand::random();
+            if id != 0 {
+                return SpanId(id.to_be_bytes());
+            }
+        }
+    }
+}
+
+fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
+    for b in bytes {
+        write!(f, "{b:02x}")?;
+    }
+    Ok(())
+}
+
+impl fmt::Display for TraceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_hex(f, &self.0)
+    }
+}
+impl fmt::Debug for TraceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TraceId({self})")
+    }
+}
+impl fmt::Display for SpanId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_hex(f, &self.0)
+    }
+}
+impl fmt::Debug for SpanId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SpanId({self})")
+    }
+}
+
+/// Writes `bytes` as lower-case hex into `out` (twice as long).
+fn hex_into(out: &mut [u8], bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0xf)];
+    }
+}
+
+/// Lower-case hex only: the W3C grammar (`HEXDIGLC`) refuses upper case.
+fn hex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
+    if s.len() != 2 * N {
+        return None;
+    }
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; N];
+    for (i, pair) in s.chunks_exact(2).enumerate() {
+        out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(out)
+}
+
+/// The parts of a valid `traceparent`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceParent {
+    /// The trace.
+    pub trace_id: TraceId,
+    /// The caller's span (the parent of ours).
+    pub parent_id: SpanId,
+    /// Trace flags (bit 0: sampled).
+    pub flags: u8,
+}
+
+impl TraceParent {
+    /// Parses a `traceparent` value strictly (W3C Trace Context level 1): version `00` is
+    /// exactly 55 bytes; a higher version (not `ff`) may carry more fields after a `-`;
+    /// lower-case hex only; all-zero trace or parent ids are invalid. `None` means "start a
+    /// new trace".
+    pub fn parse(value: &[u8]) -> Option<Self> {
+        if value.len() < 55 {
+            return None;
+        }
+        let version: [u8; 1] = hex(&value[0..2])?;
+        match version[0] {
+            0xff => return None,
+            0x00 if value.len() != 55 => return None,
+            // A future version: the first 55 bytes are read as version 00, anything after
+            // must start a new field.
+            _ if value.len() > 55 && value[55] != b'-' => return None,
+            _ => {}
+        }
+        if value[2] != b'-' || value[35] != b'-' || value[52] != b'-' {
+            return None;
+        }
+        let trace_id: [u8; 16] = hex(&value[3..35])?;
+        let parent_id: [u8; 8] = hex(&value[36..52])?;
+        let flags: [u8; 1] = hex(&value[53..55])?;
+        if trace_id == [0; 16] || parent_id == [0; 8] {
+            return None;
+        }
+        Some(TraceParent {
+            trace_id: TraceId(trace_id),
+            parent_id: SpanId(parent_id),
+            flags: flags[0],
+        })
+    }
+}
+
+/// `tracestate` is kept only when it is short enough and made of visible ASCII; otherwise
+/// it is dropped (the W3C rule for a state we cannot vouch for).
+fn valid_tracestate(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty() && b.len() <= MAX_TRACESTATE && b.iter().all(|c| (0x20..0x7f).contains(c))
+}
+
+/// What the upstream calls of one request did, shared by every attempt (request
+/// extensions are cloned per retry, this is not).
+#[derive(Debug, Default)]
+pub(crate) struct Calls {
+    attempts: AtomicU32,
+    /// The endpoint of the latest attempt (`host:port`, from configuration; cloning it is
+    /// a reference count, not an allocation).
+    upstream: Mutex<Option<Authority>>,
+}
+
+/// The trace context of one request, in its extensions; [`RequestTraceLayer`](super::RequestTraceLayer)
+/// puts it there, and [`Forward`](crate::proxy::Forward) sends a child of it on every
+/// upstream call (each retry attempt and chain hop gets its own span id).
+#[derive(Clone, Debug)]
+pub struct TraceContext {
+    /// The trace this request belongs to.
+    pub trace_id: TraceId,
+    /// The gateway's own span for this request.
+    pub span_id: SpanId,
+    /// The caller's span, when the request came with a valid `traceparent`.
+    pub parent_id: Option<SpanId>,
+    /// Trace flags sent on (bit 0: sampled).
+    pub flags: u8,
+    /// The caller's `tracestate`, passed on unchanged.
+    pub tracestate: Option<HeaderValue>,
+    /// The request id (`x-request-id`) sent upstream and answered.
+    pub request_id: HeaderValue,
+    pub(crate) calls: Arc<Calls>,
+}
+
+impl TraceContext {
+    /// Reads the context from the request headers: a valid `traceparent` continues that
+    /// trace, anything else (absent, malformed, unreadable) starts a new one; `tracestate`
+    /// is kept only with a valid `traceparent`. The request id is kept when it is 1 to 128
+    /// visible ASCII bytes, otherwise a new one is made.
+    pub fn from_headers(headers: &HeaderMap, sampled: bool) -> Self {
+        // Two traceparent headers are as invalid as one malformed one.
+        let mut all = headers.get_all(TRACEPARENT).iter();
+        let parent = match (all.next(), all.next()) {
+            (Some(v), None) => TraceParent::parse(v.as_bytes()),
+            _ => None,
+        };
+        let (trace_id, parent_id, flags, tracestate) = match parent {
+            Some(p) => {
+                let state = headers.get(TRACESTATE).filter(|v| valid_tracestate(v));
+                (p.trace_id, Some(p.parent_id), p.flags, state.cloned())
+            }
+            None => (TraceId::random(), None, u8::from(sampled), None),
+        };
+        let request_id = headers
+            .get(X_REQUEST_ID)
+            .filter(|v| {
+                let b = v.as_bytes();
+                !b.is_empty() && b.len() <= 128 && b.iter().all(|c| (0x21..0x7f).contains(c))
+            })
+            .cloned()
+            .unwrap_or_else(|| {
+                let mut b = [0u8; 32];
+                hex_into(&mut b, &TraceId::random().0);
+                HeaderValue::from_bytes(&b).unwrap_or(HeaderValue::from_static("0"))
+            });
+        TraceContext {
+            trace_id,
+            span_id: SpanId::random(),
+            parent_id,
+            flags,
+            tracestate,
+            request_id,
+            calls: Arc::new(Calls::default()),
+        }
+    }
+
+    /// The `traceparent` value naming `span` as the parent.
+    pub fn traceparent(&self, span: SpanId) -> HeaderValue {
+        // Written into a fixed buffer (it is made once per upstream call): no formatter.
+        let mut b = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        hex_into(&mut b[3..35], &self.trace_id.0);
+        hex_into(&mut b[36..52], &span.0);
+        hex_into(&mut b[53..55], &[self.flags]);
+        // Only hex digits and dashes: always a valid header value.
+        HeaderValue::from_bytes(&b).unwrap_or(HeaderValue::from_static(""))
+    }
+
+    /// How many upstream calls this request made so far (retries and chain hops count).
+    pub fn attempts(&self) -> u32 {
+        self.calls.attempts.load(Ordering::Relaxed)
+    }
+
+    /// The endpoint (`host:port`) of the latest upstream call.
+    pub fn upstream(&self) -> Option<Authority> {
+        self.calls.upstream.lock().ok().and_then(|u| u.clone())
+    }
+
+    /// Writes the trace headers for one upstream call with a new child span id, and
+    /// records the call. Returns the child span id.
+    pub fn inject(&self, headers: &mut HeaderMap, upstream: &Authority) -> SpanId {
+        let child = SpanId::random();
+        headers.insert(TRACEPARENT, self.traceparent(child));
+        // The edge layer already left the request's own `tracestate` and `x-request-id`
+        // right (kept, replaced or removed); a request built inside the gateway (a
+        // composition's call) gets them here.
+        if let Some(s) = &self.tracestate {
+            if !headers.contains_key(TRACESTATE) {
+                headers.insert(TRACESTATE, s.clone());
+            }
+        }
+        if !headers.contains_key(X_REQUEST_ID) {
+            headers.insert(X_REQUEST_ID, self.request_id.clone());
+        }
+        self.calls.attempts.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut u) = self.calls.upstream.lock() {
+            if u.as_ref() != Some(upstream) {
+                *u = Some(upstream.clone());
+            }
+        }
+        tracing::debug!(
+            target: "tower_patterns::trace",
+            trace_id = %self.trace_id,
+            span_id = %child,
+            upstream = upstream.as_str(),
+            "upstream call"
+        );
+        child
+    }
+}
+
+/// The hook of [`Forward`](crate::proxy::Forward): when the request carries a
+/// [`TraceContext`], its headers get a child `traceparent` for this call (a no-op
+/// otherwise: a bare proxy passes the client's headers through).
+#[inline]
+pub(crate) fn on_upstream_call(headers: &mut HeaderMap, ext: &Extensions, upstream: &Authority) {
+    if let Some(cx) = ext.get::<TraceContext>() {
+        cx.inject(headers, upstream);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn parses_the_spec_example() {
+        let p = TraceParent::parse(VALID.as_bytes()).unwrap();
+        assert_eq!(p.trace_id.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(p.parent_id.to_string(), "00f067aa0ba902b7");
+        assert_eq!(p.flags, 1);
+    }
+
+    #[test]
+    fn refuses_malformed_values() {
+        for bad in [
+            "",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01", // upper case
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01", // zero trace
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01", // zero parent
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", // version ff
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x", // 00 + extra
+            "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-011",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x",
+        ] {
+            assert_eq!(TraceParent::parse(bad.as_bytes()), None, "{bad}");
+        }
+        // A later version with an extra field is read as version 00.
+        let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-abcd";
+        assert!(TraceParent::parse(later.as_bytes()).is_some());
+    }
+
+    #[test]
+    fn malformed_parent_starts_a_new_trace_and_drops_tracestate() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            TRACEPARENT,
+            HeaderValue::from_static("00-zz-00f067aa0ba902b7-01"),
+        );
+        h.insert(TRACESTATE, HeaderValue::from_static("a=b"));
+        let cx = TraceContext::from_headers(&h, true);
+        assert_eq!(cx.parent_id, None);
+        assert_eq!(cx.tracestate, None);
+        assert_ne!(cx.trace_id.0, [0; 16]);
+
+        h.insert(TRACEPARENT, HeaderValue::from_static(VALID));
+        let cx = TraceContext::from_headers(&h, true);
+        assert_eq!(cx.trace_id.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(cx.tracestate.as_ref().unwrap(), "a=b");
+        // Two traceparent headers: invalid.
+        h.append(TRACEPARENT, HeaderValue::from_static(VALID));
+        assert_eq!(TraceContext::from_headers(&h, true).parent_id, None);
+    }
+
+    #[test]
+    fn each_injection_is_a_new_child_of_the_same_trace() {
+        let cx = TraceContext::from_headers(&HeaderMap::new(), true);
+        let mut a = HeaderMap::new();
+        let mut b = HeaderMap::new();
+        let sa = cx.inject(&mut a, &Authority::from_static("127.0.0.1:1"));
+        let sb = cx.inject(&mut b, &Authority::from_static("127.0.0.1:2"));
+        assert_ne!(sa, sb);
+        let pa = TraceParent::parse(a[TRACEPARENT].as_bytes()).unwrap();
+        let pb = TraceParent::parse(b[TRACEPARENT].as_bytes()).unwrap();
+        assert_eq!(pa.trace_id, cx.trace_id);
+        assert_eq!(pb.trace_id, cx.trace_id);
+        assert_eq!(cx.attempts(), 2);
+        assert_eq!(cx.upstream().unwrap().as_str(), "127.0.0.1:2");
+        assert_eq!(a[X_REQUEST_ID], cx.request_id);
+    }
+}

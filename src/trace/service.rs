@@ -1,0 +1,73 @@
+//! The [`RequestTrace`] service.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::context::{TraceContext, TRACESTATE, X_REQUEST_ID};
+use super::future::{Access, ResponseFuture};
+use crate::BoxError;
+
+/// See [`RequestTraceLayer`](super::RequestTraceLayer).
+#[derive(Clone, Debug)]
+pub struct RequestTrace<S> {
+    inner: S,
+    route: Arc<str>,
+    sampled: bool,
+}
+
+impl<S> RequestTrace<S> {
+    pub(crate) fn new(inner: S, route: Arc<str>, sampled: bool) -> Self {
+        RequestTrace {
+            inner,
+            route,
+            sampled,
+        }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S, B, RB> Service<Request<B>> for RequestTrace<S>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<RB>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let start = Instant::now();
+        let cx = TraceContext::from_headers(req.headers(), self.sampled);
+        // `Forward` writes a child `traceparent` per upstream call; here only what the
+        // upstream must not see is fixed: a `tracestate` of a refused parent, and an absent
+        // or refused request id.
+        let headers = req.headers_mut();
+        if cx.tracestate.is_none() && headers.contains_key(TRACESTATE) {
+            headers.remove(TRACESTATE);
+        }
+        if headers.get(X_REQUEST_ID) != Some(&cx.request_id) {
+            headers.insert(X_REQUEST_ID, cx.request_id.clone());
+        }
+        let access = Access {
+            method: req.method().clone(),
+            route: self.route.clone(),
+            cx: cx.clone(),
+            start,
+        };
+        req.extensions_mut().insert(cx);
+        ResponseFuture::new(self.inner.call(req), access)
+    }
+}
