@@ -23,6 +23,12 @@
 //! (`spawn_blocking`); the index (key → file size, recency) is in memory, so a key the
 //! disk does not hold costs no I/O. [`DiskStore::open`] scans the folder once, with
 //! blocking I/O: call it before serving (or inside `spawn_blocking`).
+//!
+//! **Purge by prefix or tag.** The index also keeps each entry's status and its
+//! `Surrogate-Key`/`Cache-Tag` lines (under a global byte bound,
+//! [`DiskStore::max_tag_bytes`]), so [`DiskStore::remove_where`] — a prefix or
+//! surrogate-key `PURGE` — decides from memory, without reading a file, also for the
+//! entries only the disk holds.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -37,13 +43,15 @@ use std::time::UNIX_EPOCH;
 
 use futures_util::future::{FutureExt, Shared};
 
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use sha2::{Digest, Sha256};
 
+use crate::cache::purge::index::TAG_HEADERS;
 use crate::cache::store::CachedResponse;
 
 mod format;
 
-use format::{corrupt, encode, encoded_len, hex, read_entry, read_key};
+use format::{corrupt, encode, encoded_len, hex, read_entry, read_index_meta};
 
 /// Counters of a [`DiskStore`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -66,6 +74,54 @@ pub struct DiskStoreStats {
 struct Slot {
     size: u64,
     tick: u64,
+    /// What a purge may select by besides the key (see [`Slot::view`]).
+    status: StatusCode,
+    tags: TagLines,
+}
+
+/// An entry's `Surrogate-Key`/`Cache-Tag` header lines (`None`: it has none, the usual
+/// case, at no cost).
+type TagLines = Option<Box<[(HeaderName, HeaderValue)]>>;
+
+/// Bytes one kept tag line costs in the index beyond its name and value.
+const TAG_LINE_OVERHEAD: u64 = 64;
+
+/// Default bound of the tag lines the index keeps (see [`DiskStore::max_tag_bytes`]).
+pub const DEFAULT_MAX_TAG_BYTES: u64 = 16 << 20;
+
+fn tag_lines(headers: &HeaderMap) -> TagLines {
+    let lines: Vec<_> = TAG_HEADERS
+        .iter()
+        .flat_map(|n| headers.get_all(*n).iter().map(move |v| (n, v)))
+        .map(|(n, v)| (HeaderName::from_static(n), v.clone()))
+        .collect();
+    (!lines.is_empty()).then(|| lines.into_boxed_slice())
+}
+
+fn tag_cost(tags: &TagLines) -> u64 {
+    tags.iter()
+        .flat_map(|t| t.iter())
+        .map(|(n, v)| (n.as_str().len() + v.len()) as u64 + TAG_LINE_OVERHEAD)
+        .sum()
+}
+
+impl Slot {
+    /// The entry as a purge predicate sees it without reading the file: its status and
+    /// tag lines, no body, no other header.
+    fn view(&self) -> CachedResponse {
+        let mut headers = HeaderMap::new();
+        for (n, v) in self.tags.iter().flat_map(|t| t.iter()) {
+            headers.append(n.clone(), v.clone());
+        }
+        CachedResponse {
+            status: self.status,
+            headers,
+            body: Vec::new(),
+            stored_at: tokio::time::Instant::now(),
+            fresh_for: std::time::Duration::ZERO,
+            initial_age: std::time::Duration::ZERO,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -75,9 +131,12 @@ struct Index {
     order: BTreeMap<u64, String>,
     tick: u64,
     used: u64,
-    /// Writes in flight: key → the sequence number of the newest; a write whose number
-    /// is no longer here (replaced or removed meanwhile) is dropped.
-    pending: HashMap<String, u64>,
+    /// Bytes of the slots' tag lines (bounded by `max_tag_bytes`).
+    tag_bytes: u64,
+    /// Writes in flight: key → the sequence number of the newest and its entry (so a
+    /// purge can judge it); a write whose number is no longer here (replaced or removed
+    /// meanwhile) is dropped.
+    pending: HashMap<String, (u64, Arc<CachedResponse>)>,
     pending_bytes: u64,
     seq: u64,
     /// Reads in flight, shared by concurrent loads of one key.
@@ -91,6 +150,7 @@ impl Index {
         let slot = self.map.remove(key)?;
         self.order.remove(&slot.tick);
         self.used -= slot.size;
+        self.tag_bytes -= tag_cost(&slot.tags);
         Some(slot)
     }
 
@@ -105,16 +165,19 @@ impl Index {
         }
     }
 
-    fn insert(&mut self, key: String, size: u64) {
+    fn insert(&mut self, key: String, size: u64, status: StatusCode, tags: TagLines) {
         self.take(&key);
         self.tick += 1;
         self.order.insert(self.tick, key.clone());
         self.used += size;
+        self.tag_bytes += tag_cost(&tags);
         self.map.insert(
             key,
             Slot {
                 size,
                 tick: self.tick,
+                status,
+                tags,
             },
         );
     }
@@ -125,6 +188,7 @@ struct Inner {
     budget: u64,
     max_entry: u64,
     max_pending: u64,
+    max_tag_bytes: u64,
     index: Mutex<Index>,
     evictions: AtomicU64,
     corrupt: AtomicU64,
@@ -196,10 +260,11 @@ impl DiskStore {
                 let file = file?;
                 let path = file.path();
                 let meta = file.metadata()?;
-                match read_key(&path) {
-                    Ok(key) => {
+                match read_index_meta(&path, |n| TAG_HEADERS.contains(&n.as_str())) {
+                    Ok((key, status, tags)) => {
                         let mtime = meta.modified().unwrap_or(UNIX_EPOCH);
-                        found.push((mtime, key, meta.len()));
+                        let tags = (!tags.is_empty()).then(|| tags.into_boxed_slice());
+                        found.push((mtime, key, meta.len(), status, tags));
                     }
                     // Not ours or torn: it would never be served; free the space.
                     Err(_) => {
@@ -208,13 +273,14 @@ impl DiskStore {
                 }
             }
         }
-        found.sort_by_key(|(mtime, _, _)| *mtime);
+        found.sort_by_key(|(mtime, ..)| *mtime);
         let store = DiskStore {
             inner: Arc::new(Inner {
                 dir,
                 budget,
                 max_entry: budget / 4,
                 max_pending: DEFAULT_MAX_PENDING,
+                max_tag_bytes: DEFAULT_MAX_TAG_BYTES,
                 index: Mutex::default(),
                 evictions: AtomicU64::new(0),
                 corrupt: AtomicU64::new(0),
@@ -225,9 +291,14 @@ impl DiskStore {
         let mut victims = Vec::new();
         {
             let mut index = store.inner.lock();
-            for (_, key, size) in found {
-                index.insert(key, size);
-                evict(&store.inner, &mut index, 0, &mut victims);
+            for (_, key, size, status, tags) in found {
+                let cost = tag_cost(&tags);
+                if cost > store.inner.max_tag_bytes {
+                    victims.push(key);
+                    continue;
+                }
+                index.insert(key, size, status, tags);
+                evict(&store.inner, &mut index, 0, 0, &mut victims);
             }
         }
         for key in victims {
@@ -251,6 +322,18 @@ impl DiskStore {
     pub fn max_pending(mut self, bytes: u64) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.max_pending = bytes;
+        }
+        self
+    }
+
+    /// The most bytes of `Surrogate-Key`/`Cache-Tag` lines the index keeps in memory
+    /// for prefix and tag purges (default [`DEFAULT_MAX_TAG_BYTES`], 16 MiB): past it
+    /// the least recently used entries are evicted, as for the byte budget, so every
+    /// entry on disk stays purgeable by tag. Applies to entries indexed from now on (at
+    /// [`open`](DiskStore::open) the default holds): set it before sharing.
+    pub fn max_tag_bytes(mut self, bytes: u64) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.max_tag_bytes = bytes;
         }
         self
     }
@@ -291,7 +374,9 @@ impl DiskStore {
         let Some(size) = encoded_len(key, &entry) else {
             return false;
         };
-        if size > self.inner.max_entry {
+        if size > self.inner.max_entry
+            || tag_cost(&tag_lines(&entry.headers)) > self.inner.max_tag_bytes
+        {
             return false;
         }
         let seq = {
@@ -303,7 +388,7 @@ impl DiskStore {
             }
             index.seq += 1;
             let seq = index.seq;
-            index.pending.insert(key.to_owned(), seq);
+            index.pending.insert(key.to_owned(), (seq, entry.clone()));
             index.pending_bytes += size;
             seq
         };
@@ -377,6 +462,89 @@ impl DiskStore {
     }
 }
 
+impl DiskStore {
+    // --- Purge by prefix and surrogate key (issue 15, fleet purge on a tiered store). ---
+
+    /// Removes every entry for which `pred(key, entry)` is true and returns how many.
+    /// Decided from the index, without reading a file: `entry` carries the status and
+    /// the `Surrogate-Key`/`Cache-Tag` lines only (no body, no other header). A write
+    /// in flight is judged on its whole entry and cancelled if it matches. The files
+    /// are deleted in the background.
+    pub fn remove_where(&self, pred: &mut dyn FnMut(&str, &CachedResponse) -> bool) -> u64 {
+        self.remove_where_keys(pred).len() as u64
+    }
+
+    /// [`remove_where`](DiskStore::remove_where), giving the keys removed.
+    pub(crate) fn remove_where_keys(
+        &self,
+        pred: &mut dyn FnMut(&str, &CachedResponse) -> bool,
+    ) -> Vec<String> {
+        let mut removed = Vec::new();
+        let mut files = Vec::new();
+        {
+            let mut index = self.inner.lock();
+            let cancelled: Vec<String> = index
+                .pending
+                .iter()
+                .filter(|(k, (_, e))| pred(k, e))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in &cancelled {
+                index.pending.remove(k);
+            }
+            let doomed: Vec<String> = index
+                .map
+                .iter()
+                .filter(|(k, slot)| pred(k, &slot.view()))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in doomed {
+                if index.take(&k).is_some() {
+                    files.push(self.inner.path(&k));
+                    removed.push(k);
+                }
+            }
+            for k in cancelled {
+                if !removed.contains(&k) {
+                    removed.push(k);
+                }
+            }
+        }
+        if !files.is_empty() {
+            blocking(move || {
+                for f in files {
+                    let _ = fs::remove_file(f);
+                }
+            });
+        }
+        removed
+    }
+
+    /// Removes `key` if `pred` holds for its copy here (judged as in
+    /// [`remove_where`](DiskStore::remove_where)); `true` if removed.
+    pub(crate) fn remove_if(
+        &self,
+        key: &str,
+        pred: &mut dyn FnMut(&CachedResponse) -> bool,
+    ) -> bool {
+        let (pending, file) = {
+            let mut index = self.inner.lock();
+            let pending = index.pending.get(key).is_some_and(|(_, e)| pred(e))
+                && index.pending.remove(key).is_some();
+            let indexed = index.map.get(key).is_some_and(|slot| pred(&slot.view()));
+            let file = indexed && index.take(key).is_some();
+            (pending, file)
+        };
+        if file {
+            let path = self.inner.path(key);
+            blocking(move || {
+                let _ = fs::remove_file(path);
+            });
+        }
+        pending || file
+    }
+}
+
 /// Runs `f` on tokio's blocking pool, or here when there is no runtime (a store used
 /// from plain threads or a synchronous test).
 fn blocking(f: impl FnOnce() + Send + 'static) {
@@ -388,15 +556,19 @@ fn blocking(f: impl FnOnce() + Send + 'static) {
     }
 }
 
-/// Evicts least recently used entries until `extra` more bytes fit; their keys go to
-/// `victims` (the files are deleted outside the lock).
-fn evict(inner: &Inner, index: &mut Index, extra: u64, victims: &mut Vec<String>) {
-    while index.used.saturating_add(extra) > inner.budget {
+/// Evicts least recently used entries until `extra` more bytes of files and `extra_tags`
+/// more bytes of tag lines fit; their keys go to `victims` (the files are deleted outside
+/// the lock).
+fn evict(inner: &Inner, index: &mut Index, extra: u64, extra_tags: u64, victims: &mut Vec<String>) {
+    while index.used.saturating_add(extra) > inner.budget
+        || index.tag_bytes.saturating_add(extra_tags) > inner.max_tag_bytes
+    {
         let Some((_, key)) = index.order.pop_first() else {
             break;
         };
         if let Some(slot) = index.map.remove(&key) {
             index.used -= slot.size;
+            index.tag_bytes -= tag_cost(&slot.tags);
             inner.evictions.fetch_add(1, Ordering::Relaxed);
             victims.push(key);
         }
@@ -419,13 +591,15 @@ fn write_entry(inner: &Inner, key: String, seq: u64, size: u64, entry: &CachedRe
     } else {
         Err(corrupt("encoded length differs from the computed one"))
     };
+    let tags = tag_lines(&entry.headers);
+    let tags_size = tag_cost(&tags);
     let mut victims = Vec::new();
     let renamed = {
         let mut index = inner.lock();
         index.pending_bytes = index.pending_bytes.saturating_sub(size);
         // Only the newest write of a key that was not removed meanwhile goes in; the
         // rename happens under the lock so two writes of one key cannot land out of order.
-        let current = index.pending.get(&key) == Some(&seq);
+        let current = index.pending.get(&key).map(|p| p.0) == Some(seq);
         if current {
             index.pending.remove(&key);
         }
@@ -433,8 +607,8 @@ fn write_entry(inner: &Inner, key: String, seq: u64, size: u64, entry: &CachedRe
             written = fs::rename(&tmp, &path);
             if written.is_ok() {
                 index.take(&key);
-                evict(inner, &mut index, size, &mut victims);
-                index.insert(key.clone(), size);
+                evict(inner, &mut index, size, tags_size, &mut victims);
+                index.insert(key.clone(), size, entry.status, tags);
             }
         }
         written.is_ok() && current
