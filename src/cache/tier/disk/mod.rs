@@ -43,13 +43,17 @@ use std::time::UNIX_EPOCH;
 
 use futures_util::future::{FutureExt, Shared};
 
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http::StatusCode;
 use sha2::{Digest, Sha256};
 
 use crate::cache::purge::index::TAG_HEADERS;
 use crate::cache::store::CachedResponse;
 
 mod format;
+mod purge;
+
+pub use purge::DEFAULT_MAX_TAG_BYTES;
+use purge::{tag_cost, tag_lines, TagLines};
 
 use format::{corrupt, encode, encoded_len, hex, read_entry, read_index_meta};
 
@@ -77,51 +81,6 @@ struct Slot {
     /// What a purge may select by besides the key (see [`Slot::view`]).
     status: StatusCode,
     tags: TagLines,
-}
-
-/// An entry's `Surrogate-Key`/`Cache-Tag` header lines (`None`: it has none, the usual
-/// case, at no cost).
-type TagLines = Option<Box<[(HeaderName, HeaderValue)]>>;
-
-/// Bytes one kept tag line costs in the index beyond its name and value.
-const TAG_LINE_OVERHEAD: u64 = 64;
-
-/// Default bound of the tag lines the index keeps (see [`DiskStore::max_tag_bytes`]).
-pub const DEFAULT_MAX_TAG_BYTES: u64 = 16 << 20;
-
-fn tag_lines(headers: &HeaderMap) -> TagLines {
-    let lines: Vec<_> = TAG_HEADERS
-        .iter()
-        .flat_map(|n| headers.get_all(*n).iter().map(move |v| (n, v)))
-        .map(|(n, v)| (HeaderName::from_static(n), v.clone()))
-        .collect();
-    (!lines.is_empty()).then(|| lines.into_boxed_slice())
-}
-
-fn tag_cost(tags: &TagLines) -> u64 {
-    tags.iter()
-        .flat_map(|t| t.iter())
-        .map(|(n, v)| (n.as_str().len() + v.len()) as u64 + TAG_LINE_OVERHEAD)
-        .sum()
-}
-
-impl Slot {
-    /// The entry as a purge predicate sees it without reading the file: its status and
-    /// tag lines, no body, no other header.
-    fn view(&self) -> CachedResponse {
-        let mut headers = HeaderMap::new();
-        for (n, v) in self.tags.iter().flat_map(|t| t.iter()) {
-            headers.append(n.clone(), v.clone());
-        }
-        CachedResponse {
-            status: self.status,
-            headers,
-            body: Vec::new(),
-            stored_at: tokio::time::Instant::now(),
-            fresh_for: std::time::Duration::ZERO,
-            initial_age: std::time::Duration::ZERO,
-        }
-    }
 }
 
 #[derive(Default)]
@@ -459,89 +418,6 @@ impl DiskStore {
             });
         }
         was || pending
-    }
-}
-
-impl DiskStore {
-    // --- Purge by prefix and surrogate key (issue 15, fleet purge on a tiered store). ---
-
-    /// Removes every entry for which `pred(key, entry)` is true and returns how many.
-    /// Decided from the index, without reading a file: `entry` carries the status and
-    /// the `Surrogate-Key`/`Cache-Tag` lines only (no body, no other header). A write
-    /// in flight is judged on its whole entry and cancelled if it matches. The files
-    /// are deleted in the background.
-    pub fn remove_where(&self, pred: &mut dyn FnMut(&str, &CachedResponse) -> bool) -> u64 {
-        self.remove_where_keys(pred).len() as u64
-    }
-
-    /// [`remove_where`](DiskStore::remove_where), giving the keys removed.
-    pub(crate) fn remove_where_keys(
-        &self,
-        pred: &mut dyn FnMut(&str, &CachedResponse) -> bool,
-    ) -> Vec<String> {
-        let mut removed = Vec::new();
-        let mut files = Vec::new();
-        {
-            let mut index = self.inner.lock();
-            let cancelled: Vec<String> = index
-                .pending
-                .iter()
-                .filter(|(k, (_, e))| pred(k, e))
-                .map(|(k, _)| k.clone())
-                .collect();
-            for k in &cancelled {
-                index.pending.remove(k);
-            }
-            let doomed: Vec<String> = index
-                .map
-                .iter()
-                .filter(|(k, slot)| pred(k, &slot.view()))
-                .map(|(k, _)| k.clone())
-                .collect();
-            for k in doomed {
-                if index.take(&k).is_some() {
-                    files.push(self.inner.path(&k));
-                    removed.push(k);
-                }
-            }
-            for k in cancelled {
-                if !removed.contains(&k) {
-                    removed.push(k);
-                }
-            }
-        }
-        if !files.is_empty() {
-            blocking(move || {
-                for f in files {
-                    let _ = fs::remove_file(f);
-                }
-            });
-        }
-        removed
-    }
-
-    /// Removes `key` if `pred` holds for its copy here (judged as in
-    /// [`remove_where`](DiskStore::remove_where)); `true` if removed.
-    pub(crate) fn remove_if(
-        &self,
-        key: &str,
-        pred: &mut dyn FnMut(&CachedResponse) -> bool,
-    ) -> bool {
-        let (pending, file) = {
-            let mut index = self.inner.lock();
-            let pending = index.pending.get(key).is_some_and(|(_, e)| pred(e))
-                && index.pending.remove(key).is_some();
-            let indexed = index.map.get(key).is_some_and(|slot| pred(&slot.view()));
-            let file = indexed && index.take(key).is_some();
-            (pending, file)
-        };
-        if file {
-            let path = self.inner.path(key);
-            blocking(move || {
-                let _ = fs::remove_file(path);
-            });
-        }
-        pending || file
     }
 }
 
