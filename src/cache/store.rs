@@ -125,7 +125,7 @@ pub trait Store: Send + Sync + 'static {
     /// acceptable.
     ///
     /// A store with a slower tier may show `pred` a partial entry for what only that tier
-    /// holds ([`TieredStore`](super::TieredStore): status and `Surrogate-Key`/`Cache-Tag`
+    /// holds (`TieredStore`, feature `disk-cache`: status and `Surrogate-Key`/`Cache-Tag`
     /// lines, no body), rather than read every file.
     fn remove_where(&self, pred: &mut dyn FnMut(&str, &CachedResponse) -> bool) -> Option<u64> {
         let _ = pred;

@@ -142,12 +142,20 @@ fn read_meta(f: &mut File, meta_len: u32) -> io::Result<Vec<u8>> {
     Ok(meta)
 }
 
-/// What the index keeps of a file at open: its key, status and the header lines a purge
-/// selects by (`keep` says which names); the checksum is checked on read.
+/// What the index keeps of a file at open.
+pub(super) struct IndexMeta {
+    pub(super) key: String,
+    pub(super) status: StatusCode,
+    /// The header lines a purge selects by.
+    pub(super) kept: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// Reads a file's [`IndexMeta`] (`keep` says which header names to keep); the checksum is
+/// checked on read.
 pub(super) fn read_index_meta(
     path: &Path,
     keep: impl Fn(&HeaderName) -> bool,
-) -> io::Result<(String, StatusCode, Vec<(HeaderName, HeaderValue)>)> {
+) -> io::Result<IndexMeta> {
     let mut f = File::open(path)?;
     let (meta_len, body_len, _) = read_prefix(&mut f)?;
     let expected = (PREFIX as u64)
@@ -174,7 +182,7 @@ pub(super) fn read_index_meta(
             kept.push((name, value));
         }
     }
-    Ok((key, status, kept))
+    Ok(IndexMeta { key, status, kept })
 }
 
 /// Reads and checks a whole entry: the length, the checksum and the key must match.

@@ -220,10 +220,10 @@ impl DiskStore {
                 let path = file.path();
                 let meta = file.metadata()?;
                 match read_index_meta(&path, |n| TAG_HEADERS.contains(&n.as_str())) {
-                    Ok((key, status, tags)) => {
+                    Ok(m) => {
                         let mtime = meta.modified().unwrap_or(UNIX_EPOCH);
-                        let tags = (!tags.is_empty()).then(|| tags.into_boxed_slice());
-                        found.push((mtime, key, meta.len(), status, tags));
+                        let tags = (!m.kept.is_empty()).then(|| m.kept.into_boxed_slice());
+                        found.push((mtime, m.key, meta.len(), m.status, tags));
                     }
                     // Not ours or torn: it would never be served; free the space.
                     Err(_) => {
