@@ -1,7 +1,8 @@
 //! Two edge nodes in front of an origin, all on 127.0.0.1 (seed 004's CDN edge, issue 15):
 //! request coalescing, `304` revalidation, a range request, a miss served by the sibling
-//! that owns the key, a restart that keeps the disk tier, and one `PURGE` reaching both
-//! nodes — with the origin's own count of requests printed after each step.
+//! that owns the key, a restart that keeps the disk tier, and a `PURGE` reaching both
+//! nodes (by key, then by surrogate key) — with the origin's own count of requests
+//! printed after each step.
 //!
 //! ```text
 //!                  ┌─▶ edge-a: CacheLayer ─▶ Sibling ─┐
@@ -50,7 +51,9 @@ async fn origin(requests: Arc<AtomicU64>) -> std::io::Result<SocketAddr> {
             tokio::time::sleep(Duration::from_millis(200)).await;
             let res = Response::builder()
                 .header(header::ETAG, "\"v1\"")
-                .header(header::CACHE_CONTROL, "max-age=60");
+                .header(header::CACHE_CONTROL, "max-age=60")
+                // A surrogate key: step 7 purges by it.
+                .header("surrogate-key", "catalogue");
             let not_modified = req
                 .headers()
                 .get(header::IF_NONE_MATCH)
@@ -270,5 +273,21 @@ async fn main() -> Result<(), BoxError> {
         "   origin requests after the purge: {} (was {before}: the purged object was fetched again)",
         origin_requests()
     );
+
+    // 7. A surrogate-key PURGE (every object tagged `catalogue`), fanned out the same way;
+    // with the disk tier it reaches the disk copies too.
+    let tag = [
+        ("authorization", bearer.as_str()),
+        ("surrogate-key", "catalogue"),
+    ];
+    let (status, _, _, body) = send(other, "PURGE", &tag).await?;
+    println!(
+        "7. PURGE by surrogate key on {other_id}: {status} {}",
+        String::from_utf8_lossy(&body).trim()
+    );
+    for (edge, id) in [(home, home_id), (other, other_id)] {
+        let (_, x_cache, _, _) = send(edge, "GET", &[]).await?;
+        println!("   {id} after the tag purge: {x_cache:?}");
+    }
     Ok(())
 }

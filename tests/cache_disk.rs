@@ -2,7 +2,8 @@
 //! front of `DiskStore`. Over real sockets on 127.0.0.1: an entry survives a restart (a
 //! new layer and store on the same folder answer without asking the origin); a torn or
 //! corrupted file is a miss and is removed, never served; the disk stays within its byte
-//! budget; `PURGE` reaches the disk too.
+//! budget; `PURGE` reaches the disk too — by key, by prefix and by surrogate key, also
+//! for entries only the disk holds (after a restart, or evicted from memory).
 
 mod common;
 
@@ -50,6 +51,11 @@ async fn origin(count: Arc<AtomicU64>) -> SocketAddr {
                 let mut b = b"lang=".to_vec();
                 b.extend(lang);
                 (res.header(header::VARY, "accept-language"), Bytes::from(b))
+            } else if let Some(tag) = req.uri().path().strip_prefix("/tag-") {
+                // `/tag-red/1`: tagged `red` (a surrogate key) and `all`.
+                let tag = tag.split('/').next().unwrap_or_default().to_owned();
+                let res = res.header("surrogate-key", format!("{tag} all"));
+                (res, body_of(req.uri().path()))
             } else {
                 (res, body_of(req.uri().path()))
             };
@@ -335,4 +341,123 @@ async fn vary_variants_come_back_from_disk_after_a_restart() {
         assert_eq!(body, format!("lang={lang}"));
     }
     assert_eq!(count.load(Ordering::SeqCst), 2);
+}
+
+/// `method path` sent to `addr` as if to the edge whose key authority is `host`:
+/// (status, X-Cache, body).
+async fn send_as(
+    addr: SocketAddr,
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, Bytes) {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
+        .header(header::HOST, host);
+    for (n, v) in headers {
+        req = req.header(*n, *v);
+    }
+    let res = client()
+        .request(req.body(http_body_util::Empty::new()).unwrap())
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    let x = res
+        .headers()
+        .get("x-cache")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    (status, x, read_all(res).await.unwrap())
+}
+
+/// Prefix and surrogate-key purges on a tiered store reach the entries only the disk
+/// holds (here: after a restart, memory empty). Before, `TieredStore` could not
+/// enumerate its entries and such a purge answered `501`; and once the tag index was
+/// built, a tag purge looked its keys up in memory only and left disk-only entries to be
+/// served again.
+#[tokio::test]
+async fn prefix_and_tag_purges_reach_entries_only_the_disk_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let count = Arc::new(AtomicU64::new(0));
+    let origin = origin(count.clone()).await;
+    let (first, store) = edge(origin, dir.path(), 64 << 20).await;
+    let paths = [
+        "/img/a",
+        "/img/b",
+        "/imgs",
+        "/tag-red/1",
+        "/tag-red/2",
+        "/tag-blue/1",
+        "/tag-green/1",
+    ];
+    for p in paths {
+        assert_eq!(fetch(first, p).await.1, "MISS");
+    }
+    for p in paths {
+        let k = key(first, p);
+        until("written to disk", || store.disk().contains(&k)).await;
+    }
+    let host = format!("127.0.0.1:{}", first.port());
+    // Restart: every entry is on disk only; `/img/b` is read back (memory and disk).
+    let (addr, store) = edge(origin, dir.path(), 64 << 20).await;
+    assert_eq!(send_as(addr, &host, "GET", "/img/b", &[]).await.1, "HIT");
+    assert!(store.memory().contains(&key(first, "/img/b")));
+    let files: Vec<_> = ["/img/a", "/img/b", "/tag-red/1"]
+        .iter()
+        .map(|p| store.disk().path_of(&key(first, p)))
+        .collect();
+    let before = count.load(Ordering::SeqCst);
+
+    let (s, _, body) = send_as(addr, &host, "PURGE", "/img/*", &[]).await;
+    assert_eq!(
+        (s, String::from_utf8_lossy(&body)),
+        (200, "purged 2\n".into())
+    );
+    // The first tag purge scans the store (the tag index starts incomplete) ...
+    let (s, _, body) = send_as(addr, &host, "PURGE", "/", &[("surrogate-key", "red")]).await;
+    assert_eq!(
+        (s, String::from_utf8_lossy(&body)),
+        (200, "purged 2\n".into())
+    );
+    // ... the next ones go through the index it built, which names disk-only keys.
+    let (s, _, body) = send_as(addr, &host, "PURGE", "/", &[("cache-tag", "blue")]).await;
+    assert_eq!(
+        (s, String::from_utf8_lossy(&body)),
+        (200, "purged 1\n".into())
+    );
+    for f in &files {
+        until("file deleted", || !f.exists()).await;
+    }
+    for p in [
+        "/img/a",
+        "/img/b",
+        "/tag-red/1",
+        "/tag-red/2",
+        "/tag-blue/1",
+    ] {
+        assert!(!store.disk().contains(&key(first, p)), "{p} still on disk");
+    }
+    // A third process on the folder does not bring them back; the rest is still there.
+    let (third, _store3) = edge(origin, dir.path(), 64 << 20).await;
+    for p in ["/imgs", "/tag-green/1"] {
+        assert_eq!(send_as(third, &host, "GET", p, &[]).await.1, "HIT", "{p}");
+    }
+    assert_eq!(
+        count.load(Ordering::SeqCst),
+        before,
+        "kept entries were refetched"
+    );
+    for p in [
+        "/img/a",
+        "/img/b",
+        "/tag-red/1",
+        "/tag-red/2",
+        "/tag-blue/1",
+    ] {
+        assert_eq!(send_as(third, &host, "GET", p, &[]).await.1, "MISS", "{p}");
+    }
+    assert_eq!(count.load(Ordering::SeqCst), before + 5);
 }

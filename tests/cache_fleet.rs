@@ -768,3 +768,105 @@ async fn fleet_purge_and_sibling_lookup_through_etcd() {
     assert_eq!(get(a.addr(), &p).await.0, "MISS");
     assert_eq!(count(&counts, &p), 2);
 }
+
+/// A node whose cache has a disk tier is down during a prefix and a surrogate-key purge;
+/// it restarts as a new process (memory empty, the entries on disk only) and catches up.
+/// Before `TieredStore::remove_where` the catch-up could not apply prefix or tag purges
+/// to a tiered store (logged an error, removed nothing): the restarted node served the
+/// purged objects from disk.
+#[cfg(feature = "disk-cache")]
+#[tokio::test]
+async fn a_tiered_node_down_during_prefix_and_tag_purges_catches_up_from_disk() {
+    use tower_patterns::cache::{DiskStore, TieredStore};
+
+    fn tiered_cache(
+        registry: &dyn Registry,
+        id: &str,
+        dir: &std::path::Path,
+    ) -> (CacheLayer, Arc<TieredStore>) {
+        let disk = DiskStore::open(dir, 64 << 20).unwrap();
+        let store = Arc::new(TieredStore::new(MemoryStore::new(16 << 20), disk));
+        let fleet = Fleet::builder(Watcher::new(registry, "edge", Selector::any()), id)
+            .token(TOKEN)
+            .peer_timeout(Duration::from_secs(2))
+            .build();
+        let cache = CacheLayer::builder(store.clone())
+            .purge_bearer(TOKEN)
+            .fleet(fleet)
+            .build();
+        (cache, store)
+    }
+
+    let counts = Counts::default();
+    let o = origin(counts.clone()).await;
+    let registry = MemoryRegistry::new();
+    let dir = tempfile::tempdir().unwrap();
+    let a = serve(
+        &registry,
+        o.addr(),
+        "edge-a",
+        fleet_cache(&registry, "edge-a", Arc::new(MemoryStore::new(16 << 20))),
+        false,
+    )
+    .await;
+    let (b_cache, b_store) = tiered_cache(&registry, "edge-b", dir.path());
+    let mut b = serve(&registry, o.addr(), "edge-b", b_cache, false).await;
+    wait_for_peers(&[&a, &b], 1).await;
+    let paths = [
+        "/images/1",
+        "/images/2",
+        "/tagged/1",
+        "/tagged/2",
+        "/tagged/3",
+        "/keep",
+    ];
+    for p in paths {
+        fill(a.addr(), p).await;
+        fill(b.addr(), p).await;
+    }
+    // Every entry on B's disk before B goes down (the disk write is in the background).
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !paths
+            .iter()
+            .all(|p| b_store.disk().contains(&format!("{HOST}{p}")))
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("written to disk");
+
+    b.server.take().unwrap().shutdown().await.unwrap();
+    assert_eq!(purge(a.addr(), "/images/*", &[]).await.0, 202);
+    assert_eq!(
+        purge(a.addr(), "/", &[("surrogate-key", "product-42")])
+            .await
+            .0,
+        202
+    );
+    let before: u64 = counts.lock().unwrap().values().sum();
+
+    // B restarts: a new process over the same folder, memory empty.
+    let (b2_cache, b2_store) = tiered_cache(&registry, "edge-b", dir.path());
+    assert!(b2_store.disk().contains(&format!("{HOST}/images/1")));
+    let b2 = serve(&registry, o.addr(), "edge-b", b2_cache, false).await;
+    wait_for_peers(&[&a, &b2], 1).await;
+    let r = b2.cache.catch_up().await;
+    assert_eq!((r.answered, r.applied, r.cleared), (1, 2, false));
+    for p in ["/images/1", "/images/2", "/tagged/1", "/tagged/2"] {
+        assert_eq!(
+            get(b2.addr(), p).await.0,
+            "MISS",
+            "{p} served after its purge"
+        );
+    }
+    for p in ["/tagged/3", "/keep"] {
+        assert_eq!(get(b2.addr(), p).await.0, "HIT", "{p} kept on disk");
+    }
+    let after: u64 = counts.lock().unwrap().values().sum();
+    assert_eq!(
+        after,
+        before + 4,
+        "only the purged objects were fetched again"
+    );
+}

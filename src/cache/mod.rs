@@ -86,7 +86,7 @@ pub use service::{Cache, X_CACHE};
 pub use sink::StoreSink;
 pub use store::{CachedResponse, Store, StoreLoad};
 #[cfg(feature = "disk-cache")]
-pub use tier::disk::{DiskStore, DiskStoreStats, DEFAULT_MAX_PENDING};
+pub use tier::disk::{DiskStore, DiskStoreStats, DEFAULT_MAX_PENDING, DEFAULT_MAX_TAG_BYTES};
 pub use tier::memory::{MemoryStore, MemoryStoreStats, DEFAULT_STALE_GRACE};
 #[cfg(feature = "disk-cache")]
 pub use tier::TieredStore;

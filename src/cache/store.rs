@@ -123,9 +123,21 @@ pub trait Store: Send + Sync + 'static {
     /// `PURGE` needs it: on a store without it such a purge answers `501` rather than
     /// report success it did not achieve. Called rarely (a `PURGE`), so a full scan is
     /// acceptable.
+    ///
+    /// A store with a slower tier may show `pred` a partial entry for what only that tier
+    /// holds (`TieredStore`, feature `disk-cache`: status and `Surrogate-Key`/`Cache-Tag`
+    /// lines, no body), rather than read every file.
     fn remove_where(&self, pred: &mut dyn FnMut(&str, &CachedResponse) -> bool) -> Option<u64> {
         let _ = pred;
         None
+    }
+
+    /// Removes `key` if `pred` holds for its entry; `true` if it did. A store with a
+    /// slower tier judges the copy there too (a tag purge through the tag index must
+    /// reach an entry evicted from memory but still on disk). Default: `get`, then
+    /// `remove`.
+    fn remove_if(&self, key: &str, pred: &mut dyn FnMut(&CachedResponse) -> bool) -> bool {
+        self.get(key).is_some_and(|e| pred(&e)) && self.remove(key)
     }
 
     /// For a store with a slower tier (a disk): called after `get` missed, a future that
@@ -161,6 +173,9 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     fn remove_where(&self, pred: &mut dyn FnMut(&str, &CachedResponse) -> bool) -> Option<u64> {
         (**self).remove_where(pred)
     }
+    fn remove_if(&self, key: &str, pred: &mut dyn FnMut(&CachedResponse) -> bool) -> bool {
+        (**self).remove_if(key, pred)
+    }
 }
 
 impl<S: Store + ?Sized> Store for Box<S> {
@@ -181,5 +196,8 @@ impl<S: Store + ?Sized> Store for Box<S> {
     }
     fn remove_where(&self, pred: &mut dyn FnMut(&str, &CachedResponse) -> bool) -> Option<u64> {
         (**self).remove_where(pred)
+    }
+    fn remove_if(&self, key: &str, pred: &mut dyn FnMut(&CachedResponse) -> bool) -> bool {
+        (**self).remove_if(key, pred)
     }
 }

@@ -155,10 +155,11 @@ impl TagIndex {
             drop(i);
             let mut n = 0;
             for key in keys {
-                let tagged = store
-                    .get(&key)
-                    .is_some_and(|e| tags(&e.headers).iter().any(|t| purge.contains(t)));
-                if tagged && store.remove(&key) {
+                // `remove_if`, not `get` then `remove`: a tiered store's disk may hold the
+                // entry that memory no longer does.
+                let tagged =
+                    &mut |e: &CachedResponse| tags(&e.headers).iter().any(|t| purge.contains(t));
+                if store.remove_if(&key, tagged) {
                     n += 1;
                 }
             }
@@ -233,6 +234,9 @@ impl Store for Indexed {
     }
     fn remove_where(&self, pred: &mut dyn FnMut(&str, &CachedResponse) -> bool) -> Option<u64> {
         self.inner.remove_where(pred)
+    }
+    fn remove_if(&self, key: &str, pred: &mut dyn FnMut(&CachedResponse) -> bool) -> bool {
+        self.inner.remove_if(key, pred)
     }
     fn load(&self, key: &str) -> Option<super::super::store::StoreLoad> {
         self.inner.load(key)

@@ -16,6 +16,7 @@ pub use tiered::TieredStore;
 
 #[cfg(feature = "disk-cache")]
 mod tiered {
+    use std::collections::HashSet;
     use std::sync::Arc;
 
     use super::disk::DiskStore;
@@ -24,7 +25,9 @@ mod tiered {
 
     /// Memory in front of disk: hit → memory; memory miss → disk (read on the blocking
     /// pool, checked, promoted to memory); a fill → both (the disk write in the
-    /// background). `remove` (and so `PURGE`) removes from both.
+    /// background). `remove` (and so `PURGE`) removes from both; so do prefix and tag
+    /// purges (`remove_where`), judging what only the disk holds from its index (status
+    /// and tag lines) without reading a file.
     #[derive(Debug)]
     pub struct TieredStore {
         memory: MemoryStore,
@@ -69,6 +72,37 @@ mod tiered {
 
         fn max_entry_size(&self) -> u64 {
             self.memory.max_entry_size().max(self.disk.max_entry_size())
+        }
+
+        // --- Fleet purge (issue 15): prefix and surrogate-key purges reach both tiers. ---
+
+        fn remove_where(&self, pred: &mut dyn FnMut(&str, &CachedResponse) -> bool) -> Option<u64> {
+            // Memory first, on whole entries; a key removed there goes from disk too (its
+            // disk copy is the same entry or an older one). Every other disk copy is
+            // judged on its own: it may be older than memory's and carry another tag.
+            let mut removed: HashSet<String> = HashSet::new();
+            self.memory.remove_where(&mut |k, e| {
+                let hit = pred(k, e);
+                if hit {
+                    removed.insert(k.to_owned());
+                }
+                hit
+            })?;
+            let on_disk = self
+                .disk
+                .remove_where_keys(&mut |k, e| removed.contains(k) || pred(k, e));
+            removed.extend(on_disk);
+            Some(removed.len() as u64)
+        }
+
+        fn remove_if(&self, key: &str, pred: &mut dyn FnMut(&CachedResponse) -> bool) -> bool {
+            let in_memory = self.memory.get(key).is_some_and(|e| pred(&e));
+            if in_memory {
+                self.memory.remove(key);
+                self.disk.remove(key);
+                return true;
+            }
+            self.disk.remove_if(key, pred)
         }
 
         fn load(&self, key: &str) -> Option<StoreLoad> {

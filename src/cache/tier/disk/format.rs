@@ -142,8 +142,20 @@ fn read_meta(f: &mut File, meta_len: u32) -> io::Result<Vec<u8>> {
     Ok(meta)
 }
 
-/// The key a file holds (for the index at open; the checksum is checked on read).
-pub(super) fn read_key(path: &Path) -> io::Result<String> {
+/// What the index keeps of a file at open.
+pub(super) struct IndexMeta {
+    pub(super) key: String,
+    pub(super) status: StatusCode,
+    /// The header lines a purge selects by.
+    pub(super) kept: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// Reads a file's [`IndexMeta`] (`keep` says which header names to keep); the checksum is
+/// checked on read.
+pub(super) fn read_index_meta(
+    path: &Path,
+    keep: impl Fn(&HeaderName) -> bool,
+) -> io::Result<IndexMeta> {
     let mut f = File::open(path)?;
     let (meta_len, body_len, _) = read_prefix(&mut f)?;
     let expected = (PREFIX as u64)
@@ -155,7 +167,22 @@ pub(super) fn read_key(path: &Path) -> io::Result<String> {
     let meta = read_meta(&mut f, meta_len)?;
     let mut c = Cursor(&meta);
     let n = c.len32()?;
-    String::from_utf8(c.take(n)?.to_vec()).map_err(|_| corrupt("key"))
+    let key = String::from_utf8(c.take(n)?.to_vec()).map_err(|_| corrupt("key"))?;
+    let status = StatusCode::from_u16(c.u16()?).map_err(|_| corrupt("status"))?;
+    c.take(8 + 8 + 8)?; // written at, age at write, fresh for
+    let count = c.u32()?;
+    let mut kept = Vec::new();
+    for _ in 0..count {
+        let n = usize::from(c.u16()?);
+        let name = HeaderName::from_bytes(c.take(n)?).map_err(|_| corrupt("header name"))?;
+        let n = c.len32()?;
+        let value = c.take(n)?;
+        if keep(&name) {
+            let value = HeaderValue::from_bytes(value).map_err(|_| corrupt("header value"))?;
+            kept.push((name, value));
+        }
+    }
+    Ok(IndexMeta { key, status, kept })
 }
 
 /// Reads and checks a whole entry: the length, the checksum and the key must match.

@@ -23,6 +23,12 @@
 //! (`spawn_blocking`); the index (key → file size, recency) is in memory, so a key the
 //! disk does not hold costs no I/O. [`DiskStore::open`] scans the folder once, with
 //! blocking I/O: call it before serving (or inside `spawn_blocking`).
+//!
+//! **Purge by prefix or tag.** The index also keeps each entry's status and its
+//! `Surrogate-Key`/`Cache-Tag` lines (under a global byte bound,
+//! [`DiskStore::max_tag_bytes`]), so [`DiskStore::remove_where`] — a prefix or
+//! surrogate-key `PURGE` — decides from memory, without reading a file, also for the
+//! entries only the disk holds.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -37,13 +43,19 @@ use std::time::UNIX_EPOCH;
 
 use futures_util::future::{FutureExt, Shared};
 
+use http::StatusCode;
 use sha2::{Digest, Sha256};
 
+use crate::cache::purge::index::TAG_HEADERS;
 use crate::cache::store::CachedResponse;
 
 mod format;
+mod purge;
 
-use format::{corrupt, encode, encoded_len, hex, read_entry, read_key};
+pub use purge::DEFAULT_MAX_TAG_BYTES;
+use purge::{tag_cost, tag_lines, TagLines};
+
+use format::{corrupt, encode, encoded_len, hex, read_entry, read_index_meta};
 
 /// Counters of a [`DiskStore`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -66,6 +78,9 @@ pub struct DiskStoreStats {
 struct Slot {
     size: u64,
     tick: u64,
+    /// What a purge may select by besides the key (see [`Slot::view`]).
+    status: StatusCode,
+    tags: TagLines,
 }
 
 #[derive(Default)]
@@ -75,9 +90,12 @@ struct Index {
     order: BTreeMap<u64, String>,
     tick: u64,
     used: u64,
-    /// Writes in flight: key → the sequence number of the newest; a write whose number
-    /// is no longer here (replaced or removed meanwhile) is dropped.
-    pending: HashMap<String, u64>,
+    /// Bytes of the slots' tag lines (bounded by `max_tag_bytes`).
+    tag_bytes: u64,
+    /// Writes in flight: key → the sequence number of the newest and its entry (so a
+    /// purge can judge it); a write whose number is no longer here (replaced or removed
+    /// meanwhile) is dropped.
+    pending: HashMap<String, (u64, Arc<CachedResponse>)>,
     pending_bytes: u64,
     seq: u64,
     /// Reads in flight, shared by concurrent loads of one key.
@@ -91,6 +109,7 @@ impl Index {
         let slot = self.map.remove(key)?;
         self.order.remove(&slot.tick);
         self.used -= slot.size;
+        self.tag_bytes -= tag_cost(&slot.tags);
         Some(slot)
     }
 
@@ -105,16 +124,19 @@ impl Index {
         }
     }
 
-    fn insert(&mut self, key: String, size: u64) {
+    fn insert(&mut self, key: String, size: u64, status: StatusCode, tags: TagLines) {
         self.take(&key);
         self.tick += 1;
         self.order.insert(self.tick, key.clone());
         self.used += size;
+        self.tag_bytes += tag_cost(&tags);
         self.map.insert(
             key,
             Slot {
                 size,
                 tick: self.tick,
+                status,
+                tags,
             },
         );
     }
@@ -125,6 +147,7 @@ struct Inner {
     budget: u64,
     max_entry: u64,
     max_pending: u64,
+    max_tag_bytes: u64,
     index: Mutex<Index>,
     evictions: AtomicU64,
     corrupt: AtomicU64,
@@ -196,10 +219,11 @@ impl DiskStore {
                 let file = file?;
                 let path = file.path();
                 let meta = file.metadata()?;
-                match read_key(&path) {
-                    Ok(key) => {
+                match read_index_meta(&path, |n| TAG_HEADERS.contains(&n.as_str())) {
+                    Ok(m) => {
                         let mtime = meta.modified().unwrap_or(UNIX_EPOCH);
-                        found.push((mtime, key, meta.len()));
+                        let tags = (!m.kept.is_empty()).then(|| m.kept.into_boxed_slice());
+                        found.push((mtime, m.key, meta.len(), m.status, tags));
                     }
                     // Not ours or torn: it would never be served; free the space.
                     Err(_) => {
@@ -208,13 +232,14 @@ impl DiskStore {
                 }
             }
         }
-        found.sort_by_key(|(mtime, _, _)| *mtime);
+        found.sort_by_key(|(mtime, ..)| *mtime);
         let store = DiskStore {
             inner: Arc::new(Inner {
                 dir,
                 budget,
                 max_entry: budget / 4,
                 max_pending: DEFAULT_MAX_PENDING,
+                max_tag_bytes: DEFAULT_MAX_TAG_BYTES,
                 index: Mutex::default(),
                 evictions: AtomicU64::new(0),
                 corrupt: AtomicU64::new(0),
@@ -225,9 +250,14 @@ impl DiskStore {
         let mut victims = Vec::new();
         {
             let mut index = store.inner.lock();
-            for (_, key, size) in found {
-                index.insert(key, size);
-                evict(&store.inner, &mut index, 0, &mut victims);
+            for (_, key, size, status, tags) in found {
+                let cost = tag_cost(&tags);
+                if cost > store.inner.max_tag_bytes {
+                    victims.push(key);
+                    continue;
+                }
+                index.insert(key, size, status, tags);
+                evict(&store.inner, &mut index, 0, 0, &mut victims);
             }
         }
         for key in victims {
@@ -251,6 +281,18 @@ impl DiskStore {
     pub fn max_pending(mut self, bytes: u64) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.max_pending = bytes;
+        }
+        self
+    }
+
+    /// The most bytes of `Surrogate-Key`/`Cache-Tag` lines the index keeps in memory
+    /// for prefix and tag purges (default [`DEFAULT_MAX_TAG_BYTES`], 16 MiB): past it
+    /// the least recently used entries are evicted, as for the byte budget, so every
+    /// entry on disk stays purgeable by tag. Applies to entries indexed from now on (at
+    /// [`open`](DiskStore::open) the default holds): set it before sharing.
+    pub fn max_tag_bytes(mut self, bytes: u64) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.max_tag_bytes = bytes;
         }
         self
     }
@@ -291,7 +333,9 @@ impl DiskStore {
         let Some(size) = encoded_len(key, &entry) else {
             return false;
         };
-        if size > self.inner.max_entry {
+        if size > self.inner.max_entry
+            || tag_cost(&tag_lines(&entry.headers)) > self.inner.max_tag_bytes
+        {
             return false;
         }
         let seq = {
@@ -303,7 +347,7 @@ impl DiskStore {
             }
             index.seq += 1;
             let seq = index.seq;
-            index.pending.insert(key.to_owned(), seq);
+            index.pending.insert(key.to_owned(), (seq, entry.clone()));
             index.pending_bytes += size;
             seq
         };
@@ -388,15 +432,19 @@ fn blocking(f: impl FnOnce() + Send + 'static) {
     }
 }
 
-/// Evicts least recently used entries until `extra` more bytes fit; their keys go to
-/// `victims` (the files are deleted outside the lock).
-fn evict(inner: &Inner, index: &mut Index, extra: u64, victims: &mut Vec<String>) {
-    while index.used.saturating_add(extra) > inner.budget {
+/// Evicts least recently used entries until `extra` more bytes of files and `extra_tags`
+/// more bytes of tag lines fit; their keys go to `victims` (the files are deleted outside
+/// the lock).
+fn evict(inner: &Inner, index: &mut Index, extra: u64, extra_tags: u64, victims: &mut Vec<String>) {
+    while index.used.saturating_add(extra) > inner.budget
+        || index.tag_bytes.saturating_add(extra_tags) > inner.max_tag_bytes
+    {
         let Some((_, key)) = index.order.pop_first() else {
             break;
         };
         if let Some(slot) = index.map.remove(&key) {
             index.used -= slot.size;
+            index.tag_bytes -= tag_cost(&slot.tags);
             inner.evictions.fetch_add(1, Ordering::Relaxed);
             victims.push(key);
         }
@@ -419,13 +467,15 @@ fn write_entry(inner: &Inner, key: String, seq: u64, size: u64, entry: &CachedRe
     } else {
         Err(corrupt("encoded length differs from the computed one"))
     };
+    let tags = tag_lines(&entry.headers);
+    let tags_size = tag_cost(&tags);
     let mut victims = Vec::new();
     let renamed = {
         let mut index = inner.lock();
         index.pending_bytes = index.pending_bytes.saturating_sub(size);
         // Only the newest write of a key that was not removed meanwhile goes in; the
         // rename happens under the lock so two writes of one key cannot land out of order.
-        let current = index.pending.get(&key) == Some(&seq);
+        let current = index.pending.get(&key).map(|p| p.0) == Some(seq);
         if current {
             index.pending.remove(&key);
         }
@@ -433,8 +483,8 @@ fn write_entry(inner: &Inner, key: String, seq: u64, size: u64, entry: &CachedRe
             written = fs::rename(&tmp, &path);
             if written.is_ok() {
                 index.take(&key);
-                evict(inner, &mut index, size, &mut victims);
-                index.insert(key.clone(), size);
+                evict(inner, &mut index, size, tags_size, &mut victims);
+                index.insert(key.clone(), size, entry.status, tags);
             }
         }
         written.is_ok() && current
