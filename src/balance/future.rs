@@ -545,7 +545,7 @@ where
                     LateOutcomes::of(r).push(move |end| deferred.finish(end));
                 }
                 st.replay = None;
-                return Poll::Ready(st.finish(&ep, res));
+                return Poll::Ready(st.finish(ep, res));
             }
             let outcome = match (st.classifier.take(), &res) {
                 _ if client_fault => Outcome::Ignored,
