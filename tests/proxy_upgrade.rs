@@ -320,3 +320,69 @@ async fn garbage_after_the_upgrade_kills_only_its_own_tunnel() {
     let (mut fresh, _) = ws_connect(proxy, None).await;
     assert_eq!(echo(&mut fresh, "new").await, "a:new");
 }
+
+#[cfg(feature = "tls")]
+mod tls_support;
+
+/// `wss://` behind the proxy: the tunnel to an `https://` upstream goes over TLS, verified
+/// against the test CA, and offers only `http/1.1` by ALPN (an upstream that would pick h2
+/// could not be upgraded), while plain requests to the same upstream still get h2.
+#[cfg(feature = "tls")]
+mod over_tls {
+    use super::tls_support::{server_config, Ca, Validity};
+    use super::*;
+    use tokio_rustls::TlsAcceptor;
+    use tower_patterns::tls::ClientTls;
+
+    #[tokio::test]
+    async fn websocket_echo_through_forward_to_an_https_upstream() {
+        let ca = Ca::new("ws test CA");
+        let leaf = ca.server(&["localhost"], Validity::Now);
+        // The upstream prefers h2 when offered it, as most TLS servers do.
+        let acceptor =
+            TlsAcceptor::from(Arc::new(server_config(&leaf, None, &[b"h2", b"http/1.1"])));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let alpn = Arc::new(Mutex::new(Vec::new()));
+        let seen = alpn.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let proto = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                    seen.lock().unwrap().push(proto);
+                    let Ok(mut ws) = tokio_tungstenite::accept_async(tls).await else {
+                        return;
+                    };
+                    while let Some(Ok(Message::Text(t))) = ws.next().await {
+                        if ws.send(Message::text(format!("tls:{t}"))).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let tls = ClientTls::builder()
+            .ca_pem(ca.pem().as_bytes())
+            .unwrap()
+            .build()
+            .unwrap();
+        let fwd = ForwardBuilder::new(format!("https://localhost:{port}"))
+            .tls(tls)
+            .build()
+            .unwrap();
+        let proxy = serve(fwd).await;
+        let (mut ws, _) = ws_connect(proxy, None).await;
+        assert_eq!(echo(&mut ws, "hello").await, "tls:hello");
+        ws.close(None).await.unwrap();
+        assert_eq!(
+            alpn.lock().unwrap().as_slice(),
+            &[Some(b"http/1.1".to_vec())],
+            "the tunnel's connection offered http/1.1 only"
+        );
+    }
+}

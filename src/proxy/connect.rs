@@ -60,6 +60,10 @@ pub(crate) struct Connector {
     h2_keep_alive: Option<(Duration, Duration)>,
     #[cfg(feature = "tls")]
     tls: Option<TlsTarget>,
+    /// The same TLS client offering only `http/1.1`: an upgrade (WebSocket) needs an
+    /// HTTP/1.1 connection, which an upstream choosing h2 by ALPN would not give.
+    #[cfg(feature = "tls")]
+    tls_h1: Option<TlsTarget>,
 }
 
 #[cfg(feature = "tls")]
@@ -82,15 +86,18 @@ impl Connector {
     ) -> Result<Self, ForwardError> {
         let target = upstream.dial_target();
         #[cfg(feature = "tls")]
-        let tls = match (upstream.is_https(), tls) {
-            (true, Some(tls)) => Some(tls_target(upstream, tls, protocol)?),
+        let (tls, tls_h1) = match (upstream.is_https(), tls) {
+            (true, Some(tls)) => (
+                Some(tls_target(upstream, tls, protocol)?),
+                Some(tls_target(upstream, tls, Protocol::Http1)?),
+            ),
             (true, None) => {
                 return Err(ForwardError::InvalidUpstream {
                     uri: upstream.to_string(),
                     reason: "https:// upstream without a TLS configuration",
                 })
             }
-            (false, _) => None,
+            (false, _) => (None, None),
         };
         Ok(Connector {
             label: upstream.authority().to_string(),
@@ -101,7 +108,72 @@ impl Connector {
             h2_keep_alive,
             #[cfg(feature = "tls")]
             tls,
+            #[cfg(feature = "tls")]
+            tls_h1,
         })
+    }
+
+    /// A connection of its own for an HTTP/1.1 upgrade (a WebSocket tunnel), within the
+    /// connect timeout: TCP, TLS offering only `http/1.1` for an `https://` upstream, and
+    /// an HTTP/1 handshake that allows the upgrade. Never pooled: once upgraded it is no
+    /// longer HTTP.
+    pub(crate) async fn connect_for_upgrade<B>(&self) -> Result<http1::SendRequest<B>, ForwardError>
+    where
+        B: http_body::Body + Send + Unpin + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let open = async {
+            let stream = match self.addr {
+                Some(addr) => TcpStream::connect(addr).await,
+                None => TcpStream::connect(self.target.as_str()).await,
+            }
+            .map_err(|e| connect_error(self.label.clone(), e))?;
+            let _ = stream.set_nodelay(true);
+            #[cfg(feature = "tls")]
+            if let Some(tls) = &self.tls_h1 {
+                let stream = tls
+                    .connector
+                    .connect(tls.name.clone(), stream)
+                    .await
+                    .map_err(|e| tls_error(self.label.clone(), e))?;
+                return self.handshake_for_upgrade(TokioIo::new(stream)).await;
+            }
+            self.handshake_for_upgrade(TokioIo::new(stream)).await
+        };
+        match self.timeout {
+            None => open.await,
+            Some(after) => match tokio::time::timeout(after, open).await {
+                Ok(res) => res,
+                Err(_) => Err(ForwardError::ConnectTimeout {
+                    upstream: self.label.clone(),
+                }),
+            },
+        }
+    }
+
+    async fn handshake_for_upgrade<T, B>(
+        &self,
+        io: T,
+    ) -> Result<http1::SendRequest<B>, ForwardError>
+    where
+        T: Read + Write + Unpin + Send + 'static,
+        B: http_body::Body + Send + Unpin + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let (tx, conn) = http1::handshake(io)
+            .await
+            .map_err(|e| ForwardError::Connect {
+                upstream: self.label.clone(),
+                source: Box::new(e),
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upgrade connection ended with an error");
+            }
+        });
+        Ok(tx)
     }
 
     /// Whether this upstream may answer in HTTP/2 (decides the pool's first path).

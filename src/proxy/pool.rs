@@ -159,6 +159,11 @@ impl<B> Pools<B> {
 }
 
 impl<B> HostPool<B> {
+    /// How this upstream is dialled (for connections that never join the pool).
+    pub(crate) fn connector(&self) -> &Arc<Connector> {
+        &self.connector
+    }
+
     pub(crate) fn upstream(&self) -> &Upstream {
         &self.upstream
     }

@@ -435,7 +435,6 @@ where
         // A real upgrade request whose client connection can be taken over keeps its
         // `Upgrade`/`Connection` headers and goes through the tunnel path.
         let upgrade = match self.opts.upgrades
-            && !self.upstream.is_https()
             && upgrade::requested(&parts.method, parts.version, &parts.headers)
         {
             true => parts.extensions.remove::<OnUpgrade>(),
@@ -495,7 +494,7 @@ where
         if let Some(client) = upgrade {
             let call = upgrade::UpgradeCall {
                 upstream: (*self.upstream).clone(),
-                connect_timeout: self.pools.connect_timeout(),
+                connector: self.pool.connector().clone(),
                 response_timeout: self.opts.response_timeout,
                 idle_timeout: self.opts.upgrade_idle_timeout,
                 client,

@@ -27,10 +27,9 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 use super::body::{far_future, Progress};
-use super::connect::connect_error;
+use super::connect::Connector;
 use super::error::ForwardError;
 use super::headers::strip_hop_by_hop;
 use super::upstream::Upstream;
@@ -159,7 +158,8 @@ impl Drop for CloseOnDrop {
 /// What the upgrade exchange needs from `Forward`.
 pub(super) struct UpgradeCall {
     pub upstream: Upstream,
-    pub connect_timeout: Option<Duration>,
+    /// The upstream's dialler: TCP, TLS for `https://` (ALPN `http/1.1`), the timeout.
+    pub connector: Arc<Connector>,
     pub response_timeout: Option<Duration>,
     pub idle_timeout: Option<Duration>,
     pub client: OnUpgrade,
@@ -176,7 +176,7 @@ where
     B::Error: Into<BoxError>,
 {
     let authority = call.upstream.authority().to_string();
-    let mut tx = connect::<B>(&authority, call.connect_timeout).await?;
+    let mut tx = call.connector.connect_for_upgrade::<B>().await?;
     let transport = |e: hyper::Error| ForwardError::Transport {
         upstream: authority.clone(),
         source: Box::new(e),
@@ -234,46 +234,6 @@ where
         );
     });
     Ok(res)
-}
-
-/// A connection of its own for the upgrade: once upgraded it is no longer HTTP, so it
-/// must never go back to the pool.
-async fn connect<B>(
-    authority: &str,
-    timeout: Option<Duration>,
-) -> Result<hyper::client::conn::http1::SendRequest<B>, ForwardError>
-where
-    B: http_body::Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    let connect = TcpStream::connect(authority);
-    let stream = match timeout {
-        Some(after) => match tokio::time::timeout(after, connect).await {
-            Ok(r) => r,
-            Err(_) => {
-                return Err(ForwardError::ConnectTimeout {
-                    upstream: authority.to_string(),
-                })
-            }
-        },
-        None => connect.await,
-    }
-    .map_err(|e| connect_error(authority.to_string(), e))?;
-    let _ = stream.set_nodelay(true);
-    let failed = |e: hyper::Error| ForwardError::Connect {
-        upstream: authority.to_string(),
-        source: Box::new(e),
-    };
-    let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(failed)?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "upgrade connection ended with an error");
-        }
-    });
-    Ok(tx)
 }
 
 /// Why a tunnel ended, and what went through it.
