@@ -108,3 +108,45 @@ async fn tonic_echo_through_the_balancer_and_unavailable_trips_the_breaker() {
         "no call reached b after its breaker opened"
     );
 }
+
+/// The content chain with a gRPC condition: a primary answering `UNAVAILABLE` (a
+/// trailers-only response: `grpc-status` in the head, HTTP `200`) hands the call to the
+/// next link, and the tonic client gets the next link's answer. gRPC calls are `POST`s:
+/// the link must be allowed to resend them (`non_idempotent`), which suits `UNAVAILABLE`
+/// (gRPC: the call was not processed) but not every status.
+#[tokio::test]
+async fn tonic_through_the_content_chain_hops_on_unavailable() {
+    use tower_patterns::body::ReplayBody;
+    use tower_patterns::chain::{ChainLayer, LinkLayer};
+    use tower_patterns::proxy::ForwardBuilder;
+
+    let primary = grpc_server("primary", Arc::new(AtomicBool::new(true))).await;
+    let next = grpc_server("next", Arc::default()).await;
+    let h2c = |addr: std::net::SocketAddr| {
+        ForwardBuilder::new(format!("http://{addr}"))
+            .http2_only(true)
+            .build::<ReplayBody<hyper::body::Incoming>>()
+            .unwrap()
+    };
+    let unavailable: Condition = "grpc:unavailable".parse().unwrap();
+    let proxy = serve_h2c(
+        ServiceBuilder::new()
+            .layer(ErrorResponseLayer)
+            .layer(ChainLayer::new())
+            .layer(LinkLayer::new(unavailable, h2c(next)).non_idempotent(true))
+            .service(h2c(primary)),
+    )
+    .await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{proxy}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = tonic::client::Grpc::new(channel);
+    for i in 0..3 {
+        assert_eq!(
+            say(&mut client, &format!("m{i}")).await.unwrap(),
+            format!("next: m{i}")
+        );
+    }
+}
