@@ -193,16 +193,16 @@ async fn origin_cut_mid_body_fails_every_follower_and_caches_nothing() {
     let cache = CacheLayer::new(MemoryStore::new(64 << 20));
     let e = edge(o.addr, cache.clone()).await;
     let heads = Arc::new(AtomicU64::new(0));
-    let clients: Vec<_> = (0..200)
+    let clients: Vec<_> = (0..1000)
         .map(|_| tokio::spawn(try_fetch(e, "/cut", heads.clone())))
         .collect();
-    until("199 followers", || {
-        cache.stats().snapshot().coalesced == 199
+    until("999 followers", || {
+        cache.stats().snapshot().coalesced == 999
     })
     .await;
     o.gate.send_replace(true);
     // Every client has the head (and part of the body) before the origin cuts.
-    until("200 heads", || heads.load(Ordering::SeqCst) == 200).await;
+    until("1000 heads", || heads.load(Ordering::SeqCst) == 1000).await;
     o.cut.send_replace(true);
     for c in clients {
         let (status, body) = c.await.unwrap().unwrap();
