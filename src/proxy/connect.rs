@@ -123,13 +123,8 @@ impl Connector {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        let open = async {
-            let stream = match self.addr {
-                Some(addr) => TcpStream::connect(addr).await,
-                None => TcpStream::connect(self.target.as_str()).await,
-            }
-            .map_err(|e| connect_error(self.label.clone(), e))?;
-            let _ = stream.set_nodelay(true);
+        self.within_timeout(async {
+            let stream = self.tcp().await?;
             #[cfg(feature = "tls")]
             if let Some(tls) = &self.tls_h1 {
                 let stream = tls
@@ -140,16 +135,8 @@ impl Connector {
                 return self.handshake_for_upgrade(TokioIo::new(stream)).await;
             }
             self.handshake_for_upgrade(TokioIo::new(stream)).await
-        };
-        match self.timeout {
-            None => open.await,
-            Some(after) => match tokio::time::timeout(after, open).await {
-                Ok(res) => res,
-                Err(_) => Err(ForwardError::ConnectTimeout {
-                    upstream: self.label.clone(),
-                }),
-            },
-        }
+        })
+        .await
     }
 
     async fn handshake_for_upgrade<T, B>(
@@ -196,9 +183,17 @@ impl Connector {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
+        self.within_timeout(self.open()).await
+    }
+
+    /// `open` bounded by the connect timeout: past it, a `ConnectTimeout`.
+    async fn within_timeout<T>(
+        &self,
+        open: impl std::future::Future<Output = Result<T, ForwardError>>,
+    ) -> Result<T, ForwardError> {
         match self.timeout {
-            None => self.open().await,
-            Some(after) => match tokio::time::timeout(after, self.open()).await {
+            None => open.await,
+            Some(after) => match tokio::time::timeout(after, open).await {
                 Ok(res) => res,
                 Err(_) => Err(ForwardError::ConnectTimeout {
                     upstream: self.label.clone(),
@@ -207,18 +202,24 @@ impl Connector {
         }
     }
 
-    async fn open<B>(&self) -> Result<Conn<B>, ForwardError>
-    where
-        B: http_body::Body + Send + Unpin + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
-    {
+    /// The TCP connection to the upstream, `TCP_NODELAY` set.
+    async fn tcp(&self) -> Result<TcpStream, ForwardError> {
         let stream = match self.addr {
             Some(addr) => TcpStream::connect(addr).await,
             None => TcpStream::connect(self.target.as_str()).await,
         }
         .map_err(|e| connect_error(self.label.clone(), e))?;
         let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    async fn open<B>(&self) -> Result<Conn<B>, ForwardError>
+    where
+        B: http_body::Body + Send + Unpin + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let stream = self.tcp().await?;
         #[cfg(feature = "tls")]
         if let Some(tls) = &self.tls {
             let stream = tls
