@@ -15,9 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::client;
+use common::send_whole;
 use http::{header, Request, Response};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use tower::{service_fn, ServiceBuilder};
 use tower_patterns::cache::{CacheLayer, Fleet, MemoryStore};
@@ -146,31 +146,14 @@ async fn send(
     path: &str,
     headers: &[(&str, &str)],
 ) -> (u16, String, String, String) {
-    let mut req = Request::builder()
-        .method(method)
-        .uri(format!("http://{addr}{path}"))
-        .header(header::HOST, HOST);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let res = client()
-        .request(req.body(Empty::<Bytes>::new()).unwrap())
-        .await
-        .unwrap();
-    let h = |n: &str| {
-        res.headers()
-            .get(n)
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default()
-    };
-    let (status, xc, peer) = (res.status().as_u16(), h("x-cache"), h("x-cache-peer"));
-    let body = res.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        xc,
-        peer,
-        String::from_utf8_lossy(&body).into_owned(),
-    )
+    let mut h = vec![("host", HOST)];
+    h.extend_from_slice(headers);
+    let got = send_whole(addr, method, path, &h).await;
+    let (xc, peer) = (
+        got.h("x-cache").to_owned(),
+        got.h("x-cache-peer").to_owned(),
+    );
+    (got.status, xc, peer, got.text())
 }
 
 async fn get(addr: SocketAddr, path: &str) -> (String, String, String) {

@@ -112,6 +112,52 @@ pub async fn read_all(res: Response<Incoming>) -> Result<Bytes, hyper::Error> {
     Ok(res.into_body().collect().await?.to_bytes())
 }
 
+/// A response read whole.
+pub struct Got {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    /// The header's value, `""` when absent.
+    pub fn h(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().expect("a visible-ASCII header value"))
+            .unwrap_or_default()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// `method http://addr{path}` with extra headers, through [`client`], read whole.
+pub async fn send_whole(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Got {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let res = client()
+        .request(req.body(Empty::<Bytes>::new()).unwrap())
+        .await
+        .unwrap();
+    let (parts, body) = res.into_parts();
+    Got {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
 /// Backup events, kept until asked for (events of several sinks/keys arrive in any order).
 pub struct Events {
     rx: broadcast::Receiver<BackupEvent>,
