@@ -18,7 +18,9 @@
 //! processes, each worker round-robins and tracks health on its own). `SIGTERM`/Ctrl-C
 //! drains every worker. `--take-over N`: bind next to a running instance with N workers on
 //! the same `--listen` port and take its new connections, for a restart without a failed
-//! request (start the new one, then `SIGTERM` the old one).
+//! request (start the new one, then `SIGTERM` the old one). `--no-balance`: leave the
+//! spreading of connections over the workers to the kernel's hash (by default a worker
+//! hands a new connection to a less-loaded one; see `Workers::balance_connections`).
 //!
 //! `--tls-cert PEM --tls-key PEM` (with `--serve`; needs `--features tls`): HTTPS on
 //! `--listen` instead of plain HTTP — ALPN offers `h2` and `http/1.1`, plain-text h2c
@@ -72,6 +74,7 @@ struct Args {
     workers: Option<usize>,
     take_over: Option<usize>,
     tls: Option<(String, String)>,
+    balance: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -85,6 +88,7 @@ fn parse_args() -> Result<Args, String> {
         workers: None,
         take_over: None,
         tls: None,
+        balance: true,
     };
     let (mut cert, mut key) = (
         std::env::var("TLS_CERT").ok(),
@@ -110,6 +114,7 @@ fn parse_args() -> Result<Args, String> {
             "--serve" => args.serve = true,
             "--no-retry" => args.retry = false,
             "--direct" => args.direct = true,
+            "--no-balance" => args.balance = false,
             "--threads" => {
                 let v = it.next().ok_or("--threads needs N")?;
                 args.threads = Some(v.parse().map_err(|e| format!("--threads {v}: {e}"))?);
@@ -230,7 +235,7 @@ fn serve_per_core(args: &Args, workers: usize) -> Result<(), BoxError> {
     let proto = if args.tls.is_some() { "https" } else { "http" };
     worker_stack(&args.backends, args.retry, args.direct, proto)?;
     let (backends, retry, direct) = (args.backends.clone(), args.retry, args.direct);
-    let mut builder = Workers::new(workers);
+    let mut builder = Workers::new(workers).balance_connections(args.balance);
     if let Some(previous) = args.take_over {
         builder = builder.take_over(previous);
     }

@@ -26,6 +26,8 @@
 # HAProxy `bind ... ssl crt`, all with the same P-256 certificate made here by the openssl
 # CLI, ALPN h2/http1.1 offered, X-Forwarded-Proto https. wrk speaks HTTP/1.1 over TLS with
 # keep-alive, so the figures are mostly record encryption, not handshakes.
+# OURS_EXTRA: extra arguments for ours-fwd, e.g. OURS_EXTRA=--no-balance to compare with
+# the kernel's spreading of connections over the workers.
 #
 # Optional pinning as in ../shared/bench/many-core/run.sh: WRK_CORES, BE_CORES, PX_CORES
 # (taskset lists). On a 2-core machine leave them unset and run it only when the machine
@@ -193,7 +195,7 @@ start_proxies() { # workers
     local w=$1
     port[ours-fwd]=$(free_port)
     spawn_pinned "${PX_CORES:-}" $OURS --serve --direct --workers "$w" --listen "127.0.0.1:${port[ours-fwd]}" \
-        --backends "http://127.0.0.1:$B1" "${OURS_TLS[@]}" >/dev/null 2>&1 &
+        --backends "http://127.0.0.1:$B1" "${OURS_TLS[@]}" ${OURS_EXTRA:-} >/dev/null 2>&1 &
     pids+=($!); pid[ours-fwd]=$!
     port[nginx-fwd]=$(free_port)
     nginx_start "ngx-fwd-$w" "$w" "upstream be { server 127.0.0.1:$B1; keepalive 256; }

@@ -35,6 +35,7 @@
 //! ```
 
 mod accept;
+mod balance;
 mod config;
 mod detect;
 mod listen;

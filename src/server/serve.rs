@@ -22,6 +22,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 use tower_service::Service;
 
 use super::accept::AcceptBackoff;
+use super::balance::{next_handed, Balance};
 use super::detect::{sniff, Prefixed};
 use super::{Accept, Protocol, ServerConfig};
 use crate::proxy::{BodyLimits, ClientAddr};
@@ -55,6 +56,30 @@ where
     A: Accept,
     F: Future<Output = ()>,
 {
+    serve_loop_balanced(config, listener, svc, acceptor, shutdown, None).await
+}
+
+/// [`serve_loop`] for one of several [`Workers`](super::Workers) that even out their
+/// connections ([`Balance`]): its connection cap is the shared one, and connections come
+/// from its listener and from the other workers.
+pub(crate) async fn serve_loop_balanced<S, B, A, F>(
+    config: ServerConfig,
+    listener: TcpListener,
+    svc: S,
+    acceptor: Arc<A>,
+    shutdown: F,
+    mut balance: Option<Balance>,
+) -> std::io::Result<()>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+    A: Accept,
+    F: Future<Output = ()>,
+{
     // One channel tells connections to drain (1) or close now (2); each connection
     // holds a receiver, so "all receivers gone" means every connection has ended.
     let (phase, phase_rx) = watch::channel(RUN);
@@ -68,7 +93,10 @@ where
     // Each connection holds a permit; without one the loop does not call accept, so
     // new clients wait in the kernel backlog (back-pressure) instead of being
     // accepted and dropped.
-    let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let permits = match &balance {
+        Some(balance) => balance.permits(),
+        None => Arc::new(Semaphore::new(config.max_connections.max(1))),
+    };
     let mut backoff = AcceptBackoff::new(config.accept_backoff);
     tokio::pin!(shutdown);
     loop {
@@ -97,9 +125,24 @@ where
                     continue;
                 }
             },
+            Some((stream, peer)) = next_handed(&mut balance) => {
+                conns.serve(stream, peer, Some(permit), &svc);
+                continue;
+            }
         };
         backoff.on_success();
-        conns.serve(stream, peer, Some(permit), &svc);
+        let routed = match &balance {
+            Some(balance) => balance.route(stream, peer),
+            None => Some((stream, peer)),
+        };
+        // Handed to another worker: the permit taken for it here is released.
+        if let Some((stream, peer)) = routed {
+            conns.serve(stream, peer, Some(permit), &svc);
+        }
+    }
+    // Connections other workers handed over and this one has not picked up yet.
+    for (stream, peer) in balance.as_mut().map(Balance::close).unwrap_or_default() {
+        conns.serve(stream, peer, permits.clone().try_acquire_owned().ok(), &svc);
     }
     // Connections the kernel already completed but this loop has not accepted yet would
     // be reset by closing the listener: serve them too (at most the listen backlog, so
