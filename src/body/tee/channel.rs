@@ -268,6 +268,7 @@ impl Outlet {
     /// Queues `chunk` without waiting. Returns `false` if the copy was abandoned. `paced`:
     /// the caller waited for room ([`poll_room`](Self::poll_room)), so the buffer limit is
     /// not checked again (the byte budget still is).
+    #[inline]
     pub(super) fn try_send(&mut self, chunk: &Bytes, paced: bool) -> bool {
         if self.tx.is_none() {
             return false;

@@ -19,7 +19,12 @@
 //! A sink commits only on [`Next::End`], which the tee sends only when the whole body
 //! arrived and its length matched `Content-Length` (when there was one). Memory per sink is
 //! bounded by its buffer plus one chunk; [`TeeStats`] tracks the bytes held across sinks
-//! and their peak.
+//! and their peak (counted when a batch is handed over).
+//!
+//! With [`TeeBody::batched`] (what the backup layer uses) chunks reach a sink in batches
+//! of up to a quarter of its buffer: a per-chunk channel send and sink wake-up cost as much
+//! as the rest of the body's path, and a copy stored only at its end gains nothing from
+//! seeing each chunk at once.
 //!
 //! ```
 //! use bytes::Bytes;
