@@ -178,7 +178,11 @@ where
         stats: Some(cfg.stats.tee.clone()),
         drain_budget: cfg.drain_budget.clone(),
     };
-    Response::from_parts(parts, TeeBody::new(body, outlets, &opts).paced(paced))
+    // A backup is stored only at its end: its chunks may go to the sink in batches.
+    let tee = TeeBody::new(body, outlets, &opts)
+        .paced(paced)
+        .batched(true);
+    Response::from_parts(parts, tee)
 }
 
 /// Bytes a writer keeps after `write` ([`SinkWriter::held_bytes`](super::SinkWriter::held_bytes)),
@@ -188,14 +192,29 @@ struct Held<'a> {
     n: u64,
 }
 
+/// Held bytes are charged in steps of this much: a writer's buffer grows with every chunk,
+/// and one budget update per chunk was a read-modify-write on a counter that every copy
+/// to the sink shares. The charge is never below what the writer holds.
+const HELD_STEP: u64 = 256 << 10;
+
 impl Held<'_> {
-    /// Moves the charge to `now` bytes; `false` if the budget cannot take the growth.
+    /// Moves the charge to cover `now` bytes; `false` if the budget cannot take the growth.
     fn update(&mut self, now: u64) -> bool {
-        if now > self.n && !self.budget.try_charge(now - self.n) {
-            return false;
+        if now > self.n {
+            // Up to the next step; near the limit, only what is held.
+            let ahead = now.div_ceil(HELD_STEP).saturating_mul(HELD_STEP);
+            if self.budget.try_charge(ahead - self.n) {
+                self.n = ahead;
+            } else if self.budget.try_charge(now - self.n) {
+                self.n = now;
+            } else {
+                return false;
+            }
+        } else if now.saturating_add(HELD_STEP) <= self.n {
+            let keep = now.div_ceil(HELD_STEP).saturating_mul(HELD_STEP);
+            self.budget.release(self.n - keep);
+            self.n = keep;
         }
-        self.budget.release(self.n.saturating_sub(now));
-        self.n = now;
         true
     }
 }

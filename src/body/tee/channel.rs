@@ -1,5 +1,15 @@
 //! The per-sink channel: [`Outlet`] (tee side) and [`Inlet`] (sink side), with the byte
 //! accounting that bounds what a sink may fall behind.
+//!
+//! Chunks are sent in batches. Sending each chunk on its own cost a channel push, a wake-up
+//! of the sink's task, and four atomic read-modify-writes on each side (queued bytes, byte
+//! budget, stats) per chunk: as much as the rest of the body's path. The outlet gathers
+//! chunks until a batch threshold (a quarter of the buffer, at most 256 KiB) is crossed or
+//! the body ends, and accounts and sends them as one message; the inlet hands the chunks
+//! out one by one and releases the whole batch once the sink asks for more. The bounds do
+//! not loosen: gathered chunks count against the buffer when they are gathered, and the
+//! byte budget is charged ahead in batch-sized credits (returned when the copy ends), so
+//! the budget never holds less than what is really queued.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -11,8 +21,10 @@ use tokio::sync::{mpsc, Notify};
 
 use super::{AbortReason, ByteBudget, TeeStats};
 
-enum Msg {
+pub(super) enum Msg {
     Data(Bytes),
+    /// Several chunks, accounted together: their total length.
+    Batch(Vec<Bytes>, usize),
     End,
     Abort(AbortReason),
 }
@@ -34,19 +46,33 @@ pub(super) struct Shared {
     pub(super) stats: std::sync::OnceLock<Arc<TeeStats>>,
 }
 
+/// The most bytes gathered into one batch: past this, a larger batch saves nothing
+/// measurable and only delays the sink.
+const MAX_BATCH: usize = 256 << 10;
+
 /// The tee side of one sink's channel. Give it to [`TeeBody::new`](super::TeeBody::new).
 pub struct Outlet {
     tx: Option<mpsc::UnboundedSender<Msg>>,
     pub(super) shared: Arc<Shared>,
+    /// Chunks gathered for the next batch, and their length (counted against the buffer
+    /// and charged to the budget, not yet in `shared.buffered`).
+    pending: Vec<Bytes>,
+    pending_len: usize,
+    /// Send once `pending_len` reaches this; 0 sends every chunk on its own.
+    batch: usize,
+    /// Bytes charged to the byte budget ahead of use (see the module docs).
+    credit: u64,
 }
 
 /// The sink side of one sink's channel: call [`Inlet::next`] until `End` or `Abort`.
 pub struct Inlet {
-    rx: mpsc::UnboundedReceiver<Msg>,
-    shared: Arc<Shared>,
-    /// Length of the chunk handed out last; released at the next call (the sink is done
-    /// with it by then) or on drop.
+    pub(super) rx: mpsc::UnboundedReceiver<Msg>,
+    pub(super) shared: Arc<Shared>,
+    /// Length of the chunk or batch received last; released once it is handed out whole
+    /// and the next one is asked for (the sink is done with it by then), or on drop.
     held: usize,
+    /// The rest of the batch received last.
+    rest: std::vec::IntoIter<Bytes>,
     finished: bool,
 }
 
@@ -88,11 +114,16 @@ fn make_outlet(buffer: usize, budget: Option<Arc<ByteBudget>>) -> (Outlet, Inlet
         Outlet {
             tx: Some(tx),
             shared: shared.clone(),
+            pending: Vec::new(),
+            pending_len: 0,
+            batch: 0,
+            credit: 0,
         },
         Inlet {
             rx,
             shared,
             held: 0,
+            rest: Vec::new().into_iter(),
             finished: false,
         },
     )
@@ -101,6 +132,10 @@ fn make_outlet(buffer: usize, budget: Option<Arc<ByteBudget>>) -> (Outlet, Inlet
 impl Inlet {
     /// Waits for the next event. After `End` or `Abort`, returns `Abort(Dropped)` forever.
     pub async fn next(&mut self) -> Next {
+        // Within a batch: no channel, no atomics.
+        if let Some(b) = self.rest.next() {
+            return Next::Data(b);
+        }
         self.release_held();
         if self.finished {
             return Next::Abort(AbortReason::Dropped);
@@ -109,6 +144,18 @@ impl Inlet {
             Some(Msg::Data(b)) => {
                 self.held = b.len();
                 Next::Data(b)
+            }
+            Some(Msg::Batch(chunks, len)) => {
+                self.held = len;
+                self.rest = chunks.into_iter();
+                match self.rest.next() {
+                    Some(b) => Next::Data(b),
+                    // The outlet never sends an empty batch; treat one as broken.
+                    None => {
+                        self.finished = true;
+                        Next::Abort(AbortReason::Dropped)
+                    }
+                }
             }
             Some(Msg::End) => {
                 self.finished = true;
@@ -154,8 +201,10 @@ impl Drop for Inlet {
         // Closing first makes every later send fail, so the queue can be emptied for good.
         self.rx.close();
         while let Ok(msg) = self.rx.try_recv() {
-            if let Msg::Data(b) = msg {
-                self.release(b.len());
+            match msg {
+                Msg::Data(b) => self.release(b.len()),
+                Msg::Batch(_, len) => self.release(len),
+                Msg::End | Msg::Abort(_) => {}
             }
         }
         self.shared.released.notify_one();
@@ -190,6 +239,17 @@ impl Outlet {
         self.tx.as_ref().is_some_and(|tx| !tx.is_closed())
     }
 
+    /// Gathers chunks into batches of up to a quarter of the buffer (at most
+    /// [`MAX_BATCH`]); `false` sends every chunk on its own. A quarter leaves the sink
+    /// three quarters of its buffer to fall behind by before the copy overflows.
+    pub(super) fn set_batching(&mut self, on: bool) {
+        self.batch = if on {
+            (self.shared.limit / 4).min(MAX_BATCH)
+        } else {
+            0
+        };
+    }
+
     /// Paced mode: whether the sink has room for another chunk (at most half its buffer
     /// queued); otherwise registers `cx` to be woken when it releases bytes or goes away.
     /// A paced tee queues at most half the buffer plus one chunk, so it never overflows.
@@ -208,14 +268,16 @@ impl Outlet {
     /// Queues `chunk` without waiting. Returns `false` if the copy was abandoned. `paced`:
     /// the caller waited for room ([`poll_room`](Self::poll_room)), so the buffer limit is
     /// not checked again (the byte budget still is).
+    #[inline]
     pub(super) fn try_send(&mut self, chunk: &Bytes, paced: bool) -> bool {
         if self.tx.is_none() {
             return false;
         }
         let len = chunk.len();
-        let prev = self.shared.buffered.fetch_add(len, Ordering::AcqRel);
-        if !paced && prev != 0 && prev + len > self.shared.limit {
-            self.shared.buffered.fetch_sub(len, Ordering::AcqRel);
+        // What the sink has not released yet plus what waits here. A plain load: the
+        // sink only lowers it, so a stale value errs towards overflowing early.
+        let queued = self.shared.buffered.load(Ordering::Acquire) + self.pending_len;
+        if !paced && queued != 0 && queued.saturating_add(len) > self.shared.limit {
             if let Some(s) = self.shared.stats.get() {
                 s.overflows.fetch_add(1, Ordering::Relaxed);
             }
@@ -229,18 +291,36 @@ impl Outlet {
             return false;
         }
         if !self.charge_budget(len) {
-            self.shared.buffered.fetch_sub(len, Ordering::AcqRel);
             return false;
         }
-        self.push(chunk)
+        self.pending.push(chunk.clone());
+        self.pending_len += len;
+        if self.pending_len >= self.batch {
+            return self.flush();
+        }
+        true
     }
 
-    /// Charges `len` bytes to the sink's shared budget; on failure aborts this copy.
+    /// Takes `len` bytes from the credit charged to the sink's byte budget, charging a
+    /// batch's worth more when it runs out; on failure aborts this copy.
     fn charge_budget(&mut self, len: usize) -> bool {
         let Some(b) = &self.shared.budget else {
             return true;
         };
-        if b.try_charge(len as u64) {
+        let len = len as u64;
+        if let Some(left) = self.credit.checked_sub(len) {
+            self.credit = left;
+            return true;
+        }
+        let need = len - self.credit;
+        // Ahead by up to one batch; near the limit, only what this chunk needs.
+        let ahead = need.max(self.batch as u64);
+        if ahead > need && b.try_charge(ahead) {
+            self.credit = ahead - need;
+            return true;
+        }
+        if b.try_charge(need) {
+            self.credit = 0;
             return true;
         }
         let limit = b.limit();
@@ -258,11 +338,15 @@ impl Outlet {
     /// Queues `chunk`, waiting while the sink's buffer is full (drain mode only).
     pub(super) async fn send_waiting(&mut self, chunk: &Bytes) -> bool {
         let len = chunk.len();
+        // Whatever the tee gathered goes first, in order.
+        if !self.flush() {
+            return false;
+        }
         // Set before reading the count, so a release after the read always notifies.
         self.shared.draining.store(true, Ordering::SeqCst);
         loop {
             if !self.is_open() {
-                self.tx = None;
+                self.discard();
                 return false;
             }
             let cur = self.shared.buffered.load(Ordering::SeqCst);
@@ -275,23 +359,43 @@ impl Outlet {
         if !self.charge_budget(len) {
             return false;
         }
-        self.shared.buffered.fetch_add(len, Ordering::AcqRel);
-        self.push(chunk)
+        self.pending.push(chunk.clone());
+        self.pending_len += len;
+        self.flush()
     }
 
-    /// Sends a chunk whose bytes were already added to `shared.buffered`. The global
-    /// count goes up before the send so the sink can never subtract first.
-    fn push(&mut self, chunk: &Bytes) -> bool {
-        let len = chunk.len();
+    /// Sends the gathered chunks as one message: one addition to each count, one wake-up
+    /// of the sink. The counts go up before the send so the sink can never subtract
+    /// first. Returns `false` if the copy was abandoned.
+    pub(super) fn flush(&mut self) -> bool {
+        if self.tx.is_none() {
+            self.discard();
+            return false;
+        }
+        let len = self.pending_len;
+        if len == 0 && self.pending.is_empty() {
+            return true;
+        }
+        self.shared.buffered.fetch_add(len, Ordering::AcqRel);
         let stats = self.shared.stats.get();
         if let Some(s) = stats {
             s.add_buffered(len);
         }
-        if self
-            .tx
-            .as_ref()
-            .is_some_and(|tx| tx.clone_send(chunk.clone()))
-        {
+        self.pending_len = 0;
+        let msg = if self.pending.len() == 1 {
+            // One chunk needs no vector; keep the allocation for the next batch.
+            match self.pending.pop() {
+                Some(b) => Msg::Data(b),
+                None => return true,
+            }
+        } else {
+            let cap = self.pending.capacity();
+            Msg::Batch(
+                std::mem::replace(&mut self.pending, Vec::with_capacity(cap)),
+                len,
+            )
+        };
+        if self.tx.as_ref().is_some_and(|tx| tx.send(msg).is_ok()) {
             return true;
         }
         // The sink went away (it reports its own error).
@@ -303,29 +407,39 @@ impl Outlet {
         }
         self.shared.buffered.fetch_sub(len, Ordering::AcqRel);
         self.tx = None;
+        self.discard();
         false
     }
 
-    pub(super) fn end(&mut self) {
-        if let Some(tx) = self.tx.take() {
-            let _ = tx.send(Msg::End);
+    /// Drops what was gathered and returns it, and the unused credit, to the budget.
+    fn discard(&mut self) {
+        let n = std::mem::take(&mut self.pending_len) as u64 + std::mem::take(&mut self.credit);
+        self.pending.clear();
+        if let Some(b) = &self.shared.budget {
+            b.release(n);
         }
     }
 
+    pub(super) fn end(&mut self) {
+        if self.flush() {
+            if let Some(tx) = self.tx.take() {
+                let _ = tx.send(Msg::End);
+            }
+        }
+        self.discard();
+    }
+
     pub(super) fn abort(&mut self, reason: AbortReason) {
+        self.discard();
         if let Some(tx) = self.tx.take() {
             let _ = tx.send(Msg::Abort(reason));
         }
     }
 }
 
-trait SendExt {
-    fn clone_send(&self, b: Bytes) -> bool;
-}
-
-impl SendExt for mpsc::UnboundedSender<Msg> {
-    #[inline]
-    fn clone_send(&self, b: Bytes) -> bool {
-        self.send(Msg::Data(b)).is_ok()
+impl Drop for Outlet {
+    fn drop(&mut self) {
+        // Dropped without `end`: the sink sees `Dropped`; the budget gets its bytes back.
+        self.discard();
     }
 }

@@ -19,7 +19,12 @@
 //! A sink commits only on [`Next::End`], which the tee sends only when the whole body
 //! arrived and its length matched `Content-Length` (when there was one). Memory per sink is
 //! bounded by its buffer plus one chunk; [`TeeStats`] tracks the bytes held across sinks
-//! and their peak.
+//! and their peak (counted when a batch is handed over).
+//!
+//! With [`TeeBody::batched`] (what the backup layer uses) chunks reach a sink in batches
+//! of up to a quarter of its buffer: a per-chunk channel send and sink wake-up cost as much
+//! as the rest of the body's path, and a copy stored only at its end gains nothing from
+//! seeing each chunk at once.
 //!
 //! ```
 //! use bytes::Bytes;
@@ -48,6 +53,8 @@ mod budget;
 mod channel;
 mod drain;
 mod stats;
+#[cfg(test)]
+mod tests;
 
 use std::fmt;
 use std::pin::Pin;
@@ -206,6 +213,25 @@ where
     /// [`backfill`](crate::backup::backfill())), never for real clients.
     pub fn paced(mut self, paced: bool) -> Self {
         self.paced = paced;
+        if paced {
+            for o in &mut self.outlets {
+                o.set_batching(false);
+            }
+        }
+        self
+    }
+
+    /// Sends the copies in batches (off by default): chunks are gathered per sink until a
+    /// quarter of its buffer (at most 256 KiB) or the end of the body, then accounted and
+    /// handed to the sink at once, one wake-up instead of one per chunk. Memory stays
+    /// bounded by the same buffer and budget. For copies that are only stored at the end
+    /// (backups); not for a reader that must see each chunk as it arrives. Ignored when
+    /// [`paced`](Self::paced): a paced tee waits for the sink after every chunk.
+    pub fn batched(mut self, on: bool) -> Self {
+        let on = on && !self.paced;
+        for o in &mut self.outlets {
+            o.set_batching(on);
+        }
         self
     }
 
