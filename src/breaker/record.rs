@@ -156,14 +156,15 @@ impl Shared {
     #[inline(always)]
     pub(super) fn complete(self: &Arc<Self>, permit: Permit, outcome: Outcome, elapsed: Duration) {
         let word = permit.word;
-        if word & 15 == CLOSED && permit.release.is_none() && matches!(outcome, Outcome::Success) {
+        if word & 15 == CLOSED
+            && permit.release.is_none()
+            && matches!(outcome, Outcome::Success)
+            && (self.cfg.slow_rate.is_none() || elapsed < self.cfg.slow_duration)
+        {
             // A closed-state permit holds no probe slot, so it has nothing to release: skip
             // its destructor (an out-of-line call per request otherwise).
             std::mem::forget(permit);
-            if self.cfg.slow_rate.is_none() || elapsed < self.cfg.slow_duration {
-                return self.record_success(word);
-            }
-            return self.record_closed(word, false, true);
+            return self.record_success(word);
         }
         self.complete_slow(permit, outcome, elapsed)
     }
@@ -213,6 +214,7 @@ impl Shared {
         }
     }
 
+    #[inline]
     pub(super) fn record_closed(self: &Arc<Self>, word: u64, fail: bool, slow: bool) {
         if self.state.load(Ordering::Relaxed) != word {
             return; // admitted in an earlier state
@@ -232,7 +234,7 @@ impl Shared {
         }
     }
 
-    #[inline(never)]
+    #[inline]
     fn record_failure(self: &Arc<Self>, word: u64, slow: bool) {
         // Exact under concurrency only where it decides (a consecutive-failure trigger);
         // otherwise it is a metric, and a load and store spare a locked read-modify-write.
@@ -250,29 +252,39 @@ impl Shared {
         self.evaluate(word, c.unwrap_or_default(), consecutive);
     }
 
-    #[inline(never)]
+    /// Trips the circuit when `c` (or the consecutive count) reaches a threshold. Inlined
+    /// into the recording paths: the check is a few integer comparisons, and only a trip
+    /// (logging, the transition) leaves the line.
+    #[inline]
     fn evaluate(self: &Arc<Self>, word: u64, c: Counts, consecutive: u32) {
         if c.failures == 0 && c.slow == 0 && consecutive == 0 {
             return;
         }
         if let Some(reason) = self.trip_reason(c, consecutive, self.min_calls) {
-            if word & 15 == METRICS_ONLY {
-                return;
-            }
-            tracing::warn!(
-                target: TARGET,
-                breaker = %self.name,
-                failure_rate = rate(c.failures, c.calls.max(1)),
-                slow_call_rate = rate(c.slow, c.calls.max(1)),
-                consecutive_failures = consecutive,
-                calls = c.calls,
-                reason,
-                "failure rate exceeded threshold"
-            );
-            let _ = self.transition(Some(word), State::Open);
+            self.trip(word, c, consecutive, reason);
         }
     }
 
+    #[cold]
+    #[inline(never)]
+    fn trip(self: &Arc<Self>, word: u64, c: Counts, consecutive: u32, reason: &'static str) {
+        if word & 15 == METRICS_ONLY {
+            return;
+        }
+        tracing::warn!(
+            target: TARGET,
+            breaker = %self.name,
+            failure_rate = rate(c.failures, c.calls.max(1)),
+            slow_call_rate = rate(c.slow, c.calls.max(1)),
+            consecutive_failures = consecutive,
+            calls = c.calls,
+            reason,
+            "failure rate exceeded threshold"
+        );
+        let _ = self.transition(Some(word), State::Open);
+    }
+
+    #[inline]
     pub(super) fn trip_reason(
         &self,
         c: Counts,
