@@ -194,6 +194,44 @@ mod tests {
         assert_ne!(again, mine);
     }
 
+    /// Counting from another thread-local's destructor, before or after the id was handed
+    /// back (the order is unspecified), neither panics nor loses a count, and a handed-back
+    /// id is never used as an exclusive cell afterwards.
+    #[test]
+    fn counting_during_thread_teardown_is_exact() {
+        struct Late(Arc<StripedCounter>);
+        impl Drop for Late {
+            fn drop(&mut self) {
+                for _ in 0..1_000 {
+                    self.0.add(1);
+                }
+            }
+        }
+        thread_local! {
+            static LATE: std::cell::RefCell<Option<Late>> = const { std::cell::RefCell::new(None) };
+        }
+        let c = Arc::new(StripedCounter::with_cells(2));
+        let hs: Vec<_> = (0..4)
+            .map(|i| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    // Both registration orders: the id's hand-back before or after `LATE`.
+                    if i % 2 == 0 {
+                        c.add(1);
+                        LATE.with(|l| *l.borrow_mut() = Some(Late(c.clone())));
+                    } else {
+                        LATE.with(|l| *l.borrow_mut() = Some(Late(c.clone())));
+                        c.add(1);
+                    }
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap();
+        }
+        assert_eq!(c.sum(), 4 * 1_001);
+    }
+
     #[test]
     fn striped_sum_is_exact_after_concurrent_adds() {
         let c = Arc::new(StripedCounter::with_cells(2));
