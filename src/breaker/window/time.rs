@@ -108,7 +108,7 @@ impl TimeWindow {
 
     /// Records one call at second `now_s`. Returns the window when the call could change
     /// the decision, `None` when it cannot (no rate rose).
-    #[inline]
+    #[inline(always)]
     pub fn record(&self, now_s: u64, fail: bool, slow: bool) -> Option<Counts> {
         self.add(now_s, fail, slow);
         if fail || slow {
@@ -122,7 +122,7 @@ impl TimeWindow {
         Some(self.evaluate(now_s))
     }
 
-    #[inline]
+    #[inline(always)]
     fn add(&self, now_s: u64, fail: bool, slow: bool) {
         let stamp = now_s & STAMP_MASK;
         let delta = 1 | (u64::from(fail) << TB) | (u64::from(slow) << (2 * TB));
