@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::config::{CircuitBreakerConfig, Window};
 use super::error::{CircuitOpen, ConfigError, IllegalTransition};
-use super::state::{Metrics, MetricsSnapshot, Permit, Shared, State, CLOSED, OPEN};
+use super::state::{threshold, Metrics, MetricsSnapshot, Permit, Shared, State, CLOSED, OPEN};
 use super::window::{CountWindow, TimeWindow};
 use crate::classify::Outcome;
 use crate::gate::Gate;
@@ -47,6 +47,8 @@ impl Circuit {
                 cfg.minimum_calls,
             ),
         };
+        let (failure_threshold, slow_threshold) =
+            (threshold(cfg.failure_rate), threshold(cfg.slow_rate));
         let (tx, _) = watch::channel(State::Closed);
         Ok(Self {
             shared: Arc::new(Shared {
@@ -56,6 +58,8 @@ impl Circuit {
                 state: AtomicU64::new(CLOSED),
                 window,
                 min_calls,
+                failure_threshold,
+                slow_threshold,
                 consecutive: AtomicU32::new(0),
                 open_until: AtomicU64::new(0),
                 open_attempts: AtomicU32::new(0),

@@ -109,6 +109,9 @@ impl CircuitBreakerConfig {
     }
 
     /// Trip when the failure rate, in percent, is **at least** `percent` (1..=100).
+    ///
+    /// Decided in integers (no division per call): `percent` is taken to 1/10,000 %
+    /// (rounded), so a threshold with up to four decimals decides exactly.
     pub fn failure_rate_threshold(mut self, percent: f64) -> Self {
         self.failure_rate = Some(percent);
         self
@@ -121,7 +124,7 @@ impl CircuitBreakerConfig {
     }
 
     /// Trip when the share of calls taking at least `slow_call_duration` is at least
-    /// `percent`.
+    /// `percent` (taken to 1/10,000 %, like the failure rate).
     pub fn slow_call_rate_threshold(mut self, percent: f64) -> Self {
         self.slow_rate = Some(percent);
         self

@@ -8,10 +8,10 @@ use tokio::time::Instant;
 
 use super::error::CircuitOpen;
 use super::state::{
-    ho_epoch25, ho_epoch32, rate, Metrics, Permit, Shared, State, CLOSED, DISABLED, FORCED_OPEN,
-    HALF_OPEN, METRICS_ONLY, OPEN, R, RMASK, TARGET,
+    ho_epoch25, ho_epoch32, rate, reaches, Metrics, Permit, Shared, State, CLOSED, DISABLED,
+    FORCED_OPEN, HALF_OPEN, METRICS_ONLY, OPEN, R, RMASK, TARGET,
 };
-use super::window::Counts;
+use super::window::{Counts, TimeWindow};
 use crate::classify::Outcome;
 
 impl Shared {
@@ -151,13 +151,26 @@ impl Shared {
         self.notify.notify_waiters();
     }
 
+    /// Records how an admitted call ended. The common case (a success in closed state)
+    /// stays small enough to inline into the caller: everything else is out of line.
     #[inline(always)]
-    pub(super) fn complete(
-        self: &Arc<Self>,
-        mut permit: Permit,
-        outcome: Outcome,
-        elapsed: Duration,
-    ) {
+    pub(super) fn complete(self: &Arc<Self>, permit: Permit, outcome: Outcome, elapsed: Duration) {
+        let word = permit.word;
+        if word & 15 == CLOSED
+            && permit.release.is_none()
+            && matches!(outcome, Outcome::Success)
+            && (self.cfg.slow_rate.is_none() || elapsed < self.cfg.slow_duration)
+        {
+            // A closed-state permit holds no probe slot, so it has nothing to release: skip
+            // its destructor (an out-of-line call per request otherwise).
+            std::mem::forget(permit);
+            return self.record_success(word);
+        }
+        self.complete_slow(permit, outcome, elapsed)
+    }
+
+    #[inline(never)]
+    fn complete_slow(self: &Arc<Self>, mut permit: Permit, outcome: Outcome, elapsed: Duration) {
         if outcome == Outcome::Ignored {
             return; // dropping the permit returns a probe permit
         }
@@ -174,7 +187,34 @@ impl Shared {
         }
     }
 
+    /// A plain success in closed state: one load of the state word, one of the
+    /// consecutive-failure count, and at most a bump of this thread's own counter cell in
+    /// the count window (no clock read, no shared write).
     #[inline(always)]
+    fn record_success(self: &Arc<Self>, word: u64) {
+        if self.state.load(Ordering::Relaxed) != word {
+            return; // admitted in an earlier state
+        }
+        if self.consecutive.load(Ordering::Relaxed) != 0 {
+            self.consecutive.store(0, Ordering::Relaxed);
+        }
+        let c = match &self.window {
+            Metrics::Count(w) => w.record(false, false),
+            Metrics::Time(w) => return self.record_time_success(word, w),
+        };
+        if let Some(c) = c {
+            self.evaluate(word, c, 0);
+        }
+    }
+
+    #[inline(never)]
+    fn record_time_success(self: &Arc<Self>, word: u64, w: &TimeWindow) {
+        if let Some(c) = w.record(self.now_secs(), false, false) {
+            self.evaluate(word, c, 0);
+        }
+    }
+
+    #[inline]
     pub(super) fn record_closed(self: &Arc<Self>, word: u64, fail: bool, slow: bool) {
         if self.state.load(Ordering::Relaxed) != word {
             return; // admitted in an earlier state
@@ -182,8 +222,6 @@ impl Shared {
         if fail {
             return self.record_failure(word, slow);
         }
-        // A success: in the common case one load here and at most a bump of this thread's
-        // own counter cell in the window, so it inlines into the caller.
         if self.consecutive.load(Ordering::Relaxed) != 0 {
             self.consecutive.store(0, Ordering::Relaxed);
         }
@@ -196,9 +234,17 @@ impl Shared {
         }
     }
 
-    #[inline(never)]
+    #[inline]
     fn record_failure(self: &Arc<Self>, word: u64, slow: bool) {
-        let consecutive = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
+        // Exact under concurrency only where it decides (a consecutive-failure trigger);
+        // otherwise it is a metric, and a load and store spare a locked read-modify-write.
+        let consecutive = if self.cfg.consecutive_failures.is_some() {
+            self.consecutive.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            let n = self.consecutive.load(Ordering::Relaxed).saturating_add(1);
+            self.consecutive.store(n, Ordering::Relaxed);
+            n
+        };
         let c = match &self.window {
             Metrics::Count(w) => w.record(true, slow),
             Metrics::Time(w) => w.record(self.now_secs(), true, slow),
@@ -206,29 +252,39 @@ impl Shared {
         self.evaluate(word, c.unwrap_or_default(), consecutive);
     }
 
-    #[inline(never)]
+    /// Trips the circuit when `c` (or the consecutive count) reaches a threshold. Inlined
+    /// into the recording paths: the check is a few integer comparisons, and only a trip
+    /// (logging, the transition) leaves the line.
+    #[inline]
     fn evaluate(self: &Arc<Self>, word: u64, c: Counts, consecutive: u32) {
         if c.failures == 0 && c.slow == 0 && consecutive == 0 {
             return;
         }
         if let Some(reason) = self.trip_reason(c, consecutive, self.min_calls) {
-            if word & 15 == METRICS_ONLY {
-                return;
-            }
-            tracing::warn!(
-                target: TARGET,
-                breaker = %self.name,
-                failure_rate = rate(c.failures, c.calls.max(1)),
-                slow_call_rate = rate(c.slow, c.calls.max(1)),
-                consecutive_failures = consecutive,
-                calls = c.calls,
-                reason,
-                "failure rate exceeded threshold"
-            );
-            let _ = self.transition(Some(word), State::Open);
+            self.trip(word, c, consecutive, reason);
         }
     }
 
+    #[cold]
+    #[inline(never)]
+    fn trip(self: &Arc<Self>, word: u64, c: Counts, consecutive: u32, reason: &'static str) {
+        if word & 15 == METRICS_ONLY {
+            return;
+        }
+        tracing::warn!(
+            target: TARGET,
+            breaker = %self.name,
+            failure_rate = rate(c.failures, c.calls.max(1)),
+            slow_call_rate = rate(c.slow, c.calls.max(1)),
+            consecutive_failures = consecutive,
+            calls = c.calls,
+            reason,
+            "failure rate exceeded threshold"
+        );
+        let _ = self.transition(Some(word), State::Open);
+    }
+
+    #[inline]
     pub(super) fn trip_reason(
         &self,
         c: Counts,
@@ -240,16 +296,14 @@ impl Shared {
                 return Some("consecutive failures");
             }
         }
+        // Rates apply from the minimum number of calls on. Integers, not a float division
+        // per evaluation: `part / calls >= t` as `part * SCALE >= t * calls`.
         if c.calls >= min_calls && c.calls > 0 {
-            if let Some(t) = self.cfg.failure_rate {
-                if rate(c.failures, c.calls) >= t {
-                    return Some("failure rate");
-                }
+            if reaches(c.failures, c.calls, self.failure_threshold) {
+                return Some("failure rate");
             }
-            if let Some(t) = self.cfg.slow_rate {
-                if rate(c.slow, c.calls) >= t {
-                    return Some("slow-call rate");
-                }
+            if reaches(c.slow, c.calls, self.slow_threshold) {
+                return Some("slow-call rate");
             }
         }
         None

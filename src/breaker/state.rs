@@ -110,6 +110,10 @@ pub(crate) struct Shared {
     pub(super) state: AtomicU64,
     pub(super) window: Metrics,
     pub(super) min_calls: u32,
+    /// `failure_rate` as a [`threshold`]; `u64::MAX` when not configured.
+    pub(super) failure_threshold: u64,
+    /// `slow_rate` as a [`threshold`]; `u64::MAX` when not configured.
+    pub(super) slow_threshold: u64,
     pub(super) consecutive: AtomicU32,
     pub(super) open_until: AtomicU64,
     pub(super) open_attempts: AtomicU32,
@@ -186,4 +190,50 @@ pub struct MetricsSnapshot {
 /// `part` of `calls` in percent, for events and metrics (decisions compare integers).
 pub(super) fn rate(part: u32, calls: u32) -> f64 {
     f64::from(part) * 100.0 / f64::from(calls)
+}
+
+/// Fixed-point scale of rate thresholds: a percent in units of 1/10,000 %.
+const SCALE: u64 = 1_000_000;
+
+/// A threshold in percent as the integer that [`reaches`] compares: `percent * 10,000`,
+/// rounded, so thresholds with up to four decimals decide exactly as the real numbers
+/// do; `u64::MAX` (never reached) for none.
+pub(super) fn threshold(percent: Option<f64>) -> u64 {
+    match percent {
+        // Validated to (0, 100]: the product is at most 1,000,000, so the cast is exact.
+        Some(p) => (p * (SCALE / 100) as f64).round() as u64,
+        None => u64::MAX,
+    }
+}
+
+/// `part / calls >= threshold` (in percent) without a division: both sides are below
+/// 2^52 (`part`, `calls` < 2^32, the scale and a threshold <= 10^6 < 2^20).
+#[inline]
+pub(super) fn reaches(part: u32, calls: u32, threshold: u64) -> bool {
+    u64::from(part) * SCALE >= threshold.saturating_mul(u64::from(calls))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A threshold with two decimals decides exactly as the rational comparison
+        /// `part / calls * 100 >= k / 100` does, at every window size.
+        #[test]
+        fn integer_threshold_is_exact(k in 1u64..=10_000, calls in 1u32..20_000, part in 0u32..20_000) {
+            let part = part.min(calls);
+            let t = threshold(Some(k as f64 / 100.0));
+            let exact = u64::from(part) * 100 * 100 >= k * u64::from(calls);
+            prop_assert_eq!(reaches(part, calls, t), exact);
+        }
+    }
+
+    #[test]
+    fn no_threshold_is_never_reached() {
+        assert!(!reaches(u32::MAX, u32::MAX, threshold(None)));
+        assert!(reaches(1, 1, threshold(Some(100.0))));
+        assert!(!reaches(0, 1, threshold(Some(0.0001))));
+    }
 }

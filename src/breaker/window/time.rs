@@ -108,7 +108,7 @@ impl TimeWindow {
 
     /// Records one call at second `now_s`. Returns the window when the call could change
     /// the decision, `None` when it cannot (no rate rose).
-    #[inline]
+    #[inline(always)]
     pub fn record(&self, now_s: u64, fail: bool, slow: bool) -> Option<Counts> {
         self.add(now_s, fail, slow);
         if fail || slow {
@@ -122,7 +122,7 @@ impl TimeWindow {
         Some(self.evaluate(now_s))
     }
 
-    #[inline]
+    #[inline(always)]
     fn add(&self, now_s: u64, fail: bool, slow: bool) {
         let stamp = now_s & STAMP_MASK;
         let delta = 1 | (u64::from(fail) << TB) | (u64::from(slow) << (2 * TB));
@@ -152,8 +152,12 @@ impl TimeWindow {
 
     #[inline(never)]
     fn record_marked(&self, now_s: u64) -> Counts {
-        self.dirty_until
-            .fetch_max(now_s.saturating_add(self.secs), Ordering::AcqRel);
+        // A locked read-modify-write on a line every thread reads, but only when the
+        // deadline moves (at most once per second): every other failure only loads it.
+        let until = now_s.saturating_add(self.secs);
+        if self.dirty_until.load(Ordering::Relaxed) < until {
+            self.dirty_until.fetch_max(until, Ordering::AcqRel);
+        }
         self.evaluate(now_s)
     }
 
@@ -161,8 +165,12 @@ impl TimeWindow {
     fn evaluate(&self, now_s: u64) -> Counts {
         let c = self.counts(now_s);
         let below = c.calls < self.min_calls;
-        self.eval
-            .store((now_s << 1) | u64::from(below), Ordering::Relaxed);
+        // Written only when it changes (a new second, or crossing the minimum), so the
+        // successes of other threads, which read it, keep their cached copy.
+        let e = (now_s << 1) | u64::from(below);
+        if self.eval.load(Ordering::Relaxed) != e {
+            self.eval.store(e, Ordering::Relaxed);
+        }
         c
     }
 
