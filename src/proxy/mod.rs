@@ -65,6 +65,7 @@ mod connect;
 mod error;
 mod future;
 mod h2;
+mod h2pool;
 pub(crate) mod headers;
 mod pool;
 mod service;

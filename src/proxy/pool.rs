@@ -8,11 +8,14 @@
 //! connection goes back as soon as its response headers arrived (HTTP/1 `SendRequest`
 //! reports itself not ready until the body is done, so it cannot be double-booked).
 //!
-//! An HTTP/2 upstream gets one connection that every request multiplexes over (its
-//! `SendRequest` is a cheap clone). It is opened single-flight: the first requests of a
-//! burst share one connect instead of racing to open one each. When it closes (`GOAWAY`,
-//! a broken socket) the next request opens the next one. Requests over the upstream's
-//! `SETTINGS_MAX_CONCURRENT_STREAMS` wait in hyper's queue for a free stream.
+//! An HTTP/2 upstream's requests multiplex over a few connections (a `SendRequest` is a
+//! cheap clone). A request takes a stream on the first connection with one free (open
+//! streams are counted on the wire, see [`super::h2pool`]; the limit is the smaller of
+//! `max_streams_per_connection` and the upstream's `SETTINGS_MAX_CONCURRENT_STREAMS`).
+//! When all are full another connection is opened, single-flight (the requests of a burst
+//! share one connect instead of racing to open one each), up to the per-upstream
+//! connection limit; past it a request waits for a free stream, at most the acquire
+//! timeout. A connection that closes (`GOAWAY`, a broken socket) is dropped from the set.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -25,6 +28,8 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use tokio::time::Instant;
+
+use super::h2pool::{Pending, Streams};
 
 use super::body::BodyFault;
 use super::connect::{Conn, Connector, Protocol};
@@ -40,6 +45,12 @@ pub(crate) struct PoolConfig {
     pub max_idle: usize,
     pub protocol: Protocol,
     pub h2_keep_alive: Option<(Duration, Duration)>,
+    /// Streams one HTTP/2 connection carries at most (also bounded by the upstream's).
+    pub h2_max_streams: usize,
+    /// HTTP/2 connections per upstream at most.
+    pub h2_max_connections: usize,
+    /// How long a request waits for a free HTTP/2 stream when every connection is full.
+    pub acquire_timeout: Option<Duration>,
     #[cfg(feature = "tls")]
     pub tls: Option<crate::tls::ClientTls>,
 }
@@ -51,7 +62,7 @@ struct Idle<B> {
 
 /// What a single-flight connect produced, shared by everyone who waited for it.
 enum Opened<B> {
-    H2(http2::SendRequest<B>),
+    H2(http2::SendRequest<B>, Arc<Streams>),
     /// The upstream chose HTTP/1.1: one waiter takes the connection, the others open
     /// their own on the HTTP/1.1 path.
     H1(Arc<Mutex<Option<http1::SendRequest<B>>>>),
@@ -60,7 +71,7 @@ enum Opened<B> {
 impl<B> Clone for Opened<B> {
     fn clone(&self) -> Self {
         match self {
-            Opened::H2(tx) => Opened::H2(tx.clone()),
+            Opened::H2(tx, streams) => Opened::H2(tx.clone(), streams.clone()),
             Opened::H1(slot) => Opened::H1(slot.clone()),
         }
     }
@@ -68,12 +79,27 @@ impl<B> Clone for Opened<B> {
 
 type SharedConnect<B> = Shared<BoxFuture<'static, Result<Opened<B>, Arc<ForwardError>>>>;
 
+struct H2Conn<B> {
+    tx: http2::SendRequest<B>,
+    streams: Arc<Streams>,
+}
+
 struct H2Slot<B> {
-    conn: Option<http2::SendRequest<B>>,
+    conns: Vec<H2Conn<B>>,
     connecting: Option<SharedConnect<B>>,
-    /// When a request last started on `conn`: an h2 connection unused for the pool's idle
-    /// timeout is replaced (a NAT or firewall may have dropped it silently meanwhile).
+    /// When a request last started on one of `conns`: h2 connections unused for the pool's
+    /// idle timeout are replaced (a NAT or firewall may have dropped them silently meanwhile).
     last_used: Instant,
+}
+
+/// Where a request goes on the HTTP/2 path.
+enum Pick<B> {
+    /// A stream reserved on a live connection.
+    Ready(http2::SendRequest<B>, Pending),
+    /// Every connection is full and there is room for another.
+    Connect,
+    /// Every connection is full and there may be no more.
+    Wait,
 }
 
 /// What the upstream spoke on its last new connection.
@@ -142,7 +168,7 @@ impl<B> Pools<B> {
             connector: Arc::new(connector),
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(H2Slot {
-                conn: None,
+                conns: Vec::new(),
                 connecting: None,
                 last_used: Instant::now(),
             }),
@@ -231,7 +257,10 @@ where
             Some(tx) => (tx, true),
             None => match self.connector.connect().await? {
                 Conn::H1(tx) => (tx, false),
-                Conn::H2(tx) => return self.send_h2(self.adopt_h2(tx), req, false).await,
+                Conn::H2(tx, streams) => {
+                    let pending = self.adopt_h2(&tx, streams);
+                    return self.send_h2(tx, pending, req, false).await;
+                }
             },
         };
         self.send_h1_on(tx, pooled, req).await
@@ -250,7 +279,10 @@ where
                     tracing::debug!(error = %e.error(), "pooled connection was closed; reconnecting");
                     tx = match self.connector.connect().await? {
                         Conn::H1(tx) => tx,
-                        Conn::H2(tx) => return self.send_h2(self.adopt_h2(tx), req, false).await,
+                        Conn::H2(tx, streams) => {
+                            let pending = self.adopt_h2(&tx, streams);
+                            return self.send_h2(tx, pending, req, false).await;
+                        }
                     };
                     tx.send_request(req).await.map_err(|e| self.transport(e))?
                 }
@@ -261,66 +293,101 @@ where
         Ok(res)
     }
 
-    /// The path while the upstream is known or expected to speak HTTP/2.
+    /// The path while the upstream is known or expected to speak HTTP/2: a free stream
+    /// on a live connection, else a new connection, else a wait for a free stream.
     async fn send_shared(&self, req: Request<B>) -> Result<Response<Incoming>, ForwardError> {
-        let (opened, fresh) = match self.live_h2() {
-            Some(tx) => (Opened::H2(tx), false),
-            None => (self.connect_shared().await?, true),
-        };
-        match opened {
-            Opened::H2(tx) => self.send_h2(tx, req, !fresh).await,
-            Opened::H1(slot) => {
-                self.learned.store(SPOKE_H1, Ordering::Relaxed);
-                let taken = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
-                match taken {
-                    Some(tx) => self.send_h1_on(tx, false, req).await,
-                    None => self.send_h1(req).await,
+        let mut deadline = None;
+        let mut fresh = false;
+        loop {
+            let freed = self.connector.h2_freed().notified();
+            tokio::pin!(freed);
+            // Registered before looking, so a stream freed meanwhile is not missed.
+            freed.as_mut().enable();
+            match self.pick_h2() {
+                Pick::Ready(tx, pending) => return self.send_h2(tx, Some(pending), req, !fresh).await,
+                Pick::Connect => match self.connect_shared().await? {
+                    Opened::H2(..) => fresh = true,
+                    Opened::H1(slot) => {
+                        self.learned.store(SPOKE_H1, Ordering::Relaxed);
+                        let taken = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+                        return match taken {
+                            Some(tx) => self.send_h1_on(tx, false, req).await,
+                            None => self.send_h1(req).await,
+                        };
+                    }
+                },
+                Pick::Wait => {
+                    let Some(after) = self.config.acquire_timeout else {
+                        freed.await;
+                        continue;
+                    };
+                    let at = *deadline.get_or_insert_with(|| {
+                        Instant::now()
+                            .checked_add(after)
+                            .unwrap_or_else(super::body::far_future)
+                    });
+                    if tokio::time::timeout_at(at, freed).await.is_err() {
+                        return Err(ForwardError::PoolTimeout {
+                            upstream: self.upstream.authority().to_string(),
+                            after,
+                        });
+                    }
                 }
             }
         }
     }
 
-    fn live_h2(&self) -> Option<http2::SendRequest<B>> {
+    /// A stream on the first live HTTP/2 connection with one free.
+    fn pick_h2(&self) -> Pick<B> {
         let mut slot = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
-        let idle = now.saturating_duration_since(slot.last_used) > self.config.idle_timeout;
+        if now.saturating_duration_since(slot.last_used) > self.config.idle_timeout {
+            // Dropping the handles lets the old connections close once their open
+            // streams are done; the next request opens a new one.
+            slot.conns.clear();
+        }
         slot.last_used = now;
-        match &slot.conn {
-            Some(tx) if !idle && !tx.is_closed() => Some(tx.clone()),
-            // Dropping this handle lets the old connection close once its open streams
-            // are done; the next request opens a new one.
-            _ => {
-                slot.conn = None;
-                None
+        slot.conns.retain(|c| !c.tx.is_closed());
+        for c in &slot.conns {
+            if let Some(pending) = c.streams.try_reserve(self.config.h2_max_streams) {
+                return Pick::Ready(c.tx.clone(), pending);
             }
         }
+        if slot.conns.len() < self.config.h2_max_connections {
+            Pick::Connect
+        } else {
+            Pick::Wait
+        }
     }
 
-    /// Makes `tx` the shared HTTP/2 connection (unless a live one is there already).
-    fn adopt_h2(&self, tx: http2::SendRequest<B>) -> http2::SendRequest<B> {
+    /// Adds `tx` (an HTTP/1.1 path's connection on which the upstream chose HTTP/2 by
+    /// ALPN) to the shared set when there is room, and reserves a stream on it.
+    fn adopt_h2(&self, tx: &http2::SendRequest<B>, streams: Arc<Streams>) -> Option<Pending> {
         self.learned.store(SPOKE_H2, Ordering::Relaxed);
+        let pending = streams.try_reserve(self.config.h2_max_streams);
         let mut slot = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
-        if slot.conn.as_ref().is_none_or(|c| c.is_closed()) {
-            slot.conn = Some(tx.clone());
+        slot.conns.retain(|c| !c.tx.is_closed());
+        if slot.conns.len() < self.config.h2_max_connections {
+            slot.conns.push(H2Conn {
+                tx: tx.clone(),
+                streams,
+            });
             slot.last_used = Instant::now();
         }
-        tx
+        pending
     }
 
-    /// Opens the shared connection, once for all who ask while it is being opened.
+    /// Opens another shared connection, once for all who ask while it is being opened.
     async fn connect_shared(&self) -> Result<Opened<B>, ForwardError> {
         let attempt = {
             let mut slot = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(tx) = slot.conn.as_ref().filter(|tx| !tx.is_closed()) {
-                return Ok(Opened::H2(tx.clone()));
-            }
             match &slot.connecting {
                 Some(attempt) => attempt.clone(),
                 None => {
                     let connector = self.connector.clone();
                     let attempt = async move {
                         match connector.connect::<B>().await {
-                            Ok(Conn::H2(tx)) => Ok(Opened::H2(tx)),
+                            Ok(Conn::H2(tx, streams)) => Ok(Opened::H2(tx, streams)),
                             Ok(Conn::H1(tx)) => Ok(Opened::H1(Arc::new(Mutex::new(Some(tx))))),
                             Err(e) => Err(Arc::new(e)),
                         }
@@ -337,8 +404,11 @@ where
             let mut slot = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
             if slot.connecting.as_ref().is_some_and(|a| a.ptr_eq(&attempt)) {
                 slot.connecting = None;
-                if let Ok(Opened::H2(tx)) = &res {
-                    slot.conn = Some(tx.clone());
+                if let Ok(Opened::H2(tx, streams)) = &res {
+                    slot.conns.push(H2Conn {
+                        tx: tx.clone(),
+                        streams: streams.clone(),
+                    });
                     slot.last_used = Instant::now();
                     self.learned.store(SPOKE_H2, Ordering::Relaxed);
                 }
@@ -349,9 +419,12 @@ where
 
     /// Sends over the shared HTTP/2 connection. When a reused connection turns out to be
     /// closed before the request left, one fresh connection is tried.
+    /// `pending` is the stream reserved for the request, given back when the exchange
+    /// ends (the stream itself is counted until the upstream ends it).
     async fn send_h2(
         &self,
         mut tx: http2::SendRequest<B>,
+        pending: Option<Pending>,
         mut req: Request<B>,
         reused: bool,
     ) -> Result<Response<Incoming>, ForwardError> {
@@ -360,13 +433,16 @@ where
             self.upstream.scheme(),
             self.upstream.authority_ref(),
         );
-        match tx.try_send_request(req).await {
+        let sent = tx.try_send_request(req).await;
+        drop(pending);
+        match sent {
             Ok(res) => Ok(res),
             Err(mut e) => match e.take_message() {
                 Some(req) if reused => {
                     tracing::debug!(error = %e.error(), "HTTP/2 connection was closed; reconnecting");
                     match self.connect_shared().await? {
-                        Opened::H2(mut tx) => {
+                        Opened::H2(mut tx, streams) => {
+                            let _pending = streams.try_reserve(self.config.h2_max_streams);
                             tx.send_request(req).await.map_err(|e| self.transport(e))
                         }
                         // The upstream switched to HTTP/1.1 between two connections; the
