@@ -284,7 +284,9 @@ impl Connector {
             streams.settled().await;
             return Ok(Conn::H2(tx, streams));
         }
-        let (mut tx, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(failed)?;
+        let (mut tx, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(failed)?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");

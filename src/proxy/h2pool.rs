@@ -151,7 +151,11 @@ impl Streams {
         let freed = match kind {
             HEADERS if id > s.max_opened && id % 2 == 1 => {
                 s.max_opened = id;
-                let f = if flags & END_STREAM != 0 { LOCAL_CLOSED } else { 0 };
+                let f = if flags & END_STREAM != 0 {
+                    LOCAL_CLOSED
+                } else {
+                    0
+                };
                 s.streams.insert(id, f);
                 s.unanswered += 1;
                 false
@@ -351,14 +355,15 @@ impl<S> Counted<S> {
 
     fn on_read(&mut self, bytes: &[u8]) {
         let streams = &self.streams;
-        self.read.feed(bytes, |kind, flags, id, payload| match kind {
-            SETTINGS if flags & ACK == 0 => streams.settings(payload),
-            GOAWAY => {
-                let last = (payload.len() >= 4).then(|| stream_id(payload));
-                streams.received(kind, flags, id, last)
-            }
-            _ => streams.received(kind, flags, id, None),
-        });
+        self.read
+            .feed(bytes, |kind, flags, id, payload| match kind {
+                SETTINGS if flags & ACK == 0 => streams.settings(payload),
+                GOAWAY => {
+                    let last = (payload.len() >= 4).then(|| stream_id(payload));
+                    streams.received(kind, flags, id, last)
+                }
+                _ => streams.received(kind, flags, id, None),
+            });
     }
 
     fn on_written(&mut self, bytes: &[u8]) {

@@ -304,7 +304,9 @@ where
             // Registered before looking, so a stream freed meanwhile is not missed.
             freed.as_mut().enable();
             match self.pick_h2() {
-                Pick::Ready(tx, pending) => return self.send_h2(tx, Some(pending), req, !fresh).await,
+                Pick::Ready(tx, pending) => {
+                    return self.send_h2(tx, Some(pending), req, !fresh).await
+                }
                 Pick::Connect => match self.connect_shared().await? {
                     Opened::H2(..) => fresh = true,
                     Opened::H1(slot) => {
