@@ -548,6 +548,7 @@ where
                 response_timeout: self.opts.response_timeout,
                 idle_timeout: self.opts.upgrade_idle_timeout,
                 client,
+                lease: parts.extensions.remove::<crate::server::ConnectionLease>(),
             };
             let req = Request::from_parts(parts, body);
             return ResponseFuture::boxed(upgrade::forward(call, req));

@@ -37,11 +37,13 @@
 mod accept;
 mod config;
 mod detect;
+mod lease;
 mod listen;
 mod serve;
 mod workers;
 
 pub use config::ServerConfig;
+pub use lease::ConnectionLease;
 pub use listen::{Accept, PlainTcp, Protocol};
 pub use workers::{WorkerId, Workers, WorkersHandle};
 

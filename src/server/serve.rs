@@ -23,6 +23,7 @@ use tower_service::Service;
 
 use super::accept::AcceptBackoff;
 use super::detect::{sniff, Prefixed};
+use super::lease::ConnectionLease;
 use super::{Accept, Protocol, ServerConfig};
 use crate::proxy::{BodyLimits, ClientAddr};
 use crate::BoxError;
@@ -195,7 +196,10 @@ impl<A: Accept> Conns<A> {
     {
         let _ = stream.set_nodelay(true);
         let started = Arc::new(Started::default());
+        // The permit lives in the lease: an upgraded tunnel holding a clone keeps it.
+        let lease = ConnectionLease::new(permit, self.phase.clone());
         let svc = Limits {
+            lease: lease.clone(),
             inner: svc.clone(),
             peer: ClientAddr(peer),
             limits: self.limits,
@@ -271,7 +275,7 @@ impl<A: Accept> Conns<A> {
                 () = served => {}
                 _ = phase.wait_for(|p| *p == CLOSE) => {}
             }
-            drop(permit);
+            drop(lease);
         });
     }
 }
@@ -376,6 +380,7 @@ struct Limits<S> {
     peer: ClientAddr,
     limits: BodyLimits,
     started: Arc<Started>,
+    lease: ConnectionLease,
 }
 
 impl<S, B> Service<Request<Incoming>> for Limits<S>
@@ -421,6 +426,10 @@ where
         }
         req.extensions_mut().insert(self.peer);
         req.extensions_mut().insert(self.limits);
+        // Only a request that may become a tunnel pays for the lease (see `lease`).
+        if req.headers().contains_key(http::header::UPGRADE) {
+            req.extensions_mut().insert(self.lease.clone());
+        }
         LimitsFuture::Inner {
             fut: self.inner.call(req),
         }
