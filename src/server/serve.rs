@@ -198,7 +198,8 @@ impl<A: Accept> Conns<A> {
         let started = Arc::new(Started::default());
         // The permit lives in the lease: an upgraded tunnel holding a clone keeps it.
         let lease = ConnectionLease::new(permit, self.phase.clone());
-        let svc = Limits {
+        let mut svc = Limits {
+            conn_extensions: None,
             lease: lease.clone(),
             inner: svc.clone(),
             peer: ClientAddr(peer),
@@ -217,6 +218,13 @@ impl<A: Accept> Conns<A> {
                     Ok(io) => io,
                     Err(e) => {
                         tracing::debug!(error = %e, %peer, "handshake failed");
+                        return;
+                    }
+                };
+                svc.conn_extensions = match acceptor.request_extensions(&io) {
+                    Ok(ext) => ext,
+                    Err(e) => {
+                        tracing::debug!(error = %e, %peer, "connection refused by the acceptor");
                         return;
                     }
                 };
@@ -381,6 +389,8 @@ struct Limits<S> {
     limits: BodyLimits,
     started: Arc<Started>,
     lease: ConnectionLease,
+    /// What the acceptor attaches to every request (`Accept::request_extensions`).
+    conn_extensions: Option<http::Extensions>,
 }
 
 impl<S, B> Service<Request<Incoming>> for Limits<S>
@@ -429,6 +439,9 @@ where
         // Only a request that may become a tunnel pays for the lease (see `lease`).
         if req.headers().contains_key(http::header::UPGRADE) {
             req.extensions_mut().insert(self.lease.clone());
+        }
+        if let Some(ext) = &self.conn_extensions {
+            req.extensions_mut().extend(ext.clone());
         }
         LimitsFuture::Inner {
             fut: self.inner.call(req),

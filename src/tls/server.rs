@@ -11,14 +11,17 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use rustls::crypto::CryptoProvider;
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpStream;
 
+use super::client_cert::ClientCertificate;
+use super::sni::{SniName, SniSource, SniTable};
 use crate::server::{Accept, Protocol};
 
 /// Default bound on a TLS handshake (nginx: `client_header_timeout`, 60 s, covers it;
@@ -81,6 +84,16 @@ pub enum ServerTlsError {
         /// The key file.
         key: PathBuf,
     },
+    /// A name given to [`ServerTls::sni_pem`] or [`ServerTls::sni_pem_files`] is no DNS
+    /// name nor a `*.` wildcard over one label.
+    #[error("invalid SNI name {name:?}")]
+    InvalidName {
+        /// The name as given.
+        name: String,
+    },
+    /// The client CA bundle cannot verify client certificates (no usable certificate in it).
+    #[error("client CA bundle: {0}")]
+    ClientCa(#[from] rustls::server::VerifierBuilderError),
     /// [`ServerTls::reload`] on a configuration not made from files.
     #[error("nothing to reload: the certificate was not loaded from files")]
     NotFromFiles,
@@ -126,6 +139,8 @@ pub struct ServerTls {
     acceptor: tokio_rustls::TlsAcceptor,
     shared: Arc<Shared>,
     handshake_timeout: Duration,
+    /// Client certificates are verified (mTLS): requests carry a [`ClientCertificate`].
+    client_auth: bool,
 }
 
 /// What clones share: the served certificate and where it comes from.
@@ -133,6 +148,10 @@ struct Shared {
     resolver: Arc<Resolver>,
     provider: Arc<CryptoProvider>,
     files: Option<(PathBuf, PathBuf)>,
+    /// The SNI certificates by name, in the order given (see [`ServerTls::sni_pem`]).
+    sni: Mutex<Vec<(SniName, SniSource)>>,
+    /// The SNI files' stamps at the last load, in `sni` order (files only).
+    sni_stamps: Mutex<Vec<Option<Stamp>>>,
     /// The files' stamps taken just before the last load attempt (before reading, so a
     /// change during the read is seen as a change at the next check, never missed).
     stamps: Mutex<Stamps>,
@@ -158,7 +177,7 @@ impl ServerTls {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let stamps = (stamp(&cert), stamp(&key));
         let certified = load_files(&cert, &key, &provider)?;
-        ServerTls::build(certified, provider, Some((cert, key)), stamps)
+        ServerTls::build(Some(certified), provider, Some((cert, key)), stamps)
     }
 
     /// Like [`from_pem_files`](Self::from_pem_files), from PEM bytes (no
@@ -167,36 +186,162 @@ impl ServerTls {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let memory = Path::new("(in memory)");
         let certified = certified_key(cert_pem, memory, key_pem, memory, &provider)?;
-        ServerTls::build(certified, provider, None, (None, None))
+        ServerTls::build(Some(certified), provider, None, (None, None))
+    }
+
+    /// No default certificate: only names added with [`sni_pem`](Self::sni_pem) or
+    /// [`sni_pem_files`](Self::sni_pem_files) are served, and a client asking for another
+    /// name (or for none) fails the handshake (nginx's `ssl_reject_handshake on` in a
+    /// default server).
+    pub fn sni_only() -> Result<ServerTls, ServerTlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        ServerTls::build(None, provider, None, (None, None))
     }
 
     fn build(
-        certified: CertifiedKey,
+        certified: Option<CertifiedKey>,
         provider: Arc<CryptoProvider>,
         files: Option<(PathBuf, PathBuf)>,
         stamps: Stamps,
     ) -> Result<ServerTls, ServerTlsError> {
         let resolver = Arc::new(Resolver {
-            current: ArcSwap::from_pointee(certified),
+            current: ArcSwapOption::from(certified.map(Arc::new)),
+            sni: ArcSwap::from_pointee(SniTable::default()),
         });
-        let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_cert_resolver(resolver.clone());
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        // Stateless resumption (TLS 1.3 tickets, rotated keys) besides the default
-        // in-memory session cache: a returning client skips the key exchange's signature.
-        config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+        let config = server_config(&resolver, &provider, None)?;
         Ok(ServerTls {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             shared: Arc::new(Shared {
                 resolver,
                 provider,
                 files,
+                sni: Mutex::new(Vec::new()),
+                sni_stamps: Mutex::new(Vec::new()),
                 stamps: Mutex::new(stamps),
             }),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            client_auth: false,
         })
+    }
+
+    /// Serves `cert_pem`/`key_pem` to clients asking for `name` by SNI: an exact name
+    /// (`api.example.com`, case-insensitive) or a wildcard over one label
+    /// (`*.example.com`). Exact names win over wildcards; a name matching neither gets
+    /// the default certificate (or, with [`sni_only`](Self::sni_only), a failed
+    /// handshake). Checked like the default pair; a name given twice keeps the last.
+    pub fn sni_pem(
+        self,
+        name: &str,
+        cert_pem: &[u8],
+        key_pem: &[u8],
+    ) -> Result<Self, ServerTlsError> {
+        let sni = sni_name(name)?;
+        let memory = Path::new("(in memory)");
+        let certified = certified_key(cert_pem, memory, key_pem, memory, &self.shared.provider)?;
+        self.add_sni(sni, SniSource::Memory(Arc::new(certified)))
+    }
+
+    /// Like [`sni_pem`](Self::sni_pem), from PEM files that [`reload`](Self::reload) and
+    /// [`watch_files`](Self::watch_files) re-read with the default pair.
+    pub fn sni_pem_files(
+        self,
+        name: &str,
+        cert: impl AsRef<Path>,
+        key: impl AsRef<Path>,
+    ) -> Result<Self, ServerTlsError> {
+        let sni = sni_name(name)?;
+        let (cert, key) = (cert.as_ref().to_path_buf(), key.as_ref().to_path_buf());
+        // Checked now: a broken pair is a start-up error, not a later handshake failure.
+        load_files(&cert, &key, &self.shared.provider)?;
+        self.add_sni(sni, SniSource::Files(cert, key))
+    }
+
+    fn add_sni(self, name: SniName, source: SniSource) -> Result<Self, ServerTlsError> {
+        {
+            let mut sni = lock(&self.shared.sni);
+            sni.retain(|(n, _)| *n != name);
+            sni.push((name, source));
+        }
+        let table = self.sni_table()?;
+        self.shared.resolver.sni.store(Arc::new(table));
+        *lock(&self.shared.sni_stamps) = self.sni_file_stamps();
+        Ok(self)
+    }
+
+    /// The SNI table read afresh (files re-read, bytes kept); all or nothing.
+    fn sni_table(&self) -> Result<SniTable, ServerTlsError> {
+        let mut table = SniTable::default();
+        for (name, source) in lock(&self.shared.sni).iter() {
+            let key = match source {
+                SniSource::Memory(k) => k.clone(),
+                SniSource::Files(cert, key) => {
+                    Arc::new(load_files(cert, key, &self.shared.provider)?)
+                }
+            };
+            table.insert(name, key);
+        }
+        Ok(table)
+    }
+
+    fn sni_file_stamps(&self) -> Vec<Option<Stamp>> {
+        lock(&self.shared.sni)
+            .iter()
+            .filter_map(|(_, s)| match s {
+                SniSource::Files(cert, key) => Some([stamp(cert), stamp(key)]),
+                SniSource::Memory(_) => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    /// Requires a client certificate issued by a CA of `ca_pem` (one or more PEM
+    /// certificates): a client without one, or with one that does not verify (another
+    /// CA, expired, not for client authentication), fails the handshake. The verified
+    /// certificate reaches the service as a [`ClientCertificate`] request extension.
+    /// nginx: `ssl_verify_client on` + `ssl_client_certificate`.
+    pub fn require_client_cert(self, ca_pem: &[u8]) -> Result<Self, ServerTlsError> {
+        self.client_cert(ca_pem, true)
+    }
+
+    /// Like [`require_client_cert`](Self::require_client_cert), but a client may send no
+    /// certificate (its requests then carry no [`ClientCertificate`]); one it sends must
+    /// verify. nginx: `ssl_verify_client optional`.
+    pub fn optional_client_cert(self, ca_pem: &[u8]) -> Result<Self, ServerTlsError> {
+        self.client_cert(ca_pem, false)
+    }
+
+    fn client_cert(mut self, ca_pem: &[u8], required: bool) -> Result<Self, ServerTlsError> {
+        let path = Path::new("(client CA)");
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(ca_pem) {
+            let cert = cert.map_err(|source| ServerTlsError::Pem {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            roots
+                .add(cert)
+                .map_err(|source| ServerTlsError::Certificate {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+        }
+        if roots.is_empty() {
+            return Err(ServerTlsError::NoCertificate {
+                path: path.to_path_buf(),
+            });
+        }
+        let builder = WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.shared.provider.clone(),
+        );
+        let verifier = match required {
+            true => builder.build()?,
+            false => builder.allow_unauthenticated().build()?,
+        };
+        let config = server_config(&self.shared.resolver, &self.shared.provider, Some(verifier))?;
+        self.acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        self.client_auth = true;
+        Ok(self)
     }
 
     /// How long a client may take to complete the handshake (default 10 s).
@@ -208,14 +353,32 @@ impl ServerTls {
     /// Re-reads the PEM files and serves the new certificate to new handshakes;
     /// connections already open keep theirs (and so do sessions a client resumes: they
     /// were authenticated with the old one). On error the old certificate stays.
+    ///
+    /// The SNI certificates from files ([`sni_pem_files`](Self::sni_pem_files)) are
+    /// re-read too; all files are read and checked before anything is swapped, so a
+    /// broken pair anywhere keeps every old certificate.
     pub fn reload(&self) -> Result<(), ServerTlsError> {
-        let Some((cert, key)) = &self.shared.files else {
+        let sni_files = !self.sni_file_stamps().is_empty();
+        if self.shared.files.is_none() && !sni_files {
             return Err(ServerTlsError::NotFromFiles);
+        }
+        if let Some((cert, key)) = &self.shared.files {
+            *lock(&self.shared.stamps) = (stamp(cert), stamp(key));
+        }
+        *lock(&self.shared.sni_stamps) = self.sni_file_stamps();
+        let certified = match &self.shared.files {
+            Some((cert, key)) => Some(load_files(cert, key, &self.shared.provider)?),
+            None => None,
         };
-        *lock(&self.shared.stamps) = (stamp(cert), stamp(key));
-        let certified = load_files(cert, key, &self.shared.provider)?;
-        self.shared.resolver.current.store(Arc::new(certified));
-        tracing::info!(cert = %cert.display(), "TLS certificate reloaded");
+        let table = self.sni_table()?;
+        if let Some(certified) = certified {
+            self.shared
+                .resolver
+                .current
+                .store(Some(Arc::new(certified)));
+        }
+        self.shared.resolver.sni.store(Arc::new(table));
+        tracing::info!(files = ?self.shared.files, sni = sni_files, "TLS certificates reloaded");
         Ok(())
     }
 
@@ -223,7 +386,10 @@ impl ServerTls {
     pub fn replace_pem(&self, cert_pem: &[u8], key_pem: &[u8]) -> Result<(), ServerTlsError> {
         let memory = Path::new("(in memory)");
         let certified = certified_key(cert_pem, memory, key_pem, memory, &self.shared.provider)?;
-        self.shared.resolver.current.store(Arc::new(certified));
+        self.shared
+            .resolver
+            .current
+            .store(Some(Arc::new(certified)));
         Ok(())
     }
 
@@ -239,14 +405,18 @@ impl ServerTls {
         let spawned = std::thread::Builder::new()
             .name("tls-cert-watch".into())
             .spawn(move || {
-                let Some((cert, key)) = tls.shared.files.clone() else {
+                let files = tls.shared.files.clone();
+                if files.is_none() && tls.sni_file_stamps().is_empty() {
                     return;
-                };
+                }
                 // `recv_timeout` is the pause, and returns at once when the handle drops.
                 while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
                     // Compared with the stamps of the last load (by anyone), taken before
                     // it read the files: a change since then is never missed.
-                    if (stamp(&cert), stamp(&key)) == *lock(&tls.shared.stamps) {
+                    let same = files.as_ref().is_none_or(|(cert, key)| {
+                        (stamp(cert), stamp(key)) == *lock(&tls.shared.stamps)
+                    });
+                    if same && tls.sni_file_stamps() == *lock(&tls.shared.sni_stamps) {
                         continue;
                     }
                     if let Err(e) = tls.reload() {
@@ -263,9 +433,15 @@ impl ServerTls {
         }
     }
 
-    /// The certificate chain served to new handshakes (leaf first).
+    /// The default certificate chain served to new handshakes (leaf first); empty with
+    /// [`sni_only`](Self::sni_only).
     pub fn certificate_chain(&self) -> Vec<CertificateDer<'static>> {
-        self.shared.resolver.current.load().cert.clone()
+        self.shared
+            .resolver
+            .current
+            .load()
+            .as_ref()
+            .map_or_else(Vec::new, |c| c.cert.clone())
     }
 }
 
@@ -298,11 +474,36 @@ fn stamp(path: &Path) -> Option<Stamp> {
     Some((meta.modified().ok()?, meta.len(), inode))
 }
 
-/// The stamps stay usable after a panic elsewhere (they are plain values).
-fn lock(stamps: &Mutex<Stamps>) -> std::sync::MutexGuard<'_, Stamps> {
-    stamps
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+/// The stamps and SNI sources stay usable after a panic elsewhere (plain values).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn sni_name(name: &str) -> Result<SniName, ServerTlsError> {
+    SniName::parse(name).ok_or_else(|| ServerTlsError::InvalidName {
+        name: name.to_string(),
+    })
+}
+
+/// The rustls configuration: the resolver, ALPN h2/http1.1, tickets, and client
+/// certificate verification when asked for.
+fn server_config(
+    resolver: &Arc<Resolver>,
+    provider: &Arc<CryptoProvider>,
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
+) -> Result<rustls::ServerConfig, ServerTlsError> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match verifier {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(resolver.clone());
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Stateless resumption (TLS 1.3 tickets, rotated keys) besides the default
+    // in-memory session cache: a returning client skips the key exchange's signature.
+    config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    Ok(config)
 }
 
 fn load_files(
@@ -384,12 +585,21 @@ fn certified_key(
 /// lock on the handshake path.
 #[derive(Debug)]
 struct Resolver {
-    current: ArcSwap<CertifiedKey>,
+    /// The default certificate (`None`: [`ServerTls::sni_only`]).
+    current: ArcSwapOption<CertifiedKey>,
+    /// Certificates by SNI name; empty unless configured.
+    sni: ArcSwap<SniTable>,
 }
 
 impl ResolvesServerCert for Resolver {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.load_full())
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let sni = self.sni.load();
+        if !sni.is_empty() {
+            if let Some(k) = hello.server_name().and_then(|n| sni.lookup(n)) {
+                return Some(k);
+            }
+        }
+        self.current.load_full()
     }
 }
 
@@ -409,6 +619,27 @@ impl Accept for ServerTls {
                 )),
             }
         })
+    }
+
+    fn request_extensions(&self, io: &Self::Io) -> io::Result<Option<http::Extensions>> {
+        if !self.client_auth {
+            return Ok(None);
+        }
+        let Some(chain) = io.get_ref().1.peer_certificates() else {
+            // Optional client certificates: an anonymous client.
+            return Ok(None);
+        };
+        // Verified by rustls; a subject we cannot read closes the connection rather
+        // than let the request through as if nobody had authenticated.
+        let cert = ClientCertificate::from_chain(chain).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "unreadable client certificate subject",
+            )
+        })?;
+        let mut ext = http::Extensions::new();
+        ext.insert(cert);
+        Ok(Some(ext))
     }
 
     fn protocol(&self, io: &Self::Io) -> Protocol {
