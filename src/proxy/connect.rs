@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use super::error::ForwardError;
-use super::h2pool::{Counted, Streams};
+use super::h2wire::{Counted, Streams};
 use super::upstream::Upstream;
 use crate::classify::is_local_resource_error;
 use crate::BoxError;

@@ -1,509 +1,311 @@
-//! Counting the open streams of an HTTP/2 upstream connection, so the pool can open another
-//! connection when one is full (as Envoy does) instead of queueing inside hyper.
+//! The HTTP/2 side of an upstream's pool: requests multiplex over a few connections, and
+//! another one is opened when every stream of the open ones is in use.
 //!
-//! hyper neither tells how many streams a connection has open nor when a response body
-//! ends (`Forward` hands out hyper's own `Incoming` body, which we cannot wrap without
-//! changing the public response type). The stream states are visible on the wire, though:
-//! [`Counted`] wraps the connection's byte stream and reads only the 9-byte frame headers
-//! going each way (payloads are skipped, except a `SETTINGS` frame's, which carries the
-//! upstream's `SETTINGS_MAX_CONCURRENT_STREAMS`). A stream counts from our `HEADERS` that
-//! opened it until both sides sent `END_STREAM`, or either reset it (RFC 9113 §5.1) — the
-//! exact rule the upstream applies to its limit. Requests handed to hyper whose `HEADERS`
-//! are not written yet count too ([`Pending`]), so a burst does not overfill a connection.
+//! A request takes a stream on the first connection with one free (open streams are
+//! counted on the wire, see [`super::h2wire`]; the limit is the smaller of
+//! `max_streams_per_connection` and the upstream's `SETTINGS_MAX_CONCURRENT_STREAMS`).
+//! When all are full another connection is opened, single-flight (the requests of a burst
+//! share one connect instead of racing to open one each), up to the per-upstream
+//! connection limit; past it a request waits for a free stream, at most the acquire
+//! timeout (then [`ForwardError::PoolTimeout`], 503). This is Envoy's behaviour; hyper
+//! alone would queue every request past the limit on the one connection.
 
-use std::collections::HashMap;
-use std::io;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
+use futures_util::future::{BoxFuture, Shared};
+use futures_util::FutureExt;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use tokio::time::Instant;
 
-const DATA: u8 = 0x0;
-const HEADERS: u8 = 0x1;
-const RST_STREAM: u8 = 0x3;
-const SETTINGS: u8 = 0x4;
-const GOAWAY: u8 = 0x7;
-const END_STREAM: u8 = 0x1;
-const ACK: u8 = 0x1;
-const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
-/// The client connection preface precedes our first frame (RFC 9113 §3.4).
-const PREFACE_LEN: usize = 24;
-/// A `SETTINGS` payload is read up to this many bytes (42 settings); the rest is skipped.
-const MAX_SETTINGS_READ: usize = 252;
+use super::connect::Conn;
+use super::error::ForwardError;
+use super::h2::to_h2;
+use super::h2wire::{Pending, Streams};
+use super::pool::{HostPool, SPOKE_H1, SPOKE_H2};
+use crate::BoxError;
 
-const LOCAL_CLOSED: u8 = 1;
-const REMOTE_CLOSED: u8 = 2;
-/// The upstream's response `HEADERS` arrived on the stream.
-const ANSWERED: u8 = 4;
-
-#[derive(Default)]
-struct State {
-    /// Open streams by id, with the flags above.
-    streams: HashMap<u32, u8>,
-    /// The highest stream id we opened: a `HEADERS` above it opens a stream, one at or
-    /// below it is trailers.
-    max_opened: u32,
-    /// Open streams the upstream has not answered yet.
-    unanswered: usize,
-    /// Requests given to hyper on this connection whose exchange has not finished
-    /// (see [`Pending`]).
-    pending: usize,
+/// What a single-flight connect produced, shared by everyone who waited for it.
+pub(super) enum Opened<B> {
+    H2(http2::SendRequest<B>, Arc<Streams>),
+    /// The upstream chose HTTP/1.1: one waiter takes the connection, the others open
+    /// their own on the HTTP/1.1 path.
+    H1(Arc<Mutex<Option<http1::SendRequest<B>>>>),
 }
 
-impl State {
-    /// Streams counted against the limit: open ones, plus requests hyper holds that have
-    /// no stream yet (`pending` also covers the open but unanswered ones).
-    fn load(&self) -> usize {
-        self.streams.len() + self.pending.saturating_sub(self.unanswered)
-    }
-
-    fn close(&mut self, id: u32, flag: u8) -> bool {
-        let Some(f) = self.streams.get_mut(&id) else {
-            return false;
-        };
-        *f |= flag;
-        if *f & (LOCAL_CLOSED | REMOTE_CLOSED) == LOCAL_CLOSED | REMOTE_CLOSED {
-            self.remove(id)
-        } else {
-            false
-        }
-    }
-
-    fn remove(&mut self, id: u32) -> bool {
-        match self.streams.remove(&id) {
-            Some(f) => {
-                if f & ANSWERED == 0 {
-                    self.unanswered = self.unanswered.saturating_sub(1);
-                }
-                true
-            }
-            None => false,
+impl<B> Clone for Opened<B> {
+    fn clone(&self) -> Self {
+        match self {
+            Opened::H2(tx, streams) => Opened::H2(tx.clone(), streams.clone()),
+            Opened::H1(slot) => Opened::H1(slot.clone()),
         }
     }
 }
 
-/// The stream count of one HTTP/2 connection, shared by its [`Counted`] I/O and the pool.
-pub(crate) struct Streams {
-    state: Mutex<State>,
-    /// The upstream's `SETTINGS_MAX_CONCURRENT_STREAMS` (unlimited until it says).
-    peer_max: AtomicUsize,
-    /// The upstream's first `SETTINGS` frame arrived.
-    settled: AtomicBool,
-    settled_notify: Notify,
-    /// Woken whenever a stream closes or a request finishes: the pool's waiters re-check.
-    freed: Arc<Notify>,
+pub(super) type SharedConnect<B> = Shared<BoxFuture<'static, Result<Opened<B>, Arc<ForwardError>>>>;
+
+pub(super) struct H2Conn<B> {
+    tx: http2::SendRequest<B>,
+    streams: Arc<Streams>,
 }
 
-impl Streams {
-    pub(crate) fn new(freed: Arc<Notify>) -> Arc<Self> {
-        Arc::new(Streams {
-            state: Mutex::new(State::default()),
-            peer_max: AtomicUsize::new(usize::MAX),
-            settled: AtomicBool::new(false),
-            settled_notify: Notify::new(),
-            freed,
-        })
-    }
+pub(super) struct H2Slot<B> {
+    conns: Vec<H2Conn<B>>,
+    connecting: Option<SharedConnect<B>>,
+    /// When a request last started on one of `conns`: h2 connections unused for the pool's
+    /// idle timeout are replaced (a NAT or firewall may have dropped them silently meanwhile).
+    last_used: Instant,
+}
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
+/// Where a request goes on the HTTP/2 path.
+enum Pick<B> {
+    /// A stream reserved on a live connection.
+    Ready(http2::SendRequest<B>, Pending),
+    /// Every connection is full and there is room for another.
+    Connect,
+    /// Every connection is full and there may be no more.
+    Wait,
+}
 
-    /// Reserves a stream when fewer than `limit` (and the upstream's own limit) are in
-    /// use; the [`Pending`] gives it back when the exchange ends.
-    pub(crate) fn try_reserve(self: &Arc<Self>, limit: usize) -> Option<Pending> {
-        let limit = limit.min(self.peer_max.load(Ordering::Relaxed));
-        let mut s = self.lock();
-        if s.load() >= limit {
-            return None;
+impl<B> H2Slot<B> {
+    pub(super) fn new() -> Self {
+        H2Slot {
+            conns: Vec::new(),
+            connecting: None,
+            last_used: Instant::now(),
         }
-        s.pending += 1;
-        Some(Pending(self.clone()))
     }
+}
 
-    /// Streams in use (open or about to be opened).
-    #[cfg(test)]
-    pub(crate) fn load(&self) -> usize {
-        self.lock().load()
-    }
-
-    /// Waits for the upstream's first `SETTINGS` frame, which carries its stream limit.
-    pub(crate) async fn settled(&self) {
+impl<B> HostPool<B>
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    /// The path while the upstream is known or expected to speak HTTP/2: a free stream
+    /// on a live connection, else a new connection, else a wait for a free stream.
+    pub(super) async fn send_shared(
+        &self,
+        req: Request<B>,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        let mut deadline = None;
+        let mut fresh = false;
         loop {
-            let notified = self.settled_notify.notified();
-            if self.settled.load(Ordering::Acquire) {
-                return;
-            }
-            notified.await;
-        }
-    }
-
-    fn freed(&self) {
-        self.freed.notify_waiters();
-    }
-
-    /// A frame we sent.
-    fn sent(&self, kind: u8, flags: u8, id: u32) {
-        let mut s = self.lock();
-        let freed = match kind {
-            HEADERS if id > s.max_opened && id % 2 == 1 => {
-                s.max_opened = id;
-                let f = if flags & END_STREAM != 0 {
-                    LOCAL_CLOSED
-                } else {
-                    0
-                };
-                s.streams.insert(id, f);
-                s.unanswered += 1;
-                false
-            }
-            HEADERS | DATA if flags & END_STREAM != 0 => s.close(id, LOCAL_CLOSED),
-            RST_STREAM => s.remove(id),
-            _ => false,
-        };
-        drop(s);
-        if freed {
-            self.freed();
-        }
-    }
-
-    /// A frame the upstream sent (its `SETTINGS` payload is read separately).
-    fn received(&self, kind: u8, flags: u8, id: u32, last_stream_id: Option<u32>) {
-        let mut s = self.lock();
-        let freed = match kind {
-            HEADERS => {
-                if let Some(f) = s.streams.get_mut(&id) {
-                    if *f & ANSWERED == 0 {
-                        *f |= ANSWERED;
-                        s.unanswered = s.unanswered.saturating_sub(1);
+            let freed = self.connector.h2_freed().notified();
+            tokio::pin!(freed);
+            // Registered before looking, so a stream freed meanwhile is not missed.
+            freed.as_mut().enable();
+            match self.pick_h2() {
+                Pick::Ready(tx, pending) => {
+                    return self.send_h2(tx, Some(pending), req, !fresh).await
+                }
+                Pick::Connect => match self.connect_shared().await? {
+                    Opened::H2(..) => fresh = true,
+                    Opened::H1(slot) => {
+                        self.learned.store(SPOKE_H1, Ordering::Relaxed);
+                        let taken = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+                        return match taken {
+                            Some(tx) => self.send_h1_on(tx, false, req).await,
+                            None => self.send_h1(req).await,
+                        };
+                    }
+                },
+                Pick::Wait => {
+                    let Some(after) = self.config.acquire_timeout else {
+                        freed.await;
+                        continue;
+                    };
+                    let at = *deadline.get_or_insert_with(|| {
+                        Instant::now()
+                            .checked_add(after)
+                            .unwrap_or_else(super::body::far_future)
+                    });
+                    if tokio::time::timeout_at(at, freed).await.is_err() {
+                        return Err(ForwardError::PoolTimeout {
+                            upstream: self.upstream.authority().to_string(),
+                            after,
+                        });
                     }
                 }
-                flags & END_STREAM != 0 && s.close(id, REMOTE_CLOSED)
-            }
-            DATA if flags & END_STREAM != 0 => s.close(id, REMOTE_CLOSED),
-            RST_STREAM => s.remove(id),
-            GOAWAY => {
-                // Streams above the last one the upstream processes never will be.
-                let last = last_stream_id.unwrap_or(u32::MAX);
-                let above: Vec<u32> = s.streams.keys().copied().filter(|i| *i > last).collect();
-                let mut any = false;
-                for i in above {
-                    any |= s.remove(i);
-                }
-                any
-            }
-            _ => false,
-        };
-        drop(s);
-        if freed {
-            self.freed();
-        }
-    }
-
-    /// The connection's byte stream ended or broke.
-    fn ended(&self) {
-        if !self.settled.swap(true, Ordering::AcqRel) {
-            self.settled_notify.notify_waiters();
-        }
-        self.freed();
-    }
-
-    fn settings(&self, payload: &[u8]) {
-        for setting in payload.chunks_exact(6) {
-            let id = u16::from_be_bytes([setting[0], setting[1]]);
-            if id == SETTINGS_MAX_CONCURRENT_STREAMS {
-                let v = u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]);
-                let v = usize::try_from(v).unwrap_or(usize::MAX);
-                let old = self.peer_max.swap(v, Ordering::Relaxed);
-                if v > old {
-                    self.freed();
-                }
-            }
-        }
-        if !self.settled.swap(true, Ordering::AcqRel) {
-            self.settled_notify.notify_waiters();
-        }
-    }
-}
-
-/// One reserved stream of a connection: held from before the request is given to hyper
-/// until its exchange ends (response headers or an error), or dropped with the request.
-pub(crate) struct Pending(Arc<Streams>);
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        let mut s = self.0.lock();
-        s.pending = s.pending.saturating_sub(1);
-        drop(s);
-        self.0.freed();
-    }
-}
-
-/// Follows the frame headers in one direction of the byte stream.
-struct FrameScan {
-    /// Bytes of the client preface still to skip (write side only).
-    preface: usize,
-    header: [u8; 9],
-    have: usize,
-    /// Payload bytes of the current frame still to pass.
-    payload: usize,
-    /// The current frame's payload is collected (`SETTINGS`, `GOAWAY`) up to this many.
-    collect: usize,
-    buf: Vec<u8>,
-    kind: u8,
-    flags: u8,
-}
-
-impl FrameScan {
-    fn new(preface: usize) -> Self {
-        FrameScan {
-            preface,
-            header: [0; 9],
-            have: 0,
-            payload: 0,
-            collect: 0,
-            buf: Vec::new(),
-            kind: 0,
-            flags: 0,
-        }
-    }
-
-    /// Feeds `bytes`; `on_frame(kind, flags, stream id, payload)` once per frame, with
-    /// the payload when it was collected (else empty).
-    fn feed(&mut self, mut bytes: &[u8], mut on_frame: impl FnMut(u8, u8, u32, &[u8])) {
-        while !bytes.is_empty() {
-            if self.preface > 0 {
-                let n = self.preface.min(bytes.len());
-                self.preface -= n;
-                bytes = &bytes[n..];
-                continue;
-            }
-            if self.payload > 0 {
-                let n = self.payload.min(bytes.len());
-                if self.collect > self.buf.len() {
-                    let take = (self.collect - self.buf.len()).min(n);
-                    self.buf.extend_from_slice(&bytes[..take]);
-                }
-                self.payload -= n;
-                bytes = &bytes[n..];
-                if self.payload == 0 && self.collect > 0 {
-                    self.finish(&mut on_frame);
-                }
-                continue;
-            }
-            let n = (9 - self.have).min(bytes.len());
-            self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
-            self.have += n;
-            bytes = &bytes[n..];
-            if self.have < 9 {
-                continue;
-            }
-            self.have = 0;
-            let h = self.header;
-            let len = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
-            self.kind = h[3];
-            self.flags = h[4];
-            self.payload = len;
-            self.collect = match self.kind {
-                SETTINGS if self.flags & ACK == 0 => len.min(MAX_SETTINGS_READ),
-                GOAWAY => len.min(4),
-                _ => 0,
-            };
-            self.buf.clear();
-            if self.collect == 0 || len == 0 {
-                self.collect = 0;
-                let id = stream_id(&h[5..9]);
-                on_frame(self.kind, self.flags, id, &[]);
             }
         }
     }
 
-    fn finish(&mut self, on_frame: &mut impl FnMut(u8, u8, u32, &[u8])) {
-        self.collect = 0;
-        let id = stream_id(&self.header[5..9]);
-        on_frame(self.kind, self.flags, id, &self.buf);
-    }
-}
-
-fn stream_id(b: &[u8]) -> u32 {
-    let mut id = [0u8; 4];
-    id.copy_from_slice(&b[..4]);
-    u32::from_be_bytes(id) & 0x7fff_ffff
-}
-
-/// An upstream connection's byte stream (TCP or TLS) that reports its HTTP/2 frames to
-/// [`Streams`]. Costs one pass over the frame headers; payloads are not copied.
-pub(crate) struct Counted<S> {
-    inner: S,
-    streams: Arc<Streams>,
-    read: FrameScan,
-    write: FrameScan,
-}
-
-impl<S> Counted<S> {
-    pub(crate) fn new(inner: S, streams: Arc<Streams>) -> Self {
-        Counted {
-            inner,
-            streams,
-            read: FrameScan::new(0),
-            write: FrameScan::new(PREFACE_LEN),
+    /// A stream on the first live HTTP/2 connection with one free.
+    fn pick_h2(&self) -> Pick<B> {
+        let mut slot = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        if now.saturating_duration_since(slot.last_used) > self.config.idle_timeout {
+            // Dropping the handles lets the old connections close once their open
+            // streams are done; the next request opens a new one.
+            slot.conns.clear();
+        }
+        slot.last_used = now;
+        slot.conns.retain(|c| !c.tx.is_closed());
+        for c in &slot.conns {
+            if let Some(pending) = c.streams.try_reserve(self.config.h2_max_streams) {
+                return Pick::Ready(c.tx.clone(), pending);
+            }
+        }
+        if slot.conns.len() < self.config.h2_max_connections {
+            Pick::Connect
+        } else {
+            Pick::Wait
         }
     }
 
-    fn on_read(&mut self, bytes: &[u8]) {
-        let streams = &self.streams;
-        self.read
-            .feed(bytes, |kind, flags, id, payload| match kind {
-                SETTINGS if flags & ACK == 0 => streams.settings(payload),
-                GOAWAY => {
-                    let last = (payload.len() >= 4).then(|| stream_id(payload));
-                    streams.received(kind, flags, id, last)
-                }
-                _ => streams.received(kind, flags, id, None),
+    /// Adds `tx` (an HTTP/1.1 path's connection on which the upstream chose HTTP/2 by
+    /// ALPN) to the shared set when there is room, and reserves a stream on it.
+    pub(super) fn adopt_h2(
+        &self,
+        tx: &http2::SendRequest<B>,
+        streams: Arc<Streams>,
+    ) -> Option<Pending> {
+        self.learned.store(SPOKE_H2, Ordering::Relaxed);
+        let pending = streams.try_reserve(self.config.h2_max_streams);
+        let mut slot = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
+        slot.conns.retain(|c| !c.tx.is_closed());
+        if slot.conns.len() < self.config.h2_max_connections {
+            slot.conns.push(H2Conn {
+                tx: tx.clone(),
+                streams,
             });
-    }
-
-    fn on_written(&mut self, bytes: &[u8]) {
-        let streams = &self.streams;
-        self.write
-            .feed(bytes, |kind, flags, id, _| streams.sent(kind, flags, id));
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let res = Pin::new(&mut this.inner).poll_read(cx, buf);
-        match &res {
-            Poll::Ready(Ok(())) if buf.filled().len() > before => {
-                this.on_read(&buf.filled()[before..]);
-            }
-            // End of stream or a broken one: nobody waits for SETTINGS that cannot come.
-            Poll::Ready(_) => this.streams.ended(),
-            Poll::Pending => {}
+            slot.last_used = Instant::now();
         }
-        res
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let res = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = res {
-            this.on_written(&buf[..n.min(buf.len())]);
-        }
-        res
+        pending
     }
 
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let res = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = res {
-            let mut left = n;
-            for b in bufs {
-                if left == 0 {
-                    break;
+    /// Opens another shared connection, once for all who ask while it is being opened.
+    async fn connect_shared(&self) -> Result<Opened<B>, ForwardError> {
+        let attempt = {
+            let mut slot = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
+            match &slot.connecting {
+                Some(attempt) => attempt.clone(),
+                None => {
+                    let connector = self.connector.clone();
+                    let attempt = async move {
+                        match connector.connect::<B>().await {
+                            Ok(Conn::H2(tx, streams)) => Ok(Opened::H2(tx, streams)),
+                            Ok(Conn::H1(tx)) => Ok(Opened::H1(Arc::new(Mutex::new(Some(tx))))),
+                            Err(e) => Err(Arc::new(e)),
+                        }
+                    }
+                    .boxed()
+                    .shared();
+                    slot.connecting = Some(attempt.clone());
+                    attempt
                 }
-                let take = left.min(b.len());
-                this.on_written(&b[..take]);
-                left -= take;
+            }
+        };
+        let res = attempt.clone().await;
+        {
+            let mut slot = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
+            if slot.connecting.as_ref().is_some_and(|a| a.ptr_eq(&attempt)) {
+                slot.connecting = None;
+                if let Ok(Opened::H2(tx, streams)) = &res {
+                    slot.conns.push(H2Conn {
+                        tx: tx.clone(),
+                        streams: streams.clone(),
+                    });
+                    slot.last_used = Instant::now();
+                    self.learned.store(SPOKE_H2, Ordering::Relaxed);
+                }
             }
         }
-        res
+        res.map_err(|e| shared_error(&e))
     }
 
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    /// Sends over the shared HTTP/2 connection. When a reused connection turns out to be
+    /// closed before the request left, one fresh connection is tried.
+    /// `pending` is the stream reserved for the request, given back when the exchange
+    /// ends (the stream itself is counted until the upstream ends it).
+    pub(super) async fn send_h2(
+        &self,
+        mut tx: http2::SendRequest<B>,
+        pending: Option<Pending>,
+        mut req: Request<B>,
+        reused: bool,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        to_h2(
+            &mut req,
+            self.upstream.scheme(),
+            self.upstream.authority_ref(),
+        );
+        let sent = tx.try_send_request(req).await;
+        drop(pending);
+        match sent {
+            Ok(res) => Ok(res),
+            Err(mut e) => match e.take_message() {
+                Some(req) if reused => {
+                    tracing::debug!(error = %e.error(), "HTTP/2 connection was closed; reconnecting");
+                    match self.connect_shared().await? {
+                        Opened::H2(mut tx, streams) => {
+                            let _pending = streams.try_reserve(self.config.h2_max_streams);
+                            tx.send_request(req).await.map_err(|e| self.transport(e))
+                        }
+                        // The upstream switched to HTTP/1.1 between two connections; the
+                        // request is in HTTP/2 shape already: fail it, the next one goes
+                        // the HTTP/1.1 way.
+                        Opened::H1(slot) => {
+                            self.learned.store(SPOKE_H1, Ordering::Relaxed);
+                            let taken = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+                            if let Some(tx) = taken {
+                                self.checkin(tx);
+                            }
+                            Err(self.transport(e.into_error()))
+                        }
+                    }
+                }
+                _ => Err(self.transport(e.into_error())),
+            },
+        }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn frame(kind: u8, flags: u8, id: u32, payload: &[u8]) -> Vec<u8> {
-        let len = payload.len();
-        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-        f.extend_from_slice(&id.to_be_bytes());
-        f.extend_from_slice(payload);
-        f
+/// The error of a shared connect attempt for one of the requests that waited for it:
+/// the same variant, the original as the source (so a `rustls::Error` is still found in
+/// the chain).
+fn shared_error(e: &Arc<ForwardError>) -> ForwardError {
+    let cause = || -> BoxError { Box::new(SharedCause(e.clone())) };
+    match &**e {
+        ForwardError::ConnectTimeout { upstream } => ForwardError::ConnectTimeout {
+            upstream: upstream.clone(),
+        },
+        ForwardError::Tls { upstream, .. } => ForwardError::Tls {
+            upstream: upstream.clone(),
+            source: cause(),
+        },
+        ForwardError::LocalResource { upstream, source } => ForwardError::LocalResource {
+            upstream: upstream.clone(),
+            source: std::io::Error::new(source.kind(), SharedCause(e.clone())),
+        },
+        ForwardError::Connect { upstream, .. } => ForwardError::Connect {
+            upstream: upstream.clone(),
+            source: cause(),
+        },
+        // Connecting yields no other variant; keep it a connect failure all the same.
+        other => ForwardError::Connect {
+            upstream: other.to_string(),
+            source: cause(),
+        },
     }
+}
 
-    #[test]
-    fn streams_count_from_headers_to_both_end_streams_byte_by_byte() {
-        let streams = Streams::new(Arc::new(Notify::new()));
-        let mut c = Counted::new(tokio::io::empty(), streams.clone());
-        let mut out = vec![0u8; PREFACE_LEN];
-        out.extend(frame(SETTINGS, 0, 0, &[]));
-        out.extend(frame(HEADERS, END_STREAM, 1, b"hpack"));
-        out.extend(frame(HEADERS, 0, 3, b"hpack"));
-        // Written one byte at a time: the scan keeps its place across writes.
-        for b in &out {
-            c.on_written(std::slice::from_ref(b));
-        }
-        assert_eq!(streams.load(), 2);
-        let mut settings = Vec::new();
-        settings.extend_from_slice(&SETTINGS_MAX_CONCURRENT_STREAMS.to_be_bytes());
-        settings.extend_from_slice(&4u32.to_be_bytes());
-        let mut inp = frame(SETTINGS, 0, 0, &settings);
-        inp.extend(frame(HEADERS, 0, 1, b"x"));
-        inp.extend(frame(DATA, END_STREAM, 1, b"body"));
-        inp.extend(frame(RST_STREAM, 0, 3, &[0, 0, 0, 8]));
-        c.on_read(&inp);
-        assert!(streams.settled.load(Ordering::Relaxed));
-        assert_eq!(streams.peer_max.load(Ordering::Relaxed), 4);
-        assert_eq!(streams.load(), 0);
-        // Trailers on a closed stream open nothing.
-        c.on_written(&frame(HEADERS, END_STREAM, 1, b"t"));
-        assert_eq!(streams.load(), 0);
+/// The cause of a connect failure that several requests share.
+#[derive(Debug)]
+struct SharedCause(Arc<ForwardError>);
+
+impl std::fmt::Display for SharedCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a connect attempt shared with other requests failed")
     }
+}
 
-    #[test]
-    fn reservations_respect_both_limits_and_do_not_double_count() {
-        let streams = Streams::new(Arc::new(Notify::new()));
-        let mut c = Counted::new(tokio::io::empty(), streams.clone());
-        let a = streams.try_reserve(2).expect("first");
-        let _b = streams.try_reserve(2).expect("second");
-        assert!(streams.try_reserve(2).is_none());
-        // The reserved requests' streams open: still two in use, not four.
-        let mut out = vec![0u8; PREFACE_LEN];
-        out.extend(frame(HEADERS, END_STREAM, 1, b""));
-        out.extend(frame(HEADERS, END_STREAM, 3, b""));
-        c.on_written(&out);
-        assert_eq!(streams.load(), 2);
-        // Answered, body still coming, exchange done for hyper: the stream still counts.
-        c.on_read(&frame(HEADERS, 0, 1, b""));
-        drop(a);
-        assert_eq!(streams.load(), 2);
-        c.on_read(&frame(DATA, END_STREAM, 1, b""));
-        assert_eq!(streams.load(), 1);
-        // A GOAWAY drops the streams it will not process.
-        c.on_read(&frame(GOAWAY, 0, 0, &[0, 0, 0, 1, 0, 0, 0, 0]));
-        assert_eq!(streams.load(), 1, "the second request is still pending");
+impl std::error::Error for SharedCause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&*self.0)
     }
 }

@@ -66,6 +66,7 @@ mod error;
 mod future;
 mod h2;
 mod h2pool;
+mod h2wire;
 pub(crate) mod headers;
 mod pool;
 mod service;
