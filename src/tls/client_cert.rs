@@ -49,6 +49,67 @@ impl ClientCertificate {
     }
 }
 
+use std::path::Path;
+
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject;
+
+use super::server::server_config;
+use super::{ServerTls, ServerTlsError};
+
+/// Client certificates (mTLS) on the listener.
+impl ServerTls {
+    /// Requires a client certificate issued by a CA of `ca_pem` (one or more PEM
+    /// certificates): a client without one, or with one that does not verify (another
+    /// CA, expired, not for client authentication), fails the handshake. The verified
+    /// certificate reaches the service as a [`ClientCertificate`] request extension.
+    /// nginx: `ssl_verify_client on` + `ssl_client_certificate`.
+    pub fn require_client_cert(self, ca_pem: &[u8]) -> Result<Self, ServerTlsError> {
+        self.client_cert(ca_pem, true)
+    }
+
+    /// Like [`require_client_cert`](Self::require_client_cert), but a client may send no
+    /// certificate (its requests then carry no [`ClientCertificate`]); one it sends must
+    /// verify. nginx: `ssl_verify_client optional`.
+    pub fn optional_client_cert(self, ca_pem: &[u8]) -> Result<Self, ServerTlsError> {
+        self.client_cert(ca_pem, false)
+    }
+
+    fn client_cert(mut self, ca_pem: &[u8], required: bool) -> Result<Self, ServerTlsError> {
+        let path = Path::new("(client CA)");
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(ca_pem) {
+            let cert = cert.map_err(|source| ServerTlsError::Pem {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            roots
+                .add(cert)
+                .map_err(|source| ServerTlsError::Certificate {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+        }
+        if roots.is_empty() {
+            return Err(ServerTlsError::NoCertificate {
+                path: path.to_path_buf(),
+            });
+        }
+        let builder = WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.shared.provider.clone(),
+        );
+        let verifier = match required {
+            true => builder.build()?,
+            false => builder.allow_unauthenticated().build()?,
+        };
+        let config = server_config(&self.shared.resolver, &self.shared.provider, Some(verifier))?;
+        self.acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        self.client_auth = true;
+        Ok(self)
+    }
+}
+
 /// One DER element: (tag, contents, rest).
 fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let (&tag, rest) = input.split_first()?;

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::ClientCertVerifier;
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -136,22 +136,22 @@ pub enum ServerTlsError {
 /// ```
 #[derive(Clone)]
 pub struct ServerTls {
-    acceptor: tokio_rustls::TlsAcceptor,
-    shared: Arc<Shared>,
+    pub(super) acceptor: tokio_rustls::TlsAcceptor,
+    pub(super) shared: Arc<Shared>,
     handshake_timeout: Duration,
     /// Client certificates are verified (mTLS): requests carry a [`ClientCertificate`].
-    client_auth: bool,
+    pub(super) client_auth: bool,
 }
 
 /// What clones share: the served certificate and where it comes from.
-struct Shared {
-    resolver: Arc<Resolver>,
-    provider: Arc<CryptoProvider>,
+pub(super) struct Shared {
+    pub(super) resolver: Arc<Resolver>,
+    pub(super) provider: Arc<CryptoProvider>,
     files: Option<(PathBuf, PathBuf)>,
     /// The SNI certificates by name, in the order given (see [`ServerTls::sni_pem`]).
-    sni: Mutex<Vec<(SniName, SniSource)>>,
+    pub(super) sni: Mutex<Vec<(SniName, SniSource)>>,
     /// The SNI files' stamps at the last load, in `sni` order (files only).
-    sni_stamps: Mutex<Vec<Option<Stamp>>>,
+    pub(super) sni_stamps: Mutex<Vec<Option<Stamp>>>,
     /// The files' stamps taken just before the last load attempt (before reading, so a
     /// change during the read is seen as a change at the next check, never missed).
     stamps: Mutex<Stamps>,
@@ -222,126 +222,6 @@ impl ServerTls {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             client_auth: false,
         })
-    }
-
-    /// Serves `cert_pem`/`key_pem` to clients asking for `name` by SNI: an exact name
-    /// (`api.example.com`, case-insensitive) or a wildcard over one label
-    /// (`*.example.com`). Exact names win over wildcards; a name matching neither gets
-    /// the default certificate (or, with [`sni_only`](Self::sni_only), a failed
-    /// handshake). Checked like the default pair; a name given twice keeps the last.
-    pub fn sni_pem(
-        self,
-        name: &str,
-        cert_pem: &[u8],
-        key_pem: &[u8],
-    ) -> Result<Self, ServerTlsError> {
-        let sni = sni_name(name)?;
-        let memory = Path::new("(in memory)");
-        let certified = certified_key(cert_pem, memory, key_pem, memory, &self.shared.provider)?;
-        self.add_sni(sni, SniSource::Memory(Arc::new(certified)))
-    }
-
-    /// Like [`sni_pem`](Self::sni_pem), from PEM files that [`reload`](Self::reload) and
-    /// [`watch_files`](Self::watch_files) re-read with the default pair.
-    pub fn sni_pem_files(
-        self,
-        name: &str,
-        cert: impl AsRef<Path>,
-        key: impl AsRef<Path>,
-    ) -> Result<Self, ServerTlsError> {
-        let sni = sni_name(name)?;
-        let (cert, key) = (cert.as_ref().to_path_buf(), key.as_ref().to_path_buf());
-        // Checked now: a broken pair is a start-up error, not a later handshake failure.
-        load_files(&cert, &key, &self.shared.provider)?;
-        self.add_sni(sni, SniSource::Files(cert, key))
-    }
-
-    fn add_sni(self, name: SniName, source: SniSource) -> Result<Self, ServerTlsError> {
-        {
-            let mut sni = lock(&self.shared.sni);
-            sni.retain(|(n, _)| *n != name);
-            sni.push((name, source));
-        }
-        let table = self.sni_table()?;
-        self.shared.resolver.sni.store(Arc::new(table));
-        *lock(&self.shared.sni_stamps) = self.sni_file_stamps();
-        Ok(self)
-    }
-
-    /// The SNI table read afresh (files re-read, bytes kept); all or nothing.
-    fn sni_table(&self) -> Result<SniTable, ServerTlsError> {
-        let mut table = SniTable::default();
-        for (name, source) in lock(&self.shared.sni).iter() {
-            let key = match source {
-                SniSource::Memory(k) => k.clone(),
-                SniSource::Files(cert, key) => {
-                    Arc::new(load_files(cert, key, &self.shared.provider)?)
-                }
-            };
-            table.insert(name, key);
-        }
-        Ok(table)
-    }
-
-    fn sni_file_stamps(&self) -> Vec<Option<Stamp>> {
-        lock(&self.shared.sni)
-            .iter()
-            .filter_map(|(_, s)| match s {
-                SniSource::Files(cert, key) => Some([stamp(cert), stamp(key)]),
-                SniSource::Memory(_) => None,
-            })
-            .flatten()
-            .collect()
-    }
-
-    /// Requires a client certificate issued by a CA of `ca_pem` (one or more PEM
-    /// certificates): a client without one, or with one that does not verify (another
-    /// CA, expired, not for client authentication), fails the handshake. The verified
-    /// certificate reaches the service as a [`ClientCertificate`] request extension.
-    /// nginx: `ssl_verify_client on` + `ssl_client_certificate`.
-    pub fn require_client_cert(self, ca_pem: &[u8]) -> Result<Self, ServerTlsError> {
-        self.client_cert(ca_pem, true)
-    }
-
-    /// Like [`require_client_cert`](Self::require_client_cert), but a client may send no
-    /// certificate (its requests then carry no [`ClientCertificate`]); one it sends must
-    /// verify. nginx: `ssl_verify_client optional`.
-    pub fn optional_client_cert(self, ca_pem: &[u8]) -> Result<Self, ServerTlsError> {
-        self.client_cert(ca_pem, false)
-    }
-
-    fn client_cert(mut self, ca_pem: &[u8], required: bool) -> Result<Self, ServerTlsError> {
-        let path = Path::new("(client CA)");
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(ca_pem) {
-            let cert = cert.map_err(|source| ServerTlsError::Pem {
-                path: path.to_path_buf(),
-                source,
-            })?;
-            roots
-                .add(cert)
-                .map_err(|source| ServerTlsError::Certificate {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
-        }
-        if roots.is_empty() {
-            return Err(ServerTlsError::NoCertificate {
-                path: path.to_path_buf(),
-            });
-        }
-        let builder = WebPkiClientVerifier::builder_with_provider(
-            Arc::new(roots),
-            self.shared.provider.clone(),
-        );
-        let verifier = match required {
-            true => builder.build()?,
-            false => builder.allow_unauthenticated().build()?,
-        };
-        let config = server_config(&self.shared.resolver, &self.shared.provider, Some(verifier))?;
-        self.acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        self.client_auth = true;
-        Ok(self)
     }
 
     /// How long a client may take to complete the handshake (default 10 s).
@@ -461,11 +341,11 @@ impl FileWatch {
 
 /// What tells a changed file: modification time, size and (Unix) inode, which a
 /// replacement by rename changes even within one timestamp tick.
-type Stamp = (SystemTime, u64, u64);
+pub(super) type Stamp = (SystemTime, u64, u64);
 type Stamps = (Option<Stamp>, Option<Stamp>);
 
 /// `path`'s [`Stamp`] (`None` while it is missing, e.g. mid-rename).
-fn stamp(path: &Path) -> Option<Stamp> {
+pub(super) fn stamp(path: &Path) -> Option<Stamp> {
     let meta = std::fs::metadata(path).ok()?;
     #[cfg(unix)]
     let inode = std::os::unix::fs::MetadataExt::ino(&meta);
@@ -475,11 +355,11 @@ fn stamp(path: &Path) -> Option<Stamp> {
 }
 
 /// The stamps and SNI sources stay usable after a panic elsewhere (plain values).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn sni_name(name: &str) -> Result<SniName, ServerTlsError> {
+pub(super) fn sni_name(name: &str) -> Result<SniName, ServerTlsError> {
     SniName::parse(name).ok_or_else(|| ServerTlsError::InvalidName {
         name: name.to_string(),
     })
@@ -487,7 +367,7 @@ fn sni_name(name: &str) -> Result<SniName, ServerTlsError> {
 
 /// The rustls configuration: the resolver, ALPN h2/http1.1, tickets, and client
 /// certificate verification when asked for.
-fn server_config(
+pub(super) fn server_config(
     resolver: &Arc<Resolver>,
     provider: &Arc<CryptoProvider>,
     verifier: Option<Arc<dyn ClientCertVerifier>>,
@@ -506,7 +386,7 @@ fn server_config(
     Ok(config)
 }
 
-fn load_files(
+pub(super) fn load_files(
     cert: &Path,
     key: &Path,
     provider: &CryptoProvider,
@@ -523,7 +403,7 @@ fn load_files(
 
 /// Parses and checks a chain and key: at least one certificate, a key the provider can
 /// sign with, and the key being the leaf certificate's.
-fn certified_key(
+pub(super) fn certified_key(
     cert_pem: &[u8],
     cert_path: &Path,
     key_pem: &[u8],
@@ -584,11 +464,11 @@ fn certified_key(
 /// Hands every handshake the current certificate; a reload swaps it atomically, without a
 /// lock on the handshake path.
 #[derive(Debug)]
-struct Resolver {
+pub(super) struct Resolver {
     /// The default certificate (`None`: [`ServerTls::sni_only`]).
-    current: ArcSwapOption<CertifiedKey>,
+    pub(super) current: ArcSwapOption<CertifiedKey>,
     /// Certificates by SNI name; empty unless configured.
-    sni: ArcSwap<SniTable>,
+    pub(super) sni: ArcSwap<SniTable>,
 }
 
 impl ResolvesServerCert for Resolver {

@@ -92,6 +92,84 @@ pub(crate) enum SniSource {
     Memory(Arc<CertifiedKey>),
 }
 
+use std::path::Path;
+
+use super::server::{certified_key, load_files, lock, sni_name, stamp, Stamp};
+use super::{ServerTls, ServerTlsError};
+
+/// Several certificates by SNI name (see the module docs).
+impl ServerTls {
+    /// Serves `cert_pem`/`key_pem` to clients asking for `name` by SNI: an exact name
+    /// (`api.example.com`, case-insensitive) or a wildcard over one label
+    /// (`*.example.com`). Exact names win over wildcards; a name matching neither gets
+    /// the default certificate (or, with [`sni_only`](Self::sni_only), a failed
+    /// handshake). Checked like the default pair; a name given twice keeps the last.
+    pub fn sni_pem(
+        self,
+        name: &str,
+        cert_pem: &[u8],
+        key_pem: &[u8],
+    ) -> Result<Self, ServerTlsError> {
+        let sni = sni_name(name)?;
+        let memory = Path::new("(in memory)");
+        let certified = certified_key(cert_pem, memory, key_pem, memory, &self.shared.provider)?;
+        self.add_sni(sni, SniSource::Memory(Arc::new(certified)))
+    }
+
+    /// Like [`sni_pem`](Self::sni_pem), from PEM files that [`reload`](Self::reload) and
+    /// [`watch_files`](Self::watch_files) re-read with the default pair.
+    pub fn sni_pem_files(
+        self,
+        name: &str,
+        cert: impl AsRef<Path>,
+        key: impl AsRef<Path>,
+    ) -> Result<Self, ServerTlsError> {
+        let sni = sni_name(name)?;
+        let (cert, key) = (cert.as_ref().to_path_buf(), key.as_ref().to_path_buf());
+        // Checked now: a broken pair is a start-up error, not a later handshake failure.
+        load_files(&cert, &key, &self.shared.provider)?;
+        self.add_sni(sni, SniSource::Files(cert, key))
+    }
+
+    fn add_sni(self, name: SniName, source: SniSource) -> Result<Self, ServerTlsError> {
+        {
+            let mut sni = lock(&self.shared.sni);
+            sni.retain(|(n, _)| *n != name);
+            sni.push((name, source));
+        }
+        let table = self.sni_table()?;
+        self.shared.resolver.sni.store(Arc::new(table));
+        *lock(&self.shared.sni_stamps) = self.sni_file_stamps();
+        Ok(self)
+    }
+
+    /// The SNI table read afresh (files re-read, bytes kept); all or nothing.
+    pub(super) fn sni_table(&self) -> Result<SniTable, ServerTlsError> {
+        let mut table = SniTable::default();
+        for (name, source) in lock(&self.shared.sni).iter() {
+            let key = match source {
+                SniSource::Memory(k) => k.clone(),
+                SniSource::Files(cert, key) => {
+                    Arc::new(load_files(cert, key, &self.shared.provider)?)
+                }
+            };
+            table.insert(name, key);
+        }
+        Ok(table)
+    }
+
+    pub(super) fn sni_file_stamps(&self) -> Vec<Option<Stamp>> {
+        lock(&self.shared.sni)
+            .iter()
+            .filter_map(|(_, s)| match s {
+                SniSource::Files(cert, key) => Some([stamp(cert), stamp(key)]),
+                SniSource::Memory(_) => None,
+            })
+            .flatten()
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
