@@ -147,6 +147,11 @@ impl Streams {
 
     /// A frame we sent.
     fn sent(&self, kind: u8, flags: u8, id: u32) {
+        // Most frames (DATA mid-body, WINDOW_UPDATE, PING, ...) change no stream's state:
+        // they take no lock.
+        if !matters(kind, flags) {
+            return;
+        }
         let mut s = self.lock();
         let freed = match kind {
             HEADERS if id > s.max_opened && id % 2 == 1 => {
@@ -172,6 +177,9 @@ impl Streams {
 
     /// A frame the upstream sent (its `SETTINGS` payload is read separately).
     fn received(&self, kind: u8, flags: u8, id: u32, last_stream_id: Option<u32>) {
+        if !matters(kind, flags) && kind != GOAWAY {
+            return;
+        }
         let mut s = self.lock();
         let freed = match kind {
             HEADERS => {
@@ -226,6 +234,15 @@ impl Streams {
         if !self.settled.swap(true, Ordering::AcqRel) {
             self.settled_notify.notify_waiters();
         }
+    }
+}
+
+/// Whether a frame can open, answer or close a stream.
+fn matters(kind: u8, flags: u8) -> bool {
+    match kind {
+        HEADERS | RST_STREAM => true,
+        DATA => flags & END_STREAM != 0,
+        _ => false,
     }
 }
 
