@@ -494,3 +494,144 @@ async fn an_h2_connection_idle_past_the_pool_idle_timeout_is_replaced() {
     get(&mut fwd, req()).await.unwrap();
     assert_eq!(srv.tcp.load(Ordering::SeqCst), 2, "91 s idle: replaced");
 }
+
+/// An h2c server that allows `max_streams` concurrent streams per connection; `/together`
+/// answers only once `together` requests are open at the same time (across all its
+/// connections), else after 5 s with `alone`. Counts its TCP connections.
+async fn stream_limited_server(max_streams: u32, together: usize) -> H2Server {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tcp = Arc::new(AtomicUsize::new(0));
+    let count = tcp.clone();
+    let barrier = Arc::new(tokio::sync::Barrier::new(together));
+    let task = tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let barrier = barrier.clone();
+                    async move {
+                        let body = match req.uri().path() {
+                            "/together" => {
+                                match tokio::time::timeout(Duration::from_secs(5), barrier.wait())
+                                    .await
+                                {
+                                    Ok(_) => "together",
+                                    Err(_) => "alone",
+                                }
+                            }
+                            "/hang" => std::future::pending().await,
+                            _ => "ok",
+                        };
+                        Ok::<_, Infallible>(Response::new(text(body.to_string())))
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .max_concurrent_streams(max_streams)
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    H2Server { addr, tcp, task }
+}
+
+#[tokio::test]
+async fn requests_past_the_stream_limit_open_more_connections() {
+    // The upstream allows 4 streams per connection; 16 requests must all be open at once
+    // for any to be answered `together`, which needs at least 4 connections.
+    let srv = stream_limited_server(4, 16).await;
+    let fwd: Forward<Body> = h2_forward(srv.addr);
+    let calls = (0..16).map(|_| {
+        let mut fwd = fwd.clone();
+        async move {
+            get(
+                &mut fwd,
+                Request::get("/together").body(Body::default()).unwrap(),
+            )
+            .await
+        }
+    });
+    let results = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures_util::future::join_all(calls),
+    )
+    .await
+    .expect("all 16 answered");
+    for r in results {
+        assert_eq!(r.unwrap(), "together");
+    }
+    let conns = srv.tcp.load(Ordering::SeqCst);
+    assert!((4..=16).contains(&conns), "{conns} connections");
+}
+
+#[tokio::test]
+async fn our_own_stream_limit_applies_below_the_upstreams() {
+    // The upstream allows 100 streams; we allow 2 per connection: 6 requests need 3.
+    let srv = stream_limited_server(100, 6).await;
+    let fwd: Forward<Body> = ForwardBuilder::new(format!("http://{}", srv.addr))
+        .http2_only(true)
+        .http2_max_streams_per_connection(2)
+        .build()
+        .unwrap();
+    let calls = (0..6).map(|_| {
+        let mut fwd = fwd.clone();
+        async move {
+            get(
+                &mut fwd,
+                Request::get("/together").body(Body::default()).unwrap(),
+            )
+            .await
+        }
+    });
+    for r in futures_util::future::join_all(calls).await {
+        assert_eq!(r.unwrap(), "together");
+    }
+    assert_eq!(srv.tcp.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_full_pool_waits_then_fails_with_a_typed_503() {
+    // 1 connection of 2 streams: two hanging requests fill it, the third waits for the
+    // acquire timeout and fails as the pool's own limit (not the upstream's fault).
+    let srv = stream_limited_server(2, 1).await;
+    let fwd: Forward<Body> = ForwardBuilder::new(format!("http://{}", srv.addr))
+        .http2_only(true)
+        .http2_max_connections(1)
+        .pool_acquire_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let hang = |fwd: &Forward<Body>| {
+        let mut fwd = fwd.clone();
+        tokio::spawn(async move {
+            let req = Request::get("/hang").body(Body::default()).unwrap();
+            let _ = fwd.ready().await.unwrap().call(req).await;
+        })
+    };
+    let (a, b) = (hang(&fwd), hang(&fwd));
+    // Both hanging streams are open on the server before the third request.
+    let mut probe = fwd.clone();
+    let err = loop {
+        let req = Request::get("/").body(Body::default()).unwrap();
+        match probe.ready().await.unwrap().call(req).await {
+            Ok(_) => tokio::task::yield_now().await,
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, ForwardError::PoolTimeout { .. }), "{err:?}");
+    assert_eq!(err.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(err.kind(), FailureKind::Client);
+    assert_eq!(srv.tcp.load(Ordering::SeqCst), 1);
+    // A freed stream lets the next request through.
+    a.abort();
+    b.abort();
+    let mut fwd2 = fwd.clone();
+    let ok = tokio::time::timeout(
+        Duration::from_secs(10),
+        get(&mut fwd2, Request::get("/").body(Body::default()).unwrap()),
+    )
+    .await
+    .expect("answered once a stream is free");
+    assert_eq!(ok.unwrap(), "ok");
+}

@@ -386,3 +386,109 @@ mod over_tls {
         );
     }
 }
+
+/// Our server with `max_connections` and `drain_timeout`, serving `Forward` to `up`; the
+/// returned sender starts a graceful shutdown, the handle ends when the server returned.
+async fn limited_front(
+    up: &str,
+    max_connections: usize,
+    drain: Duration,
+) -> (
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let fwd = Forward::<Incoming>::new(up).unwrap();
+    let svc = ServiceBuilder::new().layer(ErrorResponseLayer).service(fwd);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tower_patterns::server::Server::builder()
+        .max_connections(max_connections)
+        .drain_timeout(drain);
+    let task = tokio::spawn(server.serve_with_shutdown(listener, svc, async {
+        let _ = stopped.await;
+    }));
+    (addr, stop, task)
+}
+
+/// An HTTP/1.1 GET on an open connection; the status line's code.
+async fn get_on(stream: &mut TcpStream) -> u16 {
+    stream
+        .write_all(b"GET /x HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = stream.read(&mut buf).await.unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    head.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn an_open_tunnel_keeps_its_connection_slot() {
+    let up = echo_server("a").await;
+    let (addr, _stop, _task) = limited_front(&up.url, 2, Duration::from_secs(5)).await;
+    let (mut ws, _) = ws_connect(addr, None).await;
+    assert_eq!(echo(&mut ws, "hi").await, "a:hi");
+    // The second slot: a keep-alive connection answered (the echo server answers a plain
+    // GET with 400, which is fine: it was served).
+    let mut second = TcpStream::connect(addr).await.unwrap();
+    assert_ne!(get_on(&mut second).await, 0);
+    // The third waits: both slots are taken, one of them by the tunnel.
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    let waiting = tokio::time::timeout(Duration::from_millis(500), get_on(&mut third)).await;
+    assert!(
+        waiting.is_err(),
+        "the third connection was served while a tunnel was open"
+    );
+    // Closing the tunnel frees its slot: the third is served.
+    ws.close(None).await.unwrap();
+    drop(ws);
+    let mut third = third;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
+        .await
+        .expect("served once the tunnel closed")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 "));
+    drop(second);
+}
+
+#[tokio::test]
+async fn a_drain_closes_open_tunnels_at_the_drain_timeout() {
+    let up = echo_server("a").await;
+    let drain = Duration::from_millis(400);
+    let (addr, stop, task) = limited_front(&up.url, 16, drain).await;
+    let (mut ws, _) = ws_connect(addr, None).await;
+    assert_eq!(echo(&mut ws, "hi").await, "a:hi");
+    let started = tokio::time::Instant::now();
+    stop.send(()).unwrap();
+    // During the drain the tunnel still works (nginx keeps WebSockets until
+    // worker_shutdown_timeout)...
+    assert_eq!(echo(&mut ws, "still").await, "a:still");
+    // ...and the server returns once the drain timeout passed, not at the tunnel's idle
+    // timeout (60 s).
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the server returned within the drain timeout")
+        .unwrap()
+        .unwrap();
+    assert!(
+        started.elapsed() >= drain,
+        "returned before the drain timeout"
+    );
+    // The tunnel was closed: the client sees the end of the stream.
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the tunnel stayed open after the drain");
+}

@@ -487,3 +487,301 @@ async fn tls_connections_are_spread_evenly_over_the_workers() {
         .expect("stopped in time")
         .unwrap();
 }
+
+/// Several certificates chosen by SNI, and client certificates (mTLS).
+mod sni_and_mtls {
+    use super::*;
+    use tower_patterns::tls::ClientCertificate;
+
+    fn leaf_for(ca: &Ca, names: &[&str], cn: &str) -> Leaf {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &ca.cert, &ca.key).unwrap();
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().clone(),
+        }
+    }
+
+    fn client_leaf(ca: &Ca, cn: &str) -> Leaf {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "Example, Inc.");
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &ca.cert, &ca.key).unwrap();
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().clone(),
+        }
+    }
+
+    /// A handshake to `addr` asking for `name`; the served leaf, or the error.
+    async fn handshake_as(
+        addr: SocketAddr,
+        config: Arc<rustls::ClientConfig>,
+        name: &str,
+    ) -> std::io::Result<TlsStream<TcpStream>> {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from(name.to_string()).unwrap();
+        tokio::time::timeout(
+            LIMIT,
+            tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+        )
+        .await
+        .expect("handshake in time")
+    }
+
+    #[tokio::test]
+    async fn the_certificate_is_chosen_by_sni_with_wildcards_and_a_default() {
+        let ca = Ca::new();
+        let default = leaf_for(&ca, &["other.example", "deep.x.b.example.com"], "default");
+        let exact = leaf_for(&ca, &["a.example.com"], "exact");
+        let wild = leaf_for(&ca, &["*.b.example.com"], "wild");
+        let tls = ServerTls::from_pem(default.cert_pem.as_bytes(), default.key_pem.as_bytes())
+            .unwrap()
+            .sni_pem(
+                "a.example.com",
+                exact.cert_pem.as_bytes(),
+                exact.key_pem.as_bytes(),
+            )
+            .unwrap()
+            .sni_pem(
+                "*.B.example.com",
+                wild.cert_pem.as_bytes(),
+                wild.key_pem.as_bytes(),
+            )
+            .unwrap();
+        let srv = TlsServer::start(tls).await;
+        let config = ca.client_config(&[b"http/1.1"]);
+        for (name, want) in [
+            ("a.example.com", &exact.der),
+            ("x.b.example.com", &wild.der),
+            // A wildcard covers one label only (RFC 6125 §6.4.3).
+            ("deep.x.b.example.com", &default.der),
+            ("other.example", &default.der),
+        ] {
+            let tls = handshake_as(srv.addr, config.clone(), name)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(&served_cert(&tls), want, "{name}");
+        }
+        srv.stop().await;
+    }
+
+    #[tokio::test]
+    async fn without_a_default_an_unknown_name_fails_the_handshake() {
+        let ca = Ca::new();
+        let exact = leaf_for(&ca, &["a.example.com"], "exact");
+        let tls = ServerTls::sni_only()
+            .unwrap()
+            .sni_pem(
+                "a.example.com",
+                exact.cert_pem.as_bytes(),
+                exact.key_pem.as_bytes(),
+            )
+            .unwrap();
+        assert!(matches!(
+            ServerTls::sni_only().unwrap().sni_pem("*", b"", b""),
+            Err(ServerTlsError::InvalidName { .. })
+        ));
+        let srv = TlsServer::start(tls).await;
+        let config = ca.client_config(&[b"http/1.1"]);
+        let ok = handshake_as(srv.addr, config.clone(), "a.example.com")
+            .await
+            .unwrap();
+        assert_eq!(served_cert(&ok), exact.der);
+        assert!(handshake_as(srv.addr, config, "other.example")
+            .await
+            .is_err());
+        srv.stop().await;
+    }
+
+    #[tokio::test]
+    async fn sni_certificates_from_files_are_reloaded() {
+        let ca = Ca::new();
+        let dir = tempfile::tempdir().unwrap();
+        let default = leaf_for(&ca, &["other.example"], "default");
+        let first = leaf_for(&ca, &["a.example.com"], "first");
+        let (dc, dk) = write_files(dir.path(), &default);
+        let sni_dir = dir.path().join("a");
+        std::fs::create_dir(&sni_dir).unwrap();
+        let (ac, ak) = write_files(&sni_dir, &first);
+        let tls = ServerTls::from_pem_files(&dc, &dk)
+            .unwrap()
+            .sni_pem_files("a.example.com", &ac, &ak)
+            .unwrap();
+        let srv = TlsServer::start(tls.clone()).await;
+        let config = ca.client_config(&[b"http/1.1"]);
+        let got = handshake_as(srv.addr, config.clone(), "a.example.com")
+            .await
+            .unwrap();
+        assert_eq!(served_cert(&got), first.der);
+        let second = leaf_for(&ca, &["a.example.com"], "second");
+        write_files(&sni_dir, &second);
+        tls.reload().unwrap();
+        let got = handshake_as(srv.addr, config.clone(), "a.example.com")
+            .await
+            .unwrap();
+        assert_eq!(served_cert(&got), second.der);
+        // A broken SNI pair fails the whole reload and keeps what was served.
+        std::fs::write(&ak, "not a key").unwrap();
+        assert!(tls.reload().is_err());
+        let got = handshake_as(srv.addr, config, "a.example.com")
+            .await
+            .unwrap();
+        assert_eq!(served_cert(&got), second.der);
+        srv.stop().await;
+    }
+
+    /// Answers the verified client certificate's subject, or `none`.
+    fn echo_subject() -> impl tower::Service<
+        Request<Incoming>,
+        Response = Response<Full<Bytes>>,
+        Error = Infallible,
+        Future = impl Send,
+    > + Clone
+           + Send
+           + 'static {
+        tower::service_fn(|req: Request<Incoming>| async move {
+            let subject = req
+                .extensions()
+                .get::<ClientCertificate>()
+                .map_or("none".to_string(), |c| c.subject().to_string());
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(subject))))
+        })
+    }
+
+    async fn start_mtls(tls: ServerTls) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(
+            Server::builder().serve_with_acceptor(listener, tls, echo_subject(), async {
+                let _ = stopped.await;
+            }),
+        );
+        (addr, stop)
+    }
+
+    fn client_config(ca: &Ca, client: Option<&Leaf>) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.cert.der().clone()).unwrap();
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+        let mut config = match client {
+            None => builder.with_no_client_auth(),
+            Some(leaf) => {
+                let chain = vec![leaf.der.clone()];
+                let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes())
+                    .unwrap();
+                builder.with_client_auth_cert(chain, key).unwrap()
+            }
+        };
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(config)
+    }
+
+    /// One request over a new connection: the answer, or `Err` when the handshake or the
+    /// exchange was refused.
+    async fn subject_seen(
+        addr: SocketAddr,
+        config: Arc<rustls::ClientConfig>,
+    ) -> Result<String, String> {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let tls = tokio::time::timeout(
+            LIMIT,
+            tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+        )
+        .await
+        .expect("in time")
+        .map_err(|e| e.to_string())?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        // TLS 1.3: the server checks the client's certificate after the client finished
+        // its side, so a refusal shows on the first exchange.
+        let res = tokio::time::timeout(LIMIT, send.send_request(get("/")))
+            .await
+            .expect("in time")
+            .map_err(|e| e.to_string())?;
+        Ok(text(res).await)
+    }
+
+    use rustls_pki_types::pem::PemObject;
+
+    #[tokio::test]
+    async fn required_client_certificates_are_verified_and_their_subject_reaches_the_service() {
+        let ca = Ca::new();
+        let server = ca.leaf(1);
+        let clients_ca = Ca::new();
+        let other_ca = Ca::new();
+        let tls = ServerTls::from_pem(server.cert_pem.as_bytes(), server.key_pem.as_bytes())
+            .unwrap()
+            .require_client_cert(clients_ca.cert.pem().as_bytes())
+            .unwrap();
+        let (addr, _stop) = start_mtls(tls).await;
+        let good = client_leaf(&clients_ca, "svc-a");
+        assert_eq!(
+            subject_seen(addr, client_config(&ca, Some(&good)))
+                .await
+                .unwrap(),
+            "O=Example\\, Inc.,CN=svc-a"
+        );
+        assert!(
+            subject_seen(addr, client_config(&ca, None)).await.is_err(),
+            "no certificate"
+        );
+        let stranger = client_leaf(&other_ca, "svc-a");
+        assert!(
+            subject_seen(addr, client_config(&ca, Some(&stranger)))
+                .await
+                .is_err(),
+            "a certificate from another CA"
+        );
+    }
+
+    #[tokio::test]
+    async fn optional_client_certificates_let_anonymous_clients_in() {
+        let ca = Ca::new();
+        let server = ca.leaf(1);
+        let clients_ca = Ca::new();
+        let tls = ServerTls::from_pem(server.cert_pem.as_bytes(), server.key_pem.as_bytes())
+            .unwrap()
+            .optional_client_cert(clients_ca.cert.pem().as_bytes())
+            .unwrap();
+        let (addr, _stop) = start_mtls(tls).await;
+        assert_eq!(
+            subject_seen(addr, client_config(&ca, None)).await.unwrap(),
+            "none"
+        );
+        let good = client_leaf(&clients_ca, "svc-b");
+        assert_eq!(
+            subject_seen(addr, client_config(&ca, Some(&good)))
+                .await
+                .unwrap(),
+            "O=Example\\, Inc.,CN=svc-b"
+        );
+        // A certificate that does not verify is refused even though none is required.
+        let stranger = client_leaf(&Ca::new(), "svc-b");
+        assert!(subject_seen(addr, client_config(&ca, Some(&stranger)))
+            .await
+            .is_err());
+    }
+}

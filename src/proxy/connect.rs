@@ -10,9 +10,12 @@ use std::time::Duration;
 use hyper::client::conn::{http1, http2};
 use hyper::rt::{Read, Write};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
 use super::error::ForwardError;
+use super::h2wire::{Counted, Streams};
 use super::upstream::Upstream;
 use crate::classify::is_local_resource_error;
 use crate::BoxError;
@@ -42,7 +45,8 @@ pub enum Protocol {
 /// An open connection, ready to send.
 pub(crate) enum Conn<B> {
     H1(http1::SendRequest<B>),
-    H2(http2::SendRequest<B>),
+    /// With the stream count its byte stream reports to (see `h2pool`).
+    H2(http2::SendRequest<B>, std::sync::Arc<Streams>),
 }
 
 /// Everything needed to open connections to one upstream; shared by the pool's
@@ -64,6 +68,9 @@ pub(crate) struct Connector {
     /// HTTP/1.1 connection, which an upstream choosing h2 by ALPN would not give.
     #[cfg(feature = "tls")]
     tls_h1: Option<TlsTarget>,
+    /// Woken when a stream of one of this upstream's HTTP/2 connections closes: requests
+    /// waiting for a free stream re-check.
+    h2_freed: std::sync::Arc<Notify>,
 }
 
 #[cfg(feature = "tls")]
@@ -110,6 +117,7 @@ impl Connector {
             tls,
             #[cfg(feature = "tls")]
             tls_h1,
+            h2_freed: std::sync::Arc::new(Notify::new()),
         })
     }
 
@@ -161,6 +169,11 @@ impl Connector {
             }
         });
         Ok(tx)
+    }
+
+    /// Woken when a stream of an HTTP/2 connection to this upstream closes.
+    pub(crate) fn h2_freed(&self) -> &std::sync::Arc<Notify> {
+        &self.h2_freed
     }
 
     /// Whether this upstream may answer in HTTP/2 (decides the pool's first path).
@@ -233,15 +246,15 @@ impl Connector {
                 // No ALPN answer: only an explicit HTTP/2 configuration dares h2.
                 None => self.protocol == Protocol::Http2,
             };
-            return self.handshake(TokioIo::new(stream), h2).await;
+            return self.handshake(stream, h2).await;
         }
         let h2 = self.protocol == Protocol::Http2;
-        self.handshake(TokioIo::new(stream), h2).await
+        self.handshake(stream, h2).await
     }
 
-    async fn handshake<T, B>(&self, io: T, h2: bool) -> Result<Conn<B>, ForwardError>
+    async fn handshake<S, B>(&self, stream: S, h2: bool) -> Result<Conn<B>, ForwardError>
     where
-        T: Read + Write + Unpin + Send + 'static,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         B: http_body::Body + Send + Unpin + 'static,
         B::Data: Send,
         B::Error: Into<BoxError>,
@@ -258,15 +271,22 @@ impl Connector {
                     .keep_alive_interval(interval)
                     .keep_alive_timeout(timeout);
             }
+            let streams = Streams::new(self.h2_freed.clone());
+            let io = TokioIo::new(Counted::new(stream, streams.clone()));
             let (tx, conn) = builder.handshake(io).await.map_err(failed)?;
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
                 }
             });
-            return Ok(Conn::H2(tx));
+            // The upstream's first SETTINGS carries its stream limit: without it a burst
+            // would overfill this connection before the limit is known.
+            streams.settled().await;
+            return Ok(Conn::H2(tx, streams));
         }
-        let (mut tx, conn) = http1::handshake(io).await.map_err(failed)?;
+        let (mut tx, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(failed)?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");

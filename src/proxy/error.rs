@@ -127,6 +127,18 @@ pub enum ForwardError {
         #[source]
         source: BoxError,
     },
+    /// Every HTTP/2 connection to the upstream had all its streams in use, no further
+    /// connection was allowed (`ForwardBuilder::http2_max_connections`), and no stream
+    /// came free within the pool's acquire timeout: `503`, [`FailureKind::Client`] (the
+    /// proxy's own limit, not the upstream's fault). The request never left, so another
+    /// endpoint may take it.
+    #[error("no free HTTP/2 stream to upstream {upstream} within {after:?}")]
+    PoolTimeout {
+        /// `host:port` of the upstream.
+        upstream: String,
+        /// The acquire timeout that elapsed.
+        after: Duration,
+    },
     /// The connection broke or the upstream spoke invalid HTTP after the request was sent.
     #[error("upstream {upstream} failed while answering")]
     Transport {
@@ -157,6 +169,7 @@ impl ForwardError {
             | ForwardError::ClientBodyTimeout { .. }
             | ForwardError::BadRequest { .. }
             | ForwardError::MethodNotSupported { .. }
+            | ForwardError::PoolTimeout { .. }
             | ForwardError::LocalResource { .. } => FailureKind::Client,
         }
     }
@@ -183,7 +196,7 @@ impl ForwardError {
     /// The status a proxy should answer with: 504 for upstream timeouts, 502 for other
     /// upstream failures, 500 for configuration errors; for the client's faults 400, 408
     /// (idle body), 413 (body too large), 501 (`CONNECT`); 503 when the proxy ran out of
-    /// local resources.
+    /// local resources or free HTTP/2 streams.
     pub fn status(&self) -> StatusCode {
         match self {
             ForwardError::ConnectTimeout { .. } | ForwardError::ResponseTimeout { .. } => {
@@ -196,7 +209,9 @@ impl ForwardError {
             ForwardError::ClientBodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ForwardError::ClientBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ForwardError::MethodNotSupported { .. } => StatusCode::NOT_IMPLEMENTED,
-            ForwardError::LocalResource { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ForwardError::LocalResource { .. } | ForwardError::PoolTimeout { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ForwardError::Connect { .. }
             | ForwardError::Tls { .. }
             | ForwardError::StreamReset { .. }
@@ -210,7 +225,9 @@ impl KnownFailure for ForwardError {
         self.kind()
     }
     fn never_sent(&self) -> bool {
-        self.is_connect() || self.is_refused_stream()
+        self.is_connect()
+            || self.is_refused_stream()
+            || matches!(self, ForwardError::PoolTimeout { .. })
     }
 }
 

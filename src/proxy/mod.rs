@@ -65,6 +65,8 @@ mod connect;
 mod error;
 mod future;
 mod h2;
+mod h2pool;
+mod h2wire;
 pub(crate) mod headers;
 mod pool;
 mod service;

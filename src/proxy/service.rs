@@ -57,6 +57,9 @@ pub struct ForwardBuilder {
     pool_max_idle_per_host: usize,
     protocol: Protocol,
     h2_keep_alive: Option<(Duration, Duration)>,
+    h2_max_streams: usize,
+    h2_max_connections: usize,
+    acquire_timeout: Option<Duration>,
     #[cfg(feature = "tls")]
     tls: Option<crate::tls::ClientTls>,
     opts: Options,
@@ -69,6 +72,13 @@ impl ForwardBuilder {
     pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
     /// Default of [`client_body_timeout`](Self::client_body_timeout).
     pub const DEFAULT_CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Default of [`http2_max_streams_per_connection`](Self::http2_max_streams_per_connection):
+    /// the minimum RFC 9113 §6.5.2 recommends a server allow.
+    pub const DEFAULT_HTTP2_MAX_STREAMS: usize = 100;
+    /// Default of [`http2_max_connections`](Self::http2_max_connections).
+    pub const DEFAULT_HTTP2_MAX_CONNECTIONS: usize = 64;
+    /// Default of [`pool_acquire_timeout`](Self::pool_acquire_timeout).
+    pub const DEFAULT_POOL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
     /// Default of [`upgrade_idle_timeout`](Self::upgrade_idle_timeout).
     pub const DEFAULT_UPGRADE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -202,6 +212,40 @@ impl ForwardBuilder {
         self
     }
 
+    /// Streams one HTTP/2 upstream connection carries at most (default 100, the minimum
+    /// RFC 9113 recommends servers allow; Envoy's `max_concurrent_streams` per upstream
+    /// connection). The upstream's own `SETTINGS_MAX_CONCURRENT_STREAMS` applies when it
+    /// is lower: it is read from its `SETTINGS` frame (hyper does not expose it to a pool
+    /// before a request is sent). When every connection is full another one is opened.
+    /// `0` is raised to 1.
+    pub fn http2_max_streams_per_connection(mut self, n: usize) -> Self {
+        self.h2_max_streams = n.max(1);
+        self
+    }
+
+    /// HTTP/2 connections per upstream at most (default 64). With all of them full a
+    /// request waits for a free stream, at most [`pool_acquire_timeout`](Self::pool_acquire_timeout).
+    /// `0` is raised to 1.
+    pub fn http2_max_connections(mut self, n: usize) -> Self {
+        self.h2_max_connections = n.max(1);
+        self
+    }
+
+    /// How long a request waits for a free HTTP/2 stream when every connection allowed is
+    /// full (default 5 s): past it, [`ForwardError::PoolTimeout`] (503). The response
+    /// timeout runs meanwhile too.
+    pub fn pool_acquire_timeout(mut self, t: Duration) -> Self {
+        self.acquire_timeout = Some(t);
+        self
+    }
+
+    /// No acquire timeout: a request waits for a free stream as long as the response
+    /// timeout allows.
+    pub fn without_pool_acquire_timeout(mut self) -> Self {
+        self.acquire_timeout = None;
+        self
+    }
+
     /// How `https://` upstreams are verified and which client certificate is shown
     /// (default [`ClientTls::webpki_roots`](crate::tls::ClientTls::webpki_roots)). All
     /// upstreams of this builder's `Forward`s ([`Forward::to`] included) share it, and with
@@ -224,6 +268,9 @@ impl ForwardBuilder {
             connect_timeout: self.connect_timeout,
             protocol: self.protocol,
             h2_keep_alive: self.h2_keep_alive,
+            h2_max_streams: self.h2_max_streams,
+            h2_max_connections: self.h2_max_connections,
+            acquire_timeout: self.acquire_timeout,
             #[cfg(feature = "tls")]
             tls: self.tls,
             idle_timeout: self.pool_idle_timeout.unwrap_or(Duration::from_secs(90)),
@@ -281,6 +328,9 @@ impl ForwardBuilder {
             pool_max_idle_per_host: 256,
             protocol: Protocol::Auto,
             h2_keep_alive: None,
+            h2_max_streams: Self::DEFAULT_HTTP2_MAX_STREAMS,
+            h2_max_connections: Self::DEFAULT_HTTP2_MAX_CONNECTIONS,
+            acquire_timeout: Some(Self::DEFAULT_POOL_ACQUIRE_TIMEOUT),
             #[cfg(feature = "tls")]
             tls: None,
             opts: Options {
@@ -498,6 +548,7 @@ where
                 response_timeout: self.opts.response_timeout,
                 idle_timeout: self.opts.upgrade_idle_timeout,
                 client,
+                lease: parts.extensions.remove::<crate::server::ConnectionLease>(),
             };
             let req = Request::from_parts(parts, body);
             return ResponseFuture::boxed(upgrade::forward(call, req));

@@ -163,6 +163,9 @@ pub(super) struct UpgradeCall {
     pub response_timeout: Option<Duration>,
     pub idle_timeout: Option<Duration>,
     pub client: OnUpgrade,
+    /// The client connection's slot in [`crate::server`], held while the tunnel is open
+    /// (absent under another server).
+    pub lease: Option<crate::server::ConnectionLease>,
 }
 
 /// Sends an upgrade request on a fresh connection and, on `101`, starts the tunnel.
@@ -204,36 +207,59 @@ where
     let tunnel = Tunnel::new();
     res.extensions_mut().insert(tunnel.clone());
     let idle = call.idle_timeout;
+    let lease = call.lease;
     tokio::spawn(async move {
         let _close = CloseOnDrop(tunnel);
-        // Both upgrades complete once the 101 went out to the client; a client gone by
-        // then (or a layer that replaced the 101) fails the client side.
-        let both = async { tokio::try_join!(call.client, upstream_side) };
-        let joined = match idle {
-            Some(t) => tokio::time::timeout(t, both).await.ok(),
-            None => Some(both.await),
-        };
-        let (client, upstream) = match joined {
-            Some(Ok(pair)) => pair,
-            Some(Err(e)) => {
-                tracing::debug!(upstream = %authority, error = %e, "upgrade not completed");
-                return;
-            }
-            None => {
-                tracing::debug!(upstream = %authority, "upgrade not completed in time");
-                return;
+        // The server's drain timeout ends the tunnel (nginx's `worker_shutdown_timeout`);
+        // until then the lease keeps the connection's permit and the drain waiting.
+        let closing = async {
+            match &lease {
+                Some(lease) => lease.closing().await,
+                None => std::future::pending().await,
             }
         };
-        let end = join(TokioIo::new(client), TokioIo::new(upstream), idle).await;
-        tracing::debug!(
-            upstream = %authority,
-            client_to_upstream = end.client_to_upstream,
-            upstream_to_client = end.upstream_to_client,
-            reason = %end.reason,
-            "tunnel closed"
-        );
+        tokio::select! {
+            () = run_tunnel(call.client, upstream_side, idle, &authority) => {}
+            () = closing => tracing::debug!(upstream = %authority, "tunnel closed by the server's drain timeout"),
+        }
+        drop(lease);
     });
     Ok(res)
+}
+
+/// Completes both upgrades and copies between them until the tunnel ends.
+async fn run_tunnel(
+    client: OnUpgrade,
+    upstream_side: OnUpgrade,
+    idle: Option<Duration>,
+    authority: &str,
+) {
+    // Both upgrades complete once the 101 went out to the client; a client gone by
+    // then (or a layer that replaced the 101) fails the client side.
+    let both = async { tokio::try_join!(client, upstream_side) };
+    let joined = match idle {
+        Some(t) => tokio::time::timeout(t, both).await.ok(),
+        None => Some(both.await),
+    };
+    let (client, upstream) = match joined {
+        Some(Ok(pair)) => pair,
+        Some(Err(e)) => {
+            tracing::debug!(upstream = %authority, error = %e, "upgrade not completed");
+            return;
+        }
+        None => {
+            tracing::debug!(upstream = %authority, "upgrade not completed in time");
+            return;
+        }
+    };
+    let end = join(TokioIo::new(client), TokioIo::new(upstream), idle).await;
+    tracing::debug!(
+        upstream = %authority,
+        client_to_upstream = end.client_to_upstream,
+        upstream_to_client = end.upstream_to_client,
+        reason = %end.reason,
+        "tunnel closed"
+    );
 }
 
 /// Why a tunnel ended, and what went through it.

@@ -55,10 +55,13 @@ pub struct ServerConfig {
     /// Most header fields in one request.
     pub max_headers: usize,
     /// Most connections served at once; at the limit the server stops accepting (new
-    /// clients wait in the kernel's backlog) instead of accepting and dropping.
+    /// clients wait in the kernel's backlog) instead of accepting and dropping. An
+    /// upgraded connection (a WebSocket tunnel) keeps its slot while the tunnel is open
+    /// (see [`ConnectionLease`](super::ConnectionLease)).
     pub max_connections: usize,
-    /// After a shutdown signal, how long in-flight requests may take to finish before
-    /// their connections are closed anyway (a stuck client cannot hold a restart).
+    /// After a shutdown signal, how long in-flight requests and open upgrade tunnels may
+    /// take to finish before their connections are closed anyway (a stuck client cannot
+    /// hold a restart; nginx's `worker_shutdown_timeout`).
     pub drain_timeout: Duration,
     /// Pause before accepting again after the process ran out of file descriptors or
     /// memory: gives closing connections time to free them instead of spinning.

@@ -38,6 +38,14 @@ pub trait Accept: Send + Sync + 'static {
     fn protocol(&self, _io: &Self::Io) -> Protocol {
         Protocol::Detect
     }
+
+    /// Extensions added to every request of the connection, e.g. the verified TLS client
+    /// certificate (`tls::ClientCertificate`). An error closes the connection before any
+    /// request is served: what identifies the client must not be silently missing.
+    /// Default: none.
+    fn request_extensions(&self, _io: &Self::Io) -> io::Result<Option<http::Extensions>> {
+        Ok(None)
+    }
 }
 
 /// The HTTP version a connection is served with, as agreed by its [`Accept`].

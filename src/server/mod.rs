@@ -38,11 +38,13 @@ mod accept;
 mod balance;
 mod config;
 mod detect;
+mod lease;
 mod listen;
 mod serve;
 mod workers;
 
 pub use config::ServerConfig;
+pub use lease::ConnectionLease;
 pub use listen::{Accept, PlainTcp, Protocol};
 pub use workers::{WorkerId, Workers, WorkersHandle};
 

@@ -24,6 +24,7 @@ use tower_service::Service;
 use super::accept::AcceptBackoff;
 use super::balance::{next_handed, Balance};
 use super::detect::{sniff, Prefixed};
+use super::lease::ConnectionLease;
 use super::{Accept, Protocol, ServerConfig};
 use crate::proxy::{BodyLimits, ClientAddr};
 use crate::BoxError;
@@ -238,7 +239,11 @@ impl<A: Accept> Conns<A> {
     {
         let _ = stream.set_nodelay(true);
         let started = Arc::new(Started::default());
-        let svc = Limits {
+        // The permit lives in the lease: an upgraded tunnel holding a clone keeps it.
+        let lease = ConnectionLease::new(permit, self.phase.clone());
+        let mut svc = Limits {
+            conn_extensions: None,
+            lease: lease.clone(),
             inner: svc.clone(),
             peer: ClientAddr(peer),
             limits: self.limits,
@@ -256,6 +261,13 @@ impl<A: Accept> Conns<A> {
                     Ok(io) => io,
                     Err(e) => {
                         tracing::debug!(error = %e, %peer, "handshake failed");
+                        return;
+                    }
+                };
+                svc.conn_extensions = match acceptor.request_extensions(&io) {
+                    Ok(ext) => ext,
+                    Err(e) => {
+                        tracing::debug!(error = %e, %peer, "connection refused by the acceptor");
                         return;
                     }
                 };
@@ -314,7 +326,7 @@ impl<A: Accept> Conns<A> {
                 () = served => {}
                 _ = phase.wait_for(|p| *p == CLOSE) => {}
             }
-            drop(permit);
+            drop(lease);
         });
     }
 }
@@ -419,6 +431,9 @@ struct Limits<S> {
     peer: ClientAddr,
     limits: BodyLimits,
     started: Arc<Started>,
+    lease: ConnectionLease,
+    /// What the acceptor attaches to every request (`Accept::request_extensions`).
+    conn_extensions: Option<http::Extensions>,
 }
 
 impl<S, B> Service<Request<Incoming>> for Limits<S>
@@ -464,6 +479,13 @@ where
         }
         req.extensions_mut().insert(self.peer);
         req.extensions_mut().insert(self.limits);
+        // Only a request that may become a tunnel pays for the lease (see `lease`).
+        if req.headers().contains_key(http::header::UPGRADE) {
+            req.extensions_mut().insert(self.lease.clone());
+        }
+        if let Some(ext) = &self.conn_extensions {
+            req.extensions_mut().extend(ext.clone());
+        }
         LimitsFuture::Inner {
             fut: self.inner.call(req),
         }

@@ -10,10 +10,15 @@
 //!   and one shared rustls `ClientConfig` per `Forward` so that session resumption works
 //!   across its connections.
 //! - [`ServerTls`] terminates HTTPS for [`server`](crate::server): certificate and key from
-//!   PEM files, ALPN h2/http1.1, a handshake timeout and certificate reload.
+//!   PEM files, ALPN h2/http1.1, a handshake timeout and certificate reload, several
+//!   certificates chosen by SNI, and client certificates (mTLS) whose verified subject
+//!   reaches the service as a [`ClientCertificate`] request extension.
 
 mod client;
+mod client_cert;
 mod server;
+mod sni;
 
 pub use client::{ClientTls, ClientTlsBuilder, ClientTlsError};
+pub use client_cert::ClientCertificate;
 pub use server::{FileWatch, ServerTls, ServerTlsError, DEFAULT_HANDSHAKE_TIMEOUT};

@@ -11,14 +11,17 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use rustls::crypto::CryptoProvider;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpStream;
 
+use super::client_cert::ClientCertificate;
+use super::sni::{SniName, SniSource, SniTable};
 use crate::server::{Accept, Protocol};
 
 /// Default bound on a TLS handshake (nginx: `client_header_timeout`, 60 s, covers it;
@@ -81,6 +84,16 @@ pub enum ServerTlsError {
         /// The key file.
         key: PathBuf,
     },
+    /// A name given to [`ServerTls::sni_pem`] or [`ServerTls::sni_pem_files`] is no DNS
+    /// name nor a `*.` wildcard over one label.
+    #[error("invalid SNI name {name:?}")]
+    InvalidName {
+        /// The name as given.
+        name: String,
+    },
+    /// The client CA bundle cannot verify client certificates (no usable certificate in it).
+    #[error("client CA bundle: {0}")]
+    ClientCa(#[from] rustls::server::VerifierBuilderError),
     /// [`ServerTls::reload`] on a configuration not made from files.
     #[error("nothing to reload: the certificate was not loaded from files")]
     NotFromFiles,
@@ -123,16 +136,22 @@ pub enum ServerTlsError {
 /// ```
 #[derive(Clone)]
 pub struct ServerTls {
-    acceptor: tokio_rustls::TlsAcceptor,
-    shared: Arc<Shared>,
+    pub(super) acceptor: tokio_rustls::TlsAcceptor,
+    pub(super) shared: Arc<Shared>,
     handshake_timeout: Duration,
+    /// Client certificates are verified (mTLS): requests carry a [`ClientCertificate`].
+    pub(super) client_auth: bool,
 }
 
 /// What clones share: the served certificate and where it comes from.
-struct Shared {
-    resolver: Arc<Resolver>,
-    provider: Arc<CryptoProvider>,
+pub(super) struct Shared {
+    pub(super) resolver: Arc<Resolver>,
+    pub(super) provider: Arc<CryptoProvider>,
     files: Option<(PathBuf, PathBuf)>,
+    /// The SNI certificates by name, in the order given (see [`ServerTls::sni_pem`]).
+    pub(super) sni: Mutex<Vec<(SniName, SniSource)>>,
+    /// The SNI files' stamps at the last load, in `sni` order (files only).
+    pub(super) sni_stamps: Mutex<Vec<Option<Stamp>>>,
     /// The files' stamps taken just before the last load attempt (before reading, so a
     /// change during the read is seen as a change at the next check, never missed).
     stamps: Mutex<Stamps>,
@@ -158,7 +177,7 @@ impl ServerTls {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let stamps = (stamp(&cert), stamp(&key));
         let certified = load_files(&cert, &key, &provider)?;
-        ServerTls::build(certified, provider, Some((cert, key)), stamps)
+        ServerTls::build(Some(certified), provider, Some((cert, key)), stamps)
     }
 
     /// Like [`from_pem_files`](Self::from_pem_files), from PEM bytes (no
@@ -167,35 +186,41 @@ impl ServerTls {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let memory = Path::new("(in memory)");
         let certified = certified_key(cert_pem, memory, key_pem, memory, &provider)?;
-        ServerTls::build(certified, provider, None, (None, None))
+        ServerTls::build(Some(certified), provider, None, (None, None))
+    }
+
+    /// No default certificate: only names added with [`sni_pem`](Self::sni_pem) or
+    /// [`sni_pem_files`](Self::sni_pem_files) are served, and a client asking for another
+    /// name (or for none) fails the handshake (nginx's `ssl_reject_handshake on` in a
+    /// default server).
+    pub fn sni_only() -> Result<ServerTls, ServerTlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        ServerTls::build(None, provider, None, (None, None))
     }
 
     fn build(
-        certified: CertifiedKey,
+        certified: Option<CertifiedKey>,
         provider: Arc<CryptoProvider>,
         files: Option<(PathBuf, PathBuf)>,
         stamps: Stamps,
     ) -> Result<ServerTls, ServerTlsError> {
         let resolver = Arc::new(Resolver {
-            current: ArcSwap::from_pointee(certified),
+            current: ArcSwapOption::from(certified.map(Arc::new)),
+            sni: ArcSwap::from_pointee(SniTable::default()),
         });
-        let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_cert_resolver(resolver.clone());
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        // Stateless resumption (TLS 1.3 tickets, rotated keys) besides the default
-        // in-memory session cache: a returning client skips the key exchange's signature.
-        config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+        let config = server_config(&resolver, &provider, None)?;
         Ok(ServerTls {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             shared: Arc::new(Shared {
                 resolver,
                 provider,
                 files,
+                sni: Mutex::new(Vec::new()),
+                sni_stamps: Mutex::new(Vec::new()),
                 stamps: Mutex::new(stamps),
             }),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            client_auth: false,
         })
     }
 
@@ -208,14 +233,32 @@ impl ServerTls {
     /// Re-reads the PEM files and serves the new certificate to new handshakes;
     /// connections already open keep theirs (and so do sessions a client resumes: they
     /// were authenticated with the old one). On error the old certificate stays.
+    ///
+    /// The SNI certificates from files ([`sni_pem_files`](Self::sni_pem_files)) are
+    /// re-read too; all files are read and checked before anything is swapped, so a
+    /// broken pair anywhere keeps every old certificate.
     pub fn reload(&self) -> Result<(), ServerTlsError> {
-        let Some((cert, key)) = &self.shared.files else {
+        let sni_files = !self.sni_file_stamps().is_empty();
+        if self.shared.files.is_none() && !sni_files {
             return Err(ServerTlsError::NotFromFiles);
+        }
+        if let Some((cert, key)) = &self.shared.files {
+            *lock(&self.shared.stamps) = (stamp(cert), stamp(key));
+        }
+        *lock(&self.shared.sni_stamps) = self.sni_file_stamps();
+        let certified = match &self.shared.files {
+            Some((cert, key)) => Some(load_files(cert, key, &self.shared.provider)?),
+            None => None,
         };
-        *lock(&self.shared.stamps) = (stamp(cert), stamp(key));
-        let certified = load_files(cert, key, &self.shared.provider)?;
-        self.shared.resolver.current.store(Arc::new(certified));
-        tracing::info!(cert = %cert.display(), "TLS certificate reloaded");
+        let table = self.sni_table()?;
+        if let Some(certified) = certified {
+            self.shared
+                .resolver
+                .current
+                .store(Some(Arc::new(certified)));
+        }
+        self.shared.resolver.sni.store(Arc::new(table));
+        tracing::info!(files = ?self.shared.files, sni = sni_files, "TLS certificates reloaded");
         Ok(())
     }
 
@@ -223,7 +266,10 @@ impl ServerTls {
     pub fn replace_pem(&self, cert_pem: &[u8], key_pem: &[u8]) -> Result<(), ServerTlsError> {
         let memory = Path::new("(in memory)");
         let certified = certified_key(cert_pem, memory, key_pem, memory, &self.shared.provider)?;
-        self.shared.resolver.current.store(Arc::new(certified));
+        self.shared
+            .resolver
+            .current
+            .store(Some(Arc::new(certified)));
         Ok(())
     }
 
@@ -239,14 +285,18 @@ impl ServerTls {
         let spawned = std::thread::Builder::new()
             .name("tls-cert-watch".into())
             .spawn(move || {
-                let Some((cert, key)) = tls.shared.files.clone() else {
+                let files = tls.shared.files.clone();
+                if files.is_none() && tls.sni_file_stamps().is_empty() {
                     return;
-                };
+                }
                 // `recv_timeout` is the pause, and returns at once when the handle drops.
                 while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
                     // Compared with the stamps of the last load (by anyone), taken before
                     // it read the files: a change since then is never missed.
-                    if (stamp(&cert), stamp(&key)) == *lock(&tls.shared.stamps) {
+                    let same = files.as_ref().is_none_or(|(cert, key)| {
+                        (stamp(cert), stamp(key)) == *lock(&tls.shared.stamps)
+                    });
+                    if same && tls.sni_file_stamps() == *lock(&tls.shared.sni_stamps) {
                         continue;
                     }
                     if let Err(e) = tls.reload() {
@@ -263,9 +313,15 @@ impl ServerTls {
         }
     }
 
-    /// The certificate chain served to new handshakes (leaf first).
+    /// The default certificate chain served to new handshakes (leaf first); empty with
+    /// [`sni_only`](Self::sni_only).
     pub fn certificate_chain(&self) -> Vec<CertificateDer<'static>> {
-        self.shared.resolver.current.load().cert.clone()
+        self.shared
+            .resolver
+            .current
+            .load()
+            .as_ref()
+            .map_or_else(Vec::new, |c| c.cert.clone())
     }
 }
 
@@ -285,11 +341,11 @@ impl FileWatch {
 
 /// What tells a changed file: modification time, size and (Unix) inode, which a
 /// replacement by rename changes even within one timestamp tick.
-type Stamp = (SystemTime, u64, u64);
+pub(super) type Stamp = (SystemTime, u64, u64);
 type Stamps = (Option<Stamp>, Option<Stamp>);
 
 /// `path`'s [`Stamp`] (`None` while it is missing, e.g. mid-rename).
-fn stamp(path: &Path) -> Option<Stamp> {
+pub(super) fn stamp(path: &Path) -> Option<Stamp> {
     let meta = std::fs::metadata(path).ok()?;
     #[cfg(unix)]
     let inode = std::os::unix::fs::MetadataExt::ino(&meta);
@@ -298,14 +354,39 @@ fn stamp(path: &Path) -> Option<Stamp> {
     Some((meta.modified().ok()?, meta.len(), inode))
 }
 
-/// The stamps stay usable after a panic elsewhere (they are plain values).
-fn lock(stamps: &Mutex<Stamps>) -> std::sync::MutexGuard<'_, Stamps> {
-    stamps
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+/// The stamps and SNI sources stay usable after a panic elsewhere (plain values).
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn load_files(
+pub(super) fn sni_name(name: &str) -> Result<SniName, ServerTlsError> {
+    SniName::parse(name).ok_or_else(|| ServerTlsError::InvalidName {
+        name: name.to_string(),
+    })
+}
+
+/// The rustls configuration: the resolver, ALPN h2/http1.1, tickets, and client
+/// certificate verification when asked for.
+pub(super) fn server_config(
+    resolver: &Arc<Resolver>,
+    provider: &Arc<CryptoProvider>,
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
+) -> Result<rustls::ServerConfig, ServerTlsError> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match verifier {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(resolver.clone());
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Stateless resumption (TLS 1.3 tickets, rotated keys) besides the default
+    // in-memory session cache: a returning client skips the key exchange's signature.
+    config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    Ok(config)
+}
+
+pub(super) fn load_files(
     cert: &Path,
     key: &Path,
     provider: &CryptoProvider,
@@ -322,7 +403,7 @@ fn load_files(
 
 /// Parses and checks a chain and key: at least one certificate, a key the provider can
 /// sign with, and the key being the leaf certificate's.
-fn certified_key(
+pub(super) fn certified_key(
     cert_pem: &[u8],
     cert_path: &Path,
     key_pem: &[u8],
@@ -383,13 +464,22 @@ fn certified_key(
 /// Hands every handshake the current certificate; a reload swaps it atomically, without a
 /// lock on the handshake path.
 #[derive(Debug)]
-struct Resolver {
-    current: ArcSwap<CertifiedKey>,
+pub(super) struct Resolver {
+    /// The default certificate (`None`: [`ServerTls::sni_only`]).
+    pub(super) current: ArcSwapOption<CertifiedKey>,
+    /// Certificates by SNI name; empty unless configured.
+    pub(super) sni: ArcSwap<SniTable>,
 }
 
 impl ResolvesServerCert for Resolver {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.load_full())
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let sni = self.sni.load();
+        if !sni.is_empty() {
+            if let Some(k) = hello.server_name().and_then(|n| sni.lookup(n)) {
+                return Some(k);
+            }
+        }
+        self.current.load_full()
     }
 }
 
@@ -409,6 +499,27 @@ impl Accept for ServerTls {
                 )),
             }
         })
+    }
+
+    fn request_extensions(&self, io: &Self::Io) -> io::Result<Option<http::Extensions>> {
+        if !self.client_auth {
+            return Ok(None);
+        }
+        let Some(chain) = io.get_ref().1.peer_certificates() else {
+            // Optional client certificates: an anonymous client.
+            return Ok(None);
+        };
+        // Verified by rustls; a subject we cannot read closes the connection rather
+        // than let the request through as if nobody had authenticated.
+        let cert = ClientCertificate::from_chain(chain).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "unreadable client certificate subject",
+            )
+        })?;
+        let mut ext = http::Extensions::new();
+        ext.insert(cert);
+        Ok(Some(ext))
     }
 
     fn protocol(&self, io: &Self::Io) -> Protocol {
