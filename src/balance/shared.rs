@@ -43,7 +43,35 @@ pub(crate) struct HealthCell {
 }
 
 /// Passive health shared by several balancers (one per worker): nginx's upstream `zone`.
-/// See the [module docs](self).
+///
+/// ```
+/// use bytes::Bytes;
+/// use http_body_util::Full;
+/// use tower::ServiceExt;
+/// use tower_patterns::balance::{Balance, EndpointState, Retry, SharedHealth};
+/// use tower_patterns::proxy::Forward;
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let health = SharedHealth::new();
+/// // Two workers' balancers over the same two (closed) ports.
+/// let worker = || {
+///     let fwd = Forward::<Full<Bytes>>::new("http://127.0.0.1:1").unwrap();
+///     let other = fwd.to("http://127.0.0.1:2").unwrap();
+///     Balance::builder()
+///         .retry(Retry::never())
+///         .shared_health(&health)
+///         .build_static([("one", fwd), ("two", other)])
+/// };
+/// let (a, b) = (worker(), worker());
+/// // Worker A's refused connection ejects an endpoint (the budget allows one of two)...
+/// let req = http::Request::get("/").body(Full::default()).unwrap();
+/// assert!(a.oneshot(req).await.is_err());
+/// // ... and worker B, which sent nothing, sees it ejected.
+/// let ejected = b.endpoints().into_iter().filter(|e| matches!(e.state, EndpointState::Ejected { .. }));
+/// assert_eq!(ejected.count(), 1);
+/// assert_eq!(health.len(), 2);
+/// # });
+/// ```
 ///
 /// Cloning is cheap; clones are the same table. A cell lives as long as some balancer's
 /// endpoint holds it: when every balancer has dropped the key from its set, the cell is
