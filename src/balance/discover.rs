@@ -183,7 +183,7 @@ where
     }
 
     /// A `Discover` of the values themselves (when they are the endpoint services).
-    pub fn subscribe(&self) -> Subscriber<K, V, fn(&K, &V) -> Option<V>> {
+    pub fn subscribe(&self) -> Subscriber<K, V, CloneValue<K, V>> {
         self.subscribe_map(|_, v| Some(v.clone()))
     }
 
@@ -244,6 +244,9 @@ where
         }
     }
 }
+
+/// The map of [`Broadcast::subscribe`]: the value itself is the service.
+pub type CloneValue<K, V> = fn(&K, &V) -> Option<V>;
 
 type Changed<K, V> = Pin<Box<dyn Future<Output = Option<watch::Receiver<Members<K, V>>>> + Send>>;
 
