@@ -117,11 +117,13 @@ pub struct EndpointStatus<K> {
     /// Requests sent and not yet answered (headers), plus open upgraded tunnels
     /// (WebSocket) to it.
     pub in_flight: usize,
-    /// Requests sent to it since it joined the set.
+    /// Requests sent to it since it joined the set (by this balancer: not shared across
+    /// workers, see [`SharedHealth`](super::SharedHealth)).
     pub requests: u64,
-    /// Failed requests since it joined the set.
+    /// Failed requests since it joined the set (by this balancer).
     pub failures: u64,
-    /// Failures counted in the current `fail_timeout` window.
+    /// Failures counted in the current `fail_timeout` window (every worker's, with
+    /// [`SharedHealth`](super::SharedHealth)).
     pub recent_failures: u32,
 }
 
