@@ -394,11 +394,11 @@ async fn ejections_across_workers(shared: bool) -> usize {
     assert_eq!(a.get(Some(to_bad1)).await.0, 500);
     assert!(ejected(a.state("bad1").await));
     for _ in 0..3 {
-        assert_eq!(
-            b.get(Some(to_bad2.clone())).await.0,
-            500,
-            "kept: budget spent"
-        );
+        let (status, _) = b.get(Some(to_bad2.clone())).await;
+        if shared {
+            // Kept in rotation: the budget is spent (by worker A), so it keeps failing.
+            assert_eq!(status, 500, "kept: budget spent");
+        }
     }
     let mut keys = std::collections::HashSet::new();
     for w in [&a, &b] {
