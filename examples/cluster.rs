@@ -11,8 +11,12 @@
 //! `--workers N` (default: CPUs), `--rolling-restart-at SECS` (the supervisor sends itself
 //! SIGUSR2 then), `--no-crash` (workers do not crash), `--proxy-workers N` (the balancer in
 //! front runs thread-per-core on [`server::Workers`]: N threads, each with its own
-//! listener, connection pool and balancer fed the same membership changes; default: one
+//! listener, connection pool and balancer, all following one membership
+//! ([`discover::Broadcast`]) and sharing passive health ([`SharedHealth`]); default: one
 //! multi-thread runtime as before; `--workers` keeps meaning the app's worker processes).
+//!
+//! [`discover::Broadcast`]: tower_patterns::balance::discover::Broadcast
+//! [`SharedHealth`]: tower_patterns::balance::SharedHealth
 //!
 //! [`server::Workers`]: tower_patterns::server::Workers
 //!
@@ -44,8 +48,10 @@ use hyper::body::Incoming;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{ChildStdin, Command};
 use tower::ServiceBuilder;
-use tower_patterns::balance::discover::{self, DiscoverSender};
-use tower_patterns::balance::{self, Balance, BalanceBuilder, PassiveHealth, ReplayLayer, Retry};
+use tower_patterns::balance::discover::{self, Broadcast, DiscoverSender};
+use tower_patterns::balance::{
+    self, Balance, BalanceBuilder, PassiveHealth, ReplayLayer, Retry, SharedHealth,
+};
 use tower_patterns::body::ReplayBody;
 use tower_patterns::proxy::{ErrorResponseLayer, Forward, ForwardBuilder};
 use tower_patterns::server::Workers;
@@ -112,19 +118,15 @@ struct Options {
 type Fwd = Forward<ReplayBody<Incoming>>;
 type Lb = Balance<u64, Fwd>;
 
-/// Where membership changes go: the one balancer, or every per-core proxy worker (each
-/// makes its own `Forward` from the URL, so its connections stay on its thread).
+/// Where membership changes go: the one balancer, or a [`Broadcast`] of worker URLs that
+/// every per-core proxy worker follows (each makes its own `Forward` from the URL, so its
+/// connections stay on its thread).
 enum Members {
     One {
         tx: DiscoverSender<u64, Fwd>,
         forward: Fwd,
     },
-    PerWorker(Vec<tokio::sync::mpsc::UnboundedSender<Change>>),
-}
-
-enum Change {
-    Insert(u64, String),
-    Remove(u64),
+    PerWorker(Broadcast<u64, String>),
 }
 
 impl Members {
@@ -133,11 +135,7 @@ impl Members {
             Members::One { tx, forward } => {
                 let _ = tx.insert(key, forward.to(url)?);
             }
-            Members::PerWorker(txs) => {
-                for tx in txs {
-                    let _ = tx.send(Change::Insert(key, url.to_string()));
-                }
-            }
+            Members::PerWorker(members) => members.insert(key, url.to_string()),
         }
         Ok(())
     }
@@ -147,10 +145,8 @@ impl Members {
             Members::One { tx, .. } => {
                 let _ = tx.remove(key);
             }
-            Members::PerWorker(txs) => {
-                for tx in txs {
-                    let _ = tx.send(Change::Remove(key));
-                }
+            Members::PerWorker(members) => {
+                members.remove(&key);
             }
         }
     }
@@ -169,9 +165,12 @@ fn forward() -> Result<Fwd, BoxError> {
         .build::<ReplayBody<Incoming>>()?)
 }
 
-/// One per-core proxy worker: its own balancer and pool, following `changes`.
+/// One per-core proxy worker: its own balancer and pool, following `members`, with
+/// passive health shared with the other workers (a crashed app worker is ejected by all
+/// proxy workers at its first failure, and tried again once, not once per proxy worker).
 fn proxy_worker(
-    mut changes: tokio::sync::mpsc::UnboundedReceiver<Change>,
+    members: &Broadcast<u64, String>,
+    health: &SharedHealth<u64>,
     lbs: &Mutex<Vec<Lb>>,
 ) -> Result<
     impl tower::Service<
@@ -184,24 +183,15 @@ fn proxy_worker(
         + 'static,
     BoxError,
 > {
-    let (tx, disc) = discover::channel();
-    let lb = balancer().spawn(disc)?;
     let forward = forward()?;
-    tokio::spawn(async move {
-        while let Some(change) = changes.recv().await {
-            match change {
-                Change::Insert(key, url) => match forward.to(&url) {
-                    Ok(f) => {
-                        let _ = tx.insert(key, f);
-                    }
-                    Err(e) => eprintln!("worker {key} at {url}: {e}"),
-                },
-                Change::Remove(key) => {
-                    let _ = tx.remove(key);
-                }
-            }
+    let disc = members.subscribe_map(move |key, url: &String| match forward.to(url) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            eprintln!("worker {key} at {url}: {e}");
+            None
         }
     });
+    let lb = balancer().shared_health(health).spawn(disc)?;
     lbs.lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(lb.clone());
@@ -485,24 +475,20 @@ async fn supervise(o: Options) -> Result<(), BoxError> {
             }
         }
         Some(n) => {
-            let (txs, rxs): (Vec<_>, Vec<_>) = (0..n)
-                .map(|_| tokio::sync::mpsc::unbounded_channel())
-                .unzip();
-            // Each worker takes its own receiver when it builds its stack.
-            let rxs = Mutex::new(rxs.into_iter().map(Some).collect::<Vec<_>>());
-            let lbs2 = lbs.clone();
+            // One membership feed and one health table for all proxy workers.
+            let members = Broadcast::new();
+            let health = SharedHealth::new();
+            let (lbs2, members2) = (lbs.clone(), members.clone());
             let handle = Workers::new(n).spawn(
                 "127.0.0.1:0".parse()?,
-                move |id: tower_patterns::server::WorkerId| {
-                    let rx = rxs.lock().unwrap_or_else(|e| e.into_inner())[id.index()]
-                        .take()
-                        .expect("one receiver per worker, taken once");
-                    proxy_worker(rx, &lbs2).expect("a balancer and a pool for this worker")
+                move |_: tower_patterns::server::WorkerId| {
+                    proxy_worker(&members2, &health, &lbs2)
+                        .expect("a balancer and a pool for this worker")
                 },
             )?;
             proxy_addr = handle.local_addr();
             per_core = Some(handle);
-            Members::PerWorker(txs)
+            Members::PerWorker(members)
         }
     };
     let (exit_tx, mut exit_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -15,7 +15,9 @@
 //! `--workers N` (with `--serve` and `--backends`): thread-per-core instead of one tokio
 //! runtime — N threads, each with its own current-thread runtime, `SO_REUSEPORT` listener,
 //! upstream connection pool and balancer ([`server::Workers`]; like N nginx worker
-//! processes, each worker round-robins and tracks health on its own). `SIGTERM`/Ctrl-C
+//! processes with an upstream `zone`: each worker round-robins on its own, passive health
+//! is shared through one [`SharedHealth`], so a dead backend is ejected by all workers at
+//! its first failure and tried once, not once per worker). `SIGTERM`/Ctrl-C
 //! drains every worker. `--take-over N`: bind next to a running instance with N workers on
 //! the same `--listen` port and take its new connections, for a restart without a failed
 //! request (start the new one, then `SIGTERM` the old one). `--no-balance`: leave the
@@ -38,6 +40,7 @@
 //! ```
 //!
 //! [`server::Workers`]: tower_patterns::server::Workers
+//! [`SharedHealth`]: tower_patterns::balance::SharedHealth
 //!
 //! The seed's nginx configuration, and what this example builds instead:
 //! ```text
@@ -58,7 +61,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tower::ServiceBuilder;
 use tower_patterns::balance::Replay;
-use tower_patterns::balance::{self, Balance, ReplayLayer, Retry};
+use tower_patterns::balance::{self, Balance, ReplayLayer, Retry, SharedHealth};
 use tower_patterns::body::ReplayBody;
 use tower_patterns::proxy::{ErrorResponse, ErrorResponseBody, ErrorResponseLayer, ForwardBuilder};
 use tower_patterns::server::Workers;
@@ -193,8 +196,11 @@ type WorkerStack = tower::util::Either<
 
 /// The proxy stack of one worker: its own `Forward`s (so its own keep-alive pool, on its
 /// own thread) behind its own balancer, or with `--direct` one `Forward` alone (no replay
-/// layer either: the single-upstream baseline, like `reverse_proxy_min`).
+/// layer either: the single-upstream baseline, like `reverse_proxy_min`). `health` is
+/// shared by every worker's balancer; the backend list is static and the same in every
+/// worker, so no membership feed is needed.
 fn worker_stack(
+    health: &SharedHealth<String>,
     backends: &[String],
     retry: bool,
     direct: bool,
@@ -219,7 +225,10 @@ fn worker_stack(
     } else {
         Retry::never()
     };
-    let lb = Balance::builder().retry(retry).build_static(endpoints);
+    let lb = Balance::builder()
+        .retry(retry)
+        .shared_health(health)
+        .build_static(endpoints);
     Ok(tower::util::Either::Right(
         ServiceBuilder::new()
             .layer(ErrorResponseLayer)
@@ -233,14 +242,16 @@ fn serve_per_core(args: &Args, workers: usize) -> Result<(), BoxError> {
     // Built once here so a bad URL is an error before any worker starts; the workers'
     // own builds of the same URLs then cannot fail.
     let proto = if args.tls.is_some() { "https" } else { "http" };
-    worker_stack(&args.backends, args.retry, args.direct, proto)?;
+    let health = SharedHealth::new();
+    worker_stack(&health, &args.backends, args.retry, args.direct, proto)?;
     let (backends, retry, direct) = (args.backends.clone(), args.retry, args.direct);
     let mut builder = Workers::new(workers).balance_connections(args.balance);
     if let Some(previous) = args.take_over {
         builder = builder.take_over(previous);
     }
     let make = move |_id| {
-        worker_stack(&backends, retry, direct, proto).expect("validated before the workers started")
+        worker_stack(&health, &backends, retry, direct, proto)
+            .expect("validated before the workers started")
     };
     let (handle, _watch) = match &args.tls {
         None => (builder.spawn(args.listen, make)?, None),

@@ -51,7 +51,7 @@ where
 impl<D, M, C> Future for Driver<D, M, C>
 where
     D: Discover,
-    D::Key: Clone + Eq + fmt::Debug,
+    D::Key: Clone + Eq + std::hash::Hash + fmt::Debug,
     D::Error: Into<BoxError>,
     M: MakeGate<D::Key>,
 {

@@ -1,11 +1,13 @@
 //! One endpoint of the set: its service, gate, and lock-free counters and health state.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderValue;
 
+use super::shared::HealthCell;
 use crate::classify::Outcome;
 
 /// Passive health checking, as nginx's `max_fails` / `fail_timeout` plus Envoy's
@@ -115,11 +117,13 @@ pub struct EndpointStatus<K> {
     /// Requests sent and not yet answered (headers), plus open upgraded tunnels
     /// (WebSocket) to it.
     pub in_flight: usize,
-    /// Requests sent to it since it joined the set.
+    /// Requests sent to it since it joined the set (by this balancer: not shared across
+    /// workers, see [`SharedHealth`](super::SharedHealth)).
     pub requests: u64,
-    /// Failed requests since it joined the set.
+    /// Failed requests since it joined the set (by this balancer).
     pub failures: u64,
-    /// Failures counted in the current `fail_timeout` window.
+    /// Failures counted in the current `fail_timeout` window (every worker's, with
+    /// [`SharedHealth`](super::SharedHealth)).
     pub recent_failures: u32,
 }
 
@@ -172,11 +176,13 @@ pub(crate) struct Endpoint<K, S, G> {
     pub(crate) in_flight: AtomicUsize,
     pub(crate) requests: AtomicU64,
     pub(crate) failures: AtomicU64,
-    fails: AtomicU32,
-    window_start: AtomicU64,
-    /// Health state in one word, so a pick costs one relaxed load: 0 in rotation,
-    /// `t` ejected until clock time `t` (then due for a trial), [`TRIAL`] trial in flight.
-    ejected_until: AtomicU64,
+    /// Passive health (`max_fails` window, ejection word), this balancer's own...
+    local: HealthCell,
+    /// ... unless the balancer shares health with other workers ([`SharedHealth`]): then
+    /// this key's cell in the shared table, and `local` is unused.
+    ///
+    /// [`SharedHealth`]: super::SharedHealth
+    shared: Option<Arc<HealthCell>>,
 }
 
 impl<K: fmt::Debug, S, G> fmt::Debug for Endpoint<K, S, G> {
@@ -190,10 +196,28 @@ impl<K: fmt::Debug, S, G> fmt::Debug for Endpoint<K, S, G> {
 }
 
 impl<K, S, G> Endpoint<K, S, G> {
+    /// The health cell in use: the shared one if any. One predictable branch, so an
+    /// unshared balancer keeps reading its inline cell (no pointer chase).
+    #[inline]
+    fn cell(&self) -> &HealthCell {
+        match &self.shared {
+            Some(cell) => cell,
+            None => &self.local,
+        }
+    }
+
+    /// Uses `cell` (from a [`SharedHealth`](super::SharedHealth)) for passive health
+    /// instead of the endpoint's own.
+    pub(crate) fn with_shared_health(mut self, cell: Arc<HealthCell>) -> Self {
+        self.shared = Some(cell);
+        self
+    }
+
     /// Gives back a trial that produced no outcome (cancelled, refused by the gate, or a
     /// client-caused error): the next pick takes it.
     pub(crate) fn release_trial(&self) {
         let _ = self
+            .cell()
             .ejected_until
             .compare_exchange(TRIAL, TRIAL_DUE, Relaxed, Relaxed);
     }
@@ -218,9 +242,8 @@ impl<K: fmt::Debug, S, G> Endpoint<K, S, G> {
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
-            fails: AtomicU32::new(0),
-            window_start: AtomicU64::new(0),
-            ejected_until: AtomicU64::new(0),
+            local: HealthCell::default(),
+            shared: None,
         }
     }
 
@@ -230,7 +253,7 @@ impl<K: fmt::Debug, S, G> Endpoint<K, S, G> {
     /// endpoint is in rotation.
     #[inline]
     pub(crate) fn admission(&self, clock: &Clock) -> Admission {
-        let until = self.ejected_until.load(Relaxed);
+        let until = self.cell().ejected_until.load(Relaxed);
         if until == 0 {
             return Admission::Open;
         }
@@ -238,6 +261,7 @@ impl<K: fmt::Debug, S, G> Endpoint<K, S, G> {
             return Admission::Closed;
         }
         match self
+            .cell()
             .ejected_until
             .compare_exchange(until, TRIAL, Relaxed, Relaxed)
         {
@@ -252,7 +276,7 @@ impl<K: fmt::Debug, S, G> Endpoint<K, S, G> {
     /// Ejected or its trial in flight, as of `now` (does not start a trial). Counted
     /// against the ejection budget.
     pub(crate) fn ejected_at(&self, now: u64) -> bool {
-        let until = self.ejected_until.load(Relaxed);
+        let until = self.cell().ejected_until.load(Relaxed);
         until != 0 && now < until
     }
 
@@ -271,12 +295,13 @@ impl<K: fmt::Debug, S, G> Endpoint<K, S, G> {
             Outcome::Success => {
                 if trial
                     && self
+                        .cell()
                         .ejected_until
                         .compare_exchange(TRIAL, 0, Relaxed, Relaxed)
                         .is_ok()
                 {
-                    self.fails.store(0, Relaxed);
-                    self.window_start.store(0, Relaxed);
+                    self.cell().fails.store(0, Relaxed);
+                    self.cell().window_start.store(0, Relaxed);
                     tracing::info!(endpoint = ?self.key, id = self.id, "endpoint restored: trial request succeeded");
                 }
                 false
@@ -300,14 +325,14 @@ impl<K: fmt::Debug, S, G> Endpoint<K, S, G> {
                 }
                 let now = clock.now_ms();
                 let window = health.fail_timeout_ms();
-                let start = self.window_start.load(Relaxed);
+                let start = self.cell().window_start.load(Relaxed);
                 let fails = if start == 0 || now.saturating_sub(start) > window {
                     // A new window opens with this failure (nginx counts from the first).
-                    self.window_start.store(now, Relaxed);
-                    self.fails.store(1, Relaxed);
+                    self.cell().window_start.store(now, Relaxed);
+                    self.cell().fails.store(1, Relaxed);
                     1
                 } else {
-                    self.fails.fetch_add(1, Relaxed).saturating_add(1)
+                    self.cell().fails.fetch_add(1, Relaxed).saturating_add(1)
                 };
                 fails >= health.max_fails
             }
@@ -320,9 +345,9 @@ impl<K: fmt::Debug, S, G> Endpoint<K, S, G> {
         let now = clock.now_ms();
         // Below TRIAL so the state stays "ejected until"; a saturated value never expires.
         let until = now.saturating_add(health.fail_timeout_ms()).min(TRIAL - 1);
-        self.ejected_until.store(until, Relaxed);
-        let fails = self.fails.swap(0, Relaxed);
-        self.window_start.store(0, Relaxed);
+        self.cell().ejected_until.store(until, Relaxed);
+        let fails = self.cell().fails.swap(0, Relaxed);
+        self.cell().window_start.store(0, Relaxed);
         crate::telemetry::endpoint_ejected(&self.key);
         tracing::warn!(
             endpoint = ?self.key,
@@ -338,7 +363,7 @@ impl<K: fmt::Debug, S, G> Endpoint<K, S, G> {
         K: Clone,
     {
         let now = clock.now_ms();
-        let until = self.ejected_until.load(Relaxed);
+        let until = self.cell().ejected_until.load(Relaxed);
         let state = if until == 0 {
             EndpointState::Healthy
         } else if until != TRIAL && now < until {
@@ -356,7 +381,7 @@ impl<K: fmt::Debug, S, G> Endpoint<K, S, G> {
             in_flight: self.in_flight.load(Relaxed),
             requests: self.requests.load(Relaxed),
             failures: self.failures.load(Relaxed),
-            recent_failures: self.fails.load(Relaxed),
+            recent_failures: self.cell().fails.load(Relaxed),
         }
     }
 }

@@ -84,6 +84,7 @@ mod pick;
 mod replay;
 mod retry;
 mod service;
+mod shared;
 mod sticky;
 
 pub use crate::classify::is_connect_error;
@@ -101,4 +102,5 @@ pub(crate) use pick::build_ring;
 pub use replay::{Replay, ReplayFuture, ReplayLayer};
 pub use retry::{CloneBody, Retry};
 pub use service::{Balance, BalanceBuilder, Built, MakeGate, NoGates, DEFAULT_TRY_TIMEOUT};
+pub use shared::SharedHealth;
 pub use sticky::{SameSite, StickyCookie};

@@ -17,6 +17,7 @@ use super::future::ResponseFuture;
 use super::hash::key_id;
 use super::pick::{Picker, Snapshot};
 use super::retry::{CloneBody, Retry};
+use super::shared::SharedHealth;
 use super::sticky::StickyCookie;
 use crate::classify::{Classify, Condition};
 use crate::gate::{Gate, NoGate};
@@ -79,6 +80,8 @@ pub(crate) struct Shared<K, S, M: MakeGate<K>, C> {
     pub(crate) clock: Clock,
     /// Serialises ejection decisions so the budget holds (cold path only).
     eject_lock: Mutex<()>,
+    /// Health shared with other workers' balancers (their cells, clock and ejection lock).
+    shared_health: Option<SharedHealth<K>>,
     pub(crate) members: tokio::sync::watch::Sender<usize>,
 }
 
@@ -89,7 +92,12 @@ where
 {
     /// Ejects `ep` if the ejection budget of the current set allows it.
     pub(crate) fn try_eject(&self, ep: &Arc<Ep<K, S, M>>) {
-        let _guard = self.eject_lock.lock().unwrap_or_else(|e| e.into_inner());
+        // With shared health the lock is the handle's: the budget holds across workers.
+        let lock = self
+            .shared_health
+            .as_ref()
+            .map_or(&self.eject_lock, |h| h.eject_lock());
+        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
         let now = self.clock.now_ms();
         if ep.ejected_at(now) {
             return;
@@ -106,12 +114,20 @@ where
         }
     }
 
-    pub(crate) fn make_endpoint(&self, key: K, service: S) -> Ep<K, S, M> {
+    pub(crate) fn make_endpoint(&self, key: K, service: S) -> Ep<K, S, M>
+    where
+        K: Eq + Hash + Clone,
+    {
         let id = key_id(&key);
         let weight = self.weight.as_ref().map_or(1, |f| f(&key));
         let gate = self.make_gate.make_gate(&key);
         let cookie = self.sticky.as_ref().map(|c| c.set_cookie_for(id));
-        Endpoint::new(key, id, weight, service, gate, cookie)
+        let cell = self.shared_health.as_ref().map(|h| h.cell(&key));
+        let ep = Endpoint::new(key, id, weight, service, gate, cookie);
+        match cell {
+            Some(cell) => ep.with_shared_health(cell),
+            None => ep,
+        }
     }
 
     pub(crate) fn publish(&self, endpoints: EpList<K, S, M>) {
@@ -133,6 +149,7 @@ pub struct BalanceBuilder<K, C = Condition, M = NoGates> {
     classify: C,
     make_gate: M,
     weight: Option<WeightFn<K>>,
+    shared_health: Option<SharedHealth<K>>,
     _key: PhantomData<fn(&K)>,
 }
 
@@ -169,6 +186,7 @@ impl<K> Default for BalanceBuilder<K> {
             classify: Condition::never().any_error(),
             make_gate: NoGates,
             weight: None,
+            shared_health: None,
             _key: PhantomData,
         }
     }
@@ -252,6 +270,7 @@ where
             classify,
             make_gate: self.make_gate,
             weight: self.weight,
+            shared_health: self.shared_health,
             _key: PhantomData,
         }
     }
@@ -269,8 +288,21 @@ where
             classify: self.classify,
             make_gate,
             weight: self.weight,
+            shared_health: self.shared_health,
             _key: PhantomData,
         }
+    }
+
+    /// Shares passive health with the other balancers built with the same `health`
+    /// handle, one per worker (nginx's upstream `zone`): an endpoint ejected by one worker
+    /// is skipped by all, one trial after `fail_timeout` goes to it across all of them,
+    /// and the ejection budget counts every worker's ejections. Give every worker the
+    /// same membership (a [`Broadcast`](super::discover::Broadcast)) and the same
+    /// [`PassiveHealth`]. In-flight counts, request totals, round-robin positions and
+    /// pools stay per worker. See [`SharedHealth`].
+    pub fn shared_health(mut self, health: &SharedHealth<K>) -> Self {
+        self.shared_health = Some(health.clone());
+        self
     }
 
     fn shared<S>(self) -> Arc<Shared<K, S, M, C>>
@@ -289,8 +321,12 @@ where
             classify: self.classify,
             make_gate: self.make_gate,
             weight: self.weight,
-            clock: Clock::new(),
+            clock: self
+                .shared_health
+                .as_ref()
+                .map_or_else(Clock::new, SharedHealth::clock),
             eject_lock: Mutex::new(()),
+            shared_health: self.shared_health,
             members,
         })
     }
