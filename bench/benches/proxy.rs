@@ -1,6 +1,7 @@
 //! In-process cost of the proxy building blocks, each next to its baseline in one run:
 //! - `forward/*`: a request through `Forward` (own pool) vs the bare hyper-util pooled client to the
-//!   same local backend (what our header handling, URI join and error mapping add);
+//!   same local backend (what our header handling, URI join and error mapping add); with
+//!   `BENCH_CLOCK=cpu` in thread CPU time (`util/cpuclock.rs`), for a shared machine;
 //! - `h2_upstream/*`: 64 concurrent requests through one `Forward` to an upstream speaking
 //!   HTTP/1.1 (the keep-alive pool opens up to 64 connections) vs HTTP/2 (h2c prior knowledge,
 //!   all 64 multiplexed over one connection); same backend (hyper's auto server), same run;
@@ -51,28 +52,37 @@ fn forward(c: &mut Criterion) {
     let bare: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
         .build(hyper_util::client::legacy::connect::HttpConnector::new());
     let uri: http::Uri = format!("{url}/x").parse().unwrap();
+    // `iter_custom` + `cpuclock::measure`: with `BENCH_CLOCK=cpu` the thread's CPU time,
+    // which on this current-thread runtime is the whole exchange (client, connection
+    // task and backend), free of the scheduler noise of a shared machine.
     g.bench_function("bare_hyper_util_client", |b| {
-        b.to_async(&rt).iter(|| {
-            let bare = bare.clone();
-            let uri = uri.clone();
-            async move {
-                let res = bare.get(uri).await.unwrap();
-                res.into_body().collect().await.unwrap();
-            }
+        b.iter_custom(|iters| {
+            cpuclock::measure(|| {
+                rt.block_on(async {
+                    for _ in 0..iters {
+                        let res = bare.get(uri.clone()).await.unwrap();
+                        res.into_body().collect().await.unwrap();
+                    }
+                })
+            })
         })
     });
     let fwd = Forward::<Empty<Bytes>>::new(&url).unwrap();
     g.bench_function("tower_patterns_forward", |b| {
-        b.to_async(&rt).iter(|| {
+        b.iter_custom(|iters| {
             let mut fwd = fwd.clone();
-            async move {
-                let req = Request::get("/x")
-                    .header("host", "bench")
-                    .body(Empty::new())
-                    .unwrap();
-                let res = fwd.ready().await.unwrap().call(req).await.unwrap();
-                res.into_body().collect().await.unwrap();
-            }
+            cpuclock::measure(|| {
+                rt.block_on(async {
+                    for _ in 0..iters {
+                        let req = Request::get("/x")
+                            .header("host", "bench")
+                            .body(Empty::new())
+                            .unwrap();
+                        let res = fwd.ready().await.unwrap().call(req).await.unwrap();
+                        res.into_body().collect().await.unwrap();
+                    }
+                })
+            })
         })
     });
     g.finish();
@@ -170,6 +180,9 @@ fn classify(c: &mut Criterion) {
         })
     });
 }
+
+#[path = "util/cpuclock.rs"]
+mod cpuclock;
 
 criterion_group!(benches, forward, h2_upstream, headers, classify);
 criterion_main!(benches);

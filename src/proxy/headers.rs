@@ -5,7 +5,11 @@ use http::header::{self, HeaderMap, HeaderName};
 /// `Trailer` is not among them: it is end to end (RFC 9110 §6.6.2; RFC 2616's list named a
 /// "Trailers" header that does not exist), and over HTTP/1.1 hyper sends only the trailer
 /// fields a response declares in it, so stripping it would drop a gRPC status on the way.
-const HOP_BY_HOP: [HeaderName; 8] = [
+///
+/// A `static`, not a `const`: every use of a `const` array builds and drops eight
+/// `HeaderName`s (two scans per request; issue 12's profile).
+/// `Connection` first: [`strip_hop_by_hop`] reads its bit 0.
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
@@ -64,40 +68,51 @@ pub const PROTECTED_FROM_CONNECTION: [&str; 17] = [
 /// assert!(h.contains_key("authorization"), "protected end-to-end header");
 /// ```
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most requests carry none or only `Connection`: one scan over what is present is
-    // cheaper than nine hash lookups for what is absent.
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+    // Most requests and responses carry none or only `Connection` (`keep-alive` from most
+    // servers): one scan over what is present, noting which of the fixed set it holds,
+    // is cheaper than a hash lookup and removal for each of the eight names.
+    let mut present: u8 = 0;
+    for key in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == key) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
     // Names listed in Connection go first, before Connection itself is removed. Tokens
     // that are not extra headers (`close`, `keep-alive`, ...) need no allocation.
-    let mut listed: Vec<HeaderName> = Vec::new();
-    for value in headers.get_all(header::CONNECTION) {
-        for token in value.as_bytes().split(|b| *b == b',') {
-            let token = token.trim_ascii();
-            if token.is_empty()
-                || token.eq_ignore_ascii_case(b"close")
-                || HOP_BY_HOP
-                    .iter()
-                    .any(|h| token.eq_ignore_ascii_case(h.as_str().as_bytes()))
-                || PROTECTED_FROM_CONNECTION
-                    .iter()
-                    .any(|p| token.eq_ignore_ascii_case(p.as_bytes()))
-            {
-                continue;
-            }
-            // A token that is no header name (a non-ASCII byte, a space) cannot name a
-            // header of the map: nothing to strip for it.
-            if let Ok(name) = HeaderName::from_bytes(token) {
-                listed.push(name);
+    if present & 1 != 0 {
+        let mut listed: Vec<HeaderName> = Vec::new();
+        for value in headers.get_all(header::CONNECTION) {
+            for token in value.as_bytes().split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                if token.is_empty()
+                    || token.eq_ignore_ascii_case(b"close")
+                    || HOP_BY_HOP
+                        .iter()
+                        .any(|h| token.eq_ignore_ascii_case(h.as_str().as_bytes()))
+                    || PROTECTED_FROM_CONNECTION
+                        .iter()
+                        .any(|p| token.eq_ignore_ascii_case(p.as_bytes()))
+                {
+                    continue;
+                }
+                // A token that is no header name (a non-ASCII byte, a space) cannot name a
+                // header of the map: nothing to strip for it.
+                if let Ok(name) = HeaderName::from_bytes(token) {
+                    listed.push(name);
+                }
             }
         }
+        for name in listed {
+            headers.remove(name);
+        }
     }
-    for name in listed {
-        headers.remove(name);
-    }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 

@@ -176,6 +176,10 @@ where
     Ok(())
 }
 
+/// hyper's own HTTP/1 limit on header fields (`proto::h1::role::DEFAULT_MAX_HEADERS`,
+/// not exported), used when none is set.
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
+
 /// The HTTP/1.1 and HTTP/2 connection settings, built once per accept loop.
 struct Protocols {
     h1: hyper::server::conn::http1::Builder,
@@ -193,8 +197,13 @@ impl Protocols {
         h1.timer(TokioTimer::new())
             .header_read_timeout(config.header_read_timeout)
             // A head larger than this, or with too many fields, is answered 431 by hyper.
-            .max_header_size(config.max_header_bytes)
-            .max_headers(config.max_headers);
+            .max_header_size(config.max_header_bytes);
+        // hyper parses at most 100 fields by default, into arrays on the stack; naming any
+        // limit, even 100, makes it build both arrays element by element (and on the heap
+        // past 100) for every request head: ~1,600 instructions a request (issue 12).
+        if config.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+            h1.max_headers(config.max_headers);
+        }
         // Stream tasks are spawned on the connection's own runtime: with `Workers`, the
         // worker's thread.
         let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
