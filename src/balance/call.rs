@@ -179,3 +179,52 @@ mod tests {
         assert!(matches!(call.as_mut().poll(&mut cx), Poll::Ready(Ok(7))));
     }
 }
+
+/// The balancer's response future is moved through every layer above it; its size is a
+/// per-request cost (it was 1024 bytes with `Oneshot` and an inline retry copy).
+#[cfg(test)]
+mod size {
+    use std::convert::Infallible;
+    use std::future::Ready;
+
+    use http::{Request, Response};
+
+    use crate::balance::{NoGates, ResponseFuture};
+    use crate::classify::Condition;
+
+    #[derive(Clone)]
+    struct Ok200;
+
+    impl tower_service::Service<Request<String>> for Ok200 {
+        type Response = Response<String>;
+        type Error = Infallible;
+        type Future = Ready<Result<Response<String>, Infallible>>;
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Infallible>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _req: Request<String>) -> Self::Future {
+            std::future::ready(Ok(Response::new(String::new())))
+        }
+    }
+
+    #[test]
+    fn the_response_future_holds_no_request_inline() {
+        type Fut = ResponseFuture<usize, Ok200, NoGates, Condition, String>;
+        let request = std::mem::size_of::<Request<String>>();
+        let classifier = std::mem::size_of::<Condition>();
+        let timer = std::mem::size_of::<tokio::time::Sleep>();
+        let inner =
+            std::mem::size_of::<<Ok200 as tower_service::Service<Request<String>>>::Future>();
+        // The try's future, the classifier, the timer and under 200 bytes of bookkeeping;
+        // no request (neither the one being sent nor the retry copy).
+        let bound = inner + classifier + timer + 192;
+        let size = std::mem::size_of::<Fut>();
+        assert!(
+            size <= bound && bound < inner + classifier + timer + request,
+            "ResponseFuture is {size} bytes (bound {bound}; request {request}, classifier {classifier}, timer {timer}, inner {inner})"
+        );
+    }
+}
