@@ -8,12 +8,15 @@
 //! - `select/*`: choosing an endpoint, nothing sent (`Balance::select` vs pingora's
 //!   `LoadBalancer::select`), at 3, 100 and 1000 endpoints.
 //! - `select_2threads/*`: the same from two threads at once (shared counters contend).
+//!   Both `select` groups report one unit: time per pick *per thread* (each of the two
+//!   threads makes every one of criterion's iterations), so equal figures mean perfect
+//!   scaling and 2x means the two threads together pick no faster than one.
 //! - `dispatch/*`: a whole `poll_ready` + `call` + completion through the balancer to an
 //!   always-ready endpoint service: ours vs `tower::balance::p2c` (with pending-request load).
 //!   `ours-rr` has retries on (the default: each dispatch copies the request head so it can
 //!   be sent again); the `-noretry` variants do what tower's p2c does (no copy).
-//! - `BENCH_CLOCK=cpu` times `select_2threads` and `dispatch` in thread CPU time (see
-//!   `util/cpuclock.rs`), for a machine shared with other work.
+//! - `BENCH_CLOCK=cpu` times every group in thread CPU time (see `util/cpuclock.rs`), for
+//!   a machine shared with other work.
 
 use std::convert::Infallible;
 use std::future::{ready, Ready};
@@ -125,22 +128,26 @@ fn select(c: &mut Criterion) {
     for n in SIZES {
         for (name, picker) in pickers() {
             let lb = ours(picker, n);
-            let mut i = 0usize;
             g.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
-                b.iter(|| {
-                    i = (i + 1) & 1023;
-                    black_box(lb.select(&reqs[i]).unwrap())
+                b.iter_custom(|iters| {
+                    cpuclock::measure(|| {
+                        for i in 0..iters as usize {
+                            black_box(lb.select(&reqs[i & 1023]).unwrap());
+                        }
+                    })
                 })
             });
         }
         #[cfg(feature = "pingora")]
         for (name, lb) in peer::all(n) {
             let keys: Vec<String> = (0..1024).map(|i| format!("user-{i}")).collect();
-            let mut i = 0usize;
             g.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
-                b.iter(|| {
-                    i = (i + 1) & 1023;
-                    black_box(lb.select(keys[i].as_bytes()).unwrap())
+                b.iter_custom(|iters| {
+                    cpuclock::measure(|| {
+                        for i in 0..iters as usize {
+                            black_box(lb.select(keys[i & 1023].as_bytes()).unwrap());
+                        }
+                    })
                 })
             });
         }
@@ -151,17 +158,19 @@ fn select(c: &mut Criterion) {
 #[path = "util/cpuclock.rs"]
 mod cpuclock;
 
-/// Runs `op` `iters` times split over two threads; returns the wall time (with
+/// Runs `op` `iters` times on each of two threads at once; returns the wall time (with
 /// `BENCH_CLOCK=cpu`: the larger of the two threads' CPU times, see `util/cpuclock.rs`).
+/// Criterion divides by `iters`: the figure is time per operation per thread, the unit
+/// of the one-thread groups (it was split in halves before, which halved the figure).
 fn two_threads<F: Fn(usize) + Sync>(iters: u64, op: &F) -> Duration {
-    let half = (iters / 2).max(1) as usize;
+    let per_thread = iters.max(1) as usize;
     if cpuclock::cpu_clock() {
         return std::thread::scope(|s| {
             let hs: Vec<_> = (0..2)
                 .map(|t| {
                     s.spawn(move || {
                         cpuclock::measure(|| {
-                            for i in 0..half {
+                            for i in 0..per_thread {
                                 op(i.wrapping_mul(2) + t);
                             }
                         })
@@ -178,7 +187,7 @@ fn two_threads<F: Fn(usize) + Sync>(iters: u64, op: &F) -> Duration {
     std::thread::scope(|s| {
         for t in 0..2 {
             s.spawn(move || {
-                for i in 0..half {
+                for i in 0..per_thread {
                     op(i.wrapping_mul(2) + t);
                 }
             });

@@ -9,9 +9,9 @@ use std::time::Duration;
 use http::{header, Request, Response};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
-use tower::util::{Oneshot, ServiceExt};
 use tower_service::Service;
 
+use super::call::Call;
 use super::error::BalanceError;
 use super::error::TryTimeout;
 use super::pick::{Miss, Picked, Picker};
@@ -121,7 +121,10 @@ struct Attempt<K, S, M: MakeGate<K>, C: Classify, B, R> {
     classifier: Option<C::Classifier>,
     started: Option<Instant>,
     first: Option<Instant>,
-    replay: Option<Request<B>>,
+    /// The copy kept for the next try (retries on only). Boxed: a request is ~250 bytes,
+    /// and a field that size would be moved with every move of the future even when
+    /// retries are off; the retry path already allocates for the copied headers.
+    replay: Option<Box<Request<B>>>,
     tries: u32,
     tried: Vec<u64>,
     key: Option<u64>,
@@ -176,7 +179,7 @@ pin_project! {
         C: Classify,
     {
         #[pin]
-        inner: Option<Oneshot<S, Request<B>>>,
+        inner: Option<Call<S, Request<B>>>,
         // The per-try timeout; one timer per request, reset for each try.
         #[pin]
         timer: Option<tokio::time::Sleep>,
@@ -250,9 +253,11 @@ where
         let snap = shared.snapshot.load();
         let (picked, cookie_id, key) = first_pick(&shared, &snap, &req);
         // An upgrade (WebSocket) is never replayed once an upstream has seen it: only a
-        // connect failure (nothing sent) moves it to another endpoint.
-        let method_ok =
-            shared.retry.method_allows(req.method()) && !crate::proxy::is_upgrade_request(&req);
+        // connect failure (nothing sent) moves it to another endpoint. Asked only when a
+        // second try is possible at all (the upgrade check looks up headers).
+        let method_ok = shared.retry.tries > 1
+            && shared.retry.method_allows(req.method())
+            && !crate::proxy::is_upgrade_request(&req);
         let mut st = Attempt {
             started: None,
             first: None,
@@ -300,7 +305,7 @@ where
         snap: &Snap<K, S, M>,
         picked: Picked<Permit<K, M>>,
         req: Request<B>,
-    ) -> Oneshot<S, Request<B>> {
+    ) -> Call<S, Request<B>> {
         let Picked {
             index,
             permit,
@@ -312,7 +317,7 @@ where
         self.tries += 1;
         // Copy only when another try could follow: no copy (no allocation) with tries = 1.
         self.replay = if self.tries < self.shared.retry.tries {
-            clone_request(&req)
+            clone_request(&req).map(Box::new)
         } else {
             None
         };
@@ -336,7 +341,7 @@ where
             trial,
             counted: true,
         });
-        svc.oneshot(req)
+        Call::start(svc, req)
     }
 
     fn within_timeout(&self) -> bool {
@@ -372,7 +377,9 @@ where
         true
     }
 
-    /// Applies the sticky cookie to a final response.
+    /// Applies the sticky cookie to a final response. Inlined: the response is moved in
+    /// and out, a copy of its whole head per call otherwise.
+    #[inline]
     fn finish(
         &self,
         ep: &Ep<K, S, M>,
@@ -586,7 +593,7 @@ where
                 st.tried.push(ep.id);
                 let snap = shared.snapshot.load();
                 let picked = snap.pick(&shared.picker, st.key, &shared.clock, &st.tried);
-                if let Some(req) = st.replay.take() {
+                if let Some(req) = st.replay.take().map(|r| *r) {
                     match picked {
                         Ok(p) => {
                             crate::telemetry::retry();

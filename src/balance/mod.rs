@@ -73,6 +73,7 @@
 //! in flight, requests, failures); `tracing` logs `endpoint ejected` (warn), `endpoint
 //! restored on probation` (info, its trial request), `endpoint restored` (info),
 //! membership changes (info) and retries (debug).
+mod call;
 pub mod client;
 pub mod discover;
 mod driver;
