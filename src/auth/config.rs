@@ -9,7 +9,7 @@ use http::{header, HeaderMap, HeaderName, HeaderValue};
 use super::api_key::ApiKeys;
 use super::error::{AuthConfigError, AuthError};
 use super::identity::{AuthMethod, Identity, Requirements};
-use super::jwt::{scopes_of, Jwt, Verifier};
+use super::jwt::{scopes_of, Jwt, Verifier, VerifyError};
 use super::layer::AuthLayer;
 
 /// Default of [`AuthConfig::max_credential_len`]: 8 KiB, larger than any sane JWT.
@@ -229,7 +229,27 @@ impl Authenticator {
     }
 
     /// The identity of `headers`' credential: `Ok(None)` when there is none.
+    ///
+    /// Synchronous: a token with an unknown `kid` is refused here without the early JWKS
+    /// fetch that [`AuthLayer`] waits for.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Option<Identity>, AuthError> {
+        self.authenticate_or_refresh(headers, false)
+            .map_err(|e| match e {
+                VerifyError::Refused(e) => e,
+                VerifyError::UnknownKid { .. } => {
+                    AuthError::InvalidToken("no key for this kid and algorithm".into())
+                }
+            })
+    }
+
+    /// [`authenticate`](Self::authenticate), or with `early_refresh` the news that the
+    /// token's `kid` is unknown to the JWKS (the caller may wait for an early fetch and
+    /// try again without it).
+    pub(crate) fn authenticate_or_refresh(
+        &self,
+        headers: &HeaderMap,
+        early_refresh: bool,
+    ) -> Result<Option<Identity>, VerifyError> {
         let inner = &*self.inner;
         let Some(cred) = self.credential(headers)? else {
             return Ok(None);
@@ -237,7 +257,7 @@ impl Authenticator {
         match cred {
             Credential::ApiKey(key) => {
                 let Some(keys) = &inner.api_keys else {
-                    return Err(AuthError::Malformed("API keys are not accepted here"));
+                    return Err(AuthError::Malformed("API keys are not accepted here").into());
                 };
                 let (name, scopes) = keys.find(key).ok_or(AuthError::UnknownApiKey)?;
                 Ok(Some(Identity {
@@ -249,12 +269,12 @@ impl Authenticator {
             }
             Credential::Bearer(token) => {
                 let verifier = inner.jwt.as_ref().ok_or(AuthError::JwtNotConfigured)?;
-                let claims = verifier.verify(token)?;
+                let claims = verifier.verify(token, early_refresh)?;
                 let subject = match claims.get("sub") {
                     Some(serde_json::Value::String(s)) if !s.is_empty() => {
                         Arc::<str>::from(s.as_str())
                     }
-                    _ => return Err(AuthError::InvalidToken("no string sub".into())),
+                    _ => return Err(AuthError::InvalidToken("no string sub".into()).into()),
                 };
                 Ok(Some(Identity {
                     subject,
