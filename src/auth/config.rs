@@ -259,12 +259,13 @@ impl Authenticator {
                 let Some(keys) = &inner.api_keys else {
                     return Err(AuthError::Malformed("API keys are not accepted here").into());
                 };
-                let (name, scopes) = keys.find(key).ok_or(AuthError::UnknownApiKey)?;
+                let (name, scopes, values) = keys.find(key).ok_or(AuthError::UnknownApiKey)?;
                 Ok(Some(Identity {
                     subject: name,
                     scopes,
                     method: AuthMethod::ApiKey,
                     claims: None,
+                    values,
                 }))
             }
             Credential::Bearer(token) => {
@@ -281,6 +282,7 @@ impl Authenticator {
                     scopes: scopes_of(&claims).into(),
                     method: AuthMethod::Jwt,
                     claims: Some(Arc::new(claims)),
+                    values: None,
                 }))
             }
         }
@@ -367,11 +369,20 @@ impl Authenticator {
         let inner = &*self.inner;
         let value =
             |s: &str| HeaderValue::from_str(s).map_err(|_| AuthError::UnforwardableIdentity);
+        // An API key's values were made (and checked) once; a token's are made here.
         if let Some(h) = &inner.subject_header {
-            headers.insert(h.clone(), value(id.subject())?);
+            let v = match &id.values {
+                Some(v) => v.subject.clone(),
+                None => value(id.subject())?,
+            };
+            headers.insert(h.clone(), v);
         }
         if let Some(h) = &inner.scopes_header {
-            headers.insert(h.clone(), value(&id.scopes().join(" "))?);
+            let v = match &id.values {
+                Some(v) => v.scopes.clone(),
+                None => value(&id.scopes().join(" "))?,
+            };
+            headers.insert(h.clone(), v);
         }
         if let Some(h) = &inner.method_header {
             headers.insert(h.clone(), HeaderValue::from_static(id.method().as_str()));

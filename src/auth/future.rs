@@ -34,9 +34,10 @@ pin_project! {
     {
         #[pin]
         answer: AnswerFuture<S::Future>,
-        // Only for an unknown `kid`: the fetch, then the request's second look. The
-        // common path never allocates for it.
-        waiting: Option<(UnknownKidWait, Option<Parked<S, B>>)>,
+        // Only for an unknown `kid`: the fetch, then the request's second look. Boxed:
+        // inline, the request and service would make every response future of the layer
+        // hundreds of bytes larger, copied on each move on the common path too.
+        waiting: Option<Box<(UnknownKidWait, Option<Parked<S, B>>)>>,
     }
 }
 
@@ -55,7 +56,7 @@ where
         ResponseFuture {
             // Replaced when the fetch is over; never polled before.
             answer: AnswerFuture::Answered { res: None },
-            waiting: Some((wait, Some(Parked { req, svc, layer }))),
+            waiting: Some(Box::new((wait, Some(Parked { req, svc, layer })))),
         }
     }
 }
@@ -71,7 +72,8 @@ where
             mut answer,
             waiting,
         } = self.as_mut().project();
-        if let Some((wait, parked)) = waiting {
+        if let Some(w) = waiting {
+            let (wait, parked) = &mut **w;
             ready!(wait.as_mut().poll(cx));
             let Some(Parked {
                 req,
