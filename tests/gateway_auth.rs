@@ -6,6 +6,7 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -24,7 +25,7 @@ use tokio::net::TcpListener;
 use tower::ServiceBuilder;
 use tower_patterns::auth::{
     Algorithm, ApiKeys, AuthConfig, AuthLayer, Authenticator, DecodingKey, Identity, Jwks,
-    JwksConfig, JwksError, Jwt, JwtKey,
+    JwksConfig, JwksError, Jwt, JwtKey, MAX_REFRESH,
 };
 use tower_patterns::proxy::ForwardBuilder;
 
@@ -545,6 +546,8 @@ async fn the_identity_is_a_request_extension_for_later_layers() {
 struct JwksServer {
     addr: SocketAddr,
     doc: Arc<Mutex<(Value, bool)>>,
+    /// Documents requested so far.
+    fetches: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -554,6 +557,8 @@ impl JwksServer {
         let addr = listener.local_addr().unwrap();
         let doc = Arc::new(Mutex::new((doc, false)));
         let d = doc.clone();
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let f = fetches.clone();
         let task = tokio::spawn(async move {
             // Connections live in this set: aborting the task closes them all.
             let mut conns = tokio::task::JoinSet::new();
@@ -561,9 +566,10 @@ impl JwksServer {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let d = d.clone();
+                let (d, f) = (d.clone(), f.clone());
                 conns.spawn(async move {
                     let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                        f.fetch_add(1, Ordering::SeqCst);
                         let (body, hang) = d.lock().unwrap().clone();
                         async move {
                             if hang {
@@ -580,7 +586,12 @@ impl JwksServer {
                 });
             }
         });
-        JwksServer { addr, doc, task }
+        JwksServer {
+            addr,
+            doc,
+            fetches,
+            task,
+        }
     }
     fn url(&self) -> String {
         format!("http://{}/.well-known/jwks.json", self.addr)
@@ -588,6 +599,140 @@ impl JwksServer {
     fn set(&self, doc: Value, hang: bool) {
         *self.doc.lock().unwrap() = (doc, hang);
     }
+    fn fetches(&self) -> usize {
+        self.fetches.load(Ordering::SeqCst)
+    }
+}
+
+/// Key rotation at the issuer: a token signed with the new key is accepted at once, by
+/// an early fetch, not after the periodic refresh (an hour here).
+#[tokio::test]
+async fn a_token_with_a_new_kid_triggers_one_early_jwks_fetch() {
+    let (old, new) = (Rsa::new(), Ec::new());
+    let server = JwksServer::start(json!({ "keys": [old.jwk("k1")] })).await;
+    let jwks = Jwks::load(&server.url(), JwksConfig::new().refresh(MAX_REFRESH))
+        .await
+        .unwrap();
+    let auth = AuthConfig::new()
+        .jwt(Jwt::new().jwks(jwks.clone()).issuer(ISS).audience(AUD))
+        .build()
+        .unwrap();
+    let gw = gateway(auth.layer()).await;
+    let c = claims("erin", "a");
+    let old_token = old.token(Some("k1"), &c);
+    assert_eq!(
+        get(gw, &[("authorization", &bearer(&old_token))]).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(server.fetches(), 1, "the load");
+
+    server.set(json!({ "keys": [old.jwk("k1"), new.jwk("k2")] }), false);
+    let new_token = new.token(Some("k2"), &c);
+    let (status, headers, _) = get(gw, &[("authorization", &bearer(&new_token))]).await;
+    assert_eq!(status, StatusCode::OK, "{headers:?}");
+    assert_eq!(server.fetches(), 2, "one early fetch");
+    assert_eq!(jwks.keys().len(), 2);
+    // Known kids cost nothing more.
+    for t in [&old_token, &new_token] {
+        assert_eq!(
+            get(gw, &[("authorization", &bearer(t))]).await.0,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(server.fetches(), 2);
+
+    // The synchronous `Authenticator::authenticate` never fetches: unknown is refused.
+    let mut h = http::HeaderMap::new();
+    let other = Ec::new().token(Some("k3"), &c);
+    h.insert("authorization", bearer(&other).parse().unwrap());
+    assert!(auth.authenticate(&h).is_err());
+    assert_eq!(server.fetches(), 2);
+}
+
+/// Made-up kids cannot make the gateway hammer the JWKS endpoint: 100 of them, half at
+/// once and half one after the other, cause one fetch per interval; each is a `401`.
+#[tokio::test]
+async fn random_kids_cause_at_most_one_jwks_fetch_per_interval() {
+    let rsa = Rsa::new();
+    let server = JwksServer::start(json!({ "keys": [rsa.jwk("k1")] })).await;
+    let min = Duration::from_millis(300);
+    let jwks = Jwks::load(
+        &server.url(),
+        JwksConfig::new()
+            .refresh(MAX_REFRESH)
+            .unknown_kid_refresh(Some(min)),
+    )
+    .await
+    .unwrap();
+    let auth = AuthConfig::new()
+        .jwt(Jwt::new().jwks(jwks).issuer(ISS).audience(AUD))
+        .build()
+        .unwrap();
+    let gw = gateway(auth.layer()).await;
+    let c = claims("mallory", "a");
+    // Distinct kids, none of them published.
+    let token = |i: usize| rsa.token(Some(&format!("junk-{i}")), &c);
+    let started = tokio::time::Instant::now();
+    let concurrent = (0..50).map(|i| {
+        let t = bearer(&token(i));
+        async move { get(gw, &[("authorization", &t)]).await }
+    });
+    for res in futures_util::future::join_all(concurrent).await {
+        assert_invalid("random kid, concurrent", res);
+    }
+    for i in 50..100 {
+        assert_invalid(
+            "random kid, sequential",
+            get(gw, &[("authorization", &bearer(&token(i)))]).await,
+        );
+    }
+    let fetched = server.fetches() - 1;
+    // One per started interval of `min` (the requests above are far quicker on any
+    // machine, but the bound holds whatever their pace).
+    let intervals = (started.elapsed().as_millis() / min.as_millis()) as usize + 1;
+    assert!(
+        (1..=intervals).contains(&fetched),
+        "{fetched} early fetches in {intervals} interval(s)"
+    );
+
+    // Once the interval has passed, the next unknown kid may fetch again — once.
+    tokio::time::sleep(min).await;
+    let before = server.fetches();
+    for i in 100..110 {
+        assert_invalid(
+            "random kid, next interval",
+            get(gw, &[("authorization", &bearer(&token(i)))]).await,
+        );
+    }
+    assert_eq!(server.fetches(), before + 1);
+}
+
+/// Early refresh off: an unknown kid waits for the periodic refresh, no fetch.
+#[tokio::test]
+async fn early_jwks_fetch_can_be_turned_off() {
+    let (old, new) = (Rsa::new(), Ec::new());
+    let server = JwksServer::start(json!({ "keys": [old.jwk("k1"), new.jwk("k2")] })).await;
+    server.set(json!({ "keys": [old.jwk("k1")] }), false);
+    let jwks = Jwks::load(
+        &server.url(),
+        JwksConfig::new()
+            .refresh(MAX_REFRESH)
+            .unknown_kid_refresh(None),
+    )
+    .await
+    .unwrap();
+    let auth = AuthConfig::new()
+        .jwt(Jwt::new().jwks(jwks).issuer(ISS).audience(AUD))
+        .build()
+        .unwrap();
+    let gw = gateway(auth.layer()).await;
+    server.set(json!({ "keys": [old.jwk("k1"), new.jwk("k2")] }), false);
+    let t = new.token(Some("k2"), &claims("erin", "a"));
+    assert_invalid(
+        "kid unknown, no early fetch",
+        get(gw, &[("authorization", &bearer(&t))]).await,
+    );
+    assert_eq!(server.fetches(), 1);
 }
 
 #[tokio::test]

@@ -3,10 +3,16 @@
 //!   the same `Forward` (request trace + access log, metrics with a Prometheus recorder
 //!   installed, bulkhead, circuit breaker, balancer) — the issue's bar is ≤ 1.15x — and
 //!   the breaker + balancer alone (what routing costs without this issue's layers);
+//! - `gateway_layer/*` (CPU time per request): each issue-14 layer alone over the same
+//!   `Forward`, to tell which one costs what;
+//! - with `GATEWAY_ALLOCS=1`, first the heap allocations per request of each case (a
+//!   counting global allocator; printed, not benched);
 //! - `bulkhead/*`: one call through `Bulkhead` vs `tower::limit::ConcurrencyLimit` around
 //!   an immediate service (the limit's own cost).
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,6 +29,62 @@ use tower_patterns::proxy::Forward;
 use tower_patterns::ratelimit::{LocalLimiter, Quota, RateLimitLayer, RouteKey};
 use tower_patterns::telemetry::MetricsLayer;
 use tower_patterns::trace::RequestTraceLayer;
+
+/// Counts allocations (for `GATEWAY_ALLOCS=1`); one relaxed add per allocation otherwise.
+struct Counting;
+
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+#[allow(unsafe_code)]
+// SAFETY: every call is passed on unchanged to `System`.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract is `System`'s.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Prints the allocations per request of `svc` (after a warm-up) when `GATEWAY_ALLOCS=1`.
+fn allocs<S, RB>(rt: &tokio::runtime::Runtime, name: &str, svc: S)
+where
+    S: Service<Request<Empty<Bytes>>, Response = Response<RB>> + Clone,
+    S::Error: std::fmt::Debug,
+    RB: http_body::Body,
+    RB::Error: std::fmt::Debug,
+{
+    if std::env::var("GATEWAY_ALLOCS").map_or(true, |v| v != "1") {
+        return;
+    }
+    const N: u64 = 2000;
+    let run = |n: u64| {
+        rt.block_on(async {
+            for _ in 0..n {
+                let mut svc = svc.clone();
+                let res = svc.ready().await.unwrap().call(request()).await.unwrap();
+                assert_eq!(res.status(), http::StatusCode::OK);
+                res.into_body().collect().await.unwrap();
+            }
+        })
+    };
+    run(200);
+    let before = ALLOCS.load(Ordering::Relaxed);
+    run(N);
+    let n = ALLOCS.load(Ordering::Relaxed) - before;
+    println!("allocs/request {name}: {:.2}", n as f64 / N as f64);
+}
 
 fn backend(rt: &tokio::runtime::Runtime) -> std::net::SocketAddr {
     rt.block_on(async {
@@ -126,21 +188,13 @@ fn gateway(c: &mut Criterion) {
             .service(balance)
     };
     // The whole gateway of issue 14: API key, rate limit, then the stack above.
-    let full = {
-        let auth = AuthConfig::new()
-            .api_keys(ApiKeys::new().key("bench", KEY, ["x"]).unwrap())
-            .build()
-            .unwrap();
-        let n = |n| std::num::NonZeroU32::new(n).unwrap();
-        let quota = Quota::per_second(n(1_000_000)).allow_burst(n(1_000_000));
-        ServiceBuilder::new()
-            .layer(RateLimitLayer::new(
-                RouteKey::new("x"),
-                LocalLimiter::new(quota),
-            ))
-            .layer(auth.layer().require_scopes(["x"]))
-            .service(stack.clone())
-    };
+    let full = ServiceBuilder::new()
+        .layer(RateLimitLayer::new(
+            RouteKey::new("x"),
+            LocalLimiter::new(quota()),
+        ))
+        .layer(auth_layer())
+        .service(stack.clone());
     // The routing part alone (breaker + balancer), to tell it from this issue's layers.
     let routing = {
         let _guard = rt.enter();
@@ -152,10 +206,60 @@ fn gateway(c: &mut Criterion) {
             .layer(CircuitBreakerLayer::new(CircuitBreakerConfig::new().name("y")).unwrap())
             .service(balance)
     };
+    allocs(&rt, "bare_forward", fwd.clone());
+    allocs(&rt, "breaker_balance", routing.clone());
+    allocs(&rt, "gateway_stack", stack.clone());
+    allocs(&rt, "gateway_stack_auth_ratelimit", full.clone());
     bench_cpu(&mut g, &rt, "breaker_balance", routing);
     bench_cpu(&mut g, &rt, "gateway_stack", stack);
     bench_cpu(&mut g, &rt, "gateway_stack_auth_ratelimit", full);
     g.finish();
+
+    // Each layer alone over `Forward`: which one costs what.
+    let mut g = c.benchmark_group("gateway_layer");
+    let trace = ServiceBuilder::new()
+        .layer(RequestTraceLayer::new("/x"))
+        .service(fwd.clone());
+    let metrics = ServiceBuilder::new()
+        .layer(MetricsLayer::new("/l"))
+        .service(fwd.clone());
+    let bulkhead = ServiceBuilder::new()
+        .layer(BulkheadLayer::new("l", 1024))
+        .service(fwd.clone());
+    let auth = ServiceBuilder::new()
+        .layer(auth_layer())
+        .service(fwd.clone());
+    let ratelimit = ServiceBuilder::new()
+        .layer(RateLimitLayer::new(
+            RouteKey::new("l"),
+            LocalLimiter::new(quota()),
+        ))
+        .service(fwd.clone());
+    allocs(&rt, "trace", trace.clone());
+    allocs(&rt, "metrics", metrics.clone());
+    allocs(&rt, "bulkhead", bulkhead.clone());
+    allocs(&rt, "auth", auth.clone());
+    allocs(&rt, "ratelimit", ratelimit.clone());
+    bench_cpu(&mut g, &rt, "bare_forward", fwd.clone());
+    bench_cpu(&mut g, &rt, "trace", trace);
+    bench_cpu(&mut g, &rt, "metrics", metrics);
+    bench_cpu(&mut g, &rt, "bulkhead", bulkhead);
+    bench_cpu(&mut g, &rt, "auth", auth);
+    bench_cpu(&mut g, &rt, "ratelimit", ratelimit);
+    g.finish();
+}
+
+fn auth_layer() -> tower_patterns::auth::AuthLayer {
+    let auth = AuthConfig::new()
+        .api_keys(ApiKeys::new().key("bench", KEY, ["x"]).unwrap())
+        .build()
+        .unwrap();
+    auth.layer().require_scopes(["x"])
+}
+
+fn quota() -> Quota {
+    let n = |n| std::num::NonZeroU32::new(n).unwrap();
+    Quota::per_second(n(1_000_000)).allow_burst(n(1_000_000))
 }
 
 fn bulkhead(c: &mut Criterion) {

@@ -3,7 +3,9 @@
 use std::fmt;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use hmac::{Hmac, Mac};
+use http::HeaderValue;
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
@@ -11,11 +13,36 @@ use super::error::AuthConfigError;
 
 type Digest = [u8; 32];
 
+/// What [`ApiKeys::find`] answers: name, scopes, identity header values.
+pub(crate) type Found = (Arc<str>, Arc<[String]>, Option<IdentityValues>);
+
 #[derive(Clone)]
 struct Entry {
     digest: Digest,
     name: Arc<str>,
     scopes: Arc<[String]>,
+    /// The identity header values of this key, made once: each request sends clones
+    /// (a reference count, no allocation). `None` when the name or a scope cannot be a
+    /// header value; such a key is refused per request as before.
+    values: Option<IdentityValues>,
+}
+
+/// The subject and space-separated scopes of an API key, as header values.
+#[derive(Clone, Debug)]
+pub(crate) struct IdentityValues {
+    pub(crate) subject: HeaderValue,
+    pub(crate) scopes: HeaderValue,
+}
+
+impl IdentityValues {
+    fn new(subject: &str, scopes: &[String]) -> Option<Self> {
+        // One shared allocation each (`from_owner`), so clones never copy.
+        let value = |s: String| HeaderValue::from_maybe_shared(Bytes::from_owner(s)).ok();
+        Some(IdentityValues {
+            subject: value(subject.to_owned())?,
+            scopes: value(scopes.join(" "))?,
+        })
+    }
 }
 
 /// The API keys a gateway accepts, each with the name it authenticates as (the
@@ -36,7 +63,9 @@ struct Entry {
 /// ```
 #[derive(Clone)]
 pub struct ApiKeys {
-    secret: Arc<Digest>,
+    /// HMAC-SHA256 keyed with the per-process random key: the key schedule (two
+    /// compression rounds) is done once here, each lookup clones it.
+    mac: Hmac<Sha256>,
     entries: Vec<Entry>,
 }
 
@@ -62,8 +91,11 @@ impl ApiKeys {
     /// An empty set, with a fresh random hashing key.
     pub fn new() -> Self {
         let secret: Digest = rand::random();
+        // HMAC accepts keys of any length: `new_from_slice` cannot fail for it.
+        let mac = <Hmac<Sha256> as Mac>::new_from_slice(&secret)
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
         ApiKeys {
-            secret: Arc::new(secret),
+            mac,
             entries: Vec::new(),
         }
     }
@@ -79,10 +111,12 @@ impl ApiKeys {
             return Err(AuthConfigError::ApiKey(name.to_owned()));
         }
         let digest = self.digest(key.as_bytes());
+        let scopes: Arc<[String]> = scopes.into_iter().map(Into::into).collect();
         self.entries.push(Entry {
             digest,
             name: name.into(),
-            scopes: scopes.into_iter().map(Into::into).collect(),
+            values: IdentityValues::new(name, &scopes),
+            scopes,
         });
         Ok(self)
     }
@@ -98,15 +132,14 @@ impl ApiKeys {
     }
 
     fn digest(&self, key: &[u8]) -> Digest {
-        // HMAC accepts keys of any length: `new_from_slice` cannot fail for it.
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.secret[..])
-            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        let mut mac = self.mac.clone();
         mac.update(key);
         mac.finalize().into_bytes().into()
     }
 
-    /// The name and scopes of `presented`, if it is one of the keys.
-    pub(crate) fn find(&self, presented: &[u8]) -> Option<(Arc<str>, Arc<[String]>)> {
+    /// The name, scopes and identity header values of `presented`, if it is one of the
+    /// keys.
+    pub(crate) fn find(&self, presented: &[u8]) -> Option<Found> {
         let digest = self.digest(presented);
         let mut found: Option<&Entry> = None;
         for e in &self.entries {
@@ -115,7 +148,7 @@ impl ApiKeys {
                 found = Some(e);
             }
         }
-        found.map(|e| (e.name.clone(), e.scopes.clone()))
+        found.map(|e| (e.name.clone(), e.scopes.clone(), e.values.clone()))
     }
 }
 
@@ -130,7 +163,16 @@ mod tests {
             .unwrap()
             .key("b", "secret-b", ["r", "w"])
             .unwrap();
-        assert_eq!(&*keys.find(b"secret-b").unwrap().0, "b");
+        let (name, _, values) = keys.find(b"secret-b").unwrap();
+        assert_eq!(&*name, "b");
+        let values = values.unwrap();
+        assert_eq!(
+            (values.subject.as_bytes(), values.scopes.as_bytes()),
+            (&b"b"[..], &b"r w"[..])
+        );
+        // A name that cannot be a header value: no cached values (refused per request).
+        let odd = ApiKeys::new().key("a\nb", "k", ["r"]).unwrap();
+        assert!(odd.find(b"k").unwrap().2.is_none());
         assert!(keys.find(b"secret-").is_none());
         assert!(keys.find(b"").is_none());
         assert!(ApiKeys::new().key("x", "has space", ["r"]).is_err());

@@ -9,7 +9,7 @@ use http::{header, HeaderMap, HeaderName, HeaderValue};
 use super::api_key::ApiKeys;
 use super::error::{AuthConfigError, AuthError};
 use super::identity::{AuthMethod, Identity, Requirements};
-use super::jwt::{scopes_of, Jwt, Verifier};
+use super::jwt::{scopes_of, Jwt, Verifier, VerifyError};
 use super::layer::AuthLayer;
 
 /// Default of [`AuthConfig::max_credential_len`]: 8 KiB, larger than any sane JWT.
@@ -229,7 +229,27 @@ impl Authenticator {
     }
 
     /// The identity of `headers`' credential: `Ok(None)` when there is none.
+    ///
+    /// Synchronous: a token with an unknown `kid` is refused here without the early JWKS
+    /// fetch that [`AuthLayer`] waits for.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Option<Identity>, AuthError> {
+        self.authenticate_or_refresh(headers, false)
+            .map_err(|e| match e {
+                VerifyError::Refused(e) => e,
+                VerifyError::UnknownKid { .. } => {
+                    AuthError::InvalidToken("no key for this kid and algorithm".into())
+                }
+            })
+    }
+
+    /// [`authenticate`](Self::authenticate), or with `early_refresh` the news that the
+    /// token's `kid` is unknown to the JWKS (the caller may wait for an early fetch and
+    /// try again without it).
+    pub(crate) fn authenticate_or_refresh(
+        &self,
+        headers: &HeaderMap,
+        early_refresh: bool,
+    ) -> Result<Option<Identity>, VerifyError> {
         let inner = &*self.inner;
         let Some(cred) = self.credential(headers)? else {
             return Ok(None);
@@ -237,30 +257,32 @@ impl Authenticator {
         match cred {
             Credential::ApiKey(key) => {
                 let Some(keys) = &inner.api_keys else {
-                    return Err(AuthError::Malformed("API keys are not accepted here"));
+                    return Err(AuthError::Malformed("API keys are not accepted here").into());
                 };
-                let (name, scopes) = keys.find(key).ok_or(AuthError::UnknownApiKey)?;
+                let (name, scopes, values) = keys.find(key).ok_or(AuthError::UnknownApiKey)?;
                 Ok(Some(Identity {
                     subject: name,
                     scopes,
                     method: AuthMethod::ApiKey,
                     claims: None,
+                    values,
                 }))
             }
             Credential::Bearer(token) => {
                 let verifier = inner.jwt.as_ref().ok_or(AuthError::JwtNotConfigured)?;
-                let claims = verifier.verify(token)?;
+                let claims = verifier.verify(token, early_refresh)?;
                 let subject = match claims.get("sub") {
                     Some(serde_json::Value::String(s)) if !s.is_empty() => {
                         Arc::<str>::from(s.as_str())
                     }
-                    _ => return Err(AuthError::InvalidToken("no string sub".into())),
+                    _ => return Err(AuthError::InvalidToken("no string sub".into()).into()),
                 };
                 Ok(Some(Identity {
                     subject,
                     scopes: scopes_of(&claims).into(),
                     method: AuthMethod::Jwt,
                     claims: Some(Arc::new(claims)),
+                    values: None,
                 }))
             }
         }
@@ -347,11 +369,20 @@ impl Authenticator {
         let inner = &*self.inner;
         let value =
             |s: &str| HeaderValue::from_str(s).map_err(|_| AuthError::UnforwardableIdentity);
+        // An API key's values were made (and checked) once; a token's are made here.
         if let Some(h) = &inner.subject_header {
-            headers.insert(h.clone(), value(id.subject())?);
+            let v = match &id.values {
+                Some(v) => v.subject.clone(),
+                None => value(id.subject())?,
+            };
+            headers.insert(h.clone(), v);
         }
         if let Some(h) = &inner.scopes_header {
-            headers.insert(h.clone(), value(&id.scopes().join(" "))?);
+            let v = match &id.values {
+                Some(v) => v.scopes.clone(),
+                None => value(&id.scopes().join(" "))?,
+            };
+            headers.insert(h.clone(), v);
         }
         if let Some(h) = &inner.method_header {
             headers.insert(h.clone(), HeaderValue::from_static(id.method().as_str()));

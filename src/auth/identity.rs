@@ -33,6 +33,8 @@ pub struct Identity {
     pub(crate) scopes: Arc<[String]>,
     pub(crate) method: AuthMethod,
     pub(crate) claims: Option<Arc<Claims>>,
+    /// An API key's identity header values, made once per key (none for a JWT).
+    pub(crate) values: Option<super::api_key::IdentityValues>,
 }
 
 impl Identity {

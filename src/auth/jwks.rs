@@ -21,6 +21,8 @@ pub const MIN_REFRESH: Duration = Duration::from_millis(100);
 pub const MAX_REFRESH: Duration = Duration::from_secs(24 * 3600);
 /// Longest fetch timeout accepted.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default of [`JwksConfig::unknown_kid_refresh`]: at most one early fetch per 30 s.
+pub const DEFAULT_UNKNOWN_KID_REFRESH: Duration = Duration::from_secs(30);
 
 /// How a [`Jwks`] is fetched.
 #[derive(Debug, Clone)]
@@ -28,6 +30,7 @@ pub struct JwksConfig {
     refresh: Duration,
     timeout: Duration,
     max_bytes: usize,
+    unknown_kid_refresh: Option<Duration>,
 }
 
 impl Default for JwksConfig {
@@ -36,13 +39,15 @@ impl Default for JwksConfig {
             refresh: Duration::from_secs(300),
             timeout: Duration::from_secs(5),
             max_bytes: 256 * 1024,
+            unknown_kid_refresh: Some(DEFAULT_UNKNOWN_KID_REFRESH),
         }
     }
 }
 
 impl JwksConfig {
     /// Refresh every 5 minutes, 5 s timeout per fetch (connect to last byte), documents
-    /// up to 256 KiB.
+    /// up to 256 KiB; a token with an unknown `kid` triggers at most one early fetch per
+    /// 30 s.
     pub fn new() -> Self {
         Self::default()
     }
@@ -59,6 +64,22 @@ impl JwksConfig {
     /// Largest document read (bigger ones fail the fetch; the last good keys stay).
     pub fn max_bytes(mut self, n: usize) -> Self {
         self.max_bytes = n;
+        self
+    }
+    /// Early refresh on an unknown `kid`.
+    ///
+    /// An issuer that rotates its keys signs with the new key at once, so a token whose
+    /// `kid` is not in the current set usually means "fetch again", not "forged". With
+    /// `Some(min)`, such a token makes the gateway fetch the document right away and the
+    /// request waits for that fetch (at most [`timeout`](Self::timeout) for its turn, then
+    /// the fetch's own timeout) before it is verified again; still unknown is `401`. The
+    /// fetch is single-flight (concurrent requests wait for the one fetch) and happens at
+    /// most once per `min` — whatever the outcome — so tokens with made-up `kid`s cannot
+    /// make the gateway hammer the endpoint: within the interval they are `401` at once.
+    /// `min` is clamped to [`MIN_REFRESH`]..=[`MAX_REFRESH`]; `None` turns it off (unknown
+    /// `kid`s wait for the periodic refresh). Default: [`DEFAULT_UNKNOWN_KID_REFRESH`].
+    pub fn unknown_kid_refresh(mut self, min: Option<Duration>) -> Self {
+        self.unknown_kid_refresh = min.map(|m| m.clamp(MIN_REFRESH, MAX_REFRESH));
         self
     }
 }
@@ -85,6 +106,8 @@ struct Shared {
     host: http::HeaderValue,
     config: JwksConfig,
     refresher: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
+    /// When the last early (unknown-`kid`) fetch started; the lock makes it single-flight.
+    early: tokio::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Drop for Shared {
@@ -145,6 +168,7 @@ impl Jwks {
             host,
             config,
             refresher: std::sync::Mutex::new(None),
+            early: tokio::sync::Mutex::new(None),
         });
         let jwks = Jwks { shared };
         jwks.refresh().await?;
@@ -195,6 +219,48 @@ impl Jwks {
                 });
                 Err(e)
             }
+        }
+    }
+}
+
+impl Jwks {
+    /// Whether a token with an unknown `kid` may wait for an early fetch.
+    pub(crate) fn refreshes_unknown_kids(&self) -> bool {
+        self.shared.config.unknown_kid_refresh.is_some()
+    }
+
+    /// The early fetch for a token whose `kid` was not in `seen` (the key set it was
+    /// checked against): single-flight and at most once per
+    /// [`JwksConfig::unknown_kid_refresh`]. Resolves when the keys may have changed — or
+    /// at once when another fetch already replaced `seen`, or the interval has not passed.
+    /// Owns what it needs: a request future can hold it across polls.
+    pub(crate) fn unknown_kid(
+        &self,
+        seen: Arc<Vec<JwtKey>>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let jwks = self.clone();
+        async move {
+            let s = &jwks.shared;
+            let Some(min) = s.config.unknown_kid_refresh else {
+                return;
+            };
+            // Waiting for the turn is bounded too: a slow fetch ahead of us must not hold
+            // requests longer than one fetch timeout.
+            let Ok(mut last) = tokio::time::timeout(s.config.timeout, s.early.lock()).await else {
+                return;
+            };
+            if !Arc::ptr_eq(&seen, &s.keys.load()) {
+                // Another fetch (early or periodic) loaded a new set while we waited.
+                return;
+            }
+            let now = tokio::time::Instant::now();
+            if last.is_some_and(|t| now.saturating_duration_since(t) < min) {
+                return;
+            }
+            *last = Some(now);
+            tracing::debug!(target: "tower_patterns::auth", url = %s.target, "unknown kid: early JWKS fetch");
+            // Bounded by the fetch timeout; failures are logged and counted inside.
+            let _ = jwks.refresh().await;
         }
     }
 }

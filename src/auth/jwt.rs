@@ -277,6 +277,21 @@ impl Jwt {
     }
 }
 
+/// Why [`Verifier::verify`] refused a token.
+pub(crate) enum VerifyError {
+    /// Refused for good.
+    Refused(AuthError),
+    /// The token names a `kid` that neither the static keys nor `seen`, the JWKS set it
+    /// was checked against, has: an early JWKS fetch may know it.
+    UnknownKid { jwks: Jwks, seen: Arc<Vec<JwtKey>> },
+}
+
+impl From<AuthError> for VerifyError {
+    fn from(e: AuthError) -> Self {
+        VerifyError::Refused(e)
+    }
+}
+
 /// A built [`Jwt`]: one prepared `Validation` per algorithm, so no allocation per request
 /// for it.
 pub(crate) struct Verifier {
@@ -286,12 +301,28 @@ pub(crate) struct Verifier {
 }
 
 impl Verifier {
-    /// Verifies `token` and returns its claims.
-    pub(crate) fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+    /// Verifies `token` and returns its claims. With `early_refresh`, a `kid` unknown to
+    /// a JWKS that refreshes on unknown kids is [`VerifyError::UnknownKid`] instead of a
+    /// refusal.
+    pub(crate) fn verify(&self, token: &str, early_refresh: bool) -> Result<Claims, VerifyError> {
         let invalid = |e: jsonwebtoken::errors::Error| AuthError::InvalidToken(e.to_string());
         // Fails for `alg: none` too: jsonwebtoken knows no such algorithm.
         let header = jsonwebtoken::decode_header(token).map_err(invalid)?;
         let from_jwks = self.jwks.as_ref().map(Jwks::keys);
+        if let (true, Some(jwks), Some(seen), Some(kid)) =
+            (early_refresh, &self.jwks, &from_jwks, &header.kid)
+        {
+            let known = |k: &JwtKey| k.kid.as_deref() == Some(kid.as_str());
+            if jwks.refreshes_unknown_kids()
+                && !self.keys.iter().any(known)
+                && !seen.iter().any(known)
+            {
+                return Err(VerifyError::UnknownKid {
+                    jwks: jwks.clone(),
+                    seen: seen.clone(),
+                });
+            }
+        }
         let candidates = self
             .keys
             .iter()
@@ -313,10 +344,10 @@ impl Verifier {
                 Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::InvalidSignature) => {
                     last = invalid(e)
                 }
-                Err(e) => return Err(invalid(e)),
+                Err(e) => return Err(invalid(e).into()),
             }
         }
-        Err(last)
+        Err(last.into())
     }
 }
 

@@ -34,7 +34,9 @@
 //! - **Algorithms** come from the key ([`JwtKey`]), never from the token: HS256, RS256,
 //!   ES256 (and the other algorithms jsonwebtoken verifies). Keys from PEM, a shared
 //!   secret, or a [`Jwks`] endpoint refreshed in the background (a failed refresh keeps
-//!   the last good keys; interval and timeout bounded).
+//!   the last good keys; interval and timeout bounded). A token whose `kid` is not in the
+//!   current set triggers one early, single-flight fetch that the request waits for
+//!   (at most once per 30 s by default: [`JwksConfig::unknown_kid_refresh`]).
 //! - **API keys** are kept only as HMAC digests under a per-process random key and compared
 //!   in constant time against all configured keys ([`ApiKeys`]).
 //! - Refusals are answers, not failures: the error type stays the inner service's, and the
@@ -47,6 +49,7 @@
 mod api_key;
 mod config;
 mod error;
+mod future;
 mod identity;
 mod jwks;
 mod jwt;
@@ -57,9 +60,13 @@ mod service;
 pub use api_key::ApiKeys;
 pub use config::{AuthConfig, Authenticator, DEFAULT_MAX_CREDENTIAL_LEN};
 pub use error::{AuthConfigError, AuthError, JwksError};
+pub use future::ResponseFuture;
 pub use identity::{AuthMethod, Identity};
 pub use jsonwebtoken::{Algorithm, DecodingKey};
-pub use jwks::{Jwks, JwksConfig, JwksStatus, MAX_REFRESH, MAX_TIMEOUT, MIN_REFRESH};
+pub use jwks::{
+    Jwks, JwksConfig, JwksStatus, DEFAULT_UNKNOWN_KID_REFRESH, MAX_REFRESH, MAX_TIMEOUT,
+    MIN_REFRESH,
+};
 pub use jwt::{Claims, Jwt, JwtKey, MAX_LEEWAY_SECS};
 pub use layer::AuthLayer;
-pub use service::{Auth, ResponseFuture};
+pub use service::Auth;

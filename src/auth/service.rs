@@ -8,11 +8,10 @@ use http_body_util::Full;
 use tower_service::Service;
 
 use super::error::AuthError;
+use super::future::{ResponseFuture, UnknownKidWait};
+use super::jwt::VerifyError;
 use super::layer::AuthLayer;
 use crate::respond::{status_response, AnswerFuture, ErrorResponseBody};
-
-/// Response future of [`Auth`]: the inner service's, or the `401`/`403`.
-pub type ResponseFuture<F> = AnswerFuture<F>;
 
 /// See [`AuthLayer`].
 #[derive(Debug, Clone)]
@@ -30,12 +29,50 @@ impl<S> Auth<S> {
     pub fn into_inner(self) -> S {
         self.inner
     }
+}
 
-    fn refuse(&self, err: AuthError) -> Response<Full<Bytes>> {
+/// What to do with a request once its credential was looked at.
+pub(crate) enum Step<B> {
+    /// Authenticated (identity headers and extension set): call the inner service.
+    Call(Request<B>),
+    /// Turned away with this answer.
+    Refuse(Response<Full<Bytes>>),
+    /// The token's `kid` is unknown: wait for the early JWKS fetch, then look again.
+    Wait(Request<B>, UnknownKidWait),
+}
+
+impl AuthLayer {
+    /// Authenticates and authorises `req`. With `early_refresh` false (the second look,
+    /// after an early JWKS fetch), an unknown `kid` is a refusal.
+    pub(crate) fn step<B>(&self, mut req: Request<B>, early_refresh: bool) -> Step<B> {
+        let auth = &self.auth;
+        // First, whatever happens next: a client must never smuggle an identity upstream.
+        auth.strip(req.headers_mut());
+        let identity = match auth.authenticate_or_refresh(req.headers(), early_refresh) {
+            Ok(Some(id)) => id,
+            Ok(None) if self.optional => return Step::Call(req),
+            Ok(None) => return Step::Refuse(self.refuse(AuthError::Missing)),
+            Err(VerifyError::Refused(e)) => return Step::Refuse(self.refuse(e)),
+            Err(VerifyError::UnknownKid { jwks, seen }) => {
+                return Step::Wait(req, Box::pin(jwks.unknown_kid(seen)))
+            }
+        };
+        if let Err(e) = auth.check(&identity, &self.require) {
+            return Step::Refuse(self.refuse(e));
+        }
+        if let Err(e) = auth.write_identity(&identity, req.headers_mut()) {
+            return Step::Refuse(self.refuse(e));
+        }
+        auth.hide(req.headers_mut());
+        req.extensions_mut().insert(identity);
+        Step::Call(req)
+    }
+
+    pub(crate) fn refuse(&self, err: AuthError) -> Response<Full<Bytes>> {
         tracing::debug!(target: "tower_patterns::auth", reason = %err, "request refused");
         let mut res = status_response(err.status());
         res.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, self.layer.auth.challenge(&err));
+            .insert(header::WWW_AUTHENTICATE, self.auth.challenge(&err));
         // Responses to a credential must not be cached by anyone in between.
         res.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -46,34 +83,27 @@ impl<S> Auth<S> {
 
 impl<S, B, RB> Service<Request<B>> for Auth<S>
 where
-    S: Service<Request<B>, Response = Response<RB>>,
+    S: Service<Request<B>, Response = Response<RB>> + Clone,
 {
     type Response = Response<ErrorResponseBody<RB>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future>;
+    type Future = ResponseFuture<S, B>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let auth = &self.layer.auth;
-        // First, whatever happens next: a client must never smuggle an identity upstream.
-        auth.strip(req.headers_mut());
-        let identity = match auth.authenticate(req.headers()) {
-            Ok(Some(id)) => id,
-            Ok(None) if self.layer.optional => return AnswerFuture::inner(self.inner.call(req)),
-            Ok(None) => return AnswerFuture::answered(self.refuse(AuthError::Missing)),
-            Err(e) => return AnswerFuture::answered(self.refuse(e)),
-        };
-        if let Err(e) = auth.check(&identity, &self.layer.require) {
-            return AnswerFuture::answered(self.refuse(e));
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        match self.layer.step(req, true) {
+            Step::Call(req) => ResponseFuture::ready(AnswerFuture::inner(self.inner.call(req))),
+            Step::Refuse(res) => ResponseFuture::ready(AnswerFuture::answered(res)),
+            Step::Wait(req, wait) => {
+                // The request leaves with the service `poll_ready` readied; this one gets
+                // a fresh clone (tower's usual hand-over for a call that runs later).
+                let fresh = self.inner.clone();
+                let ready = std::mem::replace(&mut self.inner, fresh);
+                ResponseFuture::waiting(wait, req, ready, self.layer.clone())
+            }
         }
-        if let Err(e) = auth.write_identity(&identity, req.headers_mut()) {
-            return AnswerFuture::answered(self.refuse(e));
-        }
-        auth.hide(req.headers_mut());
-        req.extensions_mut().insert(identity);
-        AnswerFuture::inner(self.inner.call(req))
     }
 }

@@ -36,8 +36,10 @@ pin_project! {
         Checking {
             #[pin]
             check: C,
-            svc: Option<S>,
-            req: Option<R>,
+            // Boxed: only an asynchronous limiter (Redis) parks the request, and inline
+            // the request and service would make every response future of the layer
+            // hundreds of bytes larger — copied on each move, on the common path too.
+            parked: Option<Box<(S, R)>>,
         },
         Ready {
             #[pin]
@@ -56,8 +58,7 @@ impl<S: Service<R>, R, C> ResponseFuture<S, R, C> {
         ResponseFuture {
             state: State::Checking {
                 check,
-                svc: Some(svc),
-                req: Some(req),
+                parked: Some(Box::new((svc, req))),
             },
         }
     }
@@ -74,16 +75,17 @@ where
         let mut state = self.project().state;
         loop {
             match state.as_mut().project() {
-                StateProj::Checking { check, svc, req } => {
+                StateProj::Checking { check, parked } => {
                     let decision = ready!(check.poll(cx));
-                    let next = match (decision, svc.take(), req.take()) {
-                        (Decision::Allow, Some(mut svc), Some(req)) => {
+                    let next = match (decision, parked.take()) {
+                        (Decision::Allow, Some(parked)) => {
+                            let (mut svc, req) = *parked;
                             AnswerFuture::inner(svc.call(req))
                         }
-                        (Decision::Allow, _, _) => {
+                        (Decision::Allow, None) => {
                             crate::error::polled_after_completion("ratelimit::ResponseFuture")
                         }
-                        (d, _, _) => AnswerFuture::answered(refusal(d)),
+                        (d, _) => AnswerFuture::answered(refusal(d)),
                     };
                     state.set(State::Ready { fut: next });
                 }

@@ -217,7 +217,11 @@ impl TraceContext {
             .unwrap_or_else(|| {
                 let mut b = [0u8; 32];
                 hex_into(&mut b, &TraceId::random().0);
-                HeaderValue::from_bytes(&b).unwrap_or(HeaderValue::from_static("0"))
+                // One allocation holding count and digits (`from_owner`): the clones for
+                // the upstream request, the access log and the answer share it (a copied
+                // `Vec` would allocate again on the first clone).
+                HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(b))
+                    .unwrap_or(HeaderValue::from_static("0"))
             });
         TraceContext {
             trace_id,
