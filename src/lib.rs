@@ -65,6 +65,8 @@ pub mod classify;
 pub mod client_addr;
 #[cfg(feature = "compose")]
 pub mod compose;
+#[cfg(any(feature = "auth", feature = "tls"))]
+mod der;
 pub mod discovery;
 pub mod error;
 pub mod gate;

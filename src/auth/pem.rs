@@ -5,6 +5,7 @@
 //! DER, a `PUBLIC KEY` is `SEQUENCE { SEQUENCE { OID, params }, BIT STRING key }`, and the
 //! key inside is what ring verifies with (PKCS#1 for RSA, the uncompressed point for EC).
 
+use crate::der::tlv;
 use base64::Engine;
 
 const RSA_ENCRYPTION: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
@@ -56,26 +57,6 @@ fn decode(text: &str) -> Result<(&str, Vec<u8>), &'static str> {
         .map_err(|_| "PEM body is not base64")?;
     Ok((label, der))
 }
-
-/// One DER TLV: tag, contents, what follows.
-fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
-        (len, &rest[n..])
-    };
-    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
-}
-
 /// The parts of a SubjectPublicKeyInfo: algorithm OID, curve OID if any, key bits.
 type Spki<'a> = (&'a [u8], Option<&'a [u8]>, &'a [u8]);
 

@@ -56,6 +56,7 @@ use rustls_pki_types::pem::PemObject;
 
 use super::server::server_config;
 use super::{ServerTls, ServerTlsError};
+use crate::der::tlv;
 
 /// Client certificates (mTLS) on the listener.
 impl ServerTls {
@@ -109,29 +110,6 @@ impl ServerTls {
         Ok(self)
     }
 }
-
-/// One DER element: (tag, contents, rest).
-fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
-        (len, &rest[n..])
-    };
-    if rest.len() < len {
-        return None;
-    }
-    Some((tag, &rest[..len], &rest[len..]))
-}
-
 const SEQUENCE: u8 = 0x30;
 const SET: u8 = 0x31;
 const OID: u8 = 0x06;
