@@ -14,13 +14,12 @@ use tower_service::Service;
 use super::call::Call;
 use super::error::BalanceError;
 use super::error::TryTimeout;
+use super::guard::{Deferred, InFlight, Permit};
 use super::pick::{Miss, Picked, Picker};
 use super::retry::{clone_request, CloneBody};
 use super::service::{Ep, MakeGate, Shared, Snap};
 use crate::classify::is_connect_error;
-use crate::classify::{
-    error_kind, Classifier, Classify, FailureKind, LateOutcomes, Outcome, StreamEnd,
-};
+use crate::classify::{error_kind, Classifier, Classify, FailureKind, LateOutcomes, Outcome};
 use crate::gate::Gate;
 use crate::BoxError;
 
@@ -33,77 +32,6 @@ fn gate_is_timed<K, M: MakeGate<K>>() -> bool {
     std::any::TypeId::of::<M::Gate>() != std::any::TypeId::of::<crate::gate::NoGate>()
 }
 
-/// Holds an endpoint while a request is in flight to it; the count drops with it, so a
-/// cancelled request is not counted forever. Also holds the endpoint's single trial after
-/// an ejection, if this request got it: dropped without an outcome (cancelled), the trial
-/// is handed back, or the endpoint would stay out of rotation for good.
-struct InFlight<K, S, M: MakeGate<K>> {
-    ep: Arc<Ep<K, S, M>>,
-    trial: bool,
-    /// Still counted in the endpoint's `in_flight`.
-    counted: bool,
-}
-
-impl<K, S, M: MakeGate<K>> InFlight<K, S, M> {
-    /// The response head arrived: no longer in flight. The guard keeps the endpoint (no
-    /// second reference-count round trip just to look at it while recording the outcome).
-    #[inline]
-    fn answered(&mut self) {
-        if std::mem::take(&mut self.counted) {
-            self.ep.in_flight.fetch_sub(1, Relaxed);
-        }
-    }
-}
-
-impl<K, S, M: MakeGate<K>> Drop for InFlight<K, S, M> {
-    fn drop(&mut self) {
-        self.answered();
-        if self.trial {
-            self.ep.release_trial();
-        }
-    }
-}
-
-/// An outcome waiting for the end of a gRPC response body. Dropped unfinished (the body
-/// was not read to its end), it records nothing and hands a trial back, as a cancelled
-/// request does.
-struct Deferred<K, S, M: MakeGate<K>, C: Classify> {
-    ep: Arc<Ep<K, S, M>>,
-    shared: Arc<Shared<K, S, M, C>>,
-    trial: bool,
-    permit: Option<Permit<K, M>>,
-    started: Option<Instant>,
-    classifier: Option<C::Classifier>,
-}
-
-impl<K: fmt::Debug, S, M: MakeGate<K>, C: Classify> Deferred<K, S, M, C> {
-    fn finish(mut self, end: StreamEnd<'_>) {
-        let Some(c) = self.classifier.take() else {
-            return;
-        };
-        let outcome = c.classify_end(end);
-        let trial = std::mem::take(&mut self.trial);
-        if self
-            .ep
-            .record(outcome, trial, &self.shared.health, &self.shared.clock)
-        {
-            self.shared.try_eject(&self.ep);
-        }
-        if let Some(p) = self.permit.take() {
-            let elapsed = self.started.map(|t| t.elapsed()).unwrap_or_default();
-            self.ep.gate.complete(p, outcome, elapsed);
-        }
-    }
-}
-
-impl<K, S, M: MakeGate<K>, C: Classify> Drop for Deferred<K, S, M, C> {
-    fn drop(&mut self) {
-        if self.trial {
-            self.ep.release_trial();
-        }
-    }
-}
-
 /// `now + d`, or a far future (about 30 years, as tokio's own) when that overflows: a
 /// configured duration never panics.
 pub(crate) fn deadline_after(now: Instant, d: Duration) -> Instant {
@@ -111,7 +39,6 @@ pub(crate) fn deadline_after(now: Instant, d: Duration) -> Instant {
         .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30))
 }
 
-type Permit<K, M> = <<M as MakeGate<K>>::Gate as Gate>::Permit;
 type Wait = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 struct Attempt<K, S, M: MakeGate<K>, C: Classify, B, R> {

@@ -80,6 +80,7 @@ mod driver;
 mod endpoint;
 mod error;
 mod future;
+mod guard;
 mod hash;
 mod pick;
 mod replay;
