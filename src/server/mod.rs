@@ -266,7 +266,15 @@ impl Server {
         B::Error: Into<BoxError>,
         F: Future<Output = ()>,
     {
-        serve_loop(self.config, listener, svc, Arc::new(acceptor), shutdown).await
+        serve_loop(
+            self.config,
+            listener,
+            svc,
+            Arc::new(acceptor),
+            shutdown,
+            None,
+        )
+        .await
     }
 
     /// Serves `svc` on a free port of 127.0.0.1 in a background task (see

@@ -39,31 +39,11 @@ const CLOSE: u8 = 2;
 const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
 /// The accept loop shared by [`Server`] and every [`Workers`] worker: the same limits,
-/// whatever runtime it runs on and whatever [`Accept`] turns a TCP stream into.
+/// whatever runtime it runs on and whatever [`Accept`] turns a TCP stream into. With
+/// `balance` (one of several [`Workers`](super::Workers) that even out their connections,
+/// [`Balance`]) the connection cap is the shared one, and connections come from this
+/// listener and from the other workers.
 pub(crate) async fn serve_loop<S, B, A, F>(
-    config: ServerConfig,
-    listener: TcpListener,
-    svc: S,
-    acceptor: Arc<A>,
-    shutdown: F,
-) -> std::io::Result<()>
-where
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-    A: Accept,
-    F: Future<Output = ()>,
-{
-    serve_loop_balanced(config, listener, svc, acceptor, shutdown, None).await
-}
-
-/// [`serve_loop`] for one of several [`Workers`](super::Workers) that even out their
-/// connections ([`Balance`]): its connection cap is the shared one, and connections come
-/// from its listener and from the other workers.
-pub(crate) async fn serve_loop_balanced<S, B, A, F>(
     config: ServerConfig,
     listener: TcpListener,
     svc: S,

@@ -38,7 +38,7 @@ use tower_service::Service;
 
 use super::balance::Balance;
 use super::listen::{reuseport_listener, steer_to_newest, Accept, PlainTcp};
-use super::serve::serve_loop_balanced;
+use super::serve::serve_loop;
 use super::{Server, ServerConfig};
 use crate::BoxError;
 
@@ -225,8 +225,7 @@ impl<A: Accept> Workers<A> {
                     rt.block_on(async move {
                         let listener = tokio::net::TcpListener::from_std(listener)?;
                         let svc = make_service(id);
-                        serve_loop_balanced(config, listener, svc, acceptor, shutdown, balance)
-                            .await
+                        serve_loop(config, listener, svc, acceptor, shutdown, balance).await
                     })
                     // Dropping the runtime ends what the drain timeout left running.
                 });
