@@ -1,5 +1,5 @@
 //! The gateway layers' cost, each next to its baseline in one run:
-//! - `gateway/*` (CPU time per request, see [`cpu_now`]): a request over loopback through bare `Forward` vs the gateway stack over
+//! - `gateway/*` (CPU time per request, see `cpuclock::thread_cpu`): a request over loopback through bare `Forward` vs the gateway stack over
 //!   the same `Forward` (request trace + access log, metrics with a Prometheus recorder
 //!   installed, bulkhead, circuit breaker, balancer) — the bar is ≤ 1.15x — and
 //!   the breaker + balancer alone (what routing costs without this layers);
@@ -18,8 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{Request, Response};
-use http_body_util::{BodyExt, Empty, Full};
-use hyper_util::rt::TokioIo;
+use http_body_util::{BodyExt, Empty};
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_patterns::auth::{ApiKeys, AuthConfig};
 use tower_patterns::balance::{Balance, PassiveHealth, Retry};
@@ -86,37 +85,6 @@ where
     println!("allocs/request {name}: {:.2}", n as f64 / N as f64);
 }
 
-fn backend(rt: &tokio::runtime::Runtime) -> std::net::SocketAddr {
-    rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            loop {
-                let (s, _) = listener.accept().await.unwrap();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(|_r| async {
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-                });
-            }
-        });
-        addr
-    })
-}
-
-/// CPU time of this thread (`CLOCK_THREAD_CPUTIME_ID`). Everything of a `gateway/*` bench
-/// — client, proxy stack, backend — runs on the current-thread runtime of this thread, so
-/// this is the CPU per request, which other processes on a shared machine do not inflate as
-/// they do wall time.
-fn cpu_now() -> Duration {
-    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
-        .expect("thread CPU clock");
-    Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32)
-}
-
 /// Benches `svc` by the CPU time its requests cost.
 fn bench_cpu<S, RB>(
     g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
@@ -133,7 +101,7 @@ fn bench_cpu<S, RB>(
         b.to_async(rt).iter_custom(|iters| {
             let svc = svc.clone();
             async move {
-                let start = cpu_now();
+                let start = cpuclock::thread_cpu();
                 for _ in 0..iters {
                     let mut svc = svc.clone();
                     let res = svc.ready().await.unwrap().call(request()).await.unwrap();
@@ -141,7 +109,7 @@ fn bench_cpu<S, RB>(
                     assert_eq!(res.status(), http::StatusCode::OK);
                     res.into_body().collect().await.unwrap();
                 }
-                cpu_now().saturating_sub(start)
+                cpuclock::thread_cpu().saturating_sub(start)
             }
         })
     });
@@ -170,7 +138,7 @@ fn gateway(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let url = format!("http://{}", backend(&rt));
+    let url = format!("http://{}", backend::backend(&rt));
     let fwd = Forward::<Empty<Bytes>>::new(&url).unwrap();
     let mut g = c.benchmark_group("gateway");
     bench_cpu(&mut g, &rt, "bare_forward", fwd.clone());
@@ -295,3 +263,12 @@ fn bulkhead(c: &mut Criterion) {
 
 criterion_group!(benches, gateway, bulkhead);
 criterion_main!(benches);
+
+#[path = "util/backend.rs"]
+mod backend;
+// Only the thread CPU clock is used here: everything of a `gateway/*` bench (client, stack,
+// backend) runs on this thread's current-thread runtime, so it is the CPU per request,
+// which other processes on a shared machine do not inflate as they do wall time.
+#[allow(dead_code)]
+#[path = "util/cpuclock.rs"]
+mod cpuclock;

@@ -20,33 +20,12 @@ use tower::{Service, ServiceExt};
 use tower_patterns::classify::{Classifier, Classify, Condition};
 use tower_patterns::proxy::{strip_hop_by_hop, Forward, ForwardBuilder, Protocol};
 
-fn backend(rt: &tokio::runtime::Runtime) -> std::net::SocketAddr {
-    rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            loop {
-                let (s, _) = listener.accept().await.unwrap();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(|_r| async {
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-                });
-            }
-        });
-        addr
-    })
-}
-
 fn forward(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let addr = backend(&rt);
+    let addr = backend::backend(&rt);
     let url = format!("http://{addr}");
     let mut g = c.benchmark_group("forward");
     let bare: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
@@ -181,6 +160,8 @@ fn classify(c: &mut Criterion) {
     });
 }
 
+#[path = "util/backend.rs"]
+mod backend;
 #[path = "util/cpuclock.rs"]
 mod cpuclock;
 

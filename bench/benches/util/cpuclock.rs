@@ -14,8 +14,9 @@ pub fn cpu_clock() -> bool {
     std::env::var("BENCH_CLOCK").is_ok_and(|v| v == "cpu")
 }
 
+/// This thread's CPU time so far (`CLOCK_THREAD_CPUTIME_ID`).
 #[allow(unsafe_code)]
-fn thread_cpu() -> Duration {
+pub fn thread_cpu() -> Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
