@@ -303,6 +303,11 @@ struct Mixed<B> {
 }
 
 impl<B> Mixed<B> {
+    /// `b` failing one call in `every` (never when 0).
+    fn new(b: B, every: u64) -> Self {
+        Mixed { b, i: 0, every }
+    }
+
     #[inline]
     fn next_fails(&mut self) -> bool {
         if self.every == 0 {
@@ -345,69 +350,71 @@ fn mixed_failsafe<C: failsafe::CircuitBreaker>(m: &mut Mixed<C>) {
 fn bench_mixed(c: &mut Criterion) {
     for (pct, every) in [(0u32, 0u64), (2, 50), (10, 10)] {
         for threads in [1u32, 2] {
-            let mut g =
-                c.benchmark_group(format!("circuit_breaker_mixed/count_{pct}pct_{threads}t"));
-            let ours = Mixed {
-                b: Circuit::new(ours_cfg()).unwrap(),
-                i: 0,
-                every,
-            };
-            let rc = Mixed {
-                b: Arc::new(recloser_cb()),
-                i: 0,
-                every,
-            };
-            if threads == 1 {
-                g.bench_function("tower-patterns", |bn| {
-                    let mut m = ours.clone();
-                    bn.iter_custom(|n| one_thread(n, &mut m, mixed_ours))
-                });
-                g.bench_function("recloser", |bn| {
-                    let mut m = rc.clone();
-                    bn.iter_custom(|n| one_thread(n, &mut m, mixed_recloser))
-                });
-            } else {
-                g.bench_function("tower-patterns", |bn| {
-                    bn.iter_custom(|n| two_threads(n, ours.clone(), mixed_ours))
-                });
-                g.bench_function("recloser", |bn| {
-                    bn.iter_custom(|n| two_threads(n, rc.clone(), mixed_recloser))
-                });
-            }
-            g.finish();
-
-            let mut g =
-                c.benchmark_group(format!("circuit_breaker_mixed/time_{pct}pct_{threads}t"));
-            let ours = Mixed {
-                b: Circuit::new(ours_cfg().window(Window::Time(Duration::from_secs(10)))).unwrap(),
-                i: 0,
-                every,
-            };
-            let fs = Mixed {
-                b: failsafe_cb(),
-                i: 0,
-                every,
-            };
-            if threads == 1 {
-                g.bench_function("tower-patterns", |bn| {
-                    let mut m = ours.clone();
-                    bn.iter_custom(|n| one_thread(n, &mut m, mixed_ours))
-                });
-                g.bench_function("failsafe", |bn| {
-                    let mut m = fs.clone();
-                    bn.iter_custom(|n| one_thread(n, &mut m, mixed_failsafe))
-                });
-            } else {
-                g.bench_function("tower-patterns", |bn| {
-                    bn.iter_custom(|n| two_threads(n, ours.clone(), mixed_ours))
-                });
-                g.bench_function("failsafe", |bn| {
-                    bn.iter_custom(|n| two_threads(n, fs.clone(), mixed_failsafe))
-                });
-            }
-            g.finish();
+            mixed_pair(
+                c,
+                &format!("circuit_breaker_mixed/count_{pct}pct_{threads}t"),
+                threads,
+                (
+                    Mixed::new(Circuit::new(ours_cfg()).unwrap(), every),
+                    mixed_ours,
+                ),
+                (
+                    "recloser",
+                    Mixed::new(Arc::new(recloser_cb()), every),
+                    mixed_recloser,
+                ),
+            );
+            mixed_pair(
+                c,
+                &format!("circuit_breaker_mixed/time_{pct}pct_{threads}t"),
+                threads,
+                (
+                    Mixed::new(
+                        Circuit::new(ours_cfg().window(Window::Time(Duration::from_secs(10))))
+                            .unwrap(),
+                        every,
+                    ),
+                    mixed_ours,
+                ),
+                ("failsafe", Mixed::new(failsafe_cb(), every), mixed_failsafe),
+            );
         }
     }
+}
+
+/// One group of [`bench_mixed`]: ours and one peer, each driven by its own operation, on
+/// one thread or on two threads sharing the breaker.
+fn mixed_pair<O, P, FO, FP>(
+    c: &mut Criterion,
+    group: &str,
+    threads: u32,
+    (ours, op_ours): (O, FO),
+    (peer_name, peer, op_peer): (&str, P, FP),
+) where
+    O: Clone + Send,
+    P: Clone + Send,
+    FO: Fn(&mut O) + Copy + Send,
+    FP: Fn(&mut P) + Copy + Send,
+{
+    let mut g = c.benchmark_group(group);
+    if threads == 1 {
+        g.bench_function("tower-patterns", |bn| {
+            let mut m = ours.clone();
+            bn.iter_custom(|n| one_thread(n, &mut m, op_ours))
+        });
+        g.bench_function(peer_name, |bn| {
+            let mut m = peer.clone();
+            bn.iter_custom(|n| one_thread(n, &mut m, op_peer))
+        });
+    } else {
+        g.bench_function("tower-patterns", |bn| {
+            bn.iter_custom(|n| two_threads(n, ours.clone(), op_ours))
+        });
+        g.bench_function(peer_name, |bn| {
+            bn.iter_custom(|n| two_threads(n, peer.clone(), op_peer))
+        });
+    }
+    g.finish();
 }
 
 criterion_group!(benches, bench, bench_mixed);
