@@ -118,26 +118,23 @@ async fn get(fwd: &mut Forward<Body>, req: Request<Body>) -> Result<String, Forw
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
+/// `n` GETs of `path` sent at once, each through its own clone of `fwd`; their results.
+async fn get_all(fwd: &Forward<Body>, n: usize, path: &str) -> Vec<Result<String, ForwardError>> {
+    let calls = (0..n).map(|_| {
+        let mut fwd = fwd.clone();
+        let req = Request::get(path).body(Body::default()).unwrap();
+        async move { get(&mut fwd, req).await }
+    });
+    futures_util::future::join_all(calls).await
+}
+
 #[tokio::test]
 async fn sixty_four_concurrent_requests_share_one_connection() {
     let srv = h2c_server(Arc::new(tokio::sync::Barrier::new(64))).await;
     let fwd: Forward<Body> = h2_forward(srv.addr);
-    let calls = (0..64).map(|_| {
-        let mut fwd = fwd.clone();
-        async move {
-            get(
-                &mut fwd,
-                Request::get("/barrier").body(Body::default()).unwrap(),
-            )
-            .await
-        }
-    });
-    let results = tokio::time::timeout(
-        Duration::from_secs(30),
-        futures_util::future::join_all(calls),
-    )
-    .await
-    .expect("all 64 answered");
+    let results = tokio::time::timeout(Duration::from_secs(30), get_all(&fwd, 64, "/barrier"))
+        .await
+        .expect("all 64 answered");
     for r in results {
         assert_eq!(r.unwrap(), "HTTP/2.0");
     }
@@ -379,11 +376,7 @@ async fn an_unreachable_h2_upstream_fails_every_waiting_request_alike() {
     let addr = listener.local_addr().unwrap();
     drop(listener);
     let fwd: Forward<Body> = h2_forward(addr);
-    let calls = (0..8).map(|_| {
-        let mut fwd = fwd.clone();
-        async move { get(&mut fwd, Request::get("/").body(Body::default()).unwrap()).await }
-    });
-    for r in futures_util::future::join_all(calls).await {
+    for r in get_all(&fwd, 8, "/").await {
         let e = r.unwrap_err();
         assert!(matches!(e, ForwardError::Connect { .. }), "{e:?}");
         assert!(is_connect_error(&e));
@@ -543,22 +536,9 @@ async fn requests_past_the_stream_limit_open_more_connections() {
     // for any to be answered `together`, which needs at least 4 connections.
     let srv = stream_limited_server(4, 16).await;
     let fwd: Forward<Body> = h2_forward(srv.addr);
-    let calls = (0..16).map(|_| {
-        let mut fwd = fwd.clone();
-        async move {
-            get(
-                &mut fwd,
-                Request::get("/together").body(Body::default()).unwrap(),
-            )
-            .await
-        }
-    });
-    let results = tokio::time::timeout(
-        Duration::from_secs(30),
-        futures_util::future::join_all(calls),
-    )
-    .await
-    .expect("all 16 answered");
+    let results = tokio::time::timeout(Duration::from_secs(30), get_all(&fwd, 16, "/together"))
+        .await
+        .expect("all 16 answered");
     for r in results {
         assert_eq!(r.unwrap(), "together");
     }
@@ -575,17 +555,7 @@ async fn our_own_stream_limit_applies_below_the_upstreams() {
         .http2_max_streams_per_connection(2)
         .build()
         .unwrap();
-    let calls = (0..6).map(|_| {
-        let mut fwd = fwd.clone();
-        async move {
-            get(
-                &mut fwd,
-                Request::get("/together").body(Body::default()).unwrap(),
-            )
-            .await
-        }
-    });
-    for r in futures_util::future::join_all(calls).await {
+    for r in get_all(&fwd, 6, "/together").await {
         assert_eq!(r.unwrap(), "together");
     }
     assert_eq!(srv.tcp.load(Ordering::SeqCst), 3);
