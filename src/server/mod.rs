@@ -35,6 +35,7 @@
 //! ```
 
 mod accept;
+mod anchor;
 mod balance;
 mod config;
 mod detect;

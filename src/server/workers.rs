@@ -36,6 +36,7 @@ use hyper::body::Incoming;
 use tokio::sync::watch;
 use tower_service::Service;
 
+use super::anchor;
 use super::balance::Balance;
 use super::listen::{reuseport_listener, steer_to_newest, Accept, PlainTcp};
 use super::serve::serve_loop;
@@ -225,6 +226,9 @@ impl<A: Accept> Workers<A> {
                     rt.block_on(async move {
                         let listener = tokio::net::TcpListener::from_std(listener)?;
                         let svc = make_service(id);
+                        // Keeps arming the requests' timers free of wake-up syscalls
+                        // (see `anchor`), for as long as the worker serves.
+                        let _anchor = anchor::spawn();
                         serve_loop(config, listener, svc, acceptor, shutdown, balance).await
                     })
                     // Dropping the runtime ends what the drain timeout left running.
