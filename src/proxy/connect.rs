@@ -18,6 +18,7 @@ use super::error::ForwardError;
 use super::h2wire::{Counted, Streams};
 use super::upstream::Upstream;
 use crate::classify::is_local_resource_error;
+use crate::server::SmallWrites;
 use crate::BoxError;
 
 /// The HTTP version `Forward` speaks to its upstreams.
@@ -284,7 +285,8 @@ impl Connector {
             streams.settled().await;
             return Ok(Conn::H2(tx, streams));
         }
-        let (mut tx, conn) = http1::handshake(TokioIo::new(stream))
+        // Small requests leave as one `send`, not a `writev` (see `server::SmallWrites`).
+        let (mut tx, conn) = http1::handshake(TokioIo::new(SmallWrites::new(stream)))
             .await
             .map_err(failed)?;
         tokio::spawn(async move {

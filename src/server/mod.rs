@@ -42,12 +42,15 @@ mod detect;
 mod lease;
 mod listen;
 mod serve;
+mod small_writes;
 mod workers;
 
 pub use config::ServerConfig;
 pub use lease::ConnectionLease;
 pub use listen::{Accept, PlainTcp, Protocol};
 pub use workers::{WorkerId, Workers, WorkersHandle};
+
+pub(crate) use small_writes::SmallWrites;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -25,6 +25,7 @@ use super::accept::AcceptBackoff;
 use super::balance::{next_handed, Balance};
 use super::detect::{sniff, Prefixed};
 use super::lease::ConnectionLease;
+use super::small_writes::SmallWrites;
 use super::{Accept, Protocol, ServerConfig};
 use crate::proxy::{BodyLimits, ClientAddr};
 use crate::BoxError;
@@ -295,7 +296,8 @@ impl<A: Accept> Conns<A> {
                         }
                     }
                 };
-                let io = TokioIo::new(Prefixed::new(prefix, io));
+                // Small responses leave as one `send` (see `small_writes`).
+                let io = TokioIo::new(SmallWrites::new(Prefixed::new(prefix, io)));
                 let svc = TowerToHyperService::new(svc);
                 let ended = if h2 {
                     let conn = http.h2.serve_connection(io, svc);
