@@ -61,8 +61,10 @@
 //! ```
 
 pub(crate) mod body;
+mod builder;
 mod connect;
 mod error;
+mod forwarded;
 mod future;
 mod h2;
 mod h2pool;
@@ -85,7 +87,8 @@ pub use crate::respond::{
     error_response, status_response, ErrorResponse, ErrorResponseBody, ErrorResponseFuture,
     ErrorResponseLayer,
 };
-pub use service::{Forward, ForwardBuilder};
+pub use builder::ForwardBuilder;
+pub use service::Forward;
 pub(crate) use upgrade::is_upgrade_request;
 pub use upgrade::Tunnel;
 pub use upstream::Upstream;
