@@ -38,6 +38,7 @@ mod accept;
 mod anchor;
 mod balance;
 mod config;
+mod conn;
 mod detect;
 mod lease;
 mod listen;
