@@ -54,7 +54,7 @@ use std::path::Path;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 
-use super::server::server_config;
+use super::certs::server_config;
 use super::{ServerTls, ServerTlsError};
 use crate::der::tlv;
 

@@ -14,6 +14,7 @@
 //!   certificates chosen by SNI, and client certificates (mTLS) whose verified subject
 //!   reaches the service as a [`ClientCertificate`] request extension.
 
+mod certs;
 mod client;
 mod client_cert;
 mod server;

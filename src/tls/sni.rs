@@ -94,7 +94,7 @@ pub(crate) enum SniSource {
 
 use std::path::Path;
 
-use super::server::{certified_key, load_files, lock, sni_name, stamp, Stamp};
+use super::certs::{certified_key, load_files, lock, sni_name, stamp, Stamp};
 use super::{ServerTls, ServerTlsError};
 
 /// Several certificates by SNI name (see the module docs).
