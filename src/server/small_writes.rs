@@ -21,6 +21,30 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// that zeroing and filling the stack buffer costs less than the `writev` path.
 pub(crate) const COALESCE_MAX: usize = 2048;
 
+/// The smaller of the two stack buffers.
+const SMALL: usize = 512;
+
+/// Writes `bufs` (at most `N` bytes in all) as one buffer. The bytes written are a prefix
+/// of the concatenation either way, so the count means the same to the caller as a
+/// vectored write's.
+fn write_joined<I: AsyncWrite, const N: usize>(
+    io: Pin<&mut I>,
+    cx: &mut Context<'_>,
+    bufs: &[IoSlice<'_>],
+) -> Poll<io::Result<usize>> {
+    let mut joined = [0u8; N];
+    let mut len = 0;
+    for b in bufs {
+        let Some(dst) = joined.get_mut(len..len + b.len()) else {
+            // Larger than the caller measured: cannot happen; send what fits.
+            break;
+        };
+        dst.copy_from_slice(b);
+        len += b.len();
+    }
+    io.poll_write(cx, &joined[..len])
+}
+
 /// An IO whose small vectored writes are one plain write (see the module docs).
 #[derive(Debug)]
 pub(crate) struct SmallWrites<I> {
@@ -64,18 +88,16 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for SmallWrites<I> {
             (Some(only), None) => Pin::new(&mut self.io).poll_write(cx, only),
             (Some(_), Some(_)) => {
                 let total = bufs.iter().fold(0usize, |n, b| n.saturating_add(b.len()));
-                if total > COALESCE_MAX {
-                    return Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+                let io = Pin::new(&mut self.io);
+                // Two sizes of stack buffer: zeroing it is the copy's fixed cost, and most
+                // heads with a short body fit the small one.
+                if total <= SMALL {
+                    write_joined::<_, SMALL>(io, cx, bufs)
+                } else if total <= COALESCE_MAX {
+                    write_joined::<_, COALESCE_MAX>(io, cx, bufs)
+                } else {
+                    io.poll_write_vectored(cx, bufs)
                 }
-                // The bytes written are a prefix of the concatenation either way, so the
-                // count means the same to the caller as a vectored write's.
-                let mut joined = [0u8; COALESCE_MAX];
-                let mut len = 0;
-                for b in bufs {
-                    joined[len..len + b.len()].copy_from_slice(b);
-                    len += b.len();
-                }
-                Pin::new(&mut self.io).poll_write(cx, &joined[..len])
             }
         }
     }
@@ -98,15 +120,17 @@ mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
 
-    /// Vectors of any shape arrive whole and in order: below the bound (joined), above it
-    /// (vectored), a single slice and empty slices.
+    /// Vectors of any shape arrive whole and in order: in either stack buffer (joined),
+    /// above the bound (vectored), a single slice and empty slices.
     #[tokio::test]
     async fn every_shape_of_vector_arrives_whole_and_in_order() {
+        let mid = vec![5u8; SMALL + 1];
         let big = vec![7u8; COALESCE_MAX];
         let cases: Vec<Vec<&[u8]>> = vec![
             vec![b"head\r\n\r\n", b"body"],
             vec![b"", b"only", b""],
             vec![b"a", b"", b"b", b"c"],
+            vec![b"x", &mid],
             vec![b"x", &big],
             vec![&big],
             vec![],
