@@ -103,14 +103,15 @@ impl ForwardBuilder {
 
     /// Time the client may send no request-body data
     /// ([`ForwardError::ClientBodyTimeout`], 408; default 30 s). Applies when the request
-    /// carries no [`BodyLimits`] extension; [`crate::server`] inserts one from its
-    /// configuration.
+    /// carries no [`BodyLimits`](super::BodyLimits) extension; [`crate::server`] inserts
+    /// one from its configuration.
     pub fn client_body_timeout(mut self, t: Duration) -> Self {
         self.opts.client_body_timeout = Some(t);
         self
     }
 
-    /// No client-body timeout (unless the request carries [`BodyLimits`]).
+    /// No client-body timeout (unless the request carries a
+    /// [`BodyLimits`](super::BodyLimits)).
     pub fn without_client_body_timeout(mut self) -> Self {
         self.opts.client_body_timeout = None;
         self
