@@ -254,16 +254,39 @@ fn serve_per_core(args: &Args, workers: usize) -> Result<(), BoxError> {
     }
 }
 
+/// A proxy stack as the servers take it (`server::serve`, `Workers::spawn`): one clone per
+/// connection, moved to the connection's task.
+trait Stack<B>:
+    tower::Service<
+        Request<Incoming>,
+        Response = Response<B>,
+        Future: Send + 'static,
+        Error: Into<BoxError>,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S, B> Stack<B> for S
+where
+    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+}
+
+/// The body of a [`Stack`]'s answers.
+trait Reply: http_body::Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
+
+impl<B: http_body::Body<Data: Send, Error: Into<BoxError>> + Send + 'static> Reply for B {}
+
 /// Starts the workers with `make` building each one's stack, then serves until stopped.
 fn spawn_workers<F, S, B>(args: &Args, workers: usize, make: F) -> Result<(), BoxError>
 where
     F: Fn(tower_patterns::server::WorkerId) -> S + Send + Sync + 'static,
-    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: Stack<B>,
+    B: Reply,
 {
     let mut builder = Workers::new(workers).balance_connections(args.balance);
     if let Some(previous) = args.take_over {
@@ -302,12 +325,8 @@ async fn serve_until_killed<S, B>(
     svc: S,
 ) -> Result<(), BoxError>
 where
-    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: Stack<B>,
+    B: Reply,
 {
     match tls {
         None => tower_patterns::server::serve(listener, svc).await?,

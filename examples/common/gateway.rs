@@ -168,3 +168,144 @@ where
         future::Either::Left(self.inner.call(req).map_ok(left))
     }
 }
+
+/// `cargo test --release --features metrics,auth,rate-limit --example reverse_proxy`: the
+/// stack over a real `Forward` to a loopback backend, served on a loopback port.
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use http::StatusCode;
+    use http_body_util::{BodyExt, Empty};
+    use tower_patterns::proxy::Forward;
+
+    use super::*;
+
+    const KEY: &str = "test-key-0123456789";
+
+    /// A backend answering the request headers it got, one `name: value` line each.
+    async fn echo_backend() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let echo = tower::service_fn(|req: Request<Incoming>| async move {
+            let mut text = String::new();
+            for (name, value) in req.headers() {
+                text += &format!("{name}: {}\n", String::from_utf8_lossy(value.as_bytes()));
+            }
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
+        });
+        tokio::spawn(tower_patterns::server::serve(listener, echo));
+        addr
+    }
+
+    /// `GET path` with `headers`: status, `retry-after`, body.
+    async fn get(
+        gw: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Option<String>, String) {
+        let client = tower_patterns::balance::client::http_client::<Empty<Bytes>>();
+        let mut req = Request::get(format!("http://{gw}{path}"));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let call = client.request(req.body(Empty::new()).unwrap());
+        let res = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("an answer within 10 s")
+            .unwrap();
+        let status = res.status();
+        let retry_after = res
+            .headers()
+            .get(http::header::RETRY_AFTER)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            retry_after,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    }
+
+    /// The series value of `name` in the Prometheus text.
+    fn series(text: &str, name: &str) -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    // One test: the Prometheus recorder is global, installed once per process.
+    #[tokio::test]
+    async fn key_trace_metrics_and_rate_limit_over_loopback() {
+        let backend = echo_backend().await;
+        let gw = Gateway::new(&crate::GatewayConfig {
+            api_key: KEY.into(),
+            generated_key: false,
+            // A burst of 3: the three checks below pass, the next requests find it empty.
+            rate_limit: 3,
+            bulkhead: 16,
+        })
+        .unwrap();
+        let forward = Forward::<Incoming>::new(&format!("http://{backend}")).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(tower_patterns::server::serve(listener, gw.wrap(forward)));
+
+        let (status, _, _) = get(addr, "/a", &[]).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "no key");
+
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let (status, _, seen) = get(
+            addr,
+            "/a",
+            &[
+                ("x-api-key", KEY),
+                ("traceparent", parent),
+                ("x-request-id", "req-1"),
+                ("x-auth-subject", "spoofed"),
+            ],
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let lines: Vec<&str> = seen.lines().collect();
+        // The caller's trace continues in a child span; the request id is kept.
+        assert!(
+            lines.iter().any(|l| l
+                .starts_with("traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-")
+                && *l != format!("traceparent: {parent}")),
+            "{seen}"
+        );
+        assert!(lines.contains(&"x-request-id: req-1"), "{seen}");
+        // The verified identity, not the client's copy; the key stays at the gateway.
+        assert!(lines.contains(&"x-auth-subject: client"), "{seen}");
+        assert!(!seen.contains("spoofed"), "{seen}");
+        assert!(!seen.contains(KEY), "{seen}");
+
+        let (status, _, text) = get(addr, "/metrics", &[("x-api-key", KEY)]).await;
+        assert_eq!(status, StatusCode::OK);
+        // One proxied request; the scrape and the refusal are not counted.
+        assert_eq!(
+            series(&text, "tower_patterns_requests_total{route=\"proxy\"}"),
+            Some(1.0),
+            "{text}"
+        );
+
+        // Three requests used the burst of 3 (one per 333 ms comes back): within a few
+        // more, one is refused with a whole number of seconds to wait.
+        let mut refused = None;
+        for _ in 0..30 {
+            let (status, retry_after, _) = get(addr, "/a", &[("x-api-key", KEY)]).await;
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                refused = retry_after;
+                break;
+            }
+            assert_eq!(status, StatusCode::OK);
+        }
+        let retry_after = refused.expect("a 429 once the burst is spent");
+        assert!(
+            retry_after.parse::<u64>().is_ok_and(|s| s >= 1),
+            "{retry_after}"
+        );
+    }
+}
