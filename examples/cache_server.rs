@@ -22,6 +22,12 @@ use tower_patterns::respond::ErrorResponseLayer;
 use tower_patterns::server::Workers;
 use tower_patterns::BoxError;
 
+#[path = "common/flags.rs"]
+mod flags;
+#[path = "common/workers.rs"]
+mod workers;
+use flags::Flags;
+
 struct Args {
     listen: SocketAddr,
     origin: String,
@@ -40,15 +46,14 @@ fn parse() -> Result<Args, BoxError> {
         disk: None,
         coalescing: true,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut val = || it.next().ok_or_else(|| format!("{a} needs a value"));
+    let mut flags = Flags::from_env();
+    while let Some(a) = flags.next_flag() {
         match a.as_str() {
-            "--listen" => args.listen = val()?.parse()?,
-            "--origin" => args.origin = val()?,
-            "--workers" => args.workers = val()?.parse()?,
-            "--memory" => args.memory = val()?.parse()?,
-            "--disk" => args.disk = Some(val()?),
+            "--listen" => args.listen = flags.parse(&a)?,
+            "--origin" => args.origin = flags.value(&a)?,
+            "--workers" => args.workers = flags.parse(&a)?,
+            "--memory" => args.memory = flags.parse(&a)?,
+            "--disk" => args.disk = Some(flags.value(&a)?),
             "--no-coalescing" => args.coalescing = false,
             other => return Err(format!("unknown argument {other}").into()),
         }
@@ -101,26 +106,7 @@ fn main() -> Result<(), BoxError> {
         args.origin,
         args.workers
     );
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?
-        .block_on(stop_signal())?;
-    handle.shutdown();
-    handle.join()?;
+    workers::serve_until_stopped(handle)?;
     println!("{:?}", cache.stats().snapshot());
     Ok(())
-}
-
-async fn stop_signal() -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r,
-            _ = term.recv() => Ok(()),
-        }
-    }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c().await
 }

@@ -37,61 +37,12 @@ HERD=${HERD:-200}
 WRK_THREADS=${WRK_THREADS:-1}
 RESULTS=${RESULTS:-/dev/null}
 
-need() {
-    command -v "$1" >/dev/null 2>&1 || { echo "missing $1 (Debian: apt-get install -y $2)" >&2; exit 1; }
-}
+. scripts/lib/bench.sh
+
 need nginx nginx-light
 need wrk wrk
 need python3 python3
 need curl curl
-
-ulimit -n 65536 2>/dev/null || true
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-log() { echo "$*" | tee -a "$RESULTS"; }
-
-wait_port() {
-    for _ in $(seq 1 200); do
-        if (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "nothing listening on $1" >&2
-    exit 1
-}
-
-nginx_start() { # name workers http-body
-    mkdir -p "$work/$1"
-    cat > "$work/$1/nginx.conf" <<CONF
-worker_processes $2;
-daemon off;
-error_log $work/$1/error.log warn;
-pid $work/$1/nginx.pid;
-events { worker_connections 16384; }
-http {
-    access_log off;
-    client_body_temp_path $work/$1/body;
-    proxy_temp_path $work/$1/proxy;
-    fastcgi_temp_path $work/$1/fastcgi;
-    uwsgi_temp_path $work/$1/uwsgi;
-    scgi_temp_path $work/$1/scgi;
-    keepalive_requests 1000000;
-    $3
-}
-CONF
-    nginx -c "$work/$1/nginx.conf" -e "$work/$1/error.log" &
-    pids+=($!)
-    last_pid=$!
-}
 
 # The origin: static files with a lifetime, every request logged.
 mkdir -p "$work/www"
@@ -139,17 +90,11 @@ done
 bench() { # name obj
     local name=$1 obj=$2 url="http://127.0.0.1:${port[$1]}/$2"
     wrk -t"$WRK_THREADS" -c"$CONNS" -d1s "$url" >/dev/null 2>&1 # warm the connections
-    local out rps err
-    out=$(wrk -t"$WRK_THREADS" -c"$CONNS" -d"$DURATION" "$url" 2>&1)
-    rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
-    err=$(grep -E "Non-2xx|Socket errors" <<<"$out" | tr '\n' ' ' || true)
-    rps_all[$name,$obj]+="$rps "
-    [ -n "$err" ] && err_all[$name,$obj]+="$err"
-    printf '  %-6s /%-6s %10s req/s  %s\n' "$name" "$obj" "$rps" "$err" >&2
+    wrk_parse "$(wrk -t"$WRK_THREADS" -c"$CONNS" -d"$DURATION" "$url" 2>&1)"
+    rps_all[$name,$obj]+="$wrk_rps "
+    [ -n "$wrk_err" ] && err_all[$name,$obj]+="$wrk_err"
+    printf '  %-6s /%-6s %10s req/s  %s\n' "$name" "$obj" "$wrk_rps" "$wrk_err" >&2
 }
-
-stats() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{ v[NR] = $1 } END {
-    m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; print m, v[1], v[NR] }'; }
 
 NAMES=(ours nginx)
 log "bench-cache: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $ROUNDS rounds x $DURATION, $CONNS conns, $WORKERS workers each"

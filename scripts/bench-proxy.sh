@@ -6,6 +6,7 @@
 #   WORKER_SET="1" ROUNDS=5 DURATION=10s scripts/bench-proxy.sh
 #   RESULTS=bench.txt scripts/bench-proxy.sh      # also write the report to a file
 #   TLS=1 scripts/bench-proxy.sh                  # HTTPS termination (issue 13), see below
+#   GATEWAY=1 scripts/bench-proxy.sh              # the API gateway stack (issue 14), see below
 #
 # Fairness (issue 12):
 # - Same work: nginx and HAProxy add the X-Forwarded-For/-Proto/-Host headers our
@@ -26,6 +27,15 @@
 # HAProxy `bind ... ssl crt`, all with the same P-256 certificate made here by the openssl
 # CLI, ALPN h2/http1.1 offered, X-Forwarded-Proto https. wrk speaks HTTP/1.1 over TLS with
 # keep-alive, so the figures are mostly record encryption, not handshakes.
+# GATEWAY=1: what the API gateway stack of issue 14 costs a real gateway process, single
+# upstream only. Ours bare (`reverse_proxy --direct`: Forward alone), ours
+# `--direct --gateway` (rate limit, API key, request trace, Prometheus metrics, bulkhead,
+# breaker over the same Forward) and ours `--gateway` over the balancer with that one
+# backend (the whole stack of issue 14's bar), from one binary built with the gateway's
+# features; nginx and HAProxy forwarding as the usual reference. wrk sends the API key to
+# every proxy (the others forward it as one more header). Besides the table: the gateway's
+# CPU per request over the bare one's (issue 14's bar: <= 1.15x), and its own count of
+# proxied requests from /metrics.
 # OURS_EXTRA: extra arguments for ours-fwd, e.g. OURS_EXTRA=--no-balance to compare with
 # the kernel's spreading of connections over the workers.
 #
@@ -44,84 +54,22 @@ WRK_THREADS=${WRK_THREADS:-1}
 BE_WORKERS=${BE_WORKERS:-1}
 RESULTS=${RESULTS:-/dev/null}
 TLS=${TLS:-0}
+GATEWAY=${GATEWAY:-0}
+# The gateway's key, sent by wrk; any visible-ASCII string.
+API_KEY=${API_KEY:-bench-key-0123456789abcdef0123456789abcdef}
 
-need() {
-    command -v "$1" >/dev/null 2>&1 || { echo "missing $1 (Debian: apt-get install -y $2)" >&2; exit 1; }
-}
+. scripts/lib/bench.sh
+
 need nginx nginx-light
 need haproxy haproxy
 need wrk wrk
 need python3 python3
 [ "$TLS" = 1 ] && need openssl openssl
-
-ulimit -n 65536 2>/dev/null || true
-
-pin() { # cores-or-empty cmd... (foreground)
-    local cores=$1; shift
-    if [ -n "$cores" ]; then taskset -c "$cores" "$@"; else "$@"; fi
-}
-# In the background (`spawn_pinned ... &`): `exec` so that `$!` is the program itself
-# (killed on exit, its CPU counted), not a subshell around it.
-spawn_pinned() {
-    local cores=$1; shift
-    if [ -n "$cores" ]; then exec taskset -c "$cores" "$@"; else exec "$@"; fi
-}
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-log() { echo "$*" | tee -a "$RESULTS"; }
-
-wait_port() {
-    for _ in $(seq 1 200); do
-        if (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "nothing listening on $1" >&2
+if [ "$TLS" = 1 ] && [ "$GATEWAY" = 1 ]; then
+    echo "TLS=1 and GATEWAY=1 are separate runs" >&2
     exit 1
-}
-
-# CPU ticks (utime+stime) of a process and its children (nginx workers); threads are
-# included in a process's own figures.
-ticks() {
-    local t=0 p
-    for p in $1 $(pgrep -P "$1" 2>/dev/null || true); do
-        [ -r "/proc/$p/stat" ] && t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat")))
-    done
-    echo "$t"
-}
-
-nginx_start() { # name workers http-body
-    mkdir -p "$work/$1"
-    cat > "$work/$1/nginx.conf" <<CONF
-worker_processes $2;
-daemon off;
-error_log $work/$1/error.log warn;
-pid $work/$1/nginx.pid;
-events { worker_connections 16384; }
-http {
-    access_log off;
-    client_body_temp_path $work/$1/body;
-    proxy_temp_path $work/$1/proxy;
-    fastcgi_temp_path $work/$1/fastcgi;
-    uwsgi_temp_path $work/$1/uwsgi;
-    scgi_temp_path $work/$1/scgi;
-    keepalive_requests 1000000;
-    $3
-}
-CONF
-    spawn_pinned "${4:-}" nginx -c "$work/$1/nginx.conf" -e "$work/$1/error.log" &
-    pids+=($!)
-    last_pid=$!
-}
+fi
+[ "$GATEWAY" = 1 ] && need curl curl
 
 # The headers our Forward sets, the same way: X-Forwarded-For appended, -Proto and -Host
 # set (Host as sent, port included), Host kept, hop-by-hop Connection removed (keep-alive
@@ -171,6 +119,9 @@ wait_port "$B1"; wait_port "$B2"
 echo "building the release example..." >&2
 if [ "$TLS" = 1 ]; then
     cargo build --release -q --features tls --example reverse_proxy
+elif [ "$GATEWAY" = 1 ]; then
+    # One binary for the bare and the gateway runs: the same code but for the stack.
+    cargo build --release -q --features metrics,auth,rate-limit --example reverse_proxy
 else
     cargo build --release -q --example reverse_proxy
 fi
@@ -204,6 +155,28 @@ start_proxies() { # workers
     port[haproxy-fwd]=$(free_port)
     haproxy_start "hap-fwd-$w" "$w" "${port[haproxy-fwd]}" "127.0.0.1:$B1"
     pid[haproxy-fwd]=$last_pid
+    if [ "$GATEWAY" = 1 ]; then
+        port[ours-gw]=$(free_port)
+        spawn_pinned "${PX_CORES:-}" $OURS --serve --direct --gateway --api-key "$API_KEY" --workers "$w" \
+            --listen "127.0.0.1:${port[ours-gw]}" --backends "http://127.0.0.1:$B1" ${OURS_EXTRA:-} >/dev/null 2>&1 &
+        pids+=($!); pid[ours-gw]=$!
+        port[ours-gw-bal]=$(free_port)
+        spawn_pinned "${PX_CORES:-}" $OURS --serve --gateway --api-key "$API_KEY" --workers "$w" \
+            --listen "127.0.0.1:${port[ours-gw-bal]}" --backends "http://127.0.0.1:$B1" ${OURS_EXTRA:-} >/dev/null 2>&1 &
+        pids+=($!); pid[ours-gw-bal]=$!
+        for n in "${!port[@]}"; do wait_port "${port[$n]}"; done
+        # Measure the proxied path, not a refusal: 200 with the key, 401 without.
+        for n in ours-gw ours-gw-bal; do
+            local with without
+            with=$(curl -s -o /dev/null -w '%{http_code}' -H "x-api-key: $API_KEY" "http://127.0.0.1:${port[$n]}/")
+            without=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:${port[$n]}/")
+            if [ "$with" != 200 ] || [ "$without" != 401 ]; then
+                echo "$n: $with with the key, $without without (expected 200 and 401)" >&2
+                exit 1
+            fi
+        done
+        return
+    fi
     if [ "$TLS" = 1 ]; then
         for n in "${!port[@]}"; do wait_port "${port[$n]}"; done
         return
@@ -223,41 +196,65 @@ start_proxies() { # workers
 }
 
 stop_proxies() {
+    if [ "$GATEWAY" = 1 ]; then
+        # The gateway's own count: every measured request went through its stack.
+        for n in ours-gw ours-gw-bal; do
+            log "  $n /metrics: $(curl -s -H "x-api-key: $API_KEY" "http://127.0.0.1:${port[$n]}/metrics" |
+                awk '/^tower_patterns_requests_total/ { r = $2 } /^tower_patterns_request_failures_total/ { f += $2 }
+                    END { printf "%s proxied requests, %d failures", r, f }')"
+        done
+    fi
     for n in "${!pid[@]}"; do kill "${pid[$n]}" 2>/dev/null || true; done
     sleep 1
 }
 
-to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) { sub(/us/,"",v); print v/1000 } else if (v ~ /ms$/) { sub(/ms/,"",v); print v } else { sub(/s/,"",v); print v*1000 } }'; }
+# Every proxy gets the gateway's key header in GATEWAY mode (the others forward it).
+WRK_HDR=()
+[ "$GATEWAY" = 1 ] && WRK_HDR=(-H "x-api-key: $API_KEY")
 
 bench() { # name workers conns
     local name=$1 w=$2 conns=$3 url="$SCHEME://127.0.0.1:${port[$1]}/"
-    pin "${WRK_CORES:-}" wrk -t"$WRK_THREADS" -c"$conns" -d1s "$url" >/dev/null 2>&1 # warm the pools
-    local t0 t1 out
+    pin "${WRK_CORES:-}" wrk -t"$WRK_THREADS" -c"$conns" -d1s "${WRK_HDR[@]}" "$url" >/dev/null 2>&1 # warm the pools
+    local t0 t1 out cpu
     t0=$(ticks "${pid[$name]}")
-    out=$(pin "${WRK_CORES:-}" wrk -t"$WRK_THREADS" -c"$conns" -d"$DURATION" --latency "$url" 2>&1)
+    out=$(pin "${WRK_CORES:-}" wrk -t"$WRK_THREADS" -c"$conns" -d"$DURATION" --latency "${WRK_HDR[@]}" "$url" 2>&1)
     t1=$(ticks "${pid[$name]}")
-    local rps p99 total err cpu
-    rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
-    p99=$(to_ms "$(awk '$1=="99%" {print $2}' <<<"$out")")
-    total=$(awk '/requests in/ {print $1}' <<<"$out")
-    err=$(grep -E "Non-2xx|Socket errors" <<<"$out" | tr '\n' ' ' || true)
-    cpu=$(awk -v d=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v n="$total" \
+    wrk_parse "$out"
+    cpu=$(awk -v d=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v n="$wrk_total" \
         'BEGIN { if (n > 0) printf "%.2f", d / hz / n * 100000; else print "nan" }')
-    rps_all[$name,$w]+="$rps "
-    p99_all[$name,$w]+="$p99 "
+    rps_all[$name,$w]+="$wrk_rps "
+    p99_all[$name,$w]+="$wrk_p99 "
     cpu_all[$name,$w]+="$cpu "
-    [ -n "$err" ] && err_all[$name,$w]+="$err"
-    printf '  %-12s %10s req/s  p99 %7s ms  cpu-s/100k %5s  %s\n' "$name" "$rps" "$p99" "$cpu" "$err" >&2
+    [ -n "$wrk_err" ] && err_all[$name,$w]+="$wrk_err"
+    printf '  %-12s %10s req/s  p99 %7s ms  cpu-s/100k %5s  %s\n' "$name" "$wrk_rps" "$wrk_p99" "$cpu" "$wrk_err" >&2
 }
 
-# "median min max" of a list of numbers.
-stats() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{ v[NR] = $1 } END {
-    m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; print m, v[1], v[NR] }'; }
+# One line of ratios of medians, a / b, for workers w.
+ratio() { # a b w
+    local a=$1 b=$2 w=$3 arps ap99 acpu brps bp99 bcpu
+    read -r arps _ <<<"$(stats "${rps_all[$a,$w]}")"
+    read -r ap99 _ <<<"$(stats "${p99_all[$a,$w]}")"
+    read -r acpu _ <<<"$(stats "${cpu_all[$a,$w]}")"
+    read -r brps _ <<<"$(stats "${rps_all[$b,$w]}")"
+    read -r bp99 _ <<<"$(stats "${p99_all[$b,$w]}")"
+    read -r bcpu _ <<<"$(stats "${cpu_all[$b,$w]}")"
+    log "$(awk -v a="$arps" -v b="$brps" -v pa="$ap99" -v pb="$bp99" -v ca="$acpu" -v cb="$bcpu" -v n="$a" -v m="$b" \
+        'BEGIN { printf "  %-11s vs %-12s req/s %.2fx  p99 %.2fx  cpu/req %.2fx\n", n, m, a/b, pa/pb, ca/cb }')"
+}
 
+# The table's rows, and the pairs compared ("a:b" is a / b).
 NAMES=(ours-fwd nginx-fwd haproxy-fwd ours-bal nginx-bal haproxy-bal)
-KINDS=(fwd bal)
-[ "$TLS" = 1 ] && NAMES=(ours-fwd nginx-fwd haproxy-fwd) KINDS=(fwd)
-MODE=""; [ "$TLS" = 1 ] && MODE=" (TLS termination)"
+PAIRS=(ours-fwd:nginx-fwd ours-fwd:haproxy-fwd ours-bal:nginx-bal ours-bal:haproxy-bal)
+MODE=""
+if [ "$TLS" = 1 ]; then
+    NAMES=(ours-fwd nginx-fwd haproxy-fwd)
+    PAIRS=(ours-fwd:nginx-fwd ours-fwd:haproxy-fwd)
+    MODE=" (TLS termination)"
+elif [ "$GATEWAY" = 1 ]; then
+    NAMES=(ours-fwd ours-gw ours-gw-bal nginx-fwd haproxy-fwd)
+    PAIRS=(ours-gw:ours-fwd ours-gw-bal:ours-fwd ours-fwd:nginx-fwd ours-fwd:haproxy-fwd ours-gw:haproxy-fwd)
+    MODE=" (API gateway stack, wrk sends x-api-key)"
+fi
 log "bench-proxy$MODE: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $ROUNDS rounds x $DURATION, $CONNS_PER_WORKER conns per worker, backend nginx x$BE_WORKERS"
 for w in $WORKER_SET; do
     start_proxies "$w"
@@ -269,7 +266,6 @@ for w in $WORKER_SET; do
         echo "workers=$w round $round: ${order[*]}" >&2
         for n in "${order[@]}"; do bench "$n" "$w" "$conns"; done
     done
-    stop_proxies
     log ""
     log "workers=$w, conns=$conns: median [min-max] over $ROUNDS rounds"
     log "$(printf '| %-11s | %-26s | %-20s | %-18s |' proxy 'req/s' 'p99 ms' 'cpu-s per 100k')"
@@ -280,18 +276,7 @@ for w in $WORKER_SET; do
         log "$(printf '| %-11s | %8.0f [%6.0f-%6.0f] | %5.2f [%5.2f-%5.2f] | %4.2f [%4.2f-%4.2f] |%s' \
             "$n" "$rm" "$rl" "$rh" "$pm" "$pl" "$ph" "$cm" "$cl" "$ch" "${err_all[$n,$w]:+ errors: ${err_all[$n,$w]}}")"
     done
-    log "ratios of medians (ours / peer; req/s higher is better, p99 and CPU lower is better):"
-    for kind in "${KINDS[@]}"; do
-        read -r orps _ <<<"$(stats "${rps_all[ours-$kind,$w]}")"
-        read -r op99 _ <<<"$(stats "${p99_all[ours-$kind,$w]}")"
-        read -r ocpu _ <<<"$(stats "${cpu_all[ours-$kind,$w]}")"
-        for peer in nginx haproxy; do
-            read -r prps _ <<<"$(stats "${rps_all[$peer-$kind,$w]}")"
-            read -r pp99 _ <<<"$(stats "${p99_all[$peer-$kind,$w]}")"
-            read -r pcpu _ <<<"$(stats "${cpu_all[$peer-$kind,$w]}")"
-            log "$(awk -v a="$orps" -v b="$prps" -v pa="$op99" -v pb="$pp99" -v ca="$ocpu" -v cb="$pcpu" \
-                -v n="ours-$kind" -v m="$peer-$kind" \
-                'BEGIN { printf "  %-9s vs %-12s req/s %.2fx  p99 %.2fx  cpu/req %.2fx\n", n, m, a/b, pa/pb, ca/cb }')"
-        done
-    done
+    log "ratios of medians (req/s higher is better, p99 and CPU lower is better):"
+    for pair in "${PAIRS[@]}"; do ratio "${pair%%:*}" "${pair#*:}" "$w"; done
+    stop_proxies
 done

@@ -1,0 +1,311 @@
+//! The API-gateway stack of `reverse_proxy --gateway` (issue 14), in front of `Forward`
+//! alone or the balancer: what a gateway process does per request besides forwarding, so
+//! `scripts/bench-proxy.sh` (`GATEWAY=1`) can measure it as a process under wrk.
+//!
+//! Outermost first, per request:
+//!
+//! | layer | does | refuses with |
+//! |---|---|---|
+//! | `ErrorResponse` | every error below becomes a 502/503/504 answer | — |
+//! | `RateLimitLayer` | one GCRA bucket for the whole route (`--rate-limit` per second, the same burst), shared by all workers | `429` + `Retry-After` |
+//! | `AuthLayer` | API key in `x-api-key` with scope `proxy`, removed before forwarding; sends `x-auth-subject`/`-scopes`/`-method` upstream, drops client-sent copies | `401` + `WWW-Authenticate` |
+//! | `/metrics` | `GET /metrics` answers the Prometheus text here (needs the key; not traced, not counted as proxied) | — |
+//! | `RequestTraceLayer` | `traceparent` continued or started, `x-request-id` kept or made, both sent upstream; one access-log event | — |
+//! | `MetricsLayer` | requests, failures, latency histogram, in flight, label `route="proxy"` | — |
+//! | `BulkheadLayer` | at most `--bulkhead` calls at once over all workers, no queue | `503` |
+//! | circuit breaker | the default window (failure rate over the last calls), shared by all workers | `503` while open |
+//!
+//! One instance of each layer is built at start-up and cloned into every worker, so limits,
+//! breaker and bulkhead hold for the process, as nginx's shared zones do.
+
+use std::convert::Infallible;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::{self, TryFutureExt};
+use http::{Method, Request, Response};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tower::{Service, ServiceBuilder};
+use tower_patterns::auth::{ApiKeys, AuthConfig, AuthLayer};
+use tower_patterns::breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
+use tower_patterns::bulkhead::BulkheadLayer;
+use tower_patterns::proxy::ErrorResponseLayer;
+use tower_patterns::ratelimit::{LocalLimiter, Quota, RateLimitLayer, RouteKey};
+use tower_patterns::telemetry::MetricsLayer;
+use tower_patterns::trace::RequestTraceLayer;
+use tower_patterns::BoxError;
+
+use super::GatewayConfig;
+
+/// The layers, built once; [`wrap`](Self::wrap) puts them around each worker's upstream.
+#[derive(Clone)]
+pub struct Gateway {
+    rate_limit: RateLimitLayer<RouteKey, LocalLimiter<Arc<str>>>,
+    auth: AuthLayer,
+    prometheus: PrometheusHandle,
+    trace: RequestTraceLayer,
+    metrics: MetricsLayer,
+    bulkhead: BulkheadLayer,
+    breaker: CircuitBreakerLayer,
+}
+
+impl Gateway {
+    /// Installs the Prometheus recorder (before any layer registers its handles) and
+    /// builds the layers. Call once per process.
+    pub fn new(cfg: &GatewayConfig) -> Result<Self, BoxError> {
+        let prometheus = PrometheusBuilder::new().install_recorder()?;
+        // Without upkeep the recorder's histogram buffers grow with every request until a
+        // scrape; drain them every 5 s (what the exporter's own HTTP listener does).
+        let upkeep = prometheus.clone();
+        std::thread::Builder::new()
+            .name("prometheus-upkeep".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_secs(5));
+                upkeep.run_upkeep();
+            })?;
+        let rate = NonZeroU32::new(cfg.rate_limit).ok_or("--rate-limit must be at least 1")?;
+        let auth = AuthConfig::new()
+            .api_keys(ApiKeys::new().key("client", &cfg.api_key, ["proxy"])?)
+            // The key is the gateway's business: upstreams get the identity headers instead.
+            .hide_credentials(true)
+            .build()?;
+        Ok(Gateway {
+            rate_limit: RateLimitLayer::new(
+                RouteKey::new("proxy"),
+                LocalLimiter::new(Quota::per_second(rate).allow_burst(rate)),
+            ),
+            auth: auth.layer().require_scopes(["proxy"]),
+            prometheus,
+            trace: RequestTraceLayer::new("proxy"),
+            metrics: MetricsLayer::new("proxy"),
+            bulkhead: BulkheadLayer::new("proxy", cfg.bulkhead),
+            breaker: CircuitBreakerLayer::new(CircuitBreakerConfig::new().name("proxy"))?,
+        })
+    }
+
+    /// The gateway stack around `upstream` (`Forward`, or the replaying balancer).
+    pub fn wrap<S, RB>(
+        &self,
+        upstream: S,
+    ) -> impl Service<
+        Request<Incoming>,
+        Response = Response<
+            impl http_body::Body<Data = Bytes, Error = impl Into<BoxError>> + Send + 'static,
+        >,
+        Error = Infallible,
+        Future = impl Send + 'static,
+    > + Clone
+           + Send
+           + 'static
+    where
+        S: Service<Request<Incoming>, Response = Response<RB>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        RB: http_body::Body<Data = Bytes> + Send + 'static,
+        RB::Error: Into<BoxError>,
+    {
+        let proxied = ServiceBuilder::new()
+            .layer(self.trace.clone())
+            .layer(self.metrics.clone())
+            .layer(self.bulkhead.clone())
+            .layer(self.breaker.clone())
+            .service(upstream);
+        ServiceBuilder::new()
+            .layer(ErrorResponseLayer)
+            .layer(self.rate_limit.clone())
+            .layer(self.auth.clone())
+            .service(MetricsEndpoint {
+                inner: proxied,
+                prometheus: self.prometheus.clone(),
+            })
+    }
+}
+
+/// Answers `GET /metrics` with the Prometheus text; passes everything else on.
+#[derive(Clone)]
+struct MetricsEndpoint<S> {
+    inner: S,
+    prometheus: PrometheusHandle,
+}
+
+/// What a proxied answer's body becomes: the upstream's, or the scrape's text.
+type Proxied<RB> = fn(Response<RB>) -> Response<Either<RB, Full<Bytes>>>;
+
+impl<S, RB> Service<Request<Incoming>> for MetricsEndpoint<S>
+where
+    S: Service<Request<Incoming>, Response = Response<RB>>,
+{
+    type Response = Response<Either<RB, Full<Bytes>>>;
+    type Error = S::Error;
+    type Future = future::Either<
+        future::MapOk<S::Future, Proxied<RB>>,
+        std::future::Ready<Result<Self::Response, S::Error>>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        // Readied but not called for a scrape: the layers below take their resources in
+        // `call` (bulkhead slot, breaker permit), so nothing is held.
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        if req.uri().path() == "/metrics" && req.method() == Method::GET {
+            let mut res = Response::new(Either::Right(Full::new(Bytes::from(
+                self.prometheus.render(),
+            ))));
+            res.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            return future::Either::Right(std::future::ready(Ok(res)));
+        }
+        let left: Proxied<RB> = |res| res.map(Either::Left);
+        future::Either::Left(self.inner.call(req).map_ok(left))
+    }
+}
+
+/// `cargo test --release --features metrics,auth,rate-limit --example reverse_proxy`: the
+/// stack over a real `Forward` to a loopback backend, served on a loopback port.
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use http::StatusCode;
+    use http_body_util::{BodyExt, Empty};
+    use tower_patterns::proxy::Forward;
+
+    use super::*;
+
+    const KEY: &str = "test-key-0123456789";
+
+    /// A backend answering the request headers it got, one `name: value` line each.
+    async fn echo_backend() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let echo = tower::service_fn(|req: Request<Incoming>| async move {
+            let mut text = String::new();
+            for (name, value) in req.headers() {
+                text += &format!("{name}: {}\n", String::from_utf8_lossy(value.as_bytes()));
+            }
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
+        });
+        tokio::spawn(tower_patterns::server::serve(listener, echo));
+        addr
+    }
+
+    /// `GET path` with `headers`: status, `retry-after`, body.
+    async fn get(
+        gw: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Option<String>, String) {
+        let client = tower_patterns::balance::client::http_client::<Empty<Bytes>>();
+        let mut req = Request::get(format!("http://{gw}{path}"));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let call = client.request(req.body(Empty::new()).unwrap());
+        let res = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("an answer within 10 s")
+            .unwrap();
+        let status = res.status();
+        let retry_after = res
+            .headers()
+            .get(http::header::RETRY_AFTER)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            retry_after,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    }
+
+    /// The series value of `name` in the Prometheus text.
+    fn series(text: &str, name: &str) -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    // One test: the Prometheus recorder is global, installed once per process.
+    #[tokio::test]
+    async fn key_trace_metrics_and_rate_limit_over_loopback() {
+        let backend = echo_backend().await;
+        let gw = Gateway::new(&crate::GatewayConfig {
+            api_key: KEY.into(),
+            generated_key: false,
+            // A burst of 3: the three checks below pass, the next requests find it empty.
+            rate_limit: 3,
+            bulkhead: 16,
+        })
+        .unwrap();
+        let forward = Forward::<Incoming>::new(&format!("http://{backend}")).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(tower_patterns::server::serve(listener, gw.wrap(forward)));
+
+        let (status, _, _) = get(addr, "/a", &[]).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "no key");
+
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let (status, _, seen) = get(
+            addr,
+            "/a",
+            &[
+                ("x-api-key", KEY),
+                ("traceparent", parent),
+                ("x-request-id", "req-1"),
+                ("x-auth-subject", "spoofed"),
+            ],
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let lines: Vec<&str> = seen.lines().collect();
+        // The caller's trace continues in a child span; the request id is kept.
+        assert!(
+            lines.iter().any(|l| l
+                .starts_with("traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-")
+                && *l != format!("traceparent: {parent}")),
+            "{seen}"
+        );
+        assert!(lines.contains(&"x-request-id: req-1"), "{seen}");
+        // The verified identity, not the client's copy; the key stays at the gateway.
+        assert!(lines.contains(&"x-auth-subject: client"), "{seen}");
+        assert!(!seen.contains("spoofed"), "{seen}");
+        assert!(!seen.contains(KEY), "{seen}");
+
+        let (status, _, text) = get(addr, "/metrics", &[("x-api-key", KEY)]).await;
+        assert_eq!(status, StatusCode::OK);
+        // One proxied request; the scrape and the refusal are not counted.
+        assert_eq!(
+            series(&text, "tower_patterns_requests_total{route=\"proxy\"}"),
+            Some(1.0),
+            "{text}"
+        );
+
+        // Three requests used the burst of 3 (one per 333 ms comes back): within a few
+        // more, one is refused with a whole number of seconds to wait.
+        let mut refused = None;
+        for _ in 0..30 {
+            let (status, retry_after, _) = get(addr, "/a", &[("x-api-key", KEY)]).await;
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                refused = retry_after;
+                break;
+            }
+            assert_eq!(status, StatusCode::OK);
+        }
+        let retry_after = refused.expect("a 429 once the burst is spent");
+        assert!(
+            retry_after.parse::<u64>().is_ok_and(|s| s >= 1),
+            "{retry_after}"
+        );
+    }
+}
