@@ -57,6 +57,10 @@ echo "== cargo doc (as docs.rs)" >&2
 RUSTC_BOOTSTRAP=1 RUSTDOCFLAGS="--cfg docsrs -D warnings" cargo doc --no-deps --all-features
 echo "== cargo test --all-features" >&2
 cargo test --all-features
+# Tests inside examples run only when the example is named: the gateway stack of
+# `reverse_proxy --gateway` (examples/common/gateway.rs) over loopback.
+echo "== cargo test --all-features --example reverse_proxy" >&2
+cargo test --all-features --example reverse_proxy
 # Packages the crate and builds it from the package, as crates.io would. `--allow-dirty`
 # only lets a local run with uncommitted edits get here; CI is a clean clone.
 echo "== cargo publish --dry-run" >&2
