@@ -54,7 +54,8 @@ impl IdentityValues {
 /// is then compared with the presented key byte for byte in constant time (no early exit
 /// on the first wrong byte), so the answer time does not reveal how much of a key was
 /// right. This costs a few hundred instructions per request, where an HMAC-SHA256 of the
-/// presented key (what this type did before) cost about seven thousand.
+/// presented key (what this type did before) cost about seven thousand without SHA
+/// instructions in the CPU (a few hundred cycles with them).
 ///
 /// The keys are held in memory (as a JWT HS256 secret is); `Debug` prints the names only.
 ///
