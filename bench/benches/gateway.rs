@@ -7,6 +7,10 @@
 //!   `Forward`, to tell which one costs what;
 //! - with `GATEWAY_ALLOCS=1`, first the heap allocations per request of each case (a
 //!   counting global allocator; printed, not benched);
+//! - with `GATEWAY_RUN=<case> GATEWAY_N=<n>` (and a filter matching no bench, e.g.
+//!   `nothing`), `n` requests (default 1000) of that one case after a warm-up, then exit:
+//!   a fixed workload for `valgrind --tool=callgrind` or `perf stat`, whose instruction
+//!   counts (two `n`, subtracted) are the load-independent cost per request;
 //! - `bulkhead/*`: one call through `Bulkhead` vs `tower::limit::ConcurrencyLimit` around
 //!   an immediate service (the limit's own cost).
 
@@ -83,6 +87,32 @@ where
     run(N);
     let n = ALLOCS.load(Ordering::Relaxed) - before;
     println!("allocs/request {name}: {:.2}", n as f64 / N as f64);
+}
+
+/// With `GATEWAY_RUN=name`, runs `GATEWAY_N` requests of `svc` and exits the process.
+fn drive<S, RB>(rt: &tokio::runtime::Runtime, name: &str, svc: S)
+where
+    S: Service<Request<Empty<Bytes>>, Response = Response<RB>> + Clone,
+    S::Error: std::fmt::Debug,
+    RB: http_body::Body,
+    RB::Error: std::fmt::Debug,
+{
+    if std::env::var("GATEWAY_RUN").map_or(true, |v| v != name) {
+        return;
+    }
+    let n: u64 = std::env::var("GATEWAY_N")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1000);
+    rt.block_on(async {
+        for _ in 0..100 + n {
+            let mut svc = svc.clone();
+            let res = svc.ready().await.unwrap().call(request()).await.unwrap();
+            assert_eq!(res.status(), http::StatusCode::OK);
+            res.into_body().collect().await.unwrap();
+        }
+    });
+    std::process::exit(0);
 }
 
 /// Benches `svc` by the CPU time its requests cost.
@@ -175,9 +205,13 @@ fn gateway(c: &mut Criterion) {
             .service(balance)
     };
     allocs(&rt, "bare_forward", fwd.clone());
+    drive(&rt, "bare_forward", fwd.clone());
     allocs(&rt, "breaker_balance", routing.clone());
+    drive(&rt, "breaker_balance", routing.clone());
     allocs(&rt, "gateway_stack", stack.clone());
+    drive(&rt, "gateway_stack", stack.clone());
     allocs(&rt, "gateway_stack_auth_ratelimit", full.clone());
+    drive(&rt, "gateway_stack_auth_ratelimit", full.clone());
     bench_cpu(&mut g, &rt, "breaker_balance", routing);
     bench_cpu(&mut g, &rt, "gateway_stack", stack);
     bench_cpu(&mut g, &rt, "gateway_stack_auth_ratelimit", full);
@@ -204,10 +238,15 @@ fn gateway(c: &mut Criterion) {
         ))
         .service(fwd.clone());
     allocs(&rt, "trace", trace.clone());
+    drive(&rt, "trace", trace.clone());
     allocs(&rt, "metrics", metrics.clone());
+    drive(&rt, "metrics", metrics.clone());
     allocs(&rt, "bulkhead", bulkhead.clone());
+    drive(&rt, "bulkhead", bulkhead.clone());
     allocs(&rt, "auth", auth.clone());
+    drive(&rt, "auth", auth.clone());
     allocs(&rt, "ratelimit", ratelimit.clone());
+    drive(&rt, "ratelimit", ratelimit.clone());
     bench_cpu(&mut g, &rt, "bare_forward", fwd.clone());
     bench_cpu(&mut g, &rt, "trace", trace);
     bench_cpu(&mut g, &rt, "metrics", metrics);

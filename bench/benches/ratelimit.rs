@@ -8,7 +8,9 @@
 //! - `tower/*`: a `tower::Service` around an always-ready inner service, polled once with a
 //!   no-op waker: `baseline` (no limiter), `tower_limit` (tower's one-bucket `RateLimit`,
 //!   no keys), `ours_1key` and `ours_10k_keys` (`RateLimitLayer` + `ClientIpKey` +
-//!   `LocalLimiter`, one client or 10 000 rotating clients).
+//!   `LocalLimiter`, one client or 10 000 rotating clients), `ours_route_key` (`RouteKey`:
+//!   one bucket for the route, the gateway bench's case); `governor/keyed_route_key` and
+//!   `ours_limiter_route_key` are the same key without the service around it.
 //!
 //! Quotas are large enough that every call is admitted: the cost of admitting is what a
 //! gateway pays on every request.
@@ -30,7 +32,7 @@ use http::{Request, Response};
 use tower::Service;
 use tower_layer::Layer;
 use tower_patterns::client_addr::ClientAddr;
-use tower_patterns::ratelimit::{ClientIpKey, LocalLimiter, RateLimitLayer};
+use tower_patterns::ratelimit::{ClientIpKey, LocalLimiter, RateLimitLayer, RouteKey};
 
 #[inline]
 fn poll_now<F: Future>(fut: F) -> F::Output {
@@ -124,6 +126,16 @@ fn bench(c: &mut Criterion) {
             black_box(ours.decide(Some(&ip(i))))
         })
     });
+    // One route key (`RouteKey`: an `Arc<str>` cloned per request), governor vs ours.
+    let route: std::sync::Arc<str> = "orders".into();
+    let keyed = RateLimiter::dashmap(quota());
+    g.bench_function("keyed_route_key", |b| {
+        b.iter(|| black_box(keyed.check_key(&route.clone()).is_ok()))
+    });
+    let ours: LocalLimiter<std::sync::Arc<str>> = LocalLimiter::new(quota());
+    g.bench_function("ours_limiter_route_key", |b| {
+        b.iter(|| black_box(ours.decide(Some(&route.clone()))))
+    });
     let direct = RateLimiter::direct(quota());
     g.bench_function("direct", |b| b.iter(|| black_box(direct.check().is_ok())));
     g.finish();
@@ -142,6 +154,9 @@ fn bench(c: &mut Criterion) {
     });
     let mut svc = RateLimitLayer::new(ClientIpKey::new(), LocalLimiter::new(quota())).layer(Ready);
     g.bench_function("ours_1key", |b| b.iter(|| drive(&mut svc, request(0))));
+    let mut svc =
+        RateLimitLayer::new(RouteKey::new("orders"), LocalLimiter::new(quota())).layer(Ready);
+    g.bench_function("ours_route_key", |b| b.iter(|| drive(&mut svc, request(0))));
     let mut svc = RateLimitLayer::new(ClientIpKey::new(), LocalLimiter::new(quota())).layer(Ready);
     g.bench_function("ours_10k_keys", |b| {
         b.iter(|| drive(&mut svc, request(next())))

@@ -351,6 +351,14 @@ impl Authenticator {
         }
     }
 
+    /// Removes every client-sent copy of the claim headers (before
+    /// [`write_identity`](Self::write_identity), which writes the others unconditionally).
+    pub(crate) fn strip_claims(&self, headers: &mut HeaderMap) {
+        for (_, h) in &self.inner.claim_headers {
+            headers.remove(h);
+        }
+    }
+
     /// Removes the credential headers when configured to.
     pub(crate) fn hide(&self, headers: &mut HeaderMap) {
         if self.inner.hide_credentials {
@@ -361,6 +369,8 @@ impl Authenticator {
 
     /// Writes the identity headers; an identity that cannot be written exactly fails the
     /// request (the upstream must not see a different subject than the verified one).
+    /// Each configured subject, scopes and method header is written with `insert`, which
+    /// replaces every client-sent copy: the layer's `step` relies on it.
     pub(crate) fn write_identity(
         &self,
         id: &Identity,

@@ -37,8 +37,8 @@
 //!   the last good keys; interval and timeout bounded). A token whose `kid` is not in the
 //!   current set triggers one early, single-flight fetch that the request waits for
 //!   (at most once per 30 s by default: [`JwksConfig::unknown_kid_refresh`]).
-//! - **API keys** are kept only as HMAC digests under a per-process random key and compared
-//!   in constant time against all configured keys ([`ApiKeys`]).
+//! - **API keys** are found by a hash keyed with a per-process random secret and confirmed
+//!   by a constant-time compare of the whole key ([`ApiKeys`]).
 //! - Refusals are answers, not failures: the error type stays the inner service's, and the
 //!   response has `Cache-Control: no-store`.
 //!

@@ -46,11 +46,15 @@ impl AuthLayer {
     /// after an early JWKS fetch), an unknown `kid` is a refusal.
     pub(crate) fn step<B>(&self, mut req: Request<B>, early_refresh: bool) -> Step<B> {
         let auth = &self.auth;
-        // First, whatever happens next: a client must never smuggle an identity upstream.
-        auth.strip(req.headers_mut());
+        // A client must never smuggle an identity upstream: every path below that forwards
+        // the request removes or overwrites each identity header (a refused request is
+        // never forwarded, a waiting one comes back here).
         let identity = match auth.authenticate_or_refresh(req.headers(), early_refresh) {
             Ok(Some(id)) => id,
-            Ok(None) if self.optional => return Step::Call(req),
+            Ok(None) if self.optional => {
+                auth.strip(req.headers_mut());
+                return Step::Call(req);
+            }
             Ok(None) => return Step::Refuse(self.refuse(AuthError::Missing)),
             Err(VerifyError::Refused(e)) => return Step::Refuse(self.refuse(e)),
             Err(VerifyError::UnknownKid { jwks, seen }) => {
@@ -60,6 +64,10 @@ impl AuthLayer {
         if let Err(e) = auth.check(&identity, &self.require) {
             return Step::Refuse(self.refuse(e));
         }
+        // The subject, scopes and method headers are always written, and `insert` drops
+        // every client copy: only the claim headers (absent claims write nothing) need
+        // removing first. Three header lookups fewer per request than stripping them all.
+        auth.strip_claims(req.headers_mut());
         if let Err(e) = auth.write_identity(&identity, req.headers_mut()) {
             return Step::Refuse(self.refuse(e));
         }

@@ -88,21 +88,49 @@ fn hex_into(out: &mut [u8], bytes: &[u8]) {
     }
 }
 
+/// The value of each lower-case hex digit, `0xff` for every other byte: one table load per
+/// digit instead of two range tests (this runs on every request's `traceparent`).
+const HEX_VALUE: [u8; 256] = {
+    let mut t = [0xff; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
+
 /// Lower-case hex only: the W3C grammar (`HEXDIGLC`) refuses upper case.
 fn hex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
     if s.len() != 2 * N {
         return None;
     }
-    let digit = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
     let mut out = [0u8; N];
-    for (i, pair) in s.chunks_exact(2).enumerate() {
-        out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
+    // Any invalid digit sets the high bits; checked once at the end (no branch per digit).
+    let mut bad = 0u8;
+    for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
+        let (hi, lo) = (
+            HEX_VALUE[usize::from(pair[0])],
+            HEX_VALUE[usize::from(pair[1])],
+        );
+        bad |= hi | lo;
+        *o = hi << 4 | (lo & 0xf);
     }
-    Some(out)
+    (bad & 0xf0 == 0).then_some(out)
+}
+
+/// Random bytes for the ids of one request, in one call of the thread's generator (each
+/// call is a thread-local access and a reference count; one request needs up to three
+/// ids).
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut b);
+    b
 }
 
 /// The parts of a valid `traceparent`.
@@ -148,6 +176,14 @@ impl TraceParent {
             parent_id: SpanId(parent_id),
             flags: flags[0],
         })
+    }
+}
+
+/// A trace id from 16 random bytes; all zero (never, in practice) draws again.
+fn trace_id_from(r: &[u8]) -> TraceId {
+    match <[u8; 16]>::try_from(r) {
+        Ok(id) if id != [0; 16] => TraceId(id),
+        _ => TraceId::random(),
     }
 }
 
@@ -200,12 +236,14 @@ impl TraceContext {
             (Some(v), None) => TraceParent::parse(v.as_bytes()),
             _ => None,
         };
+        // Span id, then a new trace id and a new request id when needed.
+        let r: [u8; 40] = random_bytes();
         let (trace_id, parent_id, flags, tracestate) = match parent {
             Some(p) => {
                 let state = headers.get(TRACESTATE).filter(|v| valid_tracestate(v));
                 (p.trace_id, Some(p.parent_id), p.flags, state.cloned())
             }
-            None => (TraceId::random(), None, u8::from(sampled), None),
+            None => (trace_id_from(&r[8..24]), None, u8::from(sampled), None),
         };
         let request_id = headers
             .get(X_REQUEST_ID)
@@ -216,16 +254,20 @@ impl TraceContext {
             .cloned()
             .unwrap_or_else(|| {
                 let mut b = [0u8; 32];
-                hex_into(&mut b, &TraceId::random().0);
+                hex_into(&mut b, &r[24..40]);
                 // One allocation holding count and digits (`from_owner`): the clones for
                 // the upstream request, the access log and the answer share it (a copied
                 // `Vec` would allocate again on the first clone).
                 HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(b))
                     .unwrap_or(HeaderValue::from_static("0"))
             });
+        let span_id = match <[u8; 8]>::try_from(&r[..8]) {
+            Ok(id) if id != [0; 8] => SpanId(id),
+            _ => SpanId::random(),
+        };
         TraceContext {
             trace_id,
-            span_id: SpanId::random(),
+            span_id,
             parent_id,
             flags,
             tracestate,
@@ -330,6 +372,34 @@ mod tests {
         // A later version with an extra field is read as version 00.
         let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-abcd";
         assert!(TraceParent::parse(later.as_bytes()).is_some());
+    }
+
+    #[test]
+    fn hex_digits_are_lower_case_hex_only() {
+        for c in 0..=255u8 {
+            let want = match c {
+                b'0'..=b'9' => Some(c - b'0'),
+                b'a'..=b'f' => Some(c - b'a' + 10),
+                _ => None,
+            };
+            // In either place of the pair.
+            assert_eq!(hex::<1>(&[c, b'0']), want.map(|v| [v << 4]), "{c}");
+            assert_eq!(hex::<1>(&[b'0', c]), want.map(|v| [v]), "{c}");
+        }
+        assert_eq!(hex::<2>(b"00ff"), Some([0, 0xff]));
+        assert_eq!(hex::<2>(b"00f"), None);
+    }
+
+    #[test]
+    fn new_ids_are_fresh_per_request() {
+        let a = TraceContext::from_headers(&HeaderMap::new(), true);
+        let b = TraceContext::from_headers(&HeaderMap::new(), true);
+        assert_ne!(a.trace_id, b.trace_id);
+        assert_ne!(a.span_id, b.span_id);
+        assert_ne!(a.request_id, b.request_id);
+        assert_eq!(a.request_id.len(), 32);
+        // The request id is not the trace id: both are drawn, not derived from each other.
+        assert_ne!(a.request_id.as_bytes(), a.trace_id.to_string().as_bytes());
     }
 
     #[test]
