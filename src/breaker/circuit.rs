@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::config::{CircuitBreakerConfig, Window};
 use super::error::{CircuitOpen, ConfigError, IllegalTransition};
 use super::state::{threshold, Metrics, MetricsSnapshot, Permit, Shared, State, CLOSED, OPEN};
-use super::window::{CountWindow, TimeWindow};
+use super::window::{CountWindow, SecondClock, TimeWindow};
 use crate::classify::Outcome;
 use crate::gate::Gate;
 
@@ -50,11 +50,13 @@ impl Circuit {
         let (failure_threshold, slow_threshold) =
             (threshold(cfg.failure_rate), threshold(cfg.slow_rate));
         let (tx, _) = watch::channel(State::Closed);
+        let base = Instant::now();
         Ok(Self {
             shared: Arc::new(Shared {
                 name: cfg.name.clone(),
                 cfg,
-                base: Instant::now(),
+                base,
+                secs: SecondClock::new(base),
                 state: AtomicU64::new(CLOSED),
                 window,
                 min_calls,

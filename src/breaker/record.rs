@@ -15,12 +15,11 @@ use super::window::{Counts, TimeWindow};
 use crate::classify::Outcome;
 
 impl Shared {
-    /// Whole seconds since the circuit was built: the time window's bucket clock.
-    #[inline]
+    /// Whole seconds since the circuit was built: the time window's bucket clock (one
+    /// read of Tokio's clock, see [`SecondClock`](super::window::SecondClock)).
+    #[inline(always)]
     pub(super) fn now_secs(&self) -> u64 {
-        Instant::now()
-            .saturating_duration_since(self.base)
-            .as_secs()
+        self.secs.now_secs()
     }
 
     #[inline]

@@ -17,7 +17,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use super::config::CircuitBreakerConfig;
-use super::window::{CountWindow, TimeWindow};
+use super::window::{CountWindow, SecondClock, TimeWindow};
 
 pub(super) const TARGET: &str = "tower_patterns::breaker";
 
@@ -107,6 +107,8 @@ pub(crate) struct Shared {
     pub(super) name: String,
     pub(super) cfg: CircuitBreakerConfig,
     pub(super) base: Instant,
+    /// Whole seconds since `base`: the time window's bucket clock.
+    pub(super) secs: SecondClock,
     pub(super) state: AtomicU64,
     pub(super) window: Metrics,
     pub(super) min_calls: u32,
