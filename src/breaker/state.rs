@@ -10,6 +10,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64};
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use super::config::CircuitBreakerConfig;
+use super::consecutive::Consecutive;
 use super::window::{CountWindow, SecondClock, TimeWindow};
 
 pub(super) const TARGET: &str = "tower_patterns::breaker";
@@ -116,7 +118,7 @@ pub(crate) struct Shared {
     pub(super) failure_threshold: u64,
     /// `slow_rate` as a [`threshold`]; `u64::MAX` when not configured.
     pub(super) slow_threshold: u64,
-    pub(super) consecutive: AtomicU32,
+    pub(super) consecutive: Consecutive,
     pub(super) open_until: AtomicU64,
     pub(super) open_attempts: AtomicU32,
     pub(super) ho_permits: AtomicU64,
