@@ -10,9 +10,10 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use super::config::{CircuitBreakerConfig, Window};
+use super::consecutive::{Consecutive, Kind as ConsecutiveKind};
 use super::error::{CircuitOpen, ConfigError, IllegalTransition};
 use super::state::{threshold, Metrics, MetricsSnapshot, Permit, Shared, State, CLOSED, OPEN};
-use super::window::{CountWindow, TimeWindow};
+use super::window::{CountWindow, SecondClock, TimeWindow};
 use crate::classify::Outcome;
 use crate::gate::Gate;
 
@@ -50,17 +51,24 @@ impl Circuit {
         let (failure_threshold, slow_threshold) =
             (threshold(cfg.failure_rate), threshold(cfg.slow_rate));
         let (tx, _) = watch::channel(State::Closed);
+        let base = Instant::now();
+        let consecutive = Consecutive::new(match (&cfg.consecutive_failures, &cfg.window) {
+            (Some(_), _) => ConsecutiveKind::Exact,
+            (None, Window::Count(_)) => ConsecutiveKind::Plain,
+            (None, Window::Time(_)) => ConsecutiveKind::Striped,
+        });
         Ok(Self {
             shared: Arc::new(Shared {
                 name: cfg.name.clone(),
                 cfg,
-                base: Instant::now(),
+                base,
+                secs: SecondClock::new(base),
                 state: AtomicU64::new(CLOSED),
                 window,
                 min_calls,
                 failure_threshold,
                 slow_threshold,
-                consecutive: AtomicU32::new(0),
+                consecutive,
                 open_until: AtomicU64::new(0),
                 open_attempts: AtomicU32::new(0),
                 ho_permits: AtomicU64::new(0),

@@ -63,6 +63,7 @@
 
 mod circuit;
 mod config;
+mod consecutive;
 mod error;
 mod fallback;
 mod future;

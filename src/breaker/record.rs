@@ -15,12 +15,11 @@ use super::window::{Counts, TimeWindow};
 use crate::classify::Outcome;
 
 impl Shared {
-    /// Whole seconds since the circuit was built: the time window's bucket clock.
-    #[inline]
+    /// Whole seconds since the circuit was built: the time window's bucket clock (one
+    /// read of Tokio's clock, see [`SecondClock`](super::window::SecondClock)).
+    #[inline(always)]
     pub(super) fn now_secs(&self) -> u64 {
-        Instant::now()
-            .saturating_duration_since(self.base)
-            .as_secs()
+        self.secs.now_secs()
     }
 
     #[inline]
@@ -188,16 +187,14 @@ impl Shared {
     }
 
     /// A plain success in closed state: one load of the state word, one of the
-    /// consecutive-failure count, and at most a bump of this thread's own counter cell in
+    /// failure sequence (see `consecutive.rs`), and at most a bump of this thread's own counter cell in
     /// the count window (no clock read, no shared write).
     #[inline(always)]
     fn record_success(self: &Arc<Self>, word: u64) {
         if self.state.load(Ordering::Relaxed) != word {
             return; // admitted in an earlier state
         }
-        if self.consecutive.load(Ordering::Relaxed) != 0 {
-            self.consecutive.store(0, Ordering::Relaxed);
-        }
+        self.consecutive.success();
         let c = match &self.window {
             Metrics::Count(w) => w.record(false, false),
             Metrics::Time(w) => return self.record_time_success(word, w),
@@ -222,9 +219,7 @@ impl Shared {
         if fail {
             return self.record_failure(word, slow);
         }
-        if self.consecutive.load(Ordering::Relaxed) != 0 {
-            self.consecutive.store(0, Ordering::Relaxed);
-        }
+        self.consecutive.success();
         let c = match &self.window {
             Metrics::Count(w) => w.record(false, slow),
             Metrics::Time(w) => w.record(self.now_secs(), false, slow),
@@ -236,15 +231,8 @@ impl Shared {
 
     #[inline]
     fn record_failure(self: &Arc<Self>, word: u64, slow: bool) {
-        // Exact under concurrency only where it decides (a consecutive-failure trigger);
-        // otherwise it is a metric, and a load and store spare a locked read-modify-write.
-        let consecutive = if self.cfg.consecutive_failures.is_some() {
-            self.consecutive.fetch_add(1, Ordering::Relaxed) + 1
-        } else {
-            let n = self.consecutive.load(Ordering::Relaxed).saturating_add(1);
-            self.consecutive.store(n, Ordering::Relaxed);
-            n
-        };
+        // The count only where a trigger reads it (exact then); 0 for the metric alone.
+        let consecutive = self.consecutive.failure();
         let c = match &self.window {
             Metrics::Count(w) => w.record(true, slow),
             Metrics::Time(w) => w.record(self.now_secs(), true, slow),
@@ -276,7 +264,7 @@ impl Shared {
             breaker = %self.name,
             failure_rate = rate(c.failures, c.calls.max(1)),
             slow_call_rate = rate(c.slow, c.calls.max(1)),
-            consecutive_failures = consecutive,
+            consecutive_failures = self.consecutive.get().max(consecutive),
             calls = c.calls,
             reason,
             "failure rate exceeded threshold"

@@ -10,6 +10,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64};
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +18,8 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use super::config::CircuitBreakerConfig;
-use super::window::{CountWindow, TimeWindow};
+use super::consecutive::Consecutive;
+use super::window::{CountWindow, SecondClock, TimeWindow};
 
 pub(super) const TARGET: &str = "tower_patterns::breaker";
 
@@ -107,6 +109,8 @@ pub(crate) struct Shared {
     pub(super) name: String,
     pub(super) cfg: CircuitBreakerConfig,
     pub(super) base: Instant,
+    /// Whole seconds since `base`: the time window's bucket clock.
+    pub(super) secs: SecondClock,
     pub(super) state: AtomicU64,
     pub(super) window: Metrics,
     pub(super) min_calls: u32,
@@ -114,7 +118,7 @@ pub(crate) struct Shared {
     pub(super) failure_threshold: u64,
     /// `slow_rate` as a [`threshold`]; `u64::MAX` when not configured.
     pub(super) slow_threshold: u64,
-    pub(super) consecutive: AtomicU32,
+    pub(super) consecutive: Consecutive,
     pub(super) open_until: AtomicU64,
     pub(super) open_attempts: AtomicU32,
     pub(super) ho_permits: AtomicU64,

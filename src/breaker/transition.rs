@@ -20,7 +20,7 @@ impl Shared {
             Metrics::Count(w) => w.reset(),
             Metrics::Time(w) => w.reset(),
         }
-        self.consecutive.store(0, Ordering::Relaxed);
+        self.consecutive.reset();
     }
 
     pub(super) fn open_wait(&self) -> Duration {
@@ -217,7 +217,7 @@ impl Shared {
             failed_calls: c.failures,
             successful_calls: c.calls - c.failures.min(c.calls),
             slow_calls: c.slow,
-            consecutive_failures: self.consecutive.load(Ordering::Relaxed),
+            consecutive_failures: self.consecutive.get(),
             not_permitted_calls: self.not_permitted.load(Ordering::Relaxed),
             open_remaining: (w & 15 == OPEN).then(|| self.remaining(now)),
             half_open_available,

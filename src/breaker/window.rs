@@ -2,9 +2,11 @@
 //! last `n` seconds), built so that recording a success costs no shared write in the
 //! common case; see [`count`] and [`time`] for how.
 
+mod clock;
 mod count;
 mod time;
 
+pub(crate) use clock::SecondClock;
 pub(crate) use count::CountWindow;
 pub(crate) use time::TimeWindow;
 

@@ -25,8 +25,8 @@ const STAMP_BITS: u32 = 19;
 const STAMP_MASK: u64 = (1 << STAMP_BITS) - 1;
 const STAMP_SHIFT: u32 = 3 * TB;
 
-/// Upper bound on buckets (rows x seconds) per window: 32 KiB. Long windows get fewer rows.
-const MAX_BUCKETS: u64 = 4_096;
+/// Upper bound on buckets (rows x slots) per window: 64 KiB. Long windows get fewer rows.
+const MAX_BUCKETS: u64 = 8_192;
 
 /// Eight buckets: rows start on their own cache line.
 #[repr(align(64))]
@@ -39,10 +39,17 @@ const NEVER: u64 = u64::MAX;
 /// The calls of the last `secs` seconds.
 pub(crate) struct TimeWindow {
     secs: u64,
+    /// Buckets per row: `secs` rounded up to a power of two, so that a second's bucket is
+    /// `second & (slots - 1)` and not a 64-bit division on every call. Two seconds of one
+    /// window never share a bucket; the extra buckets only hold expired seconds, which the
+    /// stamp check skips.
+    slots: usize,
     min_calls: u32,
     /// Rows with an exclusive owner (then the shared ones, see `stripe::total_cells`).
     exclusive: usize,
     lines_per_row: usize,
+    /// Rows: `lines.len() / lines_per_row`.
+    rows: usize,
     lines: Box<[Line]>,
     /// Bit `r`: row `r` was written since the last reset (rows past 63 share bit 63).
     used: AtomicU64,
@@ -55,17 +62,25 @@ pub(crate) struct TimeWindow {
 impl TimeWindow {
     pub fn new(secs: u64, min_calls: u32) -> Self {
         let secs = secs.max(1);
+        let slots = usize::try_from(secs)
+            .unwrap_or(usize::MAX)
+            .checked_next_power_of_two()
+            .unwrap_or(usize::MAX);
         let mut exclusive = default_cells();
-        while exclusive > 1 && total_cells(exclusive) as u64 * secs > MAX_BUCKETS {
+        while exclusive > 1
+            && (total_cells(exclusive) as u64).saturating_mul(slots as u64) > MAX_BUCKETS
+        {
             exclusive /= 2;
         }
-        let lines_per_row = usize::try_from(secs.div_ceil(8)).unwrap_or(usize::MAX);
+        let lines_per_row = slots.div_ceil(8);
         let rows = total_cells(exclusive);
         Self {
             secs,
+            slots,
             min_calls,
             exclusive,
             lines_per_row,
+            rows,
             lines: (0..rows * lines_per_row).map(|_| Line::default()).collect(),
             used: AtomicU64::new(0),
             dirty_until: AtomicU64::new(0),
@@ -78,32 +93,39 @@ impl TimeWindow {
         &self.lines[row * self.lines_per_row + i / 8].0[i % 8]
     }
 
-    fn rows(&self) -> usize {
-        self.lines.len() / self.lines_per_row.max(1)
-    }
-
     pub fn counts(&self, now_s: u64) -> Counts {
-        let stamp_now = now_s & STAMP_MASK;
+        // Each live second has one bucket per row: visit exactly those (`secs` per row,
+        // not every slot) and keep a bucket only when its stamp is that second's. The
+        // sums are packed: calls and slow in one word, 30 bits apart, failures in
+        // another; a row's 15-bit fields summed over at most `MAX_BUCKETS` buckets stay
+        // below 2^28, so the lanes never carry into each other. Per failure this runs
+        // on every call, so it is kept to a load, a compare and two adds per bucket.
+        const LANE: u32 = 2 * TB;
+        const PAIR: u64 = TMASK | (TMASK << LANE);
+        let mask = self.slots - 1;
         let used = self.used.load(Ordering::Acquire);
-        let mut c = Counts::default();
-        for row in 0..self.rows() {
+        let (mut pair, mut failures) = (0u64, 0u64);
+        for row in 0..self.rows {
             if used & (1 << row.min(63)) == 0 {
                 continue;
             }
-            for i in 0..self.secs as usize {
-                let w = self.bucket(row, i).load(Ordering::Acquire);
-                if w == 0 {
-                    continue;
-                }
-                let age = stamp_now.wrapping_sub(w >> STAMP_SHIFT) & STAMP_MASK;
-                if age < self.secs {
-                    c.calls += (w & TMASK) as u32;
-                    c.failures += ((w >> TB) & TMASK) as u32;
-                    c.slow += ((w >> (2 * TB)) & TMASK) as u32;
-                }
+            let lines = &self.lines[row * self.lines_per_row..][..self.lines_per_row];
+            for i in 0..self.secs {
+                let sec = now_s.wrapping_sub(i);
+                let slot = (sec as usize) & mask;
+                let w = lines[slot / 8].0[slot % 8].load(Ordering::Acquire);
+                let live = w >> STAMP_SHIFT == sec & STAMP_MASK;
+                // Branch-free: an expired bucket adds zero.
+                let keep = u64::from(live).wrapping_neg();
+                pair += w & PAIR & keep;
+                failures += (w >> TB) & TMASK & keep;
             }
         }
-        c
+        Counts {
+            calls: (pair & ((1 << LANE) - 1)) as u32,
+            failures: failures as u32,
+            slow: (pair >> LANE) as u32,
+        }
     }
 
     /// Records one call at second `now_s`. Returns the window when the call could change
@@ -131,7 +153,8 @@ impl TimeWindow {
         if self.used.load(Ordering::Relaxed) & bit == 0 {
             self.used.fetch_or(bit, Ordering::AcqRel);
         }
-        let b = self.bucket(row, (now_s % self.secs) as usize);
+        // `slots` is a power of two: the mask is `now_s % slots`.
+        let b = self.bucket(row, (now_s as usize) & (self.slots - 1));
         let next = |w: u64| -> Option<u64> {
             if w >> STAMP_SHIFT == stamp && w != 0 {
                 // Saturated this second: keep the sample.
