@@ -54,7 +54,7 @@ pub trait SinkWriter: Send {
     fn write(&mut self, chunk: Bytes) -> BoxFuture<'_, Result<(), SinkError>>;
 
     /// Appends several chunks, in order: what the layer calls with each batch the tee
-    /// hands over (up to a quarter of the sink's buffer, at most 1 MiB). The default
+    /// hands over (up to a quarter of the sink's buffer, at most 256 KiB). The default
     /// calls [`write`](Self::write) for each; a writer that gathers chunks anyway should
     /// take the whole batch, so a copy costs one boxed future per batch, not per chunk.
     fn write_batch(&mut self, chunks: Vec<Bytes>) -> BoxFuture<'_, Result<(), SinkError>> {

@@ -22,7 +22,7 @@
 //! and their peak (counted when a batch is handed over).
 //!
 //! With [`TeeBody::batched`] (what the backup layer uses) chunks reach a sink in batches
-//! of up to a quarter of its buffer (at most 1 MiB), which [`Inlet::next_batch`] hands
+//! of up to a quarter of its buffer (at most 256 KiB), which [`Inlet::next_batch`] hands
 //! out whole: a per-chunk channel send and sink wake-up cost as much as the rest of the
 //! body's path, and a copy stored only at its end gains nothing from seeing each chunk at
 //! once.
@@ -223,7 +223,7 @@ where
     }
 
     /// Sends the copies in batches (off by default): chunks are gathered per sink until a
-    /// quarter of its buffer (at most 1 MiB) or the end of the body, then accounted and
+    /// quarter of its buffer (at most 256 KiB) or the end of the body, then accounted and
     /// handed to the sink at once, one wake-up instead of one per chunk. Memory stays
     /// bounded by the same buffer and budget. For copies that are only stored at the end
     /// (backups); not for a reader that must see each chunk as it arrives. Ignored when
