@@ -1184,3 +1184,96 @@ async fn trailers_reach_the_client_and_the_copy_is_the_body() {
     );
     assert_eq!(mem.get("with-trailers").unwrap().to_bytes(), "part1,part2");
 }
+
+/// A sink that records how the layer hands it the chunks: per `write` or per batch.
+#[derive(Clone, Default)]
+struct BatchCounting {
+    writes: Arc<AtomicU64>,
+    batches: Arc<Mutex<Vec<usize>>>,
+    check: Arc<Mutex<PatternCheck>>,
+}
+
+impl tower_patterns::backup::Sink for BatchCounting {
+    fn name(&self) -> &str {
+        "batches"
+    }
+    fn begin<'a>(
+        &'a self,
+        _info: &'a tower_patterns::backup::ObjectInfo,
+    ) -> futures_util::future::BoxFuture<
+        'a,
+        Result<Box<dyn tower_patterns::backup::SinkWriter>, tower_patterns::backup::SinkError>,
+    > {
+        let w: Box<dyn tower_patterns::backup::SinkWriter> = Box::new(self.clone());
+        Box::pin(async move { Ok(w) })
+    }
+}
+
+impl tower_patterns::backup::SinkWriter for BatchCounting {
+    fn write(
+        &mut self,
+        chunk: Bytes,
+    ) -> futures_util::future::BoxFuture<'_, Result<(), tower_patterns::backup::SinkError>> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.check.lock().unwrap().feed(&chunk);
+        Box::pin(async { Ok(()) })
+    }
+    fn write_batch(
+        &mut self,
+        chunks: Vec<Bytes>,
+    ) -> futures_util::future::BoxFuture<'_, Result<(), tower_patterns::backup::SinkError>> {
+        self.batches.lock().unwrap().push(chunks.len());
+        let mut check = self.check.lock().unwrap();
+        for c in &chunks {
+            check.feed(c);
+        }
+        Box::pin(async { Ok(()) })
+    }
+    fn commit(
+        self: Box<Self>,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), tower_patterns::backup::SinkError>>
+    {
+        Box::pin(async { Ok(()) })
+    }
+    fn abort(self: Box<Self>) -> futures_util::future::BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
+}
+
+#[tokio::test]
+async fn the_layer_hands_a_sink_whole_batches() {
+    // 64 MiB over loopback with the default 4 MiB buffer: batches of up to 1 MiB, each
+    // one `write_batch` call (one boxed future) instead of one `write` per chunk.
+    const SIZE: u64 = 64 << 20;
+    let origin = origin(Arc::default()).await;
+    let sink = BatchCounting::default();
+    let layer = TeeLayer::builder()
+        .sink(sink.clone())
+        .buffer(4 << 20)
+        .build();
+    let mut events = Events::new(layer.subscribe());
+    let edge = edge(origin, layer).await;
+    let res = get(edge, &format!("/big/{SIZE}")).await;
+    let mut body = res.into_body();
+    let mut frames = 0u64;
+    while let Some(frame) = body.frame().await {
+        if frame.unwrap().is_data() {
+            frames += 1;
+        }
+    }
+    let ev = events.wait(&format!("big/{SIZE}"), "batches").await;
+    match ev.outcome {
+        BackupOutcome::Committed { bytes } => assert_eq!(bytes, SIZE),
+        other => panic!("{other:?}"),
+    }
+    let check = sink.check.lock().unwrap();
+    assert!(check.ok && check.offset == SIZE, "the copy is the body");
+    assert_eq!(sink.writes.load(Ordering::SeqCst), 0, "no per-chunk write");
+    let batches = sink.batches.lock().unwrap();
+    let chunks: usize = batches.iter().sum();
+    assert!(
+        batches.len() * 2 <= chunks,
+        "{} batches for {chunks} chunks ({frames} frames reached the client)",
+        batches.len()
+    );
+}

@@ -8,6 +8,15 @@
 //! time is the whole cost of the stream on a shared machine; the tee's cost per chunk is
 //! the difference to `plain` divided by the chunks. (`FsSink`'s writes run on blocking
 //! threads and are not in that figure: they are the disk's cost, not the tee's.)
+//!
+//! `tee_1GiB` (not a criterion group: it also reads the peak heap) streams 1 GiB plain and
+//! teed, alternating, five rounds per case, and prints the median ratio: 64 KiB chunks (the
+//! headline) and 16 KiB chunks, each from a fresh `Vec` per chunk and from a read buffer
+//! split like hyper's. `tee_loopback_64MiB` first prints the chunk sizes the tee sees
+//! behind `Forward`; with `BENCH_CLOCK=cpu` it times the process's CPU (every thread:
+//! origin, proxy and client are all in this process) instead of wall time.
+//!
+//! `tee_1GiB` and `fs_client_speed` run when no filter is given or one names them.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;
@@ -100,6 +109,78 @@ fn generated_in(total: usize, chunk: usize, fresh: bool) -> BoxBody {
     boxed(StreamBody::new(stream))
 }
 
+/// `total` bytes in `chunk`-byte chunks split off one read buffer, as hyper's HTTP/1
+/// decoder hands them out: the buffer is reserved, filled ("read from the socket") and the
+/// chunk split off and frozen. While nothing else holds the last chunk the next `reserve`
+/// reuses the buffer; a chunk still held (by a sink's queue) makes it allocate a new one,
+/// which is a real cost of teeing behind hyper. A clone is one reference-count increment
+/// (no promotion of a `Vec`-backed `Bytes`).
+fn read_buffer_chunks(total: usize, chunk: usize) -> BoxBody {
+    use bytes::BufMut;
+    let stream = futures_util::stream::unfold(
+        (0usize, bytes::BytesMut::new()),
+        move |(off, mut buf)| async move {
+            if off >= total {
+                return None;
+            }
+            tokio::task::yield_now().await;
+            let n = (total - off).min(chunk);
+            buf.reserve(n);
+            buf.put_bytes(7, n);
+            let data = buf.split_to(n).freeze();
+            Some((Ok::<_, Infallible>(Frame::data(data)), (off + n, buf)))
+        },
+    );
+    boxed(StreamBody::new(stream))
+}
+
+/// Whether a non-criterion part of this bench runs: with no filter on the command line, or
+/// when a filter (or one of its `|` alternatives) is part of `name`.
+fn wanted(name: &str) -> bool {
+    let mut filters = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a.starts_with("--") && !a.contains('=') {
+            // Options with a value (criterion's `--warm-up-time 1` and the like).
+            let flag = matches!(
+                a.as_str(),
+                "--bench"
+                    | "--test"
+                    | "--list"
+                    | "--noplot"
+                    | "--quiet"
+                    | "--verbose"
+                    | "--exact"
+                    | "--discard-baseline"
+            );
+            if !flag {
+                args.next();
+            }
+        } else if !a.starts_with("--") {
+            filters.push(a);
+        }
+    }
+    // Criterion reads a filter as a regex: `a|b` names both.
+    filters.is_empty()
+        || filters
+            .iter()
+            .flat_map(|f| f.split('|'))
+            .any(|f| name.contains(f))
+}
+
+/// CPU time of the whole process so far (every thread), for the loopback group.
+#[allow(unsafe_code)]
+fn process_cpu() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_PROCESS_CPUTIME_ID)");
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 async fn drain<B: Body + Unpin>(mut body: B) -> usize
 where
     B::Error: std::fmt::Debug,
@@ -132,6 +213,10 @@ impl Sink for NullSink {
 
 impl SinkWriter for NullWriter {
     fn write(&mut self, _: Bytes) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async { Ok(()) })
+    }
+    // Takes a batch at once, as `FsSink` and `MemorySink` do.
+    fn write_batch(&mut self, _: Vec<Bytes>) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(async { Ok(()) })
     }
     fn commit(self: Box<Self>) -> BoxFuture<'static, Result<(), SinkError>> {
@@ -350,7 +435,51 @@ fn loopback(c: &mut Criterion) {
             .sink(FsSink::new(&dir).fsync(FsyncPolicy::Never))
             .buffer(4 << 20)
             .build();
-        let fs_teed = spawn(ServiceBuilder::new().layer(fs_layer.clone()).service(fwd)).await;
+        let fs_teed = spawn(
+            ServiceBuilder::new()
+                .layer(fs_layer.clone())
+                .service(fwd.clone()),
+        )
+        .await;
+        // Which chunks does the tee see behind `Forward`? One request through a proxy that
+        // records the sizes of the upstream body's frames (not part of the timed cases).
+        let sizes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let rec = sizes.clone();
+        let probe = spawn(service_fn(move |req: Request<Incoming>| {
+            let (fwd, rec) = (fwd.clone(), rec.clone());
+            async move {
+                let res = fwd.oneshot(req).await?;
+                Ok::<_, tower_patterns::BoxError>(res.map(move |b| {
+                    b.map_frame(move |f| {
+                        if let Some(d) = f.data_ref() {
+                            rec.lock().unwrap().push(d.len());
+                        }
+                        f
+                    })
+                }))
+            }
+        }))
+        .await;
+        let res = ForwardBuilder::new(format!("http://{probe}"))
+            .build::<Empty<Bytes>>()
+            .unwrap()
+            .oneshot(Request::get("/x").body(Empty::new()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(drain(res.into_body()).await, BODY);
+        let mut v = std::mem::take(&mut *sizes.lock().unwrap());
+        v.sort_unstable();
+        let pct = |p: usize| v[(v.len() - 1) * p / 100] >> 10;
+        println!(
+            "chunks the tee sees behind Forward over loopback (64 MiB): {} chunks, mean {} KiB, \
+             p10 {} / median {} / p90 {} / max {} KiB",
+            v.len(),
+            (BODY / v.len().max(1)) >> 10,
+            pct(10),
+            pct(50),
+            pct(90),
+            pct(100)
+        );
         (plain, teed, layer, fs_teed, fs_layer)
     });
     let client = rt.block_on(async {
@@ -367,17 +496,31 @@ fn loopback(c: &mut Criterion) {
         ("tee_fs_proxy", fs_teed),
     ] {
         let client = client.to(&format!("http://{addr}")).unwrap();
+        let get = move || {
+            let client = client.clone();
+            async move {
+                let res = client
+                    .oneshot(Request::get("/x").body(Empty::new()).unwrap())
+                    .await
+                    .unwrap();
+                drain(res.into_body()).await
+            }
+        };
         g.bench_function(name, |b| {
-            b.to_async(&rt).iter(|| {
-                let client = client.clone();
-                async move {
-                    let res = client
-                        .oneshot(Request::get("/x").body(Empty::new()).unwrap())
-                        .await
-                        .unwrap();
-                    drain(res.into_body()).await
-                }
-            })
+            if cpuclock::cpu_clock() {
+                // CPU of every thread: what the proxy (and its origin and client) spent.
+                b.iter_custom(|n| {
+                    let t0 = process_cpu();
+                    rt.block_on(async {
+                        for _ in 0..n {
+                            std::hint::black_box(get().await);
+                        }
+                    });
+                    process_cpu().saturating_sub(t0)
+                })
+            } else {
+                b.to_async(&rt).iter(&get)
+            }
         });
     }
     g.finish();
@@ -421,6 +564,9 @@ fn cycled(total: usize, pool: std::sync::Arc<Vec<Bytes>>) -> BoxBody {
 /// for byte. Prints the client's and the sink's MB/s (wall time: disk speed is the point).
 fn fs_client_speed(_c: &mut Criterion) {
     const SIZE: usize = 512 << 20;
+    if !wanted("fs_client_speed") {
+        return;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -538,24 +684,43 @@ fn fs_client_speed(_c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Peak heap while 1 GiB streams through the layer with one sink, against plain streaming.
-fn peak_memory(_c: &mut Criterion) {
+/// Where the chunks of the 1 GiB body come from.
+#[derive(Clone, Copy, Debug)]
+enum Source {
+    /// A fresh `Vec` per chunk (the first clone promotes it: one allocation).
+    FreshVec,
+    /// Split off one read buffer, as hyper does ([`read_buffer_chunks`]).
+    ReadBuffer,
+}
+
+/// `tee_1GiB`: 1 GiB streamed plain and through `TeeLayer` with one discarding sink,
+/// alternating (the order rotated each round), five rounds per case; the median ratio of
+/// the throughputs, their range, and the peak heap (a counting allocator).
+fn tee_1gib(_c: &mut Criterion) {
     const GIB: usize = 1 << 30;
     const BUFFER: usize = 4 << 20;
+    const ROUNDS: usize = 5;
+    if !wanted("tee_1GiB") {
+        return;
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let measure = |tee: bool| {
+    let run = |tee: bool, chunk: usize, src: Source| {
         let mut out = None;
         let took = cpuclock::measure(|| {
             out = Some(rt.block_on(async move {
                 let layer = TeeLayer::builder().sink(NullSink).buffer(BUFFER).build();
-                let origin = service_fn(|_req: Request<()>| async {
+                let origin = service_fn(move |_req: Request<()>| async move {
+                    let body = match src {
+                        Source::FreshVec => generated_in(GIB, chunk, true),
+                        Source::ReadBuffer => read_buffer_chunks(GIB, chunk),
+                    };
                     Ok::<_, Infallible>(
                         Response::builder()
                             .header(header::CONTENT_LENGTH, GIB)
-                            .body(generated(GIB, true))
+                            .body(body)
                             .unwrap(),
                     )
                 });
@@ -585,28 +750,69 @@ fn peak_memory(_c: &mut Criterion) {
             }))
         });
         let (peak, stats) = out.unwrap();
-        (peak, took.as_secs_f64(), stats)
+        if tee {
+            assert_eq!(
+                (stats.committed, stats.tee.overflows),
+                (1, 0),
+                "the copy must be whole"
+            );
+        }
+        (peak, took.as_secs_f64())
     };
-    let (plain_peak, plain_secs, _) = measure(false);
-    let (tee_peak, tee_secs, stats) = measure(true);
-    println!(
-        "1 GiB body ({} time), buffer {} KiB: peak heap plain {} KiB, tee {} KiB (tee peak buffered {} KiB); \
-         {:.0} MiB/s plain, {:.0} MiB/s tee (ratio {:.2}); committed {}, overflows {}",
-        if cpuclock::cpu_clock() { "thread CPU" } else { "wall" },
-        BUFFER >> 10,
-        plain_peak >> 10,
-        tee_peak >> 10,
-        stats.tee.peak_buffered >> 10,
-        1024.0 / plain_secs,
-        1024.0 / tee_secs,
-        plain_secs / tee_secs,
-        stats.committed,
-        stats.tee.overflows,
-    );
-    assert!(
-        tee_peak < 4 * BUFFER + (16 << 20),
-        "peak heap {tee_peak} is not bounded by the buffers"
-    );
+    let clock = if cpuclock::cpu_clock() {
+        "thread CPU"
+    } else {
+        "wall"
+    };
+    for (chunk, src) in [
+        (64 << 10, Source::FreshVec),
+        (64 << 10, Source::ReadBuffer),
+        (16 << 10, Source::FreshVec),
+        (16 << 10, Source::ReadBuffer),
+    ] {
+        let (mut ratios, mut plain, mut teed) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut plain_peak, mut tee_peak) = (0, 0);
+        for round in 0..ROUNDS {
+            let mut pair = [(false, 0usize, 0f64), (true, 0, 0.0)];
+            if round % 2 == 1 {
+                pair.swap(0, 1);
+            }
+            for p in &mut pair {
+                (p.1, p.2) = run(p.0, chunk, src);
+            }
+            pair.sort_by_key(|p| p.0);
+            let [(_, pp, ps), (_, tp, ts)] = pair;
+            plain_peak = plain_peak.max(pp);
+            tee_peak = tee_peak.max(tp);
+            ratios.push(ps / ts);
+            plain.push(1024.0 / ps);
+            teed.push(1024.0 / ts);
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (lo, hi) = (
+            ratios.iter().copied().fold(f64::MAX, f64::min),
+            ratios.iter().copied().fold(0.0, f64::max),
+        );
+        println!(
+            "tee_1GiB {} KiB chunks, {src:?} ({clock} time, {ROUNDS} rounds, buffer {} KiB): \
+             plain {:.0} MiB/s, tee {:.0} MiB/s (medians); ratio median {:.3} [{lo:.3}-{hi:.3}]; \
+             peak heap plain {} KiB, tee {} KiB",
+            chunk >> 10,
+            BUFFER >> 10,
+            median(&mut plain),
+            median(&mut teed),
+            median(&mut ratios),
+            plain_peak >> 10,
+            tee_peak >> 10,
+        );
+        assert!(
+            tee_peak < 4 * BUFFER + (16 << 20),
+            "peak heap {tee_peak} is not bounded by the buffers"
+        );
+    }
 }
 
 criterion_group!(
@@ -614,7 +820,7 @@ criterion_group!(
     per_chunk,
     in_process,
     loopback,
-    peak_memory,
+    tee_1gib,
     fs_client_speed
 );
 criterion_main!(benches);

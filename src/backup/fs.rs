@@ -260,6 +260,25 @@ impl SinkWriter for FsWriter {
         })
     }
 
+    fn write_batch(&mut self, chunks: Vec<Bytes>) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async move {
+            if self.file.is_none() {
+                return Err(closed());
+            }
+            self.pending_len += chunks.iter().map(Bytes::len).sum::<usize>();
+            if self.pending.is_empty() {
+                // The tee's vector becomes the next write's: no copy of the list.
+                self.pending = chunks;
+            } else {
+                self.pending.extend(chunks);
+            }
+            if self.pending_len >= self.batch {
+                self.flush_pending().await?;
+            }
+            Ok(())
+        })
+    }
+
     fn held_bytes(&self) -> u64 {
         (self.pending_len + self.in_flight_len) as u64
     }

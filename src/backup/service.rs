@@ -14,7 +14,7 @@ use super::key::ObjectKey;
 use super::layer::SinkSlot;
 use super::layer::{BackupEvent, BackupOutcome, Candidate, Config, TeeLayer};
 use super::sink::ObjectInfo;
-use crate::body::tee::{outlet_in, AbortReason, ByteBudget, Inlet, Next, TeeBody, TeeOptions};
+use crate::body::tee::{outlet_in, AbortReason, ByteBudget, Inlet, NextBatch, TeeBody, TeeOptions};
 
 /// Whether a response is being backed up, as a response extension.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -245,10 +245,11 @@ async fn drive(
         Ok(mut w) => {
             let mut bytes = 0u64;
             loop {
-                match inlet.next().await {
-                    Next::Data(chunk) => {
-                        let n = chunk.len() as u64;
-                        if let Err(e) = w.write(chunk).await {
+                // Whole batches: one write call and one budget update per batch.
+                match inlet.next_batch().await {
+                    NextBatch::Data(chunks) => {
+                        let n: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+                        if let Err(e) = w.write_batch(chunks).await {
                             // Stop receiving first so the tee stops queueing for us.
                             drop(inlet);
                             w.abort().await;
@@ -263,14 +264,14 @@ async fn drive(
                         }
                         bytes += n;
                     }
-                    Next::End => {
+                    NextBatch::End => {
                         drop(inlet);
                         break match w.commit().await {
                             Ok(()) => BackupOutcome::Committed { bytes },
                             Err(e) => BackupOutcome::Failed(Arc::new(e)),
                         };
                     }
-                    Next::Abort(reason) => {
+                    NextBatch::Abort(reason) => {
                         drop(inlet);
                         w.abort().await;
                         break BackupOutcome::Aborted(reason);

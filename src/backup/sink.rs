@@ -53,6 +53,19 @@ pub trait SinkWriter: Send {
     /// Appends a chunk.
     fn write(&mut self, chunk: Bytes) -> BoxFuture<'_, Result<(), SinkError>>;
 
+    /// Appends several chunks, in order: what the layer calls with each batch the tee
+    /// hands over (up to a quarter of the sink's buffer, at most 256 KiB). The default
+    /// calls [`write`](Self::write) for each; a writer that gathers chunks anyway should
+    /// take the whole batch, so a copy costs one boxed future per batch, not per chunk.
+    fn write_batch(&mut self, chunks: Vec<Bytes>) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async move {
+            for c in chunks {
+                self.write(c).await?;
+            }
+            Ok(())
+        })
+    }
+
     /// Makes the object visible, atomically.
     fn commit(self: Box<Self>) -> BoxFuture<'static, Result<(), SinkError>>;
 
@@ -196,6 +209,15 @@ impl Sink for MemorySink {
 impl SinkWriter for MemoryWriter {
     fn write(&mut self, chunk: Bytes) -> BoxFuture<'_, Result<(), SinkError>> {
         self.chunks.push(chunk);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn write_batch(&mut self, chunks: Vec<Bytes>) -> BoxFuture<'_, Result<(), SinkError>> {
+        if self.chunks.is_empty() {
+            self.chunks = chunks;
+        } else {
+            self.chunks.extend(chunks);
+        }
         Box::pin(async { Ok(()) })
     }
 

@@ -22,9 +22,10 @@
 //! and their peak (counted when a batch is handed over).
 //!
 //! With [`TeeBody::batched`] (what the backup layer uses) chunks reach a sink in batches
-//! of up to a quarter of its buffer: a per-chunk channel send and sink wake-up cost as much
-//! as the rest of the body's path, and a copy stored only at its end gains nothing from
-//! seeing each chunk at once.
+//! of up to a quarter of its buffer (at most 256 KiB), which [`Inlet::next_batch`] hands
+//! out whole: a per-chunk channel send and sink wake-up cost as much as the rest of the
+//! body's path, and a copy stored only at its end gains nothing from seeing each chunk at
+//! once.
 //!
 //! ```
 //! use bytes::Bytes;
@@ -67,7 +68,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
 pub use budget::{ByteBudget, DrainBudget};
-pub use channel::{outlet, outlet_in, Inlet, Next, Outlet};
+pub use channel::{outlet, outlet_in, Inlet, Next, NextBatch, Outlet};
 pub use stats::{TeeStats, TeeStatsSnapshot};
 
 use drain::{spawn_drain, Drain, DrainFn};
@@ -326,7 +327,14 @@ where
                             this.abort_all(AbortReason::TooLong { expected: e });
                         } else {
                             let paced = this.paced;
-                            this.outlets.retain_mut(|o| o.try_send(data, paced));
+                            // One sink (the usual case) without `retain_mut`'s bookkeeping.
+                            if let [o] = this.outlets.as_mut_slice() {
+                                if !o.try_send(data, paced) {
+                                    this.outlets.clear();
+                                }
+                            } else {
+                                this.outlets.retain_mut(|o| o.try_send(data, paced));
+                            }
                         }
                     }
                 }

@@ -213,3 +213,105 @@ async fn a_stalled_sink_still_bounds_memory() {
     drop(inlets);
     assert_eq!(budget.used(), 0);
 }
+
+#[tokio::test]
+async fn a_4mib_buffer_sends_64kib_chunks_4_to_a_batch() {
+    // The batch stays at 256 KiB however large the buffer: its chunks are alive until the
+    // sink takes them, and a larger batch no longer fits the cache (see `MAX_BATCH`).
+    let (out, mut inlet) = outlet(4 << 20);
+    let data = chunks(9, 64 << 10);
+    let want: Vec<u8> = data.iter().flat_map(|c| c.to_vec()).collect();
+    let tee = TeeBody::new(body(data, false), vec![out], &TeeOptions::default()).batched(true);
+    let mut tee = std::pin::pin!(tee);
+    for _ in 0..3 {
+        std::future::poll_fn(|cx| tee.as_mut().poll_frame(cx)).await;
+    }
+    assert!(inlet.rx.is_empty(), "3 x 64 KiB stay gathered");
+    std::future::poll_fn(|cx| tee.as_mut().poll_frame(cx)).await;
+    assert_eq!(inlet.rx.len(), 1, "the 4th chunk sends the batch");
+    assert_eq!(inlet.shared.buffered.load(Ordering::SeqCst), 256 << 10);
+    client(tee).await;
+    let NextBatch::Data(first) = inlet.next_batch().await else {
+        panic!("a batch first")
+    };
+    assert_eq!(first.len(), 4, "one batch, handed out whole");
+    let (rest, end) = read_all(&mut inlet).await;
+    assert_eq!(end, Next::End);
+    let got: Vec<u8> = first.iter().flat_map(|c| c.to_vec()).chain(rest).collect();
+    assert_eq!(got, want, "every chunk, in order");
+}
+
+#[tokio::test]
+async fn next_batch_picks_up_where_next_stopped_and_releases_per_batch() {
+    // 64 KiB buffer: 16 KiB batches of 4 x 4 KiB.
+    let (out, mut inlet) = outlet(64 << 10);
+    let tee = TeeBody::new(
+        body(chunks(9, 4096), false),
+        vec![out],
+        &TeeOptions::default(),
+    )
+    .batched(true);
+    client(tee).await;
+    assert!(matches!(inlet.next().await, Next::Data(_)));
+    assert_eq!(
+        inlet.next_batch().await,
+        NextBatch::Data(chunks(4, 4096)[1..].to_vec()),
+        "the rest of the first batch"
+    );
+    assert_eq!(inlet.shared.buffered.load(Ordering::SeqCst), 36 << 10);
+    assert_eq!(
+        inlet.next_batch().await,
+        NextBatch::Data(vec![
+            Bytes::from(vec![4u8; 4096]),
+            Bytes::from(vec![5u8; 4096]),
+            Bytes::from(vec![6u8; 4096]),
+            Bytes::from(vec![7u8; 4096])
+        ])
+    );
+    assert_eq!(
+        inlet.shared.buffered.load(Ordering::SeqCst),
+        20 << 10,
+        "the first batch is released once the second is asked for"
+    );
+    assert_eq!(
+        inlet.next_batch().await,
+        NextBatch::Data(vec![Bytes::from(vec![8u8; 4096])])
+    );
+    assert_eq!(inlet.next_batch().await, NextBatch::End);
+    assert_eq!(inlet.shared.buffered.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        inlet.next_batch().await,
+        NextBatch::Abort(AbortReason::Dropped)
+    );
+}
+
+#[tokio::test]
+async fn the_queued_bound_rereads_the_count_after_the_sink_released() {
+    // 32 KiB buffer, unbatched: the outlet's bound says 24 KiB queued after six chunks.
+    let (mut out, mut inlet) = outlet(32 << 10);
+    let c = Bytes::from(vec![1u8; 4096]);
+    for _ in 0..6 {
+        assert!(out.try_send(&c, false));
+    }
+    assert_eq!(out.queued_hint, 24 << 10);
+    for _ in 0..6 {
+        assert!(matches!(inlet.next().await, Next::Data(_)));
+    }
+    // The sink released five chunks (the sixth is held until it asks again). The bound
+    // is stale (24 KiB) and would refuse a 12 KiB chunk; the real count (4 KiB) does not.
+    let big = Bytes::from(vec![2u8; 12 << 10]);
+    assert_eq!(
+        out.queued_hint,
+        24 << 10,
+        "no read while the bound leaves room"
+    );
+    assert!(out.try_send(&big, false), "re-read, not a false overflow");
+    assert_eq!(out.queued_hint, 16 << 10);
+    // A real overflow is still one: 16 KiB queued + 20 KiB > 32 KiB.
+    assert!(!out.try_send(&Bytes::from(vec![3u8; 20 << 10]), false));
+    assert!(matches!(inlet.next().await, Next::Data(_)));
+    assert_eq!(
+        inlet.next().await,
+        Next::Abort(AbortReason::Overflow { limit: 32 << 10 })
+    );
+}
