@@ -73,6 +73,7 @@
 //! in flight, requests, failures); `tracing` logs `endpoint ejected` (warn), `endpoint
 //! restored on probation` (info, its trial request), `endpoint restored` (info),
 //! membership changes (info) and retries (debug).
+mod attempt;
 mod call;
 pub mod client;
 pub mod discover;
@@ -82,6 +83,7 @@ mod error;
 mod future;
 mod guard;
 mod hash;
+mod outcome;
 mod pick;
 mod replay;
 mod retry;

@@ -457,7 +457,7 @@ where
     /// benchmarks (it is the pick cost alone).
     pub fn select<B>(&self, req: &Request<B>) -> Result<K, BalanceError> {
         let snap = self.shared.snapshot.load();
-        let (picked, _, _) = super::future::first_pick(&self.shared, &snap, req);
+        let (picked, _, _) = super::attempt::first_pick(&self.shared, &snap, req);
         match picked {
             Ok(p) => {
                 let ep = &snap.endpoints[p.index];
@@ -467,7 +467,7 @@ where
                 }
                 Ok(ep.key.clone())
             }
-            Err(m) => Err(super::future::miss_error(m)),
+            Err(m) => Err(super::attempt::miss_error(m)),
         }
     }
 
