@@ -169,7 +169,7 @@ where
         }
     }
 
-    /// One [`Gate`] per endpoint (a circuit breaker, say); an endpoint whose gate refuses
+    /// One [`Gate`](crate::gate::Gate) per endpoint (a circuit breaker, say); an endpoint whose gate refuses
     /// is not picked.
     pub fn gates<M2: MakeGate<K>>(self, make_gate: M2) -> BalanceBuilder<K, C, M2> {
         BalanceBuilder {
