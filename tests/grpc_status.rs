@@ -84,7 +84,7 @@ async fn grpc_unavailable_in_trailers_trips_the_breaker_and_counts_for_health() 
     let fwd = Forward::<Incoming>::new(&upstream).unwrap();
     let lb = Balance::builder()
         .health(PassiveHealth::new(100, Duration::from_secs(10)))
-        .classify(cond)
+        .classify(cond.clone())
         .build_static([("only", fwd)]);
     let breaker = CircuitBreakerLayer::new(
         CircuitBreakerConfig::new()

@@ -173,7 +173,7 @@ where
 }
 
 /// A classifier the size of a byte (statuses >= 500 fail): shows how much of the tower
-/// path is copying the 264-byte `Condition` into each response future.
+/// path is copying `Condition` into each response future (264 bytes until session 12, 32 now).
 #[derive(Clone, Copy)]
 struct Small;
 

@@ -66,7 +66,7 @@ fn bench(c: &mut Criterion) {
     let mut one = ServiceBuilder::new()
         .layer(ChainLayer::new())
         .layer(LinkLayer::new(
-            cond,
+            cond.clone(),
             tower::service_fn(answer::<ReplayBody<Body>>),
         ))
         .service(tower::service_fn(answer::<ReplayBody<Body>>));
@@ -77,11 +77,11 @@ fn bench(c: &mut Criterion) {
     let mut three = ServiceBuilder::new()
         .layer(ChainLayer::new())
         .layer(LinkLayer::new(
-            cond,
+            cond.clone(),
             tower::service_fn(answer::<ReplayBody<Body>>),
         ))
         .layer(LinkLayer::new(
-            cond,
+            cond.clone(),
             tower::service_fn(answer::<ReplayBody<Body>>),
         ))
         .service(tower::service_fn(answer::<ReplayBody<Body>>));
@@ -92,7 +92,7 @@ fn bench(c: &mut Criterion) {
     let mut table = LinkTable::<Body>::builder()
         .vhost("foo.com", tower::service_fn(answer::<ReplayBody<Body>>))
         .vhost("bar.com", tower::service_fn(answer::<ReplayBody<Body>>))
-        .link("foo.com", cond, "bar.com")
+        .link("foo.com", cond.clone(), "bar.com")
         .build()
         .unwrap();
     g.bench_function(BenchmarkId::from_parameter("link_table_2_links"), |b| {

@@ -8,7 +8,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use super::service::{Balance, BalanceBuilder, MakeGate};
+use super::builder::BalanceBuilder;
+use super::service::{Balance, MakeGate};
 use crate::classify::Classify;
 use crate::proxy::ForwardBuilder;
 use crate::BoxError;

@@ -73,6 +73,8 @@
 //! in flight, requests, failures); `tracing` logs `endpoint ejected` (warn), `endpoint
 //! restored on probation` (info, its trial request), `endpoint restored` (info),
 //! membership changes (info) and retries (debug).
+mod attempt;
+mod builder;
 mod call;
 pub mod client;
 pub mod discover;
@@ -82,7 +84,9 @@ mod error;
 mod future;
 mod guard;
 mod hash;
+mod outcome;
 mod pick;
+mod picker;
 mod replay;
 mod retry;
 mod service;
@@ -98,11 +102,12 @@ pub use endpoint::{EndpointState, EndpointStatus, PassiveHealth};
 pub use error::{BalanceError, BuildError, StickyError, TryTimeout};
 pub use future::ResponseFuture;
 pub use hash::hash_bytes;
-pub use pick::{HashKey, Picker};
+pub use picker::{HashKey, Picker};
 // The ketama ring, shared with the edge cache's sibling lookup (one ring in the crate).
+pub use builder::{BalanceBuilder, Built, DEFAULT_TRY_TIMEOUT};
 pub(crate) use pick::build_ring;
 pub use replay::{Replay, ReplayFuture, ReplayLayer};
 pub use retry::{CloneBody, Retry};
-pub use service::{Balance, BalanceBuilder, Built, MakeGate, NoGates, DEFAULT_TRY_TIMEOUT};
+pub use service::{Balance, MakeGate, NoGates};
 pub use shared::SharedHealth;
 pub use sticky::{SameSite, StickyCookie};

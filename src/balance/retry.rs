@@ -22,7 +22,7 @@ use crate::classify::Condition;
 /// [`tries`](Retry::tries) endpoints were tried, the time since the first try is under
 /// [`timeout`](Retry::timeout), and an untried endpoint is available. Otherwise the last
 /// response or error is returned as is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Retry {
     pub(crate) tries: u32,
     pub(crate) timeout: Option<Duration>,

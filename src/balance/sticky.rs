@@ -8,7 +8,7 @@ use http::{HeaderMap, HeaderValue};
 use sha2::Sha256;
 
 use super::error::StickyError;
-use super::pick::cookie_value;
+use super::picker::cookie_value;
 
 type HmacSha256 = Hmac<Sha256>;
 

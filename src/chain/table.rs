@@ -355,14 +355,15 @@ where
                 if built[h].is_some() {
                     continue;
                 }
-                let svc = match link[h] {
+                let svc = match &link[h] {
                     None => services[h].clone(),
                     Some((cond, t)) => {
+                        let t = *t;
                         let next = match &built[t] {
                             Some(n) => n.clone(),
                             None => services[t].clone(),
                         };
-                        let mut layer = LinkLayer::new(cond, next)
+                        let mut layer = LinkLayer::new(cond.clone(), next)
                             .names(names[h].as_str(), names[t].as_str())
                             .non_idempotent(self.non_idempotent);
                         if let Some((limit, timeout)) = self.drain {
@@ -389,7 +390,7 @@ where
                 hosts: index,
                 chains,
                 names,
-                links: link.iter().map(|l| l.map(|(_, t)| t)).collect(),
+                links: link.iter().map(|l| l.as_ref().map(|(_, t)| *t)).collect(),
                 default,
             }),
         })
@@ -434,7 +435,7 @@ fn find_cycle(link: &[Option<(Condition, usize)>]) -> Option<Vec<usize>> {
                 _ => {
                     mark[h] = 1;
                     walk.push(h);
-                    cur = link[h].map(|(_, t)| t);
+                    cur = link[h].as_ref().map(|(_, t)| *t);
                 }
             }
         }
@@ -610,10 +611,14 @@ mod tests {
     fn cycles_found_with_their_members() {
         let c = Condition::never();
         // 0 -> 1 -> 2 -> 1
-        let link = vec![Some((c, 1)), Some((c, 2)), Some((c, 1))];
+        let link = vec![
+            Some((c.clone(), 1)),
+            Some((c.clone(), 2)),
+            Some((c.clone(), 1)),
+        ];
         assert_eq!(find_cycle(&link), Some(vec![1, 2, 1]));
         // 0 -> 1, 2 -> 1: no cycle.
-        let link = vec![Some((c, 1)), None, Some((c, 1))];
+        let link = vec![Some((c.clone(), 1)), None, Some((c, 1))];
         assert_eq!(find_cycle(&link), None);
     }
 }

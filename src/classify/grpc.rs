@@ -443,14 +443,14 @@ mod tests {
         let res = grpc_res(Some("14"));
         assert!(!k.defers_to_trailers(&res));
         assert_eq!(
-            k.classify_response(&res),
+            k.clone().classify_response(&res),
             Outcome::Failure(FailureKind::Grpc(14))
         );
         assert_eq!(k.classify_response(&grpc_res(Some("5"))), Outcome::Success);
         // Without gRPC codes in the condition, grpc-status is not looked at.
         let http_only: Condition = "5xx".parse().unwrap();
         assert_eq!(
-            http_only.classify_response(&grpc_res(Some("14"))),
+            http_only.clone().classify_response(&grpc_res(Some("14"))),
             Outcome::Success
         );
         assert!(!http_only.defers_to_trailers(&grpc_res(None)));
@@ -470,14 +470,17 @@ mod tests {
         let mut t = HeaderMap::new();
         t.insert("grpc-status", "14".parse().unwrap());
         assert_eq!(
-            c.classify_end(StreamEnd::Trailers(&t)),
+            c.clone().classify_end(StreamEnd::Trailers(&t)),
             Outcome::Failure(FailureKind::Grpc(14))
         );
         t.insert("grpc-status", "0".parse().unwrap());
-        assert_eq!(c.classify_end(StreamEnd::Trailers(&t)), Outcome::Success);
+        assert_eq!(
+            c.clone().classify_end(StreamEnd::Trailers(&t)),
+            Outcome::Success
+        );
         // No status at all: INTERNAL, as a gRPC client reports it.
         assert_eq!(
-            c.classify_end(StreamEnd::NoTrailers),
+            c.clone().classify_end(StreamEnd::NoTrailers),
             Outcome::Failure(FailureKind::Grpc(GRPC_INTERNAL))
         );
         let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);

@@ -172,7 +172,7 @@ proptest! {
         // parse(format(x)) == x, and the canonical text is a fixed point.
         let printed = c.to_string();
         let back: Condition = printed.parse().map_err(|e| TestCaseError::fail(format!("{printed:?}: {e}")))?;
-        prop_assert_eq!(back, c);
+        prop_assert_eq!(&back, &c);
         prop_assert_eq!(back.to_string(), printed);
     }
 

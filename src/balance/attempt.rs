@@ -1,0 +1,310 @@
+//! What one request carries between its tries: the endpoint it is on, the copy kept for a
+//! retry, the endpoints already tried, the queue wait, and the rules for a next try.
+//!
+//! Split from `future.rs`, which only drives the state machine. The common request (one
+//! try, answered at once) touches the inline fields only; everything the failure, retry
+//! and queue paths need lives in [`Cold`], boxed on first use, because the response future
+//! is moved through every layer above the balancer and each inline byte is paid per move.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{header, Request, Response};
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::call::Call;
+use super::error::BalanceError;
+use super::guard::{InFlight, Permit};
+use super::pick::{Miss, Picked};
+use super::picker::Picker;
+use super::retry::{clone_request, CloneBody};
+use super::service::{Ep, MakeGate, Shared, Snap};
+use crate::classify::{is_connect_error, Classify};
+use crate::BoxError;
+
+/// Re-pick at least this often while queued (ejections expire and gates reopen silently).
+const QUEUE_STEP: Duration = Duration::from_millis(20);
+
+/// `false` for [`NoGate`](crate::gate::NoGate), which ignores the elapsed time; a constant
+/// after monomorphisation.
+fn gate_is_timed<K, M: MakeGate<K>>() -> bool {
+    std::any::TypeId::of::<M::Gate>() != std::any::TypeId::of::<crate::gate::NoGate>()
+}
+
+/// `now + d`, or a far future (about 30 years, as tokio's own) when that overflows: a
+/// configured duration never panics.
+pub(crate) fn deadline_after(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30))
+}
+
+type Wait = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+pub(super) struct Attempt<K, S, M: MakeGate<K>, C: Classify, B, R> {
+    pub(super) shared: Arc<Shared<K, S, M, C>>,
+    pub(super) endpoint: Option<InFlight<K, S, M>>,
+    pub(super) permit: Option<Permit<K, M>>,
+    pub(super) classifier: Option<C::Classifier>,
+    pub(super) started: Option<Instant>,
+    first: Option<Instant>,
+    /// The copy kept for the next try (retries on only). Boxed: a request is ~250 bytes,
+    /// and a field that size would be moved with every move of the future even when
+    /// retries are off; the retry path already allocates for the copied headers.
+    pub(super) replay: Option<Box<Request<B>>>,
+    pub(super) tries: u32,
+    pub(super) key: Option<u64>,
+    cookie_id: Option<u64>,
+    pub(super) method_ok: bool,
+    /// The per-try timeout of the try just dispatched is not armed on the timer yet: it is
+    /// armed only once the try is pending, so an answer ready at the first poll costs no
+    /// clock read and no timer registration.
+    pub(super) arm: bool,
+    /// State of the failure, retry and queue paths, boxed so the common future stays small.
+    pub(super) cold: Option<Box<Cold<B, R>>>,
+}
+
+pub(super) struct Cold<B, R> {
+    /// Queued: the request to send once an endpoint is available, and the wait.
+    pub(super) queued: Option<(Request<B>, Wait)>,
+    queue_deadline: Option<Instant>,
+    /// What to return if no endpoint turns up: the last result, or why none was picked.
+    last: Option<Result<R, BalanceError>>,
+    /// Endpoints this request already went to (never the same one twice).
+    tried: Vec<u64>,
+}
+
+impl<K, S, M: MakeGate<K>, C: Classify, B, R> Attempt<K, S, M, C, B, R> {
+    pub(super) fn new(
+        shared: Arc<Shared<K, S, M, C>>,
+        key: Option<u64>,
+        cookie_id: Option<u64>,
+        method_ok: bool,
+    ) -> Self {
+        Attempt {
+            shared,
+            endpoint: None,
+            permit: None,
+            classifier: None,
+            started: None,
+            first: None,
+            replay: None,
+            tries: 0,
+            key,
+            cookie_id,
+            method_ok,
+            arm: false,
+            cold: None,
+        }
+    }
+
+    fn cold(&mut self) -> &mut Cold<B, R> {
+        self.cold.get_or_insert_with(|| {
+            Box::new(Cold {
+                queued: None,
+                queue_deadline: None,
+                last: None,
+                tried: Vec::new(),
+            })
+        })
+    }
+
+    pub(super) fn set_last(&mut self, r: Result<R, BalanceError>) {
+        self.cold().last = Some(r);
+    }
+
+    pub(super) fn take_last(&mut self) -> Result<R, BalanceError> {
+        self.cold
+            .as_mut()
+            .and_then(|c| c.last.take())
+            .unwrap_or(Err(BalanceError::NoEndpoints))
+    }
+
+    /// The endpoints already tried, for the next pick.
+    pub(super) fn tried(&self) -> &[u64] {
+        self.cold.as_ref().map_or(&[], |c| &c.tried)
+    }
+
+    pub(super) fn mark_tried(&mut self, id: u64) {
+        self.cold().tried.push(id);
+    }
+}
+
+pub(crate) fn miss_error(m: Miss) -> BalanceError {
+    if m.total == 0 {
+        BalanceError::NoEndpoints
+    } else {
+        BalanceError::Unavailable {
+            total: m.total,
+            ejected: m.ejected,
+            refused: m.refused,
+        }
+    }
+}
+
+/// The first pick of a request: its sticky endpoint if valid and available, else the
+/// picker's choice. Also returns the cookie's endpoint id and the request's hash key.
+#[allow(clippy::type_complexity)]
+pub(crate) fn first_pick<K, S, M, C, B>(
+    shared: &Shared<K, S, M, C>,
+    snap: &Snap<K, S, M>,
+    req: &Request<B>,
+) -> (Result<Picked<Permit<K, M>>, Miss>, Option<u64>, Option<u64>)
+where
+    K: fmt::Debug,
+    M: MakeGate<K>,
+{
+    let cookie_id = shared.sticky.as_ref().and_then(|c| c.read(req.headers()));
+    let key = match &shared.picker {
+        Picker::ConsistentHash(k) => k.hash(req),
+        _ => None,
+    };
+    let sticky = cookie_id
+        .and_then(|id| snap.index_of(id))
+        .and_then(|i| snap.admit(i, &shared.clock, &[]));
+    let picked = match sticky {
+        Some(p) => Ok(p),
+        None => snap.pick(&shared.picker, key, &shared.clock, &[]),
+    };
+    (picked, cookie_id, key)
+}
+
+impl<K, S, M, C, B, RB> Attempt<K, S, M, C, B, Response<RB>>
+where
+    K: Clone + fmt::Debug,
+    S: Service<Request<B>, Response = Response<RB>> + Clone,
+    M: MakeGate<K>,
+    C: Classify,
+    B: CloneBody,
+{
+    /// Sends `req` to the picked endpoint: counts it in flight, keeps a copy when another
+    /// try could follow, and starts the endpoint's call.
+    pub(super) fn dispatch(
+        &mut self,
+        snap: &Snap<K, S, M>,
+        picked: Picked<Permit<K, M>>,
+        req: Request<B>,
+    ) -> Call<S, Request<B>> {
+        let Picked {
+            index,
+            permit,
+            trial,
+        } = picked;
+        let ep = snap.endpoints[index].clone();
+        ep.in_flight.fetch_add(1, Relaxed);
+        ep.requests.fetch_add(1, Relaxed);
+        self.tries += 1;
+        // Copy only when another try could follow: no copy (no allocation) with tries = 1.
+        self.replay = if self.tries < self.shared.retry.tries {
+            clone_request(&req).map(Box::new)
+        } else {
+            None
+        };
+        self.classifier = Some(self.shared.classify.classify_request(&req));
+        self.permit = Some(permit);
+        // The clock is read here only for a gate that uses the elapsed time or a retry
+        // timeout; the per-try timeout reads it when the try first turns out pending.
+        let timed = self.shared.retry.timeout.is_some();
+        self.started = None;
+        if gate_is_timed::<K, M>() || timed {
+            let now = Instant::now();
+            self.started = Some(now);
+            if self.first.is_none() && timed {
+                self.first = Some(now);
+            }
+        }
+        self.arm = self.shared.try_timeout.is_some();
+        let svc = ep.service.clone();
+        self.endpoint = Some(InFlight {
+            ep,
+            trial,
+            counted: true,
+        });
+        Call::start(svc, req)
+    }
+
+    /// Still within [`Retry::timeout`](super::Retry::timeout) of the first try.
+    pub(super) fn within_timeout(&self) -> bool {
+        match (self.shared.retry.timeout, self.first) {
+            (Some(t), Some(first)) => first.elapsed() < t,
+            _ => true,
+        }
+    }
+
+    /// Whether the answer `res` of a try asks for another: only with a kept copy of the
+    /// request (no copy, no retry classification and no shared-state reference), never
+    /// for a client-caused failure, a connect error for any method, anything else
+    /// matching [`Retry::on`](super::Retry::on) for an allowed method.
+    pub(super) fn wants_retry(
+        &self,
+        res: &Result<Response<RB>, BoxError>,
+        client_fault: bool,
+    ) -> bool {
+        if self.replay.is_none() {
+            return false;
+        }
+        let on = &self.shared.retry.on;
+        match res {
+            Ok(r) => self.method_ok && on.classify_head(r.status(), r.headers()).is_failure(),
+            Err(_) if client_fault => false,
+            Err(e) => {
+                is_connect_error(&**e)
+                    || (self.method_ok && on.classify_error_ref(&**e).is_failure())
+            }
+        }
+    }
+
+    /// Parks `req` until the set changes or a step passes, if a queue timeout allows it.
+    /// Returns `false` (and drops `req`) when it does not.
+    pub(super) fn queue(&mut self, req: Request<B>) -> bool {
+        let Some(timeout) = self.shared.queue_timeout else {
+            return false;
+        };
+        let now = Instant::now();
+        let deadline = *self
+            .cold()
+            .queue_deadline
+            .get_or_insert_with(|| deadline_after(now, timeout));
+        if now >= deadline {
+            return false;
+        }
+        let mut members = self.shared.members.subscribe();
+        let sleep = tokio::time::sleep_until(deadline.min(deadline_after(now, QUEUE_STEP)));
+        let wait: Wait = Box::pin(async move {
+            tokio::select! {
+                _ = members.changed() => {}
+                () = sleep => {}
+            }
+        });
+        self.cold().queued = Some((req, wait));
+        true
+    }
+
+    /// Applies the sticky cookie to a final response. Inlined: the response is moved in
+    /// and out, a copy of its whole head per call otherwise.
+    #[inline]
+    pub(super) fn finish(
+        &self,
+        ep: &Ep<K, S, M>,
+        res: Result<Response<RB>, BoxError>,
+    ) -> Result<Response<RB>, BalanceError> {
+        match res {
+            Ok(mut r) => {
+                if self.cookie_id != Some(ep.id) {
+                    if let Some(c) = &ep.cookie {
+                        r.headers_mut().append(header::SET_COOKIE, c.clone());
+                    }
+                }
+                Ok(r)
+            }
+            Err(source) => Err(BalanceError::Upstream {
+                tries: self.tries,
+                source,
+            }),
+        }
+    }
+}
