@@ -25,7 +25,7 @@ use crate::classify::{Classify, Condition};
 /// let not_found: Condition = "404".parse().unwrap();
 /// let chain = tower::ServiceBuilder::new()
 ///     .layer(ChainLayer::new())                                           // the edge
-///     .layer(LinkLayer::new(not_found, svc("baz")).names("bar", "baz")) // bar -> baz
+///     .layer(LinkLayer::new(not_found.clone(), svc("baz")).names("bar", "baz")) // bar -> baz
 ///     .layer(LinkLayer::new(not_found, svc("bar")).names("foo", "bar")) // foo -> bar
 ///     .service(svc("foo"));
 /// ```
