@@ -15,6 +15,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tower::ServiceBuilder;
 use tower_patterns::proxy::{ErrorResponseLayer, ForwardBuilder};
 
+mod common;
+
 struct Counting;
 
 static ALLOCS: AtomicU64 = AtomicU64::new(0);
@@ -54,38 +56,6 @@ const BUDGET_PER_REQUEST: u64 = 13;
 /// Allocations in the measured window that do not recur per request.
 const ONE_OFF: u64 = 50;
 
-/// Reads one response with a `Content-Length` body from `conn` (responses here are small).
-async fn read_response(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Vec<u8> {
-    buf.clear();
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = std::str::from_utf8(&buf[..end])
-                .expect("ASCII head")
-                .to_owned();
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse().ok())?
-                })
-                .expect("content-length");
-            while buf.len() < end + 4 + len {
-                let mut chunk = [0u8; 4096];
-                let n = conn.read(&mut chunk).await.expect("read body");
-                assert!(n > 0, "connection closed mid-body");
-                buf.extend_from_slice(&chunk[..n]);
-            }
-            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-            return buf[end + 4..end + 4 + len].to_vec();
-        }
-        let mut chunk = [0u8; 4096];
-        let n = conn.read(&mut chunk).await.expect("read head");
-        assert!(n > 0, "connection closed before a response");
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
 /// A keep-alive backend answering every request head with `ok\n`, echoing the
 /// `X-Forwarded-For` it received so the test can see the proxy did its work.
 async fn backend(listener: TcpListener) {
@@ -124,11 +94,11 @@ async fn backend(listener: TcpListener) {
 
 /// `n` requests, one at a time, spread over `conns`.
 async fn requests(conns: &mut [TcpStream], req: &[u8], n: usize) {
-    let mut buf = Vec::new();
     for i in 0..n {
         let c = &mut conns[i % conns.len()];
         c.write_all(req).await.unwrap();
-        let body = read_response(c, &mut buf).await;
+        let (head, body) = common::read_raw_response(c).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
         assert_eq!(body, b"127.0.0.1", "the backend saw X-Forwarded-For");
     }
 }

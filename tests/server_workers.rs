@@ -18,6 +18,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 use tower_patterns::server::{Server, WorkerId, Workers};
 
+mod common;
+
 const LOCAL: &str = "127.0.0.1:0";
 
 /// Answers `<tag> <worker index> <thread name>`.
@@ -399,34 +401,10 @@ async fn requests_sent_just_before_shutdown_are_answered() {
     }
 }
 
-/// Reads one HTTP/1.1 response with a `content-length` body from a kept-alive
-/// connection and returns the body.
+/// One response's body from a kept-alive raw connection, as text.
 async fn read_response(s: &mut tokio::net::TcpStream) -> String {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = s.read(&mut chunk).await.expect("read");
-        assert!(
-            n > 0,
-            "closed mid-response: {:?}",
-            String::from_utf8_lossy(&buf)
-        );
-        buf.extend_from_slice(&chunk[..n]);
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    let (name, value) = l.split_once(':')?;
-                    name.eq_ignore_ascii_case("content-length")
-                        .then(|| value.trim().parse().ok())?
-                })
-                .expect("content-length");
-            if body.len() >= len {
-                return body[..len].to_string();
-            }
-        }
-    }
+    let (_head, body) = common::read_raw_response(s).await;
+    String::from_utf8_lossy(&body).into_owned()
 }
 
 /// The kernel spreads a `SO_REUSEPORT` group's connections by a hash of their addresses:

@@ -1,5 +1,5 @@
-//! Helpers shared by the backup tee tests: real servers on 127.0.0.1, generated bodies,
-//! and test sinks implementing the public `Sink` trait.
+//! Helpers shared by the integration tests: real servers on 127.0.0.1, generated bodies,
+//! test sinks implementing the public `Sink` trait, and a raw HTTP/1.1 response reader.
 #![allow(dead_code)]
 
 use std::convert::Infallible;
@@ -375,4 +375,41 @@ pub async fn truncating_origin(declared: u64, sent: usize) -> SocketAddr {
         }
     });
     addr
+}
+
+/// Reads one HTTP/1.1 response with a `Content-Length` body from a kept-alive raw
+/// connection (for tests that speak HTTP by hand, below any client library): its head
+/// (status line and headers) and its body.
+pub async fn read_raw_response(conn: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = std::str::from_utf8(&buf[..end])
+                .expect("ASCII head")
+                .to_owned();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse().ok())?
+                })
+                .expect("content-length");
+            while buf.len() < end + 4 + len {
+                let n = conn.read(&mut chunk).await.expect("read body");
+                assert!(n > 0, "closed mid-body after {head:?}");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            return (head, buf[end + 4..end + 4 + len].to_vec());
+        }
+        let n = conn.read(&mut chunk).await.expect("read head");
+        assert!(
+            n > 0,
+            "closed before a whole response: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
 }
