@@ -8,14 +8,12 @@
 //! - `headers/*`: hop-by-hop stripping on a typical request;
 //! - `classify/*`: classifying a response with a parsed `Condition`.
 
-use std::convert::Infallible;
-
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{Request, Response};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use tower::{Service, ServiceExt};
 use tower_patterns::classify::{Classifier, Classify, Condition};
 use tower_patterns::proxy::{strip_hop_by_hop, Forward, ForwardBuilder, Protocol};
@@ -67,29 +65,6 @@ fn forward(c: &mut Criterion) {
     g.finish();
 }
 
-/// A backend answering HTTP/1.1 and h2c prior knowledge on one port (hyper's auto server).
-fn auto_backend(rt: &tokio::runtime::Runtime) -> std::net::SocketAddr {
-    rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            loop {
-                let (s, _) = listener.accept().await.unwrap();
-                let _ = s.set_nodelay(true);
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(|_r| async {
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-                });
-            }
-        });
-        addr
-    })
-}
-
 /// 64 concurrent clients, each one request per iteration: the h1 pool against one h2
 /// connection. Criterion reports the time per batch of 64.
 fn h2_upstream(c: &mut Criterion) {
@@ -98,7 +73,7 @@ fn h2_upstream(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let addr = auto_backend(&rt);
+    let addr = backend::auto_backend(&rt);
     let mut g = c.benchmark_group("h2_upstream");
     g.throughput(criterion::Throughput::Elements(CLIENTS as u64));
     for (name, protocol) in [("h1_pool_64", Protocol::Http1), ("h2_64", Protocol::Http2)] {
