@@ -347,12 +347,7 @@ fn per_chunk(c: &mut Criterion) {
                     let events = &events;
                     async move {
                         let origin = service_fn(move |_req: Request<()>| async move {
-                            Ok::<_, Infallible>(
-                                Response::builder()
-                                    .header(header::CONTENT_LENGTH, SIZE)
-                                    .body(generated_in(SIZE, chunk, false))
-                                    .unwrap(),
-                            )
+                            sized(SIZE, generated_in(SIZE, chunk, false))
                         });
                         let svc = ServiceBuilder::new().layer(layer).service(origin);
                         let res = svc
@@ -386,6 +381,14 @@ fn per_chunk(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The origins' answer: `body` with its length declared up front, as a file server sends it.
+fn sized(len: usize, body: BoxBody) -> Result<Response<BoxBody>, Infallible> {
+    Ok(Response::builder()
+        .header(header::CONTENT_LENGTH, len)
+        .body(body)
+        .expect("a valid response head"))
+}
+
 async fn spawn<S, B>(svc: S) -> SocketAddr
 where
     S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
@@ -410,12 +413,7 @@ fn loopback(c: &mut Criterion) {
     let dir = std::env::temp_dir().join(format!("tee-bench-fs-{}", std::process::id()));
     let (plain, teed, layer, fs_teed, fs_layer) = rt.block_on(async {
         let origin = spawn(service_fn(|_req: Request<Incoming>| async {
-            Ok::<_, Infallible>(
-                Response::builder()
-                    .header(header::CONTENT_LENGTH, BODY)
-                    .body(generated(BODY, false))
-                    .unwrap(),
-            )
+            sized(BODY, generated(BODY, false))
         }))
         .await;
         let fwd = ForwardBuilder::new(format!("http://{origin}"))
@@ -602,12 +600,7 @@ fn fs_client_speed(_c: &mut Criterion) {
         let origin = service_fn(move |_req: Request<Empty<Bytes>>| {
             let p = p.clone();
             async move {
-                Ok::<_, Infallible>(
-                    Response::builder()
-                        .header(header::CONTENT_LENGTH, SIZE)
-                        .body(cycled(SIZE, p))
-                        .unwrap(),
-                )
+                sized(SIZE, cycled(SIZE, p))
             }
         });
         let svc = ServiceBuilder::new().layer(layer.clone()).service(origin.clone());
@@ -616,12 +609,7 @@ fn fs_client_speed(_c: &mut Criterion) {
         let net_origin = spawn(service_fn(move |_req: Request<Incoming>| {
             let p = p.clone();
             async move {
-                Ok::<_, Infallible>(
-                    Response::builder()
-                        .header(header::CONTENT_LENGTH, SIZE)
-                        .body(cycled(SIZE, p))
-                        .unwrap(),
-                )
+                sized(SIZE, cycled(SIZE, p))
             }
         }))
         .await;
@@ -717,12 +705,7 @@ fn tee_1gib(_c: &mut Criterion) {
                         Source::FreshVec => generated_in(GIB, chunk, true),
                         Source::ReadBuffer => read_buffer_chunks(GIB, chunk),
                     };
-                    Ok::<_, Infallible>(
-                        Response::builder()
-                            .header(header::CONTENT_LENGTH, GIB)
-                            .body(body)
-                            .unwrap(),
-                    )
+                    sized(GIB, body)
                 });
                 let base = LIVE.load(Ordering::Relaxed);
                 PEAK.store(base, Ordering::Relaxed);
