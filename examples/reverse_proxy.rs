@@ -96,6 +96,9 @@ mod flags;
 #[cfg(all(feature = "metrics", feature = "auth", feature = "rate-limit"))]
 #[path = "common/gateway.rs"]
 mod gateway;
+#[cfg(all(feature = "metrics", feature = "auth", feature = "rate-limit"))]
+#[path = "common/prometheus.rs"]
+mod prometheus;
 #[path = "common/proxy_args.rs"]
 mod proxy_args;
 #[path = "common/workers.rs"]

@@ -51,6 +51,8 @@ use tower_patterns::BoxError;
 pub const API_KEY: &str = "example-shop-key-0123456789abcdef";
 
 mod bff;
+#[path = "../common/prometheus.rs"]
+mod prometheus;
 mod store;
 
 use bff::{cart_view, checkout_flow, Bff};
@@ -239,17 +241,8 @@ struct RouteStats {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
-    // `install_recorder` leaves the histogram upkeep to the caller: without it the recorder's
-    // buffers grow with every request until a scrape. A long-running gateway needs this task.
-    let upkeep = prometheus.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            tick.tick().await;
-            upkeep.run_upkeep();
-        }
-    });
+    // The recorder with its histogram upkeep, as a long-running gateway needs it.
+    let prometheus = prometheus::install()?;
     let up = start_upstreams().await?;
     let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || prometheus.render());
     let (app, handles) = gateway(&up, Some(render))?;

@@ -22,14 +22,13 @@ use std::convert::Infallible;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::{self, TryFutureExt};
 use http::{Method, Request, Response};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use tower::{Service, ServiceBuilder};
 use tower_patterns::auth::{ApiKeys, AuthConfig, AuthLayer};
 use tower_patterns::breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
@@ -58,16 +57,7 @@ impl Gateway {
     /// Installs the Prometheus recorder (before any layer registers its handles) and
     /// builds the layers. Call once per process.
     pub fn new(cfg: &GatewayConfig) -> Result<Self, BoxError> {
-        let prometheus = PrometheusBuilder::new().install_recorder()?;
-        // Without upkeep the recorder's histogram buffers grow with every request until a
-        // scrape; drain them every 5 s (what the exporter's own HTTP listener does).
-        let upkeep = prometheus.clone();
-        std::thread::Builder::new()
-            .name("prometheus-upkeep".into())
-            .spawn(move || loop {
-                std::thread::sleep(Duration::from_secs(5));
-                upkeep.run_upkeep();
-            })?;
+        let prometheus = crate::prometheus::install()?;
         let rate = NonZeroU32::new(cfg.rate_limit).ok_or("--rate-limit must be at least 1")?;
         let auth = AuthConfig::new()
             .api_keys(ApiKeys::new().key("client", &cfg.api_key, ["proxy"])?)
@@ -210,7 +200,7 @@ mod tests {
             req = req.header(*k, *v);
         }
         let call = client.request(req.body(Empty::new()).unwrap());
-        let res = tokio::time::timeout(Duration::from_secs(10), call)
+        let res = tokio::time::timeout(std::time::Duration::from_secs(10), call)
             .await
             .expect("an answer within 10 s")
             .unwrap();
