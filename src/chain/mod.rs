@@ -90,15 +90,18 @@
 //!
 //! See `docs/content_chain.md` for the STON configuration mapping.
 
+mod chain_future;
 mod error;
 mod future;
 mod hops;
 mod layer;
 mod service;
 mod table;
+mod table_builder;
 
+pub use chain_future::ChainFuture;
 pub use error::{ChainError, LinkConfigError};
-pub use future::{ChainFuture, LinkFuture};
+pub use future::LinkFuture;
 pub use hops::{ChainHops, Hop, HopResult, LinkName, StopReason};
 pub use layer::{ChainLayer, LinkLayer};
 pub use service::{Chain, ChainBody, Link};

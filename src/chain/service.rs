@@ -9,7 +9,8 @@ use http_body::Body;
 use http_body_util::{Either, Full};
 use tower_service::Service;
 
-use super::future::{ChainFuture, LinkFuture};
+use super::chain_future::ChainFuture;
+use super::future::LinkFuture;
 use super::hops::{ChainHops, Hop, HopResult, LinkName};
 use crate::body::replay::{buffer_request, try_clone_request};
 use crate::body::ReplayBody;

@@ -30,30 +30,28 @@
 //! surrogate-key `PURGE` — decides from memory, without reading a file, also for the
 //! entries only the disk holds.
 
-use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs::{self, File};
-use std::future::Future;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::UNIX_EPOCH;
 
-use futures_util::future::{FutureExt, Shared};
+use futures_util::future::FutureExt;
 
-use http::StatusCode;
 use sha2::{Digest, Sha256};
 
 use crate::cache::purge::index::TAG_HEADERS;
 use crate::cache::store::CachedResponse;
 
 mod format;
+mod index;
 mod purge;
 
+use index::{Index, ReadFuture, Slot};
 pub use purge::DEFAULT_MAX_TAG_BYTES;
-use purge::{tag_cost, tag_lines, TagLines};
+use purge::{tag_cost, tag_lines};
 
 use format::{corrupt, encode, encoded_len, hex, read_entry, read_index_meta};
 
@@ -73,73 +71,6 @@ pub struct DiskStoreStats {
     pub write_skipped: u64,
     /// Files read (concurrent loads of one key share one read).
     pub reads: u64,
-}
-
-struct Slot {
-    size: u64,
-    tick: u64,
-    /// What a purge may select by besides the key (see [`Slot::view`]).
-    status: StatusCode,
-    tags: TagLines,
-}
-
-#[derive(Default)]
-struct Index {
-    map: HashMap<String, Slot>,
-    /// Recency: smallest tick = least recently used.
-    order: BTreeMap<u64, String>,
-    tick: u64,
-    used: u64,
-    /// Bytes of the slots' tag lines (bounded by `max_tag_bytes`).
-    tag_bytes: u64,
-    /// Writes in flight: key → the sequence number of the newest and its entry (so a
-    /// purge can judge it); a write whose number is no longer here (replaced or removed
-    /// meanwhile) is dropped.
-    pending: HashMap<String, (u64, Arc<CachedResponse>)>,
-    pending_bytes: u64,
-    seq: u64,
-    /// Reads in flight, shared by concurrent loads of one key.
-    reads: HashMap<String, Shared<ReadFuture>>,
-}
-
-type ReadFuture = Pin<Box<dyn Future<Output = Option<Arc<CachedResponse>>> + Send>>;
-
-impl Index {
-    fn take(&mut self, key: &str) -> Option<Slot> {
-        let slot = self.map.remove(key)?;
-        self.order.remove(&slot.tick);
-        self.used -= slot.size;
-        self.tag_bytes -= tag_cost(&slot.tags);
-        Some(slot)
-    }
-
-    fn touch(&mut self, key: &str) {
-        self.tick += 1;
-        let tick = self.tick;
-        if let Some(slot) = self.map.get_mut(key) {
-            let old = std::mem::replace(&mut slot.tick, tick);
-            if let Some(k) = self.order.remove(&old) {
-                self.order.insert(tick, k);
-            }
-        }
-    }
-
-    fn insert(&mut self, key: String, size: u64, status: StatusCode, tags: TagLines) {
-        self.take(&key);
-        self.tick += 1;
-        self.order.insert(self.tick, key.clone());
-        self.used += size;
-        self.tag_bytes += tag_cost(&tags);
-        self.map.insert(
-            key,
-            Slot {
-                size,
-                tick: self.tick,
-                status,
-                tags,
-            },
-        );
-    }
 }
 
 struct Inner {
