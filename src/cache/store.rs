@@ -154,50 +154,34 @@ pub trait Store: Send + Sync + 'static {
 pub type StoreLoad =
     std::pin::Pin<Box<dyn std::future::Future<Output = Option<Arc<CachedResponse>>> + Send>>;
 
-impl<S: Store + ?Sized> Store for Arc<S> {
-    fn get(&self, key: &str) -> Option<Arc<CachedResponse>> {
-        (**self).get(key)
-    }
-    fn put(&self, key: &str, entry: CachedResponse) -> bool {
-        (**self).put(key, entry)
-    }
-    fn remove(&self, key: &str) -> bool {
-        (**self).remove(key)
-    }
-    fn max_entry_size(&self) -> u64 {
-        (**self).max_entry_size()
-    }
-    fn load(&self, key: &str) -> Option<StoreLoad> {
-        (**self).load(key)
-    }
-    fn remove_where(&self, pred: &mut dyn FnMut(&str, &CachedResponse) -> bool) -> Option<u64> {
-        (**self).remove_where(pred)
-    }
-    fn remove_if(&self, key: &str, pred: &mut dyn FnMut(&CachedResponse) -> bool) -> bool {
-        (**self).remove_if(key, pred)
-    }
+/// `Arc<S>` and `Box<S>` are stores when `S` is: every method forwards, so a new trait
+/// method is added to both at once.
+macro_rules! forward_store {
+    ($($ptr:ident),*) => {$(
+        impl<S: Store + ?Sized> Store for $ptr<S> {
+            fn get(&self, key: &str) -> Option<Arc<CachedResponse>> {
+                (**self).get(key)
+            }
+            fn put(&self, key: &str, entry: CachedResponse) -> bool {
+                (**self).put(key, entry)
+            }
+            fn remove(&self, key: &str) -> bool {
+                (**self).remove(key)
+            }
+            fn max_entry_size(&self) -> u64 {
+                (**self).max_entry_size()
+            }
+            fn load(&self, key: &str) -> Option<StoreLoad> {
+                (**self).load(key)
+            }
+            fn remove_where(&self, pred: &mut dyn FnMut(&str, &CachedResponse) -> bool) -> Option<u64> {
+                (**self).remove_where(pred)
+            }
+            fn remove_if(&self, key: &str, pred: &mut dyn FnMut(&CachedResponse) -> bool) -> bool {
+                (**self).remove_if(key, pred)
+            }
+        }
+    )*};
 }
 
-impl<S: Store + ?Sized> Store for Box<S> {
-    fn get(&self, key: &str) -> Option<Arc<CachedResponse>> {
-        (**self).get(key)
-    }
-    fn put(&self, key: &str, entry: CachedResponse) -> bool {
-        (**self).put(key, entry)
-    }
-    fn remove(&self, key: &str) -> bool {
-        (**self).remove(key)
-    }
-    fn max_entry_size(&self) -> u64 {
-        (**self).max_entry_size()
-    }
-    fn load(&self, key: &str) -> Option<StoreLoad> {
-        (**self).load(key)
-    }
-    fn remove_where(&self, pred: &mut dyn FnMut(&str, &CachedResponse) -> bool) -> Option<u64> {
-        (**self).remove_where(pred)
-    }
-    fn remove_if(&self, key: &str, pred: &mut dyn FnMut(&CachedResponse) -> bool) -> bool {
-        (**self).remove_if(key, pred)
-    }
-}
+forward_store!(Arc, Box);
