@@ -17,6 +17,8 @@
 //! origin, proxy and client are all in this process) instead of wall time.
 //!
 //! `tee_1GiB` and `fs_client_speed` run when no filter is given or one names them.
+//! `TEE_RUN=plain|hold|tee` runs one `tee_1GiB` body once and exits (see `fixed_run`):
+//! for callgrind, and for the chunk-lifetime experiment (`hold`).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;
@@ -32,8 +34,8 @@ use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::Incoming;
 use tower::{service_fn, ServiceBuilder, ServiceExt};
 use tower_patterns::backup::{
-    backfill, BackfillQueue, BackupOutcome, FsSink, FsyncPolicy, ObjectInfo, Sink, SinkError,
-    SinkWriter, TeeLayer,
+    backfill, BackfillQueue, BackupOutcome, FsSink, FsyncPolicy, ObjectInfo, ObjectKey, Sink,
+    SinkError, SinkWriter, TeeLayer,
 };
 use tower_patterns::body::tee::{outlet, Next, TeeBody, TeeOptions};
 use tower_patterns::body::{boxed, BoxBody};
@@ -574,10 +576,12 @@ fn cycled(total: usize, pool: std::sync::Arc<Vec<Bytes>>) -> BoxBody {
     boxed(StreamBody::new(stream))
 }
 
-/// Issue 12: does `FsSink` keep up with a fast client? 1 GiB through `TeeLayer` +
-/// `FsSink` (defaults: 4 MiB buffer, 1 MiB writes, 2 in flight, fsync per file) to an
-/// in-process client that reads as fast as memory allows, then over a loopback proxy
-/// (the ~2.5 GB/s client of the issue). A copy that overflows must be handed to
+/// Issue 12: does `FsSink` keep up with a fast client? First the sink alone (its
+/// capacity: 1 GiB handed over as fast as it takes it, process CPU per GiB). Then 1 GiB
+/// through `TeeLayer` + `FsSink` (defaults: 4 MiB buffer, 1 MiB writes, 2 in flight, fsync
+/// per file) to an in-process client that only passes chunk references on (~800 GB/s, no
+/// real client: this case always overflows and checks the back-fill hand-off), then over
+/// a loopback proxy (the ~2.5 GB/s client of the issue). A copy that overflows must be handed to
 /// back-fill and then stored by the paced re-fetch. Each stored file is checked byte
 /// for byte. Prints the client's and the sink's MB/s (wall time: disk speed is the point)
 /// and the most bytes the copy had queued.
@@ -621,6 +625,43 @@ fn fs_client_speed(_c: &mut Criterion) {
             assert!(c == &pool[i % pool.len()][..c.len()], "chunk {i} differs");
         }
     };
+    // The sink's pipeline alone, no client competing for the cores: 1 GiB handed to
+    // `FsSink` in the tee's 256 KiB batches as fast as it takes them (its capacity), for
+    // the default write size and writes in flight and two variants.
+    rt.block_on(async {
+        for (buffer, in_flight) in [(1usize << 20, 2usize), (1 << 20, 4), (4 << 20, 2)] {
+            let sink = FsSink::new(&dir)
+                .write_buffer(buffer)
+                .writes_in_flight(in_flight);
+            let info = ObjectInfo {
+                key: ObjectKey::from_path("/capacity").unwrap(),
+                status: http::StatusCode::OK,
+                headers: http::HeaderMap::new(),
+                content_length: Some(SIZE as u64),
+                authority: None,
+            };
+            let (t0, c0) = (std::time::Instant::now(), process_cpu());
+            let mut w = sink.begin(&info).await.unwrap();
+            let per_batch = 4;
+            for b in 0..SIZE / CHUNK / per_batch {
+                let batch = (0..per_batch)
+                    .map(|i| pool[(b * per_batch + i) % pool.len()].clone())
+                    .collect();
+                w.write_batch(batch).await.unwrap();
+            }
+            w.commit().await.unwrap();
+            let (secs, cpu) = (t0.elapsed().as_secs_f64(), process_cpu() - c0);
+            check(&dir.join("capacity"));
+            println!(
+                "FsSink alone into {}: {} KiB writes, {in_flight} in flight: {:.0} MB/s wall, \
+                 {:.2} CPU-s per GiB (process, every thread)",
+                dir.display(),
+                buffer >> 10,
+                SIZE as f64 / 1e6 / secs,
+                cpu.as_secs_f64() * (1u64 << 30) as f64 / SIZE as f64
+            );
+        }
+    });
     rt.block_on(async {
         let queue = BackfillQueue::new(16);
         let layer = TeeLayer::builder()
