@@ -17,6 +17,8 @@
 //! origin, proxy and client are all in this process) instead of wall time.
 //!
 //! `tee_1GiB` and `fs_client_speed` run when no filter is given or one names them.
+//! `TEE_RUN=plain|hold|tee` runs one `tee_1GiB` body once and exits (see `fixed_run`):
+//! for callgrind, and for the chunk-lifetime experiment (`hold`).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;
@@ -32,8 +34,8 @@ use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::Incoming;
 use tower::{service_fn, ServiceBuilder, ServiceExt};
 use tower_patterns::backup::{
-    backfill, BackfillQueue, BackupOutcome, FsSink, FsyncPolicy, ObjectInfo, Sink, SinkError,
-    SinkWriter, TeeLayer,
+    backfill, BackfillQueue, BackupOutcome, FsSink, FsyncPolicy, ObjectInfo, ObjectKey, Sink,
+    SinkError, SinkWriter, TeeLayer,
 };
 use tower_patterns::body::tee::{outlet, Next, TeeBody, TeeOptions};
 use tower_patterns::body::{boxed, BoxBody};
@@ -194,6 +196,25 @@ where
     n
 }
 
+/// Like [`drain`], keeping the last `hold` chunks alive (released oldest first).
+async fn drain_holding<B: Body<Data = Bytes> + Unpin>(mut body: B, hold: usize) -> usize
+where
+    B::Error: std::fmt::Debug,
+{
+    let mut kept = std::collections::VecDeque::with_capacity(hold + 1);
+    let mut n = 0;
+    while let Some(f) = body.frame().await {
+        if let Ok(d) = f.unwrap().into_data() {
+            n += d.len();
+            kept.push_back(d);
+            if kept.len() > hold {
+                kept.pop_front();
+            }
+        }
+    }
+    n
+}
+
 /// A sink that drops every chunk: measures the tee, not a disk.
 #[derive(Clone)]
 struct NullSink;
@@ -290,6 +311,7 @@ where
 /// teed to a sink task that discards (the tee and channel alone), and teed through
 /// `TeeLayer` to a real `FsSink` on disk (no fsync; every copy must commit).
 fn per_chunk(c: &mut Criterion) {
+    fixed_run();
     const SIZE: usize = 4 << 20;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -554,14 +576,20 @@ fn cycled(total: usize, pool: std::sync::Arc<Vec<Bytes>>) -> BoxBody {
     boxed(StreamBody::new(stream))
 }
 
-/// Issue 12: does `FsSink` keep up with a fast client? 512 MiB through `TeeLayer` +
-/// `FsSink` (defaults: 4 MiB buffer, 1 MiB writes, 2 in flight, fsync per file) to an
-/// in-process client that reads as fast as memory allows, then over a loopback proxy
-/// (the ~2.5 GB/s client of the issue). A copy that overflows must be handed to
+/// Issue 12: does `FsSink` keep up with a fast client? First the sink alone (its
+/// capacity: 1 GiB handed over as fast as it takes it, process CPU per GiB). Then 1 GiB
+/// through `TeeLayer` + `FsSink` (defaults: 4 MiB buffer, 1 MiB writes, 2 in flight, fsync
+/// per file) to an in-process client that only passes chunk references on (~800 GB/s, no
+/// real client: this case always overflows and checks the back-fill hand-off), then over
+/// a loopback proxy (the ~2.5 GB/s client of the issue). A copy that overflows must be handed to
 /// back-fill and then stored by the paced re-fetch. Each stored file is checked byte
-/// for byte. Prints the client's and the sink's MB/s (wall time: disk speed is the point).
+/// for byte. Prints the client's and the sink's MB/s (wall time: disk speed is the point)
+/// and the most bytes the copy had queued.
+///
+/// `FS_SPEED_DIR` picks the directory (default: the temp dir; `/dev/shm` takes the disk
+/// out, leaving the sink's own pipeline), `FS_SPEED_RUNS` the rounds (default 1).
 fn fs_client_speed(_c: &mut Criterion) {
-    const SIZE: usize = 512 << 20;
+    const SIZE: usize = 1 << 30;
     if !wanted("fs_client_speed") {
         return;
     }
@@ -582,7 +610,14 @@ fn fs_client_speed(_c: &mut Criterion) {
             })
             .collect(),
     );
-    let dir = std::env::temp_dir().join(format!("tee-bench-speed-{}", std::process::id()));
+    let dir = std::env::var_os("FS_SPEED_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+        .join(format!("tee-bench-speed-{}", std::process::id()));
+    let runs: usize = std::env::var("FS_SPEED_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     let check = |path: &std::path::Path| {
         let data = std::fs::read(path).unwrap();
         assert_eq!(data.len(), SIZE, "stored size");
@@ -590,6 +625,43 @@ fn fs_client_speed(_c: &mut Criterion) {
             assert!(c == &pool[i % pool.len()][..c.len()], "chunk {i} differs");
         }
     };
+    // The sink's pipeline alone, no client competing for the cores: 1 GiB handed to
+    // `FsSink` in the tee's 256 KiB batches as fast as it takes them (its capacity), for
+    // the default write size and writes in flight and two variants.
+    rt.block_on(async {
+        for (buffer, in_flight) in [(1usize << 20, 2usize), (1 << 20, 4), (4 << 20, 2)] {
+            let sink = FsSink::new(&dir)
+                .write_buffer(buffer)
+                .writes_in_flight(in_flight);
+            let info = ObjectInfo {
+                key: ObjectKey::from_path("/capacity").unwrap(),
+                status: http::StatusCode::OK,
+                headers: http::HeaderMap::new(),
+                content_length: Some(SIZE as u64),
+                authority: None,
+            };
+            let (t0, c0) = (std::time::Instant::now(), process_cpu());
+            let mut w = sink.begin(&info).await.unwrap();
+            let per_batch = 4;
+            for b in 0..SIZE / CHUNK / per_batch {
+                let batch = (0..per_batch)
+                    .map(|i| pool[(b * per_batch + i) % pool.len()].clone())
+                    .collect();
+                w.write_batch(batch).await.unwrap();
+            }
+            w.commit().await.unwrap();
+            let (secs, cpu) = (t0.elapsed().as_secs_f64(), process_cpu() - c0);
+            check(&dir.join("capacity"));
+            println!(
+                "FsSink alone into {}: {} KiB writes, {in_flight} in flight: {:.0} MB/s wall, \
+                 {:.2} CPU-s per GiB (process, every thread)",
+                dir.display(),
+                buffer >> 10,
+                SIZE as f64 / 1e6 / secs,
+                cpu.as_secs_f64() * (1u64 << 30) as f64 / SIZE as f64
+            );
+        }
+    });
     rt.block_on(async {
         let queue = BackfillQueue::new(16);
         let layer = TeeLayer::builder()
@@ -621,7 +693,8 @@ fn fs_client_speed(_c: &mut Criterion) {
             .build::<Empty<Bytes>>()
             .unwrap();
         let mut events = layer.subscribe();
-        for (mode, path) in [("in-process", "/speed/mem"), ("loopback", "/speed/net")] {
+        let modes = [("in-process", "/speed/mem"), ("loopback", "/speed/net")];
+        for (run, (mode, path)) in (0..runs).flat_map(|r| modes.map(|m| (r, m))) {
             let start = std::time::Instant::now();
             let req = Request::get(path).body(Empty::new()).unwrap();
             let res = if mode == "in-process" {
@@ -640,7 +713,7 @@ fn fs_client_speed(_c: &mut Criterion) {
                 BackupOutcome::Committed { .. } => {
                     check(&file);
                     println!(
-                        "FsSink at client speed, {mode}: client {:.0} MB/s, copy committed at {:.0} MB/s, byte-identical",
+                        "FsSink at client speed, run {run}, {mode}: client {:.0} MB/s, copy committed at {:.0} MB/s, byte-identical",
                         mb / client_secs,
                         mb / sink_secs
                     );
@@ -659,7 +732,7 @@ fn fs_client_speed(_c: &mut Criterion) {
                     );
                     check(&file);
                     println!(
-                        "FsSink at client speed, {mode}: client {:.0} MB/s, copy lost ({reason}) and \
+                        "FsSink at client speed, run {run}, {mode}: client {:.0} MB/s, copy lost ({reason}) and \
                          handed to back-fill; the paced re-fetch stored it at {:.0} MB/s, byte-identical",
                         mb / client_secs,
                         mb / t.elapsed().as_secs_f64()
@@ -668,6 +741,14 @@ fn fs_client_speed(_c: &mut Criterion) {
                 other => panic!("{mode}: {other:?}"),
             }
         }
+        let s = layer.stats().snapshot();
+        println!(
+            "FsSink at client speed, {}: {} copies committed, {} overflowed, peak queued {} KiB of the 4096 KiB buffer",
+            dir.display(),
+            s.committed,
+            s.tee.overflows,
+            s.tee.peak_buffered >> 10
+        );
     });
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -679,6 +760,112 @@ enum Source {
     FreshVec,
     /// Split off one read buffer, as hyper does ([`read_buffer_chunks`]).
     ReadBuffer,
+}
+
+/// With `TEE_RUN=plain|tee` (and `TEE_CASE=0..3`, the `tee_1GiB` case: 64 KiB fresh,
+/// 64 KiB read buffer, 16 KiB fresh, 16 KiB read buffer; `TEE_MIB`, default 1024), streams
+/// that one body once and exits: a fixed workload for `valgrind --tool=callgrind`, whose
+/// instruction counts at two sizes, subtracted, are the per-MiB cost of each side.
+fn fixed_run() {
+    let Ok(mode) = std::env::var("TEE_RUN") else {
+        return;
+    };
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (chunk, src) = [
+        (64 << 10, Source::FreshVec),
+        (64 << 10, Source::ReadBuffer),
+        (16 << 10, Source::FreshVec),
+        (16 << 10, Source::ReadBuffer),
+    ][env("TEE_CASE", 0).min(3)];
+    let total = env("TEE_MIB", 1024) << 20;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // `hold`: plain, but the consumer keeps the last `TEE_HOLD` chunks (default 4) alive,
+    // as a sink's batch does: the chunks' lifetime without the tee's code.
+    let hold = if mode == "hold" {
+        env("TEE_HOLD", 4)
+    } else {
+        0
+    };
+    let (peak, secs) = stream_once(&rt, mode == "tee", hold, chunk, src, total);
+    println!(
+        "TEE_RUN={mode}: {} MiB in {} KiB chunks, {src:?}: {secs:.3} s, peak heap {} KiB",
+        total >> 20,
+        chunk >> 10,
+        peak >> 10
+    );
+    std::process::exit(0);
+}
+
+/// Streams `total` bytes once, plain or through `TeeLayer` with one discarding sink (4 MiB
+/// buffer); returns the peak heap over the run and its time (thread CPU with
+/// `BENCH_CLOCK=cpu`).
+fn stream_once(
+    rt: &tokio::runtime::Runtime,
+    tee: bool,
+    hold: usize,
+    chunk: usize,
+    src: Source,
+    total: usize,
+) -> (usize, f64) {
+    const BUFFER: usize = 4 << 20;
+    let mut out = None;
+    let took = cpuclock::measure(|| {
+        out = Some(rt.block_on(async move {
+            let layer = TeeLayer::builder().sink(NullSink).buffer(BUFFER).build();
+            let origin = service_fn(move |_req: Request<()>| async move {
+                let body = match src {
+                    Source::FreshVec => generated_in(total, chunk, true),
+                    Source::ReadBuffer => read_buffer_chunks(total, chunk),
+                };
+                sized(total, body)
+            });
+            let base = LIVE.load(Ordering::Relaxed);
+            PEAK.store(base, Ordering::Relaxed);
+            let n = if tee {
+                let svc = ServiceBuilder::new().layer(layer.clone()).service(origin);
+                drain(
+                    svc.oneshot(Request::get("/big").body(()).unwrap())
+                        .await
+                        .unwrap()
+                        .into_body(),
+                )
+                .await
+            } else {
+                let body = origin.oneshot(Request::new(())).await.unwrap().into_body();
+                if hold > 0 {
+                    drain_holding(body, hold).await
+                } else {
+                    drain(body).await
+                }
+            };
+            assert_eq!(n, total);
+            for _ in 0..1000 {
+                if !tee || layer.stats().snapshot().committed == 1 {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            let peak = PEAK.load(Ordering::Relaxed) - base;
+            (peak, layer.stats().snapshot())
+        }))
+    });
+    let (peak, stats) = out.unwrap();
+    if tee {
+        assert_eq!(
+            (stats.committed, stats.tee.overflows),
+            (1, 0),
+            "the copy must be whole"
+        );
+    }
+    (peak, took.as_secs_f64())
 }
 
 /// `tee_1GiB`: 1 GiB streamed plain and through `TeeLayer` with one discarding sink,
@@ -695,53 +882,7 @@ fn tee_1gib(_c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let run = |tee: bool, chunk: usize, src: Source| {
-        let mut out = None;
-        let took = cpuclock::measure(|| {
-            out = Some(rt.block_on(async move {
-                let layer = TeeLayer::builder().sink(NullSink).buffer(BUFFER).build();
-                let origin = service_fn(move |_req: Request<()>| async move {
-                    let body = match src {
-                        Source::FreshVec => generated_in(GIB, chunk, true),
-                        Source::ReadBuffer => read_buffer_chunks(GIB, chunk),
-                    };
-                    sized(GIB, body)
-                });
-                let base = LIVE.load(Ordering::Relaxed);
-                PEAK.store(base, Ordering::Relaxed);
-                let n = if tee {
-                    let svc = ServiceBuilder::new().layer(layer.clone()).service(origin);
-                    drain(
-                        svc.oneshot(Request::get("/big").body(()).unwrap())
-                            .await
-                            .unwrap()
-                            .into_body(),
-                    )
-                    .await
-                } else {
-                    drain(origin.oneshot(Request::new(())).await.unwrap().into_body()).await
-                };
-                assert_eq!(n, GIB);
-                for _ in 0..1000 {
-                    if !tee || layer.stats().snapshot().committed == 1 {
-                        break;
-                    }
-                    tokio::task::yield_now().await;
-                }
-                let peak = PEAK.load(Ordering::Relaxed) - base;
-                (peak, layer.stats().snapshot())
-            }))
-        });
-        let (peak, stats) = out.unwrap();
-        if tee {
-            assert_eq!(
-                (stats.committed, stats.tee.overflows),
-                (1, 0),
-                "the copy must be whole"
-            );
-        }
-        (peak, took.as_secs_f64())
-    };
+    let run = |tee: bool, chunk: usize, src: Source| stream_once(&rt, tee, 0, chunk, src, GIB);
     let clock = if cpuclock::cpu_clock() {
         "thread CPU"
     } else {

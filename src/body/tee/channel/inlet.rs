@@ -1,0 +1,184 @@
+//! The sink side of a sink's channel: hands the chunks out one by one or a batch at a
+//! time, and releases their bytes (to the buffer count, the budget and the stats) once the
+//! sink asks for more.
+
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::{Msg, Shared};
+use crate::body::tee::AbortReason;
+
+/// The sink side of one sink's channel: call [`Inlet::next`] until `End` or `Abort`.
+pub struct Inlet {
+    pub(in crate::body::tee) rx: mpsc::UnboundedReceiver<Msg>,
+    pub(in crate::body::tee) shared: Arc<Shared>,
+    /// Length of the chunk or batch received last; released once it is handed out whole
+    /// and the next one is asked for (the sink is done with it by then), or on drop.
+    held: usize,
+    /// The rest of the batch received last.
+    rest: std::vec::IntoIter<Bytes>,
+    finished: bool,
+}
+/// What the sink receives next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// The next chunk of the body.
+    Data(Bytes),
+    /// The whole body arrived and its length was right: commit.
+    End,
+    /// The copy is abandoned: discard everything written so far.
+    Abort(AbortReason),
+}
+
+/// What [`Inlet::next_batch`] receives next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NextBatch {
+    /// The next chunks of the body, in order (at least one).
+    Data(Vec<Bytes>),
+    /// The whole body arrived and its length was right: commit.
+    End,
+    /// The copy is abandoned: discard everything written so far.
+    Abort(AbortReason),
+}
+impl Inlet {
+    pub(super) fn new(rx: mpsc::UnboundedReceiver<Msg>, shared: Arc<Shared>) -> Self {
+        Inlet {
+            rx,
+            shared,
+            held: 0,
+            rest: Vec::new().into_iter(),
+            finished: false,
+        }
+    }
+
+    /// Waits for the next event. After `End` or `Abort`, returns `Abort(Dropped)` forever.
+    pub async fn next(&mut self) -> Next {
+        // Within a batch: no channel, no atomics.
+        if let Some(b) = self.rest.next() {
+            return Next::Data(b);
+        }
+        self.release_held();
+        if self.finished {
+            return Next::Abort(AbortReason::Dropped);
+        }
+        match self.rx.recv().await {
+            Some(Msg::Data(b)) => {
+                self.held = b.len();
+                Next::Data(b)
+            }
+            Some(Msg::Batch(chunks, len)) => {
+                self.held = len;
+                self.rest = chunks.into_iter();
+                match self.rest.next() {
+                    Some(b) => Next::Data(b),
+                    // The outlet never sends an empty batch; treat one as broken.
+                    None => {
+                        self.finished = true;
+                        Next::Abort(AbortReason::Dropped)
+                    }
+                }
+            }
+            Some(Msg::End) => {
+                self.finished = true;
+                Next::End
+            }
+            Some(Msg::Abort(r)) => {
+                self.finished = true;
+                Next::Abort(r)
+            }
+            None => {
+                self.finished = true;
+                Next::Abort(AbortReason::Dropped)
+            }
+        }
+    }
+
+    /// Like [`next`](Self::next), but hands out a whole batch of chunks at once
+    /// ([`TeeBody::batched`](crate::body::tee::TeeBody::batched)): one call, and one write for a sink
+    /// that takes several chunks (see
+    /// [`SinkWriter::write_batch`](crate::backup::SinkWriter::write_batch)), per batch
+    /// instead of per chunk. An unbatched chunk comes as a batch of one. Never empty.
+    pub async fn next_batch(&mut self) -> NextBatch {
+        // What is left of a batch a `next` call started.
+        if self.rest.len() != 0 {
+            return NextBatch::Data(std::mem::take(&mut self.rest).collect());
+        }
+        self.release_held();
+        if self.finished {
+            return NextBatch::Abort(AbortReason::Dropped);
+        }
+        match self.rx.recv().await {
+            Some(Msg::Data(b)) => {
+                self.held = b.len();
+                NextBatch::Data(vec![b])
+            }
+            Some(Msg::Batch(chunks, len)) if !chunks.is_empty() => {
+                self.held = len;
+                NextBatch::Data(chunks)
+            }
+            Some(Msg::End) => {
+                self.finished = true;
+                NextBatch::End
+            }
+            Some(Msg::Abort(r)) => {
+                self.finished = true;
+                NextBatch::Abort(r)
+            }
+            // The outlet never sends an empty batch; treat one as broken.
+            Some(Msg::Batch(..)) | None => {
+                self.finished = true;
+                NextBatch::Abort(AbortReason::Dropped)
+            }
+        }
+    }
+
+    fn release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.shared.buffered.fetch_sub(n, Ordering::SeqCst);
+        if let Some(b) = &self.shared.budget {
+            b.release(n as u64);
+        }
+        if let Some(s) = self.shared.stats.get() {
+            s.sub_buffered(n);
+        }
+        if self.shared.draining.load(Ordering::SeqCst) {
+            self.shared.released.notify_one();
+            self.shared.room.wake();
+        }
+    }
+
+    fn release_held(&mut self) {
+        let n = std::mem::take(&mut self.held);
+        self.release(n);
+    }
+}
+
+impl Drop for Inlet {
+    fn drop(&mut self) {
+        self.release_held();
+        // Closing first makes every later send fail, so the queue can be emptied for good.
+        self.rx.close();
+        while let Ok(msg) = self.rx.try_recv() {
+            match msg {
+                Msg::Data(b) => self.release(b.len()),
+                Msg::Batch(_, len) => self.release(len),
+                Msg::End | Msg::Abort(_) => {}
+            }
+        }
+        self.shared.released.notify_one();
+        self.shared.room.wake();
+    }
+}
+impl fmt::Debug for Inlet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Inlet")
+            .field("limit", &self.shared.limit)
+            .finish()
+    }
+}

@@ -1,0 +1,282 @@
+//! The tee side of a sink's channel: bounds what the sink may fall behind (its buffer and
+//! the shared byte budget) and gathers chunks into batches, on the client's path.
+
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::{Msg, Shared, MAX_BATCH};
+use crate::body::tee::AbortReason;
+
+/// The tee side of one sink's channel. Give it to [`TeeBody::new`](crate::body::tee::TeeBody::new).
+pub struct Outlet {
+    tx: Option<mpsc::UnboundedSender<Msg>>,
+    pub(in crate::body::tee) shared: Arc<Shared>,
+    /// Chunks gathered for the next batch, and their length (counted against the buffer
+    /// and charged to the budget, not yet in `shared.buffered`).
+    pending: Vec<Bytes>,
+    pending_len: usize,
+    /// Send once `pending_len` reaches this; 0 sends every chunk on its own.
+    batch: usize,
+    /// Bytes charged to the byte budget ahead of use (see the module docs).
+    credit: u64,
+    /// An upper bound on `shared.buffered`: its value when this outlet last added to it
+    /// (or read it), plus what it added since. Only the sink lowers the count, so while
+    /// this bound leaves room the real count does too, and the per-chunk overflow check
+    /// needs no read of a cache line the sink's thread writes.
+    pub(in crate::body::tee) queued_hint: usize,
+}
+impl fmt::Debug for Outlet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Outlet")
+            .field("limit", &self.shared.limit)
+            .field("open", &self.tx.is_some())
+            .finish()
+    }
+}
+impl Outlet {
+    pub(super) fn new(tx: mpsc::UnboundedSender<Msg>, shared: Arc<Shared>) -> Self {
+        Outlet {
+            tx: Some(tx),
+            shared,
+            pending: Vec::new(),
+            pending_len: 0,
+            batch: 0,
+            credit: 0,
+            queued_hint: 0,
+        }
+    }
+
+    /// Whether this copy is still being sent to (not ended, aborted or dropped).
+    pub(in crate::body::tee) fn is_active(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    pub(in crate::body::tee) fn is_open(&self) -> bool {
+        self.tx.as_ref().is_some_and(|tx| !tx.is_closed())
+    }
+
+    /// Gathers chunks into batches of up to a quarter of the buffer (at most
+    /// [`MAX_BATCH`]); `false` sends every chunk on its own. A quarter leaves the sink
+    /// three quarters of its buffer to fall behind by before the copy overflows.
+    pub(in crate::body::tee) fn set_batching(&mut self, on: bool) {
+        self.batch = if on {
+            (self.shared.limit / 4).min(MAX_BATCH)
+        } else {
+            0
+        };
+    }
+
+    /// Paced mode: whether the sink has room for another chunk (at most half its buffer
+    /// queued); otherwise registers `cx` to be woken when it releases bytes or goes away.
+    /// A paced tee queues at most half the buffer plus one chunk, so it never overflows.
+    pub(in crate::body::tee) fn poll_room(&self, cx: &mut std::task::Context<'_>) -> bool {
+        let sh = &self.shared;
+        let roomy = || sh.buffered.load(Ordering::SeqCst) <= sh.limit / 2 || !self.is_open();
+        if roomy() {
+            return true;
+        }
+        sh.room.register(cx.waker());
+        // Set before the second read, so a release after it always wakes us.
+        sh.draining.store(true, Ordering::SeqCst);
+        roomy()
+    }
+
+    /// Queues `chunk` without waiting. Returns `false` if the copy was abandoned. `paced`:
+    /// the caller waited for room ([`poll_room`](Self::poll_room)), so the buffer limit is
+    /// not checked again (the byte budget still is).
+    #[inline]
+    pub(in crate::body::tee) fn try_send(&mut self, chunk: &Bytes, paced: bool) -> bool {
+        if self.tx.is_none() {
+            return false;
+        }
+        let len = chunk.len();
+        // What the sink has not released yet plus what waits here: first the bound kept
+        // here, and only when that leaves no room the count itself (the sink may have
+        // released since).
+        if !paced && self.over_limit(self.queued_hint, len) {
+            self.queued_hint = self.shared.buffered.load(Ordering::Acquire);
+        }
+        if !paced && self.over_limit(self.queued_hint, len) {
+            if let Some(s) = self.shared.stats.get() {
+                s.overflows.fetch_add(1, Ordering::Relaxed);
+            }
+            tracing::warn!(
+                limit = self.shared.limit,
+                "backup copy aborted: sink fell behind its buffer"
+            );
+            self.abort(AbortReason::Overflow {
+                limit: self.shared.limit,
+            });
+            return false;
+        }
+        if !self.charge_budget(len) {
+            return false;
+        }
+        self.pending.push(chunk.clone());
+        self.pending_len += len;
+        if self.pending_len >= self.batch {
+            return self.flush();
+        }
+        true
+    }
+
+    /// Whether `len` more bytes pass the buffer with `buffered` bytes unreleased (one
+    /// chunk is let through into an empty queue).
+    #[inline]
+    fn over_limit(&self, buffered: usize, len: usize) -> bool {
+        let queued = buffered.saturating_add(self.pending_len);
+        queued != 0 && queued.saturating_add(len) > self.shared.limit
+    }
+
+    /// Takes `len` bytes from the credit charged to the sink's byte budget, charging a
+    /// batch's worth more when it runs out; on failure aborts this copy.
+    fn charge_budget(&mut self, len: usize) -> bool {
+        let Some(b) = &self.shared.budget else {
+            return true;
+        };
+        let len = len as u64;
+        if let Some(left) = self.credit.checked_sub(len) {
+            self.credit = left;
+            return true;
+        }
+        let need = len - self.credit;
+        // Ahead by up to one batch; near the limit, only what this chunk needs.
+        let ahead = need.max(self.batch as u64);
+        if ahead > need && b.try_charge(ahead) {
+            self.credit = ahead - need;
+            return true;
+        }
+        if b.try_charge(need) {
+            self.credit = 0;
+            return true;
+        }
+        let limit = b.limit();
+        if let Some(s) = self.shared.stats.get() {
+            s.budget_aborts.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::warn!(
+            limit,
+            "backup copy aborted: the sink's byte budget is exhausted"
+        );
+        self.abort(AbortReason::BudgetExceeded { limit });
+        false
+    }
+
+    /// Queues `chunk`, waiting while the sink's buffer is full (drain mode only).
+    pub(in crate::body::tee) async fn send_waiting(&mut self, chunk: &Bytes) -> bool {
+        let len = chunk.len();
+        // Whatever the tee gathered goes first, in order.
+        if !self.flush() {
+            return false;
+        }
+        // Set before reading the count, so a release after the read always notifies.
+        self.shared.draining.store(true, Ordering::SeqCst);
+        loop {
+            if !self.is_open() {
+                self.discard();
+                return false;
+            }
+            let cur = self.shared.buffered.load(Ordering::SeqCst);
+            if cur == 0 || cur + len <= self.shared.limit {
+                break;
+            }
+            self.shared.released.notified().await;
+        }
+        // The shared budget is not waited for: other copies may hold it for long.
+        if !self.charge_budget(len) {
+            return false;
+        }
+        self.pending.push(chunk.clone());
+        self.pending_len += len;
+        self.flush()
+    }
+
+    /// Sends the gathered chunks as one message: one addition to each count, one wake-up
+    /// of the sink. The counts go up before the send so the sink can never subtract
+    /// first. Returns `false` if the copy was abandoned.
+    pub(in crate::body::tee) fn flush(&mut self) -> bool {
+        if self.tx.is_none() {
+            self.discard();
+            return false;
+        }
+        let len = self.pending_len;
+        if len == 0 && self.pending.is_empty() {
+            return true;
+        }
+        // The count before this batch is fresh: the bound starts over from it.
+        self.queued_hint = self
+            .shared
+            .buffered
+            .fetch_add(len, Ordering::AcqRel)
+            .saturating_add(len);
+        let stats = self.shared.stats.get();
+        if let Some(s) = stats {
+            s.add_buffered(len);
+        }
+        self.pending_len = 0;
+        let msg = if self.pending.len() == 1 {
+            // One chunk needs no vector; keep the allocation for the next batch.
+            match self.pending.pop() {
+                Some(b) => Msg::Data(b),
+                None => return true,
+            }
+        } else {
+            let cap = self.pending.capacity();
+            Msg::Batch(
+                std::mem::replace(&mut self.pending, Vec::with_capacity(cap)),
+                len,
+            )
+        };
+        if self.tx.as_ref().is_some_and(|tx| tx.send(msg).is_ok()) {
+            return true;
+        }
+        // The sink went away (it reports its own error).
+        if let Some(s) = stats {
+            s.sub_buffered(len);
+        }
+        if let Some(b) = &self.shared.budget {
+            b.release(len as u64);
+        }
+        self.shared.buffered.fetch_sub(len, Ordering::AcqRel);
+        self.queued_hint = self.queued_hint.saturating_sub(len);
+        self.tx = None;
+        self.discard();
+        false
+    }
+
+    /// Drops what was gathered and returns it, and the unused credit, to the budget.
+    fn discard(&mut self) {
+        let n = std::mem::take(&mut self.pending_len) as u64 + std::mem::take(&mut self.credit);
+        self.pending.clear();
+        if let Some(b) = &self.shared.budget {
+            b.release(n);
+        }
+    }
+
+    pub(in crate::body::tee) fn end(&mut self) {
+        if self.flush() {
+            if let Some(tx) = self.tx.take() {
+                let _ = tx.send(Msg::End);
+            }
+        }
+        self.discard();
+    }
+
+    pub(in crate::body::tee) fn abort(&mut self, reason: AbortReason) {
+        self.discard();
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Msg::Abort(reason));
+        }
+    }
+}
+
+impl Drop for Outlet {
+    fn drop(&mut self) {
+        // Dropped without `end`: the sink sees `Dropped`; the budget gets its bytes back.
+        self.discard();
+    }
+}
