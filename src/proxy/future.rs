@@ -116,7 +116,10 @@ impl Timer {
     /// The next deadline, counted from the latest progress.
     fn arm(&mut self) -> Instant {
         let start = *self.start.get_or_insert_with(Instant::now);
-        let from = self.progress.as_ref().map_or(start, |p| p.last().max(start));
+        let from = self
+            .progress
+            .as_ref()
+            .map_or(start, |p| p.last().max(start));
         self.armed_from = Some(from);
         from.checked_add(self.after).unwrap_or_else(far_future)
     }

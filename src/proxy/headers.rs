@@ -177,7 +177,13 @@ mod tests {
             assert_eq!(name.as_str(), text);
             assert_eq!(hop_index(text), HOP_BY_HOP.iter().position(|h| h == name));
         }
-        for other in ["host", "user-agent", "content-length", "x-forwarded-for", "trailer"] {
+        for other in [
+            "host",
+            "user-agent",
+            "content-length",
+            "x-forwarded-for",
+            "trailer",
+        ] {
             assert_eq!(hop_index(other), None, "{other}");
         }
     }

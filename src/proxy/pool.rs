@@ -213,8 +213,9 @@ where
         self: &Arc<Self>,
         req: Request<B>,
     ) -> Dispatched<
-        impl Future<Output = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<B>>>>
-            + Send
+        impl Future<
+                Output = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<B>>>,
+            > + Send
             + 'static,
         B,
     > {
