@@ -1,18 +1,26 @@
+//! [`ResponseFuture`]: one exchange with the upstream under the response timeout.
+//!
+//! The pooled HTTP/1.1 case is a hand-written future around hyper's response future, not an
+//! `async` block around `async` methods: each of those held the request in its own state,
+//! so the boxed future was 2.7 KiB (allocated outside the allocator's thread cache and
+//! copied whole on every request, issue 12). The request now lives only in hyper's queue.
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-
-use tokio::time::Instant;
+use hyper::client::conn::http1;
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
 
 use super::body::{far_future, Progress};
 use super::error::ForwardError;
 use super::headers::strip_hop_by_hop;
-use super::pool::HostPool;
+use super::pool::{BoxExchange, Dispatched, HostPool};
 use crate::BoxError;
 
 type Inner = Pin<Box<dyn Future<Output = Result<Response<Incoming>, ForwardError>> + Send>>;
@@ -23,6 +31,7 @@ pub struct ResponseFuture {
 }
 
 impl ResponseFuture {
+    /// Sends `req` now (see [`HostPool::dispatch`]) and waits for its response.
     pub(super) fn new<B>(
         pool: Arc<HostPool<B>>,
         req: Request<B>,
@@ -34,36 +43,22 @@ impl ResponseFuture {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
+        let (step, tx) = match pool.dispatch(req) {
+            Dispatched::Pooled(fut, tx) => (Step::Sent { fut }, Some(tx)),
+            Dispatched::Other(fut) => (Step::Boxed { fut }, None),
+        };
         ResponseFuture {
-            inner: Box::pin(async move {
-                let mut res = match timeout {
-                    None => pool.send(req).await?,
-                    Some(after) => {
-                        let send = pool.send(req);
-                        tokio::pin!(send);
-                        let start = Instant::now();
-                        loop {
-                            // The upstream is silent for `after` since the later of the
-                            // start and its last taken body chunk.
-                            let last = progress.as_ref().map_or(start, |p| p.last().max(start));
-                            let deadline = last.checked_add(after).unwrap_or_else(far_future);
-                            tokio::select! {
-                                res = &mut send => break res?,
-                                () = tokio::time::sleep_until(deadline) => {
-                                    let moved = progress.as_ref().is_some_and(|p| p.last() > last);
-                                    if !moved {
-                                        return Err(ForwardError::ResponseTimeout {
-                                            upstream: pool.upstream().authority().to_string(),
-                                            after,
-                                        });
-                                    }
-                                }
-                            }
-                        }
-                    }
-                };
-                strip_hop_by_hop(res.headers_mut());
-                Ok(res)
+            inner: Box::pin(Exchange {
+                step,
+                tx,
+                pool,
+                timer: timeout.map(|after| Timer {
+                    after,
+                    progress,
+                    start: None,
+                    armed_from: None,
+                }),
+                sleep: None,
             }),
         }
     }
@@ -93,5 +88,127 @@ impl Future for ResponseFuture {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.inner.as_mut().poll(cx)
+    }
+}
+
+pin_project! {
+    #[project = StepProj]
+    enum Step<F> {
+        // hyper's response future of a request queued on a pooled connection.
+        Sent { #[pin] fut: F },
+        // Any other path, and the retry of a pooled connection found closed.
+        Boxed { fut: BoxExchange },
+    }
+}
+
+/// The response timeout's state: the upstream is silent for `after` since the later of
+/// the start and its last taken body chunk (`progress`).
+struct Timer {
+    after: Duration,
+    progress: Option<Arc<Progress>>,
+    /// Set when the exchange first waits.
+    start: Option<Instant>,
+    /// The instant the armed deadline counts from.
+    armed_from: Option<Instant>,
+}
+
+impl Timer {
+    /// The next deadline, counted from the latest progress.
+    fn arm(&mut self) -> Instant {
+        let start = *self.start.get_or_insert_with(Instant::now);
+        let from = self
+            .progress
+            .as_ref()
+            .map_or(start, |p| p.last().max(start));
+        self.armed_from = Some(from);
+        from.checked_add(self.after).unwrap_or_else(far_future)
+    }
+
+    /// Whether the upstream took body data since the deadline was armed.
+    fn moved(&self) -> bool {
+        match (&self.progress, self.armed_from) {
+            (Some(p), Some(from)) => p.last() > from,
+            _ => false,
+        }
+    }
+}
+
+pin_project! {
+    struct Exchange<F, B> {
+        #[pin]
+        step: Step<F>,
+        // The pooled connection, checked in again once the response head is here.
+        tx: Option<http1::SendRequest<B>>,
+        pool: Arc<HostPool<B>>,
+        timer: Option<Timer>,
+        #[pin]
+        sleep: Option<Sleep>,
+    }
+}
+
+impl<F, B> Future for Exchange<F, B>
+where
+    F: Future<Output = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<B>>>>,
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<Response<Incoming>, ForwardError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            let res = match this.step.as_mut().project() {
+                StepProj::Sent { fut } => match fut.poll(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(Ok(res)) => {
+                        if let Some(tx) = this.tx.take() {
+                            this.pool.checkin(tx);
+                        }
+                        Ok(res)
+                    }
+                    Poll::Ready(Err(mut e)) => match e.take_message() {
+                        Some(req) => {
+                            // Closed before the request was written: the closed
+                            // connection is dropped, the request sent on a new one.
+                            this.tx.take();
+                            let pool = this.pool.clone();
+                            let closed = e.into_error();
+                            this.step.set(Step::Boxed {
+                                fut: Box::pin(async move { pool.reconnect(req, closed).await }),
+                            });
+                            continue;
+                        }
+                        None => Err(this.pool.transport(e.into_error())),
+                    },
+                },
+                StepProj::Boxed { fut } => match fut.as_mut().poll(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(res) => res,
+                },
+            };
+            return Poll::Ready(res.map(|mut res| {
+                strip_hop_by_hop(res.headers_mut());
+                res
+            }));
+        }
+        let Some(timer) = this.timer.as_mut() else {
+            return Poll::Pending;
+        };
+        loop {
+            let Some(mut sleep) = this.sleep.as_mut().as_pin_mut() else {
+                this.sleep.set(Some(tokio::time::sleep_until(timer.arm())));
+                continue;
+            };
+            ready!(sleep.as_mut().poll(cx));
+            if !timer.moved() {
+                return Poll::Ready(Err(ForwardError::ResponseTimeout {
+                    upstream: this.pool.upstream().authority().to_string(),
+                    after: timer.after,
+                }));
+            }
+            // Body data went up meanwhile: wait again from then.
+            sleep.reset(timer.arm());
+        }
     }
 }

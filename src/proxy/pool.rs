@@ -9,6 +9,8 @@
 //! reports itself not ready until the body is done, so it cannot be double-booked).
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -53,6 +55,20 @@ struct Idle<B> {
 const UNKNOWN: u8 = 0;
 pub(super) const SPOKE_H1: u8 = 1;
 pub(super) const SPOKE_H2: u8 = 2;
+
+/// An exchange on any path but "a pooled HTTP/1.1 connection": boxed, because its future
+/// is large (connecting, TLS, HTTP/2) and rare.
+pub(crate) type BoxExchange =
+    Pin<Box<dyn Future<Output = Result<Response<Incoming>, ForwardError>> + Send>>;
+
+/// Where [`HostPool::dispatch`] sent a request.
+pub(crate) enum Dispatched<F, B> {
+    /// Queued on a pooled HTTP/1.1 connection (`tx`, checked in again once `F`, hyper's
+    /// response future, has the response head).
+    Pooled(F, http1::SendRequest<B>),
+    /// Any other path, already under way once polled.
+    Other(BoxExchange),
+}
 
 /// The pool of one upstream.
 pub(crate) struct HostPool<B> {
@@ -184,21 +200,40 @@ where
         }
     }
 
-    /// Sends `req` on a pooled or new connection, HTTP/2 when the upstream speaks it.
+    /// Hands `req` to a pooled HTTP/1.1 connection at once, or boxes the path that has to
+    /// find one (connecting, TLS, HTTP/2).
     ///
-    /// The paths that are not "a pooled HTTP/1.1 connection" (connecting, TLS, HTTP/2) are
-    /// boxed where they start: their futures are large, and inline they would make every
-    /// request's future as large, which is moved into its box on each call (a memcpy of a
-    /// few KiB a request in issue 12's profile). A pooled request pays no box for them.
-    pub(crate) async fn send(&self, req: Request<B>) -> Result<Response<Incoming>, ForwardError> {
-        if self.connector.may_be_h2() && self.learned.load(Ordering::Relaxed) != SPOKE_H1 {
-            return Box::pin(self.send_shared(req)).await;
+    /// Called from `Forward::call`, not from inside a future: the request is moved into
+    /// hyper's queue here and held only there, and [`super::future`] polls hyper's
+    /// response future directly. When this was `async`, the request sat in the response
+    /// future, in this method's future and in hyper's at once: a 2.7 KiB box per request,
+    /// too large for the allocator's thread cache, copied whole on every call (issue 12's
+    /// profile, session 13).
+    pub(crate) fn dispatch(
+        self: &Arc<Self>,
+        req: Request<B>,
+    ) -> Dispatched<
+        impl Future<
+                Output = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<B>>>,
+            > + Send
+            + 'static,
+        B,
+    > {
+        let shared = self.connector.may_be_h2() && self.learned.load(Ordering::Relaxed) != SPOKE_H1;
+        if !shared {
+            if let Some(mut tx) = self.checkout() {
+                // Queued now; hyper's connection task writes it when next polled.
+                let sent = tx.try_send_request(req);
+                return Dispatched::Pooled(sent, tx);
+            }
         }
-        // The pooled case directly: one future less that the request is moved through.
-        match self.checkout() {
-            Some(tx) => self.send_h1_on(tx, true, req).await,
-            None => Box::pin(self.send_h1(req)).await,
-        }
+        let pool = self.clone();
+        Dispatched::Other(Box::pin(async move {
+            match shared {
+                true => pool.send_shared(req).await,
+                false => pool.send_h1(req).await,
+            }
+        }))
     }
 
     /// The HTTP/1.1 path. A pooled connection that turns out to be closed before the
@@ -232,20 +267,31 @@ where
         let res = match tx.try_send_request(req).await {
             Ok(res) => res,
             Err(mut e) => match e.take_message() {
-                Some(req) if pooled => {
-                    tracing::debug!(error = %e.error(), "pooled connection was closed; reconnecting");
-                    tx = match Box::pin(self.connector.connect()).await? {
-                        Conn::H1(tx) => tx,
-                        Conn::H2(tx, streams) => {
-                            let pending = self.adopt_h2(&tx, streams);
-                            return Box::pin(self.send_h2(tx, pending, req, false)).await;
-                        }
-                    };
-                    tx.send_request(req).await.map_err(|e| self.transport(e))?
-                }
+                Some(req) if pooled => return self.reconnect(req, e.into_error()).await,
                 _ => return Err(self.transport(e.into_error())),
             },
         };
+        self.checkin(tx);
+        Ok(res)
+    }
+
+    /// A pooled connection turned out to be closed before `req` was written (`closed`
+    /// says how): the request never left, so it is sent again on a fresh connection,
+    /// whatever its method.
+    pub(super) async fn reconnect(
+        &self,
+        req: Request<B>,
+        closed: hyper::Error,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        tracing::debug!(error = %closed, "pooled connection was closed; reconnecting");
+        let mut tx = match Box::pin(self.connector.connect()).await? {
+            Conn::H1(tx) => tx,
+            Conn::H2(tx, streams) => {
+                let pending = self.adopt_h2(&tx, streams);
+                return Box::pin(self.send_h2(tx, pending, req, false)).await;
+            }
+        };
+        let res = tx.send_request(req).await.map_err(|e| self.transport(e))?;
         self.checkin(tx);
         Ok(res)
     }

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# User-space instructions per forwarded request (issue 12), load-independent: callgrind
+# around `reverse_proxy --serve --direct --workers 1` in front of an nginx `return 200`
+# backend, instrumentation on only for a `wrk -t1 -c16` run after a 2 s warm-up, total
+# instructions divided by the requests wrk counted.
+#
+#   cargo build --release --example reverse_proxy   # [profile.release] keeps debug = 1
+#   scripts/callgrind-proxy.sh [BINARY] [OUTFILE]
+#   callgrind_annotate --inclusive=yes OUTFILE       # by function
+#
+# BINARY defaults to target/release/examples/reverse_proxy, OUTFILE to a file in /tmp.
+# DURATION (default 5s): the measured wrk run (under valgrind: a few thousand requests).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${1:-target/release/examples/reverse_proxy}
+OUTF=${2:-$(mktemp /tmp/callgrind-proxy.XXXXXX)}
+DURATION=${DURATION:-5s}
+RESULTS=/dev/null
+. scripts/lib/bench.sh
+need valgrind valgrind
+need nginx nginx-light
+need wrk wrk
+need python3 python3
+
+B=$(free_port); P=$(free_port)
+nginx_start backend 1 "server { listen 127.0.0.1:$B; location / { return 200 'ok\n'; } }"
+wait_port "$B"
+valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUTF" \
+    "$BIN" --serve --direct --workers 1 --listen "127.0.0.1:$P" --backends "http://127.0.0.1:$B" \
+    >/dev/null 2>"$work/valgrind.log" &
+vg=$!; pids+=($vg)
+wait_port "$P"
+wrk -t1 -c16 -d2s "http://127.0.0.1:$P/" >/dev/null
+callgrind_control -i on "$vg" >/dev/null 2>&1
+out=$(wrk -t1 -c16 -d"$DURATION" "http://127.0.0.1:$P/")
+callgrind_control -i off "$vg" >/dev/null 2>&1
+wrk_parse "$out"
+kill -INT "$vg"; wait "$vg" 2>/dev/null || true
+total=$(callgrind_annotate "$OUTF" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
+echo "requests $wrk_total, instructions $total, per request $((total / wrk_total))${wrk_err:+, wrk: $wrk_err}"
+echo "profile: $OUTF"
