@@ -19,17 +19,28 @@
 //! ([`Workers::balance_connections`]; the only cross-worker step, once per connection).
 //!
 //! ## Restarts without downtime
-//! A new process binds the same address with [`Workers::take_over`] while the old one still
-//! serves; the old one is then shut down ([`WorkersHandle::shutdown`], e.g. on `SIGTERM`):
-//! it stops accepting, serves what its accept queues already hold, finishes its in-flight
-//! requests within [`ServerConfig::drain_timeout`], and exits. See
-//! [`Workers::take_over`] for why new connections must be steered away from the old
-//! sockets first, and for the one window that steering leaves open.
+//! Two ways (Linux), both ending with the old process draining: it stops accepting,
+//! finishes its in-flight requests within [`ServerConfig::drain_timeout`], and exits.
+//!
+//! - **Socket handoff** (HAProxy's `-x`; use it where you can): the old process serves a
+//!   unix socket ([`Workers::handoff_socket`]); the new one receives the listening sockets
+//!   themselves ([`Inherited::receive`], [`Workers::inherit`]), tells the old one it serves
+//!   them, and the old one shuts down by itself. No socket is ever closed, so no
+//!   connection waiting in an accept queue is reset: zero failed requests, by
+//!   construction.
+//! - **Take-over** ([`Workers::take_over`]): the new process binds new `SO_REUSEPORT`
+//!   sockets next to the old ones and steers new connections to them; the old one is then
+//!   shut down ([`WorkersHandle::shutdown`], e.g. on `SIGTERM`). For setups that cannot
+//!   pass descriptors (other user, other container); it leaves a small window, see there.
 
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+#[cfg(target_os = "linux")]
+use std::path::PathBuf;
 use std::sync::Arc;
+#[cfg(target_os = "linux")]
+use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -38,8 +49,10 @@ use tower_service::Service;
 
 use super::anchor;
 use super::balance::Balance;
+#[cfg(target_os = "linux")]
+use super::handoff::{self, HandoffServer, Inherited, HANDOFF_TIMEOUT};
 use super::listen::{reuseport_listener, steer_to_newest, Accept, PlainTcp};
-use super::serve::serve_loop;
+use super::serve::{serve_loop, Queued};
 use super::{Server, ServerConfig};
 use crate::BoxError;
 
@@ -86,6 +99,19 @@ pub struct Workers<A = PlainTcp> {
     take_over: Option<u32>,
     backlog: i32,
     balance: bool,
+    #[cfg(target_os = "linux")]
+    restart: Restart,
+}
+
+/// The socket handoff settings of a [`Workers`] (Linux).
+#[cfg(target_os = "linux")]
+#[derive(Debug, Default)]
+struct Restart {
+    /// Sockets received from the process being replaced.
+    inherited: Option<Inherited>,
+    /// Where this process hands its sockets to the next one.
+    handoff: Option<PathBuf>,
+    timeout: Option<Duration>,
 }
 
 impl Workers {
@@ -98,6 +124,8 @@ impl Workers {
             take_over: None,
             backlog: 1024,
             balance: true,
+            #[cfg(target_os = "linux")]
+            restart: Restart::default(),
         }
     }
 
@@ -131,6 +159,8 @@ impl<A: Accept> Workers<A> {
             take_over: self.take_over,
             backlog: self.backlog,
             balance: self.balance,
+            #[cfg(target_os = "linux")]
+            restart: self.restart,
         }
     }
 
@@ -171,13 +201,59 @@ impl<A: Accept> Workers<A> {
     /// last socket into its slot, so the program's indices no longer all exist, and until
     /// the last old socket has closed a connection can fall back to the kernel's hash and
     /// land on an old socket after its final accept, which its close then resets. Under
-    /// load that is rare but real (the restart test failed 1 of about 40 runs here). Linux
+    /// load that is rare but real (a restart test failed 1 of about 40 runs here). Linux
     /// 5.14+ closes it with `sysctl net.ipv4.tcp_migrate_req=1`, which moves such
-    /// connections to another socket of the group instead of resetting them; passing the
-    /// listening sockets to the new process (HAProxy's `-x`) avoids closing them at all
-    /// and is not built.
+    /// connections to another socket of the group instead of resetting them. Passing the
+    /// listening sockets to the new process closes none ([`inherit`](Self::inherit)):
+    /// prefer it where both processes run as the same user on one host.
     pub fn take_over(mut self, previous_sockets: usize) -> Self {
         self.take_over = Some(u32::try_from(previous_sockets).unwrap_or(u32::MAX));
+        self
+    }
+
+    /// Serves the sockets received from the process being replaced instead of binding
+    /// new ones (Linux; see [`Inherited::receive`]). Once the workers accept from them,
+    /// [`spawn`](Self::spawn) tells the old process, which then stops accepting and
+    /// drains; the sockets stay open here, so nothing in their accept queues is lost.
+    ///
+    /// With more workers than sockets received, the extra workers bind new sockets into
+    /// the same `SO_REUSEPORT` group (spread by the kernel's hash). With fewer, a worker
+    /// also accepts from the sockets left over (socket `i` goes to worker `i % workers`,
+    /// without [`balance_connections`](Self::balance_connections) for those): a socket
+    /// can leave the group only by closing, which would reset its queue, so every
+    /// received socket keeps being served. The connection cap is split over the sockets.
+    ///
+    /// [`spawn`](Self::spawn) fails with [`HandoffError::AddressMismatch`] (as an
+    /// `io::Error` whose inner error it is) if its address is not the one the sockets
+    /// listen on, and with `InvalidInput` together with [`take_over`](Self::take_over).
+    ///
+    /// [`HandoffError::AddressMismatch`]: super::HandoffError::AddressMismatch
+    #[cfg(target_os = "linux")]
+    pub fn inherit(mut self, sockets: Inherited) -> Self {
+        self.restart.inherited = Some(sockets);
+        self
+    }
+
+    /// Hands this process's listening sockets to the next one over a unix socket at
+    /// `path` (Linux): the socket handoff's old side. The file is created with mode
+    /// `0600` (a socket file already there is replaced; [`spawn`](Self::spawn) fails
+    /// with [`HandoffError::NotASocket`] if something else is), only a peer of the same
+    /// user is served, and a peer that fails the exchange is refused with the workers
+    /// still serving. After a handoff the workers shut down as by
+    /// [`WorkersHandle::shutdown`]: [`WorkersHandle::join`] returns once they drained.
+    ///
+    /// [`HandoffError::NotASocket`]: super::HandoffError::NotASocket
+    #[cfg(target_os = "linux")]
+    pub fn handoff_socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.restart.handoff = Some(path.into());
+        self
+    }
+
+    /// How long each step of serving a handoff waits for the peer
+    /// (default [`HANDOFF_TIMEOUT`]).
+    #[cfg(target_os = "linux")]
+    pub fn handoff_timeout(mut self, timeout: Duration) -> Self {
+        self.restart.timeout = Some(timeout);
         self
     }
 
@@ -186,7 +262,11 @@ impl<A: Accept> Workers<A> {
     ///
     /// Binding errors are returned here; a worker that fails later reports it through
     /// [`WorkersHandle::join`].
-    pub fn spawn<F, S, B>(self, addr: SocketAddr, make_service: F) -> io::Result<WorkersHandle>
+    pub fn spawn<F, S, B>(
+        #[cfg_attr(not(target_os = "linux"), allow(unused_mut))] mut self,
+        addr: SocketAddr,
+        make_service: F,
+    ) -> io::Result<WorkersHandle>
     where
         F: Fn(WorkerId) -> S + Send + Sync + 'static,
         S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
@@ -196,20 +276,47 @@ impl<A: Accept> Workers<A> {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        let first = reuseport_listener(addr, self.backlog)?;
-        let addr = first.local_addr()?;
-        let mut listeners = vec![first];
-        for _ in 1..self.workers {
-            listeners.push(reuseport_listener(addr, self.backlog)?);
-        }
-        if let Some(previous) = self.take_over {
-            let ours = u32::try_from(self.workers).unwrap_or(u32::MAX);
-            steer_to_newest(&listeners[0], previous, ours)?;
-        }
+        #[cfg(target_os = "linux")]
+        let (listeners, addr, took) = match self.restart.inherited.take() {
+            Some(inherited) => {
+                let (listeners, addr, took) = self.inherited_listeners(inherited, addr)?;
+                (listeners, addr, Some(took))
+            }
+            None => {
+                let (listeners, addr) = self.bind(addr)?;
+                (listeners, addr, None)
+            }
+        };
+        #[cfg(not(target_os = "linux"))]
+        let (listeners, addr) = self.bind(addr)?;
 
+        let stop = Arc::new(watch::channel(Phase::Running).0);
+        // Bound before any worker starts: a path that is not a socket fails the spawn
+        // while the old process (if any) still serves alone.
+        #[cfg(target_os = "linux")]
+        let handoff = match &self.restart.handoff {
+            Some(path) => {
+                let timeout = self.restart.timeout.unwrap_or(HANDOFF_TIMEOUT);
+                let server = HandoffServer::bind(path, timeout)?;
+                let dups = listeners
+                    .iter()
+                    .map(|l| l.try_clone().map(std::os::fd::OwnedFd::from))
+                    .collect::<io::Result<Vec<_>>>()?;
+                Some((server, dups))
+            }
+            None => None,
+        };
+
+        // Socket `i` is served by worker `i % workers` (more sockets than workers only
+        // when inherited from a process with more workers).
+        let sockets = listeners.len();
+        let mut assigned: Vec<Vec<std::net::TcpListener>> =
+            (0..self.workers).map(|_| Vec::new()).collect();
+        for (i, listener) in listeners.into_iter().enumerate() {
+            assigned[i % self.workers].push(listener);
+        }
         let mut config = self.config;
-        config.max_connections = (config.max_connections / self.workers).max(1);
-        let (stop, stopped) = watch::channel(false);
+        config.max_connections = (config.max_connections / sockets.max(1)).max(1);
         let make_service = Arc::new(make_service);
         let mut balances: Vec<Option<Balance>> = if self.balance && self.workers > 1 {
             Balance::group(self.workers, config.max_connections)
@@ -220,12 +327,12 @@ impl<A: Accept> Workers<A> {
             (0..self.workers).map(|_| None).collect()
         };
         let mut threads = Vec::with_capacity(self.workers);
-        for ((i, listener), balance) in listeners.into_iter().enumerate().zip(balances.drain(..)) {
+        for ((i, listeners), balance) in assigned.into_iter().enumerate().zip(balances.drain(..)) {
             let id = WorkerId(i);
             let config = config.clone();
             let acceptor = self.acceptor.clone();
             let make_service = make_service.clone();
-            let shutdown = shutdown_signal(stopped.clone());
+            let stopped = stop.subscribe();
             let spawned = std::thread::Builder::new()
                 .name(id.to_string())
                 .spawn(move || {
@@ -233,12 +340,39 @@ impl<A: Accept> Workers<A> {
                         .enable_all()
                         .build()?;
                     rt.block_on(async move {
-                        let listener = tokio::net::TcpListener::from_std(listener)?;
                         let svc = make_service(id);
                         // Keeps arming the requests' timers free of wake-up syscalls
                         // (see `anchor`), for as long as the worker serves.
                         let _anchor = anchor::spawn();
-                        serve_loop(config, listener, svc, acceptor, shutdown, balance).await
+                        let mut listeners = listeners.into_iter();
+                        let Some(first) = listeners.next() else {
+                            return Ok(());
+                        };
+                        // Inherited sockets beyond one per worker: their own accept loops
+                        // on this worker's runtime, so that no received queue goes unserved.
+                        let mut extra = Vec::new();
+                        for listener in listeners {
+                            let listener = tokio::net::TcpListener::from_std(listener)?;
+                            extra.push(tokio::spawn(serve_loop(
+                                config.clone(),
+                                listener,
+                                svc.clone(),
+                                acceptor.clone(),
+                                shutdown_signal(stopped.clone()),
+                                None,
+                            )));
+                        }
+                        let first = tokio::net::TcpListener::from_std(first)?;
+                        let shutdown = shutdown_signal(stopped);
+                        let mut result =
+                            serve_loop(config, first, svc, acceptor, shutdown, balance).await;
+                        for task in extra {
+                            let r = task.await.unwrap_or_else(|e| Err(io::Error::other(e)));
+                            if result.is_ok() {
+                                result = r;
+                            }
+                        }
+                        result
                     })
                     // Dropping the runtime ends what the drain timeout left running.
                 });
@@ -246,23 +380,113 @@ impl<A: Accept> Workers<A> {
                 Ok(thread) => threads.push(thread),
                 Err(e) => {
                     // Stop the workers already started rather than leave them unowned.
-                    stop.send_replace(true);
+                    stop.send_replace(Phase::Drain);
                     return Err(e);
                 }
             }
+        }
+        #[cfg(target_os = "linux")]
+        let handoff = match handoff {
+            Some((server, dups)) => match server.spawn(dups, stop.clone()) {
+                Ok(thread) => Some(thread),
+                Err(e) => {
+                    stop.send_replace(Phase::Drain);
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
+        // Every worker accepts from the inherited sockets now (or will at its first poll:
+        // connections wait in the queues meanwhile): the old process may stop.
+        #[cfg(target_os = "linux")]
+        if let Some(took) = took {
+            took.confirm();
         }
         Ok(WorkersHandle {
             addr,
             stop,
             threads,
+            #[cfg(target_os = "linux")]
+            handoff,
         })
+    }
+
+    /// Binds `addr` once per worker, steering to the new sockets after a take-over.
+    fn bind(&self, addr: SocketAddr) -> io::Result<(Vec<std::net::TcpListener>, SocketAddr)> {
+        let first = reuseport_listener(addr, self.backlog)?;
+        let addr = first.local_addr()?;
+        let mut listeners = vec![first];
+        for _ in 1..self.workers {
+            listeners.push(reuseport_listener(addr, self.backlog)?);
+        }
+        if let Some(previous) = self.take_over {
+            let ours = u32::try_from(self.workers).unwrap_or(u32::MAX);
+            steer_to_newest(&listeners[0], previous, ours)?;
+        }
+        Ok((listeners, addr))
+    }
+
+    /// The received sockets, plus new ones in their group if there are more workers.
+    #[cfg(target_os = "linux")]
+    fn inherited_listeners(
+        &self,
+        inherited: Inherited,
+        addr: SocketAddr,
+    ) -> io::Result<(Vec<std::net::TcpListener>, SocketAddr, handoff::Took)> {
+        if self.take_over.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "take_over and inherit are two ways to restart: use one",
+            ));
+        }
+        let got = inherited.local_addr();
+        if got.ip() != addr.ip() || (addr.port() != 0 && addr.port() != got.port()) {
+            return Err(super::HandoffError::AddressMismatch { wanted: addr, got }.into());
+        }
+        let (mut listeners, took) = inherited.into_parts();
+        if listeners.len() < self.workers {
+            // A program an earlier take-over left on the group would keep new sockets
+            // idle; the kernel's hash spreads over all of them.
+            handoff::steer_by_hash(&listeners[0])?;
+            while listeners.len() < self.workers {
+                listeners.push(reuseport_listener(got, self.backlog)?);
+            }
+        }
+        Ok((listeners, got, took))
+    }
+}
+
+/// Whether the workers serve, and why they stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Running,
+    /// [`WorkersHandle::shutdown`]: stop accepting, serve what the queues hold, drain.
+    Drain,
+    /// The sockets serve in the next process now: stop accepting and drain, leaving the
+    /// queues to it.
+    HandedOver,
+}
+
+impl Phase {
+    /// Moves on from `Running` only: the first reason to stop is the one that holds.
+    pub(crate) fn stop(stop: &watch::Sender<Phase>, why: Phase) {
+        stop.send_if_modified(|p| {
+            let first = *p == Phase::Running;
+            if first {
+                *p = why;
+            }
+            first
+        });
     }
 }
 
 /// Completes when the handle signals shutdown; a dropped handle leaves workers serving.
-async fn shutdown_signal(mut stopped: watch::Receiver<bool>) {
-    if stopped.wait_for(|s| *s).await.is_err() {
-        std::future::pending::<()>().await;
+async fn shutdown_signal(mut stopped: watch::Receiver<Phase>) -> Queued {
+    let phase = stopped.wait_for(|p| *p != Phase::Running).await.map(|p| *p);
+    match phase {
+        Ok(Phase::HandedOver) => Queued::Leave,
+        Ok(_) => Queued::Serve,
+        Err(_) => std::future::pending().await,
     }
 }
 
@@ -270,8 +494,11 @@ async fn shutdown_signal(mut stopped: watch::Receiver<bool>) {
 #[derive(Debug)]
 pub struct WorkersHandle {
     addr: SocketAddr,
-    stop: watch::Sender<bool>,
+    /// Shared with the handoff thread, which shuts the workers down after a handoff.
+    stop: Arc<watch::Sender<Phase>>,
     threads: Vec<std::thread::JoinHandle<io::Result<()>>>,
+    #[cfg(target_os = "linux")]
+    handoff: Option<std::thread::JoinHandle<()>>,
 }
 
 impl WorkersHandle {
@@ -288,14 +515,20 @@ impl WorkersHandle {
     /// Tells every worker to stop accepting and drain (non-blocking; see
     /// [`join`](Self::join) to wait).
     pub fn shutdown(&self) {
-        // `send_replace`: the signal holds even when no worker is waiting on it yet.
-        self.stop.send_replace(true);
+        // The signal holds even when no worker is waiting on it yet.
+        Phase::stop(&self.stop, Phase::Drain);
     }
 
     /// Waits (blocking the thread) until every worker has stopped; the first error of a
     /// worker, if any.
     pub fn join(self) -> io::Result<()> {
-        let WorkersHandle { stop, threads, .. } = self;
+        let WorkersHandle {
+            stop,
+            threads,
+            #[cfg(target_os = "linux")]
+            handoff,
+            ..
+        } = self;
         let mut result = Ok(());
         for t in threads {
             let r = t
@@ -304,6 +537,12 @@ impl WorkersHandle {
             if result.is_ok() {
                 result = r;
             }
+        }
+        // The workers are gone (stopped, or failed): so is what the handoff would pass.
+        #[cfg(target_os = "linux")]
+        if let Some(handoff) = handoff {
+            Phase::stop(&stop, Phase::Drain);
+            let _ = handoff.join();
         }
         drop(stop);
         result
