@@ -1,7 +1,8 @@
 //! The thread-per-core `server::Workers` over real sockets on 127.0.0.1 (issue 12): every
 //! worker serves, shutdown drains in-flight requests on every worker (bounded by the drain
-//! timeout), a second server takes the port over with `SO_REUSEPORT` without a failed
-//! request, and the limits hold per worker.
+//! timeout), a second server taking the port over with `SO_REUSEPORT` gets every new
+//! connection, and the limits hold per worker. Restarts that pass the sockets:
+//! `server_handoff.rs`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
@@ -177,80 +178,40 @@ async fn the_drain_timeout_bounds_a_request_that_never_finishes() {
     assert!(r.is_err(), "{r:?}");
 }
 
+/// The deterministic part of a `take_over` restart: while all the old sockets are open,
+/// the steering sends every new connection to the new server, and the old one drains what
+/// it has. (The window while the old sockets close one by one is documented on
+/// `take_over`; the restart without a failed request under load is the socket handoff's,
+/// `tests/server_handoff.rs`.)
 #[tokio::test]
-async fn a_second_server_takes_the_port_over_without_a_failed_request() {
+async fn a_second_server_taking_the_port_over_gets_every_new_connection() {
     let old = Workers::new(2)
         .spawn(LOCAL.parse().unwrap(), |id| tagged("old", id))
         .unwrap();
     let addr = old.local_addr();
-    let stop = Arc::new(AtomicBool::new(false));
-    let served: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
-    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
-    // Which step of the handover a failure happened in, for the report.
-    let phase = Arc::new(AtomicUsize::new(0));
-    // Four clients keep sending, each request on a fresh connection: the case where a
-    // connection can land in the accept queue of a listener that is about to close.
-    let mut clients = Vec::new();
-    for _ in 0..4 {
-        let (stop, served, failures) = (stop.clone(), served.clone(), failures.clone());
-        let phase = phase.clone();
-        clients.push(tokio::spawn(async move {
-            while !stop.load(SeqCst) {
-                let at = phase.load(SeqCst);
-                match get_once(addr, Duration::from_secs(10)).await {
-                    Ok((200, body)) => {
-                        let tag = body.split(' ').next().unwrap_or("").to_string();
-                        *served.lock().unwrap().entry(tag).or_default() += 1;
-                    }
-                    Ok((status, body)) => failures
-                        .lock()
-                        .unwrap()
-                        .push(format!("phase {at}: {status} {body}")),
-                    Err(e) => failures.lock().unwrap().push(format!("phase {at}: {e}")),
-                }
-            }
-        }));
+    for _ in 0..20 {
+        let (status, body) = get_once(addr, Duration::from_secs(10)).await.unwrap();
+        assert_eq!((status, body.split(' ').next()), (200, Some("old")));
     }
-    let count = |tag: &str| served.lock().unwrap().get(tag).copied().unwrap_or(0);
-    until("the old server to serve", Duration::from_secs(10), || {
-        count("old") >= 100
-    })
-    .await;
-
-    // The new process binds the same port next to the old one and takes new connections.
     let new = Workers::new(2)
         .take_over(2)
         .spawn(addr, |id| tagged("new", id))
         .unwrap();
-    phase.store(1, SeqCst);
     assert_eq!(new.local_addr(), addr);
-    until("the new server to serve", Duration::from_secs(10), || {
-        count("new") >= 100
-    })
-    .await;
-    phase.store(2, SeqCst);
+    // Fresh connections, from many source ports: the kernel's hash alone would send
+    // about half of them to the old sockets.
+    for _ in 0..200 {
+        let (status, body) = get_once(addr, Duration::from_secs(10)).await.unwrap();
+        assert_eq!((status, body.split(' ').next()), (200, Some("new")), "{body}");
+    }
     tokio::time::timeout(Duration::from_secs(10), old.shutdown_and_wait())
         .await
         .expect("the old server drained")
         .unwrap();
-    phase.store(3, SeqCst);
-    let after = count("new");
-    until(
-        "the new server to serve alone",
-        Duration::from_secs(10),
-        || count("new") >= after + 200,
-    )
-    .await;
-    stop.store(true, SeqCst);
-    for c in clients {
-        c.await.unwrap();
+    for _ in 0..50 {
+        let (status, body) = get_once(addr, Duration::from_secs(10)).await.unwrap();
+        assert_eq!((status, body.split(' ').next()), (200, Some("new")), "{body}");
     }
-    let failures = failures.lock().unwrap().clone();
-    assert!(
-        failures.is_empty(),
-        "{} failed: {failures:?}",
-        failures.len()
-    );
     new.shutdown_and_wait().await.unwrap();
 }
 
