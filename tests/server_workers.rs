@@ -202,7 +202,11 @@ async fn a_second_server_taking_the_port_over_gets_every_new_connection() {
     // about half of them to the old sockets.
     for _ in 0..200 {
         let (status, body) = get_once(addr, Duration::from_secs(10)).await.unwrap();
-        assert_eq!((status, body.split(' ').next()), (200, Some("new")), "{body}");
+        assert_eq!(
+            (status, body.split(' ').next()),
+            (200, Some("new")),
+            "{body}"
+        );
     }
     tokio::time::timeout(Duration::from_secs(10), old.shutdown_and_wait())
         .await
@@ -210,7 +214,11 @@ async fn a_second_server_taking_the_port_over_gets_every_new_connection() {
         .unwrap();
     for _ in 0..50 {
         let (status, body) = get_once(addr, Duration::from_secs(10)).await.unwrap();
-        assert_eq!((status, body.split(' ').next()), (200, Some("new")), "{body}");
+        assert_eq!(
+            (status, body.split(' ').next()),
+            (200, Some("new")),
+            "{body}"
+        );
     }
     new.shutdown_and_wait().await.unwrap();
 }

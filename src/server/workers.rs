@@ -512,6 +512,15 @@ impl WorkersHandle {
         self.threads.len()
     }
 
+    /// Completes once the workers are told to stop: by [`shutdown`](Self::shutdown), or
+    /// by a socket handoff to the next process ([`Workers::handoff_socket`]). A process
+    /// waiting for `SIGTERM` waits for this too, then [`join`](Self::join)s.
+    pub async fn stopping(&self) {
+        let mut phase = self.stop.subscribe();
+        // The handle holds the sender: the channel cannot close while this waits.
+        let _ = phase.wait_for(|p| *p != Phase::Running).await;
+    }
+
     /// Tells every worker to stop accepting and drain (non-blocking; see
     /// [`join`](Self::join) to wait).
     pub fn shutdown(&self) {
