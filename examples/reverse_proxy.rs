@@ -18,11 +18,16 @@
 //! processes with an upstream `zone`: each worker round-robins on its own, passive health
 //! is shared through one [`SharedHealth`], so a dead backend is ejected by all workers at
 //! its first failure and tried once, not once per worker). `SIGTERM`/Ctrl-C
-//! drains every worker. `--take-over N`: bind next to a running instance with N workers on
-//! the same `--listen` port and take its new connections, for a restart without a failed
-//! request (start the new one, then `SIGTERM` the old one). `--no-balance`: leave the
-//! spreading of connections over the workers to the kernel's hash (by default a worker
-//! hands a new connection to a less-loaded one; see `Workers::balance_connections`).
+//! drains every worker. `--handoff PATH` (Linux): restart without a failed request by
+//! passing the listening sockets — start every instance with the same `--handoff PATH`
+//! and `--listen`; a new instance takes the sockets of the one serving PATH (if any),
+//! which then drains and exits by itself, and serves PATH for the next restart.
+//! `--take-over N`: for setups that cannot pass sockets, bind next to a running instance
+//! with N workers on the same `--listen` port and take its new connections (start the new
+//! one, then `SIGTERM` the old one; see `Workers::take_over` for its window).
+//! `--no-balance`: leave the spreading of connections over the workers to the kernel's
+//! hash (by default a worker hands a new connection to a less-loaded one; see
+//! `Workers::balance_connections`).
 //!
 //! `--gateway` (with `--serve`; needs `--features metrics,auth,rate-limit`): the API
 //! gateway of issue 14 in front of `Forward` (`--direct`) or the balancer, with or without
@@ -294,6 +299,24 @@ where
     let mut builder = Workers::new(workers).balance_connections(args.balance);
     if let Some(previous) = args.take_over {
         builder = builder.take_over(previous);
+    }
+    #[cfg(target_os = "linux")]
+    if let Some(path) = &args.handoff {
+        use tower_patterns::server::{HandoffError, Inherited};
+        match Inherited::receive(path, args.listen) {
+            Ok(inherited) => {
+                println!(
+                    "took over {} listening sockets on {} from the running instance",
+                    inherited.sockets(),
+                    inherited.local_addr()
+                );
+                builder = builder.inherit(inherited);
+            }
+            // Nobody serves the path: a first start, on fresh sockets.
+            Err(HandoffError::NoPeer { .. }) => {}
+            Err(e) => return Err(format!("--handoff {}: {e}", path.display()).into()),
+        }
+        builder = builder.handoff_socket(path);
     }
     let (handle, _watch) = match &args.tls {
         None => (builder.spawn(args.listen, make)?, None),

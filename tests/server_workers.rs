@@ -1,11 +1,11 @@
 //! The thread-per-core `server::Workers` over real sockets on 127.0.0.1 (issue 12): every
 //! worker serves, shutdown drains in-flight requests on every worker (bounded by the drain
-//! timeout), a second server takes the port over with `SO_REUSEPORT` without a failed
-//! request, and the limits hold per worker.
+//! timeout), a second server taking the port over with `SO_REUSEPORT` gets every new
+//! connection, and the limits hold per worker. Restarts that pass the sockets:
+//! `server_handoff.rs`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,67 +19,9 @@ use tokio::sync::Semaphore;
 use tower_patterns::server::{Server, WorkerId, Workers};
 
 mod common;
+mod workers_support;
 
-const LOCAL: &str = "127.0.0.1:0";
-
-/// Answers `<tag> <worker index> <thread name>`.
-fn tagged(
-    tag: &'static str,
-    id: WorkerId,
-) -> impl tower::Service<
-    Request<Incoming>,
-    Response = Response<Full<Bytes>>,
-    Error = Infallible,
-    Future = impl Send,
-> + Clone
-       + Send
-       + 'static {
-    let thread = std::thread::current().name().unwrap_or("?").to_string();
-    let body = Bytes::from(format!("{tag} {} {thread}", id.index()));
-    tower::service_fn(move |_req: Request<Incoming>| {
-        let body = body.clone();
-        async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
-    })
-}
-
-/// One request on a fresh connection (`connection: close`): the status and body, or why
-/// it failed. Bounded by `limit`.
-async fn get_once(addr: SocketAddr, limit: Duration) -> Result<(u16, String), String> {
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-            .await
-            .map_err(|e| format!("write: {e}"))?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf)
-            .await
-            .map_err(|e| format!("read: {e}"))?;
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let status = text
-            .get(9..12)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("no status line in {text:?}"))?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((status, body))
-    };
-    tokio::time::timeout(limit, exchange)
-        .await
-        .map_err(|_| "timed out".to_string())?
-}
-
-/// Polls `cond` every 10 ms until it holds; panics with `what` after `limit`.
-async fn until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+use workers_support::{get_once, tagged, until, LOCAL};
 
 #[tokio::test]
 async fn every_worker_serves_on_its_own_thread() {
@@ -236,80 +178,48 @@ async fn the_drain_timeout_bounds_a_request_that_never_finishes() {
     assert!(r.is_err(), "{r:?}");
 }
 
+/// The deterministic part of a `take_over` restart: while all the old sockets are open,
+/// the steering sends every new connection to the new server, and the old one drains what
+/// it has. (The window while the old sockets close one by one is documented on
+/// `take_over`; the restart without a failed request under load is the socket handoff's,
+/// `tests/server_handoff.rs`.)
 #[tokio::test]
-async fn a_second_server_takes_the_port_over_without_a_failed_request() {
+async fn a_second_server_taking_the_port_over_gets_every_new_connection() {
     let old = Workers::new(2)
         .spawn(LOCAL.parse().unwrap(), |id| tagged("old", id))
         .unwrap();
     let addr = old.local_addr();
-    let stop = Arc::new(AtomicBool::new(false));
-    let served: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
-    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
-    // Which step of the handover a failure happened in, for the report.
-    let phase = Arc::new(AtomicUsize::new(0));
-    // Four clients keep sending, each request on a fresh connection: the case where a
-    // connection can land in the accept queue of a listener that is about to close.
-    let mut clients = Vec::new();
-    for _ in 0..4 {
-        let (stop, served, failures) = (stop.clone(), served.clone(), failures.clone());
-        let phase = phase.clone();
-        clients.push(tokio::spawn(async move {
-            while !stop.load(SeqCst) {
-                let at = phase.load(SeqCst);
-                match get_once(addr, Duration::from_secs(10)).await {
-                    Ok((200, body)) => {
-                        let tag = body.split(' ').next().unwrap_or("").to_string();
-                        *served.lock().unwrap().entry(tag).or_default() += 1;
-                    }
-                    Ok((status, body)) => failures
-                        .lock()
-                        .unwrap()
-                        .push(format!("phase {at}: {status} {body}")),
-                    Err(e) => failures.lock().unwrap().push(format!("phase {at}: {e}")),
-                }
-            }
-        }));
+    for _ in 0..20 {
+        let (status, body) = get_once(addr, Duration::from_secs(10)).await.unwrap();
+        assert_eq!((status, body.split(' ').next()), (200, Some("old")));
     }
-    let count = |tag: &str| served.lock().unwrap().get(tag).copied().unwrap_or(0);
-    until("the old server to serve", Duration::from_secs(10), || {
-        count("old") >= 100
-    })
-    .await;
-
-    // The new process binds the same port next to the old one and takes new connections.
     let new = Workers::new(2)
         .take_over(2)
         .spawn(addr, |id| tagged("new", id))
         .unwrap();
-    phase.store(1, SeqCst);
     assert_eq!(new.local_addr(), addr);
-    until("the new server to serve", Duration::from_secs(10), || {
-        count("new") >= 100
-    })
-    .await;
-    phase.store(2, SeqCst);
+    // Fresh connections, from many source ports: the kernel's hash alone would send
+    // about half of them to the old sockets.
+    for _ in 0..200 {
+        let (status, body) = get_once(addr, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(
+            (status, body.split(' ').next()),
+            (200, Some("new")),
+            "{body}"
+        );
+    }
     tokio::time::timeout(Duration::from_secs(10), old.shutdown_and_wait())
         .await
         .expect("the old server drained")
         .unwrap();
-    phase.store(3, SeqCst);
-    let after = count("new");
-    until(
-        "the new server to serve alone",
-        Duration::from_secs(10),
-        || count("new") >= after + 200,
-    )
-    .await;
-    stop.store(true, SeqCst);
-    for c in clients {
-        c.await.unwrap();
+    for _ in 0..50 {
+        let (status, body) = get_once(addr, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(
+            (status, body.split(' ').next()),
+            (200, Some("new")),
+            "{body}"
+        );
     }
-    let failures = failures.lock().unwrap().clone();
-    assert!(
-        failures.is_empty(),
-        "{} failed: {failures:?}",
-        failures.len()
-    );
     new.shutdown_and_wait().await.unwrap();
 }
 
@@ -523,4 +433,45 @@ async fn exchange(s: &mut tokio::net::TcpStream) -> String {
     tokio::time::timeout(Duration::from_secs(10), read_response(s))
         .await
         .expect("a response within 10 s")
+}
+
+/// A kept-alive connection between two requests when the drain starts: closing it at
+/// once would race the client's next request, which would see the connection closed
+/// instead of an answer (wrk saw 2-31 read errors per restart). Its next request is
+/// answered, and then the connection ends.
+#[tokio::test]
+async fn a_kept_alive_connection_gets_its_next_request_answered_during_the_drain() {
+    let handle = Workers::new(1)
+        .spawn(LOCAL.parse().unwrap(), |id| tagged("w", id))
+        .unwrap();
+    let addr = handle.local_addr();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = common::read_raw_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+    handle.shutdown();
+    // The listener closes just before the connections are told to drain.
+    until("the listener to close", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(addr).is_err()
+    })
+    .await;
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = common::read_raw_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(String::from_utf8_lossy(&body).starts_with("w 0"));
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .expect("closed after the answer")
+        .unwrap();
+    assert_eq!(n, 0);
+    tokio::time::timeout(Duration::from_secs(10), handle.shutdown_and_wait())
+        .await
+        .unwrap()
+        .unwrap();
 }

@@ -15,6 +15,9 @@ pub struct Args {
     pub direct: bool,
     pub workers: Option<usize>,
     pub take_over: Option<usize>,
+    /// `--handoff PATH`: inherit the listening sockets from the instance serving PATH (if
+    /// one does), then serve PATH for the next restart.
+    pub handoff: Option<std::path::PathBuf>,
     pub tls: Option<(String, String)>,
     pub balance: bool,
     pub gateway: Option<GatewayConfig>,
@@ -45,6 +48,7 @@ pub fn parse_args() -> Result<Args, String> {
         direct: false,
         workers: None,
         take_over: None,
+        handoff: None,
         tls: None,
         balance: true,
         gateway: None,
@@ -75,6 +79,7 @@ pub fn parse_args() -> Result<Args, String> {
             "--threads" => args.threads = Some(flags.parse(&a)?),
             "--workers" => args.workers = Some(flags.parse(&a)?),
             "--take-over" => args.take_over = Some(flags.parse(&a)?),
+            "--handoff" => args.handoff = Some(flags.value(&a)?.into()),
             "--gateway" => gateway = true,
             "--api-key" => api_key = Some(flags.value(&a)?),
             "--rate-limit" => rate_limit = Some(flags.parse(&a)?),
@@ -87,6 +92,12 @@ pub fn parse_args() -> Result<Args, String> {
         (None, None) => None,
         _ => return Err("--tls-cert and --tls-key go together".into()),
     };
+    if args.handoff.is_some() && args.take_over.is_some() {
+        return Err("--handoff and --take-over are two ways to restart: use one".into());
+    }
+    if args.handoff.is_some() && !cfg!(target_os = "linux") {
+        return Err("--handoff needs Linux".into());
+    }
     if args.tls.is_some() && !args.serve {
         return Err("--tls-cert/--tls-key need --serve".into());
     }

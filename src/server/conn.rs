@@ -201,8 +201,9 @@ impl<A: Accept> Conns<A> {
 /// hyper closes an idle connection at once on `graceful_shutdown`, and a connection
 /// accepted a moment ago counts as idle even when its first request is already in the
 /// socket: the client would see the connection closed without an answer. A connection
-/// that has not started a request yet gets `grace` to start one (the request is then
-/// served, with `Connection: close`).
+/// that has not started a request yet, or an HTTP/1 connection between two requests, gets
+/// `grace` to start one (the request is then served, and the connection closed after
+/// its response).
 ///
 /// `idle` (HTTP/2, which hyper gives no idle timeout): when a whole period passes without
 /// a new stream, the connection is shut down gracefully (GOAWAY: streams still open,
@@ -237,6 +238,20 @@ where
             return conn.await;
         }
         seen = now;
+    }
+    if idle.is_none() && started.0.load(Ordering::Acquire) {
+        // HTTP/1 between two requests of a kept-alive connection: closing it now races the
+        // client's next request, which would see the close instead of an answer (wrk: a
+        // few read errors per restart). Like a fresh connection it gets `grace` to start
+        // one more, the last one it serves. Clearing the flag makes that
+        // request's `call` wake this (the check every request already does); a wake-up
+        // stored by the first request is consumed first.
+        tokio::select! {
+            biased;
+            () = started.1.notified() => {}
+            () = std::future::ready(()) => {}
+        }
+        started.0.store(false, Ordering::Release);
     }
     if !started.0.load(Ordering::Acquire) {
         tokio::select! {

@@ -11,7 +11,9 @@
 //! Two ways to run it: [`Server`] on whatever tokio runtime calls it (one multi-thread
 //! runtime: [`runtime`]), or [`Workers`], thread-per-core — one current-thread runtime,
 //! `SO_REUSEPORT` listener and service instance per worker thread, the model of nginx's
-//! worker processes, with restarts that hand the port over ([`Workers::take_over`]).
+//! worker processes, with restarts that pass the listening sockets to the next process
+//! ([`Workers::handoff_socket`], [`Workers::inherit`]) or bind next to it
+//! ([`Workers::take_over`]).
 //! Both run the same accept loop with the same limits, and serve HTTP/1.1 and HTTP/2 (h2c
 //! prior knowledge, or h2 by TLS ALPN) on one port; an [`Accept`] implementation plugs
 //! TLS in (`tls::ServerTls`, feature `tls`; [`Server::serve_with_acceptor`],
@@ -40,6 +42,8 @@ mod balance;
 mod config;
 mod conn;
 mod detect;
+#[cfg(target_os = "linux")]
+mod handoff;
 mod lease;
 mod listen;
 mod serve;
@@ -47,6 +51,8 @@ mod small_writes;
 mod workers;
 
 pub use config::ServerConfig;
+#[cfg(target_os = "linux")]
+pub use handoff::{HandoffError, Inherited, HANDOFF_TIMEOUT};
 pub use lease::ConnectionLease;
 pub use listen::{Accept, PlainTcp, Protocol};
 pub use workers::{WorkerId, Workers, WorkersHandle};

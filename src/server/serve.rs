@@ -28,12 +28,29 @@ pub(super) const CLOSE: u8 = 2;
 /// first request (bounded further by the header read timeout and the drain timeout).
 const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
+/// What a shutdown does with the connections still waiting in the accept queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Queued {
+    /// Accepts and serves them: closing the listener would reset them.
+    Serve,
+    /// Leaves them: the listening socket lives on in another process, which serves them
+    /// (a socket handoff).
+    Leave,
+}
+
+/// A plain shutdown signal serves the queue.
+impl From<()> for Queued {
+    fn from((): ()) -> Self {
+        Queued::Serve
+    }
+}
+
 /// The accept loop shared by [`Server`] and every [`Workers`] worker: the same limits,
 /// whatever runtime it runs on and whatever [`Accept`] turns a TCP stream into. With
 /// `balance` (one of several [`Workers`](super::Workers) that even out their connections,
 /// [`Balance`]) the connection cap is the shared one, and connections come from this
 /// listener and from the other workers.
-pub(crate) async fn serve_loop<S, B, A, F>(
+pub(crate) async fn serve_loop<S, B, A, F, Q>(
     config: ServerConfig,
     listener: TcpListener,
     svc: S,
@@ -49,7 +66,8 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
     A: Accept,
-    F: Future<Output = ()>,
+    F: Future<Output = Q>,
+    Q: Into<Queued>,
 {
     // One channel tells connections to drain (1) or close now (2); each connection
     // holds a receiver, so "all receivers gone" means every connection has ended.
@@ -70,18 +88,18 @@ where
     };
     let mut backoff = AcceptBackoff::new(config.accept_backoff);
     tokio::pin!(shutdown);
-    loop {
+    let queued = loop {
         let permit = tokio::select! {
             biased;
-            () = &mut shutdown => break,
+            q = &mut shutdown => break q.into(),
             p = permits.clone().acquire_owned() => match p {
                 Ok(p) => p,
-                Err(_) => break, // the semaphore is never closed
+                Err(_) => break Queued::Serve, // the semaphore is never closed
             },
         };
         let (stream, peer) = tokio::select! {
             biased;
-            () = &mut shutdown => break,
+            q = &mut shutdown => break q.into(),
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -89,7 +107,7 @@ where
                     if !pause.is_zero() {
                         tokio::select! {
                             biased;
-                            () = &mut shutdown => break,
+                            q = &mut shutdown => break q.into(),
                             () = tokio::time::sleep(pause) => {}
                         }
                     }
@@ -110,15 +128,17 @@ where
         if let Some((stream, peer)) = routed {
             conns.serve(stream, peer, Some(permit), &svc);
         }
-    }
+    };
     // Connections other workers handed over and this one has not picked up yet.
     for (stream, peer) in balance.as_mut().map(Balance::close).unwrap_or_default() {
         conns.serve(stream, peer, permits.clone().try_acquire_owned().ok(), &svc);
     }
     // Connections the kernel already completed but this loop has not accepted yet would
     // be reset by closing the listener: serve them too (at most the listen backlog, so
-    // without a permit when the cap is reached), then close.
+    // without a permit when the cap is reached), then close. After a socket handoff the
+    // successor serves them from the same socket, which stays open there.
     match listener.into_std() {
+        Ok(_) if queued == Queued::Leave => {}
         Ok(std_listener) => {
             while let Ok((stream, peer)) = std_listener.accept() {
                 let stream = stream
