@@ -15,7 +15,7 @@ use http::{Request, Response};
 use http_body::{Body, Frame};
 use tower::util::BoxCloneSyncService;
 use tower::ServiceExt;
-use tower_patterns::balance::{discover, Balance, CloneBody, Retry};
+use tower_patterns::balance::{discover, Balance, CloneBody, PassiveHealth, Retry};
 use tower_patterns::BoxError;
 
 /// An empty body that counts how often the balancer copied it.
@@ -134,4 +134,78 @@ async fn with_a_queue_the_only_endpoint_is_copied_and_retried_on_one_that_joins(
     // One copy per try that another could follow: the try on a, the try on b (a third
     // try could still wait in the queue).
     assert_eq!(copies.load(SeqCst), 2);
+}
+
+/// An upgrade (WebSocket) that an endpoint saw and failed on is not sent again: the other
+/// endpoint may not take over a half-open tunnel. Over a real hyper server, which marks
+/// the upgrade request (its `OnUpgrade`), with the request buffered for retries as
+/// `reverse_proxy` does.
+#[tokio::test]
+async fn a_failed_upgrade_is_not_retried_on_another_endpoint() {
+    use http_body_util::Full;
+    use hyper::body::Incoming;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tower::Layer;
+    use tower_patterns::balance::ReplayLayer;
+    use tower_patterns::body::ReplayBody;
+
+    type Up = BoxCloneSyncService<Request<ReplayBody<Incoming>>, Response<Full<Bytes>>, BoxError>;
+    let hits = Arc::new(AtomicUsize::new(0));
+    let failing = |hits: Arc<AtomicUsize>| -> Up {
+        BoxCloneSyncService::new(tower::service_fn(move |_r| {
+            hits.fetch_add(1, SeqCst);
+            async { Err::<Response<Full<Bytes>>, BoxError>("reset after the request".into()) }
+        }))
+    };
+    // Health off: the first failure would otherwise eject one of the two.
+    let lb = Balance::builder()
+        .retry(Retry::default())
+        .health(PassiveHealth::disabled())
+        .build_static([("a", failing(hits.clone())), ("b", failing(hits.clone()))]);
+    let front = ReplayLayer::new(64 * 1024).respond().layer(lb);
+    let server = tower_patterns::server::spawn_local(front).await.unwrap();
+
+    let mut conn = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+    conn.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "closed before an answer");
+        head.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 502"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    assert_eq!(hits.load(SeqCst), 1, "sent to one endpoint only");
+
+    // The same request without the upgrade is retried on the other endpoint.
+    let mut conn = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+    conn.write_all(b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "closed before an answer");
+        head.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 502"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    assert_eq!(hits.load(SeqCst), 3, "tried on both endpoints");
 }

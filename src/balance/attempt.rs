@@ -266,18 +266,28 @@ where
         res: &Result<Response<RB>, BoxError>,
         client_fault: bool,
     ) -> bool {
-        if self.replay.is_none() {
+        let Some(copy) = self.replay.as_deref() else {
             return false;
-        }
+        };
         let on = &self.shared.retry.on;
         match res {
-            Ok(r) => self.method_ok && on.classify_head(r.status(), r.headers()).is_failure(),
+            Ok(r) => {
+                on.classify_head(r.status(), r.headers()).is_failure() && self.may_resend(copy)
+            }
             Err(_) if client_fault => false,
             Err(e) => {
                 is_connect_error(&**e)
-                    || (self.method_ok && on.classify_error_ref(&**e).is_failure())
+                    || (on.classify_error_ref(&**e).is_failure() && self.may_resend(copy))
             }
         }
+    }
+
+    /// Whether a request an upstream has seen may be sent to another: an allowed method,
+    /// and not an upgrade (WebSocket), which only a connect failure (nothing sent) moves.
+    /// The upgrade is looked up here, on the kept copy (its headers and `OnUpgrade` are
+    /// the request's), so the common answered request never pays for the lookup.
+    fn may_resend(&self, copy: &Request<B>) -> bool {
+        self.method_ok && !crate::proxy::is_upgrade_request(copy)
     }
 
     /// Parks `req` until the set changes or a step passes, if a queue timeout allows it.

@@ -42,20 +42,26 @@ pub struct CircuitBreaker<S, C = Condition, F = NoFallback> {
 /// clone, and axum clones the service for every request. 128 bytes after the handle keep
 /// the reference counts of two handles (at the start of each allocation) at least two
 /// cache lines apart, which is what the alignment was for.
-pub(crate) struct Local(pub(crate) Circuit, [u8; LOCAL_PAD]);
+pub(crate) struct Local {
+    circuit: Circuit,
+    _pad: [u8; LOCAL_PAD],
+}
 
 const LOCAL_PAD: usize = 128;
 
 impl Local {
     fn new(circuit: Circuit) -> Self {
-        Local(circuit, [0; LOCAL_PAD])
+        Local {
+            circuit,
+            _pad: [0; LOCAL_PAD],
+        }
     }
 }
 
 impl std::ops::Deref for Local {
     type Target = Circuit;
     fn deref(&self) -> &Circuit {
-        &self.0
+        &self.circuit
     }
 }
 
@@ -63,7 +69,7 @@ impl<S: Clone, C: Clone, F: Clone> Clone for CircuitBreaker<S, C, F> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
-            breaker: Arc::new(Local::new(self.breaker.0.clone())),
+            breaker: Arc::new(Local::new(self.breaker.circuit.clone())),
             classify: self.classify.clone(),
             fallback: self.fallback.clone(),
             mode: self.mode,
@@ -78,7 +84,7 @@ impl<S: fmt::Debug, C, F> fmt::Debug for CircuitBreaker<S, C, F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CircuitBreaker")
             .field("inner", &self.inner)
-            .field("breaker", &self.breaker.0)
+            .field("breaker", &self.breaker.circuit)
             .field("mode", &self.mode)
             .finish()
     }
