@@ -208,8 +208,13 @@ fn balanced(
     retry: bool,
     proto: &'static str,
 ) -> Result<Replay<Lb>, BoxError> {
+    // One head timeout per try, not two: `Forward`'s own response timeout set to the
+    // balancer's per-try default, and the balancer's timer off. A timeout is still a
+    // failure that health counts and retry acts on; each timer costs ~650 instructions
+    // per request (registration in Tokio's timer wheel and its removal).
     let first = behind(ForwardBuilder::new(backends[0].as_str()), proto)
         .connect_timeout(CONNECT_TIMEOUT)
+        .response_timeout(balance::DEFAULT_TRY_TIMEOUT)
         .build::<ReplayBody<Incoming>>()?;
     let mut endpoints = Vec::new();
     for url in backends {
@@ -222,6 +227,7 @@ fn balanced(
     };
     let lb = Balance::builder()
         .retry(retry)
+        .try_timeout(None)
         .shared_health(health)
         .build_static(endpoints);
     Ok(ReplayLayer::new(64 * 1024).layer(lb))

@@ -213,6 +213,34 @@ async fn over_real_sockets_a_hung_backend_is_retried_elsewhere_and_a_post_gets_5
     assert_eq!(error_status(&err), StatusCode::GATEWAY_TIMEOUT);
 }
 
+/// The configuration `examples/reverse_proxy.rs` runs (one timer per try, not two): the
+/// balancer's per-try timer off, `Forward`'s response timeout as the limit. A hung backend
+/// still times out, is retried elsewhere and ejected.
+#[tokio::test]
+async fn with_forwards_response_timeout_instead_of_the_try_timer_a_hung_backend_still_times_out() {
+    let (hung_url, hung_hits) = silent_url(Silence::Hang).await;
+    let (a_url, _) = live_server("a").await;
+    let fwd = tower_patterns::proxy::ForwardBuilder::new(hung_url.as_str())
+        .response_timeout(Duration::from_millis(200))
+        .build::<Full<Bytes>>()
+        .unwrap();
+    let lb = Balance::builder()
+        .try_timeout(None)
+        .build_static([("hung", fwd.clone()), ("a", fwd.to(&a_url).unwrap())]);
+    for _ in 0..10 {
+        let res = tokio::time::timeout(Duration::from_secs(10), lb.clone().oneshot(get("/")))
+            .await
+            .expect("a hung backend must not stall the request")
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    assert_eq!(hung_hits.load(SeqCst), 1, "tried once, then ejected");
+    assert!(matches!(
+        state_of(&lb, "hung"),
+        EndpointState::Ejected { .. }
+    ));
+}
+
 // ---------------------------------------------------- item 7: client-caused failures
 
 /// A request body that sends `prefix` bytes and then fails (an aborted upload).

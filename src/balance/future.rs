@@ -69,12 +69,9 @@ where
     pub(crate) fn start(shared: Arc<Shared<K, S, M, C>>, req: Request<B>) -> Self {
         let snap = shared.snapshot.load();
         let (picked, cookie_id, key) = first_pick(&shared, &snap, &req);
-        // An upgrade (WebSocket) is never replayed once an upstream has seen it: only a
-        // connect failure (nothing sent) moves it to another endpoint. Asked only when a
-        // second try is possible at all (the upgrade check looks up headers).
-        let method_ok = shared.retry.tries > 1
-            && shared.retry.method_allows(req.method())
-            && !crate::proxy::is_upgrade_request(&req);
+        // Whether the method may be sent again after an upstream saw it. (An upgrade may
+        // not either: looked up on the kept copy, only once a try failed.)
+        let method_ok = shared.retry.tries > 1 && shared.retry.method_allows(req.method());
         // Moved, not cloned: one reference-count round trip per request is enough.
         let mut st = Attempt::new(shared, key, cookie_id, method_ok);
         let inner = match picked {

@@ -22,6 +22,12 @@ use crate::classify::Condition;
 /// [`tries`](Retry::tries) endpoints were tried, the time since the first try is under
 /// [`timeout`](Retry::timeout), and an untried endpoint is available. Otherwise the last
 /// response or error is returned as is.
+///
+/// The copy kept for the next try is made only when one could follow: tries left, and
+/// an untried endpoint in the set at dispatch or a
+/// [`queue_timeout`](super::BalanceBuilder::queue_timeout) to wait for one. A request to
+/// the only endpoint of a set without a queue is not copied (and so not retried on an
+/// endpoint that joins while it is in flight).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Retry {
     pub(crate) tries: u32,
