@@ -76,7 +76,9 @@ async fn one_of_three_backends_hangs_under_keep_alive_load() {
         backend("c", t0).await,
     ];
 
-    // The stack of examples/reverse_proxy.rs, with Forward's defaults.
+    // The balancer stack of examples/reverse_proxy.rs, with the library defaults (the
+    // balancer's per-try timer on; the example with `--workers` moves that timeout into
+    // `Forward`'s response timeout instead, which balance_hardening covers).
     let first = Forward::<ReplayBody<Incoming>>::new(&backends[0].url).unwrap();
     let lb = Balance::builder().build_static(
         backends

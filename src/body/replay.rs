@@ -85,9 +85,10 @@ pub struct ReplayBody<B> {
 }
 
 enum State<B> {
-    /// Replayable: `next` indexes the next chunk of `data` to yield.
+    /// Replayable: `next` indexes the next chunk of `data` to yield. `None` is the empty
+    /// body (most requests: GET, HEAD), which so costs no allocation per request.
     Full {
-        data: Arc<Buffered>,
+        data: Option<Arc<Buffered>>,
         next: usize,
         trailers_sent: bool,
     },
@@ -101,7 +102,11 @@ enum State<B> {
 impl<B> fmt::Debug for ReplayBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.state {
-            State::Full { data, .. } => write!(f, "ReplayBody::Full({} bytes)", data.len),
+            State::Full { data, .. } => write!(
+                f,
+                "ReplayBody::Full({} bytes)",
+                data.as_ref().map_or(0, |d| d.len)
+            ),
             State::Once { .. } => f.write_str("ReplayBody::Once"),
         }
     }
@@ -182,13 +187,18 @@ where
                 }
             }
         }
+        let data = if chunks.is_empty() && trailers.is_none() {
+            None
+        } else {
+            Some(Arc::new(Buffered {
+                chunks,
+                trailers,
+                len,
+            }))
+        };
         Ok(ReplayBody {
             state: State::Full {
-                data: Arc::new(Buffered {
-                    chunks,
-                    trailers,
-                    len,
-                }),
+                data,
                 next: 0,
                 trailers_sent: false,
             },
@@ -207,11 +217,7 @@ impl<B> ReplayBody<B> {
     pub fn empty() -> Self {
         ReplayBody {
             state: State::Full {
-                data: Arc::new(Buffered {
-                    chunks: Vec::new(),
-                    trailers: None,
-                    len: 0,
-                }),
+                data: None,
                 next: 0,
                 trailers_sent: false,
             },
@@ -291,6 +297,9 @@ where
                 next,
                 trailers_sent,
             } => {
+                let Some(data) = data else {
+                    return Poll::Ready(None);
+                };
                 if let Some(chunk) = data.chunks.get(*next) {
                     *next += 1;
                     return Poll::Ready(Some(Ok(Frame::data(chunk.clone()))));
@@ -332,7 +341,9 @@ where
                 data,
                 next,
                 trailers_sent,
-            } => *next >= data.chunks.len() && (*trailers_sent || data.trailers.is_none()),
+            } => data.as_ref().is_none_or(|data| {
+                *next >= data.chunks.len() && (*trailers_sent || data.trailers.is_none())
+            }),
             State::Once { prefix, rest } => {
                 prefix.is_empty() && rest.as_ref().is_none_or(|b| b.is_end_stream())
             }
@@ -342,10 +353,12 @@ where
     fn size_hint(&self) -> SizeHint {
         match &self.state {
             State::Full { data, next, .. } => {
-                let left: u64 = data.chunks[(*next).min(data.chunks.len())..]
-                    .iter()
-                    .map(|c| c.len() as u64)
-                    .sum();
+                let left: u64 = data.as_ref().map_or(0, |data| {
+                    data.chunks[(*next).min(data.chunks.len())..]
+                        .iter()
+                        .map(|c| c.len() as u64)
+                        .sum()
+                });
                 SizeHint::with_exact(left)
             }
             State::Once { prefix, rest } => {
@@ -359,14 +372,92 @@ where
                     Some(b) => {
                         let h = b.size_hint();
                         let mut out = SizeHint::new();
-                        out.set_lower(h.lower() + pre);
+                        // A body may claim any size: saturate rather than overflow.
+                        out.set_lower(h.lower().saturating_add(pre));
                         if let Some(u) = h.upper() {
-                            out.set_upper(u + pre);
+                            out.set_upper(u.saturating_add(pre));
                         }
                         out
                     }
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{Empty, Full};
+
+    fn shares_nothing<B>(body: &ReplayBody<B>) -> bool {
+        matches!(body.state, State::Full { data: None, .. })
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_is_replayable_and_allocates_no_buffer() {
+        let body = ReplayBody::buffer(Empty::<Bytes>::new(), 1024)
+            .await
+            .unwrap();
+        assert!(shares_nothing(&body), "{body:?}");
+        let copy = body.try_clone().expect("empty is replayable");
+        assert!(copy.is_end_stream());
+        assert_eq!(copy.size_hint().exact(), Some(0));
+        assert!(copy.collect().await.unwrap().to_bytes().is_empty());
+        assert!(shares_nothing(&ReplayBody::<Empty<Bytes>>::empty()));
+    }
+
+    #[tokio::test]
+    async fn trailers_alone_are_kept_and_replayed() {
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let src = http_body_util::StreamBody::new(futures_util::stream::iter([Ok::<
+            _,
+            std::convert::Infallible,
+        >(
+            Frame::<Bytes>::trailers(t.clone()),
+        )]));
+        let body = ReplayBody::buffer(src, 1024).await.unwrap();
+        assert!(!shares_nothing(&body));
+        for copy in [body.try_clone().unwrap(), body] {
+            assert_eq!(copy.collect().await.unwrap().trailers(), Some(&t));
+        }
+    }
+
+    /// Yields 20 bytes, then claims an endless rest.
+    struct Endless(bool);
+
+    impl Body for Endless {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            if self.0 {
+                return Poll::Pending;
+            }
+            self.0 = true;
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![b'x'; 20])))))
+        }
+        fn size_hint(&self) -> SizeHint {
+            if self.0 {
+                SizeHint::with_exact(u64::MAX)
+            } else {
+                SizeHint::new()
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_size_hint_past_u64_saturates() {
+        let body = ReplayBody::buffer(Endless(false), 10).await.unwrap();
+        assert!(!body.is_replayable());
+        let h = body.size_hint();
+        assert_eq!((h.lower(), h.upper()), (u64::MAX, Some(u64::MAX)));
+        let full = ReplayBody::buffer(Full::new(Bytes::from("abc")), 10)
+            .await
+            .unwrap();
+        assert_eq!(full.size_hint().exact(), Some(3));
     }
 }
