@@ -426,8 +426,10 @@ async fn run(args: Args) -> Result<(), BoxError> {
     // Behind our own TLS listener the client's scheme is https (an HTTP/1.1 request line
     // does not say so).
     let proto = if args.tls.is_some() { "https" } else { "http" };
+    // One head timeout per try, as in `balanced`: Forward's, the balancer's timer off.
     let first = behind(ForwardBuilder::new(backends[0].as_str()), proto)
         .connect_timeout(CONNECT_TIMEOUT)
+        .response_timeout(balance::DEFAULT_TRY_TIMEOUT)
         .build::<ReplayBody<Incoming>>()?;
     let mut endpoints = Vec::new();
     for url in &backends {
@@ -438,7 +440,10 @@ async fn run(args: Args) -> Result<(), BoxError> {
     } else {
         Retry::never()
     };
-    let lb = Balance::builder().retry(retry).build_static(endpoints);
+    let lb = Balance::builder()
+        .retry(retry)
+        .try_timeout(None)
+        .build_static(endpoints);
 
     let proxy = proxy_service(lb.clone());
 
