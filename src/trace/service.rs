@@ -50,15 +50,15 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let start = Instant::now();
-        let cx = TraceContext::from_headers(req.headers(), self.sampled);
+        let (cx, fix) = TraceContext::read_at_edge(req.headers(), self.sampled);
         // `Forward` writes a child `traceparent` per upstream call; here only what the
         // upstream must not see is fixed: a `tracestate` of a refused parent, and an absent
         // or refused request id.
         let headers = req.headers_mut();
-        if cx.tracestate.is_none() && headers.contains_key(TRACESTATE) {
+        if fix.drop_tracestate {
             headers.remove(TRACESTATE);
         }
-        if headers.get(X_REQUEST_ID) != Some(&cx.request_id) {
+        if fix.set_request_id {
             headers.insert(X_REQUEST_ID, cx.request_id.clone());
         }
         let access = Access {
