@@ -359,11 +359,15 @@ impl Authenticator {
         }
     }
 
-    /// Removes the credential headers when configured to.
-    pub(crate) fn hide(&self, headers: &mut HeaderMap) {
+    /// Removes the credential the request authenticated with, when configured to. Only
+    /// that one header: [`credential`](Self::credential) refuses a request carrying both
+    /// kinds, so the other is not there (one header-map probe fewer per request).
+    pub(crate) fn hide(&self, headers: &mut HeaderMap, method: AuthMethod) {
         if self.inner.hide_credentials {
-            headers.remove(&self.inner.api_key_header);
-            headers.remove(header::AUTHORIZATION);
+            match method {
+                AuthMethod::ApiKey => headers.remove(&self.inner.api_key_header),
+                AuthMethod::Jwt => headers.remove(header::AUTHORIZATION),
+            };
         }
     }
 
