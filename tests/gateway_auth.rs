@@ -518,6 +518,54 @@ async fn optional_routes_pass_anonymous_requests_stripped_and_still_refuse_bad_t
 }
 
 #[tokio::test]
+async fn hide_credentials_removes_the_api_key_it_authenticated_with() {
+    // `hide` removes only the header of the credential used (the other kind cannot be
+    // there: both at once is refused); the API key must still never reach the upstream.
+    let auth = AuthConfig::new()
+        .api_keys(
+            ApiKeys::new()
+                .key("batch-job", "k-secret-1", ["orders:read"])
+                .unwrap(),
+        )
+        .jwt(
+            Jwt::new()
+                .key(JwtKey::hs256(HS_SECRET))
+                .issuer(ISS)
+                .audience(AUD),
+        )
+        .hide_credentials(true)
+        .build()
+        .unwrap();
+    let gw = gateway(auth.layer()).await;
+    let (status, _, body) = get(gw, &[("x-api-key", "k-secret-1")]).await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = echoed_headers(&body);
+    assert_eq!(header(&seen, "x-auth-subject"), Some("batch-job"));
+    assert_eq!(header(&seen, "x-api-key"), None);
+    let (status, _, body) = get(
+        gw,
+        &[("authorization", &bearer(&hs_token(&claims("dan", "a"))))],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = echoed_headers(&body);
+    assert_eq!(header(&seen, "x-auth-subject"), Some("dan"));
+    assert_eq!(header(&seen, "authorization"), None);
+    // Both kinds at once stays a refusal, so neither can slip past `hide`.
+    assert_invalid(
+        "api key and bearer",
+        get(
+            gw,
+            &[
+                ("x-api-key", "k-secret-1"),
+                ("authorization", &bearer(&hs_token(&claims("dan", "a")))),
+            ],
+        )
+        .await,
+    );
+}
+
+#[tokio::test]
 async fn the_identity_is_a_request_extension_for_later_layers() {
     let auth: Authenticator = AuthConfig::new()
         .api_keys(ApiKeys::new().key("svc-a", "k-a", ["x"]).unwrap())

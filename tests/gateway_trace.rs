@@ -337,3 +337,33 @@ async fn stacks_under_tower_https_request_id_and_trace_layers() {
     assert_eq!(seen[0].1["x-request-id"], id.as_str());
     assert!(TraceParent::parse(seen[0].1["traceparent"].as_bytes()).is_some());
 }
+
+#[tokio::test]
+async fn a_request_dropped_before_its_answer_is_logged_as_499() {
+    use std::future::Future;
+    use tower::ServiceExt;
+    let _ = log();
+    let never = tower::service_fn(|_r: Request<Body>| {
+        std::future::pending::<Result<http::Response<Body>, std::convert::Infallible>>()
+    });
+    let svc = ServiceBuilder::new()
+        .layer(RequestTraceLayer::new("/gone"))
+        .service(never);
+    let req = Request::get("/gone")
+        .header("x-request-id", "gone-1")
+        .body(Body::empty())
+        .unwrap();
+    let mut fut = Box::pin(svc.oneshot(req));
+    // Polled once (the request is in the inner service), then the client goes away.
+    std::future::poll_fn(|cx| {
+        assert!(fut.as_mut().poll(cx).is_pending());
+        std::task::Poll::Ready(())
+    })
+    .await;
+    assert!(access_lines("gone-1").is_empty(), "logged before the end");
+    drop(fut);
+    let lines = access_lines("gone-1");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("status=499"), "{}", lines[0]);
+    assert!(lines[0].contains("route=\"/gone\""), "{}", lines[0]);
+}

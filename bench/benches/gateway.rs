@@ -11,6 +11,9 @@
 //!   `nothing`), `n` requests (default 1000) of that one case after a warm-up, then exit:
 //!   a fixed workload for `valgrind --tool=callgrind` or `perf stat`, whose instruction
 //!   counts (two `n`, subtracted) are the load-independent cost per request;
+//! - with `GATEWAY_BACKEND=thread`, the backend runs on a thread of its own: the figures
+//!   are then the client's and the gateway's alone (as in the process bench), without
+//!   the backend parsing the headers the gateway adds;
 //! - `bulkhead/*`: one call through `Bulkhead` vs `tower::limit::ConcurrencyLimit` around
 //!   an immediate service (the limit's own cost).
 
@@ -168,7 +171,27 @@ fn gateway(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let url = format!("http://{}", backend::backend(&rt));
+    // `GATEWAY_BACKEND=thread`: the backend on a runtime of its own thread, so this
+    // thread's CPU clock (and callgrind's `--separate-threads` count of it) holds the
+    // client and the gateway only, as the process bench (`GATEWAY=1 bench-proxy.sh`) does:
+    // there the upstream is nginx, and its parsing of the headers the gateway adds is not
+    // the gateway's CPU. The default keeps everything on one thread (comparable with the
+    // figures before it, but the backend's share is charged to the gateway).
+    let _backend_rt;
+    let backend_addr = if std::env::var("GATEWAY_BACKEND").is_ok_and(|v| v == "thread") {
+        let brt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let addr = backend::backend(&brt);
+        _backend_rt = Some(brt);
+        addr
+    } else {
+        _backend_rt = None;
+        backend::backend(&rt)
+    };
+    let url = format!("http://{backend_addr}");
     let fwd = Forward::<Empty<Bytes>>::new(&url).unwrap();
     let mut g = c.benchmark_group("gateway");
     bench_cpu(&mut g, &rt, "bare_forward", fwd.clone());

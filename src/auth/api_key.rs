@@ -10,21 +10,17 @@ use http::HeaderValue;
 use subtle::ConstantTimeEq;
 
 use super::error::AuthConfigError;
-
-/// What [`ApiKeys::find`] answers: name, scopes, identity header values.
-pub(crate) type Found = (Arc<str>, Arc<[String]>, Option<IdentityValues>);
+use super::identity::{AuthMethod, Identity, IdentityInner};
 
 #[derive(Clone)]
 struct Entry {
     /// The key itself: confirmed byte for byte (in constant time) once the keyed hash
     /// picked this entry as the candidate.
     key: Box<[u8]>,
-    name: Arc<str>,
-    scopes: Arc<[String]>,
-    /// The identity header values of this key, made once: each request sends clones
-    /// (a reference count, no allocation). `None` when the name or a scope cannot be a
-    /// header value; such a key is refused per request as before.
-    values: Option<IdentityValues>,
+    /// The identity of this key, made once: each request gets a clone (one reference
+    /// count). Its identity header values are made once too (`None` when the name or a
+    /// scope cannot be a header value; such a key is refused per request as before).
+    identity: Identity,
 }
 
 /// The subject and space-separated scopes of an API key, as header values.
@@ -89,7 +85,11 @@ impl fmt::Debug for ApiKeys {
         f.debug_struct("ApiKeys")
             .field(
                 "names",
-                &self.entries.iter().map(|e| &*e.name).collect::<Vec<_>>(),
+                &self
+                    .entries
+                    .iter()
+                    .map(|e| e.identity.subject())
+                    .collect::<Vec<_>>(),
             )
             .finish()
     }
@@ -120,9 +120,13 @@ impl ApiKeys {
         let scopes: Arc<[String]> = scopes.into_iter().map(Into::into).collect();
         self.entries.push(Entry {
             key: key.as_bytes().into(),
-            name: name.into(),
-            values: IdentityValues::new(name, &scopes),
-            scopes,
+            identity: Identity::new(IdentityInner {
+                subject: name.into(),
+                values: IdentityValues::new(name, &scopes),
+                scopes,
+                method: AuthMethod::ApiKey,
+                claims: None,
+            }),
         });
         Ok(self)
     }
@@ -137,9 +141,9 @@ impl ApiKeys {
         self.entries.is_empty()
     }
 
-    /// The name, scopes and identity header values of `presented`, if it is one of the
-    /// keys.
-    pub(crate) fn find(&self, presented: &[u8]) -> Option<Found> {
+    /// The identity of `presented` (name, scopes, identity header values), if it is one
+    /// of the keys.
+    pub(crate) fn find(&self, presented: &[u8]) -> Option<Identity> {
         let candidates = self.index.get(&self.hasher.hash_one(presented))?;
         let mut found: Option<&Entry> = None;
         for e in candidates.iter().filter_map(|&i| self.entries.get(i)) {
@@ -149,7 +153,7 @@ impl ApiKeys {
                 found = Some(e);
             }
         }
-        found.map(|e| (e.name.clone(), e.scopes.clone(), e.values.clone()))
+        found.map(|e| e.identity.clone())
     }
 }
 
@@ -205,16 +209,18 @@ mod tests {
             .unwrap()
             .key("b", "secret-b", ["r", "w"])
             .unwrap();
-        let (name, _, values) = keys.find(b"secret-b").unwrap();
-        assert_eq!(&*name, "b");
-        let values = values.unwrap();
+        let id = keys.find(b"secret-b").unwrap();
+        assert_eq!(id.subject(), "b");
+        assert_eq!(id.scopes(), ["r", "w"]);
+        assert_eq!(id.method(), AuthMethod::ApiKey);
+        let values = id.0.values.as_ref().unwrap();
         assert_eq!(
             (values.subject.as_bytes(), values.scopes.as_bytes()),
             (&b"b"[..], &b"r w"[..])
         );
         // A name that cannot be a header value: no cached values (refused per request).
         let odd = ApiKeys::new().key("a\nb", "k", ["r"]).unwrap();
-        assert!(odd.find(b"k").unwrap().2.is_none());
+        assert!(odd.find(b"k").unwrap().0.values.is_none());
         assert!(keys.find(b"secret-").is_none());
         assert!(keys.find(b"").is_none());
         assert!(ApiKeys::new().key("x", "has space", ["r"]).is_err());
@@ -225,7 +231,7 @@ mod tests {
             .unwrap()
             .key("second", "same", ["w"])
             .unwrap();
-        assert_eq!(&*twice.find(b"same").unwrap().0, "second");
+        assert_eq!(twice.find(b"same").unwrap().subject(), "second");
         // Same length, one byte off, at the start and at the end: not found.
         assert!(keys.find(b"xecret-b").is_none());
         assert!(keys.find(b"secret-c").is_none());

@@ -8,7 +8,7 @@ use http::{header, HeaderMap, HeaderName, HeaderValue};
 
 use super::api_key::ApiKeys;
 use super::error::{AuthConfigError, AuthError};
-use super::identity::{AuthMethod, Identity, Requirements};
+use super::identity::{AuthMethod, Identity, IdentityInner, Requirements};
 use super::jwt::{scopes_of, Jwt, Verifier, VerifyError};
 use super::layer::AuthLayer;
 
@@ -259,14 +259,7 @@ impl Authenticator {
                 let Some(keys) = &inner.api_keys else {
                     return Err(AuthError::Malformed("API keys are not accepted here").into());
                 };
-                let (name, scopes, values) = keys.find(key).ok_or(AuthError::UnknownApiKey)?;
-                Ok(Some(Identity {
-                    subject: name,
-                    scopes,
-                    method: AuthMethod::ApiKey,
-                    claims: None,
-                    values,
-                }))
+                Ok(Some(keys.find(key).ok_or(AuthError::UnknownApiKey)?))
             }
             Credential::Bearer(token) => {
                 let verifier = inner.jwt.as_ref().ok_or(AuthError::JwtNotConfigured)?;
@@ -277,13 +270,13 @@ impl Authenticator {
                     }
                     _ => return Err(AuthError::InvalidToken("no string sub".into()).into()),
                 };
-                Ok(Some(Identity {
+                Ok(Some(Identity::new(IdentityInner {
                     subject,
                     scopes: scopes_of(&claims).into(),
                     method: AuthMethod::Jwt,
                     claims: Some(Arc::new(claims)),
                     values: None,
-                }))
+                })))
             }
         }
     }
@@ -359,11 +352,15 @@ impl Authenticator {
         }
     }
 
-    /// Removes the credential headers when configured to.
-    pub(crate) fn hide(&self, headers: &mut HeaderMap) {
+    /// Removes the credential the request authenticated with, when configured to. Only
+    /// that one header: [`credential`](Self::credential) refuses a request carrying both
+    /// kinds, so the other is not there (one header-map probe fewer per request).
+    pub(crate) fn hide(&self, headers: &mut HeaderMap, method: AuthMethod) {
         if self.inner.hide_credentials {
-            headers.remove(&self.inner.api_key_header);
-            headers.remove(header::AUTHORIZATION);
+            match method {
+                AuthMethod::ApiKey => headers.remove(&self.inner.api_key_header),
+                AuthMethod::Jwt => headers.remove(header::AUTHORIZATION),
+            };
         }
     }
 
@@ -381,14 +378,14 @@ impl Authenticator {
             |s: &str| HeaderValue::from_str(s).map_err(|_| AuthError::UnforwardableIdentity);
         // An API key's values were made (and checked) once; a token's are made here.
         if let Some(h) = &inner.subject_header {
-            let v = match &id.values {
+            let v = match &id.0.values {
                 Some(v) => v.subject.clone(),
                 None => value(id.subject())?,
             };
             headers.insert(h.clone(), v);
         }
         if let Some(h) = &inner.scopes_header {
-            let v = match &id.values {
+            let v = match &id.0.values {
                 Some(v) => v.scopes.clone(),
                 None => value(&id.scopes().join(" "))?,
             };

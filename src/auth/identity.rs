@@ -27,8 +27,13 @@ impl AuthMethod {
 /// Who a request is, once [`Auth`](super::Auth) verified it: a request extension for the
 /// layers after it (the rate limiter keys on it) and the source of the identity headers
 /// sent upstream.
-#[derive(Debug, Clone)]
-pub struct Identity {
+///
+/// One shared allocation: a clone (the extension, the balancer's copy of the request for a
+/// retry) is one reference count, and an API key's identity is made once per key.
+#[derive(Clone)]
+pub struct Identity(pub(crate) Arc<IdentityInner>);
+
+pub(crate) struct IdentityInner {
     pub(crate) subject: Arc<str>,
     pub(crate) scopes: Arc<[String]>,
     pub(crate) method: AuthMethod,
@@ -37,30 +42,46 @@ pub struct Identity {
     pub(crate) values: Option<super::api_key::IdentityValues>,
 }
 
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let i = &*self.0;
+        f.debug_struct("Identity")
+            .field("subject", &i.subject)
+            .field("scopes", &i.scopes)
+            .field("method", &i.method)
+            .field("claims", &i.claims)
+            .field("values", &i.values)
+            .finish()
+    }
+}
+
 impl Identity {
+    pub(crate) fn new(inner: IdentityInner) -> Self {
+        Identity(Arc::new(inner))
+    }
     /// The API key's configured name, or the token's `sub`.
     pub fn subject(&self) -> &str {
-        &self.subject
+        &self.0.subject
     }
     /// Granted scopes.
     pub fn scopes(&self) -> &[String] {
-        &self.scopes
+        &self.0.scopes
     }
     /// `true` if `scope` was granted.
     pub fn has_scope(&self, scope: &str) -> bool {
-        self.scopes.iter().any(|s| s == scope)
+        self.0.scopes.iter().any(|s| s == scope)
     }
     /// API key or JWT.
     pub fn method(&self) -> AuthMethod {
-        self.method
+        self.0.method
     }
     /// All claims of the token (none for an API key).
     pub fn claims(&self) -> Option<&Claims> {
-        self.claims.as_deref()
+        self.0.claims.as_deref()
     }
     /// One claim of the token.
     pub fn claim(&self, name: &str) -> Option<&serde_json::Value> {
-        self.claims.as_deref().and_then(|c| c.get(name))
+        self.0.claims.as_deref().and_then(|c| c.get(name))
     }
 }
 

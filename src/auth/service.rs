@@ -71,7 +71,7 @@ impl AuthLayer {
         if let Err(e) = auth.write_identity(&identity, req.headers_mut()) {
             return Step::Refuse(self.refuse(e));
         }
-        auth.hide(req.headers_mut());
+        auth.hide(req.headers_mut(), identity.method());
         req.extensions_mut().insert(identity);
         Step::Call(req)
     }

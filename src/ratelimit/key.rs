@@ -131,7 +131,7 @@ impl KeyExtractor for IdentityKey {
         let id = req.extensions().get::<crate::auth::Identity>()?;
         Some(IdentityName {
             method: id.method(),
-            subject: id.subject.clone(),
+            subject: id.0.subject.clone(),
         })
     }
 }

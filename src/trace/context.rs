@@ -124,15 +124,6 @@ fn hex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
     (bad & 0xf0 == 0).then_some(out)
 }
 
-/// Random bytes for the ids of one request, in one call of the thread's generator (each
-/// call is a thread-local access and a reference count; one request needs up to three
-/// ids).
-fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut b = [0u8; N];
-    rand::RngCore::fill_bytes(&mut rand::rng(), &mut b);
-    b
-}
-
 /// The parts of a valid `traceparent`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TraceParent {
@@ -204,6 +195,14 @@ pub(crate) struct Calls {
     upstream: Mutex<Option<Authority>>,
 }
 
+/// What the edge layer must change in the request headers once the context is read.
+pub(crate) struct EdgeFix {
+    /// A `tracestate` is there but not kept (no valid parent, or not valid itself).
+    pub(crate) drop_tracestate: bool,
+    /// The request id was made here: the upstream must get it.
+    pub(crate) set_request_id: bool,
+}
+
 /// The trace context of one request, in its extensions; [`RequestTraceLayer`](super::RequestTraceLayer)
 /// puts it there, and [`Forward`](crate::proxy::Forward) sends a child of it on every
 /// upstream call (each retry attempt and chain hop gets its own span id).
@@ -230,42 +229,71 @@ impl TraceContext {
     /// is kept only with a valid `traceparent`. The request id is kept when it is 1 to 128
     /// visible ASCII bytes, otherwise a new one is made.
     pub fn from_headers(headers: &HeaderMap, sampled: bool) -> Self {
+        Self::read_at_edge(headers, sampled).0
+    }
+
+    /// [`from_headers`](Self::from_headers), also saying what the edge must fix in the
+    /// headers. Each trace header is looked up once here: the edge layer used to look
+    /// `tracestate` and `x-request-id` up a second time to decide the same thing (two
+    /// header-map probes per request, on the path every gateway request takes).
+    pub(crate) fn read_at_edge(headers: &HeaderMap, sampled: bool) -> (Self, EdgeFix) {
         // Two traceparent headers are as invalid as one malformed one.
         let mut all = headers.get_all(TRACEPARENT).iter();
         let parent = match (all.next(), all.next()) {
             (Some(v), None) => TraceParent::parse(v.as_bytes()),
             _ => None,
         };
-        // Span id, then a new trace id and a new request id when needed.
-        let r: [u8; 40] = random_bytes();
-        let (trace_id, parent_id, flags, tracestate) = match parent {
-            Some(p) => {
-                let state = headers.get(TRACESTATE).filter(|v| valid_tracestate(v));
-                (p.trace_id, Some(p.parent_id), p.flags, state.cloned())
+        // `tracestate` is only read with a valid parent; without one, only whether it is
+        // there (it must then be removed).
+        let (tracestate, tracestate_present) = match parent {
+            Some(_) => {
+                let v = headers.get(TRACESTATE);
+                (v.filter(|v| valid_tracestate(v)).cloned(), v.is_some())
             }
-            None => (trace_id_from(&r[8..24]), None, u8::from(sampled), None),
+            None => (None, headers.contains_key(TRACESTATE)),
         };
-        let request_id = headers
+        let kept_id = headers
             .get(X_REQUEST_ID)
             .filter(|v| {
                 let b = v.as_bytes();
                 !b.is_empty() && b.len() <= 128 && b.iter().all(|c| (0x21..0x7f).contains(c))
             })
-            .cloned()
-            .unwrap_or_else(|| {
-                let mut b = [0u8; 32];
-                hex_into(&mut b, &r[24..40]);
-                // One allocation holding count and digits (`from_owner`): the clones for
-                // the upstream request, the access log and the answer share it (a copied
-                // `Vec` would allocate again on the first clone).
-                HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(b))
-                    .unwrap_or(HeaderValue::from_static("0"))
-            });
-        let span_id = match <[u8; 8]>::try_from(&r[..8]) {
+            .cloned();
+        // Random bytes only for the ids this request needs, in one call of the thread's
+        // generator (each call is a thread-local access and a reference count): the span
+        // id always, a trace id without a valid parent, a request id without a kept one.
+        let mut r = [0u8; 40];
+        let need = 8 + 16 * usize::from(parent.is_none()) + 16 * usize::from(kept_id.is_none());
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut r[..need]);
+        let (span, rest) = r.split_at(8);
+        let (trace_id, parent_id, flags, rest) = match parent {
+            Some(p) => (p.trace_id, Some(p.parent_id), p.flags, rest),
+            None => (
+                trace_id_from(&rest[..16]),
+                None,
+                u8::from(sampled),
+                &rest[16..],
+            ),
+        };
+        let set_request_id = kept_id.is_none();
+        let request_id = kept_id.unwrap_or_else(|| {
+            let mut b = [0u8; 32];
+            hex_into(&mut b, &rest[..16]);
+            // One allocation holding count and digits (`from_owner`): the clones for the
+            // upstream request, the access log and the answer share it (a copied `Vec`
+            // would allocate again on the first clone).
+            HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(b))
+                .unwrap_or(HeaderValue::from_static("0"))
+        });
+        let span_id = match <[u8; 8]>::try_from(span) {
             Ok(id) if id != [0; 8] => SpanId(id),
             _ => SpanId::random(),
         };
-        TraceContext {
+        let fix = EdgeFix {
+            drop_tracestate: tracestate.is_none() && tracestate_present,
+            set_request_id,
+        };
+        let cx = TraceContext {
             trace_id,
             span_id,
             parent_id,
@@ -273,7 +301,8 @@ impl TraceContext {
             tracestate,
             request_id,
             calls: Arc::new(Calls::default()),
-        }
+        };
+        (cx, fix)
     }
 
     /// The `traceparent` value naming `span` as the parent.

@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::context::{TraceContext, TRACESTATE, X_REQUEST_ID};
-use super::future::{Access, ResponseFuture};
+use super::future::{access_log_enabled, Access, ResponseFuture};
 use crate::BoxError;
 
 /// See [`RequestTraceLayer`](super::RequestTraceLayer).
@@ -49,25 +49,27 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let start = Instant::now();
-        let cx = TraceContext::from_headers(req.headers(), self.sampled);
+        // The access log's clock starts first, and only when a subscriber wants the log.
+        let start = access_log_enabled().then(Instant::now);
+        let (cx, fix) = TraceContext::read_at_edge(req.headers(), self.sampled);
         // `Forward` writes a child `traceparent` per upstream call; here only what the
         // upstream must not see is fixed: a `tracestate` of a refused parent, and an absent
         // or refused request id.
         let headers = req.headers_mut();
-        if cx.tracestate.is_none() && headers.contains_key(TRACESTATE) {
+        if fix.drop_tracestate {
             headers.remove(TRACESTATE);
         }
-        if headers.get(X_REQUEST_ID) != Some(&cx.request_id) {
+        if fix.set_request_id {
             headers.insert(X_REQUEST_ID, cx.request_id.clone());
         }
-        let access = Access {
+        let access = start.map(|start| Access {
             method: req.method().clone(),
             route: self.route.clone(),
             cx: cx.clone(),
             start,
-        };
+        });
+        let request_id = cx.request_id.clone();
         req.extensions_mut().insert(cx);
-        ResponseFuture::new(self.inner.call(req), access)
+        ResponseFuture::new(self.inner.call(req), request_id, access)
     }
 }
