@@ -37,13 +37,12 @@ use http::{Request, Response, StatusCode};
 
 mod condition;
 mod grpc;
+mod late;
 mod statuses;
 
 pub use condition::{Condition, ParseConditionError};
-pub use grpc::{
-    grpc_code_name, grpc_status, LateOutcomes, StreamEnd, Trailers, TrailersBody, TrailersFuture,
-    TrailersLayer, GRPC_CODE_NAMES, GRPC_INTERNAL, GRPC_UNKNOWN,
-};
+pub use grpc::{grpc_code_name, grpc_status, GRPC_CODE_NAMES, GRPC_INTERNAL, GRPC_UNKNOWN};
+pub use late::{LateOutcomes, StreamEnd, Trailers, TrailersBody, TrailersFuture, TrailersLayer};
 
 /// What kind of failure a call had.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
