@@ -54,6 +54,15 @@ async fn stops_by_itself(handle: WorkersHandle) {
         .unwrap();
 }
 
+/// The instance being replaced: `workers` workers answering `old ...`, serving its
+/// sockets on `path`.
+fn old_instance(path: &Path, workers: usize) -> WorkersHandle {
+    Workers::new(workers)
+        .handoff_socket(path)
+        .spawn(LOCAL.parse().unwrap(), |id| tagged("old", id))
+        .unwrap()
+}
+
 /// The tag of the body `<tag> <worker> <thread>`.
 fn tag(body: &str) -> String {
     body.split(' ').next().unwrap_or("").to_string()
@@ -62,10 +71,7 @@ fn tag(body: &str) -> String {
 #[tokio::test]
 async fn a_restart_passing_the_sockets_fails_no_request_under_load() {
     let (_dir, path) = socket_dir();
-    let old = Workers::new(2)
-        .handoff_socket(&path)
-        .spawn(LOCAL.parse().unwrap(), |id| tagged("old", id))
-        .unwrap();
+    let old = old_instance(&path, 2);
     let addr = old.local_addr();
     let stop = Arc::new(AtomicBool::new(false));
     let served: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
@@ -213,10 +219,7 @@ async fn all_answered_by(addr: SocketAddr, n: usize, want: &str) -> BTreeMap<Str
 #[tokio::test]
 async fn more_workers_add_sockets_to_the_inherited_group() {
     let (_dir, path) = socket_dir();
-    let old = Workers::new(2)
-        .handoff_socket(&path)
-        .spawn(LOCAL.parse().unwrap(), |id| tagged("old", id))
-        .unwrap();
+    let old = old_instance(&path, 2);
     let addr = old.local_addr();
     let new = Workers::new(3)
         .inherit(receive(&path, addr).await.unwrap())
@@ -235,10 +238,7 @@ async fn more_workers_add_sockets_to_the_inherited_group() {
 #[tokio::test]
 async fn fewer_workers_still_serve_every_inherited_socket() {
     let (_dir, path) = socket_dir();
-    let old = Workers::new(3)
-        .handoff_socket(&path)
-        .spawn(LOCAL.parse().unwrap(), |id| tagged("old", id))
-        .unwrap();
+    let old = old_instance(&path, 3);
     let addr = old.local_addr();
     let inherited = receive(&path, addr).await.unwrap();
     assert_eq!(inherited.sockets(), 3);
@@ -288,10 +288,7 @@ async fn no_peer_means_a_first_start() {
 async fn the_handoff_socket_is_private_and_removed_on_shutdown() {
     use std::os::unix::fs::PermissionsExt;
     let (_dir, path) = socket_dir();
-    let old = Workers::new(1)
-        .handoff_socket(&path)
-        .spawn(LOCAL.parse().unwrap(), |id| tagged("old", id))
-        .unwrap();
+    let old = old_instance(&path, 1);
     let mode = std::fs::metadata(&path).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
     old.shutdown_and_wait().await.unwrap();
