@@ -3,6 +3,8 @@
 //! tells; in-process endpoints with paused time, since only the balancer's bookkeeping is
 //! under test (the retry over real sockets is in `balance.rs`).
 
+mod common;
+
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
@@ -144,7 +146,7 @@ async fn with_a_queue_the_only_endpoint_is_copied_and_retried_on_one_that_joins(
 async fn a_failed_upgrade_is_not_retried_on_another_endpoint() {
     use http_body_util::Full;
     use hyper::body::Incoming;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     use tower::Layer;
     use tower_patterns::balance::ReplayLayer;
     use tower_patterns::body::ReplayBody;
@@ -165,47 +167,27 @@ async fn a_failed_upgrade_is_not_retried_on_another_endpoint() {
     let front = ReplayLayer::new(64 * 1024).respond().layer(lb);
     let server = tower_patterns::server::spawn_local(front).await.unwrap();
 
-    let mut conn = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
-    conn.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
-            .await
-            .expect("an answer")
-            .unwrap();
-        assert!(n > 0, "closed before an answer");
-        head.extend_from_slice(&buf[..n]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 502"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    // One request per connection, its answer's head read under a bound.
+    let addr = server.addr();
+    let ask = |raw: &'static [u8]| async move {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(raw).await.unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            common::read_raw_response(&mut conn),
+        )
+        .await
+        .expect("an answer")
+        .0
+    };
+    let head =
+        ask(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n")
+            .await;
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
     assert_eq!(hits.load(SeqCst), 1, "sent to one endpoint only");
 
     // The same request without the upgrade is retried on the other endpoint.
-    let mut conn = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
-    conn.write_all(b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
-            .await
-            .expect("an answer")
-            .unwrap();
-        assert!(n > 0, "closed before an answer");
-        head.extend_from_slice(&buf[..n]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 502"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    let head = ask(b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
     assert_eq!(hits.load(SeqCst), 3, "tried on both endpoints");
 }
