@@ -208,59 +208,41 @@ impl Condition {
     }
 }
 
-impl Classify for Condition {
-    type Classifier = Condition;
-    #[inline]
-    fn classify_request<B>(&self, _req: &Request<B>) -> Condition {
-        // A few words; a long exact-status list is shared, not copied.
-        self.clone()
-    }
+/// `Condition` and `Arc<Condition>` classify alike: each request's classifier is a clone
+/// of the condition (a few words, a long exact-status list shared) or, behind an `Arc`,
+/// one reference count — what the chain's links use when one condition serves many layers.
+/// One macro writes both, so neither can miss an override of the trait's defaulted
+/// methods (`defers_to_trailers`, `classify_end`: gRPC's statuses).
+macro_rules! condition_classifier {
+    ($($ty:ty),*) => {$(
+        impl Classify for $ty {
+            type Classifier = $ty;
+            #[inline]
+            fn classify_request<B>(&self, _req: &Request<B>) -> Self::Classifier {
+                self.clone()
+            }
+        }
+
+        impl Classifier for $ty {
+            #[inline]
+            fn classify_response<B>(self, res: &Response<B>) -> Outcome {
+                self.classify_head(res.status(), res.headers())
+            }
+            fn classify_error(self, err: &(dyn StdError + 'static)) -> Outcome {
+                self.classify_error_ref(err)
+            }
+            #[inline]
+            fn defers_to_trailers<B>(&self, res: &Response<B>) -> bool {
+                self.defers_to_trailers_of(res.status(), res.headers())
+            }
+            fn classify_end(self, end: StreamEnd<'_>) -> Outcome {
+                self.classify_stream_end(end)
+            }
+        }
+    )*};
 }
 
-impl Classifier for Condition {
-    #[inline]
-    fn classify_response<B>(self, res: &Response<B>) -> Outcome {
-        self.classify_head(res.status(), res.headers())
-    }
-    fn classify_error(self, err: &(dyn StdError + 'static)) -> Outcome {
-        self.classify_error_ref(err)
-    }
-    #[inline]
-    fn defers_to_trailers<B>(&self, res: &Response<B>) -> bool {
-        self.defers_to_trailers_of(res.status(), res.headers())
-    }
-    fn classify_end(self, end: StreamEnd<'_>) -> Outcome {
-        self.classify_stream_end(end)
-    }
-}
-
-/// One [`Condition`] shared by many layers (or many clones of one) by reference: each
-/// request's classifier is then a pointer (and a reference-count round trip) instead of a
-/// copy of the condition. The chain's links use it.
-impl Classify for std::sync::Arc<Condition> {
-    type Classifier = std::sync::Arc<Condition>;
-    #[inline]
-    fn classify_request<B>(&self, _req: &Request<B>) -> Self::Classifier {
-        self.clone()
-    }
-}
-
-impl Classifier for std::sync::Arc<Condition> {
-    #[inline]
-    fn classify_response<B>(self, res: &Response<B>) -> Outcome {
-        self.classify_head(res.status(), res.headers())
-    }
-    fn classify_error(self, err: &(dyn StdError + 'static)) -> Outcome {
-        self.classify_error_ref(err)
-    }
-    #[inline]
-    fn defers_to_trailers<B>(&self, res: &Response<B>) -> bool {
-        self.defers_to_trailers_of(res.status(), res.headers())
-    }
-    fn classify_end(self, end: StreamEnd<'_>) -> Outcome {
-        self.classify_stream_end(end)
-    }
-}
+condition_classifier!(Condition, std::sync::Arc<Condition>);
 
 impl fmt::Debug for Condition {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
