@@ -63,6 +63,23 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// Sends `n` requests through clones of `svc`, one after the other, each read to its end.
+/// Each must answer 200: a refusal (401/429) would measure the wrong path.
+async fn requests<S, RB>(svc: &S, n: u64)
+where
+    S: Service<Request<Empty<Bytes>>, Response = Response<RB>> + Clone,
+    S::Error: std::fmt::Debug,
+    RB: http_body::Body,
+    RB::Error: std::fmt::Debug,
+{
+    for _ in 0..n {
+        let mut svc = svc.clone();
+        let res = svc.ready().await.unwrap().call(request()).await.unwrap();
+        assert_eq!(res.status(), http::StatusCode::OK);
+        res.into_body().collect().await.unwrap();
+    }
+}
+
 /// Prints the allocations per request of `svc` (after a warm-up) when `GATEWAY_ALLOCS=1`.
 fn allocs<S, RB>(rt: &tokio::runtime::Runtime, name: &str, svc: S)
 where
@@ -75,16 +92,7 @@ where
         return;
     }
     const N: u64 = 2000;
-    let run = |n: u64| {
-        rt.block_on(async {
-            for _ in 0..n {
-                let mut svc = svc.clone();
-                let res = svc.ready().await.unwrap().call(request()).await.unwrap();
-                assert_eq!(res.status(), http::StatusCode::OK);
-                res.into_body().collect().await.unwrap();
-            }
-        })
-    };
+    let run = |n: u64| rt.block_on(requests(&svc, n));
     run(200);
     let before = ALLOCS.load(Ordering::Relaxed);
     run(N);
@@ -107,14 +115,7 @@ where
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(1000);
-    rt.block_on(async {
-        for _ in 0..100 + n {
-            let mut svc = svc.clone();
-            let res = svc.ready().await.unwrap().call(request()).await.unwrap();
-            assert_eq!(res.status(), http::StatusCode::OK);
-            res.into_body().collect().await.unwrap();
-        }
-    });
+    rt.block_on(requests(&svc, 100 + n));
     std::process::exit(0);
 }
 
@@ -135,13 +136,7 @@ fn bench_cpu<S, RB>(
             let svc = svc.clone();
             async move {
                 let start = cpuclock::thread_cpu();
-                for _ in 0..iters {
-                    let mut svc = svc.clone();
-                    let res = svc.ready().await.unwrap().call(request()).await.unwrap();
-                    // A refusal (401/429) would measure the wrong path.
-                    assert_eq!(res.status(), http::StatusCode::OK);
-                    res.into_body().collect().await.unwrap();
-                }
+                requests(&svc, iters).await;
                 cpuclock::thread_cpu().saturating_sub(start)
             }
         })
