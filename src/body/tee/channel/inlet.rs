@@ -44,6 +44,15 @@ pub enum NextBatch {
     /// The copy is abandoned: discard everything written so far.
     Abort(AbortReason),
 }
+/// One message as [`Inlet::receive`] hands it on: data (never an empty batch) or a
+/// terminal event.
+enum Received {
+    One(Bytes),
+    Many(Vec<Bytes>),
+    End,
+    Abort(AbortReason),
+}
+
 impl Inlet {
     pub(super) fn new(rx: mpsc::UnboundedReceiver<Msg>, shared: Arc<Shared>) -> Self {
         Inlet {
@@ -61,39 +70,17 @@ impl Inlet {
         if let Some(b) = self.rest.next() {
             return Next::Data(b);
         }
-        self.release_held();
-        if self.finished {
-            return Next::Abort(AbortReason::Dropped);
-        }
-        match self.rx.recv().await {
-            Some(Msg::Data(b)) => {
-                self.held = b.len();
-                Next::Data(b)
+        match self.receive().await {
+            Received::One(b) => Next::Data(b),
+            Received::Many(chunks) => {
+                let mut chunks = chunks.into_iter();
+                let first = chunks.next();
+                self.rest = chunks;
+                // `receive` never hands out an empty batch.
+                first.map_or(Next::Abort(AbortReason::Dropped), Next::Data)
             }
-            Some(Msg::Batch(chunks, len)) => {
-                self.held = len;
-                self.rest = chunks.into_iter();
-                match self.rest.next() {
-                    Some(b) => Next::Data(b),
-                    // The outlet never sends an empty batch; treat one as broken.
-                    None => {
-                        self.finished = true;
-                        Next::Abort(AbortReason::Dropped)
-                    }
-                }
-            }
-            Some(Msg::End) => {
-                self.finished = true;
-                Next::End
-            }
-            Some(Msg::Abort(r)) => {
-                self.finished = true;
-                Next::Abort(r)
-            }
-            None => {
-                self.finished = true;
-                Next::Abort(AbortReason::Dropped)
-            }
+            Received::End => Next::End,
+            Received::Abort(r) => Next::Abort(r),
         }
     }
 
@@ -107,33 +94,38 @@ impl Inlet {
         if self.rest.len() != 0 {
             return NextBatch::Data(std::mem::take(&mut self.rest).collect());
         }
+        match self.receive().await {
+            Received::One(b) => NextBatch::Data(vec![b]),
+            Received::Many(chunks) => NextBatch::Data(chunks),
+            Received::End => NextBatch::End,
+            Received::Abort(r) => NextBatch::Abort(r),
+        }
+    }
+
+    /// The next message off the channel, once the sink is done with the previous one (its
+    /// bytes released). The terminal cases — end, abort, a closed channel, and an empty
+    /// batch (the outlet never sends one, so it counts as broken) — finish the inlet, which
+    /// then answers `Abort(Dropped)` forever. One place for both `next` and `next_batch`.
+    async fn receive(&mut self) -> Received {
         self.release_held();
         if self.finished {
-            return NextBatch::Abort(AbortReason::Dropped);
+            return Received::Abort(AbortReason::Dropped);
         }
-        match self.rx.recv().await {
+        let terminal = match self.rx.recv().await {
             Some(Msg::Data(b)) => {
                 self.held = b.len();
-                NextBatch::Data(vec![b])
+                return Received::One(b);
             }
             Some(Msg::Batch(chunks, len)) if !chunks.is_empty() => {
                 self.held = len;
-                NextBatch::Data(chunks)
+                return Received::Many(chunks);
             }
-            Some(Msg::End) => {
-                self.finished = true;
-                NextBatch::End
-            }
-            Some(Msg::Abort(r)) => {
-                self.finished = true;
-                NextBatch::Abort(r)
-            }
-            // The outlet never sends an empty batch; treat one as broken.
-            Some(Msg::Batch(..)) | None => {
-                self.finished = true;
-                NextBatch::Abort(AbortReason::Dropped)
-            }
-        }
+            Some(Msg::End) => Received::End,
+            Some(Msg::Abort(r)) => Received::Abort(r),
+            Some(Msg::Batch(..)) | None => Received::Abort(AbortReason::Dropped),
+        };
+        self.finished = true;
+        terminal
     }
 
     fn release(&self, n: usize) {
