@@ -24,6 +24,7 @@ use tower_service::Service;
 
 use super::detect::{sniff, Prefixed};
 use super::lease::ConnectionLease;
+use super::on_wake::OnWake;
 use super::serve::{CLOSE, RUN};
 use super::small_writes::SmallWrites;
 use super::{Accept, Protocol, ServerConfig};
@@ -186,9 +187,12 @@ impl<A: Accept> Conns<A> {
                     tracing::debug!(error = %e, %peer, "connection ended with an error");
                 }
             };
+            // The close signal is polled only when it fires, not at each request's
+            // wakes (see `on_wake`).
             tokio::select! {
+                biased;
                 () = served => {}
-                _ = phase.wait_for(|p| *p == CLOSE) => {}
+                _ = OnWake::new(phase.wait_for(|p| *p == CLOSE)) => {}
             }
             drop(lease);
         });
@@ -225,7 +229,7 @@ where
         let idle_check = tokio::select! {
             biased;
             r = conn.as_mut() => return r,
-            _ = phase.wait_for(|p| *p != RUN) => false,
+            _ = OnWake::new(phase.wait_for(|p| *p != RUN)) => false,
             () = tokio::time::sleep(idle.unwrap_or(Duration::MAX)), if idle.is_some() => true,
         };
         if !idle_check {

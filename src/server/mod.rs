@@ -46,6 +46,7 @@ mod detect;
 mod handoff;
 mod lease;
 mod listen;
+mod on_wake;
 mod serve;
 mod small_writes;
 mod workers;
