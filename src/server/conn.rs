@@ -306,7 +306,8 @@ where
 #[derive(Default)]
 struct Started(AtomicBool, Notify, AtomicU64);
 
-/// Per-connection wrapper: inserts [`ClientAddr`] and [`BodyLimits`], and answers `413`
+/// Per-connection wrapper: inserts [`ClientAddr`] and (on a request with a body)
+/// [`BodyLimits`], and answers `413`
 /// for a declared body over the limit without reading it.
 #[derive(Clone)]
 struct Limits<S> {
@@ -361,7 +362,11 @@ where
             }
         }
         req.extensions_mut().insert(self.peer);
-        req.extensions_mut().insert(self.limits);
+        // The limits only concern a body: a request without one (most `GET`s) is spared
+        // an allocation and a map insert (issue 12's profile).
+        if !req.body().is_end_stream() {
+            req.extensions_mut().insert(self.limits);
+        }
         // Only a request that may become a tunnel pays for the lease (see `lease`).
         if req.headers().contains_key(http::header::UPGRADE) {
             req.extensions_mut().insert(self.lease.clone());
