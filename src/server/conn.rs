@@ -23,6 +23,7 @@ use tokio::sync::{watch, Notify};
 use tower_service::Service;
 
 use super::detect::{sniff, Prefixed};
+use super::head_timer::HeadTimer;
 use super::lease::ConnectionLease;
 use super::on_wake::OnWake;
 use super::serve::{CLOSE, RUN};
@@ -49,6 +50,7 @@ pub(super) struct Protocols {
 impl Protocols {
     pub(super) fn new(config: &ServerConfig) -> Self {
         let mut h1 = hyper::server::conn::http1::Builder::new();
+        // Each connection replaces this timer with its own (`head_timer`).
         h1.timer(TokioTimer::new())
             .header_read_timeout(config.header_read_timeout)
             // A head larger than this, or with too many fields, is answered 431 by hyper.
@@ -178,8 +180,12 @@ impl<A: Accept> Conns<A> {
                     let idle = Some(http.detect_timeout);
                     drain(conn, &mut drain_phase, &started, grace, idle).await
                 } else {
+                    // The connection's own timer: one timer-wheel entry for all its
+                    // request heads (see `head_timer`).
+                    let mut h1 = http.h1.clone();
+                    h1.timer(HeadTimer::default());
                     // Upgrades (WebSocket) hand the connection over to the service.
-                    let conn = http.h1.serve_connection(io, svc).with_upgrades();
+                    let conn = h1.serve_connection(io, svc).with_upgrades();
                     // hyper's header read timeout bounds an idle HTTP/1 connection.
                     drain(conn, &mut drain_phase, &started, grace, None).await
                 };

@@ -44,6 +44,7 @@ mod conn;
 mod detect;
 #[cfg(target_os = "linux")]
 mod handoff;
+mod head_timer;
 mod lease;
 mod listen;
 mod on_wake;
