@@ -367,14 +367,20 @@ where
                 return LimitsFuture::Refused { res: Some(res) };
             }
         }
+        // Only a request that may become a tunnel pays for the lease (see `lease`): one
+        // hyper can hand over (an HTTP/1.1 `Upgrade` or a `CONNECT`), which it marks with
+        // `OnUpgrade`; asked before anything else is in the map, usually an empty one.
+        let tunnel = req
+            .extensions()
+            .get::<hyper::upgrade::OnUpgrade>()
+            .is_some();
         req.extensions_mut().insert(self.peer);
         // The limits only concern a body: a request without one (most `GET`s) is spared
         // an allocation and a map insert (issue 12's profile).
         if !req.body().is_end_stream() {
             req.extensions_mut().insert(self.limits);
         }
-        // Only a request that may become a tunnel pays for the lease (see `lease`).
-        if req.headers().contains_key(http::header::UPGRADE) {
+        if tunnel {
             req.extensions_mut().insert(self.lease.clone());
         }
         if let Some(ext) = &self.conn_extensions {
