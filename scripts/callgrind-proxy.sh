@@ -10,6 +10,8 @@
 #
 # BINARY defaults to target/release/examples/reverse_proxy, OUTFILE to a file in /tmp.
 # DURATION (default 5s): the measured wrk run (under valgrind: a few thousand requests).
+# PRELOAD: a shared library preloaded into the proxy only (e.g. an allocator,
+# PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2), to measure its share.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/release/examples/reverse_proxy}
@@ -25,7 +27,7 @@ need python3 python3
 B=$(free_port); P=$(free_port)
 nginx_start backend 1 "server { listen 127.0.0.1:$B; location / { return 200 'ok\n'; } }"
 wait_port "$B"
-valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUTF" \
+LD_PRELOAD=${PRELOAD:-} valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUTF" \
     "$BIN" --serve --direct --workers 1 --listen "127.0.0.1:$P" --backends "http://127.0.0.1:$B" \
     >/dev/null 2>"$work/valgrind.log" &
 vg=$!; pids+=($vg)

@@ -603,6 +603,48 @@ async fn a_hung_upstream_is_cut_by_the_default_response_timeout() {
     assert_eq!(err.kind(), FailureKind::Timeout);
 }
 
+/// A pooled connection keeps its response timer armed between exchanges at an earlier
+/// exchange's deadline (issue 12: one timer-wheel entry per connection, not two per
+/// request); a later exchange must still get its whole timeout, counted from its own start.
+#[tokio::test]
+async fn a_pooled_connection_times_out_from_the_current_request_not_an_earlier_one() {
+    let be = echo_backend().await;
+    let mut fwd = ForwardBuilder::new(be.url())
+        .response_timeout(Duration::from_secs(10))
+        .build::<Body>()
+        .unwrap();
+    // The first request connects; the second goes over the pooled connection and arms
+    // its timer at (its start + 10 s).
+    for _ in 0..2 {
+        call(&mut fwd, Request::get("/").body(Body::default()).unwrap())
+            .await
+            .unwrap();
+    }
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(6)).await;
+    let start = tokio::time::Instant::now();
+    let err = tokio::time::timeout(
+        Duration::from_secs(600),
+        call(
+            &mut fwd,
+            Request::get("/never").body(Body::default()).unwrap(),
+        ),
+    )
+    .await
+    .expect("the response timeout ends a hung exchange")
+    .unwrap_err();
+    assert!(
+        matches!(err, ForwardError::ResponseTimeout { after, .. } if after == Duration::from_secs(10)),
+        "{err:?}"
+    );
+    // Not 4 s (the previous exchange's deadline), the whole 10 s.
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_secs(10) && took < Duration::from_secs(11),
+        "{took:?}"
+    );
+}
+
 #[test]
 fn the_default_timeouts_can_be_disabled_explicitly() {
     let fwd: Forward<Body> = ForwardBuilder::new("http://127.0.0.1:1")

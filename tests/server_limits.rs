@@ -223,3 +223,43 @@ async fn a_malformed_body_is_400_while_a_replay_layer_buffers_it() {
     assert!(head.starts_with("HTTP/1.1 400"), "was 502: {head}");
     assert_eq!(be.connections(), 0);
 }
+
+/// The header read timeout counts from when each head is awaited, also on a kept-alive
+/// connection whose earlier head armed the same timer (issue 12: the heads of a
+/// connection share one timer-wheel entry, moved only when it fires early).
+#[tokio::test]
+async fn a_stalled_head_on_a_kept_alive_connection_is_cut_at_its_own_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let svc = tower::service_fn(|_req: Request<Incoming>| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+    });
+    let front = Server::builder()
+        .header_read_timeout(Duration::from_secs(5))
+        .spawn_local(svc)
+        .await
+        .unwrap();
+    let req = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+    let mut s = raw_request(front.addr(), req).await;
+    let head = read_head(&mut s, Duration::from_secs(10)).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // The second head is awaited from now on (its deadline in 5 s); it comes 3 s later.
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(3)).await;
+    s.write_all(req).await.unwrap();
+    let head = read_head(&mut s, Duration::from_secs(10)).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // The third head never ends: cut 5 s after it was first awaited, not 2 s (the
+    // second head's deadline, still registered).
+    let start = tokio::time::Instant::now();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut rest))
+        .await
+        .expect("the connection is closed, not held open")
+        .unwrap();
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(6),
+        "{took:?}"
+    );
+}

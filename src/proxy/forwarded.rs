@@ -3,11 +3,12 @@
 //! them at 4.5k instructions a request before): constant header names, the client IP
 //! formatted on the stack.
 
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{HeaderName, HeaderValue};
 use http::uri::Scheme;
 use http::{HeaderMap, Uri};
 
 use super::builder::Options;
+use super::headers::Seen;
 use crate::client_addr::{joined_forwarded_for, ClientAddr};
 
 // `HeaderName`s, not `&str`s: a custom name given as `&str` is parsed and copied into a
@@ -16,19 +17,25 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Sets the `X-Forwarded-*` headers of a request going to the upstream.
+/// Sets the `X-Forwarded-*` headers of a request going to the upstream; `seen` is what
+/// `Forward::call`'s scan of its fields found (`Host`, an incoming `X-Forwarded-For`).
 pub(super) fn set_forwarded(
     opts: &Options,
     headers: &mut HeaderMap,
     client: Option<ClientAddr>,
     uri: &Uri,
+    seen: &Seen,
 ) {
     if let Some(ClientAddr(addr)) = client {
         let mut ip = IpText::default();
         ip.write(addr.ip());
         // Every line of a repeated header counts: reading only the first would drop the
         // hops the others name (RFC 9110 §5.3 combines them with ", ").
-        let value = match joined_forwarded_for(headers) {
+        let joined = match seen.forwarded_for {
+            true => joined_forwarded_for(headers),
+            false => None,
+        };
+        let value = match joined {
             Some(mut v) if opts.append_forwarded_for => {
                 v.extend_from_slice(b", ");
                 v.extend_from_slice(ip.as_bytes());
@@ -49,7 +56,7 @@ pub(super) fn set_forwarded(
         _ => HeaderValue::from_static("http"),
     };
     headers.insert(X_FORWARDED_PROTO, proto);
-    let host = match headers.get(header::HOST) {
+    let host = match &seen.host {
         Some(h) => Some(h.clone()),
         None => uri
             .authority()

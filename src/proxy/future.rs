@@ -15,12 +15,12 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use pin_project_lite::pin_project;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use super::body::{far_future, Progress};
 use super::error::ForwardError;
 use super::headers::strip_hop_by_hop;
-use super::pool::{BoxExchange, Dispatched, HostPool};
+use super::pool::{BoxExchange, ConnTimer, Dispatched, HostPool};
 use crate::BoxError;
 
 type Inner = Pin<Box<dyn Future<Output = Result<Response<Incoming>, ForwardError>> + Send>>;
@@ -43,9 +43,11 @@ impl ResponseFuture {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        let (step, tx) = match pool.dispatch(req) {
-            Dispatched::Pooled(fut, tx) => (Step::Sent { fut }, Some(tx)),
-            Dispatched::Other(fut) => (Step::Boxed { fut }, None),
+        let (step, tx, start, sleep) = match pool.dispatch(req) {
+            Dispatched::Pooled(fut, conn) => {
+                (Step::Sent { fut }, Some(conn.tx), Some(conn.at), conn.timer)
+            }
+            Dispatched::Other(fut) => (Step::Boxed { fut }, None, None, None),
         };
         ResponseFuture {
             inner: Box::pin(Exchange {
@@ -55,10 +57,9 @@ impl ResponseFuture {
                 timer: timeout.map(|after| Timer {
                     after,
                     progress,
-                    start: None,
-                    armed_from: None,
+                    start,
                 }),
-                sleep: None,
+                sleep,
             }),
         }
     }
@@ -106,30 +107,19 @@ pin_project! {
 struct Timer {
     after: Duration,
     progress: Option<Arc<Progress>>,
-    /// Set when the exchange first waits.
+    /// The pooled connection's checkout, else set when the exchange first waits.
     start: Option<Instant>,
-    /// The instant the armed deadline counts from.
-    armed_from: Option<Instant>,
 }
 
 impl Timer {
-    /// The next deadline, counted from the latest progress.
-    fn arm(&mut self) -> Instant {
+    /// When the upstream's silence becomes a timeout, counted from the latest progress.
+    fn deadline(&mut self) -> Instant {
         let start = *self.start.get_or_insert_with(Instant::now);
         let from = self
             .progress
             .as_ref()
             .map_or(start, |p| p.last().max(start));
-        self.armed_from = Some(from);
         from.checked_add(self.after).unwrap_or_else(far_future)
-    }
-
-    /// Whether the upstream took body data since the deadline was armed.
-    fn moved(&self) -> bool {
-        match (&self.progress, self.armed_from) {
-            (Some(p), Some(from)) => p.last() > from,
-            _ => false,
-        }
     }
 }
 
@@ -141,8 +131,12 @@ pin_project! {
         tx: Option<http1::SendRequest<B>>,
         pool: Arc<HostPool<B>>,
         timer: Option<Timer>,
-        #[pin]
-        sleep: Option<Sleep>,
+        // The response timer. A pooled connection's comes with it and goes back with it:
+        // it stays registered between exchanges at a deadline that is never later than
+        // the current one (an earlier exchange's), and is moved only when it fires early.
+        // The timer wheel is then touched about once per `after` per connection instead
+        // of twice per request.
+        sleep: Option<ConnTimer>,
     }
 }
 
@@ -163,7 +157,8 @@ where
                     Poll::Pending => break,
                     Poll::Ready(Ok(res)) => {
                         if let Some(tx) = this.tx.take() {
-                            this.pool.checkin(tx);
+                            let since = this.timer.as_ref().and_then(|t| t.start);
+                            this.pool.checkin(tx, since, this.sleep.take());
                         }
                         Ok(res)
                     }
@@ -195,20 +190,24 @@ where
         let Some(timer) = this.timer.as_mut() else {
             return Poll::Pending;
         };
+        let sleep = match this.sleep {
+            Some(sleep) => sleep,
+            None => this
+                .sleep
+                .insert(Box::pin(tokio::time::sleep_until(timer.deadline()))),
+        };
         loop {
-            let Some(mut sleep) = this.sleep.as_mut().as_pin_mut() else {
-                this.sleep.set(Some(tokio::time::sleep_until(timer.arm())));
-                continue;
-            };
             ready!(sleep.as_mut().poll(cx));
-            if !timer.moved() {
+            // Fired: at the deadline, or at an earlier one (a previous exchange's on this
+            // connection, or before body data went up meanwhile): wait again until then.
+            let deadline = timer.deadline();
+            if deadline <= Instant::now() {
                 return Poll::Ready(Err(ForwardError::ResponseTimeout {
                     upstream: this.pool.upstream().authority().to_string(),
                     after: timer.after,
                 }));
             }
-            // Body data went up meanwhile: wait again from then.
-            sleep.reset(timer.arm());
+            sleep.as_mut().reset(deadline);
         }
     }
 }

@@ -253,7 +253,7 @@ where
                             self.learned.store(SPOKE_H1, Ordering::Relaxed);
                             let taken = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
                             if let Some(tx) = taken {
-                                self.checkin(tx);
+                                self.checkin(tx, None, None);
                             }
                             Err(self.transport(e.into_error()))
                         }

@@ -19,7 +19,7 @@ use super::error::ForwardError;
 use super::forwarded::set_forwarded;
 use super::future::ResponseFuture;
 use super::h2::{asks_for_trailers, TeTrailers};
-use super::headers::strip_hop_by_hop;
+use super::headers::{strip_present, Seen, TE_BIT, UPGRADE_BIT};
 use super::pool::{HostPool, Pools};
 use super::upgrade;
 use super::upstream::Upstream;
@@ -108,20 +108,18 @@ where
 /// that disagrees with an absolute-form request target: RFC 9112 §3.2 answers `400`,
 /// because two hops could read two different hosts — a cache-poisoning and routing-bypass
 /// vector).
-fn check_request(parts: &http::request::Parts) -> Result<(), ForwardError> {
+fn check_request(parts: &http::request::Parts, seen: &Seen) -> Result<(), ForwardError> {
     if parts.method == http::Method::CONNECT {
         return Err(ForwardError::MethodNotSupported {
             method: parts.method.clone(),
         });
     }
-    let mut hosts = parts.headers.get_all(header::HOST).iter();
-    let host = hosts.next();
-    if hosts.next().is_some() {
+    if seen.hosts > 1 {
         return Err(ForwardError::BadRequest {
             reason: "more than one Host header",
         });
     }
-    if let (Some(host), Some(authority)) = (host, parts.uri.authority()) {
+    if let (Some(host), Some(authority)) = (&seen.host, parts.uri.authority()) {
         if !host
             .as_bytes()
             .eq_ignore_ascii_case(authority.as_str().as_bytes())
@@ -152,7 +150,9 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let (mut parts, body) = req.into_parts();
-        if let Err(e) = check_request(&parts) {
+        // One pass over the fields answers the questions below (see `Seen`).
+        let seen = Seen::scan(&parts.headers);
+        if let Err(e) = check_request(&parts, &seen) {
             return ResponseFuture::failed(e);
         }
         let uri = match self.upstream.join(parts.uri.path_and_query()) {
@@ -162,6 +162,7 @@ where
         // A real upgrade request whose client connection can be taken over keeps its
         // `Upgrade`/`Connection` headers and goes through the tunnel path.
         let upgrade = match self.opts.upgrades
+            && seen.hop & UPGRADE_BIT != 0
             && upgrade::requested(&parts.method, parts.version, &parts.headers)
         {
             true => parts.extensions.remove::<OnUpgrade>(),
@@ -170,14 +171,14 @@ where
         // `TE` is hop-by-hop, but a client that takes trailers (gRPC) gets them through
         // Forward, so Forward asks for them on its own hop: HTTP/1.1 servers (hyper's) send
         // trailers only then, and HTTP/2 allows `TE: trailers` alone (see `h2::to_h2`).
-        let trailers = asks_for_trailers(&parts.headers);
+        let trailers = seen.hop & TE_BIT != 0 && asks_for_trailers(&parts.headers);
         if trailers {
             parts.extensions.insert(TeTrailers);
         }
         if upgrade.is_some() {
             upgrade::strip_keeping_upgrade(&mut parts.headers);
         } else {
-            strip_hop_by_hop(&mut parts.headers);
+            strip_present(&mut parts.headers, seen.hop);
         }
         if trailers {
             parts
@@ -185,13 +186,14 @@ where
                 .insert(header::TE, HeaderValue::from_static("trailers"));
         }
         let client = parts.extensions.get::<ClientAddr>().copied();
-        set_forwarded(&self.opts, &mut parts.headers, client, &parts.uri);
+        set_forwarded(&self.opts, &mut parts.headers, client, &parts.uri, &seen);
         crate::trace::on_upstream_call(
             &mut parts.headers,
             &parts.extensions,
             self.pool.upstream().authority_ref(),
         );
-        if !self.opts.preserve_host || !parts.headers.contains_key(header::HOST) {
+        // `Host` is protected from `Connection`, so what the scan saw is still there.
+        if !self.opts.preserve_host || seen.hosts == 0 {
             // HTTP/2 clients send :authority instead of Host; HTTP/1.1 upstreams need Host.
             let host = match parts.uri.authority() {
                 Some(a) if self.opts.preserve_host => HeaderValue::from_str(a.as_str()).ok(),

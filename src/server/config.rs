@@ -28,7 +28,7 @@ use crate::proxy::BodyLimits;
 /// without a new stream: GOAWAY, open streams finish); streams are bounded by
 /// `h2_max_concurrent_streams` and hyper's flow-control windows (1 MiB per connection).
 ///
-/// The body limits travel with each request as a [`BodyLimits`] extension and are
+/// The body limits travel with each request that has a body as a [`BodyLimits`] extension and are
 /// enforced by whatever reads the body ([`Forward`](crate::proxy::Forward) does); only a
 /// declared `Content-Length` over the limit is refused by the server itself.
 ///

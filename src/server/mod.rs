@@ -44,8 +44,10 @@ mod conn;
 mod detect;
 #[cfg(target_os = "linux")]
 mod handoff;
+mod head_timer;
 mod lease;
 mod listen;
+mod on_wake;
 mod serve;
 mod small_writes;
 mod workers;
@@ -88,8 +90,8 @@ where
 /// completes, stops accepting, lets open connections finish their in-flight requests
 /// (keep-alive connections are closed after their current response), and returns.
 ///
-/// Each request carries the peer address as a [`ClientAddr`](crate::proxy::ClientAddr) extension and the body
-/// limits as a [`BodyLimits`](crate::proxy::BodyLimits) extension. Accept errors (such as running out of file
+/// Each request carries the peer address as a [`ClientAddr`](crate::proxy::ClientAddr) extension and, when it
+/// has a body, the body limits as a [`BodyLimits`](crate::proxy::BodyLimits) extension. Accept errors (such as running out of file
 /// descriptors) pause accepting briefly instead of ending the server.
 pub async fn serve_with_shutdown<S, B, F>(
     listener: TcpListener,
