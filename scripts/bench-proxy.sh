@@ -36,6 +36,11 @@
 # every proxy (the others forward it as one more header). Besides the table: the gateway's
 # CPU per request over the bare one's (issue 14's bar: <= 1.15x), and its own count of
 # proxied requests from /metrics.
+# OURS_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 (plain mode only): two more rows,
+# ours-fwd-pl and ours-bal-pl, the same binaries with that library preloaded
+# (LD_PRELOAD): the allocator is the deploying binary's choice, not the library's, so
+# the glibc rows stay the headline and these show what a different malloc changes, in the
+# same run, against the same peers.
 # OURS_EXTRA: extra arguments for ours-fwd, e.g. OURS_EXTRA=--no-balance to compare with
 # the kernel's spreading of connections over the workers.
 #
@@ -185,6 +190,16 @@ start_proxies() { # workers
     spawn_pinned "${PX_CORES:-}" $OURS --serve --workers "$w" --listen "127.0.0.1:${port[ours-bal]}" \
         --backends "http://127.0.0.1:$B1,http://127.0.0.1:$B2" >/dev/null 2>&1 &
     pids+=($!); pid[ours-bal]=$!
+    if [ -n "${OURS_PRELOAD:-}" ]; then
+        port[ours-fwd-pl]=$(free_port)
+        LD_PRELOAD=$OURS_PRELOAD spawn_pinned "${PX_CORES:-}" $OURS --serve --direct --workers "$w" \
+            --listen "127.0.0.1:${port[ours-fwd-pl]}" --backends "http://127.0.0.1:$B1" ${OURS_EXTRA:-} >/dev/null 2>&1 &
+        pids+=($!); pid[ours-fwd-pl]=$!
+        port[ours-bal-pl]=$(free_port)
+        LD_PRELOAD=$OURS_PRELOAD spawn_pinned "${PX_CORES:-}" $OURS --serve --workers "$w" \
+            --listen "127.0.0.1:${port[ours-bal-pl]}" --backends "http://127.0.0.1:$B1,http://127.0.0.1:$B2" >/dev/null 2>&1 &
+        pids+=($!); pid[ours-bal-pl]=$!
+    fi
     port[nginx-bal]=$(free_port)
     nginx_start "ngx-bal-$w" "$w" "upstream be { server 127.0.0.1:$B1; server 127.0.0.1:$B2; keepalive 256; }
     server { listen 127.0.0.1:${port[nginx-bal]} reuseport; location / { $NGINX_PROXY } }" "${PX_CORES:-}"
@@ -254,6 +269,11 @@ elif [ "$GATEWAY" = 1 ]; then
     NAMES=(ours-fwd ours-gw ours-gw-bal nginx-fwd haproxy-fwd)
     PAIRS=(ours-gw:ours-fwd ours-gw-bal:ours-fwd ours-fwd:nginx-fwd ours-fwd:haproxy-fwd ours-gw:haproxy-fwd)
     MODE=" (API gateway stack, wrk sends x-api-key)"
+elif [ -n "${OURS_PRELOAD:-}" ]; then
+    [ -r "$OURS_PRELOAD" ] || { echo "OURS_PRELOAD=$OURS_PRELOAD: not a readable file" >&2; exit 1; }
+    NAMES+=(ours-fwd-pl ours-bal-pl)
+    PAIRS+=(ours-fwd-pl:haproxy-fwd ours-bal-pl:haproxy-bal ours-fwd-pl:ours-fwd)
+    MODE=" (ours also with $OURS_PRELOAD preloaded: the -pl rows)"
 fi
 log "bench-proxy$MODE: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $ROUNDS rounds x $DURATION, $CONNS_PER_WORKER conns per worker, backend nginx x$BE_WORKERS"
 for w in $WORKER_SET; do
