@@ -15,6 +15,14 @@ use super::layer::AuthLayer;
 /// Default of [`AuthConfig::max_credential_len`]: 8 KiB, larger than any sane JWT.
 pub const DEFAULT_MAX_CREDENTIAL_LEN: usize = 8 * 1024;
 
+/// The default header names, as static names (see `AuthConfig::build`).
+const DEFAULT_NAMES: [HeaderName; 4] = [
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("x-auth-subject"),
+    HeaderName::from_static("x-auth-scopes"),
+    HeaderName::from_static("x-auth-method"),
+];
+
 /// What a gateway accepts as credentials and how the verified identity travels upstream.
 ///
 /// | setting | default |
@@ -127,7 +135,16 @@ impl AuthConfig {
     /// Checks the configuration and builds the shared [`Authenticator`].
     pub fn build(self) -> Result<Authenticator, AuthConfigError> {
         let name = |s: &str| {
-            HeaderName::try_from(s).map_err(|_| AuthConfigError::HeaderName(s.to_owned()))
+            let n =
+                HeaderName::try_from(s).map_err(|_| AuthConfigError::HeaderName(s.to_owned()))?;
+            // A default name as a static one: a configured name is a shared buffer, whose
+            // every clone and drop (each identity header written, per request) is an
+            // atomic reference count; a static one's are free.
+            Ok(DEFAULT_NAMES
+                .iter()
+                .find(|d| **d == n)
+                .cloned()
+                .unwrap_or(n))
         };
         let has_keys = self.api_keys.as_ref().is_some_and(|k| !k.is_empty());
         let has_jwt = self.jwt.as_ref().is_some_and(Jwt::has_keys);

@@ -5,6 +5,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
+use http::header::Entry;
 use http::uri::Authority;
 use http::{Extensions, HeaderMap, HeaderName, HeaderValue};
 
@@ -195,18 +196,94 @@ pub(crate) struct Calls {
     upstream: Mutex<Option<Authority>>,
 }
 
-/// What the edge layer must change in the request headers once the context is read.
-pub(crate) struct EdgeFix {
-    /// A `tracestate` is there but not kept (no valid parent, or not valid itself).
-    pub(crate) drop_tracestate: bool,
-    /// The request id was made here: the upstream must get it.
-    pub(crate) set_request_id: bool,
+/// What the request's own headers say, read once.
+struct Incoming {
+    /// A valid, single `traceparent`.
+    parent: Option<TraceParent>,
+    /// The `tracestate` kept (only with a valid parent, and only if valid itself).
+    tracestate: Option<HeaderValue>,
+    /// A `tracestate` is there but not kept: the edge removes it.
+    drop_tracestate: bool,
+}
+
+impl Incoming {
+    fn read(headers: &HeaderMap) -> Self {
+        // Two traceparent headers are as invalid as one malformed one.
+        let mut all = headers.get_all(TRACEPARENT).iter();
+        let parent = match (all.next(), all.next()) {
+            (Some(v), None) => TraceParent::parse(v.as_bytes()),
+            _ => None,
+        };
+        // `tracestate` is only read with a valid parent; without one, only whether it is
+        // there (it must then be removed).
+        let (tracestate, present) = match parent {
+            Some(_) => {
+                let v = headers.get(TRACESTATE);
+                (v.filter(|v| valid_tracestate(v)).cloned(), v.is_some())
+            }
+            None => (None, headers.contains_key(TRACESTATE)),
+        };
+        Incoming {
+            parent,
+            drop_tracestate: tracestate.is_none() && present,
+            tracestate,
+        }
+    }
+
+    /// The context, with the ids this request needs drawn in one call of the thread's
+    /// generator (each call is a thread-local access and a reference count): the span id
+    /// always, a trace id without a valid parent, a request id without a kept one.
+    fn context(self, sampled: bool, kept_id: Option<HeaderValue>) -> TraceContext {
+        let mut r = [0u8; 40];
+        let need =
+            8 + 16 * usize::from(self.parent.is_none()) + 16 * usize::from(kept_id.is_none());
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut r[..need]);
+        let (span, rest) = r.split_at(8);
+        let (trace_id, parent_id, flags, rest) = match self.parent {
+            Some(p) => (p.trace_id, Some(p.parent_id), p.flags, rest),
+            None => (
+                trace_id_from(&rest[..16]),
+                None,
+                u8::from(sampled),
+                &rest[16..],
+            ),
+        };
+        let request_id = kept_id.unwrap_or_else(|| {
+            let mut b = [0u8; 32];
+            hex_into(&mut b, &rest[..16]);
+            // One allocation holding count and digits (`from_owner`): the clones for the
+            // upstream request, the access log and the answer share it (a copied `Vec`
+            // would allocate again on the first clone).
+            HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(b))
+                .unwrap_or(HeaderValue::from_static("0"))
+        });
+        let span_id = match <[u8; 8]>::try_from(span) {
+            Ok(id) if id != [0; 8] => SpanId(id),
+            _ => SpanId::random(),
+        };
+        TraceContext {
+            trace_id,
+            span_id,
+            parent_id,
+            flags,
+            tracestate: self.tracestate,
+            request_id,
+            calls: Arc::new(Calls::default()),
+            edge_headers: false,
+        }
+    }
+}
+
+/// A request id is kept when it is 1 to 128 visible ASCII bytes.
+fn valid_request_id(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty() && b.len() <= 128 && b.iter().all(|c| (0x21..0x7f).contains(c))
 }
 
 /// The trace context of one request, in its extensions; [`RequestTraceLayer`](super::RequestTraceLayer)
 /// puts it there, and [`Forward`](crate::proxy::Forward) sends a child of it on every
 /// upstream call (each retry attempt and chain hop gets its own span id).
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct TraceContext {
     /// The trace this request belongs to.
     pub trace_id: TraceId,
@@ -221,6 +298,28 @@ pub struct TraceContext {
     /// The request id (`x-request-id`) sent upstream and answered.
     pub request_id: HeaderValue,
     pub(crate) calls: Arc<Calls>,
+    /// Set only on the context the edge layer puts into the request whose headers it
+    /// fixed (`tracestate` kept or removed, `x-request-id` kept or set): `inject` then
+    /// need not look both up again on every upstream call (two header-map probes per
+    /// request). A clone is `false` (see `Clone`): a retry's copy or a composition's new
+    /// request is checked as before.
+    pub(crate) edge_headers: bool,
+}
+
+impl Clone for TraceContext {
+    fn clone(&self) -> Self {
+        TraceContext {
+            trace_id: self.trace_id,
+            span_id: self.span_id,
+            parent_id: self.parent_id,
+            flags: self.flags,
+            tracestate: self.tracestate.clone(),
+            request_id: self.request_id.clone(),
+            calls: self.calls.clone(),
+            // A clone may travel in a request whose headers the edge did not fix.
+            edge_headers: false,
+        }
+    }
 }
 
 impl TraceContext {
@@ -229,80 +328,39 @@ impl TraceContext {
     /// is kept only with a valid `traceparent`. The request id is kept when it is 1 to 128
     /// visible ASCII bytes, otherwise a new one is made.
     pub fn from_headers(headers: &HeaderMap, sampled: bool) -> Self {
-        Self::read_at_edge(headers, sampled).0
+        let kept_id = headers.get(X_REQUEST_ID).filter(|v| valid_request_id(v));
+        Incoming::read(headers).context(sampled, kept_id.cloned())
     }
 
-    /// [`from_headers`](Self::from_headers), also saying what the edge must fix in the
-    /// headers. Each trace header is looked up once here: the edge layer used to look
-    /// `tracestate` and `x-request-id` up a second time to decide the same thing (two
-    /// header-map probes per request, on the path every gateway request takes).
-    pub(crate) fn read_at_edge(headers: &HeaderMap, sampled: bool) -> (Self, EdgeFix) {
-        // Two traceparent headers are as invalid as one malformed one.
-        let mut all = headers.get_all(TRACEPARENT).iter();
-        let parent = match (all.next(), all.next()) {
-            (Some(v), None) => TraceParent::parse(v.as_bytes()),
-            _ => None,
-        };
-        // `tracestate` is only read with a valid parent; without one, only whether it is
-        // there (it must then be removed).
-        let (tracestate, tracestate_present) = match parent {
-            Some(_) => {
-                let v = headers.get(TRACESTATE);
-                (v.filter(|v| valid_tracestate(v)).cloned(), v.is_some())
+    /// [`from_headers`](Self::from_headers) at the edge, fixing the headers on the way:
+    /// a `tracestate` not kept is removed, an absent or refused request id is set. The
+    /// request id is read and written through one entry (one header-map probe, where a
+    /// lookup and then an insert were two), and the context is marked as the one whose
+    /// request headers are right already (see `edge_headers`).
+    pub(crate) fn at_edge(headers: &mut HeaderMap, sampled: bool) -> Self {
+        let incoming = Incoming::read(headers);
+        let drop_tracestate = incoming.drop_tracestate;
+        let mut cx = match headers.entry(X_REQUEST_ID) {
+            Entry::Occupied(e) if valid_request_id(e.get()) => {
+                incoming.context(sampled, Some(e.get().clone()))
             }
-            None => (None, headers.contains_key(TRACESTATE)),
+            Entry::Occupied(mut e) => {
+                let cx = incoming.context(sampled, None);
+                // `insert` replaces every value the client sent.
+                e.insert(cx.request_id.clone());
+                cx
+            }
+            Entry::Vacant(e) => {
+                let cx = incoming.context(sampled, None);
+                e.insert(cx.request_id.clone());
+                cx
+            }
         };
-        let kept_id = headers
-            .get(X_REQUEST_ID)
-            .filter(|v| {
-                let b = v.as_bytes();
-                !b.is_empty() && b.len() <= 128 && b.iter().all(|c| (0x21..0x7f).contains(c))
-            })
-            .cloned();
-        // Random bytes only for the ids this request needs, in one call of the thread's
-        // generator (each call is a thread-local access and a reference count): the span
-        // id always, a trace id without a valid parent, a request id without a kept one.
-        let mut r = [0u8; 40];
-        let need = 8 + 16 * usize::from(parent.is_none()) + 16 * usize::from(kept_id.is_none());
-        rand::RngCore::fill_bytes(&mut rand::rng(), &mut r[..need]);
-        let (span, rest) = r.split_at(8);
-        let (trace_id, parent_id, flags, rest) = match parent {
-            Some(p) => (p.trace_id, Some(p.parent_id), p.flags, rest),
-            None => (
-                trace_id_from(&rest[..16]),
-                None,
-                u8::from(sampled),
-                &rest[16..],
-            ),
-        };
-        let set_request_id = kept_id.is_none();
-        let request_id = kept_id.unwrap_or_else(|| {
-            let mut b = [0u8; 32];
-            hex_into(&mut b, &rest[..16]);
-            // One allocation holding count and digits (`from_owner`): the clones for the
-            // upstream request, the access log and the answer share it (a copied `Vec`
-            // would allocate again on the first clone).
-            HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(b))
-                .unwrap_or(HeaderValue::from_static("0"))
-        });
-        let span_id = match <[u8; 8]>::try_from(span) {
-            Ok(id) if id != [0; 8] => SpanId(id),
-            _ => SpanId::random(),
-        };
-        let fix = EdgeFix {
-            drop_tracestate: tracestate.is_none() && tracestate_present,
-            set_request_id,
-        };
-        let cx = TraceContext {
-            trace_id,
-            span_id,
-            parent_id,
-            flags,
-            tracestate,
-            request_id,
-            calls: Arc::new(Calls::default()),
-        };
-        (cx, fix)
+        if drop_tracestate {
+            headers.remove(TRACESTATE);
+        }
+        cx.edge_headers = true;
+        cx
     }
 
     /// The `traceparent` value naming `span` as the parent.
@@ -331,16 +389,18 @@ impl TraceContext {
     pub fn inject(&self, headers: &mut HeaderMap, upstream: &Authority) -> SpanId {
         let child = SpanId::random();
         headers.insert(TRACEPARENT, self.traceparent(child));
-        // The edge layer already left the request's own `tracestate` and `x-request-id`
-        // right (kept, replaced or removed); a request built inside the gateway (a
-        // composition's call) gets them here.
-        if let Some(s) = &self.tracestate {
-            if !headers.contains_key(TRACESTATE) {
-                headers.insert(TRACESTATE, s.clone());
+        // The edge layer already left its request's own `tracestate` and `x-request-id`
+        // right (kept, replaced or removed); any other request carrying the context (a
+        // composition's call, a retry's copy: clones, not marked) gets them here.
+        if !self.edge_headers {
+            if let Some(s) = &self.tracestate {
+                if !headers.contains_key(TRACESTATE) {
+                    headers.insert(TRACESTATE, s.clone());
+                }
             }
-        }
-        if !headers.contains_key(X_REQUEST_ID) {
-            headers.insert(X_REQUEST_ID, self.request_id.clone());
+            if !headers.contains_key(X_REQUEST_ID) {
+                headers.insert(X_REQUEST_ID, self.request_id.clone());
+            }
         }
         self.calls.attempts.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut u) = self.calls.upstream.lock() {
@@ -468,5 +528,61 @@ mod tests {
         assert_eq!(cx.attempts(), 2);
         assert_eq!(cx.upstream().unwrap().as_str(), "127.0.0.1:2");
         assert_eq!(a[X_REQUEST_ID], cx.request_id);
+    }
+
+    #[test]
+    fn the_edge_fixes_the_request_id_and_tracestate_in_place() {
+        // Absent: set, and the context is the edge's.
+        let mut h = HeaderMap::new();
+        let cx = TraceContext::at_edge(&mut h, true);
+        assert!(cx.edge_headers);
+        assert_eq!(h.get_all(X_REQUEST_ID).iter().count(), 1);
+        assert_eq!(h[X_REQUEST_ID], cx.request_id);
+        // Refused (too long), sent twice: replaced by one new id.
+        let mut h = HeaderMap::new();
+        h.append(X_REQUEST_ID, HeaderValue::from_bytes(&[b'a'; 129]).unwrap());
+        h.append(X_REQUEST_ID, HeaderValue::from_static("second"));
+        let cx = TraceContext::at_edge(&mut h, true);
+        assert_eq!(h.get_all(X_REQUEST_ID).iter().count(), 1);
+        assert_eq!(h[X_REQUEST_ID], cx.request_id);
+        assert_eq!(cx.request_id.len(), 32);
+        // Valid: kept as sent.
+        let mut h = HeaderMap::new();
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("req-1"));
+        h.insert(TRACESTATE, HeaderValue::from_static("a=b"));
+        let cx = TraceContext::at_edge(&mut h, true);
+        assert_eq!(cx.request_id, "req-1");
+        assert_eq!(h[X_REQUEST_ID], "req-1");
+        // No valid parent: its tracestate is removed.
+        assert!(!h.contains_key(TRACESTATE));
+        assert_eq!(cx.tracestate, None);
+        // A valid parent keeps it.
+        let mut h = HeaderMap::new();
+        h.insert(TRACEPARENT, HeaderValue::from_static(VALID));
+        h.insert(TRACESTATE, HeaderValue::from_static("a=b"));
+        let cx = TraceContext::at_edge(&mut h, true);
+        assert_eq!(h[TRACESTATE], "a=b");
+        assert_eq!(cx.tracestate.as_ref().unwrap(), "a=b");
+    }
+
+    #[test]
+    fn a_clone_injects_the_request_id_and_tracestate_the_edge_did_not_write() {
+        let mut edge = HeaderMap::new();
+        edge.insert(TRACEPARENT, HeaderValue::from_static(VALID));
+        edge.insert(TRACESTATE, HeaderValue::from_static("a=b"));
+        let cx = TraceContext::at_edge(&mut edge, true);
+        let up = Authority::from_static("127.0.0.1:1");
+        // The edge's own request: already right, nothing added twice.
+        cx.inject(&mut edge, &up);
+        assert_eq!(edge.get_all(X_REQUEST_ID).iter().count(), 1);
+        assert_eq!(edge.get_all(TRACESTATE).iter().count(), 1);
+        // A clone (a composition's new request, a retry's copy) is not the edge's: a
+        // request without the headers gets them.
+        let copy = cx.clone();
+        assert!(!copy.edge_headers);
+        let mut fresh = HeaderMap::new();
+        copy.inject(&mut fresh, &up);
+        assert_eq!(fresh[X_REQUEST_ID], cx.request_id);
+        assert_eq!(fresh[TRACESTATE], "a=b");
     }
 }
