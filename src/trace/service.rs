@@ -55,11 +55,13 @@ where
         // upstream must not see is fixed: a `tracestate` of a refused parent, and an absent
         // or refused request id.
         let cx = TraceContext::at_edge(req.headers_mut(), self.sampled);
-        let access = start.map(|start| Access {
-            method: req.method().clone(),
-            route: self.route.clone(),
-            cx: cx.clone(),
-            start,
+        let access = start.map(|start| {
+            Box::new(Access {
+                method: req.method().clone(),
+                route: self.route.clone(),
+                cx: cx.clone(),
+                start,
+            })
         });
         let request_id = cx.request_id.clone();
         req.extensions_mut().insert(cx);
