@@ -9,6 +9,8 @@ use http::header::Entry;
 use http::uri::Authority;
 use http::{Extensions, HeaderMap, HeaderName, HeaderValue};
 
+use super::hex::{hex, hex_into};
+
 /// `traceparent` (W3C Trace Context).
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 /// `tracestate` (W3C Trace Context).
@@ -78,51 +80,6 @@ impl fmt::Debug for SpanId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "SpanId({self})")
     }
-}
-
-/// Writes `bytes` as lower-case hex into `out` (twice as long).
-fn hex_into(out: &mut [u8], bytes: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
-        pair[0] = HEX[usize::from(b >> 4)];
-        pair[1] = HEX[usize::from(b & 0xf)];
-    }
-}
-
-/// The value of each lower-case hex digit, `0xff` for every other byte: one table load per
-/// digit instead of two range tests (this runs on every request's `traceparent`).
-const HEX_VALUE: [u8; 256] = {
-    let mut t = [0xff; 256];
-    let mut i = 0;
-    while i < 10 {
-        t[b'0' as usize + i] = i as u8;
-        i += 1;
-    }
-    let mut i = 0;
-    while i < 6 {
-        t[b'a' as usize + i] = 10 + i as u8;
-        i += 1;
-    }
-    t
-};
-
-/// Lower-case hex only: the W3C grammar (`HEXDIGLC`) refuses upper case.
-fn hex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
-    if s.len() != 2 * N {
-        return None;
-    }
-    let mut out = [0u8; N];
-    // Any invalid digit sets the high bits; checked once at the end (no branch per digit).
-    let mut bad = 0u8;
-    for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
-        let (hi, lo) = (
-            HEX_VALUE[usize::from(pair[0])],
-            HEX_VALUE[usize::from(pair[1])],
-        );
-        bad |= hi | lo;
-        *o = hi << 4 | (lo & 0xf);
-    }
-    (bad & 0xf0 == 0).then_some(out)
 }
 
 /// The parts of a valid `traceparent`.

@@ -27,6 +27,7 @@
 
 mod context;
 mod future;
+mod hex;
 mod layer;
 mod service;
 
