@@ -24,8 +24,8 @@ use support::{echo_backend, echoed_headers, header, send};
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
 use tower_patterns::auth::{
-    Algorithm, ApiKeys, AuthConfig, AuthLayer, Authenticator, DecodingKey, Identity, Jwks,
-    JwksConfig, JwksError, Jwt, JwtKey, MAX_REFRESH,
+    Algorithm, ApiKeys, AuthConfig, AuthError, AuthLayer, Authenticator, DecodingKey, Identity,
+    Jwks, JwksConfig, JwksError, Jwt, JwtKey, MAX_REFRESH,
 };
 use tower_patterns::proxy::ForwardBuilder;
 
@@ -898,4 +898,57 @@ async fn keys_keep_their_algorithm_and_bad_configuration_is_refused_at_build() {
             .await
             .is_err()
     );
+}
+
+fn key_headers(key: &[u8]) -> http::HeaderMap {
+    let mut h = http::HeaderMap::new();
+    h.insert("x-api-key", http::HeaderValue::from_bytes(key).unwrap());
+    h
+}
+
+/// `Authenticator::authenticate` looks an API key up before scanning it for visible
+/// ASCII (a found key equals a configured, checked one): a miss is still named as before.
+#[test]
+fn an_api_key_miss_is_named_as_before_the_lookup_came_first() {
+    let auth = AuthConfig::new()
+        .api_keys(ApiKeys::new().key("a", "k-secret", ["r"]).unwrap())
+        .build()
+        .unwrap();
+    let id = auth
+        .authenticate(&key_headers(b"k-secret"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(id.subject(), "a");
+    // Surrounding blanks are not part of the key.
+    assert!(auth
+        .authenticate(&key_headers(b" k-secret "))
+        .unwrap()
+        .is_some());
+    assert!(matches!(
+        auth.authenticate(&key_headers(b"k-other")),
+        Err(AuthError::UnknownApiKey)
+    ));
+    // Not visible ASCII (inner space, obs-text): malformed, never looked up as unknown.
+    for bad in [&b"k-sec ret"[..], b"k-secret\xff", b"k\tsecret"] {
+        assert!(
+            matches!(
+                auth.authenticate(&key_headers(bad)),
+                Err(AuthError::Malformed("API key not visible ASCII"))
+            ),
+            "{bad:?}"
+        );
+    }
+    // Only a bearer token accepted: a malformed key is still named as such first.
+    let jwt_only = AuthConfig::new()
+        .jwt(Jwt::new().key(JwtKey::hs256(b"0123456789abcdef0123456789abcdef")))
+        .build()
+        .unwrap();
+    assert!(matches!(
+        jwt_only.authenticate(&key_headers(b"k sec")),
+        Err(AuthError::Malformed("API key not visible ASCII"))
+    ));
+    assert!(matches!(
+        jwt_only.authenticate(&key_headers(b"k-secret")),
+        Err(AuthError::Malformed("API keys are not accepted here"))
+    ));
 }

@@ -10,7 +10,9 @@
 //! - with `GATEWAY_RUN=<case> GATEWAY_N=<n>` (and a filter matching no bench, e.g.
 //!   `nothing`), `n` requests (default 1000) of that one case after a warm-up, then exit:
 //!   a fixed workload for `valgrind --tool=callgrind` or `perf stat`, whose instruction
-//!   counts (two `n`, subtracted) are the load-independent cost per request;
+//!   counts (two `n`, subtracted) are the load-independent cost per request — less the
+//!   Prometheus recorder's one-time clock calibration, which differs in every process
+//!   (`scripts/callgrind-gateway.sh` runs every case and subtracts it);
 //! - with `GATEWAY_BACKEND=thread`, the backend runs on a thread of its own: the figures
 //!   are then the client's and the gateway's alone (as in the process bench), without
 //!   the backend parsing the headers the gateway adds;

@@ -7,11 +7,10 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use pin_project_lite::pin_project;
-use tokio::sync::OwnedSemaphorePermit;
 use tower_service::Service;
 
 use super::error::{BulkheadFull, Rejection};
-use super::service::Shared;
+use super::service::{Shared, Slot};
 use crate::BoxError;
 
 /// A place in the queue, given back when dropped (admitted, timed out or cancelled).
@@ -23,7 +22,7 @@ impl Drop for QueueSlot {
     }
 }
 
-type Wait = Pin<Box<dyn Future<Output = Option<OwnedSemaphorePermit>> + Send>>;
+type Wait = Pin<Box<dyn Future<Output = Option<Slot>> + Send>>;
 
 pin_project! {
     /// Waits for a slot if queued, then resolves to the inner response; the slot is held
@@ -46,7 +45,7 @@ pin_project! {
         Running {
             #[pin]
             fut: S::Future,
-            permit: Option<OwnedSemaphorePermit>,
+            permit: Option<Slot>,
         },
         Queued {
             wait: Wait,
@@ -61,7 +60,7 @@ pin_project! {
 }
 
 impl<S: Service<R>, R> ResponseFuture<S, R> {
-    pub(crate) fn running(fut: S::Future, permit: OwnedSemaphorePermit) -> Self {
+    pub(crate) fn running(fut: S::Future, permit: Slot) -> Self {
         ResponseFuture {
             state: State::Running {
                 fut,
@@ -71,15 +70,27 @@ impl<S: Service<R>, R> ResponseFuture<S, R> {
     }
 
     pub(crate) fn queued(svc: S, req: R, slot: QueueSlot) -> Self {
-        let slots = slot.0.slots.clone();
-        let max_wait = slot.0.max_wait;
+        let shared = slot.0.clone();
         // Allocates only on the queued path.
         let wait: Wait = Box::pin(async move {
-            match tokio::time::timeout(max_wait, slots.acquire_owned()).await {
-                Ok(Ok(permit)) => Some(permit),
-                // Timed out (the semaphore is never closed).
-                _ => None,
+            // Counted in the queue already: a slot given back as spare in the meantime
+            // is this call's (see `Shared::give_back`).
+            if shared.take_spare() {
+                return Some(Slot::from_forgotten_permit(shared));
             }
+            let admitted = {
+                let acquired = tokio::time::timeout(shared.max_wait, shared.slots.acquire()).await;
+                match acquired {
+                    Ok(Ok(permit)) => {
+                        // Held by the `Slot` from here on.
+                        permit.forget();
+                        true
+                    }
+                    // Timed out (the semaphore is never closed).
+                    _ => false,
+                }
+            };
+            admitted.then(|| Slot::from_forgotten_permit(shared))
         });
         ResponseFuture {
             state: State::Queued {

@@ -9,7 +9,7 @@
 //!
 //! | situation | behaviour |
 //! |---|---|
-//! | under the limit | admitted; one `try_acquire` on a semaphore (atomics, no lock, no allocation) |
+//! | under the limit | admitted: a slot taken and given back with atomics only (no lock, no allocation; a slot goes back through the semaphore's lock only when a call is queued for it) |
 //! | at the limit, queue not full | waits for a slot, at most `max_wait` |
 //! | waited `max_wait` | [`BulkheadFull`] `QueueTimeout` → 503 |
 //! | at the limit, queue full | [`BulkheadFull`] `QueueFull` → 503 at once |

@@ -13,13 +13,23 @@ use super::future::{QueueSlot, ResponseFuture};
 use crate::BoxError;
 
 /// The state one bulkhead's services share.
+///
+/// The slots are `max_concurrent` permits of a semaphore, plus `spare`: slots given back
+/// while nobody was queued. Taking a slot is lock-free either way (a spare one, else a
+/// semaphore `try_acquire`; permits are forgotten once taken, a [`Slot`] gives its place
+/// back). Giving a slot back to the semaphore takes tokio's waiter-list mutex (its
+/// `release` always does), so a slot goes back there only when a call is queued for it;
+/// otherwise it becomes spare with one atomic add — no lock on the path under the limit,
+/// in `call` or on release, with any number of workers.
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) name: Arc<str>,
     pub(crate) max_concurrent: usize,
     pub(crate) max_queue: usize,
     pub(crate) max_wait: Duration,
-    pub(crate) slots: Arc<Semaphore>,
+    pub(crate) slots: Semaphore,
+    /// Slots given back while nobody was queued (not in the semaphore).
+    spare: AtomicUsize,
     pub(crate) queued: AtomicUsize,
 }
 
@@ -35,17 +45,56 @@ impl Shared {
             max_concurrent,
             max_queue,
             max_wait,
-            slots: Arc::new(Semaphore::new(max_concurrent)),
+            slots: Semaphore::new(max_concurrent),
+            spare: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
         }
     }
 
     pub(crate) fn in_flight(&self) -> usize {
-        self.max_concurrent - self.slots.available_permits()
+        // Two loads, not one snapshot: a gauge, never below zero.
+        self.max_concurrent
+            .saturating_sub(self.slots.available_permits())
+            .saturating_sub(self.spare.load(Ordering::Relaxed))
     }
 
     pub(crate) fn queued(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
+    }
+
+    /// A slot now, without waiting and without a lock: a spare one, else a permit.
+    pub(crate) fn try_slot(self: &Arc<Self>) -> Option<Slot> {
+        if self.take_spare() {
+            return Some(Slot(self.clone()));
+        }
+        let permit = self.slots.try_acquire().ok()?;
+        // The place is held by the `Slot` from here on (given back in its `drop`).
+        permit.forget();
+        Some(Slot(self.clone()))
+    }
+
+    /// Takes a spare slot, if there is one.
+    pub(crate) fn take_spare(&self) -> bool {
+        // SeqCst with `give_back` and the queue's increment (see there).
+        self.spare
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    /// Gives one slot back: spare when nobody is queued (no lock), else to the semaphore,
+    /// which hands it to the first queued call.
+    fn give_back(&self) {
+        if self.queued.load(Ordering::SeqCst) == 0 {
+            self.spare.fetch_add(1, Ordering::SeqCst);
+            // A call may have queued since the load above. It takes a spare slot after
+            // counting itself in the queue, and here the queue is read again after the
+            // slot became spare: with SeqCst one of the two sees the other, so the slot
+            // never stays spare while a call waits for it.
+            if self.queued.load(Ordering::SeqCst) == 0 || !self.take_spare() {
+                return;
+            }
+        }
+        self.slots.add_permits(1);
     }
 
     pub(crate) fn reject(&self, reason: Rejection) -> BulkheadFull {
@@ -61,11 +110,28 @@ impl Shared {
     /// even for an instant).
     fn enqueue(self: &Arc<Self>) -> Option<QueueSlot> {
         self.queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < self.max_queue).then_some(n + 1)
             })
             .ok()
             .map(|_| QueueSlot(self.clone()))
+    }
+}
+
+/// One admitted call's place in the bulkhead, given back when dropped.
+#[derive(Debug)]
+pub(crate) struct Slot(Arc<Shared>);
+
+impl Slot {
+    /// The place of a semaphore permit the caller has just forgotten.
+    pub(crate) fn from_forgotten_permit(shared: Arc<Shared>) -> Self {
+        Slot(shared)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.give_back();
     }
 }
 
@@ -112,8 +178,8 @@ where
 
     fn call(&mut self, req: R) -> Self::Future {
         // The path under the limit: one CAS on the semaphore, no lock, no allocation.
-        if let Ok(permit) = self.shared.slots.clone().try_acquire_owned() {
-            return ResponseFuture::running(self.inner.call(req), permit);
+        if let Some(slot) = self.shared.try_slot() {
+            return ResponseFuture::running(self.inner.call(req), slot);
         }
         match self.shared.enqueue() {
             Some(slot) => {
@@ -125,5 +191,99 @@ where
             }
             None => ResponseFuture::rejected(self.shared.reject(Rejection::QueueFull)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tower::{service_fn, Service, ServiceExt};
+
+    use super::super::BulkheadLayer;
+    use super::Shared;
+
+    #[test]
+    fn a_slot_given_back_with_nobody_queued_is_spare_and_taken_again() {
+        let shared = Arc::new(Shared::new("t".into(), 2, 0, Duration::ZERO));
+        let a = shared.try_slot().unwrap();
+        let b = shared.try_slot().unwrap();
+        assert!(shared.try_slot().is_none());
+        assert_eq!(shared.in_flight(), 2);
+        drop(a);
+        // Spare, not back in the semaphore: no lock was taken.
+        assert_eq!(shared.slots.available_permits(), 0);
+        assert_eq!(shared.in_flight(), 1);
+        let c = shared.try_slot().unwrap();
+        assert!(shared.try_slot().is_none());
+        drop((b, c));
+        assert_eq!(shared.in_flight(), 0);
+        // Both places usable again, never more.
+        let (_d, _e) = (shared.try_slot().unwrap(), shared.try_slot().unwrap());
+        assert!(shared.try_slot().is_none());
+    }
+
+    /// The race `give_back` guards against, in order: a call finds no slot, the slot is
+    /// given back while nobody is queued yet (it becomes spare), then the call queues. It
+    /// must be admitted at once, not left waiting for `max_wait` beside a free slot.
+    #[tokio::test(start_paused = true)]
+    async fn a_call_queued_just_after_a_slot_became_spare_takes_it() {
+        let shared = Arc::new(Shared::new("t".into(), 1, 1, Duration::from_secs(30)));
+        let held = shared.try_slot().unwrap();
+        assert!(shared.try_slot().is_none());
+        drop(held);
+        let place = shared.enqueue().unwrap();
+        let inner = service_fn(|_: ()| async { Ok::<_, std::convert::Infallible>(()) });
+        let fut = super::ResponseFuture::queued(inner, (), place);
+        let start = tokio::time::Instant::now();
+        fut.await.expect("admitted, not refused after max_wait");
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        assert_eq!(shared.in_flight(), 0);
+        assert_eq!(shared.queued(), 0);
+    }
+
+    /// Many workers through one bulkhead of 2 with a deep queue and a long wait: every call
+    /// is admitted (a slot left spare while a call waits would stall it for `max_wait`,
+    /// past this test's bound) and never more than 2 run at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn no_queued_call_is_left_waiting_while_a_slot_is_free() {
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let (r, m) = (running.clone(), most.clone());
+        let inner = service_fn(move |_: ()| {
+            let (r, m) = (r.clone(), m.clone());
+            async move {
+                let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(now, Ordering::SeqCst);
+                tokio::task::yield_now().await;
+                r.fetch_sub(1, Ordering::SeqCst);
+                Ok::<_, std::convert::Infallible>(())
+            }
+        });
+        let layer = BulkheadLayer::new("stress", 2)
+            .max_queue(64)
+            .max_wait(Duration::from_secs(30));
+        let svc = tower::Layer::layer(&layer, inner);
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let svc = svc.clone();
+                tokio::spawn(async move {
+                    for _ in 0..500 {
+                        let mut s = svc.clone();
+                        s.ready().await.unwrap().call(()).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        let all = futures_util::future::try_join_all(tasks);
+        tokio::time::timeout(Duration::from_secs(20), all)
+            .await
+            .expect("a queued call stalled")
+            .unwrap();
+        assert!(most.load(Ordering::SeqCst) <= 2);
+        assert_eq!(layer.in_flight(), 0);
+        assert_eq!(layer.queued(), 0);
     }
 }

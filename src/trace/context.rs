@@ -1,12 +1,16 @@
-//! W3C trace context (`traceparent`, `tracestate`): strict parsing, child ids, and the
-//! hook through which every upstream call carries it.
+//! W3C trace context (`traceparent`, `tracestate`): the request's context, child ids, and
+//! the hook through which every upstream call carries it (the ids and the strict parse
+//! are in `ids.rs`).
 
-use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
+use http::header::Entry;
 use http::uri::Authority;
 use http::{Extensions, HeaderMap, HeaderName, HeaderValue};
+
+use super::hex::hex_into;
+use super::ids::{SpanId, TraceId, TraceParent};
 
 /// `traceparent` (W3C Trace Context).
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -18,157 +22,6 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// `tracestate` may hold 32 list members of at most 256 bytes each; longer is dropped
 /// rather than truncated (a cut entry would be corrupt).
 const MAX_TRACESTATE: usize = 32 * 257;
-
-/// A trace id (16 bytes, never all zero).
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct TraceId(pub [u8; 16]);
-
-/// A span id (8 bytes, never all zero).
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct SpanId(pub [u8; 8]);
-
-impl TraceId {
-    /// A random, non-zero trace id.
-    pub fn random() -> Self {
-        loop {
-            let id: u128 = rand::random();
-            if id != 0 {
-                return TraceId(id.to_be_bytes());
-            }
-        }
-    }
-}
-
-impl SpanId {
-    /// A random, non-zero span id.
-    pub fn random() -> Self {
-        loop {
-            let id: u64 = rand::random();
-            if id != 0 {
-                return SpanId(id.to_be_bytes());
-            }
-        }
-    }
-}
-
-fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
-    for b in bytes {
-        write!(f, "{b:02x}")?;
-    }
-    Ok(())
-}
-
-impl fmt::Display for TraceId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_hex(f, &self.0)
-    }
-}
-impl fmt::Debug for TraceId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "TraceId({self})")
-    }
-}
-impl fmt::Display for SpanId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_hex(f, &self.0)
-    }
-}
-impl fmt::Debug for SpanId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SpanId({self})")
-    }
-}
-
-/// Writes `bytes` as lower-case hex into `out` (twice as long).
-fn hex_into(out: &mut [u8], bytes: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
-        pair[0] = HEX[usize::from(b >> 4)];
-        pair[1] = HEX[usize::from(b & 0xf)];
-    }
-}
-
-/// The value of each lower-case hex digit, `0xff` for every other byte: one table load per
-/// digit instead of two range tests (this runs on every request's `traceparent`).
-const HEX_VALUE: [u8; 256] = {
-    let mut t = [0xff; 256];
-    let mut i = 0;
-    while i < 10 {
-        t[b'0' as usize + i] = i as u8;
-        i += 1;
-    }
-    let mut i = 0;
-    while i < 6 {
-        t[b'a' as usize + i] = 10 + i as u8;
-        i += 1;
-    }
-    t
-};
-
-/// Lower-case hex only: the W3C grammar (`HEXDIGLC`) refuses upper case.
-fn hex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
-    if s.len() != 2 * N {
-        return None;
-    }
-    let mut out = [0u8; N];
-    // Any invalid digit sets the high bits; checked once at the end (no branch per digit).
-    let mut bad = 0u8;
-    for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
-        let (hi, lo) = (
-            HEX_VALUE[usize::from(pair[0])],
-            HEX_VALUE[usize::from(pair[1])],
-        );
-        bad |= hi | lo;
-        *o = hi << 4 | (lo & 0xf);
-    }
-    (bad & 0xf0 == 0).then_some(out)
-}
-
-/// The parts of a valid `traceparent`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TraceParent {
-    /// The trace.
-    pub trace_id: TraceId,
-    /// The caller's span (the parent of ours).
-    pub parent_id: SpanId,
-    /// Trace flags (bit 0: sampled).
-    pub flags: u8,
-}
-
-impl TraceParent {
-    /// Parses a `traceparent` value strictly (W3C Trace Context level 1): version `00` is
-    /// exactly 55 bytes; a higher version (not `ff`) may carry more fields after a `-`;
-    /// lower-case hex only; all-zero trace or parent ids are invalid. `None` means "start a
-    /// new trace".
-    pub fn parse(value: &[u8]) -> Option<Self> {
-        if value.len() < 55 {
-            return None;
-        }
-        let version: [u8; 1] = hex(&value[0..2])?;
-        match version[0] {
-            0xff => return None,
-            0x00 if value.len() != 55 => return None,
-            // A future version: the first 55 bytes are read as version 00, anything after
-            // must start a new field.
-            _ if value.len() > 55 && value[55] != b'-' => return None,
-            _ => {}
-        }
-        if value[2] != b'-' || value[35] != b'-' || value[52] != b'-' {
-            return None;
-        }
-        let trace_id: [u8; 16] = hex(&value[3..35])?;
-        let parent_id: [u8; 8] = hex(&value[36..52])?;
-        let flags: [u8; 1] = hex(&value[53..55])?;
-        if trace_id == [0; 16] || parent_id == [0; 8] {
-            return None;
-        }
-        Some(TraceParent {
-            trace_id: TraceId(trace_id),
-            parent_id: SpanId(parent_id),
-            flags: flags[0],
-        })
-    }
-}
 
 /// A trace id from 16 random bytes; all zero (never, in practice) draws again.
 fn trace_id_from(r: &[u8]) -> TraceId {
@@ -195,18 +48,94 @@ pub(crate) struct Calls {
     upstream: Mutex<Option<Authority>>,
 }
 
-/// What the edge layer must change in the request headers once the context is read.
-pub(crate) struct EdgeFix {
-    /// A `tracestate` is there but not kept (no valid parent, or not valid itself).
-    pub(crate) drop_tracestate: bool,
-    /// The request id was made here: the upstream must get it.
-    pub(crate) set_request_id: bool,
+/// What the request's own headers say, read once.
+struct Incoming {
+    /// A valid, single `traceparent`.
+    parent: Option<TraceParent>,
+    /// The `tracestate` kept (only with a valid parent, and only if valid itself).
+    tracestate: Option<HeaderValue>,
+    /// A `tracestate` is there but not kept: the edge removes it.
+    drop_tracestate: bool,
+}
+
+impl Incoming {
+    fn read(headers: &HeaderMap) -> Self {
+        // Two traceparent headers are as invalid as one malformed one.
+        let mut all = headers.get_all(TRACEPARENT).iter();
+        let parent = match (all.next(), all.next()) {
+            (Some(v), None) => TraceParent::parse(v.as_bytes()),
+            _ => None,
+        };
+        // `tracestate` is only read with a valid parent; without one, only whether it is
+        // there (it must then be removed).
+        let (tracestate, present) = match parent {
+            Some(_) => {
+                let v = headers.get(TRACESTATE);
+                (v.filter(|v| valid_tracestate(v)).cloned(), v.is_some())
+            }
+            None => (None, headers.contains_key(TRACESTATE)),
+        };
+        Incoming {
+            parent,
+            drop_tracestate: tracestate.is_none() && present,
+            tracestate,
+        }
+    }
+
+    /// The context, with the ids this request needs drawn in one call of the thread's
+    /// generator (each call is a thread-local access and a reference count): the span id
+    /// always, a trace id without a valid parent, a request id without a kept one.
+    fn context(self, sampled: bool, kept_id: Option<HeaderValue>) -> TraceContext {
+        let mut r = [0u8; 40];
+        let need =
+            8 + 16 * usize::from(self.parent.is_none()) + 16 * usize::from(kept_id.is_none());
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut r[..need]);
+        let (span, rest) = r.split_at(8);
+        let (trace_id, parent_id, flags, rest) = match self.parent {
+            Some(p) => (p.trace_id, Some(p.parent_id), p.flags, rest),
+            None => (
+                trace_id_from(&rest[..16]),
+                None,
+                u8::from(sampled),
+                &rest[16..],
+            ),
+        };
+        let request_id = kept_id.unwrap_or_else(|| {
+            let mut b = [0u8; 32];
+            hex_into(&mut b, &rest[..16]);
+            // One allocation holding count and digits (`from_owner`): the clones for the
+            // upstream request, the access log and the answer share it (a copied `Vec`
+            // would allocate again on the first clone).
+            HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(b))
+                .unwrap_or(HeaderValue::from_static("0"))
+        });
+        let span_id = match <[u8; 8]>::try_from(span) {
+            Ok(id) if id != [0; 8] => SpanId(id),
+            _ => SpanId::random(),
+        };
+        TraceContext {
+            trace_id,
+            span_id,
+            parent_id,
+            flags,
+            tracestate: self.tracestate,
+            request_id,
+            calls: Arc::new(Calls::default()),
+            edge_headers: false,
+        }
+    }
+}
+
+/// A request id is kept when it is 1 to 128 visible ASCII bytes.
+fn valid_request_id(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty() && b.len() <= 128 && b.iter().all(|c| (0x21..0x7f).contains(c))
 }
 
 /// The trace context of one request, in its extensions; [`RequestTraceLayer`](super::RequestTraceLayer)
 /// puts it there, and [`Forward`](crate::proxy::Forward) sends a child of it on every
 /// upstream call (each retry attempt and chain hop gets its own span id).
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct TraceContext {
     /// The trace this request belongs to.
     pub trace_id: TraceId,
@@ -221,6 +150,28 @@ pub struct TraceContext {
     /// The request id (`x-request-id`) sent upstream and answered.
     pub request_id: HeaderValue,
     pub(crate) calls: Arc<Calls>,
+    /// Set only on the context the edge layer puts into the request whose headers it
+    /// fixed (`tracestate` kept or removed, `x-request-id` kept or set): `inject` then
+    /// need not look both up again on every upstream call (two header-map probes per
+    /// request). A clone is `false` (see `Clone`): a retry's copy or a composition's new
+    /// request is checked as before.
+    pub(crate) edge_headers: bool,
+}
+
+impl Clone for TraceContext {
+    fn clone(&self) -> Self {
+        TraceContext {
+            trace_id: self.trace_id,
+            span_id: self.span_id,
+            parent_id: self.parent_id,
+            flags: self.flags,
+            tracestate: self.tracestate.clone(),
+            request_id: self.request_id.clone(),
+            calls: self.calls.clone(),
+            // A clone may travel in a request whose headers the edge did not fix.
+            edge_headers: false,
+        }
+    }
 }
 
 impl TraceContext {
@@ -229,80 +180,39 @@ impl TraceContext {
     /// is kept only with a valid `traceparent`. The request id is kept when it is 1 to 128
     /// visible ASCII bytes, otherwise a new one is made.
     pub fn from_headers(headers: &HeaderMap, sampled: bool) -> Self {
-        Self::read_at_edge(headers, sampled).0
+        let kept_id = headers.get(X_REQUEST_ID).filter(|v| valid_request_id(v));
+        Incoming::read(headers).context(sampled, kept_id.cloned())
     }
 
-    /// [`from_headers`](Self::from_headers), also saying what the edge must fix in the
-    /// headers. Each trace header is looked up once here: the edge layer used to look
-    /// `tracestate` and `x-request-id` up a second time to decide the same thing (two
-    /// header-map probes per request, on the path every gateway request takes).
-    pub(crate) fn read_at_edge(headers: &HeaderMap, sampled: bool) -> (Self, EdgeFix) {
-        // Two traceparent headers are as invalid as one malformed one.
-        let mut all = headers.get_all(TRACEPARENT).iter();
-        let parent = match (all.next(), all.next()) {
-            (Some(v), None) => TraceParent::parse(v.as_bytes()),
-            _ => None,
-        };
-        // `tracestate` is only read with a valid parent; without one, only whether it is
-        // there (it must then be removed).
-        let (tracestate, tracestate_present) = match parent {
-            Some(_) => {
-                let v = headers.get(TRACESTATE);
-                (v.filter(|v| valid_tracestate(v)).cloned(), v.is_some())
+    /// [`from_headers`](Self::from_headers) at the edge, fixing the headers on the way:
+    /// a `tracestate` not kept is removed, an absent or refused request id is set. The
+    /// request id is read and written through one entry (one header-map probe, where a
+    /// lookup and then an insert were two), and the context is marked as the one whose
+    /// request headers are right already (see `edge_headers`).
+    pub(crate) fn at_edge(headers: &mut HeaderMap, sampled: bool) -> Self {
+        let incoming = Incoming::read(headers);
+        let drop_tracestate = incoming.drop_tracestate;
+        let mut cx = match headers.entry(X_REQUEST_ID) {
+            Entry::Occupied(e) if valid_request_id(e.get()) => {
+                incoming.context(sampled, Some(e.get().clone()))
             }
-            None => (None, headers.contains_key(TRACESTATE)),
+            Entry::Occupied(mut e) => {
+                let cx = incoming.context(sampled, None);
+                // `insert` replaces every value the client sent.
+                e.insert(cx.request_id.clone());
+                cx
+            }
+            Entry::Vacant(e) => {
+                let cx = incoming.context(sampled, None);
+                e.insert(cx.request_id.clone());
+                cx
+            }
         };
-        let kept_id = headers
-            .get(X_REQUEST_ID)
-            .filter(|v| {
-                let b = v.as_bytes();
-                !b.is_empty() && b.len() <= 128 && b.iter().all(|c| (0x21..0x7f).contains(c))
-            })
-            .cloned();
-        // Random bytes only for the ids this request needs, in one call of the thread's
-        // generator (each call is a thread-local access and a reference count): the span
-        // id always, a trace id without a valid parent, a request id without a kept one.
-        let mut r = [0u8; 40];
-        let need = 8 + 16 * usize::from(parent.is_none()) + 16 * usize::from(kept_id.is_none());
-        rand::RngCore::fill_bytes(&mut rand::rng(), &mut r[..need]);
-        let (span, rest) = r.split_at(8);
-        let (trace_id, parent_id, flags, rest) = match parent {
-            Some(p) => (p.trace_id, Some(p.parent_id), p.flags, rest),
-            None => (
-                trace_id_from(&rest[..16]),
-                None,
-                u8::from(sampled),
-                &rest[16..],
-            ),
-        };
-        let set_request_id = kept_id.is_none();
-        let request_id = kept_id.unwrap_or_else(|| {
-            let mut b = [0u8; 32];
-            hex_into(&mut b, &rest[..16]);
-            // One allocation holding count and digits (`from_owner`): the clones for the
-            // upstream request, the access log and the answer share it (a copied `Vec`
-            // would allocate again on the first clone).
-            HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(b))
-                .unwrap_or(HeaderValue::from_static("0"))
-        });
-        let span_id = match <[u8; 8]>::try_from(span) {
-            Ok(id) if id != [0; 8] => SpanId(id),
-            _ => SpanId::random(),
-        };
-        let fix = EdgeFix {
-            drop_tracestate: tracestate.is_none() && tracestate_present,
-            set_request_id,
-        };
-        let cx = TraceContext {
-            trace_id,
-            span_id,
-            parent_id,
-            flags,
-            tracestate,
-            request_id,
-            calls: Arc::new(Calls::default()),
-        };
-        (cx, fix)
+        if drop_tracestate {
+            headers.remove(TRACESTATE);
+        }
+        cx.edge_headers = true;
+        cx
     }
 
     /// The `traceparent` value naming `span` as the parent.
@@ -331,16 +241,18 @@ impl TraceContext {
     pub fn inject(&self, headers: &mut HeaderMap, upstream: &Authority) -> SpanId {
         let child = SpanId::random();
         headers.insert(TRACEPARENT, self.traceparent(child));
-        // The edge layer already left the request's own `tracestate` and `x-request-id`
-        // right (kept, replaced or removed); a request built inside the gateway (a
-        // composition's call) gets them here.
-        if let Some(s) = &self.tracestate {
-            if !headers.contains_key(TRACESTATE) {
-                headers.insert(TRACESTATE, s.clone());
+        // The edge layer already left its request's own `tracestate` and `x-request-id`
+        // right (kept, replaced or removed); any other request carrying the context (a
+        // composition's call, a retry's copy: clones, not marked) gets them here.
+        if !self.edge_headers {
+            if let Some(s) = &self.tracestate {
+                if !headers.contains_key(TRACESTATE) {
+                    headers.insert(TRACESTATE, s.clone());
+                }
             }
-        }
-        if !headers.contains_key(X_REQUEST_ID) {
-            headers.insert(X_REQUEST_ID, self.request_id.clone());
+            if !headers.contains_key(X_REQUEST_ID) {
+                headers.insert(X_REQUEST_ID, self.request_id.clone());
+            }
         }
         self.calls.attempts.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut u) = self.calls.upstream.lock() {
@@ -374,50 +286,6 @@ mod tests {
     use super::*;
 
     const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-
-    #[test]
-    fn parses_the_spec_example() {
-        let p = TraceParent::parse(VALID.as_bytes()).unwrap();
-        assert_eq!(p.trace_id.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_eq!(p.parent_id.to_string(), "00f067aa0ba902b7");
-        assert_eq!(p.flags, 1);
-    }
-
-    #[test]
-    fn refuses_malformed_values() {
-        for bad in [
-            "",
-            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01", // upper case
-            "00-00000000000000000000000000000000-00f067aa0ba902b7-01", // zero trace
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01", // zero parent
-            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", // version ff
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x", // 00 + extra
-            "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-011",
-            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x",
-        ] {
-            assert_eq!(TraceParent::parse(bad.as_bytes()), None, "{bad}");
-        }
-        // A later version with an extra field is read as version 00.
-        let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-abcd";
-        assert!(TraceParent::parse(later.as_bytes()).is_some());
-    }
-
-    #[test]
-    fn hex_digits_are_lower_case_hex_only() {
-        for c in 0..=255u8 {
-            let want = match c {
-                b'0'..=b'9' => Some(c - b'0'),
-                b'a'..=b'f' => Some(c - b'a' + 10),
-                _ => None,
-            };
-            // In either place of the pair.
-            assert_eq!(hex::<1>(&[c, b'0']), want.map(|v| [v << 4]), "{c}");
-            assert_eq!(hex::<1>(&[b'0', c]), want.map(|v| [v]), "{c}");
-        }
-        assert_eq!(hex::<2>(b"00ff"), Some([0, 0xff]));
-        assert_eq!(hex::<2>(b"00f"), None);
-    }
 
     #[test]
     fn new_ids_are_fresh_per_request() {
@@ -468,5 +336,61 @@ mod tests {
         assert_eq!(cx.attempts(), 2);
         assert_eq!(cx.upstream().unwrap().as_str(), "127.0.0.1:2");
         assert_eq!(a[X_REQUEST_ID], cx.request_id);
+    }
+
+    #[test]
+    fn the_edge_fixes_the_request_id_and_tracestate_in_place() {
+        // Absent: set, and the context is the edge's.
+        let mut h = HeaderMap::new();
+        let cx = TraceContext::at_edge(&mut h, true);
+        assert!(cx.edge_headers);
+        assert_eq!(h.get_all(X_REQUEST_ID).iter().count(), 1);
+        assert_eq!(h[X_REQUEST_ID], cx.request_id);
+        // Refused (too long), sent twice: replaced by one new id.
+        let mut h = HeaderMap::new();
+        h.append(X_REQUEST_ID, HeaderValue::from_bytes(&[b'a'; 129]).unwrap());
+        h.append(X_REQUEST_ID, HeaderValue::from_static("second"));
+        let cx = TraceContext::at_edge(&mut h, true);
+        assert_eq!(h.get_all(X_REQUEST_ID).iter().count(), 1);
+        assert_eq!(h[X_REQUEST_ID], cx.request_id);
+        assert_eq!(cx.request_id.len(), 32);
+        // Valid: kept as sent.
+        let mut h = HeaderMap::new();
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("req-1"));
+        h.insert(TRACESTATE, HeaderValue::from_static("a=b"));
+        let cx = TraceContext::at_edge(&mut h, true);
+        assert_eq!(cx.request_id, "req-1");
+        assert_eq!(h[X_REQUEST_ID], "req-1");
+        // No valid parent: its tracestate is removed.
+        assert!(!h.contains_key(TRACESTATE));
+        assert_eq!(cx.tracestate, None);
+        // A valid parent keeps it.
+        let mut h = HeaderMap::new();
+        h.insert(TRACEPARENT, HeaderValue::from_static(VALID));
+        h.insert(TRACESTATE, HeaderValue::from_static("a=b"));
+        let cx = TraceContext::at_edge(&mut h, true);
+        assert_eq!(h[TRACESTATE], "a=b");
+        assert_eq!(cx.tracestate.as_ref().unwrap(), "a=b");
+    }
+
+    #[test]
+    fn a_clone_injects_the_request_id_and_tracestate_the_edge_did_not_write() {
+        let mut edge = HeaderMap::new();
+        edge.insert(TRACEPARENT, HeaderValue::from_static(VALID));
+        edge.insert(TRACESTATE, HeaderValue::from_static("a=b"));
+        let cx = TraceContext::at_edge(&mut edge, true);
+        let up = Authority::from_static("127.0.0.1:1");
+        // The edge's own request: already right, nothing added twice.
+        cx.inject(&mut edge, &up);
+        assert_eq!(edge.get_all(X_REQUEST_ID).iter().count(), 1);
+        assert_eq!(edge.get_all(TRACESTATE).iter().count(), 1);
+        // A clone (a composition's new request, a retry's copy) is not the edge's: a
+        // request without the headers gets them.
+        let copy = cx.clone();
+        assert!(!copy.edge_headers);
+        let mut fresh = HeaderMap::new();
+        copy.inject(&mut fresh, &up);
+        assert_eq!(fresh[X_REQUEST_ID], cx.request_id);
+        assert_eq!(fresh[TRACESTATE], "a=b");
     }
 }

@@ -27,13 +27,14 @@
 
 mod context;
 mod future;
+mod hex;
+mod ids;
 mod layer;
 mod service;
 
 pub(crate) use context::on_upstream_call;
-pub use context::{
-    SpanId, TraceContext, TraceId, TraceParent, TRACEPARENT, TRACESTATE, X_REQUEST_ID,
-};
+pub use context::{TraceContext, TRACEPARENT, TRACESTATE, X_REQUEST_ID};
 pub use future::ResponseFuture;
+pub use ids::{SpanId, TraceId, TraceParent};
 pub use layer::RequestTraceLayer;
 pub use service::RequestTrace;

@@ -7,7 +7,7 @@ use http::{Request, Response};
 use tokio::time::Instant;
 use tower_service::Service;
 
-use super::context::{TraceContext, TRACESTATE, X_REQUEST_ID};
+use super::context::TraceContext;
 use super::future::{access_log_enabled, Access, ResponseFuture};
 use crate::BoxError;
 
@@ -51,22 +51,17 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         // The access log's clock starts first, and only when a subscriber wants the log.
         let start = access_log_enabled().then(Instant::now);
-        let (cx, fix) = TraceContext::read_at_edge(req.headers(), self.sampled);
         // `Forward` writes a child `traceparent` per upstream call; here only what the
         // upstream must not see is fixed: a `tracestate` of a refused parent, and an absent
         // or refused request id.
-        let headers = req.headers_mut();
-        if fix.drop_tracestate {
-            headers.remove(TRACESTATE);
-        }
-        if fix.set_request_id {
-            headers.insert(X_REQUEST_ID, cx.request_id.clone());
-        }
-        let access = start.map(|start| Access {
-            method: req.method().clone(),
-            route: self.route.clone(),
-            cx: cx.clone(),
-            start,
+        let cx = TraceContext::at_edge(req.headers_mut(), self.sampled);
+        let access = start.map(|start| {
+            Box::new(Access {
+                method: req.method().clone(),
+                route: self.route.clone(),
+                cx: cx.clone(),
+                start,
+            })
         });
         let request_id = cx.request_id.clone();
         req.extensions_mut().insert(cx);
