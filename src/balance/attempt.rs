@@ -271,8 +271,12 @@ where
         };
         let on = &self.shared.retry.on;
         match res {
+            // Retry's default names errors only: an answered head is then never retried,
+            // and is not classified at all.
             Ok(r) => {
-                on.classify_head(r.status(), r.headers()).is_failure() && self.may_resend(copy)
+                on.judges_heads()
+                    && on.classify_head(r.status(), r.headers()).is_failure()
+                    && self.may_resend(copy)
             }
             Err(_) if client_fault => false,
             Err(e) => {
