@@ -323,7 +323,7 @@ where
 
     /// Applies the sticky cookie to a final response. Inlined: the response is moved in
     /// and out, a copy of its whole head per call otherwise.
-    #[inline]
+    #[inline(always)]
     pub(super) fn finish(
         &self,
         ep: &Ep<K, S, M>,
