@@ -166,9 +166,15 @@ impl<B: CloneBody> Kept<B> {
     pub(crate) fn of(req: &Request<B>) -> Option<Self> {
         let body = req.body().try_clone_body()?;
         let map = req.headers();
-        // `len` counts every value, so the list is allocated once (not at all when empty).
-        let mut headers = Vec::with_capacity(map.len());
-        headers.extend(map.iter().map(|(n, v)| (n.clone(), v.clone())));
+        // `len` counts every value, so the list is allocated once; a head without headers
+        // (in-process callers) skips the iterator too.
+        let headers = if map.is_empty() {
+            Vec::new()
+        } else {
+            let mut list = Vec::with_capacity(map.len());
+            list.extend(map.iter().map(|(n, v)| (n.clone(), v.clone())));
+            list
+        };
         Some(Kept {
             method: req.method().clone(),
             uri: req.uri().clone(),
