@@ -22,7 +22,7 @@ use super::error::BalanceError;
 use super::guard::{InFlight, Permit};
 use super::pick::{Miss, Picked};
 use super::picker::Picker;
-use super::retry::{clone_request, CloneBody};
+use super::retry::{CloneBody, Kept};
 use super::service::{Ep, MakeGate, Shared, Snap};
 use crate::classify::{is_connect_error, Classify};
 use crate::BoxError;
@@ -52,10 +52,10 @@ pub(super) struct Attempt<K, S, M: MakeGate<K>, C: Classify, B, R> {
     pub(super) classifier: Option<C::Classifier>,
     pub(super) started: Option<Instant>,
     first: Option<Instant>,
-    /// The copy kept for the next try (retries on only). Boxed: a request is ~250 bytes,
+    /// The copy kept for the next try (retries on only). Boxed: the copy is ~200 bytes,
     /// and a field that size would be moved with every move of the future even when
-    /// retries are off; the retry path already allocates for the copied headers.
-    pub(super) replay: Option<Box<Request<B>>>,
+    /// retries are off.
+    pub(super) replay: Option<Box<Kept<B>>>,
     pub(super) tries: u32,
     pub(super) key: Option<u64>,
     cookie_id: Option<u64>,
@@ -200,11 +200,12 @@ where
         self.tries += 1;
         // Copy only when another try could follow: tries left, and somewhere to send it
         // (an untried endpoint now, or a queue to wait in for one). The copy is the
-        // largest part of the balancer's own cost per request (~2k instructions: the
-        // header map and URI); a single-endpoint route never needs it.
+        // largest part of the balancer's own cost per request (~1.8k instructions to
+        // make and drop for a proxied GET, most of it the extensions the server put in,
+        // then the header list; see `Kept`); a single-endpoint route never needs it.
         self.replay = if self.tries < self.shared.retry.tries && self.can_go_elsewhere(snap, ep.id)
         {
-            clone_request(&req).map(Box::new)
+            Kept::of(&req).map(Box::new)
         } else {
             None
         };
@@ -271,8 +272,12 @@ where
         };
         let on = &self.shared.retry.on;
         match res {
+            // Retry's default names errors only: an answered head is then never retried,
+            // and is not classified at all.
             Ok(r) => {
-                on.classify_head(r.status(), r.headers()).is_failure() && self.may_resend(copy)
+                on.judges_heads()
+                    && on.classify_head(r.status(), r.headers()).is_failure()
+                    && self.may_resend(copy)
             }
             Err(_) if client_fault => false,
             Err(e) => {
@@ -286,8 +291,8 @@ where
     /// and not an upgrade (WebSocket), which only a connect failure (nothing sent) moves.
     /// The upgrade is looked up here, on the kept copy (its headers and `OnUpgrade` are
     /// the request's), so the common answered request never pays for the lookup.
-    fn may_resend(&self, copy: &Request<B>) -> bool {
-        self.method_ok && !crate::proxy::is_upgrade_request(copy)
+    fn may_resend(&self, copy: &Kept<B>) -> bool {
+        self.method_ok && !copy.is_upgrade()
     }
 
     /// Parks `req` until the set changes or a step passes, if a queue timeout allows it.
@@ -318,7 +323,7 @@ where
 
     /// Applies the sticky cookie to a final response. Inlined: the response is moved in
     /// and out, a copy of its whole head per call otherwise.
-    #[inline]
+    #[inline(always)]
     pub(super) fn finish(
         &self,
         ep: &Ep<K, S, M>,

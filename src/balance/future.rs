@@ -210,7 +210,7 @@ where
                 st.mark_tried(ep.id);
                 let snap = shared.snapshot.load();
                 let picked = snap.pick(&shared.picker, st.key, &shared.clock, st.tried());
-                if let Some(req) = st.replay.take().map(|r| *r) {
+                if let Some(req) = st.replay.take().and_then(|k| k.into_request()) {
                     match picked {
                         Ok(p) => {
                             crate::telemetry::retry();

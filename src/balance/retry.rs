@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Extensions, Method, Request, Uri, Version};
 use http_body_util::{Empty, Full};
 
 use crate::body::ReplayBody;
@@ -142,14 +143,158 @@ impl CloneBody for crate::body::BoxBody {
     }
 }
 
-/// Copies method, URI, version, headers, extensions and body; `None` if the body can't be.
-pub(crate) fn clone_request<B: CloneBody>(req: &Request<B>) -> Option<Request<B>> {
-    let body = req.body().try_clone_body()?;
-    let mut copy = Request::new(body);
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    *copy.extensions_mut() = req.extensions().clone();
-    Some(copy)
+/// The copy of a request kept for its next try (retries on, another try possible).
+///
+/// Not a `Request`: a copy is made for nearly every request and used for almost none, so
+/// it is built to be cheap to make and to drop. Field by field from the original (a
+/// `Request::new` would first build default parts, each dropped again when overwritten),
+/// and the headers as a plain list, one allocation, where a `HeaderMap` clone allocates
+/// twice (its index table and its entries) and frees twice. The map is rebuilt, in the
+/// original's order, only when a retry actually happens.
+pub(crate) struct Kept<B> {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    extensions: Extensions,
+    body: B,
+}
+
+impl<B: CloneBody> Kept<B> {
+    /// A copy of `req`: method, URI, version, headers, extensions and body; `None` if the
+    /// body can't be copied.
+    pub(crate) fn of(req: &Request<B>) -> Option<Self> {
+        let body = req.body().try_clone_body()?;
+        let map = req.headers();
+        // `len` counts every value, so the list is allocated once; a head without headers
+        // (in-process callers) skips the iterator too.
+        let headers = if map.is_empty() {
+            Vec::new()
+        } else {
+            let mut list = Vec::with_capacity(map.len());
+            list.extend(map.iter().map(|(n, v)| (n.clone(), v.clone())));
+            list
+        };
+        Some(Kept {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers,
+            extensions: req.extensions().clone(),
+            body,
+        })
+    }
+}
+
+impl<B> Kept<B> {
+    /// The request to send again. Values of one name keep their order, names the order
+    /// of their first value: the head the original map would have written. `None` only
+    /// if the map refuses a header it held before (it cannot: same entries, same limit).
+    pub(crate) fn into_request(self) -> Option<Request<B>> {
+        let mut req = Request::new(self.body);
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        let map = req.headers_mut();
+        for (name, value) in self.headers {
+            map.try_append(name, value).ok()?;
+        }
+        *req.extensions_mut() = self.extensions;
+        Some(req)
+    }
+
+    /// Whether the request is an upgrade (WebSocket) that [`Forward`](crate::proxy::Forward)
+    /// would tunnel. Asked only once a try failed; without an `Upgrade` header (nearly
+    /// always) the answer is `false` without building anything, else the proxy's own
+    /// check runs on a throwaway head with the same method, version, headers and
+    /// extensions.
+    pub(crate) fn is_upgrade(&self) -> bool {
+        if !self.headers.iter().any(|(n, _)| n == header::UPGRADE) {
+            return false;
+        }
+        let mut head = Request::new(());
+        *head.method_mut() = self.method.clone();
+        *head.version_mut() = self.version;
+        let map = head.headers_mut();
+        for (name, value) in &self.headers {
+            if map.try_append(name.clone(), value.clone()).is_err() {
+                // Cannot happen (see `into_request`); not resending is the safe answer.
+                return true;
+            }
+        }
+        *head.extensions_mut() = self.extensions.clone();
+        crate::proxy::is_upgrade_request(&head)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A head with repeated and interleaved names, a sensitive value, a custom method, a
+    /// full URI and an extension: what a retry sends must be the same head.
+    fn original() -> Request<String> {
+        let mut req = Request::builder()
+            .method(Method::from_bytes(b"PURGE").unwrap())
+            .uri("http://example.com:8080/a/b?x=1&y=2")
+            .version(Version::HTTP_10)
+            .header("x-a", "1")
+            .header(header::HOST, "example.com")
+            .header("x-a", "2")
+            .header(header::COOKIE, "k=v")
+            .header("x-b", "3")
+            .header("x-a", "3")
+            .extension(7u32)
+            .body("body".to_string())
+            .unwrap();
+        let mut secret = HeaderValue::from_static("Bearer t");
+        secret.set_sensitive(true);
+        req.headers_mut().insert(header::AUTHORIZATION, secret);
+        req
+    }
+
+    #[test]
+    fn a_kept_copy_becomes_the_same_request() {
+        let req = original();
+        let copy = Kept::of(&req).unwrap().into_request().unwrap();
+        assert_eq!(copy.method(), req.method());
+        assert_eq!(copy.uri(), req.uri());
+        assert_eq!(copy.version(), req.version());
+        assert_eq!(copy.body(), req.body());
+        assert_eq!(copy.extensions().get::<u32>(), Some(&7));
+        // Same map, and the same order when written out (names by first value, values of
+        // one name in order), which is what the upstream sees.
+        assert_eq!(copy.headers(), req.headers());
+        let pairs = |r: &Request<String>| {
+            r.headers()
+                .iter()
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(pairs(&copy), pairs(&req));
+        assert_eq!(
+            copy.headers().get_all("x-a").iter().collect::<Vec<_>>(),
+            ["1", "2", "3"]
+        );
+        assert!(copy.headers()[header::AUTHORIZATION].is_sensitive());
+    }
+
+    #[test]
+    fn a_body_that_cannot_be_copied_gives_no_copy() {
+        let req = Request::new(crate::body::BoxBody::default());
+        assert!(Kept::of(&req).is_none());
+    }
+
+    #[test]
+    fn an_upgrade_is_recognised_only_with_its_headers() {
+        assert!(!Kept::of(&original()).unwrap().is_upgrade());
+        // Upgrade headers but no hyper `OnUpgrade` (not from a server connection): the
+        // proxy would not tunnel it, so neither does the check.
+        let req = Request::get("/ws")
+            .header(header::UPGRADE, "websocket")
+            .header(header::CONNECTION, "upgrade")
+            .body(String::new())
+            .unwrap();
+        assert!(!Kept::of(&req).unwrap().is_upgrade());
+    }
 }

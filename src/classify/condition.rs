@@ -179,6 +179,13 @@ impl Condition {
         self.statuses.no_failures() && self.errors == ErrorBits::default() && self.grpc.is_empty()
     }
 
+    /// `true` when some response head can match: a failing status or a gRPC code. A
+    /// condition of errors only (retry's default) lets a caller skip classifying every
+    /// answered head.
+    pub(crate) fn judges_heads(&self) -> bool {
+        !self.statuses.no_failures() || !self.grpc.is_empty()
+    }
+
     /// Classify a status code directly.
     pub fn classify_status(&self, status: StatusCode) -> Outcome {
         match self.statuses.lookup(status.as_u16()) {

@@ -237,3 +237,26 @@ fn or_merges_every_part() {
     );
     assert_eq!(classify(&u, 503), Outcome::Ignored);
 }
+
+#[test]
+fn judges_heads_only_with_a_failing_status_or_grpc_code() {
+    let judged = |s: &str| s.parse::<Condition>().unwrap().judges_heads();
+    assert!(!Condition::never().judges_heads());
+    assert!(!Condition::never().any_error().judges_heads());
+    assert!(!judged("transport,timeout"));
+    // An ignored status alone never makes a head a failure.
+    assert!(!judged("!503"));
+    assert!(judged("503"));
+    assert!(judged("5xx"));
+    assert!(judged("404,!503"));
+    assert!(judged("grpc:14"));
+    // Whatever it says, a condition that judges no head classifies every head a success.
+    for c in ["transport,timeout", "!503", "fail"] {
+        let c: Condition = c.parse().unwrap();
+        if !c.judges_heads() {
+            for status in [200, 404, 500, 502, 503, 504] {
+                assert!(!classify(&c, status).is_failure(), "{c} {status}");
+            }
+        }
+    }
+}

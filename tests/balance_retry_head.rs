@@ -1,0 +1,155 @@
+//! A GET retried after its first endpoint saw it and failed reaches the next endpoint with
+//! the same head: the balancer keeps a copy of the head (not a `Request`, see
+//! `balance::retry::Kept`) and rebuilds the request from it only for the retry. Real
+//! sockets on 127.0.0.1: a client, `server::serve` (which puts the peer address in the
+//! request's extensions: `Forward` writes it as `X-Forwarded-For`), the replay layer and
+//! the balancer over two `Forward`s to raw TCP endpoints that record what they received.
+
+mod common;
+
+use std::time::Duration;
+
+use http::Response;
+use hyper::body::Incoming;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tower::{Layer, ServiceExt};
+use tower_patterns::balance::{Balance, PassiveHealth, Picker, ReplayLayer};
+use tower_patterns::body::ReplayBody;
+use tower_patterns::proxy::Forward;
+
+/// Every test step is bounded: a hang fails the test instead of stalling it.
+const STEP: Duration = Duration::from_secs(10);
+
+/// Reads one request head (up to the blank line) from `conn`.
+async fn read_head(conn: &mut TcpStream) -> Option<String> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = conn.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    String::from_utf8(buf).ok()
+}
+
+/// An endpoint that records every request head it reads; `answer` says whether it then
+/// answers `200` or closes the connection without a response (a failure after the
+/// request was sent).
+async fn recording_endpoint(answer: bool) -> (String, mpsc::UnboundedReceiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while let Some(head) = read_head(&mut conn).await {
+                    let _ = tx.send(head);
+                    if !answer {
+                        return; // dropped: closed with the request unanswered
+                    }
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if conn.write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, rx)
+}
+
+/// The value of header `x-req` in a raw head.
+fn req_id(head: &str) -> &str {
+    head.lines()
+        .find_map(|l| l.strip_prefix("x-req: "))
+        .expect("x-req")
+}
+
+#[tokio::test]
+async fn a_get_retried_after_it_was_sent_reaches_the_next_endpoint_with_the_same_head() {
+    let (failing, mut failing_heads) = recording_endpoint(false).await;
+    let (answering, mut answering_heads) = recording_endpoint(true).await;
+    let fwd = Forward::<ReplayBody<Incoming>>::new(&failing).unwrap();
+    let lb = Balance::builder()
+        .picker(Picker::RoundRobin)
+        .health(PassiveHealth::disabled())
+        .build_static([
+            ("failing", fwd.clone()),
+            ("answering", fwd.to(&answering).unwrap()),
+        ]);
+    let proxy = ReplayLayer::new(64 * 1024)
+        .layer(lb)
+        .map_response(|r: Response<Incoming>| r.map(tower_patterns::body::boxed))
+        .map_err(tower_patterns::BoxError::from);
+    let proxy = tower_patterns::respond::ErrorResponseLayer.layer(proxy);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(tower_patterns::server::serve(listener, proxy));
+
+    // Round robin over two: one of two requests goes to the failing endpoint first.
+    let mut conn = tokio::time::timeout(STEP, TcpStream::connect(addr))
+        .await
+        .unwrap()
+        .unwrap();
+    for i in 0..2 {
+        // Repeated and interleaved names, a cookie, a query: all must survive the copy.
+        let req = format!(
+            "GET /p/a%20b?q=1&r=2 HTTP/1.1\r\nHost: front.example\r\nX-A: 1\r\n\
+             Cookie: c=1\r\nX-A: 2\r\nX-B: b\r\nX-A: 3\r\nx-req: {i}\r\n\r\n"
+        );
+        conn.write_all(req.as_bytes()).await.unwrap();
+        let (head, body) = tokio::time::timeout(STEP, common::read_raw_response(&mut conn))
+            .await
+            .expect("an answer");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(body, b"ok");
+    }
+
+    let failed = tokio::time::timeout(STEP, failing_heads.recv())
+        .await
+        .unwrap()
+        .expect("the failing endpoint saw one request");
+    let mut answered = Vec::new();
+    for _ in 0..2 {
+        answered.push(
+            tokio::time::timeout(STEP, answering_heads.recv())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let retried = answered
+        .iter()
+        .find(|h| req_id(h) == req_id(&failed))
+        .expect("the failed request was retried on the answering endpoint");
+    // Byte for byte the head the first endpoint saw: method, target, header order and
+    // repeated values, and the X-Forwarded-For that `Forward` writes from the peer
+    // address the server put in the request's extensions (a copy without them would
+    // lack it).
+    assert_eq!(retried, &failed);
+    assert!(
+        failed.starts_with("GET /p/a%20b?q=1&r=2 HTTP/1.1\r\n"),
+        "{failed}"
+    );
+    let names: Vec<&str> = failed
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| if n == "x-a" { v.trim() } else { n })
+        .collect();
+    assert!(
+        names.windows(3).any(|w| w == ["1", "2", "3"]),
+        "X-A values in order: {failed}"
+    );
+    assert!(
+        failed
+            .to_ascii_lowercase()
+            .contains("x-forwarded-for: 127.0.0.1"),
+        "{failed}"
+    );
+}
