@@ -24,6 +24,18 @@ impl Drop for QueueSlot {
 
 type Wait = Pin<Box<dyn Future<Output = Option<Slot>> + Send>>;
 
+/// What a queued call holds while it waits. Boxed (the queued path allocates its wait
+/// anyway): inline, the service and the request made every bulkhead future as large as
+/// both (280 bytes around `Forward`'s 16-byte future, more around a breaker and balancer),
+/// bytes that each layer above moved on every call; the running state needs the inner
+/// future and the slot only.
+struct Queue<S, R> {
+    wait: Wait,
+    svc: Option<S>,
+    req: Option<R>,
+    slot: Option<QueueSlot>,
+}
+
 pin_project! {
     /// Waits for a slot if queued, then resolves to the inner response; the slot is held
     /// until this future completes or is dropped.
@@ -48,10 +60,7 @@ pin_project! {
             permit: Option<Slot>,
         },
         Queued {
-            wait: Wait,
-            svc: Option<S>,
-            req: Option<R>,
-            slot: Option<QueueSlot>,
+            queue: Box<Queue<S, R>>,
         },
         Rejected {
             err: Option<BulkheadFull>,
@@ -94,10 +103,12 @@ impl<S: Service<R>, R> ResponseFuture<S, R> {
         });
         ResponseFuture {
             state: State::Queued {
-                wait,
-                svc: Some(svc),
-                req: Some(req),
-                slot: Some(slot),
+                queue: Box::new(Queue {
+                    wait,
+                    svc: Some(svc),
+                    req: Some(req),
+                    slot: Some(slot),
+                }),
             },
         }
     }
@@ -132,12 +143,13 @@ where
                     drop(permit.take());
                     return Poll::Ready(out.map_err(Into::into));
                 }
-                Proj::Queued {
-                    wait,
-                    svc,
-                    req,
-                    slot,
-                } => {
+                Proj::Queued { queue } => {
+                    let Queue {
+                        wait,
+                        svc,
+                        req,
+                        slot,
+                    } = &mut **queue;
                     let permit = ready!(wait.as_mut().poll(cx));
                     let Some(slot) = slot.take() else {
                         crate::error::polled_after_completion("bulkhead::ResponseFuture")

@@ -200,10 +200,37 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use tower::{service_fn, Service, ServiceExt};
+    use tower::{service_fn, Layer, Service, ServiceExt};
 
     use super::super::BulkheadLayer;
     use super::Shared;
+
+    #[test]
+    fn the_future_is_the_inner_future_and_a_slot_not_the_queued_request() {
+        // The queued state (service + request) is boxed: the future every call makes, and
+        // every layer above moves, holds the inner future and the slot only.
+        type Inner = tower::util::ServiceFn<fn([u8; 1024]) -> std::future::Ready<Result<(), ()>>>;
+        type Fut = super::super::future::ResponseFuture<Inner, [u8; 1024]>;
+        assert!(
+            std::mem::size_of::<Fut>() <= 32,
+            "{}",
+            std::mem::size_of::<Fut>()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queued_call_with_a_large_request_is_served_once_a_slot_frees() {
+        let layer = BulkheadLayer::new("t", 1)
+            .max_queue(1)
+            .max_wait(Duration::from_secs(5));
+        let mut svc = layer.layer(service_fn(|r: [u8; 1024]| async move {
+            Ok::<_, std::convert::Infallible>(r[1023])
+        }));
+        let slot = svc.ready().await.unwrap().call([1; 1024]);
+        let queued = svc.ready().await.unwrap().call([2; 1024]);
+        assert_eq!(slot.await.unwrap(), 1);
+        assert_eq!(queued.await.unwrap(), 2);
+    }
 
     #[test]
     fn a_slot_given_back_with_nobody_queued_is_spare_and_taken_again() {

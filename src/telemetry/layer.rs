@@ -76,7 +76,16 @@ impl<C> MetricsLayer<C> {
 impl<S, C: Clone> Layer<S> for MetricsLayer<C> {
     type Service = Metrics<S, C>;
     fn layer(&self, inner: S) -> Self::Service {
-        Metrics::new(inner, self.handles.clone(), self.classify.clone())
+        // Each service gets its own `Arc` of (clones of) the same handles: the per-request
+        // clone and drop of that `Arc` (the in-flight guard) then writes a reference count
+        // on a cache line of this service's (one worker's) alone, not on one that every
+        // worker of a thread-per-core server writes twice per request. One allocation per
+        // `layer` call; the series recorded into are the same.
+        Metrics::new(
+            inner,
+            Arc::new((*self.handles).clone()),
+            self.classify.clone(),
+        )
     }
 }
 
@@ -106,5 +115,24 @@ impl<M: crate::discovery::MakeEndpoint> crate::discovery::MakeEndpoint for Meter
     ) -> Result<Self::Service, Self::Error> {
         let svc = self.make.make_endpoint(instance)?;
         Ok(MetricsLayer::endpoint(self.service.clone(), &instance.id).layer(svc))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_service_has_its_own_handles_of_the_same_series() {
+        let layer = MetricsLayer::new("r");
+        let a = layer.layer(());
+        let b = layer.layer(());
+        // Not the layer's `Arc`, nor one shared by two services (a per-request reference
+        // count on a line every worker writes).
+        assert!(!Arc::ptr_eq(a.handles(), b.handles()));
+        assert!(!Arc::ptr_eq(a.handles(), &layer.handles));
+        // A clone of a service (one worker's connections) shares its service's.
+        assert!(Arc::ptr_eq(a.handles(), a.clone().handles()));
+        assert_eq!(a.handles().name, "r");
     }
 }

@@ -14,7 +14,9 @@ use super::{DURATION, FAILURES, IN_FLIGHT, REQUESTS};
 use crate::classify::{Classify, FailureKind};
 use crate::BoxError;
 
-/// The handles of one route, registered once (no label lookup per request).
+/// The handles of one route, registered once (no label lookup per request). A clone
+/// records into the same series (each handle points at the recorder's metric).
+#[derive(Clone)]
 pub(crate) struct Handles {
     pub(crate) name: String,
     pub(crate) requests: Counter,
@@ -92,6 +94,11 @@ impl<S, C> Metrics<S, C> {
     /// The wrapped service.
     pub fn get_ref(&self) -> &S {
         &self.inner
+    }
+
+    #[cfg(test)]
+    pub(crate) fn handles(&self) -> &Arc<Handles> {
+        &self.handles
     }
 }
 
