@@ -36,11 +36,12 @@
 # every proxy (the others forward it as one more header). Besides the table: the gateway's
 # CPU per request over the bare one's (issue 14's bar: <= 1.15x), and its own count of
 # proxied requests from /metrics.
-# OURS_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 (plain mode only): two more rows,
+# OURS_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2: in the plain mode two more rows,
 # ours-fwd-pl and ours-bal-pl, the same binaries with that library preloaded
 # (LD_PRELOAD): the allocator is the deploying binary's choice, not the library's, so
 # the glibc rows stay the headline and these show what a different malloc changes, in the
-# same run, against the same peers.
+# same run, against the same peers. With GATEWAY=1 it preloads all of ours (bare and
+# gateways alike), so the gateway's ratio is taken under one allocator.
 # OURS_EXTRA: extra arguments for ours-fwd, e.g. OURS_EXTRA=--no-balance to compare with
 # the kernel's spreading of connections over the workers.
 #
@@ -150,7 +151,10 @@ declare -A rps_all p99_all cpu_all err_all
 start_proxies() { # workers
     local w=$1
     port[ours-fwd]=$(free_port)
-    spawn_pinned "${PX_CORES:-}" $OURS --serve --direct --workers "$w" --listen "127.0.0.1:${port[ours-fwd]}" \
+    # With GATEWAY=1, OURS_PRELOAD applies to every one of ours (see the top).
+    local pre=""
+    [ "$GATEWAY" = 1 ] && pre=${OURS_PRELOAD:-}
+    LD_PRELOAD=$pre spawn_pinned "${PX_CORES:-}" $OURS --serve --direct --workers "$w" --listen "127.0.0.1:${port[ours-fwd]}" \
         --backends "http://127.0.0.1:$B1" "${OURS_TLS[@]}" ${OURS_EXTRA:-} >/dev/null 2>&1 &
     pids+=($!); pid[ours-fwd]=$!
     port[nginx-fwd]=$(free_port)
@@ -162,11 +166,11 @@ start_proxies() { # workers
     pid[haproxy-fwd]=$last_pid
     if [ "$GATEWAY" = 1 ]; then
         port[ours-gw]=$(free_port)
-        spawn_pinned "${PX_CORES:-}" $OURS --serve --direct --gateway --api-key "$API_KEY" --workers "$w" \
+        LD_PRELOAD=$pre spawn_pinned "${PX_CORES:-}" $OURS --serve --direct --gateway --api-key "$API_KEY" --workers "$w" \
             --listen "127.0.0.1:${port[ours-gw]}" --backends "http://127.0.0.1:$B1" ${OURS_EXTRA:-} >/dev/null 2>&1 &
         pids+=($!); pid[ours-gw]=$!
         port[ours-gw-bal]=$(free_port)
-        spawn_pinned "${PX_CORES:-}" $OURS --serve --gateway --api-key "$API_KEY" --workers "$w" \
+        LD_PRELOAD=$pre spawn_pinned "${PX_CORES:-}" $OURS --serve --gateway --api-key "$API_KEY" --workers "$w" \
             --listen "127.0.0.1:${port[ours-gw-bal]}" --backends "http://127.0.0.1:$B1" ${OURS_EXTRA:-} >/dev/null 2>&1 &
         pids+=($!); pid[ours-gw-bal]=$!
         for n in "${!port[@]}"; do wait_port "${port[$n]}"; done
@@ -268,7 +272,7 @@ if [ "$TLS" = 1 ]; then
 elif [ "$GATEWAY" = 1 ]; then
     NAMES=(ours-fwd ours-gw ours-gw-bal nginx-fwd haproxy-fwd)
     PAIRS=(ours-gw:ours-fwd ours-gw-bal:ours-fwd ours-fwd:nginx-fwd ours-fwd:haproxy-fwd ours-gw:haproxy-fwd)
-    MODE=" (API gateway stack, wrk sends x-api-key)"
+    MODE=" (API gateway stack, wrk sends x-api-key${OURS_PRELOAD:+; all of ours with $OURS_PRELOAD preloaded})"
 elif [ -n "${OURS_PRELOAD:-}" ]; then
     [ -r "$OURS_PRELOAD" ] || { echo "OURS_PRELOAD=$OURS_PRELOAD: not a readable file" >&2; exit 1; }
     NAMES+=(ours-fwd-pl ours-bal-pl)
