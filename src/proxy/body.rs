@@ -213,6 +213,26 @@ pub(crate) fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86_400 * 365 * 30)
 }
 
+/// Polls a timer that is kept registered between uses and moved only when it fires early
+/// (one timer-wheel entry for many waits, instead of an insert and a removal per wait):
+/// its registered deadline may be earlier than the one that counts now, never later.
+/// Ready once `deadline()`, read again at each firing, has passed; otherwise the timer is
+/// moved there and waited on.
+pub(crate) fn poll_lazy_deadline(
+    mut sleep: Pin<&mut Sleep>,
+    cx: &mut Context<'_>,
+    mut deadline: impl FnMut() -> Instant,
+) -> Poll<()> {
+    loop {
+        std::task::ready!(sleep.as_mut().poll(cx));
+        let deadline = deadline();
+        if deadline <= Instant::now() {
+            return Poll::Ready(());
+        }
+        sleep.as_mut().reset(deadline);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,7 +17,7 @@ use hyper::client::conn::http1;
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
-use super::body::{far_future, Progress};
+use super::body::{far_future, poll_lazy_deadline, Progress};
 use super::error::ForwardError;
 use super::headers::strip_hop_by_hop;
 use super::pool::{BoxExchange, ConnTimer, Dispatched, HostPool};
@@ -196,18 +196,13 @@ where
                 .sleep
                 .insert(Box::pin(tokio::time::sleep_until(timer.deadline()))),
         };
-        loop {
-            ready!(sleep.as_mut().poll(cx));
-            // Fired: at the deadline, or at an earlier one (a previous exchange's on this
-            // connection, or before body data went up meanwhile): wait again until then.
-            let deadline = timer.deadline();
-            if deadline <= Instant::now() {
-                return Poll::Ready(Err(ForwardError::ResponseTimeout {
-                    upstream: this.pool.upstream().authority().to_string(),
-                    after: timer.after,
-                }));
-            }
-            sleep.as_mut().reset(deadline);
-        }
+        // The registered deadline may be a previous exchange's on this connection, or
+        // one from before body data went up meanwhile: the current one is read again
+        // whenever the timer fires.
+        ready!(poll_lazy_deadline(sleep.as_mut(), cx, || timer.deadline()));
+        Poll::Ready(Err(ForwardError::ResponseTimeout {
+            upstream: this.pool.upstream().authority().to_string(),
+            after: timer.after,
+        }))
     }
 }

@@ -13,10 +13,12 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
+
+use crate::proxy::body::{far_future, poll_lazy_deadline};
 
 type Shared = Arc<Mutex<Option<Pin<Box<Sleep>>>>>;
 
@@ -32,7 +34,7 @@ impl hyper::rt::Timer for HeadTimer {
         let now = Instant::now();
         let deadline = now
             .checked_add(duration)
-            .unwrap_or_else(crate::proxy::body::far_future);
+            .unwrap_or_else(far_future);
         self.at(deadline)
     }
 
@@ -73,14 +75,9 @@ impl Future for HeadSleep {
             // Not expected (deadlines only grow), but never fire late.
             sleep.as_mut().reset(deadline);
         }
-        loop {
-            ready!(sleep.as_mut().poll(cx));
-            if deadline <= Instant::now() {
-                return Poll::Ready(());
-            }
-            // An earlier head's deadline: wait on until this one's.
-            sleep.as_mut().reset(deadline);
-        }
+        // It may still be at an earlier head's deadline: moved on to this one's when it
+        // fires.
+        poll_lazy_deadline(sleep.as_mut(), cx, || deadline)
     }
 }
 
