@@ -32,9 +32,7 @@ impl hyper::rt::Timer for HeadTimer {
     fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
         // Saturates: a configured duration must not overflow the clock.
         let now = Instant::now();
-        let deadline = now
-            .checked_add(duration)
-            .unwrap_or_else(far_future);
+        let deadline = now.checked_add(duration).unwrap_or_else(far_future);
         self.at(deadline)
     }
 
