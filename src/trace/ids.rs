@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use super::hex::hex;
+use super::hex::{hex, hex_into};
 
 /// A trace id (16 bytes, never all zero).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -36,11 +36,14 @@ impl SpanId {
     }
 }
 
+/// An id (at most 16 bytes) as lower-case hex, through the same encoder as the
+/// `traceparent` values.
 fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
-    for b in bytes {
-        write!(f, "{b:02x}")?;
-    }
-    Ok(())
+    let mut buf = [0u8; 32];
+    let digits = buf.get_mut(..bytes.len() * 2).ok_or(fmt::Error)?;
+    hex_into(digits, bytes);
+    // Only hex digits: always UTF-8.
+    f.write_str(std::str::from_utf8(digits).map_err(|_| fmt::Error)?)
 }
 
 impl fmt::Display for TraceId {
