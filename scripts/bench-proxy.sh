@@ -20,7 +20,7 @@
 # - Noise: ROUNDS (>= 3) interleaved rounds, the order rotated every round; medians and
 #   ranges are reported, ratios are of medians from this one run.
 # - CPU: each proxy's utime+stime (itself and its child processes, from /proc/<pid>/stat)
-#   over the measured interval, per 100k requests.
+#   over the measured interval, per 100k requests, and the kernel's part (stime) alone.
 #
 # TLS=1: HTTPS termination in front of the plaintext backend, single upstream only — ours
 # (`reverse_proxy --direct --tls-cert/--tls-key`, rustls with ring), nginx `listen ... ssl`,
@@ -146,7 +146,7 @@ if [ "$TLS" = 1 ]; then
 fi
 
 declare -A port pid
-declare -A rps_all p99_all cpu_all err_all
+declare -A rps_all p99_all cpu_all sys_all err_all
 
 start_proxies() { # workers
     local w=$1
@@ -234,31 +234,38 @@ WRK_HDR=()
 bench() { # name workers conns
     local name=$1 w=$2 conns=$3 url="$SCHEME://127.0.0.1:${port[$1]}/"
     pin "${WRK_CORES:-}" wrk -t"$WRK_THREADS" -c"$conns" -d1s "${WRK_HDR[@]}" "$url" >/dev/null 2>&1 # warm the pools
-    local t0 t1 out cpu
-    t0=$(ticks "${pid[$name]}")
+    local u0 s0 u1 s1 out cpu sys
+    read -r u0 s0 <<<"$(ticks_split "${pid[$name]}")"
     out=$(pin "${WRK_CORES:-}" wrk -t"$WRK_THREADS" -c"$conns" -d"$DURATION" --latency "${WRK_HDR[@]}" "$url" 2>&1)
-    t1=$(ticks "${pid[$name]}")
+    read -r u1 s1 <<<"$(ticks_split "${pid[$name]}")"
     wrk_parse "$out"
-    cpu=$(awk -v d=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v n="$wrk_total" \
-        'BEGIN { if (n > 0) printf "%.2f", d / hz / n * 100000; else print "nan" }')
+    # CPU-seconds per 100k requests, user + kernel, and the kernel's part of it alone:
+    # with equal syscalls per request, a gap in the kernel part points at what the
+    # sockets carry or how often the process sleeps, not at user-space code.
+    read -r cpu sys <<<"$(awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v hz="$(getconf CLK_TCK)" -v n="$wrk_total" \
+        'BEGIN { if (n > 0) printf "%.2f %.2f", (u + s) / hz / n * 100000, s / hz / n * 100000; else print "nan nan" }')"
     rps_all[$name,$w]+="$wrk_rps "
     p99_all[$name,$w]+="$wrk_p99 "
     cpu_all[$name,$w]+="$cpu "
+    sys_all[$name,$w]+="$sys "
     [ -n "$wrk_err" ] && err_all[$name,$w]+="$wrk_err"
-    printf '  %-12s %10s req/s  p99 %7s ms  cpu-s/100k %5s  %s\n' "$name" "$wrk_rps" "$wrk_p99" "$cpu" "$wrk_err" >&2
+    printf '  %-12s %10s req/s  p99 %7s ms  cpu-s/100k %5s (kernel %5s)  %s\n' "$name" "$wrk_rps" "$wrk_p99" "$cpu" "$sys" "$wrk_err" >&2
 }
 
 # One line of ratios of medians, a / b, for workers w.
 ratio() { # a b w
-    local a=$1 b=$2 w=$3 arps ap99 acpu brps bp99 bcpu
+    local a=$1 b=$2 w=$3 arps ap99 acpu brps bp99 bcpu asys bsys
     read -r arps _ <<<"$(stats "${rps_all[$a,$w]}")"
     read -r ap99 _ <<<"$(stats "${p99_all[$a,$w]}")"
     read -r acpu _ <<<"$(stats "${cpu_all[$a,$w]}")"
     read -r brps _ <<<"$(stats "${rps_all[$b,$w]}")"
     read -r bp99 _ <<<"$(stats "${p99_all[$b,$w]}")"
     read -r bcpu _ <<<"$(stats "${cpu_all[$b,$w]}")"
-    log "$(awk -v a="$arps" -v b="$brps" -v pa="$ap99" -v pb="$bp99" -v ca="$acpu" -v cb="$bcpu" -v n="$a" -v m="$b" \
-        'BEGIN { printf "  %-11s vs %-12s req/s %.2fx  p99 %.2fx  cpu/req %.2fx\n", n, m, a/b, pa/pb, ca/cb }')"
+    read -r asys _ <<<"$(stats "${sys_all[$a,$w]}")"
+    read -r bsys _ <<<"$(stats "${sys_all[$b,$w]}")"
+    log "$(awk -v a="$arps" -v b="$brps" -v pa="$ap99" -v pb="$bp99" -v ca="$acpu" -v cb="$bcpu" -v sa="$asys" -v sb="$bsys" -v n="$a" -v m="$b" \
+        'function r(x, y) { return y > 0 ? sprintf("%.2fx", x / y) : "n/a" }
+         BEGIN { printf "  %-11s vs %-12s req/s %s  p99 %s  cpu/req %s (user %s, kernel %s)\n", n, m, r(a, b), r(pa, pb), r(ca, cb), r(ca - sa, cb - sb), r(sa, sb) }')"
 }
 
 # The table's rows, and the pairs compared ("a:b" is a / b).
@@ -292,13 +299,14 @@ for w in $WORKER_SET; do
     done
     log ""
     log "workers=$w, conns=$conns: median [min-max] over $ROUNDS rounds"
-    log "$(printf '| %-11s | %-26s | %-20s | %-18s |' proxy 'req/s' 'p99 ms' 'cpu-s per 100k')"
+    log "$(printf '| %-11s | %-26s | %-20s | %-18s | %-18s |' proxy 'req/s' 'p99 ms' 'cpu-s per 100k' 'of it in the kernel')"
     for n in "${NAMES[@]}"; do
         read -r rm rl rh <<<"$(stats "${rps_all[$n,$w]}")"
         read -r pm pl ph <<<"$(stats "${p99_all[$n,$w]}")"
         read -r cm cl ch <<<"$(stats "${cpu_all[$n,$w]}")"
-        log "$(printf '| %-11s | %8.0f [%6.0f-%6.0f] | %5.2f [%5.2f-%5.2f] | %4.2f [%4.2f-%4.2f] |%s' \
-            "$n" "$rm" "$rl" "$rh" "$pm" "$pl" "$ph" "$cm" "$cl" "$ch" "${err_all[$n,$w]:+ errors: ${err_all[$n,$w]}}")"
+        read -r sm sl sh <<<"$(stats "${sys_all[$n,$w]}")"
+        log "$(printf '| %-11s | %8.0f [%6.0f-%6.0f] | %5.2f [%5.2f-%5.2f] | %4.2f [%4.2f-%4.2f] | %4.2f [%4.2f-%4.2f] |%s' \
+            "$n" "$rm" "$rl" "$rh" "$pm" "$pl" "$ph" "$cm" "$cl" "$ch" "$sm" "$sl" "$sh" "${err_all[$n,$w]:+ errors: ${err_all[$n,$w]}}")"
     done
     log "ratios of medians (req/s higher is better, p99 and CPU lower is better):"
     for pair in "${PAIRS[@]}"; do ratio "${pair%%:*}" "${pair#*:}" "$w"; done

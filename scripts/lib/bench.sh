@@ -44,14 +44,16 @@ wait_port() {
     exit 1
 }
 
-# CPU ticks (utime+stime) of a process and its children (nginx workers); threads are
-# included in a process's own figures.
-ticks() {
-    local t=0 p
+# CPU ticks of a process and its children (nginx workers), split by where they were spent:
+# "utime stime" (user space, kernel); threads are included in a process's own figures.
+ticks_split() {
+    local u=0 s=0 p a b
     for p in $1 $(pgrep -P "$1" 2>/dev/null || true); do
-        [ -r "/proc/$p/stat" ] && t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat")))
+        [ -r "/proc/$p/stat" ] || continue
+        read -r a b <<<"$(awk '{print $14, $15}' "/proc/$p/stat")"
+        u=$((u + a)) s=$((s + b))
     done
-    echo "$t"
+    echo "$u $s"
 }
 
 nginx_start() { # name workers http-body [cores]; sets last_pid
