@@ -52,6 +52,10 @@ pub(crate) struct Calls {
     /// chain hops) draw and write their own.
     first_child: SpanId,
     first_traceparent: HeaderValue,
+    /// The trace id and flags `first_traceparent` was written with: the context's fields
+    /// are public, and a layer in between may change them (a sampling decision); the
+    /// value is used only while they still match.
+    first_for: (TraceId, u8),
 }
 
 /// What the request's own headers say, read once.
@@ -140,6 +144,7 @@ impl Incoming {
                 upstream: Mutex::new(None),
                 first_child,
                 first_traceparent,
+                first_for: (trace_id, flags),
             }),
             edge_headers: false,
         }
@@ -278,13 +283,14 @@ impl TraceContext {
     /// records the call. Returns the child span id.
     pub fn inject(&self, headers: &mut HeaderMap, upstream: &Authority) -> SpanId {
         // The first call of the request (of any copy of its context) takes the child
-        // made with the context; every later one draws its own.
-        let (child, value) = match self.calls.attempts.fetch_add(1, Ordering::Relaxed) {
-            0 => (self.calls.first_child, self.calls.first_traceparent.clone()),
-            _ => {
-                let child = SpanId::random();
-                (child, self.traceparent(child))
-            }
+        // made with the context, unless the trace id or flags were changed since; every
+        // later call draws its own.
+        let first = self.calls.attempts.fetch_add(1, Ordering::Relaxed) == 0;
+        let (child, value) = if first && self.calls.first_for == (self.trace_id, self.flags) {
+            (self.calls.first_child, self.calls.first_traceparent.clone())
+        } else {
+            let child = SpanId::random();
+            (child, self.traceparent(child))
         };
         headers.insert(TRACEPARENT, value);
         // The edge layer already left its request's own `tracestate` and `x-request-id`
@@ -413,6 +419,14 @@ mod tests {
         assert_eq!(p.trace_id.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!((p.parent_id, p.flags), (s, 1));
         assert_eq!(out[X_REQUEST_ID], "req-1");
+        // A layer in between changed the public flags (a sampling decision) before the
+        // first call: its `traceparent` says so.
+        let mut cx = TraceContext::from_headers(&HeaderMap::new(), true);
+        cx.flags = 0;
+        let mut out = HeaderMap::new();
+        let s = cx.inject(&mut out, &up);
+        let p = TraceParent::parse(out[TRACEPARENT].as_bytes()).unwrap();
+        assert_eq!((p.trace_id, p.parent_id, p.flags), (cx.trace_id, s, 0));
     }
 
     #[test]
