@@ -19,7 +19,8 @@ use tower::{ServiceBuilder, ServiceExt};
 use tower_patterns::client_addr::{ClientAddr, ClientAddrLayer, TrustedProxies};
 use tower_patterns::proxy::ForwardBuilder;
 use tower_patterns::ratelimit::{
-    ClientIpKey, FnKey, LocalLimiter, Quota, RateLimitLayer, RateLimited, RouteKey, TokioClock,
+    ClientIpKey, Decision, FnKey, LocalLimiter, Quota, RateLimitLayer, RateLimited, RouteKey,
+    TokioClock,
 };
 
 fn nz(n: u32) -> NonZeroU32 {
@@ -328,4 +329,58 @@ async fn stacked_after_auth_each_identity_has_its_own_bucket() {
         get(gw, None, &[("x-api-key", "nope")]).await.0,
         StatusCode::UNAUTHORIZED
     );
+}
+
+/// A route's bucket is resolved when its layer is built (`RouteKey` is a fixed key): every
+/// layer of that name on one limiter counts into it, another name has its own, and it is
+/// never the overflow bucket of a full key table, which client-made keys can drain.
+#[tokio::test(start_paused = true)]
+async fn a_route_bucket_is_its_own_even_when_the_key_table_is_full() {
+    let quota = Quota::with_period(Duration::from_secs(60))
+        .unwrap()
+        .allow_burst(nz(2));
+    let limiter = LocalLimiter::builder(quota)
+        .clock(TokioClock::new())
+        .max_keys(1)
+        .build::<std::sync::Arc<str>>();
+    // Client-made keys fill the table (one key) and drain the overflow bucket.
+    let key = |k: &str| Some(std::sync::Arc::<str>::from(k));
+    assert_eq!(limiter.decide(key("tenant-a").as_ref()), Decision::Allow);
+    for _ in 0..2 {
+        assert_eq!(limiter.decide(key("tenant-b").as_ref()), Decision::Allow);
+    }
+    assert!(matches!(
+        limiter.decide(key("tenant-c").as_ref()),
+        Decision::Deny { .. }
+    ));
+    let route = |name: &str| {
+        ServiceBuilder::new()
+            .layer(RateLimitLayer::new(RouteKey::new(name), limiter.clone()))
+            .service_fn(|_req: Request<()>| async {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+            })
+    };
+    async fn status<S, B>(svc: &S) -> StatusCode
+    where
+        S: tower::Service<Request<()>, Response = Response<B>, Error = Infallible> + Clone,
+    {
+        svc.clone()
+            .oneshot(Request::new(()))
+            .await
+            .unwrap()
+            .status()
+    }
+    let (first, second, other) = (route("checkout"), route("checkout"), route("search"));
+    // Two layers of one name share its burst of two; the third request is refused.
+    assert_eq!(status(&first).await, StatusCode::OK);
+    assert_eq!(status(&second).await, StatusCode::OK);
+    assert_eq!(status(&first).await, StatusCode::TOO_MANY_REQUESTS);
+    // Another route's bucket is its own.
+    assert_eq!(status(&other).await, StatusCode::OK);
+    // The routes take no place in the key table; it still holds the one client key.
+    assert_eq!(limiter.len(), 1);
+    // A minute later the route's bucket has room for one more.
+    tokio::time::advance(Duration::from_secs(60)).await;
+    assert_eq!(status(&second).await, StatusCode::OK);
+    assert_eq!(status(&first).await, StatusCode::TOO_MANY_REQUESTS);
 }

@@ -131,6 +131,38 @@ impl ApiKeys {
         Ok(self)
     }
 
+    /// A copy whose identities (and their header values) are new allocations of the same
+    /// content: the same keys, names, scopes and lookup, nothing shared with `self` but
+    /// the hashing key (see [`Authenticator::per_service`](super::Authenticator)).
+    pub(crate) fn per_service(&self) -> ApiKeys {
+        let entries = self
+            .entries
+            .iter()
+            .map(|e| {
+                let id = &e.identity.0;
+                let scopes: Arc<[String]> = id.scopes.iter().cloned().collect();
+                Entry {
+                    key: e.key.clone(),
+                    identity: Identity::new(IdentityInner {
+                        subject: Arc::from(&*id.subject),
+                        values: id
+                            .values
+                            .as_ref()
+                            .and_then(|_| IdentityValues::new(&id.subject, &scopes)),
+                        scopes,
+                        method: id.method,
+                        claims: id.claims.clone(),
+                    }),
+                }
+            })
+            .collect();
+        ApiKeys {
+            hasher: self.hasher.clone(),
+            index: self.index.clone(),
+            entries,
+        }
+    }
+
     /// Number of configured keys.
     pub fn len(&self) -> usize {
         self.entries.len()

@@ -183,7 +183,7 @@ impl AuthConfig {
             inner: Arc::new(Inner {
                 api_keys: self.api_keys.filter(|k| !k.is_empty()),
                 api_key_header: name(&self.api_key_header)?,
-                jwt: self.jwt.filter(Jwt::has_keys).map(Jwt::build),
+                jwt: self.jwt.filter(Jwt::has_keys).map(|j| Arc::new(j.build())),
                 subject_header,
                 scopes_header,
                 method_header,
@@ -199,10 +199,13 @@ impl AuthConfig {
     }
 }
 
+#[derive(Clone)]
 pub(crate) struct Inner {
     api_keys: Option<ApiKeys>,
     api_key_header: HeaderName,
-    jwt: Option<Verifier>,
+    /// Shared by every per-service copy (see [`Authenticator::per_service`]): one JWKS
+    /// refresher and key set.
+    jwt: Option<Arc<Verifier>>,
     subject_header: Option<HeaderName>,
     scopes_header: Option<HeaderName>,
     method_header: Option<HeaderName>,
@@ -245,6 +248,23 @@ enum Credential<'a> {
 }
 
 impl Authenticator {
+    /// This authenticator for one service (what [`AuthLayer`] builds): its own copy of
+    /// the API key table, so the identity each accepted key hands out (a reference count
+    /// per request, its header values two more) lives on this service's cache lines, not
+    /// on lines every worker's requests write; the JWT verifier and its JWKS stay shared.
+    /// Without API keys, the shared authenticator itself.
+    pub(crate) fn per_service(&self) -> Authenticator {
+        match &self.inner.api_keys {
+            Some(keys) => Authenticator {
+                inner: Arc::new(Inner {
+                    api_keys: Some(keys.per_service()),
+                    ..(*self.inner).clone()
+                }),
+            },
+            None => self.clone(),
+        }
+    }
+
     /// A layer requiring a valid credential and nothing more (add scopes/claims with
     /// [`AuthLayer::require_scopes`] / [`AuthLayer::require_claim`]).
     pub fn layer(&self) -> AuthLayer {

@@ -77,9 +77,54 @@ impl AuthLayer {
 impl<S> Layer<S> for AuthLayer {
     type Service = Auth<S>;
     fn layer(&self, inner: S) -> Auth<S> {
+        // Each service its own copy of the API key table (see
+        // `Authenticator::per_service`): a gateway that builds its stack per worker then
+        // writes no reference count shared with another worker per request.
         Auth {
             inner,
-            layer: self.clone(),
+            layer: AuthLayer {
+                auth: self.auth.per_service(),
+                require: self.require.clone(),
+                optional: self.optional,
+            },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{HeaderMap, HeaderValue};
+
+    use super::*;
+    use crate::auth::{ApiKeys, AuthConfig, Identity};
+
+    #[test]
+    fn each_service_hands_out_its_own_copy_of_an_api_keys_identity() {
+        let keys = ApiKeys::new().key("ops", "k-1", ["r", "w"]).unwrap();
+        let layer = AuthConfig::new().api_keys(keys).build().unwrap().layer();
+        let (a, b) = (layer.layer(()), layer.layer(()));
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_static("k-1"));
+        let id = |svc: &Auth<()>| -> Identity { svc.layer.auth.authenticate(&h).unwrap().unwrap() };
+        let (a1, a2, b1) = (id(&a), id(&a), id(&b));
+        // One service: one identity per key, a reference count per request.
+        assert!(Arc::ptr_eq(&a1.0, &a2.0));
+        // Another service (another worker's stack): its own allocation, same content.
+        assert!(!Arc::ptr_eq(&a1.0, &b1.0));
+        assert_eq!(
+            (a1.subject(), a1.scopes(), a1.method()),
+            (b1.subject(), b1.scopes(), b1.method())
+        );
+        let (va, vb) = (a1.0.values.as_ref().unwrap(), b1.0.values.as_ref().unwrap());
+        assert_eq!((&va.subject, &va.scopes), (&vb.subject, &vb.scopes));
+        assert_ne!(
+            va.subject.as_bytes().as_ptr(),
+            vb.subject.as_bytes().as_ptr()
+        );
+        // The route's requirements are still the layer's.
+        assert!(Arc::ptr_eq(&a.layer.require, &layer.require));
+        // A wrong key is still refused by each copy.
+        h.insert("x-api-key", HeaderValue::from_static("k-2"));
+        assert!(b.layer.auth.authenticate(&h).is_err());
     }
 }

@@ -20,6 +20,13 @@ pub trait KeyExtractor: Clone + Send + Sync + 'static {
     type Key: Hash + Eq + Clone + fmt::Display + Send + Sync + 'static;
     /// The key of `req`, if it has one.
     fn extract<B>(&self, req: &Request<B>) -> Option<Self::Key>;
+
+    /// The key, when it is the same for every request ([`RouteKey`]): the layer then asks
+    /// its limiter for that key's bucket once ([`Limiter::pin`](super::Limiter::pin))
+    /// instead of extracting and looking the key up per request. Default `None`.
+    fn fixed(&self) -> Option<&Self::Key> {
+        None
+    }
 }
 
 /// The client address ([`client_ip`](crate::client_addr::client_ip): after a
@@ -66,6 +73,12 @@ impl KeyExtractor for ClientIpKey {
 }
 
 /// One bucket for everything the layer wraps: mounted on one route, a per-route limit.
+///
+/// The key never changes, so the layer resolves its bucket once, when it is built
+/// ([`KeyExtractor::fixed`]): with a [`LocalLimiter`](super::LocalLimiter) a request
+/// costs the bucket's GCRA update only (no reference count, no SipHash of the name, no
+/// table lookup). Every `RouteKey` of one name on one limiter shares that bucket; it is
+/// not in the limiter's key table (not counted in `max_keys`, never evicted).
 #[derive(Debug, Clone)]
 pub struct RouteKey(Arc<str>);
 
@@ -80,6 +93,9 @@ impl KeyExtractor for RouteKey {
     type Key = Arc<str>;
     fn extract<B>(&self, _req: &Request<B>) -> Option<Arc<str>> {
         Some(self.0.clone())
+    }
+    fn fixed(&self) -> Option<&Arc<str>> {
+        Some(&self.0)
     }
 }
 

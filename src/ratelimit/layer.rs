@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tower_layer::Layer;
 
 use super::key::KeyExtractor;
-use super::limiter::Limiter;
+use super::limiter::{Bucket, Limiter};
 use super::service::RateLimit;
 
 /// Limits the requests of the services it wraps per key: `K` picks the key
@@ -17,6 +17,8 @@ use super::service::RateLimit;
 pub struct RateLimitLayer<K, L> {
     pub(crate) key: K,
     pub(crate) limiter: Arc<L>,
+    /// The bucket of a fixed key ([`KeyExtractor::fixed`]), resolved here once.
+    pub(crate) pinned: Option<Arc<dyn Bucket>>,
 }
 
 impl<K: Clone, L> Clone for RateLimitLayer<K, L> {
@@ -24,16 +26,20 @@ impl<K: Clone, L> Clone for RateLimitLayer<K, L> {
         RateLimitLayer {
             key: self.key.clone(),
             limiter: self.limiter.clone(),
+            pinned: self.pinned.clone(),
         }
     }
 }
 
 impl<K: KeyExtractor, L: Limiter<K::Key>> RateLimitLayer<K, L> {
-    /// Counts each request under `key(request)` with `limiter`.
+    /// Counts each request under `key(request)` with `limiter`. A fixed key (a
+    /// [`RouteKey`](super::RouteKey)) has its bucket resolved here, once.
     pub fn new(key: K, limiter: L) -> Self {
+        let pinned = key.fixed().and_then(|k| limiter.pin(k));
         RateLimitLayer {
             key,
             limiter: Arc::new(limiter),
+            pinned,
         }
     }
 
@@ -57,6 +63,7 @@ impl<S, K: Clone, L> Layer<S> for RateLimitLayer<K, L> {
             inner,
             key: self.key.clone(),
             limiter: self.limiter.clone(),
+            pinned: self.pinned.clone(),
         }
     }
 }

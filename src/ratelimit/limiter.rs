@@ -1,6 +1,8 @@
 //! The [`Limiter`] trait: a decision now, or (Redis) after a round trip.
 
+use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// What a limiter decided for one request.
@@ -39,4 +41,21 @@ pub trait Limiter<K>: Send + Sync + 'static {
     type Future: Future<Output = Decision> + Send + 'static;
     /// Counts one request of `key` (`None`: the shared bucket of requests without a key).
     fn check(&self, key: Option<&K>) -> Check<Self::Future>;
+
+    /// The bucket of `key` resolved once, for a key that is the same for every request
+    /// ([`KeyExtractor::fixed`](super::KeyExtractor::fixed): a route's name), when this
+    /// limiter can then decide without looking the key up; `None` (the default, and
+    /// `RedisLimiter`) keeps [`check`](Self::check) per request.
+    /// [`RateLimitLayer::new`](super::RateLimitLayer::new) asks once.
+    fn pin(&self, key: &K) -> Option<Arc<dyn Bucket>> {
+        let _ = key;
+        None
+    }
+}
+
+/// One bucket a [`Limiter`] resolved ahead ([`Limiter::pin`]): each request is counted
+/// in it directly, with no hash of the key and no table lookup.
+pub trait Bucket: fmt::Debug + Send + Sync + 'static {
+    /// Counts one request now.
+    fn decide(&self) -> Decision;
 }

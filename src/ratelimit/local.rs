@@ -1,8 +1,9 @@
 //! [`LocalLimiter`]: GCRA per key in this process, through governor.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use governor::clock::{Clock, QuantaClock};
@@ -10,7 +11,7 @@ use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 
-use super::limiter::{Check, Decision, Limiter};
+use super::limiter::{Bucket, Check, Decision, Limiter};
 use super::store::BoundedStore;
 
 /// Default of [`LocalLimiterBuilder::max_keys`].
@@ -26,6 +27,43 @@ type Unkeyed<C> = RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as C
 struct Inner<K: Hash + Eq + Clone, C: Clock> {
     keyed: Keyed<K, C>,
     unkeyed: Unkeyed<C>,
+    /// Makes a fixed key's bucket: the quota and a clone of the clock (built where the
+    /// clock is known to be `Clone`).
+    new_bucket: Box<dyn Fn() -> Unkeyed<C> + Send + Sync>,
+    /// The buckets of fixed keys ([`Limiter::pin`]: a route's name), one per key, made
+    /// when a layer is built (the lock is never taken per request). Outside the keyed
+    /// table: never evicted, not counted in `max_keys` (one per configured route).
+    pins: Mutex<HashMap<K, Arc<Pinned<C>>>>,
+}
+
+/// The bucket of one fixed key: governor's direct limiter, the same GCRA and quota as a
+/// keyed bucket.
+struct Pinned<C: Clock>(Unkeyed<C>);
+
+impl<C: Clock> fmt::Debug for Pinned<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("LocalLimiter bucket")
+    }
+}
+
+impl<C> Bucket for Pinned<C>
+where
+    C: Clock + Send + Sync + 'static,
+    C::Instant: Send + Sync,
+{
+    fn decide(&self) -> Decision {
+        decision(self.0.check(), self.0.clock())
+    }
+}
+
+/// governor's answer as a [`Decision`].
+fn decision<C: Clock>(checked: Result<(), governor::NotUntil<C::Instant>>, clock: &C) -> Decision {
+    match checked {
+        Ok(()) => Decision::Allow,
+        Err(not_until) => Decision::Deny {
+            retry_after: not_until.wait_time_from(clock.now()),
+        },
+    }
 }
 
 /// GCRA rate limiting per key, in this process ([`governor`]).
@@ -117,6 +155,7 @@ impl<C> LocalLimiterBuilder<C> {
         K: Hash + Eq + Clone + Send + Sync + 'static,
         C: Clock + Clone + Send + Sync + 'static,
     {
+        let bucket_clock = self.clock.clone();
         let inner = Arc::new(Inner {
             keyed: RateLimiter::new(
                 self.quota,
@@ -124,6 +163,10 @@ impl<C> LocalLimiterBuilder<C> {
                 self.clock.clone(),
             ),
             unkeyed: RateLimiter::direct_with_clock(self.quota, self.clock),
+            new_bucket: Box::new(move || {
+                RateLimiter::direct_with_clock(self.quota, bucket_clock.clone())
+            }),
+            pins: Mutex::new(HashMap::new()),
         });
         if let (Some(every), Ok(rt)) = (self.evict_every, tokio::runtime::Handle::try_current()) {
             rt.spawn(evict_loop(Arc::downgrade(&inner), every));
@@ -155,12 +198,7 @@ impl<K: Hash + Eq + Clone, C: Clock> LocalLimiter<K, C> {
             Some(k) => self.inner.keyed.check_key(k),
             None => self.inner.unkeyed.check(),
         };
-        match checked {
-            Ok(()) => Decision::Allow,
-            Err(not_until) => Decision::Deny {
-                retry_after: not_until.wait_time_from(self.inner.keyed.clock().now()),
-            },
-        }
+        decision(checked, self.inner.keyed.clock())
     }
 
     /// Drops the keys whose bucket is full again; returns how many keys remain.
@@ -191,5 +229,15 @@ where
     #[inline]
     fn check(&self, key: Option<&K>) -> Check<Self::Future> {
         Check::Now(self.decide(key))
+    }
+
+    fn pin(&self, key: &K) -> Option<Arc<dyn Bucket>> {
+        // A poisoned lock (a panic while another layer was built) only costs the fast
+        // path: the layer then checks per request.
+        let mut pins = self.inner.pins.lock().ok()?;
+        let bucket = pins
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(Pinned((self.inner.new_bucket)())));
+        Some(bucket.clone() as Arc<dyn Bucket>)
     }
 }

@@ -51,7 +51,7 @@ pub use key::{ClientIpKey, FnKey, KeyExtractor, RouteKey};
 #[cfg(feature = "auth")]
 pub use key::{IdentityKey, IdentityName};
 pub use layer::RateLimitLayer;
-pub use limiter::{Check, Decision, Limiter};
+pub use limiter::{Bucket, Check, Decision, Limiter};
 pub use local::{LocalLimiter, LocalLimiterBuilder, DEFAULT_EVICT_EVERY, DEFAULT_MAX_KEYS};
 #[cfg(feature = "redis")]
 pub use redis::{OnRedisFailure, RedisLimiter, RedisLimiterBuilder, RedisLimiterError};

@@ -8,7 +8,7 @@ use tower_service::Service;
 
 use super::future::{refusal, ResponseFuture};
 use super::key::KeyExtractor;
-use super::limiter::{Check, Decision, Limiter};
+use super::limiter::{Bucket, Check, Decision, Limiter};
 use crate::respond::{AnswerFuture, ErrorResponseBody};
 
 /// See [`RateLimitLayer`](super::RateLimitLayer).
@@ -17,6 +17,8 @@ pub struct RateLimit<S, K, L> {
     pub(crate) inner: S,
     pub(crate) key: K,
     pub(crate) limiter: Arc<L>,
+    /// The fixed key's bucket, resolved when the layer was built: counted in directly.
+    pub(crate) pinned: Option<Arc<dyn Bucket>>,
 }
 
 impl<S: Clone, K: Clone, L> Clone for RateLimit<S, K, L> {
@@ -25,6 +27,7 @@ impl<S: Clone, K: Clone, L> Clone for RateLimit<S, K, L> {
             inner: self.inner.clone(),
             key: self.key.clone(),
             limiter: self.limiter.clone(),
+            pinned: self.pinned.clone(),
         }
     }
 }
@@ -55,8 +58,11 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let key = self.key.extract(&req);
-        match self.limiter.check(key.as_ref()) {
+        let check = match &self.pinned {
+            Some(bucket) => Check::Now(bucket.decide()),
+            None => self.limiter.check(self.key.extract(&req).as_ref()),
+        };
+        match check {
             // The local limiter: decided here, no clone of the inner service.
             Check::Now(Decision::Allow) => {
                 ResponseFuture::ready(AnswerFuture::inner(self.inner.call(req)))

@@ -40,12 +40,22 @@ fn valid_tracestate(v: &HeaderValue) -> bool {
 
 /// What the upstream calls of one request did, shared by every attempt (request
 /// extensions are cloned per retry, this is not).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Calls {
     attempts: AtomicU32,
     /// The endpoint of the latest attempt (`host:port`, from configuration; cloning it is
     /// a reference count, not an allocation).
     upstream: Mutex<Option<Authority>>,
+    /// The first upstream call's child span and its `traceparent`, made with the context:
+    /// the value shares the request id's buffer (one allocation for both, where the
+    /// request id and each call's `traceparent` were one each). Later calls (retries,
+    /// chain hops) draw and write their own.
+    first_child: SpanId,
+    first_traceparent: HeaderValue,
+    /// The trace id and flags `first_traceparent` was written with: the context's fields
+    /// are public, and a layer in between may change them (a sampling decision); the
+    /// value is used only while they still match.
+    first_for: (TraceId, u8),
 }
 
 /// What the request's own headers say, read once.
@@ -86,11 +96,12 @@ impl Incoming {
     /// generator (each call is a thread-local access and a reference count): the span id
     /// always, a trace id without a valid parent, a request id without a kept one.
     fn context(self, sampled: bool, kept_id: Option<HeaderValue>) -> TraceContext {
-        let mut r = [0u8; 40];
+        let mut r = [0u8; 48];
         let need =
-            8 + 16 * usize::from(self.parent.is_none()) + 16 * usize::from(kept_id.is_none());
+            16 + 16 * usize::from(self.parent.is_none()) + 16 * usize::from(kept_id.is_none());
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut r[..need]);
         let (span, rest) = r.split_at(8);
+        let (child, rest) = rest.split_at(8);
         let (trace_id, parent_id, flags, rest) = match self.parent {
             Some(p) => (p.trace_id, Some(p.parent_id), p.flags, rest),
             None => (
@@ -100,19 +111,27 @@ impl Incoming {
                 &rest[16..],
             ),
         };
-        let request_id = kept_id.unwrap_or_else(|| {
-            let mut b = [0u8; 32];
-            hex_into(&mut b, &rest[..16]);
-            // One allocation holding count and digits (`from_owner`): the clones for the
-            // upstream request, the access log and the answer share it (a copied `Vec`
-            // would allocate again on the first clone).
-            HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(b))
+        let span_id = span_id_from(span);
+        let first_child = span_id_from(child);
+        // One buffer: a new request id's 32 digits (none for a kept id), then the first
+        // upstream call's `traceparent`. One allocation holding count and bytes
+        // (`from_owner`); both values are slices of it, and the clones for the upstream
+        // request, the access log and the answer share it (a copied `Vec` would allocate
+        // again on the first clone).
+        let mut b = [0u8; 32 + TRACEPARENT_LEN];
+        let (id, tp) = b.split_at_mut(32);
+        if kept_id.is_none() {
+            hex_into(id, &rest[..16]);
+        }
+        tp.copy_from_slice(&traceparent_bytes(&trace_id, first_child, flags));
+        let shared = bytes::Bytes::from_owner(b);
+        // Only hex digits and dashes: always valid header values.
+        let value = |range| {
+            HeaderValue::from_maybe_shared(shared.slice(range))
                 .unwrap_or(HeaderValue::from_static("0"))
-        });
-        let span_id = match <[u8; 8]>::try_from(span) {
-            Ok(id) if id != [0; 8] => SpanId(id),
-            _ => SpanId::random(),
         };
+        let first_traceparent = value(32..32 + TRACEPARENT_LEN);
+        let request_id = kept_id.unwrap_or_else(|| value(0..32));
         TraceContext {
             trace_id,
             span_id,
@@ -120,10 +139,38 @@ impl Incoming {
             flags,
             tracestate: self.tracestate,
             request_id,
-            calls: Arc::new(Calls::default()),
+            calls: Arc::new(Calls {
+                attempts: AtomicU32::new(0),
+                upstream: Mutex::new(None),
+                first_child,
+                first_traceparent,
+                first_for: (trace_id, flags),
+            }),
             edge_headers: false,
         }
     }
+}
+
+/// A span id from 8 random bytes; all zero (never, in practice) draws again.
+fn span_id_from(r: &[u8]) -> SpanId {
+    match <[u8; 8]>::try_from(r) {
+        Ok(id) if id != [0; 8] => SpanId(id),
+        _ => SpanId::random(),
+    }
+}
+
+/// Length of a version-00 `traceparent`.
+const TRACEPARENT_LEN: usize = 55;
+
+/// The `traceparent` of `trace` with parent `span`: a fixed template, no formatter (a
+/// fixed-size array, so every digit's place is known when this is compiled).
+#[inline]
+fn traceparent_bytes(trace: &TraceId, span: SpanId, flags: u8) -> [u8; TRACEPARENT_LEN] {
+    let mut b = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    hex_into(&mut b[3..35], &trace.0);
+    hex_into(&mut b[36..52], &span.0);
+    hex_into(&mut b[53..55], &[flags]);
+    b
 }
 
 /// A request id is kept when it is 1 to 128 visible ASCII bytes.
@@ -217,11 +264,7 @@ impl TraceContext {
 
     /// The `traceparent` value naming `span` as the parent.
     pub fn traceparent(&self, span: SpanId) -> HeaderValue {
-        // Written into a fixed buffer (it is made once per upstream call): no formatter.
-        let mut b = *b"00-00000000000000000000000000000000-0000000000000000-00";
-        hex_into(&mut b[3..35], &self.trace_id.0);
-        hex_into(&mut b[36..52], &span.0);
-        hex_into(&mut b[53..55], &[self.flags]);
+        let b = traceparent_bytes(&self.trace_id, span, self.flags);
         // Only hex digits and dashes: always a valid header value.
         HeaderValue::from_bytes(&b).unwrap_or(HeaderValue::from_static(""))
     }
@@ -239,8 +282,17 @@ impl TraceContext {
     /// Writes the trace headers for one upstream call with a new child span id, and
     /// records the call. Returns the child span id.
     pub fn inject(&self, headers: &mut HeaderMap, upstream: &Authority) -> SpanId {
-        let child = SpanId::random();
-        headers.insert(TRACEPARENT, self.traceparent(child));
+        // The first call of the request (of any copy of its context) takes the child
+        // made with the context, unless the trace id or flags were changed since; every
+        // later call draws its own.
+        let first = self.calls.attempts.fetch_add(1, Ordering::Relaxed) == 0;
+        let (child, value) = if first && self.calls.first_for == (self.trace_id, self.flags) {
+            (self.calls.first_child, self.calls.first_traceparent.clone())
+        } else {
+            let child = SpanId::random();
+            (child, self.traceparent(child))
+        };
+        headers.insert(TRACEPARENT, value);
         // The edge layer already left its request's own `tracestate` and `x-request-id`
         // right (kept, replaced or removed); any other request carrying the context (a
         // composition's call, a retry's copy: clones, not marked) gets them here.
@@ -254,7 +306,6 @@ impl TraceContext {
                 headers.insert(X_REQUEST_ID, self.request_id.clone());
             }
         }
-        self.calls.attempts.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut u) = self.calls.upstream.lock() {
             if u.as_ref() != Some(upstream) {
                 *u = Some(upstream.clone());
@@ -336,6 +387,46 @@ mod tests {
         assert_eq!(cx.attempts(), 2);
         assert_eq!(cx.upstream().unwrap().as_str(), "127.0.0.1:2");
         assert_eq!(a[X_REQUEST_ID], cx.request_id);
+    }
+
+    #[test]
+    fn the_first_call_shares_the_request_ids_allocation_and_later_calls_are_new_children() {
+        let cx = TraceContext::from_headers(&HeaderMap::new(), true);
+        let up = Authority::from_static("127.0.0.1:1");
+        let mut first = HeaderMap::new();
+        let s1 = cx.inject(&mut first, &up);
+        let mut second = HeaderMap::new();
+        let s2 = cx.inject(&mut second, &up);
+        // Each call is its own child span of the trace, neither the gateway's own span.
+        let p1 = TraceParent::parse(first[TRACEPARENT].as_bytes()).unwrap();
+        let p2 = TraceParent::parse(second[TRACEPARENT].as_bytes()).unwrap();
+        assert_eq!((p1.parent_id, p2.parent_id), (s1, s2));
+        assert_eq!((p1.trace_id, p2.trace_id), (cx.trace_id, cx.trace_id));
+        assert_eq!((p1.flags, p2.flags), (1, 1));
+        assert!(s1 != s2 && s1 != cx.span_id && s2 != cx.span_id);
+        // The first call's `traceparent` was written at the edge into the request id's
+        // buffer (one allocation for both): it starts where the request id ends.
+        let id_end = cx.request_id.as_bytes().as_ptr_range().end;
+        assert_eq!(first[TRACEPARENT].as_bytes().as_ptr(), id_end);
+        // A kept request id: the first `traceparent` is still made at the edge, and right.
+        let mut h = HeaderMap::new();
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("req-1"));
+        h.insert(TRACEPARENT, HeaderValue::from_static(VALID));
+        let cx = TraceContext::from_headers(&h, true);
+        let mut out = HeaderMap::new();
+        let s = cx.inject(&mut out, &up);
+        let p = TraceParent::parse(out[TRACEPARENT].as_bytes()).unwrap();
+        assert_eq!(p.trace_id.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!((p.parent_id, p.flags), (s, 1));
+        assert_eq!(out[X_REQUEST_ID], "req-1");
+        // A layer in between changed the public flags (a sampling decision) before the
+        // first call: its `traceparent` says so.
+        let mut cx = TraceContext::from_headers(&HeaderMap::new(), true);
+        cx.flags = 0;
+        let mut out = HeaderMap::new();
+        let s = cx.inject(&mut out, &up);
+        let p = TraceParent::parse(out[TRACEPARENT].as_bytes()).unwrap();
+        assert_eq!((p.trace_id, p.parent_id, p.flags), (cx.trace_id, s, 0));
     }
 
     #[test]
