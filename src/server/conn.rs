@@ -17,11 +17,11 @@ use http_body::Body as _;
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use pin_project_lite::pin_project;
 use tokio::sync::{watch, Notify};
 use tower_service::Service;
 
+use super::conn_service::ConnService;
 use super::detect::{sniff, Prefixed};
 use super::head_timer::HeadTimer;
 use super::lease::ConnectionLease;
@@ -174,7 +174,9 @@ impl<A: Accept> Conns<A> {
                 };
                 // Small responses leave as one `send` (see `small_writes`).
                 let io = TokioIo::new(SmallWrites::new(Prefixed::new(prefix, io)));
-                let svc = TowerToHyperService::new(svc);
+                // One service instance for all the connection's requests, not a clone
+                // per request (see `conn_service`).
+                let svc = ConnService::new(svc);
                 let ended = if h2 {
                     let conn = http.h2.serve_connection(io, svc);
                     let idle = Some(http.detect_timeout);

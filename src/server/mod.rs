@@ -41,6 +41,7 @@ mod anchor;
 mod balance;
 mod config;
 mod conn;
+mod conn_service;
 mod detect;
 #[cfg(target_os = "linux")]
 mod handoff;
