@@ -120,3 +120,84 @@ async fn a_service_not_ready_at_once_still_answers_every_request() {
     // Each request found the connection's instance not ready and waited on a clone.
     assert!(svc.clones.load(Ordering::Relaxed) >= 20);
 }
+
+/// A concurrency limit of one, shared by two connections: the second connection's request
+/// finds its instance not ready and queues for the permit. When the first request ends,
+/// the permit must reach the second request. Had the connection's own instance stayed
+/// queued (asked with a waker that does nothing) while a clone queued behind it, the
+/// permit would go to that instance, which nobody polls again, and the request would
+/// hang.
+#[tokio::test]
+async fn a_request_queued_at_a_concurrency_limit_gets_the_permit_when_it_frees() {
+    let started = Arc::new(tokio::sync::Notify::new());
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let (s, g) = (started.clone(), gate.clone());
+    let handler = tower::service_fn(move |req: Request<Incoming>| {
+        let (s, g) = (s.clone(), g.clone());
+        async move {
+            if req.uri().path() == "/slow" {
+                s.notify_one();
+                g.notified().await;
+            }
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+        }
+    });
+    let not_ready = Arc::new(tokio::sync::Notify::new());
+    let svc = Observed {
+        inner: tower::ServiceBuilder::new()
+            .concurrency_limit(1)
+            .service(handler),
+        not_ready: not_ready.clone(),
+    };
+    let server = spawn_local(svc).await.unwrap();
+
+    let mut a = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+    a.write_all(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), started.notified())
+        .await
+        .expect("the slow request holds the permit");
+    let mut b = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+    b.write_all(b"GET /fast HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // The server has read the second request and found the limit taken.
+    tokio::time::timeout(Duration::from_secs(10), not_ready.notified())
+        .await
+        .expect("the second request waits for the permit");
+    gate.notify_one();
+    let mut buf = [0u8; 1024];
+    for (name, conn) in [("first", &mut a), ("second", &mut b)] {
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("the {name} request got no answer"))
+            .unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{name}");
+    }
+}
+
+/// Signals each `poll_ready` that answers `Pending`.
+#[derive(Clone)]
+struct Observed<S> {
+    inner: S,
+    not_ready: Arc<tokio::sync::Notify>,
+}
+
+impl<S: Service<Request<Incoming>>> Service<Request<Incoming>> for Observed<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        let r = self.inner.poll_ready(cx);
+        if r.is_pending() {
+            self.not_ready.notify_one();
+        }
+        r
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        self.inner.call(req)
+    }
+}

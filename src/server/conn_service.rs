@@ -9,9 +9,14 @@
 //!
 //! [`ConnService`] keeps the connection's one instance and asks it first: when
 //! `poll_ready` answers at once, the request is called on it directly. Only a service that
-//! is not ready (a concurrency limit at its bound, a rate limit) pays the old way: a clone
-//! waits for readiness with the request's own waker, exactly what `TowerToHyperService`
-//! does for every request.
+//! is not ready (a concurrency limit at its bound, a rate limit) pays the old way: the
+//! instance that said "not ready" waits for readiness with the request's own waker, as a
+//! clone does under `TowerToHyperService` for every request, and the connection keeps a
+//! fresh clone for its next request.
+//!
+//! A behaviour to know: a service's own per-instance state now lives as long as the
+//! connection (a tower `RateLimit`'s window, say), where each request used to start from a
+//! fresh clone of the connection's instance.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -66,9 +71,17 @@ where
             Poll::Ready(Err(e)) => ConnFuture::Failed {
                 err: Some(e.into()),
             },
-            Poll::Pending => ConnFuture::Waiting {
-                fut: Oneshot::new(svc.clone(), req),
-            },
+            // The instance that is not ready may have queued for capacity (a semaphore
+            // permit) with the waker that does nothing: left in place, it could take a
+            // permit nobody uses until the connection's next request, or be served before
+            // the request waiting behind it. So it goes with this request, whose future
+            // polls it with the real waker, and the connection keeps a fresh clone.
+            Poll::Pending => {
+                let fresh = svc.clone();
+                ConnFuture::Waiting {
+                    fut: Oneshot::new(std::mem::replace(&mut *svc, fresh), req),
+                }
+            }
         }
     }
 }
