@@ -58,13 +58,15 @@ where
 
     fn call(&self, req: R) -> Self::Future {
         let Ok(mut svc) = self.svc.try_borrow_mut() else {
-            // Not reachable through hyper (calls do not nest); the clone is always right.
-            return ConnFuture::Waiting {
-                fut: Oneshot::new(self.svc.borrow().clone(), req),
+            // Not reachable through hyper (its calls do not nest, and the borrow ends
+            // here); answered with an error rather than a panic all the same.
+            return ConnFuture::Failed {
+                err: Some("connection service called while in use".into()),
             };
         };
         // Nothing is lost by asking with a waker that does nothing: a service that is not
-        // ready is not called; a clone is, and it registers the request's real waker.
+        // ready is not called here; it goes with the request, whose future asks it again
+        // with the real waker.
         let mut cx = Context::from_waker(Waker::noop());
         match svc.poll_ready(&mut cx) {
             Poll::Ready(Ok(())) => ConnFuture::Called { fut: svc.call(req) },
