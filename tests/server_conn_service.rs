@@ -18,6 +18,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower_patterns::server::spawn_local;
 use tower_service::Service;
 
+mod support;
+
 /// Answers `200 ok`; counts its clones and its `poll_ready` calls. With `pending_every`
 /// set, every such call (odd-numbered, over all clones) answers `Pending` first, waking
 /// the caller at once: a service that is not ready when asked.
@@ -199,5 +201,92 @@ impl<S: Service<Request<Incoming>>> Service<Request<Incoming>> for Observed<S> {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         self.inner.call(req)
+    }
+}
+
+/// Records the port of each request's `ClientAddr`, then calls the inner service.
+#[derive(Clone)]
+struct RecordPeer<S> {
+    inner: S,
+    ports: Arc<std::sync::Mutex<Vec<u16>>>,
+}
+
+impl<S: Service<Request<Incoming>>> Service<Request<Incoming>> for RecordPeer<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let port = req
+            .extensions()
+            .get::<tower_patterns::client_addr::ClientAddr>()
+            .map_or(0, |a| a.0.port());
+        if let Ok(mut ports) = self.ports.lock() {
+            ports.push(port);
+        }
+        self.inner.call(req)
+    }
+}
+
+/// The server reuses the extension map `Forward` hands back after each request (issue
+/// 12): with two connections taking turns on one thread, every request must still carry
+/// its own connection's peer, never the previous request's.
+#[tokio::test]
+async fn each_request_carries_its_own_peer_while_the_extension_map_is_reused() {
+    let be = support::echo_backend().await;
+    let ports = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let svc = RecordPeer {
+        inner: tower_patterns::proxy::ErrorResponse::new(
+            tower_patterns::proxy::Forward::<Incoming>::new(&be.url()).unwrap(),
+        ),
+        ports: ports.clone(),
+    };
+    let server = spawn_local(svc).await.unwrap();
+    let mut conns = [
+        tokio::net::TcpStream::connect(server.addr()).await.unwrap(),
+        tokio::net::TcpStream::connect(server.addr()).await.unwrap(),
+    ];
+    for i in 0..20 {
+        let c = &mut conns[i % 2];
+        let own = c.local_addr().unwrap().port();
+        c.write_all(b"GET /peer HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), read_answer(c))
+            .await
+            .expect("an answer");
+        assert!(answer.starts_with("http/1.1 200"), "{answer}");
+        assert!(
+            answer.contains("x-forwarded-for: 127.0.0.1"),
+            "the backend saw X-Forwarded-For: {answer}"
+        );
+        let last = ports.lock().unwrap().last().copied();
+        assert_eq!(last, Some(own), "request {i}");
+    }
+}
+
+/// One whole response (head and `content-length` body), lowercased.
+async fn read_answer(c: &mut tokio::net::TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .expect("a content-length");
+            if got.len() >= end + 4 + len {
+                return String::from_utf8_lossy(&got).to_ascii_lowercase();
+            }
+        }
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(n > 0, "connection closed mid-answer");
+        got.extend_from_slice(&buf[..n]);
     }
 }

@@ -243,6 +243,9 @@ where
             let req = Request::from_parts(parts, body);
             return ResponseFuture::boxed(upgrade::forward(call, req));
         }
+        // Nothing below reads the server's `ClientAddr`: its map goes back to the server
+        // for the next request when it holds nothing else (see `client_addr`).
+        crate::client_addr::recycle(&mut parts.extensions);
         ResponseFuture::new(
             self.pool.clone(),
             Request::from_parts(parts, body),

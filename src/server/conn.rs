@@ -376,7 +376,8 @@ where
             .extensions()
             .get::<hyper::upgrade::OnUpgrade>()
             .is_some();
-        req.extensions_mut().insert(self.peer);
+        // In a map a `Forward` handed back when there is one (see `client_addr`).
+        crate::client_addr::insert_client_addr(req.extensions_mut(), self.peer);
         // The limits only concern a body: a request without one (most `GET`s) is spared
         // an allocation and a map insert (issue 12's profile).
         if !req.body().is_end_stream() {
