@@ -60,12 +60,15 @@ unsafe impl GlobalAlloc for Counting {
 static GLOBAL: Counting = Counting;
 
 /// Allocations per request the proxy may make: measured 18 before issue 12's work, 13 after
-/// session 13, 12 after session 14 (see docs/BENCHMARKS.md, proxy section). What is left:
-/// hyper's (read buffers 4, the header-read timer 1, the response body channel 1, the
-/// client dispatch callback 1), the server's `ClientAddr` extension (3: the map, its
-/// table, the value; `BodyLimits` only goes on a request with a body, which this `GET`
-/// has not), `Forward`'s response future (1) and its `X-Forwarded-For` value (1).
-const BUDGET_PER_REQUEST: u64 = 12;
+/// session 13, 12 after session 14, 8 after session 15 (see docs/BENCHMARKS.md, proxy
+/// section). What is left: hyper's (read buffers 4, the header-read timer 1, the response
+/// body channel 1, the client dispatch callback 1) and `Forward`'s response future (1).
+/// Session 15: the `X-Forwarded-For` value is made once per client and connection, then
+/// shared (12 -> 11); the server's `ClientAddr` extension map (the map, its table, the
+/// value) is handed back by `Forward` and reused by the next request (11 -> 8; see
+/// `client_addr`). `BodyLimits` only goes on a request with a body, which this `GET` has
+/// not.
+const BUDGET_PER_REQUEST: u64 = 8;
 /// Of those, at most this many larger than [`LARGE`]: hyper's two 8 KiB read buffers (the
 /// server's and the upstream connection's: each is re-allocated while the message parsed
 /// from it is still in flight). `Forward`'s response future was a third (2.7 KiB, its

@@ -271,6 +271,7 @@ impl ForwardBuilder {
             upstream: Arc::new(upstream),
             pools,
             opts: Arc::new(self.opts),
+            forwarded_for: super::forwarded::ForwardedFor::default(),
         })
     }
 }

@@ -1,11 +1,13 @@
 //! The `X-Forwarded-For`/`-Proto`/`-Host` headers a [`Forward`](super::Forward) adds, written
 //! without allocating more than the one value that must be new (issue 12's profile put
 //! them at 4.5k instructions a request before): constant header names, the client IP
-//! formatted on the stack.
+//! formatted on the stack, and that one reused for the next request from the same client
+//! ([`ForwardedFor`]).
 
 use http::header::{HeaderName, HeaderValue};
 use http::uri::Scheme;
 use http::{HeaderMap, Uri};
+use std::net::IpAddr;
 
 use super::builder::Options;
 use super::headers::Seen;
@@ -17,18 +19,44 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+/// The `X-Forwarded-For` value last written by one `Forward` and the client it names.
+///
+/// The server calls one `Forward` per connection for all its requests (`server`'s
+/// `ConnService`), and a connection's requests all come from one client: the value made
+/// for the first is shared (a reference count) by the next ones instead of being
+/// formatted and allocated again (issue 12: one allocation, a copy and a free a request).
+/// A `Forward` serving many clients (behind a balancer, say) just makes a new one when the
+/// client changes, as before.
+#[derive(Clone, Debug, Default)]
+pub(super) struct ForwardedFor(Option<(IpAddr, HeaderValue)>);
+
+impl ForwardedFor {
+    /// The value naming `ip` alone.
+    fn value(&mut self, ip: IpAddr) -> Option<HeaderValue> {
+        if let Some((last, v)) = &self.0 {
+            if *last == ip {
+                return Some(v.clone());
+            }
+        }
+        let mut text = IpText::default();
+        text.write(ip);
+        let v = HeaderValue::from_bytes(text.as_bytes()).ok()?;
+        self.0 = Some((ip, v.clone()));
+        Some(v)
+    }
+}
+
 /// Sets the `X-Forwarded-*` headers of a request going to the upstream; `seen` is what
 /// `Forward::call`'s scan of its fields found (`Host`, an incoming `X-Forwarded-For`).
 pub(super) fn set_forwarded(
     opts: &Options,
+    last: &mut ForwardedFor,
     headers: &mut HeaderMap,
     client: Option<ClientAddr>,
     uri: &Uri,
     seen: &Seen,
 ) {
     if let Some(ClientAddr(addr)) = client {
-        let mut ip = IpText::default();
-        ip.write(addr.ip());
         // Every line of a repeated header counts: reading only the first would drop the
         // hops the others name (RFC 9110 §5.3 combines them with ", ").
         let joined = match seen.forwarded_for {
@@ -37,12 +65,14 @@ pub(super) fn set_forwarded(
         };
         let value = match joined {
             Some(mut v) if opts.append_forwarded_for => {
+                let mut ip = IpText::default();
+                ip.write(addr.ip());
                 v.extend_from_slice(b", ");
                 v.extend_from_slice(ip.as_bytes());
                 // The joined line becomes the value without another copy.
                 HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).ok()
             }
-            _ => HeaderValue::from_bytes(ip.as_bytes()).ok(),
+            _ => last.value(addr.ip()),
         };
         if let Some(v) = value {
             headers.insert(X_FORWARDED_FOR, v);
@@ -135,8 +165,18 @@ impl std::fmt::Write for IpText {
 
 #[cfg(test)]
 mod tests {
-    use super::IpText;
+    use super::{ForwardedFor, IpText};
     use std::net::IpAddr;
+
+    #[test]
+    fn the_reused_value_always_names_the_current_client() {
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "2001:db8::1".parse().unwrap();
+        let mut last = ForwardedFor::default();
+        for ip in [a, a, b, a, b, b] {
+            assert_eq!(last.value(ip).unwrap(), ip.to_string().as_str());
+        }
+    }
 
     #[test]
     fn ip_text_matches_std_display() {

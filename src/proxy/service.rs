@@ -16,7 +16,7 @@ use tower_service::Service;
 use super::body::{BodyLimits, ClientBody, Progress};
 use super::builder::{ForwardBuilder, Options};
 use super::error::ForwardError;
-use super::forwarded::set_forwarded;
+use super::forwarded::{set_forwarded, ForwardedFor};
 use super::future::ResponseFuture;
 use super::h2::{asks_for_trailers, TeTrailers};
 use super::headers::{strip_present, Seen, TE_BIT, UPGRADE_BIT};
@@ -37,6 +37,8 @@ pub struct Forward<B> {
     pub(super) upstream: Arc<Upstream>,
     pub(super) pools: Arc<Pools<ClientBody<B>>>,
     pub(super) opts: Arc<Options>,
+    /// The last client's `X-Forwarded-For` value (see `forwarded::ForwardedFor`).
+    pub(super) forwarded_for: ForwardedFor,
 }
 
 impl<B> Clone for Forward<B> {
@@ -46,6 +48,7 @@ impl<B> Clone for Forward<B> {
             upstream: self.upstream.clone(),
             pools: self.pools.clone(),
             opts: self.opts.clone(),
+            forwarded_for: self.forwarded_for.clone(),
         }
     }
 }
@@ -78,6 +81,7 @@ where
             upstream: Arc::new(upstream),
             pools: self.pools.clone(),
             opts: self.opts.clone(),
+            forwarded_for: ForwardedFor::default(),
         })
     }
 
@@ -186,7 +190,14 @@ where
                 .insert(header::TE, HeaderValue::from_static("trailers"));
         }
         let client = parts.extensions.get::<ClientAddr>().copied();
-        set_forwarded(&self.opts, &mut parts.headers, client, &parts.uri, &seen);
+        set_forwarded(
+            &self.opts,
+            &mut self.forwarded_for,
+            &mut parts.headers,
+            client,
+            &parts.uri,
+            &seen,
+        );
         crate::trace::on_upstream_call(
             &mut parts.headers,
             &parts.extensions,
@@ -232,6 +243,9 @@ where
             let req = Request::from_parts(parts, body);
             return ResponseFuture::boxed(upgrade::forward(call, req));
         }
+        // Nothing below reads the server's `ClientAddr`: its map goes back to the server
+        // for the next request when it holds nothing else (see `client_addr`).
+        crate::client_addr::recycle(&mut parts.extensions);
         ResponseFuture::new(
             self.pool.clone(),
             Request::from_parts(parts, body),

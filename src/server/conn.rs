@@ -17,11 +17,11 @@ use http_body::Body as _;
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use pin_project_lite::pin_project;
 use tokio::sync::{watch, Notify};
 use tower_service::Service;
 
+use super::conn_service::ConnService;
 use super::detect::{sniff, Prefixed};
 use super::head_timer::HeadTimer;
 use super::lease::ConnectionLease;
@@ -174,7 +174,9 @@ impl<A: Accept> Conns<A> {
                 };
                 // Small responses leave as one `send` (see `small_writes`).
                 let io = TokioIo::new(SmallWrites::new(Prefixed::new(prefix, io)));
-                let svc = TowerToHyperService::new(svc);
+                // One service instance for all the connection's requests, not a clone
+                // per request (see `conn_service`).
+                let svc = ConnService::new(svc);
                 let ended = if h2 {
                     let conn = http.h2.serve_connection(io, svc);
                     let idle = Some(http.detect_timeout);
@@ -374,7 +376,8 @@ where
             .extensions()
             .get::<hyper::upgrade::OnUpgrade>()
             .is_some();
-        req.extensions_mut().insert(self.peer);
+        // In a map a `Forward` handed back when there is one (see `client_addr`).
+        crate::client_addr::insert_client_addr(req.extensions_mut(), self.peer);
         // The limits only concern a body: a request without one (most `GET`s) is spared
         // an allocation and a map insert (issue 12's profile).
         if !req.body().is_end_stream() {

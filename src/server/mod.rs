@@ -19,6 +19,11 @@
 //! TLS in (`tls::ServerTls`, feature `tls`; [`Server::serve_with_acceptor`],
 //! [`Workers::acceptor`]). See `docs/protocols.md`.
 //!
+//! The service is cloned once per connection, and that instance serves all the
+//! connection's requests (hyper-util's `TowerToHyperService` clones it for every request);
+//! a request that finds it not ready waits on it while the connection goes on with a fresh
+//! clone. State a service keeps per instance therefore lasts as long as the connection.
+//!
 //! ```no_run
 //! use tower_patterns::server;
 //!
@@ -41,6 +46,7 @@ mod anchor;
 mod balance;
 mod config;
 mod conn;
+mod conn_service;
 mod detect;
 #[cfg(target_os = "linux")]
 mod handoff;
