@@ -280,6 +280,18 @@ mod tests {
             Some(1.0),
             "{text}"
         );
+        // The latency is a Prometheus histogram (buckets), not a summary: the upkeep
+        // folds a bucketed sample in a few comparisons, where a summary's quantile
+        // sketch cost ~1,200 instructions per request (session 15, process callgrind).
+        assert_eq!(
+            series(
+                &text,
+                "tower_patterns_request_duration_seconds_bucket{route=\"proxy\",le=\"+Inf\"}"
+            ),
+            Some(1.0),
+            "{text}"
+        );
+        assert!(!text.contains("quantile="), "{text}");
 
         // Three requests used the burst of 3 (one per 333 ms comes back): within a few
         // more, one is refused with a whole number of seconds to wait.
