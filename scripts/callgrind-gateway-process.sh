@@ -41,23 +41,10 @@ declare -A FLAGS=(
 )
 for run in $(seq 1 "$RUNS"); do
     for mode in direct balancer gateway gateway-balancer; do
-        P=$(free_port)
         outf="$out_dir/$mode.$run"
-        # shellcheck disable=SC2086 # the flags are words
-        valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$outf" \
-            "$BIN" --serve ${FLAGS[$mode]} --workers 1 --listen "127.0.0.1:$P" \
-            --backends "http://127.0.0.1:$B" >/dev/null 2>"$work/valgrind.log" &
-        vg=$!; pids+=($vg)
-        wait_port "$P"
-        wrk -t1 -c16 -H "x-api-key: $KEY" -d2s "http://127.0.0.1:$P/" >/dev/null
-        callgrind_control -i on "$vg" >/dev/null 2>&1
-        out=$(wrk -t1 -c16 -H "x-api-key: $KEY" -d"$DURATION" "http://127.0.0.1:$P/")
-        callgrind_control -i off "$vg" >/dev/null 2>&1
-        wrk_parse "$out"
-        kill -INT "$vg"; wait "$vg" 2>/dev/null || true
-        total=$(callgrind_annotate "$outf" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
+        callgrind_proxy "$B" "$BIN" "$outf" "${FLAGS[$mode]}" -H "x-api-key: $KEY"
         printf '%-17s run %s: requests %6s, per request %6s%s\n' "$mode" "$run" "$wrk_total" \
-            "$((total / wrk_total))" "${wrk_err:+ (wrk: $wrk_err)}"
+            "$((cg_total / wrk_total))" "${wrk_err:+ (wrk: $wrk_err)}"
     done
 done
 echo "profiles: $out_dir"

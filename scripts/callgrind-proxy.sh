@@ -24,20 +24,9 @@ need nginx nginx-light
 need wrk wrk
 need python3 python3
 
-B=$(free_port); P=$(free_port)
+B=$(free_port)
 nginx_start backend 1 "server { listen 127.0.0.1:$B; location / { return 200 'ok\n'; } }"
 wait_port "$B"
-LD_PRELOAD=${PRELOAD:-} valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUTF" \
-    "$BIN" --serve --direct --workers 1 --listen "127.0.0.1:$P" --backends "http://127.0.0.1:$B" \
-    >/dev/null 2>"$work/valgrind.log" &
-vg=$!; pids+=($vg)
-wait_port "$P"
-wrk -t1 -c16 -d2s "http://127.0.0.1:$P/" >/dev/null
-callgrind_control -i on "$vg" >/dev/null 2>&1
-out=$(wrk -t1 -c16 -d"$DURATION" "http://127.0.0.1:$P/")
-callgrind_control -i off "$vg" >/dev/null 2>&1
-wrk_parse "$out"
-kill -INT "$vg"; wait "$vg" 2>/dev/null || true
-total=$(callgrind_annotate "$OUTF" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
-echo "requests $wrk_total, instructions $total, per request $((total / wrk_total))${wrk_err:+, wrk: $wrk_err}"
+callgrind_proxy "$B" "$BIN" "$OUTF" "--direct"
+echo "requests $wrk_total, instructions $cg_total, per request $((cg_total / wrk_total))${wrk_err:+, wrk: $wrk_err}"
 echo "profile: $OUTF"

@@ -97,3 +97,27 @@ wrk_parse() {
 # "median min max" of a list of numbers.
 stats() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{ v[NR] = $1 } END {
     m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; print m, v[1], v[NR] }'; }
+
+# Callgrind around one `reverse_proxy --serve --workers 1 FLAGS` process in front of the
+# backend on port $1: instrumentation on only for a `wrk -t1 -c16` run of $DURATION after
+# a 2 s warm-up; sets cg_total (instructions) and the wrk_* figures. Arguments: backend
+# port, binary, callgrind output file, the proxy's flags (one word list), then wrk's extra
+# arguments (headers). LD_PRELOAD is passed to the proxy only.
+callgrind_proxy() { # backend-port binary outfile "flags" [wrk args...]
+    local be=$1 bin=$2 outf=$3 flags=$4 port vg out
+    shift 4
+    port=$(free_port)
+    # shellcheck disable=SC2086 # the flags are words
+    LD_PRELOAD=${PRELOAD:-} valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$outf" \
+        "$bin" --serve $flags --workers 1 --listen "127.0.0.1:$port" --backends "http://127.0.0.1:$be" \
+        >/dev/null 2>"$work/valgrind.log" &
+    vg=$!; pids+=($vg)
+    wait_port "$port"
+    wrk -t1 -c16 "$@" -d2s "http://127.0.0.1:$port/" >/dev/null
+    callgrind_control -i on "$vg" >/dev/null 2>&1
+    out=$(wrk -t1 -c16 "$@" -d"$DURATION" "http://127.0.0.1:$port/")
+    callgrind_control -i off "$vg" >/dev/null 2>&1
+    wrk_parse "$out"
+    kill -INT "$vg"; wait "$vg" 2>/dev/null || true
+    cg_total=$(callgrind_annotate "$outf" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
+}
