@@ -88,36 +88,6 @@ NGINX_PROXY='proxy_pass http://be; proxy_http_version 1.1;
         proxy_set_header X-Forwarded-Proto $scheme;
         proxy_set_header X-Forwarded-Host $http_host;'
 
-haproxy_start() { # name workers port servers...
-    local name=$1 workers=$2 port=$3; shift 3
-    {
-        cat <<CONF
-global
-    nbthread $workers
-    maxconn 8000
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
-    http-reuse always
-    option forwardfor
-frontend fe
-    bind 127.0.0.1:$port$HAP_SSL
-    http-request set-header X-Forwarded-Proto $SCHEME
-    http-request set-header X-Forwarded-Host %[req.hdr(host)]
-    default_backend be
-backend be
-    balance roundrobin
-CONF
-        local i=0
-        for s in "$@"; do i=$((i + 1)); echo "    server s$i $s"; done
-    } > "$work/$name.cfg"
-    spawn_pinned "${PX_CORES:-}" haproxy -f "$work/$name.cfg" -q &
-    pids+=($!)
-    last_pid=$!
-}
-
 B1=$(free_port); B2=$(free_port)
 nginx_start backend "$BE_WORKERS" "server { listen 127.0.0.1:$B1 reuseport; listen 127.0.0.1:$B2 reuseport; location / { return 200 'ok\n'; } }" "${BE_CORES:-}"
 wait_port "$B1"; wait_port "$B2"

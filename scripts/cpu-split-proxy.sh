@@ -33,27 +33,8 @@ nginx_start backend 1 "server { listen 127.0.0.1:$B; location / { return 200 'ok
 wait_port "$B"
 "$BIN" --serve --direct --workers 1 --listen "127.0.0.1:$P" --backends "http://127.0.0.1:$B" >/dev/null 2>&1 &
 ours=$!; pids+=($ours)
-cat > "$work/hap.cfg" <<CONF
-global
-    nbthread 1
-    maxconn 8000
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
-    http-reuse always
-    option forwardfor
-frontend fe
-    bind 127.0.0.1:$H
-    http-request set-header X-Forwarded-Proto http
-    http-request set-header X-Forwarded-Host %[req.hdr(host)]
-    default_backend be
-backend be
-    server s1 127.0.0.1:$B
-CONF
-haproxy -f "$work/hap.cfg" -q &
-hap=$!; pids+=($hap)
+haproxy_start hap 1 "$H" "127.0.0.1:$B"
+hap=$last_pid
 wait_port "$P"; wait_port "$H"
 wrk -t1 -c16 -d2s "http://127.0.0.1:$P/" >/dev/null
 wrk -t1 -c16 -d2s "http://127.0.0.1:$H/" >/dev/null

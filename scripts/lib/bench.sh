@@ -98,6 +98,39 @@ wrk_parse() {
 stats() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{ v[NR] = $1 } END {
     m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; print m, v[1], v[NR] }'; }
 
+# HAProxy with the forwarded headers our `Forward` adds (`X-Forwarded-For` appended,
+# `-Proto`, `-Host`), upstream connections kept alive, round robin over the servers given;
+# `HAP_SSL` (bind options) and `SCHEME` for TLS termination. Sets last_pid.
+haproxy_start() { # name workers port servers...
+    local name=$1 workers=$2 port=$3; shift 3
+    {
+        cat <<CONF
+global
+    nbthread $workers
+    maxconn 8000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    http-reuse always
+    option forwardfor
+frontend fe
+    bind 127.0.0.1:$port${HAP_SSL:-}
+    http-request set-header X-Forwarded-Proto ${SCHEME:-http}
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
+    default_backend be
+backend be
+    balance roundrobin
+CONF
+        local i=0
+        for s in "$@"; do i=$((i + 1)); echo "    server s$i $s"; done
+    } > "$work/$name.cfg"
+    spawn_pinned "${PX_CORES:-}" haproxy -f "$work/$name.cfg" -q &
+    pids+=($!)
+    last_pid=$!
+}
+
 # Callgrind around one `reverse_proxy --serve --workers 1 FLAGS` process in front of the
 # backend on port $1: instrumentation on only for a `wrk -t1 -c16` run of $DURATION after
 # a 2 s warm-up; sets cg_total (instructions) and the wrk_* figures. Arguments: backend
