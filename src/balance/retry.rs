@@ -184,6 +184,7 @@ enum KeptExtensions {
 }
 
 impl KeptExtensions {
+    #[inline]
     fn of(ext: &Extensions) -> Self {
         if ext.is_empty() {
             return KeptExtensions::Server {
