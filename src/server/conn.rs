@@ -366,7 +366,9 @@ where
                         http::HeaderValue::from_static("close"),
                     );
                 }
-                return LimitsFuture::Refused { res: Some(res) };
+                return LimitsFuture::Refused {
+                    res: Some(Box::new(res)),
+                };
             }
         }
         // Only a request that may become a tunnel pays for the lease (see `lease`): one
@@ -399,7 +401,10 @@ pin_project! {
     #[project = LimitsProj]
     enum LimitsFuture<F, B: http_body::Body> {
         Inner { #[pin] fut: F },
-        Refused { res: Option<Response<Either<B, Empty<B::Data>>>> },
+        // Boxed: the refusal is rare, and inline it sized every request's future (a
+        // response head, ~100 bytes), which hyper's dispatcher moves with `memcpy` when
+        // it stores it (issue 12, session 15).
+        Refused { res: Option<Box<Response<Either<B, Empty<B::Data>>>>> },
     }
 }
 
@@ -415,9 +420,23 @@ where
             LimitsProj::Inner { fut } => fut.poll(cx).map_ok(|res| res.map(Either::Left)),
             // Polled once: a second poll after Ready is a caller bug; stay pending.
             LimitsProj::Refused { res } => match res.take() {
-                Some(res) => Poll::Ready(Ok(res)),
+                Some(res) => Poll::Ready(Ok(*res)),
                 None => Poll::Pending,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every request's future is stored by hyper's dispatcher, a `memcpy` of its whole
+    /// size: the rare refusal must not size it (an inline response made it 120 bytes).
+    #[test]
+    fn refusal_does_not_size_the_future() {
+        type Fut = LimitsFuture<std::future::Pending<()>, Empty<Bytes>>;
+        let size = std::mem::size_of::<Fut>();
+        assert!(size <= 2 * std::mem::size_of::<usize>(), "{size} bytes");
     }
 }

@@ -81,7 +81,7 @@ where
             Poll::Pending => {
                 let fresh = svc.clone();
                 ConnFuture::Waiting {
-                    fut: Oneshot::new(std::mem::replace(&mut *svc, fresh), req),
+                    fut: Box::pin(Oneshot::new(std::mem::replace(&mut *svc, fresh), req)),
                 }
             }
         }
@@ -94,8 +94,11 @@ pin_project! {
     pub(super) enum ConnFuture<S: Service<R>, R> {
         /// Called on the connection's instance.
         Called { #[pin] fut: S::Future },
-        /// A clone waiting for readiness (the service was not ready at once).
-        Waiting { #[pin] fut: Oneshot<S, R> },
+        /// A clone waiting for readiness (the service was not ready at once). Boxed: it
+        /// holds the service and the request, and inline it would size every request's
+        /// future, which hyper's dispatcher moves with `memcpy` when it stores it (issue
+        /// 12, session 15); this path pays a clone already.
+        Waiting { fut: Pin<Box<Oneshot<S, R>>> },
         /// `poll_ready` failed: the request is answered with its error.
         Failed { err: Option<BoxError> },
     }
@@ -111,12 +114,40 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
             ConnFutureProj::Called { fut } => fut.poll(cx).map_err(Into::into),
-            ConnFutureProj::Waiting { fut } => fut.poll(cx).map_err(Into::into),
+            ConnFutureProj::Waiting { fut } => fut.as_mut().poll(cx).map_err(Into::into),
             // Polled once: a second poll after Ready is a caller bug; stay pending.
             ConnFutureProj::Failed { err } => match err.take() {
                 Some(e) => Poll::Ready(Err(e)),
                 None => Poll::Pending,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::future::{ready, Ready};
+
+    use http::Request;
+    use hyper::body::Incoming;
+
+    use super::*;
+
+    type Svc = tower::util::ServiceFn<fn(Request<Incoming>) -> Ready<Result<u8, Infallible>>>;
+
+    fn svc(_: Request<Incoming>) -> Ready<Result<u8, Infallible>> {
+        ready(Ok(0))
+    }
+
+    /// Every request's future is stored by hyper's dispatcher, a `memcpy` of its whole
+    /// size: the rare wait for readiness (a service clone and the whole request) must not
+    /// size it (272 bytes inline, here with a `u8` response); what is left is the error of
+    /// the `Failed` case.
+    #[test]
+    fn waiting_does_not_size_the_future() {
+        let _: Svc = tower::service_fn(svc as fn(_) -> _);
+        let size = std::mem::size_of::<ConnFuture<Svc, Request<Incoming>>>();
+        assert!(size <= 3 * std::mem::size_of::<usize>(), "{size} bytes");
     }
 }
