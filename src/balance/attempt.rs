@@ -188,6 +188,7 @@ where
         snap: &Snap<K, S, M>,
         picked: Picked<Permit<K, M>>,
         req: Request<B>,
+        local: Option<&mut S>,
     ) -> Call<S, Request<B>> {
         let Picked {
             index,
@@ -223,13 +224,18 @@ where
             }
         }
         self.arm = self.shared.try_timeout.is_some();
-        let svc = ep.service.clone();
+        // The balancer instance's own clone when it has one (`local.rs`): no clone per try,
+        // and the service's per-instance state (`Forward`'s last `X-Forwarded-For`) kept.
+        let call = match local {
+            Some(svc) => Call::start_on(svc, || ep.service.clone(), req),
+            None => Call::start(ep.service.clone(), req),
+        };
         self.endpoint = Some(InFlight {
             ep,
             trial,
             counted: true,
         });
-        Call::start(svc, req)
+        call
     }
 
     /// Whether a try on endpoint `current` could be followed by one elsewhere: another
