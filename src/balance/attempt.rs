@@ -188,6 +188,7 @@ where
         snap: &Snap<K, S, M>,
         picked: Picked<Permit<K, M>>,
         req: Request<B>,
+        local: Option<&mut S>,
     ) -> Call<S, Request<B>> {
         let Picked {
             index,
@@ -223,13 +224,19 @@ where
             }
         }
         self.arm = self.shared.try_timeout.is_some();
-        let svc = ep.service.clone();
         self.endpoint = Some(InFlight {
             ep,
             trial,
             counted: true,
         });
-        Call::start(svc, req)
+        // The balancer instance's own clone when it has one (`local.rs`): no clone per try,
+        // and the service's per-instance state (`Forward`'s last `X-Forwarded-For`) kept.
+        // The call last: the future is built in place of the return value, not moved.
+        let service = || snap.endpoints[index].service.clone();
+        match local {
+            Some(svc) => Call::start_on(svc, service, req),
+            None => Call::start(service(), req),
+        }
     }
 
     /// Whether a try on endpoint `current` could be followed by one elsewhere: another

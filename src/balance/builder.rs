@@ -250,7 +250,7 @@ where
             }
         }
         shared.publish(list);
-        Balance { shared }
+        Balance::from_shared(shared)
     }
 
     /// A balancer fed by `discover`, and the [`Driver`] future that applies its changes.
@@ -261,9 +261,7 @@ where
         D: Discover<Key = K>,
     {
         let shared = self.shared();
-        let balance = Balance {
-            shared: shared.clone(),
-        };
+        let balance = Balance::from_shared(shared.clone());
         (balance, Driver::new(discover, shared))
     }
 

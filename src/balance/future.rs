@@ -20,6 +20,7 @@ use super::attempt::{deadline_after, first_pick, miss_error, Attempt};
 use super::call::Call;
 use super::error::BalanceError;
 use super::error::TryTimeout;
+use super::local::Local;
 use super::outcome::Settled;
 use super::retry::CloneBody;
 use super::service::{MakeGate, Shared};
@@ -66,7 +67,11 @@ where
     C: Classify,
     B: CloneBody,
 {
-    pub(crate) fn start(shared: Arc<Shared<K, S, M, C>>, req: Request<B>) -> Self {
+    pub(crate) fn start(
+        shared: Arc<Shared<K, S, M, C>>,
+        local: &mut Local<K, S, M>,
+        req: Request<B>,
+    ) -> Self {
         let snap = shared.snapshot.load();
         let (picked, cookie_id, key) = first_pick(&shared, &snap, &req);
         // Whether the method may be sent again after an upstream saw it. (An upgrade may
@@ -75,7 +80,10 @@ where
         // Moved, not cloned: one reference-count round trip per request is enough.
         let mut st = Attempt::new(shared, key, cookie_id, method_ok);
         let inner = match picked {
-            Ok(p) => Some(st.dispatch(&snap, p, req)),
+            Ok(p) => {
+                let svc = local.service(&snap, p.index);
+                Some(st.dispatch(&snap, p, req, svc))
+            }
             Err(m) => {
                 st.set_last(Err(miss_error(m)));
                 st.queue(req);
@@ -142,7 +150,7 @@ where
                 let snap = shared.snapshot.load();
                 match snap.pick(&shared.picker, st.key, &shared.clock, st.tried()) {
                     Ok(p) => {
-                        let fut = st.dispatch(&snap, p, req);
+                        let fut = st.dispatch(&snap, p, req, None);
                         this.inner.set(Some(fut));
                     }
                     Err(m) => {
@@ -229,7 +237,7 @@ where
                                     crate::body::DISCARD_TIMEOUT,
                                 );
                             }
-                            let fut = st.dispatch(&snap, p, req);
+                            let fut = st.dispatch(&snap, p, req, None);
                             this.inner.set(Some(fut));
                             continue;
                         }

@@ -84,6 +84,7 @@ mod error;
 mod future;
 mod guard;
 mod hash;
+mod local;
 mod outcome;
 mod pick;
 mod picker;

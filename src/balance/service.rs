@@ -19,6 +19,7 @@ use super::endpoint::{Clock, Endpoint, EndpointStatus, PassiveHealth};
 use super::error::BalanceError;
 use super::future::ResponseFuture;
 use super::hash::key_id;
+use super::local::Local;
 use super::pick::Snapshot;
 use super::picker::Picker;
 use super::retry::{CloneBody, Retry};
@@ -142,12 +143,22 @@ where
 /// Cloning is cheap: clones share the endpoint set, counters and health state.
 pub struct Balance<K, S, M: MakeGate<K> = NoGates, C = Condition> {
     pub(crate) shared: Arc<Shared<K, S, M, C>>,
+    /// This instance's clones of the endpoint services (`local.rs`); a clone of the
+    /// balancer starts without any.
+    local: Local<K, S, M>,
 }
 
 impl<K, S, M: MakeGate<K>, C> Clone for Balance<K, S, M, C> {
     fn clone(&self) -> Self {
+        Balance::from_shared(self.shared.clone())
+    }
+}
+
+impl<K, S, M: MakeGate<K>, C> Balance<K, S, M, C> {
+    pub(crate) fn from_shared(shared: Arc<Shared<K, S, M, C>>) -> Self {
         Balance {
-            shared: self.shared.clone(),
+            shared,
+            local: Local::new(),
         }
     }
 }
@@ -261,6 +272,6 @@ where
 
     #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        ResponseFuture::start(self.shared.clone(), req)
+        ResponseFuture::start(self.shared.clone(), &mut self.local, req)
     }
 }
