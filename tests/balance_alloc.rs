@@ -32,22 +32,31 @@ static ALLOCS: AtomicU64 = AtomicU64::new(0);
 thread_local! {
     // `const`: reading it never allocates, so the allocator may use it.
     static COUNTED: Cell<bool> = const { Cell::new(false) };
+    // A count of this thread's own allocations, apart from `ALLOCS` (which other tests'
+    // proxy threads add to while they run in parallel).
+    static COUNT_HERE: Cell<bool> = const { Cell::new(false) };
+    static HERE: Cell<u64> = const { Cell::new(0) };
+}
+
+fn count_alloc() {
+    if COUNTED.with(Cell::get) {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+    }
+    if COUNT_HERE.with(Cell::get) {
+        HERE.with(|h| h.set(h.get() + 1));
+    }
 }
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTED.with(Cell::get) {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
+        count_alloc();
         System.alloc(layout)
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         System.dealloc(ptr, layout)
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if COUNTED.with(Cell::get) {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
+        count_alloc();
         System.realloc(ptr, layout, new_size)
     }
 }
@@ -201,5 +210,62 @@ async fn a_get_retried_after_it_was_sent_still_carries_the_client_address() {
     assert!(
         sent_to_first.load(Ordering::Relaxed) >= 1,
         "a request was sent to the endpoint that hangs up, and then retried"
+    );
+}
+
+/// Starts counting this thread's own allocations (`HERE`); returns the count so far.
+fn count_from_here() -> u64 {
+    COUNT_HERE.with(|c| c.set(true));
+    HERE.with(Cell::get)
+}
+
+/// This thread's allocations since `start`; stops counting.
+fn counted_since(start: u64) -> u64 {
+    let n = HERE.with(Cell::get) - start;
+    COUNT_HERE.with(|c| c.set(false));
+    n
+}
+
+#[tokio::test]
+async fn a_balancer_cloned_per_request_pays_nothing_for_per_instance_clones() {
+    use http::{Request, Response};
+    use http_body_util::Full;
+    use tower::{Service, ServiceExt};
+    type Req = Request<Full<bytes::Bytes>>;
+    // An endpoint whose clone and answer allocate nothing, so only the balancer counts.
+    let endpoint = tower::service_fn(|_req: Req| async {
+        Ok::<_, std::convert::Infallible>(Response::new(String::new()))
+    });
+    let lb = Balance::builder().build_static([("a", endpoint), ("b", endpoint)]);
+    let get = || {
+        Request::get("/")
+            .body(Full::new(bytes::Bytes::new()))
+            .unwrap()
+    };
+    const N: u64 = 200;
+    // One long-lived instance (the server's: one per connection), warmed up first.
+    let mut kept = lb.clone();
+    for _ in 0..4 {
+        kept.ready().await.unwrap().call(get()).await.unwrap();
+    }
+    let start = count_from_here();
+    for _ in 0..N {
+        kept.ready().await.unwrap().call(get()).await.unwrap();
+    }
+    let long_lived = counted_since(start);
+    // A clone per request, as axum's `Router` and `oneshot` on a clone call it: such an
+    // instance is called once, so keeping clones of its endpoints (a list to allocate)
+    // would only cost it; it must allocate no more than the long-lived instance does.
+    let start = count_from_here();
+    for _ in 0..N {
+        lb.clone().oneshot(get()).await.unwrap();
+    }
+    let per_request = counted_since(start);
+    println!(
+        "allocations for {N} requests: long-lived {long_lived}, clone per request {per_request}"
+    );
+    assert!(
+        per_request <= long_lived + 2,
+        "a clone per request allocated {per_request} for {N} requests, a long-lived instance {long_lived}"
     );
 }

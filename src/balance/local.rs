@@ -14,6 +14,12 @@
 //! published. Retries and queued requests, which run in the response future without the
 //! instance, still clone from the snapshot (the cold path).
 //!
+//! An instance keeps clones only from its second call on. A balancer cloned for every
+//! request (axum's `Router` clones its service per request; so does `ServiceExt::oneshot`
+//! on a clone) calls each instance once, and a kept clone would then cost it the list's
+//! allocation and a weak reference for nothing (one allocation more a request in the
+//! gateway bench before this rule); such an instance clones from the snapshot, as before.
+//!
 //! Bounds: only the first [`LOCAL_MAX`] endpoints of a snapshot are kept, made on first
 //! use, so a connection holds at most that many clones however large the set. A clone of
 //! an endpoint removed from the set lives until the connection's next request or its end.
@@ -29,6 +35,8 @@ pub(crate) struct Local<K, S, M: MakeGate<K>> {
     /// The snapshot `services` mirror (index for index).
     of: Weak<Snap<K, S, M>>,
     services: Vec<Option<S>>,
+    /// Whether this instance was called before: clones are kept from the second call on.
+    called: bool,
 }
 
 impl<K, S, M: MakeGate<K>> Local<K, S, M> {
@@ -36,16 +44,22 @@ impl<K, S, M: MakeGate<K>> Local<K, S, M> {
         Local {
             of: Weak::new(),
             services: Vec::new(),
+            called: false,
         }
     }
 
     /// This instance's clone of the service of `snap`'s endpoint `index`, made on first
-    /// use; `None` past [`LOCAL_MAX`] (the caller clones from the snapshot).
+    /// use; `None` on the instance's first call and past [`LOCAL_MAX`] (the caller clones
+    /// from the snapshot).
     #[inline]
     pub(crate) fn service(&mut self, snap: &Arc<Snap<K, S, M>>, index: usize) -> Option<&mut S>
     where
         S: Clone,
     {
+        if !self.called {
+            self.called = true;
+            return None;
+        }
         let ep = snap.endpoints.get(index)?;
         if index >= LOCAL_MAX {
             return None;
