@@ -347,17 +347,20 @@ async fn main() -> Result<(), BoxError> {
         .collect();
     let charges = up.store.charges.lock().unwrap().len();
     let mut finished = 0;
-    // A client resends an unfinished checkout with the same key, a few times while the
-    // product service's breaker is still open after the fault.
+    // A client resends an unfinished checkout with the same key, every 250 ms for up to
+    // 3 s: longer than the product endpoints stay ejected by passive health (2 s) and
+    // the breaker stays open (500 ms) after the fault, so a checkout answered 207 at the
+    // very end of a fast (release) run still finds the service back.
+    const RESENDS: u32 = 12;
     for (path, key) in &unfinished {
-        for attempt in 0..4 {
+        for attempt in 0..RESENDS {
             let headers = [("idempotency-key", key.as_str()), ("x-api-key", API_KEY)];
             let (status, _) = fetch(gw, "POST", path, &headers).await?;
             if status == StatusCode::OK {
                 finished += 1;
                 break;
             }
-            if attempt < 3 {
+            if attempt + 1 < RESENDS {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         }
