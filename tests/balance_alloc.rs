@@ -11,58 +11,17 @@
 //! upstream read it and hung up reaches the second with the client's `X-Forwarded-For`
 //! (the server's `ClientAddr` extension, kept in the copy).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tower::Layer;
 use tower_patterns::balance::{Balance, ReplayLayer, Retry};
 use tower_patterns::body::ReplayBody;
 use tower_patterns::proxy::{ErrorResponseLayer, ForwardBuilder};
 
+mod alloc_support;
 mod common;
 
-struct Counting;
-
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-thread_local! {
-    // `const`: reading it never allocates, so the allocator may use it.
-    static COUNTED: Cell<bool> = const { Cell::new(false) };
-    // A count of this thread's own allocations, apart from `ALLOCS` (which other tests'
-    // proxy threads add to while they run in parallel).
-    static COUNT_HERE: Cell<bool> = const { Cell::new(false) };
-    static HERE: Cell<u64> = const { Cell::new(0) };
-}
-
-fn count_alloc() {
-    if COUNTED.with(Cell::get) {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-    }
-    if COUNT_HERE.with(Cell::get) {
-        HERE.with(|h| h.set(h.get() + 1));
-    }
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count_alloc();
-        System.alloc(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count_alloc();
-        System.realloc(ptr, layout, new_size)
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+use alloc_support::{count_from_here, counted_since, requests, spawn_backend, ALLOCS};
 
 /// Bare `Forward`'s budget (`tests/proxy_alloc.rs`: 8) plus the balancer's own: the
 /// kept copy of the head (its box and its header list). The `X-Forwarded-For` value is
@@ -77,108 +36,30 @@ const BUDGET_PER_REQUEST: u64 = 10;
 /// Allocations in the measured window that do not recur per request.
 const ONE_OFF: u64 = 50;
 
-/// A keep-alive backend answering every request head with the `X-Forwarded-For` it
-/// received (so the test sees the proxy's work reached it); with `hang_up`, it reads one
-/// head and closes the connection without an answer instead.
-async fn backend(listener: TcpListener, hang_up: bool, heads: Arc<AtomicU64>) {
-    loop {
-        let (mut conn, _) = listener.accept().await.expect("accept");
-        let heads = heads.clone();
-        tokio::spawn(async move {
-            let mut buf = Vec::new();
-            loop {
-                let mut chunk = [0u8; 4096];
-                let n = match conn.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                buf.extend_from_slice(&chunk[..n]);
-                while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    heads.fetch_add(1, Ordering::Relaxed);
-                    if hang_up {
-                        return;
-                    }
-                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                    let xff = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("x-forwarded-for:"))
-                        .map(str::trim)
-                        .unwrap_or("none")
-                        .to_owned();
-                    buf.drain(..end + 4);
-                    let res = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n\r\n{xff}",
-                        xff.len()
-                    );
-                    if conn.write_all(res.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-    }
-}
-
-/// A [`backend`]'s URL and the number of request heads it has read.
-async fn spawn_backend(hang_up: bool) -> (String, Arc<AtomicU64>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", l.local_addr().unwrap());
-    let heads = Arc::new(AtomicU64::new(0));
-    tokio::spawn(backend(l, hang_up, heads.clone()));
-    (url, heads)
-}
-
 /// `reverse_proxy --serve`'s stack for one worker over `backends`, served on its own
 /// thread with a current-thread runtime; only that thread's allocations are counted.
 fn spawn_balanced_proxy(backends: Vec<String>) -> std::net::SocketAddr {
-    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    std_listener.set_nonblocking(true).unwrap();
-    let proxy_addr = std_listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            COUNTED.with(|c| c.set(true));
-            let listener = TcpListener::from_std(std_listener).unwrap();
-            let endpoints = backends.iter().map(|url| {
-                let fwd = ForwardBuilder::new(url.as_str())
-                    .build::<ReplayBody<hyper::body::Incoming>>()
-                    .unwrap();
-                (url.clone(), fwd)
-            });
-            let lb = Balance::builder()
-                .retry(Retry::default())
-                .try_timeout(None)
-                .build_static(endpoints);
-            let svc = ErrorResponseLayer.layer(ReplayLayer::new(64 * 1024).layer(lb));
-            let _ = tower_patterns::server::serve(listener, svc).await;
+    alloc_support::serve_counted(move |listener| async move {
+        let endpoints = backends.iter().map(|url| {
+            let fwd = ForwardBuilder::new(url.as_str())
+                .build::<ReplayBody<hyper::body::Incoming>>()
+                .unwrap();
+            (url.clone(), fwd)
         });
-    });
-    proxy_addr
-}
-
-/// `n` requests, one at a time, spread over `conns`; each answered 200 with the
-/// `X-Forwarded-For` the backend saw.
-async fn requests(conns: &mut [TcpStream], req: &[u8], n: usize) {
-    for i in 0..n {
-        let c = &mut conns[i % conns.len()];
-        c.write_all(req).await.unwrap();
-        let (head, body) = common::read_raw_response(c).await;
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        assert_eq!(body, b"127.0.0.1", "the backend saw X-Forwarded-For");
-    }
+        let lb = Balance::builder()
+            .retry(Retry::default())
+            .try_timeout(None)
+            .build_static(endpoints);
+        let svc = ErrorResponseLayer.layer(ReplayLayer::new(64 * 1024).layer(lb));
+        let _ = tower_patterns::server::serve(listener, svc).await;
+    })
 }
 
 #[tokio::test]
 async fn balanced_path_stays_within_its_allocation_budget() {
     let backends = vec![spawn_backend(false).await.0, spawn_backend(false).await.0];
     let proxy_addr = spawn_balanced_proxy(backends);
-    let mut conns = Vec::new();
-    for _ in 0..4 {
-        conns.push(TcpStream::connect(proxy_addr).await.unwrap());
-    }
+    let mut conns = alloc_support::connect(proxy_addr, 4).await;
     let req = format!("GET /alloc HTTP/1.1\r\nhost: {proxy_addr}\r\nuser-agent: t\r\n\r\n");
     // Warm-up: connections accepted, both upstream pools hold their connection, hyper's
     // buffers have their steady size.
@@ -202,7 +83,7 @@ async fn a_get_retried_after_it_was_sent_still_carries_the_client_address() {
     let (hangs_up, sent_to_first) = spawn_backend(true).await;
     let (answers, _) = spawn_backend(false).await;
     let proxy_addr = spawn_balanced_proxy(vec![hangs_up, answers]);
-    let mut conn = TcpStream::connect(proxy_addr).await.unwrap();
+    let mut conn = tokio::net::TcpStream::connect(proxy_addr).await.unwrap();
     let req = format!("GET /retried HTTP/1.1\r\nhost: {proxy_addr}\r\n\r\n");
     // Passive health ejects the failing endpoint after a few failures; before that, at
     // least one request went to it first and was retried.
@@ -211,19 +92,6 @@ async fn a_get_retried_after_it_was_sent_still_carries_the_client_address() {
         sent_to_first.load(Ordering::Relaxed) >= 1,
         "a request was sent to the endpoint that hangs up, and then retried"
     );
-}
-
-/// Starts counting this thread's own allocations (`HERE`); returns the count so far.
-fn count_from_here() -> u64 {
-    COUNT_HERE.with(|c| c.set(true));
-    HERE.with(Cell::get)
-}
-
-/// This thread's allocations since `start`; stops counting.
-fn counted_since(start: u64) -> u64 {
-    let n = HERE.with(Cell::get) - start;
-    COUNT_HERE.with(|c| c.set(false));
-    n
 }
 
 #[tokio::test]
