@@ -21,7 +21,7 @@ use tower_patterns::proxy::{ErrorResponseLayer, ForwardBuilder};
 mod alloc_support;
 mod common;
 
-use alloc_support::{count_from_here, counted_since, requests, spawn_backend, ALLOCS};
+use alloc_support::{count_from_here, counted_since, requests, spawn_backend};
 
 /// Bare `Forward`'s budget (`tests/proxy_alloc.rs`: 8) plus the balancer's own: the
 /// kept copy of the head (its box and its header list). The `X-Forwarded-For` value is
@@ -61,13 +61,8 @@ async fn balanced_path_stays_within_its_allocation_budget() {
     let proxy_addr = spawn_balanced_proxy(backends);
     let mut conns = alloc_support::connect(proxy_addr, 4).await;
     let req = format!("GET /alloc HTTP/1.1\r\nhost: {proxy_addr}\r\nuser-agent: t\r\n\r\n");
-    // Warm-up: connections accepted, both upstream pools hold their connection, hyper's
-    // buffers have their steady size.
-    requests(&mut conns, req.as_bytes(), 200).await;
-    let before = ALLOCS.load(Ordering::Relaxed);
     const N: u64 = 2000;
-    requests(&mut conns, req.as_bytes(), N as usize).await;
-    let allocs = ALLOCS.load(Ordering::Relaxed) - before;
+    let (allocs, _) = alloc_support::measure(&mut conns, req.as_bytes(), N).await;
     let per_request = allocs as f64 / N as f64;
     println!("balanced proxy allocations: {allocs} for {N} requests ({per_request:.3} a request)");
     assert!(

@@ -6,15 +6,13 @@
 //! the client run on other threads), so the figure is exact and load-independent. A change
 //! that adds an allocation per request fails here and has to say why in the budget.
 
-use std::sync::atomic::Ordering;
-
 use tower::ServiceBuilder;
 use tower_patterns::proxy::{ErrorResponseLayer, ForwardBuilder};
 
 mod alloc_support;
 mod common;
 
-use alloc_support::{ALLOCS, LARGE, LARGE_ALLOCS};
+use alloc_support::LARGE;
 
 /// Allocations per request the proxy may make: measured 18 before issue 12's work, 13 after
 /// session 13, 12 after session 14, 8 after session 15 (see docs/BENCHMARKS.md, proxy
@@ -46,15 +44,8 @@ async fn forward_path_stays_within_its_allocation_budget() {
     });
     let mut conns = alloc_support::connect(proxy_addr, 4).await;
     let req = format!("GET /alloc HTTP/1.1\r\nhost: {proxy_addr}\r\nuser-agent: t\r\n\r\n");
-    // Warm-up: the connections are accepted, the upstream pool holds its connection and
-    // hyper's buffers have their steady size.
-    alloc_support::requests(&mut conns, req.as_bytes(), 200).await;
-    let before = ALLOCS.load(Ordering::Relaxed);
-    let large_before = LARGE_ALLOCS.load(Ordering::Relaxed);
     const N: u64 = 2000;
-    alloc_support::requests(&mut conns, req.as_bytes(), N as usize).await;
-    let allocs = ALLOCS.load(Ordering::Relaxed) - before;
-    let large = LARGE_ALLOCS.load(Ordering::Relaxed) - large_before;
+    let (allocs, large) = alloc_support::measure(&mut conns, req.as_bytes(), N).await;
     let per_request = allocs as f64 / N as f64;
     println!("proxy allocations: {allocs} for {N} requests ({per_request:.3} a request)");
     // A few one-off allocations (a table growing once in the window) are not per request.

@@ -164,6 +164,20 @@ pub async fn requests(conns: &mut [TcpStream], req: &[u8], n: usize) {
     }
 }
 
+/// The counted allocations of `n` requests over `conns`, after a warm-up of 200 (the
+/// connections accepted, the upstream pools holding their connections, hyper's buffers at
+/// their steady size): all of them, and those larger than [`LARGE`].
+pub async fn measure(conns: &mut [TcpStream], req: &[u8], n: u64) -> (u64, u64) {
+    requests(conns, req, 200).await;
+    let before = ALLOCS.load(Ordering::Relaxed);
+    let large_before = LARGE_ALLOCS.load(Ordering::Relaxed);
+    requests(conns, req, n as usize).await;
+    (
+        ALLOCS.load(Ordering::Relaxed) - before,
+        LARGE_ALLOCS.load(Ordering::Relaxed) - large_before,
+    )
+}
+
 /// `n` connections to `addr`.
 pub async fn connect(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
     let mut conns = Vec::new();
