@@ -72,12 +72,39 @@ pub(crate) fn insert_client_addr(ext: &mut Extensions, addr: ClientAddr) {
 }
 
 /// Takes the extensions of a request about to leave for its upstream, for
-/// [`insert_client_addr`], when they hold only a [`ClientAddr`]; anything else stays.
+/// [`insert_client_addr`], when they hold only a [`ClientAddr`] and the gateway layers'
+/// own per-request values ([`edge_only`]); anything else keeps the map with its request.
 pub(crate) fn recycle(ext: &mut Extensions) {
-    if ext.len() == 1 && ext.get::<ClientAddr>().is_some() {
-        let map = std::mem::take(ext);
-        SPARE.with(|s| s.set(Some(map)));
+    if ext.get::<ClientAddr>().is_none() {
+        return;
     }
+    let edge = edge_only(ext);
+    if ext.len() != 1 + edge {
+        return;
+    }
+    if edge > 0 {
+        // Values the upstream gets as headers already; dropped here, as with the request.
+        #[cfg(feature = "auth")]
+        ext.remove::<crate::auth::Identity>();
+        ext.remove::<crate::trace::TraceContext>();
+    }
+    let map = std::mem::take(ext);
+    SPARE.with(|s| s.set(Some(map)));
+}
+
+/// How many of the values the gateway layers put on a request for the layers between
+/// them and `Forward` (the verified [`Identity`](crate::auth::Identity), the
+/// [`TraceContext`](crate::trace::TraceContext)) `ext` holds. Nothing of the upstream
+/// exchange reads them (upstreams get them as headers), so a map holding them besides the
+/// `ClientAddr` goes round like one holding the address alone: behind the gateway stack
+/// that is the map, its table, its growth and the address's box, four allocations and
+/// four frees a request (session 16).
+fn edge_only(ext: &Extensions) -> usize {
+    #[cfg(feature = "auth")]
+    let identity = usize::from(ext.get::<crate::auth::Identity>().is_some());
+    #[cfg(not(feature = "auth"))]
+    let identity = 0;
+    identity + usize::from(ext.get::<crate::trace::TraceContext>().is_some())
 }
 
 /// The client as believed: the peer, or the address a trusted proxy forwarded for. Set by
@@ -390,6 +417,38 @@ mod recycle_tests {
         insert_client_addr(&mut busy, addr(3));
         assert_eq!(busy.get::<ClientAddr>(), Some(&addr(3)));
         assert_eq!(busy.get::<u64>(), Some(&8));
+    }
+    #[test]
+    fn a_map_holding_the_gateways_trace_context_too_is_taken_without_it() {
+        let mut first = Extensions::new();
+        insert_client_addr(&mut first, addr(1));
+        first.insert(crate::trace::TraceContext::from_headers(
+            &HeaderMap::new(),
+            true,
+        ));
+        recycle(&mut first);
+        assert!(first.is_empty(), "taken for the next request");
+        let mut next = Extensions::new();
+        insert_client_addr(&mut next, addr(2));
+        assert_eq!(next.get::<ClientAddr>(), Some(&addr(2)));
+        // The previous request's context does not leak into the next one.
+        assert!(next.get::<crate::trace::TraceContext>().is_none());
+        assert_eq!(next.len(), 1);
+    }
+
+    #[test]
+    fn a_map_holding_a_trace_context_and_anything_else_keeps_all_of_it() {
+        let mut ext = Extensions::new();
+        insert_client_addr(&mut ext, addr(1));
+        ext.insert(crate::trace::TraceContext::from_headers(
+            &HeaderMap::new(),
+            true,
+        ));
+        ext.insert(7u32);
+        recycle(&mut ext);
+        assert_eq!(ext.len(), 3);
+        assert!(ext.get::<crate::trace::TraceContext>().is_some());
+        assert_eq!(ext.get::<u32>(), Some(&7));
     }
 }
 
