@@ -93,6 +93,7 @@ where
         }
     }
 
+    #[inline]
     fn call(&mut self, req: R) -> Self::Future {
         ErrorResponseFuture {
             inner: self.inner.call(req),
@@ -116,6 +117,7 @@ where
 {
     type Output = Result<Response<ErrorResponseBody<B>>, Infallible>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Poll::Ready(Ok(match ready!(self.project().inner.poll(cx)) {
             Ok(res) => res.map(Either::Left),
@@ -193,6 +195,7 @@ where
 {
     type Output = Result<Response<ErrorResponseBody<B>>, E>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
             AnswerProj::Inner { fut } => {

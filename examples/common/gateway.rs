@@ -19,12 +19,13 @@
 //! breaker and bulkhead hold for the process, as nginx's shared zones do.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::num::NonZeroU32;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use futures_util::future::{self, TryFutureExt};
 use http::{Method, Request, Response};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -123,19 +124,13 @@ struct MetricsEndpoint<S> {
     prometheus: PrometheusHandle,
 }
 
-/// What a proxied answer's body becomes: the upstream's, or the scrape's text.
-type Proxied<RB> = fn(Response<RB>) -> Response<Either<RB, Full<Bytes>>>;
-
 impl<S, RB> Service<Request<Incoming>> for MetricsEndpoint<S>
 where
     S: Service<Request<Incoming>, Response = Response<RB>>,
 {
     type Response = Response<Either<RB, Full<Bytes>>>;
     type Error = S::Error;
-    type Future = future::Either<
-        future::MapOk<S::Future, Proxied<RB>>,
-        std::future::Ready<Result<Self::Response, S::Error>>,
-    >;
+    type Future = EndpointFuture<S::Future, RB>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         // Readied but not called for a scrape: the layers below take their resources in
@@ -143,19 +138,59 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         if req.uri().path() == "/metrics" && req.method() == Method::GET {
-            let mut res = Response::new(Either::Right(Full::new(Bytes::from(
-                self.prometheus.render(),
-            ))));
-            res.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
-            return future::Either::Right(std::future::ready(Ok(res)));
+            return EndpointFuture::Scrape {
+                res: Some(scrape(&self.prometheus)),
+                _body: std::marker::PhantomData,
+            };
         }
-        let left: Proxied<RB> = |res| res.map(Either::Left);
-        future::Either::Left(self.inner.call(req).map_ok(left))
+        EndpointFuture::Proxied {
+            fut: self.inner.call(req),
+        }
+    }
+}
+
+/// The scrape's answer, out of line: rare, and its body building stays off the proxied path.
+#[cold]
+#[inline(never)]
+fn scrape(prometheus: &PrometheusHandle) -> Box<Response<Full<Bytes>>> {
+    let mut res = Response::new(Full::new(Bytes::from(prometheus.render())));
+    res.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    Box::new(res)
+}
+
+pin_project_lite::pin_project! {
+    /// The proxied call, or the scrape's answer (boxed: a response head inline would add
+    /// ~150 bytes to every request's future, moved with it). One move of the proxied
+    /// response on the way out, where `futures_util`'s `MapOk` in an `Either` made two.
+    #[project = EndpointProj]
+    pub(crate) enum EndpointFuture<F, RB> {
+        Proxied { #[pin] fut: F },
+        Scrape { res: Option<Box<Response<Full<Bytes>>>>, _body: std::marker::PhantomData<fn() -> RB> },
+    }
+}
+
+impl<F, RB, E> Future for EndpointFuture<F, RB>
+where
+    F: Future<Output = Result<Response<RB>, E>>,
+{
+    type Output = Result<Response<Either<RB, Full<Bytes>>>, E>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            EndpointProj::Proxied { fut } => fut.poll(cx).map_ok(|res| res.map(Either::Left)),
+            EndpointProj::Scrape { res, .. } => match res.take() {
+                Some(res) => Poll::Ready(Ok((*res).map(Either::Right))),
+                // Polled again after its answer: a bug of the caller.
+                None => panic!("EndpointFuture polled after completion"),
+            },
+        }
     }
 }
 

@@ -176,6 +176,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, req: R) -> Self::Future {
         // The path under the limit: one CAS on the semaphore, no lock, no allocation.
         if let Some(slot) = self.shared.try_slot() {

@@ -71,6 +71,7 @@ where
 {
     type Output = Result<Response<ErrorResponseBody<RB>>, S::Error>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut state = self.project().state;
         loop {

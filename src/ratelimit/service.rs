@@ -57,6 +57,7 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let check = match &self.pinned {
             Some(bucket) => Check::Now(bucket.decide()),

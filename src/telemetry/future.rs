@@ -76,22 +76,19 @@ where
 {
     type Output = Result<Response<B>, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let res = ready!(this.inner.poll(cx));
+        // The answer is classified by reference and handed on as it came: one move of the
+        // response (~150 bytes) here, not two (session 16, process callgrind).
+        let out = ready!(this.inner.poll(cx)).map_err(Into::into);
         let Some((classifier, in_flight)) = this.state.take() else {
             crate::error::polled_after_completion("telemetry::ResponseFuture")
         };
-        Poll::Ready(match res {
-            Ok(res) => {
-                in_flight.finish(classifier.classify_response(&res));
-                Ok(res)
-            }
-            Err(e) => {
-                let e: BoxError = e.into();
-                in_flight.finish(classifier.classify_error(&*e));
-                Err(e)
-            }
-        })
+        in_flight.finish(match &out {
+            Ok(res) => classifier.classify_response(res),
+            Err(e) => classifier.classify_error(&**e),
+        });
+        Poll::Ready(out)
     }
 }

@@ -117,6 +117,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let classifier = self.classify.classify_request(&req);
         self.handles.requests.increment(1);
