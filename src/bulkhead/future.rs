@@ -10,7 +10,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::error::{BulkheadFull, Rejection};
-use super::service::{Shared, Slot};
+use super::service::{Local, Shared, Slot};
 use crate::BoxError;
 
 /// A place in the queue, given back when dropped (admitted, timed out or cancelled).
@@ -78,14 +78,14 @@ impl<S: Service<R>, R> ResponseFuture<S, R> {
         }
     }
 
-    pub(crate) fn queued(svc: S, req: R, slot: QueueSlot) -> Self {
+    pub(crate) fn queued(svc: S, req: R, slot: QueueSlot, local: Arc<Local>) -> Self {
         let shared = slot.0.clone();
         // Allocates only on the queued path.
         let wait: Wait = Box::pin(async move {
             // Counted in the queue already: a slot given back as spare in the meantime
             // is this call's (see `Shared::give_back`).
             if shared.take_spare() {
-                return Some(Slot::from_forgotten_permit(shared));
+                return Some(Slot::from_forgotten_permit(local));
             }
             let admitted = {
                 let acquired = tokio::time::timeout(shared.max_wait, shared.slots.acquire()).await;
@@ -99,7 +99,7 @@ impl<S: Service<R>, R> ResponseFuture<S, R> {
                     _ => false,
                 }
             };
-            admitted.then(|| Slot::from_forgotten_permit(shared))
+            admitted.then(|| Slot::from_forgotten_permit(local))
         });
         ResponseFuture {
             state: State::Queued {

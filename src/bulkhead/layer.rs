@@ -75,3 +75,33 @@ impl<S> Layer<S> for BulkheadLayer {
         Bulkhead::new(inner, self.shared.clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tower::{service_fn, Layer, Service};
+
+    use super::BulkheadLayer;
+
+    /// An admitted call holds its slot through its service's own handle: the state every
+    /// service of the layer (every worker) shares sees no reference-count write per call.
+    #[test]
+    fn a_call_in_flight_takes_no_reference_on_the_shared_state() {
+        let layer = BulkheadLayer::new("t", 4);
+        let mut svc = layer.layer(service_fn(|_: ()| async {
+            Ok::<_, std::convert::Infallible>(())
+        }));
+        let mut other = layer.layer(service_fn(|_: ()| async {
+            Ok::<_, std::convert::Infallible>(())
+        }));
+        let before = Arc::strong_count(&layer.shared);
+        let a = svc.call(());
+        let b = other.call(());
+        assert_eq!(layer.in_flight(), 2);
+        assert_eq!(Arc::strong_count(&layer.shared), before);
+        drop((a, b));
+        // The slots went back all the same, into the one bulkhead.
+        assert_eq!(layer.in_flight(), 0);
+    }
+}
