@@ -78,10 +78,14 @@ pub(crate) fn recycle(ext: &mut Extensions) {
     if ext.get::<ClientAddr>().is_none() {
         return;
     }
-    let edge = edge_only(ext);
-    if ext.len() != 1 + edge {
-        return;
-    }
+    // Bare `Forward` (the address alone) asks nothing more.
+    let edge = match ext.len() {
+        1 => 0,
+        n => match edge_only(ext) {
+            edge if n == 1 + edge => edge,
+            _ => return,
+        },
+    };
     if edge > 0 {
         // Values the upstream gets as headers already; dropped here, as with the request.
         #[cfg(feature = "auth")]
