@@ -29,6 +29,10 @@ fn pattern(i: usize) -> u8 {
 struct Open {
     n: Arc<AtomicUsize>,
     closed: Arc<Notify>,
+    /// Connections accepted in all.
+    accepted: Arc<AtomicUsize>,
+    /// Closes a connection held after `/then-close`.
+    close_now: Arc<Notify>,
 }
 
 impl Open {
@@ -89,7 +93,8 @@ async fn read_request(s: &mut TcpStream) -> Option<(String, u64, u64)> {
     Some((path, got, sum))
 }
 
-/// `/big/N`: N pattern bytes; `/hold`: 1 MiB announced, 64 KiB sent, then nothing until
+/// `/big/N`: N pattern bytes; `/then-close`: a keep-alive answer, then the connection
+/// closed on `close_now`; `/hold`: 1 MiB announced, 64 KiB sent, then nothing until
 /// the proxy closes; anything else: the request body's length and checksum.
 async fn backend() -> (SocketAddr, Open) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -99,6 +104,7 @@ async fn backend() -> (SocketAddr, Open) {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             o.n.fetch_add(1, Ordering::SeqCst);
+            o.accepted.fetch_add(1, Ordering::SeqCst);
             let o = o.clone();
             tokio::spawn(async move {
                 while let Some((path, len, sum)) = read_request(&mut s).await {
@@ -111,6 +117,13 @@ async fn backend() -> (SocketAddr, Open) {
                         {
                             break;
                         }
+                    } else if path == "/then-close" {
+                        // Answered with keep-alive, closed only when the test says so.
+                        let close_now = o.close_now.notified();
+                        let res = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        let _ = s.write_all(res.as_bytes()).await;
+                        close_now.await;
+                        break;
                     } else if path == "/hold" {
                         let head = "HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n";
                         let _ = s.write_all(head.as_bytes()).await;
@@ -232,4 +245,57 @@ async fn futures_poll_once<F: std::future::Future + ?Sized>(fut: std::pin::Pin<&
         std::task::Poll::Ready(f.poll(cx).is_pending())
     })
     .await
+}
+
+/// A `Forward` shared by two runtimes (one per worker thread, say): a connection left idle
+/// by the first keeps its socket registered with that runtime's reactor. Once that
+/// runtime is gone the connection fails at its next use, before the request is written,
+/// and the request goes out on a fresh connection from the second runtime.
+#[test]
+fn a_connection_pooled_by_a_runtime_that_is_gone_is_replaced() {
+    let rt = |name| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name(name)
+            .build()
+            .unwrap()
+    };
+    let backend_rt = rt("backend");
+    let (addr, open) = backend_rt.block_on(backend());
+    // Detached: the backend serves until the test process ends.
+    std::thread::spawn(move || backend_rt.block_on(std::future::pending::<()>()));
+    let get = |mut fwd: Forward<Body>| async move {
+        let req = Request::get("/big/10").body(Body::default()).unwrap();
+        let res = fwd.ready().await.unwrap().call(req).await.unwrap();
+        res.into_body().collect().await.unwrap().to_bytes().len()
+    };
+    let first = rt("first");
+    let fwd = first.block_on(async { forward(addr) });
+    assert_eq!(first.block_on(get(fwd.clone())), 10);
+    drop(first);
+    let second = rt("second");
+    assert_eq!(second.block_on(get(fwd.clone())), 10);
+    assert_eq!(second.block_on(get(fwd)), 10);
+    // The first runtime's connection was replaced once, then reused.
+    assert!(open.n.load(Ordering::SeqCst) <= 2);
+}
+
+#[tokio::test]
+async fn an_idle_connection_the_upstream_closed_is_not_used() {
+    let (addr, open) = backend().await;
+    let mut fwd = forward(addr);
+    let req = Request::get("/then-close").body(Body::default()).unwrap();
+    let res = fwd.ready().await.unwrap().call(req).await.unwrap();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"ok");
+    // The connection is idle in the pool now; the upstream closes it.
+    open.close_now.notify_waiters();
+    open.wait_zero().await;
+    // The next request finds it closed before writing and goes out on a new one.
+    let req = Request::get("/big/10").body(Body::default()).unwrap();
+    let res = fwd.ready().await.unwrap().call(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body.len(), 10);
+    assert_eq!(open.accepted.load(Ordering::SeqCst), 2);
 }
