@@ -4,14 +4,9 @@
 //! Which HTTP version a connection speaks is decided here, once per connection: the
 //! configured [`Protocol`], and on TLS what the upstream picked by ALPN.
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::{pin, Pin};
-use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
-use futures_util::task::AtomicWaker;
 use hyper::client::conn::{http1, http2};
 use hyper::rt::{Read, Write};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -48,63 +43,9 @@ pub enum Protocol {
     Http2,
 }
 
-/// An HTTP/1 connection's own future (hyper's dispatcher: it writes requests and reads
-/// responses only while polled), driven by whichever request uses it. Boxed once per
-/// connection, so pooled connections of any byte stream (TCP, TLS) share one type.
-///
-/// It is polled with a waker of its own that relays to the task driving it now, and to
-/// no one while it sits idle in the pool: hyper's channels keep the waker of the last
-/// poll (the response body channel wakes it when the body's last chunk is taken, the
-/// request channel when the next request is queued), and a plain task waker would run
-/// the previous request's task again for nothing.
-pub(crate) struct H1Conn {
-    fut: Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>,
-    relay: Arc<Relay>,
-    waker: Waker,
-}
-
-struct Relay(AtomicWaker);
-
-impl Wake for Relay {
-    fn wake(self: Arc<Self>) {
-        self.0.wake();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.0.wake();
-    }
-}
-
-impl H1Conn {
-    fn new(fut: impl Future<Output = hyper::Result<()>> + Send + 'static) -> Self {
-        let relay = Arc::new(Relay(AtomicWaker::new()));
-        H1Conn {
-            fut: Box::pin(fut),
-            waker: Waker::from(relay.clone()),
-            relay,
-        }
-    }
-
-    /// Polls the connection for `cx`'s task.
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<hyper::Result<()>> {
-        self.relay.0.register(cx.waker());
-        self.fut
-            .as_mut()
-            .poll(&mut Context::from_waker(&self.waker))
-    }
-
-    /// From now on its wake-ups go nowhere (idle in the pool, or handed to a task of its
-    /// own, whose first poll registers that task everywhere).
-    pub(crate) fn park(&self) {
-        drop(self.relay.0.take());
-    }
-}
-
 /// An open connection, ready to send.
 pub(crate) enum Conn<B> {
-    /// With the connection's future when it is driven by the requests' own tasks (see
-    /// [`drive`]), `None` when it runs in a task of its own.
-    H1(http1::SendRequest<B>, Option<H1Conn>),
+    H1(http1::SendRequest<B>),
     /// With the stream count its byte stream reports to (see `h2pool`).
     H2(http2::SendRequest<B>, std::sync::Arc<Streams>),
 }
@@ -250,14 +191,13 @@ impl Connector {
 
     /// Opens a connection within the connect timeout (TCP, TLS and the HTTP handshake
     /// together: a TLS upstream that accepts and then stalls is a connect timeout too).
-    /// `in_task`: an HTTP/1 connection's future is handed back instead of spawned.
-    pub(crate) async fn connect<B>(&self, in_task: bool) -> Result<Conn<B>, ForwardError>
+    pub(crate) async fn connect<B>(&self) -> Result<Conn<B>, ForwardError>
     where
         B: http_body::Body + Send + Unpin + 'static,
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        self.within_timeout(self.open(in_task)).await
+        self.within_timeout(self.open()).await
     }
 
     /// `open` bounded by the connect timeout: past it, a `ConnectTimeout`.
@@ -287,7 +227,7 @@ impl Connector {
         Ok(stream)
     }
 
-    async fn open<B>(&self, in_task: bool) -> Result<Conn<B>, ForwardError>
+    async fn open<B>(&self) -> Result<Conn<B>, ForwardError>
     where
         B: http_body::Body + Send + Unpin + 'static,
         B::Data: Send,
@@ -307,18 +247,13 @@ impl Connector {
                 // No ALPN answer: only an explicit HTTP/2 configuration dares h2.
                 None => self.protocol == Protocol::Http2,
             };
-            return self.handshake(stream, h2, in_task).await;
+            return self.handshake(stream, h2).await;
         }
         let h2 = self.protocol == Protocol::Http2;
-        self.handshake(stream, h2, in_task).await
+        self.handshake(stream, h2).await
     }
 
-    async fn handshake<S, B>(
-        &self,
-        stream: S,
-        h2: bool,
-        in_task: bool,
-    ) -> Result<Conn<B>, ForwardError>
+    async fn handshake<S, B>(&self, stream: S, h2: bool) -> Result<Conn<B>, ForwardError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         B: http_body::Body + Send + Unpin + 'static,
@@ -354,53 +289,15 @@ impl Connector {
         let (mut tx, conn) = http1::handshake(TokioIo::new(SmallWrites::new(stream)))
             .await
             .map_err(failed)?;
-        let mut conn = Some(H1Conn::new(conn));
-        // hyper refuses a request on a connection that has not signalled readiness yet.
-        drive(&mut conn, std::future::poll_fn(|cx| tx.poll_ready(cx)))
-            .await
-            .map_err(failed)?;
-        if !in_task {
-            if let Some(conn) = conn.take() {
-                spawn_conn(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
             }
-        }
-        Ok(Conn::H1(tx, conn))
+        });
+        // hyper refuses a request on a connection that has not signalled readiness yet.
+        tx.ready().await.map_err(failed)?;
+        Ok(Conn::H1(tx))
     }
-}
-
-/// Runs an HTTP/1 connection in a task of its own (hyper's usual way).
-pub(crate) fn spawn_conn(conn: H1Conn) {
-    conn.park();
-    tokio::spawn(async move {
-        if let Err(e) = conn.fut.await {
-            tracing::debug!(error = %e, "upstream connection ended with an error");
-        }
-    });
-}
-
-/// Polls `conn` (when held here) before `fut`, until `fut` is done: the connection is
-/// driven by the task waiting on it. A connection that ends is dropped, which fails
-/// whatever it still owed `fut` (hyper answers a dropped dispatcher's requests).
-pub(crate) async fn drive<F: Future>(conn: &mut Option<H1Conn>, fut: F) -> F::Output {
-    let mut fut = pin!(fut);
-    std::future::poll_fn(|cx| {
-        poll_conn(conn, cx);
-        fut.as_mut().poll(cx)
-    })
-    .await
-}
-
-/// Polls a held connection once; drops it when it ended. Whether it is still held.
-pub(crate) fn poll_conn(conn: &mut Option<H1Conn>, cx: &mut Context<'_>) -> bool {
-    let Some(c) = conn else { return false };
-    if let Poll::Ready(res) = c.poll(cx) {
-        if let Err(e) = res {
-            tracing::debug!(error = %e, "upstream connection ended with an error");
-        }
-        *conn = None;
-        return false;
-    }
-    true
 }
 
 #[cfg(feature = "tls")]

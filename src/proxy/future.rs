@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll, Waker};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -18,7 +18,6 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
 use super::body::{far_future, poll_lazy_deadline, Progress};
-use super::connect::{poll_conn, H1Conn};
 use super::error::ForwardError;
 use super::headers::strip_hop_by_hop;
 use super::pool::{BoxExchange, ConnTimer, Dispatched, HostPool};
@@ -44,17 +43,16 @@ impl ResponseFuture {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        let (step, tx, conn, start, sleep) = match pool.dispatch(req) {
-            Dispatched::Pooled(fut, c) => {
-                (Step::Sent { fut }, Some(c.tx), c.conn, Some(c.at), c.timer)
+        let (step, tx, start, sleep) = match pool.dispatch(req) {
+            Dispatched::Pooled(fut, conn) => {
+                (Step::Sent { fut }, Some(conn.tx), Some(conn.at), conn.timer)
             }
-            Dispatched::Other(fut) => (Step::Boxed { fut }, None, None, None, None),
+            Dispatched::Other(fut) => (Step::Boxed { fut }, None, None, None),
         };
         ResponseFuture {
             inner: Box::pin(Exchange {
                 step,
                 tx,
-                conn,
                 pool,
                 timer: timeout.map(|after| Timer {
                     after,
@@ -131,11 +129,6 @@ pin_project! {
         step: Step<F>,
         // The pooled connection, checked in again once the response head is here.
         tx: Option<http1::SendRequest<B>>,
-        // Its connection's future while this exchange drives it (no task of its own, see
-        // `pool::H1_IN_TASK`). Dropped with the exchange when the client goes away first:
-        // the upstream's answer is unwanted then, and a spawned connection whose response
-        // receiver is gone closes too.
-        conn: Option<H1Conn>,
         pool: Arc<HostPool<B>>,
         timer: Option<Timer>,
         // The response timer. A pooled connection's comes with it and goes back with it:
@@ -160,19 +153,12 @@ where
         let mut this = self.project();
         loop {
             let res = match this.step.as_mut().project() {
-                StepProj::Sent { fut } => match match poll_conn(this.conn, cx) {
-                    // The response can only come from polling the connection here: hyper's
-                    // response channel gets no waker, or its send would wake this task
-                    // again for nothing.
-                    true => fut.poll(&mut Context::from_waker(Waker::noop())),
-                    false => fut.poll(cx),
-                } {
+                StepProj::Sent { fut } => match fut.poll(cx) {
                     Poll::Pending => break,
                     Poll::Ready(Ok(res)) => {
                         if let Some(tx) = this.tx.take() {
                             let since = this.timer.as_ref().and_then(|t| t.start);
-                            this.pool
-                                .checkin(tx, since, this.sleep.take(), this.conn.take());
+                            this.pool.checkin(tx, since, this.sleep.take());
                         }
                         Ok(res)
                     }
@@ -181,7 +167,6 @@ where
                             // Closed before the request was written: the closed
                             // connection is dropped, the request sent on a new one.
                             this.tx.take();
-                            this.conn.take();
                             let pool = this.pool.clone();
                             let closed = e.into_error();
                             this.step.set(Step::Boxed {

@@ -108,7 +108,7 @@ where
                         self.learned.store(SPOKE_H1, Ordering::Relaxed);
                         let taken = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
                         return match taken {
-                            Some(tx) => self.send_h1_on(tx, None, false, req).await,
+                            Some(tx) => self.send_h1_on(tx, false, req).await,
                             None => self.send_h1(req).await,
                         };
                     }
@@ -187,10 +187,9 @@ where
                 None => {
                     let connector = self.connector.clone();
                     let attempt = async move {
-                        // Shared between waiters: an HTTP/1 answer gets its own task.
-                        match connector.connect::<B>(false).await {
+                        match connector.connect::<B>().await {
                             Ok(Conn::H2(tx, streams)) => Ok(Opened::H2(tx, streams)),
-                            Ok(Conn::H1(tx, _)) => Ok(Opened::H1(Arc::new(Mutex::new(Some(tx))))),
+                            Ok(Conn::H1(tx)) => Ok(Opened::H1(Arc::new(Mutex::new(Some(tx))))),
                             Err(e) => Err(Arc::new(e)),
                         }
                     }
@@ -254,7 +253,7 @@ where
                             self.learned.store(SPOKE_H1, Ordering::Relaxed);
                             let taken = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
                             if let Some(tx) = taken {
-                                self.checkin(tx, None, None, None);
+                                self.checkin(tx, None, None);
                             }
                             Err(self.transport(e.into_error()))
                         }

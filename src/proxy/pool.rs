@@ -7,14 +7,6 @@
 //! short uncontended lock and a scan from the most recently used connection, and a
 //! connection goes back as soon as its response headers arrived (HTTP/1 `SendRequest`
 //! reports itself not ready until the body is done, so it cannot be double-booked).
-//!
-//! An HTTP/1 connection has no task of its own while it can do without one: the request's
-//! task (the client connection's, on the server side) polls it alongside hyper's response
-//! future, and a connection whose small response went whole into the body channel goes
-//! back unspawned. Only one still busy when the head is in (a body still streaming, an
-//! upload still sending) gets its own task then. This spares the connection task's three
-//! polls and two of the four wake-ups a request (7 % of the proxy's instructions, issue
-//! 12, session 16).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -31,7 +23,7 @@ use tokio::time::Instant;
 use super::h2pool::H2Slot;
 
 use super::body::BodyFault;
-use super::connect::{drive, spawn_conn, Conn, Connector, H1Conn, Protocol};
+use super::connect::{Conn, Connector, Protocol};
 use super::error::ForwardError;
 use super::h2::reset_error;
 use super::upstream::Upstream;
@@ -56,8 +48,6 @@ pub(crate) struct PoolConfig {
 
 struct Idle<B> {
     tx: http1::SendRequest<B>,
-    /// The connection's future when no task of its own runs it (see [`H1_IN_TASK`]).
-    conn: Option<H1Conn>,
     since: Instant,
     /// The connection's response timer, kept armed between exchanges (see `future.rs`).
     timer: Option<ConnTimer>,
@@ -71,19 +61,11 @@ pub(crate) type ConnTimer = Pin<Box<tokio::time::Sleep>>;
 /// A connection taken from the pool.
 pub(crate) struct Checkout<B> {
     pub(crate) tx: http1::SendRequest<B>,
-    /// Its future, to be polled by the exchange, when it has no task of its own.
-    pub(crate) conn: Option<H1Conn>,
     /// When it was taken: the exchange's start (one clock read serves the idle check,
     /// the response timeout and the next check-in).
     pub(crate) at: Instant,
     pub(crate) timer: Option<ConnTimer>,
 }
-
-/// A comparison switch for the in-task HTTP/1 connections (issue 12, session 16): set to
-/// `0` when a `Forward` is built, every new HTTP/1 connection gets its own task at once,
-/// as before. Read once per `ForwardBuilder::build`, never per request; kept only so the
-/// quiet-machine comparison can run both ways from one binary.
-pub(crate) const H1_IN_TASK: &str = "TOWER_PATTERNS_H1_IN_TASK";
 
 /// What the upstream spoke on its last new connection.
 const UNKNOWN: u8 = 0;
@@ -109,8 +91,6 @@ pub(crate) struct HostPool<B> {
     pub(super) upstream: Upstream,
     pub(super) connector: Arc<Connector>,
     idle: Mutex<Vec<Idle<B>>>,
-    /// New HTTP/1 connections are driven by the requests' tasks (see [`H1_IN_TASK`]).
-    pub(super) in_task: bool,
     /// The HTTP/2 connections (see `h2pool`).
     pub(super) h2: Mutex<H2Slot<B>>,
     pub(super) learned: AtomicU8,
@@ -121,7 +101,6 @@ pub(crate) struct HostPool<B> {
 pub(crate) struct Pools<B> {
     hosts: Mutex<HashMap<String, Arc<HostPool<B>>>>,
     config: Arc<PoolConfig>,
-    in_task: bool,
     /// The webpki-roots configuration for `https://` upstreams when none was given: made
     /// once, so all of them share one session store (resumption).
     #[cfg(feature = "tls")]
@@ -133,7 +112,6 @@ impl<B> Pools<B> {
         Pools {
             hosts: Mutex::new(HashMap::new()),
             config: Arc::new(config),
-            in_task: std::env::var_os(H1_IN_TASK).is_none_or(|v| v != "0"),
             #[cfg(feature = "tls")]
             default_tls: std::sync::OnceLock::new(),
         }
@@ -169,7 +147,6 @@ impl<B> Pools<B> {
             upstream: upstream.clone(),
             connector: Arc::new(connector),
             idle: Mutex::new(Vec::new()),
-            in_task: self.in_task,
             h2: Mutex::new(H2Slot::new()),
             learned: AtomicU8::new(UNKNOWN),
             config: self.config.clone(),
@@ -213,11 +190,6 @@ where
                 idle.swap_remove(i);
                 continue;
             }
-            // An unspawned connection the upstream closed meanwhile is not found out here
-            // (polling hyper's dispatcher once cost ~800 instructions a request): the
-            // exchange's first poll reads the end before it writes the request, hyper
-            // hands the unsent request back, and it goes out on a fresh connection
-            // (`reconnect`, as for any connection closed before the request left).
             if !c.tx.is_ready() {
                 continue;
             }
@@ -226,15 +198,8 @@ where
                 idle.swap_remove(i);
                 continue;
             }
-            let Idle {
-                tx, conn, timer, ..
-            } = idle.swap_remove(i);
-            return Some(Checkout {
-                tx,
-                conn,
-                at: now,
-                timer,
-            });
+            let Idle { tx, timer, .. } = idle.swap_remove(i);
+            return Some(Checkout { tx, at: now, timer });
         }
         None
     }
@@ -242,42 +207,19 @@ where
     /// Puts `tx` back. `since` is when its last exchange started (counting idleness from
     /// there is the early, safe side of the upstream's keep-alive timeout and spares a
     /// clock read), `None` for now.
-    ///
-    /// `conn`: the connection's future when the exchange drove it. It stays unspawned only
-    /// when the connection is idle again (`is_ready`: the response's body is all read and
-    /// the request's all written); else it gets its own task now, to finish the body
-    /// while the client reads it, and comes back like any spawned connection.
     pub(super) fn checkin(
         &self,
         tx: http1::SendRequest<B>,
         since: Option<Instant>,
         timer: Option<ConnTimer>,
-        conn: Option<H1Conn>,
     ) {
         if tx.is_closed() {
             return;
         }
-        let conn = match conn {
-            Some(conn) if !tx.is_ready() => {
-                spawn_conn(conn);
-                None
-            }
-            conn => {
-                if let Some(c) = &conn {
-                    c.park();
-                }
-                conn
-            }
-        };
         let since = since.unwrap_or_else(Instant::now);
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         if idle.len() < self.config.max_idle {
-            idle.push(Idle {
-                tx,
-                conn,
-                since,
-                timer,
-            });
+            idle.push(Idle { tx, since, timer });
         }
     }
 
@@ -325,37 +267,34 @@ where
         &self,
         req: Request<B>,
     ) -> Result<Response<Incoming>, ForwardError> {
-        let (tx, conn, pooled) = match self.checkout() {
-            Some(c) => (c.tx, c.conn, true),
+        let (tx, pooled) = match self.checkout() {
+            Some(conn) => (conn.tx, true),
             // Reached boxed from `send`: no box of its own needed here.
-            None => match self.connector.connect(self.in_task).await? {
-                Conn::H1(tx, conn) => (tx, conn, false),
+            None => match self.connector.connect().await? {
+                Conn::H1(tx) => (tx, false),
                 Conn::H2(tx, streams) => {
                     let pending = self.adopt_h2(&tx, streams);
                     return Box::pin(self.send_h2(tx, pending, req, false)).await;
                 }
             },
         };
-        self.send_h1_on(tx, conn, pooled, req).await
+        self.send_h1_on(tx, pooled, req).await
     }
 
-    /// Sends `req` on `tx`, driving `conn` (its connection's future) meanwhile when held.
     pub(super) async fn send_h1_on(
         &self,
         mut tx: http1::SendRequest<B>,
-        mut conn: Option<H1Conn>,
         pooled: bool,
         req: Request<B>,
     ) -> Result<Response<Incoming>, ForwardError> {
-        let sent = tx.try_send_request(req);
-        let res = match drive(&mut conn, sent).await {
+        let res = match tx.try_send_request(req).await {
             Ok(res) => res,
             Err(mut e) => match e.take_message() {
                 Some(req) if pooled => return self.reconnect(req, e.into_error()).await,
                 _ => return Err(self.transport(e.into_error())),
             },
         };
-        self.checkin(tx, None, None, conn);
+        self.checkin(tx, None, None);
         Ok(res)
     }
 
@@ -368,18 +307,15 @@ where
         closed: hyper::Error,
     ) -> Result<Response<Incoming>, ForwardError> {
         tracing::debug!(error = %closed, "pooled connection was closed; reconnecting");
-        let (mut tx, mut conn) = match Box::pin(self.connector.connect(self.in_task)).await? {
-            Conn::H1(tx, conn) => (tx, conn),
+        let mut tx = match Box::pin(self.connector.connect()).await? {
+            Conn::H1(tx) => tx,
             Conn::H2(tx, streams) => {
                 let pending = self.adopt_h2(&tx, streams);
                 return Box::pin(self.send_h2(tx, pending, req, false)).await;
             }
         };
-        let sent = tx.send_request(req);
-        let res = drive(&mut conn, sent)
-            .await
-            .map_err(|e| self.transport(e))?;
-        self.checkin(tx, None, None, conn);
+        let res = tx.send_request(req).await.map_err(|e| self.transport(e))?;
+        self.checkin(tx, None, None);
         Ok(res)
     }
 
