@@ -72,43 +72,85 @@ pub(crate) fn insert_client_addr(ext: &mut Extensions, addr: ClientAddr) {
 }
 
 /// Takes the extensions of a request about to leave for its upstream, for
-/// [`insert_client_addr`], when they hold only a [`ClientAddr`] and the gateway layers'
-/// own per-request values ([`edge_only`]); anything else keeps the map with its request.
+/// [`insert_client_addr`], when they hold only a [`ClientAddr`] and values inserted with
+/// [`insert_scoped`]; anything else keeps the map with its request.
 pub(crate) fn recycle(ext: &mut Extensions) {
     if ext.get::<ClientAddr>().is_none() {
         return;
     }
     // Bare `Forward` (the address alone) asks nothing more.
-    let edge = match ext.len() {
-        1 => 0,
-        n => match edge_only(ext) {
-            edge if n == 1 + edge => edge,
-            _ => return,
-        },
-    };
-    if edge > 0 {
-        // Values the upstream gets as headers already; dropped here, as with the request.
-        #[cfg(feature = "auth")]
-        ext.remove::<crate::auth::Identity>();
-        ext.remove::<crate::trace::TraceContext>();
+    if ext.len() > 1 {
+        let Some(count) = ext.get::<Scoped>().and_then(Scoped::count) else {
+            return;
+        };
+        // The address, the list, the listed values: anything more is somebody else's.
+        if ext.len() != 2 + count {
+            return;
+        }
+        let Some(scoped) = ext.get_mut::<Scoped>() else {
+            return;
+        };
+        let removers = std::mem::take(scoped);
+        for remove in removers.removers.iter().flatten() {
+            remove(ext);
+        }
+        // A listed value removed by someone else and replaced by an unlisted one.
+        if ext.len() != 2 {
+            return;
+        }
     }
     let map = std::mem::take(ext);
     SPARE.with(|s| s.set(Some(map)));
 }
 
-/// How many of the values the gateway layers put on a request for the layers between
-/// them and `Forward` (the verified [`Identity`](crate::auth::Identity), the
-/// [`TraceContext`](crate::trace::TraceContext)) `ext` holds. Nothing of the upstream
-/// exchange reads them (upstreams get them as headers), so a map holding them besides the
-/// `ClientAddr` goes round like one holding the address alone: behind the gateway stack
-/// that is the map, its table, its growth and the address's box, four allocations and
-/// four frees a request (session 16).
-fn edge_only(ext: &Extensions) -> usize {
-    #[cfg(feature = "auth")]
-    let identity = usize::from(ext.get::<crate::auth::Identity>().is_some());
-    #[cfg(not(feature = "auth"))]
-    let identity = 0;
-    identity + usize::from(ext.get::<crate::trace::TraceContext>().is_some())
+/// Puts `value` on a request for the layers between the caller and the upstream exchange
+/// only (the gateway's verified identity, its trace context): the upstream gets them as
+/// headers, and nothing of the exchange reads them, so [`recycle`] may drop them and reuse
+/// the map. Without that, a map holding them besides the `ClientAddr` went with its
+/// request: behind the gateway stack the map, its table, its growth and the address's box,
+/// four allocations and four frees a request (session 16). The layers say which values
+/// are theirs here; this module never names their types.
+pub(crate) fn insert_scoped<T: Clone + Send + Sync + 'static>(ext: &mut Extensions, value: T) {
+    if ext.insert(value).is_some() {
+        return; // already listed (or inserted by someone else: then `recycle` finds one too many)
+    }
+    match ext.get_mut::<Scoped>() {
+        Some(scoped) => scoped.push(remove_value::<T>),
+        None => {
+            let mut scoped = Scoped::default();
+            scoped.push(remove_value::<T>);
+            ext.insert(scoped);
+        }
+    }
+}
+
+fn remove_value<T: Send + Sync + 'static>(ext: &mut Extensions) {
+    ext.remove::<T>();
+}
+
+/// The values of [`insert_scoped`] in one request's map, by their removers. It stays in a
+/// recycled map, emptied, like the `ClientAddr` (the next request's values reuse it).
+#[derive(Clone, Default)]
+struct Scoped {
+    removers: [Option<fn(&mut Extensions)>; SCOPED_MAX],
+    /// More values than `removers` holds: the map is not recycled.
+    overflow: bool,
+}
+
+const SCOPED_MAX: usize = 4;
+
+impl Scoped {
+    fn push(&mut self, remove: fn(&mut Extensions)) {
+        match self.removers.iter_mut().find(|r| r.is_none()) {
+            Some(slot) => *slot = Some(remove),
+            None => self.overflow = true,
+        }
+    }
+
+    /// How many values are listed; `None` after an overflow.
+    fn count(&self) -> Option<usize> {
+        (!self.overflow).then(|| self.removers.iter().flatten().count())
+    }
 }
 
 /// The client as believed: the peer, or the address a trusted proxy forwarded for. Set by
@@ -422,37 +464,72 @@ mod recycle_tests {
         assert_eq!(busy.get::<ClientAddr>(), Some(&addr(3)));
         assert_eq!(busy.get::<u64>(), Some(&8));
     }
+    #[derive(Clone, Debug, PartialEq)]
+    struct Scope1(u8);
+    #[derive(Clone, Debug, PartialEq)]
+    struct Scope2(u8);
+
     #[test]
-    fn a_map_holding_the_gateways_trace_context_too_is_taken_without_it() {
+    fn a_map_holding_scoped_values_too_is_taken_without_them() {
         let mut first = Extensions::new();
         insert_client_addr(&mut first, addr(1));
-        first.insert(crate::trace::TraceContext::from_headers(
-            &HeaderMap::new(),
-            true,
-        ));
+        insert_scoped(&mut first, Scope1(1));
+        insert_scoped(&mut first, Scope2(2));
         recycle(&mut first);
         assert!(first.is_empty(), "taken for the next request");
         let mut next = Extensions::new();
         insert_client_addr(&mut next, addr(2));
         assert_eq!(next.get::<ClientAddr>(), Some(&addr(2)));
-        // The previous request's context does not leak into the next one.
-        assert!(next.get::<crate::trace::TraceContext>().is_none());
-        assert_eq!(next.len(), 1);
+        // The previous request's values do not leak into the next one.
+        assert!(next.get::<Scope1>().is_none());
+        assert!(next.get::<Scope2>().is_none());
+        // ... and the next one's go round the same way.
+        insert_scoped(&mut next, Scope1(3));
+        recycle(&mut next);
+        assert!(next.is_empty());
     }
 
     #[test]
-    fn a_map_holding_a_trace_context_and_anything_else_keeps_all_of_it() {
+    fn a_map_holding_scoped_values_and_anything_else_keeps_all_of_it() {
         let mut ext = Extensions::new();
         insert_client_addr(&mut ext, addr(1));
-        ext.insert(crate::trace::TraceContext::from_headers(
-            &HeaderMap::new(),
-            true,
-        ));
+        insert_scoped(&mut ext, Scope1(1));
         ext.insert(7u32);
         recycle(&mut ext);
-        assert_eq!(ext.len(), 3);
-        assert!(ext.get::<crate::trace::TraceContext>().is_some());
+        assert_eq!(ext.get::<Scope1>(), Some(&Scope1(1)));
         assert_eq!(ext.get::<u32>(), Some(&7));
+    }
+
+    #[test]
+    fn a_scoped_value_replaced_by_a_foreign_one_keeps_the_foreign_one() {
+        let mut ext = Extensions::new();
+        insert_client_addr(&mut ext, addr(1));
+        insert_scoped(&mut ext, Scope1(1));
+        insert_scoped(&mut ext, Scope2(2));
+        ext.remove::<Scope2>();
+        ext.insert(7u32);
+        recycle(&mut ext);
+        assert_eq!(ext.get::<u32>(), Some(&7), "someone else's value stays");
+        assert!(ext.get::<ClientAddr>().is_some());
+    }
+
+    #[test]
+    fn more_scoped_values_than_listed_keep_the_map() {
+        #[derive(Clone)]
+        struct S3;
+        #[derive(Clone)]
+        struct S4;
+        #[derive(Clone)]
+        struct S5;
+        let mut ext = Extensions::new();
+        insert_client_addr(&mut ext, addr(1));
+        insert_scoped(&mut ext, Scope1(1));
+        insert_scoped(&mut ext, Scope2(2));
+        insert_scoped(&mut ext, S3);
+        insert_scoped(&mut ext, S4);
+        insert_scoped(&mut ext, S5);
+        recycle(&mut ext);
+        assert!(ext.get::<S5>().is_some(), "not listed: the map stays");
     }
 }
 

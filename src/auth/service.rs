@@ -72,7 +72,7 @@ impl AuthLayer {
             return Step::Refuse(self.refuse(e));
         }
         auth.hide(req.headers_mut(), identity.method());
-        req.extensions_mut().insert(identity);
+        crate::client_addr::insert_scoped(req.extensions_mut(), identity);
         Step::Call(req)
     }
 

@@ -64,7 +64,7 @@ where
             })
         });
         let request_id = cx.request_id.clone();
-        req.extensions_mut().insert(cx);
+        crate::client_addr::insert_scoped(req.extensions_mut(), cx);
         ResponseFuture::new(self.inner.call(req), request_id, access)
     }
 }
