@@ -521,6 +521,11 @@ mod tests {
     #[test]
     fn a_thread_keeps_a_bounded_number_of_small_spares() {
         use crate::balance::spare::{self, MAX_LIST, SPARES};
+        // The bound the module docs state: ~40 KiB a thread at most.
+        let most = SPARES
+            * (std::mem::size_of::<KeptHead>()
+                + MAX_LIST * std::mem::size_of::<(HeaderName, HeaderValue)>());
+        assert!(most <= 40 * 1024, "{most} bytes of spares a thread");
         while spare::take().is_some() {}
         // More copies alive at once than the bound: only the bound is kept.
         let req = original();
