@@ -183,7 +183,10 @@ impl KeptHead {
     /// Drops the request's values and keeps the allocations: a recycled box must not hold
     /// on to anything of the request (its header bytes share the server's read buffer).
     fn clear(&mut self) {
-        self.headers.clear();
+        // `Vec::clear` calls the slice's drop even for no entries (in-process callers).
+        if !self.headers.is_empty() {
+            self.headers.clear();
+        }
         self.uri = None;
         self.method = Method::GET;
         self.extensions = KeptExtensions::NONE;
@@ -247,7 +250,9 @@ impl KeptExtensions {
         limits: None,
     };
 
-    #[inline]
+    // Always inline: for the common empty map this is one check; as a call it cost ~25
+    // instructions a copy (dispatch bench).
+    #[inline(always)]
     fn of(ext: &Extensions) -> Self {
         if ext.is_empty() {
             return Self::NONE;
