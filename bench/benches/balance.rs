@@ -17,6 +17,12 @@
 //!   be sent again); the `-noretry` variants do what tower's p2c does (no copy).
 //! - `BENCH_CLOCK=cpu` times every group in thread CPU time (see `util/cpuclock.rs`), for
 //!   a machine shared with other work.
+//! - with `DISPATCH_RUN=<case>/<endpoints> DISPATCH_N=<n>` (e.g. `ours-rr/3`, and a filter
+//!   matching no bench, e.g. `nothing`), `n` dispatches (default 100000) of that one case,
+//!   then exit: a fixed workload for `valgrind --tool=callgrind
+//!   --toggle-collect='*dispatch_loop*'`, whose instruction count divided by `n + 1000`
+//!   (a warm-up of 1000 runs the same loop) is the load-independent cost per iteration,
+//!   the request built by the loop included.
 
 use std::convert::Infallible;
 use std::future::{ready, Ready};
@@ -247,6 +253,7 @@ fn dispatch(c: &mut Criterion) {
                 .picker(picker)
                 .retry(retry)
                 .build_static((0..n).map(|i| (i, Ok200)));
+            fixed_run(&format!("{name}/{n}"), &mut lb);
             g.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
                 b.iter_custom(|iters| {
                     cpuclock::measure(|| {
@@ -279,6 +286,7 @@ fn dispatch(c: &mut Criterion) {
         ));
         // The first poll_ready takes the endpoints from the discover stream.
         let _ = tp.ready().now_or_never();
+        fixed_run(&format!("tower-p2c/{n}"), &mut tp);
         g.bench_with_input(BenchmarkId::new("tower-p2c", n), &n, |b, _| {
             b.iter_custom(|iters| {
                 cpuclock::measure(|| {
@@ -292,6 +300,38 @@ fn dispatch(c: &mut Criterion) {
         });
     }
     g.finish();
+}
+
+/// With `DISPATCH_RUN=name`, runs `DISPATCH_N` dispatches of `svc` and exits the process.
+fn fixed_run<S>(name: &str, svc: &mut S)
+where
+    S: Service<Request<String>, Response = Response<String>>,
+    S::Error: std::fmt::Debug,
+{
+    if std::env::var("DISPATCH_RUN").map_or(true, |v| v != name) {
+        return;
+    }
+    let n: u64 = std::env::var("DISPATCH_N")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(100_000);
+    dispatch_loop(svc, 1000);
+    dispatch_loop(svc, n);
+    std::process::exit(0);
+}
+
+/// The loop body of `dispatch/*`, out of line so callgrind can count it alone.
+#[inline(never)]
+fn dispatch_loop<S>(svc: &mut S, n: u64)
+where
+    S: Service<Request<String>, Response = Response<String>>,
+    S::Error: std::fmt::Debug,
+{
+    for _ in 0..n {
+        let req = Request::get("/").body(String::new()).unwrap();
+        let fut = svc.ready().now_or_never().unwrap().unwrap().call(req);
+        black_box(fut.now_or_never().unwrap().unwrap());
+    }
 }
 
 criterion_group!(benches, select, select_2threads, dispatch);

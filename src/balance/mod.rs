@@ -92,6 +92,7 @@ mod replay;
 mod retry;
 mod service;
 mod shared;
+mod spare;
 mod sticky;
 
 pub use crate::classify::is_connect_error;
