@@ -444,7 +444,15 @@ impl Authenticator {
             headers.insert(h.clone(), v);
         }
         if let Some(h) = &inner.method_header {
-            headers.insert(h.clone(), HeaderValue::from_static(id.method().as_str()));
+            // Constants: checked when compiled, where `from_static` at run time checks
+            // the bytes on every request.
+            const API_KEY: HeaderValue = HeaderValue::from_static("api-key");
+            const JWT: HeaderValue = HeaderValue::from_static("jwt");
+            let v = match id.method() {
+                AuthMethod::ApiKey => API_KEY,
+                AuthMethod::Jwt => JWT,
+            };
+            headers.insert(h.clone(), v);
         }
         for (claim, h) in &inner.claim_headers {
             match id.claim(claim) {

@@ -31,20 +31,22 @@ impl<S> Auth<S> {
     }
 }
 
-/// What to do with a request once its credential was looked at.
-pub(crate) enum Step<B> {
+/// What to do with a request once its credential was looked at. The request itself
+/// stays with the caller (`step` works on it in place): the accepted path moves it once,
+/// into the inner service, instead of in and out of this value too.
+pub(crate) enum Step {
     /// Authenticated (identity headers and extension set): call the inner service.
-    Call(Request<B>),
+    Call,
     /// Turned away with this answer.
     Refuse(Response<Full<Bytes>>),
     /// The token's `kid` is unknown: wait for the early JWKS fetch, then look again.
-    Wait(Request<B>, UnknownKidWait),
+    Wait(UnknownKidWait),
 }
 
 impl AuthLayer {
     /// Authenticates and authorises `req`. With `early_refresh` false (the second look,
     /// after an early JWKS fetch), an unknown `kid` is a refusal.
-    pub(crate) fn step<B>(&self, mut req: Request<B>, early_refresh: bool) -> Step<B> {
+    pub(crate) fn step<B>(&self, req: &mut Request<B>, early_refresh: bool) -> Step {
         let auth = &self.auth;
         // A client must never smuggle an identity upstream: every path below that forwards
         // the request removes or overwrites each identity header (a refused request is
@@ -53,12 +55,12 @@ impl AuthLayer {
             Ok(Some(id)) => id,
             Ok(None) if self.optional => {
                 auth.strip(req.headers_mut());
-                return Step::Call(req);
+                return Step::Call;
             }
             Ok(None) => return Step::Refuse(self.refuse(AuthError::Missing)),
             Err(VerifyError::Refused(e)) => return Step::Refuse(self.refuse(e)),
             Err(VerifyError::UnknownKid { jwks, seen }) => {
-                return Step::Wait(req, Box::pin(jwks.unknown_kid(seen)))
+                return Step::Wait(Box::pin(jwks.unknown_kid(seen)))
             }
         };
         if let Err(e) = auth.check(&identity, &self.require) {
@@ -73,7 +75,7 @@ impl AuthLayer {
         }
         auth.hide(req.headers_mut(), identity.method());
         req.extensions_mut().insert(identity);
-        Step::Call(req)
+        Step::Call
     }
 
     pub(crate) fn refuse(&self, err: AuthError) -> Response<Full<Bytes>> {
@@ -101,11 +103,11 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        match self.layer.step(req, true) {
-            Step::Call(req) => ResponseFuture::ready(AnswerFuture::inner(self.inner.call(req))),
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        match self.layer.step(&mut req, true) {
+            Step::Call => ResponseFuture::ready(AnswerFuture::inner(self.inner.call(req))),
             Step::Refuse(res) => ResponseFuture::ready(AnswerFuture::answered(res)),
-            Step::Wait(req, wait) => {
+            Step::Wait(wait) => {
                 // The request leaves with the service `poll_ready` readied; this one gets
                 // a fresh clone (tower's usual hand-over for a call that runs later).
                 let fresh = self.inner.clone();
