@@ -70,10 +70,14 @@ impl AuthLayer {
         // every client copy: only the claim headers (absent claims write nothing) need
         // removing first. Three header lookups fewer per request than stripping them all.
         auth.strip_claims(req.headers_mut());
+        // The credential goes before the identity headers come: a client's credential
+        // header is usually its last, and removing the map's last entry moves no other
+        // one (removing it after the three inserts moved the last identity header into
+        // its place, a second probe). A refused identity goes nowhere either way.
+        auth.hide(req.headers_mut(), identity.method());
         if let Err(e) = auth.write_identity(&identity, req.headers_mut()) {
             return Step::Refuse(self.refuse(e));
         }
-        auth.hide(req.headers_mut(), identity.method());
         req.extensions_mut().insert(identity);
         Step::Call
     }
@@ -114,6 +118,41 @@ where
                 let ready = std::mem::replace(&mut self.inner, fresh);
                 ResponseFuture::waiting(wait, req, ready, self.layer.clone())
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{HeaderValue, Request};
+
+    use super::*;
+    use crate::auth::{ApiKeys, AuthConfig};
+
+    #[test]
+    fn a_hidden_credential_is_gone_and_the_identity_headers_are_all_there() {
+        // Also when the credential's header is one of the identity headers (a
+        // configuration that reuses a name): the credential is removed first, so the
+        // identity written after it is what the upstream sees, as without `hide`.
+        for key_header in ["x-api-key", "x-auth-subject"] {
+            let layer = AuthConfig::new()
+                .api_keys(ApiKeys::new().key("batch", "k-1", ["r"]).unwrap())
+                .api_key_header(key_header)
+                .hide_credentials(true)
+                .build()
+                .unwrap()
+                .layer();
+            let mut req = Request::new(());
+            let h = req.headers_mut();
+            h.insert("host", HeaderValue::from_static("gw"));
+            h.insert(key_header, HeaderValue::from_static("k-1"));
+            assert!(matches!(layer.step(&mut req, true), Step::Call));
+            let h = req.headers();
+            assert_eq!(h.get("x-auth-subject").unwrap(), "batch", "{key_header}");
+            assert_eq!(h.get("x-auth-scopes").unwrap(), "r", "{key_header}");
+            assert_eq!(h.get("x-auth-method").unwrap(), "api-key", "{key_header}");
+            assert!(h.get_all(key_header).iter().all(|v| v != "k-1"));
+            assert_eq!(h.len(), 4, "{key_header}");
         }
     }
 }
