@@ -10,7 +10,7 @@ use http::HeaderValue;
 use subtle::ConstantTimeEq;
 
 use super::error::AuthConfigError;
-use super::identity::{AuthMethod, Identity, IdentityInner};
+use super::identity::{AuthMethod, Identity, IdentityInner, Requirements};
 
 #[derive(Clone)]
 struct Entry {
@@ -126,6 +126,7 @@ impl ApiKeys {
                 scopes,
                 method: AuthMethod::ApiKey,
                 claims: None,
+                granted: None,
             }),
         });
         Ok(self)
@@ -133,8 +134,10 @@ impl ApiKeys {
 
     /// A copy whose identities (and their header values) are new allocations of the same
     /// content: the same keys, names, scopes and lookup, nothing shared with `self` but
-    /// the hashing key (see [`Authenticator::per_service`](super::Authenticator)).
-    pub(crate) fn per_service(&self) -> ApiKeys {
+    /// the hashing key (see [`Authenticator::per_service`](super::Authenticator)). Each
+    /// identity also knows whether it meets `require`, the requirements of the service
+    /// the copy is for (an API key has no claims, and its scopes never change).
+    pub(crate) fn per_service(&self, require: &Requirements) -> ApiKeys {
         let entries = self
             .entries
             .iter()
@@ -149,6 +152,7 @@ impl ApiKeys {
                             .values
                             .as_ref()
                             .and_then(|_| IdentityValues::new(&id.subject, &scopes)),
+                        granted: Some(require.met_by_parts(&scopes, |_| None)),
                         scopes,
                         method: id.method,
                         claims: id.claims.clone(),
@@ -305,7 +309,8 @@ mod tests {
             assert_eq!(many.find(b"key-0000").unwrap().subject(), "dup", "{n} keys");
             assert!(many.find(b"key-9999").is_none(), "{n} keys");
             assert!(many.find(b"key-000").is_none(), "{n} keys");
-            assert!(many.per_service().find(b"key-0000").is_some(), "{n} keys");
+            let copy = many.per_service(&Requirements::default());
+            assert!(copy.find(b"key-0000").is_some(), "{n} keys");
         }
         // The compare itself, on every length around a word and every byte position.
         for len in 0..=17usize {

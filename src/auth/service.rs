@@ -155,4 +155,46 @@ mod tests {
             assert_eq!(h.len(), 4, "{key_header}");
         }
     }
+
+    #[test]
+    fn an_api_keys_route_decision_made_once_per_service_is_the_per_request_one() {
+        let auth = AuthConfig::new()
+            .api_keys(
+                ApiKeys::new()
+                    .key("reader", "k-r", ["orders:read"])
+                    .unwrap()
+                    .key("writer", "k-w", ["orders:read", "orders:write"])
+                    .unwrap(),
+            )
+            .build()
+            .unwrap();
+        let routes = [
+            (auth.layer(), [true, true]),
+            (auth.layer().require_scopes(["orders:read"]), [true, true]),
+            (auth.layer().require_scopes(["orders:write"]), [false, true]),
+            (auth.layer().require_scopes(["orders:write", "x"]), [false, false]),
+            // An API key has no claims.
+            (auth.layer().require_claim("tenant", "a"), [false, false]),
+        ];
+        for (i, (layer, want)) in routes.into_iter().enumerate() {
+            // What the service uses: the layer's per-service copy.
+            let svc = tower_layer::Layer::layer(&layer, ());
+            for (key, want) in ["k-r", "k-w"].into_iter().zip(want) {
+                let mut req = Request::new(());
+                req.headers_mut()
+                    .insert("x-api-key", HeaderValue::from_static(key));
+                let status = match svc.layer.step(&mut req, true) {
+                    Step::Call => 200,
+                    Step::Refuse(res) => res.status().as_u16(),
+                    Step::Wait(_) => 0,
+                };
+                assert_eq!(status, if want { 200 } else { 403 }, "route {i} key {key}");
+                // The shared authenticator's identity, checked per request, agrees.
+                let id = layer.auth.authenticate(req.headers()).ok().flatten();
+                if let Some(id) = id {
+                    assert_eq!(layer.auth.check(&id, &layer.require).is_ok(), want);
+                }
+            }
+        }
+    }
 }
