@@ -172,7 +172,10 @@ mod tests {
             (auth.layer(), [true, true]),
             (auth.layer().require_scopes(["orders:read"]), [true, true]),
             (auth.layer().require_scopes(["orders:write"]), [false, true]),
-            (auth.layer().require_scopes(["orders:write", "x"]), [false, false]),
+            (
+                auth.layer().require_scopes(["orders:write", "x"]),
+                [false, false],
+            ),
             // An API key has no claims.
             (auth.layer().require_claim("tenant", "a"), [false, false]),
         ];
