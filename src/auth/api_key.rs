@@ -10,7 +10,7 @@ use http::HeaderValue;
 use subtle::ConstantTimeEq;
 
 use super::error::AuthConfigError;
-use super::identity::{AuthMethod, Identity, IdentityInner};
+use super::identity::{AuthMethod, Identity, IdentityInner, Requirements};
 
 #[derive(Clone)]
 struct Entry {
@@ -44,14 +44,14 @@ impl IdentityValues {
 /// The API keys a gateway accepts, each with the name it authenticates as (the
 /// [`Identity`](super::Identity) subject) and its scopes.
 ///
-/// A presented key is looked up by a hash keyed with a random per-process secret (std's
-/// SipHash `RandomState`: a client cannot choose keys that collide with a configured one,
-/// nor learn anything from where they land), which picks the one candidate; the candidate
-/// is then compared with the presented key byte for byte in constant time (no early exit
-/// on the first wrong byte), so the answer time does not reveal how much of a key was
-/// right. This costs a few hundred instructions per request, where an HMAC-SHA256 of the
-/// presented key (what this type did before) cost about seven thousand without SHA
-/// instructions in the CPU (a few hundred cycles with them).
+/// With up to 8 keys, the presented key is compared with every one of them in constant
+/// time (no early exit on the first wrong byte, nor on a match), so the answer time does
+/// not reveal how much of a key was right: about 30 instructions a key. With more, it is
+/// looked up by a hash keyed with a random per-process secret (std's SipHash
+/// `RandomState`: a client cannot choose keys that collide with a configured one, nor
+/// learn anything from where they land), which picks the one candidate, compared the same
+/// way: a few hundred instructions. An HMAC-SHA256 of the presented key (what this type
+/// did first) cost about seven thousand without SHA instructions in the CPU.
 ///
 /// The keys are held in memory (as a JWT HS256 secret is); `Debug` prints the names only.
 ///
@@ -126,6 +126,7 @@ impl ApiKeys {
                 scopes,
                 method: AuthMethod::ApiKey,
                 claims: None,
+                granted: None,
             }),
         });
         Ok(self)
@@ -133,8 +134,10 @@ impl ApiKeys {
 
     /// A copy whose identities (and their header values) are new allocations of the same
     /// content: the same keys, names, scopes and lookup, nothing shared with `self` but
-    /// the hashing key (see [`Authenticator::per_service`](super::Authenticator)).
-    pub(crate) fn per_service(&self) -> ApiKeys {
+    /// the hashing key (see [`Authenticator::per_service`](super::Authenticator)). Each
+    /// identity also knows whether it meets `require`, the requirements of the service
+    /// the copy is for (an API key has no claims, and its scopes never change).
+    pub(crate) fn per_service(&self, require: &Requirements) -> ApiKeys {
         let entries = self
             .entries
             .iter()
@@ -149,6 +152,7 @@ impl ApiKeys {
                             .values
                             .as_ref()
                             .and_then(|_| IdentityValues::new(&id.subject, &scopes)),
+                        granted: Some(require.met_by_parts(&scopes, |_| None)),
                         scopes,
                         method: id.method,
                         claims: id.claims.clone(),
@@ -176,17 +180,36 @@ impl ApiKeys {
     /// The identity of `presented` (name, scopes, identity header values), if it is one
     /// of the keys.
     pub(crate) fn find(&self, presented: &[u8]) -> Option<Identity> {
-        let candidates = self.index.get(&self.hasher.hash_one(presented))?;
-        let mut found: Option<&Entry> = None;
-        for e in candidates.iter().filter_map(|&i| self.entries.get(i)) {
-            // Every candidate is compared in full; for a key configured twice the last
-            // one wins, as before.
-            if ct_eq(&e.key, presented) {
-                found = Some(e);
-            }
+        // A few keys (a gateway's usual handful): every one is compared, in constant
+        // time, with no keyed hash first. The SipHash of a 20-byte key and the index probe
+        // cost about 450 instructions per request, the compare about 30 a key; the time
+        // depends only on how many keys there are and which have the presented length
+        // (a key's length is not its secret), never on the keys' bytes.
+        if self.entries.len() <= LINEAR_MAX {
+            return pick(self.entries.iter(), presented);
         }
-        found.map(|e| e.identity.clone())
+        let candidates = self.index.get(&self.hasher.hash_one(presented))?;
+        pick(
+            candidates.iter().filter_map(|&i| self.entries.get(i)),
+            presented,
+        )
     }
+}
+
+/// Up to this many keys, [`ApiKeys::find`] compares the presented key with each of them
+/// instead of looking it up by its keyed hash (cheaper below about 12 keys of 20 bytes).
+const LINEAR_MAX: usize = 8;
+
+/// The identity of the last of `entries` equal to `presented`. Every entry is compared in
+/// full (no early exit on a match); for a key configured twice the last one wins.
+fn pick<'a>(entries: impl Iterator<Item = &'a Entry>, presented: &[u8]) -> Option<Identity> {
+    let mut found: Option<&Entry> = None;
+    for e in entries {
+        if ct_eq(&e.key, presented) {
+            found = Some(e);
+        }
+    }
+    found.map(|e| e.identity.clone())
 }
 
 /// The index's keys are already keyed SipHash outputs: hashing them again would only
@@ -210,22 +233,25 @@ impl Hasher for Prehashed {
 }
 
 /// `a == b` without an early exit on the first wrong byte: the bytes are folded 8 at a
-/// time into one difference word (kept opaque to the optimiser each step, so it cannot
-/// stop at a non-zero word), compared with `subtle` once at the end. `subtle`'s own slice
-/// compare does the same per byte with a volatile read each, ten times the instructions
-/// for a 40-byte key. Lengths differ early: a key's length is not its secret.
+/// time (the tail one at a time) into one difference word, kept opaque to the optimiser
+/// each step so it cannot stop at a non-zero word, compared with `subtle` once at the
+/// end. `subtle`'s own slice compare does the same per byte with a volatile read each,
+/// ten times the instructions for a 40-byte key; a padded copy of every chunk into a
+/// word (what this did before) cost about 70 instructions a word in `memcpy`. Lengths
+/// differ early: a key's length is not its secret.
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
-    let word = |c: &[u8]| {
-        let mut w = [0u8; 8];
-        w[..c.len()].copy_from_slice(c);
-        u64::from_ne_bytes(w)
-    };
+    let word = |c: &[u8]| c.first_chunk::<8>().map_or(0, |w| u64::from_ne_bytes(*w));
+    let (aw, bw) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (at, bt) = (aw.remainder(), bw.remainder());
     let mut diff = 0u64;
-    for (x, y) in a.chunks(8).zip(b.chunks(8)) {
+    for (x, y) in aw.zip(bw) {
         diff = std::hint::black_box(diff | (word(x) ^ word(y)));
+    }
+    for (x, y) in at.iter().zip(bt) {
+        diff = std::hint::black_box(diff | u64::from(x ^ y));
     }
     bool::from(diff.ct_eq(&0))
 }
@@ -267,6 +293,27 @@ mod tests {
         // Same length, one byte off, at the start and at the end: not found.
         assert!(keys.find(b"xecret-b").is_none());
         assert!(keys.find(b"secret-c").is_none());
+        // Both lookups (a compare with each of a few keys; the keyed hash beyond
+        // `LINEAR_MAX`) find the same keys, refuse the same near misses, and let the
+        // later of two equal keys win.
+        for n in [1, LINEAR_MAX, LINEAR_MAX + 1, 40] {
+            let mut many = ApiKeys::new();
+            for i in 0..n {
+                many = many
+                    .key(&format!("n{i}"), &format!("key-{i:04}"), ["r"])
+                    .unwrap();
+            }
+            many = many.key("dup", "key-0000", ["w"]).unwrap();
+            for i in 1..n {
+                let id = many.find(format!("key-{i:04}").as_bytes()).unwrap();
+                assert_eq!(id.subject(), format!("n{i}"), "{n} keys");
+            }
+            assert_eq!(many.find(b"key-0000").unwrap().subject(), "dup", "{n} keys");
+            assert!(many.find(b"key-9999").is_none(), "{n} keys");
+            assert!(many.find(b"key-000").is_none(), "{n} keys");
+            let copy = many.per_service(&Requirements::default());
+            assert!(copy.find(b"key-0000").is_some(), "{n} keys");
+        }
         // The compare itself, on every length around a word and every byte position.
         for len in 0..=17usize {
             let a: Vec<u8> = (0..len as u8).collect();

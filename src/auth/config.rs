@@ -253,11 +253,11 @@ impl Authenticator {
     /// per request, its header values two more) lives on this service's cache lines, not
     /// on lines every worker's requests write; the JWT verifier and its JWKS stay shared.
     /// Without API keys, the shared authenticator itself.
-    pub(crate) fn per_service(&self) -> Authenticator {
+    pub(crate) fn per_service(&self, require: &Requirements) -> Authenticator {
         match &self.inner.api_keys {
             Some(keys) => Authenticator {
                 inner: Arc::new(Inner {
-                    api_keys: Some(keys.per_service()),
+                    api_keys: Some(keys.per_service(require)),
                     ..(*self.inner).clone()
                 }),
             },
@@ -327,6 +327,7 @@ impl Authenticator {
                     method: AuthMethod::Jwt,
                     claims: Some(Arc::new(claims)),
                     values: None,
+                    granted: None,
                 })))
             }
         }
@@ -444,7 +445,15 @@ impl Authenticator {
             headers.insert(h.clone(), v);
         }
         if let Some(h) = &inner.method_header {
-            headers.insert(h.clone(), HeaderValue::from_static(id.method().as_str()));
+            // Constants: checked when compiled, where `from_static` at run time checks
+            // the bytes on every request.
+            const API_KEY: HeaderValue = HeaderValue::from_static("api-key");
+            const JWT: HeaderValue = HeaderValue::from_static("jwt");
+            let v = match id.method() {
+                AuthMethod::ApiKey => API_KEY,
+                AuthMethod::Jwt => JWT,
+            };
+            headers.insert(h.clone(), v);
         }
         for (claim, h) in &inner.claim_headers {
             match id.claim(claim) {
@@ -468,8 +477,14 @@ impl Authenticator {
         }
     }
 
+    /// `req` is the requirements of the service whose per-service copy made `id`, when
+    /// that copy decided already (`granted`, an API key's identity).
     pub(crate) fn check(&self, id: &Identity, req: &Requirements) -> Result<(), AuthError> {
-        if req.is_empty() || req.met_by(id) {
+        let met = match id.0.granted {
+            Some(granted) => granted,
+            None => req.is_empty() || req.met_by(id),
+        };
+        if met {
             Ok(())
         } else {
             Err(AuthError::InsufficientScope)

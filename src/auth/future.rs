@@ -76,7 +76,7 @@ where
             let (wait, parked) = &mut **w;
             ready!(wait.as_mut().poll(cx));
             let Some(Parked {
-                req,
+                mut req,
                 mut svc,
                 layer,
             }) = parked.take()
@@ -85,8 +85,8 @@ where
             };
             *waiting = None;
             // The second look: still unknown is a `401` now.
-            let next = match layer.step(req, false) {
-                Step::Call(req) => AnswerFuture::inner(svc.call(req)),
+            let next = match layer.step(&mut req, false) {
+                Step::Call => AnswerFuture::inner(svc.call(req)),
                 Step::Refuse(res) => AnswerFuture::answered(res),
                 // Not with `early_refresh` false; refused all the same, never waiting twice.
                 Step::Wait(..) => AnswerFuture::answered(layer.refuse(AuthError::InvalidToken(

@@ -40,6 +40,11 @@ pub(crate) struct IdentityInner {
     pub(crate) claims: Option<Arc<Claims>>,
     /// An API key's identity header values, made once per key (none for a JWT).
     pub(crate) values: Option<super::api_key::IdentityValues>,
+    /// Whether this identity meets the requirements of the one service whose key table
+    /// made it (an API key's identity in a per-service copy, see `ApiKeys::per_service`):
+    /// decided once there, where it cannot change, instead of comparing the route's
+    /// scopes with the key's on every request. `None`: checked per request (a token).
+    pub(crate) granted: Option<bool>,
 }
 
 impl std::fmt::Debug for Identity {
@@ -100,8 +105,17 @@ impl Requirements {
     /// Every scope granted, and every claim equal to (or, for an array claim, containing)
     /// the required value.
     pub(crate) fn met_by(&self, id: &Identity) -> bool {
-        self.scopes.iter().all(|s| id.has_scope(s))
-            && self.claims.iter().all(|(name, want)| match id.claim(name) {
+        self.met_by_parts(id.scopes(), |name| id.claim(name))
+    }
+
+    /// [`met_by`](Self::met_by) on an identity's scopes and claims, before it is one.
+    pub(crate) fn met_by_parts<'a>(
+        &self,
+        scopes: &[String],
+        claim: impl Fn(&str) -> Option<&'a serde_json::Value>,
+    ) -> bool {
+        self.scopes.iter().all(|s| scopes.iter().any(|g| g == s))
+            && self.claims.iter().all(|(name, want)| match claim(name) {
                 Some(serde_json::Value::Array(have)) => have.contains(want),
                 Some(have) => have == want,
                 None => false,

@@ -83,7 +83,7 @@ impl<S> Layer<S> for AuthLayer {
         Auth {
             inner,
             layer: AuthLayer {
-                auth: self.auth.per_service(),
+                auth: self.auth.per_service(&self.require),
                 require: self.require.clone(),
                 optional: self.optional,
             },
