@@ -111,8 +111,11 @@ pub(crate) fn recycle(ext: &mut Extensions) {
 /// four allocations and four frees a request (session 16). The layers say which values
 /// are theirs here; this module never names their types.
 pub(crate) fn insert_scoped<T: Clone + Send + Sync + 'static>(ext: &mut Extensions, value: T) {
-    if ext.insert(value).is_some() {
-        return; // already listed (or inserted by someone else: then `recycle` finds one too many)
+    // Only a map with the server's address goes round (`recycle`); for any other the list
+    // would be one more allocation a request for nothing (a gateway under axum's server).
+    if ext.insert(value).is_some() || ext.get::<ClientAddr>().is_none() {
+        // Already listed (or inserted by someone else: then `recycle` finds one too many).
+        return;
     }
     match ext.get_mut::<Scoped>() {
         Some(scoped) => scoped.push(remove_value::<T>),
@@ -511,6 +514,14 @@ mod recycle_tests {
         recycle(&mut ext);
         assert_eq!(ext.get::<u32>(), Some(&7), "someone else's value stays");
         assert!(ext.get::<ClientAddr>().is_some());
+    }
+
+    #[test]
+    fn a_map_without_the_servers_address_lists_nothing() {
+        let mut ext = Extensions::new();
+        insert_scoped(&mut ext, Scope1(1));
+        assert_eq!(ext.len(), 1, "no list: one allocation fewer a request");
+        assert_eq!(ext.get::<Scope1>(), Some(&Scope1(1)));
     }
 
     #[test]
