@@ -35,8 +35,6 @@ use alloc_support::{count_from_here, counted_since, requests, spawn_backend};
 /// copied as plain values, not as a second extension map (that was 3 more: the map, its
 /// table, the value; 17 in all before session 15).
 const BUDGET_PER_REQUEST: u64 = 8;
-/// Allocations in the measured window that do not recur per request.
-const ONE_OFF: u64 = 50;
 
 /// `reverse_proxy --serve`'s stack for one worker over `backends`, served on its own
 /// thread with a current-thread runtime; only that thread's allocations are counted.
@@ -63,14 +61,13 @@ async fn balanced_path_stays_within_its_allocation_budget() {
     let proxy_addr = spawn_balanced_proxy(backends);
     let mut conns = alloc_support::connect(proxy_addr, 4).await;
     let req = format!("GET /alloc HTTP/1.1\r\nhost: {proxy_addr}\r\nuser-agent: t\r\n\r\n");
-    const N: u64 = 2000;
-    let (allocs, _) = alloc_support::measure(&mut conns, req.as_bytes(), N).await;
-    let per_request = allocs as f64 / N as f64;
-    println!("balanced proxy allocations: {allocs} for {N} requests ({per_request:.3} a request)");
-    assert!(
-        allocs <= BUDGET_PER_REQUEST * N + ONE_OFF,
-        "{per_request:.2} allocations per request, budget {BUDGET_PER_REQUEST}"
-    );
+    alloc_support::assert_budget(
+        "balanced proxy",
+        &mut conns,
+        req.as_bytes(),
+        BUDGET_PER_REQUEST,
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -30,7 +30,6 @@ const KEY: &str = "alloc-key-0123456789";
 /// request's extension map (the map, its table, the `ClientAddr` box) is handed back by
 /// `Forward` with the identity and trace context in it too (`client_addr::recycle`).
 const BUDGET_PER_REQUEST: u64 = 13;
-const ONE_OFF: u64 = 50;
 
 #[tokio::test]
 async fn gateway_stack_stays_within_its_allocation_budget() {
@@ -63,12 +62,5 @@ async fn gateway_stack_stays_within_its_allocation_budget() {
     let req = format!(
         "GET /alloc HTTP/1.1\r\nhost: {proxy_addr}\r\nuser-agent: t\r\nx-api-key: {KEY}\r\n\r\n"
     );
-    const N: u64 = 2000;
-    let (allocs, _) = alloc_support::measure(&mut conns, req.as_bytes(), N).await;
-    let per_request = allocs as f64 / N as f64;
-    println!("gateway allocations: {allocs} for {N} requests ({per_request:.3} a request)");
-    assert!(
-        allocs <= BUDGET_PER_REQUEST * N + ONE_OFF,
-        "{per_request:.2} allocations per request, budget {BUDGET_PER_REQUEST}"
-    );
+    alloc_support::assert_budget("gateway", &mut conns, req.as_bytes(), BUDGET_PER_REQUEST).await;
 }

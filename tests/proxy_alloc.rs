@@ -29,8 +29,6 @@ const BUDGET_PER_REQUEST: u64 = 8;
 /// from it is still in flight). `Forward`'s response future was a third (2.7 KiB, its
 /// request held in several nested futures at once) before issue 12's session 13.
 const LARGE_BUDGET_PER_REQUEST: u64 = 2;
-/// Allocations in the measured window that do not recur per request.
-const ONE_OFF: u64 = 50;
 
 #[tokio::test]
 async fn forward_path_stays_within_its_allocation_budget() {
@@ -44,19 +42,12 @@ async fn forward_path_stays_within_its_allocation_budget() {
     });
     let mut conns = alloc_support::connect(proxy_addr, 4).await;
     let req = format!("GET /alloc HTTP/1.1\r\nhost: {proxy_addr}\r\nuser-agent: t\r\n\r\n");
-    const N: u64 = 2000;
-    let (allocs, large) = alloc_support::measure(&mut conns, req.as_bytes(), N).await;
-    let per_request = allocs as f64 / N as f64;
-    println!("proxy allocations: {allocs} for {N} requests ({per_request:.3} a request)");
-    // A few one-off allocations (a table growing once in the window) are not per request.
-    assert!(
-        allocs <= BUDGET_PER_REQUEST * N + ONE_OFF,
-        "{per_request:.2} allocations per request, budget {BUDGET_PER_REQUEST}"
-    );
-    let large_per_request = large as f64 / N as f64;
+    let large =
+        alloc_support::assert_budget("proxy", &mut conns, req.as_bytes(), BUDGET_PER_REQUEST).await;
+    let large_per_request = large as f64 / alloc_support::N as f64;
     println!("of which larger than {LARGE} bytes: {large} ({large_per_request:.3} a request)");
     assert!(
-        large <= LARGE_BUDGET_PER_REQUEST * N + ONE_OFF,
+        large <= LARGE_BUDGET_PER_REQUEST * alloc_support::N + alloc_support::ONE_OFF,
         "{large_per_request:.2} allocations over {LARGE} bytes per request, budget {LARGE_BUDGET_PER_REQUEST}"
     );
 }

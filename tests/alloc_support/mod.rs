@@ -178,6 +178,26 @@ pub async fn measure(conns: &mut [TcpStream], req: &[u8], n: u64) -> (u64, u64) 
     )
 }
 
+/// Requests counted by [`assert_budget`].
+pub const N: u64 = 2000;
+/// Allocations in the measured window that do not recur per request (a table growing
+/// once in the window).
+pub const ONE_OFF: u64 = 50;
+
+/// Sends [`N`] requests of `req` over `conns` after [`measure`]'s warm-up and asserts at
+/// most `budget` allocations a request; prints the figure under `label`. Returns the
+/// count of those larger than [`LARGE`], for a test with a budget for them too.
+pub async fn assert_budget(label: &str, conns: &mut [TcpStream], req: &[u8], budget: u64) -> u64 {
+    let (allocs, large) = measure(conns, req, N).await;
+    let per_request = allocs as f64 / N as f64;
+    println!("{label} allocations: {allocs} for {N} requests ({per_request:.3} a request)");
+    assert!(
+        allocs <= budget * N + ONE_OFF,
+        "{label}: {per_request:.2} allocations per request, budget {budget}"
+    );
+    large
+}
+
 /// `n` connections to `addr`.
 pub async fn connect(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
     let mut conns = Vec::new();
