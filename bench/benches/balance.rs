@@ -308,13 +308,9 @@ where
     S: Service<Request<String>, Response = Response<String>>,
     S::Error: std::fmt::Debug,
 {
-    if std::env::var("DISPATCH_RUN").map_or(true, |v| v != name) {
+    let Some(n) = cpuclock::fixed_run("DISPATCH_RUN", "DISPATCH_N", name, 100_000) else {
         return;
-    }
-    let n: u64 = std::env::var("DISPATCH_N")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(100_000);
+    };
     dispatch_loop(svc, 1000);
     dispatch_loop(svc, n);
     std::process::exit(0);

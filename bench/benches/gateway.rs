@@ -117,13 +117,9 @@ where
     RB: http_body::Body,
     RB::Error: std::fmt::Debug,
 {
-    if std::env::var("GATEWAY_RUN").map_or(true, |v| v != name) {
+    let Some(n) = cpuclock::fixed_run("GATEWAY_RUN", "GATEWAY_N", name, 1000) else {
         return;
-    }
-    let n: u64 = std::env::var("GATEWAY_N")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(1000);
+    };
     rt.block_on(requests(&svc, 100 + n));
     std::process::exit(0);
 }

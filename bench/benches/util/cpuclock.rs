@@ -41,3 +41,20 @@ pub fn measure<F: FnOnce()>(f: F) -> Duration {
         t0.elapsed()
     }
 }
+
+/// The fixed-workload mode callgrind counts by (`RUN_VAR=name N_VAR=n`, e.g.
+/// `DISPATCH_RUN`/`DISPATCH_N`, `GATEWAY_RUN`/`GATEWAY_N`): `Some(n)` when `name` is the
+/// case asked for (n from `n_var`, else `default_n`), `None` otherwise. The caller runs
+/// its workload `n` times and exits the process.
+#[allow(dead_code)] // not every bench that loads this module has such a mode
+pub fn fixed_run(run_var: &str, n_var: &str, name: &str, default_n: u64) -> Option<u64> {
+    if std::env::var(run_var).map_or(true, |v| v != name) {
+        return None;
+    }
+    Some(
+        std::env::var(n_var)
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(default_n),
+    )
+}
