@@ -54,11 +54,17 @@ pub struct ClientAddr(pub SocketAddr);
 // goes round without ever being freed; a map holding anything else is left alone.
 thread_local! {
     static SPARE: std::cell::Cell<Option<Extensions>> = const { std::cell::Cell::new(None) };
+    // Whether this crate's server runs on this thread, i.e. whether anyone takes a spare
+    // here. Under another server (axum's, with `ClientAddrLayer` putting the address) a
+    // recycled map would only be dropped later, and a `Scoped` list would be an
+    // allocation a request for nothing.
+    static SERVES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Puts `addr` into a request's extensions as its [`ClientAddr`], in a map handed back by
 /// [`recycle`] when `ext` is still empty and one is there.
 pub(crate) fn insert_client_addr(ext: &mut Extensions, addr: ClientAddr) {
+    SERVES.with(|s| s.set(true));
     if ext.is_empty() {
         if let Some(spare) = SPARE.with(std::cell::Cell::take) {
             *ext = spare;
@@ -75,7 +81,7 @@ pub(crate) fn insert_client_addr(ext: &mut Extensions, addr: ClientAddr) {
 /// [`insert_client_addr`], when they hold only a [`ClientAddr`] and values inserted with
 /// [`insert_scoped`]; anything else keeps the map with its request.
 pub(crate) fn recycle(ext: &mut Extensions) {
-    if ext.get::<ClientAddr>().is_none() {
+    if !SERVES.with(std::cell::Cell::get) || ext.get::<ClientAddr>().is_none() {
         return;
     }
     // Bare `Forward` (the address alone) asks nothing more.
@@ -111,9 +117,13 @@ pub(crate) fn recycle(ext: &mut Extensions) {
 /// four allocations and four frees a request (session 16). The layers say which values
 /// are theirs here; this module never names their types.
 pub(crate) fn insert_scoped<T: Clone + Send + Sync + 'static>(ext: &mut Extensions, value: T) {
-    // Only a map with the server's address goes round (`recycle`); for any other the list
-    // would be one more allocation a request for nothing (a gateway under axum's server).
-    if ext.insert(value).is_some() || ext.get::<ClientAddr>().is_none() {
+    // Only a map with the server's address goes round (`recycle`), and only on a thread
+    // this crate's server runs on; for any other the list would be one more allocation a
+    // request for nothing (a gateway under axum's server).
+    if ext.insert(value).is_some()
+        || ext.get::<ClientAddr>().is_none()
+        || !SERVES.with(std::cell::Cell::get)
+    {
         // Already listed (or inserted by someone else: then `recycle` finds one too many).
         return;
     }
@@ -522,6 +532,23 @@ mod recycle_tests {
         insert_scoped(&mut ext, Scope1(1));
         assert_eq!(ext.len(), 1, "no list: one allocation fewer a request");
         assert_eq!(ext.get::<Scope1>(), Some(&Scope1(1)));
+    }
+
+    #[test]
+    fn under_another_server_nothing_is_listed_or_taken() {
+        // A fresh thread: this crate's server never ran here (axum's server, with
+        // `ClientAddrLayer` putting the address as a plain extension).
+        std::thread::spawn(|| {
+            let mut ext = Extensions::new();
+            ext.insert(addr(1));
+            insert_scoped(&mut ext, Scope1(1));
+            assert_eq!(ext.len(), 2, "no list: one allocation fewer a request");
+            recycle(&mut ext);
+            assert_eq!(ext.len(), 2, "nobody takes a spare on this thread");
+            assert_eq!(ext.get::<Scope1>(), Some(&Scope1(1)));
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
