@@ -85,17 +85,15 @@ pub(crate) fn recycle(ext: &mut Extensions) {
         return;
     }
     // Bare `Forward` (the address alone) asks nothing more.
-    if ext.len() > 1 {
-        let Some(count) = ext.get::<Scoped>().and_then(Scoped::count) else {
-            return;
-        };
-        // The address, the list, the listed values: anything more is somebody else's.
-        if ext.len() != 2 + count {
-            return;
-        }
+    let len = ext.len();
+    if len > 1 {
         let Some(scoped) = ext.get_mut::<Scoped>() else {
             return;
         };
+        // The address, the list, the listed values: anything more is somebody else's.
+        if scoped.count().is_none_or(|count| len != 2 + count) {
+            return;
+        }
         let removers = std::mem::take(scoped);
         for remove in removers.removers.iter().flatten() {
             remove(ext);
