@@ -129,3 +129,28 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod size {
+    use http::Request;
+    use hyper::body::Incoming;
+    use tower_service::Service;
+
+    /// The breaker's future is the admitted call's future and its guard: the rejection's
+    /// answer ([`Rejected`](super::super::Rejected)) holds no response inline. Over
+    /// `Forward` it was 152 bytes, the room of a `Ready` of a whole response (issue 14).
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn the_future_is_the_inner_one_and_the_guard() {
+        type Fwd = crate::proxy::Forward<Incoming>;
+        type Fut = <super::super::CircuitBreaker<Fwd> as Service<Request<Incoming>>>::Future;
+        let inner = std::mem::size_of::<<Fwd as Service<Request<Incoming>>>::Future>();
+        let size = std::mem::size_of::<Fut>();
+        // The guard: the breaker's handle, the permit, the classifier (a `Condition`, 32
+        // bytes), the start time; and the body mapping's function pointer.
+        assert!(
+            size <= inner + 80,
+            "breaker future {size} bytes, inner {inner}"
+        );
+    }
+}

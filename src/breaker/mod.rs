@@ -80,7 +80,7 @@ pub use config::{
     MAX_WINDOW_SECS,
 };
 pub use error::{CircuitOpen, ConfigError, IllegalTransition};
-pub use fallback::{Fallback, FallbackFuture, FnFallback, NoFallback, ServiceFallback};
+pub use fallback::{Fallback, FallbackFuture, FnFallback, NoFallback, Rejected, ServiceFallback};
 pub use future::ResponseFuture;
 pub use layer::CircuitBreakerLayer;
 pub use service::CircuitBreaker;
