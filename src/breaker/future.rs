@@ -97,6 +97,9 @@ where
 {
     type Output = Result<Response<OB>, BoxError>;
 
+    // Inline: out of line (as it became with the smaller `Rejected` arm) the layer above
+    // moves the finished response in and out of one more call.
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
             Proj::Admitted { fut, wrap, guard } => {
