@@ -75,21 +75,20 @@ impl<'a> Fields<'a> {
     fn scan(headers: &'a HeaderMap) -> Self {
         let mut f = Fields::default();
         for (name, value) in headers {
-            // The length first: a standard name is a table entry, and most fields are
-            // none of these three lengths.
             let first = |slot: &mut Option<&'a HeaderValue>| {
                 if slot.is_none() {
                     *slot = Some(value);
                 }
             };
-            match name.as_str().len() {
-                11 if *name == TRACEPARENT => {
-                    first(&mut f.traceparent);
-                    f.traceparents = f.traceparents.saturating_add(1);
-                }
-                10 if *name == TRACESTATE => first(&mut f.tracestate),
-                12 if *name == X_REQUEST_ID => first(&mut f.request_id),
-                _ => {}
+            // Name against name: a standard one (most fields) differs from these custom
+            // names by its kind alone, another custom one mostly by its length.
+            if *name == TRACEPARENT {
+                first(&mut f.traceparent);
+                f.traceparents = f.traceparents.saturating_add(1);
+            } else if *name == TRACESTATE {
+                first(&mut f.tracestate);
+            } else if *name == X_REQUEST_ID {
+                first(&mut f.request_id);
             }
         }
         f
