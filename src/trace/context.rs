@@ -81,13 +81,16 @@ impl<'a> Fields<'a> {
                 }
             };
             // Name against name: a standard one (most fields) differs from these custom
-            // names by its kind alone, another custom one mostly by its length.
-            if *name == TRACEPARENT {
+            // names by its kind alone, another custom one mostly by its length. Against
+            // statics: a `const` name is built and dropped (a call through the `Bytes`
+            // vtable) at every comparison.
+            static NAMES: [HeaderName; 3] = [TRACEPARENT, TRACESTATE, X_REQUEST_ID];
+            if *name == NAMES[0] {
                 first(&mut f.traceparent);
                 f.traceparents = f.traceparents.saturating_add(1);
-            } else if *name == TRACESTATE {
+            } else if *name == NAMES[1] {
                 first(&mut f.tracestate);
-            } else if *name == X_REQUEST_ID {
+            } else if *name == NAMES[2] {
                 first(&mut f.request_id);
             }
         }
