@@ -118,21 +118,24 @@ pub(crate) fn insert_scoped<T: Clone + Send + Sync + 'static>(ext: &mut Extensio
     // Only a map with the server's address goes round (`recycle`), and only on a thread
     // this crate's server runs on; for any other the list would be one more allocation a
     // request for nothing (a gateway under axum's server).
-    if ext.insert(value).is_some()
-        || ext.get::<ClientAddr>().is_none()
-        || !SERVES.with(std::cell::Cell::get)
-    {
+    if ext.insert(value).is_some() {
         // Already listed (or inserted by someone else: then `recycle` finds one too many).
         return;
     }
-    match ext.get_mut::<Scoped>() {
-        Some(scoped) => scoped.push(remove_value::<T>),
-        None => {
-            let mut scoped = Scoped::default();
-            scoped.push(remove_value::<T>);
-            ext.insert(scoped);
-        }
+    // A list is only ever put into a map holding the address on a serving thread (below),
+    // and a recycled map keeps both: when one is there, those two checks hold and are
+    // not looked up again (one map probe fewer per value; `recycle` checks the address
+    // itself before it takes anything).
+    if let Some(scoped) = ext.get_mut::<Scoped>() {
+        scoped.push(remove_value::<T>);
+        return;
     }
+    if ext.get::<ClientAddr>().is_none() || !SERVES.with(std::cell::Cell::get) {
+        return;
+    }
+    let mut scoped = Scoped::default();
+    scoped.push(remove_value::<T>);
+    ext.insert(scoped);
 }
 
 fn remove_value<T: Send + Sync + 'static>(ext: &mut Extensions) {

@@ -406,6 +406,23 @@ async fn every_bad_credential_is_401_invalid_token_without_detail() {
                 ("authorization", bearer(&hs_token(&good))),
             ],
         ),
+        (
+            "two api key headers, both the valid key",
+            vec![
+                ("x-api-key", "k-secret-1".into()),
+                ("accept", "*/*".into()),
+                ("x-api-key", "k-secret-1".into()),
+            ],
+        ),
+        (
+            "api key and bearer with other fields between",
+            vec![
+                ("authorization", bearer(&hs_token(&good))),
+                ("x-api-keys", "k-secret-1".into()),
+                ("accept", "*/*".into()),
+                ("x-api-key", "k-secret-1".into()),
+            ],
+        ),
         ("unknown api key", vec![("x-api-key", "k-secret-2".into())]),
         ("api key prefix", vec![("x-api-key", "k-secret-".into())]),
         (

@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | `ErrorResponse` | every error below becomes a 502/503/504 answer | — |
 //! | `RateLimitLayer` | one GCRA bucket for the whole route (`--rate-limit` per second, the same burst), shared by all workers | `429` + `Retry-After` |
-//! | `AuthLayer` | API key in `x-api-key` with scope `proxy`, removed before forwarding; sends `x-auth-subject`/`-scopes`/`-method` upstream, drops client-sent copies | `401` + `WWW-Authenticate` |
+//! | `AuthLayer` | API key in `x-api-key` with scope `proxy`, removed before forwarding; sends `x-auth-subject`/`-scopes`/`-method` upstream, drops client-sent copies; no `Identity` extension (nothing after it reads one) | `401` + `WWW-Authenticate` |
 //! | `/metrics` | `GET /metrics` answers the Prometheus text here (needs the key; not traced, not counted as proxied) | — |
 //! | `RequestTraceLayer` | `traceparent` continued or started, `x-request-id` kept or made, both sent upstream; one access-log event | — |
 //! | `MetricsLayer` | requests, failures, latency histogram, in flight, label `route="proxy"` | — |
@@ -70,7 +70,13 @@ impl Gateway {
                 RouteKey::new("proxy"),
                 LocalLimiter::new(Quota::per_second(rate).allow_burst(rate)),
             ),
-            auth: auth.layer().require_scopes(["proxy"]),
+            // Nothing after the key check reads the `Identity` extension (the limiter in
+            // front keys on the route; upstreams get the identity headers): not boxed
+            // into every request's extensions for nobody.
+            auth: auth
+                .layer()
+                .require_scopes(["proxy"])
+                .identity_extension(false),
             prometheus,
             trace: RequestTraceLayer::new("proxy"),
             metrics: MetricsLayer::new("proxy"),

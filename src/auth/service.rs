@@ -78,7 +78,9 @@ impl AuthLayer {
         if let Err(e) = auth.write_identity(&identity, req.headers_mut()) {
             return Step::Refuse(self.refuse(e));
         }
-        crate::client_addr::insert_scoped(req.extensions_mut(), identity);
+        if self.extension {
+            crate::client_addr::insert_scoped(req.extensions_mut(), identity);
+        }
         Step::Call
     }
 
@@ -153,6 +155,41 @@ mod tests {
             assert_eq!(h.get("x-auth-method").unwrap(), "api-key", "{key_header}");
             assert!(h.get_all(key_header).iter().all(|v| v != "k-1"));
             assert_eq!(h.len(), 4, "{key_header}");
+        }
+    }
+
+    #[test]
+    fn the_identity_extension_is_there_unless_turned_off_and_the_headers_either_way() {
+        let auth = AuthConfig::new()
+            .api_keys(ApiKeys::new().key("batch", "k-1", ["r"]).unwrap())
+            .hide_credentials(true)
+            .build()
+            .unwrap();
+        for (layer, extension) in [
+            (auth.layer(), true),
+            (auth.layer().identity_extension(true), true),
+            (auth.layer().identity_extension(false), false),
+        ] {
+            // The per-service copy the service uses keeps the setting.
+            let svc = tower_layer::Layer::layer(&layer, ());
+            let mut req = Request::new(());
+            req.headers_mut()
+                .insert("x-api-key", HeaderValue::from_static("k-1"));
+            req.headers_mut()
+                .insert("x-auth-subject", HeaderValue::from_static("spoofed"));
+            assert!(matches!(svc.layer.step(&mut req, true), Step::Call));
+            let id = req.extensions().get::<crate::auth::Identity>();
+            assert_eq!(id.is_some(), extension);
+            if let Some(id) = id {
+                assert_eq!(id.subject(), "batch");
+            }
+            let h = req.headers();
+            assert_eq!(
+                h.get_all("x-auth-subject").iter().collect::<Vec<_>>(),
+                ["batch"]
+            );
+            assert_eq!(h.get("x-auth-method").unwrap(), "api-key");
+            assert!(h.get("x-api-key").is_none());
         }
     }
 
