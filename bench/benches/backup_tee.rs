@@ -37,7 +37,7 @@ use tower_patterns::backup::{
     backfill, BackfillQueue, BackupOutcome, FsSink, FsyncPolicy, ObjectInfo, ObjectKey, Sink,
     SinkError, SinkWriter, TeeLayer,
 };
-use tower_patterns::body::tee::{outlet, Next, TeeBody, TeeOptions};
+use tower_patterns::body::tee::{outlet, Next, NextBatch, TeeBody, TeeOptions};
 use tower_patterns::body::{boxed, BoxBody};
 use tower_patterns::proxy::ForwardBuilder;
 
@@ -307,6 +307,52 @@ where
     })
 }
 
+/// How [`tee_discard`]'s sink task takes the copy.
+#[derive(Clone, Copy, Debug)]
+enum DiscardMode {
+    /// Batched tee, chunk by chunk (`Inlet::next`): the `tee_per_chunk` headline since
+    /// session 12.
+    Next,
+    /// Batched tee, a batch at a time (`Inlet::next_batch`), as `TeeLayer` takes it.
+    Batch,
+    /// Unbatched tee (one channel message per chunk), chunk by chunk: the design before
+    /// session 12's batching, as a same-session stand-in for the original figure.
+    Unbatched,
+}
+
+/// One `size`-byte body in `chunk`-byte chunks teed to one sink task that discards
+/// (16 MiB buffer): the tee and its channel alone.
+async fn tee_discard(size: usize, chunk: usize, mode: DiscardMode) -> usize {
+    let (o, mut inlet) = outlet(16 << 20);
+    let sink = tokio::spawn(async move {
+        loop {
+            if let DiscardMode::Batch = mode {
+                match inlet.next_batch().await {
+                    NextBatch::Data(_) => {}
+                    NextBatch::End => return true,
+                    NextBatch::Abort(_) => return false,
+                }
+            } else {
+                match inlet.next().await {
+                    Next::Data(_) => {}
+                    Next::End => return true,
+                    Next::Abort(_) => return false,
+                }
+            }
+        }
+    });
+    let body = TeeBody::new(
+        generated_in(size, chunk, false),
+        vec![o],
+        &TeeOptions::default(),
+    )
+    // Batched, as `TeeLayer` sends its copies (but for the stand-in for the original).
+    .batched(!matches!(mode, DiscardMode::Unbatched));
+    let n = drain(body).await;
+    assert!(sink.await.unwrap(), "the copy was aborted");
+    n
+}
+
 /// The tee's cost per chunk: 4 MiB bodies in 8 KiB and 64 KiB chunks, streamed plain,
 /// teed to a sink task that discards (the tee and channel alone), and teed through
 /// `TeeLayer` to a real `FsSink` on disk (no fsync; every copy must commit).
@@ -333,30 +379,13 @@ fn per_chunk(c: &mut Criterion) {
             b.iter_custom(|n| timed(&rt, n, || drain(generated_in(SIZE, chunk, false))))
         });
         g.bench_function(format!("tee_discard/{kib}KiB"), |b| {
-            b.iter_custom(|n| {
-                timed(&rt, n, || async {
-                    let (o, mut inlet) = outlet(16 << 20);
-                    let sink = tokio::spawn(async move {
-                        loop {
-                            match inlet.next().await {
-                                Next::Data(_) => {}
-                                Next::End => return true,
-                                Next::Abort(_) => return false,
-                            }
-                        }
-                    });
-                    // Batched, as `TeeLayer` sends its copies.
-                    let body = TeeBody::new(
-                        generated_in(SIZE, chunk, false),
-                        vec![o],
-                        &TeeOptions::default(),
-                    )
-                    .batched(true);
-                    let n = drain(body).await;
-                    assert!(sink.await.unwrap(), "the copy was aborted");
-                    n
-                })
-            })
+            b.iter_custom(|n| timed(&rt, n, || tee_discard(SIZE, chunk, DiscardMode::Next)))
+        });
+        g.bench_function(format!("tee_batch/{kib}KiB"), |b| {
+            b.iter_custom(|n| timed(&rt, n, || tee_discard(SIZE, chunk, DiscardMode::Batch)))
+        });
+        g.bench_function(format!("tee_unbatched/{kib}KiB"), |b| {
+            b.iter_custom(|n| timed(&rt, n, || tee_discard(SIZE, chunk, DiscardMode::Unbatched)))
         });
         let mut key = 0u64;
         let events = tokio::sync::Mutex::new(fs_layer.subscribe());
@@ -776,6 +805,42 @@ fn fixed_run() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(d)
     };
+    // `TEE_RUN=chunk_plain|chunk_next|chunk_batch|chunk_unbatched` (`TEE_CHUNK_KIB`,
+    // default 8; `TEE_N` bodies of 4 MiB, default 32): the `tee_per_chunk` workloads, for
+    // callgrind's instruction counts per chunk (two `TEE_N`, subtracted).
+    if let Some(case) = mode.strip_prefix("chunk_") {
+        const SIZE: usize = 4 << 20;
+        let chunk = env("TEE_CHUNK_KIB", 8) << 10;
+        let n = env("TEE_N", 32);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mode = match case {
+            "plain" => None,
+            "next" => Some(DiscardMode::Next),
+            "batch" => Some(DiscardMode::Batch),
+            "unbatched" => Some(DiscardMode::Unbatched),
+            other => panic!("TEE_RUN=chunk_{other}: not a case"),
+        };
+        let took = cpuclock::measure(|| {
+            rt.block_on(async {
+                for _ in 0..n {
+                    let got = match mode {
+                        None => drain(generated_in(SIZE, chunk, false)).await,
+                        Some(m) => tee_discard(SIZE, chunk, m).await,
+                    };
+                    assert_eq!(got, SIZE);
+                }
+            })
+        });
+        println!(
+            "TEE_RUN={mode:?}: {n} x 4 MiB in {} KiB chunks: {:.1} ns per chunk",
+            chunk >> 10,
+            took.as_nanos() as f64 / (n * SIZE / chunk) as f64
+        );
+        std::process::exit(0);
+    }
     let (chunk, src) = [
         (64 << 10, Source::FreshVec),
         (64 << 10, Source::ReadBuffer),
