@@ -754,7 +754,8 @@ fn fs_sink_rate(_c: &mut Criterion) {
 /// and the most bytes the copy had queued.
 ///
 /// `FS_SPEED_DIR` picks the directory (default: the temp dir; `/dev/shm` takes the disk
-/// out, leaving the sink's own pipeline), `FS_SPEED_RUNS` the rounds (default 1).
+/// out, leaving the sink's own pipeline), `FS_SPEED_RUNS` the rounds (default 1),
+/// `FS_SPEED_IN_FLIGHT` / `FS_SPEED_WRITE_KIB` the sink's writes in flight and write size.
 fn fs_client_speed(_c: &mut Criterion) {
     const SIZE: usize = 1 << 30;
     if !wanted("fs_client_speed") {
@@ -777,8 +778,17 @@ fn fs_client_speed(_c: &mut Criterion) {
     let check = |path: &std::path::Path| check_stored(path, SIZE, &pool);
     rt.block_on(async {
         let queue = BackfillQueue::new(16);
+        // `FS_SPEED_IN_FLIGHT` / `FS_SPEED_WRITE_KIB`: the sink's writes in flight and
+        // write size (default: `FsSink`'s defaults).
+        let mut sink = FsSink::new(&dir);
+        if let Some(n) = std::env::var("FS_SPEED_IN_FLIGHT").ok().and_then(|v| v.parse().ok()) {
+            sink = sink.writes_in_flight(n);
+        }
+        if let Some(k) = std::env::var("FS_SPEED_WRITE_KIB").ok().and_then(|v| v.parse::<usize>().ok()) {
+            sink = sink.write_buffer(k << 10);
+        }
         let layer = TeeLayer::builder()
-            .sink(FsSink::new(&dir))
+            .sink(sink)
             .backfill_queue(queue.clone())
             .build();
         let p = pool.clone();
