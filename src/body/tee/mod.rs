@@ -344,12 +344,10 @@ where
     type Data = Bytes;
     type Error = B::Error;
 
-    // The frame is returned as the inner body produced it (`res` is inspected by
-    // reference, never taken apart and rebuilt): a `Frame` is ~100 bytes (its trailers
-    // variant holds a `HeaderMap`), and moving it out of the inner result and into a new
-    // one cost ~25 instructions per chunk; returning `res` whole lets the compiler hand
-    // the caller's slot to the inner body. The rare cases (error, end, a sink to abort)
-    // are out of line.
+    // The inner result is inspected by reference and returned as it came, not taken
+    // apart and rebuilt: a `Frame` is ~100 bytes (its trailers variant holds a
+    // `HeaderMap`), and moving it out and back in cost ~25 instructions per chunk. The
+    // rare cases (error, end, a copy that ran too long) are out of line.
     #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
