@@ -259,6 +259,47 @@ impl<B> TeeBody<B> {
         self.outlets.iter().filter(|o| o.is_active()).count()
     }
 
+    /// Copies one data chunk to the outlets (there is at least one).
+    #[inline]
+    fn send(&mut self, data: &Bytes) {
+        if self.expected.is_some_and(|e| self.seen > e) {
+            return self.too_long();
+        }
+        let paced = self.paced;
+        // One sink (the usual case) without `retain_mut`'s bookkeeping.
+        if let [o] = self.outlets.as_mut_slice() {
+            if !o.try_send(data, paced) {
+                self.outlets.clear();
+            }
+        } else {
+            self.outlets.retain_mut(|o| o.try_send(data, paced));
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn too_long(&mut self) {
+        if let Some(e) = self.expected {
+            self.stats.length_mismatches.fetch_add(1, Ordering::Relaxed);
+            self.abort_all(AbortReason::TooLong { expected: e });
+        }
+    }
+
+    /// The inner body failed (`failed`) or ended (`None`, also after it was finished).
+    #[cold]
+    #[inline(never)]
+    fn ended(&mut self, failed: bool) {
+        self.inner = None;
+        if !failed {
+            return self.finish();
+        }
+        if !self.outlets.is_empty() {
+            self.stats.upstream_aborts.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("backup copies aborted: upstream body failed");
+        }
+        self.abort_all(AbortReason::Upstream);
+    }
+
     fn abort_all(&mut self, reason: AbortReason) {
         for o in &mut self.outlets {
             o.abort(reason.clone());
@@ -303,62 +344,44 @@ where
     type Data = Bytes;
     type Error = B::Error;
 
+    // The inner result is inspected by reference and returned as it came, not taken
+    // apart and rebuilt: a `Frame` is ~100 bytes (its trailers variant holds a
+    // `HeaderMap`), and moving it out and back in cost ~25 instructions per chunk. The
+    // rare cases (error, end, a copy that ran too long) are out of line.
+    #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.get_mut();
-        let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(None);
+        // One result, built in one place and returned on every path.
+        let res = match this.inner.as_mut() {
+            Some(_) if this.paced && !this.outlets.iter().all(|o| o.poll_room(cx)) => Poll::Pending,
+            Some(inner) => inner.as_mut().poll_frame(cx),
+            None => Poll::Ready(None),
         };
-        if this.paced && !this.outlets.iter().all(|o| o.poll_room(cx)) {
+        // The body is polled about twice per chunk (a socket read is pending first);
+        // answering `Pending` as itself skips copying the whole result.
+        if res.is_pending() {
             return Poll::Pending;
         }
-        let res = std::task::ready!(inner.as_mut().poll_frame(cx));
-        match res {
-            Some(Ok(frame)) => {
-                // hyper stops polling once a body says it ended, so finish here too.
-                let ended = inner.is_end_stream();
-                if let Some(data) = frame.data_ref() {
-                    this.seen += data.len() as u64;
-                    if !this.outlets.is_empty() {
-                        if let Some(e) = this.expected.filter(|e| this.seen > *e) {
-                            this.stats.length_mismatches.fetch_add(1, Ordering::Relaxed);
-                            this.abort_all(AbortReason::TooLong { expected: e });
-                        } else {
-                            let paced = this.paced;
-                            // One sink (the usual case) without `retain_mut`'s bookkeeping.
-                            if let [o] = this.outlets.as_mut_slice() {
-                                if !o.try_send(data, paced) {
-                                    this.outlets.clear();
-                                }
-                            } else {
-                                this.outlets.retain_mut(|o| o.try_send(data, paced));
-                            }
-                        }
-                    }
-                }
-                if ended {
-                    this.inner = None;
-                    this.finish();
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Some(Err(e)) => {
+        if let Poll::Ready(Some(Ok(frame))) = &res {
+            if let Some(data) = frame.data_ref() {
+                this.seen += data.len() as u64;
                 if !this.outlets.is_empty() {
-                    this.stats.upstream_aborts.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!("backup copies aborted: upstream body failed");
+                    this.send(data);
                 }
-                this.inner = None;
-                this.abort_all(AbortReason::Upstream);
-                Poll::Ready(Some(Err(e)))
             }
-            None => {
+            // hyper stops polling once a body says it ended, so finish here too (not
+            // needed once no sink is left: finishing then has nothing to do).
+            if !this.outlets.is_empty() && this.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
                 this.inner = None;
                 this.finish();
-                Poll::Ready(None)
             }
+        } else if let Poll::Ready(end) = &res {
+            this.ended(end.is_some());
         }
+        res
     }
 
     fn is_end_stream(&self) -> bool {

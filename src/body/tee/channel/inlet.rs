@@ -3,8 +3,10 @@
 //! sink asks for more.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -44,7 +46,7 @@ pub enum NextBatch {
     /// The copy is abandoned: discard everything written so far.
     Abort(AbortReason),
 }
-/// One message as [`Inlet::receive`] hands it on: data (never an empty batch) or a
+/// One message as [`Inlet::poll_receive`] hands it on: data (never an empty batch) or a
 /// terminal event.
 enum Received {
     One(Bytes),
@@ -65,23 +67,33 @@ impl Inlet {
     }
 
     /// Waits for the next event. After `End` or `Abort`, returns `Abort(Dropped)` forever.
-    pub async fn next(&mut self) -> Next {
+    ///
+    /// A plain poll function behind the future (no `async` state machine): within a batch
+    /// a call is an iterator step, which the sink pays for every chunk.
+    // Not `Iterator::next`: it returns a future. The name predates this form (it was an
+    // `async fn`, which clippy does not compare) and callers keep it.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> impl Future<Output = Next> + Send + '_ {
+        std::future::poll_fn(move |cx| self.poll_next(cx))
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Next> {
         // Within a batch: no channel, no atomics.
         if let Some(b) = self.rest.next() {
-            return Next::Data(b);
+            return Poll::Ready(Next::Data(b));
         }
-        match self.receive().await {
+        Poll::Ready(match ready!(self.poll_receive(cx)) {
             Received::One(b) => Next::Data(b),
             Received::Many(chunks) => {
                 let mut chunks = chunks.into_iter();
                 let first = chunks.next();
                 self.rest = chunks;
-                // `receive` never hands out an empty batch.
+                // `poll_receive` never hands out an empty batch.
                 first.map_or(Next::Abort(AbortReason::Dropped), Next::Data)
             }
             Received::End => Next::End,
             Received::Abort(r) => Next::Abort(r),
-        }
+        })
     }
 
     /// Like [`next`](Self::next), but hands out a whole batch of chunks at once
@@ -89,43 +101,48 @@ impl Inlet {
     /// that takes several chunks (see
     /// [`SinkWriter::write_batch`](crate::backup::SinkWriter::write_batch)), per batch
     /// instead of per chunk. An unbatched chunk comes as a batch of one. Never empty.
-    pub async fn next_batch(&mut self) -> NextBatch {
+    pub fn next_batch(&mut self) -> impl Future<Output = NextBatch> + Send + '_ {
+        std::future::poll_fn(move |cx| self.poll_next_batch(cx))
+    }
+
+    fn poll_next_batch(&mut self, cx: &mut Context<'_>) -> Poll<NextBatch> {
         // What is left of a batch a `next` call started.
         if self.rest.len() != 0 {
-            return NextBatch::Data(std::mem::take(&mut self.rest).collect());
+            return Poll::Ready(NextBatch::Data(std::mem::take(&mut self.rest).collect()));
         }
-        match self.receive().await {
+        Poll::Ready(match ready!(self.poll_receive(cx)) {
             Received::One(b) => NextBatch::Data(vec![b]),
             Received::Many(chunks) => NextBatch::Data(chunks),
             Received::End => NextBatch::End,
             Received::Abort(r) => NextBatch::Abort(r),
-        }
+        })
     }
 
     /// The next message off the channel, once the sink is done with the previous one (its
     /// bytes released). The terminal cases — end, abort, a closed channel, and an empty
     /// batch (the outlet never sends one, so it counts as broken) — finish the inlet, which
     /// then answers `Abort(Dropped)` forever. One place for both `next` and `next_batch`.
-    async fn receive(&mut self) -> Received {
+    fn poll_receive(&mut self, cx: &mut Context<'_>) -> Poll<Received> {
+        // A no-op after the first poll of a wait (`held` is then 0).
         self.release_held();
         if self.finished {
-            return Received::Abort(AbortReason::Dropped);
+            return Poll::Ready(Received::Abort(AbortReason::Dropped));
         }
-        let terminal = match self.rx.recv().await {
+        let terminal = match ready!(self.rx.poll_recv(cx)) {
             Some(Msg::Data(b)) => {
                 self.held = b.len();
-                return Received::One(b);
+                return Poll::Ready(Received::One(b));
             }
             Some(Msg::Batch(chunks, len)) if !chunks.is_empty() => {
                 self.held = len;
-                return Received::Many(chunks);
+                return Poll::Ready(Received::Many(chunks));
             }
             Some(Msg::End) => Received::End,
             Some(Msg::Abort(r)) => Received::Abort(r),
             Some(Msg::Batch(..)) | None => Received::Abort(AbortReason::Dropped),
         };
         self.finished = true;
-        terminal
+        Poll::Ready(terminal)
     }
 
     fn release(&self, n: usize) {

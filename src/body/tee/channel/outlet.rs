@@ -23,6 +23,10 @@ pub struct Outlet {
     batch: usize,
     /// Bytes charged to the byte budget ahead of use (see the module docs).
     credit: u64,
+    /// `shared.limit` and whether `shared.budget` is set, kept here: the per-chunk checks
+    /// then read only this outlet, not the shared block behind a pointer.
+    limit: usize,
+    has_budget: bool,
     /// An upper bound on `shared.buffered`: its value when this outlet last added to it
     /// (or read it), plus what it added since. Only the sink lowers the count, so while
     /// this bound leaves room the real count does too, and the per-chunk overflow check
@@ -41,6 +45,8 @@ impl Outlet {
     pub(super) fn new(tx: mpsc::UnboundedSender<Msg>, shared: Arc<Shared>) -> Self {
         Outlet {
             tx: Some(tx),
+            limit: shared.limit,
+            has_budget: shared.budget.is_some(),
             shared,
             pending: Vec::new(),
             pending_len: 0,
@@ -88,15 +94,50 @@ impl Outlet {
     /// Queues `chunk` without waiting. Returns `false` if the copy was abandoned. `paced`:
     /// the caller waited for room ([`poll_room`](Self::poll_room)), so the buffer limit is
     /// not checked again (the byte budget still is).
+    ///
+    /// This runs for every chunk on the client's path, so the usual case is kept to a few
+    /// instructions inline (open, room by the local bound, no budget or enough credit: a
+    /// clone and a push); everything else is in [`try_send_slow`](Self::try_send_slow).
     #[inline]
     pub(in crate::body::tee) fn try_send(&mut self, chunk: &Bytes, paced: bool) -> bool {
+        let len = chunk.len();
+        let fits = paced || !self.over_limit(self.queued_hint, len);
+        if fits && self.tx.is_some() && self.take_credit(len) {
+            self.pending.push(chunk.clone());
+            self.pending_len += len;
+            return self.pending_len < self.batch || self.flush();
+        }
+        self.try_send_slow(chunk, paced)
+    }
+
+    /// Covers `len` bytes from the credit already charged to the byte budget (always, with
+    /// no budget); `false` when a new charge is needed.
+    #[inline]
+    fn take_credit(&mut self, len: usize) -> bool {
+        if !self.has_budget {
+            return true;
+        }
+        match self.credit.checked_sub(len as u64) {
+            Some(left) => {
+                self.credit = left;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// [`try_send`](Self::try_send) when the fast path does not apply: the copy is closed,
+    /// the local bound leaves no room (the sink may have released since), or the budget
+    /// needs a new charge.
+    #[cold]
+    #[inline(never)]
+    fn try_send_slow(&mut self, chunk: &Bytes, paced: bool) -> bool {
         if self.tx.is_none() {
             return false;
         }
         let len = chunk.len();
         // What the sink has not released yet plus what waits here: first the bound kept
-        // here, and only when that leaves no room the count itself (the sink may have
-        // released since).
+        // here, and only when that leaves no room the count itself.
         if !paced && self.over_limit(self.queued_hint, len) {
             self.queued_hint = self.shared.buffered.load(Ordering::Acquire);
         }
@@ -105,12 +146,10 @@ impl Outlet {
                 s.overflows.fetch_add(1, Ordering::Relaxed);
             }
             tracing::warn!(
-                limit = self.shared.limit,
+                limit = self.limit,
                 "backup copy aborted: sink fell behind its buffer"
             );
-            self.abort(AbortReason::Overflow {
-                limit: self.shared.limit,
-            });
+            self.abort(AbortReason::Overflow { limit: self.limit });
             return false;
         }
         if !self.charge_budget(len) {
@@ -129,7 +168,7 @@ impl Outlet {
     #[inline]
     fn over_limit(&self, buffered: usize, len: usize) -> bool {
         let queued = buffered.saturating_add(self.pending_len);
-        queued != 0 && queued.saturating_add(len) > self.shared.limit
+        queued != 0 && queued.saturating_add(len) > self.limit
     }
 
     /// Takes `len` bytes from the credit charged to the sink's byte budget, charging a
