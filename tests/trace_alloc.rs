@@ -16,7 +16,7 @@ use tower::{Service, ServiceExt};
 use tower_patterns::trace::{RequestTraceLayer, TraceContext};
 
 mod alloc_support;
-#[allow(dead_code)]
+// `alloc_support`'s raw response reader is there; this test needs nothing else of it.
 mod common;
 
 use alloc_support::{count_from_here, counted_since};
