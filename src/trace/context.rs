@@ -218,8 +218,10 @@ pub struct TraceContext {
     pub tracestate: Option<HeaderValue>,
     /// The request id (`x-request-id`) sent upstream and answered.
     pub request_id: HeaderValue,
-    /// What the request's upstream calls did (see `Record`).
+    /// What the request's upstream calls did (see `Record`): this context's own until it
+    /// is cloned, then one record for every copy.
     calls: Mutex<Record>,
+    /// The first upstream call's child, made with the context (see `FirstChild`).
     first: FirstChild,
     /// Set only on the context the edge layer puts into the request whose headers it
     /// fixed (`tracestate` kept or removed, `x-request-id` kept or set): `inject` then
@@ -238,6 +240,7 @@ impl Clone for TraceContext {
             flags: self.flags,
             tracestate: self.tracestate.clone(),
             request_id: self.request_id.clone(),
+            // The first clone turns this context's record into the shared one.
             calls: Mutex::new(self.record().share()),
             first: self.first.clone(),
             // A clone may travel in a request whose headers the edge did not fix.
