@@ -2,14 +2,14 @@
 //! the hook through which every upstream call carries it (the ids and the strict parse
 //! are in `ids.rs`).
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Mutex, PoisonError};
 
 use http::uri::Authority;
 use http::{Extensions, HeaderMap, HeaderName, HeaderValue};
 
 use super::hex::hex_into;
 use super::ids::{SpanId, TraceId, TraceParent};
+use super::record::{FirstChild, Record};
 
 /// `traceparent` (W3C Trace Context).
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -35,26 +35,6 @@ fn trace_id_from(r: &[u8]) -> TraceId {
 fn valid_tracestate(v: &HeaderValue) -> bool {
     let b = v.as_bytes();
     !b.is_empty() && b.len() <= MAX_TRACESTATE && b.iter().all(|c| (0x20..0x7f).contains(c))
-}
-
-/// What the upstream calls of one request did, shared by every attempt (request
-/// extensions are cloned per retry, this is not).
-#[derive(Debug)]
-pub(crate) struct Calls {
-    attempts: AtomicU32,
-    /// The endpoint of the latest attempt (`host:port`, from configuration; cloning it is
-    /// a reference count, not an allocation).
-    upstream: Mutex<Option<Authority>>,
-    /// The first upstream call's child span and its `traceparent`, made with the context:
-    /// the value shares the request id's buffer (one allocation for both, where the
-    /// request id and each call's `traceparent` were one each). Later calls (retries,
-    /// chain hops) draw and write their own.
-    first_child: SpanId,
-    first_traceparent: HeaderValue,
-    /// The trace id and flags `first_traceparent` was written with: the context's fields
-    /// are public, and a layer in between may change them (a sampling decision); the
-    /// value is used only while they still match.
-    first_for: (TraceId, u8),
 }
 
 /// The request's trace fields, found in one pass over its fields: three hash lookups
@@ -179,13 +159,15 @@ impl Incoming {
             flags,
             tracestate: self.tracestate,
             request_id,
-            calls: Arc::new(Calls {
-                attempts: AtomicU32::new(0),
-                upstream: Mutex::new(None),
-                first_child,
-                first_traceparent,
-                first_for: (trace_id, flags),
+            calls: Mutex::new(Record::Own {
+                attempts: 0,
+                upstream: None,
             }),
+            first: FirstChild {
+                span: first_child,
+                traceparent: first_traceparent,
+                written_for: (trace_id, flags),
+            },
             edge_headers: false,
         }
     }
@@ -236,7 +218,11 @@ pub struct TraceContext {
     pub tracestate: Option<HeaderValue>,
     /// The request id (`x-request-id`) sent upstream and answered.
     pub request_id: HeaderValue,
-    pub(crate) calls: Arc<Calls>,
+    /// What the request's upstream calls did (see `Record`): this context's own until it
+    /// is cloned, then one record for every copy.
+    calls: Mutex<Record>,
+    /// The first upstream call's child, made with the context (see `FirstChild`).
+    first: FirstChild,
     /// Set only on the context the edge layer puts into the request whose headers it
     /// fixed (`tracestate` kept or removed, `x-request-id` kept or set): `inject` then
     /// need not look both up again on every upstream call (two header-map probes per
@@ -254,7 +240,9 @@ impl Clone for TraceContext {
             flags: self.flags,
             tracestate: self.tracestate.clone(),
             request_id: self.request_id.clone(),
-            calls: self.calls.clone(),
+            // The first clone turns this context's record into the shared one.
+            calls: Mutex::new(self.record().share()),
+            first: self.first.clone(),
             // A clone may travel in a request whose headers the edge did not fix.
             edge_headers: false,
         }
@@ -306,14 +294,20 @@ impl TraceContext {
         HeaderValue::from_bytes(&b).unwrap_or(HeaderValue::from_static(""))
     }
 
+    /// The record of the upstream calls; a poisoned lock still holds a whole record (no
+    /// code under it panics but a failed allocation).
+    fn record(&self) -> std::sync::MutexGuard<'_, Record> {
+        self.calls.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// How many upstream calls this request made so far (retries and chain hops count).
     pub fn attempts(&self) -> u32 {
-        self.calls.attempts.load(Ordering::Relaxed)
+        self.record().attempts()
     }
 
     /// The endpoint (`host:port`) of the latest upstream call.
     pub fn upstream(&self) -> Option<Authority> {
-        self.calls.upstream.lock().ok().and_then(|u| u.clone())
+        self.record().upstream()
     }
 
     /// Writes the trace headers for one upstream call with a new child span id, and
@@ -322,9 +316,9 @@ impl TraceContext {
         // The first call of the request (of any copy of its context) takes the child
         // made with the context, unless the trace id or flags were changed since; every
         // later call draws its own.
-        let first = self.calls.attempts.fetch_add(1, Ordering::Relaxed) == 0;
-        let (child, value) = if first && self.calls.first_for == (self.trace_id, self.flags) {
-            (self.calls.first_child, self.calls.first_traceparent.clone())
+        let first = self.record().call(upstream);
+        let (child, value) = if first && self.first.written_for == (self.trace_id, self.flags) {
+            (self.first.span, self.first.traceparent.clone())
         } else {
             let child = SpanId::random();
             (child, self.traceparent(child))
@@ -341,11 +335,6 @@ impl TraceContext {
             }
             if !headers.contains_key(X_REQUEST_ID) {
                 headers.insert(X_REQUEST_ID, self.request_id.clone());
-            }
-        }
-        if let Ok(mut u) = self.calls.upstream.lock() {
-            if u.as_ref() != Some(upstream) {
-                *u = Some(upstream.clone());
             }
         }
         tracing::debug!(

@@ -30,6 +30,7 @@ mod future;
 mod hex;
 mod ids;
 mod layer;
+mod record;
 mod service;
 
 pub(crate) use context::on_upstream_call;
