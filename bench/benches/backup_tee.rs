@@ -631,6 +631,33 @@ fn check_stored(path: &std::path::Path, size: usize, pool: &[Bytes]) {
     }
 }
 
+/// What `fs_sink_rate` and `fs_client_speed` share: a two-worker runtime, the chunk pool,
+/// the directory (`FS_SPEED_DIR`, default the temp dir; one per process and case) and the
+/// rounds (`FS_SPEED_RUNS`, default 1).
+fn fs_speed_setup(
+    tag: &str,
+) -> (
+    tokio::runtime::Runtime,
+    std::sync::Arc<Vec<Bytes>>,
+    std::path::PathBuf,
+    usize,
+) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = std::env::var_os("FS_SPEED_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+        .join(format!("tee-bench-{tag}-{}", std::process::id()));
+    let runs = std::env::var("FS_SPEED_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    (rt, chunk_pool(), dir, runs)
+}
+
 /// Issue 12: `FsSink`'s own rate, no client and no network: a 1 GiB copy handed straight
 /// to its writer in the tee's 256 KiB batches as fast as it takes them, on this machine's
 /// disk (the temp dir, or `FS_SPEED_DIR`), for write sizes, writes in flight and fsync
@@ -645,20 +672,7 @@ fn fs_sink_rate(_c: &mut Criterion) {
     if !wanted("fs_sink_rate") {
         return;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let pool = chunk_pool();
-    let dir = std::env::var_os("FS_SPEED_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir)
-        .join(format!("tee-bench-rate-{}", std::process::id()));
-    let runs: usize = std::env::var("FS_SPEED_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+    let (rt, pool, dir, runs) = fs_speed_setup("rate");
     let configs: Vec<(usize, usize, FsyncPolicy)> = std::env::var("FS_RATE_CONFIGS")
         .ok()
         .map(|v| {
@@ -761,20 +775,7 @@ fn fs_client_speed(_c: &mut Criterion) {
     if !wanted("fs_client_speed") {
         return;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let pool = chunk_pool();
-    let dir = std::env::var_os("FS_SPEED_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir)
-        .join(format!("tee-bench-speed-{}", std::process::id()));
-    let runs: usize = std::env::var("FS_SPEED_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+    let (rt, pool, dir, runs) = fs_speed_setup("speed");
     let check = |path: &std::path::Path| check_stored(path, SIZE, &pool);
     rt.block_on(async {
         let queue = BackfillQueue::new(16);
