@@ -69,6 +69,7 @@ pub mod compose;
 mod der;
 pub mod discovery;
 pub mod error;
+mod fields;
 pub mod gate;
 pub mod proxy;
 #[cfg(feature = "rate-limit")]

@@ -338,33 +338,23 @@ impl Authenticator {
     /// kinds at once, a non-`Bearer` scheme, non-ASCII, over the length limit.
     fn credential<'a>(&self, headers: &'a HeaderMap) -> Result<Option<Credential<'a>>, AuthError> {
         let inner = &*self.inner;
-        // Both names in one pass over the fields: two hash lookups (the API key's custom
-        // name hashed byte by byte) cost more than reading the names of a request's few
-        // fields, and the lookup for the kind that is absent, usually one, found nothing
-        // (issue 14, session 17). Each name: its first value and how many there were.
-        let (mut key, mut authz) = ((None, 0u8), (None, 0u8));
-        for (name, value) in headers {
-            let count = |slot: &mut (Option<&'a HeaderValue>, u8)| {
-                slot.0.get_or_insert(value);
-                slot.1 = slot.1.saturating_add(1);
-            };
-            // Not `else`: a key header configured as `authorization` is both, refused
-            // below as it was with two lookups.
-            if *name == inner.api_key_header {
-                count(&mut key);
-            }
-            if *name == header::AUTHORIZATION {
-                count(&mut authz);
-            }
-        }
-        let one = |(first, n): (Option<&'a HeaderValue>, u8)| {
-            if n > 1 {
+        // Both names in one pass over the fields (`crate::fields`): two hash lookups, the
+        // API key's custom name hashed byte by byte, cost more, and the one for the kind
+        // that is absent, usually one, found nothing (issue 14, session 17). A key header
+        // configured as `authorization` is both, refused below as with two lookups.
+        let [key, authz] =
+            crate::fields::scan(headers, [&inner.api_key_header, &header::AUTHORIZATION]);
+        let one = |seen: crate::fields::Seen<'a>| {
+            if seen.count > 1 {
                 return Err(AuthError::Malformed("repeated credential header"));
             }
-            if first.is_some_and(|v| v.len() > inner.max_credential_len) {
+            if seen
+                .first
+                .is_some_and(|v| v.len() > inner.max_credential_len)
+            {
                 return Err(AuthError::Malformed("credential too long"));
             }
-            Ok(first)
+            Ok(seen.first)
         };
         let key = one(key)?;
         let authz = one(authz)?;

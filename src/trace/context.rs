@@ -10,6 +10,7 @@ use http::{Extensions, HeaderMap, HeaderName, HeaderValue};
 use super::hex::hex_into;
 use super::ids::{SpanId, TraceId, TraceParent};
 use super::record::{FirstChild, Record};
+use crate::fields::Seen;
 
 /// `traceparent` (W3C Trace Context).
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -37,44 +38,27 @@ fn valid_tracestate(v: &HeaderValue) -> bool {
     !b.is_empty() && b.len() <= MAX_TRACESTATE && b.iter().all(|c| (0x20..0x7f).contains(c))
 }
 
-/// The request's trace fields, found in one pass over its fields: three hash lookups
-/// (`traceparent`, `tracestate`, `x-request-id`, custom names whose every byte is hashed)
-/// cost ~140-180 instructions each in the gateway's profile, reading a name ~10; most
-/// requests carry none of the three, and a lookup that misses costs as much as one that
-/// hits (issue 14, session 17). Values are the first of each name, as `get` answers.
-#[derive(Default)]
+/// The request's trace fields, found in one pass over its fields (see `crate::fields`):
+/// most requests carry none of the three, and three lookups of custom names cost more
+/// than reading the names once (issue 14, session 17).
 struct Fields<'a> {
-    /// The first `traceparent` and whether there was more than one.
-    traceparent: Option<&'a HeaderValue>,
-    traceparents: u8,
-    tracestate: Option<&'a HeaderValue>,
-    request_id: Option<&'a HeaderValue>,
+    traceparent: Seen<'a>,
+    tracestate: Seen<'a>,
+    request_id: Seen<'a>,
 }
 
 impl<'a> Fields<'a> {
     fn scan(headers: &'a HeaderMap) -> Self {
-        let mut f = Fields::default();
-        for (name, value) in headers {
-            let first = |slot: &mut Option<&'a HeaderValue>| {
-                if slot.is_none() {
-                    *slot = Some(value);
-                }
-            };
-            // Name against name: a standard one (most fields) differs from these custom
-            // names by its kind alone, another custom one mostly by its length. Against
-            // statics: a `const` name is built and dropped (a call through the `Bytes`
-            // vtable) at every comparison.
-            static NAMES: [HeaderName; 3] = [TRACEPARENT, TRACESTATE, X_REQUEST_ID];
-            if *name == NAMES[0] {
-                first(&mut f.traceparent);
-                f.traceparents = f.traceparents.saturating_add(1);
-            } else if *name == NAMES[1] {
-                first(&mut f.tracestate);
-            } else if *name == NAMES[2] {
-                first(&mut f.request_id);
-            }
+        // Statics: a `const` custom name is built and dropped (a call through the `Bytes`
+        // vtable) where it is used.
+        static NAMES: [HeaderName; 3] = [TRACEPARENT, TRACESTATE, X_REQUEST_ID];
+        let [traceparent, tracestate, request_id] =
+            crate::fields::scan(headers, [&NAMES[0], &NAMES[1], &NAMES[2]]);
+        Fields {
+            traceparent,
+            tracestate,
+            request_id,
         }
-        f
     }
 }
 
@@ -91,19 +75,22 @@ struct Incoming {
 impl Incoming {
     fn read(f: &Fields<'_>) -> Self {
         // Two traceparent headers are as invalid as one malformed one.
-        let parent = match (f.traceparent, f.traceparents) {
-            (Some(v), 1) => TraceParent::parse(v.as_bytes()),
+        let parent = match f.traceparent {
+            Seen {
+                first: Some(v),
+                count: 1,
+            } => TraceParent::parse(v.as_bytes()),
             _ => None,
         };
         // `tracestate` is kept only with a valid parent; without one, only whether it is
         // there matters (it must then be removed).
         let tracestate = match parent {
-            Some(_) => f.tracestate.filter(|v| valid_tracestate(v)).cloned(),
+            Some(_) => f.tracestate.first.filter(|v| valid_tracestate(v)).cloned(),
             None => None,
         };
         Incoming {
             parent,
-            drop_tracestate: tracestate.is_none() && f.tracestate.is_some(),
+            drop_tracestate: tracestate.is_none() && f.tracestate.first.is_some(),
             tracestate,
         }
     }
@@ -256,7 +243,7 @@ impl TraceContext {
     /// visible ASCII bytes, otherwise a new one is made.
     pub fn from_headers(headers: &HeaderMap, sampled: bool) -> Self {
         let f = Fields::scan(headers);
-        let kept_id = f.request_id.filter(|v| valid_request_id(v)).cloned();
+        let kept_id = f.request_id.first.filter(|v| valid_request_id(v)).cloned();
         Incoming::read(&f).context(sampled, kept_id)
     }
 
@@ -271,7 +258,7 @@ impl TraceContext {
         let incoming = Incoming::read(&f);
         let drop_tracestate = incoming.drop_tracestate;
         // The first value decides, as `get` answers: kept, the others stay with it.
-        let kept_id = f.request_id.filter(|v| valid_request_id(v)).cloned();
+        let kept_id = f.request_id.first.filter(|v| valid_request_id(v)).cloned();
         let mut cx = match kept_id {
             Some(id) => incoming.context(sampled, Some(id)),
             None => {
