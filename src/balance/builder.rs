@@ -133,11 +133,11 @@ where
     /// The timer is armed only once a try is pending, i.e. on every proxied request; it
     /// costs about 650 instructions per request (registration in Tokio's timer wheel and
     /// removal) and one allocation (the timer lives in a box made then, so that requests
-    /// without one do not carry its 112 bytes). Over [`Forward`](crate::proxy::Forward), which has its own response
-    /// timeout (60 s by default) and so a second timer per try, set that one to the
-    /// per-try limit and this one to `None`: the same protection with one timer
-    /// (`examples/reverse_proxy.rs` does). A [`ForwardError::ResponseTimeout`] is a
-    /// timeout failure like this one's.
+    /// without one do not carry its 112 bytes). Over [`Forward`](crate::proxy::Forward),
+    /// which has its own response timeout (60 s by default) and so a second timer per
+    /// try, set that one to the per-try limit and this one to `None`: the same
+    /// protection with one timer (`examples/reverse_proxy.rs` does). A
+    /// [`ForwardError::ResponseTimeout`] is a timeout failure like this one's.
     ///
     /// [`FailureKind::Timeout`]: crate::classify::FailureKind::Timeout
     /// [`ForwardError::ResponseTimeout`]: crate::proxy::ForwardError::ResponseTimeout
