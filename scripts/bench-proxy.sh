@@ -42,6 +42,10 @@
 # the glibc rows stay the headline and these show what a different malloc changes, in the
 # same run, against the same peers. With GATEWAY=1 it preloads all of ours (bare and
 # gateways alike), so the gateway's ratio is taken under one allocator.
+# PROFILE (default production: fat LTO, one codegen unit, see Cargo.toml): the cargo profile
+# ours is built with, as a deployment would build it. OURS_RELEASE=1: in the plain mode two
+# more rows, ours-fwd-rel and ours-bal-rel, the same code built with the plain `release`
+# profile, against the same peers in the same run.
 # OURS_EXTRA: extra arguments for ours-fwd, e.g. OURS_EXTRA=--no-balance to compare with
 # the kernel's spreading of connections over the workers.
 #
@@ -92,16 +96,24 @@ B1=$(free_port); B2=$(free_port)
 nginx_start backend "$BE_WORKERS" "server { listen 127.0.0.1:$B1 reuseport; listen 127.0.0.1:$B2 reuseport; location / { return 200 'ok\n'; } }" "${BE_CORES:-}"
 wait_port "$B1"; wait_port "$B2"
 
-echo "building the release example..." >&2
+PROFILE=${PROFILE:-production}
+echo "building the example with the $PROFILE profile..." >&2
 if [ "$TLS" = 1 ]; then
-    cargo build --release -q --features tls --example reverse_proxy
+    cargo build --profile "$PROFILE" -q --features tls --example reverse_proxy
 elif [ "$GATEWAY" = 1 ]; then
     # One binary for the bare and the gateway runs: the same code but for the stack.
-    cargo build --release -q --features metrics,auth,rate-limit --example reverse_proxy
+    cargo build --profile "$PROFILE" -q --features metrics,auth,rate-limit --example reverse_proxy
 else
+    cargo build --profile "$PROFILE" -q --example reverse_proxy
+fi
+# cargo's folder for the `dev` profile is `debug`; every other profile has its own name.
+OUT_DIR=$PROFILE
+[ "$PROFILE" = dev ] && OUT_DIR=debug
+OURS=target/$OUT_DIR/examples/reverse_proxy
+OURS_REL=target/release/examples/reverse_proxy
+if [ "${OURS_RELEASE:-0}" = 1 ] && [ "$GATEWAY" != 1 ] && [ "$TLS" != 1 ]; then
     cargo build --release -q --example reverse_proxy
 fi
-OURS=target/release/examples/reverse_proxy
 
 SCHEME=http OURS_TLS=() NGX_SSL='' NGINX_TLS='' HAP_SSL=''
 if [ "$TLS" = 1 ]; then
@@ -173,6 +185,16 @@ start_proxies() { # workers
         LD_PRELOAD=$OURS_PRELOAD spawn_pinned "${PX_CORES:-}" $OURS --serve --workers "$w" \
             --listen "127.0.0.1:${port[ours-bal-pl]}" --backends "http://127.0.0.1:$B1,http://127.0.0.1:$B2" >/dev/null 2>&1 &
         pids+=($!); pid[ours-bal-pl]=$!
+    fi
+    if [ "${OURS_RELEASE:-0}" = 1 ]; then
+        port[ours-fwd-rel]=$(free_port)
+        spawn_pinned "${PX_CORES:-}" $OURS_REL --serve --direct --workers "$w" \
+            --listen "127.0.0.1:${port[ours-fwd-rel]}" --backends "http://127.0.0.1:$B1" ${OURS_EXTRA:-} >/dev/null 2>&1 &
+        pids+=($!); pid[ours-fwd-rel]=$!
+        port[ours-bal-rel]=$(free_port)
+        spawn_pinned "${PX_CORES:-}" $OURS_REL --serve --workers "$w" \
+            --listen "127.0.0.1:${port[ours-bal-rel]}" --backends "http://127.0.0.1:$B1,http://127.0.0.1:$B2" >/dev/null 2>&1 &
+        pids+=($!); pid[ours-bal-rel]=$!
     fi
     port[nginx-bal]=$(free_port)
     nginx_start "ngx-bal-$w" "$w" "upstream be { server 127.0.0.1:$B1; server 127.0.0.1:$B2; keepalive 256; }
@@ -256,6 +278,13 @@ elif [ -n "${OURS_PRELOAD:-}" ]; then
     PAIRS+=(ours-fwd-pl:haproxy-fwd ours-bal-pl:haproxy-bal ours-fwd-pl:ours-fwd)
     MODE=" (ours also with $OURS_PRELOAD preloaded: the -pl rows)"
 fi
+if [ "${OURS_RELEASE:-0}" = 1 ] && [ "$GATEWAY" != 1 ] && [ "$TLS" != 1 ]; then
+    NAMES+=(ours-fwd-rel ours-bal-rel)
+    PAIRS+=(ours-fwd-rel:haproxy-fwd ours-bal-rel:haproxy-bal ours-fwd:ours-fwd-rel)
+    MODE+=" (ours built with $PROFILE; the -rel rows with the plain release profile)"
+else
+    MODE+=" (ours built with the $PROFILE profile)"
+fi
 log "bench-proxy$MODE: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $ROUNDS rounds x $DURATION, $CONNS_PER_WORKER conns per worker, backend nginx x$BE_WORKERS"
 for w in $WORKER_SET; do
     start_proxies "$w"
@@ -269,13 +298,13 @@ for w in $WORKER_SET; do
     done
     log ""
     log "workers=$w, conns=$conns: median [min-max] over $ROUNDS rounds"
-    log "$(printf '| %-11s | %-26s | %-20s | %-18s | %-18s |' proxy 'req/s' 'p99 ms' 'cpu-s per 100k' 'of it in the kernel')"
+    log "$(printf '| %-12s | %-26s | %-20s | %-18s | %-18s |' proxy 'req/s' 'p99 ms' 'cpu-s per 100k' 'of it in the kernel')"
     for n in "${NAMES[@]}"; do
         read -r rm rl rh <<<"$(stats "${rps_all[$n,$w]}")"
         read -r pm pl ph <<<"$(stats "${p99_all[$n,$w]}")"
         read -r cm cl ch <<<"$(stats "${cpu_all[$n,$w]}")"
         read -r sm sl sh <<<"$(stats "${sys_all[$n,$w]}")"
-        log "$(printf '| %-11s | %8.0f [%6.0f-%6.0f] | %5.2f [%5.2f-%5.2f] | %4.2f [%4.2f-%4.2f] | %4.2f [%4.2f-%4.2f] |%s' \
+        log "$(printf '| %-12s | %8.0f [%6.0f-%6.0f] | %5.2f [%5.2f-%5.2f] | %4.2f [%4.2f-%4.2f] | %4.2f [%4.2f-%4.2f] |%s' \
             "$n" "$rm" "$rl" "$rh" "$pm" "$pl" "$ph" "$cm" "$cl" "$ch" "$sm" "$sl" "$sh" "${err_all[$n,$w]:+ errors: ${err_all[$n,$w]}}")"
     done
     log "ratios of medians (req/s higher is better, p99 and CPU lower is better):"
