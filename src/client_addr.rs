@@ -122,6 +122,11 @@ pub(crate) fn insert_scoped<T: Clone + Send + Sync + 'static>(ext: &mut Extensio
         // Already listed (or inserted by someone else: then `recycle` finds one too many).
         return;
     }
+    // The value alone in its map: no address and no list there (a request that did not
+    // come from this crate's server, e.g. under axum's or in process); two lookups fewer.
+    if ext.len() == 1 {
+        return;
+    }
     // A list is only ever put into a map holding the address on a serving thread (below),
     // and a recycled map keeps both: when one is there, those two checks hold and are
     // not looked up again (one map probe fewer per value; `recycle` checks the address

@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
@@ -22,10 +22,12 @@ use crate::BoxError;
 /// [`CircuitBreakerLayer`](super::CircuitBreakerLayer).
 pub struct CircuitBreaker<S, C = Condition, F = NoFallback> {
     inner: S,
-    // Each clone of the service owns its own `Arc` around the shared handle: response
-    // futures clone this one, so threads serving different connections never contend on
-    // one reference count.
+    // The handle of the thread this service (or clone) was made on: response futures
+    // clone this one, so threads serving different connections never contend on one
+    // reference count (see `Handles`).
     breaker: Arc<Local>,
+    // Every thread's handle, made once per thread and shared by this service's clones.
+    handles: Arc<Handles>,
     classify: C,
     fallback: F,
     mode: Mode,
@@ -34,14 +36,14 @@ pub struct CircuitBreaker<S, C = Condition, F = NoFallback> {
     sleep: Option<Pin<Box<Sleep>>>,
 }
 
-/// The per-clone handle, padded to its own cache lines: clones made one after another
-/// would otherwise share a line and their reference counts would bounce between cores.
+/// One thread's handle on the circuit, padded to its own cache lines: handles allocated
+/// one after another would otherwise share a line and their reference counts would
+/// bounce between cores.
 ///
 /// Padded, not `#[repr(align(128))]`: an over-aligned `Arc` is allocated with
-/// `posix_memalign` (~800 instructions with glibc, against ~60 for `malloc`), paid on every
-/// clone, and axum clones the service for every request. 128 bytes after the handle keep
-/// the reference counts of two handles (at the start of each allocation) at least two
-/// cache lines apart, which is what the alignment was for.
+/// `posix_memalign` (~800 instructions with glibc, against ~60 for `malloc`). 128 bytes
+/// after the handle keep the reference counts of two handles (at the start of each
+/// allocation) at least two cache lines apart, which is what the alignment was for.
 pub(crate) struct Local {
     circuit: Circuit,
     _pad: [u8; LOCAL_PAD],
@@ -65,11 +67,56 @@ impl std::ops::Deref for Local {
     }
 }
 
+/// The per-thread handles of one wrapped service and its clones, one slot per stripe
+/// (`crate::stripe`: a small id per live thread, the threads past the exclusive ids
+/// sharing a few slots), each made the first time a clone is made on its thread.
+///
+/// A clone takes its thread's handle instead of allocating one of its own: axum and
+/// hyper-util's service adapter clone the service for every request, and a handle per
+/// clone was a `malloc`, a 128-byte fill and a `free` per request (issue 14, session 18).
+/// What the per-clone handle was for stays: the response futures' reference-count writes
+/// land on a line of their thread's, and clones made on one thread share it. A clone
+/// writes the reference count of this `Arc` instead of the circuit's (the same one
+/// contended write per clone as before, now off the circuit's state).
+pub(crate) struct Handles {
+    circuit: Circuit,
+    exclusive: usize,
+    slots: Box<[OnceLock<Arc<Local>>]>,
+}
+
+impl Handles {
+    fn new(circuit: Circuit) -> Self {
+        let exclusive = crate::stripe::default_cells();
+        Handles {
+            circuit,
+            exclusive,
+            slots: (0..crate::stripe::total_cells(exclusive))
+                .map(|_| OnceLock::new())
+                .collect(),
+        }
+    }
+
+    /// This thread's handle, made on its first use.
+    #[inline]
+    fn mine(&self) -> Arc<Local> {
+        let (i, _) = crate::stripe::my_cell(self.exclusive);
+        match self.slots.get(i) {
+            Some(slot) => slot
+                .get_or_init(|| Arc::new(Local::new(self.circuit.clone())))
+                .clone(),
+            // Not reached (`my_cell` stays below `total_cells`); a handle of its own is
+            // still right, only an allocation.
+            None => Arc::new(Local::new(self.circuit.clone())),
+        }
+    }
+}
+
 impl<S: Clone, C: Clone, F: Clone> Clone for CircuitBreaker<S, C, F> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
-            breaker: Arc::new(Local::new(self.breaker.circuit.clone())),
+            breaker: self.handles.mine(),
+            handles: self.handles.clone(),
             classify: self.classify.clone(),
             fallback: self.fallback.clone(),
             mode: self.mode,
@@ -92,9 +139,11 @@ impl<S: fmt::Debug, C, F> fmt::Debug for CircuitBreaker<S, C, F> {
 
 impl<S, C, F> CircuitBreaker<S, C, F> {
     pub(crate) fn new(inner: S, breaker: Circuit, classify: C, fallback: F, mode: Mode) -> Self {
+        let handles = Arc::new(Handles::new(breaker));
         Self {
             inner,
-            breaker: Arc::new(Local::new(breaker)),
+            breaker: handles.mine(),
+            handles,
             classify,
             fallback,
             mode,
@@ -218,10 +267,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_per_clone_handle_is_padded_not_over_aligned() {
-        // A plain `malloc` per clone, no `posix_memalign`.
+    fn the_per_thread_handle_is_padded_not_over_aligned() {
+        // A plain `malloc` per handle, no `posix_memalign`.
         assert!(std::mem::align_of::<Local>() <= std::mem::align_of::<u128>());
         // Two handles' reference counts never share a cache line or its prefetch pair.
         assert!(std::mem::size_of::<Local>() >= 128);
+    }
+
+    #[test]
+    fn clones_take_their_threads_handle_instead_of_allocating_one() {
+        let circuit = Circuit::new(super::super::CircuitBreakerConfig::new()).unwrap();
+        let svc = CircuitBreaker::new((), circuit, (), NoFallback, Mode::RejectInCall);
+        // Clones made on one thread (a clone of a clone too) share that thread's handle.
+        let a = svc.clone();
+        let b = a.clone();
+        assert!(Arc::ptr_eq(&svc.breaker, &a.breaker));
+        assert!(Arc::ptr_eq(&a.breaker, &b.breaker));
+        let here = crate::stripe::my_cell(svc.handles.exclusive).0;
+        // A clone made on another thread holds that thread's: another handle unless both
+        // threads share a stripe (more live threads than exclusive ids), and the same one
+        // for every clone made there.
+        let (there, c, d) = std::thread::scope(|s| {
+            s.spawn(|| {
+                let c = svc.clone();
+                let d = b.clone();
+                (crate::stripe::my_cell(svc.handles.exclusive).0, c, d)
+            })
+            .join()
+            .unwrap()
+        });
+        assert!(Arc::ptr_eq(&c.breaker, &d.breaker));
+        assert_eq!(Arc::ptr_eq(&c.breaker, &a.breaker), here == there);
+        assert!(Arc::ptr_eq(&c.handles, &svc.handles));
     }
 }

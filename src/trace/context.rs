@@ -98,7 +98,9 @@ impl Incoming {
     /// The context, with the ids this request needs drawn in one call of the thread's
     /// generator (each call is a thread-local access and a reference count): the span id
     /// always, a trace id without a valid parent, a request id without a kept one.
-    fn context(self, sampled: bool, kept_id: Option<HeaderValue>) -> TraceContext {
+    /// `edge`: the context is the edge layer's own, for the request whose headers it
+    /// fixes (see `TraceContext::edge_headers`).
+    fn context(self, sampled: bool, kept_id: Option<HeaderValue>, edge: bool) -> TraceContext {
         let mut r = [0u8; 48];
         let need =
             16 + 16 * usize::from(self.parent.is_none()) + 16 * usize::from(kept_id.is_none());
@@ -155,7 +157,7 @@ impl Incoming {
                 traceparent: first_traceparent,
                 written_for: (trace_id, flags),
             },
-            edge_headers: false,
+            edge_headers: edge,
         }
     }
 }
@@ -244,7 +246,7 @@ impl TraceContext {
     pub fn from_headers(headers: &HeaderMap, sampled: bool) -> Self {
         let f = Fields::scan(headers);
         let kept_id = f.request_id.first.filter(|v| valid_request_id(v)).cloned();
-        Incoming::read(&f).context(sampled, kept_id)
+        Incoming::read(&f).context(sampled, kept_id, false)
     }
 
     /// [`from_headers`](Self::from_headers) at the edge, fixing the headers on the way:
@@ -259,18 +261,16 @@ impl TraceContext {
         let drop_tracestate = incoming.drop_tracestate;
         // The first value decides, as `get` answers: kept, the others stay with it.
         let kept_id = f.request_id.first.filter(|v| valid_request_id(v)).cloned();
-        let mut cx = match kept_id {
-            Some(id) => incoming.context(sampled, Some(id)),
-            None => {
-                let cx = incoming.context(sampled, None);
-                headers.insert(X_REQUEST_ID, cx.request_id.clone());
-                cx
-            }
-        };
+        let set_id = kept_id.is_none();
+        // One call making the context, returned as it is: built in the caller's place
+        // (no copy of the ~240-byte context per match arm and for the mark).
+        let cx = incoming.context(sampled, kept_id, true);
+        if set_id {
+            headers.insert(X_REQUEST_ID, cx.request_id.clone());
+        }
         if drop_tracestate {
             headers.remove(TRACESTATE);
         }
-        cx.edge_headers = true;
         cx
     }
 
