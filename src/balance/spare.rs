@@ -1,4 +1,4 @@
-//! Recycled storage for the retry copy's head ([`KeptHead`](super::retry::KeptHead)).
+//! Recycled storage for the retry copy's head ([`KeptHead`](super::kept::KeptHead)).
 //!
 //! With retries on and a second endpoint to go to, every request keeps a copy of its head
 //! (`retry.rs`), and almost none is ever used. Its box and its header list were two heap
@@ -17,7 +17,7 @@
 
 use std::cell::RefCell;
 
-use super::retry::KeptHead;
+use super::kept::KeptHead;
 
 /// Boxes kept per thread: about the requests one thread has in flight at once with a
 /// copy each (`wrk -c16` on one worker: 16).
