@@ -11,6 +11,9 @@
 #   cargo build --release --example reverse_proxy
 #   scripts/cpu-split-proxy.sh [BINARY]
 #
+# UPSTREAMS=2: the balanced case instead (issue 12's balancer row): the backend on two
+# ports, ours `--serve` (round-robin `Balance` with retries and the replay layer) over
+# both, HAProxy `balance roundrobin` over both.
 # ROUNDS (default 4), DURATION (default 5s). PERF=1 also records a `perf record -e
 # cpu-clock -g` profile of each proxy during the first round (this VM has no hardware
 # counters; cpu-clock works), into /tmp/cpu-split-{ours,haproxy}.perf.data:
@@ -29,11 +32,20 @@ need python3 python3
 [ "${PERF:-0}" = 1 ] && need perf linux-perf
 
 B=$(free_port); P=$(free_port); H=$(free_port)
-nginx_start backend 1 "server { listen 127.0.0.1:$B; location / { return 200 'ok\n'; } }"
-wait_port "$B"
-"$BIN" --serve --direct --workers 1 --listen "127.0.0.1:$P" --backends "http://127.0.0.1:$B" >/dev/null 2>&1 &
-ours=$!; pids+=($ours)
-haproxy_start hap 1 "$H" "127.0.0.1:$B"
+if [ "${UPSTREAMS:-1}" = 2 ]; then
+    B2=$(free_port)
+    nginx_start backend 1 "server { listen 127.0.0.1:$B; listen 127.0.0.1:$B2; location / { return 200 'ok\n'; } }"
+    wait_port "$B"
+    "$BIN" --serve --workers 1 --listen "127.0.0.1:$P" --backends "http://127.0.0.1:$B,http://127.0.0.1:$B2" >/dev/null 2>&1 &
+    ours=$!; pids+=($ours)
+    haproxy_start hap 1 "$H" "127.0.0.1:$B" "127.0.0.1:$B2"
+else
+    nginx_start backend 1 "server { listen 127.0.0.1:$B; location / { return 200 'ok\n'; } }"
+    wait_port "$B"
+    "$BIN" --serve --direct --workers 1 --listen "127.0.0.1:$P" --backends "http://127.0.0.1:$B" >/dev/null 2>&1 &
+    ours=$!; pids+=($ours)
+    haproxy_start hap 1 "$H" "127.0.0.1:$B"
+fi
 hap=$last_pid
 wait_port "$P"; wait_port "$H"
 wrk -t1 -c16 -d2s "http://127.0.0.1:$P/" >/dev/null

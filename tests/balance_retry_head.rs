@@ -1,6 +1,6 @@
 //! A GET retried after its first endpoint saw it and failed reaches the next endpoint with
 //! the same head: the balancer keeps a copy of the head (not a `Request`, see
-//! `balance::retry::Kept`) and rebuilds the request from it only for the retry. Real
+//! `balance::kept::Kept`) and rebuilds the request from it only for the retry. Real
 //! sockets on 127.0.0.1: a client, `server::serve` (which puts the peer address in the
 //! request's extensions: `Forward` writes it as `X-Forwarded-For`), the replay layer and
 //! the balancer over two `Forward`s to raw TCP endpoints that record what they received.
@@ -152,4 +152,69 @@ async fn a_get_retried_after_it_was_sent_reaches_the_next_endpoint_with_the_same
             .contains("x-forwarded-for: 127.0.0.1"),
         "{failed}"
     );
+}
+
+/// The server thread's copies come from recycled boxes after its first request: their
+/// target and header values are copied bytes (and a value past the box's buffer is kept
+/// as it is), rebuilt only for the retry. Every request here is retried (round robin
+/// over two, the failing endpoint first each time): the first from a fresh copy, the
+/// others from recycled ones, each must reach the answering endpoint byte for byte.
+#[tokio::test]
+async fn retries_from_recycled_copies_send_the_same_head() {
+    let (failing, mut failing_heads) = recording_endpoint(false).await;
+    let (answering, mut answering_heads) = recording_endpoint(true).await;
+    let fwd = Forward::<ReplayBody<Incoming>>::new(&failing).unwrap();
+    let lb = Balance::builder()
+        .picker(Picker::RoundRobin)
+        .health(PassiveHealth::disabled())
+        .build_static([
+            ("failing", fwd.clone()),
+            ("answering", fwd.to(&answering).unwrap()),
+        ]);
+    let proxy = ReplayLayer::new(64 * 1024)
+        .layer(lb)
+        .map_response(|r: Response<Incoming>| r.map(tower_patterns::body::boxed))
+        .map_err(tower_patterns::BoxError::from);
+    let proxy = tower_patterns::respond::ErrorResponseLayer.layer(proxy);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(tower_patterns::server::serve(listener, proxy));
+
+    let mut conn = tokio::time::timeout(STEP, TcpStream::connect(addr))
+        .await
+        .unwrap()
+        .unwrap();
+    // Longer than a recycled copy's 512-byte buffer: kept as a value, beside copied ones.
+    let long = "v".repeat(700);
+    for i in 0..4 {
+        let req = format!(
+            "GET /r/{i}/x%2Fy?q={i}&s=%20 HTTP/1.1\r\nHost: front.example\r\nX-A: 1\r\n\
+             Cookie: c={i}\r\nX-Long: {long}\r\nX-A: 2\r\nUser-Agent: t/{i}\r\nx-req: {i}\r\n\r\n"
+        );
+        conn.write_all(req.as_bytes()).await.unwrap();
+        let (head, body) = tokio::time::timeout(STEP, common::read_raw_response(&mut conn))
+            .await
+            .expect("an answer");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(body, b"ok");
+    }
+    for i in 0..4 {
+        let failed = tokio::time::timeout(STEP, failing_heads.recv())
+            .await
+            .unwrap()
+            .expect("every request went to the failing endpoint first");
+        let retried = tokio::time::timeout(STEP, answering_heads.recv())
+            .await
+            .unwrap()
+            .expect("and was retried on the answering one");
+        assert_eq!(req_id(&failed), i.to_string());
+        assert_eq!(retried, failed, "request {i}");
+        let target = format!("GET /r/{i}/x%2Fy?q={i}&s=%20 HTTP/1.1\r\n");
+        assert!(failed.starts_with(&target), "{failed}");
+        assert!(failed.contains(&format!("x-long: {long}\r\n")), "{failed}");
+        assert!(
+            failed.contains(&format!("user-agent: t/{i}\r\n")),
+            "{failed}"
+        );
+    }
 }

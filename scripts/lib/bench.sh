@@ -142,7 +142,7 @@ callgrind_proxy() { # backend-port binary outfile "flags" [wrk args...]
     port=$(free_port)
     # shellcheck disable=SC2086 # the flags are words
     LD_PRELOAD=${PRELOAD:-} valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$outf" \
-        "$bin" --serve $flags --workers 1 --listen "127.0.0.1:$port" --backends "http://127.0.0.1:$be" \
+        "$bin" --serve $flags --workers 1 --listen "127.0.0.1:$port" --backends "${BACKEND_URLS:-http://127.0.0.1:$be}" \
         >/dev/null 2>"$work/valgrind.log" &
     vg=$!; pids+=($vg)
     wait_port "$port"

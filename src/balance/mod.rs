@@ -84,6 +84,7 @@ mod error;
 mod future;
 mod guard;
 mod hash;
+mod kept;
 mod local;
 mod outcome;
 mod pick;

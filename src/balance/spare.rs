@@ -1,7 +1,7 @@
-//! Recycled storage for the retry copy's head ([`KeptHead`](super::retry::KeptHead)).
+//! Recycled storage for the retry copy's head ([`KeptHead`](super::kept::KeptHead)).
 //!
 //! With retries on and a second endpoint to go to, every request keeps a copy of its head
-//! (`retry.rs`), and almost none is ever used. Its box and its header list were two heap
+//! (`kept.rs`), and almost none is ever used. Its box and its header list were two heap
 //! allocations and two frees per proxied request, about a third of what the copy costs
 //! (issue 12: ~1.1k instructions per request for the copy on the two-upstream process
 //! path, the balancer's whole cost over bare `Forward` ~3.2k). The copy's lifetime is one
@@ -10,20 +10,27 @@
 //! the next copy on that thread takes it instead of allocating.
 //!
 //! Bounds: at most [`SPARES`] boxes per thread, each with a header list of at most
-//! [`MAX_LIST`] entries' capacity (a larger list is freed, not kept), so a thread holds at
-//! most ~40 KiB here however many requests passed. A box is emptied *before* it is kept:
+//! [`MAX_LIST`] entries' capacity (a larger list is freed, not kept) and a buffer of
+//! [`MAX_BYTES`] for the copied value bytes, so a thread holds at most ~40 KiB here however
+//! many requests passed. A box is emptied *before* it is kept:
 //! no spare holds a request's values (its header bytes share the server's read buffer,
 //! which must be released with the request).
 
 use std::cell::RefCell;
 
-use super::retry::KeptHead;
+use super::kept::KeptHead;
 
 /// Boxes kept per thread: about the requests one thread has in flight at once with a
 /// copy each (`wrk -c16` on one worker: 16).
 pub(crate) const SPARES: usize = 16;
-/// Header list capacity (entries) a kept box may hold on to.
-pub(crate) const MAX_LIST: usize = 32;
+/// Header list capacity (entries) a kept box may hold on to. (32 before session 18; 24
+/// leaves room for the value buffer within the same ~40 KiB a thread. A browser sends
+/// 10-20 fields; a longer head's copy allocates its box and list, as every copy did
+/// before session 16.)
+pub(crate) const MAX_LIST: usize = 24;
+/// The buffer a recycled box copies the target and header values into (`kept.rs`);
+/// values past it are kept as they are.
+pub(crate) const MAX_BYTES: usize = 512;
 
 thread_local! {
     // Boxes, not values: what is recycled is the allocation a `Kept` points to (the
@@ -42,10 +49,10 @@ pub(crate) fn take() -> Option<Box<KeptHead>> {
 }
 
 /// Keeps `head`, already emptied by the caller, for a later [`take`] on this thread, if
-/// there is room and its list is not too large; drops it otherwise.
+/// there is room and its list and buffer are not too large; drops it otherwise.
 #[inline]
 pub(crate) fn give(head: Box<KeptHead>) {
-    if head.headers_capacity() > MAX_LIST {
+    if head.headers_capacity() > MAX_LIST || head.bytes_capacity() > MAX_BYTES {
         return;
     }
     // Dropped outside the borrow when there is no room (or no pool any more).
