@@ -9,7 +9,9 @@
 //! the difference to `plain` divided by the chunks. (`FsSink`'s writes run on blocking
 //! threads and are not in that figure: they are the disk's cost, not the tee's.)
 //!
-//! `tee_1GiB` (not a criterion group: it also reads the peak heap) streams 1 GiB plain and
+//! `tee_1GiB` (not a criterion group: it also reads the peak heap and the thread's minor
+//! page faults: a heap that glibc trims and grows again costs faults, which thread CPU time
+//! includes) streams 1 GiB plain and
 //! teed, alternating, five rounds per case, and prints the median ratio: 64 KiB chunks (the
 //! headline) and 16 KiB chunks, each from a fresh `Vec` per chunk and from a read buffer
 //! split like hyper's. `tee_loopback_64MiB` first prints the chunk sizes the tee sees
@@ -18,8 +20,10 @@
 //!
 //! `tee_1GiB`, `fs_sink_rate` (`FsSink` alone, 1 GiB straight to its writer) and
 //! `fs_client_speed` run when no filter is given or one names them.
-//! `TEE_RUN=plain|hold|tee` runs one `tee_1GiB` body once and exits (see `fixed_run`):
-//! for callgrind, and for the chunk-lifetime experiment (`hold`).
+//! `TEE_RUN=plain|hold|tee|pass|body` runs one `tee_1GiB` body once and exits (see
+//! `fixed_run`): for callgrind, and for the experiments that take the tee apart (`hold`:
+//! the chunks' lifetime alone; `pass`: the layer's wrapper alone; `body`: the tee without
+//! the layer's sink driver).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;
@@ -53,7 +57,7 @@ unsafe impl GlobalAlloc for Counting {
         let p = unsafe { System.alloc(l) };
         if !p.is_null() {
             let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
+            new_peak(now);
         }
         p
     }
@@ -66,12 +70,23 @@ unsafe impl GlobalAlloc for Counting {
         if !q.is_null() {
             if new > l.size() {
                 let now = LIVE.fetch_add(new - l.size(), Ordering::Relaxed) + new - l.size();
-                PEAK.fetch_max(now, Ordering::Relaxed);
+                new_peak(now);
             } else {
                 LIVE.fetch_sub(l.size() - new, Ordering::Relaxed);
             }
         }
         q
+    }
+}
+
+/// Raises `PEAK` to `now`. A plain load first: `fetch_max` is a locked compare-exchange
+/// on every call, and the tee allocates more often than plain streaming (a `Bytes`
+/// promotion per chunk, a vector per batch), so an unconditional one charged the tee
+/// ~1.5 extra locked instructions per chunk that are the bench's, not the tee's.
+#[inline]
+fn new_peak(now: usize) {
+    if now > PEAK.load(Ordering::Relaxed) {
+        PEAK.fetch_max(now, Ordering::Relaxed);
     }
 }
 
@@ -192,6 +207,30 @@ where
     while let Some(f) = body.frame().await {
         if let Ok(d) = f.unwrap().into_data() {
             n += bytes::Buf::remaining(&d);
+        }
+    }
+    n
+}
+
+/// [`drain`], or with `copy` a client that reads every byte as a socket write does: each
+/// chunk is copied into one reused buffer (the kernel's copy into the socket buffer), so
+/// both plain and tee pay for touching the data once more.
+async fn consume<B: Body<Data = Bytes> + Unpin>(mut body: B, copy: bool) -> usize
+where
+    B::Error: std::fmt::Debug,
+{
+    if !copy {
+        return drain(body).await;
+    }
+    let mut out = vec![0u8; 64 << 10];
+    let mut n = 0;
+    while let Some(f) = body.frame().await {
+        if let Ok(d) = f.unwrap().into_data() {
+            for part in d.chunks(out.len()) {
+                out[..part.len()].copy_from_slice(part);
+                std::hint::black_box(&mut out);
+            }
+            n += d.len();
         }
     }
     n
@@ -886,7 +925,7 @@ enum Source {
     ReadBuffer,
 }
 
-/// With `TEE_RUN=plain|tee` (and `TEE_CASE=0..3`, the `tee_1GiB` case: 64 KiB fresh,
+/// With `TEE_RUN=plain|hold|tee|pass|body` (and `TEE_CASE=0..3`, the `tee_1GiB` case: 64 KiB fresh,
 /// 64 KiB read buffer, 16 KiB fresh, 16 KiB read buffer; `TEE_MIB`, default 1024), streams
 /// that one body once and exits: a fixed workload for `valgrind --tool=callgrind`, whose
 /// instruction counts at two sizes, subtracted, are the per-MiB cost of each side.
@@ -948,38 +987,80 @@ fn fixed_run() {
         .build()
         .unwrap();
     // `hold`: plain, but the consumer keeps the last `TEE_HOLD` chunks (default 4) alive,
-    // as a sink's batch does: the chunks' lifetime without the tee's code.
-    let hold = if mode == "hold" {
-        env("TEE_HOLD", 4)
-    } else {
-        0
+    // as a sink's batch does: the chunks' lifetime without the tee's code. `pass`: through
+    // `TeeLayer`, whose predicate declines the copy (the wrapper alone). `body`: a
+    // `TeeBody` to one discarding sink task, no layer (the tee without the layer's driver).
+    let run = match mode.as_str() {
+        "plain" => Run::Plain,
+        "hold" => Run::Hold(env("TEE_HOLD", 4)),
+        "tee" => Run::Tee,
+        "pass" => Run::Pass,
+        "body" => Run::Body,
+        other => panic!("TEE_RUN={other}: not a case"),
     };
-    let (peak, secs) = stream_once(&rt, mode == "tee", hold, chunk, src, total);
+    let (peak, secs, faults) = stream_once(&rt, run, chunk, src, total);
     println!(
-        "TEE_RUN={mode}: {} MiB in {} KiB chunks, {src:?}: {secs:.3} s, peak heap {} KiB",
+        "TEE_RUN={mode}: {} MiB in {} KiB chunks, {src:?}: {:.2} ms, peak heap {} KiB, \
+         {faults} minor page faults ({:.2} per chunk)",
         total >> 20,
         chunk >> 10,
-        peak >> 10
+        secs * 1e3,
+        peak >> 10,
+        faults as f64 / (total / chunk) as f64
     );
     std::process::exit(0);
 }
 
-/// Streams `total` bytes once, plain or through `TeeLayer` with one discarding sink (4 MiB
-/// buffer); returns the peak heap over the run and its time (thread CPU with
-/// `BENCH_CLOCK=cpu`).
+/// Minor page faults of this thread so far: a chunk the allocator takes from fresh (or
+/// trimmed and regrown) heap costs its pages' faults, which thread CPU time includes.
+#[allow(unsafe_code)]
+fn minor_faults() -> i64 {
+    // SAFETY: all-zero is a valid `rusage` (integers and timevals).
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid, writable rusage for the duration of the call.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    assert_eq!(rc, 0, "getrusage(RUSAGE_THREAD)");
+    ru.ru_minflt
+}
+
+/// What [`stream_once`] puts between the origin and the consumer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Run {
+    /// Nothing.
+    Plain,
+    /// Nothing, but the consumer keeps the last n chunks alive.
+    Hold(usize),
+    /// `TeeLayer` with one discarding sink (the `tee_1GiB` case).
+    Tee,
+    /// `TeeLayer` whose predicate declines the copy: the pass-through wrapper alone.
+    Pass,
+    /// `TeeBody` (batched, no byte budget) to one discarding sink task, no layer.
+    Body,
+}
+
+/// Streams `total` bytes once as `run` says, one discarding sink (4 MiB buffer) when it
+/// tees; returns the peak heap over the run, its time (thread CPU with `BENCH_CLOCK=cpu`)
+/// and this thread's minor page faults during it.
 fn stream_once(
     rt: &tokio::runtime::Runtime,
-    tee: bool,
-    hold: usize,
+    run: Run,
     chunk: usize,
     src: Source,
     total: usize,
-) -> (usize, f64) {
+) -> (usize, f64, i64) {
     const BUFFER: usize = 4 << 20;
+    let tee = run == Run::Tee;
+    // `TEE_CLIENT_COPY=1`: the client reads each chunk's bytes (see `consume`).
+    let copy = std::env::var("TEE_CLIENT_COPY").is_ok_and(|v| v == "1");
     let mut out = None;
+    let faults = minor_faults();
     let took = cpuclock::measure(|| {
         out = Some(rt.block_on(async move {
-            let layer = TeeLayer::builder().sink(NullSink).buffer(BUFFER).build();
+            let layer = TeeLayer::builder()
+                .sink(NullSink)
+                .buffer(BUFFER)
+                .predicate(move |_| run != Run::Pass)
+                .build();
             let origin = service_fn(move |_req: Request<()>| async move {
                 let body = match src {
                     Source::FreshVec => generated_in(total, chunk, true),
@@ -989,21 +1070,36 @@ fn stream_once(
             });
             let base = LIVE.load(Ordering::Relaxed);
             PEAK.store(base, Ordering::Relaxed);
-            let n = if tee {
-                let svc = ServiceBuilder::new().layer(layer.clone()).service(origin);
-                drain(
-                    svc.oneshot(Request::get("/big").body(()).unwrap())
-                        .await
-                        .unwrap()
-                        .into_body(),
-                )
-                .await
-            } else {
-                let body = origin.oneshot(Request::new(())).await.unwrap().into_body();
-                if hold > 0 {
+            let n = match run {
+                Run::Tee | Run::Pass => {
+                    let svc = ServiceBuilder::new().layer(layer.clone()).service(origin);
+                    let res = svc.oneshot(Request::get("/big").body(()).unwrap()).await;
+                    consume(res.unwrap().into_body(), copy).await
+                }
+                Run::Body => {
+                    let body = origin.oneshot(Request::new(())).await.unwrap().into_body();
+                    let (o, mut inlet) = outlet(BUFFER);
+                    let sink = tokio::spawn(async move {
+                        loop {
+                            match inlet.next_batch().await {
+                                NextBatch::Data(_) => {}
+                                NextBatch::End => return true,
+                                NextBatch::Abort(_) => return false,
+                            }
+                        }
+                    });
+                    let body = TeeBody::new(body, vec![o], &TeeOptions::default()).batched(true);
+                    let n = consume(body, copy).await;
+                    assert!(sink.await.unwrap(), "the copy was aborted");
+                    n
+                }
+                Run::Plain | Run::Hold(0) => {
+                    let res = origin.oneshot(Request::new(())).await;
+                    consume(res.unwrap().into_body(), copy).await
+                }
+                Run::Hold(hold) => {
+                    let body = origin.oneshot(Request::new(())).await.unwrap().into_body();
                     drain_holding(body, hold).await
-                } else {
-                    drain(body).await
                 }
             };
             assert_eq!(n, total);
@@ -1025,7 +1121,7 @@ fn stream_once(
             "the copy must be whole"
         );
     }
-    (peak, took.as_secs_f64())
+    (peak, took.as_secs_f64(), minor_faults() - faults)
 }
 
 /// `tee_1GiB`: 1 GiB streamed plain and through `TeeLayer` with one discarding sink,
@@ -1042,7 +1138,10 @@ fn tee_1gib(_c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let run = |tee: bool, chunk: usize, src: Source| stream_once(&rt, tee, 0, chunk, src, GIB);
+    let run = |tee: bool, chunk: usize, src: Source| {
+        let run = if tee { Run::Tee } else { Run::Plain };
+        stream_once(&rt, run, chunk, src, GIB)
+    };
     let clock = if cpuclock::cpu_clock() {
         "thread CPU"
     } else {
@@ -1056,18 +1155,21 @@ fn tee_1gib(_c: &mut Criterion) {
     ] {
         let (mut ratios, mut plain, mut teed) = (Vec::new(), Vec::new(), Vec::new());
         let (mut plain_peak, mut tee_peak) = (0, 0);
+        let (mut plain_faults, mut tee_faults) = (0, 0);
         for round in 0..ROUNDS {
-            let mut pair = [(false, 0usize, 0f64), (true, 0, 0.0)];
+            let mut pair = [(false, 0usize, 0f64, 0i64), (true, 0, 0.0, 0)];
             if round % 2 == 1 {
                 pair.swap(0, 1);
             }
             for p in &mut pair {
-                (p.1, p.2) = run(p.0, chunk, src);
+                (p.1, p.2, p.3) = run(p.0, chunk, src);
             }
             pair.sort_by_key(|p| p.0);
-            let [(_, pp, ps), (_, tp, ts)] = pair;
+            let [(_, pp, ps, pf), (_, tp, ts, tf)] = pair;
             plain_peak = plain_peak.max(pp);
             tee_peak = tee_peak.max(tp);
+            plain_faults += pf;
+            tee_faults += tf;
             ratios.push(ps / ts);
             plain.push(1024.0 / ps);
             teed.push(1024.0 / ts);
@@ -1083,7 +1185,7 @@ fn tee_1gib(_c: &mut Criterion) {
         println!(
             "tee_1GiB {} KiB chunks, {src:?} ({clock} time, {ROUNDS} rounds, buffer {} KiB): \
              plain {:.0} MiB/s, tee {:.0} MiB/s (medians); ratio median {:.3} [{lo:.3}-{hi:.3}]; \
-             peak heap plain {} KiB, tee {} KiB",
+             peak heap plain {} KiB, tee {} KiB; minor page faults per 1 GiB (mean) plain {}, tee {}",
             chunk >> 10,
             BUFFER >> 10,
             median(&mut plain),
@@ -1091,6 +1193,8 @@ fn tee_1gib(_c: &mut Criterion) {
             median(&mut ratios),
             plain_peak >> 10,
             tee_peak >> 10,
+            plain_faults / ROUNDS as i64,
+            tee_faults / ROUNDS as i64,
         );
         assert!(
             tee_peak < 4 * BUFFER + (16 << 20),

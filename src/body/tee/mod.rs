@@ -224,7 +224,9 @@ where
 
     /// Sends the copies in batches (off by default): chunks are gathered per sink until a
     /// quarter of its buffer (at most 256 KiB) or the end of the body, then accounted and
-    /// handed to the sink at once, one wake-up instead of one per chunk. Memory stays
+    /// handed to the sink at once, one wake-up instead of one per chunk. (A full batch whose
+    /// last chunk nothing else holds, a fresh allocation, leaves with the next chunk: freed
+    /// at once with the newest allocation, it would make glibc trim the heap.) Memory stays
     /// bounded by the same buffer and budget. For copies that are only stored at the end
     /// (backups); not for a reader that must see each chunk as it arrives. Ignored when
     /// [`paced`](Self::paced): a paced tee waits for the sink after every chunk.

@@ -75,6 +75,13 @@ async fn full_batches_go_out_as_one_message_each() {
     for _ in 0..4 {
         std::future::poll_fn(|cx| tee.as_mut().poll_frame(cx)).await;
     }
+    // Each chunk is a fresh `Vec`: the full batch leaves with the next chunk (see
+    // `Outlet::push_last`).
+    assert!(
+        inlet.rx.is_empty(),
+        "a full batch of unique chunks waits for the next"
+    );
+    std::future::poll_fn(|cx| tee.as_mut().poll_frame(cx)).await;
     assert_eq!(inlet.rx.len(), 1, "four chunks, one message");
     assert_eq!(inlet.shared.buffered.load(Ordering::SeqCst), 16 << 10);
     client(tee).await;
@@ -223,12 +230,15 @@ async fn a_4mib_buffer_sends_64kib_chunks_4_to_a_batch() {
     let want: Vec<u8> = data.iter().flat_map(|c| c.to_vec()).collect();
     let tee = TeeBody::new(body(data, false), vec![out], &TeeOptions::default()).batched(true);
     let mut tee = std::pin::pin!(tee);
-    for _ in 0..3 {
+    for _ in 0..4 {
         std::future::poll_fn(|cx| tee.as_mut().poll_frame(cx)).await;
     }
-    assert!(inlet.rx.is_empty(), "3 x 64 KiB stay gathered");
+    assert!(
+        inlet.rx.is_empty(),
+        "4 x 64 KiB (fresh `Vec`s) stay gathered"
+    );
     std::future::poll_fn(|cx| tee.as_mut().poll_frame(cx)).await;
-    assert_eq!(inlet.rx.len(), 1, "the 4th chunk sends the batch");
+    assert_eq!(inlet.rx.len(), 1, "the 5th chunk sends the batch of four");
     assert_eq!(inlet.shared.buffered.load(Ordering::SeqCst), 256 << 10);
     client(tee).await;
     let NextBatch::Data(first) = inlet.next_batch().await else {
@@ -239,6 +249,56 @@ async fn a_4mib_buffer_sends_64kib_chunks_4_to_a_batch() {
     assert_eq!(end, Next::End);
     let got: Vec<u8> = first.iter().flat_map(|c| c.to_vec()).chain(rest).collect();
     assert_eq!(got, want, "every chunk, in order");
+}
+
+#[tokio::test]
+async fn a_batch_of_shared_chunks_leaves_with_its_last_chunk() {
+    // 64 KiB buffer: 16 KiB batches. Chunks split off one read buffer, as hyper hands
+    // them out: the buffer still holds each one, so the batch need not wait.
+    let (out, mut inlet) = outlet(64 << 10);
+    let mut buf = bytes::BytesMut::with_capacity(9 * 4096);
+    let data: Vec<Bytes> = (0..9u8)
+        .map(|i| {
+            buf.extend_from_slice(&[i; 4096]);
+            buf.split_to(4096).freeze()
+        })
+        .collect();
+    assert!(!data[3].is_unique(), "shared with the read buffer");
+    let want: Vec<u8> = data.iter().flat_map(|c| c.to_vec()).collect();
+    let tee = TeeBody::new(body(data, false), vec![out], &TeeOptions::default()).batched(true);
+    let mut tee = std::pin::pin!(tee);
+    for _ in 0..3 {
+        std::future::poll_fn(|cx| tee.as_mut().poll_frame(cx)).await;
+    }
+    assert!(inlet.rx.is_empty(), "3 x 4 KiB stay gathered");
+    std::future::poll_fn(|cx| tee.as_mut().poll_frame(cx)).await;
+    assert_eq!(inlet.rx.len(), 1, "the 4th chunk sends the batch");
+    assert_eq!(inlet.shared.buffered.load(Ordering::SeqCst), 16 << 10);
+    client(tee).await;
+    let (got, end) = read_all(&mut inlet).await;
+    assert_eq!((got, end), (want, Next::End));
+}
+
+#[tokio::test]
+async fn a_held_batch_whose_sink_left_returns_the_budget() {
+    // 64 KiB buffer: 16 KiB batches; four fresh 4 KiB chunks fill one, held for the next.
+    let budget = ByteBudget::new(8 << 20);
+    let (mut out, inlet) = outlet_in(64 << 10, budget.clone());
+    out.set_batching(true);
+    for c in chunks(4, 4096) {
+        assert!(out.try_send(&c, false));
+    }
+    assert!(inlet.rx.is_empty(), "held");
+    drop(inlet);
+    assert!(
+        !out.try_send(&chunks(1, 4096)[0], false),
+        "the sink is gone: the copy ends"
+    );
+    assert_eq!(
+        budget.used(),
+        0,
+        "the held batch and the new chunk returned"
+    );
 }
 
 #[tokio::test]

@@ -5,7 +5,8 @@
 //! of the sink's task, and four atomic read-modify-writes on each side (queued bytes, byte
 //! budget, stats) per chunk: as much as the rest of the body's path. The outlet gathers
 //! chunks until a batch threshold (a quarter of the buffer, at most 256 KiB) is crossed or
-//! the body ends, and accounts and sends them as one message; the inlet hands the chunks
+//! the body ends (a batch of fresh chunks waits for the next one, see `Outlet::push_last`),
+//! and accounts and sends them as one message; the inlet hands the chunks
 //! out one by one ([`Inlet::next`]) or as the whole batch ([`Inlet::next_batch`]) and
 //! releases the batch once the sink asks for more. The bounds do
 //! not loosen: gathered chunks count against the buffer when they are gathered, and the
