@@ -70,17 +70,16 @@ fn req_id(head: &str) -> &str {
         .expect("x-req")
 }
 
-#[tokio::test]
-async fn a_get_retried_after_it_was_sent_reaches_the_next_endpoint_with_the_same_head() {
-    let (failing, mut failing_heads) = recording_endpoint(false).await;
-    let (answering, mut answering_heads) = recording_endpoint(true).await;
-    let fwd = Forward::<ReplayBody<Incoming>>::new(&failing).unwrap();
+/// `server::serve` over the replay layer and a round-robin balancer of two `Forward`s,
+/// `failing` first: every other request is retried on `answering`. Returns its address.
+async fn serve_retrying(failing: &str, answering: &str) -> std::net::SocketAddr {
+    let fwd = Forward::<ReplayBody<Incoming>>::new(failing).unwrap();
     let lb = Balance::builder()
         .picker(Picker::RoundRobin)
         .health(PassiveHealth::disabled())
         .build_static([
             ("failing", fwd.clone()),
-            ("answering", fwd.to(&answering).unwrap()),
+            ("answering", fwd.to(answering).unwrap()),
         ]);
     let proxy = ReplayLayer::new(64 * 1024)
         .layer(lb)
@@ -90,6 +89,14 @@ async fn a_get_retried_after_it_was_sent_reaches_the_next_endpoint_with_the_same
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(tower_patterns::server::serve(listener, proxy));
+    addr
+}
+
+#[tokio::test]
+async fn a_get_retried_after_it_was_sent_reaches_the_next_endpoint_with_the_same_head() {
+    let (failing, mut failing_heads) = recording_endpoint(false).await;
+    let (answering, mut answering_heads) = recording_endpoint(true).await;
+    let addr = serve_retrying(&failing, &answering).await;
 
     // Round robin over two: one of two requests goes to the failing endpoint first.
     let mut conn = tokio::time::timeout(STEP, TcpStream::connect(addr))
@@ -163,22 +170,7 @@ async fn a_get_retried_after_it_was_sent_reaches_the_next_endpoint_with_the_same
 async fn retries_from_recycled_copies_send_the_same_head() {
     let (failing, mut failing_heads) = recording_endpoint(false).await;
     let (answering, mut answering_heads) = recording_endpoint(true).await;
-    let fwd = Forward::<ReplayBody<Incoming>>::new(&failing).unwrap();
-    let lb = Balance::builder()
-        .picker(Picker::RoundRobin)
-        .health(PassiveHealth::disabled())
-        .build_static([
-            ("failing", fwd.clone()),
-            ("answering", fwd.to(&answering).unwrap()),
-        ]);
-    let proxy = ReplayLayer::new(64 * 1024)
-        .layer(lb)
-        .map_response(|r: Response<Incoming>| r.map(tower_patterns::body::boxed))
-        .map_err(tower_patterns::BoxError::from);
-    let proxy = tower_patterns::respond::ErrorResponseLayer.layer(proxy);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(tower_patterns::server::serve(listener, proxy));
+    let addr = serve_retrying(&failing, &answering).await;
 
     let mut conn = tokio::time::timeout(STEP, TcpStream::connect(addr))
         .await

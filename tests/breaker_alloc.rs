@@ -8,47 +8,32 @@
 use std::convert::Infallible;
 
 use http::{Request, Response};
-use tower::{Service, ServiceExt};
 use tower_patterns::breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
 
 mod alloc_support;
 // `alloc_support`'s raw response reader is there; this test needs nothing else of it.
 mod common;
 
-use alloc_support::{count_from_here, counted_since};
+use alloc_support::per_request_in_process as per_request;
 
 /// Nothing per request: the admission, the outcome and the clone are all allocation-free.
 const BUDGET_PER_REQUEST: u64 = 0;
 
-const N: u64 = 200;
-
-/// Allocations per request of `svc`, cloned per request, requests built before counting.
-async fn per_request<S>(svc: S) -> u64
-where
-    S: Service<Request<()>, Response = Response<()>> + Clone,
-    S::Error: std::fmt::Debug,
-{
-    let reqs: Vec<_> = (0..N + 20).map(|_| Request::new(())).collect();
-    let mut reqs = reqs.into_iter();
-    // Warm-up: this thread's handle and stripe id, any lazily built state.
-    for req in reqs.by_ref().take(20) {
-        svc.clone().oneshot(req).await.unwrap();
-    }
-    let start = count_from_here();
-    for req in reqs {
-        let res = svc.clone().oneshot(req).await.unwrap();
-        drop(res);
-    }
-    counted_since(start) / N
+fn request() -> Request<()> {
+    Request::new(())
 }
 
 #[tokio::test]
 async fn a_breaker_cloned_per_request_allocates_nothing_per_request() {
     let inner =
         tower::service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(Response::new(())) });
-    let bare = per_request(inner).await;
+    let bare = per_request(inner, request).await;
     let layer = CircuitBreakerLayer::new(CircuitBreakerConfig::new().name("alloc")).unwrap();
-    let guarded = per_request(tower::ServiceBuilder::new().layer(layer).service(inner)).await;
+    let guarded = per_request(
+        tower::ServiceBuilder::new().layer(layer).service(inner),
+        request,
+    )
+    .await;
     let own = guarded.saturating_sub(bare);
     println!("allocations per request: inner {bare}, with the breaker {guarded}: +{own}");
     assert!(

@@ -12,19 +12,16 @@
 use std::convert::Infallible;
 
 use http::{HeaderMap, Request, Response};
-use tower::{Service, ServiceExt};
 use tower_patterns::trace::{RequestTraceLayer, TraceContext};
 
 mod alloc_support;
 // `alloc_support`'s raw response reader is there; this test needs nothing else of it.
 mod common;
 
-use alloc_support::{count_from_here, counted_since};
+use alloc_support::per_request_in_process as per_request;
 
 /// See the module docs: map box, map table, context box, id buffer.
 const BUDGET_PER_REQUEST: u64 = 4;
-
-const N: u64 = 200;
 
 fn request() -> Request<()> {
     let mut req = Request::new(());
@@ -32,26 +29,6 @@ fn request() -> Request<()> {
     *req.headers_mut() = HeaderMap::with_capacity(16);
     req.headers_mut().insert("host", "gw".parse().unwrap());
     req
-}
-
-/// Allocations per request of `svc`, requests built before counting starts.
-async fn per_request<S>(svc: S) -> u64
-where
-    S: Service<Request<()>, Response = Response<()>> + Clone,
-    S::Error: std::fmt::Debug,
-{
-    let reqs: Vec<_> = (0..N + 20).map(|_| request()).collect();
-    let mut reqs = reqs.into_iter();
-    // Warm-up: the thread's RNG and any lazily built state.
-    for req in reqs.by_ref().take(20) {
-        svc.clone().oneshot(req).await.unwrap();
-    }
-    let start = count_from_here();
-    for req in reqs {
-        let res = svc.clone().oneshot(req).await.unwrap();
-        drop(res);
-    }
-    counted_since(start) / N
 }
 
 #[tokio::test]
@@ -68,11 +45,12 @@ async fn the_trace_layer_allocates_within_its_budget_per_request() {
         *res.headers_mut() = HeaderMap::with_capacity(8);
         Ok::<_, Infallible>(res)
     });
-    let bare = per_request(inner).await;
+    let bare = per_request(inner, request).await;
     let traced = per_request(
         tower::ServiceBuilder::new()
             .layer(RequestTraceLayer::new("/x"))
             .service(inner),
+        request,
     )
     .await;
     let own = traced - bare;

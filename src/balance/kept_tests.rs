@@ -26,6 +26,15 @@ fn original() -> Request<String> {
     req
 }
 
+/// A request's header lines in the order they are written out (names by first value, the
+/// values of one name in order): what the upstream sees.
+fn pairs(r: &Request<String>) -> Vec<(header::HeaderName, header::HeaderValue)> {
+    r.headers()
+        .iter()
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect()
+}
+
 #[test]
 fn a_kept_copy_becomes_the_same_request() {
     let req = original();
@@ -38,12 +47,6 @@ fn a_kept_copy_becomes_the_same_request() {
     // Same map, and the same order when written out (names by first value, values of
     // one name in order), which is what the upstream sees.
     assert_eq!(copy.headers(), req.headers());
-    let pairs = |r: &Request<String>| {
-        r.headers()
-            .iter()
-            .map(|(n, v)| (n.clone(), v.clone()))
-            .collect::<Vec<_>>()
-    };
     assert_eq!(pairs(&copy), pairs(&req));
     assert_eq!(
         copy.headers().get_all("x-a").iter().collect::<Vec<_>>(),
@@ -216,12 +219,6 @@ fn a_recycled_copy_copies_the_bytes_and_gives_the_same_request() {
         assert_eq!(copy.method(), req.method());
         assert_eq!(copy.version(), req.version());
         assert_eq!(copy.headers(), req.headers());
-        let pairs = |r: &Request<String>| {
-            r.headers()
-                .iter()
-                .map(|(n, v)| (n.clone(), v.clone()))
-                .collect::<Vec<_>>()
-        };
         assert_eq!(pairs(&copy), pairs(&req));
         assert!(copy.headers()[header::AUTHORIZATION].is_sensitive());
         assert!(!copy.headers()[header::COOKIE].is_sensitive());

@@ -206,3 +206,29 @@ pub async fn connect(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
     }
     conns
 }
+
+/// Allocations on this thread per request of `svc` over an in-process service (no server:
+/// as under axum's or hyper's own), the service cloned per request as those servers do;
+/// `N_IN_PROCESS` requests made by `request` before counting starts, after a warm-up of 20
+/// (the thread's RNG, its breaker handle, any lazily built state).
+pub async fn per_request_in_process<S>(svc: S, request: fn() -> http::Request<()>) -> u64
+where
+    S: tower::Service<http::Request<()>, Response = http::Response<()>> + Clone,
+    S::Error: std::fmt::Debug,
+{
+    use tower::ServiceExt;
+    let reqs: Vec<_> = (0..N_IN_PROCESS + 20).map(|_| request()).collect();
+    let mut reqs = reqs.into_iter();
+    for req in reqs.by_ref().take(20) {
+        svc.clone().oneshot(req).await.unwrap();
+    }
+    let start = count_from_here();
+    for req in reqs {
+        let res = svc.clone().oneshot(req).await.unwrap();
+        drop(res);
+    }
+    counted_since(start) / N_IN_PROCESS
+}
+
+/// Requests counted by [`per_request_in_process`].
+pub const N_IN_PROCESS: u64 = 200;
