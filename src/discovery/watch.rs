@@ -332,11 +332,15 @@ impl View {
 
 async fn follow(
     shared: Arc<Shared>,
-    mut events: futures_util::stream::BoxStream<'static, RegistryEvent>,
+    events: futures_util::stream::BoxStream<'static, RegistryEvent>,
     cfg: WatcherConfig,
 ) {
     use futures_util::FutureExt;
 
+    // Fused: the batch below may be the one to see the feed end (`now_or_never` gives
+    // `Some(None)`), and the next `select!` polls it again; a registry's stream (the
+    // memory and etcd ones are `unfold`s) may panic when polled after its end.
+    let mut events = events.fuse();
     let mut view = View {
         cfg,
         live: BTreeMap::new(),
@@ -472,3 +476,7 @@ async fn follow(
         shared.changed.send_replace(rev);
     }
 }
+
+#[cfg(test)]
+#[path = "watch_tests.rs"]
+mod tests;
