@@ -92,29 +92,44 @@ async fn serve_retrying(failing: &str, answering: &str) -> std::net::SocketAddr 
     addr
 }
 
-#[tokio::test]
-async fn a_get_retried_after_it_was_sent_reaches_the_next_endpoint_with_the_same_head() {
-    let (failing, mut failing_heads) = recording_endpoint(false).await;
-    let (answering, mut answering_heads) = recording_endpoint(true).await;
+/// A failing and an answering recording endpoint behind [`serve_retrying`], and a client
+/// connection to it; the endpoints' received heads, failing one first.
+async fn retrying_setup() -> (
+    TcpStream,
+    mpsc::UnboundedReceiver<String>,
+    mpsc::UnboundedReceiver<String>,
+) {
+    let (failing, failing_heads) = recording_endpoint(false).await;
+    let (answering, answering_heads) = recording_endpoint(true).await;
     let addr = serve_retrying(&failing, &answering).await;
-
-    // Round robin over two: one of two requests goes to the failing endpoint first.
-    let mut conn = tokio::time::timeout(STEP, TcpStream::connect(addr))
+    let conn = tokio::time::timeout(STEP, TcpStream::connect(addr))
         .await
         .unwrap()
         .unwrap();
+    (conn, failing_heads, answering_heads)
+}
+
+/// Sends `req` on `conn` and expects the answering endpoint's `200 ok`.
+async fn send_expecting_ok(conn: &mut TcpStream, req: &str) {
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let (head, body) = tokio::time::timeout(STEP, common::read_raw_response(conn))
+        .await
+        .expect("an answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, b"ok");
+}
+
+#[tokio::test]
+async fn a_get_retried_after_it_was_sent_reaches_the_next_endpoint_with_the_same_head() {
+    let (mut conn, mut failing_heads, mut answering_heads) = retrying_setup().await;
+    // Round robin over two: one of two requests goes to the failing endpoint first.
     for i in 0..2 {
         // Repeated and interleaved names, a cookie, a query: all must survive the copy.
         let req = format!(
             "GET /p/a%20b?q=1&r=2 HTTP/1.1\r\nHost: front.example\r\nX-A: 1\r\n\
              Cookie: c=1\r\nX-A: 2\r\nX-B: b\r\nX-A: 3\r\nx-req: {i}\r\n\r\n"
         );
-        conn.write_all(req.as_bytes()).await.unwrap();
-        let (head, body) = tokio::time::timeout(STEP, common::read_raw_response(&mut conn))
-            .await
-            .expect("an answer");
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        assert_eq!(body, b"ok");
+        send_expecting_ok(&mut conn, &req).await;
     }
 
     let failed = tokio::time::timeout(STEP, failing_heads.recv())
@@ -168,14 +183,7 @@ async fn a_get_retried_after_it_was_sent_reaches_the_next_endpoint_with_the_same
 /// others from recycled ones, each must reach the answering endpoint byte for byte.
 #[tokio::test]
 async fn retries_from_recycled_copies_send_the_same_head() {
-    let (failing, mut failing_heads) = recording_endpoint(false).await;
-    let (answering, mut answering_heads) = recording_endpoint(true).await;
-    let addr = serve_retrying(&failing, &answering).await;
-
-    let mut conn = tokio::time::timeout(STEP, TcpStream::connect(addr))
-        .await
-        .unwrap()
-        .unwrap();
+    let (mut conn, mut failing_heads, mut answering_heads) = retrying_setup().await;
     // Longer than a recycled copy's 512-byte buffer: kept as a value, beside copied ones.
     let long = "v".repeat(700);
     for i in 0..4 {
@@ -183,12 +191,7 @@ async fn retries_from_recycled_copies_send_the_same_head() {
             "GET /r/{i}/x%2Fy?q={i}&s=%20 HTTP/1.1\r\nHost: front.example\r\nX-A: 1\r\n\
              Cookie: c={i}\r\nX-Long: {long}\r\nX-A: 2\r\nUser-Agent: t/{i}\r\nx-req: {i}\r\n\r\n"
         );
-        conn.write_all(req.as_bytes()).await.unwrap();
-        let (head, body) = tokio::time::timeout(STEP, common::read_raw_response(&mut conn))
-            .await
-            .expect("an answer");
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        assert_eq!(body, b"ok");
+        send_expecting_ok(&mut conn, &req).await;
     }
     for i in 0..4 {
         let failed = tokio::time::timeout(STEP, failing_heads.recv())
