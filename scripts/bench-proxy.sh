@@ -45,7 +45,9 @@
 # PROFILE (default production: fat LTO, one codegen unit, see Cargo.toml): the cargo profile
 # ours is built with, as a deployment would build it. OURS_RELEASE=1: in the plain mode two
 # more rows, ours-fwd-rel and ours-bal-rel, the same code built with the plain `release`
-# profile, against the same peers in the same run.
+# profile, against the same peers in the same run. OURS_ALT=<binary> (with OURS_ALT_NAME,
+# default alt): the same two rows for any other build of the example, e.g. the PGO build
+# of scripts/pgo-build.sh (OURS_ALT_NAME=pgo: rows ours-fwd-pgo and ours-bal-pgo).
 # OURS_EXTRA: extra arguments for ours-fwd, e.g. OURS_EXTRA=--no-balance to compare with
 # the kernel's spreading of connections over the workers.
 #
@@ -110,9 +112,20 @@ fi
 OUT_DIR=$PROFILE
 [ "$PROFILE" = dev ] && OUT_DIR=debug
 OURS=target/$OUT_DIR/examples/reverse_proxy
-OURS_REL=target/release/examples/reverse_proxy
-if [ "${OURS_RELEASE:-0}" = 1 ] && [ "$GATEWAY" != 1 ] && [ "$TLS" != 1 ]; then
+# The extra rows' binary (OURS_RELEASE=1 or OURS_ALT) and their names' suffix.
+ALT=${OURS_ALT:-} ALT_NAME=${OURS_ALT_NAME:-alt} ALT_WHAT="the build $ALT"
+if [ "${OURS_RELEASE:-0}" = 1 ]; then
+    ALT=target/release/examples/reverse_proxy ALT_NAME=rel ALT_WHAT="the plain release profile"
+fi
+if [ "$GATEWAY" = 1 ] || [ "$TLS" = 1 ]; then
+    ALT=''
+fi
+if [ "${OURS_RELEASE:-0}" = 1 ] && [ -n "$ALT" ]; then
     cargo build --release -q --example reverse_proxy
+fi
+if [ -n "$ALT" ] && [ ! -x "$ALT" ]; then
+    echo "OURS_ALT=$ALT: not an executable file" >&2
+    exit 1
 fi
 
 SCHEME=http OURS_TLS=() NGX_SSL='' NGINX_TLS='' HAP_SSL=''
@@ -186,15 +199,15 @@ start_proxies() { # workers
             --listen "127.0.0.1:${port[ours-bal-pl]}" --backends "http://127.0.0.1:$B1,http://127.0.0.1:$B2" >/dev/null 2>&1 &
         pids+=($!); pid[ours-bal-pl]=$!
     fi
-    if [ "${OURS_RELEASE:-0}" = 1 ]; then
-        port[ours-fwd-rel]=$(free_port)
-        spawn_pinned "${PX_CORES:-}" $OURS_REL --serve --direct --workers "$w" \
-            --listen "127.0.0.1:${port[ours-fwd-rel]}" --backends "http://127.0.0.1:$B1" ${OURS_EXTRA:-} >/dev/null 2>&1 &
-        pids+=($!); pid[ours-fwd-rel]=$!
-        port[ours-bal-rel]=$(free_port)
-        spawn_pinned "${PX_CORES:-}" $OURS_REL --serve --workers "$w" \
-            --listen "127.0.0.1:${port[ours-bal-rel]}" --backends "http://127.0.0.1:$B1,http://127.0.0.1:$B2" >/dev/null 2>&1 &
-        pids+=($!); pid[ours-bal-rel]=$!
+    if [ -n "$ALT" ]; then
+        port[ours-fwd-$ALT_NAME]=$(free_port)
+        spawn_pinned "${PX_CORES:-}" "$ALT" --serve --direct --workers "$w" \
+            --listen "127.0.0.1:${port[ours-fwd-$ALT_NAME]}" --backends "http://127.0.0.1:$B1" ${OURS_EXTRA:-} >/dev/null 2>&1 &
+        pids+=($!); pid[ours-fwd-$ALT_NAME]=$!
+        port[ours-bal-$ALT_NAME]=$(free_port)
+        spawn_pinned "${PX_CORES:-}" "$ALT" --serve --workers "$w" \
+            --listen "127.0.0.1:${port[ours-bal-$ALT_NAME]}" --backends "http://127.0.0.1:$B1,http://127.0.0.1:$B2" >/dev/null 2>&1 &
+        pids+=($!); pid[ours-bal-$ALT_NAME]=$!
     fi
     port[nginx-bal]=$(free_port)
     nginx_start "ngx-bal-$w" "$w" "upstream be { server 127.0.0.1:$B1; server 127.0.0.1:$B2; keepalive 256; }
@@ -278,10 +291,10 @@ elif [ -n "${OURS_PRELOAD:-}" ]; then
     PAIRS+=(ours-fwd-pl:haproxy-fwd ours-bal-pl:haproxy-bal ours-fwd-pl:ours-fwd)
     MODE=" (ours also with $OURS_PRELOAD preloaded: the -pl rows)"
 fi
-if [ "${OURS_RELEASE:-0}" = 1 ] && [ "$GATEWAY" != 1 ] && [ "$TLS" != 1 ]; then
-    NAMES+=(ours-fwd-rel ours-bal-rel)
-    PAIRS+=(ours-fwd-rel:haproxy-fwd ours-bal-rel:haproxy-bal ours-fwd:ours-fwd-rel)
-    MODE+=" (ours built with $PROFILE; the -rel rows with the plain release profile)"
+if [ -n "$ALT" ]; then
+    NAMES+=(ours-fwd-$ALT_NAME ours-bal-$ALT_NAME)
+    PAIRS+=(ours-fwd-$ALT_NAME:haproxy-fwd ours-bal-$ALT_NAME:haproxy-bal ours-fwd-$ALT_NAME:ours-fwd ours-bal-$ALT_NAME:ours-bal)
+    MODE+=" (ours built with $PROFILE; the -$ALT_NAME rows with $ALT_WHAT)"
 else
     MODE+=" (ours built with the $PROFILE profile)"
 fi
