@@ -10,7 +10,8 @@
 #
 # Needs rustup's `llvm-tools` component (its llvm-profdata matches rustc's LLVM; the
 # distribution's usually does not): `rustup component add llvm-tools`.
-# FEATURES: cargo features of the build (and of the training run, e.g. a gateway build).
+# FEATURES: cargo features of both builds. The training runs the two plain paths only; a
+# gateway (`--gateway`) or TLS deployment should add its own path to `train` below.
 # TRAIN (default 8s): how long each path is trained.
 set -euo pipefail
 cd "$(dirname "$0")/.."
