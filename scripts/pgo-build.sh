@@ -12,7 +12,8 @@
 # distribution's usually does not): `rustup component add llvm-tools`.
 # FEATURES: cargo features of both builds. The training runs the two plain paths only; a
 # gateway (`--gateway`) or TLS deployment should add its own path to `train` below.
-# TRAIN (default 8s): how long each path is trained.
+# TRAIN (default 8s): how long each path is trained. TRAIN_PATHS (default "direct balancer"):
+# which paths; "direct" alone shows how a profile does on a path it was not trained on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=/dev/null
@@ -28,6 +29,7 @@ if [ ! -x "$PROFDATA" ]; then
     exit 1
 fi
 TRAIN=${TRAIN:-8s}
+TRAIN_PATHS=${TRAIN_PATHS:-direct balancer}
 FEATURES=${FEATURES:-}
 feat=()
 [ -n "$FEATURES" ] && feat=(--features "$FEATURES")
@@ -55,11 +57,16 @@ train() { # name args...
     wait "$px" || true
 }
 echo "training ($TRAIN per path)..." >&2
-train direct --direct --backends "http://127.0.0.1:$B1"
-train balancer --backends "http://127.0.0.1:$B1,http://127.0.0.1:$B2"
+for path in $TRAIN_PATHS; do
+    case $path in
+        direct) train direct --direct --backends "http://127.0.0.1:$B1" ;;
+        balancer) train balancer --backends "http://127.0.0.1:$B1,http://127.0.0.1:$B2" ;;
+        *) echo "TRAIN_PATHS: $path is not a path (direct, balancer)" >&2; exit 1 ;;
+    esac
+done
 
 "$PROFDATA" merge -o "$data/merged.profdata" "$data"/raw
 echo "optimised build (target/pgo-use)..." >&2
 RUSTFLAGS="-Cprofile-use=$data/merged.profdata" CARGO_TARGET_DIR=target/pgo-use \
     cargo build -q --profile production --example reverse_proxy "${feat[@]}"
-echo "target/pgo-use/production/examples/reverse_proxy" 
+echo "target/pgo-use/production/examples/reverse_proxy"
