@@ -318,10 +318,9 @@ impl<B: CloneBody> Kept<B> {
             }
             None => {
                 // A fresh head keeps the values as they are: no buffer to allocate for a
-                // copy that may never be recycled (more copies alive than spares). The
-                // list is allocated once, and not at all without headers.
+                // copy that may never be recycled (more copies alive than spares). `fill`
+                // allocates the list once, and not at all without headers.
                 let mut head = Box::new(KeptHead::empty());
-                head.headers = Vec::with_capacity(req.headers().len());
                 head.fill(req);
                 head
             }

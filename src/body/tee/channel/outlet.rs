@@ -117,8 +117,7 @@ impl Outlet {
     #[inline]
     fn push(&mut self, chunk: &Bytes, len: usize) -> bool {
         if self.pending_len + len < self.batch {
-            self.pending.push(chunk.clone());
-            self.pending_len += len;
+            self.gather(chunk, len);
             return true;
         }
         self.push_last(chunk, len)
@@ -148,19 +147,24 @@ impl Outlet {
             return false;
         }
         if self.pending_len + len < self.batch {
-            self.pending.push(chunk.clone());
-            self.pending_len += len;
+            self.gather(chunk, len);
             return true;
         }
-        // Asked before the clone below makes it shared.
+        // Asked before the clone in `gather` makes it shared.
         let hold = self.batch != 0 && chunk.is_unique();
-        self.pending.push(chunk.clone());
-        self.pending_len += len;
+        self.gather(chunk, len);
         if hold {
             self.held = true;
             return true;
         }
         self.flush()
+    }
+
+    /// Adds `chunk` (`len` bytes, already charged) to the batch being gathered.
+    #[inline]
+    fn gather(&mut self, chunk: &Bytes, len: usize) {
+        self.pending.push(chunk.clone());
+        self.pending_len += len;
     }
 
     /// Covers `len` bytes from the credit already charged to the byte budget (always, with
@@ -277,8 +281,7 @@ impl Outlet {
         if !self.charge_budget(len) {
             return false;
         }
-        self.pending.push(chunk.clone());
-        self.pending_len += len;
+        self.gather(chunk, len);
         self.flush()
     }
 
