@@ -48,6 +48,9 @@
 # profile, against the same peers in the same run. OURS_ALT=<binary> (with OURS_ALT_NAME,
 # default alt): the same two rows for any other build of the example, e.g. the PGO build
 # of scripts/pgo-build.sh (OURS_ALT_NAME=pgo: rows ours-fwd-pgo and ours-bal-pgo).
+# OURS_ALT_RUSTFLAGS="...": the same two rows for ours built here with the same profile and
+# these compiler flags (in target/alt-rustflags; OURS_ALT_NAME defaults to flags), e.g.
+# OURS_ALT_RUSTFLAGS="-C llvm-args=-inline-threshold=1000" (docs/BENCHMARKS.md, session 19).
 # OURS_EXTRA: extra arguments for ours-fwd, e.g. OURS_EXTRA=--no-balance to compare with
 # the kernel's spreading of connections over the workers.
 #
@@ -119,6 +122,14 @@ if [ "${OURS_RELEASE:-0}" = 1 ]; then
 fi
 if [ "$GATEWAY" = 1 ] || [ "$TLS" = 1 ]; then
     ALT=''
+elif [ -n "${OURS_ALT_RUSTFLAGS:-}" ]; then
+    # Its own target folder: other RUSTFLAGS rebuild every crate, and the default folder
+    # keeps the plain build for the next run.
+    echo "building the -${OURS_ALT_NAME:-flags} rows with RUSTFLAGS=\"$OURS_ALT_RUSTFLAGS\"..." >&2
+    RUSTFLAGS="$OURS_ALT_RUSTFLAGS" CARGO_TARGET_DIR=target/alt-rustflags \
+        cargo build --profile "$PROFILE" -q --example reverse_proxy
+    ALT=target/alt-rustflags/$OUT_DIR/examples/reverse_proxy ALT_NAME=${OURS_ALT_NAME:-flags}
+    ALT_WHAT="the $PROFILE profile built with RUSTFLAGS=\"$OURS_ALT_RUSTFLAGS\""
 fi
 if [ "${OURS_RELEASE:-0}" = 1 ] && [ -n "$ALT" ]; then
     cargo build --release -q --example reverse_proxy

@@ -12,6 +12,8 @@
 # DURATION (default 5s): the measured wrk run (under valgrind: a few thousand requests).
 # PRELOAD: a shared library preloaded into the proxy only (e.g. an allocator,
 # PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2), to measure its share.
+# CG_FLAGS: more callgrind options, e.g. CG_FLAGS="--cache-sim=yes --branch-sim=yes" for the
+# instruction-cache misses and branch mispredicts (callgrind_annotate shows them per function).
 # FLAGS (default --direct): the proxy's flags; FLAGS= (empty) measures the balancer.
 # UPSTREAMS (default 1): the backend nginx listens on this many ports, all passed to
 # --backends (UPSTREAMS=2 FLAGS= is the balanced case of issue 12, bench-proxy's ours-bal).

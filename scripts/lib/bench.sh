@@ -141,7 +141,8 @@ callgrind_proxy() { # backend-port binary outfile "flags" [wrk args...]
     shift 4
     port=$(free_port)
     # shellcheck disable=SC2086 # the flags are words
-    LD_PRELOAD=${PRELOAD:-} valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$outf" \
+    # shellcheck disable=SC2086 # CG_FLAGS are words (e.g. "--cache-sim=yes --branch-sim=yes")
+    LD_PRELOAD=${PRELOAD:-} valgrind --tool=callgrind ${CG_FLAGS:-} --instr-atstart=no --callgrind-out-file="$outf" \
         "$bin" --serve $flags --workers 1 --listen "127.0.0.1:$port" --backends "${BACKEND_URLS:-http://127.0.0.1:$be}" \
         >/dev/null 2>"$work/valgrind.log" &
     vg=$!; pids+=($vg)
