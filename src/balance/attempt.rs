@@ -284,7 +284,7 @@ where
             // Retry's default names errors only: an answered head is then never retried,
             // and is not classified at all.
             Ok(r) => {
-                on.judges_heads()
+                self.shared.retry_heads
                     && on.classify_head(r.status(), r.headers()).is_failure()
                     && self.may_resend(copy)
             }
