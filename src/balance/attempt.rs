@@ -150,7 +150,10 @@ pub(crate) fn miss_error(m: Miss) -> BalanceError {
 
 /// The first pick of a request: its sticky endpoint if valid and available, else the
 /// picker's choice. Also returns the cookie's endpoint id and the request's hash key.
+// Inline: it returns a pick, a cookie id and a key, copied out of a call for every
+// request (~40 instructions with the call's own, dispatch bench).
 #[allow(clippy::type_complexity)]
+#[inline]
 pub(crate) fn first_pick<K, S, M, C, B>(
     shared: &Shared<K, S, M, C>,
     snap: &Snap<K, S, M>,

@@ -89,7 +89,7 @@ impl KeptHead {
     }
 
     /// Copies `req`'s head (not its body) into this empty head.
-    #[inline]
+    #[inline(always)]
     fn fill<B>(&mut self, req: &Request<B>) {
         self.method = req.method().clone();
         self.version = req.version();
@@ -193,6 +193,7 @@ impl KeptHead {
 struct HeadBox(Option<Box<KeptHead>>);
 
 impl Drop for HeadBox {
+    #[inline]
     fn drop(&mut self) {
         if let Some(mut head) = self.0.take() {
             head.clear();
