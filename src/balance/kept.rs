@@ -351,6 +351,11 @@ impl<B> Kept<B> {
         Some(req)
     }
 
+    /// The request's method.
+    pub(crate) fn method(&self) -> &Method {
+        &self.head.get().method
+    }
+
     /// Whether the request is an upgrade (WebSocket) that [`Forward`](crate::proxy::Forward)
     /// would tunnel. Asked only once a try failed; without an `Upgrade` header (nearly
     /// always) the answer is `false` without building anything, else the proxy's own
