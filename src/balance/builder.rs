@@ -214,11 +214,13 @@ where
         M: MakeGate<K>,
     {
         let (members, _) = tokio::sync::watch::channel(0);
+        let retry_heads = self.retry.on.judges_heads();
         Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::new(Vec::new(), &self.picker)),
             picker: self.picker,
             health: self.health,
             retry: self.retry,
+            retry_heads,
             queue_timeout: self.queue_timeout,
             try_timeout: self.try_timeout,
             sticky: self.sticky,

@@ -79,11 +79,9 @@ where
     ) -> Self {
         let snap = shared.snapshot.load();
         let (picked, cookie_id, key) = first_pick(&shared, &snap, &req);
-        // Whether the method may be sent again after an upstream saw it. (An upgrade may
-        // not either: looked up on the kept copy, only once a try failed.)
-        let method_ok = shared.retry.tries > 1 && shared.retry.method_allows(req.method());
-        // Moved, not cloned: one reference-count round trip per request is enough.
-        let mut st = Attempt::new(shared, key, cookie_id, method_ok);
+        // Moved, not cloned: one reference-count round trip per request is enough. (Whether
+        // the method may be sent again is asked of the kept copy, once a try failed.)
+        let mut st = Attempt::new(shared, key, cookie_id);
         let inner = match picked {
             Ok(p) => {
                 let svc = local.service(&snap, p.index);

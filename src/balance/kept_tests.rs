@@ -168,6 +168,42 @@ fn a_thread_keeps_a_bounded_number_of_small_spares() {
 }
 
 #[test]
+fn spares_are_taken_newest_first_from_the_slot_then_the_stack() {
+    use crate::balance::spare;
+    while spare::take().is_some() {}
+    let req = original();
+    let copies: Vec<_> = (0..3).map(|_| Kept::of(&req).unwrap()).collect();
+    let made: Vec<*const KeptHead> = copies.iter().map(|k| k.head.get() as *const _).collect();
+    // Given back first to last: the last one sits in the slot, the two before on the
+    // stack; none is dropped.
+    drop(copies);
+    assert_eq!(spare::held(), 3);
+    let taken: Vec<Box<KeptHead>> = std::iter::from_fn(spare::take).collect();
+    let taken: Vec<*const KeptHead> = taken.iter().map(|h| &**h as *const _).collect();
+    assert_eq!(taken, [made[2], made[1], made[0]]);
+    assert_eq!(spare::held(), 0);
+}
+
+#[test]
+fn a_request_without_extensions_gets_none_from_a_recycled_head() {
+    use crate::balance::spare;
+    while spare::take().is_some() {}
+    // A server request's copy: the client's address kept as a value, then recycled.
+    let mut from_server = original();
+    from_server.extensions_mut().clear();
+    from_server
+        .extensions_mut()
+        .insert(ClientAddr("127.0.0.1:4242".parse().unwrap()));
+    drop(Kept::of(&from_server).unwrap());
+    assert_eq!(spare::held(), 1);
+    // The same box for a request without extensions (their fill is skipped): the
+    // address must not come back with it.
+    let bare = Request::get("/").body(String::new()).unwrap();
+    let copy = Kept::of(&bare).unwrap().into_request().unwrap();
+    assert!(copy.extensions().is_empty());
+}
+
+#[test]
 fn a_body_that_cannot_be_copied_gives_no_copy() {
     let req = Request::new(crate::body::BoxBody::default());
     assert!(Kept::of(&req).is_none());

@@ -71,6 +71,10 @@ pub(crate) struct Shared<K, S, M: MakeGate<K>, C> {
     pub(crate) picker: Picker,
     pub(crate) health: PassiveHealth,
     pub(crate) retry: Retry,
+    /// `retry.on.judges_heads()`, asked once here instead of for every answered request
+    /// (`Retry` is fixed at build; the lookup was ~20 of the retry decision's ~35
+    /// instructions, dispatch bench).
+    pub(crate) retry_heads: bool,
     pub(crate) queue_timeout: Option<Duration>,
     pub(crate) try_timeout: Option<Duration>,
     pub(crate) sticky: Option<StickyCookie>,
