@@ -189,6 +189,22 @@ impl Connector {
         }
     }
 
+    /// Whether requests to this upstream can take the lean HTTP/1 path (`h1`): cleartext
+    /// HTTP/1.1 only.
+    pub(crate) fn is_plain_http1(&self) -> bool {
+        #[cfg(feature = "tls")]
+        if self.tls.is_some() {
+            return false;
+        }
+        self.protocol != Protocol::Http2
+    }
+
+    /// A TCP connection alone, within the connect timeout (the lean HTTP/1 path speaks
+    /// HTTP on it itself).
+    pub(crate) async fn connect_tcp(&self) -> Result<TcpStream, ForwardError> {
+        self.within_timeout(self.tcp()).await
+    }
+
     /// Opens a connection within the connect timeout (TCP, TLS and the HTTP handshake
     /// together: a TLS upstream that accepts and then stalls is a connect timeout too).
     pub(crate) async fn connect<B>(&self) -> Result<Conn<B>, ForwardError>

@@ -66,6 +66,7 @@ mod connect;
 mod error;
 mod forwarded;
 mod future;
+mod h1;
 mod h2;
 mod h2pool;
 mod h2wire;
@@ -78,6 +79,7 @@ mod upstream;
 pub use body::BodyLimits;
 pub use connect::Protocol;
 pub use error::ForwardError;
+pub use h1::Http1Error;
 pub use future::ResponseFuture;
 pub use headers::{strip_hop_by_hop, PROTECTED_FROM_CONNECTION};
 // Kept at their old paths so existing imports compile; they live in the neutral modules.

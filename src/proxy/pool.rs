@@ -20,6 +20,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use tokio::time::Instant;
 
+use super::h1;
 use super::h2pool::H2Slot;
 
 use super::body::BodyFault;
@@ -82,6 +83,8 @@ pub(crate) enum Dispatched<F, B> {
     /// Queued on a pooled HTTP/1.1 connection (checked in again once `F`, hyper's
     /// response future, has the response head).
     Pooled(F, Checkout<B>),
+    /// On the lean HTTP/1 path (a request without a body, cleartext upstream).
+    Lean(h1::Exchange),
     /// Any other path, already under way once polled.
     Other(BoxExchange),
 }
@@ -95,6 +98,8 @@ pub(crate) struct HostPool<B> {
     pub(super) h2: Mutex<H2Slot<B>>,
     pub(super) learned: AtomicU8,
     pub(super) config: Arc<PoolConfig>,
+    /// The lean path's idle connections, when this upstream is cleartext HTTP/1.1.
+    pub(super) lean: Option<Arc<h1::Idle>>,
 }
 
 /// All pools of one `ForwardBuilder::build`, so `Forward::to` shares connections.
@@ -143,7 +148,11 @@ impl<B> Pools<B> {
             #[cfg(feature = "tls")]
             tls,
         )?;
+        let lean = connector
+            .is_plain_http1()
+            .then(|| h1::Idle::new(self.config.max_idle, self.config.idle_timeout));
         let pool = Arc::new(HostPool {
+            lean,
             upstream: upstream.clone(),
             connector: Arc::new(connector),
             idle: Mutex::new(Vec::new()),
@@ -242,6 +251,17 @@ where
             + 'static,
         B,
     > {
+        if let Some(idle) = &self.lean {
+            if req.body().is_end_stream() {
+                let head_request = req.method() == http::Method::HEAD;
+                return Dispatched::Lean(h1::Exchange::new(
+                    idle,
+                    &self.connector,
+                    head_request,
+                    |out| h1::encode_request(&req, out),
+                ));
+            }
+        }
         let shared = self.connector.may_be_h2() && self.learned.load(Ordering::Relaxed) != SPOKE_H1;
         if !shared {
             if let Some(mut conn) = self.checkout() {
