@@ -34,7 +34,7 @@ use tower_patterns::backup::{backfill, BackupOutcome, FsSink, TeeLayer};
 use tower_patterns::body::{boxed, ReplayBody};
 use tower_patterns::cache::{CacheLayer, MemoryStore, Store};
 use tower_patterns::chain::{ChainLayer, LinkLayer};
-use tower_patterns::proxy::{ErrorResponseLayer, ForwardBuilder};
+use tower_patterns::proxy::{ErrorResponseLayer, ForwardBody, ForwardBuilder};
 use tower_patterns::server::spawn_local;
 use tower_patterns::BoxError;
 
@@ -153,7 +153,7 @@ async fn main() -> Result<(), BoxError> {
         .layer(ErrorResponseLayer)
         .layer(ChainLayer::new())
         .layer(LinkLayer::new("404".parse()?, to_outside).names("storage", "outside"))
-        .map_response(|res: Response<Incoming>| res.map(boxed))
+        .map_response(|res: Response<ForwardBody>| res.map(boxed))
         .service(to_storage);
     // PURGE is refused unless configured: here, with a token header.
     let cache = CacheLayer::builder(MemoryStore::new(64 << 20))

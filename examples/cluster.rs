@@ -53,7 +53,7 @@ use tower_patterns::balance::{
     self, Balance, BalanceBuilder, PassiveHealth, ReplayLayer, Retry, SharedHealth,
 };
 use tower_patterns::body::ReplayBody;
-use tower_patterns::proxy::{ErrorResponseLayer, Forward, ForwardBuilder};
+use tower_patterns::proxy::{ErrorResponseLayer, Forward, ForwardBody, ForwardBuilder};
 use tower_patterns::server::Workers;
 use tower_patterns::BoxError;
 
@@ -175,7 +175,7 @@ fn proxy_worker(
 ) -> Result<
     impl tower::Service<
             Request<Incoming>,
-            Response = Response<tower_patterns::proxy::ErrorResponseBody<Incoming>>,
+            Response = Response<tower_patterns::proxy::ErrorResponseBody<ForwardBody>>,
             Error = Infallible,
             Future = impl Send,
         > + Clone

@@ -387,7 +387,7 @@ async fn instance(n: usize, hits: Arc<AtomicUsize>) -> std::io::Result<String> {
 }
 
 type Lb = Balance<String, tower_patterns::proxy::Forward<ReplayBody<Incoming>>>;
-type ProxyBody = ErrorResponseBody<Incoming>;
+type ProxyBody = ErrorResponseBody<tower_patterns::proxy::ForwardBody>;
 
 /// The proxy stack. Buffer bodies so requests can go to the next instance; map errors to
 /// 502/503/504 without boxing the body.

@@ -26,7 +26,7 @@ use tower_patterns::cache::{CacheLayer, MemoryStore};
 use tower_patterns::chain::{ChainLayer, LinkTable};
 use tower_patterns::classify::{Classifier, Classify, Condition};
 use tower_patterns::discovery::{Instance, MemoryRegistry, Registration, Selector, Watcher};
-use tower_patterns::proxy::{ErrorResponseLayer, ForwardBuilder};
+use tower_patterns::proxy::{ErrorResponseLayer, ForwardBody, ForwardBuilder};
 use tower_patterns::route::{Backend, RouteTable};
 use tower_patterns::{server, BoxError};
 
@@ -190,7 +190,7 @@ async fn circuit_breaker() -> Result<(), BoxError> {
     let a = ServiceBuilder::new()
         .layer(ErrorResponseLayer)
         .layer(layer)
-        .map_response(|res: Response<Incoming>| res.map(tower_patterns::body::boxed))
+        .map_response(|res: Response<ForwardBody>| res.map(tower_patterns::body::boxed))
         .service(to_b);
     let a = start(a).await?;
     let (status, body) = get(a, "/data", "a.local").await?;

@@ -18,7 +18,7 @@ use tower_patterns::balance::{
 };
 use tower_patterns::classify::{Condition, Outcome};
 use tower_patterns::gate::Gate;
-use tower_patterns::proxy::Forward;
+use tower_patterns::proxy::{Forward, ForwardBody};
 
 const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
 
@@ -90,7 +90,12 @@ fn get(path: &str) -> Request<Full<Bytes>> {
     Request::get(path).body(Full::new(Bytes::new())).unwrap()
 }
 
-async fn text(res: Response<Incoming>) -> String {
+/// The body as text: a `Forward`'s response, or hyper's client's.
+async fn text<B>(res: Response<B>) -> String
+where
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
     String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
 }
 
@@ -198,7 +203,7 @@ async fn least_pending_avoids_the_busy_endpoint() {
     release.notify_waiters();
 }
 
-fn set_cookie(res: &Response<Incoming>) -> Option<String> {
+fn set_cookie(res: &Response<ForwardBody>) -> Option<String> {
     res.headers()
         .get(header::SET_COOKIE)
         .map(|v| v.to_str().unwrap().to_string())
@@ -686,7 +691,7 @@ async fn reverse_proxy_retries_a_buffered_post_after_a_refused_connection() {
         .layer(tower_patterns::balance::ReplayLayer::new(64 * 1024))
         .service(lb)
         .then(
-            |r: Result<Response<Incoming>, tower_patterns::BoxError>| async move {
+            |r: Result<Response<ForwardBody>, tower_patterns::BoxError>| async move {
                 Ok::<_, tower_patterns::BoxError>(match r {
                     Ok(res) => res.map(tower_patterns::body::boxed),
                     Err(e) => tower_patterns::respond::error_response(&*e)

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tower::{Layer, ServiceExt};
 use tower_patterns::balance::{Balance, PassiveHealth, Picker, ReplayLayer};
 use tower_patterns::body::ReplayBody;
-use tower_patterns::proxy::Forward;
+use tower_patterns::proxy::{Forward, ForwardBody};
 
 /// Every test step is bounded: a hang fails the test instead of stalling it.
 const STEP: Duration = Duration::from_secs(10);
@@ -83,7 +83,7 @@ async fn serve_retrying(failing: &str, answering: &str) -> std::net::SocketAddr 
         ]);
     let proxy = ReplayLayer::new(64 * 1024)
         .layer(lb)
-        .map_response(|r: Response<Incoming>| r.map(tower_patterns::body::boxed))
+        .map_response(|r: Response<ForwardBody>| r.map(tower_patterns::body::boxed))
         .map_err(tower_patterns::BoxError::from);
     let proxy = tower_patterns::respond::ErrorResponseLayer.layer(proxy);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

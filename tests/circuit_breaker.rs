@@ -879,7 +879,7 @@ mod real {
     }
 
     type Body = Full<Bytes>;
-    type FallbackBody = http_body_util::Either<hyper::body::Incoming, Full<Bytes>>;
+    type FallbackBody = http_body_util::Either<tower_patterns::proxy::ForwardBody, Full<Bytes>>;
 
     fn client(
         addr: std::net::SocketAddr,
@@ -898,7 +898,7 @@ mod real {
                     Response::builder()
                         .status(200)
                         .header("x-fallback", why.state.as_str())
-                        // The fallback's own body type: no `Incoming` to build, no boxing.
+                        // The fallback's own body type: no `ForwardBody` to build, no boxing.
                         .body(Full::new(Bytes::from("fallback")))
                         .unwrap(),
                 )

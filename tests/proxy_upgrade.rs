@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tower::ServiceBuilder;
 use tower_patterns::balance::{Balance, PassiveHealth, Picker, StickyCookie};
-use tower_patterns::proxy::{ErrorResponseLayer, Forward, ForwardBuilder};
+use tower_patterns::proxy::{ErrorResponseLayer, Forward, ForwardBody, ForwardBuilder};
 
 type Ws = WebSocketStream<TcpStream>;
 
@@ -62,7 +62,7 @@ async fn echo_server(name: &'static str) -> Echo {
 /// Serves `fwd` (or a balancer) on a free port, errors mapped to statuses.
 async fn serve<S>(svc: S) -> SocketAddr
 where
-    S: tower::Service<Request<Incoming>, Response = Response<Incoming>> + Clone + Send + 'static,
+    S: tower::Service<Request<Incoming>, Response = Response<ForwardBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: std::error::Error + Send + Sync + 'static,
 {

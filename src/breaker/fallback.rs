@@ -20,7 +20,7 @@ use crate::BoxError;
 ///
 /// A fallback answers with its own body type: the breaker's responses then carry
 /// [`Self::Body`], an enum of the inner service's body `RB` and the fallback's (no boxing),
-/// so a fallback over `Forward` never has to build a `hyper::body::Incoming`.
+/// so a fallback over `Forward` never has to build a `proxy::ForwardBody`.
 pub trait Fallback<Req, RB>: Clone {
     /// The body of every response of the breaker: `RB` itself for [`NoFallback`],
     /// `Either<RB, FallbackBody>` for a fallback with a body of its own.

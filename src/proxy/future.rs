@@ -21,9 +21,10 @@ use super::body::{far_future, poll_lazy_deadline, Progress};
 use super::error::ForwardError;
 use super::headers::strip_hop_by_hop;
 use super::pool::{BoxExchange, ConnTimer, Dispatched, HostPool};
+use super::response_body::ForwardBody;
 use crate::BoxError;
 
-type Inner = Pin<Box<dyn Future<Output = Result<Response<Incoming>, ForwardError>> + Send>>;
+type Inner = Pin<Box<dyn Future<Output = Result<Response<ForwardBody>, ForwardError>> + Send>>;
 
 /// Response future of [`Forward`](super::Forward).
 pub struct ResponseFuture {
@@ -66,7 +67,7 @@ impl ResponseFuture {
 
     /// A response future from any boxed exchange (the upgrade path).
     pub(super) fn boxed(
-        f: impl Future<Output = Result<Response<Incoming>, ForwardError>> + Send + 'static,
+        f: impl Future<Output = Result<Response<ForwardBody>, ForwardError>> + Send + 'static,
     ) -> Self {
         ResponseFuture { inner: Box::pin(f) }
     }
@@ -85,7 +86,7 @@ impl std::fmt::Debug for ResponseFuture {
 }
 
 impl Future for ResponseFuture {
-    type Output = Result<Response<Incoming>, ForwardError>;
+    type Output = Result<Response<ForwardBody>, ForwardError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.inner.as_mut().poll(cx)
@@ -147,7 +148,7 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    type Output = Result<Response<Incoming>, ForwardError>;
+    type Output = Result<Response<ForwardBody>, ForwardError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -160,7 +161,7 @@ where
                             let since = this.timer.as_ref().and_then(|t| t.start);
                             this.pool.checkin(tx, since, this.sleep.take());
                         }
-                        Ok(res)
+                        Ok(res.map(ForwardBody::from))
                     }
                     Poll::Ready(Err(mut e)) => match e.take_message() {
                         Some(req) => {

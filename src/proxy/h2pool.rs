@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use futures_util::future::{BoxFuture, Shared};
 use futures_util::FutureExt;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use tokio::time::Instant;
 
@@ -25,6 +24,7 @@ use super::error::ForwardError;
 use super::h2::to_h2;
 use super::h2wire::{Pending, Streams};
 use super::pool::{HostPool, SPOKE_H1, SPOKE_H2};
+use super::response_body::ForwardBody;
 use crate::BoxError;
 
 /// What a single-flight connect produced, shared by everyone who waited for it.
@@ -90,7 +90,7 @@ where
     pub(super) async fn send_shared(
         &self,
         req: Request<B>,
-    ) -> Result<Response<Incoming>, ForwardError> {
+    ) -> Result<Response<ForwardBody>, ForwardError> {
         let mut deadline = None;
         let mut fresh = false;
         loop {
@@ -228,7 +228,7 @@ where
         pending: Option<Pending>,
         mut req: Request<B>,
         reused: bool,
-    ) -> Result<Response<Incoming>, ForwardError> {
+    ) -> Result<Response<ForwardBody>, ForwardError> {
         to_h2(
             &mut req,
             self.upstream.scheme(),
@@ -237,14 +237,17 @@ where
         let sent = tx.try_send_request(req).await;
         drop(pending);
         match sent {
-            Ok(res) => Ok(res),
+            Ok(res) => Ok(res.map(ForwardBody::from)),
             Err(mut e) => match e.take_message() {
                 Some(req) if reused => {
                     tracing::debug!(error = %e.error(), "HTTP/2 connection was closed; reconnecting");
                     match self.connect_shared().await? {
                         Opened::H2(mut tx, streams) => {
                             let _pending = streams.try_reserve(self.config.h2_max_streams);
-                            tx.send_request(req).await.map_err(|e| self.transport(e))
+                            tx.send_request(req)
+                                .await
+                                .map(|res| res.map(ForwardBody::from))
+                                .map_err(|e| self.transport(e))
                         }
                         // The upstream switched to HTTP/1.1 between two connections; the
                         // request is in HTTP/2 shape already: fail it, the next one goes

@@ -2,8 +2,9 @@
 //! connection when one is full (as Envoy does) instead of queueing inside hyper.
 //!
 //! hyper neither tells how many streams a connection has open nor when a response body
-//! ends (`Forward` hands out hyper's own `Incoming` body, which we cannot wrap without
-//! changing the public response type). The stream states are visible on the wire, though:
+//! ends (when this was written, `Forward` handed out hyper's own `Incoming` body, which
+//! could not be wrapped without changing the public response type; `ForwardBody` now wraps
+//! it). The stream states are visible on the wire, though:
 //! [`Counted`] wraps the connection's byte stream and reads only the 9-byte frame headers
 //! going each way (payloads are skipped, except a `SETTINGS` frame's, which carries the
 //! upstream's `SETTINGS_MAX_CONCURRENT_STREAMS`). A stream counts from our `HEADERS` that

@@ -14,6 +14,11 @@
 //! (rustls; see `tls::ClientTls`): certificates are always verified, a failure is
 //! [`ForwardError::Tls`] (502), never a plaintext fallback. Details: `docs/protocols.md`.
 //!
+//! A response's body is a [`ForwardBody`]: an `http_body::Body<Data = Bytes>` whose error is
+//! [`ForwardBodyError`]. It is this crate's own type rather than hyper's `Incoming` (which
+//! has no public constructor), so an upstream client other than hyper's, such as a lean
+//! HTTP/1.1 path, can produce it too; `ForwardBody::from(incoming)` wraps hyper's.
+//!
 //! | behaviour | nginx equivalent |
 //! |---|---|
 //! | request path appended to the upstream's path prefix | `proxy_pass http://up/prefix` |
@@ -72,6 +77,7 @@ mod h2pool;
 mod h2wire;
 pub(crate) mod headers;
 mod pool;
+mod response_body;
 mod service;
 mod upgrade;
 mod upstream;
@@ -82,6 +88,7 @@ pub use error::ForwardError;
 pub use h1::Http1Error;
 pub use future::ResponseFuture;
 pub use headers::{strip_hop_by_hop, PROTECTED_FROM_CONNECTION};
+pub use response_body::{ForwardBody, ForwardBodyError};
 // Kept at their old paths so existing imports compile; they live in the neutral modules.
 pub use crate::client_addr::ClientAddr;
 pub use crate::error::error_status;

@@ -27,6 +27,7 @@ use super::body::BodyFault;
 use super::connect::{Conn, Connector, Protocol};
 use super::error::ForwardError;
 use super::h2::reset_error;
+use super::response_body::ForwardBody;
 use super::upstream::Upstream;
 use crate::BoxError;
 
@@ -76,7 +77,7 @@ pub(super) const SPOKE_H2: u8 = 2;
 /// An exchange on any path but "a pooled HTTP/1.1 connection": boxed, because its future
 /// is large (connecting, TLS, HTTP/2) and rare.
 pub(crate) type BoxExchange =
-    Pin<Box<dyn Future<Output = Result<Response<Incoming>, ForwardError>> + Send>>;
+    Pin<Box<dyn Future<Output = Result<Response<ForwardBody>, ForwardError>> + Send>>;
 
 /// Where [`HostPool::dispatch`] sent a request.
 pub(crate) enum Dispatched<F, B> {
@@ -286,7 +287,7 @@ where
     pub(super) async fn send_h1(
         &self,
         req: Request<B>,
-    ) -> Result<Response<Incoming>, ForwardError> {
+    ) -> Result<Response<ForwardBody>, ForwardError> {
         let (tx, pooled) = match self.checkout() {
             Some(conn) => (conn.tx, true),
             // Reached boxed from `send`: no box of its own needed here.
@@ -306,7 +307,7 @@ where
         mut tx: http1::SendRequest<B>,
         pooled: bool,
         req: Request<B>,
-    ) -> Result<Response<Incoming>, ForwardError> {
+    ) -> Result<Response<ForwardBody>, ForwardError> {
         let res = match tx.try_send_request(req).await {
             Ok(res) => res,
             Err(mut e) => match e.take_message() {
@@ -315,7 +316,7 @@ where
             },
         };
         self.checkin(tx, None, None);
-        Ok(res)
+        Ok(res.map(ForwardBody::from))
     }
 
     /// A pooled connection turned out to be closed before `req` was written (`closed`
@@ -325,7 +326,7 @@ where
         &self,
         req: Request<B>,
         closed: hyper::Error,
-    ) -> Result<Response<Incoming>, ForwardError> {
+    ) -> Result<Response<ForwardBody>, ForwardError> {
         tracing::debug!(error = %closed, "pooled connection was closed; reconnecting");
         let mut tx = match Box::pin(self.connector.connect()).await? {
             Conn::H1(tx) => tx,
@@ -336,7 +337,7 @@ where
         };
         let res = tx.send_request(req).await.map_err(|e| self.transport(e))?;
         self.checkin(tx, None, None);
-        Ok(res)
+        Ok(res.map(ForwardBody::from))
     }
 
     /// A failed exchange: the client's body fault if hyper's error chain holds one (the

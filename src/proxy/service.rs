@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Version};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use tower_service::Service;
 
@@ -21,6 +20,7 @@ use super::future::ResponseFuture;
 use super::h2::{asks_for_trailers, TeTrailers};
 use super::headers::{strip_present, Seen, TE_BIT, UPGRADE_BIT};
 use super::pool::{HostPool, Pools};
+use super::response_body::ForwardBody;
 use super::upgrade;
 use super::upstream::Upstream;
 use crate::client_addr::ClientAddr;
@@ -142,7 +142,7 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    type Response = Response<Incoming>;
+    type Response = Response<ForwardBody>;
     type Error = ForwardError;
     type Future = ResponseFuture;
 

@@ -23,7 +23,6 @@ use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -32,6 +31,7 @@ use super::body::{far_future, Progress};
 use super::connect::Connector;
 use super::error::ForwardError;
 use super::headers::strip_hop_by_hop;
+use super::response_body::ForwardBody;
 use super::upstream::Upstream;
 use crate::BoxError;
 
@@ -172,7 +172,7 @@ pub(super) struct UpgradeCall {
 pub(super) async fn forward<B>(
     call: UpgradeCall,
     req: Request<B>,
-) -> Result<Response<Incoming>, ForwardError>
+) -> Result<Response<ForwardBody>, ForwardError>
 where
     B: http_body::Body + Send + Unpin + 'static,
     B::Data: Send,
@@ -200,7 +200,7 @@ where
     if res.status() != StatusCode::SWITCHING_PROTOCOLS {
         // Refused (200, 400, 426...): passed through as any response.
         strip_hop_by_hop(res.headers_mut());
-        return Ok(res);
+        return Ok(res.map(ForwardBody::from));
     }
     strip_keeping_upgrade(res.headers_mut());
     let upstream_side = hyper::upgrade::on(&mut res);
@@ -224,7 +224,7 @@ where
         }
         drop(lease);
     });
-    Ok(res)
+    Ok(res.map(ForwardBody::from))
 }
 
 /// Completes both upgrades and copies between them until the tunnel ends.
