@@ -75,6 +75,7 @@ pub(crate) fn as_known_failure<'a>(
 ) -> Option<&'a dyn KnownFailure> {
     registered!(e, KnownFailure:
         crate::proxy::ForwardError,
+        crate::proxy::Http1Error,
         crate::body::ReplayError,
         crate::proxy::body::BodyFault,
         crate::bulkhead::BulkheadFull,

@@ -298,58 +298,73 @@ async fn a_hang_up_after_the_request_is_a_transport_error() {
 }
 
 /// An upstream that announces ten body bytes, sends three and closes: reading the
-/// `ForwardBody` fails with `ForwardBodyError::Upstream`, hyper's error in its `source()`,
-/// so a chain walker (`classify::error_kind`) still finds it and calls it a transport
-/// failure, as it did when the body was hyper's `Incoming`.
+/// `ForwardBody` fails with a `ForwardBodyError` whose `source()` says why, so a chain
+/// walker (`classify::error_kind`) calls it a transport failure, as it did when the body
+/// was hyper's `Incoming`. A `GET` goes the lean HTTP/1 path (`Http1`, the source
+/// `Http1Error::Incomplete`), a `POST` with a body hyper's client (`Upstream`, hyper's error).
 #[tokio::test]
-async fn a_body_cut_short_is_a_forward_body_error_with_hypers_error_as_source() {
+async fn a_body_cut_short_is_a_forward_body_error_on_either_path() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tower_patterns::proxy::Http1Error;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 1024];
-        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
             }
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
+                .await;
+            let _ = s.shutdown().await;
         }
-        let _ = s
-            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
-            .await;
-        let _ = s.shutdown().await;
     });
     let mut fwd = Forward::<Body>::new(&format!("http://{addr}")).unwrap();
-    let res = fwd
-        .ready()
-        .await
-        .unwrap()
-        .call(Request::get("/").body(Body::default()).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(res.status(), StatusCode::OK);
-    let err = res.into_body().collect().await.unwrap_err();
-    assert!(matches!(err, ForwardBodyError::Upstream(_)), "{err:?}");
-    let source = std::error::Error::source(&err).expect("a source");
-    let hyper_err = source
-        .downcast_ref::<hyper::Error>()
-        .expect("hyper's error is the source");
-    assert_eq!(
-        tower_patterns::classify::error_kind(&err),
-        tower_patterns::classify::error_kind(hyper_err)
-    );
-    assert_eq!(
-        tower_patterns::classify::error_kind(&err),
-        FailureKind::Transport
-    );
-    // Boxed, as the layers above `Forward` carry it, the chain is the same.
-    let boxed: tower_patterns::BoxError = err.into();
-    assert_eq!(
-        tower_patterns::classify::error_kind(&*boxed),
-        FailureKind::Transport
-    );
+    for post in [false, true] {
+        let req = match post {
+            true => Request::post("/").body(Body::from("up")).unwrap(),
+            false => Request::get("/").body(Body::default()).unwrap(),
+        };
+        let res = fwd.ready().await.unwrap().call(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let err = res.into_body().collect().await.unwrap_err();
+        let source = std::error::Error::source(&err).expect("a source");
+        match post {
+            true => {
+                assert!(matches!(err, ForwardBodyError::Upstream(_)), "{err:?}");
+                let hyper_err = source
+                    .downcast_ref::<hyper::Error>()
+                    .expect("hyper's error is the source");
+                assert_eq!(
+                    tower_patterns::classify::error_kind(hyper_err),
+                    FailureKind::Transport
+                );
+            }
+            false => {
+                assert!(matches!(err, ForwardBodyError::Http1(_)), "{err:?}");
+                assert!(
+                    matches!(source.downcast_ref(), Some(Http1Error::Incomplete)),
+                    "{source:?}"
+                );
+            }
+        }
+        assert_eq!(
+            tower_patterns::classify::error_kind(&err),
+            FailureKind::Transport
+        );
+        // Boxed, as the layers above `Forward` carry it, the chain is the same.
+        let boxed: tower_patterns::BoxError = err.into();
+        assert_eq!(
+            tower_patterns::classify::error_kind(&*boxed),
+            FailureKind::Transport
+        );
+    }
 }
 
 #[tokio::test]

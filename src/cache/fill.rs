@@ -232,14 +232,21 @@ where
     let mut tee = std::pin::pin!(tee);
     loop {
         let next = std::future::poll_fn(|cx| tee.as_mut().poll_frame(cx));
-        match tokio::time::timeout(FILL_IDLE_TIMEOUT, next).await {
-            Ok(Some(Ok(_))) => {}
+        let more = match tokio::time::timeout(FILL_IDLE_TIMEOUT, next).await {
+            Ok(Some(Ok(_))) => true,
             // End, or an upstream error: the tee already ended or aborted the fill.
             Ok(None) | Ok(Some(Err(_))) => return,
             Err(_) => {
                 tracing::debug!("coalesced fill: origin idle; abandoned");
                 return;
             }
+        };
+        // A body that is always ready (the lean HTTP/1 path reading a fast origin) would
+        // otherwise run this loop through the whole body before the fill task spawned
+        // beside it on this thread gets a turn, and overflow the fill's buffer: one
+        // frame, then the fill's turn.
+        if more {
+            tokio::task::yield_now().await;
         }
     }
 }

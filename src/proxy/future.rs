@@ -19,6 +19,7 @@ use tokio::time::Instant;
 
 use super::body::{far_future, poll_lazy_deadline, Progress};
 use super::error::ForwardError;
+use super::h1;
 use super::headers::strip_hop_by_hop;
 use super::pool::{BoxExchange, ConnTimer, Dispatched, HostPool};
 use super::response_body::ForwardBody;
@@ -47,6 +48,10 @@ impl ResponseFuture {
         let (step, tx, start, sleep) = match pool.dispatch(req) {
             Dispatched::Pooled(fut, conn) => {
                 (Step::Sent { fut }, Some(conn.tx), Some(conn.at), conn.timer)
+            }
+            Dispatched::Lean(mut ex) => {
+                let (start, sleep) = (ex.started, ex.take_timer());
+                (Step::Lean { ex }, None, start, sleep)
             }
             Dispatched::Other(fut) => (Step::Boxed { fut }, None, None, None),
         };
@@ -100,6 +105,8 @@ pin_project! {
         Sent { #[pin] fut: F },
         // Any other path, and the retry of a pooled connection found closed.
         Boxed { fut: BoxExchange },
+        // The lean HTTP/1.1 path (`super::h1`), driven here in the request's task.
+        Lean { ex: h1::Exchange },
     }
 }
 
@@ -182,6 +189,19 @@ where
                     Poll::Pending => break,
                     Poll::Ready(res) => res,
                 },
+                StepProj::Lean { ex } => {
+                    let Some(idle) = this.pool.lean.as_ref() else {
+                        return Poll::Ready(Err(this
+                            .pool
+                            .transport_h1(h1::Http1Error::Incomplete)));
+                    };
+                    match ex.poll(cx, idle, &this.pool.connector, this.sleep) {
+                        Poll::Pending => break,
+                        Poll::Ready(Ok(res)) => Ok(res.map(ForwardBody::http1)),
+                        Poll::Ready(Err(h1::Failed::Connect(e))) => Err(e),
+                        Poll::Ready(Err(h1::Failed::Upstream(e))) => Err(this.pool.transport_h1(e)),
+                    }
+                }
             };
             return Poll::Ready(res.map(|mut res| {
                 strip_hop_by_hop(res.headers_mut());

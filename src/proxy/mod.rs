@@ -7,17 +7,26 @@
 //! [`ForwardError`] that [`classify`](crate::classify) recognises and that maps to
 //! `502 Bad Gateway` / `504 Gateway Timeout`.
 //!
-//! [`Forward`] does this over its own keep-alive HTTP/1.1 connection pool per upstream
-//! (hyper's connection API; no task spawned per request), or one multiplexed HTTP/2
-//! connection ([`Protocol`]), and a balancer holding one `Forward` per endpoint (made with
-//! [`Forward::to`]) shares one set of pools. `https://` upstreams need the `tls` feature
+//! [`Forward`] does this over its own keep-alive HTTP/1.1 connection pool per upstream, or
+//! one multiplexed HTTP/2 connection ([`Protocol`]), and a balancer holding one `Forward`
+//! per endpoint (made with [`Forward::to`]) shares one set of pools. A request without a
+//! body to an `http://` upstream (most proxied traffic: `GET`, `HEAD`) takes a lean
+//! HTTP/1.1 path written and read in the request's own task: the head goes out in one
+//! `send`, the answer is parsed with `httparse` (hyper's parser) and framed by the same
+//! rules as hyper's client, against which it is differential-tested; a body that came
+//! with the head is handed over whole and the connection goes back at once. It costs
+//! about a third fewer instructions than hyper's client connection with its spawned task
+//! and channels (`docs/BENCHMARKS.md`). Requests with a body, `https://` and HTTP/2
+//! upstreams and upgrades use hyper's client connection API (no task spawned per
+//! request). A malformed answer on the lean path is [`ForwardError::Transport`] with an
+//! [`Http1Error`] as its source. `https://` upstreams need the `tls` feature
 //! (rustls; see `tls::ClientTls`): certificates are always verified, a failure is
 //! [`ForwardError::Tls`] (502), never a plaintext fallback. Details: `docs/protocols.md`.
 //!
 //! A response's body is a [`ForwardBody`]: an `http_body::Body<Data = Bytes>` whose error is
 //! [`ForwardBodyError`]. It is this crate's own type rather than hyper's `Incoming` (which
-//! has no public constructor), so an upstream client other than hyper's, such as a lean
-//! HTTP/1.1 path, can produce it too; `ForwardBody::from(incoming)` wraps hyper's.
+//! has no public constructor), so the lean HTTP/1.1 path can produce it too;
+//! `ForwardBody::from(incoming)` wraps hyper's.
 //!
 //! | behaviour | nginx equivalent |
 //! |---|---|
@@ -85,8 +94,8 @@ mod upstream;
 pub use body::BodyLimits;
 pub use connect::Protocol;
 pub use error::ForwardError;
-pub use h1::Http1Error;
 pub use future::ResponseFuture;
+pub use h1::Http1Error;
 pub use headers::{strip_hop_by_hop, PROTECTED_FROM_CONNECTION};
 pub use response_body::{ForwardBody, ForwardBodyError};
 // Kept at their old paths so existing imports compile; they live in the neutral modules.

@@ -254,13 +254,9 @@ where
     > {
         if let Some(idle) = &self.lean {
             if req.body().is_end_stream() {
-                let head_request = req.method() == http::Method::HEAD;
-                return Dispatched::Lean(h1::Exchange::new(
-                    idle,
-                    &self.connector,
-                    head_request,
-                    |out| h1::encode_request(&req, out),
-                ));
+                // The head is written from the parts; the body is empty and goes.
+                let (parts, _) = req.into_parts();
+                return Dispatched::Lean(h1::Exchange::new(idle, &self.connector, parts));
             }
         }
         let shared = self.connector.may_be_h2() && self.learned.load(Ordering::Relaxed) != SPOKE_H1;
@@ -338,6 +334,14 @@ where
         let res = tx.send_request(req).await.map_err(|e| self.transport(e))?;
         self.checkin(tx, None, None);
         Ok(res.map(ForwardBody::from))
+    }
+
+    /// A failed exchange on the lean HTTP/1.1 path: the upstream's transport failure.
+    pub(super) fn transport_h1(&self, e: h1::Http1Error) -> ForwardError {
+        ForwardError::Transport {
+            upstream: self.upstream.authority().to_string(),
+            source: Box::new(e),
+        }
     }
 
     /// A failed exchange: the client's body fault if hyper's error chain holds one (the

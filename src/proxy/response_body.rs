@@ -3,7 +3,7 @@
 //!
 //! `Forward` hands out its own body type rather than hyper's `Incoming`, which has no public
 //! constructor: an upstream client other than hyper's (a lean HTTP/1.1 path) can produce a
-//! `ForwardBody` too. Today every response comes from hyper, so there is one variant.
+//! `ForwardBody` too: the lean HTTP/1.1 path (`super::h1`) does.
 
 use std::fmt;
 use std::pin::Pin;
@@ -25,6 +25,8 @@ pub struct ForwardBody {
 pub(crate) enum Kind {
     /// A response read by hyper's client connection (HTTP/1.1 or HTTP/2).
     Hyper(Incoming),
+    /// A response read by the lean HTTP/1.1 path (`super::h1`).
+    Http1(super::h1::H1Body),
 }
 
 /// Why reading a [`ForwardBody`] failed.
@@ -38,8 +40,12 @@ pub(crate) enum Kind {
 pub enum ForwardBodyError {
     /// The upstream connection failed while the body was read (reset, closed early,
     /// malformed framing, HTTP/2 stream error).
-    #[error("upstream response body: {0}")]
+    #[error("upstream response body")]
     Upstream(#[source] hyper::Error),
+    /// The same, on the lean HTTP/1.1 path: the upstream closed before the body's end,
+    /// its chunked framing is malformed, or the connection failed.
+    #[error("upstream response body")]
+    Http1(#[source] super::h1::Http1Error),
 }
 
 impl From<Incoming> for ForwardBody {
@@ -47,6 +53,15 @@ impl From<Incoming> for ForwardBody {
     fn from(body: Incoming) -> Self {
         ForwardBody {
             kind: Kind::Hyper(body),
+        }
+    }
+}
+
+impl ForwardBody {
+    #[inline]
+    pub(crate) fn http1(body: super::h1::H1Body) -> Self {
+        ForwardBody {
+            kind: Kind::Http1(body),
         }
     }
 }
@@ -64,6 +79,9 @@ impl Body for ForwardBody {
             Kind::Hyper(body) => Pin::new(body)
                 .poll_frame(cx)
                 .map_err(ForwardBodyError::Upstream),
+            Kind::Http1(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map_err(ForwardBodyError::Http1),
         }
     }
 
@@ -71,6 +89,7 @@ impl Body for ForwardBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Hyper(body) => body.is_end_stream(),
+            Kind::Http1(body) => body.is_end_stream(),
         }
     }
 
@@ -78,6 +97,7 @@ impl Body for ForwardBody {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Hyper(body) => body.size_hint(),
+            Kind::Http1(body) => body.size_hint(),
         }
     }
 }
@@ -86,6 +106,7 @@ impl fmt::Debug for ForwardBody {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
             Kind::Hyper(body) => f.debug_tuple("ForwardBody").field(body).finish(),
+            Kind::Http1(body) => f.debug_tuple("ForwardBody").field(body).finish(),
         }
     }
 }

@@ -108,6 +108,27 @@ pub async fn get(addr: SocketAddr, path: &str) -> Response<Incoming> {
         .unwrap()
 }
 
+/// GETs `path` from a proxy in front of an upstream that cuts its body short, and checks
+/// that the client sees the failure: in the body after a `200` head, or, when the whole
+/// cut body was read with the upstream's head and failed before the proxy's server
+/// flushed anything (the lean HTTP/1 upstream path reads that fast), as a connection
+/// closed without an answer. Either way never a complete-looking response.
+pub async fn get_expecting_truncation(addr: SocketAddr, path: &str) {
+    let req = Request::get(format!("http://{addr}{path}"))
+        .body(Empty::new())
+        .unwrap();
+    match client().request(req).await {
+        Ok(res) => {
+            assert_eq!(res.status(), 200);
+            assert!(
+                read_all(res).await.is_err(),
+                "{path}: the client must see the truncation"
+            );
+        }
+        Err(e) => assert!(!e.is_connect(), "{path}: the proxy was reached: {e}"),
+    }
+}
+
 pub async fn read_all(res: Response<Incoming>) -> Result<Bytes, hyper::Error> {
     Ok(res.into_body().collect().await?.to_bytes())
 }

@@ -9,7 +9,7 @@ use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use http::Response;
+use http::{HeaderMap, Method, Response};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use super::body::H1Body;
 use super::decode::Decoder;
 use super::error::Http1Error;
-use super::head::parse_response;
+use super::head::{encode_request, parse_response, Span};
 use crate::proxy::connect::Connector;
 use crate::proxy::error::ForwardError;
 use crate::proxy::pool::ConnTimer;
@@ -28,6 +28,8 @@ const INITIAL_READ: usize = 8 * 1024;
 const MAX_READ: usize = 256 * 1024;
 /// Below this much free space the buffer is replaced before a read rather than used up.
 const MIN_SPARE: usize = 1024;
+/// The most buffer capacity an idle connection keeps.
+const IDLE_BUFFER_LIMIT: usize = 64 * 1024;
 
 /// An open HTTP/1.1 connection to an upstream.
 pub(crate) struct H1Conn {
@@ -38,6 +40,8 @@ pub(crate) struct H1Conn {
     out: Vec<u8>,
     /// How much the next read may take (grows while a body's reads fill it).
     next_read: usize,
+    /// Scratch for the response head's field offsets.
+    spans: Vec<Span>,
     /// The connection's response timer, kept armed between exchanges (see `future.rs`).
     pub(crate) timer: Option<ConnTimer>,
 }
@@ -49,6 +53,7 @@ impl H1Conn {
             buf: BytesMut::new(),
             out,
             next_read: INITIAL_READ,
+            spans: Vec::new(),
             timer: None,
         })
     }
@@ -130,12 +135,29 @@ impl Idle {
 
     /// Puts back a connection whose exchange started at `since` (idleness is counted
     /// from there: the early, safe side of the upstream's keep-alive timeout).
-    pub(super) fn checkin(&self, conn: Box<H1Conn>, since: Instant) {
+    pub(super) fn checkin(&self, mut conn: Box<H1Conn>, since: Instant) {
         if !conn.buf.is_empty() {
             // Bytes past the response: the upstream is out of step; never reuse it.
             return;
         }
+        // An idle connection keeps at most a small buffer: one that grew for a large
+        // body, or a large request head, is let go (the pool's memory is bounded by
+        // `max_idle` times this, not by the largest exchange).
+        if conn.buf.capacity() > IDLE_BUFFER_LIMIT {
+            conn.buf = BytesMut::new();
+            conn.next_read = INITIAL_READ;
+        }
+        if conn.out.capacity() > IDLE_BUFFER_LIMIT {
+            conn.out = Vec::new();
+        }
         let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        // Reuse is last-in first-out, so the oldest idle connections sit at the bottom;
+        // once the oldest has expired, the expired ones are closed here rather than
+        // left open (perhaps half-closed by the upstream) until a burst reaches them.
+        let expired = |c: &IdleConn| since.saturating_duration_since(c.since) > self.idle_timeout;
+        if conns.first().is_some_and(expired) {
+            conns.retain(|c| !expired(c));
+        }
         if conns.len() < self.max_idle {
             conns.push(IdleConn { conn, since });
         }
@@ -143,7 +165,10 @@ impl Idle {
 
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.conns.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 }
 
@@ -168,10 +193,17 @@ pub(crate) struct Exchange {
     out: Vec<u8>,
     head_request: bool,
     /// The connection came from the pool: if it turns out closed before any byte of the
-    /// request left, the request goes out once more on a new connection.
+    /// request left, the request goes out once more on a new connection; an idempotent
+    /// one also when the connection closes before any byte of an answer (the upstream's
+    /// keep-alive timeout racing our reuse: nginx retries a cached connection so too).
     reused: bool,
+    idempotent: bool,
+    /// Bytes of the answer have arrived.
+    answered: bool,
     /// When the exchange started: a pooled connection's checkout, else `None`.
     pub(crate) started: Option<Instant>,
+    /// The request's header map, cleared: the answer's fields go into its allocation.
+    fields: HeaderMap,
 }
 
 /// Why an exchange failed.
@@ -185,12 +217,10 @@ pub(crate) enum Failed {
 impl Exchange {
     /// Starts an exchange for a request whose head `encode` writes, on an idle connection
     /// or a new one.
-    pub(crate) fn new(
-        idle: &Idle,
-        connector: &Arc<Connector>,
-        head_request: bool,
-        encode: impl FnOnce(&mut Vec<u8>),
-    ) -> Self {
+    pub(crate) fn new(idle: &Idle, connector: &Arc<Connector>, req: http::request::Parts) -> Self {
+        let head_request = req.method == Method::HEAD;
+        let idempotent = req.method.is_idempotent();
+        let encode = |out: &mut Vec<u8>| encode_request(&req, out);
         match idle.checkout() {
             Some((mut conn, at)) => {
                 encode(&mut conn.out);
@@ -199,7 +229,10 @@ impl Exchange {
                     out: Vec::new(),
                     head_request,
                     reused: true,
+                    idempotent,
+                    answered: false,
                     started: Some(at),
+                    fields: req.headers,
                 }
             }
             None => {
@@ -210,7 +243,10 @@ impl Exchange {
                     out,
                     head_request,
                     reused: false,
+                    idempotent,
+                    answered: false,
                     started: None,
+                    fields: req.headers,
                 }
             }
         }
@@ -256,7 +292,7 @@ impl Exchange {
                         Poll::Ready(Ok(n)) => {
                             *written += n;
                             if *written == conn.out.len() {
-                                self.to_reading();
+                                self.start_reading();
                             }
                         }
                         Poll::Ready(Err(e)) if *written == 0 && self.reused => {
@@ -270,7 +306,12 @@ impl Exchange {
                 }
                 State::Reading { conn } => {
                     if !conn.buf.is_empty() {
-                        match parse_response(&mut conn.buf, self.head_request) {
+                        match parse_response(
+                            &mut conn.buf,
+                            self.head_request,
+                            &mut conn.spans,
+                            &mut self.fields,
+                        ) {
                             Ok(Some(head)) => {
                                 let State::Reading { mut conn } =
                                     std::mem::replace(&mut self.state, State::Done)
@@ -287,9 +328,19 @@ impl Exchange {
                             Err(e) => return self.fail(e),
                         }
                     }
-                    match ready!(conn.poll_fill(cx)) {
+                    let read = ready!(conn.poll_fill(cx));
+                    let unanswered = self.reused && self.idempotent && !self.answered;
+                    match read {
+                        Ok(0) if unanswered => {
+                            tracing::debug!("pooled connection closed before an answer; resending");
+                            self.reconnect(connector);
+                        }
                         Ok(0) => return self.fail(Http1Error::Incomplete),
-                        Ok(_) => {}
+                        Ok(_) => self.answered = true,
+                        Err(e) if unanswered && e.kind() == io::ErrorKind::ConnectionReset => {
+                            tracing::debug!(error = %e, "pooled connection reset before an answer; resending");
+                            self.reconnect(connector);
+                        }
                         Err(e) => return self.fail(Http1Error::Io(e)),
                     }
                 }
@@ -298,14 +349,17 @@ impl Exchange {
         }
     }
 
-    fn to_reading(&mut self) {
+    fn start_reading(&mut self) {
         if let State::Writing { conn, .. } = std::mem::replace(&mut self.state, State::Done) {
             self.state = State::Reading { conn };
         }
     }
 
+    /// Sends the request again on a new connection (once: the new one is not `reused`).
     fn reconnect(&mut self, connector: &Arc<Connector>) {
-        if let State::Writing { mut conn, .. } = std::mem::replace(&mut self.state, State::Done) {
+        if let State::Writing { mut conn, .. } | State::Reading { mut conn } =
+            std::mem::replace(&mut self.state, State::Done)
+        {
             self.out = std::mem::take(&mut conn.out);
         }
         self.reused = false;
@@ -317,5 +371,69 @@ impl Exchange {
         // The connection is dropped, so closed: its state is unknown.
         self.state = State::Done;
         Poll::Ready(Err(Failed::Upstream(e)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (ours, theirs) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (ours.expect("connect"), theirs.expect("accept").0)
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_keeps_a_small_buffer_and_a_dirty_one_is_not_kept() {
+        let idle = Idle::new(4, Duration::from_secs(60));
+        let (ours, _theirs) = pair().await;
+        let mut conn = H1Conn::new(ours, Vec::with_capacity(1 << 20));
+        conn.buf.reserve(1 << 20);
+        conn.next_read = MAX_READ;
+        idle.checkin(conn, Instant::now());
+        let (conn, _) = idle.checkout().expect("kept");
+        assert!(
+            conn.buf.capacity() <= IDLE_BUFFER_LIMIT && conn.out.capacity() <= IDLE_BUFFER_LIMIT
+        );
+        assert_eq!(conn.next_read, INITIAL_READ);
+        let mut conn = conn;
+        conn.buf.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        idle.checkin(conn, Instant::now());
+        assert_eq!(idle.len(), 0, "bytes past an answer: not reused");
+    }
+
+    #[tokio::test]
+    async fn expired_idle_connections_are_closed_at_the_next_checkin() {
+        let idle = Idle::new(4, Duration::from_secs(10));
+        let now = Instant::now();
+        let old = now.checked_sub(Duration::from_secs(11)).unwrap_or(now);
+        for since in [old, old, now] {
+            let (ours, _) = pair().await;
+            idle.checkin(H1Conn::new(ours, Vec::new()), since);
+        }
+        assert_eq!(
+            idle.len(),
+            1,
+            "the two expired ones went when the fresh one came"
+        );
+    }
+
+    #[tokio::test]
+    async fn checkout_skips_a_connection_the_upstream_closed() {
+        let idle = Idle::new(4, Duration::from_secs(60));
+        let (ours, theirs) = pair().await;
+        let conn = H1Conn::new(ours, Vec::new());
+        drop(theirs);
+        // Once the reactor has seen the close, the probe reads the end and the
+        // connection is dropped instead of carrying a request.
+        conn.io.readable().await.expect("readable");
+        idle.checkin(conn, Instant::now());
+        assert_eq!(idle.len(), 1);
+        assert!(idle.checkout().is_none());
+        assert_eq!(idle.len(), 0);
     }
 }

@@ -21,6 +21,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::decode::{Decoded, Decoder};
 use super::head::parse_response;
 
+/// Field names and values, in order.
+type Fields = Vec<(String, Vec<u8>)>;
+
+/// The body bytes and the trailers, or `Err` when the body failed.
+type BodyOutcome = Result<(Vec<u8>, Option<Fields>), ()>;
+
 /// What a client made of a response.
 #[derive(Debug, PartialEq)]
 enum Outcome {
@@ -29,13 +35,13 @@ enum Outcome {
     Head {
         status: u16,
         version: http::Version,
-        fields: Vec<(String, Vec<u8>)>,
+        fields: Fields,
         reason: Option<Vec<u8>>,
-        body: Result<(Vec<u8>, Option<Vec<(String, Vec<u8>)>>), ()>,
+        body: BodyOutcome,
     },
 }
 
-fn fields(map: &HeaderMap) -> Vec<(String, Vec<u8>)> {
+fn fields(map: &HeaderMap) -> Fields {
     map.iter()
         .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
         .collect()
@@ -112,8 +118,9 @@ async fn hyper_reads(pieces: &[Vec<u8>], head_request: bool) -> Outcome {
 fn lean_reads(pieces: &[Vec<u8>], head_request: bool) -> Outcome {
     let mut buf = BytesMut::new();
     let mut next = pieces.iter();
+    let mut spans = Vec::new();
     let head = loop {
-        match parse_response(&mut buf, head_request) {
+        match parse_response(&mut buf, head_request, &mut spans, &mut HeaderMap::new()) {
             Ok(Some(head)) => break head,
             Ok(None) => match next.next() {
                 Some(p) => buf.extend_from_slice(p),
@@ -176,7 +183,13 @@ fn chunked(rng: &mut StdRng) -> Vec<u8> {
     for _ in 0..rng.random_range(0..3) {
         out.extend_from_slice(pick(
             rng,
-            &[&b"x-t: 1\r\n"[..], b"grpc-status: 0\r\n", b"x-u:v\r\n", b"x-t: 1\rx", b"x-t: 1\n"],
+            &[
+                &b"x-t: 1\r\n"[..],
+                b"grpc-status: 0\r\n",
+                b"x-u:v\r\n",
+                b"x-t: 1\rx",
+                b"x-t: 1\n",
+            ],
         ));
     }
     out.extend_from_slice(b"\r\n");
@@ -187,56 +200,65 @@ fn chunked(rng: &mut StdRng) -> Vec<u8> {
 fn response(rng: &mut StdRng) -> Vec<u8> {
     let mut out = Vec::new();
     if rng.random_bool(0.1) {
-        out.extend_from_slice(pick(rng, &[
-            &b"HTTP/1.1 100 Continue\r\n\r\n"[..],
-            b"HTTP/1.1 103 Early Hints\r\nlink: </s.css>\r\n\r\n",
-            b"\r\n",
-        ]));
+        out.extend_from_slice(pick(
+            rng,
+            &[
+                &b"HTTP/1.1 100 Continue\r\n\r\n"[..],
+                b"HTTP/1.1 103 Early Hints\r\nlink: </s.css>\r\n\r\n",
+                b"\r\n",
+            ],
+        ));
     }
-    out.extend_from_slice(pick(rng, &[
-        &b"HTTP/1.1 200 OK"[..],
-        b"HTTP/1.1 200 OK",
-        b"HTTP/1.0 200 OK",
-        b"HTTP/1.1 204 No Content",
-        b"HTTP/1.1 304 Not Modified",
-        b"HTTP/1.1 404 Not Found",
-        b"HTTP/1.1 200 Fine",
-        b"HTTP/1.1 502 ",
-        b"HTTP/1.1 999 Odd",
-        b"HTTP/1.1 20 OK",
-        b"HTTP/2 200 OK",
-        b"HTTP/1.1 200",
-    ]));
+    out.extend_from_slice(pick(
+        rng,
+        &[
+            &b"HTTP/1.1 200 OK"[..],
+            b"HTTP/1.1 200 OK",
+            b"HTTP/1.0 200 OK",
+            b"HTTP/1.1 204 No Content",
+            b"HTTP/1.1 304 Not Modified",
+            b"HTTP/1.1 404 Not Found",
+            b"HTTP/1.1 200 Fine",
+            b"HTTP/1.1 502 ",
+            b"HTTP/1.1 999 Odd",
+            b"HTTP/1.1 20 OK",
+            b"HTTP/2 200 OK",
+            b"HTTP/1.1 200",
+        ],
+    ));
     out.extend_from_slice(b"\r\n");
     let mut framing = None;
     for _ in 0..rng.random_range(0..6) {
-        let line = pick(rng, &[
-            &b"content-length: 5"[..],
-            b"Content-Length: 5",
-            b"content-length: 5, 5",
-            b"content-length: 5,6",
-            b"content-length: +5",
-            b"content-length:  5 ",
-            b"content-length: 0",
-            b"content-length: 99999999999999999999",
-            b"content-length: 18446744073709551614",
-            b"transfer-encoding: chunked",
-            b"Transfer-Encoding: gzip, chunked",
-            b"transfer-encoding: chunked, gzip",
-            b"transfer-encoding: CHUNKED",
-            b"transfer-encoding: chunked\t",
-            b"connection: close",
-            b"connection: keep-alive",
-            b"server: nginx",
-            b"x-a: b",
-            b"x-a:c",
-            b"x-obs: caf\xc3\xa9",
-            b"bad header",
-            b"x : y",
-            b" folded",
-            b"x-ctl: a\x01b",
-            b"x-del: a\x7fb",
-        ]);
+        let line = pick(
+            rng,
+            &[
+                &b"content-length: 5"[..],
+                b"Content-Length: 5",
+                b"content-length: 5, 5",
+                b"content-length: 5,6",
+                b"content-length: +5",
+                b"content-length:  5 ",
+                b"content-length: 0",
+                b"content-length: 99999999999999999999",
+                b"content-length: 18446744073709551614",
+                b"transfer-encoding: chunked",
+                b"Transfer-Encoding: gzip, chunked",
+                b"transfer-encoding: chunked, gzip",
+                b"transfer-encoding: CHUNKED",
+                b"transfer-encoding: chunked\t",
+                b"connection: close",
+                b"connection: keep-alive",
+                b"server: nginx",
+                b"x-a: b",
+                b"x-a:c",
+                b"x-obs: caf\xc3\xa9",
+                b"bad header",
+                b"x : y",
+                b" folded",
+                b"x-ctl: a\x01b",
+                b"x-del: a\x7fb",
+            ],
+        );
         if line.starts_with(b"transfer") {
             framing = Some(true);
         } else if line.starts_with(b"content") || line.starts_with(b"Content") {
@@ -319,7 +341,10 @@ fn the_lean_reader_agrees_with_hypers_client() {
             tokio::time::timeout(Duration::from_secs(5), hyper_reads(&pieces, head_request)).await
         });
         let Ok(theirs) = theirs else {
-            panic!("hyper hung on case {case}: {:?}", String::from_utf8_lossy(&bytes));
+            panic!(
+                "hyper hung on case {case}: {:?}",
+                String::from_utf8_lossy(&bytes)
+            );
         };
         let ours = lean_reads(&pieces, head_request);
         assert_eq!(
@@ -335,5 +360,8 @@ fn the_lean_reader_agrees_with_hypers_client() {
         }
     }
     // The generator must exercise both sides of the comparison.
-    assert!(bodies > cases / 5 && refused > cases / 10, "{bodies} read, {refused} refused");
+    assert!(
+        bodies > cases / 5 && refused > cases / 10,
+        "{bodies} read, {refused} refused"
+    );
 }

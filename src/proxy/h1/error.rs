@@ -40,3 +40,10 @@ pub enum Http1Error {
     #[error("upstream connection failed")]
     Io(#[source] std::io::Error),
 }
+
+impl crate::error::KnownFailure for Http1Error {
+    /// Always the upstream's side: a malformed or cut-off response, or its connection.
+    fn failure_kind(&self) -> crate::classify::FailureKind {
+        crate::classify::FailureKind::Transport
+    }
+}

@@ -6,7 +6,7 @@ use std::mem::MaybeUninit;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Version};
+use http::{Response, StatusCode, Version};
 
 use super::error::Http1Error;
 
@@ -17,6 +17,10 @@ pub(crate) const MAX_HEADERS: usize = 100;
 /// The most bytes a response head may take before its end is seen: hyper's client
 /// default read-buffer limit (8 KiB + 100 × 4 KiB).
 pub(crate) const MAX_HEAD_BYTES: usize = 8192 + 4096 * 100;
+
+/// Where a field's name and value are in the head: name start and end, value start and
+/// end.
+pub(crate) type Span = (usize, usize, usize, usize);
 
 /// How a response's body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,14 +47,14 @@ pub(crate) struct Head {
 /// does for a request without a body: origin-form target, `HTTP/1.1`, the fields in the
 /// map's order, lower-case names. `Transfer-Encoding` is not written (there is no body to
 /// frame; hyper removes it too).
-pub(crate) fn encode_request<B>(req: &Request<B>, out: &mut Vec<u8>) {
+pub(crate) fn encode_request(req: &http::request::Parts, out: &mut Vec<u8>) {
     out.clear();
-    out.extend_from_slice(req.method().as_str().as_bytes());
+    out.extend_from_slice(req.method.as_str().as_bytes());
     out.push(b' ');
-    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let target = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in req.headers() {
+    for (name, value) in &req.headers {
         if name == header::TRANSFER_ENCODING {
             continue;
         }
@@ -66,14 +70,25 @@ pub(crate) fn encode_request<B>(req: &Request<B>, out: &mut Vec<u8>) {
 /// 101) heads. `Ok(None)`: not complete yet (read more); the head's bytes are taken out of
 /// `buf` only once a final head is complete, and its field values share one allocation
 /// with them.
-pub(crate) fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Http1Error> {
+///
+/// `spans` is scratch space for the fields' offsets, kept by the connection so that no
+/// head pays for a zeroed array of `MAX_HEADERS` entries.
+///
+/// `fields` becomes the response's header map: pass the request's, cleared, and its
+/// allocation serves the answer (as hyper's client does).
+pub(crate) fn parse_response(
+    buf: &mut BytesMut,
+    head_request: bool,
+    spans: &mut Vec<Span>,
+    fields: &mut HeaderMap,
+) -> Result<Option<Head>, Http1Error> {
     loop {
-        let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut parsed = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut res = httparse::Response::new(&mut []);
         let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
             &mut res,
             buf,
-            &mut fields,
+            &mut parsed,
         ) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => {
@@ -89,13 +104,18 @@ pub(crate) fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<O
             _ => Version::HTTP_10,
         };
         // Offsets, so the fields can be cut out of the frozen head below.
-        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+        spans.clear();
         let count = res.headers.len();
         let base = buf.as_ptr() as usize;
-        for (span, field) in spans.iter_mut().zip(res.headers.iter()) {
+        for field in res.headers.iter() {
             let name = field.name.as_ptr() as usize - base;
             let value = field.value.as_ptr() as usize - base;
-            *span = (name, name + field.name.len(), value, value + field.value.len());
+            spans.push((
+                name,
+                name + field.name.len(),
+                value,
+                value + field.value.len(),
+            ));
         }
         let reason = res.reason.filter(|r| Some(*r) != status.canonical_reason());
         let reason = reason.map(|r| Bytes::copy_from_slice(r.as_bytes()));
@@ -107,13 +127,15 @@ pub(crate) fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<O
             }
             continue;
         }
-        let mut headers = HeaderMap::with_capacity(count);
+        let mut headers = std::mem::take(fields);
+        headers.clear();
+        headers.reserve(count);
         let mut keep_alive = version == Version::HTTP_11;
         let mut saw_close = false;
-        for &(n0, n1, v0, v1) in &spans[..count] {
+        for &(n0, n1, v0, v1) in spans.iter() {
             let name = HeaderName::from_bytes(&head[n0..n1]).map_err(|_| Http1Error::FieldName)?;
-            let value =
-                HeaderValue::from_maybe_shared(head.slice(v0..v1)).map_err(|_| Http1Error::FieldValue)?;
+            let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
+                .map_err(|_| Http1Error::FieldValue)?;
             if name == header::CONNECTION {
                 // Once any line asks to close, a later `keep-alive` does not undo it.
                 if saw_close || list_has(value.as_bytes(), b"close") {
@@ -161,7 +183,10 @@ fn framing(
         if version == Version::HTTP_10 {
             return Err(Http1Error::TransferEncodingInHttp10);
         }
-        let last = headers.get_all(header::TRANSFER_ENCODING).iter().next_back();
+        let last = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back();
         let chunked = last.is_some_and(|v| last_token_is(v.as_bytes(), b"chunked"));
         return Ok(if chunked {
             Framing::Chunked
@@ -232,10 +257,15 @@ fn last_token_is(v: &[u8], token: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::Method;
+    use http::{Method, Request};
 
     fn parse(text: &str, method: Method) -> Result<Option<Head>, Http1Error> {
-        parse_response(&mut BytesMut::from(text), method == Method::HEAD)
+        parse_response(
+            &mut BytesMut::from(text),
+            method == Method::HEAD,
+            &mut Vec::new(),
+            &mut HeaderMap::new(),
+        )
     }
 
     #[test]
@@ -294,15 +324,25 @@ mod tests {
 
     #[test]
     fn informational_heads_are_skipped_and_partial_heads_wait() {
-        let mut buf = BytesMut::from("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n");
-        let head = parse_response(&mut buf, false).ok().flatten();
+        let mut buf = BytesMut::from(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n",
+        );
+        let head = parse_response(&mut buf, false, &mut Vec::new(), &mut HeaderMap::new())
+            .ok()
+            .flatten();
         assert_eq!(head.map(|h| h.response.status()), Some(StatusCode::CREATED));
         assert!(buf.is_empty());
         let mut buf = BytesMut::from("HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 2");
-        assert!(matches!(parse_response(&mut buf, false), Ok(None)));
+        assert!(matches!(
+            parse_response(&mut buf, false, &mut Vec::new(), &mut HeaderMap::new()),
+            Ok(None)
+        ));
         assert_eq!(&buf[..], b"HTTP/1.1 2");
         let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\nserver: x\r\n");
-        assert!(matches!(parse_response(&mut buf, false), Ok(None)));
+        assert!(matches!(
+            parse_response(&mut buf, false, &mut Vec::new(), &mut HeaderMap::new()),
+            Ok(None)
+        ));
         assert_eq!(buf.len(), 28, "a partial head stays in the buffer");
     }
 
@@ -310,17 +350,28 @@ mod tests {
     fn an_endless_head_is_refused_at_the_limit() {
         let mut text = String::from("HTTP/1.1 200 OK\r\nx: ");
         text.push_str(&"a".repeat(MAX_HEAD_BYTES));
-        assert!(matches!(parse(&text, Method::GET), Err(Http1Error::HeadTooLarge)));
+        assert!(matches!(
+            parse(&text, Method::GET),
+            Err(Http1Error::HeadTooLarge)
+        ));
         let many: String = (0..=MAX_HEADERS).map(|i| format!("x{i}: 1\r\n")).collect();
         let text = format!("HTTP/1.1 200 OK\r\n{many}\r\n");
-        assert!(matches!(parse(&text, Method::GET), Err(Http1Error::Parse(_))));
+        assert!(matches!(
+            parse(&text, Method::GET),
+            Err(Http1Error::Parse(_))
+        ));
     }
 
     #[test]
     fn a_non_canonical_reason_is_kept_for_the_client() {
-        let head = parse("HTTP/1.1 200 Fine\r\ncontent-length: 0\r\n\r\n", Method::GET);
+        let head = parse(
+            "HTTP/1.1 200 Fine\r\ncontent-length: 0\r\n\r\n",
+            Method::GET,
+        );
         let head = head.ok().flatten().map(|h| h.response);
-        let reason = head.as_ref().and_then(|r| r.extensions().get::<hyper::ext::ReasonPhrase>());
+        let reason = head
+            .as_ref()
+            .and_then(|r| r.extensions().get::<hyper::ext::ReasonPhrase>());
         assert_eq!(reason.map(|r| r.as_bytes()), Some(&b"Fine"[..]));
     }
 
@@ -334,7 +385,7 @@ mod tests {
             .map_err(|e| e.to_string());
         let mut out = Vec::new();
         if let Ok(req) = req {
-            encode_request(&req, &mut out);
+            encode_request(&req.into_parts().0, &mut out);
         }
         assert_eq!(
             out,

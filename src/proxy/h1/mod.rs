@@ -23,7 +23,6 @@ mod head;
 pub(crate) use body::H1Body;
 pub(crate) use conn::{Exchange, Failed, Idle};
 pub use error::Http1Error;
-pub(crate) use head::encode_request;
 
 #[cfg(test)]
 mod differential_tests;
