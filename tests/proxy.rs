@@ -304,27 +304,8 @@ async fn a_hang_up_after_the_request_is_a_transport_error() {
 /// `Http1Error::Incomplete`), a `POST` with a body hyper's client (`Upstream`, hyper's error).
 #[tokio::test]
 async fn a_body_cut_short_is_a_forward_body_error_on_either_path() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tower_patterns::proxy::Http1Error;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 1024];
-            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-            let _ = s
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
-                .await;
-            let _ = s.shutdown().await;
-        }
-    });
+    let (addr, _) = canned_backend(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc").await;
     let mut fwd = Forward::<Body>::new(&format!("http://{addr}")).unwrap();
     for post in [false, true] {
         let req = match post {

@@ -182,6 +182,12 @@ pub fn header<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
 /// A raw HTTP/1.1 server that answers one request per connection and then closes it
 /// without saying `Connection: close`, like an upstream whose keep-alive timeout is zero.
 pub async fn one_shot_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+    canned_backend(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await
+}
+
+/// A raw server that reads one request head per connection, writes `response` as it is
+/// (any bytes, valid HTTP or not) and closes; counts the connections.
+pub async fn canned_backend(response: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -202,9 +208,7 @@ pub async fn one_shot_backend() -> (SocketAddr, Arc<AtomicUsize>) {
                         Ok(n) => buf.extend_from_slice(&chunk[..n]),
                     }
                 }
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await;
+                let _ = s.write_all(response).await;
                 let _ = s.shutdown().await;
             });
         }

@@ -90,22 +90,11 @@ async fn hyper_reads(pieces: &[Vec<u8>], head_request: bool) -> Outcome {
         Err(_) => Outcome::HeadError,
         Ok(res) => {
             let (parts, body) = res.into_parts();
-            let collected = body.collect().await;
-            Outcome::Head {
-                status: parts.status.as_u16(),
-                version: parts.version,
-                fields: fields(&parts.headers),
-                reason: parts
-                    .extensions
-                    .get::<hyper::ext::ReasonPhrase>()
-                    .map(|r| r.as_bytes().to_vec()),
-                body: collected
-                    .map(|c| {
-                        let trailers = c.trailers().map(fields);
-                        (c.to_bytes().to_vec(), trailers)
-                    })
-                    .map_err(|_| ()),
-            }
+            let collected = body.collect().await.map(|c| {
+                let trailers = c.trailers().map(fields);
+                (c.to_bytes().to_vec(), trailers)
+            });
+            head_outcome(parts, collected.map_err(|_| ()))
         }
     };
     drop(tx);
@@ -144,7 +133,11 @@ fn lean_reads(pieces: &[Vec<u8>], head_request: bool) -> Outcome {
             Err(_) => break Err(()),
         }
     };
-    let (parts, ()) = head.response.into_parts();
+    head_outcome(head.response.into_parts().0, result)
+}
+
+/// The comparable part of a response head, with what became of its body.
+fn head_outcome(parts: http::response::Parts, body: BodyOutcome) -> Outcome {
     Outcome::Head {
         status: parts.status.as_u16(),
         version: parts.version,
@@ -153,7 +146,7 @@ fn lean_reads(pieces: &[Vec<u8>], head_request: bool) -> Outcome {
             .extensions
             .get::<hyper::ext::ReasonPhrase>()
             .map(|r| r.as_bytes().to_vec()),
-        body: result,
+        body,
     }
 }
 
