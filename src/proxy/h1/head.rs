@@ -46,7 +46,10 @@ pub(crate) struct Head {
 /// Writes `req`'s request line and fields into `out` (cleared first), as hyper's client
 /// does for a request without a body: origin-form target, `HTTP/1.1`, the fields in the
 /// map's order, lower-case names. `Transfer-Encoding` is not written (there is no body to
-/// frame; hyper removes it too).
+/// frame; hyper removes it too). A `Content-Length` is written as `0`, whatever it
+/// claimed: the body sent is empty, and a length the body does not have would leave the
+/// upstream reading the next request on the connection as this one's body (hyper writes
+/// the claimed value).
 pub(crate) fn encode_request(req: &http::request::Parts, out: &mut Vec<u8>) {
     out.clear();
     out.extend_from_slice(req.method.as_str().as_bytes());
@@ -54,14 +57,22 @@ pub(crate) fn encode_request(req: &http::request::Parts, out: &mut Vec<u8>) {
     let target = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut length = false;
     for (name, value) in &req.headers {
         if name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        if name == header::CONTENT_LENGTH {
+            length = true;
             continue;
         }
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    if length {
+        out.extend_from_slice(b"content-length: 0\r\n");
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -373,6 +384,22 @@ mod tests {
             .as_ref()
             .and_then(|r| r.extensions().get::<hyper::ext::ReasonPhrase>());
         assert_eq!(reason.map(|r| r.as_bytes()), Some(&b"Fine"[..]));
+    }
+
+    #[test]
+    fn a_claimed_length_is_written_as_the_empty_body_it_has() {
+        let req = Request::post("/")
+            .header("content-length", "5")
+            .header("x-a", "b")
+            .body(());
+        let mut out = Vec::new();
+        if let Ok(req) = req {
+            encode_request(&req.into_parts().0, &mut out);
+        }
+        assert_eq!(
+            out,
+            b"POST / HTTP/1.1\r\nx-a: b\r\ncontent-length: 0\r\n\r\n".to_vec()
+        );
     }
 
     #[test]
