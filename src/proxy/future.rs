@@ -4,6 +4,8 @@
 //! `async` block around `async` methods: each of those held the request in its own state,
 //! so the boxed future was 2.7 KiB (allocated outside the allocator's thread cache and
 //! copied whole on every request, issue 12). The request now lives only in hyper's queue.
+//! The lean HTTP/1.1 path (`super::h1`) is a step of the same future: its exchange is
+//! driven here, in the request's task, under the same response timeout and timer.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -190,6 +192,8 @@ where
                     Poll::Ready(res) => res,
                 },
                 StepProj::Lean { ex } => {
+                    // Always there: the pool dispatches to the lean path only when it
+                    // has the lean idle list.
                     let Some(idle) = this.pool.lean.as_ref() else {
                         return Poll::Ready(Err(this
                             .pool
