@@ -77,10 +77,10 @@ pub(crate) fn encode_request(req: &http::request::Parts, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Parses one response head (to a `HEAD` request when `head_request`) from the front of `buf`, skipping informational (1xx but
-/// 101) heads. `Ok(None)`: not complete yet (read more); the head's bytes are taken out of
-/// `buf` only once a final head is complete, and its field values share one allocation
-/// with them.
+/// Parses one response head (to a `HEAD` request when `head_request`) from the front of
+/// `buf`, skipping informational (1xx but 101) heads. `Ok(None)`: not complete yet (read
+/// more); the head's bytes are taken out of `buf` only once a final head is complete, and
+/// its field values share one allocation with them.
 ///
 /// `spans` is scratch space for the fields' offsets, kept by the connection so that no
 /// head pays for a zeroed array of `MAX_HEADERS` entries.
@@ -114,6 +114,14 @@ pub(crate) fn parse_response(
             Some(1) => Version::HTTP_11,
             _ => Version::HTTP_10,
         };
+        if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+            // 100 Continue, 103 Early Hints: not the answer; the final head follows.
+            let _ = buf.split_to(len);
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            continue;
+        }
         // Offsets, so the fields can be cut out of the frozen head below.
         spans.clear();
         let count = res.headers.len();
@@ -131,23 +139,25 @@ pub(crate) fn parse_response(
         let reason = res.reason.filter(|r| Some(*r) != status.canonical_reason());
         let reason = reason.map(|r| Bytes::copy_from_slice(r.as_bytes()));
         let head = buf.split_to(len).freeze();
-        if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
-            // 100 Continue, 103 Early Hints: not the answer; the final head follows.
-            if buf.is_empty() {
-                return Ok(None);
-            }
-            continue;
-        }
         let mut headers = std::mem::take(fields);
         headers.clear();
         headers.reserve(count);
         let mut keep_alive = version == Version::HTTP_11;
         let mut saw_close = false;
+        // What framing needs, read in this one pass over the fields rather than looked up
+        // in the map afterwards.
+        let mut chunked_last = None;
+        let mut length = Length::Absent;
         for &(n0, n1, v0, v1) in spans.iter() {
             let name = HeaderName::from_bytes(&head[n0..n1]).map_err(|_| Http1Error::FieldName)?;
             let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
                 .map_err(|_| Http1Error::FieldValue)?;
-            if name == header::CONNECTION {
+            if name == header::TRANSFER_ENCODING {
+                // Only the last line's last coding counts.
+                chunked_last = Some(last_token_is(value.as_bytes(), b"chunked"));
+            } else if name == header::CONTENT_LENGTH {
+                length = length.and_line(value.as_bytes());
+            } else if name == header::CONNECTION {
                 // Once any line asks to close, a later `keep-alive` does not undo it.
                 if saw_close || list_has(value.as_bytes(), b"close") {
                     saw_close = true;
@@ -158,7 +168,7 @@ pub(crate) fn parse_response(
             }
             headers.append(name, value);
         }
-        let framing = framing(status, version, head_request, &headers)?;
+        let framing = framing(status, version, head_request, chunked_last, length)?;
         let mut response = Response::new(());
         *response.status_mut() = status;
         *response.version_mut() = version;
@@ -180,51 +190,65 @@ pub(crate) fn parse_response(
     }
 }
 
-/// RFC 9112 §6.3, in hyper's order.
+/// The `Content-Length` lines of a head, as the field loop reads them.
+#[derive(Clone, Copy)]
+enum Length {
+    Absent,
+    /// Every value so far is this number.
+    Valid(u64),
+    /// A value is not a decimal number, or two values differ (RFC 9110 §8.6).
+    Invalid,
+}
+
+impl Length {
+    /// Adds one line: each of its comma-separated values must be the same number as
+    /// every value before it.
+    fn and_line(self, line: &[u8]) -> Length {
+        let Some(text) = visible_ascii(line) else {
+            return Length::Invalid;
+        };
+        let mut seen = match self {
+            Length::Invalid => return Length::Invalid,
+            Length::Absent => None,
+            Length::Valid(n) => Some(n),
+        };
+        for part in text.split(|&b| b == b',') {
+            match digits(part.trim_ascii()) {
+                Some(n) if seen.is_none_or(|l| l == n) => seen = Some(n),
+                _ => return Length::Invalid,
+            }
+        }
+        seen.map_or(Length::Invalid, Length::Valid)
+    }
+}
+
+/// RFC 9112 §6.3, in hyper's order. `chunked_last`: whether the last `Transfer-Encoding`
+/// line ends in `chunked` (`None`: no such line).
 fn framing(
     status: StatusCode,
     version: Version,
     head_request: bool,
-    headers: &HeaderMap,
+    chunked_last: Option<bool>,
+    length: Length,
 ) -> Result<Framing, Http1Error> {
     if matches!(status.as_u16(), 101 | 204 | 304) || head_request {
         return Ok(Framing::Empty);
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    if let Some(chunked) = chunked_last {
         if version == Version::HTTP_10 {
             return Err(Http1Error::TransferEncodingInHttp10);
         }
-        let last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back();
-        let chunked = last.is_some_and(|v| last_token_is(v.as_bytes(), b"chunked"));
         return Ok(if chunked {
             Framing::Chunked
         } else {
             Framing::Eof
         });
     }
-    let mut lines = headers.get_all(header::CONTENT_LENGTH).iter().peekable();
-    if lines.peek().is_none() {
-        return Ok(Framing::Eof);
-    }
-    // Every value in every line must be the same number (RFC 9110 §8.6).
-    let mut length: Option<u64> = None;
-    for line in lines {
-        let text = visible_ascii(line.as_bytes()).ok_or(Http1Error::ContentLength)?;
-        for part in text.split(|&b| b == b',') {
-            let n = digits(part.trim_ascii()).ok_or(Http1Error::ContentLength)?;
-            if length.is_some_and(|l| l != n) {
-                return Err(Http1Error::ContentLength);
-            }
-            length = Some(n);
-        }
-    }
     match length {
-        Some(0) => Ok(Framing::Empty),
+        Length::Absent => Ok(Framing::Eof),
+        Length::Valid(0) => Ok(Framing::Empty),
         // hyper's `DecodedLength` keeps the two largest values as markers.
-        Some(n) if n <= u64::MAX - 2 => Ok(Framing::Length(n)),
+        Length::Valid(n) if n <= u64::MAX - 2 => Ok(Framing::Length(n)),
         _ => Err(Http1Error::ContentLength),
     }
 }
