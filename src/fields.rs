@@ -40,6 +40,16 @@ pub(crate) fn scan<'a, const N: usize>(
     seen
 }
 
+/// The response's `Content-Length` as the cache and the backup tee read it: the first
+/// line, parsed whole as a `u64` (a listed `5, 5` is no length).
+pub(crate) fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

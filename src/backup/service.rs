@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{header, HeaderMap, Request, Response};
+use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
@@ -15,6 +15,7 @@ use super::layer::SinkSlot;
 use super::layer::{BackupEvent, BackupOutcome, Candidate, Config, TeeLayer};
 use super::sink::ObjectInfo;
 use crate::body::tee::{outlet_in, AbortReason, ByteBudget, Inlet, NextBatch, TeeBody, TeeOptions};
+use crate::fields::content_length;
 
 /// Whether a response is being backed up, as a response extension.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,10 +104,6 @@ where
         };
         ResponseFuture::new(self.inner.call(Request::from_parts(parts, body)), plan)
     }
-}
-
-fn content_length(h: &HeaderMap) -> Option<u64> {
-    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
 /// Decides on a response and, if it is to be copied, starts one task per sink.

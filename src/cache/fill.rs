@@ -23,6 +23,7 @@ use super::service::{from_entry, with_range, X_CACHE};
 use super::store::CachedResponse;
 use super::vary::{self, Vary};
 use crate::body::tee::{outlet, DisconnectPolicy, Inlet, Next, TeeBody, TeeOptions};
+use crate::fields::content_length;
 
 /// Bytes a fill may trail the client by; the fill task only appends to a `Vec`, so this
 /// is hit only if the runtime starves it.
@@ -111,10 +112,6 @@ pub(crate) fn refresh<B>(
     let entry = Arc::new(entry);
     let res = from_entry(entry.clone(), miss.head, "REVALIDATED");
     with_range(&miss.range, res, Some(&entry))
-}
-
-pub(crate) fn content_length(h: &HeaderMap) -> Option<u64> {
-    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
 /// Serves an upstream response on a miss, storing it when it is cacheable.

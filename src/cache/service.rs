@@ -12,7 +12,7 @@ use tower_service::Service;
 
 use super::body::CacheBody;
 use super::conditional;
-use super::fill::{background_refresh, content_length};
+use super::fill::background_refresh;
 use super::flight::{Role, Wait};
 use super::future::{Miss, ResponseFuture};
 use super::layer::{CacheLayer, Config, PurgeMode};
@@ -22,6 +22,7 @@ use super::range;
 use super::sibling;
 use super::store::{CachedResponse, StoreLoad};
 use super::vary;
+use crate::fields::content_length;
 
 /// The `X-Cache` response header: `HIT`, `MISS`, `STALE`, or `COALESCED` (a miss that
 /// streamed another request's origin response).
